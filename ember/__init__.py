@@ -1,0 +1,41 @@
+"""Ember: run, serve, fine-tune and plan large language models on one machine, locally.
+
+Quick use::
+
+    import ember
+    llm = ember.load("path/to/hf-model", device="cpu", dtype="auto")
+    print(llm.generate("The capital of France is", max_new_tokens=16, temperature=0).text)
+    for chunk in llm.stream([{"role": "user", "content": "Hi!"}], max_new_tokens=32):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "__version__"]
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"):
+    """Load an HF checkpoint folder for generation.
+
+    Args:
+        path: folder with config.json, *.safetensors and tokenizer.json.
+        device: "cpu", "cuda", "cuda:1"; default CUDA when available, else CPU.
+        dtype: "auto" (checkpoint dtype; bf16 only where the device runs it natively), "bf16", "fp16", "fp32".
+    Returns:
+        :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
+    """
+    from ember.engine import Engine
+    from ember.loading import load_model
+    from ember.tokenizer import Tokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = Tokenizer.from_dir(path)
+    model = load_model(path, device=device, dtype=dtype)
+    return Engine(model, tokenizer, path)

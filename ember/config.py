@@ -1,0 +1,171 @@
+"""ModelConfig: the one description of a decoder-only transformer, read from an HF config.json.
+
+Field names are exactly those of HF ``config.json`` so a reader can check them against the
+checkpoint by eye; unknown keys are dropped. Families differ only by fields (qkv bias, q/k norm,
+rope scaling, sliding window, MoE), never by subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.errors import ConfigError, UnsupportedModelError
+
+# model_type -> per-family defaults that differ from the Llama baseline. A family is a row here.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"attention_bias": True, "qkv_bias_only": True},
+    "qwen3": {"qk_norm": True},
+}
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture facts needed to build :class:`ember.model.Transformer`.
+
+    Attributes follow HF names; the derived ones (``head_dim``, ``qk_norm``, ``qkv_bias_only``)
+    are filled by :meth:`from_dict`.
+    """
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = False
+    max_window_layers: int | None = None
+    layer_types: list[str] | None = None
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    # Derived / family fields (not HF keys, or HF keys with family-specific meaning).
+    qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
+    qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build a config from a parsed HF config.json.
+
+        Args:
+            raw: the JSON object.
+            source: where it came from, for error messages.
+        Raises:
+            UnsupportedModelError: unknown ``model_type`` or rope type.
+            ConfigError: a required field is missing or has the wrong type.
+        """
+        model_type = raw.get("model_type")
+        if model_type not in FAMILIES:
+            raise UnsupportedModelError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(sorted(FAMILIES))}"
+            )
+        # Some checkpoints nest the LM config (e.g. text_config); we only read flat ones.
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if key not in raw:
+                raise ConfigError(f"{source}: required field {key!r} is missing")
+            if not isinstance(raw[key], int) or raw[key] <= 0:
+                raise ConfigError(f"{source}: field {key!r} must be a positive integer, got {raw[key]!r}")
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in names and k != "extra"}
+        kwargs.update(FAMILIES[model_type])
+        if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 writes "dtype"
+            kwargs["torch_dtype"] = raw["dtype"]
+        if kwargs.get("head_dim") is None:
+            kwargs.pop("head_dim", None)
+
+        # RoPE: transformers 4 writes rope_theta + rope_scaling; 5 writes rope_parameters.
+        rope = raw.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_type" not in rope and all(isinstance(v, dict) for v in rope.values()):
+            raise UnsupportedModelError(f"{source}: per-layer rope_parameters are not supported")
+        scaling = raw.get("rope_scaling") or (rope if isinstance(rope, dict) else None)
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            kwargs["rope_theta"] = float(rope["rope_theta"])
+        if scaling:
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise UnsupportedModelError(
+                    f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+            kwargs["rope_scaling"] = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
+        else:
+            kwargs["rope_scaling"] = None
+
+        if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise UnsupportedModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        kwargs["extra"] = {k: v for k, v in raw.items() if k not in names}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # pragma: no cover - dataclass guards above make this rare
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read ``config.json`` (or a directory holding one)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise ConfigError(f"{p}: not found; a model folder needs a config.json from Hugging Face")
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a JSON object")
+        return cls.from_dict(raw, source=str(p))
+
+    # ------------------------------------------------------------------ derived facts
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding-window size for layer ``layer`` or None for full attention."""
+        if self.layer_types is not None:
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        if self.model_type == "mistral":
+            return self.sliding_window
+        if self.use_sliding_window and self.sliding_window:
+            start = self.max_window_layers if self.max_window_layers is not None else 0
+            return self.sliding_window if layer >= start else None
+        return None
+
+    def num_parameters(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        attn = h * hd * (nh + 2 * nkv) + nh * hd * h
+        if self.attention_bias:
+            attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
+        if self.qk_norm:
+            attn += 2 * hd
+        mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + emb + h

@@ -1,0 +1,25 @@
+"""Every error Ember raises on purpose lives here.
+
+Each message says what was wrong, where (file, line, field, tensor name) and what to do.
+The CLI prints ``str(err)`` for any :class:`EmberError` as a one-line message, with no traceback.
+"""
+
+
+class EmberError(Exception):
+    """Base class for all Ember errors; messages are for humans."""
+
+
+class ConfigError(EmberError):
+    """A config.json is missing, malformed, or describes a model Ember cannot build."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's ``model_type`` (or one of its features) is not supported."""
+
+
+class CheckpointError(EmberError):
+    """Weights are missing, unexpected, mis-shaped or the file is corrupt."""
+
+
+class GenerationError(EmberError):
+    """A generation request cannot be run (e.g. it does not fit the model's context)."""

@@ -1,0 +1,80 @@
+"""Loading weights into :class:`ember.model.Transformer` from checkpoint folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ember.config import ModelConfig
+from ember.errors import CheckpointError
+from ember.loading.safetensors import Checkpoint, load_weights
+from ember.model import Transformer
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def device_supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native (not emulated) on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN uses AVX512-BF16/AMX when present; elsewhere bf16 is slow emulation.
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
+
+
+def resolve_dtype(name: str | torch.dtype | None, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto`` -> the checkpoint's dtype, except bf16 on a device without bf16 (fp32 on CPU, fp16 on GPU)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        dt = checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        if dt == torch.bfloat16 and not device_supports_bf16(device):
+            dt = torch.float16 if device.type == "cuda" else torch.float32
+        if dt == torch.float16 and device.type == "cpu":
+            dt = torch.bfloat16 if device_supports_bf16(device) else torch.float32
+        return dt
+    try:
+        return DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = "auto") -> Transformer:
+    """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
+
+    Args:
+        path: folder with config.json and safetensors weights.
+        device: where the weights go ("cpu", "cuda", "cuda:1").
+        dtype: "auto", "bf16", "fp16", "fp32" or a torch dtype.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
+    cfg = ModelConfig.from_file(folder)
+    ckpt = Checkpoint(folder)
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    load_weights(model, ckpt, dt, device, ignore=ignore)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope()
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _config_dtype(cfg: ModelConfig) -> torch.dtype | None:
+    return DTYPE_NAMES.get(str(cfg.torch_dtype).lower()) if cfg.torch_dtype else None

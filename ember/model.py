@@ -1,0 +1,267 @@
+"""The one decoder-only transformer: RMSNorm, RoPE (+scaling), GQA attention, SwiGLU MLP.
+
+Llama, Mistral, Qwen2 and Qwen3 are this module with different :class:`ModelConfig` fields.
+Submodule names equal HF's (``model.layers.3.self_attn.q_proj``) so checkpoints and PEFT
+adapters load with no name map. Every projection is a plain ``nn.Linear``: quantization, LoRA and
+streaming swap that module and nothing here branches on them (DESIGN principle 3).
+
+Shapes: B batch, T new tokens, S cached+new key slots, H hidden, nh/nkv query/kv heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled in the model dtype (as HF does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse RoPE frequencies, (hd/2,) fp32, including ``linear`` and ``llama3`` scaling."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
+        # interpolated smoothly (Meta's reference formulation).
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope type {kind!r}")  # ModelConfig rejects these earlier
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``positions`` (B, T) -> two (B, T, hd) tensors in ``dtype``."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2) fp32, exact product like HF
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, n, T, hd) by cos/sin (B, 1, T, hd) in the half-split layout HF uses."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVStore(Protocol):
+    """What attention needs from a KV cache (see :mod:`ember.kv_cache`)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, nkv, T, hd) at the current slots; return all keys/values (B, nkv, S, hd)."""
+        ...
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k RMSNorm (Qwen3) and qkv bias (Qwen2)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias
+        o_bias = cfg.attention_bias and not cfg.qkv_bias_only
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVStore | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        rep = self.nh // self.nkv
+        if T == 1 and rep > 1:
+            # One query token: fold the query heads of each group into the "time" axis so the
+            # kernel reads each cached k/v once instead of materialising repeat_kv copies.
+            qg = q.view(B, self.nkv, rep, self.hd)  # (B, nkv, rep, hd)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+            out = out.reshape(B, self.nh, 1, self.hd)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, enable_gqa=rep > 1
+            )
+        out = out.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.window = cfg.layer_window(layer)
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, is_causal):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers and final norm; named ``model`` inside :class:`Transformer` as in HF."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def build_mask(
+    q_slots: torch.Tensor, k_valid: torch.Tensor | None, n_keys: int, window: int | None
+) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, S): True where a query may attend to a key.
+
+    Args:
+        q_slots: (T,) cache slot of each new token (slots are shared across the batch; rows
+            shorter than the longest are left-padded, so slot distance == position distance).
+        k_valid: (B, S) False at padding slots, or None when there is no padding.
+        n_keys: S, number of key slots attended over.
+        window: sliding-window size (keys with q - k >= window are hidden), or None.
+    """
+    k_slots = torch.arange(n_keys, device=q_slots.device)
+    allowed = k_slots[None, :] <= q_slots[:, None]  # (T, S) causal
+    if window is not None:
+        allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, None, :n_keys]
+    return allowed
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward`` runs T new tokens per row against an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE frequencies are derived, not stored in checkpoints; (re)made by reset_rope().
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, "cpu" if _on_meta() else None), persistent=False)
+        self._windows = sorted({layer.window for layer in self.model.layers}, key=lambda w: (w is not None, w or 0))
+
+    def reset_rope(self) -> None:
+        """Recompute RoPE frequencies on the device of the weights (after a meta-device build)."""
+        self.inv_freq = rope_inv_freq(self.config, self.model.norm.weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: "KVStore | None" = None,
+        start: int = 0,
+        k_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
+        """Run new tokens through the model.
+
+        Args:
+            input_ids: (B, T) token ids.
+            positions: (B, T) RoPE positions; default ``start + arange(T)`` for every row.
+            cache: KV cache written at slots ``start .. start+T-1``; None for a cache-free pass.
+            start: first cache slot of the new tokens (the number of slots already filled).
+            k_valid: (B, S_max) bool, False at left-padding slots; None when no row is padded.
+            last_only: return logits for the last position only (B, 1, V): prefill for generation.
+            hidden_only: return the final normed hidden states (B, T, H) instead of logits.
+        Returns:
+            logits (B, T or 1, V) in the model dtype.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            positions = torch.arange(start, start + T, device=device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        n_keys = start + T if cache is not None else T
+        # Masks: one per distinct window; None lets SDPA take its fastest path.
+        masks: dict[int | None, torch.Tensor | None] = {}
+        q_slots = torch.arange(start, start + T, device=device)
+        for w in self._windows:
+            if k_valid is None and (w is None or n_keys <= w) and (T == 1 or start == 0):
+                masks[w] = None  # plain causal (prefill from slot 0) or full (single decode token)
+            else:
+                masks[w] = build_mask(q_slots, k_valid, n_keys, w)
+        is_causal = T > 1
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, masks[layer.window], cache, is_causal)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if hidden_only:
+            return x
+        return self.lm_head(x)
+
+
+def _on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"

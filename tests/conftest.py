@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random HF checkpoints written with ``save_pretrained``.
+
+HF ``transformers`` is the oracle (DESIGN principle 2); it is imported here and in tests only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+# family name -> (HF config class name, extra config kwargs)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "llama3-rope": ("LlamaConfig", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                    "rope_theta": 500000.0, "num_key_value_heads": 1}),
+    "llama-bias": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
+    "mistral": ("MistralConfig", {"sliding_window": 8, "head_dim": 32}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": False}),
+}
+
+
+def make_hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    """A random HF model of ``family`` with non-trivial norm weights and biases."""
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        # Default init leaves norms at 1 and biases at 0, which would hide bugs in their use.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: ``hf_checkpoint(family, dtype=fp32, **overrides) -> (folder, hf_model)``; cached per args."""
+    cache: dict = {}
+
+    def make(family: str, dtype: torch.dtype = torch.float32, **overrides):
+        key = (family, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            model = make_hf_model(family, dtype, **overrides)
+            folder = Path(tmp_path_factory.mktemp(f"ckpt-{family}"))
+            model.save_pretrained(folder)
+            cache[key] = (folder, model)
+        return cache[key]
+
+    return make
