@@ -75,6 +75,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` with a faster single-row path on CPU.
+
+    Decode multiplies one activation row by each weight. On CPU, ``torch.mv`` streams the weight
+    at 25-28 GB/s where ``F.linear``'s GEMM path reaches 21-23 GB/s (2-core Sapphire Rapids, bf16),
+    and decode time is almost all weight streaming. Other shapes and devices use ``F.linear``.
+    Being a subclass, it is still the swap point for quantization and LoRA.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            y = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+
 class KVStore(Protocol):
     """What attention needs from a KV cache (see :mod:`ember.kv_cache`)."""
 
@@ -92,10 +110,10 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_bias = cfg.attention_bias
         o_bias = cfg.attention_bias and not cfg.qkv_bias_only
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.nh * self.hd, bias=qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=qkv_bias)
+        self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -141,9 +159,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -202,7 +220,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE frequencies are derived, not stored in checkpoints; (re)made by reset_rope().

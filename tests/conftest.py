@@ -48,6 +48,20 @@ def make_hf_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0
     return model.to(dtype).eval()
 
 
+def save_word_tokenizer(folder: Path, vocab_size: int = TINY["vocab_size"], chat_template: str | None = None) -> None:
+    """A word-level tokenizer over ``w3 .. w{V-1}`` (ids = numbers) saved as HF does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: ``hf_checkpoint(family, dtype=fp32, **overrides) -> (folder, hf_model)``; cached per args."""
@@ -59,6 +73,7 @@ def hf_checkpoint(tmp_path_factory):
             model = make_hf_model(family, dtype, **overrides)
             folder = Path(tmp_path_factory.mktemp(f"ckpt-{family}"))
             model.save_pretrained(folder)
+            save_word_tokenizer(folder)
             cache[key] = (folder, model)
         return cache[key]
 

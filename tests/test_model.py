@@ -1,0 +1,85 @@
+"""Logits parity with HF transformers for every supported family (DESIGN principle 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from ember.kv_cache import StaticKVCache
+from ember.loading import load_model
+
+FP32_TOL = 1e-4
+BF16_TOL = 0.1  # bf16 has 8 mantissa bits; logits of O(1) agree to ~1e-2, worst-case rounding chains to ~1e-1
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    """Fail with the worst element, its position and the tolerance (llm.c habit)."""
+    diff = (ours.float() - ref.float()).abs()
+    worst = diff.max().item()
+    if not worst < tol:
+        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(f"{what}: max |diff| {worst:.3g} at {idx} (ours {ours[idx].item():.6g}, "
+                             f"HF {ref[idx].item():.6g}) exceeds tolerance {tol:g}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefill_and_decode_logits_match_hf(hf_checkpoint, family):
+    folder, hf = hf_checkpoint(family)
+    ours = load_model(folder, dtype="fp32")
+    torch.manual_seed(1)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        # prefill the first 16 tokens, then decode the remaining 8 one at a time through the cache
+        cache = StaticKVCache(ours.config, 2, 32, torch.float32, "cpu")
+        got = [ours(ids[:, :16], cache=cache, start=0)]
+        cache.advance(16)
+        for t in range(16, 24):
+            got.append(ours(ids[:, t:t + 1], cache=cache, start=cache.pos))
+            cache.advance(1)
+    assert_close(got[0], ref[:, :16], FP32_TOL, f"{family} prefill")
+    for i, step in enumerate(got[1:]):
+        assert_close(step, ref[:, 16 + i:17 + i], FP32_TOL, f"{family} decode step {i}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_left_padded_batch_matches_hf(hf_checkpoint, family):
+    folder, hf = hf_checkpoint(family)
+    ours = load_model(folder, dtype="fp32")
+    torch.manual_seed(2)
+    ids = torch.randint(3, hf.config.vocab_size, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :13] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        cache = StaticKVCache(ours.config, 3, 20, torch.float32, "cpu")
+        got = ours(ids, pos, cache, 0, k_valid=mask.bool())
+    # padding rows' logits are meaningless; compare real tokens only
+    assert_close(got[mask.bool()], ref[mask.bool()], FP32_TOL, f"{family} padded batch")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_logits_close_to_hf(hf_checkpoint, family):
+    folder, hf = hf_checkpoint(family, dtype=torch.bfloat16)
+    ours = load_model(folder)  # auto: the checkpoint is bf16
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(ours(ids), hf(ids).logits, BF16_TOL, f"{family} bf16")
+
+
+def test_tied_embeddings_share_storage(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama-tied")
+    ours = load_model(folder, dtype="fp32")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_parameter_count_matches_hf(hf_checkpoint):
+    for family in FAMILIES:
+        folder, hf = hf_checkpoint(family)
+        ours = load_model(folder, dtype="fp32")
+        n_hf = sum(p.numel() for p in hf.parameters())
+        assert ours.config.num_parameters() == n_hf, family
