@@ -23,3 +23,19 @@ class CheckpointError(EmberError):
 
 class GenerationError(EmberError):
     """A generation request cannot be run (e.g. it does not fit the model's context)."""
+
+
+class SamplingError(EmberError):
+    """Sampling parameters are out of range, or the sampler was fed tensors of the wrong shape."""
+
+
+class OutputExistsError(EmberError, FileExistsError):
+    """An output file or folder already exists and overwriting it was not asked for."""
+
+
+class TokenizerError(EmberError):
+    """A tokenizer file (tokenizer.json, tokenizer_config.json, ...) is missing or malformed."""
+
+
+class ChatTemplateError(EmberError):
+    """A chat cannot be rendered: no template, bad messages, or the template itself raised."""
