@@ -78,3 +78,13 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA; skip them (visibly) on CPU-only machines."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

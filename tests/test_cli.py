@@ -1,0 +1,80 @@
+"""The ``ember`` command as a user runs it: stdout carries only text, errors are one located line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import save_word_tokenizer
+from ember.cli import main
+
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s>{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ember.cli`` in a subprocess (the real entry point, real stdout/stderr)."""
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def test_generate_prints_only_text_and_a_summary(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    r = run_cli("generate", str(folder), "w3 w4 w5", "-n", "6", "--temperature", "0", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.split()
+    assert 1 <= len(words) <= 6 and all(w.startswith("w") or w.startswith("<") for w in words)
+    assert "prefill" in r.stderr and "decode" in r.stderr and "peak memory" in r.stderr
+
+
+def test_generate_matches_python_api(hf_checkpoint):
+    import ember
+
+    folder, _ = hf_checkpoint("qwen2")
+    expected = ember.load(folder, dtype="fp32").generate("w9 w10", max_new_tokens=5, temperature=0.0).text
+    r = run_cli("generate", str(folder), "w9 w10", "-n", "5", "--dtype", "fp32", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    assert r.stderr == ""
+
+
+def test_chat_from_a_pipe_keeps_history(tmp_path, hf_checkpoint):
+    src, _ = hf_checkpoint("llama")
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (folder / f).write_bytes((src / f).read_bytes())
+    save_word_tokenizer(folder, chat_template=CHATML)
+    r = run_cli("chat", str(folder), "-n", "4", "--temperature", "0", "--dtype", "fp32",
+                stdin="w3 w4\nw5\n/reset\nw6\n/exit\nw7\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3  # three answered turns; /reset and /exit print nothing on stdout; w7 never read
+    assert "[history cleared]" in r.stderr
+
+
+def test_missing_model_is_one_line_error(tmp_path, capsys):
+    code = main(["generate", str(tmp_path / "nope"), "hi"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("ember: error:") and "nope" in err and err.count("\n") == 1
+
+
+def test_chat_without_template_is_clear(hf_checkpoint, capsys):
+    folder, _ = hf_checkpoint("llama")
+    code = main(["generate", str(folder), "w3", "--chat", "-n", "2"])
+    assert code == 1
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("generate", "chat", "demo"):
+        assert verb in out
