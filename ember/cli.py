@@ -25,7 +25,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-new-tokens", type=int, default=default_max, help=f"tokens to generate (default {default_max})")
     g.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: generation_config.json's, else 0.7 for chat and 0 for generate)")
+                   help="0 = greedy (default: 0 for generate, 0.7 for chat)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
