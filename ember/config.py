@@ -22,7 +22,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {},
     "qwen2": {"attention_bias": True, "qkv_bias_only": True},
     "qwen3": {"qk_norm": True},
+    # Mixture of experts. Mixtral always renormalises its top-k router weights; Qwen3-MoE only
+    # when config.json says norm_topk_prob (HF default False), so that row leaves it to the file.
+    "mixtral": {"norm_topk_prob": True},
+    "qwen3_moe": {"qk_norm": True},
 }
+
+# HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
+_ALIASES = {"num_experts": "num_local_experts"}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -59,6 +66,14 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    # Mixture of experts (Mixtral, Qwen3-MoE); num_local_experts == 0 means a dense model.
+    num_local_experts: int = 0       # experts per MoE layer (Qwen3-MoE's config.json calls it num_experts)
+    num_experts_per_tok: int = 0     # top-k experts each token is routed to
+    moe_intermediate_size: int | None = None  # expert FFN width; Mixtral: intermediate_size
+    norm_topk_prob: bool = False     # renormalise the k selected router probabilities to sum to 1
+    decoder_sparse_step: int = 1     # Qwen3-MoE: layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training only)
     # Derived / family fields (not HF keys, or HF keys with family-specific meaning).
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
@@ -69,6 +84,10 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mlp_only_layers is None:
+            self.mlp_only_layers = []
+        if self.num_local_experts and self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -86,7 +105,7 @@ class ModelConfig:
         if model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"{source}: model_type {model_type!r} is not supported; "
-                f"supported: {', '.join(sorted(FAMILIES))}"
+                f"supported: {', '.join(FAMILIES)}"
             )
         # Some checkpoints nest the LM config (e.g. text_config); we only read flat ones.
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
@@ -96,6 +115,9 @@ class ModelConfig:
                 raise ConfigError(f"{source}: field {key!r} must be a positive integer, got {raw[key]!r}")
 
         names = {f.name for f in dataclasses.fields(cls)}
+        for alias, name in _ALIASES.items():
+            if alias in raw and name not in raw:
+                raw = {**raw, name: raw[alias]}
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in names and k != "extra"}
         kwargs.update(FAMILIES[model_type])
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 writes "dtype"
@@ -122,7 +144,9 @@ class ModelConfig:
 
         if raw.get("hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-        kwargs["extra"] = {k: v for k, v in raw.items() if k not in names}
+        if kwargs.get("num_local_experts"):
+            _check_moe(kwargs, source)
+        kwargs["extra"] = {k: v for k, v in raw.items() if k not in names and k not in _ALIASES}
         try:
             return cls(**kwargs)
         except TypeError as e:  # pragma: no cover - dataclass guards above make this rare
@@ -149,15 +173,44 @@ class ModelConfig:
         """Sliding-window size for layer ``layer`` or None for full attention."""
         if self.layer_types is not None:
             return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "mixtral"):
             return self.sliding_window
         if self.use_sliding_window and self.sliding_window:
             start = self.max_window_layers if self.max_window_layers is not None else 0
             return self.sliding_window if layer >= start else None
         return None
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has a sparse expert block (else a dense SwiGLU MLP)."""
+        return (self.num_local_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
     def num_parameters(self) -> int:
-        """Parameter count (embeddings counted once when tied)."""
+        """Parameter count (embeddings counted once when tied), every expert included."""
+        return self._count(self.num_local_experts)
+
+    def active_parameters(self) -> int:
+        """Parameters that take part in one token's forward pass: only ``num_experts_per_tok`` experts
+        per MoE layer, everything else in full (embeddings too, as model cards count "A3B", "12.9B").
+
+        Equals :meth:`num_parameters` for dense models.
+        """
+        return self._count(self.num_experts_per_tok)
+
+    def decode_bytes_per_token(self, bytes_per_param: float = 2.0) -> int:
+        """Weight bytes one decode step reads for one token: :meth:`active_parameters` less the
+        embedding table, of which a lookup reads one row (unless it is tied to the LM head, which
+        reads it all). KV-cache reads are not included.
+
+        Args:
+            bytes_per_param: storage per weight (2 for bf16/fp16, 4 for fp32, ~0.56 for int4 g32).
+        Returns:
+            bytes per token per sequence.
+        """
+        unread = 0 if self.tie_word_embeddings else (self.vocab_size - 1) * self.hidden_size
+        return int((self.active_parameters() - unread) * bytes_per_param)
+
+    def _count(self, experts: int) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
         attn = h * hd * (nh + 2 * nkv) + nh * hd * h
@@ -165,7 +218,30 @@ class ModelConfig:
             attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
         if self.qk_norm:
             attn += 2 * hd
-        mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + emb + h
+        bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
+        dense = 3 * h * i + bias(i)
+        total = v * h * (1 if self.tie_word_embeddings else 2) + h
+        for layer in range(self.num_hidden_layers):
+            if self.is_moe_layer(layer):
+                im = self.moe_intermediate_size
+                mlp = self.num_local_experts * h + experts * (3 * h * im + bias(im))  # router + experts
+            else:
+                mlp = dense
+            total += attn + mlp + 2 * h
+        return total
+
+
+def _check_moe(kwargs: dict[str, Any], source: str) -> None:
+    """Reject MoE settings that cannot describe a model, naming the field."""
+    n, k = kwargs["num_local_experts"], kwargs.get("num_experts_per_tok", 0)
+    if not isinstance(n, int) or n < 0:
+        raise ConfigError(f"{source}: field 'num_local_experts' must be a non-negative integer, got {n!r}")
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ConfigError(f"{source}: field 'num_experts_per_tok' must be an integer in 1..{n} "
+                          f"(num_local_experts), got {k!r}")
+    step = kwargs.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise ConfigError(f"{source}: field 'decoder_sparse_step' must be a positive integer, got {step!r}")
+    im = kwargs.get("moe_intermediate_size")
+    if im is not None and (not isinstance(im, int) or im <= 0):
+        raise ConfigError(f"{source}: field 'moe_intermediate_size' must be a positive integer, got {im!r}")

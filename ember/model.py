@@ -1,11 +1,15 @@
-"""The one decoder-only transformer: RMSNorm, RoPE (+scaling), GQA attention, SwiGLU MLP.
+"""The one decoder-only transformer: RMSNorm, RoPE (+scaling), GQA attention, SwiGLU MLP, MoE block.
 
-Llama, Mistral, Qwen2 and Qwen3 are this module with different :class:`ModelConfig` fields.
-Submodule names equal HF's (``model.layers.3.self_attn.q_proj``) so checkpoints and PEFT
-adapters load with no name map. Every projection is a plain ``nn.Linear``: quantization, LoRA and
+Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE are this module with different
+:class:`ModelConfig` fields. Submodule names equal HF's (``model.layers.3.self_attn.q_proj``) so
+checkpoints and PEFT adapters load with no name map; MoE layers use the Qwen3-MoE names for every
+family (``mlp.gate``, ``mlp.experts.5.gate_proj``), and :mod:`ember.loading.moe` maps Mixtral's
+``block_sparse_moe.experts.5.w1`` and transformers-5's fused 3-D expert tensors onto them.
+Every projection, each expert's included, is a plain ``nn.Linear``: quantization, LoRA and
 streaming swap that module and nothing here branches on them (DESIGN principle 3).
 
-Shapes: B batch, T new tokens, S cached+new key slots, H hidden, nh/nkv query/kv heads, hd head dim.
+Shapes: B batch, T new tokens, S cached+new key slots, H hidden, nh/nkv query/kv heads, hd head dim,
+N = B*T tokens, E experts, k experts per token.
 """
 
 from __future__ import annotations
@@ -155,16 +159,73 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Also one expert of :class:`SparseMoE`."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = intermediate_size or cfg.intermediate_size
+        self.gate_proj = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed mixture of SwiGLU experts (Mixtral, Qwen3-MoE), routed as HF does.
+
+    Router: ``softmax(gate(x))`` in fp32, keep the top ``k`` probabilities, renormalise them to sum
+    to 1 when ``norm_topk_prob`` (always for Mixtral). Each token's output is the weighted sum of
+    its k experts' outputs. Experts are an ``nn.ModuleList`` of :class:`MLP`, so quantization and
+    LoRA swap their ``Linear`` modules like any other.
+
+    Only the selected experts run, so a decode step reads k of the E experts' weights: one token
+    calls its k experts directly; several tokens are grouped by expert (a sort) so each selected
+    expert runs one matmul over all of its tokens. Reading the routing result on the host costs
+    one device sync per MoE layer on CUDA.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_local_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and expert ids for tokens x (N, H) -> ((N, k) fp32, (N, k) int64)."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k), descending
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, H)
+        weights, ids = self.route(x)
+        if x.shape[0] == 1:
+            # Decode: one token, its k experts only; their outputs are combined by one fp32 mv.
+            ys = torch.stack([self.experts[e](x)[0] for e in ids[0].tolist()], dim=-1)  # (H, k)
+            return torch.mv(ys.float(), weights[0]).to(x.dtype).view(shape)
+        # Prefill / batches: sort the N*k (token, expert) pairs by expert; one matmul per expert.
+        flat = ids.flatten()  # (N*k,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token = order // self.top_k  # token of each sorted pair
+        w = weights.flatten()[order]  # (N*k,)
+        xs = x[token]  # (N*k, H) tokens gathered in expert order
+        out = torch.zeros_like(x)
+        begin = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sl = slice(begin, begin + n)
+            begin += n
+            y = self.experts[e](xs[sl]) * w[sl, None]  # (n, H) fp32
+            out.index_add_(0, token[sl], y.to(x.dtype))
+        return out.view(shape)
 
 
 class DecoderLayer(nn.Module):
@@ -172,7 +233,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.window = cfg.layer_window(layer)
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -226,6 +287,30 @@ class Transformer(nn.Module):
         # RoPE frequencies are derived, not stored in checkpoints; (re)made by reset_rope().
         self.register_buffer("inv_freq", rope_inv_freq(cfg, "cpu" if _on_meta() else None), persistent=False)
         self._windows = sorted({layer.window for layer in self.model.layers}, key=lambda w: (w is not None, w or 0))
+
+    def weight_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads per sequence, from the tensors this model holds.
+
+        Counts every parameter and persistent buffer at its stored size (a quantized Linear's packed
+        weights and scales as they are), except: the embedding table contributes one row (all of it
+        when tied to the LM head, which reads it whole), and each MoE layer contributes
+        ``num_experts_per_tok`` of its experts (k/E of their bytes). KV-cache reads are excluded.
+        For an unquantized model this equals ``config.decode_bytes_per_token(element size)``.
+        """
+        cfg = self.config
+        seen: set[int] = set()
+        total = 0.0
+        for name, t in self.state_dict(keep_vars=True).items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            nbytes = t.numel() * t.element_size()
+            if ".mlp.experts." in name:
+                nbytes *= cfg.num_experts_per_tok / cfg.num_local_experts
+            elif name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+                nbytes /= cfg.vocab_size
+            total += nbytes
+        return round(total)
 
     def reset_rope(self) -> None:
         """Recompute RoPE frequencies on the device of the weights (after a meta-device build)."""

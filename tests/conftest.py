@@ -27,6 +27,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", {"sliding_window": 8, "head_dim": 32}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": False}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                                     "head_dim": 32, "norm_topk_prob": False}),
+    "qwen3-moe-mixed": ("Qwen3MoeConfig", {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                           "norm_topk_prob": True, "num_hidden_layers": 3, "mlp_only_layers": [1],
+                                           "attention_bias": True}),
 }
 
 

@@ -9,6 +9,7 @@ import torch
 
 from ember.config import ModelConfig
 from ember.errors import CheckpointError
+from ember.loading.moe import expert_layout_view
 from ember.loading.safetensors import Checkpoint, load_weights
 from ember.model import Transformer
 
@@ -62,7 +63,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt = Checkpoint(folder)
+    ckpt = expert_layout_view(Checkpoint(folder), cfg)  # MoE: hub/fused expert names -> Ember's
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
