@@ -21,10 +21,10 @@ __all__ = ["load", "__version__"]
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"):
-    """Load an HF checkpoint folder for generation.
+    """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Args:
-        path: folder with config.json, *.safetensors and tokenizer.json.
+        path: folder with config.json, *.safetensors and tokenizer.json, or a llama.cpp ``.gguf`` file.
         device: "cpu", "cuda", "cuda:1"; default CUDA when available, else CPU.
         dtype: "auto" (checkpoint dtype; bf16 only where the device runs it natively), "bf16", "fp16", "fp32".
     Returns:
@@ -32,10 +32,14 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     """
     from ember.engine import Engine
     from ember.loading import load_model
+    from ember.loading.gguf import is_gguf_file, load_gguf
     from ember.tokenizer import Tokenizer
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        return Engine(model, tokenizer, path)
     tokenizer = Tokenizer.from_dir(path)
     model = load_model(path, device=device, dtype=dtype)
     return Engine(model, tokenizer, path)

@@ -39,3 +39,23 @@ class TokenizerError(EmberError):
 
 class ChatTemplateError(EmberError):
     """A chat cannot be rendered: no template, bad messages, or the template itself raised."""
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file is malformed or truncated, or holds something Ember cannot load (the message says which)."""
+
+
+class UnsupportedGGUFTypeError(GGUFError):
+    """A GGUF tensor is stored in a ggml type Ember does not decode (e.g. IQ2_XXS); the message lists those it does."""
+
+
+class UnsupportedSchemaError(EmberError):
+    """A JSON schema (``response_format``) uses a feature constrained decoding does not support."""
+
+
+class QueueFullError(EmberError):
+    """The server's request queue is full; retry later."""
+
+
+class InsufficientMemoryError(EmberError):
+    """The planned model, KV cache and activations do not fit the memory available; the message says what would."""
