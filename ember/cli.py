@@ -15,7 +15,7 @@ from ember.errors import EmberError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder (HF checkpoint: config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("model", help="HF checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype; auto = checkpoint dtype, bf16 only where the device runs it natively")
