@@ -14,7 +14,8 @@ from pathlib import Path
 from ember.errors import EmberError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL, --device and --dtype: shared by every verb that loads a model."""
     p.add_argument("model", help="HF checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt and print the text",
                        description="Complete PROMPT with MODEL; text to stdout (streamed), summary to stderr.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat",
                        description="Chat with MODEL using its chat template. Reads lines from a terminal or a pipe; "
                                    "/reset clears the history, /exit quits.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed after each reply")
     _add_sampling_args(p, default_max=512)
@@ -179,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--max-new-tokens", type=int, default=40)
     p.add_argument("--prompt", action="append", help="prompt to complete (repeatable)")
     p.set_defaults(func=cmd_demo)
+
+    from ember.server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -76,5 +76,5 @@ def test_help_lists_verbs(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for verb in ("generate", "chat", "demo"):
+    for verb in ("generate", "chat", "demo", "serve"):
         assert verb in out

@@ -1,0 +1,147 @@
+"""The ``serve`` verb: ``ember serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...``.
+
+``ember.cli`` registers it with :func:`add_parser`; ``python -m ember.server MODEL`` runs it alone.
+SIGINT/SIGTERM stop accepting connections, let in-flight requests finish for up to
+``--shutdown-timeout`` seconds, cancel what is left, then stop the scheduler and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``serve`` on an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+                    "/health, /metrics). Binds 127.0.0.1 unless --host says otherwise; nothing leaves the machine.")
+    _add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from ember.cli import add_model_args
+
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("EMBER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default: $EMBER_API_KEY, else none)")
+    p.add_argument("--model-name", default=None, help="name clients use for the model (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences allowed to wait for a batch slot; more get 429 (default 64)")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV cache blocks (default: max-batch full contexts, capped at a quarter of memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens read per step while others decode (default 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 10)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args) -> int:
+    """Load the model and serve it until SIGINT/SIGTERM."""
+    import ember
+    from ember.server.app import ServerSettings
+
+    _setup_logging(args.log_level)
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"ember serve: warning: binding {args.host} without --api-key: anyone who can reach this machine "
+              "can use the model", file=sys.stderr)
+    engine = ember.load(args.model, device=args.device, dtype=args.dtype)
+    name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
+    settings = ServerSettings(model_name=name, api_key=args.api_key, max_batch=args.max_batch,
+                              max_queue=args.max_queue, num_blocks=args.kv_blocks, block_size=args.block_size,
+                              prefill_chunk=args.prefill_chunk)
+    serve(engine, settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level)
+    return 0
+
+
+def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
+          log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM: HTTP in a helper thread, the batch scheduler in this (main) thread.
+
+    The scheduler gets the main thread because PyTorch's CPU kernels run faster there (see
+    :meth:`ember.scheduler.BatchScheduler.run`). A first signal shuts down gracefully (in-flight
+    requests get ``shutdown_timeout`` seconds), a second one forces the exit.
+    """
+    import uvicorn
+
+    from ember.server.app import create_app
+
+    app = create_app(engine, settings, scheduler_thread=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
+                            lifespan="on", server_header=False)
+    server = _Server(config)
+    http = threading.Thread(target=server.run, name="ember-http", daemon=True)
+
+    def on_signal(signum, frame) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        http.start()
+        app.state.ember.scheduler.run(until=lambda: not http.is_alive())
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise SystemExit(1)  # uvicorn could not bind (it logged why)
+
+
+def _setup_logging(level: str) -> None:
+    log = logging.getLogger("ember")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(h)
+    log.setLevel(level.upper())
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and self.servers:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"ember serve: listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+
+    return Server
+
+
+def _Server(config):  # noqa: N802 - a class made on demand so importing this module stays light
+    return _server_class()(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ember.server``: the serve verb on its own."""
+    from ember.errors import EmberError
+
+    parser = argparse.ArgumentParser(prog="ember serve", description=add_parser.__doc__)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_serve(args)
+    except EmberError as e:
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
