@@ -20,13 +20,17 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto"):
+def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
+         quant: str | None = None, group_size: int | None = None):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Args:
         path: folder with config.json, *.safetensors and tokenizer.json, or a llama.cpp ``.gguf`` file.
         device: "cpu", "cuda", "cuda:1"; default CUDA when available, else CPU.
         dtype: "auto" (checkpoint dtype; bf16 only where the device runs it natively), "bf16", "fp16", "fp32".
+        quant: None/"none", "int8", "int4" or "nf4": weight-only quantization applied while loading
+            (a checkpoint written by ``ember quantize`` is already quantized and needs none).
+        group_size: int4 group size (32, 64, 128; default 128).
     Returns:
         :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
     """
@@ -39,7 +43,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
         model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        if quant is not None and quant != "none":  # after the fact: GGUF tensors are decoded first
+            from ember.quant import quantize_model
+
+            quantize_model(model, quant, group_size)
         return Engine(model, tokenizer, path)
     tokenizer = Tokenizer.from_dir(path)
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size)
     return Engine(model, tokenizer, path)

@@ -59,3 +59,20 @@ class QueueFullError(EmberError):
 
 class InsufficientMemoryError(EmberError):
     """The planned model, KV cache and activations do not fit the memory available; the message says what would."""
+
+
+class AdapterError(EmberError):
+    """A LoRA adapter folder is missing, malformed, unsupported (DoRA, modules_to_save, ...) or does not fit the model."""
+
+
+class DataError(EmberError):
+    """A training data file has malformed lines; the message lists them by file and line number."""
+
+
+class TrainingError(EmberError):
+    """A fine-tuning run cannot start or continue (bad options, no checkpoint to resume, diverged loss)."""
+
+
+class QuantizationError(EmberError, ValueError):
+    """A quantization request is invalid (unknown mode, group size not dividing a layer's width, ...)
+    or a quantized checkpoint's ``quantization`` section is malformed; the message names the layer/field."""

@@ -51,13 +51,18 @@ def resolve_dtype(name: str | torch.dtype | None, checkpoint_dtype: torch.dtype,
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = "auto") -> Transformer:
+               dtype: str | torch.dtype | None = "auto", quant: str | None = None,
+               group_size: int | None = None) -> Transformer:
     """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
 
     Args:
         path: folder with config.json and safetensors weights.
         device: where the weights go ("cpu", "cuda", "cuda:1").
         dtype: "auto", "bf16", "fp16", "fp32" or a torch dtype.
+        quant: None/"none", "int8", "int4" or "nf4": quantize each Linear as its weight is read
+            (peak memory ~ the quantized model). A folder written by ``ember quantize`` (config.json
+            has a ``quantization`` section) loads as stored, with no re-quantization.
+        group_size: int4 group size (32, 64, 128; default 128).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -68,8 +73,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
-    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-    load_weights(model, ckpt, dt, device, ignore=ignore)
+    if (quant is not None and quant != "none") or "quantization" in cfg.extra:
+        from ember.quant import load_quantized_weights
+
+        load_quantized_weights(model, ckpt, dt, device, quant, group_size)
+    else:
+        ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+        load_weights(model, ckpt, dt, device, ignore=ignore)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()

@@ -1,0 +1,453 @@
+"""Swapping a model's Linear layers for quantized ones: in memory, on load, and into a checkpoint folder.
+
+Which layers: every ``nn.Linear`` (attention, MLP, every MoE expert) except
+
+* ``lm_head``, unless ``quantize_lm_head`` (as in bitsandbytes and the planner's default: the head
+  is one matrix, it sets every logit, and a tied head *is* the embedding table, so a tied head is
+  never quantized);
+* MoE routers (``*.mlp.gate``): E x H, a rounding error there changes which experts run;
+* names passed in ``skip``.
+
+Embeddings and norms stay in the compute dtype (decode reads one embedding row per token).
+
+A quantized checkpoint is an HF folder whose safetensors hold each quantized module's portable
+tensors (``<module>.weight`` codes, ``.scales``/``.zeros`` or ``.absmax``...) and whose config.json
+has a ``quantization`` section (:meth:`QuantSpec.section`). :func:`load_quantized_weights` reads
+either kind: float checkpoints are quantized layer by layer as each weight is read (row chunks read
+with ``pread``, never the whole model in 16 bits), quantized ones are loaded as stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ember.errors import CheckpointError, QuantizationError
+from ember.quant.base import QuantizedLinear, RowSource, tensor_rows
+from ember.quant.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear
+from ember.quant.int8 import Int8Linear
+from ember.quant.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
+from ember.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, NF4Linear
+
+MODES = ("int8", "int4", "nf4")
+CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
+SECTION = "quantization"  # config.json key
+FORMAT_VERSION = 1
+ROUTER = re.compile(r"(^|\.)mlp\.gate$")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to.
+
+    Attributes:
+        mode: "int8", "int4" or "nf4".
+        group_size: int4 group along ``in_features`` (32, 64, 128; default 128). Ignored otherwise.
+        double_quant: NF4 absmax double quantization (bitsandbytes ``compress_statistics``).
+        quantize_lm_head: quantize an untied ``lm_head`` too (same mode).
+    """
+
+    mode: str
+    group_size: int | None = None
+    double_quant: bool = True
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise QuantizationError(f"unknown quantization {self.mode!r}; use one of {', '.join(MODES)} (or none)")
+        if self.mode == "int4":
+            g = DEFAULT_GROUP_SIZE if self.group_size is None else self.group_size
+            if g not in GROUP_SIZES:
+                raise QuantizationError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {g}")
+            object.__setattr__(self, "group_size", g)
+        else:
+            object.__setattr__(self, "group_size", None)
+
+    def params(self) -> dict[str, Any]:
+        """Keyword arguments of the module class's constructors."""
+        if self.mode == "int4":
+            return {"group_size": self.group_size}
+        if self.mode == "nf4":
+            return {"double_quant": self.double_quant}
+        return {}
+
+    def section(self, not_quantized: Iterable[str], scale_dtype: torch.dtype) -> dict[str, Any]:
+        """The config.json ``quantization`` section describing a model quantized with this spec."""
+        out: dict[str, Any] = {"method": self.mode, "bits": CLASSES[self.mode].bits, "format": "ember",
+                               "format_version": FORMAT_VERSION}
+        if self.mode == "int8":
+            out.update(granularity="per_output_channel", symmetric=True)
+        elif self.mode == "int4":
+            out.update(group_size=self.group_size, symmetric=False,
+                       formula="w = (q - 8) * scale + zero, q in 0..15, per group of group_size inputs")
+        else:
+            out.update(block_size=NF4_BLOCK_SIZE, code="nf4 (bitsandbytes)", double_quant=self.double_quant,
+                       double_quant_block_size=DOUBLE_QUANT_BLOCK_SIZE if self.double_quant else None)
+        out.update(scale_dtype=_DTYPE_NAMES.get(scale_dtype, str(scale_dtype)), quantize_lm_head=self.quantize_lm_head,
+                   modules="every nn.Linear except not_quantized", not_quantized=sorted(not_quantized))
+        return out
+
+    @classmethod
+    def from_section(cls, section: Any, source: str) -> "QuantSpec":
+        """Parse a config.json ``quantization`` section; errors name ``source`` and the field."""
+        if not isinstance(section, dict):
+            raise QuantizationError(f"{source}: 'quantization' must be an object, got {type(section).__name__}")
+        if section.get("format", "ember") != "ember":
+            raise QuantizationError(f"{source}: quantization format {section.get('format')!r} is not Ember's; "
+                                    "re-quantize the float model with `ember quantize`")
+        version = section.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise QuantizationError(f"{source}: quantization.format_version {version!r} is newer than this Ember "
+                                    f"reads ({FORMAT_VERSION}); upgrade Ember")
+        method = section.get("method")
+        if method not in MODES:
+            raise QuantizationError(f"{source}: quantization.method {method!r} is not one of {', '.join(MODES)}")
+        if not isinstance(section.get("not_quantized", []), list):
+            raise QuantizationError(f"{source}: quantization.not_quantized must be a list of module names")
+        try:
+            return cls(method, section.get("group_size"), bool(section.get("double_quant", True)),
+                       bool(section.get("quantize_lm_head", False)))
+        except QuantizationError as e:
+            raise QuantizationError(f"{source}: {e}") from None
+
+
+def resolve_spec(quant: str | QuantSpec | None, group_size: int | None = None, **kwargs) -> QuantSpec | None:
+    """``None``/"none" -> None; a mode name -> :class:`QuantSpec`; a spec is returned unchanged."""
+    if quant is None or isinstance(quant, QuantSpec):
+        return quant
+    if not isinstance(quant, str):
+        raise QuantizationError(f"quant must be a string (int8, int4, nf4 or none), got {type(quant).__name__}")
+    if quant.lower() == "none":
+        return None
+    if group_size is not None and quant.lower() != "int4":
+        raise QuantizationError(f"--group-size applies to int4 only (int8 is per output channel, nf4 uses blocks of "
+                                f"{NF4_BLOCK_SIZE}); drop it or use int4")
+    return QuantSpec(quant.lower(), group_size, **kwargs)
+
+
+def select_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Names of the ``nn.Linear`` modules to quantize, and of those kept in float (see module docstring)."""
+    skip = tuple(skip)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    chosen, kept = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if (name == "lm_head" and (tied or not spec.quantize_lm_head)) or ROUTER.search(name) \
+                or any(name == s or name.endswith("." + s) for s in skip):
+            kept.append(name)
+        else:
+            chosen.append(name)
+    return chosen, kept
+
+
+def _check_shapes(mode: str, spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
+    """Fail before anything is swapped: every chosen layer must suit the mode."""
+    for name, (out_f, in_f) in shapes.items():
+        if mode == "int4" and in_f % spec.group_size:
+            fits = [g for g in GROUP_SIZES if in_f % g == 0]
+            hint = f"use group size {fits[-1]}" if fits else f"skip it (skip=('{name.rsplit('.', 1)[-1]}',))"
+            raise QuantizationError(f"{name}.weight: in_features {in_f} is not a multiple of the int4 group size "
+                                    f"{spec.group_size}; {hint}")
+        if mode == "nf4" and in_f % 2:
+            raise QuantizationError(f"{name}.weight: NF4 packs two values per byte; in_features {in_f} is odd")
+
+
+def quantize_linear(linear: nn.Linear, spec: QuantSpec | str, name: str = "linear",
+                    dtype: torch.dtype | None = None) -> QuantizedLinear:
+    """One ``nn.Linear`` -> its quantized replacement (scales/bias in ``dtype``, default the weight's)."""
+    spec = resolve_spec(spec) if isinstance(spec, str) else spec
+    w = linear.weight.detach()
+    dtype = dtype or w.dtype
+    bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
+    return CLASSES[spec.mode].from_rows(tensor_rows(w), w.shape[0], w.shape[1], bias, dtype, w.device,
+                                        name=f"{name}.weight", **spec.params())
+
+
+def quantize_model(model: nn.Module, mode: str | QuantSpec = "int4", group_size: int | None = None, *,
+                   skip: Iterable[str] = (), quantize_lm_head: bool = False, double_quant: bool = True) -> nn.Module:
+    """Swap the model's Linear layers for quantized ones, in place (layer by layer: each float weight
+    is released as soon as its replacement exists, unless something else holds it).
+
+    Args:
+        model: an :class:`ember.model.Transformer` (or any module tree of ``nn.Linear``).
+        mode: "int8", "int4" or "nf4" (or a :class:`QuantSpec`).
+        group_size: int4 group size (32, 64, 128; default 128).
+        skip: module names (or dotted suffixes, e.g. "down_proj") to keep in float.
+        quantize_lm_head: also quantize an untied ``lm_head``.
+        double_quant: NF4 double quantization of the block absmax.
+    Returns:
+        ``model``; its ``config.extra["quantization"]`` describes the result when it has a config.
+    Raises:
+        QuantizationError: unknown mode, bad group size, or a layer whose shape the mode cannot take
+            (nothing is swapped then).
+    """
+    spec = mode if isinstance(mode, QuantSpec) else resolve_spec(mode, group_size, double_quant=double_quant,
+                                                                  quantize_lm_head=quantize_lm_head)
+    if spec is None:
+        return model
+    chosen, kept = select_linears(model, spec, skip)
+    _check_shapes(spec.mode, spec, {n: tuple(model.get_submodule(n).weight.shape) for n in chosen})
+    dtype = None
+    for name in chosen:
+        lin = model.get_submodule(name)
+        q = quantize_linear(lin, spec, name)
+        dtype = dtype or q.scale_tensor().dtype
+        model.set_submodule(name, q)
+    _record(model, spec, kept, dtype)
+    return model
+
+
+quantize = quantize_model  # the short name ember.train.tune looks for
+
+
+def _record(model: nn.Module, spec: QuantSpec, kept: list[str], dtype: torch.dtype | None) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and isinstance(getattr(cfg, "extra", None), dict):
+        cfg.extra[SECTION] = spec.section(kept, dtype or torch.float32)
+
+
+# ============================================================================== loading
+class _FileReader:
+    """Reads tensor row ranges from checkpoint files with positioned reads (no memory map, so the
+    bytes read for quantization never count towards resident memory once they are dropped)."""
+
+    def __init__(self) -> None:
+        self.handles: dict[Path, Any] = {}
+
+    def rows(self, info) -> RowSource:
+        cols = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+        row_bytes = cols * info.dtype.itemsize
+
+        def read(a: int, b: int) -> torch.Tensor:
+            f = self.handles.get(info.file)
+            if f is None:
+                f = self.handles[info.file] = open(info.file, "rb", buffering=0)
+            buf = torch.empty((b - a) * row_bytes, dtype=torch.uint8)
+            f.seek(info.begin + a * row_bytes)
+            got = f.readinto(buf.numpy()) if buf.numel() else 0
+            if got != buf.numel():
+                raise CheckpointError(f"{info.file}: tensor {info.name!r} is truncated (short read at row {a})")
+            return buf.view(info.dtype).view(b - a, *info.shape[1:]) if info.shape else buf.view(info.dtype)
+
+        return read
+
+    def tensor(self, info) -> torch.Tensor:
+        if not info.shape:  # a scalar: read it as one row of one element
+            return self.rows(dataclasses.replace(info, shape=(1,)))(0, 1).reshape(())
+        return self.rows(info)(0, info.shape[0])
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+        self.handles.clear()
+
+
+def _expected_state(cls: type[QuantizedLinear], spec: QuantSpec, out_f: int, in_f: int) -> dict[str, tuple[tuple, str]]:
+    """name -> (shape, kind) of the tensors a checkpoint must hold for one quantized module."""
+    if cls is Int8Linear:
+        return {"weight": ((out_f, in_f), "int8"), "scales": ((out_f,), "float")}
+    if cls is Int4Linear:
+        g = (out_f, in_f // spec.group_size)
+        return {"weight": ((out_f, in_f // 2), "uint8"), "scales": (g, "float"), "zeros": (g, "float")}
+    blocks = -(-out_f * in_f // NF4_BLOCK_SIZE)
+    if not spec.double_quant:
+        return {"weight": ((out_f, in_f // 2), "uint8"), "absmax": ((blocks,), "float")}
+    return {"weight": ((out_f, in_f // 2), "uint8"), "absmax": ((blocks,), "uint8"),
+            "absmax_scale": ((-(-blocks // DOUBLE_QUANT_BLOCK_SIZE),), "float"), "absmax_offset": ((), "float")}
+
+
+def _kind_ok(dtype: torch.dtype, kind: str) -> bool:
+    return {"int8": dtype == torch.int8, "uint8": dtype == torch.uint8}.get(kind, dtype.is_floating_point)
+
+
+def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch.device | str,
+                           quant: str | QuantSpec | None = None, group_size: int | None = None,
+                           layout: str = "auto") -> QuantSpec:
+    """Fill a meta-device :class:`~ember.model.Transformer` from ``ckpt``, quantizing on the way.
+
+    Float checkpoint + ``quant``: each chosen Linear is quantized from its weight, read in row chunks
+    straight from the file onto ``device``; peak memory ~ the quantized model + one chunk.
+    Quantized checkpoint (config.json has a ``quantization`` section): modules are built from the
+    stored tensors with no re-quantization (``quant``, if given, must agree with it).
+    Everything else (embeddings, norms, routers, a kept lm_head) goes through the normal loader.
+
+    Args:
+        ckpt: :class:`~ember.loading.safetensors.Checkpoint` (or a view with ``names/info/get``).
+        dtype: compute dtype (scales, biases, float tensors).
+        layout: "auto" (kernel layouts) or "plain" (portable codes; for export).
+    Returns:
+        The :class:`QuantSpec` the model now holds.
+    Raises:
+        QuantizationError: bad mode/group size/section, or the request contradicts the checkpoint.
+        CheckpointError: missing, mis-shaped or mis-typed quantized tensors (naming file and tensor).
+    """
+    from ember.loading.safetensors import load_weights
+
+    device = torch.device(device)
+    cfg = model.config
+    config_json = f"{ckpt.folder / 'config.json'}"
+    section = cfg.extra.get(SECTION)
+    requested = resolve_spec(quant, group_size)
+    if section is not None:
+        spec = QuantSpec.from_section(section, config_json)
+        if requested is not None and (requested.mode, requested.group_size) != (spec.mode, spec.group_size):
+            stored = spec.mode + (f" (group size {spec.group_size})" if spec.group_size else "")
+            raise QuantizationError(f"{ckpt.folder}: checkpoint is already quantized as {stored}; load it without "
+                                    f"--quant (or with --quant {spec.mode}), or quantize the float model instead")
+        kept = list(section.get("not_quantized", []))
+        chosen = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in kept]
+    elif requested is not None:
+        spec = requested
+        chosen, kept = select_linears(model, spec)
+    else:
+        raise QuantizationError("load_quantized_weights needs quant= or a quantized checkpoint")
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in chosen}
+    _check_shapes(spec.mode, spec, shapes)
+
+    names = set(ckpt.names())
+    prefixes = tuple(f"{n}." for n in chosen)
+    ignore = {k for k in names if k.startswith(prefixes)} | {f"{n}.{p}" for n in chosen for p in ("weight", "bias")}
+    if cfg.tie_word_embeddings:
+        ignore.add("lm_head.weight")
+    load_weights(model, ckpt, dtype, device, ignore=tuple(sorted(ignore)))
+
+    cls = CLASSES[spec.mode]
+    reader = _FileReader()
+    try:
+        for name in chosen:
+            out_f, in_f = shapes[name]
+            has_bias = getattr(model.get_submodule(name), "bias", None) is not None
+            bias = None
+            if has_bias:
+                if f"{name}.bias" not in names:
+                    raise CheckpointError(f"{ckpt.folder}: missing tensor {name}.bias")
+                bias = ckpt.get(f"{name}.bias").to(device=device, dtype=dtype)
+            if section is not None:
+                q = _load_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
+            else:
+                q = _quantize_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
+            model.set_submodule(name, q)
+    finally:
+        reader.close()
+    cfg.extra[SECTION] = spec.section(kept, dtype)
+    return spec
+
+
+def _quantize_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout) -> QuantizedLinear:
+    key = f"{name}.weight"
+    if key not in names:
+        raise CheckpointError(f"{ckpt.folder}: weights do not match config.json: missing tensor {key}")
+    info = ckpt.info(key)
+    if tuple(info.shape) != (out_f, in_f):
+        raise CheckpointError(f"{info.file}: tensor {key!r} has shape {list(info.shape)}, "
+                              f"config.json implies {[out_f, in_f]}")
+    if not info.dtype.is_floating_point:
+        raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype}, not a float weight; is this folder "
+                              "already quantized without a 'quantization' section in config.json?")
+    kw = dict(spec.params(), layout=layout) if cls is Int4Linear else spec.params()
+    return cls.from_rows(reader.rows(info), out_f, in_f, bias, dtype, device, name=key, **kw)
+
+
+def _load_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout) -> QuantizedLinear:
+    state = {}
+    for part, (shape, kind) in _expected_state(cls, spec, out_f, in_f).items():
+        key = f"{name}.{part}"
+        if key not in names:
+            raise CheckpointError(f"{ckpt.folder}: quantized ({spec.mode}) checkpoint lacks tensor {key!r}; "
+                                  "the folder is incomplete or corrupt: re-run `ember quantize`")
+        info = ckpt.info(key)
+        if tuple(info.shape) != shape or not _kind_ok(info.dtype, kind):
+            raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype} {list(info.shape)}, a {spec.mode} "
+                                  f"layer of shape {[out_f, in_f]} needs {kind} {list(shape)}; the checkpoint is "
+                                  "corrupt or was written by another tool")
+        state[part] = reader.tensor(info).to(device)
+    kw = dict(spec.params(), layout=layout) if cls is Int4Linear else spec.params()
+    try:
+        return cls.from_canonical(state, in_f, out_f, bias, dtype, **kw)
+    except QuantizationError as e:
+        raise CheckpointError(f"{ckpt.folder}: {name}: {e}") from None
+
+
+# ============================================================================== export
+# Files copied next to the quantized weights: everything small that is not weights or config.
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+_MAX_COPY_BYTES = 64 << 20
+
+
+def side_files(folder: Path) -> dict[str, bytes]:
+    """Tokenizer, generation config, chat template, README ... of a checkpoint folder, name -> bytes."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if (p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NOT_COPIED
+                and p.stat().st_size <= _MAX_COPY_BYTES):
+            out[p.name] = p.read_bytes()
+    return out
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: str, group_size: int | None = None, *,
+                        double_quant: bool = True, quantize_lm_head: bool = False, device: str = "cpu",
+                        max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Quantize an HF checkpoint folder into a new folder that :func:`ember.loading.load_model` loads as is.
+
+    Layer by layer (peak memory ~ the quantized model). Scales are kept in the checkpoint's own dtype.
+    The folder is written atomically (temp folder, fsync, rename: see :mod:`ember.checkpoint_io`)
+    with the tokenizer and other small files copied along.
+
+    Returns:
+        (output folder, summary dict: bytes before/after, layers quantized/kept, the section).
+    """
+    from ember.checkpoint_io import save_hf_checkpoint
+    from ember.errors import OutputExistsError
+    from ember.config import ModelConfig
+    from ember.loading import DTYPE_NAMES
+    from ember.loading.moe import expert_layout_view
+    from ember.loading.safetensors import Checkpoint
+    from ember.model import Transformer
+
+    spec = resolve_spec(mode, group_size, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
+    if spec is None:
+        raise QuantizationError("--to must be int8, int4 or nf4")
+    folder, dest = Path(src), Path(out)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
+    if dest.resolve() == folder.resolve():
+        raise QuantizationError(f"{dest}: output folder must differ from the input folder")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:  # fail before the slow part
+        raise OutputExistsError(f"{dest}: exists and is not an empty folder; choose another -o or pass --overwrite")
+    cfg = ModelConfig.from_file(folder)
+    if SECTION in cfg.extra:
+        raise QuantizationError(f"{folder}: already quantized ({cfg.extra[SECTION].get('method')}); "
+                                "quantize the float checkpoint instead")
+    ckpt = expert_layout_view(Checkpoint(folder), cfg)
+    dtype = DTYPE_NAMES.get(str(cfg.torch_dtype).lower()) if cfg.torch_dtype else None
+    dtype = dtype or ckpt.dtype()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    load_quantized_weights(model, ckpt, dtype, torch.device(device), spec, layout="plain")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    before = sum(ckpt.info(n).end - ckpt.info(n).begin for n in ckpt.names())
+    # config.json: the source's own, byte for byte in meaning, plus the section (regenerating it from
+    # ModelConfig could drop keys Ember does not model). Passed as an extra file, it replaces the one
+    # save_hf_checkpoint writes, inside the same atomic folder write.
+    raw = json.loads((folder / "config.json").read_text())
+    raw[SECTION] = cfg.extra[SECTION]
+    config = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode()
+    save_hf_checkpoint(dest, model, tokenizer_files=side_files(folder), max_shard_bytes=max_shard_bytes,
+                       overwrite=overwrite, extra_files={"config.json": config})
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    after = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    return dest, {"bytes_before": before, "bytes_after": after, "quantized": len(quantized),
+                  "kept": list(cfg.extra[SECTION]["not_quantized"]), "section": cfg.extra[SECTION]}
