@@ -1,0 +1,341 @@
+"""Planner accuracy: predicted vs measured peak memory and decode tok/s on this machine.
+
+Each run writes (once) a random checkpoint like bench/decode.py does, then runs it in a *fresh
+subprocess* (so the peak is clean): ``ember.load`` + ``Engine.generate`` of B prompts of P tokens
+with 1 and with N new tokens (greedy, EOS ignored). Measured:
+
+- peak memory = the child's VmHWM (peak RSS of its own address space, load included), and the
+  delta over its RSS after imports (before the model);
+- decode tok/s per sequence = (N - 1) / (t(N new) - t(1 new)), best of ``--repeats``;
+- prefill tok/s = B * P / t(1 new).
+
+Predicted: :func:`ember.planner.memory` (``peak_rss``: runtime + max(load, run)) and
+:func:`ember.planner.decode_step_seconds` at the mean cache length P + N/2, using this machine's
+calibration (``ember hw --measure``; measured first if missing). Targets: peak memory within
++-10% on every run, decode tok/s within +-25%. The roofline column is the measured large-copy
+streaming bandwidth over the bytes one step must read (DESIGN principle 5).
+
+    python bench/plan_accuracy.py                  # all runs (~5-10 min on 2 cores)
+    python bench/plan_accuracy.py --only tiny,small --repeats 2
+    python bench/plan_accuracy.py --remeasure      # re-time the machine first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MiB = 2**20
+
+SIZES = {
+    "tiny": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096),
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "moe": dict(model_type="qwen3_moe", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=2,
+                moe_intermediate_size=512, norm_topk_prob=True, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    size: str
+    dtype: str            # compute dtype
+    ckpt: str             # checkpoint dtype on disk
+    batch: int
+    prompt: int
+    new: int
+    quant: str = "none"
+    task: str = "infer"   # infer | lora | qlora (training rows, when ember.train exists)
+
+    @property
+    def name(self) -> str:
+        q = "" if self.quant == "none" else f" {self.quant}"
+        c = "" if self.ckpt == self.dtype else f" (from {self.ckpt})"
+        return f"{self.size} {self.dtype}{c}{q} B{self.batch} P{self.prompt} N{self.new}"
+
+
+RUNS = [
+    Run("tiny", "bf16", "bf16", 1, 128, 32),
+    Run("small", "bf16", "bf16", 1, 128, 32),
+    Run("medium", "bf16", "bf16", 1, 128, 32),
+    Run("1.1b", "bf16", "bf16", 1, 128, 32),
+    Run("tiny", "fp32", "fp32", 1, 512, 32),
+    Run("small", "fp32", "fp32", 1, 128, 32),
+    Run("medium", "fp32", "fp32", 1, 128, 32),
+    Run("small", "fp32", "bf16", 1, 128, 32),      # cast at load: the load transient
+    Run("small", "bf16", "bf16", 1, 1024, 32),     # longer context
+    Run("medium", "bf16", "bf16", 1, 2048, 16),    # long prefill: activations
+    Run("small", "bf16", "bf16", 4, 128, 32),      # batch
+    Run("medium", "bf16", "bf16", 8, 256, 16),
+    Run("moe", "bf16", "bf16", 1, 128, 32),
+    Run("moe", "bf16", "bf16", 4, 256, 16),
+    # Quantized rows run when ember.quant provides quantize(); LoRA rows when ember.train exists.
+    Run("small", "bf16", "bf16", 1, 128, 32, quant="int8"),
+    Run("small", "bf16", "bf16", 1, 128, 32, quant="int4"),
+    Run("small", "bf16", "bf16", 1, 128, 32, quant="nf4"),
+]
+
+
+# ====================================================================== child process
+
+
+def _vm(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(spec: dict) -> dict:
+    """Runs in a fresh interpreter: load, generate, report memory and timings."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import ember
+    from ember.hardware import runtime_probe
+    from ember.sampling import SamplingParams
+
+    runtime_probe("cpu")  # what every Ember process pays first (the planner's "runtime" term)
+    base = _vm("VmHWM")
+    t = time.perf_counter()
+    llm = ember.load(spec["folder"], device="cpu", dtype=spec["dtype"],
+                     **({"quant": spec["quant"]} if spec["quant"] != "none" else {}))  # quantized while loading
+    load_s = time.perf_counter() - t
+    after_load_hwm = _vm("VmHWM")
+    g = torch.Generator().manual_seed(1)
+    V = llm.config.vocab_size
+    prompts = [torch.randint(3, V, (spec["prompt"],), generator=g).tolist() for _ in range(spec["batch"])]
+    p1 = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    pn = SamplingParams(max_new_tokens=spec["new"], temperature=0.0, ignore_eos=True)
+
+    clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
+
+    def timed(params):
+        t0 = clock()
+        llm.generate(prompts, params)
+        return clock() - t0
+
+    timed(p1)  # warm-up
+    t1 = min(timed(p1) for _ in range(spec["repeats"]))
+    tn = min(timed(pn) for _ in range(spec["repeats"]))
+    peak = _vm("VmHWM")
+    del llm
+    # The machine as it is *now* (other tenants come and go): a quick calibration in this process,
+    # after the peak was read, so the model can be checked apart from the machine's drift.
+    from ember.hardware import measure
+
+    now = measure("cpu", quick=True, save=False, runtime=False)
+    return {"base_rss": base, "peak_rss": peak, "load_peak_rss": after_load_hwm, "load_s": load_s,
+            "prefill_s": t1, "decode_tok_s": (spec["new"] - 1) / (tn - t1) if tn > t1 else float("nan"),
+            "calibration_now": now.to_json()}
+
+
+# ====================================================================== parent
+
+
+def _available(run: Run) -> str | None:
+    """Why a run cannot happen on this checkout (None: it can)."""
+    if run.quant != "none":
+        try:
+            import ember.quant  # noqa: F401
+        except ImportError:
+            return "ember.quant not available yet"
+    if run.task != "infer":
+        try:
+            import ember.train  # noqa: F401
+        except ImportError:
+            return "ember.train not available yet"
+    return None
+
+
+def _busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy over ``seconds`` (from /proc/stat), while this process sleeps."""
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.15) -> float:
+    """Sleep until other processes use < ``threshold`` of the CPU (or ``limit_s`` passes); return the busy fraction."""
+    start = time.perf_counter()
+    busy = _busy_fraction()
+    while busy > threshold and time.perf_counter() - start < limit_s:
+        time.sleep(5)
+        busy = _busy_fraction()
+    return busy
+
+
+def predict(run: Run, hw) -> dict:
+    from ember.config import ModelConfig
+    from ember.planner import Workload, decode_step_seconds, memory, prefill_seconds
+
+    cfg = ModelConfig.from_dict({"model_type": "llama", **SIZES[run.size]})
+    wl = Workload(task="infer", context=run.prompt + run.new, batch=run.batch, prompt=run.prompt, dtype=run.dtype,
+                  quant=run.quant)
+    m = memory(cfg, hw, wl, checkpoint_dtype=run.ckpt)
+    t_step, step_bytes = decode_step_seconds(cfg, hw, wl, run.prompt + run.new // 2)
+    return {"peak_rss": m.peak_rss, "delta": m.peak_rss - m.runtime, "runtime": m.runtime,
+            "weights": m.weights, "kv_cache": m.kv_cache, "activations": m.activations,
+            "load_transient": m.load_transient, "decode_tok_s": 1 / t_step, "step_bytes": step_bytes,
+            "prefill_tok_s": run.batch * run.prompt / prefill_seconds(cfg, hw, wl), "params": cfg.num_parameters()}
+
+
+def write_checkpoint(folder: Path, size: str, dtype: str) -> None:
+    import torch
+
+    from bench.decode import write_checkpoint as write
+
+    write(folder, SIZES[size], {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--only", default=None, help="comma-separated sizes to run (default: all)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="time runs by wall clock, or by process CPU time (with --threads 1: robust to other "
+                         "processes sharing the cores, which only take turns with this one)")
+    ap.add_argument("--remeasure", action="store_true", help="run `ember hw --measure` first even if stored")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each run, wait up to S seconds for other processes to leave the CPU idle")
+    ap.add_argument("--out", default="bench/results/plan_accuracy.json")
+    ap.add_argument("--dir", default=None, help="where to keep the random checkpoints (default: a temp dir)")
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))))
+        return
+
+    import torch
+
+    from ember import hardware
+
+    torch.set_num_threads(args.threads)
+    hw = hardware.detect("cpu")
+    if hw.calibration is not None and hw.calibration.threads != args.threads:
+        print(f"[plan_accuracy] stored calibration used {hw.calibration.threads} threads; re-measuring with "
+              f"{args.threads}", file=sys.stderr)
+        args.remeasure = True
+    if args.remeasure or hw.calibration is None:
+        if args.wait_quiet:
+            wait_for_quiet(args.wait_quiet)
+        print("[plan_accuracy] measuring this machine (ember hw --measure)...", file=sys.stderr)
+        hardware.measure("cpu", threads=args.threads)
+        hw = hardware.detect("cpu")
+    cal = hw.calibration
+    only = set(args.only.split(",")) if args.only else None
+    runs = [r for r in RUNS if only is None or r.size in only]
+    rows, skipped = [], []
+    tmp = tempfile.TemporaryDirectory(prefix="ember-plan-") if args.dir is None else None
+    root = Path(args.dir or tmp.name)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        for run in runs:
+            why = _available(run)
+            if why:
+                skipped.append((run.name, why))
+                print(f"[skip] {run.name}: {why}", file=sys.stderr)
+                continue
+            folder = root / f"{run.size}-{run.ckpt}"
+            if not (folder / "model.safetensors").exists():
+                t = time.perf_counter()
+                write_checkpoint(folder, run.size, run.ckpt)
+                print(f"[plan_accuracy] wrote {folder.name} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            spec = {"folder": str(folder), "dtype": run.dtype, "quant": run.quant, "batch": run.batch,
+                    "prompt": run.prompt, "new": run.new, "repeats": args.repeats, "threads": args.threads,
+                    "clock": args.clock}
+            busy = wait_for_quiet(args.wait_quiet) if args.wait_quiet else _busy_fraction(0.5)
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                 text=True, env=env, cwd=ROOT)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+                skipped.append((run.name, f"failed: {tail}"))
+                print(f"[fail] {run.name}: {tail}", file=sys.stderr)
+                continue
+            meas = json.loads(line[0][7:])
+            pred = predict(run, hw)
+            now = hardware.Calibration.from_json(meas.pop("calibration_now"))
+            now = replace(now, runtime_bytes=cal.runtime_bytes, fingerprint=cal.fingerprint)
+            pred_now = predict(run, hardware.apply_calibration(replace(hw, calibration=None), now))
+            row = {"run": run.name, **{k: v for k, v in run.__dict__.items()}, "measured": meas, "predicted": pred,
+                   "peak_err": pred["peak_rss"] / meas["peak_rss"] - 1,
+                   "delta_err": pred["delta"] / max(1, meas["peak_rss"] - meas["base_rss"]) - 1,
+                   "decode_err": pred["decode_tok_s"] / meas["decode_tok_s"] - 1,
+                   "decode_tok_s_pred_now": pred_now["decode_tok_s"],
+                   "decode_err_now": pred_now["decode_tok_s"] / meas["decode_tok_s"] - 1,
+                   "roofline_tok_s": cal.copy_bandwidth / 2 / pred["step_bytes"], "cpu_busy_before": busy}
+            rows.append(row)
+            print(f"[{len(rows):2d}] {run.name}: peak {meas['peak_rss'] / MiB:.0f} MiB (pred {pred['peak_rss'] / MiB:.0f}, "
+                  f"{100 * row['peak_err']:+.1f}%), decode {meas['decode_tok_s']:.1f} tok/s "
+                  f"(pred {pred['decode_tok_s']:.1f}, {100 * row['decode_err']:+.1f}%; with the machine re-timed "
+                  f"after the run {pred_now['decode_tok_s']:.1f}, {100 * row['decode_err_now']:+.1f}%)", file=sys.stderr)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    machine = (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+               f"{args.clock} clock")
+    print(f"\nPlanner accuracy on this machine ({machine}); {date.today()}")
+    print(f"calibration: {cal.measured_at}; mv-bf16 {cal.stream['mv-bf16'][-1][1] / 1e9:.1f} GB/s at "
+          f"{cal.stream['mv-bf16'][-1][0] / 2**30:.0f} GiB; runtime {cal.runtime_bytes / MiB:.0f} MiB")
+    print("peak = VmHWM of a fresh process (load + generate); delta = peak - RSS after imports; "
+          "roofline = copy bandwidth (read half) / bytes per step\n")
+    head = ("| run | params | peak MiB pred / meas | err | delta MiB pred / meas | err | decode tok/s pred / meas | err "
+            "| pred (re-timed) | err | % roofline | prefill tok/s pred / meas | CPU busy before |")
+    print(head)
+    print("|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|")
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        print(f"| {r['run']} | {p['params'] / 1e6:.0f}M | {p['peak_rss'] / MiB:.0f} / {m['peak_rss'] / MiB:.0f} | "
+              f"{100 * r['peak_err']:+.1f}% | {p['delta'] / MiB:.0f} / {(m['peak_rss'] - m['base_rss']) / MiB:.0f} | "
+              f"{100 * r['delta_err']:+.1f}% | {p['decode_tok_s']:.1f} / {m['decode_tok_s']:.1f} | "
+              f"{100 * r['decode_err']:+.1f}% | {r['decode_tok_s_pred_now']:.1f} | {100 * r['decode_err_now']:+.1f}% | "
+              f"{100 * m['decode_tok_s'] / r['roofline_tok_s']:.0f}% | "
+              f"{p['prefill_tok_s']:.0f} / {r['batch'] * r['prompt'] / m['prefill_s']:.0f} | "
+              f"{100 * r['cpu_busy_before']:.0f}% |")
+    if rows:
+        worst_peak = max(abs(r["peak_err"]) for r in rows)
+        worst_dec = max(abs(r["decode_err"]) for r in rows)
+        ok_p = sum(abs(r["peak_err"]) <= 0.10 for r in rows)
+        ok_d = sum(abs(r["decode_err"]) <= 0.25 for r in rows)
+        ok_n = sum(abs(r["decode_err_now"]) <= 0.25 for r in rows)
+        worst_now = max(abs(r["decode_err_now"]) for r in rows)
+        print(f"\npeak memory within +-10%: {ok_p}/{len(rows)} (worst {100 * worst_peak:.1f}%); "
+              f"decode within +-25%: {ok_d}/{len(rows)} with the stored calibration (worst {100 * worst_dec:.1f}%), "
+              f"{ok_n}/{len(rows)} with the machine re-timed after each run (worst {100 * worst_now:.1f}%)")
+    for name, why in skipped:
+        print(f"skipped: {name}: {why}")
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": str(date.today()), "machine": machine, "calibration": cal.to_json(),
+                               "rows": rows, "skipped": skipped}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

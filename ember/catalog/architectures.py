@@ -1,0 +1,202 @@
+"""Known model architectures: the facts of each checkpoint's ``config.json``, no weights, no code.
+
+Each entry is ``name -> {"hf_id", "aliases", "published", "config"}``:
+
+- ``config``: the fields of the official ``config.json`` that shape memory and speed (HF names,
+  read by :meth:`ember.config.ModelConfig.from_dict`), copied from the Hugging Face repo ``hf_id``.
+- ``published``: the parameter counts the publisher states (model card or the Hub's safetensors
+  total), in parameters, with where it was read; tests check our count against it within 1%.
+
+Keep it data: a new entry is a copy of a config.json's relevant keys plus its published size.
+"""
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+MODELS: dict[str, dict] = {
+    # ------------------------------------------------------------------ Llama
+    "llama-3.1-8b": {
+        "hf_id": "meta-llama/Llama-3.1-8B-Instruct", "aliases": ["llama3.1-8b", "llama-3-8b", "llama-3.1-8b-instruct"],
+        "published": {"params": 8.03e9, "source": "huggingface.co/meta-llama/Llama-3.1-8B (Hub: 8.03B params)"},
+        "config": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": _LLAMA31_ROPE,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "llama-3.1-70b": {
+        "hf_id": "meta-llama/Llama-3.1-70B-Instruct",
+        "aliases": ["llama3.1-70b", "llama-3-70b", "llama-3.3-70b", "llama-3.1-70b-instruct", "llama-3.3-70b-instruct"],
+        "published": {"params": 70.6e9, "source": "huggingface.co/meta-llama/Llama-3.1-70B (Hub: 70.6B params)"},
+        "config": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+                   "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                   "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": _LLAMA31_ROPE,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "llama-3.1-405b": {
+        "hf_id": "meta-llama/Llama-3.1-405B-Instruct", "aliases": ["llama3.1-405b", "llama-3.1-405b-instruct"],
+        "published": {"params": 405e9, "source": "Meta Llama 3.1 model card (405B)"},
+        "config": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 16384, "intermediate_size": 53248,
+                   "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
+                   "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": _LLAMA31_ROPE,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "llama-3.2-1b": {
+        "hf_id": "meta-llama/Llama-3.2-1B-Instruct", "aliases": ["llama3.2-1b", "llama-3.2-1b-instruct"],
+        "published": {"params": 1.24e9, "source": "huggingface.co/meta-llama/Llama-3.2-1B (Hub: 1.24B params)"},
+        "config": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                   "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                   "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": _LLAMA32_ROPE,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"},
+    },
+    "llama-3.2-3b": {
+        "hf_id": "meta-llama/Llama-3.2-3B-Instruct", "aliases": ["llama3.2-3b", "llama-3.2-3b-instruct"],
+        "published": {"params": 3.21e9, "source": "huggingface.co/meta-llama/Llama-3.2-3B (Hub: 3.21B params)"},
+        "config": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192,
+                   "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": _LLAMA32_ROPE,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"},
+    },
+    "tinyllama-1.1b": {
+        "hf_id": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "aliases": ["tinyllama"],
+        "published": {"params": 1.1e9, "source": "huggingface.co/TinyLlama/TinyLlama-1.1B-Chat-v1.0 (1.1B)"},
+        "config": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+                   "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+                   "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    # ------------------------------------------------------------------ Mistral / Mixtral
+    "mistral-7b": {
+        "hf_id": "mistralai/Mistral-7B-Instruct-v0.3", "aliases": ["mistral-7b-v0.3", "mistral-7b-instruct"],
+        "published": {"params": 7.25e9, "source": "huggingface.co/mistralai/Mistral-7B-Instruct-v0.3 (Hub: 7.25B params)"},
+        "config": {"model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "sliding_window": None,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "mistral-nemo-12b": {
+        "hf_id": "mistralai/Mistral-Nemo-Instruct-2407", "aliases": ["mistral-nemo", "nemo-12b"],
+        "published": {"params": 12.2e9, "source": "huggingface.co/mistralai/Mistral-Nemo-Instruct-2407 (Hub: 12.2B params)"},
+        "config": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 14336,
+                   "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 1024000, "rope_theta": 1000000.0, "sliding_window": None,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "mixtral-8x7b": {
+        "hf_id": "mistralai/Mixtral-8x7B-Instruct-v0.1", "aliases": ["mixtral", "mixtral-8x7b-instruct"],
+        "published": {"params": 46.7e9, "active_params": 12.9e9,
+                      "source": "mistral.ai/news/mixtral-of-experts (46.7B total, 12.9B per token)"},
+        "config": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+                   "rope_theta": 1000000.0, "sliding_window": None, "rms_norm_eps": 1e-5,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "mixtral-8x22b": {
+        "hf_id": "mistralai/Mixtral-8x22B-Instruct-v0.1", "aliases": ["mixtral-8x22b-instruct"],
+        "published": {"params": 141e9, "active_params": 39e9,
+                      "source": "mistral.ai/news/mixtral-8x22b (141B total, 39B active)"},
+        "config": {"model_type": "mixtral", "vocab_size": 32768, "hidden_size": 6144, "intermediate_size": 16384,
+                   "num_hidden_layers": 56, "num_attention_heads": 48, "num_key_value_heads": 8,
+                   "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 65536,
+                   "rope_theta": 1000000.0, "sliding_window": None, "rms_norm_eps": 1e-5,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    # ------------------------------------------------------------------ Qwen2.5
+    "qwen2.5-3b": {
+        "hf_id": "Qwen/Qwen2.5-3B-Instruct", "aliases": ["qwen2.5-3b-instruct"],
+        "published": {"params": 3.09e9, "source": "Qwen2.5-3B-Instruct model card (3.09B)"},
+        "config": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008,
+                   "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 32768,
+                   "max_window_layers": 70, "torch_dtype": "bfloat16"},
+    },
+    "qwen2.5-7b": {
+        "hf_id": "Qwen/Qwen2.5-7B-Instruct", "aliases": ["qwen2.5-7b-instruct"],
+        "published": {"params": 7.61e9, "source": "Qwen2.5-7B-Instruct model card (7.61B)"},
+        "config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+                   "max_window_layers": 28, "torch_dtype": "bfloat16"},
+    },
+    "qwen2.5-14b": {
+        "hf_id": "Qwen/Qwen2.5-14B-Instruct", "aliases": ["qwen2.5-14b-instruct"],
+        "published": {"params": 14.7e9, "source": "Qwen2.5-14B-Instruct model card (14.7B)"},
+        "config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 5120, "intermediate_size": 13824,
+                   "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "use_sliding_window": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen2.5-32b": {
+        "hf_id": "Qwen/Qwen2.5-32B-Instruct", "aliases": ["qwen2.5-32b-instruct"],
+        "published": {"params": 32.5e9, "source": "Qwen2.5-32B-Instruct model card (32.5B)"},
+        "config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 5120, "intermediate_size": 27648,
+                   "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "use_sliding_window": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen2.5-72b": {
+        "hf_id": "Qwen/Qwen2.5-72B-Instruct", "aliases": ["qwen2.5-72b-instruct"],
+        "published": {"params": 72.7e9, "source": "Qwen2.5-72B-Instruct model card (72.7B)"},
+        "config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+                   "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "use_sliding_window": False, "torch_dtype": "bfloat16"},
+    },
+    # ------------------------------------------------------------------ Qwen3
+    "qwen3-4b": {
+        "hf_id": "Qwen/Qwen3-4B", "aliases": [],
+        "published": {"params": 4.0e9, "source": "Qwen3-4B model card (4.0B)"},
+        "config": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+                   "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": True, "torch_dtype": "bfloat16"},
+    },
+    "qwen3-8b": {
+        "hf_id": "Qwen/Qwen3-8B", "aliases": [],
+        "published": {"params": 8.2e9, "source": "Qwen3-8B model card (8.2B)"},
+        "config": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                   "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen3-14b": {
+        "hf_id": "Qwen/Qwen3-14B", "aliases": [],
+        "published": {"params": 14.8e9, "source": "Qwen3-14B model card (14.8B)"},
+        "config": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 17408,
+                   "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen3-32b": {
+        "hf_id": "Qwen/Qwen3-32B", "aliases": [],
+        "published": {"params": 32.8e9, "source": "Qwen3-32B model card (32.8B)"},
+        "config": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 25600,
+                   "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen3-30b-a3b": {
+        "hf_id": "Qwen/Qwen3-30B-A3B", "aliases": ["qwen3-30b"],
+        "published": {"params": 30.5e9, "active_params": 3.3e9, "source": "Qwen3-30B-A3B model card (30.5B, 3.3B activated)"},
+        "config": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                   "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                   "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                   "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                   "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen3-235b-a22b": {
+        "hf_id": "Qwen/Qwen3-235B-A22B", "aliases": ["qwen3-235b"],
+        "published": {"params": 235e9, "active_params": 22e9, "source": "Qwen3-235B-A22B model card (235B, 22B activated)"},
+        "config": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                   "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+                   "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1536,
+                   "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                   "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+}

@@ -1,0 +1,794 @@
+"""Planner: will it fit, and how fast? ``(ModelConfig, Hardware, Workload) -> Plan``, before a byte is allocated.
+
+The model (every equation is here, and ``bench/plan_accuracy.py`` checks it against real runs):
+
+**Weights.** Each ``nn.Linear`` of the decoder (attention, MLP, every expert) is stored as::
+
+    none   out*in*b                                   (b = bytes of the compute dtype)
+    int8   out*in + out*b                             (one scale per output channel)
+    int4   out*in/2 + out*(in/g)*2*b                  (a scale and a zero per group of g, default 128)
+    nf4    out*in/2 + out*in/64 * 1 + out*in/(64*256)*4 + 4   (block 64, absmax double-quantized to
+                                                      8 bits with one fp32 scale per 256 blocks)
+           or out*in/2 + out*in/64*4 without double quant
+
+plus biases in the compute dtype. Embeddings, norms, MoE routers and (unless asked) the LM head stay
+in the compute dtype. A tied LM head is the embedding, counted once.
+
+**KV cache.** ``sum over layers of slots(layer) * batch * kv_heads * head_dim * 2 * kv_bytes`` with
+``slots = context`` (a sliding-window layer is capped at its window when the cache supports it).
+
+**Activations.** Inference peaks in prefill (one forward over the whole prompt, or one chunk of it):
+``k_act * B*T * (2H + max(3I, 4q + 4kv)) * b`` (live hidden states plus the widest MLP or attention
+temporaries; ``k_act`` covers allocator slack and was fitted on real runs), plus fp32 norm temporaries
+``8 * B*T*H`` when ``b < 4``, plus the last-token logits. Training adds saved activations:
+``2 * L * B*T*H*b`` with gradient checkpointing (the input of each half-layer) or
+``L * B*T*(5H + 2q + 2kv + 4I)*b`` without, and the chunked loss (three fp32 blocks of ~32 MiB).
+
+**Training state** (as ember.train keeps it). LoRA/QLoRA: ``r*(in+out)`` parameters per adapted
+Linear, fp32, plus an fp32 gradient and AdamW's two fp32 moments: 16 bytes each, over a frozen base
+in the compute dtype (NF4 for QLoRA). Full fine-tuning: fp32 weights + fp32 gradients + fp32 AdamW
+moments = 16 bytes per parameter, plus the 16-bit weight copies autocast caches.
+
+**Runtime.** A fresh Ember process (torch, CUDA context) measured by ``ember hw --measure``.
+
+**Decode speed.** One step for ``B`` sequences reads every non-expert weight once, the experts that
+any of the B tokens is routed to (``E * (1 - (1 - k/E)^B)`` of ``E`` per MoE layer), and each
+sequence's KV cache. ``t_mem = bytes / achieved bandwidth``, where achieved bandwidth is the measured
+streaming rate of Ember's kernel at that working-set size (or ``peak x decode_efficiency`` for a
+named profile), ``t_flop = 2 * active params * B / (peak FLOP/s x efficiency)``, and the dispatch
+``t_disp = step + L * layer + (expert calls) * expert``. On CPU the three add up
+(``max(t_mem, t_flop) + t_disp``: ops run one after another on the same cores); on a GPU dispatch
+overlaps the device's work (``max(t_mem, t_flop, t_disp)``). ``tok/s per sequence = 1 / t_step``.
+Several nodes (``2xdgx-spark``) split the layers (pipeline): memory adds up, a single stream's
+speed does not, and each hop adds the interconnect latency.
+
+**Prefill and training speed** come from FLOPs: ``2 * active params * tokens`` (+ causal
+attention ``2 * L * T^2 * q`` per sequence) for prefill, ``x3`` for full training (forward,
+backward for activations and weights), ``x2`` for LoRA (no weight gradients for the frozen base),
+plus one forward more with gradient checkpointing, over ``peak FLOP/s x compute_efficiency``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ember.config import ModelConfig
+from ember.errors import InsufficientMemoryError
+from ember.hardware import GiB, Hardware
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANTS = ("none", "int8", "int4", "nf4")
+METHODS = ("lora", "qlora", "full")
+
+# Allocator slack and temporaries on top of the live-tensor count in prefill, fitted on this repo's
+# CPU runs (bench/plan_accuracy.py; 1.6-2.8 observed, glibc keeps freed chunks in its arenas).
+K_ACT = 2.2
+# AdamW keeps two fp32 moments per trainable parameter.
+ADAM_BYTES = 8
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quant_defaults() -> dict[str, Any]:
+    """Group/block sizes of ember.quant when it is installed (so the planner follows the code), else ours."""
+    out = {"int4_group": 128, "nf4_block": 64, "nf4_double_quant": True, "nf4_double_quant_block": 256}
+    try:  # pragma: no cover - depends on the quant package landing
+        import ember.quant as q
+
+        out["int4_group"] = int(getattr(q, "INT4_GROUP_SIZE", getattr(q, "DEFAULT_GROUP_SIZE", out["int4_group"])))
+        out["nf4_block"] = int(getattr(q, "NF4_BLOCK_SIZE", out["nf4_block"]))
+        out["nf4_double_quant_block"] = int(getattr(q, "DOUBLE_QUANT_BLOCK_SIZE", 256))
+    except ImportError:
+        pass
+    return out
+
+
+def _kv_caps_window() -> bool:
+    """Whether Ember's KV caches keep only a sliding window's slots (they allocate the full context today)."""
+    try:
+        from ember.kv_cache import StaticKVCache
+
+        return bool(getattr(StaticKVCache, "caps_sliding_window", False))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+# ====================================================================== inputs
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What will be run.
+
+    Attributes:
+        task: ``infer`` or ``tune``.
+        context: tokens per sequence: prompt + generated (infer) or the training sequence length (tune).
+        batch: sequences at once (infer) or the micro-batch (tune).
+        prompt: prefill tokens; default ``context`` (worst case: a prompt that fills the context).
+        prefill_chunk: tokens per prefill forward (the server chunks; ``ember generate`` does not: None).
+        dtype: compute dtype ``bf16``, ``fp16`` or ``fp32``.
+        quant: weight format ``none``, ``int8``, ``int4`` or ``nf4``.
+        kv_dtype: KV cache dtype (default: ``dtype``).
+        method: tune only: ``lora``, ``qlora`` (LoRA over an NF4 base) or ``full``.
+        lora_rank: LoRA rank r.
+        lora_targets: Linear names adapted (suffixes, PEFT-style; experts' projections match too).
+        grad_checkpointing: recompute each layer in backward instead of keeping its activations.
+        quantize_lm_head: also quantize the LM head (default: keep it 16-bit, as bitsandbytes does).
+    """
+
+    task: str = "infer"
+    context: int = 4096
+    batch: int = 1
+    prompt: int | None = None
+    prefill_chunk: int | None = None
+    dtype: str = "bf16"
+    quant: str = "none"
+    kv_dtype: str | None = None
+    method: str = "lora"
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    grad_checkpointing: bool = True
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in ("infer", "tune"):
+            raise ValueError(f"task must be 'infer' or 'tune', got {self.task!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.context < 1 or self.batch < 1:
+            raise ValueError("context and batch must be >= 1")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return min(self.context, self.prompt if self.prompt is not None else self.context)
+
+    @property
+    def weight_quant(self) -> str:
+        """The base weights' format: QLoRA means NF4 whatever ``quant`` says."""
+        if self.task == "tune" and self.method == "qlora":
+            return "nf4"
+        if self.task == "tune" and self.method == "full":
+            return "none"
+        return self.quant
+
+    def label(self) -> str:
+        if self.task == "tune":
+            base = self.dtype if self.weight_quant == "none" else self.weight_quant
+            return f"{self.method} ({base})"
+        return self.dtype if self.quant == "none" else f"{self.quant} ({self.dtype})"
+
+
+# ====================================================================== memory pieces
+
+
+def linear_bytes(out_f: int, in_f: int, quant: str, b: int, qd: dict[str, Any] | None = None) -> float:
+    """Bytes of one weight matrix (out_f, in_f) stored as ``quant`` with compute dtype of ``b`` bytes."""
+    qd = qd or _quant_defaults()
+    n = out_f * in_f
+    if quant == "none":
+        return n * b
+    if quant == "int8":
+        return n + out_f * b
+    if quant == "int4":
+        g = qd["int4_group"]
+        return n / 2 + out_f * math.ceil(in_f / g) * 2 * b
+    if quant == "nf4":
+        blocks = math.ceil(n / qd["nf4_block"])
+        if qd["nf4_double_quant"]:
+            return n / 2 + blocks + math.ceil(blocks / qd["nf4_double_quant_block"]) * 4 + 4
+        return n / 2 + blocks * 4
+    raise ValueError(f"unknown quant {quant!r}")
+
+
+@dataclass(frozen=True)
+class _Linear:
+    kind: str      # attention | mlp | experts | lm_head
+    name: str      # q_proj, ..., gate_proj (the module's own name)
+    out_f: int
+    in_f: int
+    count: int     # how many such matrices in the model
+    bias: bool
+
+
+def linears(cfg: ModelConfig) -> list[_Linear]:
+    """Every ``nn.Linear`` of :class:`ember.model.Transformer` grouped by shape (routers excluded)."""
+    h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    L = cfg.num_hidden_layers
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
+    dense_layers = L - moe_layers
+    qkv_b = cfg.attention_bias
+    o_b = cfg.attention_bias and not cfg.qkv_bias_only
+    out = [
+        _Linear("attention", "q_proj", nh * hd, h, L, qkv_b),
+        _Linear("attention", "k_proj", nkv * hd, h, L, qkv_b),
+        _Linear("attention", "v_proj", nkv * hd, h, L, qkv_b),
+        _Linear("attention", "o_proj", h, nh * hd, L, o_b),
+    ]
+    i = cfg.intermediate_size
+    if dense_layers:
+        out += [_Linear("mlp", "gate_proj", i, h, dense_layers, cfg.mlp_bias),
+                _Linear("mlp", "up_proj", i, h, dense_layers, cfg.mlp_bias),
+                _Linear("mlp", "down_proj", h, i, dense_layers, cfg.mlp_bias)]
+    if moe_layers:
+        im, e = cfg.moe_intermediate_size, cfg.num_local_experts
+        out += [_Linear("experts", "gate_proj", im, h, moe_layers * e, cfg.mlp_bias),
+                _Linear("experts", "up_proj", im, h, moe_layers * e, cfg.mlp_bias),
+                _Linear("experts", "down_proj", h, im, moe_layers * e, cfg.mlp_bias)]
+    if not cfg.tie_word_embeddings:
+        out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, h, 1, False))
+    return out
+
+
+@dataclass
+class WeightBytes:
+    """Weight memory by part, bytes. ``read_per_token(B)`` gives what one decode step streams."""
+
+    embedding: float
+    lm_head: float            # 0 when tied (the embedding is the head)
+    attention: float          # q/k/v/o, all layers
+    mlp: float                # dense MLPs
+    experts: float            # all experts of all MoE layers
+    other: float              # norms, routers, biases
+    moe_layers: int = 0
+    experts_per_layer: int = 0
+    experts_per_tok: int = 0
+    linear_params_active: float = 0.0   # multiply-adds per token in Linear layers (FLOPs = 2x)
+
+    @property
+    def total(self) -> float:
+        return self.embedding + self.lm_head + self.attention + self.mlp + self.experts + self.other
+
+    def experts_touched(self, tokens: int) -> float:
+        """Expected distinct experts per MoE layer used by ``tokens`` tokens routed uniformly at random."""
+        if not self.moe_layers:
+            return 0.0
+        e, k = self.experts_per_layer, self.experts_per_tok
+        return e * (1 - (1 - k / e) ** tokens)
+
+    def read_per_step(self, tokens: int, row_bytes: float) -> float:
+        """Weight bytes one forward over ``tokens`` tokens reads (embedding: one row per token)."""
+        head = self.lm_head if self.lm_head else self.embedding
+        emb = 0.0 if not self.lm_head else min(self.embedding, tokens * row_bytes)
+        experts = 0.0
+        if self.moe_layers:
+            experts = self.experts * self.experts_touched(tokens) / self.experts_per_layer
+        return head + emb + self.attention + self.mlp + self.other + experts
+
+
+def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", quantize_lm_head: bool = False) -> WeightBytes:
+    """Bytes of every weight of ``cfg`` in compute ``dtype`` with Linear layers stored as ``quant``."""
+    b = DTYPE_BYTES[dtype]
+    qd = _quant_defaults()
+    parts = {"attention": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
+    bias_bytes = 0.0
+    active = 0.0
+    for lin in linears(cfg):
+        q = quant if (lin.kind != "lm_head" or quantize_lm_head) else "none"
+        parts[lin.kind] += lin.count * linear_bytes(lin.out_f, lin.in_f, q, b, qd)
+        if lin.bias:
+            bias_bytes += lin.count * lin.out_f * b
+        per_layer = lin.count if lin.kind != "experts" else lin.count * cfg.num_experts_per_tok / cfg.num_local_experts
+        active += per_layer * lin.out_f * lin.in_f
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
+    norms = (2 * L + 1) * h + (2 * cfg.head_dim * L if cfg.qk_norm else 0)
+    routers = moe_layers * cfg.num_local_experts * h
+    active += routers
+    return WeightBytes(
+        embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
+        experts=parts["experts"], other=(norms + routers) * b + bias_bytes, moe_layers=moe_layers,
+        experts_per_layer=cfg.num_local_experts, experts_per_tok=cfg.num_experts_per_tok,
+        linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0),
+    )
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype: str = "bf16",
+                   cap_window: bool | None = None) -> int:
+    """KV cache bytes: layers x kv heads x head dim x slots x batch x 2 (k and v) x dtype bytes.
+
+    Args:
+        cap_window: keep only ``sliding_window`` slots in windowed layers; default: what Ember's
+            cache does (today it allocates the full context in every layer).
+    """
+    if cap_window is None:
+        cap_window = _kv_caps_window()
+    per_slot = cfg.num_key_value_heads * cfg.head_dim * 2 * DTYPE_BYTES[dtype]
+    total = 0
+    for layer in range(cfg.num_hidden_layers):
+        w = cfg.layer_window(layer) if cap_window else None
+        total += (min(context, w) if w else context) * per_slot
+    return total * batch
+
+
+def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16") -> float:
+    """Peak transient bytes of one inference forward over ``tokens`` (= B x T) tokens."""
+    b = DTYPE_BYTES[dtype]
+    h = cfg.hidden_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    if cfg.num_local_experts:
+        # MoE: tokens gathered in expert order (k*H), the output (H), the router's fp32 products
+        # (2*k*H in 16-bit units), and the busiest expert's SwiGLU (~2x its fair share of tokens).
+        e, k, im = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        per_expert = min(1.0, 2.0 * k / e)
+        mlp = (3 * k + 2) * h + 3 * im * per_expert
+        if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+            mlp = max(mlp, 3 * cfg.intermediate_size)
+    else:
+        mlp = 3 * cfg.intermediate_size
+    per_token = K_ACT * (2 * h + max(mlp, 4 * q + 4 * kv)) * b
+    if b < 4:
+        per_token += 8 * h  # RMSNorm's fp32 copy and product
+    return tokens * per_token
+
+
+# Bytes of temporaries per weight element while ember.quant quantizes a chunk of rows (fp32 copy of
+# the rows, normalised values, codes; measured on a 4096 x 4096 bf16 weight: RSS peak / elements,
+# the stored result excluded).
+QUANT_SCRATCH_PER_ELEMENT = {"int8": 7.2, "int4": 8.1, "nf4": 12.9}
+
+
+def quant_load_scratch_bytes(cfg: ModelConfig, quant: str) -> float:
+    """Peak temporaries of quantizing one weight chunk while loading (``ember.quant``'s chunk of rows)."""
+    try:
+        from ember.quant.base import QUANT_CHUNK_ELEMENTS as chunk
+    except ImportError:  # pragma: no cover - before the quant package
+        chunk = 1 << 24
+    largest = max(lin.out_f * lin.in_f for lin in linears(cfg) if lin.kind != "lm_head")
+    return min(largest, chunk) * QUANT_SCRATCH_PER_ELEMENT[quant]
+
+
+def lora_parameters(cfg: ModelConfig, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """Trainable LoRA parameters: r x (in + out) for every Linear whose name is in ``targets``."""
+    return sum(lin.count * rank * (lin.in_f + lin.out_f) for lin in linears(cfg) if lin.name in targets)
+
+
+# ember.train computes the LM loss in row chunks of one ~32 MiB fp32 (chunk, V) block (logits,
+# softmax, gradient: ~3 such blocks live), never the whole (N, V) logits.
+LOSS_CHUNK_BYTES = 32 * 2**20
+
+
+def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str, checkpointing: bool) -> float:
+    """Activations kept for backward, the loss chunk, and one forward's workspace, bytes.
+
+    Follows ember.train: checkpointing keeps two (B, T, H) tensors per layer (the attention and MLP
+    halves are checkpointed separately) and recomputes one half at a time; the loss is chunked.
+    """
+    b = DTYPE_BYTES[dtype]
+    h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    inter = cfg.moe_intermediate_size * cfg.num_experts_per_tok if cfg.num_local_experts else cfg.intermediate_size
+    n = batch * seq
+    per_layer = (5 * h + 2 * q + 2 * kv + 4 * inter) * b * n  # what backward needs of one layer
+    if checkpointing:
+        saved = L * 2 * n * h * b + per_layer
+    else:
+        saved = L * per_layer
+    try:
+        from ember.train.forward import LOSS_CHUNK_BYTES as chunk
+    except ImportError:  # pragma: no cover - before the train package
+        chunk = LOSS_CHUNK_BYTES
+    logits = min(n * V * 12, 3 * chunk)
+    return saved + logits + prefill_activation_bytes(cfg, n, dtype)
+
+
+# ====================================================================== the plan
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes, whole model (all nodes together)."""
+
+    weights: float
+    kv_cache: float
+    activations: float
+    training: float            # trainable parameters + gradients + optimizer states
+    runtime: float             # per node, times the number of nodes
+    load_transient: float = 0.0  # file pages mapped while casting at load: in peak RSS, reclaimable, not required
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """What must fit: everything but the reclaimable load transient."""
+        return self.weights + self.kv_cache + self.activations + self.training + self.runtime
+
+    @property
+    def peak_rss(self) -> float:
+        """What a process's peak RSS should show (CPU/unified): max of the load and the run."""
+        load = self.weights + self.load_transient
+        run = self.weights + self.kv_cache + self.activations + self.training
+        return self.runtime + max(load, run)
+
+
+@dataclass
+class Plan:
+    """One option (precision/quant/method) for one model on one machine and workload."""
+
+    model: str
+    hardware: Hardware
+    workload: Workload
+    memory: MemoryBreakdown
+    available: float                  # bytes usable, all nodes
+    fits: bool
+    max_context: int                  # at this batch (0: not even one token)
+    max_batch: int                    # at this context
+    decode_tok_s: float               # per sequence, at the end of the context
+    decode_tok_s_start: float         # per sequence, with an empty KV cache
+    prefill_tok_s: float
+    train_tok_s: float | None
+    bytes_per_step: float             # weights + KV read by one decode step (whole batch), end of context
+    roofline_tok_s: float             # peak bandwidth / bytes per step (per sequence)
+    params: int
+    active_params: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.workload.label()
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (bytes and tok/s as numbers)."""
+        m = self.memory
+        return {
+            "model": self.model, "option": self.label, "hardware": self.hardware.name, "nodes": self.hardware.nodes,
+            "workload": asdict(self.workload), "fits": self.fits,
+            "memory_bytes": {"weights": m.weights, "kv_cache": m.kv_cache, "activations": m.activations,
+                             "training": m.training, "runtime": m.runtime, "total": m.total,
+                             "peak_rss": m.peak_rss, "detail": m.detail},
+            "available_bytes": self.available, "max_context": self.max_context, "max_batch": self.max_batch,
+            "decode_tok_s": self.decode_tok_s, "decode_tok_s_start": self.decode_tok_s_start,
+            "prefill_tok_s": self.prefill_tok_s, "train_tok_s": self.train_tok_s,
+            "bytes_per_step": self.bytes_per_step, "roofline_tok_s": self.roofline_tok_s,
+            "params": self.params, "active_params": self.active_params, "notes": self.notes,
+        }
+
+
+def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str | None = None) -> MemoryBreakdown:
+    """The memory breakdown of ``wl`` on ``hw`` (whole model; see the module docstring for the equations).
+
+    Args:
+        checkpoint_dtype: dtype of the weights on disk; when it differs from the compute dtype (or
+            the weights are quantized at load), loading maps the whole file while converting.
+    """
+    b_name = wl.dtype
+    full = wl.task == "tune" and wl.method == "full"
+    wb = weight_bytes(cfg, "fp32" if full else b_name, wl.weight_quant, wl.quantize_lm_head)
+    detail = {"weights.embedding": wb.embedding, "weights.lm_head": wb.lm_head, "weights.attention": wb.attention,
+              "weights.mlp": wb.mlp, "weights.experts": wb.experts, "weights.other": wb.other}
+    kv_dt = wl.kv_dtype or wl.dtype
+    training = 0.0
+    if wl.task == "infer":
+        kv = kv_cache_bytes(cfg, wl.context, wl.batch, kv_dt)
+        chunk = wl.prompt_tokens if wl.prefill_chunk is None else min(wl.prefill_chunk, wl.prompt_tokens)
+        act = prefill_activation_bytes(cfg, wl.batch * chunk, b_name) + wl.batch * cfg.vocab_size * (DTYPE_BYTES[b_name] + 4)
+    else:
+        kv = 0.0
+        act = training_activation_bytes(cfg, wl.batch, wl.context, b_name, wl.grad_checkpointing)
+        if wl.method == "full":
+            # ember.train keeps fp32 master weights (so "weights" are fp32), fp32 gradients and AdamW
+            # moments, and computes under bf16 autocast, which caches a 16-bit copy of each weight.
+            p = cfg.num_parameters()
+            grads, opt = p * 4, p * ADAM_BYTES
+            training = grads + opt
+            if b_name != "fp32":
+                act += p * DTYPE_BYTES[b_name]
+                detail["workspace.autocast_weights"] = p * DTYPE_BYTES[b_name]
+            detail.update({"training.gradients": grads, "training.optimizer": opt})
+        else:
+            n = lora_parameters(cfg, wl.lora_rank, wl.lora_targets)
+            params, grads, opt = n * 4, n * 4, n * ADAM_BYTES
+            training = params + grads + opt
+            detail.update({"training.lora_params": params, "training.gradients": grads, "training.optimizer": opt,
+                           "training.trainable_params": n})
+    runtime = hw.runtime_bytes * hw.nodes
+    if hw.calibration is not None and hw.calibration.context_bytes and not hw.unified:
+        runtime = (hw.calibration.context_bytes) * hw.nodes
+    q = wl.weight_quant
+    if q != "none":
+        # Quantizing while loading works through one chunk of rows at a time (fp32 copy, codes, scales).
+        scratch = quant_load_scratch_bytes(cfg, q)
+        detail["workspace.quant_load"] = scratch
+        act = max(act, scratch)
+    transient = 0.0
+    if hw.device == "cpu" or hw.unified:
+        # Casting at load maps (and so touches) the source file: its pages count in RSS until loading
+        # ends; reclaimable, so not required. Quantized Linears are read with pread, never mapped.
+        src = _short_dtype(checkpoint_dtype) or _short_dtype(cfg.torch_dtype)
+        if src is not None and src != b_name:
+            src_wb = weight_bytes(cfg, src, "none")
+            transient = src_wb.total if q == "none" else src_wb.embedding + src_wb.other + (
+                src_wb.lm_head if not wl.quantize_lm_head else 0.0)
+    return MemoryBreakdown(weights=wb.total, kv_cache=kv, activations=act, training=training, runtime=runtime,
+                           load_transient=transient, detail=detail)
+
+
+def _short_dtype(name: str | None) -> str | None:
+    if not name:
+        return None
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
+            "fp32": "fp32", "half": "fp16", "float": "fp32"}.get(str(name).lower().removeprefix("torch."))
+
+
+def _kernel(wl: Workload, rows: int) -> str:
+    path = "mv" if rows == 1 else "mm"
+    q = wl.weight_quant
+    return f"{path}-{wl.dtype}" if q == "none" else f"{path}-{q}"
+
+
+def decode_step_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, kv_len: int) -> tuple[float, float]:
+    """(seconds per decode step for ``wl.batch`` sequences with ``kv_len`` cached tokens each, bytes read)."""
+    B = wl.batch
+    b = DTYPE_BYTES[wl.dtype]
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    w_read = wb.read_per_step(B, cfg.hidden_size * b)
+    kv_read = kv_cache_bytes(cfg, max(kv_len, 1), B, wl.kv_dtype or wl.dtype)
+    working_set = wb.total + kv_read
+    bw = hw.stream_bandwidth(_kernel(wl, B), working_set, fallback=f"{'mv' if B == 1 else 'mm'}-{wl.dtype}",
+                             hidden=cfg.hidden_size)
+    kv_bw = hw.stream_bandwidth(f"mv-{wl.kv_dtype or wl.dtype}", working_set)
+    t_mem = w_read / bw + kv_read / kv_bw
+    flops = 2 * wb.linear_params_active * B + 4 * B * kv_len * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    t_flop = flops / (hw.peak_flops(wl.dtype) * hw.compute_efficiency)
+    step, layer, expert = hw.overheads(wl.dtype)
+    calls = wb.moe_layers * (cfg.num_experts_per_tok if B == 1 else wb.experts_touched(B))
+    t_disp = step + cfg.num_hidden_layers * layer + calls * expert
+    hops = (hw.nodes - 1) * (hw.interconnect_latency_s + (B * cfg.hidden_size * b / hw.interconnect_bandwidth
+                                                           if hw.interconnect_bandwidth else 0.0))
+    if hw.device == "cpu":
+        t = max(t_mem, t_flop) + t_disp
+    else:
+        t = max(t_mem, t_flop, t_disp)
+    return t + hops, w_read + kv_read
+
+
+def prefill_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, tokens: int | None = None) -> float:
+    """Seconds to prefill ``tokens`` prompt tokens per sequence for the batch (one forward, or chunks)."""
+    T = tokens if tokens is not None else wl.prompt_tokens
+    B = wl.batch
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    flops = 2 * wb.linear_params_active * B * T + 2 * B * T * T * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    flops -= 2 * B * (T - 1) * cfg.vocab_size * cfg.hidden_size  # the LM head runs on the last token only
+    t_flop = flops / (hw.peak_flops(wl.dtype) * hw.compute_efficiency)
+    chunks = 1 if wl.prefill_chunk is None else math.ceil(T / wl.prefill_chunk)
+    w_read = wb.read_per_step(B * min(T, wl.prefill_chunk or T), cfg.hidden_size * DTYPE_BYTES[wl.dtype]) * chunks
+    t_mem = w_read / hw.stream_bandwidth(_kernel(wl, 4), wb.total, fallback=f"mm-{wl.dtype}", hidden=cfg.hidden_size)
+    step, layer, expert = hw.overheads(wl.dtype)
+    t_disp = chunks * (step + cfg.num_hidden_layers * layer + wb.moe_layers * wb.experts_touched(B * T) * expert)
+    return max(t_flop, t_mem) + (t_disp if hw.device == "cpu" else 0.0)
+
+
+def train_tokens_per_second(cfg: ModelConfig, hw: Hardware, wl: Workload) -> float:
+    """Training tokens/s from FLOPs: forward 2P, backward 2P (activations) + 2P (weights, full only)."""
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant)
+    p = wb.linear_params_active
+    attn = 2 * wl.context * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers  # per token, causal
+    fwd = 2 * p + attn
+    per_token = fwd * (3 if wl.method == "full" else 2) + (fwd if wl.grad_checkpointing else 0)
+    return hw.peak_flops(wl.dtype) * hw.compute_efficiency / per_token
+
+
+def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memory: float | None = None,
+         checkpoint_dtype: str | None = None, in_process: bool = False) -> Plan:
+    """Plan ``wl`` for ``cfg`` on ``hw``.
+
+    Args:
+        model: a name for messages and tables.
+        max_memory: cap on usable bytes per node (``--max-memory``), applied on top of the hardware's.
+        checkpoint_dtype: on-disk dtype (``bf16``...) when known; drives the load transient.
+        in_process: the caller *is* the Ember process, so its runtime memory is already in use
+            (not in ``available``) and is not counted again.
+    Returns:
+        the :class:`Plan`.
+    """
+    mem = memory(cfg, hw, wl, checkpoint_dtype)
+    if in_process:
+        mem.runtime = 0.0
+    usable = hw.usable_bytes if max_memory is None else min(hw.usable_bytes, max_memory)
+    available = usable * hw.nodes
+    need_per_node = mem.total / hw.nodes + _granularity(cfg, wl, hw)
+    fits = need_per_node <= usable
+    notes: list[str] = []
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+
+    def need(context: int, batch: int) -> float:
+        m = memory(cfg, hw, replace(wl, context=context, batch=batch, prompt=None if wl.prompt is None else min(wl.prompt, context)),
+                   checkpoint_dtype)
+        if in_process:
+            m.runtime = 0.0
+        return m.total / hw.nodes + _granularity(cfg, wl, hw)
+
+    max_ctx = _largest(lambda c: need(c, wl.batch) <= usable, cfg.max_position_embeddings)
+    max_batch = _largest(lambda bb: need(wl.context, bb) <= usable, 4096)
+
+    t_end, bytes_end = decode_step_seconds(cfg, hw, wl, wl.context)
+    t_start, _ = decode_step_seconds(cfg, hw, wl, 1)
+    roof = hw.bandwidth / bytes_end
+    prefill = wl.batch * wl.prompt_tokens / prefill_seconds(cfg, hw, wl)
+    train = train_tokens_per_second(cfg, hw, wl) if wl.task == "tune" else None
+    if wl.task == "infer" and wl.context > cfg.max_position_embeddings:
+        notes.append(f"context {wl.context} exceeds the model's {cfg.max_position_embeddings}")
+    if hw.nodes > 1:
+        notes.append(f"layers split over {hw.nodes} nodes (pipeline): memory adds up, one stream's speed does not")
+    if wl.weight_quant != "none" and hw.calibration is not None and hw.calibration.bandwidth(_kernel(wl, 1), 1) is None:
+        notes.append(f"{wl.weight_quant} kernels not measured on this machine: speed assumes {wl.dtype} streaming rates")
+    if not hw.measured and hw.device == "cpu":
+        notes.append("bandwidth/FLOP/s are guesses: run `ember hw --measure`")
+    for n in hw.notes:
+        notes.append(n)
+    return Plan(model=model, hardware=hw, workload=wl, memory=mem, available=available, fits=fits,
+                max_context=max_ctx, max_batch=max_batch, decode_tok_s=1 / t_end, decode_tok_s_start=1 / t_start,
+                prefill_tok_s=prefill, train_tok_s=train, bytes_per_step=bytes_end, roofline_tok_s=roof,
+                params=cfg.num_parameters(), active_params=cfg.active_parameters(), notes=notes)
+
+
+def _granularity(cfg: ModelConfig, wl: Workload, hw: Hardware) -> float:
+    """Split imbalance across nodes: layers are whole, so one node may hold one layer more than its share."""
+    if hw.nodes == 1:
+        return 0.0
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    per_layer = (wb.attention + wb.mlp + wb.experts) / cfg.num_hidden_layers
+    return per_layer + max(wb.embedding, wb.lm_head) / 2
+
+
+def _largest(ok, upper: int) -> int:
+    """Largest n in [1, upper] with ok(n) (ok monotone decreasing); 0 if none."""
+    if not ok(1):
+        return 0
+    lo, hi = 1, upper
+    if ok(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ====================================================================== options and advice
+
+
+def options(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memory: float | None = None,
+            checkpoint_dtype: str | None = None, quants: tuple[str, ...] | None = None,
+            methods: tuple[str, ...] | None = None, in_process: bool = False) -> list[Plan]:
+    """The alternatives worth showing: every weight format for inference, every method for tuning."""
+    plans = []
+    if wl.task == "infer":
+        for q in quants or QUANTS:
+            plans.append(plan(cfg, hw, replace(wl, quant=q), model, max_memory, checkpoint_dtype, in_process))
+    else:
+        for m in methods or METHODS:
+            plans.append(plan(cfg, hw, replace(wl, method=m), model, max_memory, checkpoint_dtype, in_process))
+    return plans
+
+
+# Quality order (best first): what to prefer when several options fit.
+_QUALITY = {"none": 0, "int8": 1, "int4": 2, "nf4": 3}
+_METHOD_QUALITY = {"full": 0, "lora": 1, "qlora": 2}
+
+
+def recommend(plans: list[Plan], headroom: float = 0.9) -> Plan | None:
+    """The highest-quality option that fits with ``1 - headroom`` spare; else the smallest that fits at all."""
+    def quality(p: Plan) -> tuple:
+        wl = p.workload
+        if wl.task == "tune":
+            return (_METHOD_QUALITY[wl.method],)
+        return (_QUALITY[wl.quant],)
+
+    roomy = [p for p in plans if p.fits and p.memory.total / p.hardware.nodes <= headroom * p.available / p.hardware.nodes]
+    if roomy:
+        return min(roomy, key=quality)
+    fitting = [p for p in plans if p.fits]
+    return min(fitting, key=lambda p: p.memory.total) if fitting else None
+
+
+def explain(p: Plan) -> str:
+    """One line on why a plan was recommended (or what would fit)."""
+    wl = p.workload
+    gib = p.memory.total / GiB
+    if wl.task == "tune":
+        return (f"{p.label}: {gib:.1f} GiB of {p.available / GiB:.1f} GiB, ~{p.train_tok_s:,.0f} training tok/s")
+    return (f"{p.label}: {gib:.1f} GiB of {p.available / GiB:.1f} GiB, decode ~{p.decode_tok_s_start:.1f} tok/s "
+            f"(~{p.decode_tok_s:.1f} at {wl.context} tokens), max context {p.max_context:,} at batch {wl.batch}")
+
+
+# ====================================================================== used by the engine
+
+
+def _dtype_name(dtype) -> str:
+    s = _short_dtype(str(dtype))
+    if s is None:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return s
+
+
+def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, context: int | None = None,
+               batch: int = 1, max_memory: float | None = None, task: str = "infer", method: str = "lora",
+               checkpoint_dtype: str | None = None, hardware: Hardware | None = None) -> Plan:
+    """Stop before allocating if the model will not fit; say what would.
+
+    Call it in the process that is about to load (its runtime memory is already in use, so only the
+    model's own memory is compared with what is free now).
+
+    Args:
+        cfg: the model.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or a torch.device.
+        dtype: compute dtype (``bf16``, ``torch.bfloat16``, ...).
+        quant: ``none``/None, ``int8``, ``int4``, ``nf4``.
+        context: tokens per sequence (default: the model's max_position_embeddings).
+        batch: sequences at once.
+        max_memory: cap in GiB (``--max-memory``).
+        task / method: ``tune`` with ``lora``/``qlora``/``full`` for fine-tuning.
+        hardware: override detection (tests).
+    Returns:
+        the :class:`Plan` when it fits.
+    Raises:
+        InsufficientMemoryError: "needs 41.2 GiB, 23.1 GiB available; int4 needs 11.0 GiB".
+    """
+    from ember.hardware import detect
+
+    dev = str(device)
+    hw = hardware or detect(dev if dev != "cuda" else "cuda:0")
+    wl = Workload(task=task, context=context or cfg.max_position_embeddings, batch=batch, dtype=_dtype_name(dtype),
+                  quant=quant or "none", method=method)
+    cap = None if max_memory is None else max_memory * GiB
+    p = plan(cfg, hw, wl, max_memory=cap, checkpoint_dtype=checkpoint_dtype, in_process=True)
+    if p.fits:
+        return p
+    raise InsufficientMemoryError(_does_not_fit_message(cfg, hw, wl, p, cap, checkpoint_dtype))
+
+
+def _does_not_fit_message(cfg: ModelConfig, hw: Hardware, wl: Workload, p: Plan, cap: float | None,
+                          checkpoint_dtype: str | None) -> str:
+    usable = p.available / hw.nodes
+    what = "--max-memory" if cap is not None and cap < hw.usable_bytes else "available"
+    msg = (f"{wl.label()} needs {p.memory.total / GiB:.1f} GiB (weights {p.memory.weights / GiB:.1f}, "
+           f"KV cache {p.memory.kv_cache / GiB:.1f} for {wl.batch} x {wl.context} tokens, "
+           f"activations {p.memory.activations / GiB:.1f}"
+           + (f", training {p.memory.training / GiB:.1f}" if p.memory.training else "")
+           + f"), {usable / GiB:.1f} GiB {what}")
+    alts = [a for a in options(cfg, hw, wl, max_memory=cap, checkpoint_dtype=checkpoint_dtype, in_process=True)
+            if a.workload != wl]
+    fitting = [a for a in alts if a.fits]
+    if fitting:
+        best = recommend(fitting) or fitting[0]
+        msg += f"; {best.label} needs {best.memory.total / GiB:.1f} GiB"
+    elif p.max_context > 0:
+        msg += f"; at most {p.max_context:,} tokens of context fit at batch {wl.batch} (--context)"
+    else:
+        smallest = min(alts + [p], key=lambda a: a.memory.weights)
+        msg += (f"; nothing fits: even {smallest.label} weights take {smallest.memory.weights / GiB:.1f} GiB"
+                if smallest.memory.weights > usable else
+                f"; {smallest.label} fits with at most {smallest.max_context:,} tokens of context")
+    return msg
+
+
+def kv_budget_bytes(cfg: ModelConfig, device, dtype, quant: str | None = None, max_batch: int = 16,
+                    prefill_chunk: int = 256, max_memory: float | None = None, loaded: bool = True,
+                    safety: float = 0.9, hardware: Hardware | None = None) -> int:
+    """Bytes a server may give its paged KV pool on ``device``.
+
+    ``safety x (free memory now) - prefill activations for one chunk - decode logits``, minus the
+    weights when they are not loaded yet (``loaded=False``).
+
+    Args:
+        max_memory: cap in GiB on everything the process may use on the device.
+    """
+    from ember.hardware import detect
+
+    dev = str(device)
+    hw = hardware or detect(dev if dev != "cuda" else "cuda:0")
+    d = _dtype_name(dtype)
+    free = hw.usable_bytes
+    if max_memory is not None:
+        free = min(free, max_memory * GiB)
+    act = prefill_activation_bytes(cfg, prefill_chunk, d) + max_batch * cfg.vocab_size * (DTYPE_BYTES[d] + 4)
+    weights = 0.0 if loaded else weight_bytes(cfg, d, quant or "none").total
+    return max(0, int(safety * free - act - weights))

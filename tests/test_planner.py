@@ -1,0 +1,379 @@
+"""The planner is a model you can check (DESIGN principle 4).
+
+- memory: arithmetic worked by hand for a few configs, and the sizes of real tensors (a meta-device
+  Transformer, a StaticKVCache) for every family;
+- catalog: our parameter counts against the publishers' (within 1%);
+- DGX Spark facts: Llama 3.1 70B QLoRA fits and 16-bit LoRA does not; Llama 3.1 405B at 4-bit fits on
+  two Sparks and not on one; Qwen3 235B-A22B at 4-bit decodes far faster than dense 70B;
+- hardware: profiles, multiples, calibration stored atomically and reloaded;
+- check_fits: the error names what is needed, what is available and what would fit;
+- ``ember plan`` / ``ember hw``: tables and JSON for catalog names, HF folders and GGUF files.
+
+Speed and peak-RSS accuracy against real runs live in ``bench/plan_accuracy.py`` (no timed asserts here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ember import catalog, hardware, planner
+from ember.config import ModelConfig
+from ember.errors import InsufficientMemoryError
+from ember.hardware import GB, GiB, Calibration, Hardware
+from ember.kv_cache import StaticKVCache
+from ember.model import Transformer
+from ember.planner import Workload
+
+from conftest import FAMILIES, TINY
+
+
+def cfg_of(name: str) -> ModelConfig:
+    return catalog.get(name).config
+
+
+# ====================================================================== memory model by hand
+
+
+def test_llama31_8b_weights_by_hand():
+    cfg = cfg_of("llama-3.1-8b")
+    embed = 128256 * 4096                               # 525,336,576, and an untied head of the same size
+    attn = 4096 * 4096 * 2 + 1024 * 4096 * 2            # q, o + k, v (8 kv heads x 128)
+    mlp = 3 * 4096 * 14336
+    per_layer = attn + mlp + 2 * 4096                   # + two RMSNorm weights
+    total = 2 * embed + 32 * per_layer + 4096           # + final norm
+    assert total == 8_030_261_248
+    assert cfg.num_parameters() == total
+    wb = planner.weight_bytes(cfg, "bf16")
+    assert wb.total == 2 * total
+    assert wb.embedding == wb.lm_head == 2 * embed
+    # One decode token reads everything but the embedding table, of which one row.
+    assert wb.read_per_step(1, 4096 * 2) == 2 * (total - embed + 4096)
+
+
+def test_kv_cache_by_hand():
+    cfg = cfg_of("llama-3.1-8b")
+    # 32 layers x 8 kv heads x 128 dims x 8192 tokens x 2 (k, v) x 2 bytes = exactly 1 GiB.
+    assert planner.kv_cache_bytes(cfg, 8192, 1, "bf16") == 32 * 8 * 128 * 8192 * 2 * 2 == GiB
+    assert planner.kv_cache_bytes(cfg, 1000, 4, "fp32") == 32 * 8 * 128 * 1000 * 4 * 2 * 4
+    # A sliding window caps the windowed layers when the cache keeps only the window.
+    mistral = ModelConfig.from_dict({**catalog.MODELS["mistral-7b"]["config"], "sliding_window": 4096})
+    full = planner.kv_cache_bytes(mistral, 8192, 1, "bf16", cap_window=False)
+    assert planner.kv_cache_bytes(mistral, 8192, 1, "bf16", cap_window=True) == full // 2
+
+
+def test_quantized_linear_bytes_by_hand():
+    # int4, groups of 128 with a bf16 scale and zero each: 4 + 32/128 = 4.25 bits per weight.
+    assert planner.linear_bytes(4096, 4096, "int4", 2) == 4096 * 4096 / 2 + 4096 * 32 * 2 * 2 == 8_912_896
+    # NF4, blocks of 64, absmax double-quantized to 8 bits + one fp32 per 256 blocks + one fp32 offset.
+    blocks = 4096 * 4096 // 64
+    assert planner.linear_bytes(4096, 4096, "nf4", 2) == 4096 * 4096 / 2 + blocks + blocks // 256 * 4 + 4
+    assert abs(8 * planner.linear_bytes(4096, 4096, "nf4", 2) / 4096**2 - 4.127) < 1e-3
+    # int8 per output channel: one byte per weight and one bf16 scale per row.
+    assert planner.linear_bytes(4096, 1024, "int8", 2) == 4096 * 1024 + 4096 * 2
+
+
+def test_tiny_int8_model_by_hand():
+    cfg = ModelConfig.from_dict(dict(model_type="llama", **TINY))  # h 64, i 128, 2 layers, 4 heads, 2 kv (hd 16), V 256
+    # Per layer, weights n and out-channel scales: q 64x64, k/v 32x64, o 64x64, gate/up 128x64, down 64x128.
+    n = 4096 + 2048 + 2048 + 4096 + 8192 + 8192 + 8192
+    scales = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    layers = 2 * (n + scales)
+    embed = head = 256 * 64 * 2                          # kept in bf16
+    norms = (2 * 2 + 1) * 64 * 2
+    assert planner.weight_bytes(cfg, "bf16", "int8").total == layers + embed + head + norms == 141_952
+
+
+def test_lora_parameters_match_peft_llama3_8b():
+    # PEFT prints "trainable params: 41,943,040" for Llama-3-8B, r=16, all seven projections.
+    assert planner.lora_parameters(cfg_of("llama-3.1-8b"), 16) == 41_943_040
+
+
+def test_moe_experts_touched_and_read():
+    cfg = cfg_of("mixtral-8x7b")
+    wb = planner.weight_bytes(cfg, "bf16")
+    assert wb.experts_touched(1) == pytest.approx(2)
+    assert wb.experts_touched(1000) == pytest.approx(8)
+    # Batch 1 reads 2 of 8 experts: the active parameters (less the embedding table, plus one row).
+    embed = cfg.vocab_size * cfg.hidden_size
+    assert wb.read_per_step(1, cfg.hidden_size * 2) == pytest.approx(
+        2 * (cfg.active_parameters() - embed + cfg.hidden_size), rel=1e-9)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_weight_bytes_equal_real_tensor_bytes(family):
+    _, extra = FAMILIES[family]
+    raw = {"model_type": {"llama-tied": "llama", "llama3-rope": "llama", "llama-bias": "llama", "qwen3-moe": "qwen3_moe",
+                          "qwen3-moe-mixed": "qwen3_moe"}.get(family, family), **TINY, **extra}
+    cfg = ModelConfig.from_dict(raw)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    seen, real = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            real += p.numel() * 2
+    assert planner.weight_bytes(cfg, "bf16").total == real
+
+
+def test_kv_cache_bytes_equal_static_cache():
+    cfg = ModelConfig.from_dict(dict(model_type="llama", **TINY))
+    cache = StaticKVCache(cfg, 3, 77, torch.bfloat16, "cpu")
+    assert planner.kv_cache_bytes(cfg, 77, 3, "bf16") == cache.nbytes()
+
+
+def test_decode_speed_from_bytes_by_hand():
+    cfg = cfg_of("llama-3.1-8b")
+    hw = Hardware(name="ideal", device="cuda", memory_bytes=80 * GiB, bandwidth=1000 * GB, flops={"bf16": 1e18},
+                  decode_efficiency=1.0, compute_efficiency=1.0, layer_overhead_s=0, expert_overhead_s=0,
+                  step_overhead_s=0)
+    wl = Workload(context=4096, batch=1, dtype="bf16")
+    t, nbytes = planner.decode_step_seconds(cfg, hw, wl, 4096)
+    weights = 2 * (cfg.num_parameters() - 128256 * 4096 + 4096)
+    kv = planner.kv_cache_bytes(cfg, 4096, 1, "bf16")
+    assert nbytes == weights + kv
+    assert t == pytest.approx((weights + kv) / 1e12, rel=1e-9)
+    # On CPU the dispatch overhead adds to the streaming time; on a GPU it overlaps it.
+    slow = replace(hw, layer_overhead_s=1e-3)
+    assert planner.decode_step_seconds(cfg, replace(slow, device="cpu"), wl, 4096)[0] == pytest.approx(t + 32e-3)
+    assert planner.decode_step_seconds(cfg, slow, wl, 4096)[0] == pytest.approx(max(t, 32e-3))
+
+
+# ====================================================================== catalog
+
+
+@pytest.mark.parametrize("name", catalog.names())
+def test_catalog_parameter_counts_match_published(name):
+    e = catalog.get(name)
+    ours = e.config.num_parameters()
+    assert abs(ours / e.published_params - 1) < 0.01, (name, ours, e.published_params)
+    if e.published_active_params:
+        # Active counts are published to one decimal ("3.3B" for 3.35B): allow one unit of it, else 1%.
+        tol = max(0.01, 0.1e9 / e.published_active_params)
+        assert abs(e.config.active_parameters() / e.published_active_params - 1) <= tol
+
+
+def test_catalog_lookup_is_forgiving():
+    assert catalog.get("Qwen/Qwen3-235B-A22B").name == "qwen3-235b-a22b"
+    assert catalog.get("Llama-3.3-70B-Instruct").name == "llama-3.1-70b"
+    assert catalog.find("no-such-model") is None
+    with pytest.raises(KeyError, match="llama-3.1-8b"):
+        catalog.get("no-such-model")
+
+
+# ====================================================================== DGX Spark facts
+
+
+def test_spark_70b_qlora_fits_and_16bit_lora_does_not():
+    cfg, spark = cfg_of("llama-3.1-70b"), hardware.profile("dgx-spark")
+    qlora = planner.plan(cfg, spark, Workload(task="tune", method="qlora", context=2048))
+    lora = planner.plan(cfg, spark, Workload(task="tune", method="lora", context=2048))
+    assert qlora.fits and qlora.memory.total < 0.6 * spark.usable_bytes
+    assert not lora.fits and lora.memory.weights > spark.usable_bytes  # 141 GB of bf16 weights alone
+
+
+def test_405b_at_4bit_needs_two_sparks():
+    cfg = cfg_of("llama-3.1-405b")
+    wl = Workload(quant="int4", context=8192)
+    one = planner.plan(cfg, hardware.profile("dgx-spark"), wl)
+    two = planner.plan(cfg, hardware.profile("2xdgx-spark"), wl)
+    assert not one.fits and two.fits
+    assert 200 * GiB < two.memory.weights < 215 * GiB  # 4.25 bits x 401.6B linear params + 16-bit embeddings
+    nf4 = planner.plan(cfg, hardware.profile("2xdgx-spark"), replace(wl, quant="nf4"))
+    assert nf4.fits
+
+
+def test_qwen3_235b_moe_decodes_far_faster_than_dense_70b():
+    two = hardware.profile("2xdgx-spark")
+    moe = planner.plan(cfg_of("qwen3-235b-a22b"), two, Workload(quant="int4", context=8192))
+    dense = planner.plan(cfg_of("llama-3.1-70b"), hardware.profile("dgx-spark"), Workload(quant="int4", context=8192))
+    assert moe.fits and dense.fits
+    assert moe.decode_tok_s > 2.5 * dense.decode_tok_s
+    # 22B active of 235B: bytes per step are ~a third of the dense 70B's although the model is 3x larger.
+    assert moe.bytes_per_step < 0.4 * dense.bytes_per_step
+
+
+# ====================================================================== hardware
+
+
+def test_profiles_and_multiples():
+    spark = hardware.profile("dgx-spark")
+    assert spark.unified and spark.bandwidth == 273 * GB and spark.memory_bytes == 128 * GB
+    assert "nvidia.com" in spark.source
+    two = hardware.profile("2xdgx-spark")
+    assert two.nodes == 2 and two.usable_bytes == spark.usable_bytes
+    assert hardware.profile(" 4 x H100-80G ").nodes == 4
+    for name, hw in hardware.PROFILES.items():
+        assert hw.memory_bytes > 0 and hw.bandwidth > 0 and hw.flops.get("bf16", 0) > 0 and hw.source, name
+    with pytest.raises(KeyError, match="dgx-spark"):
+        hardware.profile("tpu-v9")
+
+
+def test_detect_this_machine():
+    hw = hardware.detect("cpu", use_calibration=False)
+    total, avail = hardware.system_memory()
+    assert hw.device == "cpu" and hw.memory_bytes == total > 0 and 0 < hw.usable_bytes <= total
+    assert hw.cpu_cores >= 1
+
+
+def _fake_cal(**kw) -> Calibration:
+    base = dict(device="cpu", fingerprint=hardware.fingerprint("cpu"),
+                stream={"mv-bf16": [(16 << 20, 40e9), (1 << 30, 20e9)], "mv-fp32": [(1 << 30, 20e9)]},
+                copy_bandwidth=30e9, matmul_flops={"bf16": 1e12, "fp32": 2e11},
+                layer_overhead_s={"bf16": 2e-4, "fp32": 1e-4}, expert_overhead_s={"bf16": 3e-5, "fp32": 3e-5},
+                step_overhead_s={"bf16": 1e-4, "fp32": 1e-4}, runtime_bytes=300 << 20)
+    return Calibration(**{**base, **kw})
+
+
+def test_calibration_roundtrip_and_interpolation(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    cal = _fake_cal()
+    path = hardware.save_calibration(cal)
+    assert path == tmp_path / "hardware.json" and not list(tmp_path.glob(".hardware-*"))  # temp file renamed away
+    back = hardware.load_calibration("cpu")
+    assert back == cal
+    # Log-linear between measured sizes, clamped outside.
+    mid = back.bandwidth("mv-bf16", math.sqrt((16 << 20) * (1 << 30)))
+    assert mid == pytest.approx(math.sqrt(40e9 * 20e9))
+    assert back.bandwidth("mv-bf16", 1) == 40e9 and back.bandwidth("mv-bf16", 1 << 40) == 20e9
+    hw = hardware.detect("cpu")
+    assert hw.measured and hw.runtime_bytes == 300 << 20 and hw.peak_flops("bf16") == 1e12
+    # Another machine's calibration is ignored.
+    hardware.save_calibration(_fake_cal(fingerprint="some other box"))
+    assert hardware.load_calibration("cpu") is None
+    (tmp_path / "hardware.json").write_text("{not json")
+    assert hardware.load_calibration("cpu") is None
+
+
+def test_measure_quick_stores_a_usable_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    cal = hardware.measure("cpu", quick=True)
+    assert hardware.load_calibration("cpu") == cal
+    assert all(b > 1e8 for pts in cal.stream.values() for _, b in pts)   # > 0.1 GB/s: numbers, not garbage
+    assert cal.matmul_flops["fp32"] > 1e9 and 50 << 20 < cal.runtime_bytes < 4 << 30
+    assert set(cal.layer_overhead_s) == set(cal.matmul_flops)
+
+
+# ====================================================================== check_fits / kv budget
+
+
+def _box(gib: float) -> Hardware:
+    return Hardware(name="box", device="cpu", memory_bytes=int(64 * GiB), available_bytes=int(gib * GiB),
+                    bandwidth=50 * GB, flops={"bf16": 1e12, "fp32": 1e12}, runtime_bytes=300 << 20)
+
+
+def test_check_fits_passes_and_says_what_would_fit():
+    cfg = cfg_of("llama-3.1-8b")
+    p = planner.check_fits(cfg, "cpu", torch.bfloat16, None, 4096, 1, hardware=_box(40))
+    assert p.fits and p.memory.runtime == 0  # in-process: the runtime is already paid
+    with pytest.raises(InsufficientMemoryError) as e:
+        planner.check_fits(cfg, "cpu", "bf16", None, 4096, 1, hardware=_box(8))
+    msg = str(e.value)
+    assert "bf16 needs 1" in msg and "8.0 GiB available" in msg and "int4 (bf16) needs" in msg
+    # --max-memory caps what is available and is named as the limit.
+    with pytest.raises(InsufficientMemoryError, match="GiB --max-memory"):
+        planner.check_fits(cfg, "cpu", "bf16", None, 4096, 1, max_memory=10, hardware=_box(40))
+    # Nothing fits: say so, with the smallest weights.
+    with pytest.raises(InsufficientMemoryError, match="nothing fits"):
+        planner.check_fits(cfg, "cpu", "bf16", None, 4096, 1, hardware=_box(2))
+
+
+def test_check_fits_suggests_a_shorter_context():
+    cfg = cfg_of("llama-3.1-8b")
+    with pytest.raises(InsufficientMemoryError, match="tokens of context fit") as e:
+        planner.check_fits(cfg, "cpu", "bf16", "int4", 131072, 1, hardware=_box(12))
+    assert "--context" in str(e.value)
+
+
+def test_max_context_and_batch_are_the_edges_of_fitting():
+    cfg, hw = cfg_of("llama-3.1-8b"), _box(24)
+    p = planner.plan(cfg, hw, Workload(context=8192, batch=1))
+    edge = planner.plan(cfg, hw, Workload(context=p.max_context, batch=1))
+    over = planner.plan(cfg, hw, Workload(context=p.max_context + 1, batch=1))
+    assert edge.fits and not over.fits
+    assert planner.plan(cfg, hw, Workload(context=8192, batch=p.max_batch)).fits
+    assert not planner.plan(cfg, hw, Workload(context=8192, batch=p.max_batch + 1)).fits
+
+
+def test_kv_budget_leaves_room_for_a_prefill_chunk():
+    cfg = cfg_of("llama-3.2-1b")
+    budget = planner.kv_budget_bytes(cfg, "cpu", "bf16", hardware=_box(8), prefill_chunk=256)
+    assert 0.8 * 8 * GiB < budget < 0.9 * 8 * GiB
+    assert planner.kv_budget_bytes(cfg, "cpu", "bf16", hardware=_box(8), loaded=False) < budget - 2 * GiB
+
+
+def test_recommendation_prefers_quality_that_fits():
+    cfg = cfg_of("llama-3.1-8b")
+    plans = planner.options(cfg, _box(40), Workload(context=4096))
+    assert planner.recommend(plans).workload.quant == "none"
+    plans = planner.options(cfg, _box(12), Workload(context=4096))
+    assert planner.recommend(plans).workload.quant == "int8"
+
+
+# ====================================================================== ember plan / ember hw
+
+
+def _cli(*argv: str) -> argparse.Namespace:
+    from ember.plan_cli import add_parser
+
+    ap = argparse.ArgumentParser(prog="ember")
+    add_parser(ap.add_subparsers(dest="verb"))
+    return ap.parse_args(list(argv))
+
+
+def test_plan_cli_table_for_catalog_model(capsys):
+    args = _cli("plan", "llama-3.1-70b", "--on", "dgx-spark", "--task", "tune")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "qlora (nf4)" in out and "lora (bf16)" in out and "NO" in out and "recommended: qlora (nf4)" in out
+
+
+def test_plan_cli_json(capsys):
+    args = _cli("plan", "qwen3-235b-a22b", "--on", "2xdgx-spark", "--quant", "int4", "--json")
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    (opt,) = out["options"]
+    assert opt["fits"] and opt["nodes"] == 2 and opt["decode_tok_s"] > 0 and out["recommended"] == "int4 (bf16)"
+    assert opt["memory_bytes"]["total"] == pytest.approx(sum(opt["memory_bytes"][k] for k in
+                                                             ("weights", "kv_cache", "activations", "training", "runtime")))
+
+
+def test_plan_cli_reads_hf_folder_and_gguf(hf_checkpoint, tmp_path, capsys):
+    folder, hf = hf_checkpoint("llama")
+    args = _cli("plan", str(folder), "--context", "256", "--json")
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["options"][0]["params"] == ModelConfig.from_file(folder).num_parameters()
+    assert any("safetensors" in n for n in out["notes"])
+
+    from test_gguf import write_model_gguf
+
+    path = write_model_gguf(tmp_path / "m.gguf", hf, "llama", "Q8_0")
+    args = _cli("plan", str(path), "--context", "128")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "GGUF file" in out and "Q8_0" in out
+
+
+def test_plan_cli_unknown_model_is_one_clear_error():
+    from ember.errors import ConfigError
+
+    args = _cli("plan", "no-such-model")
+    with pytest.raises(ConfigError, match="catalog: llama-3.1-8b"):
+        args.func(args)
+
+
+def test_hw_cli_shows_profile_and_this_machine(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    args = _cli("hw", "--on", "dgx-spark")
+    assert args.func(args) == 0
+    assert "273 GB/s" in capsys.readouterr().out
+    args = _cli("hw")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "system memory" in out and "ember hw --measure" in out
