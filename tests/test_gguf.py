@@ -283,6 +283,37 @@ def test_exact_quant_hook_keeps_q4_0_blocks(gguf_model, monkeypatch):
     assert err < 1e-5, f"kept Q4_0 blocks vs dequantized: max |diff| {err:.3g} at {at}"
 
 
+def test_q4_0_stays_4bit_as_int4linear_and_equals_dequantized(gguf_model, monkeypatch):
+    from ember.quant import Int4Linear
+
+    path, hf = gguf_model("llama-bias", "Q4_0")
+    kept = load_gguf_model(path, dtype="fp32")
+    swapped = [n for n, mod in kept.named_modules() if isinstance(mod, Int4Linear)]
+    assert len(swapped) == 7 * hf.config.num_hidden_layers + 1  # every projection and lm_head
+    assert all(kept.get_submodule(n).group_size == 32 for n in swapped)
+    monkeypatch.delitem(egguf.EXACT_QUANT_LINEARS, QT.Q4_0)
+    dense = load_gguf_model(path, dtype="fp32")
+    assert not any(isinstance(mod, Int4Linear) for mod in dense.modules())
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        err, at = worst(kept(ids), dense(ids))
+    assert err < 1e-5, f"Q4_0 as Int4Linear vs dequantized: max |diff| {err:.3g} at {at}"
+
+
+def test_q4_0_in_bf16_runs_the_int4_kernel_close_to_fp32(gguf_model):
+    from ember.quant import Int4Linear
+
+    path, _ = gguf_model("llama-bias", "Q4_0")
+    ref = load_gguf_model(path, dtype="fp32")
+    low = load_gguf_model(path, dtype="bf16")
+    mods = [m for m in low.modules() if isinstance(m, Int4Linear)]
+    assert mods and all(m.scale_tensor().dtype == torch.bfloat16 for m in mods)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        err, at = worst(low(ids), ref(ids))
+    assert err < 0.1, f"Q4_0 bf16 vs fp32: max |diff| {err:.3g} at {at}"
+
+
 def test_config_read_from_metadata(gguf_model):
     path, hf = gguf_model("qwen3")
     cfg = config_from_gguf(GGUFFile.open(path))

@@ -24,7 +24,7 @@ Tensor types: F32, F16, BF16 are read in place (zero-copy when already in the co
 Q8_0, Q4_0, Q4_K, Q5_K and Q6_K are dequantized to the compute dtype by vectorised torch code (on the
 target device, in bounded chunks), bit-exact with ``gguf.quants.dequantize`` in fp32. Any other
 type raises :class:`UnsupportedGGUFTypeError` naming the tensor. A ggml type registered in
-:data:`EXACT_QUANT_LINEARS` is instead kept as its raw blocks inside an Ember quantized Linear.
+:data:`EXACT_QUANT_LINEARS` (Q4_0 -> ``Int4Linear``, group 32) is instead kept quantized, exactly.
 
 The vocabulary (``tokenizer.ggml.*``) becomes a ``tokenizers`` pipeline written as tokenizer.json
 would be (:func:`tokenizer_spec`): ``llama`` = SentencePiece-style BPE (merges recovered from token
@@ -353,11 +353,25 @@ _FLOAT_TYPES = () if QT is None else (QT.F32, QT.F16, QT.BF16)
 
 # ggml type -> builder of an Ember quantized Linear holding such a tensor *exactly* (no re-quantization):
 # builder(raw uint8 (out, row_bytes) on the target device, bias or None, compute dtype) -> nn.Module.
-# Empty until ember.quant lands; then Q4_0 (blocks of 32, w = d * (q - 8), fp16 d) maps to Int4Linear with
-# group size 32, scale d and zero point 8. Q8_0 (w = d * q per block of 32) is exact only for an int8
-# Linear with group-wise (32) scales, not a per-output-channel Int8Linear. Types without a builder are
-# dequantized to the compute dtype.
-EXACT_QUANT_LINEARS: dict[Any, Callable[[torch.Tensor, torch.Tensor | None, torch.dtype], torch.nn.Module]] = {}
+# Q4_0 (blocks of 32, w = d * (q - 8), fp16 d) is Int4Linear with group size 32, scale d and zero 0, so a
+# Q4_0 file stays 4-bit in memory (scales are held in the compute dtype: exact in fp32/fp16, bf16-rounded
+# in bf16). Q8_0 (w = d * q per block of 32) is exact only for an int8 Linear with group-wise (32) scales,
+# not a per-output-channel Int8Linear, so it is dequantized like every type without a builder.
+def _q4_0_linear(raw: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Module:
+    from ember.quant.int4 import Int4Linear, join_nibbles
+
+    out_f = raw.shape[0]
+    blocks = raw.reshape(out_f, -1, 18)                      # (out, in/32, 2 bytes d + 16 bytes of nibbles)
+    d = blocks[..., :2].contiguous().view(torch.float16)[..., 0]  # (out, in/32)
+    qs = blocks[..., 2:]
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(out_f, -1)  # (out, in): element i<16 low nibble of i
+    state = {"weight": join_nibbles(codes), "scales": d, "zeros": torch.zeros_like(d)}
+    return Int4Linear.from_canonical(state, codes.shape[1], out_f, None if bias is None else bias.to(dtype), dtype,
+                                     group_size=32)
+
+
+EXACT_QUANT_LINEARS: dict[Any, Callable[[torch.Tensor, torch.Tensor | None, torch.dtype], torch.nn.Module]] = \
+    {} if QT is None else {QT.Q4_0: _q4_0_linear}
 
 
 def _supported_types_text() -> str:
