@@ -1,18 +1,41 @@
-"""Decode benchmark: Ember vs HF transformers on the same random TinyLlama-shape checkpoint.
+"""Decode benchmark: Ember (float, int8, int4, nf4; a dense and an MoE model) vs HF transformers.
 
-For each dtype: batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored). Both engines
-are timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)), so
-prefill is excluded. The memory-bandwidth roofline is measured here with a large copy:
-roofline tok/s = bandwidth / bytes that must be read per token (all weights except the
-embedding table, of which one row is read, plus the KV cache). Prints a table; writes JSON.
+Rows, all batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored):
 
-    python bench/decode.py                 # 1.1B TinyLlama dims, bf16 + fp32, Ember vs HF
-    python bench/decode.py --size small    # a quick 110M-parameter run
+* a random TinyLlama-shape Llama checkpoint in each of ``--dtypes`` (bf16, fp32): Ember and HF;
+* the bf16 checkpoint quantized on load by Ember each way in ``--quant`` (int8, int4 group 128, nf4);
+* a random Mixtral-shape MoE checkpoint (8 experts, top-2) in bf16: Ember.
+
+Every row is timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)),
+so prefill is excluded. The memory-bandwidth roofline is measured here with a large copy:
+roofline tok/s = bandwidth / bytes that must be read per token, where bytes per token are summed
+from the loaded modules (``Transformer.weight_bytes_per_token``: each tensor at its stored size, a
+quantized Linear's packed codes and scales as held, one row of an untied embedding table, k of E
+experts per MoE layer) plus the KV cache read at the mean context of the decode. For the MoE row the
+expert part is also *measured*: forward hooks count the expert calls of the decode steps.
+"resident MB" is the process RSS growth from before the load to after decoding (the mmap'd float
+checkpoint's touched pages count; quantized-on-load weights are private memory).
+
+Perplexity columns: random weights give a meaningless (near-uniform) perplexity, so the ppl of
+each weight format is measured on the *trained demo model* (``ember.demo``, built once into
+``bench/.cache/demo`` with its full 300-step recipe), in that format (bf16 compute), on the demo's
+own bundled corpus (``ember eval ppl bench/.cache/demo --text ember/data/demo_corpus.txt`` gives
+the bf16 number); the ratio is vs that model in bf16. The demo trains on the whole corpus and
+memorises it, so on unseen text its ppl is close to uniform (~1000 of a 1024 vocabulary) and says
+nothing about quantization error: that held-out number is printed below the table, not used.
+What the corpus ppl measures is how well each format preserves the function the model learned. Targets (issue): int4 decode
+>= 2.5x Ember bf16 tok/s; every Ember row >= 60% of its roofline; int8 ppl within 1%, int4 within 5%
+of bf16. Prints a table; writes JSON.
+
+    python bench/decode.py                 # 1.1B TinyLlama dims (+ ~1.2B Mixtral-shape MoE)
+    python bench/decode.py --size small    # a quick run: 110M Llama, 170M MoE (well under 2 minutes
+                                           # once bench/.cache/demo exists; building it takes ~1 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -34,6 +57,39 @@ SIZES = {
     "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=4, vocab_size=32000),
 }
+# Mixtral-shape MoE: 8 experts, top-2. "1.1b": ~1.2B parameters, ~0.35B active per token.
+MOE_SIZES = {
+    "1.1b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+}
+WARMUP_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=32000)
+DEMO_CACHE = Path(__file__).resolve().parent / ".cache" / "demo"
+
+# Text the demo model never saw (its subjects and plain style, none of its sentences): the demo
+# memorises its corpus, so ppl here is near uniform; printed as a caveat, not used for the ratios.
+HELDOUT_TEXT = """\
+The morning was quiet in the little town. The baker opened his shop before the sun came up, and the smell \
+of warm bread filled the street. A cat sat on the wall by the door and watched the people walk past.
+
+By the sea the wind was cold. The fishermen pulled their boats onto the sand and carried their nets up to \
+the harbour. The waves were small and grey, and the gulls cried over the water. A child ran along the \
+beach and picked up shells, and her father called her back when the tide began to turn.
+
+In the kitchen the old woman made soup for dinner. She cut onions and carrots and put them in a large pot \
+with water and salt. She let the soup cook slowly on the fire for an hour, and then she added a little \
+butter and fresh herbs from the garden. The soup was hot and good, and everyone wanted a second bowl.
+
+At night the sky over the hills was clear. The moon was bright and the stars were many. The town was \
+dark and still, and only the lamp in the window of the inn was burning. Tomorrow the market would come, \
+and the square would be full of voices again.
+
+The river runs from the hills down to the sea. In spring it is wide and fast, because the snow melts in \
+the mountains. In summer it is low and slow, and the children swim in it when the days are hot. The \
+farmers use its water for their fields, and the mill by the bridge turns with its flow.
+"""
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
@@ -47,27 +103,55 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
         t = time.perf_counter(); dst.copy_(src); best_copy = min(best_copy, time.perf_counter() - t)
         t = time.perf_counter(); src.sum(); best_read = min(best_read, time.perf_counter() - t)
     del src, dst
-    gc.collect()
+    release_memory()
     return {"copy": 2 * n * 4 / best_copy, "read": n * 4 / best_read}
 
 
+def rss_bytes() -> int | None:
+    """Resident set size of this process now (Linux /proc), or None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so the next RSS delta starts clean."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0) -> None:
-    """A random Llama checkpoint (normal HF layout) plus a word-level tokenizer covering the vocab."""
+    """A random Llama (or, with ``num_local_experts`` in ``dims``, Mixtral) checkpoint in the normal HF
+    layout and names, plus a word-level tokenizer covering the vocab."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ember.config import ModelConfig
     from ember.model import Transformer
 
-    raw = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048,
-           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."), **dims}
+    moe = bool(dims.get("num_local_experts"))
+    kind = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]} if moe else \
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    raw = {**kind, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+           "torch_dtype": str(dtype).removeprefix("torch."), **dims}
     cfg = ModelConfig.from_dict(raw)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
+        if moe:  # Ember's names -> Mixtral's (ember.loading.moe maps them back)
+            name = name.replace(".mlp.", ".block_sparse_moe.")
+            for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                name = name.replace(f".{ours}.", f".{theirs}.")
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape, dtype=dtype)
         else:
@@ -83,26 +167,63 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of parameters read for one decode token: everything but the embedding table (one row)."""
-    total = 0
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if "embed_tokens" in name:
-            total += p.shape[1] * p.element_size()
-        else:
-            total += p.numel() * p.element_size()
+def module_bytes(m: torch.nn.Module) -> int:
+    """Stored bytes of a module's parameters and buffers (each tensor once; quantized codes as held)."""
+    seen, total = set(), 0
+    for t in m.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     return total
 
 
-def time_ember(folder: Path, dtype: str, prompt: list[int], new: int, repeats: int) -> dict:
+def kv_bytes_per_token(cfg, elem: int, prompt: int, new: int) -> int:
+    """KV-cache bytes one decode step reads, at the mean context of a ``prompt`` + ``new`` decode."""
+    mean_ctx = prompt + new / 2
+    return round(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem * mean_ctx)
+
+
+class ExpertCounter:
+    """Forward hooks on every MoE expert: calls, tokens and stored bytes of the experts that ran."""
+
+    def __init__(self, model) -> None:
+        from ember.model import SparseMoE
+
+        self.calls = self.tokens = self.bytes = 0
+        self.moe_layers = 0
+        self.handles = []
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                self.moe_layers += 1
+                for expert in layer.mlp.experts:
+                    self.handles.append(expert.register_forward_hook(self._hook(module_bytes(expert))))
+
+    def _hook(self, nbytes: int):
+        def hook(mod, inputs, output):
+            x = inputs[0]
+            self.calls += 1
+            self.tokens += x.numel() // x.shape[-1]
+            self.bytes += nbytes
+        return hook
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.calls, self.tokens, self.bytes
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def time_ember(folder: Path, dtype: str, prompt: list[int], new: int, repeats: int, quant: str | None = None,
+               group_size: int | None = None, check_experts: bool = False) -> dict:
+    """Ember decode tok/s, bytes read per token (from the loaded modules) and resident memory for one row."""
     import ember
     from ember.sampling import SamplingParams
 
-    llm = ember.load(folder, device="cpu", dtype=dtype)
+    release_memory()
+    rss0 = rss_bytes()
+    llm = ember.load(folder, device="cpu", dtype=dtype, quant=quant, group_size=group_size)
+    rss_load = rss_bytes()
     p1 = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
     pn = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
 
@@ -115,11 +236,45 @@ def time_ember(folder: Path, dtype: str, prompt: list[int], new: int, repeats: i
     t1 = min(run(p1)[0] for _ in range(repeats))
     tn, res = min((run(pn) for _ in range(repeats)), key=lambda x: x[0])
     assert len(res.token_ids) == new
-    out = {"prefill_s": t1, "decode_tok_s": (new - 1) / (tn - t1), "bytes_per_token": weight_bytes_per_token(llm.model),
-           "tokens": res.token_ids}
-    del llm
-    gc.collect()
+    rss_run = rss_bytes()
+    model = llm.model
+    cfg = model.config
+    weights = model.weight_bytes_per_token()
+    kv = kv_bytes_per_token(cfg, torch.empty(0, dtype=llm.dtype).element_size(), len(prompt), new)
+    out = {"prefill_s": t1, "decode_tok_s": (new - 1) / (tn - t1), "bytes_per_token": weights + kv,
+           "weight_bytes_per_token": weights, "kv_bytes_per_token": kv, "tensor_bytes": module_bytes(model),
+           "rss_after_load": rss_load - rss0 if rss0 is not None else None,
+           "rss_after_decode": rss_run - rss0 if rss0 is not None else None, "tokens": res.token_ids}
+    if check_experts and cfg.num_local_experts:
+        out["expert_check"] = check_expert_reads(llm, prompt, new, p1, pn)
+    del llm, model
+    release_memory()
     return out
+
+
+def check_expert_reads(llm, prompt: list[int], new: int, p1, pn) -> dict:
+    """Count the experts executed by the decode steps (hooks); compare the bytes with the stated k/E share."""
+    model, cfg = llm.model, llm.model.config
+    counter = ExpertCounter(model)
+    try:
+        a = counter.snapshot()
+        llm.generate(prompt, p1)  # prefill only
+        b = counter.snapshot()
+        llm.generate(prompt, pn)  # prefill + new-1 decode steps
+        c = counter.snapshot()
+    finally:
+        counter.remove()
+    steps = new - 1
+    calls, tokens, nbytes = (c[i] - b[i] - (b[i] - a[i]) for i in range(3))  # decode steps only
+    all_experts = sum(module_bytes(layer.mlp.experts) for layer in model.model.layers if hasattr(layer.mlp, "experts"))
+    stated_share = all_experts * cfg.num_experts_per_tok / cfg.num_local_experts
+    weights = model.weight_bytes_per_token()
+    return {"decode_steps": steps, "expert_calls_per_step": calls / steps,
+            "expert_tokens_per_layer_per_step": tokens / steps / counter.moe_layers,
+            "top_k": cfg.num_experts_per_tok, "num_experts": cfg.num_local_experts,
+            "stated_expert_bytes_per_token": round(stated_share), "measured_expert_bytes_per_token": round(nbytes / steps),
+            "stated_weight_bytes_per_token": weights,
+            "measured_weight_bytes_per_token": round(weights - stated_share + nbytes / steps)}
 
 
 def time_hf(folder: Path, dtype: torch.dtype, prompt: list[int], new: int, repeats: int) -> dict:
@@ -141,14 +296,78 @@ def time_hf(folder: Path, dtype: torch.dtype, prompt: list[int], new: int, repea
     t1 = min(run(1)[0] for _ in range(repeats))
     tn, toks = min((run(new) for _ in range(repeats)), key=lambda x: x[0])
     del model
-    gc.collect()
+    release_memory()
     return {"prefill_s": t1, "decode_tok_s": (new - 1) / (tn - t1), "tokens": toks}
+
+
+def demo_perplexities(formats: list[str], folder: Path, window: int, stride: int) -> dict:
+    """Perplexity of the trained demo model on its corpus (and on :data:`HELDOUT_TEXT`), per weight
+    format: "fp32", "bf16" (float) or a quant mode (bf16 compute)."""
+    import ember
+    from ember.demo import DEFAULT_STEPS, build_demo_checkpoint, load_corpus
+    from ember.evaluate import perplexity
+    from ember.quant import GROUP_SIZES
+
+    t = time.perf_counter()
+    # The demo's default build stops at a time limit on a slow or busy machine; the bench wants the
+    # full recipe every time (same steps, same weights), so an early-stopped cache is rebuilt.
+    steps = demo_steps(folder)
+    build_demo_checkpoint(folder, progress=True, time_limit=None,
+                          rebuild=steps is not None and steps != DEFAULT_STEPS)
+    print(f"[ppl] demo model at {folder}, {demo_steps(folder)} training steps ({time.perf_counter() - t:.1f}s)",
+          file=sys.stderr)
+    base = ember.load(folder, device="cpu", dtype="fp32")
+    widths = {m.in_features for m in base.model.modules() if isinstance(m, torch.nn.Linear)}
+    group = max(g for g in GROUP_SIZES if all(w % g == 0 for w in widths))
+    heldout = base.tokenizer.encode(HELDOUT_TEXT)
+    corpus = base.tokenizer.encode(load_corpus())
+    del base
+    out: dict = {"model": str(folder), "int4_group_size": group, "window": window, "stride": stride,
+                 "heldout_tokens": len(heldout) - 1, "train_tokens": len(corpus) - 1, "formats": {}}
+    for fmt in formats:
+        quant = fmt if fmt in ("int8", "int4", "nf4") else None
+        llm = ember.load(folder, device="cpu", dtype="fp32" if fmt == "fp32" else "bf16", quant=quant,
+                         group_size=group if fmt == "int4" else None)
+        out["formats"][fmt] = {"heldout_ppl": perplexity(llm.model, heldout, window, stride)["ppl"],
+                               "train_ppl": perplexity(llm.model, corpus, window, stride)["ppl"]}
+        del llm
+    ref = out["formats"].get("bf16")
+    for r in out["formats"].values():
+        if ref:
+            r["heldout_ratio"] = r["heldout_ppl"] / ref["heldout_ppl"]
+            r["train_ratio"] = r["train_ppl"] / ref["train_ppl"]
+    release_memory()
+    return out
+
+
+def demo_steps(folder: Path) -> int | None:
+    """Training steps of the demo model in ``folder`` (from its README), or None if there is none."""
+    try:
+        for line in (folder / "README.md").read_text().splitlines():
+            if line.startswith("- steps:"):
+                return int(line.split(":")[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def label(dtype: str, quant: str | None, group: int | None) -> str:
+    if quant == "int4":
+        return f"int4-g{group}"
+    return quant or dtype
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="1.1b")
-    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="float checkpoints: Ember and HF rows")
+    ap.add_argument("--quant", default="none,int8,int4,nf4",
+                    help="Ember rows for the bf16 checkpoint quantized on load (none = the float row only)")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size of the decode rows")
+    ap.add_argument("--no-moe", action="store_true", help="skip the MoE row")
+    ap.add_argument("--moe-quant", default="none", help="also quantize the MoE model these ways (e.g. int4)")
+    ap.add_argument("--no-ppl", action="store_true", help="skip the demo-model perplexity columns")
+    ap.add_argument("--demo-dir", default=str(DEMO_CACHE), help="where the demo model is built / reused")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
@@ -156,53 +375,178 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
+    t_start = time.perf_counter()
 
     torch.manual_seed(0)
     bw = measure_bandwidth()
     print(f"memory bandwidth: copy {bw['copy'] / 1e9:.1f} GB/s (read+write), read-only sum {bw['read'] / 1e9:.1f} GB/s")
     dims = SIZES[args.size]
     prompt = torch.randint(3, dims["vocab_size"], (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    rows = []
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    quants = [q for q in args.quant.split(",") if q and q != "none"]
+    moe_quants = [q for q in args.moe_quant.split(",") if q and q != "none"]
+    rows: list[dict] = []
     names = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+    def add_row(model: str, dt: str, quant: str | None, e: dict, group: int | None = None) -> dict:
+        roof = bw["copy"] / e["bytes_per_token"]
+        row = {"model": model, "weights": label(dt, quant, group), "compute_dtype": dt, "quant": quant or "none",
+               "engine": "ember", "decode_tok_s": e["decode_tok_s"], "prefill_s": e["prefill_s"],
+               "bytes_per_token": e["bytes_per_token"], "weight_bytes_per_token": e["weight_bytes_per_token"],
+               "kv_bytes_per_token": e["kv_bytes_per_token"], "roofline_tok_s": roof,
+               "roofline_frac": e["decode_tok_s"] / roof, "tensor_bytes": e["tensor_bytes"],
+               "rss_after_load_bytes": e["rss_after_load"], "rss_after_decode_bytes": e["rss_after_decode"]}
+        if "expert_check" in e:
+            row["expert_check"] = e["expert_check"]
+        rows.append(row)
+        print(f"[{model} {row['weights']}] ember {e['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+        return row
+
     with tempfile.TemporaryDirectory(prefix="ember-bench-") as tmp:
-        for dt in args.dtypes.split(","):
+        # One-time runtime set-up (thread pools, kernel caches) would otherwise land in the first
+        # row's resident MB: run every code path once on a tiny model first.
+        tiny = Path(tmp) / "warmup"
+        write_checkpoint(tiny, WARMUP_DIMS, torch.bfloat16)
+        for q in [None] + quants:
+            time_ember(tiny, "bf16", prompt[:16], 4, 1, quant=q, group_size=32 if q == "int4" else None)
+        need = list(dict.fromkeys(dtypes + (["bf16"] if quants else [])))
+        for dt in need:
             folder = Path(tmp) / dt
             t = time.perf_counter()
             write_checkpoint(folder, dims, names[dt])
             print(f"[{dt}] wrote random checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-            e = time_ember(folder, dt, prompt, args.new, args.repeats)
-            roof = bw["copy"] / e["bytes_per_token"]
-            row = {"dtype": dt, "engine": "ember", "decode_tok_s": e["decode_tok_s"], "prefill_s": e["prefill_s"],
-                   "bytes_per_token": e["bytes_per_token"], "roofline_tok_s": roof,
-                   "roofline_frac": e["decode_tok_s"] / roof}
-            rows.append(row)
-            print(f"[{dt}] ember {e['decode_tok_s']:.2f} tok/s", file=sys.stderr)
-            if not args.no_hf:
-                h = time_hf(folder, names[dt], prompt, args.new, args.repeats)
-                same = sum(a == b for a, b in zip(h["tokens"], e["tokens"]))
-                rows.append({"dtype": dt, "engine": "hf-transformers", "decode_tok_s": h["decode_tok_s"],
-                             "prefill_s": h["prefill_s"], "bytes_per_token": e["bytes_per_token"],
-                             "roofline_tok_s": roof, "roofline_frac": h["decode_tok_s"] / roof,
-                             "greedy_tokens_equal": f"{same}/{args.new}"})
-                row["speedup_vs_hf"] = e["decode_tok_s"] / h["decode_tok_s"]
-                print(f"[{dt}] hf {h['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+            if dt in dtypes:
+                e = time_ember(folder, dt, prompt, args.new, args.repeats)
+                row = add_row("llama", dt, None, e)
+                if not args.no_hf:
+                    h = time_hf(folder, names[dt], prompt, args.new, args.repeats)
+                    same = sum(a == b for a, b in zip(h["tokens"], e["tokens"]))
+                    rows.append({"model": "llama", "weights": dt, "compute_dtype": dt, "quant": "none",
+                                 "engine": "hf-transformers", "decode_tok_s": h["decode_tok_s"],
+                                 "prefill_s": h["prefill_s"], "bytes_per_token": e["bytes_per_token"],
+                                 "roofline_tok_s": row["roofline_tok_s"],
+                                 "roofline_frac": h["decode_tok_s"] / row["roofline_tok_s"],
+                                 "greedy_tokens_equal": f"{same}/{args.new}"})
+                    row["speedup_vs_hf"] = e["decode_tok_s"] / h["decode_tok_s"]
+                    print(f"[{dt}] hf {h['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+            if dt == "bf16":
+                for q in quants:
+                    e = time_ember(folder, "bf16", prompt, args.new, args.repeats, quant=q,
+                                   group_size=args.group_size if q == "int4" else None)
+                    add_row("llama", "bf16", q, e, args.group_size)
+            for p in folder.iterdir():  # free the disk before the next checkpoint
+                p.unlink()
+        if not args.no_moe:
+            moe_dims = MOE_SIZES[args.size]
+            folder = Path(tmp) / "moe"
+            t = time.perf_counter()
+            write_checkpoint(folder, moe_dims, torch.bfloat16)
+            print(f"[moe] wrote random checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            for q in [None] + moe_quants:
+                e = time_ember(folder, "bf16", prompt, args.new, args.repeats, quant=q,
+                               group_size=args.group_size if q == "int4" else None, check_experts=True)
+                add_row("mixtral-moe", "bf16", q, e, args.group_size)
+
+    ppl = None
+    if not args.no_ppl:
+        formats = [d for d in dtypes if d in ("fp32", "bf16")]
+        formats = list(dict.fromkeys(formats + ["bf16"] + quants))
+        ppl = demo_perplexities(formats, Path(args.demo_dir), window=512, stride=256)
+        for r in rows:
+            f = ppl["formats"].get(r["weights"] if r["quant"] != "int4" else "int4")
+            if r["engine"] == "ember" and r["model"] == "llama" and f:
+                r.update(demo_ppl=f["train_ppl"], demo_ppl_ratio=f.get("train_ratio"),
+                         demo_heldout_ppl=f["heldout_ppl"], demo_heldout_ppl_ratio=f.get("heldout_ratio"))
+
+    base = next((r for r in rows if r["engine"] == "ember" and r["model"] == "llama" and r["weights"] == "bf16"), None)
+    moe_base = next((r for r in rows if r["model"] == "mixtral-moe" and r["quant"] == "none"), None)
+    for r in rows:
+        ref = base if r["model"] == "llama" else moe_base
+        if ref and r["engine"] == "ember":
+            r["vs_ember_bf16"] = r["decode_tok_s"] / ref["decode_tok_s"]
 
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
-    print(f"\nDecode, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}), batch 1, "
+    md = MOE_SIZES[args.size]
+    print(f"\nDecode, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) and "
+          f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
+          f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']}), random weights; batch 1, "
           f"prompt {args.prompt_len}, {args.new} new tokens; {date.today()}; {machine}")
-    print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s / bytes read per token\n")
-    hdr = f"| {'dtype':5} | {'engine':15} | {'decode tok/s':>12} | {'prefill s':>9} | {'MB/token':>8} | {'roofline tok/s':>14} | {'% roofline':>10} | {'vs HF':>6} |"
+    print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s / bytes read per token (weights as stored + KV); "
+          f"resident MB = RSS growth, load to after decode; "
+          f"tensor MB = bytes of the model's parameters and buffers")
+    if ppl:
+        print(f"demo ppl = perplexity of the trained *demo model* (ember.demo, 4 layers, hidden 192), not of the "
+              f"random bench model, in that weight format, on its corpus ({ppl['train_tokens']} tokens, window "
+              f"{ppl['window']}, stride {ppl['stride']}); int4 there uses group size {ppl['int4_group_size']} "
+              f"(hidden 192 is not a multiple of 128)")
+    print()
+    hdr = (f"| {'model':11} | {'weights':9} | {'engine':15} | {'decode tok/s':>12} | {'vs bf16':>7} | {'MB/token':>8} | "
+           f"{'roofline tok/s':>14} | {'% roofline':>10} | {'resident MB':>11} | {'tensor MB':>9} | {'demo ppl':>8} | {'ppl/bf16':>8} | "
+           f"{'vs HF':>6} |")
     print(hdr)
-    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    print("|" + "|".join("-" * len(c) for c in hdr.split("|")[1:-1]) + "|")
     for r in rows:
         vs = f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else ""
-        print(f"| {r['dtype']:5} | {r['engine']:15} | {r['decode_tok_s']:12.2f} | {r['prefill_s']:9.2f} | "
-              f"{r['bytes_per_token'] / 1e6:8.0f} | {r['roofline_tok_s']:14.2f} | {100 * r['roofline_frac']:9.1f}% | {vs:>6} |")
+        vb = f"{r['vs_ember_bf16']:.2f}x" if "vs_ember_bf16" in r else ""
+        res = f"{r['rss_after_decode_bytes'] / 1e6:.0f}" if r.get("rss_after_decode_bytes") is not None else ""
+        tm = f"{r['tensor_bytes'] / 1e6:.0f}" if "tensor_bytes" in r else ""
+        pp = f"{r['demo_ppl']:.3f}" if "demo_ppl" in r else ""
+        pr = f"{r['demo_ppl_ratio']:.4f}" if r.get("demo_ppl_ratio") is not None else ""
+        print(f"| {r['model']:11} | {r['weights']:9} | {r['engine']:15} | {r['decode_tok_s']:12.2f} | {vb:>7} | "
+              f"{r['bytes_per_token'] / 1e6:8.1f} | {r['roofline_tok_s']:14.2f} | {100 * r['roofline_frac']:9.1f}% | "
+              f"{res:>11} | {tm:>9} | {pp:>8} | {pr:>8} | {vs:>6} |")
+
+    for r in rows:
+        c = r.get("expert_check")
+        if c:
+            print(f"\nMoE ({r['weights']}) bytes/token check over {c['decode_steps']} decode steps: "
+                  f"{c['expert_calls_per_step']:.2f} expert calls per step = "
+                  f"{c['expert_tokens_per_layer_per_step']:.2f} per MoE layer (top-{c['top_k']} of {c['num_experts']}); "
+                  f"expert bytes/token measured {c['measured_expert_bytes_per_token'] / 1e6:.2f} MB vs stated "
+                  f"{c['stated_expert_bytes_per_token'] / 1e6:.2f} MB; weight bytes/token measured "
+                  f"{c['measured_weight_bytes_per_token'] / 1e6:.2f} MB vs stated {c['stated_weight_bytes_per_token'] / 1e6:.2f} MB")
+    if ppl:
+        print(f"\ndemo-model perplexity: its corpus ({ppl['train_tokens']} tokens) | unseen text "
+              f"({ppl['heldout_tokens']} tokens; near uniform, the demo memorises its corpus, not used):")
+        for fmt, f in ppl["formats"].items():
+            print(f"  {fmt:5} corpus {f['train_ppl']:7.3f} (x{f.get('train_ratio', float('nan')):.4f})   "
+                  f"unseen {f['heldout_ppl']:8.2f} (x{f.get('heldout_ratio', float('nan')):.4f})")
+
+    targets = check_targets(rows)
+    print("\ntargets:")
+    for t in targets:
+        print(f"  [{'PASS' if t['ok'] else 'FAIL' if t['ok'] is False else 'n/a '}] {t['target']}: {t['value']}")
+    elapsed = time.perf_counter() - t_start
+    print(f"\n({elapsed:.0f}s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "machine": machine, "size": args.size, "dims": dims,
-                               "bandwidth_bytes_s": bw, "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+                               "moe_dims": None if args.no_moe else MOE_SIZES[args.size],
+                               "bandwidth_bytes_s": bw, "rows": rows, "demo_ppl": ppl, "targets": targets,
+                               "seconds": elapsed}, indent=2))
+    print(f"wrote {out}")
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured value and PASS/FAIL (None when a row is missing)."""
+    ember_rows = [r for r in rows if r["engine"] == "ember"]
+    by = {(r["model"], r["weights"].split("-")[0]): r for r in ember_rows}
+    out = []
+    int4, bf16 = by.get(("llama", "int4")), by.get(("llama", "bf16"))
+    sp = int4["decode_tok_s"] / bf16["decode_tok_s"] if int4 and bf16 else None
+    out.append({"target": "int4 decode >= 2.5x Ember bf16 tok/s", "ok": None if sp is None else sp >= 2.5,
+                "value": f"{sp:.2f}x" if sp is not None else "missing"})
+    low = [f"{r['model']} {r['weights']} {100 * r['roofline_frac']:.0f}%" for r in ember_rows if r["roofline_frac"] < 0.6]
+    out.append({"target": "every Ember row >= 60% of its roofline", "ok": not low,
+                "value": ("below: " + ", ".join(low)) if low else
+                f"lowest {min(100 * r['roofline_frac'] for r in ember_rows):.0f}%"})
+    for mode, limit in (("int8", 0.01), ("int4", 0.05)):
+        r = by.get(("llama", mode))
+        ratio = r.get("demo_ppl_ratio") if r else None
+        out.append({"target": f"{mode} demo-model ppl within {100 * limit:.0f}% of bf16",
+                    "ok": None if ratio is None else abs(ratio - 1) <= limit,
+                    "value": f"x{ratio:.4f}" if ratio is not None else "missing"})
+    return out
 
 
 if __name__ == "__main__":

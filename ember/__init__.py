@@ -21,8 +21,13 @@ __all__ = ["load", "__version__"]
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
-         quant: str | None = None, group_size: int | None = None):
+         quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
+         context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
+
+    Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
+    tokens and the activations fit the memory free on ``device`` (and ``max_memory``); if not,
+    :class:`ember.errors.InsufficientMemoryError` says what would fit.
 
     Args:
         path: folder with config.json, *.safetensors and tokenizer.json, or a llama.cpp ``.gguf`` file.
@@ -31,6 +36,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         quant: None/"none", "int8", "int4" or "nf4": weight-only quantization applied while loading
             (a checkpoint written by ``ember quantize`` is already quantized and needs none).
         group_size: int4 group size (32, 64, 128; default 128).
+        adapter: a PEFT LoRA adapter folder (from ``ember tune`` or HF PEFT), applied without merging.
+        context: tokens per sequence to plan memory for (default min(model limit, 4096)).
+        batch: sequences at once to plan for.
+        max_memory: GiB the model may use at most (``--max-memory``).
+        check_memory: run the planner's fit check first (default True).
     Returns:
         :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
     """
@@ -41,13 +51,21 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if check_memory:
+        from ember.planner import preflight
+
+        preflight(path, device, dtype, quant=quant, context=context, batch=batch, max_memory=max_memory)
     if is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
         model, tokenizer = load_gguf(path, device=device, dtype=dtype)
         if quant is not None and quant != "none":  # after the fact: GGUF tensors are decoded first
             from ember.quant import quantize_model
 
             quantize_model(model, quant, group_size)
-        return Engine(model, tokenizer, path)
-    tokenizer = Tokenizer.from_dir(path)
-    model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size)
+    else:
+        tokenizer = Tokenizer.from_dir(path)
+        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size)
+    if adapter is not None:
+        from ember.train.lora import apply_adapter
+
+        apply_adapter(model, adapter)
     return Engine(model, tokenizer, path)

@@ -15,11 +15,20 @@ from ember.errors import EmberError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """MODEL, --device and --dtype: shared by every verb that loads a model."""
+    """MODEL, --device, --dtype, --quant, --adapter and memory limits: shared by every verb that loads a model."""
     p.add_argument("model", help="HF checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype; auto = checkpoint dtype, bf16 only where the device runs it natively")
+    p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
+                   help="weight-only quantization on load, layer by layer (a folder from `ember quantize` needs none)")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 128)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter folder (from `ember tune` or HF PEFT), applied without merging")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="refuse to load if the plan needs more than this many GiB (default: what is free)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="tokens per sequence to plan memory for (default: prompt + new tokens, or min(model limit, 4096))")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
@@ -48,15 +57,18 @@ def _sampling(args, default_temperature: float):
     )
 
 
-def _load(args):
+def load_from_args(args, context: int | None = None, batch: int = 1):
+    """``ember.load`` with the options of :func:`add_model_args`; the planner checks the fit first."""
     import ember
 
-    return ember.load(args.model, device=args.device, dtype=args.dtype)
+    return ember.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
+                      adapter=args.adapter, context=args.context or context, batch=batch, max_memory=args.max_memory)
 
 
 def cmd_generate(args) -> int:
     """Print the completion of PROMPT to stdout as it is generated; a summary line to stderr."""
-    llm = _load(args)
+    # a token is at least one byte of text for every tokenizer we load, so this bounds the prompt's tokens
+    llm = load_from_args(args, context=len(args.prompt.encode()) + 64 + args.max_new_tokens)
     params = _sampling(args, default_temperature=0.0)
     stats = None
     for chunk in llm.stream(args.prompt, params, chat=args.chat):
@@ -71,7 +83,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     """Multi-turn chat with the model's own template; /reset clears history, /exit quits."""
-    llm = _load(args)
+    llm = load_from_args(args)
     params = _sampling(args, default_temperature=0.7)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
@@ -143,6 +155,11 @@ def cmd_demo(args) -> int:
     print(f"\n$ ember chat {folder}   (one turn: {question!r})", file=sys.stderr)
     res = llm.generate([{"role": "user", "content": question}], max_new_tokens=args.max_new_tokens, temperature=0.0)
     print(res.text)
+    if not args.no_tune:
+        from ember.train.demo import tune_demo
+
+        print(f"\n$ ember tune {folder} --data <bundled facts.jsonl> -o {folder / 'facts-lora'}", file=sys.stderr)
+        tune_demo(folder, device=args.device, max_new_tokens=args.max_new_tokens)
     print(f"\n[ember demo] done. Try: ember chat {folder}", file=sys.stderr)
     return 0
 
@@ -174,16 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build a tiny demo model locally and run it (no downloads)",
                        description="Train a tiny model on a bundled text (about a minute on 2 CPU cores), save it as a "
-                                   "normal HF checkpoint folder and generate from it.")
+                                   "normal HF checkpoint folder, generate from it, then teach it a few facts with a LoRA "
+                                   "fine-tune (about a minute more) and show answers before and after.")
     p.add_argument("--dir", default=os.environ.get("EMBER_DEMO_DIR", "ember-demo"), help="where to write the demo model")
     p.add_argument("--device", default="cpu")
     p.add_argument("-n", "--max-new-tokens", type=int, default=40)
     p.add_argument("--prompt", action="append", help="prompt to complete (repeatable)")
+    p.add_argument("--no-tune", action="store_true", help="skip the fine-tuning step")
     p.set_defaults(func=cmd_demo)
 
+    from ember.evaluate import add_parser as add_eval_parser
+    from ember.plan_cli import add_parser as add_plan_parser
+    from ember.quant.cli import add_parser as add_quantize_parser
     from ember.server.cli import add_parser as add_serve_parser
+    from ember.train.cli import add_parser as add_tune_parser
 
     add_serve_parser(sub)
+    add_tune_parser(sub)  # tune, merge
+    add_quantize_parser(sub)
+    add_eval_parser(sub)  # eval ppl
+    add_plan_parser(sub)  # plan, hw
     return parser
 
 

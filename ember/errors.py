@@ -76,3 +76,7 @@ class TrainingError(EmberError):
 class QuantizationError(EmberError, ValueError):
     """A quantization request is invalid (unknown mode, group size not dividing a layer's width, ...)
     or a quantized checkpoint's ``quantization`` section is malformed; the message names the layer/field."""
+
+
+class EvaluationError(EmberError):
+    """An evaluation cannot run: a missing or empty text file, too few tokens, a bad window/stride."""

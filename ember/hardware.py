@@ -629,17 +629,25 @@ def _best_time(fn, device, repeats: int, min_seconds: float = 0.25, max_repeats:
     return best
 
 
+def _ember_linear(x2, w):
+    """What :class:`ember.model.Linear` runs for ``x2 (M, in) @ w.T``: Ember's CPU kernel where it applies."""
+    import torch.nn.functional as F
+
+    from ember import kernels
+
+    y = kernels.dense(x2, w) if x2.device.type == "cpu" else None
+    return y if y is not None else F.linear(x2, w)
+
+
 def _stream_curve(device, dtype, rows: int, sizes: list[int], repeats: int,
                   min_seconds: float = 0.25, chunk: int = 4 << 20, cols: int = 4096) -> list[tuple[int, float]]:
     """Bytes/s of ``rows`` activation rows times weights totalling each working-set size.
 
     Like a decode step, the working set is many matrices (``chunk`` bytes each, 4096 wide) touched in
     turn, so a set larger than the cache this process actually gets (shared with other tenants) is
-    streamed from memory, and each call pays what ember.model.Linear pays (``torch.mv`` for one CPU
-    row, ``F.linear`` otherwise).
+    streamed from memory, and each call pays what ember.model.Linear pays (:func:`_ember_linear`).
     """
     import torch
-    import torch.nn.functional as F
 
     elem = torch.empty(0, dtype=dtype).element_size()
     pts = []
@@ -648,14 +656,10 @@ def _stream_curve(device, dtype, rows: int, sizes: list[int], repeats: int,
         n_rows = max(1, min(size, chunk) // (cols * elem))
         ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n_mats)]
         x = torch.full((rows, cols), 0.5, dtype=dtype, device=device)
-        if rows == 1 and device.type == "cpu":
-            def fn(ws=ws, x=x[0]):
-                for w in ws:
-                    torch.mv(w, x)
-        else:
-            def fn(ws=ws, x=x):
-                for w in ws:
-                    F.linear(x, w)
+
+        def fn(ws=ws, x=x):
+            for w in ws:
+                _ember_linear(x, w)
         t = _best_time(fn, device, repeats, min_seconds)
         nbytes = n_mats * n_rows * cols * elem
         pts.append((nbytes, nbytes / t))
@@ -675,7 +679,6 @@ def _decoder_stream(device, dtype, rows: int, hidden: int, sizes: list[int], rep
                     min_seconds: float) -> list[tuple[int, float]]:
     """Bytes/s streaming whole decoder layers of ``hidden`` (as many as fill each working-set size)."""
     import torch
-    import torch.nn.functional as F
 
     elem = torch.empty(0, dtype=dtype).element_size()
     shapes = _decoder_shapes(hidden)
@@ -684,16 +687,10 @@ def _decoder_stream(device, dtype, rows: int, hidden: int, sizes: list[int], rep
     for n in sorted({max(1, round(size / layer)) for size in sizes}):
         ws = [torch.full(s, 0.01, dtype=dtype, device=device) for _ in range(n) for s in shapes]
         xs = {i: torch.full((rows, i), 0.5, dtype=dtype, device=device) for _, i in shapes}
-        if rows == 1 and device.type == "cpu":
-            xs = {i: x[0] for i, x in xs.items()}
 
-            def fn(ws=ws, xs=xs):
-                for w in ws:
-                    torch.mv(w, xs[w.shape[1]])
-        else:
-            def fn(ws=ws, xs=xs):
-                for w in ws:
-                    F.linear(xs[w.shape[1]], w)
+        def fn(ws=ws, xs=xs):
+            for w in ws:
+                _ember_linear(xs[w.shape[1]], w)
         t = _best_time(fn, device, repeats, min_seconds)
         pts.append((n * layer, n * layer / t))
         del ws, xs
@@ -783,11 +780,11 @@ def _tiny_layer_mv_seconds(device, dtype) -> float:
 
     ws = [torch.full((o, i), 0.01, dtype=dtype, device=device) for o, i in
           [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]]
-    xs = {i: torch.full((i,), 0.5, dtype=dtype, device=device) for i in (64, 128)}
+    xs = {i: torch.full((1, i), 0.5, dtype=dtype, device=device) for i in (64, 128)}
 
     def fn():
         for w in ws:
-            torch.mv(w, xs[w.shape[1]]) if device.type == "cpu" else torch.nn.functional.linear(xs[w.shape[1]], w)
+            _ember_linear(xs[w.shape[1]], w)
     return _best_time(fn, device, 20, 0.05)
 
 
@@ -1040,6 +1037,10 @@ def describe_machine(hw: Hardware) -> list[tuple[str, str]]:
     total, avail = system_memory()
     rows.append(("system memory", f"{total / GiB:.1f} GiB total, {avail / GiB:.1f} GiB available"))
     rows.append(("cpu", f"{cpu_name()}, {cpu_cores()} cores"))
+    if hw.device == "cpu":
+        from ember import kernels
+
+        rows.append(("cpu kernels", kernels.status()))
     if hw.device == "cuda":
         rows.append(("gpu memory", f"{hw.memory_bytes / GiB:.1f} GiB total, {hw.usable_bytes / GiB:.1f} GiB free"
                      + (" (shared with the CPU)" if hw.unified else "")))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
 from ember.config import ModelConfig
 
 
@@ -33,6 +34,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            y = kernels.rms_norm(x, self.weight, self.eps)  # one fused op for inference, same roundings
+            if y is not None:
+                return y
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -80,20 +85,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with a faster single-row path on CPU.
+    """``nn.Linear`` whose few-row CPU products use Ember's streaming kernels.
 
-    Decode multiplies one activation row by each weight. On CPU, ``torch.mv`` streams the weight
-    at 25-28 GB/s where ``F.linear``'s GEMM path reaches 21-23 GB/s (2-core Sapphire Rapids, bf16),
-    and decode time is almost all weight streaming. Other shapes and devices use ``F.linear``.
-    Being a subclass, it is still the swap point for quantization and LoRA.
+    Decode multiplies a few activation rows by each weight, so its time is the weight streaming
+    from DRAM: :func:`ember.kernels.dense` reads bf16/fp32 weights at ~45 GB/s on a 2-core AVX512
+    machine where ``F.linear`` reaches 15-20. Larger M (prefill), autograd, other dtypes and devices
+    use ``F.linear``. Being a subclass, it is still the swap point for quantization and LoRA.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == x.shape[-1]:
-            y = torch.mv(self.weight, x.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], -1)
+        if x.device.type == "cpu" and x.numel() <= kernels.MAX_ROWS["dense"] * x.shape[-1]:
+            y = kernels.dense(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1]), self.weight)
+            if y is not None:
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, self.bias)
 
 
@@ -139,8 +145,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
+        if x.device.type == "cpu" and kernels.rope_(q, cos[:, 0], sin[:, 0]) and kernels.rope_(k, cos[:, 0], sin[:, 0]):
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # rotated in place (inference): (B, n, T, hd)
+        else:
+            q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
+            k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
         rep = self.nh // self.nkv

@@ -20,13 +20,17 @@ in the compute dtype. A tied LM head is the embedding, counted once.
 **Activations.** Inference peaks in prefill (one forward over the whole prompt, or one chunk of it):
 ``k_act * B*T * (2H + max(3I, 4q + 4kv)) * b`` (live hidden states plus the widest MLP or attention
 temporaries; ``k_act`` covers allocator slack and was fitted on real runs), plus fp32 norm temporaries
-``8 * B*T*H`` when ``b < 4``, plus the last-token logits. Training adds saved activations:
-``2 * L * B*T*H*b`` with gradient checkpointing (the input of each half-layer) or
-``L * B*T*(5H + 2q + 2kv + 4I)*b`` without, and the chunked loss (three fp32 blocks of ~32 MiB).
+``8 * B*T*H`` when ``b < 4``, plus the last-token logits. Training keeps, per token and layer, what
+autograd saves (:func:`training_activation_bytes`): two fp32 RMSNorm inputs and normed outputs
+``2*(4H + bH)``, attention ``(2q + 2kv)*b`` + fp32 log-sum-exp, SwiGLU ``4I*b`` and LoRA dropout's
+int64 indices; with gradient checkpointing only ``2H*b`` (each half-layer's input) plus one half
+rebuilt in backward; plus the larger of the chunked loss (one (chunk, V) fp32 block + its 16-bit copy,
+``hidden[keep]`` and its gradient) and one half-layer's gradient buffers. This counts live tensors;
+glibc's dynamic mmap threshold can keep freed heap chunks resident on top (bench/plan_accuracy.py).
 
 **Training state** (as ember.train keeps it). LoRA/QLoRA: ``r*(in+out)`` parameters per adapted
-Linear, fp32, plus an fp32 gradient and AdamW's two fp32 moments: 16 bytes each, over a frozen base
-in the compute dtype (NF4 for QLoRA). Full fine-tuning: fp32 weights + fp32 gradients + fp32 AdamW
+Linear, fp32, plus an fp32 gradient and AdamW's two fp32 moments: 16 bytes each (+ a 16-bit copy of A
+and B for 16-bit compute), over a frozen base in the compute dtype (NF4 for QLoRA). Full fine-tuning: fp32 weights + fp32 gradients + fp32 AdamW
 moments = 16 bytes per parameter, plus the 16-bit weight copies autocast caches.
 
 **Runtime.** A fresh Ember process (torch, CUDA context) measured by ``ember hw --measure``.
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ember.config import ModelConfig
@@ -348,16 +353,47 @@ def lora_parameters(cfg: ModelConfig, rank: int, targets: tuple[str, ...] = LORA
     return sum(lin.count * rank * (lin.in_f + lin.out_f) for lin in linears(cfg) if lin.name in targets)
 
 
-# ember.train computes the LM loss in row chunks of one ~32 MiB fp32 (chunk, V) block (logits,
-# softmax, gradient: ~3 such blocks live), never the whole (N, V) logits.
+# ember.train computes the LM loss in row chunks of one ~32 MiB fp32 (chunk, V) block, never the whole
+# (N, V) logits (ember.train.forward.LOSS_CHUNK_BYTES; this copy is used before that package exists).
 LOSS_CHUNK_BYTES = 32 * 2**20
+# ``ember tune``'s LoRA dropout (its default): dropout keeps the int64 indices of the dropped inputs.
+LORA_DROPOUT = 0.05
 
 
-def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str, checkpointing: bool) -> float:
-    """Activations kept for backward, the loss chunk, and one forward's workspace, bytes.
+def _loss_chunk_bytes() -> int:
+    try:
+        from ember.train.forward import LOSS_CHUNK_BYTES as chunk
+    except ImportError:  # pragma: no cover - before the train package
+        chunk = LOSS_CHUNK_BYTES
+    return chunk
 
-    Follows ember.train: checkpointing keeps two (B, T, H) tensors per layer (the attention and MLP
-    halves are checkpointed separately) and recomputes one half at a time; the loss is chunked.
+
+def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str, checkpointing: bool,
+                              lora_targets: tuple[str, ...] | None = LORA_TARGETS,
+                              lora_dropout: float = LORA_DROPOUT) -> float:
+    """Peak live bytes of one training micro-batch besides weights and optimizer state (ember.train).
+
+    Counts what autograd keeps for backward, tensor by tensor, per token and layer (``b`` = bytes of
+    the compute dtype, H hidden, q = heads x head_dim, kv = kv heads x head_dim, I intermediate)::
+
+        RMSNorm (x2)   4H (the fp32 copy of its input, kept for the rsqrt's gradient) + bH (the
+                       normed output, which the half's projections keep as their input)
+        attention      q, k (after RoPE), v, the SDPA output: (2q + 2kv) b; fp32 log-sum-exp 4 x heads
+        SwiGLU         gate, up, silu(gate), and their product (down_proj's input): 4 I b
+        LoRA dropout   int64 indices of the dropped inputs: 8 p x (inputs of the adapted projections)
+
+    Without checkpointing all L layers stay alive until backward reaches them. With checkpointing
+    (ember.train checkpoints the attention and MLP halves separately) only the two (B, T, H) inputs
+    per layer stay, and backward rebuilds one half at a time (the wider half's tensors above).
+    On top: the chunked loss (``hidden[keep]`` and ``d loss/d hidden``: 2 H b per token, one
+    (chunk, V) block of fp32 logits plus its ``b`` copy, the final norm's tensors), or, once backward
+    runs, one half's gradient buffers (see below) -- whichever is larger.
+
+    Args:
+        lora_targets: adapted projection names (dropout indices); None for full fine-tuning.
+        lora_dropout: LoRA dropout probability.
+    Returns:
+        bytes.
     """
     b = DTYPE_BYTES[dtype]
     h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
@@ -365,17 +401,28 @@ def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str
     kv = cfg.num_key_value_heads * cfg.head_dim
     inter = cfg.moe_intermediate_size * cfg.num_experts_per_tok if cfg.num_local_experts else cfg.intermediate_size
     n = batch * seq
-    per_layer = (5 * h + 2 * q + 2 * kv + 4 * inter) * b * n  # what backward needs of one layer
+    p = lora_dropout if lora_targets else 0.0
+    targets = lora_targets or ()
+    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": inter}
+    drop_attn = 8 * p * sum(w for k, w in inputs.items() if k in targets and k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    drop_mlp = 8 * p * sum(w for k, w in inputs.items() if k in targets and k in ("gate_proj", "up_proj", "down_proj"))
+    norm = 4 * h + b * h                                                       # per half
+    attn_half = norm + (2 * q + 2 * kv) * b + 4 * cfg.num_attention_heads + drop_attn
+    mlp_half = norm + 4 * inter * b + drop_mlp
+    # Backward of one half, while its saved tensors are still alive: the incoming gradient and the
+    # block's output gradient (2 H b), the fp32 RMSNorm backward (3 x 4H), and the widest
+    # intermediate gradients: SwiGLU's three (N, I) ones, or attention's dq, dk, dv and the gradient
+    # of the SDPA output (2q + 2kv) b.
+    grads = 2 * h * b + 12 * h + max(3 * inter, 2 * q + 2 * kv) * b
     if checkpointing:
-        saved = L * 2 * n * h * b + per_layer
+        saved = L * 2 * h * b
+        backward = max(attn_half, mlp_half) + grads
     else:
-        saved = L * per_layer
-    try:
-        from ember.train.forward import LOSS_CHUNK_BYTES as chunk
-    except ImportError:  # pragma: no cover - before the train package
-        chunk = LOSS_CHUNK_BYTES
-    logits = min(n * V * 12, 3 * chunk)
-    return saved + logits + prefill_activation_bytes(cfg, n, dtype)
+        saved = L * (attn_half + mlp_half)
+        backward = grads
+    chunk_rows = min(n, max(8, _loss_chunk_bytes() // (4 * V)))
+    loss = n * (2 * h * b + norm) + chunk_rows * V * (4 + b)
+    return n * saved + max(loss, n * backward)
 
 
 # ====================================================================== the plan
@@ -469,7 +516,8 @@ def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str |
         act = prefill_activation_bytes(cfg, wl.batch * chunk, b_name) + wl.batch * cfg.vocab_size * (DTYPE_BYTES[b_name] + 4)
     else:
         kv = 0.0
-        act = training_activation_bytes(cfg, wl.batch, wl.context, b_name, wl.grad_checkpointing)
+        act = training_activation_bytes(cfg, wl.batch, wl.context, b_name, wl.grad_checkpointing,
+                                        None if wl.method == "full" else wl.lora_targets)
         if wl.method == "full":
             # ember.train keeps fp32 master weights (so "weights" are fp32), fp32 gradients and AdamW
             # moments, and computes under bf16 autocast, which caches a 16-bit copy of each weight.
@@ -481,11 +529,14 @@ def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str |
                 detail["workspace.autocast_weights"] = p * DTYPE_BYTES[b_name]
             detail.update({"training.gradients": grads, "training.optimizer": opt})
         else:
+            # fp32 A and B, their fp32 gradients, AdamW's two fp32 moments, and (16-bit compute) the
+            # copies of A and B in the compute dtype that LoRALinear caches for the step's matmuls.
             n = lora_parameters(cfg, wl.lora_rank, wl.lora_targets)
             params, grads, opt = n * 4, n * 4, n * ADAM_BYTES
-            training = params + grads + opt
+            cast = n * DTYPE_BYTES[b_name] if DTYPE_BYTES[b_name] != 4 else 0
+            training = params + grads + opt + cast
             detail.update({"training.lora_params": params, "training.gradients": grads, "training.optimizer": opt,
-                           "training.trainable_params": n})
+                           "training.lora_cast": cast, "training.trainable_params": n})
     runtime = hw.runtime_bytes * hw.nodes
     if hw.calibration is not None and hw.calibration.context_bytes and not hw.unified:
         runtime = (hw.calibration.context_bytes) * hw.nodes
@@ -792,3 +843,49 @@ def kv_budget_bytes(cfg: ModelConfig, device, dtype, quant: str | None = None, m
     act = prefill_activation_bytes(cfg, prefill_chunk, d) + max_batch * cfg.vocab_size * (DTYPE_BYTES[d] + 4)
     weights = 0.0 if loaded else weight_bytes(cfg, d, quant or "none").total
     return max(0, int(safety * free - act - weights))
+
+
+DEFAULT_CONTEXT = 4096  # what a load plans for when the caller does not say (capped at the model's own limit)
+
+
+def preflight(path, device, dtype="auto", quant: str | None = None, context: int | None = None, batch: int = 1,
+              max_memory: float | None = None, task: str = "infer", method: str = "lora") -> Plan | None:
+    """The check ``ember.load`` (and so generate/chat/serve/tune) runs before allocating anything.
+
+    Reads only the model's config (HF folder or GGUF header), resolves ``dtype`` as the loader will,
+    and calls :func:`check_fits`. A folder written by ``ember quantize`` is planned at its stored
+    quantization.
+
+    Args:
+        path: HF checkpoint folder or ``.gguf`` file.
+        context: tokens per sequence to plan for (default min(model limit, :data:`DEFAULT_CONTEXT`)).
+    Returns:
+        the plan, or None when ``path`` cannot be planned (missing, malformed): the loader then
+        reports that problem with its own file- and field-located message.
+    Raises:
+        InsufficientMemoryError: with what would fit.
+    """
+    import torch
+
+    from ember.errors import EmberError
+    from ember.loading import DTYPE_NAMES, resolve_dtype
+    from ember.plan_cli import resolve_model
+
+    p = Path(path)
+    if not ((p.is_dir() and (p / "config.json").is_file()) or p.is_file()):
+        return None
+    try:
+        resolved = resolve_model(str(p))
+    except (EmberError, OSError, ValueError):
+        return None
+    cfg = resolved.config
+    section = cfg.extra.get("quantization") if isinstance(cfg.extra, dict) else None
+    if isinstance(section, dict) and section.get("method") in ("int8", "int4", "nf4"):
+        quant = section["method"]
+    ckpt = DTYPE_NAMES.get(resolved.checkpoint_dtype or "", torch.bfloat16)
+    dev = torch.device(device)
+    dt = resolve_dtype(dtype, ckpt, dev)
+    if context is None:
+        context = min(cfg.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    return check_fits(cfg, dev, dt, quant=quant, context=context, batch=batch, max_memory=max_memory, task=task,
+                      method=method, checkpoint_dtype=resolved.checkpoint_dtype)

@@ -76,5 +76,47 @@ def test_help_lists_verbs(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for verb in ("generate", "chat", "demo", "serve"):
+    for verb in ("generate", "chat", "demo", "serve", "tune", "merge", "quantize", "eval", "plan", "hw"):
         assert verb in out
+
+
+def test_generate_with_quant_matches_python_api(hf_checkpoint):
+    import ember
+
+    folder, _ = hf_checkpoint("llama")
+    expected = ember.load(folder, dtype="fp32", quant="int8").generate("w3 w4", max_new_tokens=5, temperature=0.0).text
+    r = run_cli("generate", str(folder), "w3 w4", "-n", "5", "--dtype", "fp32", "--quant", "int8", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+
+
+def test_generate_with_adapter_uses_it_unmerged(hf_checkpoint, tmp_path):
+    import torch
+
+    import ember
+    from ember.loading import load_model
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules, save_adapter
+
+    folder, _ = hf_checkpoint("llama")
+    model = load_model(folder, dtype="fp32")
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    inject_lora(model, cfg)
+    torch.manual_seed(0)
+    for m in lora_modules(model).values():  # a non-zero B, so the adapter changes the output
+        torch.nn.init.normal_(m.lora_B, std=0.5)
+    save_adapter(model, tmp_path / "ad", cfg, base_model_name_or_path=str(folder))
+    plain = ember.load(folder, dtype="fp32").generate("w3 w4", max_new_tokens=8, temperature=0.0).text
+    adapted = ember.load(folder, dtype="fp32", adapter=tmp_path / "ad").generate("w3 w4", max_new_tokens=8,
+                                                                                 temperature=0.0).text
+    assert adapted != plain
+    r = run_cli("generate", str(folder), "w3 w4", "-n", "8", "--dtype", "fp32", "--adapter", str(tmp_path / "ad"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == adapted + "\n"
+
+
+def test_plan_refuses_before_loading_and_says_what_fits(hf_checkpoint, capsys):
+    folder, _ = hf_checkpoint("llama")
+    code = main(["generate", str(folder), "w3", "-n", "2", "--max-memory", "0.000001"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("ember: error:") and "needs" in err and "--max-memory" in err

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ember
+from ember import kernels
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading import load_model
 from ember.model import Linear
@@ -79,13 +80,28 @@ def test_kernel_equals_own_dequantized_weight_fp32(mode, rows):
 @pytest.mark.parametrize("rows", [1, 7, 40])
 def test_kernel_equals_own_dequantized_weight_bf16(mode, rows):
     m = build(mode, rand_linear(96, 256, dtype=torch.bfloat16))
-    if mode.startswith("int4") and q4.cpu_kernel_block():
-        assert m.layout == "cpu"  # the fused CPU kernel is what is under test
+    if mode.startswith("int4"):  # the fused CPU kernel is what is under test
+        assert m.layout == ("native" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
     x = torch.randn(rows, 256).to(torch.bfloat16)
     ref = nn.functional.linear(x.float(), m.dequantize(), m.bias.float())
     y = m(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
     worst(y, ref, 2**-7 * ref.abs().max(), f"{mode} bf16 rows={rows}")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_int4_aten_cpu_kernel_equals_own_dequantized_weight(rows):
+    """The tinygemm CPU layout (used where Ember's native kernels cannot be built)."""
+    if not q4.cpu_kernel_block():
+        pytest.skip(f"no int4 CPU kernel layout on this ISA ({torch.backends.cpu.get_cpu_capability()})")
+    m = Int4Linear.from_linear(rand_linear(96, 256, dtype=torch.bfloat16), 64, layout="cpu")
+    assert m.layout == "cpu"
+    x = torch.randn(rows, 256).to(torch.bfloat16)
+    ref = nn.functional.linear(x.float(), m.dequantize(), m.bias.float())
+    worst(m(x), ref, 2**-7 * ref.abs().max(), f"int4 aten-cpu bf16 rows={rows}")
+    again = Int4Linear.from_canonical({k: v for k, v in m.state_dict().items() if k != "bias"}, 256, 96, m.bias,
+                                      torch.bfloat16, group_size=64)
+    assert torch.equal(again.dequantize(), m.dequantize())  # the layouts hold the same weight
 
 
 def test_int8_error_bound_and_format():
@@ -259,11 +275,12 @@ def test_state_dict_roundtrip_into_another_module(mode):
 
 def test_int4_to_dtype_repacks_for_the_kernel():
     m = build("int4-64", rand_linear(64, 128, dtype=torch.bfloat16))
-    expect = "cpu" if q4.cpu_kernel_block() else "plain"
+    native = kernels.load() is not None
+    expect = "native" if native else "cpu" if q4.cpu_kernel_block() else "plain"
     assert m.layout == expect
     w = m.dequantize()
     m.float()
-    assert m.layout == "plain" and m.scales_and_zeros.dtype == torch.float32
+    assert m.layout == ("native" if native else "plain") and m.scale_tensor().dtype == torch.float32
     assert torch.equal(m.dequantize(), w)  # bf16 scales are exact in fp32
     m.to(torch.bfloat16)
     assert m.layout == expect and torch.equal(m.dequantize(), w)
@@ -375,7 +392,7 @@ def test_bf16_int4_generation_runs_on_the_kernel_path(hf_checkpoint):
     folder, _ = hf_checkpoint("llama")
     llm = ember.load(folder, device="cpu", dtype="bf16", quant="int4", group_size=32)
     q = llm.model.model.layers[0].mlp.up_proj
-    assert isinstance(q, Int4Linear) and q.layout == ("cpu" if q4.cpu_kernel_block() else "plain")
+    assert isinstance(q, Int4Linear) and q.layout == ("native" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
     res = llm.generate("w5 w6 w7", max_new_tokens=6, temperature=0.0, ignore_eos=True)
     assert len(res.token_ids) == 6
 

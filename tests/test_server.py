@@ -27,7 +27,8 @@ import torch
 import uvicorn
 
 import ember
-from ember.server.app import ServerSettings, create_app
+from ember.errors import InsufficientMemoryError
+from ember.server.app import ServerSettings, create_app, kv_block_bytes, kv_pool_blocks
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s>{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -73,8 +74,8 @@ def ref(model_dir):
 class ServerThread:
     """uvicorn on 127.0.0.1:0 in a daemon thread; ``url`` is the /v1 base."""
 
-    def __init__(self, model_dir: Path, **settings) -> None:
-        engine = ember.load(model_dir, device="cpu", dtype="fp32")
+    def __init__(self, model_dir: Path, load: dict | None = None, **settings) -> None:
+        engine = ember.load(model_dir, device="cpu", dtype="fp32", **(load or {}))
         self.app = create_app(engine, ServerSettings(model_name=MODEL, **settings))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
                                                     timeout_graceful_shutdown=2))
@@ -503,3 +504,107 @@ def test_serve_verb_defaults_to_loopback():
     assert (args.verb, args.model, args.host, args.port, args.max_batch, args.max_queue) == \
         ("serve", "some/model", "127.0.0.1", 8000, 4, 64)
     assert callable(args.func)
+
+
+# ----------------------------------------------------------------------------- quantized / adapted models, KV plan
+
+
+def test_int8_server_equals_local_int8_generation(model_dir):
+    ref = ember.load(model_dir, device="cpu", dtype="fp32", quant="int8")
+    # no num_blocks: the pool is sized from the plan (capped at max_batch full contexts of 512 tokens)
+    with ServerThread(model_dir, load={"quant": "int8"}, max_batch=2, quant="int8") as s:
+        h = s.health()
+        assert h["kv_blocks_total"] == 2 * 512 // 16 and h["kv_budget_bytes"] > 0
+        assert h["kv_pool_bytes"] == (2 * 512 // 16 + 1) * kv_block_bytes(ref.config, torch.float32, 16)
+        text = httpx.get(f"{s.base}/metrics").text
+        assert re.search(r"^ember_kv_budget_bytes \d+$", text, re.M)
+        c = s.client()
+        r = c.completions.create(model=MODEL, prompt="the sea is", max_tokens=12, **GREEDY)
+        want = ref.generate("the sea is", max_new_tokens=12, temperature=0, ignore_eos=True)
+        assert r.choices[0].text == want.text
+        r = c.chat.completions.create(model=MODEL, messages=chat("the sun"), max_tokens=8, **GREEDY)
+        assert r.choices[0].message.content == ref.generate(chat("the sun"), max_new_tokens=8, temperature=0,
+                                                            ignore_eos=True).text
+
+
+def test_adapter_server_equals_local_adapter_generation(model_dir, ref, tmp_path):
+    from ember.loading import load_model
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules, save_adapter
+
+    base = load_model(model_dir, dtype="fp32")
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    inject_lora(base, cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero (a no-op adapter): make it change the outputs
+        for m in lora_modules(base).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    adapter = save_adapter(base, tmp_path / "ad", cfg, str(model_dir))
+    local = ember.load(model_dir, device="cpu", dtype="fp32", adapter=adapter)
+    prompt = "the little town"
+    want = local.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert want.text != ref.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True).text, \
+        "the adapter should change the greedy output"
+    with ServerThread(model_dir, load={"adapter": adapter}, max_batch=2, num_blocks=65) as s:
+        assert [m.id for m in s.client().models.list().data] == [MODEL]
+        r = s.client().completions.create(model=MODEL, prompt=prompt, max_tokens=12, **GREEDY)
+        assert r.choices[0].text == want.text
+
+
+def test_kv_pool_blocks_from_a_budget_by_hand(ref):
+    cfg = ref.config
+    per_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 16 * 4  # fp32
+    assert kv_block_bytes(cfg, torch.float32, 16) == per_block
+    assert kv_block_bytes(cfg, torch.bfloat16, 16) == per_block // 2
+    # 40 blocks' worth of budget: 39 usable + the scratch block (max_batch 8 x 512 tokens would want 256)
+    assert kv_pool_blocks(cfg, torch.float32, 40 * per_block + per_block - 1, max_batch=8, block_size=16) == 40
+    # a big budget is capped at max_batch full contexts (plus scratch), with --context honoured
+    assert kv_pool_blocks(cfg, torch.float32, 10**12, max_batch=8, block_size=16) == 8 * 32 + 1
+    assert kv_pool_blocks(cfg, torch.float32, 10**12, max_batch=3, block_size=16, context=100) == 3 * 7 + 1
+    # the minimum is one sequence of min(context, MIN_SEQ_TOKENS) tokens: 256 / 16 = 16 blocks + scratch
+    assert kv_pool_blocks(cfg, torch.float32, 17 * per_block, max_batch=8, block_size=16) == 17
+    with pytest.raises(InsufficientMemoryError, match=r"16 blocks x 16 tokens .* one 256-token sequence"):
+        kv_pool_blocks(cfg, torch.float32, 17 * per_block - 1, max_batch=8, block_size=16)
+    with pytest.raises(InsufficientMemoryError, match="--kv-blocks"):
+        kv_pool_blocks(cfg, torch.float32, 0, max_batch=1, block_size=16)
+    # the server uses it when --kv-blocks is not given (an explicit budget stands in for the planner's)
+    app = create_app(ref, ServerSettings(model_name=MODEL, max_batch=8, kv_memory_bytes=40 * per_block))
+    assert app.state.ember.scheduler.pool.capacity == 39 and app.state.ember.kv_plan.budget_bytes == 40 * per_block
+    with pytest.raises(InsufficientMemoryError):
+        create_app(ref, ServerSettings(model_name=MODEL, kv_memory_bytes=per_block))
+
+
+def test_planner_kv_budget_sizes_the_pool(ref, monkeypatch):
+    import ember.planner
+
+    seen = {}
+
+    def budget(cfg, device, dtype, quant=None, max_batch=16, prefill_chunk=256, max_memory=None, loaded=True, **kw):
+        seen[loaded] = (str(device), dtype, quant, max_batch, prefill_chunk, max_memory)
+        return (100 if loaded else 50) * kv_block_bytes(cfg, dtype, 16)
+
+    monkeypatch.setattr(ember.planner, "kv_budget_bytes", budget)
+    server = create_app(ref, ServerSettings(model_name=MODEL, max_batch=4, prefill_chunk=64)).state.ember
+    assert server.kv_plan.num_blocks == 100 and set(seen) == {True}
+    assert seen[True] == ("cpu", torch.float32, None, 4, 64, None)
+    # with --max-memory the cap also has to hold the weights: the smaller (not-yet-loaded) budget wins
+    server = create_app(ref, ServerSettings(model_name=MODEL, max_batch=4, max_memory=1.0, quant="int8")).state.ember
+    assert server.kv_plan.num_blocks == 50 and seen[False][2:] == ("int8", 4, 256, 1.0)
+
+
+def test_serve_with_tiny_max_memory_fails_before_loading(model_dir, monkeypatch):
+    import argparse
+
+    import ember.loading
+    from ember.server import cli
+
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded or served although the plan does not fit")
+
+    monkeypatch.setattr(ember.loading, "load_model", never)
+    monkeypatch.setattr(cli, "serve", never)
+    parser = argparse.ArgumentParser(prog="ember")
+    cli.add_parser(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["serve", str(model_dir), "--dtype", "fp32", "--max-memory", "0.0001",
+                              "--max-batch", "4"])
+    with pytest.raises(InsufficientMemoryError, match="--max-memory"):
+        args.func(args)

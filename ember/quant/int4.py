@@ -11,7 +11,12 @@ Checkpoint tensors (portable, any device/ISA): ``weight`` (out, in/2) uint8 with
 high nibble and 2j+1 in the low nibble of byte j (the bitsandbytes order), ``scales`` and ``zeros``
 (out, in/g) in the compute dtype. At build time the codes are re-packed for the kernel:
 
-* CPU, bf16 activations: ``torch._weight_int4pack_mm_for_cpu`` (ATen AVX512/AVX2 "tinygemm" CPU
+* CPU with Ember's native kernels (:mod:`ember.kernels`, the default wherever a C++ compiler is
+  found): the canonical codes as stored, ``scales``/``zeros`` (out, in/g); bf16 activations decode
+  nibbles straight into bf16 (``0x4300 | q`` is exactly ``128 + q``) for ``vdpbf16ps``, fp32 ones
+  look the 16 values up in fp32 (exact against the dequantized weight). One or two activation rows
+  run fused; more dequantize a cache-sized tile of rows for a PyTorch GEMM. Layout ``native``.
+* CPU without them, bf16 activations: ``torch._weight_int4pack_mm_for_cpu`` (ATen AVX512/AVX2 "tinygemm" CPU
   kernel: dequantizes 64 output columns at a time in registers with a 16-entry permute table, fp32
   accumulate). Its weight layout, made by ``_convert_weight_to_int4pack_for_cpu``, interleaves
   rows in blocks of 64 (AVX512) or 32 (AVX2); we pack and unpack it with tensor reshapes, checked
@@ -30,13 +35,15 @@ import functools
 
 import torch
 
+from ember import kernels
 from ember.errors import QuantizationError
 from ember.quant.base import QUANT_CHUNK_ELEMENTS, QuantizedLinear, RowSource, row_chunks, tensor_rows
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 CPU_KERNEL_MAX_ROWS = 32
-PLAIN, CPU, CUDA = "plain", "cpu", "cuda"
+PLAIN, CPU, CUDA, NATIVE = "plain", "cpu", "cuda", "native"
+_CODE_VALUES = torch.arange(16, dtype=torch.float32) - 8  # value of code q before scaling
 
 
 # ============================================================================== quantization
@@ -228,6 +235,11 @@ class Int4Linear(QuantizedLinear):
                                     f"expected {[out_f, in_f // group_size]}")
         self.group_size = group_size
         self.layout = self._choose_layout(codes.device, scales.dtype) if layout == "auto" else layout
+        if self.layout == NATIVE:  # codes as stored; scales and zeros (out, in/g) as the kernel reads them
+            self.register_buffer("weight", codes.contiguous())
+            self.register_buffer("scales", scales.contiguous())
+            self.register_buffer("zeros", zeros.contiguous())
+            return
         if self.layout == CPU:
             self.block = cpu_kernel_block()
             weight = pack_cpu(split_nibbles(codes), self.block)
@@ -239,6 +251,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).contiguous())
 
     def _choose_layout(self, device: torch.device, dtype: torch.dtype) -> str:
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and kernels.load() is not None:
+            return NATIVE
         if dtype != torch.bfloat16:
             return PLAIN  # both kernels take bf16 activations only (fp32 on CPU is a scalar reference loop)
         n, k = self.out_features, self.in_features
@@ -282,7 +296,7 @@ class Int4Linear(QuantizedLinear):
 
     # ------------------------------------------------------------------ views of the weight
     def scale_tensor(self) -> torch.Tensor:
-        return self.scales_and_zeros
+        return self.scales if self.layout == NATIVE else self.scales_and_zeros
 
     def codes_rows(self, start: int, end: int) -> torch.Tensor:
         """Codes of rows ``start:end``, (end-start, in) uint8 in 0..15."""
@@ -304,6 +318,8 @@ class Int4Linear(QuantizedLinear):
         return self.weight[start:end]
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
+        if self.layout == NATIVE:
+            return {"weight": self.weight, "scales": self.scales, "zeros": self.zeros}
         sz = self.scales_and_zeros
         return {"weight": self.canonical_codes(), "scales": sz[..., 0].t().contiguous(),
                 "zeros": sz[..., 1].t().contiguous()}
@@ -311,8 +327,11 @@ class Int4Linear(QuantizedLinear):
     def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
         g = self.group_size
         q = self.codes_rows(start, end).view(end - start, -1, g).float()  # (rows, G, g)
-        sz = self.scales_and_zeros[:, start:end].float()  # (G, rows, 2)
-        s, z = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (rows, G, 1)
+        if self.layout == NATIVE:
+            s, z = self.scales[start:end].float()[..., None], self.zeros[start:end].float()[..., None]  # (rows, G, 1)
+        else:
+            sz = self.scales_and_zeros[:, start:end].float()  # (G, rows, 2)
+            s, z = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (rows, G, 1)
         return ((q - 8) * s + z).view(end - start, self.in_features)
 
     def _chunk_rows(self) -> int:
@@ -322,6 +341,9 @@ class Int4Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if self.layout == NATIVE:
+            y = kernels.q4(x2, self.weight, _CODE_VALUES, self.group_size, scales=self.scales, zeros=self.zeros)
+            return self._finish(y if y is not None else self._dequant_linear(x2), shape)
         fast = x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
         if fast and self.layout == CPU and x2.shape[0] <= CPU_KERNEL_MAX_ROWS:
             y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size, self.scales_and_zeros)

@@ -4,7 +4,10 @@
 
 Kernels (PyTorch 2.13, eager):
 
-* CPU: ``torch._weight_int8pack_mm`` (ATen's AVX512/AVX2 int8-weight GEMV/GEMM: int8 -> fp32 in
+* CPU with Ember's native kernels (:mod:`ember.kernels`): int8 -> fp32 in registers, FMA against fp32
+  activations, the row scale applied once per output; up to 4 activation rows fused, more dequantize
+  a tile of rows for a PyTorch GEMM. Exact against the dequantized weight in fp32.
+* CPU without them: ``torch._weight_int8pack_mm`` (ATen's AVX512/AVX2 int8-weight GEMV/GEMM: int8 -> fp32 in
   registers, fp32 accumulate, scale applied to the output). It streams the int8 weight at the
   speed ``torch.mv`` streams bf16, so decode reads half the bytes. Used for every batch size up to
   :data:`CPU_KERNEL_MAX_ROWS` rows; beyond that (long prefill) dequantize-then-matmul wins because
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ember import kernels
 from ember.errors import QuantizationError
 from ember.quant.base import QUANT_CHUNK_ELEMENTS, QuantizedLinear, RowSource, row_chunks, tensor_rows
 
@@ -99,9 +103,21 @@ class Int8Linear(QuantizedLinear):
     def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
         return self.weight[start:end].float() * self.scales[start:end, None].float()
 
+    def _scales_f32(self) -> torch.Tensor:
+        """The scales in fp32 for the native kernel (made once; rebuilt when the module moves)."""
+        cached = self.__dict__.get("_scales_f32_cache")
+        if cached is None or cached.data_ptr() == 0 or cached.shape != self.scales.shape:
+            cached = self.scales.float().contiguous()
+            self.__dict__["_scales_f32_cache"] = cached
+        return cached
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and self.weight.is_contiguous():
+            y = kernels.int8(x2, self.weight, self._scales_f32())
+            if y is not None:
+                return self._finish(y, shape)
         if (x.device.type == "cpu" and x2.shape[0] <= CPU_KERNEL_MAX_ROWS and x.dtype in _KERNEL_DTYPES
                 and not (torch.is_grad_enabled() and x.requires_grad)):
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))

@@ -15,11 +15,13 @@ Dequantized weight: ``NF4_CODE[q] * absmax`` in fp32 (then the compute dtype), a
 Ties between two code values (a value exactly on a midpoint) round down here; bitsandbytes' CUDA
 kernel breaks some ties upwards. With real weights this is a measure-zero difference.
 
-Kernels: PyTorch has no NF4 matmul on any device, so forward is dequantize-then-matmul everywhere,
-in row chunks: a byte -> (2 values) lookup table (one ``index_select`` per chunk), the absmax scaling,
-then ``torch.mv`` (one row, CPU) or a GEMM. On CPU the chunk (~1 MiB fp32) stays in L2, so DRAM
-traffic is the 4-bit codes, but the lookup is compute-bound and several times slower than a bf16
-``torch.mv``: NF4 is the QLoRA base format; for CPU inference prefer int4.
+Kernels: on CPU, Ember's native kernel (:mod:`ember.kernels`) reads the bitsandbytes bytes as they are:
+bf16 activations look each nibble up in the bf16-rounded code book (``vpshufb`` on the high and low
+bytes) for ``vdpbf16ps`` with the block's absmax applied per 64 values (double quantization undone in
+the kernel); fp32 activations use the exact fp32 code book; more than two activation rows dequantize a
+cache-sized tile for a PyTorch GEMM. Elsewhere (CUDA, no compiler) PyTorch has no NF4 matmul, so
+forward is dequantize-then-matmul in row chunks: a byte -> (2 values) lookup table (one
+``index_select`` per chunk), the absmax scaling, then ``torch.mv`` (one row, CPU) or a GEMM.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import functools
 
 import torch
 
+from ember import kernels
 from ember.errors import QuantizationError
 from ember.quant.base import QUANT_CHUNK_ELEMENTS, QuantizedLinear, RowSource, lcm, row_chunks, tensor_rows
 
@@ -230,7 +233,24 @@ class NF4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        return self._finish(self._dequant_linear(x.reshape(-1, self.in_features)), shape)
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and self.in_features % BLOCK_SIZE == 0:
+            if self.double_quant:
+                y = kernels.q4(x2, self.weight, NF4_CODE, BLOCK_SIZE, am_code=self.absmax, am_dyn=DYNAMIC_CODE,
+                               am_scale2=self.absmax_scale, am_offset=float(self._offset()))
+            else:
+                y = kernels.q4(x2, self.weight, NF4_CODE, BLOCK_SIZE, absmax=self.absmax)
+            if y is not None:
+                return self._finish(y, shape)
+        return self._finish(self._dequant_linear(x2), shape)
+
+    def _offset(self) -> float:
+        """The double-quantization offset as a Python float (read once: ``.item()`` per call would sync)."""
+        cached = self.__dict__.get("_offset_cache")
+        if cached is None or cached[0] is not self.absmax_offset:
+            cached = (self.absmax_offset, float(self.absmax_offset))
+            self.__dict__["_offset_cache"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={BLOCK_SIZE}, double_quant={self.double_quant}"

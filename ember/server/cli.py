@@ -41,7 +41,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="sequences allowed to wait for a batch slot; more get 429 (default 64)")
     p.add_argument("--kv-blocks", type=int, default=None,
-                   help="KV cache blocks (default: max-batch full contexts, capped at a quarter of memory)")
+                   help="KV cache blocks (default: from the planner: what memory is left after the weights and "
+                        "activations, at most max-batch full contexts; startup fails if not even one sequence fits)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens read per step while others decode (default 256)")
@@ -52,21 +53,40 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     """Load the model and serve it until SIGINT/SIGTERM."""
-    import ember
-    from ember.server.app import ServerSettings
-
     _setup_logging(args.log_level)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"ember serve: warning: binding {args.host} without --api-key: anyone who can reach this machine "
               "can use the model", file=sys.stderr)
-    engine = ember.load(args.model, device=args.device, dtype=args.dtype)
-    name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
-    settings = ServerSettings(model_name=name, api_key=args.api_key, max_batch=args.max_batch,
-                              max_queue=args.max_queue, num_blocks=args.kv_blocks, block_size=args.block_size,
-                              prefill_chunk=args.prefill_chunk)
-    serve(engine, settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+    engine = load_engine(args)
+    serve(engine, server_settings(args), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level)
     return 0
+
+
+def load_engine(args):
+    """``ember.load`` with the model options; the planner checks ``--max-batch`` x ``--context`` fits first.
+
+    Raises:
+        InsufficientMemoryError: before anything is allocated, with what would fit.
+    """
+    import ember
+
+    # getattr: the options come from ember.cli.add_model_args, which may not offer all of them
+    return ember.load(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None),
+                      group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
+                      context=getattr(args, "context", None), batch=args.max_batch,
+                      max_memory=getattr(args, "max_memory", None))
+
+
+def server_settings(args):
+    """The :class:`~ember.server.app.ServerSettings` for parsed ``serve`` arguments."""
+    from ember.server.app import ServerSettings
+
+    name = args.model_name or os.path.basename(os.path.normpath(str(args.model)))
+    return ServerSettings(model_name=name, api_key=args.api_key, max_batch=args.max_batch,
+                          max_queue=args.max_queue, num_blocks=args.kv_blocks, block_size=args.block_size,
+                          prefill_chunk=args.prefill_chunk, context=getattr(args, "context", None),
+                          quant=getattr(args, "quant", None), max_memory=getattr(args, "max_memory", None))
 
 
 def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,

@@ -55,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute dtype; auto = bf16 where the device runs it natively, else fp32")
+    g.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="refuse to start if the plan needs more than this many GiB (default: what is free)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune)
 
@@ -88,7 +90,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ember.train.tune import tune
 
     tune(args.model, args.data, args.out, config_from_args(args), eval_data=args.eval, resume=args.resume,
-         device=args.device, progress=not args.quiet)
+         device=args.device, progress=not args.quiet, max_memory=args.max_memory)
     return 0
 
 

@@ -115,7 +115,7 @@ def _check_same_config(out: Path, saved: dict[str, Any], now: dict[str, Any]) ->
 def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig,
          eval_data: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
          progress: bool = True, callback: Callable[[Trainer, StepMetrics], None] | None = None,
-         log: Callable[[str], None] | None = None) -> TuneResult:
+         log: Callable[[str], None] | None = None, max_memory: float | None = None) -> TuneResult:
     """Fine-tune ``model_path`` on a JSONL file; see the module docstring for what OUT_DIR gets.
 
     Args:
@@ -128,7 +128,9 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
         progress: tqdm bar on stderr.
         callback: called after each step with (trainer, metrics).
         log: sink for one-line messages (default stderr).
+        max_memory: GiB the run may use; the planner refuses a run that needs more (or more than is free).
     Raises:
+        InsufficientMemoryError: the planner says the run does not fit (the message says what would).
         DataError: malformed data lines (before the model is loaded).
         TrainingError: bad options, occupied output folder, nothing to resume.
     """
@@ -154,6 +156,10 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
         log(f"[ember tune] {eval_data} (eval): {estats.summary()}")
 
     weights_dtype, autocast = training_dtypes(cfg.method, cfg.dtype, dev)
+    from ember.planner import preflight
+
+    preflight(model_path, dev, autocast or weights_dtype, context=cfg.seq_len, batch=cfg.batch, max_memory=max_memory,
+              task="tune", method=cfg.method)
     model = load_model(model_path, device=dev, dtype=weights_dtype, quant="nf4" if cfg.method == "qlora" else None)
     prepare_model(model, cfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

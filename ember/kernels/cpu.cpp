@@ -1,0 +1,764 @@
+// Ember's CPU matmul kernels for decode and small batches: Y (M, O) = X (M, I) @ W^T, W (O, I).
+//
+// Decode multiplies a few activation rows by every weight of the model, so its speed is how fast
+// the weights stream from DRAM. PyTorch's CPU GEMV paths reach ~15-20 GB/s on a 2-core AVX512
+// machine where a plain streaming read reaches ~60; these kernels stream each weight row block
+// once, decode it in registers and multiply it with up to 4 activation rows at a time (further
+// rows re-read the block from L1/L2, not DRAM).
+//
+//   dense_bf16  W bf16, X bf16   AVX512-BF16 vdpbf16ps (fp32 accumulate)
+//   dense_f32   W fp32, X fp32   FMA
+//   int8        W int8 (O, I) + fp32 scale per row: w = q * s             X -> fp32, FMA
+//   q4          W 4-bit (O, I/2), element 2j in the high nibble of byte j, 2j+1 in the low one
+//               (the bitsandbytes order, Ember's canonical int4/NF4 layout), mode:
+//                 int4: w = (q - 8) * scale[g] + zero[g], groups of 32/64/128 along I
+//                 nf4:  w = NF4[q] * absmax[b], blocks of 64 along I (absmax fp32, or bitsandbytes'
+//                       double quantization: absmax = DYN[c[b]] * scale2[b / 256] + offset)
+//               X bf16: nibbles -> bf16 table lookup (vpermw), vdpbf16ps, scale folded per group
+//               X fp32: nibbles -> fp32 table lookup (vpermps), FMA; exact against the dequantized weight
+//
+// Without AVX512-BF16 (or with -DEMBER_PORTABLE) every kernel is the portable C++ loop below it.
+// Threads: OpenMP over contiguous blocks of 4 output rows, ``nthreads`` from the caller
+// (torch.get_num_threads()); the process's libgomp is torch's, so the thread pool is shared.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if !defined(EMBER_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512BF16__)
+#define EMBER_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int R = 4;   // output rows per block
+constexpr int MB = 4;  // activation rows per pass over a block
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet: the rounding torch uses for fp32 -> bf16.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float load_f(const void* p, int64_t i, int is_bf16) {
+  return is_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+inline void store_y(void* Y, int64_t i, float v, int y_bf16) {
+  if (y_bf16)
+    static_cast<uint16_t*>(Y)[i] = f32_to_bf16(v);
+  else
+    static_cast<float*>(Y)[i] = v;
+}
+
+#ifdef EMBER_X86
+// 16 fp32 values to out[i..i+15] as fp32, or as bf16 rounded to nearest even (vcvtneps2bf16, as torch rounds).
+inline void store16(void* out, int64_t i, __m512 v, int out_bf16) {
+  if (out_bf16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), (__m256i)_mm512_cvtneps_pbh(v));
+  else
+    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+}
+#endif
+
+// Rows o0..o0+3 of W (row pointers clamped to the last row, so a short last block reads valid memory).
+template <typename T>
+inline void row_ptrs(const T* W, int64_t o0, int64_t O, int64_t ld, const T* rows[R]) {
+  for (int r = 0; r < R; r++) rows[r] = W + std::min(o0 + r, O - 1) * ld;
+}
+
+// X (M, I) in bf16 or fp32 -> fp32 (M, I) scratch.
+void to_f32(const void* X, int x_bf16, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i++) out[i] = load_f(X, i, x_bf16);
+}
+
+thread_local std::vector<float> scratch_f;
+thread_local std::vector<uint16_t> scratch_h;
+thread_local std::vector<float> scratch_stats;
+
+// Per-thread buffer for one row block's decoded scales and zeros (R rows x 2 x G floats).
+float* block_scratch(int64_t G) {
+  if (scratch_stats.size() < static_cast<size_t>(R * 2 * G)) scratch_stats.resize(static_cast<size_t>(R * 2 * G));
+  return scratch_stats.data();
+}
+
+// ============================================================================ dense bf16
+#ifdef EMBER_X86
+template <int NM>
+inline void dense_bf16_block(const uint16_t* const* w, const uint16_t* X, int64_t I, float* out) {
+  __m512 acc[R][NM];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < I; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + k);
+    for (int m = 0; m < NM; m++) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * I + k);
+      for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+void dense_bf16_rows(const uint16_t* const* w, const uint16_t* X, int64_t I, int nm, float* out) {
+#ifdef EMBER_X86
+  if (I % 32 == 0) {
+    switch (nm) {
+      case 1: return dense_bf16_block<1>(w, X, I, out);
+      case 2: return dense_bf16_block<2>(w, X, I, out);
+      case 3: return dense_bf16_block<3>(w, X, I, out);
+      default: return dense_bf16_block<4>(w, X, I, out);
+    }
+  }
+#endif
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < nm; m++) {
+      float s = 0.f;
+      for (int64_t k = 0; k < I; k++) s += bf16_to_f32(w[r][k]) * bf16_to_f32(X[m * I + k]);
+      out[r * MB + m] = s;
+    }
+}
+
+// ============================================================================ dense fp32
+#ifdef EMBER_X86
+template <int NM>
+inline void dense_f32_block(const float* const* w, const float* X, int64_t I, float* out) {
+  __m512 acc[R][NM];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < I; k += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w[r] + k);
+    for (int m = 0; m < NM; m++) {
+      __m512 xv = _mm512_loadu_ps(X + m * I + k);
+      for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+void dense_f32_rows(const float* const* w, const float* X, int64_t I, int nm, float* out) {
+#ifdef EMBER_X86
+  if (I % 16 == 0) {
+    switch (nm) {
+      case 1: return dense_f32_block<1>(w, X, I, out);
+      case 2: return dense_f32_block<2>(w, X, I, out);
+      case 3: return dense_f32_block<3>(w, X, I, out);
+      default: return dense_f32_block<4>(w, X, I, out);
+    }
+  }
+#endif
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < nm; m++) {
+      float s = 0.f;
+      for (int64_t k = 0; k < I; k++) s += w[r][k] * X[m * I + k];
+      out[r * MB + m] = s;
+    }
+}
+
+// ============================================================================ int8
+#ifdef EMBER_X86
+// 64 codes per row per step (one 64-byte load, four 16-lane conversions), 16 at a time for the tail.
+template <int NM>
+inline void int8_block(const int8_t* const* w, const float* X, int64_t I, float* out) {
+  __m512 acc[R][NM];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; NM == 1 && k + 64 <= I; k += 64) {  // several activation rows: 16 at a time keeps 16 accumulators in registers
+    for (int r = 0; r < R; r++) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k) + 512, _MM_HINT_T0);
+      __m512i b = _mm512_loadu_si512(w[r] + k);
+      __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(b)));
+      __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 1)));
+      __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 2)));
+      __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 3)));
+      for (int m = 0; m < NM; m++) {
+        const float* x = X + m * I + k;
+        __m512 a = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[r][m]);
+        a = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), a);
+        a = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + 32), a);
+        acc[r][m] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + 48), a);
+      }
+    }
+  }
+  for (; k < I; k += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; r++)
+      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k))));
+    for (int m = 0; m < NM; m++) {
+      __m512 xv = _mm512_loadu_ps(X + m * I + k);
+      for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+#ifdef EMBER_X86
+// One bf16 activation row. With u = q ^ 0x80 = 16 H + L (nibbles), q = 16 (128 + H) + (128 + L) - 2304, and
+// 0x4300 | n is exactly 128 + n in bf16: each 64-code step is four vdpbf16ps over nibble words (word j holds
+// codes 2j, 2j+1) against x_even, 16 x_even, x_odd, 16 x_odd; the -2304 * sum(x) is added once per row.
+inline void int8_bf16_rows(const int8_t* const* w, const uint16_t* Xp, float xsum, int64_t I, float* out) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300),
+                magic_flip = _mm512_set1_epi16(0x4308);  // the high nibbles carry the flipped sign bit
+  __m512 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < I / 64; c++) {
+    const uint16_t* x = Xp + c * 128;
+    const __m512bh xe = (__m512bh)_mm512_loadu_si512(x), xe16 = (__m512bh)_mm512_loadu_si512(x + 32);
+    const __m512bh xo = (__m512bh)_mm512_loadu_si512(x + 64), xo16 = (__m512bh)_mm512_loadu_si512(x + 96);
+    for (int r = 0; r < R; r++) {
+      const int8_t* wp = w[r] + c * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + 512, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(wp);
+      const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);  // (v & 15) | magic
+      const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic_flip, 0x6A);
+      const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
+      const __m512bh n3 = (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(v, 12), magic_flip);
+      acc[r][0] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][0], n0, xe), n2, xo);
+      acc[r][1] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][1], n1, xe16), n3, xo16);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * MB] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) - 2304.f * xsum;
+}
+#endif
+
+void int8_rows(const int8_t* const* w, const float* X, int64_t I, int nm, float* out) {
+#ifdef EMBER_X86
+  if (I % 16 == 0) {
+    switch (nm) {
+      case 1: return int8_block<1>(w, X, I, out);
+      case 2: return int8_block<2>(w, X, I, out);
+      case 3: return int8_block<3>(w, X, I, out);
+      default: return int8_block<4>(w, X, I, out);
+    }
+  }
+#endif
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < nm; m++) {
+      float s = 0.f;
+      for (int64_t k = 0; k < I; k++) s += static_cast<float>(w[r][k]) * X[m * I + k];
+      out[r * MB + m] = s;
+    }
+}
+
+// ============================================================================ 4-bit
+// The 16 values a code stands for before scaling: q - 8 (int4) or the NF4 code book.
+struct Q4Params {
+  int mode;             // 0 int4, 1 nf4
+  int64_t group;        // int4: 32/64/128; nf4: 64
+  const void* scales;   // int4 (O, I/g), bf16 or fp32 (stats_bf16)
+  const void* zeros;    // int4 (O, I/g)
+  int stats_bf16;
+  const float* absmax;  // nf4 without double quant: (O*I/64,) fp32
+  const uint8_t* am_code;     // nf4 double quant: (O*I/64,) uint8
+  const float* am_dyn;        // (256,) fp32 dynamic map
+  const float* am_scale2;     // (ceil(blocks/256),) fp32
+  float am_offset;
+  float table[16];
+};
+
+inline float group_scale(const Q4Params& p, int64_t o, int64_t g, int64_t G) {
+  int64_t i = o * G + g;
+  if (p.mode == 0) return load_f(p.scales, i, p.stats_bf16);
+  if (p.absmax) return p.absmax[i];
+  return p.am_dyn[p.am_code[i]] * p.am_scale2[i >> 8] + p.am_offset;  // double-quant blocks of 256
+}
+
+inline float group_zero(const Q4Params& p, int64_t o, int64_t g, int64_t G) {
+  return p.mode == 0 ? load_f(p.zeros, o * G + g, p.stats_bf16) : 0.f;
+}
+
+// fp32 scale and zero of every group of the block's rows: st[r * 2G + g] = scale, st[r * 2G + G + g] = zero.
+// Decoded once per block so the inner loops never divide or branch on the format.
+inline void block_stats(const Q4Params& p, const int64_t* rows, int64_t G, float* st) {
+  for (int r = 0; r < R; r++)
+    for (int64_t g = 0; g < G; g++) {
+      st[r * 2 * G + g] = group_scale(p, rows[r], g, G);
+      st[r * 2 * G + G + g] = group_zero(p, rows[r], g, G);
+    }
+}
+
+// Portable reference for any shape: dequantize each value, multiply, accumulate in fp32.
+void q4_rows_portable(const uint8_t* const* w, const float* st, const float* X, int64_t I, int nm,
+                      const Q4Params& p, float* out) {
+  int64_t G = I / p.group;
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < nm; m++) {
+      float s = 0.f;
+      for (int64_t g = 0; g < G; g++) {
+        float sc = st[r * 2 * G + g], z = st[r * 2 * G + G + g];
+        for (int64_t k = g * p.group; k < (g + 1) * p.group; k++) {
+          uint8_t b = w[r][k / 2];
+          int q = (k % 2 == 0) ? (b >> 4) : (b & 0x0F);
+          s += (p.table[q] * sc + z) * X[m * I + k];
+        }
+      }
+      out[r * MB + m] = s;
+    }
+}
+
+#ifdef EMBER_X86
+// fp32 activations, deinterleaved per 32 values: Xd[m][32c + j] = x[32c + 2j], Xd[m][32c + 16 + j] = x[32c + 2j + 1].
+// Per group: dot = sum table[q] * x (FMA); acc += scale * dot; the int4 zero adds zero * sum(x of group).
+template <int NM>
+inline void q4_f32_block(const uint8_t* const* w, const float* st, const float* Xd, const float* xsum,
+                         int64_t I, const Q4Params& p, float* out) {
+  const __m512 table = _mm512_loadu_ps(p.table);
+  const int64_t G = I / p.group;
+  const int64_t chunks = p.group / 32;  // 32-value chunks per group (group >= 32)
+  __m512 acc[R][NM];
+  float zsum[R][NM];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm512_setzero_ps(), zsum[r][m] = 0.f;
+  for (int64_t g = 0; g < G; g++) {
+    __m512 dot[R][NM];
+    for (int r = 0; r < R; r++)
+      for (int m = 0; m < NM; m++) dot[r][m] = _mm512_setzero_ps();
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; c++) {
+      __m512 hi[R], lo[R];
+      for (int r = 0; r < R; r++) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + c * 16)));
+        lo[r] = _mm512_permutexvar_ps(b, table);  // uses the low 4 bits: element 2j + 1
+        hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);  // element 2j
+      }
+      for (int m = 0; m < NM; m++) {
+        __m512 xe = _mm512_loadu_ps(Xd + m * I + c * 32), xo = _mm512_loadu_ps(Xd + m * I + c * 32 + 16);
+        for (int r = 0; r < R; r++) dot[r][m] = _mm512_fmadd_ps(lo[r], xo, _mm512_fmadd_ps(hi[r], xe, dot[r][m]));
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      __m512 s = _mm512_set1_ps(st[r * 2 * G + g]);
+      float z = st[r * 2 * G + G + g];
+      for (int m = 0; m < NM; m++) {
+        acc[r][m] = _mm512_fmadd_ps(s, dot[r][m], acc[r][m]);
+        zsum[r][m] += z * xsum[m * G + g];
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]) + zsum[r][m];
+}
+
+// bf16 activations, I % 128 == 0. 64 code bytes = 32 words per row step; word j holds values 4j..4j+3:
+// n0 = w & 15 -> 4j+1, n1 = (w >> 4) & 15 -> 4j, n2 = (w >> 8) & 15 -> 4j+3, n3 = w >> 12 -> 4j+2, so x is
+// pre-arranged per 128 values as X4[m][128c + 32i + j] = x[128c + 4j + perm(i)], perm = (1, 0, 3, 2).
+// int4: bf16 bits 0x4300 | q are exactly 128 + q, so sum (128 + q) x needs no table: the 136 * scale offset
+// joins the zero term. nf4: the bf16 code book is looked up by vpermw on the nibble.
+// vdpbf16ps output lane t sums words 2t, 2t+1 = values 8t..8t+7 of the step, so lane t belongs to group
+// (128c + 8t) / g and the per-group scale is a lane vector (one value for g = 128, two halves for 64, quarters for 32).
+// The 128 values of a 64-byte step as four vectors of 32 bf16 words: int4 takes the four nibbles of each word
+// (0x4300 | q = 128 + q); nf4 looks each nibble up in the bf16 code book, whose low/high bytes are the first two
+// 128-bit lanes of ``table``. Each mode orders values differently; ember_q4 arranges x to match (x_order).
+template <int MODE>
+inline void q4_words(__m512i v, const __m512i table, __m512bh& w0, __m512bh& w1, __m512bh& w2, __m512bh& w3) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  if (MODE == 0) {  // (a & low4) | magic in one vpternlogd each
+    w0 = (__m512bh)_mm512_ternarylogic_epi32(v, low4, magic, 0xEA);
+    w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, magic, 0xEA);
+    w2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, magic, 0xEA);
+    w3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
+  } else {  // nf4: high and low bytes of each bf16 code value by vpshufb on the nibble bytes, then interleaved
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    const __m512i hb = _mm512_shuffle_i64x2(table, table, 0x55);  // table: lane 0 low bytes, lane 1 high bytes
+    const __m512i lb = _mm512_shuffle_i64x2(table, table, 0x00);
+    const __m512i l_lo = _mm512_shuffle_epi8(lb, lo), l_hi = _mm512_shuffle_epi8(hb, lo);
+    const __m512i h_lo = _mm512_shuffle_epi8(lb, hi), h_hi = _mm512_shuffle_epi8(hb, hi);
+    w0 = (__m512bh)_mm512_unpacklo_epi8(l_lo, l_hi), w1 = (__m512bh)_mm512_unpackhi_epi8(l_lo, l_hi);
+    w2 = (__m512bh)_mm512_unpacklo_epi8(h_lo, h_hi), w3 = (__m512bh)_mm512_unpackhi_epi8(h_lo, h_hi);
+  }
+}
+
+// The per-lane group scale of one 128-value step (see q4_bf16x128).
+inline __m512 step_scale(const float* sc, int64_t c, int64_t group) {
+  if (group == 128) return _mm512_set1_ps(sc[c]);
+  if (group == 64) return _mm512_insertf32x8(_mm512_set1_ps(sc[2 * c]), _mm256_set1_ps(sc[2 * c + 1]), 1);
+  const __m512i q32 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(q32, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * c)));
+}
+
+// Which value of a 128-value step word j of vector i holds (q4_words' order).
+inline int x_order(int mode, int i, int j) {
+  if (mode == 0) {  // int4: word j of the step = values 4j..4j+3; vectors = nibbles 0..3 = values 4j+1, 4j, 4j+3, 4j+2
+    static const int perm[4] = {1, 0, 3, 2};
+    return 4 * j + perm[i];
+  }
+  // nf4: vpunpck{l,h}bw interleave within 128-bit lanes: word j = lane j / 8, k = j % 8 -> byte 16 lane + k
+  // (vectors 0, 2) or 16 lane + 8 + k (1, 3); low nibbles (vectors 0, 1) are the odd values 2 byte + 1.
+  const int lane = j / 8, k = j % 8;
+  const int byte = 16 * lane + ((i == 1 || i == 3) ? 8 : 0) + k;
+  return 2 * byte + (i < 2 ? 1 : 0);
+}
+
+template <int RR, int NM, int MODE>
+inline void q4_bf16x128(const uint8_t* const* w, const float* st, const uint16_t* X4, const float* xsum, int64_t I,
+                        int64_t group, const __m512i table, float* out) {
+  const int64_t G = I / group;
+  __m512 acc[RR][NM];
+  for (int r = 0; r < RR; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < I / 128; c++) {
+    __m512bh xv[NM][4];  // this step's activations, loaded once for all RR rows
+    for (int m = 0; m < NM; m++)
+      for (int i = 0; i < 4; i++) xv[m][i] = (__m512bh)_mm512_loadu_si512(X4 + m * I + c * 128 + 32 * i);
+    for (int r = 0; r < RR; r++) {
+      const uint8_t* wp = w[r] + c * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + 512, _MM_HINT_T0);
+      __m512bh w0, w1, w2, w3;
+      q4_words<MODE>(_mm512_loadu_si512(wp), table, w0, w1, w2, w3);
+      const __m512 s = step_scale(st + r * 2 * G, c, group);
+      for (int m = 0; m < NM; m++) {
+        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, xv[m][0]);
+        __m512 e = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, xv[m][1]);
+        d = _mm512_dpbf16_ps(d, w2, xv[m][2]);
+        e = _mm512_dpbf16_ps(e, w3, xv[m][3]);
+        acc[r][m] = _mm512_fmadd_ps(s, _mm512_add_ps(d, e), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RR; r++) {
+    const float* zr = st + r * 2 * G + G;
+    for (int m = 0; m < NM; m++) {
+      float z = 0.f;
+      if (MODE == 0)
+        for (int64_t g = 0; g < G; g++) z += zr[g] * xsum[m * G + g];
+      out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]) + z;
+    }
+  }
+}
+#endif
+
+template <typename F>
+void for_row_blocks(int64_t O, int64_t M, int nthreads, F&& body) {
+  const int64_t blocks = (O + R - 1) / R;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t b = 0; b < blocks; b++) {
+    float out[R * MB];
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+      body(b * R, m0, nm, out);
+    }
+  }
+}
+
+inline void store_block(void* Y, int64_t O, int64_t o0, int64_t m0, int nm, const float* out, const float* row_scale,
+                        int y_bf16) {
+  for (int r = 0; r < R && o0 + r < O; r++)
+    for (int m = 0; m < nm; m++) {
+      float v = out[r * MB + m] * (row_scale ? row_scale[o0 + r] : 1.f);
+      store_y(Y, (m0 + m) * O + o0 + r, v, y_bf16);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Which code path this build compiled: 1 = AVX512-BF16 intrinsics, 0 = portable loops.
+int ember_kernels_isa() {
+#ifdef EMBER_X86
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+void ember_dense_bf16(const uint16_t* W, const uint16_t* X, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
+                      int nthreads) {
+  for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
+    const uint16_t* w[R];
+    row_ptrs(W, o0, O, I, w);
+    dense_bf16_rows(w, X + m0 * I, I, nm, out);
+    store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
+  });
+}
+
+void ember_dense_f32(const float* W, const float* X, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
+                     int nthreads) {
+  for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
+    const float* w[R];
+    row_ptrs(W, o0, O, I, w);
+    dense_f32_rows(w, X + m0 * I, I, nm, out);
+    store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
+  });
+}
+
+// scales: (O,) fp32.
+void ember_int8(const int8_t* W, const float* scales, const void* X, int x_bf16, void* Y, int64_t M, int64_t O,
+                int64_t I, int y_bf16, int nthreads) {
+#ifdef EMBER_X86
+  if (x_bf16 && M == 1 && I % 64 == 0) {
+    // x per 64 values as [x_even, 16 x_even, x_odd, 16 x_odd] (see int8_bf16_rows); 16 x is exact in bf16.
+    std::vector<uint16_t>& xp = scratch_h;
+    xp.resize(static_cast<size_t>(2 * I));
+    const uint16_t* xs = static_cast<const uint16_t*>(X);
+    double total = 0.0;
+    for (int64_t c = 0; c < I / 64; c++)
+      for (int j = 0; j < 32; j++) {
+        const float e = bf16_to_f32(xs[c * 64 + 2 * j]), o = bf16_to_f32(xs[c * 64 + 2 * j + 1]);
+        xp[c * 128 + j] = xs[c * 64 + 2 * j];
+        xp[c * 128 + 32 + j] = f32_to_bf16(16.f * e);
+        xp[c * 128 + 64 + j] = xs[c * 64 + 2 * j + 1];
+        xp[c * 128 + 96 + j] = f32_to_bf16(16.f * o);
+        total += static_cast<double>(e) + o;
+      }
+    const float xsum = static_cast<float>(total);
+    const uint16_t* Xp = xp.data();
+    for_row_blocks(O, 1, nthreads, [&](int64_t o0, int64_t, int, float* out) {
+      const int8_t* w[R];
+      row_ptrs(W, o0, O, I, w);
+      int8_bf16_rows(w, Xp, xsum, I, out);
+      store_block(Y, O, o0, 0, 1, out, scales, y_bf16);
+    });
+    return;
+  }
+#endif
+  std::vector<float>& xf = scratch_f;
+  xf.resize(static_cast<size_t>(M * I));
+  to_f32(X, x_bf16, M * I, xf.data());
+  const float* Xf = xf.data();
+  for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
+    const int8_t* w[R];
+    row_ptrs(W, o0, O, I, w);
+    int8_rows(w, Xf + m0 * I, I, nm, out);
+    store_block(Y, O, o0, m0, nm, out, scales, y_bf16);
+  });
+}
+
+// mode 0 int4 (scales/zeros (O, I/group) in bf16 or fp32), 1 nf4 (absmax fp32, or am_code/am_dyn/am_scale2/am_offset).
+// table: the 16 code values in fp32 (q - 8, or the NF4 code book).
+void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
+              int mode, int64_t group, const void* scales, const void* zeros, int stats_bf16, const float* absmax,
+              const uint8_t* am_code, const float* am_dyn, const float* am_scale2, float am_offset,
+              const float* table, int nthreads) {
+  Q4Params p{mode, group, scales, zeros, stats_bf16, absmax, am_code, am_dyn, am_scale2, am_offset, {}};
+  std::memcpy(p.table, table, sizeof(p.table));
+  const int64_t G = I / group;
+  const int64_t half = I / 2;
+  // Per-group sums of x for the int4 zero term, (M, G) fp32.
+  std::vector<float> xsum(static_cast<size_t>(M * G), 0.f);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k < I; k++) xsum[m * G + k / group] += load_f(X, m * I + k, x_bf16);
+#ifdef EMBER_X86
+  if (x_bf16 && I % 128 == 0) {
+    std::vector<uint16_t>& x4 = scratch_h;
+    x4.resize(static_cast<size_t>(M * I));
+    const uint16_t* xs = static_cast<const uint16_t*>(X);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t c = 0; c < I / 128; c++)
+        for (int i = 0; i < 4; i++)
+          for (int j = 0; j < 32; j++) x4[m * I + c * 128 + 32 * i + j] = xs[m * I + c * 128 + x_order(mode, i, j)];
+    uint8_t tb[64] = {};
+    for (int i = 0; i < 16; i++) {
+      const uint16_t h = f32_to_bf16(table[i]);
+      tb[i] = static_cast<uint8_t>(h & 0xFF), tb[16 + i] = static_cast<uint8_t>(h >> 8);
+    }
+    const __m512i tv = _mm512_loadu_si512(tb);
+    const uint16_t* X4 = x4.data();
+    const int int4 = mode == 0;
+    // int4 codes count as 128 + q: fold the -(128 + 8) * scale into the zero of each group.
+    Q4Params pz = p;
+    const int64_t rr = M == 1 ? 4 : 1;  // decode: 4 weight rows per pass; batches: one row, 8 activations
+    const int64_t blocks = (O + rr - 1) / rr;
+    const int64_t mstep = M == 1 ? 1 : 8;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+      const int64_t o0 = b * rr;
+      const uint8_t* w[R];
+      int64_t rows[R];
+      row_ptrs(W, o0, O, half, w);
+      for (int r = 0; r < R; r++) rows[r] = std::min(o0 + r, O - 1);
+      float* st = block_scratch(G);
+      block_stats(pz, rows, G, st);
+      if (int4)
+        for (int r = 0; r < R; r++)
+          for (int64_t g = 0; g < G; g++) st[r * 2 * G + G + g] -= 136.f * st[r * 2 * G + g];
+      float out[R * MB * 2];
+      for (int64_t m0 = 0; m0 < M; m0 += mstep) {
+        const int nm = static_cast<int>(std::min<int64_t>(mstep, M - m0));
+        const uint16_t* x = X4 + m0 * I;
+        const float* xs_ = xsum.data() + m0 * G;
+        float o8[8 * MB];
+        if (rr == 4) {
+          if (int4) q4_bf16x128<4, 1, 0>(w, st, x, xs_, I, group, tv, out);
+          else q4_bf16x128<4, 1, 1>(w, st, x, xs_, I, group, tv, out);
+          store_block(Y, O, o0, m0, 1, out, nullptr, y_bf16);
+        } else {
+          // one row, up to 8 activation rows: out index m (MB stride unused with RR = 1)
+          switch (nm) {
+#define Q4CASE(N) case N: if (int4) q4_bf16x128<1, N, 0>(w, st, x, xs_, I, group, tv, o8); \
+                          else q4_bf16x128<1, N, 1>(w, st, x, xs_, I, group, tv, o8); break;
+            Q4CASE(1) Q4CASE(2) Q4CASE(3) Q4CASE(4) Q4CASE(5) Q4CASE(6) Q4CASE(7) Q4CASE(8)
+#undef Q4CASE
+          }
+          for (int m = 0; m < nm; m++) store_y(Y, (m0 + m) * O + o0, o8[m], y_bf16);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  std::vector<float>& xf = scratch_f;
+  xf.resize(static_cast<size_t>(M * I));
+  to_f32(X, x_bf16, M * I, xf.data());
+#ifdef EMBER_X86
+  if (I % 32 == 0 && group % 32 == 0) {
+    std::vector<float> xd(static_cast<size_t>(M * I));
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t c = 0; c < I / 32; c++)
+        for (int j = 0; j < 16; j++) {
+          xd[m * I + c * 32 + j] = xf[m * I + c * 32 + 2 * j];
+          xd[m * I + c * 32 + 16 + j] = xf[m * I + c * 32 + 2 * j + 1];
+        }
+    const float* Xd = xd.data();
+    for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
+      const uint8_t* w[R];
+      int64_t rows[R];
+      row_ptrs(W, o0, O, half, w);
+      for (int r = 0; r < R; r++) rows[r] = std::min(o0 + r, O - 1);
+      float* st = block_scratch(G);
+      if (m0 == 0) block_stats(p, rows, G, st);
+      const float* x = Xd + m0 * I;
+      const float* xs_ = xsum.data() + m0 * G;
+      switch (nm) {
+        case 1: q4_f32_block<1>(w, st, x, xs_, I, p, out); break;
+        case 2: q4_f32_block<2>(w, st, x, xs_, I, p, out); break;
+        case 3: q4_f32_block<3>(w, st, x, xs_, I, p, out); break;
+        default: q4_f32_block<4>(w, st, x, xs_, I, p, out); break;
+      }
+      store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
+    });
+    return;
+  }
+#endif
+  const float* Xf = xf.data();
+  for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
+    const uint8_t* w[R];
+    int64_t rows[R];
+    row_ptrs(W, o0, O, half, w);
+    for (int r = 0; r < R; r++) rows[r] = std::min(o0 + r, O - 1);
+    float* st = block_scratch(G);
+    if (m0 == 0) block_stats(p, rows, G, st);
+    q4_rows_portable(w, st, Xf + m0 * I, I, nm, p, out);
+    store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
+  });
+}
+
+// Rows [a, b) of the dequantized weight into ``out`` ((b - a, I), bf16 or fp32): the large-M path
+// dequantizes a cache-sized tile of rows with this, then multiplies it with a PyTorch GEMM.
+void ember_int8_dequant(const int8_t* W, const float* scales, int64_t I, int64_t a, int64_t b, void* out,
+                        int out_bf16, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t o = a; o < b; o++) {
+    const int8_t* row = W + o * I;
+    const float sc = scales[o];
+    int64_t k = 0;
+#ifdef EMBER_X86
+    const __m512 s = _mm512_set1_ps(sc);
+    for (; k + 16 <= I; k += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)))), s);
+      store16(out, (o - a) * I + k, v, out_bf16);
+    }
+#endif
+    for (; k < I; k++) store_y(out, (o - a) * I + k, static_cast<float>(row[k]) * sc, out_bf16);
+  }
+}
+
+void ember_q4_dequant(const uint8_t* W, int64_t I, int64_t a, int64_t b, void* out, int out_bf16, int mode,
+                      int64_t group, const void* scales, const void* zeros, int stats_bf16, const float* absmax,
+                      const uint8_t* am_code, const float* am_dyn, const float* am_scale2, float am_offset,
+                      const float* table, int nthreads) {
+  Q4Params p{mode, group, scales, zeros, stats_bf16, absmax, am_code, am_dyn, am_scale2, am_offset, {}};
+  std::memcpy(p.table, table, sizeof(p.table));
+  const int64_t G = I / group;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t o = a; o < b; o++) {
+    const uint8_t* row = W + o * (I / 2);
+    for (int64_t g = 0; g < G; g++) {
+      const float sc = group_scale(p, o, g, G), z = group_zero(p, o, g, G);
+      int64_t k = g * group;
+#ifdef EMBER_X86
+      // 16 bytes -> 32 values: high nibbles are the even elements, low nibbles the odd ones.
+      const __m512 table = _mm512_loadu_ps(p.table), s = _mm512_set1_ps(sc), zv = _mm512_set1_ps(z);
+      const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      for (; k + 32 <= (g + 1) * group; k += 32) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        __m512 even = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), s, zv);
+        __m512 odd = _mm512_fmadd_ps(_mm512_permutexvar_ps(bytes, table), s, zv);
+        store16(out, (o - a) * I + k, _mm512_permutex2var_ps(even, lo_idx, odd), out_bf16);
+        store16(out, (o - a) * I + k + 16, _mm512_permutex2var_ps(even, hi_idx, odd), out_bf16);
+      }
+#endif
+      for (; k < (g + 1) * group; k += 2) {
+        const uint8_t v = row[k / 2];
+        store_y(out, (o - a) * I + k, p.table[v >> 4] * sc + z, out_bf16);
+        store_y(out, (o - a) * I + k + 1, p.table[v & 0x0F] * sc + z, out_bf16);
+      }
+    }
+  }
+}
+
+// RMSNorm as HF computes it: h = x in fp32; h *= 1 / sqrt(mean(h^2) + eps); out = weight * h.to(dtype), where
+// (bf16) the cast and the product are each rounded to bf16. x, weight, out: bf16 or fp32 (is_bf16), (rows, H).
+void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int64_t H, float eps, int is_bf16,
+                    int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; r++) {
+    double ss = 0.0;
+    for (int64_t k = 0; k < H; k++) {
+      float v = load_f(X, r * H + k, is_bf16);
+      ss += static_cast<double>(v) * v;
+    }
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+    for (int64_t k = 0; k < H; k++) {
+      float h = load_f(X, r * H + k, is_bf16) * inv;
+      if (is_bf16) h = bf16_to_f32(f32_to_bf16(h));
+      store_y(Out, r * H + k, load_f(Wt, k, is_bf16) * h, is_bf16);
+    }
+  }
+}
+
+// Rotary embedding in place, HF's half-split layout: x (n_rows, heads, hd) with cos/sin (n_rows, hd) per row;
+// out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); in bf16 each product and the sum are
+// rounded as PyTorch's bf16 ops round them.
+void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64_t heads, int64_t hd, int is_bf16) {
+  const int64_t half = hd / 2;
+  std::vector<float> tmp(static_cast<size_t>(hd));
+  auto rnd = [is_bf16](float v) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; };
+  for (int64_t t = 0; t < n_rows; t++) {
+    for (int64_t h = 0; h < heads; h++) {
+      const int64_t base = (t * heads + h) * hd;
+      for (int64_t k = 0; k < hd; k++) tmp[k] = load_f(X, base + k, is_bf16);
+      for (int64_t k = 0; k < hd; k++) {
+        const float rot = k < half ? -tmp[k + half] : tmp[k - half];
+        const float c = load_f(Cos, t * hd + k, is_bf16), s = load_f(Sin, t * hd + k, is_bf16);
+        store_y(X, base + k, rnd(rnd(tmp[k] * c) + rnd(rot * s)), is_bf16);
+      }
+    }
+  }
+}
+
+}  // extern "C"

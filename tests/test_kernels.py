@@ -1,0 +1,162 @@
+"""Native CPU kernels (ember.kernels) against float64 references, for the AVX512 build and the portable one.
+
+Tolerances: fp32 activations, fp32 accumulation in a different order than the reference: 1e-5 x max |y|.
+bf16 activations: the output is rounded to bf16 once (2**-8 relative), plus fp32 accumulation: 2**-7 x max |y|.
+The shapes include row counts that are not multiples of the kernels' 4-row blocks, widths that miss the
+vectorised paths (so the scalar tails run), and batch sizes past the fused-kernel limits (tiled path).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import kernels
+from ember.model import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from ember.config import ModelConfig
+from ember.quant import nf4 as qnf4
+
+
+def worst(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    d = (got.double() - ref.double()).abs()
+    i = int(d.argmax())
+    assert d.max() <= tol, (f"{what}: worst |diff| {d.max():.3g} at flat index {i} "
+                            f"(got {got.flatten()[i]:.6g}, ref {ref.flatten()[i]:.6g}), tolerance {tol:.3g}")
+
+
+@pytest.fixture(params=["native", "portable"])
+def build(request, monkeypatch):
+    """The kernel library built the given way (skips when no compiler is found)."""
+    monkeypatch.setenv("EMBER_KERNELS", request.param)
+    kernels.reset()
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"native kernels unavailable: {kernels.status()}")
+    if request.param == "portable":
+        assert lib.ember_kernels_isa() == 0
+    yield request.param
+    monkeypatch.delenv("EMBER_KERNELS")
+    kernels.reset()
+
+
+def tol(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    return (2**-7 if dtype == torch.bfloat16 else 1e-5) * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (3, 5, 96), (8, 130, 64), (2, 9, 40)])
+def test_dense(build, dtype, M, O, I):
+    torch.manual_seed(0)
+    w, x = torch.randn(O, I).to(dtype), torch.randn(M, I).to(dtype)
+    y = kernels.dense(x, w)
+    assert y is not None and y.dtype == dtype and y.shape == (M, O)
+    ref = x.double() @ w.double().T
+    worst(y, ref, tol(ref, dtype), f"dense {build} {dtype} {M}x{O}x{I}")
+
+
+def test_dense_declines_what_it_does_not_handle():
+    w = torch.randn(8, 64)
+    assert kernels.dense(torch.randn(kernels.MAX_ROWS["dense"] + 1, 64), w) is None  # prefill: PyTorch's GEMM
+    assert kernels.dense(torch.randn(1, 64).half(), w.half()) is None
+    assert kernels.dense(torch.randn(1, 64, requires_grad=True), w) is None  # autograd
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (1, 6, 80), (3, 13, 128), (9, 37, 192)])
+def test_int8(build, dtype, M, O, I):
+    torch.manual_seed(1)
+    q = torch.randint(-127, 128, (O, I), dtype=torch.int8)
+    s = torch.rand(O) * 0.01
+    x = torch.randn(M, I).to(dtype)
+    y = kernels.int8(x, q, s)
+    ref = x.double() @ (q.double() * s.double()[:, None]).T
+    worst(y, ref, tol(ref, dtype), f"int8 {build} {dtype} {M}x{O}x{I}")
+
+
+def int4_reference(codes, scales, zeros, g):
+    O, half = codes.shape
+    q = torch.stack((codes >> 4, codes & 15), -1).view(O, 2 * half).double()  # element 2j in the high nibble
+    return ((q - 8).view(O, -1, g) * scales.double()[..., None] + zeros.double()[..., None]).view(O, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (1, 9, 192), (7, 21, 384)])
+def test_int4(build, dtype, g, M, O, I):
+    if I % g:
+        pytest.skip("group does not divide the width")
+    torch.manual_seed(2)
+    codes = torch.randint(0, 256, (O, I // 2), dtype=torch.uint8)
+    for stats in (torch.bfloat16, torch.float32):
+        scales, zeros = (torch.rand(O, I // g) * 0.02).to(stats), (torch.randn(O, I // g) * 0.01).to(stats)
+        x = torch.randn(M, I).to(dtype)
+        y = kernels.q4(x, codes, torch.arange(16, dtype=torch.float32) - 8, g, scales=scales, zeros=zeros)
+        ref = x.double() @ int4_reference(codes, scales, zeros, g).T
+        worst(y, ref, tol(ref, dtype), f"int4 {build} {dtype} stats {stats} g{g} {M}x{O}x{I}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 6, 128), (1, 3, 192), (5, 11, 256)])
+def test_nf4(build, dtype, double_quant, M, O, I):
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(I, O, bias=False)
+    m = qnf4.NF4Linear.from_linear(lin, double_quant=double_quant, dtype=torch.float32)
+    x = torch.randn(M, I).to(dtype)
+    if double_quant:
+        y = kernels.q4(x, m.weight, qnf4.NF4_CODE, 64, am_code=m.absmax, am_dyn=qnf4.DYNAMIC_CODE,
+                       am_scale2=m.absmax_scale, am_offset=float(m.absmax_offset))
+    else:
+        y = kernels.q4(x, m.weight, qnf4.NF4_CODE, 64, absmax=m.absmax)
+    ref = x.double() @ m.dequantize().double().T
+    # bf16 activations use the code book rounded to bf16 (relative error <= 2**-9 per weight)
+    worst(y, ref, tol(ref, dtype) * (2 if dtype == torch.bfloat16 else 1), f"nf4 {build} {dtype} {M}x{O}x{I}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_matches_the_torch_path(build, dtype):
+    torch.manual_seed(4)
+    norm = RMSNorm(192, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 192) * 4).to(dtype)
+    with torch.no_grad():
+        got = kernels.rms_norm(x, norm.weight, norm.eps)
+        h = x.float()
+        ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)  # HF's formula
+    if dtype == torch.float32:
+        worst(got, ref, 1e-6 * float(ref.abs().max()), "rms_norm fp32")
+    else:  # the same two roundings; the fp32 statistics may differ in the last bit
+        worst(got, ref, 2**-7 * float(ref.abs().max()), "rms_norm bf16")
+        assert (got != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_in_place_equals_apply_rope(build, dtype):
+    cfg = ModelConfig(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=32)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 4, 32).to(dtype)  # (B, T, heads, hd)
+    positions = torch.tensor([[0, 1, 2], [7, 8, 9]])
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions, dtype)  # (B, T, hd)
+    ref = apply_rope(x.transpose(1, 2), cos[:, None], sin[:, None]).transpose(1, 2)
+    got = x.clone()
+    assert kernels.rope_(got, cos, sin)
+    assert torch.equal(got, ref), f"worst {(got.float() - ref.float()).abs().max():.3g}"
+
+
+def test_disabled_kernels_fall_back_to_torch(monkeypatch):
+    monkeypatch.setenv("EMBER_KERNELS", "0")
+    kernels.reset()
+    try:
+        assert kernels.load() is None and kernels.dense(torch.randn(1, 64), torch.randn(8, 64)) is None
+        assert "off" in kernels.status()
+        from ember.model import Linear
+
+        lin = Linear(64, 8)
+        x = torch.randn(1, 64)
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    finally:
+        monkeypatch.delenv("EMBER_KERNELS")
+        kernels.reset()
