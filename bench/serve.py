@@ -154,7 +154,7 @@ def main() -> None:
     import random
 
     import torch
-    from decode import measure_bandwidth, weight_bytes_per_token, write_checkpoint
+    from decode import measure_bandwidth, write_checkpoint
 
     bw = measure_bandwidth(0.5)
     with tempfile.TemporaryDirectory(prefix="ember-serve-bench-") as tmp:
@@ -171,7 +171,7 @@ def main() -> None:
         import ember
 
         llm = ember.load(folder, device="cpu", dtype=args.dtype if args.dtype != "auto" else "auto")
-        wbytes = weight_bytes_per_token(llm.model)
+        wbytes = llm.model.weight_bytes_per_token()
         dtype_used = str(llm.dtype).removeprefix("torch.")
         n_params = llm.config.num_parameters()
         del llm

@@ -260,7 +260,7 @@ def _tiled(x2: torch.Tensor, out_features: int, dequant) -> torch.Tensor:
         tile = buf[: b - a]
         dequant(a, b, tile)
         torch.mm(tile, xt, out=yt[a:b])
-    return yt.t()
+    return yt.t().contiguous()  # callers (LoRA, views of the output) expect a row-major result
 
 
 def int8(x2: torch.Tensor, weight: torch.Tensor, scales_f32: torch.Tensor) -> torch.Tensor | None:

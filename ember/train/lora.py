@@ -205,7 +205,7 @@ def dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
 
 def _drop(x2: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """A copy of x2 with the ``drop`` positions zeroed (the unscaled dropout output)."""
-    xd = x2.clone()
+    xd = x2.clone(memory_format=torch.contiguous_format)  # x2 may be a strided view
     xd.view(-1).index_fill_(0, drop, 0)
     return xd
 
