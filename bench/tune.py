@@ -282,9 +282,23 @@ def main() -> int:
         print(f"{r['row']:<12} {r['tok_s']:>8.1f} {ratio(r, 'tok_s'):>7} {r['cpu_tok_s']:>10.1f} {ratio(r, 'cpu_tok_s'):>7} "
               f"{r['tok_s'] * fpt / 1e12:>8.3f} {r['peak_bytes'] / 2**30:>9.2f} {ratio(r, 'peak_bytes'):>7} "
               f"{r['delta_bytes'] / 2**30:>10.2f} {ratio(r, 'delta_bytes'):>7}")
+    targets = []
+    ember_row = next((r for r in rows if r["row"] == "ember" and "error" not in r), None)
+    if ember_row and peft_row:
+        sp, mem = ember_row["tok_s"] / peft_row["tok_s"], ember_row["peak_bytes"] / peft_row["peak_bytes"]
+        targets = [{"target": "Ember LoRA train tok/s >= 1.5x PEFT's", "value": sp, "ok": sp >= 1.5},
+                   {"target": "Ember LoRA peak memory <= 0.7x PEFT's", "value": mem, "ok": mem <= 0.7}]
+        print("\ntargets:")
+        for t in targets:
+            print(f"  [{'PASS' if t['ok'] else 'FAIL'}] {t['target']}: {t['value']:.2f}x")
+    import platform
+    from datetime import date
+
+    machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
+    print(f"\n{date.today()}; {machine}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model.name, "seq": args.seq, "dtype": dtype, "device": args.device,
+    out.write_text(json.dumps({"date": str(date.today()), "machine": machine, "targets": targets, "model": model.name, "seq": args.seq, "dtype": dtype, "device": args.device,
                                "threads": threads, "steps": args.steps, "repeat": args.repeat,
                                "flops_per_token": fpt, "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M")},
                               indent=2) + "\n")

@@ -3,9 +3,10 @@
 Three sources, in order of trust:
 
 1. :func:`measure` times *this* machine with Ember's own kernels (streaming matrix-vector bandwidth
-   over several working-set sizes, matmul FLOP/s, per-layer dispatch overhead, the RSS of a fresh
-   Ember process) and stores the result as JSON under ``~/.cache/ember/`` (``EMBER_CACHE_DIR``
-   overrides). :func:`detect` attaches it when the machine fingerprint matches.
+   over several working-set sizes, matmul FLOP/s, per-layer dispatch overhead, the fraction of the
+   matmul rate real LoRA training steps reach, the RSS of a fresh Ember process) and stores the
+   result as JSON under ``~/.cache/ember/`` (``EMBER_CACHE_DIR`` overrides). :func:`detect`
+   attaches it when the machine fingerprint matches.
 2. :func:`detect` reads RAM (and a cgroup limit), cores, CUDA devices and their memory. A GPU that
    shares system memory (GB10 in the DGX Spark, Jetson, Apple silicon) is *unified*: its memory is
    the system's, not an extra pool.
@@ -55,6 +56,10 @@ class Calibration:
     ``stream_efficiency`` is what a whole decode step of a synthetic model (hidden 1536) achieves
     of those rates once its other work (norms, attention, dispatch) is taken out: the other ops
     evict the cache and break the prefetcher's stride between weights.
+    ``train_efficiency`` maps the training dtype to ``[(hidden size, fraction), ...]``: the fraction
+    of ``matmul_flops`` that real LoRA training steps of synthetic models of that hidden size reached
+    (FLOPs counted as :func:`ember.planner.train_flops_per_token` counts them). Calibrations stored
+    before it existed load without it (the planner then falls back to ``compute_efficiency``).
     """
 
     device: str
@@ -68,6 +73,7 @@ class Calibration:
     runtime_bytes: int                         # RSS of a fresh process after `import ember` + one tiny forward
     stream_efficiency: dict[str, float] = field(default_factory=dict)  # dtype -> in-model / streamed alone
     context_bytes: int = 0                     # CUDA: device memory the context takes before any tensor
+    train_efficiency: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # dtype -> [(hidden, MFU)]
     threads: int = 1
     torch_version: str = ""
     measured_at: str = ""
@@ -97,12 +103,15 @@ class Calibration:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["stream"] = {k: [list(p) for p in v] for k, v in self.stream.items()}
+        d["train_efficiency"] = {k: [list(p) for p in v] for k, v in self.train_efficiency.items()}
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Calibration":
         d = dict(d)
         d["stream"] = {k: [(int(s), float(b)) for s, b in v] for k, v in d.get("stream", {}).items()}
+        d["train_efficiency"] = {k: sorted((int(h), float(e)) for h, e in v)
+                                 for k, v in (d.get("train_efficiency") or {}).items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -133,7 +142,8 @@ class Hardware:
         unified: the GPU shares system memory with the CPU (one pool, counted once).
         nodes: identical machines joined by ``interconnect`` (layers split across them, pipeline style).
         decode_efficiency: achieved fraction of ``bandwidth`` when streaming weights in a decode step.
-        compute_efficiency: achieved fraction of peak FLOP/s in prefill and training matmuls (MFU).
+        compute_efficiency: achieved fraction of peak FLOP/s in prefill matmuls (MFU), and in training
+            when no training step was measured (:meth:`train_efficiency`).
         layer_overhead_s / expert_overhead_s / step_overhead_s: per-step dispatch costs (see Calibration).
         available_bytes: memory free right now (detected machines only), per node.
         runtime_bytes: memory a fresh Ember process takes before any model (torch, CUDA context, ...).
@@ -203,6 +213,18 @@ class Hardware:
                 if bw is not None:
                     return bw * self.decode_efficiency * eff
         return self.bandwidth * self.decode_efficiency
+
+    def train_efficiency(self, dtype: str, hidden: int | None = None) -> float:
+        """Achieved fraction of :meth:`peak_flops` in a training step of a model of hidden size ``hidden``.
+
+        Measured (log-log between the measured hidden sizes, clamped to the ends; another dtype's
+        measurement when this one was not timed) when calibrated; else ``compute_efficiency``.
+        """
+        c = self.calibration
+        if c is None or not c.train_efficiency:
+            return self.compute_efficiency
+        pts = c.train_efficiency.get(dtype) or c.train_efficiency.get("bf16") or next(iter(c.train_efficiency.values()))
+        return _interp(pts, hidden if hidden else pts[-1][0])
 
     def overheads(self, dtype: str) -> tuple[float, float, float]:
         """(per step, per dense layer, per routed expert) dispatch seconds for a compute dtype."""
@@ -774,6 +796,59 @@ def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, la
     return min(1.2, max(0.3, (nbytes / bw) / streaming))
 
 
+def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, layers: int, seq: int,
+                           steps: int = 5) -> float:
+    """Fraction of ``matmul_flops`` that real LoRA training steps reach on a synthetic Llama of
+    ``hidden`` (MLP 2.75x, kv heads 1/4, vocab 8192; ``ember tune``'s settings: r=16 on every
+    projection, dropout 0.05, AdamW, clipping; one sequence of ``seq`` tokens, loss on all):
+    :func:`ember.planner.train_flops_per_token` x tokens / the median of ``steps`` steps after a
+    warm-up (the median, like the tok/s ``ember tune`` shows: the fastest step is ~20% faster than
+    a typical one on a shared 2-core machine).
+
+    Raises:
+        ImportError: this build has no ``ember.train``.
+    """
+    import statistics
+
+    import torch
+
+    from ember.config import ModelConfig
+    from ember.model import Transformer
+    from ember.planner import Workload, train_flops_per_token
+    from ember.train.data import BatchPlan, Example
+    from ember.train.trainer import TrainConfig, Trainer
+    from ember.train.tune import prepare_model
+
+    heads = max(1, hidden // 64)
+    cfg = ModelConfig.from_dict(dict(model_type="llama", vocab_size=8192, hidden_size=hidden,
+                                     intermediate_size=max(64, int(2.75 * hidden) // 64 * 64), num_hidden_layers=layers,
+                                     num_attention_heads=heads, num_key_value_heads=max(1, heads // 4)))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    m = m.to_empty(device=device).to(dtype)
+    m.reset_rope()
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.fill_(0.01)
+    m.eval().requires_grad_(False)
+    tc = TrainConfig(method="lora", rank=16, alpha=32, dropout=0.05, steps=steps + 1, lr=2e-4, batch=1, seq_len=seq,
+                     grad_checkpoint=False, dtype=name, loss_on="all")
+    prepare_model(m, tc)
+    examples = [Example([3 + (7 * i + 13 * j) % (cfg.vocab_size - 3) for i in range(seq)], [True] * seq)
+                for j in range(steps + 1)]
+    tr = Trainer(m, BatchPlan(examples, 1, seq, shuffle=False), tc, None, progress=False)
+    times = []
+    for _ in range(steps + 1):  # the step reads its loss on the host: the device's work is done when it returns
+        t = time.perf_counter()
+        tr.train_step()
+        times.append(time.perf_counter() - t)
+    wl = Workload(task="tune", method="lora", context=seq, batch=1, dtype=name, lora_rank=16, grad_checkpointing=False)
+    flops = train_flops_per_token(cfg, wl) * seq
+    del tr, m
+    return min(1.0, max(0.01, flops / statistics.median(times[1:]) / matmul_flops))
+
+
 def _tiny_layer_mv_seconds(device, dtype) -> float:
     """Seconds of the seven matrix-vector calls of one hidden-64 layer (the overhead models' own layers)."""
     import torch
@@ -919,7 +994,8 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
     over weight matrices of 16 MiB .. 1 GiB (past every cache; CPU) or 64 MiB .. 2 GiB (GPU), in fp32
     and bf16 (fp16 too on CUDA); a large matmul's FLOP/s; the per-layer, per-expert and per-step
     dispatch time of a decode step (tiny models of 2 and 6 layers, and MoE with 1 and 4 experts per
-    token); and the RSS of a fresh Ember process. Takes ~10-30 s (``quick``: ~5 s).
+    token); the fraction of the matmul rate real LoRA training steps reach (synthetic models of two
+    hidden sizes); and the RSS of a fresh Ember process. Takes ~40-50 s on 2 CPU cores (``quick``: ~5 s).
 
     Args:
         device: ``cpu`` or ``cuda[:N]``.
@@ -993,6 +1069,26 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
             say(f"decode-step streaming efficiency, {name}")
             efficiency[name] = _stream_efficiency(dev, dt, name, stream, step_s[name], per_layer)
 
+    # Training: LoRA steps of synthetic models in the dtype `ember tune` trains in here (bf16 where the
+    # device runs it, else fp32), at two hidden sizes (the planner interpolates between them).
+    train_eff: dict[str, list[tuple[int, float]]] = {}
+    train_dt = "bf16" if "bf16" in dtypes else "fp32"
+    if quick:
+        shapes, seq = [(512, 2)], 128
+    elif on_gpu:
+        shapes, seq = [(2048, 4), (4096, 2)], 1024
+    else:
+        shapes, seq = [(768, 4), (2048, 2)], 512
+    try:
+        pts = []
+        for h, layers in shapes:
+            say(f"LoRA training steps, {train_dt}, hidden {h}")
+            pts.append((h, _train_step_efficiency(dev, train_dt, flops[train_dt], h, layers, seq,
+                                                  steps=2 if quick else 5)))
+        train_eff[train_dt] = sorted(pts)
+    except ImportError:  # a build without ember.train: the planner falls back to compute_efficiency
+        pass
+
     try:  # quantized kernels, when the quant package is installed: their speed is theirs, not the bytes'
         import ember.quant as quant_pkg
 
@@ -1022,6 +1118,7 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
         device=key, fingerprint=fingerprint(key), stream=stream,
         copy_bandwidth=copy_bw, matmul_flops=flops, layer_overhead_s=layer_s, expert_overhead_s=expert_s,
         step_overhead_s=step_s, stream_efficiency=efficiency, runtime_bytes=rss, context_bytes=ctx,
+        train_efficiency=train_eff,
         threads=torch.get_num_threads(),
         torch_version=torch.__version__, measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=time.perf_counter() - t_start,
@@ -1055,6 +1152,10 @@ def describe_machine(hw: Hardware) -> list[tuple[str, str]]:
         if c.stream_efficiency:
             rows.append(("in a decode step", ", ".join(f"{k} {100 * v:.0f}% of the streaming rate"
                                                        for k, v in c.stream_efficiency.items())))
+        if c.train_efficiency:
+            rows.append(("in a training step", "; ".join(
+                f"{k} " + ", ".join(f"hidden {h}: {100 * e:.0f}%" for h, e in pts) + " of the matmul rate (LoRA)"
+                for k, pts in c.train_efficiency.items())))
         rows.append(("copy", f"{c.copy_bandwidth / GB:.1f} GB/s (read + write)"))
         rows.append(("matmul", ", ".join(f"{k} {v / TB:.2f} TFLOP/s" for k, v in c.matmul_flops.items())))
         rows.append(("decode overhead", ", ".join(

@@ -25,8 +25,12 @@ autograd saves (:func:`training_activation_bytes`): two fp32 RMSNorm inputs and 
 ``2*(4H + bH)``, attention ``(2q + 2kv)*b`` + fp32 log-sum-exp, SwiGLU ``4I*b`` and LoRA dropout's
 int64 indices; with gradient checkpointing only ``2H*b`` (each half-layer's input) plus one half
 rebuilt in backward; plus the larger of the chunked loss (one (chunk, V) fp32 block + its 16-bit copy,
-``hidden[keep]`` and its gradient) and one half-layer's gradient buffers. This counts live tensors;
-glibc's dynamic mmap threshold can keep freed heap chunks resident on top (bench/plan_accuracy.py).
+and the previous chunk's fp32 block while the next is formed, ``hidden[keep]`` and its gradient) and
+one half-layer's gradient buffers. That counts live tensors. On a CPU the process also holds what
+glibc's heap cannot give back (:func:`cpu_training_heap_bytes`): the holes that the freed
+temporaries of every half-layer leave between the tensors that outlive them, ``K_HEAP_HOLES * L * B*T
+* H * b`` (while a (B*T, H) block is under glibc's 32 MiB mmap ceiling), and oneDNN's cached
+primitives and scratchpads after the first 16-bit backward (``ONEDNN_TRAIN_BYTES``).
 
 **Training state** (as ember.train keeps it). LoRA/QLoRA: ``r*(in+out)`` parameters per adapted
 Linear, fp32, plus an fp32 gradient and AdamW's two fp32 moments: 16 bytes each (+ a 16-bit copy of A
@@ -46,10 +50,17 @@ overlaps the device's work (``max(t_mem, t_flop, t_disp)``). ``tok/s per sequenc
 Several nodes (``2xdgx-spark``) split the layers (pipeline): memory adds up, a single stream's
 speed does not, and each hop adds the interconnect latency.
 
-**Prefill and training speed** come from FLOPs: ``2 * active params * tokens`` (+ causal
-attention ``2 * L * T^2 * q`` per sequence) for prefill, ``x3`` for full training (forward,
-backward for activations and weights), ``x2`` for LoRA (no weight gradients for the frozen base),
-plus one forward more with gradient checkpointing, over ``peak FLOP/s x compute_efficiency``.
+**Prefill speed** comes from FLOPs: ``2 * active params * tokens`` (+ causal attention ``2 * L *
+T^2 * q`` per sequence) over ``peak FLOP/s x compute_efficiency``.
+
+**Training speed** comes from FLOPs too (:func:`train_flops_per_token`), per token: forward ``2P``
+(P = active Linear parameters, LM head included) + causal attention ``2*T*q*L``; backward ``2P`` for
+the input gradients and (full fine-tuning) ``2P`` more for the weight gradients, attention twice its
+forward; LoRA adds ``6 r (in + out)`` per adapter (forward 2, backward 4); gradient checkpointing
+runs the layers' forward again (for LoRA without the o_proj/down_proj base products, which its
+recompute never reaches, and never the LM head). Over ``peak FLOP/s x training efficiency``, the
+efficiency being what real LoRA steps of synthetic models achieved on this machine (``ember hw
+--measure``, interpolated on the hidden size), else ``compute_efficiency``.
 """
 
 from __future__ import annotations
@@ -386,8 +397,11 @@ def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str
     (ember.train checkpoints the attention and MLP halves separately) only the two (B, T, H) inputs
     per layer stay, and backward rebuilds one half at a time (the wider half's tensors above).
     On top: the chunked loss (``hidden[keep]`` and ``d loss/d hidden``: 2 H b per token, one
-    (chunk, V) block of fp32 logits plus its ``b`` copy, the final norm's tensors), or, once backward
-    runs, one half's gradient buffers (see below) -- whichever is larger.
+    (chunk, V) block of fp32 logits plus its ``b`` copy, the final norm's tensors; with more than
+    one chunk, the previous chunk's fp32 block too, which is still bound while the next one's
+    logits are formed), or, once backward runs, one half's gradient buffers (see below) --
+    whichever is larger. What the allocator keeps on top is not counted here
+    (:func:`cpu_training_heap_bytes`).
 
     Args:
         lora_targets: adapted projection names (dropout indices); None for full fine-tuning.
@@ -421,8 +435,42 @@ def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str
         saved = L * (attn_half + mlp_half)
         backward = grads
     chunk_rows = min(n, max(8, _loss_chunk_bytes() // (4 * V)))
-    loss = n * (2 * h * b + norm) + chunk_rows * V * (4 + b)
+    # Per logit: the fp32 block, its 16-bit matmul output / softmax copy (none in fp32), and with
+    # several chunks the previous chunk's fp32 block (`logits = mm(...).float()` rebinds it only after).
+    per_logit = 4 + (b if b < 4 else 0) + (4 if n > chunk_rows else 0)
+    loss = n * (2 * h * b + norm) + chunk_rows * V * per_logit
     return n * saved + max(loss, n * backward)
+
+
+# What glibc's heap keeps resident on top of the live tensors of a CPU training step. Each
+# half-layer's temporaries (fp32 norm products, SwiGLU and attention intermediates, dropout copies)
+# are freed between tensors that outlive them (saved activations, checkpoint inputs), and later,
+# larger requests (the loss block, the next layer's (B*T, I) products) cannot reuse those holes, so
+# the arena grows. Measured on the bench's training rows (bench/plan_accuracy.py, LoRA/QLoRA,
+# hidden 768/1024, 12/24 layers, B*T 256-1024, with and without checkpointing): VmHWM with glibc's
+# defaults minus VmHWM with MALLOC_MMAP_THRESHOLD_=131072 (which unmaps every freed block, so the
+# peak is the live one) is 10-14 (B*T, H) blocks of the compute dtype per layer, checkpointed or not.
+K_HEAP_HOLES = 11
+# Blocks over glibc's mmap ceiling (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit) are mmapped and
+# unmapped when freed: they leave no holes, so the term stops growing once a (B*T, H) block is larger.
+GLIBC_MMAP_MAX = 32 * 2**20
+# oneDNN's primitive cache and scratchpads after the first 16-bit training step on a CPU (heap in use
+# after step 1 minus AdamW state and LoRA's casts: 18 MiB for both bench models; 0 with
+# torch.backends.mkldnn.enabled = False).
+ONEDNN_TRAIN_BYTES = 18 * 2**20
+
+
+def cpu_training_heap_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str) -> tuple[float, float]:
+    """(heap holes, oneDNN buffers): bytes a CPU training process holds beyond its live tensors.
+
+    ``K_HEAP_HOLES * L * H * b * min(B*T, GLIBC_MMAP_MAX / (H * b))`` and ``ONEDNN_TRAIN_BYTES`` for
+    16-bit compute (see the constants). Not for GPUs: the CUDA caching allocator is another story.
+    """
+    b = DTYPE_BYTES[dtype]
+    h = cfg.hidden_size
+    n = min(batch * seq, GLIBC_MMAP_MAX // (h * b))
+    holes = K_HEAP_HOLES * cfg.num_hidden_layers * h * b * n
+    return float(holes), float(ONEDNN_TRAIN_BYTES if b < 4 else 0)
 
 
 # ====================================================================== the plan
@@ -540,6 +588,10 @@ def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str |
     runtime = hw.runtime_bytes * hw.nodes
     if hw.calibration is not None and hw.calibration.context_bytes and not hw.unified:
         runtime = (hw.calibration.context_bytes) * hw.nodes
+    if wl.task == "tune" and hw.device == "cpu":
+        holes, onednn = cpu_training_heap_bytes(cfg, wl.batch, wl.context, b_name)
+        act += holes + onednn
+        detail.update({"workspace.heap_holes": holes, "workspace.onednn": onednn})
     q = wl.weight_quant
     if q != "none":
         # Quantizing while loading works through one chunk of rows at a time (fp32 copy, codes, scales).
@@ -614,14 +666,44 @@ def prefill_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, tokens: int | 
     return max(t_flop, t_mem) + (t_disp if hw.device == "cpu" else 0.0)
 
 
-def train_tokens_per_second(cfg: ModelConfig, hw: Hardware, wl: Workload) -> float:
-    """Training tokens/s from FLOPs: forward 2P, backward 2P (activations) + 2P (weights, full only)."""
+def train_flops_per_token(cfg: ModelConfig, wl: Workload) -> float:
+    """FLOPs of one training token (forward, backward, optimizer-free), as ember.train runs them.
+
+    Per token, with P the active Linear parameters (LM head included), ``attn = 2*T*q*L`` the
+    causal attention products of the forward and n the LoRA parameters:
+
+        LoRA/QLoRA   forward 2P + attn, backward 2P (input gradients through the frozen base;
+                     the fused loss forms d/dh with one more (V, H) product) + 2 attn, adapters
+                     6n (forward 2, backward 4: A's and B's gradients and the input's)
+        full         3 (2P + attn): backward for activations and weights
+        checkpoint   + the layers' forward again: 2 (P - head) + attn (+ 2n), for LoRA less the
+                     o_proj/down_proj base products (the recompute stops at the last saved
+                     tensor, their adapters' input)
+    """
     wb = weight_bytes(cfg, wl.dtype, wl.weight_quant)
     p = wb.linear_params_active
-    attn = 2 * wl.context * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers  # per token, causal
-    fwd = 2 * p + attn
-    per_token = fwd * (3 if wl.method == "full" else 2) + (fwd if wl.grad_checkpointing else 0)
-    return hw.peak_flops(wl.dtype) * hw.compute_efficiency / per_token
+    head = cfg.vocab_size * cfg.hidden_size
+    attn = 2 * wl.context * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    if wl.method == "full":
+        per_token = 3 * (2 * p + attn)
+        recompute = 2 * (p - head) + attn
+    else:
+        n = lora_parameters(cfg, wl.lora_rank, wl.lora_targets)
+        per_token = 4 * p + 3 * attn + 6 * n
+        skipped = sum(lin.count * lin.out_f * lin.in_f for lin in linears(cfg) if lin.name in wl.lora_targets
+                      and (lin.name == "o_proj" or (lin.kind == "mlp" and lin.name == "down_proj")))
+        recompute = 2 * (p - head - skipped) + attn + 2 * n
+    return per_token + (recompute if wl.grad_checkpointing else 0)
+
+
+def train_tokens_per_second(cfg: ModelConfig, hw: Hardware, wl: Workload) -> float:
+    """Training tokens/s: ``peak FLOP/s x training efficiency / FLOPs per token``.
+
+    The efficiency is the fraction of the matmul rate that real LoRA steps reached when ``ember hw
+    --measure`` timed them (at this model's hidden size, interpolated), else ``compute_efficiency``.
+    """
+    eff = hw.train_efficiency(wl.dtype, cfg.hidden_size)
+    return hw.peak_flops(wl.dtype) * eff / train_flops_per_token(cfg, wl)
 
 
 def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memory: float | None = None,

@@ -144,6 +144,98 @@ def test_decode_speed_from_bytes_by_hand():
     assert planner.decode_step_seconds(cfg, slow, wl, 4096)[0] == pytest.approx(max(t, 32e-3))
 
 
+def _train_cfg() -> ModelConfig:
+    # TINY (h 64, i 128, 2 layers, 4 heads of 16, 2 kv heads) with a vocab of 32768, so that one ~32 MiB
+    # fp32 loss block is 33554432 / (4 * 32768) = 256 rows and a 512-token batch takes two of them.
+    return ModelConfig.from_dict(dict(model_type="llama", **{**TINY, "vocab_size": 32768}))
+
+
+def test_training_activations_by_hand():
+    cfg = _train_cfg()
+    # Per token and layer, bf16 (b = 2), LoRA dropout 0.05 on all seven projections (int64 indices: 8 * 0.05 B
+    # per adapted input element):
+    norm = 4 * 64 + 2 * 64                                      # fp32 copy of the input + normed output
+    attn = norm + (2 * 64 + 2 * 32) * 2 + 4 * 4 + 0.4 * (64 + 64 + 64 + 64)   # q, k, v, SDPA out, lse, dropout
+    mlp = norm + 4 * 128 * 2 + 0.4 * (64 + 64 + 128)            # gate, up, silu, product, dropout
+    assert (attn, mlp) == (886.4, 1510.4)
+    grads = 2 * 64 * 2 + 12 * 64 + 3 * 128 * 2                  # one half's backward buffers (SwiGLU's wider)
+    # Two 256-row chunks: per logit fp32 + its bf16 copy + the previous chunk's fp32 block (4 + 2 + 4).
+    loss2 = 512 * (2 * 64 * 2 + norm) + 256 * 32768 * 10
+    assert planner.training_activation_bytes(cfg, 1, 512, "bf16", False) == pytest.approx(
+        512 * 2 * (attn + mlp) + max(loss2, 512 * grads))
+    # One chunk (256 tokens): no previous block.
+    loss1 = 256 * (2 * 64 * 2 + norm) + 256 * 32768 * 6
+    assert planner.training_activation_bytes(cfg, 1, 256, "bf16", False) == pytest.approx(
+        256 * 2 * (attn + mlp) + loss1)
+    # Checkpointing keeps each half's (B, T, H) input and rebuilds the wider half in backward.
+    assert planner.training_activation_bytes(cfg, 2, 256, "bf16", True) == pytest.approx(
+        512 * 2 * 2 * 64 * 2 + max(loss2, 512 * (mlp + grads)))
+
+
+def test_training_memory_on_cpu_counts_heap_holes_and_onednn_by_hand():
+    cfg = _train_cfg()
+    wl = Workload(task="tune", method="lora", context=512, batch=1, dtype="bf16", grad_checkpointing=False)
+    cpu, gpu = _box(40), replace(_box(40), device="cuda", unified=False)
+    m_cpu, m_gpu = planner.memory(cfg, cpu, wl), planner.memory(cfg, gpu, wl)
+    # 11 (B*T, H) bf16 blocks per layer left as holes in glibc's heap, and oneDNN's 18 MiB: CPU only.
+    holes = 11 * 2 * 512 * 64 * 2
+    assert m_cpu.detail["workspace.heap_holes"] == holes == 1_441_792
+    assert m_cpu.detail["workspace.onednn"] == 18 << 20
+    assert m_cpu.activations - m_gpu.activations == holes + (18 << 20)
+    assert m_gpu.activations == planner.training_activation_bytes(cfg, 1, 512, "bf16", False)
+    # Blocks over glibc's 32 MiB mmap ceiling leave no holes: the term stops growing at 32 MiB / (H b) tokens.
+    big = planner.cpu_training_heap_bytes(cfg, 4, 1 << 20, "bf16")
+    assert big == (11 * 2 * 64 * 2 * ((32 << 20) // (64 * 2)), 18 << 20)
+    assert planner.cpu_training_heap_bytes(cfg, 1, 512, "fp32") == (11 * 2 * 64 * 4 * 512, 0)
+    # LoRA state: r (in + out) per projection = 16 * (128 + 96 + 96 + 128 + 192 + 192 + 192) per layer,
+    # fp32 A/B + fp32 gradients + two AdamW moments + a bf16 copy = 18 bytes each.
+    n = 2 * 16 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert planner.lora_parameters(cfg, 16) == n == 32768
+    assert m_cpu.training == m_gpu.training == 18 * n
+
+
+def test_training_flops_by_hand():
+    cfg = _train_cfg()
+    layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 128 * 64       # q, k, v, o, gate, up, down
+    P = 2 * layer + 32768 * 64                                   # + the (untied) LM head
+    attn = 2 * 512 * 64 * 2                                      # causal QK^T and PV: 2 T q per token and layer
+    n = 32768
+    wl = Workload(task="tune", method="lora", context=512, dtype="bf16", grad_checkpointing=False)
+    assert planner.train_flops_per_token(cfg, wl) == 4 * P + 3 * attn + 6 * n == 9_273_344
+    # The recompute skips the o_proj/down_proj base products (and the head).
+    recompute = 2 * (2 * layer - 2 * 64 * 64 - 2 * 64 * 128) + attn + 2 * n
+    ckpt = replace(wl, grad_checkpointing=True)
+    assert planner.train_flops_per_token(cfg, ckpt) == 4 * P + 3 * attn + 6 * n + recompute
+    full = replace(wl, method="full", grad_checkpointing=True)
+    assert planner.train_flops_per_token(cfg, full) == 3 * (2 * P + attn) + 2 * 2 * layer + attn
+
+
+def test_training_speed_uses_the_measured_efficiency(tmp_path, monkeypatch):
+    cfg = _train_cfg()
+    wl = Workload(task="tune", method="lora", context=512, dtype="bf16", grad_checkpointing=False)
+    cal = _fake_cal(matmul_flops={"bf16": 1e12, "fp32": 2e11}, train_efficiency={"bf16": [(512, 0.2), (2048, 0.5)]})
+    hw = hardware.apply_calibration(_box(40), cal)
+    flops = planner.train_flops_per_token(cfg, wl)
+    assert hw.train_efficiency("bf16", 64) == 0.2                          # clamped below the smallest measured
+    assert hw.train_efficiency("bf16", 1024) == pytest.approx(math.sqrt(0.2 * 0.5))   # log-log in between
+    assert hw.train_efficiency("fp32", 4096) == 0.5                        # another dtype's, clamped above
+    assert planner.train_tokens_per_second(cfg, hw, wl) == pytest.approx(1e12 * 0.2 / flops)
+    # A calibration stored before training steps were measured still loads, and falls back to compute_efficiency.
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    old = _fake_cal().to_json()
+    del old["train_efficiency"]
+    stored = {"version": hardware.CALIBRATION_VERSION, "devices": {"cpu": old}}
+    (tmp_path / "hardware.json").write_text(json.dumps(stored))
+    back = hardware.load_calibration("cpu")
+    assert back is not None and back.train_efficiency == {}
+    hw_old = hardware.apply_calibration(_box(40), back)
+    assert hw_old.train_efficiency("bf16", 768) == hw_old.compute_efficiency == 0.8
+    assert planner.train_tokens_per_second(cfg, hw_old, wl) == pytest.approx(1e12 * 0.8 / flops)
+    # ... and one with it round-trips.
+    hardware.save_calibration(cal)
+    assert hardware.load_calibration("cpu") == cal
+
+
 # ====================================================================== catalog
 
 
@@ -257,6 +349,8 @@ def test_measure_quick_stores_a_usable_calibration(tmp_path, monkeypatch):
     assert all(b > 1e8 for pts in cal.stream.values() for _, b in pts)   # > 0.1 GB/s: numbers, not garbage
     assert cal.matmul_flops["fp32"] > 1e9 and 50 << 20 < cal.runtime_bytes < 4 << 30
     assert set(cal.layer_overhead_s) == set(cal.matmul_flops)
+    (dt, pts), = cal.train_efficiency.items()                           # LoRA steps in the training dtype
+    assert dt in cal.matmul_flops and all(0 < e <= 1 for _, e in pts)
 
 
 # ====================================================================== check_fits / kv budget

@@ -449,10 +449,17 @@ inline void q4_bf16x128(const uint8_t* const* w, const float* st, const uint16_t
 }
 #endif
 
+// Blocks per work item: long contiguous runs (the prefetchers' streams) but 16 items per thread, handed out
+// dynamically, so one thread slowed by another process on a shared core does not hold up the whole call.
+inline int64_t chunk_blocks(int64_t blocks, int nthreads) {
+  return std::max<int64_t>(1, blocks / (16 * std::max(1, nthreads)));
+}
+
 template <typename F>
 void for_row_blocks(int64_t O, int64_t M, int nthreads, F&& body) {
   const int64_t blocks = (O + R - 1) / R;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+  const int64_t chunk = chunk_blocks(blocks, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk)
   for (int64_t b = 0; b < blocks; b++) {
     float out[R * MB];
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
@@ -557,18 +564,35 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
   const int64_t G = I / group;
   const int64_t half = I / 2;
   // Per-group sums of x for the int4 zero term, (M, G) fp32.
-  std::vector<float> xsum(static_cast<size_t>(M * G), 0.f);
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t k = 0; k < I; k++) xsum[m * G + k / group] += load_f(X, m * I + k, x_bf16);
+  thread_local std::vector<float> xsum;
+  xsum.assign(static_cast<size_t>(M * G), 0.f);
+  if (mode == 0)
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t g = 0; g < G; g++) {
+        float t = 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; k++) t += load_f(X, m * I + k, x_bf16);
+        xsum[m * G + g] = t;
+      }
+  const float* xsums = xsum.data();  // thread_local: the parallel regions below must not name it
 #ifdef EMBER_X86
   if (x_bf16 && I % 128 == 0) {
     std::vector<uint16_t>& x4 = scratch_h;
     x4.resize(static_cast<size_t>(M * I));
     const uint16_t* xs = static_cast<const uint16_t*>(X);
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t c = 0; c < I / 128; c++)
+    static const auto orders = [] {  // the 128-value step permutation of each mode, made once
+      std::vector<int> o(256);
+      for (int md = 0; md < 2; md++)
         for (int i = 0; i < 4; i++)
-          for (int j = 0; j < 32; j++) x4[m * I + c * 128 + 32 * i + j] = xs[m * I + c * 128 + x_order(mode, i, j)];
+          for (int j = 0; j < 32; j++) o[md * 128 + 32 * i + j] = x_order(md, i, j);
+      return o;
+    }();
+    const int* order = orders.data() + (mode == 0 ? 0 : 128);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t c = 0; c < I / 128; c++) {
+        const uint16_t* src = xs + m * I + c * 128;
+        uint16_t* dst = x4.data() + m * I + c * 128;
+        for (int v = 0; v < 128; v++) dst[v] = src[order[v]];
+      }
     uint8_t tb[64] = {};
     for (int i = 0; i < 16; i++) {
       const uint16_t h = f32_to_bf16(table[i]);
@@ -582,7 +606,8 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
     const int64_t rr = M == 1 ? 4 : 1;  // decode: 4 weight rows per pass; batches: one row, 8 activations
     const int64_t blocks = (O + rr - 1) / rr;
     const int64_t mstep = M == 1 ? 1 : 8;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+    const int64_t chunk = chunk_blocks(blocks, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk)
     for (int64_t b = 0; b < blocks; b++) {
       const int64_t o0 = b * rr;
       const uint8_t* w[R];
@@ -598,7 +623,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
       for (int64_t m0 = 0; m0 < M; m0 += mstep) {
         const int nm = static_cast<int>(std::min<int64_t>(mstep, M - m0));
         const uint16_t* x = X4 + m0 * I;
-        const float* xs_ = xsum.data() + m0 * G;
+        const float* xs_ = xsums + m0 * G;
         float o8[8 * MB];
         if (rr == 4) {
           if (int4) q4_bf16x128<4, 1, 0>(w, st, x, xs_, I, group, tv, out);
@@ -640,7 +665,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
       float* st = block_scratch(G);
       if (m0 == 0) block_stats(p, rows, G, st);
       const float* x = Xd + m0 * I;
-      const float* xs_ = xsum.data() + m0 * G;
+      const float* xs_ = xsums + m0 * G;
       switch (nm) {
         case 1: q4_f32_block<1>(w, st, x, xs_, I, p, out); break;
         case 2: q4_f32_block<2>(w, st, x, xs_, I, p, out); break;
