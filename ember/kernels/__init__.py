@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("cpu.cpp")
 # Fused kernels up to this many activation rows; above it (prefill, large batches) quantized weights are
 # dequantized a cache-sized tile of rows at a time into a float buffer for a PyTorch (oneDNN/MKL) GEMM,
 # and dense weights go straight to PyTorch: those GEMMs are blocked for compute, the kernels for streaming.
-MAX_ROWS = {"dense": 8, "int8": 4, "q4": 2}
+MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2}
 TILE_BYTES = 1 << 20  # float tile of dequantized rows: L2-resident
 
 _lock = threading.Lock()
