@@ -43,7 +43,8 @@ moments = 16 bytes per parameter, plus the 16-bit weight copies autocast caches.
 any of the B tokens is routed to (``E * (1 - (1 - k/E)^B)`` of ``E`` per MoE layer), and each
 sequence's KV cache. ``t_mem = bytes / achieved bandwidth``, where achieved bandwidth is the measured
 streaming rate of Ember's kernel at that working-set size (or ``peak x decode_efficiency`` for a
-named profile), ``t_flop = 2 * active params * B / (peak FLOP/s x efficiency)``, and the dispatch
+named profile); with quantized weights the projections stream at the quantized kernel's rate and
+the 16-bit head, embedding row and norms at the compute dtype's, ``t_flop = 2 * active params * B / (peak FLOP/s x efficiency)``, and the dispatch
 ``t_disp = step + L * layer + (expert calls) * expert``. On CPU the three add up
 (``max(t_mem, t_flop) + t_disp``: ops run one after another on the same cores); on a GPU dispatch
 overlaps the device's work (``max(t_mem, t_flop, t_disp)``). ``tok/s per sequence = 1 / t_step``.
@@ -635,7 +636,18 @@ def decode_step_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, kv_len: in
     bw = hw.stream_bandwidth(_kernel(wl, B), working_set, fallback=f"{'mv' if B == 1 else 'mm'}-{wl.dtype}",
                              hidden=cfg.hidden_size)
     kv_bw = hw.stream_bandwidth(f"mv-{wl.kv_dtype or wl.dtype}", working_set)
-    t_mem = w_read / bw + kv_read / kv_bw
+    t_w = w_read / bw
+    if wl.weight_quant != "none":
+        # The quantized kernels stream the projections; the head (unless quantized too), the embedding
+        # row and the norms stay in the compute dtype and stream at its rate (for a small model the
+        # 16-bit head can be half of what a step reads).
+        head = wb.lm_head if wb.lm_head else wb.embedding
+        float_read = wb.other + (0.0 if (wl.quantize_lm_head and wb.lm_head) else head)
+        float_read += min(wb.embedding, B * cfg.hidden_size * b) if wb.lm_head else 0.0
+        float_read = min(float_read, w_read)
+        bw_float = hw.stream_bandwidth(f"{'mv' if B == 1 else 'mm'}-{wl.dtype}", working_set, hidden=cfg.hidden_size)
+        t_w = (w_read - float_read) / bw + float_read / bw_float
+    t_mem = t_w + kv_read / kv_bw
     flops = 2 * wb.linear_params_active * B + 4 * B * kv_len * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     t_flop = flops / (hw.peak_flops(wl.dtype) * hw.compute_efficiency)
     step, layer, expert = hw.overheads(wl.dtype)

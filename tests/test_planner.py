@@ -322,6 +322,25 @@ def _fake_cal(**kw) -> Calibration:
     return Calibration(**{**base, **kw})
 
 
+def test_quantized_decode_streams_the_16bit_head_at_the_float_rate():
+    # A calibration where the int4 kernel streams at 10 GB/s and bf16 at 40: the projections (4-bit)
+    # take bytes/10e9, the untied bf16 head and the norms bytes/40e9; the embedding row is a copy.
+    cal = _fake_cal(stream={"mv-bf16": [(1, 40e9)], "mv-int4": [(1, 10e9)], "mv-fp32": [(1, 40e9)]})
+    hw = Hardware(name="cal", device="cuda", memory_bytes=80 * GiB, bandwidth=1000 * GB, flops={"bf16": 1e18},
+                  decode_efficiency=1.0, compute_efficiency=1.0, layer_overhead_s=0, expert_overhead_s=0,
+                  step_overhead_s=0, calibration=replace(cal, layer_overhead_s={}, expert_overhead_s={},
+                                                         step_overhead_s={}))
+    cfg = cfg_of("llama-3.1-8b")
+    wl = Workload(context=1, batch=1, dtype="bf16", quant="int4")
+    t, nbytes = planner.decode_step_seconds(cfg, hw, wl, 1)
+    wb = planner.weight_bytes(cfg, "bf16", "int4")
+    row = cfg.hidden_size * 2
+    kv = planner.kv_cache_bytes(cfg, 1, 1, "bf16")
+    assert nbytes == pytest.approx(wb.attention + wb.mlp + wb.lm_head + wb.other + row + kv)
+    want = (wb.attention + wb.mlp) / 10e9 + (wb.lm_head + wb.other + row) / 40e9 + kv / 40e9
+    assert t == pytest.approx(want, rel=1e-6)
+
+
 def test_calibration_roundtrip_and_interpolation(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
     cal = _fake_cal()
