@@ -19,11 +19,13 @@ with ``pread``, never the whole model in 16 bits), quantized ones are loaded as 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -267,6 +269,27 @@ def _expected_state(cls: type[QuantizedLinear], spec: QuantSpec, out_f: int, in_
             "absmax_scale": ((-(-blocks // DOUBLE_QUANT_BLOCK_SIZE),), "float"), "absmax_offset": ((), "float")}
 
 
+_MALLOC_TRIM: Any = None   # glibc's malloc_trim, or False where there is none (looked up once)
+
+
+def _release_freed_heap() -> None:
+    """Give the pages of freed heap blocks back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Quantizing a layer frees its fp32 row-chunk temporaries between small long-lived code/scale
+    tensors, so glibc's heap cannot shrink and keeps the holes resident: measured on a 125M model,
+    35-200 MiB more peak RSS, varying from run to run. Trimming after each layer (well under 1 ms)
+    keeps the load's peak at the quantized model plus one chunk, every time.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else False
+        except (OSError, AttributeError):   # musl and others: no malloc_trim
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
 def _kind_ok(dtype: torch.dtype, kind: str) -> bool:
     return {"int8": dtype == torch.int8, "uint8": dtype == torch.uint8}.get(kind, dtype.is_floating_point)
 
@@ -338,6 +361,7 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
             else:
                 q = _quantize_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
             model.set_submodule(name, q)
+            _release_freed_heap()
     finally:
         reader.close()
     cfg.extra[SECTION] = spec.section(kept, dtype)
