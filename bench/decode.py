@@ -484,7 +484,9 @@ def main() -> None:
         if ref and r["engine"] == "ember":
             r["vs_ember_bf16"] = r["decode_tok_s"] / ref["decode_tok_s"]
 
-    machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
+    from ember.hardware import cpu_name
+
+    machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
     md = MOE_SIZES[args.size]
     print(f"\nDecode, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) and "
           f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "

@@ -438,7 +438,9 @@ def main() -> None:
         if tmp is not None:
             tmp.cleanup()
 
-    machine = (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+    from ember.hardware import cpu_name
+
+    machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
                f"{args.clock} clock")
     print(f"\nPlanner accuracy on this machine ({machine}); {date.today()}")
     print(f"calibration: {cal.measured_at}; mv-bf16 {cal.stream['mv-bf16'][-1][1] / 1e9:.1f} GB/s at "

@@ -190,7 +190,9 @@ def main() -> None:
 
     single = next((r["agg_tok_s"] for r in rows if r["concurrency"] == 1), None)
     roof = bw["copy"] / wbytes
-    machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device or 'default device'}"
+    from ember.hardware import cpu_name
+
+    machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {args.device or 'default device'}"
     print(f"\nember serve, {args.model or args.size} ({n_params / 1e6:.0f}M parameters, {dtype_used}); "
           f"prompt {args.prompt_len} tokens, {args.new} output tokens per request, greedy; {date.today()}; {machine}")
     print(f"single-stream roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s / {wbytes / 1e6:.0f} MB per token "

@@ -294,7 +294,9 @@ def main() -> int:
     import platform
     from datetime import date
 
-    machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
+    from ember.hardware import cpu_name
+
+    machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
     print(f"\n{date.today()}; {machine}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,13 +45,31 @@ def tol(ref: torch.Tensor, dtype: torch.dtype) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (3, 5, 96), (8, 130, 64), (2, 9, 40)])
-def test_dense(build, dtype, M, O, I):
+def test_dense(build, dtype, M, O, I, monkeypatch):
     torch.manual_seed(0)
     w, x = torch.randn(O, I).to(dtype), torch.randn(M, I).to(dtype)
     y = kernels.dense(x, w)
     assert y is not None and y.dtype == dtype and y.shape == (M, O)
     ref = x.double() @ w.double().T
     worst(y, ref, tol(ref, dtype), f"dense {build} {dtype} {M}x{O}x{I}")
+
+
+@pytest.mark.skipif(not kernels.AMX_BF16, reason="CPU without AMX tiles")
+@pytest.mark.parametrize("M,O,I", [(5, 16, 32), (8, 130, 64), (16, 37, 2048), (17, 50, 96), (32, 67, 128)])
+def test_dense_bf16_amx(M, O, I):
+    # Batched bf16 rows run on AMX tiles (16-row weight blocks; the O % 16 tail on the AVX512 kernel).
+    lib = kernels.load()
+    assert lib is not None and lib.ember_kernels_amx() == 1 and "AMX" in kernels.status()
+    torch.manual_seed(2)
+    w, x = torch.randn(O, I).bfloat16(), torch.randn(M, I).bfloat16()
+    y = torch.full((M, O), float("nan"), dtype=torch.bfloat16)
+    assert lib.ember_dense_bf16_amx(w.data_ptr(), x.data_ptr(), y.data_ptr(), M, O, I, 1, torch.get_num_threads()) == 1
+    ref = x.double() @ w.double().T
+    worst(y, ref, tol(ref, torch.bfloat16), f"dense amx {M}x{O}x{I}")
+    assert torch.equal(kernels.dense(x, w), y)  # the dispatch takes this path
+    # What it does not take: odd input widths, more than 32 rows.
+    assert lib.ember_dense_bf16_amx(w.data_ptr(), x.data_ptr(), y.data_ptr(), M, O, I - 1, 1, 1) == 0
+    assert lib.ember_dense_bf16_amx(w.data_ptr(), x.data_ptr(), y.data_ptr(), 33, O, I, 1, 1) == 0
 
 
 def test_dense_declines_what_it_does_not_handle():

@@ -35,6 +35,20 @@ SOURCE = Path(__file__).with_name("cpu.cpp")
 # Fused kernels up to this many activation rows; above it (prefill, large batches) quantized weights are
 # dequantized a cache-sized tile of rows at a time into a float buffer for a PyTorch (oneDNN/MKL) GEMM,
 # and dense weights go straight to PyTorch: those GEMMs are blocked for compute, the kernels for streaming.
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(ln.startswith("flags") and flag in ln.split() for ln in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
+# A CPU with AMX tiles (Intel Sapphire Rapids and later): from AMX_MIN_ROWS activation rows on, bf16 x bf16
+# goes to the AMX kernel (16 weight rows x 32 inputs x 16 activation rows per instruction), where the
+# AVX512 dot products run out of compute on a small core count.
+AMX_BF16 = _cpu_has("amx_bf16")
+AMX_MIN_ROWS = int(os.environ.get("EMBER_AMX_MIN_ROWS", "5"))
 MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2}
 TILE_BYTES = 1 << 20  # float tile of dequantized rows: L2-resident
 
@@ -121,8 +135,12 @@ def build(portable: bool = False, quiet: bool = True) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_kernels_isa.restype = _INT
     lib.ember_kernels_isa.argtypes = []
+    lib.ember_kernels_amx.restype = _INT
+    lib.ember_kernels_amx.argtypes = []
     lib.ember_dense_bf16.restype = None
     lib.ember_dense_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT, _INT]
+    lib.ember_dense_bf16_amx.restype = _INT
+    lib.ember_dense_bf16_amx.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.ember_dense_f32.restype = None
     lib.ember_dense_f32.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.ember_int8.restype = None
@@ -168,6 +186,8 @@ def load(portable: bool | None = None) -> ctypes.CDLL | None:
             return None
         _lib = lib
         isa = "AVX512-BF16" if lib.ember_kernels_isa() else "portable C++"
+        if lib.ember_kernels_isa() and AMX_BF16 and lib.ember_kernels_amx():
+            isa += f" + AMX tiles for bf16 from {AMX_MIN_ROWS} rows"
         _status = f"native ({isa}, {path.name})"
         return _lib
 
@@ -198,7 +218,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def dense(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``x2 @ weight.T`` for bf16 x bf16 or fp32 x fp32, up to ``MAX_ROWS["dense"]`` rows; None when not handled."""
+    """``x2 @ weight.T`` for bf16 x bf16 or fp32 x fp32, up to ``MAX_ROWS["dense"]`` rows; None when not handled.
+
+    bf16 with at least :data:`AMX_MIN_ROWS` rows runs on AMX tiles where the CPU and OS have them."""
     dt = x2.dtype
     if (dt is not weight.dtype or x2.shape[0] > MAX_ROWS["dense"] or dt not in _FLOAT
             or x2.device.type != "cpu" or not weight.is_contiguous()):
@@ -213,6 +235,9 @@ def dense(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     O = weight.shape[0]
     y = torch.empty(M, O, dtype=dt)
     bf = dt is torch.bfloat16
+    if bf and AMX_BF16 and M >= AMX_MIN_ROWS and I % 32 == 0:
+        if lib.ember_dense_bf16_amx(weight.data_ptr(), x2.data_ptr(), y.data_ptr(), M, O, I, 1, torch.get_num_threads()):
+            return y
     (lib.ember_dense_bf16 if bf else lib.ember_dense_f32)(weight.data_ptr(), x2.data_ptr(), y.data_ptr(), M, O, I,
                                                             bf, torch.get_num_threads())
     return y

@@ -7,6 +7,7 @@
 // rows re-read the block from L1/L2, not DRAM).
 //
 //   dense_bf16  W bf16, X bf16   AVX512-BF16 vdpbf16ps (fp32 accumulate)
+//   dense_bf16_amx  the same on AMX tiles (5-32 rows: batched decode), where the CPU has them
 //   dense_f32   W fp32, X fp32   FMA
 //   int8        W int8 (O, I) + fp32 scale per row: w = q * s             X -> fp32, FMA
 //   q4          W 4-bit (O, I/2), element 2j in the high nibble of byte j, 2j+1 in the low one
@@ -26,6 +27,13 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if !defined(EMBER_PORTABLE) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define EMBER_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // Software prefetch: the same offset of the row 4 rows ahead, i.e. the next 4-row block (a thread's rows are
 // one contiguous run). Within a row the hardware prefetchers keep up; at each block boundary they do not,
@@ -512,9 +520,76 @@ inline void store_block(void* Y, int64_t O, int64_t o0, int64_t m0, int nm, cons
     }
 }
 
+
+#if defined(EMBER_AMX) && defined(EMBER_X86)
+// ============================================================================ dense bf16 on AMX tiles
+// Batched decode (5-32 activation rows) is compute-bound for vdpbf16ps on a small core count; AMX
+// tiles multiply 16 weight rows x 32 inputs by 16 activation rows per instruction. Computed as
+// Y^T = W X^T so that W, row-major, *is* the A-tile layout (16 rows of 32 bf16, stride I): only X is
+// repacked, into the VNNI pair layout B needs ([I/2][MP][2]: row j holds (x[m][2j], x[m][2j+1]) for
+// each m), once per call. Tiles: 0-1 C (16 W rows x 16 X rows fp32), 2 A, 3-4 B.
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_permitted() {
+  // Linux hands out the AMX register state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+template <int NB>
+void dense_bf16_amx(const uint16_t* W, const uint16_t* xp, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
+                    int nthreads) {
+  constexpr int MP = 16 * NB;
+  const int64_t blocks = O / 16;
+#pragma omp parallel num_threads(nthreads)
+  {
+    TileConfig cfg = {};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 5; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[NB][16][16];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint16_t* wb = W + b * 16 * I;
+      _tile_zero(0);
+      if (NB == 2) _tile_zero(1);
+      for (int64_t k = 0; k < I; k += 32) {
+        if (PF_DENSE) _mm_prefetch(reinterpret_cast<const char*>(wb + k) + 16 * I * 2, PF_HINT);
+        _tile_loadd(2, wb + k, I * 2);
+        _tile_loadd(3, xp + (k / 2) * MP * 2, MP * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        if (NB == 2) {
+          _tile_loadd(4, xp + (k / 2) * MP * 2 + 32, MP * 4);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      if (NB == 2) _tile_stored(1, c[NB - 1], 64);
+      for (int64_t m = 0; m < M; m++)
+        for (int r = 0; r < 16; r++) store_y(Y, m * O + b * 16 + r, c[m / 16][r][m % 16], y_bf16);
+    }
+    _tile_release();
+  }
+}
+#endif
 }  // namespace
 
 extern "C" {
+
+// Whether this build has the AMX kernel and the OS lets this process use the tiles.
+int ember_kernels_amx() {
+#if defined(EMBER_AMX) && defined(EMBER_X86)
+  return amx_permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 // Which code path this build compiled: 1 = AVX512-BF16 intrinsics, 0 = portable loops.
 int ember_kernels_isa() {
@@ -533,6 +608,38 @@ void ember_dense_bf16(const uint16_t* W, const uint16_t* X, void* Y, int64_t M, 
     dense_bf16_rows(w, X + m0 * I, I, nm, out);
     store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
   });
+}
+
+// Y = X W^T on AMX tiles for 1 <= M <= 32, I % 32 == 0; returns 0 (nothing written) where this build or
+// the OS has no AMX. The last O % 16 rows go through the AVX512 kernel.
+int ember_dense_bf16_amx(const uint16_t* W, const uint16_t* X, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
+                         int nthreads) {
+#if defined(EMBER_AMX) && defined(EMBER_X86)
+  if (M < 1 || M > 32 || I % 32 != 0 || !amx_permitted()) return 0;
+  const int NB = M > 16 ? 2 : 1;
+  const int64_t MP = 16 * NB;
+  static thread_local std::vector<uint16_t> packed;
+  packed.assign(static_cast<size_t>(I * MP), 0);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k < I; k++) packed[(k / 2) * MP * 2 + m * 2 + (k & 1)] = X[m * I + k];
+  if (NB == 2)
+    dense_bf16_amx<2>(W, packed.data(), Y, M, O, I, y_bf16, nthreads);
+  else
+    dense_bf16_amx<1>(W, packed.data(), Y, M, O, I, y_bf16, nthreads);
+  float out[R * MB];
+  for (int64_t o0 = O / 16 * 16; o0 < O; o0 += R)
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const uint16_t* w[R];
+      row_ptrs(W, o0, O, I, w);
+      int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+      dense_bf16_rows(w, X + m0 * I, I, nm, out);
+      store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
+    }
+  return 1;
+#else
+  (void)W, (void)X, (void)Y, (void)M, (void)O, (void)I, (void)y_bf16, (void)nthreads;
+  return 0;
+#endif
 }
 
 void ember_dense_f32(const float* W, const float* X, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
