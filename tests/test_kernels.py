@@ -81,7 +81,8 @@ def test_dense_declines_what_it_does_not_handle():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (1, 6, 80), (3, 13, 128), (9, 37, 192)])
-def test_int8(build, dtype, M, O, I):
+def test_int8(build, dtype, M, O, I, monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)  # exact against the weight; int8 activations below
     torch.manual_seed(1)
     q = torch.randint(-127, 128, (O, I), dtype=torch.int8)
     s = torch.rand(O) * 0.01
@@ -100,7 +101,8 @@ def int4_reference(codes, scales, zeros, g):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (1, 9, 192), (7, 21, 384)])
-def test_int4(build, dtype, g, M, O, I):
+def test_int4(build, dtype, g, M, O, I, monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
     if I % g:
         pytest.skip("group does not divide the width")
     torch.manual_seed(2)
@@ -111,6 +113,70 @@ def test_int4(build, dtype, g, M, O, I):
         y = kernels.q4(x, codes, torch.arange(16, dtype=torch.float32) - 8, g, scales=scales, zeros=zeros)
         ref = x.double() @ int4_reference(codes, scales, zeros, g).T
         worst(y, ref, tol(ref, dtype), f"int4 {build} {dtype} stats {stats} g{g} {M}x{O}x{I}")
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the VNNI kernels round it: int8 per 128 values, scale max|x| / 127, nearest-even."""
+    xs = x.double().view(x.shape[0], -1, 128)
+    a = xs.abs().amax(-1, keepdim=True)
+    q = torch.where(a > 0, torch.round(xs * (127 / a)), torch.zeros_like(xs))
+    return (q * (a / 127)).view(x.shape)
+
+
+vnni = pytest.mark.skipif(not (kernels.load() and kernels.load().ember_kernels_vnni()), reason="build without VNNI")
+
+
+def bf16_out_tol(ref: torch.Tensor) -> float:
+    # the kernel accumulates in fp32 and rounds the output to bf16: half an ulp of the largest output, and slack
+    return 2**-8 * float(ref.abs().max()) * 1.05
+
+
+@vnni
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (2, 9, 128), (4, 37, 384)])
+def test_int8_with_int8_activations(M, O, I):
+    # bf16 rows quantized to int8 per 128 values, multiplied as bytes: exact against that rounding of x
+    torch.manual_seed(4)
+    q = torch.randint(-127, 128, (O, I), dtype=torch.int8)
+    s = torch.rand(O) * 0.01
+    x = torch.randn(M, I).bfloat16()
+    x[0, :128] = 0  # an all-zero step has scale 0
+    y = kernels.int8(x, q, s)
+    w = q.double() * s.double()[:, None]
+    ref = quantized_activations(x) @ w.T
+    worst(y, ref, bf16_out_tol(ref), f"int8 q8-activations {M}x{O}x{I}")
+    # and within the activation rounding (about 0.4% of a typical entry per value) of the exact product
+    exact = x.double() @ w.T
+    worst(y, exact, 0.03 * float(exact.abs().max()), f"int8 q8-activations vs exact {M}x{O}x{I}")
+
+
+@vnni
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (3, 9, 384), (8, 21, 128)])
+def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
+    monkeypatch.setitem(kernels.MAX_ROWS, "q4", 8)  # the fused kernel's whole range
+    torch.manual_seed(5)
+    codes = torch.randint(0, 256, (O, I // 2), dtype=torch.uint8)
+    for stats in (torch.bfloat16, torch.float32):
+        scales, zeros = (torch.rand(O, I // g) * 0.02).to(stats), (torch.randn(O, I // g) * 0.01).to(stats)
+        x = torch.randn(M, I).bfloat16()
+        y = kernels.q4(x, codes, torch.arange(16, dtype=torch.float32) - 8, g, scales=scales, zeros=zeros)
+        w = int4_reference(codes, scales, zeros, g)
+        # the (q - 8) * s part takes the int8 activations, the zero term the bf16 ones
+        z = zeros.double().repeat_interleave(g, 1)
+        ref = quantized_activations(x) @ (w - z).T + x.double() @ z.T
+        worst(y, ref, bf16_out_tol(ref), f"int4 q8-activations stats {stats} g{g} {M}x{O}x{I}")
+
+
+def test_int8_activations_can_be_switched_off(monkeypatch):
+    torch.manual_seed(6)
+    q, s, x = torch.randint(-127, 128, (5, 256), dtype=torch.int8), torch.rand(5), torch.randn(1, 256).bfloat16()
+    on = kernels.int8(x, q, s)
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
+    off = kernels.int8(x, q, s)
+    ref = x.double() @ (q.double() * s.double()[:, None]).T
+    worst(off, ref, bf16_out_tol(ref), "int8 without int8 activations")  # only the output's rounding
+    if kernels.load() is not None and kernels.load().ember_kernels_vnni():
+        assert not torch.equal(on, off)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -78,7 +78,9 @@ def test_kernel_equals_own_dequantized_weight_fp32(mode, rows):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_kernel_equals_own_dequantized_weight_bf16(mode, rows):
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_kernel_equals_own_dequantized_weight_bf16(mode, rows, int8_activations, monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", int8_activations)
     m = build(mode, rand_linear(96, 256, dtype=torch.bfloat16))
     if mode.startswith("int4"):  # the fused CPU kernel is what is under test
         assert m.layout == ("native" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
@@ -86,7 +88,8 @@ def test_kernel_equals_own_dequantized_weight_bf16(mode, rows):
     ref = nn.functional.linear(x.float(), m.dequantize(), m.bias.float())
     y = m(x)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
-    worst(y, ref, 2**-7 * ref.abs().max(), f"{mode} bf16 rows={rows}")
+    # int8 activations (VNNI builds, int8/int4, few rows) round x to 8 bits per 128 values: ~0.5% of an output
+    worst(y, ref, (0.03 if int8_activations else 2**-7) * ref.abs().max(), f"{mode} bf16 rows={rows}")
 
 
 @pytest.mark.parametrize("rows", [1, 7, 40])

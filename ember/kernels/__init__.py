@@ -49,6 +49,10 @@ def _cpu_has(flag: str) -> bool:
 # AVX512 dot products run out of compute on a small core count.
 AMX_BF16 = _cpu_has("amx_bf16")
 AMX_MIN_ROWS = int(os.environ.get("EMBER_AMX_MIN_ROWS", "5"))
+# int8/int4 weights with bf16 activations: quantize the activations to int8 per 128 values and multiply bytes
+# with AVX512-VNNI (llama.cpp's Q8 activations), where the build has it; EMBER_INT8_ACTIVATIONS=0 keeps them
+# in bf16 (vdpbf16ps). fp32 activations always take the path that is exact against the dequantized weight.
+INT8_ACTIVATIONS = os.environ.get("EMBER_INT8_ACTIVATIONS", "1").strip().lower() not in ("0", "off", "false", "no")
 MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2}
 TILE_BYTES = 1 << 20  # float tile of dequantized rows: L2-resident
 
@@ -137,6 +141,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_kernels_isa.argtypes = []
     lib.ember_kernels_amx.restype = _INT
     lib.ember_kernels_amx.argtypes = []
+    lib.ember_kernels_vnni.restype = _INT
+    lib.ember_kernels_vnni.argtypes = []
     lib.ember_dense_bf16.restype = None
     lib.ember_dense_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.ember_dense_bf16_amx.restype = _INT
@@ -144,10 +150,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_dense_f32.restype = None
     lib.ember_dense_f32.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.ember_int8.restype = None
-    lib.ember_int8.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    lib.ember_int8.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT, _INT]
     lib.ember_q4.restype = None
     lib.ember_q4.argtypes = [_P, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT, _I64, _P, _P, _INT, _P, _P, _P, _P, _F,
-                             _P, _INT]
+                             _P, _INT, _INT]
     lib.ember_rms_norm.restype = None
     lib.ember_rms_norm.argtypes = [_P, _P, _P, _I64, _I64, _F, _INT, _INT]
     lib.ember_rope.restype = None
@@ -188,6 +194,8 @@ def load(portable: bool | None = None) -> ctypes.CDLL | None:
         isa = "AVX512-BF16" if lib.ember_kernels_isa() else "portable C++"
         if lib.ember_kernels_isa() and AMX_BF16 and lib.ember_kernels_amx():
             isa += f" + AMX tiles for bf16 from {AMX_MIN_ROWS} rows"
+        if lib.ember_kernels_vnni():
+            isa += " + VNNI int8 activations for int8/int4" if INT8_ACTIVATIONS else " (VNNI off)"
         _status = f"native ({isa}, {path.name})"
         return _lib
 
@@ -304,7 +312,8 @@ def int8(x2: torch.Tensor, weight: torch.Tensor, scales_f32: torch.Tensor) -> to
         return _tiled(x2, O, lambda a, b, buf: lib.ember_int8_dequant(weight.data_ptr(), scales_f32.data_ptr(), I, a, b,
                                                                         buf.data_ptr(), bf, nt))
     y = torch.empty(M, O, dtype=x2.dtype)
-    lib.ember_int8(weight.data_ptr(), scales_f32.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), M, O, I, bf, nt)
+    lib.ember_int8(weight.data_ptr(), scales_f32.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), M, O, I, bf,
+                   int(INT8_ACTIVATIONS), nt)
     return y
 
 
@@ -340,5 +349,6 @@ def q4(x2: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, group: int, *
         return _tiled(x2, O, lambda a, b, buf: lib.ember_q4_dequant(codes.data_ptr(), I, a, b, buf.data_ptr(), bf, mode,
                                                                       group, *stats, nt))
     y = torch.empty(M, O, dtype=x2.dtype)
-    lib.ember_q4(codes.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), M, O, I, bf, mode, group, *stats, nt)
+    lib.ember_q4(codes.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), M, O, I, bf, mode, group, *stats,
+                 int(INT8_ACTIVATIONS), nt)
     return y
