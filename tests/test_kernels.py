@@ -167,6 +167,31 @@ def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
         worst(y, ref, bf16_out_tol(ref), f"int4 q8-activations stats {stats} g{g} {M}x{O}x{I}")
 
 
+@vnni
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (8, 21, 128)])
+def test_nf4_with_int8_activations(double_quant, M, O, I, monkeypatch):
+    # the code book as bytes 128 + round(127 c), the activations as int8 per 128: exact against both roundings
+    monkeypatch.setitem(kernels.MAX_ROWS, "q4", 8)
+    torch.manual_seed(7)
+    m = qnf4.NF4Linear.from_linear(torch.nn.Linear(I, O, bias=False), double_quant=double_quant, dtype=torch.float32)
+    x = torch.randn(M, I).bfloat16()
+    if double_quant:
+        y = kernels.q4(x, m.weight, qnf4.NF4_CODE, 64, am_code=m.absmax, am_dyn=qnf4.DYNAMIC_CODE,
+                       am_scale2=m.absmax_scale, am_offset=float(m.absmax_offset))
+    else:
+        y = kernels.q4(x, m.weight, qnf4.NF4_CODE, 64, absmax=m.absmax)
+    w = m.dequantize().double()
+    code = qnf4.NF4_CODE.double()
+    # per weight: value = absmax * c; the kernel multiplies absmax * round(127 c) / 127
+    ratio = torch.where(code != 0, torch.round(127 * code) / 127 / torch.where(code != 0, code, 1), 1.0)
+    idx = torch.stack([m.weight >> 4, m.weight & 15], -1).view(O, I).long()
+    ref = quantized_activations(x) @ (w * ratio[idx]).T
+    worst(y, ref, bf16_out_tol(ref), f"nf4 q8-activations dq={double_quant} {M}x{O}x{I}")
+    exact = x.double() @ w.T
+    worst(y, exact, 0.03 * float(exact.abs().max()), f"nf4 q8-activations vs exact {M}x{O}x{I}")
+
+
 def test_int8_activations_can_be_switched_off(monkeypatch):
     torch.manual_seed(6)
     q, s, x = torch.randint(-127, 128, (5, 256), dtype=torch.int8), torch.rand(5), torch.randn(1, 256).bfloat16()
@@ -182,7 +207,8 @@ def test_int8_activations_can_be_switched_off(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 6, 128), (1, 3, 192), (5, 11, 256)])
-def test_nf4(build, dtype, double_quant, M, O, I):
+def test_nf4(build, dtype, double_quant, M, O, I, monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)  # exact against the weight; int8 activations above
     torch.manual_seed(3)
     lin = torch.nn.Linear(I, O, bias=False)
     m = qnf4.NF4Linear.from_linear(lin, double_quant=double_quant, dtype=torch.float32)
