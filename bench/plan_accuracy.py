@@ -312,10 +312,10 @@ def write_checkpoint(folder: Path, size: str, dtype: str) -> None:
 
 
 def _matches(run: Run, only: set[str] | None) -> bool:
-    """``--only`` picks runs by size (``small``), task (``infer``, ``lora``, ``qlora``) or ``train``."""
+    """``--only`` picks runs by size (``small``), task (``infer``, ``lora``, ``qlora``), ``train`` or quant (``int4``)."""
     if only is None:
         return True
-    return bool({run.size, run.task, "train" if run.training else "infer"} & only)
+    return bool({run.size, run.task, "train" if run.training else "infer", run.quant} & only)
 
 
 def _row(run: Run, meas: dict, hw, cal, busy: float) -> dict:
@@ -359,7 +359,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None,
-                    help="comma-separated sizes (tiny, small, ...) and/or tasks (infer, train, lora, qlora) to run "
+                    help="comma-separated sizes (tiny, small, ...), tasks (infer, train, lora, qlora) and/or quant modes "
+                         "(int8, int4, nf4) to run "
                          "(default: all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

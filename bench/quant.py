@@ -34,10 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ember import kernels  # noqa: E402
 from ember.model import Linear  # noqa: E402
 from ember.quant import Int4Linear, Int8Linear, NF4Linear  # noqa: E402
-from ember.quant import int4 as int4_mod  # noqa: E402
-from ember.quant import int8 as int8_mod  # noqa: E402
 
 
 def stored_bytes(m: torch.nn.Module) -> int:
@@ -121,13 +120,20 @@ def gemv_table(formats: list[str], cold_gib: float, rounds: int, bw: float) -> l
 
 
 def kernel_name(m: torch.nn.Module) -> str:
+    """The path a one-row bf16 call of ``m`` takes (as the modules' forward chooses it)."""
+    lib = kernels.load()
+    vnni = lib is not None and bool(lib.ember_kernels_vnni()) and kernels.INT8_ACTIVATIONS
     if isinstance(m, Int8Linear):
-        return "_weight_int8pack_mm"
-    if isinstance(m, Int4Linear):
+        if lib is None:
+            return "_weight_int8pack_mm"
+        return "ember int8, VNNI (int8 activations)" if vnni else "ember int8"
+    if isinstance(m, Int4Linear) and m.layout != "native":
         return "_weight_int4pack_mm_for_cpu" if m.layout == "cpu" else f"dequant+matmul ({m.layout})"
-    if isinstance(m, NF4Linear):
-        return "LUT dequant (chunked) + mv/mm"
-    return "torch.mv (bf16)"
+    if isinstance(m, (Int4Linear, NF4Linear)):
+        if lib is None:
+            return "dequant+matmul"
+        return "ember 4-bit, VNNI (int8 activations)" if vnni else "ember 4-bit (bf16)"
+    return "ember bf16" if lib is not None else "torch.mv (bf16)"
 
 
 def batch_table(formats: list[str], rounds: int) -> list[dict]:
@@ -171,8 +177,8 @@ def main() -> None:
     print(f"Quantized Linear decode (1 x 2048 @ 2048 -> 5632), {date.today()}; {machine}")
     print(f"read bandwidth: cold bf16 mv {bws['bf16_mv'] / 1e9:.1f} GB/s, fp32 sum {bws['fp32_sum'] / 1e9:.1f} GB/s; "
           f"roofline = {bw / 1e9:.1f} GB/s")
-    print(f"CPU kernel thresholds: int8 kernel up to {int8_mod.CPU_KERNEL_MAX_ROWS} rows, "
-          f"int4 up to {int4_mod.CPU_KERNEL_MAX_ROWS} rows\n")
+    print(f"ember kernels: {kernels.status()}; fused up to {kernels.MAX_ROWS['int8']} activation rows (int8), "
+          f"{kernels.MAX_ROWS['q4']} (4-bit), then dequantized tiles + GEMM\n")
     rows = gemv_table(formats, args.cold_gib, args.rounds, bw)
     hdr = (f"| {'format':8} | {'MB stored':>9} | {'cold ms':>8} | {'cold GB/s':>9} | {'% roofline':>10} | "
            f"{'vs bf16':>7} | {'hot GB/s':>8} | kernel")

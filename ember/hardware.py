@@ -55,7 +55,8 @@ class Calibration:
     gets stream faster, so the planner interpolates on the model's hidden size and total weight bytes.
     ``stream_efficiency`` is what a whole decode step of a synthetic model (hidden 1536) achieves
     of those rates once its other work (norms, attention, dispatch) is taken out: the other ops
-    evict the cache and break the prefetcher's stride between weights.
+    evict the cache and break the prefetcher's stride between weights. Keyed by dtype, and (CPU) by
+    quant mode for the same model with quantized projections, which the planner uses for that kernel.
     ``train_efficiency`` maps the training dtype to ``[(hidden size, fraction), ...]``: the fraction
     of ``matmul_flops`` that real LoRA training steps of synthetic models of that hidden size reached
     (FLOPs counted as :func:`ember.planner.train_flops_per_token` counts them). Calibrations stored
@@ -71,7 +72,7 @@ class Calibration:
     expert_overhead_s: dict[str, float]        # dtype -> extra seconds per routed expert call per step
     step_overhead_s: dict[str, float]          # dtype -> seconds per step outside the layers
     runtime_bytes: int                         # RSS of a fresh process after `import ember` + one tiny forward
-    stream_efficiency: dict[str, float] = field(default_factory=dict)  # dtype -> in-model / streamed alone
+    stream_efficiency: dict[str, float] = field(default_factory=dict)  # dtype or quant mode -> in-model / alone
     context_bytes: int = 0                     # CUDA: device memory the context takes before any tensor
     train_efficiency: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # dtype -> [(hidden, MFU)]
     threads: int = 1
@@ -206,11 +207,14 @@ class Hardware:
         ``bandwidth x decode_efficiency``.
         """
         if self.calibration is not None:
-            dt = (fallback or kernel).split("-")[1] if "-" in (fallback or kernel) else ""
-            eff = self.calibration.stream_efficiency.get(dt, 1.0)
+            se = self.calibration.stream_efficiency
+            base = (fallback or kernel).split("-")[1] if "-" in (fallback or kernel) else ""
             for k in (kernel, fallback, "mv-fp32"):
                 bw = self.calibration.bandwidth(k, working_set, hidden) if k else None
                 if bw is not None:
+                    # a quantized kernel's own measured efficiency (a real quantized decode), else the float one's
+                    own = k.split("-")[1] if "-" in k else ""
+                    eff = se.get(own, se.get(base, 1.0)) if k == kernel else se.get(base, 1.0)
                     return bw * self.decode_efficiency * eff
         return self.bandwidth * self.decode_efficiency
 
@@ -752,9 +756,14 @@ def _quant_decoder_stream(device, dtype, mode: str, rows: int, hidden: int, size
     return pts
 
 
-def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, layer_s: float) -> float:
+def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, layer_s: float,
+                       quant: str | None = None) -> float:
     """Fraction of the streaming rate a real decode step gets: a synthetic model (hidden 1536, six
-    layers, vocab 16384, ~400 MB in bf16) decoded for 20 steps, its dispatch overhead subtracted."""
+    layers, vocab 16384, ~400 MB in bf16) decoded for 20 steps, its dispatch overhead subtracted.
+
+    With ``quant`` (int8/int4/nf4) the model's projections are quantized as ``--quant`` does, and the
+    prediction it is compared with streams them at the ``mv-{quant}`` rate and the rest (the 16-bit head
+    and norms) at the ``mv-{name}`` rate, as :func:`ember.planner.decode_step_seconds` does."""
     import torch
 
     from ember.config import ModelConfig
@@ -770,8 +779,18 @@ def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, la
     m.eval()
     with torch.no_grad():
         for p in m.parameters():
-            p.fill_(0.01)
-    nbytes = sum(p.numel() * p.element_size() for p in m.parameters()) - cfg.vocab_size * cfg.hidden_size *         torch.empty(0, dtype=dtype).element_size()
+            p.fill_(0.01) if quant is None else p.uniform_(-0.02, 0.02)  # quantizers want a range to scale
+    nbytes = sum(p.numel() * p.element_size() for p in m.parameters()) - cfg.vocab_size * cfg.hidden_size * \
+        torch.empty(0, dtype=dtype).element_size()
+    qbytes = 0
+    if quant is not None:
+        from ember.quant import QuantizedLinear, quantize_model
+
+        float_proj = sum(mod.weight.numel() * mod.weight.element_size() for n, mod in m.named_modules()
+                         if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head"))
+        quantize_model(m, quant)
+        qbytes = sum(mod.weight_bytes() for mod in m.modules() if isinstance(mod, QuantizedLinear))
+        nbytes -= float_proj
     times = []
     with torch.inference_mode():
         cache = StaticKVCache(cfg, 1, 96, dtype, device)
@@ -785,15 +804,17 @@ def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, la
             cache.advance(1)
     times = sorted(times[4:])
     measured = times[len(times) // 10]
-    pts = {int(k.split("@")[1]): v for k, v in stream.items() if k.startswith(f"mv-{name}@")}
     probe = Calibration(device="", fingerprint="", stream=stream, copy_bandwidth=0.0, matmul_flops={},
                         layer_overhead_s={}, expert_overhead_s={}, step_overhead_s={}, runtime_bytes=0)
-    bw = probe.bandwidth(f"mv-{name}", nbytes, cfg.hidden_size) if pts else probe.bandwidth(f"mv-{name}", nbytes)
+
+    bw = probe.bandwidth(f"mv-{name}", nbytes + qbytes, cfg.hidden_size)
+    qbw = probe.bandwidth(f"mv-{quant}", nbytes + qbytes, cfg.hidden_size) if quant else None
     streaming = measured - step_s - cfg.num_hidden_layers * layer_s
     del m
-    if bw is None or streaming <= 0:
+    if bw is None or streaming <= 0 or (quant and qbw is None):
         return 1.0
-    return min(1.2, max(0.3, (nbytes / bw) / streaming))
+    predicted = nbytes / bw + (qbytes / qbw if quant else 0.0)
+    return min(1.5, max(0.3, predicted / streaming))
 
 
 def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, layers: int, seq: int,
@@ -1100,6 +1121,11 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
                     stream[f"{kind}-{mode}@{h}"] = _quant_decoder_stream(dev, qdtype, mode, rows, h,
                                                                          [64 << 20, 256 << 20],
                                                                          max(2, repeats - 2), min_s)
+            qname = "bf16" if qdtype == torch.bfloat16 else "fp32"
+            if dev.type == "cpu" and not quick:  # a real quantized decode: its kernels' share of the step
+                say(f"decode-step streaming efficiency, {mode}")
+                efficiency[mode] = _stream_efficiency(dev, qdtype, qname, stream, step_s[qname], layer_s[qname],
+                                                      quant=mode)
     except ImportError:
         pass
 

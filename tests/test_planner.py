@@ -341,6 +341,19 @@ def test_quantized_decode_streams_the_16bit_head_at_the_float_rate():
     assert t == pytest.approx(want, rel=1e-6)
 
 
+def test_quantized_kernels_use_their_own_measured_stream_efficiency():
+    # int4 was measured in a real quantized decode (0.9 of its streaming rate); int8 was not: it takes
+    # the float dtype's (0.8), as does the float fallback when a kernel's curve is missing
+    cal = _fake_cal(stream={"mv-bf16": [(1, 40e9)], "mv-int4": [(1, 10e9)], "mv-int8": [(1, 20e9)]},
+                    stream_efficiency={"bf16": 0.8, "int4": 0.9})
+    hw = Hardware(name="cal", device="cpu", memory_bytes=80 * GiB, bandwidth=1000 * GB, flops={"bf16": 1e12},
+                  decode_efficiency=1.0, calibration=cal)
+    assert hw.stream_bandwidth("mv-int4", 1 << 20, fallback="mv-bf16") == pytest.approx(9e9)
+    assert hw.stream_bandwidth("mv-int8", 1 << 20, fallback="mv-bf16") == pytest.approx(16e9)
+    assert hw.stream_bandwidth("mv-nf4", 1 << 20, fallback="mv-bf16") == pytest.approx(32e9)
+    assert hw.stream_bandwidth("mv-bf16", 1 << 20) == pytest.approx(32e9)
+
+
 def test_calibration_roundtrip_and_interpolation(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
     cal = _fake_cal()
