@@ -1,9 +1,9 @@
 """Markdown tables for the README from the benchmarks' JSON (bench/results/*.json), as they were measured.
 
     python bench/report.py            # every table whose JSON exists
-    python bench/report.py decode     # one of: decode, serve, tune, plan
+    python bench/report.py decode     # one of: decode, quant, serve, tune, plan
 
-Nothing here measures anything: it formats what bench/decode.py, serve.py, tune.py and
+Nothing here measures anything: it formats what bench/decode.py, quant.py, serve.py, tune.py and
 plan_accuracy.py wrote, so the README's tables are the benchmark's numbers, not copies by hand.
 """
 
@@ -68,6 +68,28 @@ def decode() -> str | None:
                      f"of {c['num_experts']}), expert weights read {c['measured_expert_bytes_per_token'] / 1e6:.1f} MB "
                      f"per token, as stated ({c['stated_expert_bytes_per_token'] / 1e6:.1f} MB).")
     return text + "\n\n" + _targets(d["targets"])
+
+
+def quant() -> str | None:
+    """bench/quant.py's one-row tables: the default run, and the bf16-activation run when it was made too."""
+    d = _load("quant")
+    if d is None:
+        return None
+    off = _load("quant_bf16act")
+    offs = {r["format"]: r for r in off["gemv"]} if off else {}
+    rows = []
+    for r in d["gemv"]:
+        o = offs.get(r["format"])
+        rows.append([r["format"], f"{r['stored_bytes'] / 1e6:.2f}", f"{r['cold_ms']:.3f}", f"{r['cold_gbs']:.1f}",
+                     f"{100 * r['roofline_frac']:.0f}%", f"{r['speedup_vs_bf16']:.2f}x", f"{r['hot_gbs']:.1f}",
+                     r["kernel"], f"{o['cold_gbs']:.1f} / {o['hot_gbs']:.1f}" if o else ""])
+    text = (f"One activation row times a (5632, 2048) weight (TinyLlama's MLP), {d['date']}, {d['machine']}; cold = "
+            f"from DRAM (copies rotated past the cache), hot = one matrix again and again; roofline = "
+            f"{d['roofline_bytes_s'] / 1e9:.1f} GB/s (best streaming read measured in the same run)"
+            + ("; last column: the same with `EMBER_INT8_ACTIVATIONS=0` (bf16 activations), a separate run" if off else "")
+            + ".\n\n")
+    return text + _table(["format", "MB stored", "cold ms", "cold GB/s", "% roofline", "vs bf16", "hot GB/s", "kernel"]
+                         + (["bf16-activation cold / hot GB/s"] if off else []), [r if off else r[:-1] for r in rows])
 
 
 def serve() -> str | None:
@@ -136,9 +158,9 @@ def plan() -> str | None:
 
 
 def main() -> int:
-    which = sys.argv[1:] or ["decode", "serve", "tune", "plan"]
+    which = sys.argv[1:] or ["decode", "quant", "serve", "tune", "plan"]
     for name in which:
-        text = {"decode": decode, "serve": serve, "tune": tune, "plan": plan}[name]()
+        text = {"decode": decode, "quant": quant, "serve": serve, "tune": tune, "plan": plan}[name]()
         print(f"### {name}\n\n{text if text else '(no results yet: run bench/' + name + '.py)'}\n")
     return 0
 
