@@ -59,7 +59,8 @@ class Calibration:
     quant mode for the same model with quantized projections, which the planner uses for that kernel.
     ``train_efficiency`` maps the training dtype to ``[(hidden size, fraction), ...]``: the fraction
     of ``matmul_flops`` that real LoRA training steps of synthetic models of that hidden size reached
-    (FLOPs counted as :func:`ember.planner.train_flops_per_token` counts them). Calibrations stored
+    (FLOPs counted as :func:`ember.planner.train_flops_per_token` counts them); ``{dtype}-qlora`` the
+    same for QLoRA steps (NF4 base weights). Calibrations stored
     before it existed load without it (the planner then falls back to ``compute_efficiency``).
     """
 
@@ -218,16 +219,21 @@ class Hardware:
                     return bw * self.decode_efficiency * eff
         return self.bandwidth * self.decode_efficiency
 
-    def train_efficiency(self, dtype: str, hidden: int | None = None) -> float:
+    def train_efficiency(self, dtype: str, hidden: int | None = None, method: str = "lora") -> float:
         """Achieved fraction of :meth:`peak_flops` in a training step of a model of hidden size ``hidden``.
 
         Measured (log-log between the measured hidden sizes, clamped to the ends; another dtype's
         measurement when this one was not timed) when calibrated; else ``compute_efficiency``.
+        ``method="qlora"`` takes the QLoRA steps' measurement (``{dtype}-qlora``) where there is one.
         """
         c = self.calibration
         if c is None or not c.train_efficiency:
             return self.compute_efficiency
-        pts = c.train_efficiency.get(dtype) or c.train_efficiency.get("bf16") or next(iter(c.train_efficiency.values()))
+        plain = {k: v for k, v in c.train_efficiency.items() if "-" not in k}
+        pts = c.train_efficiency.get(f"{dtype}-qlora") if method == "qlora" else None
+        if not pts and not plain:
+            return self.compute_efficiency
+        pts = pts or plain.get(dtype) or plain.get("bf16") or next(iter(plain.values()))
         return _interp(pts, hidden if hidden else pts[-1][0])
 
     def overheads(self, dtype: str) -> tuple[float, float, float]:
@@ -818,16 +824,18 @@ def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, la
 
 
 def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, layers: int, seq: int,
-                           steps: int = 5) -> float:
+                           steps: int = 5, method: str = "lora") -> float:
     """Fraction of ``matmul_flops`` that real LoRA training steps reach on a synthetic Llama of
     ``hidden`` (MLP 2.75x, kv heads 1/4, vocab 8192; ``ember tune``'s settings: r=16 on every
     projection, dropout 0.05, AdamW, clipping; one sequence of ``seq`` tokens, loss on all):
     :func:`ember.planner.train_flops_per_token` x tokens / the median of ``steps`` steps after a
     warm-up (the median, like the tok/s ``ember tune`` shows: the fastest step is ~20% faster than
-    a typical one on a shared 2-core machine).
+    a typical one on a shared 2-core machine). ``method="qlora"``: the base projections are NF4, as
+    ``ember tune --method qlora`` loads them (the FLOPs counted are the same; the dequantization is
+    what makes the steps slower).
 
     Raises:
-        ImportError: this build has no ``ember.train``.
+        ImportError: this build has no ``ember.train`` (or, for QLoRA, no ``ember.quant``).
     """
     import statistics
 
@@ -853,7 +861,11 @@ def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, 
         for prm in m.parameters():
             prm.fill_(0.01)
     m.eval().requires_grad_(False)
-    tc = TrainConfig(method="lora", rank=16, alpha=32, dropout=0.05, steps=steps + 1, lr=2e-4, batch=1, seq_len=seq,
+    if method == "qlora":
+        from ember.quant import quantize_model
+
+        quantize_model(m, "nf4")
+    tc = TrainConfig(method=method, rank=16, alpha=32, dropout=0.05, steps=steps + 1, lr=2e-4, batch=1, seq_len=seq,
                      grad_checkpoint=False, dtype=name, loss_on="all")
     prepare_model(m, tc)
     examples = [Example([3 + (7 * i + 13 * j) % (cfg.vocab_size - 3) for i in range(seq)], [True] * seq)
@@ -864,7 +876,7 @@ def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, 
         t = time.perf_counter()
         tr.train_step()
         times.append(time.perf_counter() - t)
-    wl = Workload(task="tune", method="lora", context=seq, batch=1, dtype=name, lora_rank=16, grad_checkpointing=False)
+    wl = Workload(task="tune", method=method, context=seq, batch=1, dtype=name, lora_rank=16, grad_checkpointing=False)
     flops = train_flops_per_token(cfg, wl) * seq
     del tr, m
     return min(1.0, max(0.01, flops / statistics.median(times[1:]) / matmul_flops))
@@ -1107,6 +1119,13 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
             pts.append((h, _train_step_efficiency(dev, train_dt, flops[train_dt], h, layers, seq,
                                                   steps=2 if quick else 5)))
         train_eff[train_dt] = sorted(pts)
+        if not quick:  # QLoRA: the same steps over NF4 base weights, dequantized in every pass
+            pts = []
+            for h, layers in shapes:
+                say(f"QLoRA training steps, {train_dt}, hidden {h}")
+                pts.append((h, _train_step_efficiency(dev, train_dt, flops[train_dt], h, layers, seq, steps=5,
+                                                      method="qlora")))
+            train_eff[f"{train_dt}-qlora"] = sorted(pts)
     except ImportError:  # a build without ember.train: the planner falls back to compute_efficiency
         pass
 
@@ -1180,7 +1199,8 @@ def describe_machine(hw: Hardware) -> list[tuple[str, str]]:
                                                        for k, v in c.stream_efficiency.items())))
         if c.train_efficiency:
             rows.append(("in a training step", "; ".join(
-                f"{k} " + ", ".join(f"hidden {h}: {100 * e:.0f}%" for h, e in pts) + " of the matmul rate (LoRA)"
+                f"{k.split('-')[0]} " + ", ".join(f"hidden {h}: {100 * e:.0f}%" for h, e in pts)
+                + f" of the matmul rate ({'QLoRA' if k.endswith('-qlora') else 'LoRA'})"
                 for k, pts in c.train_efficiency.items())))
         rows.append(("copy", f"{c.copy_bandwidth / GB:.1f} GB/s (read + write)"))
         rows.append(("matmul", ", ".join(f"{k} {v / TB:.2f} TFLOP/s" for k, v in c.matmul_flops.items())))

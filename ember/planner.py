@@ -711,10 +711,11 @@ def train_flops_per_token(cfg: ModelConfig, wl: Workload) -> float:
 def train_tokens_per_second(cfg: ModelConfig, hw: Hardware, wl: Workload) -> float:
     """Training tokens/s: ``peak FLOP/s x training efficiency / FLOPs per token``.
 
-    The efficiency is the fraction of the matmul rate that real LoRA steps reached when ``ember hw
-    --measure`` timed them (at this model's hidden size, interpolated), else ``compute_efficiency``.
+    The efficiency is the fraction of the matmul rate that real LoRA (for QLoRA: QLoRA) steps reached
+    when ``ember hw --measure`` timed them (at this model's hidden size, interpolated), else
+    ``compute_efficiency``.
     """
-    eff = hw.train_efficiency(wl.dtype, cfg.hidden_size)
+    eff = hw.train_efficiency(wl.dtype, cfg.hidden_size, "qlora" if wl.method == "qlora" else "lora")
     return hw.peak_flops(wl.dtype) * eff / train_flops_per_token(cfg, wl)
 
 

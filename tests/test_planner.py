@@ -354,6 +354,31 @@ def test_quantized_kernels_use_their_own_measured_stream_efficiency():
     assert hw.stream_bandwidth("mv-bf16", 1 << 20) == pytest.approx(32e9)
 
 
+def test_qlora_plans_use_the_measured_qlora_steps():
+    cal = _fake_cal(train_efficiency={"bf16": [(768, 0.2), (2048, 0.4)], "bf16-qlora": [(768, 0.1), (2048, 0.2)]})
+    hw = Hardware(name="cal", device="cpu", memory_bytes=80 * GiB, bandwidth=100 * GB, flops={"bf16": 1e12},
+                  calibration=cal)
+    assert hw.train_efficiency("bf16", 2048) == pytest.approx(0.4)
+    assert hw.train_efficiency("bf16", 2048, "qlora") == pytest.approx(0.2)
+    cfg = cfg_of("llama-3.2-1b")
+    lora = planner.train_tokens_per_second(cfg, hw, Workload(task="tune", method="lora", context=512, dtype="bf16"))
+    qlora = planner.train_tokens_per_second(cfg, hw, Workload(task="tune", method="qlora", context=512, dtype="bf16"))
+    assert qlora == pytest.approx(lora / 2, rel=1e-6)
+    # without a QLoRA measurement, QLoRA takes the LoRA one; a calibration with only QLoRA keeps LoRA off it
+    hw_lora = replace(hw, calibration=_fake_cal(train_efficiency={"bf16": [(768, 0.2)]}))
+    assert hw_lora.train_efficiency("bf16", 2048, "qlora") == pytest.approx(0.2)
+    hw_q = replace(hw, calibration=_fake_cal(train_efficiency={"bf16-qlora": [(768, 0.1)]}), compute_efficiency=0.3)
+    assert hw_q.train_efficiency("bf16", 768) == pytest.approx(0.3)
+
+
+def test_qlora_step_efficiency_is_measured_on_nf4_weights():
+    pytest.importorskip("ember.train")
+    import torch
+
+    eff = hardware._train_step_efficiency(torch.device("cpu"), "fp32", 1e11, 64, 1, 16, steps=1, method="qlora")
+    assert 0.01 <= eff <= 1.0
+
+
 def test_calibration_roundtrip_and_interpolation(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
     cal = _fake_cal()
