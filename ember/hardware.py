@@ -1027,8 +1027,9 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
     over weight matrices of 16 MiB .. 1 GiB (past every cache; CPU) or 64 MiB .. 2 GiB (GPU), in fp32
     and bf16 (fp16 too on CUDA); a large matmul's FLOP/s; the per-layer, per-expert and per-step
     dispatch time of a decode step (tiny models of 2 and 6 layers, and MoE with 1 and 4 experts per
-    token); the fraction of the matmul rate real LoRA training steps reach (synthetic models of two
-    hidden sizes); and the RSS of a fresh Ember process. Takes ~40-50 s on 2 CPU cores (``quick``: ~5 s).
+    token); the quantized kernels' streaming rates and (CPU) their share of a real quantized decode step;
+    the fraction of the matmul rate real LoRA and QLoRA training steps reach (synthetic models of two
+    hidden sizes); and the RSS of a fresh Ember process. Takes ~60 s on 2 CPU cores (``quick``: ~5 s).
 
     Args:
         device: ``cpu`` or ``cuda[:N]``.
