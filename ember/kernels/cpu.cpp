@@ -584,6 +584,9 @@ void quantize_x8(const uint16_t* X, int64_t M, int64_t I, int order, int64_t gro
 #endif
 
 #ifdef EMBER_VNNI
+// The first min(n, 16) lanes: the mask of a loop's last, partial vector.
+inline __mmask16 lanes16(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
 // Step c (128 values) of NM quantized activation rows: both 64-byte halves and the step's scale.
 template <int NM>
 inline void load_xq_step(const int8_t* Xq, const float* sx, int64_t I, int64_t c, __m512i* a, __m512i* b,
@@ -642,7 +645,7 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
     const int shift = per_step == 1 ? 0 : per_step == 2 ? 1 : 2;
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 k = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
+      const __mmask16 k = lanes16(G - g);
       const __m512i idx = _mm512_srli_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(g))), shift);
       const __m512 sxg = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, sx, 4);
       for (int r = 0; r < RR; r++) {
@@ -679,7 +682,7 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
       const float* xs = zt + m * 2 * G;
       if (NM == 1) {  // the zero terms of 16 groups per vector, into the accumulator before its one reduction
         for (int64_t g = 0; g < G; g += 16) {
-          const __mmask16 k = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
+          const __mmask16 k = lanes16(G - g);
           acc[r][m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zr + g), _mm512_maskz_loadu_ps(k, xs + g), acc[r][m]);
           acc[r][m] = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, xs + G + g),
                                        acc[r][m]);
