@@ -123,7 +123,13 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * (a / 127)).view(x.shape)
 
 
-vnni = pytest.mark.skipif(not (kernels.load() and kernels.load().ember_kernels_vnni()), reason="build without VNNI")
+def act_q8_levels() -> int:
+    """The native build's NF4 code-book resolution with int8 activations (0: no int8-activation kernels)."""
+    lib = kernels.load()
+    return lib.ember_kernels_act_q8_levels() if lib is not None else 0
+
+
+act_q8 = pytest.mark.skipif(not act_q8_levels(), reason="build without int8-activation kernels (VNNI or AVX2)")
 
 
 def bf16_out_tol(ref: torch.Tensor) -> float:
@@ -131,7 +137,7 @@ def bf16_out_tol(ref: torch.Tensor) -> float:
     return 2**-8 * float(ref.abs().max()) * 1.05
 
 
-@vnni
+@act_q8
 @pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (2, 9, 128), (4, 37, 384)])
 def test_int8_with_int8_activations(M, O, I):
     # bf16 rows quantized to int8 per 128 values, multiplied as bytes: exact against that rounding of x
@@ -149,7 +155,7 @@ def test_int8_with_int8_activations(M, O, I):
     worst(y, exact, 0.03 * float(exact.abs().max()), f"int8 q8-activations vs exact {M}x{O}x{I}")
 
 
-@vnni
+@act_q8
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (3, 9, 384), (8, 21, 128)])
 def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
@@ -167,11 +173,11 @@ def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
         worst(y, ref, bf16_out_tol(ref), f"int4 q8-activations stats {stats} g{g} {M}x{O}x{I}")
 
 
-@vnni
+@act_q8
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (8, 21, 128)])
 def test_nf4_with_int8_activations(double_quant, M, O, I, monkeypatch):
-    # the code book as bytes 128 + round(127 c), the activations as int8 per 128: exact against both roundings
+    # the code book rounded to 1/L, the activations to int8 per 128: exact against both roundings
     monkeypatch.setitem(kernels.MAX_ROWS, "q4", 8)
     torch.manual_seed(7)
     m = qnf4.NF4Linear.from_linear(torch.nn.Linear(I, O, bias=False), double_quant=double_quant, dtype=torch.float32)
@@ -183,8 +189,9 @@ def test_nf4_with_int8_activations(double_quant, M, O, I, monkeypatch):
         y = kernels.q4(x, m.weight, qnf4.NF4_CODE, 64, absmax=m.absmax)
     w = m.dequantize().double()
     code = qnf4.NF4_CODE.double()
-    # per weight: value = absmax * c; the kernel multiplies absmax * round(127 c) / 127
-    ratio = torch.where(code != 0, torch.round(127 * code) / 127 / torch.where(code != 0, code, 1), 1.0)
+    # per weight: value = absmax * c; the kernel multiplies absmax * round(L c) / L (L = 127 VNNI, 63 AVX2)
+    L = act_q8_levels()
+    ratio = torch.where(code != 0, torch.round(L * code) / L / torch.where(code != 0, code, 1), 1.0)
     idx = torch.stack([m.weight >> 4, m.weight & 15], -1).view(O, I).long()
     ref = quantized_activations(x) @ (w * ratio[idx]).T
     worst(y, ref, bf16_out_tol(ref), f"nf4 q8-activations dq={double_quant} {M}x{O}x{I}")
@@ -200,7 +207,7 @@ def test_int8_activations_can_be_switched_off(monkeypatch):
     off = kernels.int8(x, q, s)
     ref = x.double() @ (q.double() * s.double()[:, None]).T
     worst(off, ref, bf16_out_tol(ref), "int8 without int8 activations")  # only the output's rounding
-    if kernels.load() is not None and kernels.load().ember_kernels_vnni():
+    if act_q8_levels():
         assert not torch.equal(on, off)
 
 

@@ -154,3 +154,14 @@ def test_transformers4_style_rope_fields_are_read():
 def test_not_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="not a model folder"):
         load_model(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("native_bf16,want", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_follows_the_checkpoint_where_bf16_is_native(native_bf16, want, monkeypatch):
+    import ember.loading as loading
+
+    monkeypatch.setattr(loading, "device_supports_bf16", lambda device: native_bf16)
+    cpu = torch.device("cpu")
+    assert loading.resolve_dtype("auto", torch.bfloat16, cpu) == want
+    assert loading.resolve_dtype("auto", torch.float32, cpu) == torch.float32
+    assert loading.resolve_dtype("bf16", torch.float32, cpu) == torch.bfloat16  # asked for: always given

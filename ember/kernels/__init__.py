@@ -143,6 +143,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_kernels_amx.argtypes = []
     lib.ember_kernels_vnni.restype = _INT
     lib.ember_kernels_vnni.argtypes = []
+    lib.ember_kernels_act_q8_levels.restype = _INT
+    lib.ember_kernels_act_q8_levels.argtypes = []
     lib.ember_dense_bf16.restype = None
     lib.ember_dense_bf16.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT, _INT]
     lib.ember_dense_bf16_amx.restype = _INT
@@ -191,11 +193,12 @@ def load(portable: bool | None = None) -> ctypes.CDLL | None:
                   file=sys.stderr)
             return None
         _lib = lib
-        isa = "AVX512-BF16" if lib.ember_kernels_isa() else "portable C++"
-        if lib.ember_kernels_isa() and AMX_BF16 and lib.ember_kernels_amx():
+        isa = {1: "AVX512-BF16", 2: "AVX2+FMA"}.get(lib.ember_kernels_isa(), "portable C++")
+        if lib.ember_kernels_isa() == 1 and AMX_BF16 and lib.ember_kernels_amx():
             isa += f" + AMX tiles for bf16 from {AMX_MIN_ROWS} rows"
-        if lib.ember_kernels_vnni():
-            isa += " + VNNI int8 activations for int8/int4" if INT8_ACTIVATIONS else " (VNNI off)"
+        if lib.ember_kernels_act_q8_levels():
+            how = "VNNI" if lib.ember_kernels_vnni() else "vpmaddubsw"
+            isa += f" + int8 activations for int8/int4/nf4 ({how})" if INT8_ACTIVATIONS else " (int8 activations off)"
         _status = f"native ({isa}, {path.name})"
         return _lib
 

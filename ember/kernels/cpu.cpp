@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if !defined(EMBER_PORTABLE) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
@@ -77,6 +78,25 @@
 #endif
 #if defined(EMBER_X86) && defined(__AVX512VNNI__)
 #define EMBER_VNNI 1
+#endif
+#if !defined(EMBER_PORTABLE) && !defined(EMBER_X86) && defined(__AVX2__) && defined(__FMA__)
+#define EMBER_AVX2 1
+#include <immintrin.h>
+#endif
+// What this build compiled, for the library's queries (ember_kernels_*).
+#if defined(EMBER_X86)
+constexpr int kIsa = 1;
+#elif defined(EMBER_AVX2)
+constexpr int kIsa = 2;
+#else
+constexpr int kIsa = 0;
+#endif
+#if defined(EMBER_VNNI)
+constexpr int kVnni = 1, kActQ8Levels = 127;
+#elif defined(EMBER_AVX2)
+constexpr int kVnni = 0, kActQ8Levels = 63;
+#else
+constexpr int kVnni = 0, kActQ8Levels = 0;
 #endif
 
 namespace {
@@ -146,6 +166,277 @@ float* block_scratch(int64_t G) {
 thread_local std::vector<int8_t> scratch_q8;
 thread_local std::vector<float> scratch_q8f;
 
+// ============================================================================ AVX2 + FMA (no AVX512)
+// CPUs without AVX512 (AMD Zen 2/3, Intel client cores): the same blocking as the AVX512 kernels on 8-lane
+// vectors. bf16 has no dot-product instruction here: each 32-bit word of bf16 weights is split into its two
+// values as fp32 (even = word << 16, odd = word & 0xFFFF0000) and the activations the same way, two FMAs.
+// int8/int4/NF4 with bf16 activations take int8 activations (as with VNNI) multiplied by vpmaddubsw (u8 x s8
+// pairs summed to s16, which saturates: every pair is kept below 32767) and vpmaddwd to int32:
+//   int8: |w| (u8, 0..128) x sign(xq, w) (s8): pairs <= 2 * 128 * 127;
+//   int4: q (0..15) x xq, the two nibble halves summed in s16 (<= 4 * 15 * 127) before one vpmaddwd;
+//   nf4:  64 + round(63 c) (1..127) x xq; the code book is rounded to 1/63 (not 1/127 as with VNNI) so
+//         that u8 x s8 pairs stay below 32767 (<= 2 * 127 * 127); the 64 * sum(xq) it adds is taken off.
+#ifdef EMBER_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 16 bf16 values at p as fp32: the 8 even-indexed ones and the 8 odd-indexed ones.
+inline void bf16_pairs(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// 8 bf16 values at p as fp32, in order.
+inline __m256 bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// The fp32 kernels' accumulators: per (weight row, activation row) one vector, two with one activation row so
+// consecutive FMAs do not wait on each other.
+template <int NM, int A>
+inline void zero_acc8(__m256 (&acc)[R][NM][A]) {
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++)
+      for (int a = 0; a < A; a++) acc[r][m][a] = _mm256_setzero_ps();
+}
+
+template <int NM, int A>
+inline void reduce_acc8(__m256 (&acc)[R][NM][A], float* out) {
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) out[r * MB + m] = hsum8(A == 2 ? _mm256_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
+}
+
+// NM (1 or 2) activation rows; 32 weights per row per step (one 64-byte line, one prefetch).
+template <int NM>
+inline void dense_bf16_avx2(const uint16_t* const* w, const uint16_t* X, int64_t I, float* out) {
+  constexpr int A = NM == 1 ? 2 : 1;
+  __m256 acc[R][NM][A];
+  zero_acc8(acc);
+  for (int64_t k = 0; k < I; k += 32) {
+    for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k) + PF_DENSE, PF_HINT);
+    for (int h = 0; h < 32; h += 16) {
+      __m256 xe[NM], xo[NM];
+      for (int m = 0; m < NM; m++) bf16_pairs(X + m * I + k + h, xe[m], xo[m]);
+      for (int r = 0; r < R; r++) {
+        __m256 we, wo;
+        bf16_pairs(w[r] + k + h, we, wo);
+        for (int m = 0; m < NM; m++) {
+          acc[r][m][0] = _mm256_fmadd_ps(we, xe[m], acc[r][m][0]);
+          acc[r][m][A - 1] = _mm256_fmadd_ps(wo, xo[m], acc[r][m][A - 1]);
+        }
+      }
+    }
+  }
+  reduce_acc8(acc, out);
+}
+
+// 16 weights as fp32 (two vectors): fp32 rows as they are, int8 codes converted (exact).
+inline void load16_f32(const float* p, __m256& w0, __m256& w1) { w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8); }
+inline void load16_f32(const int8_t* p, __m256& w0, __m256& w1) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+}
+
+// fp32 or int8 weights times fp32 activations (exact against the dequantized weight), 16 weights per row per step;
+// one prefetch per 64-byte line, the same offset of the row 4 rows ahead.
+template <int NM, typename T>
+inline void f32_rows_avx2(const T* const* w, const float* X, int64_t I, float* out) {
+  constexpr int A = NM == 1 ? 2 : 1;
+  constexpr int64_t line = 64 / sizeof(T);  // weights per cache line
+  __m256 acc[R][NM][A];
+  zero_acc8(acc);
+  for (int64_t k = 0; k < I; k += 16) {
+    for (int r = 0; r < R; r++) {
+      if (k % line == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + 4 * I), PF_HINT);
+      __m256 w0, w1;
+      load16_f32(w[r] + k, w0, w1);
+      for (int m = 0; m < NM; m++) {
+        acc[r][m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + m * I + k), acc[r][m][0]);
+        acc[r][m][A - 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + m * I + k + 8), acc[r][m][A - 1]);
+      }
+    }
+  }
+  reduce_acc8(acc, out);
+}
+
+// kern(n, m) for activation rows m, m + n - 1, n = 2 (std::integral_constant) while two are left, then 1: the
+// AVX2 kernels hold one or two activation rows in registers (more would spill their accumulators).
+template <typename F>
+inline void in_pairs(int nm, F&& kern) {
+  for (int m = 0; m < nm; m += 2)
+    if (nm - m >= 2) kern(std::integral_constant<int, 2>{}, m);
+    else kern(std::integral_constant<int, 1>{}, m);
+}
+
+// 32 int32 (a, b, c, d: 8 each, |v| <= 127) -> 32 int8 in order.
+inline __m256i pack32_epi8(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// bf16 activation rows quantized to int8 per 128-value step as quantize_x8 does (sx = max|x| / 127, nearest-even),
+// order 0: values in place; 2: each 64 values as their 32 even ones, then their 32 odd ones (the low and high
+// nibbles of one 32-byte load of 4-bit codes). qsum (M, I / group) += sum of xq per group; xsum, where not null,
+// (M, I / group) += sum of x per group.
+void quantize_x8_avx2(const uint16_t* X, int64_t M, int64_t I, int order, int64_t group, int8_t* xq, float* sx,
+                      float* qsum, float* xsum) {
+  const int64_t S = I / 128, G = I / group;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t c = 0; c < S; c++) {
+      const uint16_t* src = X + m * I + c * 128;
+      __m256 f[16];  // order 0: values 8k..8k+7; order 2: vector 8h + 4p + k = 16-value piece k of half h, p 0 even 1 odd
+      for (int k = 0; k < 16; k++) {
+        if (order == 0) f[k] = bf16x8(src + 8 * k);
+        else if (k % 8 < 4) bf16_pairs(src + 64 * (k / 8) + 16 * (k % 4), f[k], f[k + 4]);
+      }
+      __m256 amax = _mm256_setzero_ps();
+      const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      for (int k = 0; k < 16; k++) amax = _mm256_max_ps(amax, _mm256_and_ps(f[k], nosign));
+      __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+      const float a = _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
+      const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
+      sx[m * S + c] = a / 127.f;
+      __m256i q[16];
+      for (int k = 0; k < 16; k++) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(f[k], inv));  // MXCSR: nearest-even
+      int8_t* dst = xq + m * I + c * 128;
+      for (int k = 0; k < 16; k += 4)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8 * k), pack32_epi8(q[k], q[k + 1], q[k + 2], q[k + 3]));
+      for (int k = 0; k < 16; k++) {
+        // the value index of vector k's first value, for its group (a 16-value piece lies in one group, group >= 32)
+        const int64_t v = c * 128 + (order == 0 ? 8 * k : 64 * (k / 8) + 16 * (k % 4));
+        const int64_t g = m * G + v / group;
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(q[k]), _mm256_extracti128_si256(q[k], 1));
+        s = _mm_hadd_epi32(s, s);
+        qsum[g] += static_cast<float>(_mm_cvtsi128_si32(_mm_hadd_epi32(s, s)));
+        if (xsum) xsum[g] += hsum8(f[k]);
+      }
+    }
+}
+
+// int8 weights x NM activation rows quantized in natural order: per 32 codes vpmaddubsw(|w|, sign(xq, w)),
+// vpmaddwd to int32, summed over the 128-value step, then one FMA with the step's sx.
+template <int NM>
+inline void int8_q8_avx2(const int8_t* const* w, const int8_t* Xq, const float* sx, int64_t I, float* out) {
+  const int64_t S = I / 128;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][NM];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < S; c++) {
+    for (int r = 0; r < R; r++) {
+      const int8_t* wp = w[r] + c * 128;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_I8_VNNI, PF_I8_HINT);
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_I8_VNNI + 64, PF_I8_HINT);
+      __m256i d[NM];
+      for (int m = 0; m < NM; m++) d[m] = _mm256_setzero_si256();
+      for (int h = 0; h < 4; h++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * h));
+        const __m256i av = _mm256_abs_epi8(v);
+        for (int m = 0; m < NM; m++) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Xq + m * I + c * 128 + 32 * h));
+          d[m] = _mm256_add_epi32(d[m], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(x, v)), ones));
+        }
+      }
+      for (int m = 0; m < NM; m++)
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_set1_ps(sx[m * S + c]), acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < NM; m++) out[r * MB + m] = hsum8(acc[r][m]);
+}
+
+// 4-bit codes x activations quantized in order 2: per 32-byte load (64 values), vpmaddubsw(high nibbles, even xq)
+// and (low nibbles, odd xq). int32 lane t of the result holds values 8t..8t+7 of the 64, so with group 32 lanes
+// 0-3 and 4-7 take different scales. Per group g the rest of (q - offset) s + z is added at the end, as in
+// q4_vnni: z * sum(x) - s sx * offset * sum(xq) (zt: (M, 2G)). With one activation row the block's scales are
+// multiplied by sx first (st is the block's own scratch).
+template <int RR, int NM, int MODE>
+inline void q4_q8_avx2(const uint8_t* const* w, float* st, const int8_t* Xq, const float* sx, const float* zt,
+                       int64_t I, int64_t group, const __m256i tq, float* out) {
+  const int64_t G = I / group, S = I / 128;
+  // shifts, not divisions, in the loops: a 64-bit divide per group or step cost more than the step's arithmetic
+  const int step_shift = group == 128 ? 0 : group == 64 ? 1 : 2;  // group g lies in step g >> step_shift
+  if (NM == 1)
+    for (int r = 0; r < RR; r++)
+      for (int64_t g = 0; g < G; g++) st[r * 2 * G + g] *= sx[g >> step_shift];
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[RR][NM];
+  for (int r = 0; r < RR; r++)
+    for (int m = 0; m < NM; m++) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < S; c++) {  // 128-value steps: 64 code bytes per row, two 64-value chunks
+    for (int r = 0; r < RR; r++) {
+      const uint8_t* wp = w[r] + c * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_Q4, PF_Q4_HINT);
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
+      __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+      __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+      if (MODE == 1) {
+        lo0 = _mm256_shuffle_epi8(tq, lo0), hi0 = _mm256_shuffle_epi8(tq, hi0);
+        lo1 = _mm256_shuffle_epi8(tq, lo1), hi1 = _mm256_shuffle_epi8(tq, hi1);
+      }
+      const float* sc = st + r * 2 * G;
+      __m256 s0, s1;  // the scales of the two chunks' int32 lanes (group 128: s0 for both)
+      if (group == 128) {
+        s0 = s1 = _mm256_set1_ps(sc[c]);
+      } else if (group == 64) {
+        s0 = _mm256_set1_ps(sc[2 * c]), s1 = _mm256_set1_ps(sc[2 * c + 1]);
+      } else {
+        s0 = _mm256_setr_m128(_mm_set1_ps(sc[4 * c]), _mm_set1_ps(sc[4 * c + 1]));
+        s1 = _mm256_setr_m128(_mm_set1_ps(sc[4 * c + 2]), _mm_set1_ps(sc[4 * c + 3]));
+      }
+      for (int m = 0; m < NM; m++) {
+        const __m256i* x = reinterpret_cast<const __m256i*>(Xq + m * I + c * 128);
+        const __m256i xe0 = _mm256_loadu_si256(x), xo0 = _mm256_loadu_si256(x + 1);
+        const __m256i xe1 = _mm256_loadu_si256(x + 2), xo1 = _mm256_loadu_si256(x + 3);
+        const __m256 t0 = NM == 1 ? s0 : _mm256_mul_ps(s0, _mm256_set1_ps(sx[m * S + c]));
+        const __m256 t1 = NM == 1 ? s1 : _mm256_mul_ps(s1, _mm256_set1_ps(sx[m * S + c]));
+        __m256i d0, d1;
+        if (MODE == 0) {
+          const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(hi0, xe0), _mm256_maddubs_epi16(lo0, xo0));
+          const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(hi1, xe1), _mm256_maddubs_epi16(lo1, xo1));
+          if (group == 128) {  // one scale for the step: the s16 sums added first (<= 8 * 15 * 127)
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)), t0,
+                                        acc[r][m]);
+            continue;
+          }
+          d0 = _mm256_madd_epi16(p0, ones), d1 = _mm256_madd_epi16(p1, ones);
+        } else {
+          d0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi0, xe0), ones),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(lo0, xo0), ones));
+          d1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi1, xe1), ones),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(lo1, xo1), ones));
+        }
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), t1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), t0, acc[r][m]));
+      }
+    }
+  }
+  for (int r = 0; r < RR; r++) {
+    const float* sc = st + r * 2 * G;
+    const float* zr = sc + G;
+    for (int m = 0; m < NM; m++) {
+      const float* xs = zt + m * 2 * G;
+      __m256 z = _mm256_setzero_ps();
+      int64_t g = 0;
+      if (NM == 1)
+        for (; g + 8 <= G; g += 8) {
+          z = _mm256_fmadd_ps(_mm256_loadu_ps(zr + g), _mm256_loadu_ps(xs + g), z);
+          z = _mm256_fnmadd_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(xs + G + g), z);
+        }
+      float t = hsum8(_mm256_add_ps(acc[r][m], z));
+      for (; g < G; g++) t += zr[g] * xs[g] - sc[g] * (NM == 1 ? 1.f : sx[m * S + (g >> step_shift)]) * xs[G + g];
+      out[r * MB + m] = t;
+    }
+  }
+}
+#endif
+
 // ============================================================================ dense bf16
 #ifdef EMBER_X86
 template <int NM>
@@ -178,6 +469,12 @@ void dense_bf16_rows(const uint16_t* const* w, const uint16_t* X, int64_t I, int
       case 3: return dense_bf16_block<3>(w, X, I, out);
       default: return dense_bf16_block<4>(w, X, I, out);
     }
+  }
+#endif
+#ifdef EMBER_AVX2
+  if (I % 32 == 0) {  // out + m: this pair's columns of the block's output
+    in_pairs(nm, [&](auto n, int m) { dense_bf16_avx2<decltype(n)::value>(w, X + m * I, I, out + m); });
+    return;
   }
 #endif
   for (int r = 0; r < R; r++)
@@ -217,6 +514,12 @@ void dense_f32_rows(const float* const* w, const float* X, int64_t I, int nm, fl
       case 3: return dense_f32_block<3>(w, X, I, out);
       default: return dense_f32_block<4>(w, X, I, out);
     }
+  }
+#endif
+#ifdef EMBER_AVX2
+  if (I % 16 == 0) {  // out + m: this pair's columns of the block's output
+    in_pairs(nm, [&](auto n, int m) { f32_rows_avx2<decltype(n)::value>(w, X + m * I, I, out + m); });
+    return;
   }
 #endif
   for (int r = 0; r < R; r++)
@@ -305,6 +608,12 @@ void int8_rows(const int8_t* const* w, const float* X, int64_t I, int nm, float*
       case 3: return int8_block<3>(w, X, I, out);
       default: return int8_block<4>(w, X, I, out);
     }
+  }
+#endif
+#ifdef EMBER_AVX2
+  if (I % 16 == 0) {  // out + m: this pair's columns of the block's output
+    in_pairs(nm, [&](auto n, int m) { f32_rows_avx2<decltype(n)::value>(w, X + m * I, I, out + m); });
+    return;
   }
 #endif
   for (int r = 0; r < R; r++)
@@ -793,23 +1102,15 @@ int ember_kernels_amx() {
 #endif
 }
 
-// Whether this build has the int8-activation (AVX512-VNNI) int8/int4 kernels.
-int ember_kernels_vnni() {
-#ifdef EMBER_VNNI
-  return 1;
-#else
-  return 0;
-#endif
-}
+// Whether this build has the AVX512-VNNI int8-activation kernels.
+int ember_kernels_vnni() { return kVnni; }
 
-// Which code path this build compiled: 1 = AVX512-BF16 intrinsics, 0 = portable loops.
-int ember_kernels_isa() {
-#ifdef EMBER_X86
-  return 1;
-#else
-  return 0;
-#endif
-}
+// Which code path this build compiled: 1 = AVX512-BF16 intrinsics, 2 = AVX2 + FMA, 0 = portable loops.
+int ember_kernels_isa() { return kIsa; }
+
+// The int8-activation kernels' NF4 code-book resolution: code c is multiplied as round(levels c) / levels
+// (127 with VNNI, 63 with AVX2); 0 where this build has no int8-activation kernels.
+int ember_kernels_act_q8_levels() { return kActQ8Levels; }
 
 void ember_dense_bf16(const uint16_t* W, const uint16_t* X, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16,
                       int nthreads) {
@@ -892,6 +1193,25 @@ void ember_int8(const int8_t* W, const float* scales, const void* X, int x_bf16,
     });
     return;
   }
+#elif defined(EMBER_AVX2)
+  if (act_q8 && x_bf16 && M <= MB && I % 128 == 0) {
+    const int64_t S = I / 128;
+    scratch_q8.resize(static_cast<size_t>(M * I));
+    scratch_q8f.assign(static_cast<size_t>(2 * M * S), 0.f);  // sx (M, S), qsum (M, S: unused, the products are signed)
+    float* sx = scratch_q8f.data();
+    quantize_x8_avx2(static_cast<const uint16_t*>(X), M, I, 0, 128, scratch_q8.data(), sx, sx + M * S, nullptr);
+    const int8_t* Xq = scratch_q8.data();
+    const float* sxp = sx;
+    for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
+      const int8_t* w[R];
+      row_ptrs(W, o0, O, I, w);
+      in_pairs(nm, [&](auto n, int m) {
+        int8_q8_avx2<decltype(n)::value>(w, Xq + (m0 + m) * I, sxp + (m0 + m) * S, I, out + m);
+      });
+      store_block(Y, O, o0, m0, nm, out, scales, y_bf16);
+    });
+    return;
+  }
 #else
   (void)act_q8;
 #endif
@@ -944,16 +1264,28 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
   std::memcpy(p.table, table, sizeof(p.table));
   const int64_t G = I / group;
   const int64_t half = I / 2;
-#ifdef EMBER_VNNI
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
   if (act_q8 && x_bf16 && I % 128 == 0 && 128 % group == 0 && M <= 8) {
     const int64_t S = I / 128;
-    // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = 128 + round(127 c), for (tq - 128) / 127
-    const float offset = mode == 0 ? 8.f : 128.f, x_unit = mode == 0 ? 1.f : 1.f / 127.f;
+#ifdef EMBER_VNNI
+    const int levels = 127, order = 1;  // vpdpbusd: u8 codes up to 255
+#else
+    const int levels = 63, order = 2;  // vpmaddubsw: u8 codes up to 127 keep its s16 pairs from saturating
+#endif
+    // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for
+    // (tq - levels - 1) / levels
+    const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
     uint8_t tb[64];
-    for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(128 + std::lrint(127.f * table[i % 16]));
+    for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * table[i % 16]));
+#ifdef EMBER_VNNI
     const __m512i tq = _mm512_loadu_si512(tb);
+#define Q4K(RR_, N_, MD_) q4_vnni<RR_, N_, MD_>(w, st, Xq, sxp, ztp, I, group, tq, out)
+#else
+    const __m256i tq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb));
+#define Q4K(RR_, N_, MD_) q4_q8_avx2<RR_, N_, MD_>(w, st, Xq, sxp, ztp, I, group, tq, out)
+#endif
     scratch_q8.resize(static_cast<size_t>(M * I));
-    // sx (M, S); per row the x sum of each group, then offset * sum(xq) of each group (q4_vnni's zt, (M, 2G));
+    // sx (M, S); per row the x sum of each group, then offset * sum(xq) of each group (the kernels' zt, (M, 2G));
     // qsum (M, G)
     scratch_q8f.assign(static_cast<size_t>(M * S + 3 * M * G), 0.f);
     const int8_t* Xq = scratch_q8.data();
@@ -961,8 +1293,13 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
     float* zt = sx + M * S;
     float* qsum = zt + 2 * M * G;
     for (int64_t m = 0; m < M; m++) {
-      quantize_x8(static_cast<const uint16_t*>(X) + m * I, 1, I, 1, group, scratch_q8.data() + m * I, sx + m * S,
+#ifdef EMBER_VNNI
+      quantize_x8(static_cast<const uint16_t*>(X) + m * I, 1, I, order, group, scratch_q8.data() + m * I, sx + m * S,
                   qsum + m * G, zt + m * 2 * G);
+#else
+      quantize_x8_avx2(static_cast<const uint16_t*>(X) + m * I, 1, I, order, group, scratch_q8.data() + m * I,
+                       sx + m * S, qsum + m * G, zt + m * 2 * G);
+#endif
       for (int64_t g = 0; g < G; g++) zt[m * 2 * G + G + g] = offset * qsum[m * G + g];
     }
     for (int64_t i = 0; i < M * S; i++) sx[i] *= x_unit;
@@ -981,19 +1318,19 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
       block_stats(p, rows, G, st);
       float out[R * MB * 2];
       if (rr == 4) {
-        if (mode == 0) q4_vnni<4, 1, 0>(w, st, Xq, sxp, ztp, I, group, tq, out);
-        else q4_vnni<4, 1, 1>(w, st, Xq, sxp, ztp, I, group, tq, out);
+        if (mode == 0) Q4K(4, 1, 0);
+        else Q4K(4, 1, 1);
         store_block(Y, O, o0, 0, 1, out, nullptr, y_bf16);
       } else {
         switch (M) {
-#define Q4V(N) case N: if (mode == 0) q4_vnni<1, N, 0>(w, st, Xq, sxp, ztp, I, group, tq, out); \
-                       else q4_vnni<1, N, 1>(w, st, Xq, sxp, ztp, I, group, tq, out); break;
+#define Q4V(N) case N: if (mode == 0) Q4K(1, N, 0); else Q4K(1, N, 1); break;
           Q4V(1) Q4V(2) Q4V(3) Q4V(4) Q4V(5) Q4V(6) Q4V(7) Q4V(8)
 #undef Q4V
         }
         for (int64_t m = 0; m < M; m++) store_y(Y, m * O + o0, out[m], y_bf16);
       }
     }
+#undef Q4K
     return;
   }
 #else
@@ -1010,6 +1347,9 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
         xsum[m * G + g] = t;
       }
   const float* xsums = xsum.data();  // thread_local: the parallel regions below must not name it
+#ifndef EMBER_X86
+  (void)xsums;
+#endif
 #ifdef EMBER_X86
   if (x_bf16 && I % 128 == 0) {
     std::vector<uint16_t>& x4 = scratch_h;
