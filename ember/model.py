@@ -100,7 +100,8 @@ class Linear(nn.Linear):
                 if self.bias is not None:
                     y += self.bias
                 return y.view(*x.shape[:-1], y.shape[-1])
-        return F.linear(x, self.weight, self.bias)
+        y = kernels.wide_linear(x, self.weight, self.bias)  # in fp32 where bf16 GEMMs are emulated (prefill)
+        return y if y is not None else F.linear(x, self.weight, self.bias)
 
 
 class KVStore(Protocol):

@@ -277,3 +277,25 @@ def test_disabled_kernels_fall_back_to_torch(monkeypatch):
     finally:
         monkeypatch.delenv("EMBER_KERNELS")
         kernels.reset()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_wide_bf16_products_where_bf16_gemms_are_emulated(native, monkeypatch):
+    # prefill-sized bf16 products: fp32 GEMMs (rounded to bf16) where PyTorch's bf16 GEMM is emulated
+    monkeypatch.setattr(kernels, "_native_bf16", native)
+    torch.manual_seed(8)
+    x, w = torch.randn(40, 128).bfloat16(), (torch.randn(24, 128) * 0.1).bfloat16()
+    ref = x.double() @ w.double().T
+    y = kernels.wide_linear(x, w, None)
+    if native:
+        assert y is None
+    else:
+        assert y.dtype == torch.bfloat16
+        worst(y, ref, bf16_out_tol(ref), "wide bf16 linear in fp32")
+    codes = torch.randint(0, 256, (24, 64), dtype=torch.uint8)
+    scales, zeros = torch.rand(24, 1) * 0.02, torch.randn(24, 1) * 0.01
+    y = kernels.q4(x, codes, torch.arange(16, dtype=torch.float32) - 8, 128, scales=scales, zeros=zeros)
+    assert y is not None and y.dtype == torch.bfloat16
+    wq = int4_reference(codes, scales, zeros, 128)
+    ref = x.double() @ wq.to(torch.bfloat16).double().T if native else x.double() @ wq.T
+    worst(y, ref, 2 * bf16_out_tol(ref), f"tiled int4, native bf16 {native}")

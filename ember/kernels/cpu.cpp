@@ -1007,6 +1007,48 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
 }
 #endif
 
+#ifdef EMBER_AVX2
+// The fp32 value of 8 codes (0..15, one per int32 lane) in the 16-entry table t0 | t1: vpermps uses the low 3 bits,
+// bit 3 (moved to the sign bit) picks the half.
+inline __m256 lookup16(__m256i idx, __m256 t0, __m256 t1) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// One fp32 activation row, deinterleaved as for q4_f32_block (per 32 values: the 16 even, then the 16 odd):
+// exact against the dequantized weight. 16 code bytes per row per step: high nibbles the even values.
+inline void q4_f32_avx2(const uint8_t* const* w, const float* st, const float* Xd, const float* xsum, int64_t I,
+                        const Q4Params& p, float* out) {
+  const __m256 t0 = _mm256_loadu_ps(p.table), t1 = _mm256_loadu_ps(p.table + 8);
+  const __m256i m4 = _mm256_set1_epi32(0x0F);
+  const int64_t G = I / p.group, chunks = p.group / 32;
+  __m256 acc[R];
+  float zsum[R] = {};
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    __m256 dot[R];
+    for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_ps();
+    for (int64_t c = g * chunks; c < (g + 1) * chunks; c++) {
+      const float* x = Xd + c * 32;
+      for (int r = 0; r < R; r++) {
+        const uint8_t* b = w[r] + c * 16;
+        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8)));
+        __m256 d = _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(b0, 4), t0, t1), _mm256_loadu_ps(x), dot[r]);
+        d = _mm256_fmadd_ps(lookup16(_mm256_srli_epi32(b1, 4), t0, t1), _mm256_loadu_ps(x + 8), d);
+        d = _mm256_fmadd_ps(lookup16(_mm256_and_si256(b0, m4), t0, t1), _mm256_loadu_ps(x + 16), d);
+        dot[r] = _mm256_fmadd_ps(lookup16(_mm256_and_si256(b1, m4), t0, t1), _mm256_loadu_ps(x + 24), d);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(st[r * 2 * G + g]), dot[r], acc[r]);
+      zsum[r] += st[r * 2 * G + G + g] * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * MB] = hsum8(acc[r]) + zsum[r];
+}
+#endif
+
 template <typename F>
 void for_row_blocks(int64_t O, int64_t M, int nthreads, F&& body) {
   const int64_t blocks = (O + R - 1) / R;
@@ -1347,9 +1389,6 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
         xsum[m * G + g] = t;
       }
   const float* xsums = xsum.data();  // thread_local: the parallel regions below must not name it
-#ifndef EMBER_X86
-  (void)xsums;
-#endif
 #ifdef EMBER_X86
   if (x_bf16 && I % 128 == 0) {
     std::vector<uint16_t>& x4 = scratch_h;
@@ -1419,7 +1458,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
   std::vector<float>& xf = scratch_f;
   xf.resize(static_cast<size_t>(M * I));
   to_f32(X, x_bf16, M * I, xf.data());
-#ifdef EMBER_X86
+#if defined(EMBER_X86) || defined(EMBER_AVX2)
   if (I % 32 == 0 && group % 32 == 0) {
     std::vector<float> xd(static_cast<size_t>(M * I));
     for (int64_t m = 0; m < M; m++)
@@ -1438,12 +1477,16 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
       if (m0 == 0) block_stats(p, rows, G, st);
       const float* x = Xd + m0 * I;
       const float* xs_ = xsums + m0 * G;
+#ifdef EMBER_X86
       switch (nm) {
         case 1: q4_f32_block<1>(w, st, x, xs_, I, p, out); break;
         case 2: q4_f32_block<2>(w, st, x, xs_, I, p, out); break;
         case 3: q4_f32_block<3>(w, st, x, xs_, I, p, out); break;
         default: q4_f32_block<4>(w, st, x, xs_, I, p, out); break;
       }
+#else
+      for (int m = 0; m < nm; m++) q4_f32_avx2(w, st, x + m * I, xs_ + m * G, I, p, out + m);  // block from L1
+#endif
       store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
     });
     return;
