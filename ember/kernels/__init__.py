@@ -331,7 +331,8 @@ def _tiled(x2: torch.Tensor, out_features: int, dequant) -> torch.Tensor:
         tile = buf[: b - a]
         dequant(a, b, tile)
         torch.mm(tile, xt, out=yt[a:b])
-    return yt.t().to(out_dtype).contiguous()  # callers (LoRA, views of the output) expect a row-major result
+    # callers (LoRA, views of the output) expect a row-major result: one copy, cast on the way where needed
+    return torch.empty(M, out_features, dtype=out_dtype).copy_(yt.t())
 
 
 def int8(x2: torch.Tensor, weight: torch.Tensor, scales_f32: torch.Tensor) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import CheckpointError
 from ember.loading.moe import expert_layout_view
@@ -26,10 +27,7 @@ def device_supports_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         # oneDNN uses AVX512-BF16/AMX when present; elsewhere bf16 is slow emulation.
-        try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return torch.backends.mkldnn.is_available() and kernels.native_bf16_gemm()
     return True
 
 
