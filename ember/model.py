@@ -93,12 +93,19 @@ class Linear(nn.Linear):
     (prefill), autograd, other dtypes and devices use ``F.linear``. Being a subclass, it is still the swap point for quantization and LoRA.
     """
 
+    def cpu_kernel(self) -> "kernels.LinearKernel | None":
+        """This weight (and bias) bound to Ember's CPU kernel, made once (:func:`ember.kernels.cached_kernel`);
+        None under autograd, off the CPU, or where the kernels are off."""
+        w, b = self.weight, self.bias
+        if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))):
+            return None
+        return kernels.cached_kernel(self, (w, b), lambda: kernels.dense_kernel(w, b))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() <= kernels.MAX_ROWS["dense"] * x.shape[-1]:
-            y = kernels.dense(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1]), self.weight)
-            if y is not None:
-                if self.bias is not None:
-                    y += self.bias
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            k = self.cpu_kernel()
+            y = k(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])) if k is not None else None
+            if y is not None:  # bias added
                 return y.view(*x.shape[:-1], y.shape[-1])
         y = kernels.wide_linear(x, self.weight, self.bias)  # in fp32 where bf16 GEMMs are emulated (prefill)
         return y if y is not None else F.linear(x, self.weight, self.bias)
@@ -141,13 +148,21 @@ class Attention(nn.Module):
         is_causal: bool,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k, v = kernels.project(x, (self.q_proj, self.k_proj, self.v_proj))  # one CPU kernel call in decode
+        q = q.view(B, T, self.nh, self.hd)
+        k = k.view(B, T, self.nkv, self.hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if x.device.type == "cpu" and kernels.rope_(q, cos[:, 0], sin[:, 0]) and kernels.rope_(k, cos[:, 0], sin[:, 0]):
+            q_rows = q  # (B, T, nh, hd)
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # rotated in place (inference): (B, n, T, hd)
+            if T == 1 and cache is not None:  # decode on CPU: one fused call over the cache's keys/values
+                k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+                cache = None
+                out = kernels.attn_decode(q_rows, k, v, mask)  # (B, 1, nh * hd)
+                if out is not None:
+                    return self.o_proj(out)
         else:
             q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
             k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
@@ -179,7 +194,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = kernels.project(x, (self.gate_proj, self.up_proj))  # one CPU kernel call in decode
+        return self.down_proj(F.silu(gate) * up)
 
 
 class SparseMoE(nn.Module):

@@ -299,3 +299,72 @@ def test_wide_bf16_products_where_bf16_gemms_are_emulated(native, monkeypatch):
     wq = int4_reference(codes, scales, zeros, 128)
     ref = x.double() @ wq.to(torch.bfloat16).double().T if native else x.double() @ wq.T
     worst(y, ref, 2 * bf16_out_tol(ref), f"tiled int4, native bf16 {native}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,nh,nkv,hd,S", [(1, 32, 4, 64, 200), (3, 8, 8, 128, 37), (2, 16, 2, 64, 1),
+                                           (1, 4, 1, 256, 300), (2, 6, 3, 40, 17)])
+def test_attn_decode_matches_sdpa(build, dtype, B, nh, nkv, hd, S):
+    # One query token per row against views of a larger cache (non-contiguous batch/head strides), with no
+    # mask, a padding-style mask per row and a broadcast sliding-window-style mask; hd 40 misses the AVX512 path.
+    torch.manual_seed(9)
+    q = torch.randn(B, 1, nh, hd).to(dtype)
+    k = torch.randn(B, nkv, S + 50, hd).to(dtype)[:, :, :S]
+    v = torch.randn(B, nkv, S + 50, hd).to(dtype)[:, :, :S]
+    padded = torch.rand(B, 1, 1, S) > 0.3
+    padded[..., -1] = True  # the row's own (newest) slot is always visible
+    window = (torch.arange(S) >= S - 5)[None, None, None]
+    for mask in (None, padded, window):
+        got = kernels.attn_decode(q, k, v, mask)
+        assert got is not None and got.shape == (B, 1, nh * hd) and got.dtype == dtype
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2).double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+        ref = ref.transpose(1, 2).reshape(B, 1, nh * hd)
+        worst(got, ref, tol(ref, dtype), f"attn_decode {build} {dtype} mask {None if mask is None else mask.shape}")
+
+
+def test_attn_decode_declines_what_it_does_not_handle():
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 8, 16)
+    assert kernels.attn_decode(q, k, k, None) is None  # two query tokens
+    assert kernels.attn_decode(q[:, :1], k.half(), k.half(), None) is None  # another dtype
+    assert kernels.attn_decode(q[:, :1], k, k, torch.zeros(1, 1, 1, 8)) is None  # a float (additive) mask
+
+
+def test_linear_kernels_add_the_bias_and_follow_their_weights():
+    from ember.model import Linear
+    from ember.quant import int4 as qint4, int8 as qint8
+
+    torch.manual_seed(10)
+    x = torch.randn(2, 1, 128).bfloat16()
+    dense = Linear(128, 24, bias=True).bfloat16()
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.double(), dense.weight.double()) + dense.bias.double()
+        worst(dense(x), ref, tol(ref, torch.bfloat16), "dense kernel with bias")
+        assert dense.cpu_kernel() is dense.cpu_kernel()  # made once
+        dense.weight = torch.nn.Parameter(dense.weight * 2)  # a new tensor: the kernel is remade
+        worst(dense(x), 2 * ref - dense.bias.double(), 2 * tol(ref, torch.bfloat16), "dense kernel after a swap")
+        lin = torch.nn.Linear(128, 24).bfloat16()
+        for mod in (qint8.Int8Linear.from_linear(lin, dtype=torch.bfloat16),
+                    qint4.Int4Linear.from_linear(lin, group_size=32, dtype=torch.bfloat16)):
+            assert mod.cpu_kernel() is not None, type(mod).__name__
+            y = mod(x)
+            ref = x.double() @ mod.dequantize().double().T + mod.bias.double()
+            worst(y, ref, 0.02 * float(ref.abs().max()), f"{type(mod).__name__} kernel with bias")
+
+
+def test_project_is_the_modules_one_by_one():
+    from ember.model import Linear
+    from ember.quant import nf4 as qnf4_
+
+    torch.manual_seed(11)
+    mods = [Linear(64, 32, bias=False).bfloat16(), Linear(64, 8, bias=True).bfloat16(),
+            qnf4_.NF4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), dtype=torch.bfloat16)]
+    x = torch.randn(1, 1, 64).bfloat16()
+    with torch.no_grad():
+        alone = [m(x) for m in mods]
+        together = kernels.project(x, mods)
+        assert [t.shape for t in together] == [a.shape for a in alone]
+        assert all(torch.equal(t, a) for t, a in zip(together, alone))
+        seen = []
+        mods[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks must see their call
+        assert all(torch.equal(t, a) for t, a in zip(kernels.project(x, mods), alone)) and seen == [(1, 1, 8)]

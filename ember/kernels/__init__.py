@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -161,6 +162,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_rms_norm.argtypes = [_P, _P, _P, _I64, _I64, _F, _INT, _INT]
     lib.ember_rope.restype = None
     lib.ember_rope.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT]
+    lib.ember_linear.restype = _INT
+    lib.ember_linear.argtypes = [_P, _P, _P, _I64, _INT, _INT]
+    lib.ember_linear_many.restype = _INT
+    lib.ember_linear_many.argtypes = [_INT, _P, _P, _P, _I64, _INT, _INT]
+    lib.ember_attn_decode.restype = _INT
+    lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
     lib.ember_int8_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT]
     lib.ember_q4_dequant.restype = None
@@ -287,6 +294,189 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     B, T, n, hd = x.shape
     lib.ember_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, n, hd, x.dtype is torch.bfloat16)
     return True
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Attention of one new token per row: q (B, 1, nh, hd) contiguous against k/v (B, nkv, S, hd) (views of a
+    cache: any batch/head/slot strides, the last axis contiguous), ``mask`` None or bool broadcastable to
+    (B, 1, 1, S), True where a key is visible -> (B, 1, nh * hd), or None when not handled.
+
+    What ``F.scaled_dot_product_attention`` computes for a single query (scale 1/sqrt(hd)), in one call that
+    reads each cached key/value row once for all query heads of its group: fp32 scores and softmax, the output
+    rounded once to the model dtype. SDPA's CPU kernel costs ~65-100 us a call at decode sizes, this ~10-20."""
+    B, T, nh, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    if (T != 1 or q.dtype not in _FLOAT or k.dtype is not q.dtype or v.dtype is not q.dtype or q.device.type != "cpu"
+            or not q.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1 or nh % nkv
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    if mask is not None:
+        if mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[-1] != S or mask.shape[2] != 1:
+            return None
+        mask = mask.expand(B, 1, 1, S)
+    lib = _lib if _lib is not None else load()
+    if lib is None:
+        return None
+    out = torch.empty(B, 1, nh * hd, dtype=q.dtype)
+    m_args = (mask.data_ptr(), mask.stride(0), mask.stride(3)) if mask is not None else (None, 0, 0)
+    ok = lib.ember_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, nkv, hd, S,
+                               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *m_args,
+                               1.0 / hd ** 0.5, q.dtype is torch.bfloat16, torch.get_num_threads())
+    return out if ok else None
+
+
+class _LinearDesc(ctypes.Structure):
+    """Mirror of ``LinearDesc`` in cpu.cpp (field for field)."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in ("kind", "O", "I", "w_bf16", "amx_min_rows", "act_q8")] + [
+        ("W", _P), ("bias", _P), ("bias_bf16", ctypes.c_int64), ("scales", _P), ("mode", ctypes.c_int64),
+        ("group", ctypes.c_int64), ("q_scales", _P), ("q_zeros", _P), ("stats_bf16", ctypes.c_int64),
+        ("absmax", _P), ("am_code", _P), ("am_dyn", _P), ("am_scale2", _P), ("table", _P), ("am_offset", _F)]
+
+
+class LinearKernel:
+    """One CPU weight bound to its streaming kernel for few-row products (decode): ``k(x2)`` -> ``x2 @ W.T``
+    (+ bias) in x2's dtype, or None where it does not apply (too many rows, another dtype).
+
+    Built once per module (:func:`dense_kernel`, :func:`int8_kernel`, :func:`q4_kernel`) with every pointer,
+    size and flag in a C struct, so a call costs a tensor allocation and one 6-argument ctypes call: about
+    5 us of Python where the argument-by-argument wrappers took 15-25 (154 calls per token on a 1.1B model).
+    ``sources`` are the tensors it reads (kept alive here); :func:`cached_kernel` rebuilds it when their
+    storage changes.
+    """
+
+    __slots__ = ("desc", "addr", "out_features", "max_rows", "dtypes", "sources", "_fn")
+
+    def __init__(self, lib, sources: tuple, max_rows: int, dtypes: tuple, **fields) -> None:
+        self.desc = _LinearDesc(**fields)
+        self.addr = ctypes.addressof(self.desc)
+        self.out_features = fields["O"]
+        self.max_rows, self.dtypes, self.sources = max_rows, dtypes, sources
+        self._fn = lib.ember_linear
+
+    def accepts(self, x2: torch.Tensor) -> bool:
+        return x2.shape[0] <= self.max_rows and x2.dtype in self.dtypes
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor | None:
+        if x2.shape[0] > self.max_rows or x2.dtype not in self.dtypes:
+            return None
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype)
+        if not self._fn(self.addr, x2.data_ptr(), y.data_ptr(), x2.shape[0], x2.dtype is torch.bfloat16,
+                        torch.get_num_threads()):
+            return None
+        return y
+
+
+def cached_kernel(owner, sources: tuple, build) -> LinearKernel | None:
+    """``owner``'s :class:`LinearKernel` from ``build()``, made once and remade when the storage of any of
+    ``sources`` (the module's own tensors; None where absent) changes: a ``.to()``, a re-load, a swap."""
+    if _lib is None and load() is None:
+        return None
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in sources)
+    hit = _kernel_of.get(owner)
+    if hit is None or hit[0] != ptrs:
+        hit = (ptrs, build())
+        _kernel_of[owner] = hit
+    return hit[1]
+
+
+# Beside the modules, not in them: a module holding ctypes pointers could not be deep-copied or pickled.
+_kernel_of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _bias_fields(bias: torch.Tensor | None) -> dict | None:
+    if bias is None:
+        return {"bias": None, "bias_bf16": 0}
+    if bias.dtype not in _FLOAT or bias.device.type != "cpu" or not bias.is_contiguous() or bias.dim() != 1:
+        return None
+    return {"bias": bias.data_ptr(), "bias_bf16": int(bias.dtype is torch.bfloat16)}
+
+
+def dense_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearKernel | None:
+    """A :class:`LinearKernel` for a bf16 or fp32 weight (O, I) (activations of the same dtype); None where the
+    kernels are off or the weight does not fit them."""
+    if (weight.dtype not in _FLOAT or weight.device.type != "cpu" or weight.dim() != 2
+            or not weight.is_contiguous()):
+        return None
+    b = _bias_fields(bias)
+    lib = _lib if _lib is not None else load()
+    if lib is None or b is None:
+        return None
+    bf = weight.dtype is torch.bfloat16
+    return LinearKernel(lib, (weight, bias), MAX_ROWS["dense"], (weight.dtype,), kind=1, O=weight.shape[0],
+                        I=weight.shape[1], w_bf16=int(bf), amx_min_rows=AMX_MIN_ROWS if bf and AMX_BF16 else 0,
+                        W=weight.data_ptr(), **b)
+
+
+def int8_kernel(weight: torch.Tensor, scales_f32: torch.Tensor, bias: torch.Tensor | None = None) -> LinearKernel | None:
+    """A :class:`LinearKernel` for int8 ``weight`` (O, I) with fp32 per-row ``scales_f32`` (O,)."""
+    if weight.device.type != "cpu" or not weight.is_contiguous() or not scales_f32.is_contiguous():
+        return None
+    b = _bias_fields(bias)
+    lib = _lib if _lib is not None else load()
+    if lib is None or b is None:
+        return None
+    return LinearKernel(lib, (weight, scales_f32, bias), MAX_ROWS["int8"], _FLOAT, kind=2, O=weight.shape[0],
+                        I=weight.shape[1], act_q8=int(INT8_ACTIVATIONS), W=weight.data_ptr(),
+                        scales=scales_f32.data_ptr(), **b)
+
+
+def q4_kernel(codes: torch.Tensor, table: torch.Tensor, group: int, *, scales: torch.Tensor | None = None,
+              zeros: torch.Tensor | None = None, absmax: torch.Tensor | None = None,
+              am_code: torch.Tensor | None = None, am_dyn: torch.Tensor | None = None,
+              am_scale2: torch.Tensor | None = None, am_offset: float = 0.0,
+              bias: torch.Tensor | None = None) -> LinearKernel | None:
+    """A :class:`LinearKernel` for 4-bit weights, arguments as :func:`q4`."""
+    O, half = codes.shape
+    I = 2 * half
+    if codes.device.type != "cpu" or I % group or group % 32 or not codes.is_contiguous():
+        return None
+    for t in (scales, zeros):
+        if t is not None and (t.dtype not in _FLOAT or not t.is_contiguous()):
+            return None
+    b = _bias_fields(bias)
+    lib = _lib if _lib is not None else load()
+    if lib is None or b is None:
+        return None
+    return LinearKernel(lib, (codes, scales, zeros, absmax, am_code, am_scale2, bias), MAX_ROWS["q4"], _FLOAT,
+                        kind=3, O=O, I=I, act_q8=int(INT8_ACTIVATIONS), W=codes.data_ptr(),
+                        mode=0 if scales is not None else 1, group=group, q_scales=_ptr(scales), q_zeros=_ptr(zeros),
+                        stats_bf16=int(scales is not None and scales.dtype is torch.bfloat16), absmax=_ptr(absmax),
+                        am_code=_ptr(am_code), am_dyn=_ptr(am_dyn), am_scale2=_ptr(am_scale2),
+                        table=table.data_ptr(), am_offset=float(am_offset), **b)
+
+
+def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
+    """``[m(x) for m in modules]``, in one kernel call where every module offers a CPU kernel for x.
+
+    q/k/v and gate/up read the same activations: one call quantizes nothing twice in Python and costs one
+    ctypes round trip instead of three. A module offers one through ``cpu_kernel()`` (Ember's Linear and the
+    quantized Linears do; LoRA and other wrappers do not, so they run as themselves), and never while it
+    has forward hooks (they must see the call)."""
+    if (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and len(modules) > 1
+            and _lib is not None):
+        ks = []
+        x2 = x.reshape(-1, x.shape[-1])
+        for m in modules:
+            get = getattr(m, "cpu_kernel", None)
+            k = get() if get is not None and not (m._forward_hooks or m._forward_pre_hooks) else None
+            if k is None or not k.accepts(x2):
+                break
+            ks.append(k)
+        else:
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            M = x2.shape[0]
+            ys = [torch.empty(M, k.out_features, dtype=x2.dtype) for k in ks]
+            n = len(ks)
+            descs = (_P * n)(*[k.addr for k in ks])
+            outs = (_P * n)(*[y.data_ptr() for y in ys])
+            if _lib.ember_linear_many(n, descs, x2.data_ptr(), outs, M, x2.dtype is torch.bfloat16,
+                                      torch.get_num_threads()) == n:
+                return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+    return [m(x) for m in modules]
 
 
 _native_bf16: bool | None = None

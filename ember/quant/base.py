@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
+
 # (first_row, end_row) -> that row range of a weight (end-first, in) in any float dtype on any device.
 RowSource = Callable[[int, int], torch.Tensor]
 
@@ -116,6 +118,25 @@ class QuantizedLinear(nn.Module):
             else:
                 out[:, a:b] = torch.mm(x2, w.t())
         return out
+
+    def cpu_kernel(self) -> "kernels.LinearKernel | None":
+        """This module's weights bound to Ember's CPU kernel for few-row products (made once, remade when a
+        buffer's storage changes), or None (off the CPU, no kernel for this layout)."""
+        if self.device.type != "cpu":
+            return None
+        return kernels.cached_kernel(self, tuple(b for _, b in self.named_buffers()), self._build_cpu_kernel)
+
+    def _build_cpu_kernel(self) -> "kernels.LinearKernel | None":
+        return None
+
+    def _kernel_forward(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """The prepared CPU kernel's product (bias included) shaped like the output, or None where it does not
+        apply (autograd, too many rows: the caller's own paths run)."""
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        k = self.cpu_kernel()
+        y = k(x2) if k is not None else None
+        return None if y is None else y.view(*x.shape[:-1], self.out_features)
 
     def _finish(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.bias is not None:

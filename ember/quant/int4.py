@@ -338,9 +338,18 @@ class Int4Linear(QuantizedLinear):
         return max(64, super()._chunk_rows() // 64 * 64)  # whole CPU-layout blocks (and CUDA 8-row tiles)
 
     # ------------------------------------------------------------------ compute
+    def _build_cpu_kernel(self) -> "kernels.LinearKernel | None":
+        if self.layout != NATIVE:
+            return None
+        return kernels.q4_kernel(self.weight, _CODE_VALUES, self.group_size, scales=self.scales, zeros=self.zeros,
+                                 bias=self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        y = self._kernel_forward(x, x2)
+        if y is not None:
+            return y
         if self.layout == NATIVE:
             y = kernels.q4(x2, self.weight, _CODE_VALUES, self.group_size, scales=self.scales, zeros=self.zeros)
             return self._finish(y if y is not None else self._dequant_linear(x2), shape)

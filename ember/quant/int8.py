@@ -111,9 +111,15 @@ class Int8Linear(QuantizedLinear):
             self.__dict__["_scales_f32_cache"] = cached
         return cached
 
+    def _build_cpu_kernel(self) -> "kernels.LinearKernel | None":
+        return kernels.int8_kernel(self.weight, self._scales_f32(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        y = self._kernel_forward(x, x2)
+        if y is not None:
+            return y
         if x.device.type == "cpu" and self.weight.is_contiguous():
             y = kernels.int8(x2, self.weight, self._scales_f32())
             if y is not None:

@@ -231,9 +231,20 @@ class NF4Linear(QuantizedLinear):
         multiple = lcm(self.in_features, BLOCK_SIZE) // self.in_features
         return max(multiple, super()._chunk_rows() // multiple * multiple)
 
+    def _build_cpu_kernel(self) -> "kernels.LinearKernel | None":
+        if self.in_features % BLOCK_SIZE:
+            return None
+        if self.double_quant:
+            return kernels.q4_kernel(self.weight, NF4_CODE, BLOCK_SIZE, am_code=self.absmax, am_dyn=DYNAMIC_CODE,
+                                     am_scale2=self.absmax_scale, am_offset=float(self._offset()), bias=self.bias)
+        return kernels.q4_kernel(self.weight, NF4_CODE, BLOCK_SIZE, absmax=self.absmax, bias=self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        y = self._kernel_forward(x, x2)
+        if y is not None:
+            return y
         if x.device.type == "cpu" and self.in_features % BLOCK_SIZE == 0:
             if self.double_quant:
                 y = kernels.q4(x2, self.weight, NF4_CODE, BLOCK_SIZE, am_code=self.absmax, am_dyn=DYNAMIC_CODE,
