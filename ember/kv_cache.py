@@ -43,6 +43,10 @@ class StaticKVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole (B, nkv, max_len, hd) key and value buffers of ``layer`` (for kernels that write in place)."""
+        return self.k[layer], self.v[layer]
+
     def advance(self, n: int) -> None:
         """Mark ``n`` more slots as filled (call once per forward, after all layers)."""
         self.pos += n

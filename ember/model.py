@@ -267,6 +267,43 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def block_kernels(self, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
+        """This layer's attention block and (dense MLP) MLP block bound to CPU kernels for x's dtype, for one
+        decoding token (:meth:`Transformer.forward`); None where a projection has no kernel (LoRA, another
+        device) or any module involved has forward hooks (they must see their calls). Remade when a kernel is."""
+        attn, mlp = self.self_attn, self.mlp
+        dense_mlp = isinstance(mlp, MLP)
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        if attn.q_norm is not None:
+            norms += [attn.q_norm, attn.k_norm]
+        if dense_mlp:
+            projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        for m in [self, attn, mlp, *projs, *norms]:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+        x2 = x.view(1, -1)
+        ks = []
+        for m in projs:
+            get = getattr(m, "cpu_kernel", None)
+            k = get() if get is not None else None
+            if k is None or not k.accepts(x2):
+                return None
+            ks.append(k)
+        if any(n.weight.dtype is not x.dtype for n in norms):
+            return None
+        key = (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms))
+
+        def build():
+            qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
+            a = kernels.attn_block_kernel(*ks[:4], self.input_layernorm.weight, self.input_layernorm.eps, attn.nh,
+                                          attn.nkv, attn.hd, qn, kn, attn.q_norm.eps if qn is not None else 0.0)
+            m = kernels.mlp_block_kernel(*ks[4:], self.post_attention_layernorm.weight,
+                                         self.post_attention_layernorm.eps) if dense_mlp else None
+            return a, m
+
+        return kernels.cached(self, f"blocks-{x.dtype}", key, build)
+
 
 class Backbone(nn.Module):
     """Embedding, decoder layers and final norm; named ``model`` inside :class:`Transformer` as in HF."""
@@ -382,7 +419,25 @@ class Transformer(nn.Module):
             else:
                 masks[w] = build_mask(q_slots, k_valid, n_keys, w)
         is_causal = T > 1
+        # One token of one sequence on the CPU (decode): each layer in one or two kernel calls where its modules
+        # allow (DecoderLayer.block_kernels), the same products, norms and roundings as their forward.
+        fast = (T == 1 and B == 1 and k_valid is None and x.device.type == "cpu" and hasattr(cache, "layer_tensors")
+                and start == getattr(cache, "pos", None) and x.dtype in (torch.bfloat16, torch.float32)
+                and not (torch.is_grad_enabled() and x.requires_grad))
+        if fast:
+            x = x.contiguous()
+            cos1, sin1 = cos[0, 0, 0].contiguous(), sin[0, 0, 0].contiguous()  # (hd,)
         for layer in self.model.layers:
+            if fast and (layer.window is None or start < layer.window):
+                blocks = layer.block_kernels(x)
+                k_cache, v_cache = cache.layer_tensors(layer.self_attn.layer) if blocks is not None else (None, None)
+                if (blocks is not None and start < k_cache.shape[2]
+                        and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start)):
+                    if blocks[1] is None:  # a mixture of experts: its routing runs in Python
+                        x = x + layer.mlp(layer.post_attention_layernorm(x))
+                    elif not kernels.run_mlp_block(blocks[1], x):
+                        x = x + layer.mlp(layer.post_attention_layernorm(x))
+                    continue
             x = layer(x, cos, sin, masks[layer.window], cache, is_causal)
         if last_only:
             x = x[:, -1:]

@@ -166,6 +166,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_linear.argtypes = [_P, _P, _P, _I64, _INT, _INT]
     lib.ember_linear_many.restype = _INT
     lib.ember_linear_many.argtypes = [_INT, _P, _P, _P, _I64, _INT, _INT]
+    lib.ember_attn_block.restype = _INT
+    lib.ember_attn_block.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT]
+    lib.ember_mlp_block.restype = _INT
+    lib.ember_mlp_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_attn_decode.restype = _INT
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
@@ -374,11 +378,17 @@ def cached_kernel(owner, sources: tuple, build) -> LinearKernel | None:
     ``sources`` (the module's own tensors; None where absent) changes: a ``.to()``, a re-load, a swap."""
     if _lib is None and load() is None:
         return None
-    ptrs = tuple(0 if t is None else t.data_ptr() for t in sources)
-    hit = _kernel_of.get(owner)
-    if hit is None or hit[0] != ptrs:
-        hit = (ptrs, build())
-        _kernel_of[owner] = hit
+    return cached(owner, "linear", tuple(0 if t is None else t.data_ptr() for t in sources), build)
+
+
+def cached(owner, what: str, key, build):
+    """``build()``, kept for ``owner`` under ``what`` until ``key`` changes."""
+    slot = _kernel_of.get(owner)
+    if slot is None:
+        slot = _kernel_of[owner] = {}
+    hit = slot.get(what)
+    if hit is None or hit[0] != key:
+        hit = slot[what] = (key, build())
     return hit[1]
 
 
@@ -446,6 +456,63 @@ def q4_kernel(codes: torch.Tensor, table: torch.Tensor, group: int, *, scales: t
                         stats_bf16=int(scales is not None and scales.dtype is torch.bfloat16), absmax=_ptr(absmax),
                         am_code=_ptr(am_code), am_dyn=_ptr(am_dyn), am_scale2=_ptr(am_scale2),
                         table=table.data_ptr(), am_offset=float(am_offset), **b)
+
+
+class _AttnBlockDesc(ctypes.Structure):
+    """Mirror of ``AttnBlockDesc`` in cpu.cpp."""
+
+    _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
+        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)]
+
+
+class _MlpBlockDesc(ctypes.Structure):
+    """Mirror of ``MlpBlockDesc`` in cpu.cpp."""
+
+    _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
+                                                                    ("eps", _F)]
+
+
+class BlockKernel:
+    """A pre-norm decoder block (attention or SwiGLU MLP, residual add included) bound to its kernels, for one
+    token of one sequence: one call where the modules' forward makes 10-20 (see ``ember_attn_block`` and
+    ``ember_mlp_block`` in cpu.cpp). Built by :func:`attn_block_kernel` / :func:`mlp_block_kernel` from the
+    modules' own :class:`LinearKernel` objects and norm weights, which it keeps alive (``parts``)."""
+
+    __slots__ = ("desc", "addr", "parts")
+
+    def __init__(self, desc: ctypes.Structure, parts: tuple) -> None:
+        self.desc, self.addr, self.parts = desc, ctypes.addressof(desc), parts
+
+
+def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
+                      eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
+                      k_norm: torch.Tensor | None = None, qk_eps: float = 0.0) -> BlockKernel:
+    """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``."""
+    desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
+                          k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps)
+    return BlockKernel(desc, (q, k, v, o, norm, q_norm, k_norm))
+
+
+def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
+                     eps: float) -> BlockKernel:
+    """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``."""
+    desc = _MlpBlockDesc(gate=gate.addr, up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
+                         F=gate.out_features, eps=eps)
+    return BlockKernel(desc, (gate, up, down, norm))
+
+
+def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: int) -> bool:
+    """Apply an attention :class:`BlockKernel` to ``x`` (H,) in place for the token at cache slot ``pos``:
+    cos/sin (hd,) of its position, k_cache/v_cache (1, nkv, max_len, hd) contiguous (its k/v written at pos)."""
+    return bool(_lib.ember_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                      v_cache.data_ptr(), k_cache.shape[2], pos, x.dtype is torch.bfloat16,
+                                      torch.get_num_threads()))
+
+
+def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
+    """Apply an MLP :class:`BlockKernel` to ``x`` (H,) in place."""
+    return bool(_lib.ember_mlp_block(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
 
 
 def project(x: torch.Tensor, modules) -> list[torch.Tensor]:

@@ -1620,10 +1620,10 @@ inline float to_float<float>(float v) { return v; }
 template <>
 inline float to_float<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
 
-// e^x for x <= 0 (softmax after the max is subtracted): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, Cephes'
+// e^x (for softmax after the max is subtracted, x <= 0; for silu, any x): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, Cephes'
 // degree-7 polynomial; relative error about 1e-7. Branch-free so that the callers' loops vectorize.
-inline float exp_nonpos(float x) {
-  x = x < -87.f ? -87.f : x;
+inline float exp_clamped(float x) {  // any x, clamped to [-87, 88] (2^n stays a normal float)
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -1638,6 +1638,7 @@ inline float exp_nonpos(float x) {
   std::memcpy(&scale, &bits, 4);
   return p * scale;
 }
+inline float exp_nonpos(float x) { return exp_clamped(x); }
 
 // Heads h0..h1-1 of batch row b, all in kv group g: scores against keys 0..S-1 (fp32 dot products of the
 // bf16/fp32 values, scaled), softmax in fp32 (masked slots weigh 0), then the weighted sum of values.
@@ -1965,6 +1966,126 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
   for (int i = 0; i < n; i++)
     if (!ember_linear(d[i], X, Y[i], M, x_bf16, nthreads)) return i;
   return n;
+}
+
+}  // extern "C"
+
+// ============================================================================ decoder blocks for one token
+// A decode step of one sequence spends more time between its kernels (Python, PyTorch's small ops) than a
+// 4-bit model spends streaming weights through some of them. These run a whole pre-norm block in one call,
+// from the same kernels and with the same roundings as the modules' own forward: each product, norm and add
+// rounded to the model dtype where PyTorch rounds it.
+struct AttnBlockDesc {
+  const LinearDesc* q;
+  const LinearDesc* k;
+  const LinearDesc* v;
+  const LinearDesc* o;
+  const void* norm;    // input RMSNorm weight (H,)
+  const void* q_norm;  // (hd,) q/k RMSNorm (Qwen3) or null
+  const void* k_norm;
+  int64_t H, nh, nkv, hd;
+  float eps, qk_eps;
+};
+
+struct MlpBlockDesc {
+  const LinearDesc* gate;
+  const LinearDesc* up;
+  const LinearDesc* down;
+  const void* norm;  // post-attention RMSNorm weight (H,)
+  int64_t H, F;
+  float eps;
+};
+
+namespace {
+
+thread_local std::vector<float> block_buf;
+
+inline float round_to(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+inline float round_to(float v, float) { return v; }
+inline void put(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+inline void put(float* p, float v) { *p = v; }
+
+// x += y, rounded to the dtype as PyTorch's add
+template <typename T>
+void add_rows(T* x, const T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) put(x + i, to_float(x[i]) + to_float(y[i]));
+}
+
+// g = silu(g) * u as PyTorch computes F.silu(g) * u: silu in fp32 (g / (1 + e^-g)), rounded to the dtype, then
+// the product rounded. e^-g from exp_clamped's polynomial (branch-free, so the loop vectorizes).
+template <typename T>
+void silu_mul(T* g, const T* u, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) {
+    const float x = to_float(g[i]);
+    put(g + i, round_to(x / (1.f + exp_clamped(-x)), T{}) * to_float(u[i]));
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x (H,) += o_proj(attention(rope(q/k/v(rms_norm(x))))) for the token at slot pos, its k/v written into the
+// caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position. Returns 0 (nothing done) where a
+// projection has no kernel for x's dtype.
+int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
+                     int64_t max_len, int64_t pos, int is_bf16, int nthreads) {
+  const int64_t H = d->H, nq = d->nh * d->hd, nk = d->nkv * d->hd, esz = is_bf16 ? 2 : 4;
+  block_buf.resize(static_cast<size_t>((H + 2 * nq + 2 * nk + H) * esz / 4 + 8));
+  char* base = reinterpret_cast<char*>(block_buf.data());
+  void* h = base;
+  void* q = base + H * esz;
+  void* k = base + (H + nq) * esz;
+  void* v = base + (H + nq + nk) * esz;
+  void* a = base + (H + nq + 2 * nk) * esz;
+  void* o = base + (H + 2 * nq + 2 * nk) * esz;
+  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  if (!ember_linear(d->q, h, q, 1, is_bf16, nthreads) || !ember_linear(d->k, h, k, 1, is_bf16, nthreads) ||
+      !ember_linear(d->v, h, v, 1, is_bf16, nthreads))
+    return 0;
+  if (d->q_norm) {
+    ember_rms_norm(q, d->q_norm, q, d->nh, d->hd, d->qk_eps, is_bf16, 1);  // row by row: in place is safe
+    ember_rms_norm(k, d->k_norm, k, d->nkv, d->hd, d->qk_eps, is_bf16, 1);
+  }
+  ember_rope(q, cos, sin, 1, d->nh, d->hd, is_bf16);
+  ember_rope(k, cos, sin, 1, d->nkv, d->hd, is_bf16);
+  for (int64_t g = 0; g < d->nkv; g++) {
+    std::memcpy(static_cast<char*>(Kc) + (g * max_len + pos) * d->hd * esz, static_cast<char*>(k) + g * d->hd * esz,
+                d->hd * esz);
+    std::memcpy(static_cast<char*>(Vc) + (g * max_len + pos) * d->hd * esz, static_cast<char*>(v) + g * d->hd * esz,
+                d->hd * esz);
+  }
+  const int64_t hs = max_len * d->hd;
+  if (!ember_attn_decode(q, Kc, Vc, a, 1, d->nh, d->nkv, d->hd, pos + 1, d->nkv * hs, hs, d->hd, d->nkv * hs, hs,
+                         d->hd, nullptr, 0, 0, 1.f / std::sqrt(static_cast<float>(d->hd)), is_bf16, nthreads))
+    return 0;
+  if (!ember_linear(d->o, a, o, 1, is_bf16, nthreads)) return 0;
+  if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(o), H);
+  else add_rows(static_cast<float*>(x), static_cast<const float*>(o), H);
+  return 1;
+}
+
+// x (H,) += down(silu(gate(h)) * up(h)), h = rms_norm(x); silu and the product each rounded to the dtype.
+int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
+  const int64_t H = d->H, F = d->F, esz = is_bf16 ? 2 : 4;
+  block_buf.resize(static_cast<size_t>((2 * H + 2 * F) * esz / 4 + 8));
+  char* base = reinterpret_cast<char*>(block_buf.data());
+  void* h = base;
+  void* g = base + H * esz;
+  void* u = base + (H + F) * esz;
+  void* y = base + (H + 2 * F) * esz;
+  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  const LinearDesc* gu[2] = {d->gate, d->up};
+  void* outs[2] = {g, u};
+  if (ember_linear_many(2, gu, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+  if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+  else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+  if (!ember_linear(d->down, g, y, 1, is_bf16, nthreads)) return 0;
+  if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);
+  else add_rows(static_cast<float*>(x), static_cast<const float*>(y), H);
+  return 1;
 }
 
 }  // extern "C"

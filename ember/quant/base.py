@@ -122,9 +122,11 @@ class QuantizedLinear(nn.Module):
     def cpu_kernel(self) -> "kernels.LinearKernel | None":
         """This module's weights bound to Ember's CPU kernel for few-row products (made once, remade when a
         buffer's storage changes), or None (off the CPU, no kernel for this layout)."""
-        if self.device.type != "cpu":
+        w = self._buffers.get("weight")
+        if w is None or w.device.type != "cpu":
             return None
-        return kernels.cached_kernel(self, tuple(b for _, b in self.named_buffers()), self._build_cpu_kernel)
+        # every buffer (None where an optional one is absent): a new storage for any of them remakes the kernel
+        return kernels.cached_kernel(self, tuple(self._buffers.values()), self._build_cpu_kernel)
 
     def _build_cpu_kernel(self) -> "kernels.LinearKernel | None":
         return None
