@@ -267,19 +267,25 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def block_kernels(self, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
-        """This layer's attention block and (dense MLP) MLP block bound to CPU kernels for x's dtype, for one
+    def block_kernels(self, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel] | None":
+        """This layer's attention block and MLP (or mixture-of-experts) block bound to CPU kernels for x's dtype, for one
         decoding token (:meth:`Transformer.forward`); None where a projection has no kernel (LoRA, another
         device) or any module involved has forward hooks (they must see their calls). Remade when a kernel is."""
         attn, mlp = self.self_attn, self.mlp
-        dense_mlp = isinstance(mlp, MLP)
+        moe = isinstance(mlp, SparseMoE)
         projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         norms = [self.input_layernorm, self.post_attention_layernorm]
         if attn.q_norm is not None:
             norms += [attn.q_norm, attn.k_norm]
-        if dense_mlp:
+        if moe:
+            projs.append(mlp.gate)
+            for e in mlp.experts:
+                projs += [e.gate_proj, e.up_proj, e.down_proj]
+            hooked = [*mlp.experts]
+        else:
             projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        for m in [self, attn, mlp, *projs, *norms]:
+            hooked = []
+        for m in [self, attn, mlp, *hooked, *projs, *norms]:
             if m._forward_hooks or m._forward_pre_hooks:
                 return None
         x2 = x.view(1, -1)
@@ -298,9 +304,11 @@ class DecoderLayer(nn.Module):
             qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
             a = kernels.attn_block_kernel(*ks[:4], self.input_layernorm.weight, self.input_layernorm.eps, attn.nh,
                                           attn.nkv, attn.hd, qn, kn, attn.q_norm.eps if qn is not None else 0.0)
-            m = kernels.mlp_block_kernel(*ks[4:], self.post_attention_layernorm.weight,
-                                         self.post_attention_layernorm.eps) if dense_mlp else None
-            return a, m
+            post = self.post_attention_layernorm
+            if moe:
+                experts = [tuple(ks[5 + 3 * e:8 + 3 * e]) for e in range(len(mlp.experts))]
+                return a, kernels.moe_block_kernel(ks[4], experts, post.weight, post.eps, mlp.top_k, mlp.norm_topk_prob)
+            return a, kernels.mlp_block_kernel(*ks[4:], post.weight, post.eps)
 
         return kernels.cached(self, f"blocks-{x.dtype}", key, build)
 
@@ -433,9 +441,7 @@ class Transformer(nn.Module):
                 k_cache, v_cache = cache.layer_tensors(layer.self_attn.layer) if blocks is not None else (None, None)
                 if (blocks is not None and start < k_cache.shape[2]
                         and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start)):
-                    if blocks[1] is None:  # a mixture of experts: its routing runs in Python
-                        x = x + layer.mlp(layer.post_attention_layernorm(x))
-                    elif not kernels.run_mlp_block(blocks[1], x):
+                    if not kernels.run_mlp_block(blocks[1], x):
                         x = x + layer.mlp(layer.post_attention_layernorm(x))
                     continue
             x = layer(x, cos, sin, masks[layer.window], cache, is_causal)

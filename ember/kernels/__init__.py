@@ -170,6 +170,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_attn_block.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT]
     lib.ember_mlp_block.restype = _INT
     lib.ember_mlp_block.argtypes = [_P, _P, _INT, _INT]
+    lib.ember_moe_block.restype = _INT
+    lib.ember_moe_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_attn_decode.restype = _INT
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
@@ -472,16 +474,23 @@ class _MlpBlockDesc(ctypes.Structure):
                                                                     ("eps", _F)]
 
 
+class _MoeBlockDesc(ctypes.Structure):
+    """Mirror of ``MoeBlockDesc`` in cpu.cpp."""
+
+    _fields_ = [("router", _P), ("experts", _P), ("norm", _P)] + [
+        (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)]
+
+
 class BlockKernel:
     """A pre-norm decoder block (attention or SwiGLU MLP, residual add included) bound to its kernels, for one
     token of one sequence: one call where the modules' forward makes 10-20 (see ``ember_attn_block`` and
     ``ember_mlp_block`` in cpu.cpp). Built by :func:`attn_block_kernel` / :func:`mlp_block_kernel` from the
     modules' own :class:`LinearKernel` objects and norm weights, which it keeps alive (``parts``)."""
 
-    __slots__ = ("desc", "addr", "parts")
+    __slots__ = ("kind", "desc", "addr", "parts")
 
-    def __init__(self, desc: ctypes.Structure, parts: tuple) -> None:
-        self.desc, self.addr, self.parts = desc, ctypes.addressof(desc), parts
+    def __init__(self, kind: str, desc: ctypes.Structure, parts: tuple) -> None:
+        self.kind, self.desc, self.addr, self.parts = kind, desc, ctypes.addressof(desc), parts
 
 
 def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
@@ -490,7 +499,7 @@ def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: Line
     """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``."""
     desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
                           k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps)
-    return BlockKernel(desc, (q, k, v, o, norm, q_norm, k_norm))
+    return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm))
 
 
 def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
@@ -498,7 +507,18 @@ def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, n
     """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``."""
     desc = _MlpBlockDesc(gate=gate.addr, up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
                          F=gate.out_features, eps=eps)
-    return BlockKernel(desc, (gate, up, down, norm))
+    return BlockKernel("mlp", desc, (gate, up, down, norm))
+
+
+def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],
+                     norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool) -> BlockKernel:
+    """A mixture-of-experts block (:class:`ember.model.SparseMoE` after the post-attention norm, the residual add
+    included): ``experts[e]`` = expert e's (gate, up, down) kernels."""
+    flat = [k for triple in experts for k in triple]
+    table = (_P * len(flat))(*[k.addr for k in flat])
+    desc = _MoeBlockDesc(router=router.addr, experts=ctypes.addressof(table), norm=norm.data_ptr(), H=norm.shape[0],
+                         E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps)
+    return BlockKernel("moe", desc, (router, tuple(flat), table, norm))
 
 
 def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -511,8 +531,9 @@ def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: 
 
 
 def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
-    """Apply an MLP :class:`BlockKernel` to ``x`` (H,) in place."""
-    return bool(_lib.ember_mlp_block(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
+    """Apply an MLP or MoE :class:`BlockKernel` to ``x`` (H,) in place."""
+    fn = _lib.ember_moe_block if block.kind == "moe" else _lib.ember_mlp_block
+    return bool(fn(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
 
 
 def project(x: torch.Tensor, modules) -> list[torch.Tensor]:

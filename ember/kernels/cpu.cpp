@@ -2000,6 +2000,7 @@ namespace {
 
 thread_local std::vector<float> block_buf;
 
+inline float round_to_dtype(float v, int is_bf16) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 inline float round_to(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 inline float round_to(float v, float) { return v; }
 inline void put(uint16_t* p, float v) { *p = f32_to_bf16(v); }
@@ -2085,6 +2086,68 @@ int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   if (!ember_linear(d->down, g, y, 1, is_bf16, nthreads)) return 0;
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(y), H);
+  return 1;
+}
+
+}  // extern "C"
+
+struct MoeBlockDesc {
+  const LinearDesc* router;          // (E, H)
+  const LinearDesc* const* experts;  // E x (gate, up, down)
+  const void* norm;                  // post-attention RMSNorm weight (H,)
+  int64_t H, E, k, F, norm_topk;
+  float eps;
+};
+
+extern "C" {
+
+// x (H,) += the mixture of experts' output for h = rms_norm(x), routed as SparseMoE.route: softmax of the
+// router's logits (rounded to the dtype) in fp32, the top k (ties to the lower index), renormalised when
+// norm_topk; each chosen expert's SwiGLU output (as ember_mlp_block, without the add) weighted in fp32, the sum
+// rounded once, then the residual add. Returns 0 (nothing done) where a kernel refuses x's dtype.
+int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
+  const int64_t H = d->H, F = d->F, E = d->E, esz = is_bf16 ? 2 : 4;
+  if (d->k > E || d->k > 64) return 0;
+  block_buf.resize(static_cast<size_t>((2 * H + 2 * F + E) * esz / 4 + H + 16));
+  float* acc = block_buf.data();  // (H,) fp32
+  char* base = reinterpret_cast<char*>(acc + H);
+  void* h = base;
+  void* g = base + H * esz;
+  void* u = base + (H + F) * esz;
+  void* y = base + (H + 2 * F) * esz;
+  void* lg = base + (2 * H + 2 * F) * esz;
+  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  if (!ember_linear(d->router, h, lg, 1, is_bf16, nthreads)) return 0;
+  float p[512];
+  if (E > 512) return 0;
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t e = 0; e < E; e++) mx = std::max(mx, p[e] = load_f(lg, e, is_bf16));
+  for (int64_t e = 0; e < E; e++) sum += (p[e] = std::exp(p[e] - mx));
+  for (int64_t e = 0; e < E; e++) p[e] /= sum;
+  int64_t ids[64];
+  float w[64], wsum = 0.f;
+  bool taken[512] = {};
+  for (int64_t j = 0; j < d->k; j++) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; e++)
+      if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+    taken[best] = true;
+    ids[j] = best;
+    wsum += (w[j] = p[best]);
+  }
+  if (d->norm_topk)
+    for (int64_t j = 0; j < d->k; j++) w[j] /= wsum;
+  std::fill(acc, acc + H, 0.f);
+  for (int64_t j = 0; j < d->k; j++) {
+    const LinearDesc* const* ex = d->experts + 3 * ids[j];
+    void* outs[2] = {g, u};
+    if (ember_linear_many(2, ex, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+    else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+    if (!ember_linear(ex[2], g, y, 1, is_bf16, nthreads)) return 0;
+    for (int64_t i = 0; i < H; i++) acc[i] += load_f(y, i, is_bf16) * w[j];
+  }
+  for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + round_to_dtype(acc[i], is_bf16), is_bf16);
   return 1;
 }
 
