@@ -157,7 +157,8 @@ def test_int8_with_int8_activations(M, O, I):
 
 @act_q8
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (3, 9, 384), (8, 21, 128)])
+# one row: the decode kernel (q4_vnni_row), with partial 16-group vectors (I 384, 2560) and a short last block
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (1, 13, 384), (1, 7, 2560), (2, 5, 256), (3, 9, 384), (8, 21, 128)])
 def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
     monkeypatch.setitem(kernels.MAX_ROWS, "q4", 8)  # the fused kernel's whole range
     torch.manual_seed(5)
@@ -175,12 +176,16 @@ def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
 
 @act_q8
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (8, 21, 128)])
+# one row with 6 and 40 groups a row: double-quant blocks of 256 groups start inside a 16-group vector
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (1, 67, 384), (1, 13, 2560), (2, 5, 256), (8, 21, 128)])
 def test_nf4_with_int8_activations(double_quant, M, O, I, monkeypatch):
     # the code book rounded to 1/L, the activations to int8 per 128: exact against both roundings
     monkeypatch.setitem(kernels.MAX_ROWS, "q4", 8)
     torch.manual_seed(7)
-    m = qnf4.NF4Linear.from_linear(torch.nn.Linear(I, O, bias=False), double_quant=double_quant, dtype=torch.float32)
+    lin = torch.nn.Linear(I, O, bias=False)
+    with torch.no_grad():  # the last rows 8x larger: blocks of 256 absmax values get different double-quant scales
+        lin.weight[2 * O // 3:] *= 8
+    m = qnf4.NF4Linear.from_linear(lin, double_quant=double_quant, dtype=torch.float32)
     x = torch.randn(M, I).bfloat16()
     if double_quant:
         y = kernels.q4(x, m.weight, qnf4.NF4_CODE, 64, am_code=m.absmax, am_dyn=qnf4.DYNAMIC_CODE,
