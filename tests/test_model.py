@@ -9,6 +9,7 @@ from conftest import FAMILIES
 from ember.kv_cache import StaticKVCache
 from ember import kernels
 from ember.loading import load_model
+import ember.model as model_module
 from ember.model import DecoderLayer
 
 FP32_TOL = 1e-4
@@ -127,9 +128,41 @@ def test_block_kernels_equal_the_modules_in_bf16(hf_checkpoint, family, quant, m
     ids = torch.randint(0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(5))
     fast = _decode_steps(ours, ids, 6, torch.bfloat16)
     monkeypatch.setattr(DecoderLayer, "block_kernels", lambda self, x: None)
+    model_module._decode_blocks.clear()  # the blocks made by the first run are still valid for this model
     modules = _decode_steps(ours, ids, 6, torch.bfloat16)
     for i, (a, b) in enumerate(zip(fast[1:], modules[1:])):
         # the same kernels and roundings; only silu's e^x differs (a polynomial vs PyTorch's), within 1e-7 of
         # it, which moves a bf16 rounding now and then
         assert_close(a, b, 2**-5 * float(b.abs().max()), f"{family} {quant} bf16 decode step {i}")
         assert (a == b).float().mean() > 0.9
+
+
+def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
+    # the layers' kernel blocks are kept between decode steps and remade when what they were made from changes
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable")
+    from ember.train.lora import LoRALinear
+
+    folder, _ = hf_checkpoint("llama", dtype=torch.bfloat16)
+    ours = load_model(folder, dtype="bf16")
+    ids = torch.randint(0, ours.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(6))
+    base = _decode_steps(ours, ids, 6, torch.bfloat16)
+    first = model_module._decode_blocks[ours]
+    assert _decode_steps(ours, ids, 6, torch.bfloat16)[-1].equal(base[-1])
+    assert model_module._decode_blocks[ours] is first  # nothing changed: the same blocks
+    attn = ours.model.layers[1].self_attn
+    seen = []
+    handle = attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    _decode_steps(ours, ids, 6, torch.bfloat16)
+    assert len(seen) == len(base)  # every step, decode steps included, ran the hooked module itself
+    handle.remove()
+    with torch.no_grad():  # new storage for one weight: a zero o_proj in layer 1 changes the logits
+        attn.o_proj.weight.data = torch.zeros_like(attn.o_proj.weight)
+    zeroed = _decode_steps(ours, ids, 6, torch.bfloat16)
+    assert not zeroed[-1].equal(base[-1])
+    assert model_module._decode_blocks[ours] is not first
+    # a swapped module (LoRA) runs as itself; its zero-initialised B leaves the logits as they were
+    attn.v_proj = LoRALinear(attn.v_proj, r=2, alpha=4)
+    swapped = _decode_steps(ours, ids, 6, torch.bfloat16)
+    assert model_module._decode_blocks[ours].blocks[1] is None
+    assert_close(swapped[-1], zeroed[-1], 1e-6, "LoRA with B = 0")
