@@ -37,6 +37,10 @@ def _targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _median(bw: dict) -> str:
+    return f" ({bw['median'] / 1e9:.1f} GB/s)" if "median" in bw else " (not recorded by this run)"
+
+
 def decode() -> str | None:
     d = _load("decode")
     if d is None:
@@ -47,6 +51,7 @@ def decode() -> str | None:
         rows.append([r["model"], r["weights"], r["engine"], f"{r['decode_tok_s']:.2f}",
                      f"{r['vs_ember_bf16']:.2f}x" if "vs_ember_bf16" in r else "",
                      f"{r['bytes_per_token'] / 1e6:.0f}", f"{r['roofline_tok_s']:.1f}", f"{100 * r['roofline_frac']:.0f}%",
+                     f"{100 * r['median_roofline_frac']:.0f}%" if "median_roofline_frac" in r else "",
                      f"{r['rss_after_decode_bytes'] / 1e6:.0f}" if r.get("rss_after_decode_bytes") else "",
                      f"{r['demo_ppl_ratio']:.4f}" if r.get("demo_ppl_ratio") is not None else "",
                      f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else ""])
@@ -56,10 +61,11 @@ def decode() -> str | None:
             f"MoE ({moe.get('num_hidden_layers')} layers, hidden {moe.get('hidden_size')}, {moe.get('num_local_experts')} "
             f"experts, top-{moe.get('num_experts_per_tok')}). {d['date']}, {d['machine']}. Roofline = the best copy "
             f"bandwidth measured between the rows ({bw['copy'] / 1e9:.1f} GB/s; samples "
-            f"{', '.join(f'{b / 1e9:.0f}' for b in bw.get('samples', [bw['copy']]))}) / bytes read per token. "
+            f"{', '.join(f'{b / 1e9:.0f}' for b in bw.get('samples', [bw['copy']]))}) / bytes read per token; "
+            f"% median: the same at the median sample{_median(bw)}. "
             f"ppl/bf16 = perplexity ratio of the trained demo model in that format (see bench/decode.py).\n\n")
     text += _table(["model", "weights", "engine", "decode tok/s", "vs bf16", "MB/token", "roofline tok/s",
-                    "% roofline", "resident MB", "ppl/bf16", "vs HF"], rows)
+                    "% roofline", "% median", "resident MB", "ppl/bf16", "vs HF"], rows)
     for r in d["rows"]:
         c = r.get("expert_check")
         if c:
