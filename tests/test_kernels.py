@@ -373,3 +373,11 @@ def test_project_is_the_modules_one_by_one():
         seen = []
         mods[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks must see their call
         assert all(torch.equal(t, a) for t, a in zip(kernels.project(x, mods), alone)) and seen == [(1, 1, 8)]
+
+
+def test_the_native_build_compiles_where_there_is_a_compiler():
+    # the kernel tests skip where the library is unavailable: a source that no longer compiles must fail here
+    if kernels._compiler() is None or kernels._mode() in ("0", "off", "false", "no", "torch"):
+        pytest.skip("no C++ compiler, or the kernels are turned off")
+    assert kernels.build().is_file()  # raises RuntimeError with the compiler's output
+    assert kernels.build(portable=True).is_file()

@@ -160,6 +160,12 @@ inline void row_ptrs(const T* W, int64_t o0, int64_t O, int64_t ld, const T* row
   for (int r = 0; r < R; r++) rows[r] = W + std::min(o0 + r, O - 1) * ld;
 }
 
+// The same, with the (clamped) row indices too.
+template <typename T>
+inline void row_ptrs(const T* W, int64_t o0, int64_t O, int64_t ld, const T* rows[R], int64_t idx[R]) {
+  for (int r = 0; r < R; r++) idx[r] = std::min(o0 + r, O - 1), rows[r] = W + idx[r] * ld;
+}
+
 // X (M, I) in bf16 or fp32 -> fp32 (M, I) scratch.
 void to_f32(const void* X, int x_bf16, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i++) out[i] = load_f(X, i, x_bf16);
@@ -950,6 +956,16 @@ inline void int8_vnni(const int8_t* const* w, const int8_t* Xq, const float* sx,
     for (int m = 0; m < NM; m++) out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]) - corr[m];
 }
 
+// One 64-byte step of 4-bit codes of I-value rows (prefetching PF_Q4 on): the low and the high nibbles as bytes,
+// NF4's looked up in tq.
+template <int MODE>
+inline void q4_codes(const uint8_t* wp, int64_t I, const __m512i m4, const __m512i tq, __m512i& lo, __m512i& hi) {
+  _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_Q4, PF_Q4_HINT);
+  const __m512i v = _mm512_loadu_si512(wp);
+  lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+  if (MODE == 1) lo = _mm512_shuffle_epi8(tq, lo), hi = _mm512_shuffle_epi8(tq, hi);
+}
+
 // int4 codes (u8 nibbles 0..15) times activations quantized in the even/odd order: per 64-byte step
 // vpdpbusd(low nibbles, odd xq) + vpdpbusd(high nibbles, even xq); lane t holds values 8t..8t+7 of the step,
 // as in q4_bf16x128, so the per-lane group scale times the step's sx scales it. Per group g the rest of
@@ -985,11 +1001,8 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
     __m512 sv[NM];
     load_xq_step<NM>(Xq, sx, I, c, xe, xo, sv);
     for (int r = 0; r < RR; r++) {
-      const uint8_t* wp = w[r] + c * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_Q4, PF_Q4_HINT);
-      const __m512i v = _mm512_loadu_si512(wp);
-      __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      if (MODE == 1) lo = _mm512_shuffle_epi8(tq, lo), hi = _mm512_shuffle_epi8(tq, hi);
+      __m512i lo, hi;
+      q4_codes<MODE>(w[r] + c * 64, I, m4, tq, lo, hi);
       const __m512 s = step_scale(st + r * 2 * G, c, group);
       for (int m = 0; m < NM; m++) {
         const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xo[m]), hi, xe[m]);
@@ -1069,11 +1082,8 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
   for (int64_t c = 0; c < S; c++) {
     const __m512i xe = _mm512_loadu_si512(Xq + c * 128), xo = _mm512_loadu_si512(Xq + c * 128 + 64);
     for (int r = 0; r < R; r++) {
-      const uint8_t* wp = w[r] + c * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_Q4, PF_Q4_HINT);
-      const __m512i v = _mm512_loadu_si512(wp);
-      __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      if (MODE == 1) lo = _mm512_shuffle_epi8(tq, lo), hi = _mm512_shuffle_epi8(tq, hi);
+      __m512i lo, hi;
+      q4_codes<MODE>(w[r] + c * 64, I, m4, tq, lo, hi);
       const __m512 s = step_scale(st + r * G, c, GRP);
       const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xo), hi, xe);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
@@ -1439,8 +1449,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
           const int64_t o0 = b * R;
           const uint8_t* w[R];
           int64_t rows[R];
-          row_ptrs(W, o0, O, half, w);
-          for (int r = 0; r < R; r++) rows[r] = std::min(o0 + r, O - 1);
+          row_ptrs(W, o0, O, half, w, rows);
           float out[R * MB];
 #define Q4ROW(MD_, GR_) q4_vnni_row<MD_, GR_>(w, p, rows, sxg, ztp, ztp + G, Xq, I, tq, st, out)
           if (mode == 0) {
@@ -1462,8 +1471,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
       const int64_t o0 = b * rr;
       const uint8_t* w[R];
       int64_t rows[R];
-      row_ptrs(W, o0, O, half, w);
-      for (int r = 0; r < R; r++) rows[r] = std::min(o0 + r, O - 1);
+      row_ptrs(W, o0, O, half, w, rows);
       float* st = block_scratch(G);
       block_stats(p, rows, G, st);
       float out[R * MB * 2];
