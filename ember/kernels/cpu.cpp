@@ -972,26 +972,11 @@ inline void q4_codes(const uint8_t* wp, int64_t I, const __m512i m4, const __m51
 // (q - 8) s + z is added in the epilogue: z * sum(x) - s sx * 8 sum(xq) (zt: (M, 2G) = sum(x), 8 sum(xq)).
 // NF4 (MODE 1) looks each nibble up in ``tq`` (vpshufb, the 16 bytes in every 128-bit lane): 128 +
 // round(127 c) for code-book value c, so its offset is 128 and sx arrives divided by 127.
-// With one activation row the block's group scales are multiplied by sx first (st is the block's own
-// scratch), which takes a multiply off every step of every row: the loop is compute-bound on some CPUs.
+// Batches (2-8 activation rows, one weight row a pass); one row (decode) takes q4_vnni_row.
 template <int RR, int NM, int MODE>
 inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const float* sx, const float* zt,
                     int64_t I, int64_t group, const __m512i tq, float* out) {
   const int64_t G = I / group, S = I / 128, per_step = 128 / group;
-  if (NM == 1) {
-    // group g's step is g / per_step (per_step 1, 2 or 4): sx of 16 groups by a gather
-    const int shift = per_step == 1 ? 0 : per_step == 2 ? 1 : 2;
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 k = lanes16(G - g);
-      const __m512i idx = _mm512_srli_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(g))), shift);
-      const __m512 sxg = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, sx, 4);
-      for (int r = 0; r < RR; r++) {
-        float* sc = st + r * 2 * G + g;
-        _mm512_mask_storeu_ps(sc, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc), sxg));
-      }
-    }
-  }
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[RR][NM];
   for (int r = 0; r < RR; r++)
@@ -1006,7 +991,7 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
       const __m512 s = step_scale(st + r * 2 * G, c, group);
       for (int m = 0; m < NM; m++) {
         const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xo[m]), hi, xe[m]);
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), NM == 1 ? s : _mm512_mul_ps(s, sv[m]), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, sv[m]), acc[r][m]);
       }
     }
   }
@@ -1015,16 +1000,6 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
     const float* zr = sc + G;
     for (int m = 0; m < NM; m++) {
       const float* xs = zt + m * 2 * G;
-      if (NM == 1) {  // the zero terms of 16 groups per vector, into the accumulator before its one reduction
-        for (int64_t g = 0; g < G; g += 16) {
-          const __mmask16 k = lanes16(G - g);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zr + g), _mm512_maskz_loadu_ps(k, xs + g), acc[r][m]);
-          acc[r][m] = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, sc + g), _mm512_maskz_loadu_ps(k, xs + G + g),
-                                       acc[r][m]);
-        }
-        out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
-        continue;
-      }
       float z = 0.f;
       for (int64_t g = 0; g < G; g++) z += zr[g] * xs[g] - sc[g] * sx[m * S + g / per_step] * xs[G + g];
       out[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]) + z;
