@@ -330,10 +330,10 @@ class DecodeBlocks:
 
     __slots__ = ("dtype", "blocks", "hooks", "dicts", "ids", "tensors", "ptrs")
 
-    def __init__(self, layers, x: torch.Tensor) -> None:
+    def __init__(self, layers: nn.ModuleList, x: torch.Tensor) -> None:
         self.dtype = x.dtype
         self.blocks = [layer.block_kernels(x) for layer in layers]
-        mods = [m for layer in layers for m in layer.modules()]
+        mods = list(layers.modules())  # the ModuleList too: a replaced layer is a changed slot of its dict
         self.hooks = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks)]
         # the non-empty child/parameter/buffer dicts and the ids of their values: a swapped submodule, a
         # re-assigned parameter or buffer
