@@ -49,7 +49,7 @@
 // The 4-bit and VNNI int8 kernels prefetch into L2 only (T1): an L1 prefetch holds one of the core's few L1
 // fill buffers until its line arrives, which capped one core near 9 GB/s; on the Sapphire Rapids test
 // machine, (5632, 2048) from DRAM: int4 15 -> 17-18 GB/s, int8 (one block ahead) 19.5 -> 24 GB/s.
-// The 4-bit kernels prefetch 8 rows (two blocks) ahead: their 1 KB rows (2048 values) stream in ~100 ns a row on
+// The 4-bit kernels prefetch 8 rows ahead (two 4-row blocks; one block of the 8-row decode kernel): their 1 KB rows (2048 values) stream in ~100 ns a row on
 // one core, closer to DRAM's latency than one block ahead covers (one row x (5632, 2048) int4 from DRAM on the
 // 2-core Zen 4 EPYC, six alternating runs: 23.6 GB/s mean with 4 rows ahead, 27.8 with 8).
 #ifndef PF_Q4
@@ -116,6 +116,9 @@ namespace {
 
 constexpr int R = 4;   // output rows per block
 constexpr int MB = 4;  // activation rows per pass over a block
+#ifndef Q4_ROW_BLOCK
+#define Q4_ROW_BLOCK 8  // weight rows per block of the one-activation-row 4-bit kernel (q4_vnni_row)
+#endif
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -160,10 +163,10 @@ inline void row_ptrs(const T* W, int64_t o0, int64_t O, int64_t ld, const T* row
   for (int r = 0; r < R; r++) rows[r] = W + std::min(o0 + r, O - 1) * ld;
 }
 
-// The same, with the (clamped) row indices too.
-template <typename T>
-inline void row_ptrs(const T* W, int64_t o0, int64_t O, int64_t ld, const T* rows[R], int64_t idx[R]) {
-  for (int r = 0; r < R; r++) idx[r] = std::min(o0 + r, O - 1), rows[r] = W + idx[r] * ld;
+// The same for N rows, with the (clamped) row indices too.
+template <typename T, int N = R>
+inline void row_ptrs(const T* W, int64_t o0, int64_t O, int64_t ld, const T* rows[N], int64_t idx[N]) {
+  for (int r = 0; r < N; r++) idx[r] = std::min(o0 + r, O - 1), rows[r] = W + idx[r] * ld;
 }
 
 // X (M, I) in bf16 or fp32 -> fp32 (M, I) scratch.
@@ -175,9 +178,9 @@ thread_local std::vector<float> scratch_f;
 thread_local std::vector<uint16_t> scratch_h;
 thread_local std::vector<float> scratch_stats;
 
-// Per-thread buffer for one row block's decoded scales and zeros (R rows x 2 x G floats).
-float* block_scratch(int64_t G) {
-  if (scratch_stats.size() < static_cast<size_t>(R * 2 * G)) scratch_stats.resize(static_cast<size_t>(R * 2 * G));
+// Per-thread buffer for one row block's decoded scales and zeros (rows x 2 x G floats).
+float* block_scratch(int64_t G, int64_t rows = R) {
+  if (scratch_stats.size() < static_cast<size_t>(rows * 2 * G)) scratch_stats.resize(static_cast<size_t>(rows * 2 * G));
   return scratch_stats.data();
 }
 
@@ -1009,19 +1012,22 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
 #endif
 
 #ifdef EMBER_VNNI
-// One activation row (decode) over a 4-row block, the group size a constant: what q4_vnni<4, 1, MODE> computes,
-// with the per-block work cut to a few vector ops per 16 groups (on (5632, 2048) it had cost ~40% of the
+// One activation row (decode) over a block of RB weight rows, the group size a constant: what q4_vnni<RB, 1, MODE>
+// computes, with the per-block work cut to a few vector ops per 16 groups (on (5632, 2048) it had cost ~40% of the
 // kernel's time on one Zen 4 core). Each row's group scales are decoded and multiplied by their step's sx
 // (``sxg``, (G,), made once per call) in 16-lane vectors, and its zero terms, z * sum(x) - s sx * offset *
-// sum(xq) (``xsum``, ``oq``: (G,)), start its accumulator instead of running after the loop. st: (R, G) scratch.
-template <int MODE, int GRP>
+// sum(xq) (``xsum``, ``oq``: (G,)), start its accumulator instead of running after the loop. st: (RB, G) scratch.
+// RB = 8 (Q4_ROW_BLOCK): eight 1 KB code rows in flight instead of four. One Zen 4 core, (5632, 2048) int4 from
+// L3: 25 -> 38 GB/s (the 4-row loop waited on L2 -> L1 fills, ~7 cycles a 64-byte line against ~3 of arithmetic);
+// from DRAM on both cores, four alternating runs: 24.9-35.2 GB/s with 4 rows, 27.2-36.6 with 8.
+template <int MODE, int GRP, int RB>
 inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_t* rows, const float* sxg,
                         const float* xsum, const float* oq, const int8_t* Xq, int64_t I, const __m512i tq, float* st,
                         float* out) {
   const int64_t G = I / GRP, S = I / 128;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 acc[R];
-  for (int r = 0; r < R; r++) {
+  __m512 acc[RB];
+  for (int r = 0; r < RB; r++) {
     __m512 a = _mm512_setzero_ps();
     const int64_t base = rows[r] * G;
     for (int64_t g = 0; g < G; g += 16) {
@@ -1056,7 +1062,7 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   for (int64_t c = 0; c < S; c++) {
     const __m512i xe = _mm512_loadu_si512(Xq + c * 128), xo = _mm512_loadu_si512(Xq + c * 128 + 64);
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < RB; r++) {
       __m512i lo, hi;
       q4_codes<MODE>(w[r] + c * 64, I, m4, tq, lo, hi);
       const __m512 s = step_scale(st + r * G, c, GRP);
@@ -1064,7 +1070,7 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) out[r * MB] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < RB; r++) out[r * MB] = _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -1415,25 +1421,26 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
       sx_group.resize(static_cast<size_t>(G));
       for (int64_t g = 0; g < G; g++) sx_group[g] = sx[g * group / 128];
       const float* sxg = sx_group.data();
-      const int64_t blocks = (O + R - 1) / R;
+      constexpr int RB = Q4_ROW_BLOCK;
+      const int64_t blocks = (O + RB - 1) / RB;
 #pragma omp parallel num_threads(nthreads)
       {
-        float* st = block_scratch(G);
+        float* st = block_scratch(G, RB);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-          const int64_t o0 = b * R;
-          const uint8_t* w[R];
-          int64_t rows[R];
-          row_ptrs(W, o0, O, half, w, rows);
-          float out[R * MB];
-#define Q4ROW(MD_, GR_) q4_vnni_row<MD_, GR_>(w, p, rows, sxg, ztp, ztp + G, Xq, I, tq, st, out)
+          const int64_t o0 = b * RB;
+          const uint8_t* w[RB];
+          int64_t rows[RB];
+          row_ptrs<uint8_t, RB>(W, o0, O, half, w, rows);
+          float out[RB * MB];
+#define Q4ROW(MD_, GR_) q4_vnni_row<MD_, GR_, RB>(w, p, rows, sxg, ztp, ztp + G, Xq, I, tq, st, out)
           if (mode == 0) {
             if (group == 128) Q4ROW(0, 128); else if (group == 64) Q4ROW(0, 64); else Q4ROW(0, 32);
           } else {
             if (group == 128) Q4ROW(1, 128); else if (group == 64) Q4ROW(1, 64); else Q4ROW(1, 32);
           }
 #undef Q4ROW
-          store_block(Y, O, o0, 0, 1, out, nullptr, y_bf16);
+          for (int r = 0; r < RB && o0 + r < O; r++) store_y(Y, o0 + r, out[r * MB], y_bf16);
         }
       }
       return;
