@@ -22,7 +22,8 @@ __all__ = ["load", "__version__"]
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
          quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
-         context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True):
+         context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True,
+         lm_head: str | None = "int8"):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
@@ -36,6 +37,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         quant: None/"none", "int8", "int4" or "nf4": weight-only quantization applied while loading
             (a checkpoint written by ``ember quantize`` is already quantized and needs none).
         group_size: int4 group size (32, 64, 128; default 128).
+        lm_head: with ``quant``, the format of an untied LM head: "int8" (default), "same" (as ``quant``),
+            "int4", "nf4", or None/"none" to keep it in ``dtype``.
         adapter: a PEFT LoRA adapter folder (from ``ember tune`` or HF PEFT), applied without merging.
         context: tokens per sequence to plan memory for (default min(model limit, 4096)).
         batch: sequences at once to plan for.
@@ -54,16 +57,17 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     if check_memory:
         from ember.planner import preflight
 
-        preflight(path, device, dtype, quant=quant, context=context, batch=batch, max_memory=max_memory)
+        preflight(path, device, dtype, quant=quant, context=context, batch=batch, max_memory=max_memory,
+                  lm_head=lm_head)
     if is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
         model, tokenizer = load_gguf(path, device=device, dtype=dtype)
         if quant is not None and quant != "none":  # after the fact: GGUF tensors are decoded first
             from ember.quant import quantize_model
 
-            quantize_model(model, quant, group_size)
+            quantize_model(model, quant, group_size, lm_head=lm_head)
     else:
         tokenizer = Tokenizer.from_dir(path)
-        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size)
+        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head)
     if adapter is not None:
         from ember.train.lora import apply_adapter
 

@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                    help="weight-only quantization on load, layer by layer (a folder from `ember quantize` needs none)")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 128)")
+    p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "nf4", "same", "none"],
+                   help="with --quant: format of an untied LM head (default int8, as llama.cpp keeps its output "
+                        "matrix at 6-8 bits; none keeps it in --dtype, as bitsandbytes does)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="LoRA adapter folder (from `ember tune` or HF PEFT), applied without merging")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
@@ -62,7 +65,8 @@ def load_from_args(args, context: int | None = None, batch: int = 1):
     import ember
 
     return ember.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
-                      adapter=args.adapter, context=args.context or context, batch=batch, max_memory=args.max_memory)
+                      adapter=args.adapter, context=args.context or context, batch=batch, max_memory=args.max_memory,
+                      lm_head=args.lm_head)
 
 
 def cmd_generate(args) -> int:

@@ -182,7 +182,7 @@ def cmd_ppl(args) -> int:
     llm = ember.load(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None),
                      group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
                      context=getattr(args, "context", None) or args.window, batch=max(1, args.batch),
-                     max_memory=getattr(args, "max_memory", None))
+                     max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", "int8"))
     ids = llm.tokenizer.encode(text)
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens]

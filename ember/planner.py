@@ -131,7 +131,8 @@ class Workload:
         lora_rank: LoRA rank r.
         lora_targets: Linear names adapted (suffixes, PEFT-style; experts' projections match too).
         grad_checkpointing: recompute each layer in backward instead of keeping its activations.
-        quantize_lm_head: also quantize the LM head (default: keep it 16-bit, as bitsandbytes does).
+        lm_head: the LM head's format: ``auto`` (what the loader does: int8 under ``quant``, the compute
+            dtype otherwise and when tuning), ``none``, ``same`` (as ``quant``), ``int8``, ``int4``, ``nf4``.
     """
 
     task: str = "infer"
@@ -146,7 +147,7 @@ class Workload:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
     grad_checkpointing: bool = True
-    quantize_lm_head: bool = False
+    lm_head: str = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in ("infer", "tune"):
@@ -157,6 +158,8 @@ class Workload:
             raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.lm_head not in ("auto", "same") + QUANTS:
+            raise ValueError(f"lm_head must be auto, same or one of {', '.join(QUANTS)}, got {self.lm_head!r}")
         if self.context < 1 or self.batch < 1:
             raise ValueError("context and batch must be >= 1")
 
@@ -172,6 +175,15 @@ class Workload:
         if self.task == "tune" and self.method == "full":
             return "none"
         return self.quant
+
+    @property
+    def head_quant(self) -> str:
+        """The LM head's format (see ``lm_head``); training keeps the head in the compute dtype."""
+        if self.task == "tune" or self.weight_quant == "none":
+            return "none"
+        if self.lm_head == "auto":
+            return "int8"
+        return self.weight_quant if self.lm_head == "same" else self.lm_head
 
     def label(self) -> str:
         if self.task == "tune":
@@ -277,15 +289,16 @@ class WeightBytes:
         return head + emb + self.attention + self.mlp + self.other + experts
 
 
-def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", quantize_lm_head: bool = False) -> WeightBytes:
-    """Bytes of every weight of ``cfg`` in compute ``dtype`` with Linear layers stored as ``quant``."""
+def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_head: str = "none") -> WeightBytes:
+    """Bytes of every weight of ``cfg`` in compute ``dtype`` with Linear layers stored as ``quant``, an untied
+    LM head as ``lm_head``."""
     b = DTYPE_BYTES[dtype]
     qd = _quant_defaults()
     parts = {"attention": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
     bias_bytes = 0.0
     active = 0.0
     for lin in linears(cfg):
-        q = quant if (lin.kind != "lm_head" or quantize_lm_head) else "none"
+        q = quant if lin.kind != "lm_head" else lm_head
         parts[lin.kind] += lin.count * linear_bytes(lin.out_f, lin.in_f, q, b, qd)
         if lin.bias:
             bias_bytes += lin.count * lin.out_f * b
@@ -554,7 +567,7 @@ def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str |
     """
     b_name = wl.dtype
     full = wl.task == "tune" and wl.method == "full"
-    wb = weight_bytes(cfg, "fp32" if full else b_name, wl.weight_quant, wl.quantize_lm_head)
+    wb = weight_bytes(cfg, "fp32" if full else b_name, wl.weight_quant, wl.head_quant)
     detail = {"weights.embedding": wb.embedding, "weights.lm_head": wb.lm_head, "weights.attention": wb.attention,
               "weights.mlp": wb.mlp, "weights.experts": wb.experts, "weights.other": wb.other}
     kv_dt = wl.kv_dtype or wl.dtype
@@ -607,7 +620,7 @@ def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str |
         if src is not None and src != b_name:
             src_wb = weight_bytes(cfg, src, "none")
             transient = src_wb.total if q == "none" else src_wb.embedding + src_wb.other + (
-                src_wb.lm_head if not wl.quantize_lm_head else 0.0)
+                src_wb.lm_head if wl.head_quant == "none" else 0.0)
     return MemoryBreakdown(weights=wb.total, kv_cache=kv, activations=act, training=training, runtime=runtime,
                            load_transient=transient, detail=detail)
 
@@ -629,7 +642,7 @@ def decode_step_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, kv_len: in
     """(seconds per decode step for ``wl.batch`` sequences with ``kv_len`` cached tokens each, bytes read)."""
     B = wl.batch
     b = DTYPE_BYTES[wl.dtype]
-    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.head_quant)
     w_read = wb.read_per_step(B, cfg.hidden_size * b)
     kv_read = kv_cache_bytes(cfg, max(kv_len, 1), B, wl.kv_dtype or wl.dtype)
     working_set = wb.total + kv_read
@@ -638,15 +651,20 @@ def decode_step_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, kv_len: in
     kv_bw = hw.stream_bandwidth(f"mv-{wl.kv_dtype or wl.dtype}", working_set)
     t_w = w_read / bw
     if wl.weight_quant != "none":
-        # The quantized kernels stream the projections; the head (unless quantized too), the embedding
-        # row and the norms stay in the compute dtype and stream at its rate (for a small model the
-        # 16-bit head can be half of what a step reads).
+        # The quantized kernels stream the projections; the head (unless quantized), the embedding row
+        # and the norms stay in the compute dtype and stream at its rate (for a small model the 16-bit
+        # head can be half of what a step reads); a head in another format streams at that kernel's rate.
+        path = "mv" if B == 1 else "mm"
         head = wb.lm_head if wb.lm_head else wb.embedding
-        float_read = wb.other + (0.0 if (wl.quantize_lm_head and wb.lm_head) else head)
+        head_q = wl.head_quant if wb.lm_head else "none"
+        float_read = wb.other + (head if head_q == "none" else 0.0)
         float_read += min(wb.embedding, B * cfg.hidden_size * b) if wb.lm_head else 0.0
         float_read = min(float_read, w_read)
-        bw_float = hw.stream_bandwidth(f"{'mv' if B == 1 else 'mm'}-{wl.dtype}", working_set, hidden=cfg.hidden_size)
-        t_w = (w_read - float_read) / bw + float_read / bw_float
+        head_read = head if head_q not in ("none", wl.weight_quant) else 0.0
+        bw_float = hw.stream_bandwidth(f"{path}-{wl.dtype}", working_set, hidden=cfg.hidden_size)
+        bw_head = hw.stream_bandwidth(f"{path}-{head_q}", working_set, fallback=f"{path}-{wl.dtype}",
+                                      hidden=cfg.hidden_size) if head_read else bw
+        t_w = (w_read - float_read - head_read) / bw + float_read / bw_float + head_read / bw_head
     t_mem = t_w + kv_read / kv_bw
     flops = 2 * wb.linear_params_active * B + 4 * B * kv_len * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     t_flop = flops / (hw.peak_flops(wl.dtype) * hw.compute_efficiency)
@@ -666,7 +684,7 @@ def prefill_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, tokens: int | 
     """Seconds to prefill ``tokens`` prompt tokens per sequence for the batch (one forward, or chunks)."""
     T = tokens if tokens is not None else wl.prompt_tokens
     B = wl.batch
-    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.head_quant)
     flops = 2 * wb.linear_params_active * B * T + 2 * B * T * T * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     flops -= 2 * B * (T - 1) * cfg.vocab_size * cfg.hidden_size  # the LM head runs on the last token only
     t_flop = flops / (hw.peak_flops(wl.dtype) * hw.compute_efficiency)
@@ -740,7 +758,7 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
     need_per_node = mem.total / hw.nodes + _granularity(cfg, wl, hw)
     fits = need_per_node <= usable
     notes: list[str] = []
-    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.head_quant)
 
     def need(context: int, batch: int) -> float:
         m = memory(cfg, hw, replace(wl, context=context, batch=batch, prompt=None if wl.prompt is None else min(wl.prompt, context)),
@@ -777,7 +795,7 @@ def _granularity(cfg: ModelConfig, wl: Workload, hw: Hardware) -> float:
     """Split imbalance across nodes: layers are whole, so one node may hold one layer more than its share."""
     if hw.nodes == 1:
         return 0.0
-    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.quantize_lm_head)
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.head_quant)
     per_layer = (wb.attention + wb.mlp + wb.experts) / cfg.num_hidden_layers
     return per_layer + max(wb.embedding, wb.lm_head) / 2
 
@@ -857,7 +875,7 @@ def _dtype_name(dtype) -> str:
 
 def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, context: int | None = None,
                batch: int = 1, max_memory: float | None = None, task: str = "infer", method: str = "lora",
-               checkpoint_dtype: str | None = None, hardware: Hardware | None = None) -> Plan:
+               checkpoint_dtype: str | None = None, hardware: Hardware | None = None, lm_head: str | None = "auto") -> Plan:
     """Stop before allocating if the model will not fit; say what would.
 
     Call it in the process that is about to load (its runtime memory is already in use, so only the
@@ -873,6 +891,7 @@ def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, contex
         max_memory: cap in GiB (``--max-memory``).
         task / method: ``tune`` with ``lora``/``qlora``/``full`` for fine-tuning.
         hardware: override detection (tests).
+        lm_head: the LM head's format under ``quant`` (:attr:`Workload.lm_head`; None = ``none``).
     Returns:
         the :class:`Plan` when it fits.
     Raises:
@@ -883,7 +902,7 @@ def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, contex
     dev = str(device)
     hw = hardware or detect(dev if dev != "cuda" else "cuda:0")
     wl = Workload(task=task, context=context or cfg.max_position_embeddings, batch=batch, dtype=_dtype_name(dtype),
-                  quant=quant or "none", method=method)
+                  quant=quant or "none", method=method, lm_head=lm_head or "none")
     cap = None if max_memory is None else max_memory * GiB
     p = plan(cfg, hw, wl, max_memory=cap, checkpoint_dtype=checkpoint_dtype, in_process=True)
     if p.fits:
@@ -944,7 +963,8 @@ DEFAULT_CONTEXT = 4096  # what a load plans for when the caller does not say (ca
 
 
 def preflight(path, device, dtype="auto", quant: str | None = None, context: int | None = None, batch: int = 1,
-              max_memory: float | None = None, task: str = "infer", method: str = "lora") -> Plan | None:
+              max_memory: float | None = None, task: str = "infer", method: str = "lora",
+              lm_head: str | None = "auto") -> Plan | None:
     """The check ``ember.load`` (and so generate/chat/serve/tune) runs before allocating anything.
 
     Reads only the model's config (HF folder or GGUF header), resolves ``dtype`` as the loader will,
@@ -977,10 +997,12 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     section = cfg.extra.get("quantization") if isinstance(cfg.extra, dict) else None
     if isinstance(section, dict) and section.get("method") in ("int8", "int4", "nf4"):
         quant = section["method"]
+        head = section.get("lm_head", quant if section.get("quantize_lm_head") else "none")
+        lm_head = head if head in QUANTS else "none"
     ckpt = DTYPE_NAMES.get(resolved.checkpoint_dtype or "", torch.bfloat16)
     dev = torch.device(device)
     dt = resolve_dtype(dtype, ckpt, dev)
     if context is None:
         context = min(cfg.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
     return check_fits(cfg, dev, dt, quant=quant, context=context, batch=batch, max_memory=max_memory, task=task,
-                      method=method, checkpoint_dtype=resolved.checkpoint_dtype)
+                      method=method, checkpoint_dtype=resolved.checkpoint_dtype, lm_head=lm_head)

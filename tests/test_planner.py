@@ -331,13 +331,34 @@ def test_quantized_decode_streams_the_16bit_head_at_the_float_rate():
                   step_overhead_s=0, calibration=replace(cal, layer_overhead_s={}, expert_overhead_s={},
                                                          step_overhead_s={}))
     cfg = cfg_of("llama-3.1-8b")
-    wl = Workload(context=1, batch=1, dtype="bf16", quant="int4")
+    wl = Workload(context=1, batch=1, dtype="bf16", quant="int4", lm_head="none")
     t, nbytes = planner.decode_step_seconds(cfg, hw, wl, 1)
     wb = planner.weight_bytes(cfg, "bf16", "int4")
     row = cfg.hidden_size * 2
     kv = planner.kv_cache_bytes(cfg, 1, 1, "bf16")
     assert nbytes == pytest.approx(wb.attention + wb.mlp + wb.lm_head + wb.other + row + kv)
     want = (wb.attention + wb.mlp) / 10e9 + (wb.lm_head + wb.other + row) / 40e9 + kv / 40e9
+    assert t == pytest.approx(want, rel=1e-6)
+
+
+def test_quantized_decode_streams_an_int8_head_at_the_int8_rate():
+    # The loader's default under --quant int4: the head in int8, streamed at the int8 kernel's 20 GB/s.
+    cal = _fake_cal(stream={"mv-bf16": [(1, 40e9)], "mv-int4": [(1, 10e9)], "mv-int8": [(1, 20e9)],
+                            "mv-fp32": [(1, 40e9)]})
+    hw = Hardware(name="cal", device="cuda", memory_bytes=80 * GiB, bandwidth=1000 * GB, flops={"bf16": 1e18},
+                  decode_efficiency=1.0, compute_efficiency=1.0, layer_overhead_s=0, expert_overhead_s=0,
+                  step_overhead_s=0, calibration=replace(cal, layer_overhead_s={}, expert_overhead_s={},
+                                                         step_overhead_s={}))
+    cfg = cfg_of("llama-3.1-8b")
+    wl = Workload(context=1, batch=1, dtype="bf16", quant="int4")
+    assert wl.head_quant == "int8" and Workload(task="tune", method="qlora").head_quant == "none"
+    t, nbytes = planner.decode_step_seconds(cfg, hw, wl, 1)
+    wb = planner.weight_bytes(cfg, "bf16", "int4", "int8")
+    assert wb.lm_head == pytest.approx(cfg.vocab_size * (cfg.hidden_size + 2))  # int8 codes + a bf16 scale per row
+    row = cfg.hidden_size * 2
+    kv = planner.kv_cache_bytes(cfg, 1, 1, "bf16")
+    assert nbytes == pytest.approx(wb.attention + wb.mlp + wb.lm_head + wb.other + row + kv)
+    want = (wb.attention + wb.mlp) / 10e9 + wb.lm_head / 20e9 + (wb.other + row) / 40e9 + kv / 40e9
     assert t == pytest.approx(want, rel=1e-6)
 
 

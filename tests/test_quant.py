@@ -346,19 +346,64 @@ def test_quantize_save_load_gives_identical_logits(hf_checkpoint, tmp_path, mode
     cfg = json.loads((out / "config.json").read_text())
     sec = cfg["quantization"]
     assert sec["method"] == mode and sec["bits"] == (8 if mode == "int8" else 4)
-    assert sec["not_quantized"] == ["lm_head"] and sec.get("group_size") == (64 if mode == "int4" else None)
+    assert sec["not_quantized"] == [] and sec.get("group_size") == (64 if mode == "int4" else None)
+    # the untied head goes to int8 by default; only a head unlike the rest needs a version 2 reader
+    assert sec["lm_head"] == "int8" and sec["format_version"] == (1 if mode == "int8" else 2)
     assert cfg["head_dim"] == 32 and cfg["model_type"] == "qwen3"  # the source config, kept
     assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(4))
     on_load = load_model(folder, dtype=dtype, quant=mode, group_size=64 if mode == "int4" else None)
     stored = load_model(out, dtype=dtype)
     assert type(stored.model.layers[1].mlp.up_proj) is type(on_load.model.layers[1].mlp.up_proj)
+    assert type(stored.lm_head) is type(on_load.lm_head) is Int8Linear
     assert torch.equal(logits(stored, ids), logits(on_load, ids))
     # asking for the same quantization again is fine; a different one is refused
     load_model(out, dtype=dtype, quant=mode, group_size=64 if mode == "int4" else None)
     other = "int8" if mode != "int8" else "nf4"
     with pytest.raises(QuantizationError, match=f"already quantized as {mode}"):
         load_model(out, quant=other)
+
+
+@pytest.mark.parametrize("head,want", [("none", Linear), ("same", Int4Linear), ("nf4", NF4Linear)])
+def test_lm_head_format_is_chosen_stored_and_reloaded(hf_checkpoint, tmp_path, head, want):
+    folder, _ = hf_checkpoint("llama", dtype=torch.float32)
+    out = tmp_path / "q"
+    assert run_cli(folder, "--to", "int4", "--group-size", "32", "--lm-head", head, "-o", out) == 0
+    sec = json.loads((out / "config.json").read_text())["quantization"]
+    assert sec["lm_head"] == {"none": "none", "same": "int4"}.get(head, head)
+    assert sec["not_quantized"] == (["lm_head"] if head == "none" else [])
+    stored = load_model(out, dtype="fp32")
+    on_load = load_model(folder, dtype="fp32", quant="int4", group_size=32, lm_head=head)
+    assert type(stored.lm_head) is type(on_load.lm_head) is want
+    if want is Int4Linear:
+        assert stored.lm_head.group_size == 32
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits(stored, ids), logits(on_load, ids))
+
+
+def test_int8_head_stays_close_to_the_float_head(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama", dtype=torch.float32)
+    ids = torch.randint(3, 256, (1, 11), generator=torch.Generator().manual_seed(3))
+    float_head = logits(load_model(folder, dtype="fp32", quant="int4", group_size=32, lm_head=None), ids)
+    int8_head = logits(load_model(folder, dtype="fp32", quant="int4", group_size=32), ids)
+    assert not torch.equal(float_head, int8_head)  # the head really changed format
+    # per-channel int8 rounds each weight by at most half a step of max|w| / 127
+    assert (int8_head - float_head).abs().max() <= 0.02 * float_head.abs().max()
+
+
+def test_sections_without_a_head_format_load_as_before_and_newer_ones_are_checked(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama", dtype=torch.float32)
+    out = tmp_path / "q"
+    assert run_cli(folder, "--to", "int8", "--lm-head", "none", "-o", out) == 0
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["quantization"]["lm_head"]  # as version 1 wrote it: quantize_lm_head false, head in not_quantized
+    cfg_path.write_text(json.dumps(cfg))
+    assert type(load_model(out, dtype="fp32").lm_head) is Linear
+    cfg["quantization"]["lm_head"] = "int3"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(QuantizationError, match="lm_head 'int3'"):
+        load_model(out, dtype="fp32")
 
 
 def test_quantized_weights_are_read_in_row_chunks_not_mapped(hf_checkpoint, monkeypatch):

@@ -50,7 +50,7 @@ def resolve_dtype(name: str | torch.dtype | None, checkpoint_dtype: torch.dtype,
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", quant: str | None = None,
-               group_size: int | None = None) -> Transformer:
+               group_size: int | None = None, lm_head: str | None = "int8") -> Transformer:
     """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
 
     Args:
@@ -61,6 +61,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             (peak memory ~ the quantized model). A folder written by ``ember quantize`` (config.json
             has a ``quantization`` section) loads as stored, with no re-quantization.
         group_size: int4 group size (32, 64, 128; default 128).
+        lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -74,7 +75,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if (quant is not None and quant != "none") or "quantization" in cfg.extra:
         from ember.quant import load_quantized_weights
 
-        load_quantized_weights(model, ckpt, dt, device, quant, group_size)
+        load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head)
     else:
         ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         load_weights(model, ckpt, dt, device, ignore=ignore)

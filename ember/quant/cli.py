@@ -15,9 +15,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "quantize", help="write a weight-only quantized copy of a checkpoint folder (int8, int4, nf4)",
-        description="Quantize every Linear layer of MODEL_DIR (except the LM head and MoE routers) layer by layer "
-                    "and write OUT_DIR: safetensors of the quantized tensors plus a 'quantization' section in "
-                    "config.json, tokenizer files copied along. `ember generate OUT_DIR ...` loads it directly.")
+        description="Quantize every Linear layer of MODEL_DIR (except MoE routers; an untied LM head goes to int8 "
+                    "unless --lm-head says otherwise) layer by layer and write OUT_DIR: safetensors of the quantized "
+                    "tensors plus a 'quantization' section in config.json, tokenizer files copied along. "
+                    "`ember generate OUT_DIR ...` loads it directly.")
     p.add_argument("model", metavar="MODEL_DIR", help="HF checkpoint folder (config.json, *.safetensors)")
     p.add_argument("--to", required=True, choices=["int8", "int4", "nf4"], dest="to",
                    help="int8: per-channel scales; int4: groups with scale+zero; nf4: bitsandbytes NF4 (block 64)")
@@ -26,7 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (only once the new one is complete)")
     p.add_argument("--no-double-quant", action="store_true", help="nf4: keep the block absmax in fp32")
-    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied LM head")
+    p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "nf4", "same", "none"],
+                   help="format of an untied LM head: int8 (default, as llama.cpp keeps its output matrix at 6-8 bits), "
+                        "same (as --to), or none (keep the checkpoint's float; bitsandbytes' choice)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="the same as --lm-head same")
     p.add_argument("--device", default="cpu", help="where to run the quantization math (cpu, cuda, cuda:N)")
     p.set_defaults(func=cmd_quantize)
     return p
@@ -38,7 +42,7 @@ def cmd_quantize(args) -> int:
 
     dest, info = quantize_checkpoint(args.model, args.output, args.to, args.group_size,
                                      double_quant=not args.no_double_quant, quantize_lm_head=args.quantize_lm_head,
-                                     device=args.device, overwrite=args.overwrite)
+                                     device=args.device, overwrite=args.overwrite, lm_head=args.lm_head)
     sec = info["section"]
     detail = f" group {sec['group_size']}" if sec.get("group_size") else ""
     kept = info["kept"]

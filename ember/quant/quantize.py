@@ -2,9 +2,13 @@
 
 Which layers: every ``nn.Linear`` (attention, MLP, every MoE expert) except
 
-* ``lm_head``, unless ``quantize_lm_head`` (as in bitsandbytes and the planner's default: the head
-  is one matrix, it sets every logit, and a tied head *is* the embedding table, so a tied head is
-  never quantized);
+* ``lm_head``, which has its own format (``QuantSpec.lm_head``): kept in float by
+  :func:`quantize_model` (as bitsandbytes does), int8 when loading with ``--quant`` or writing with
+  ``ember quantize`` (:data:`DEFAULT_LM_HEAD`, as llama.cpp keeps its output matrix at 6-8 bits
+  under 4-bit types). The head is one matrix that sets every logit: per-channel int8 costs it
+  next to nothing (ppl x1.000 on the bench's demo model) and halves its bytes, which for a 1.1B
+  model in int4 is a fifth of what a decode step reads. A tied head *is* the embedding table and
+  is never quantized;
 * MoE routers (``*.mlp.gate``): E x H, a rounding error there changes which experts run;
 * names passed in ``skip``.
 
@@ -43,7 +47,8 @@ from ember.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, NF4Linear
 MODES = ("int8", "int4", "nf4")
 CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 SECTION = "quantization"  # config.json key
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the LM head may have its own format (section key ``lm_head``)
+DEFAULT_LM_HEAD = "int8"  # the head's format under --quant / ember quantize unless told otherwise
 ROUTER = re.compile(r"(^|\.)mlp\.gate$")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -56,17 +61,21 @@ class QuantSpec:
         mode: "int8", "int4" or "nf4".
         group_size: int4 group along ``in_features`` (32, 64, 128; default 128). Ignored otherwise.
         double_quant: NF4 absmax double quantization (bitsandbytes ``compress_statistics``).
-        quantize_lm_head: quantize an untied ``lm_head`` too (same mode).
+        lm_head: the format of an untied ``lm_head``: None keeps it in the compute dtype, else one of
+            the modes (an int4 head takes ``group_size`` when ``mode`` is int4, else 128).
     """
 
     mode: str
     group_size: int | None = None
     double_quant: bool = True
-    quantize_lm_head: bool = False
+    lm_head: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise QuantizationError(f"unknown quantization {self.mode!r}; use one of {', '.join(MODES)} (or none)")
+        if self.lm_head is not None and self.lm_head not in MODES:
+            raise QuantizationError(f"unknown LM head format {self.lm_head!r}; use one of {', '.join(MODES)}, "
+                                    "same or none")
         if self.mode == "int4":
             g = DEFAULT_GROUP_SIZE if self.group_size is None else self.group_size
             if g not in GROUP_SIZES:
@@ -74,6 +83,20 @@ class QuantSpec:
             object.__setattr__(self, "group_size", g)
         else:
             object.__setattr__(self, "group_size", None)
+
+    @property
+    def quantize_lm_head(self) -> bool:
+        """Whether an untied LM head is quantized at all."""
+        return self.lm_head is not None
+
+    def head_spec(self) -> "QuantSpec":
+        """The spec the LM head is quantized with (only meaningful when :attr:`lm_head` is set)."""
+        mode = self.lm_head or self.mode
+        return QuantSpec(mode, self.group_size if mode == self.mode else None, self.double_quant)
+
+    def for_module(self, name: str) -> "QuantSpec":
+        """The spec of one chosen module: the head's own for ``lm_head``, this one for the rest."""
+        return self.head_spec() if name == "lm_head" and self.lm_head not in (None, self.mode) else self
 
     def params(self) -> dict[str, Any]:
         """Keyword arguments of the module class's constructors."""
@@ -85,8 +108,11 @@ class QuantSpec:
 
     def section(self, not_quantized: Iterable[str], scale_dtype: torch.dtype) -> dict[str, Any]:
         """The config.json ``quantization`` section describing a model quantized with this spec."""
+        # Version 1 readers know no per-head format: a checkpoint whose head differs from the rest says 2,
+        # so they refuse it with "upgrade Ember" instead of misreading the head.
+        version = 2 if self.lm_head not in (None, self.mode) else 1
         out: dict[str, Any] = {"method": self.mode, "bits": CLASSES[self.mode].bits, "format": "ember",
-                               "format_version": FORMAT_VERSION}
+                               "format_version": version}
         if self.mode == "int8":
             out.update(granularity="per_output_channel", symmetric=True)
         elif self.mode == "int4":
@@ -95,8 +121,10 @@ class QuantSpec:
         else:
             out.update(block_size=NF4_BLOCK_SIZE, code="nf4 (bitsandbytes)", double_quant=self.double_quant,
                        double_quant_block_size=DOUBLE_QUANT_BLOCK_SIZE if self.double_quant else None)
-        out.update(scale_dtype=_DTYPE_NAMES.get(scale_dtype, str(scale_dtype)), quantize_lm_head=self.quantize_lm_head,
-                   modules="every nn.Linear except not_quantized", not_quantized=sorted(not_quantized))
+        kept = sorted(not_quantized)
+        head = None if "lm_head" in kept else self.lm_head
+        out.update(scale_dtype=_DTYPE_NAMES.get(scale_dtype, str(scale_dtype)), quantize_lm_head=head is not None,
+                   lm_head=head or "none", modules="every nn.Linear except not_quantized", not_quantized=kept)
         return out
 
     @classmethod
@@ -116,15 +144,23 @@ class QuantSpec:
             raise QuantizationError(f"{source}: quantization.method {method!r} is not one of {', '.join(MODES)}")
         if not isinstance(section.get("not_quantized", []), list):
             raise QuantizationError(f"{source}: quantization.not_quantized must be a list of module names")
+        head = section.get("lm_head", method if section.get("quantize_lm_head", False) else "none")
+        if head != "none" and head not in MODES:
+            raise QuantizationError(f"{source}: quantization.lm_head {head!r} is not none or one of {', '.join(MODES)}")
         try:
             return cls(method, section.get("group_size"), bool(section.get("double_quant", True)),
-                       bool(section.get("quantize_lm_head", False)))
+                       None if head == "none" else head)
         except QuantizationError as e:
             raise QuantizationError(f"{source}: {e}") from None
 
 
-def resolve_spec(quant: str | QuantSpec | None, group_size: int | None = None, **kwargs) -> QuantSpec | None:
-    """``None``/"none" -> None; a mode name -> :class:`QuantSpec`; a spec is returned unchanged."""
+def resolve_spec(quant: str | QuantSpec | None, group_size: int | None = None, *, double_quant: bool = True,
+                 lm_head: str | None = None, quantize_lm_head: bool = False) -> QuantSpec | None:
+    """``None``/"none" -> None; a mode name -> :class:`QuantSpec`; a spec is returned unchanged.
+
+    ``lm_head``: the untied head's format: None/"none" (compute dtype), "same" (as ``quant``) or a mode;
+    ``quantize_lm_head=True`` (older spelling) means "same".
+    """
     if quant is None or isinstance(quant, QuantSpec):
         return quant
     if not isinstance(quant, str):
@@ -134,7 +170,10 @@ def resolve_spec(quant: str | QuantSpec | None, group_size: int | None = None, *
     if group_size is not None and quant.lower() != "int4":
         raise QuantizationError(f"--group-size applies to int4 only (int8 is per output channel, nf4 uses blocks of "
                                 f"{NF4_BLOCK_SIZE}); drop it or use int4")
-    return QuantSpec(quant.lower(), group_size, **kwargs)
+    head = lm_head.lower() if isinstance(lm_head, str) else lm_head
+    if quantize_lm_head or head == "same":
+        head = quant.lower()
+    return QuantSpec(quant.lower(), group_size, double_quant, None if head in (None, "none") else head)
 
 
 def select_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ()) -> tuple[list[str], list[str]]:
@@ -145,7 +184,7 @@ def select_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ()) 
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        if (name == "lm_head" and (tied or not spec.quantize_lm_head)) or ROUTER.search(name) \
+        if (name == "lm_head" and (tied or spec.lm_head is None)) or ROUTER.search(name) \
                 or any(name == s or name.endswith("." + s) for s in skip):
             kept.append(name)
         else:
@@ -153,14 +192,15 @@ def select_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ()) 
     return chosen, kept
 
 
-def _check_shapes(mode: str, spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
-    """Fail before anything is swapped: every chosen layer must suit the mode."""
+def _check_shapes(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
+    """Fail before anything is swapped: every chosen layer must suit its mode."""
     for name, (out_f, in_f) in shapes.items():
-        if mode == "int4" and in_f % spec.group_size:
+        mode = spec.for_module(name).mode
+        if mode == "int4" and in_f % spec.for_module(name).group_size:
             fits = [g for g in GROUP_SIZES if in_f % g == 0]
             hint = f"use group size {fits[-1]}" if fits else f"skip it (skip=('{name.rsplit('.', 1)[-1]}',))"
             raise QuantizationError(f"{name}.weight: in_features {in_f} is not a multiple of the int4 group size "
-                                    f"{spec.group_size}; {hint}")
+                                    f"{spec.for_module(name).group_size}; {hint}")
         if mode == "nf4" and in_f % 2:
             raise QuantizationError(f"{name}.weight: NF4 packs two values per byte; in_features {in_f} is odd")
 
@@ -177,7 +217,8 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec | str, name: str = "linea
 
 
 def quantize_model(model: nn.Module, mode: str | QuantSpec = "int4", group_size: int | None = None, *,
-                   skip: Iterable[str] = (), quantize_lm_head: bool = False, double_quant: bool = True) -> nn.Module:
+                   skip: Iterable[str] = (), quantize_lm_head: bool = False, double_quant: bool = True,
+                   lm_head: str | None = None) -> nn.Module:
     """Swap the model's Linear layers for quantized ones, in place (layer by layer: each float weight
     is released as soon as its replacement exists, unless something else holds it).
 
@@ -186,8 +227,9 @@ def quantize_model(model: nn.Module, mode: str | QuantSpec = "int4", group_size:
         mode: "int8", "int4" or "nf4" (or a :class:`QuantSpec`).
         group_size: int4 group size (32, 64, 128; default 128).
         skip: module names (or dotted suffixes, e.g. "down_proj") to keep in float.
-        quantize_lm_head: also quantize an untied ``lm_head``.
+        quantize_lm_head: also quantize an untied ``lm_head`` (same mode).
         double_quant: NF4 double quantization of the block absmax.
+        lm_head: the untied head's format instead: "int8", "int4", "nf4", "same" or None (kept float).
     Returns:
         ``model``; its ``config.extra["quantization"]`` describes the result when it has a config.
     Raises:
@@ -195,15 +237,15 @@ def quantize_model(model: nn.Module, mode: str | QuantSpec = "int4", group_size:
             (nothing is swapped then).
     """
     spec = mode if isinstance(mode, QuantSpec) else resolve_spec(mode, group_size, double_quant=double_quant,
-                                                                  quantize_lm_head=quantize_lm_head)
+                                                                  lm_head=lm_head, quantize_lm_head=quantize_lm_head)
     if spec is None:
         return model
     chosen, kept = select_linears(model, spec, skip)
-    _check_shapes(spec.mode, spec, {n: tuple(model.get_submodule(n).weight.shape) for n in chosen})
+    _check_shapes(spec, {n: tuple(model.get_submodule(n).weight.shape) for n in chosen})
     dtype = None
     for name in chosen:
         lin = model.get_submodule(name)
-        q = quantize_linear(lin, spec, name)
+        q = quantize_linear(lin, spec.for_module(name), name)
         dtype = dtype or q.scale_tensor().dtype
         model.set_submodule(name, q)
     _record(model, spec, kept, dtype)
@@ -296,7 +338,7 @@ def _kind_ok(dtype: torch.dtype, kind: str) -> bool:
 
 def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch.device | str,
                            quant: str | QuantSpec | None = None, group_size: int | None = None,
-                           layout: str = "auto") -> QuantSpec:
+                           layout: str = "auto", lm_head: str | None = DEFAULT_LM_HEAD) -> QuantSpec:
     """Fill a meta-device :class:`~ember.model.Transformer` from ``ckpt``, quantizing on the way.
 
     Float checkpoint + ``quant``: each chosen Linear is quantized from its weight, read in row chunks
@@ -309,6 +351,8 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
         ckpt: :class:`~ember.loading.safetensors.Checkpoint` (or a view with ``names/info/get``).
         dtype: compute dtype (scales, biases, float tensors).
         layout: "auto" (kernel layouts) or "plain" (portable codes; for export).
+        lm_head: an untied head's format when quantizing a float checkpoint (see :func:`resolve_spec`);
+            a quantized checkpoint's head is loaded as stored.
     Returns:
         The :class:`QuantSpec` the model now holds.
     Raises:
@@ -321,7 +365,7 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
     cfg = model.config
     config_json = f"{ckpt.folder / 'config.json'}"
     section = cfg.extra.get(SECTION)
-    requested = resolve_spec(quant, group_size)
+    requested = resolve_spec(quant, group_size, lm_head=lm_head)
     if section is not None:
         spec = QuantSpec.from_section(section, config_json)
         if requested is not None and (requested.mode, requested.group_size) != (spec.mode, spec.group_size):
@@ -336,7 +380,7 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
     else:
         raise QuantizationError("load_quantized_weights needs quant= or a quantized checkpoint")
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in chosen}
-    _check_shapes(spec.mode, spec, shapes)
+    _check_shapes(spec, shapes)
 
     names = set(ckpt.names())
     prefixes = tuple(f"{n}." for n in chosen)
@@ -345,11 +389,12 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
         ignore.add("lm_head.weight")
     load_weights(model, ckpt, dtype, device, ignore=tuple(sorted(ignore)))
 
-    cls = CLASSES[spec.mode]
     reader = _FileReader()
     try:
         for name in chosen:
             out_f, in_f = shapes[name]
+            mod_spec = spec.for_module(name)
+            cls = CLASSES[mod_spec.mode]
             has_bias = getattr(model.get_submodule(name), "bias", None) is not None
             bias = None
             if has_bias:
@@ -357,9 +402,10 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
                     raise CheckpointError(f"{ckpt.folder}: missing tensor {name}.bias")
                 bias = ckpt.get(f"{name}.bias").to(device=device, dtype=dtype)
             if section is not None:
-                q = _load_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
+                q = _load_stored(cls, mod_spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
             else:
-                q = _quantize_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
+                q = _quantize_stored(cls, mod_spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device,
+                                     layout)
             model.set_submodule(name, q)
             _release_freed_heap()
     finally:
@@ -422,10 +468,12 @@ def side_files(folder: Path) -> dict[str, bytes]:
 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: str, group_size: int | None = None, *,
                         double_quant: bool = True, quantize_lm_head: bool = False, device: str = "cpu",
-                        max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+                        max_shard_bytes: int = 4 << 30, overwrite: bool = False,
+                        lm_head: str | None = DEFAULT_LM_HEAD) -> tuple[Path, dict[str, Any]]:
     """Quantize an HF checkpoint folder into a new folder that :func:`ember.loading.load_model` loads as is.
 
     Layer by layer (peak memory ~ the quantized model). Scales are kept in the checkpoint's own dtype.
+    An untied LM head is written as ``lm_head`` says (default int8; "same", a mode, or None for float).
     The folder is written atomically (temp folder, fsync, rename: see :mod:`ember.checkpoint_io`)
     with the tokenizer and other small files copied along.
 
@@ -440,7 +488,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     from ember.loading.safetensors import Checkpoint
     from ember.model import Transformer
 
-    spec = resolve_spec(mode, group_size, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
+    spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
     if spec is None:
         raise QuantizationError("--to must be int8, int4 or nf4")
     folder, dest = Path(src), Path(out)

@@ -75,7 +75,7 @@ def load_engine(args):
     return ember.load(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None),
                       group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
                       context=getattr(args, "context", None), batch=args.max_batch,
-                      max_memory=getattr(args, "max_memory", None))
+                      max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", "int8"))
 
 
 def server_settings(args):
