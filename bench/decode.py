@@ -7,8 +7,11 @@ Rows, all batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored):
 * a random Mixtral-shape MoE checkpoint (8 experts, top-2) in bf16: Ember.
 
 Every row is timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)),
-so prefill is excluded; each the fastest of ``--repeats`` runs, and the float Ember rows run both before
-and after their HF row (the faster kept), so a slow spell of a shared machine hits neither side alone. The memory-bandwidth roofline is measured here with a large copy:
+so prefill is excluded; each the fastest of ``--repeats`` rounds. The bf16 row and its quantized forms
+are loaded together and timed in interleaved rounds (each once per round, a bandwidth sample after each
+round), so the int4 / bf16 ratio compares rows that saw the same spells of a shared machine; the float
+Ember rows also run after their HF row (the faster kept), so a slow spell hits neither side alone. The
+memory-bandwidth roofline is measured here with a large copy:
 roofline tok/s = bandwidth / bytes that must be read per token, where bytes per token are summed
 from the loaded modules (``Transformer.weight_bytes_per_token``: each tensor at its stored size, a
 quantized Linear's packed codes and scales as held, one row of an untied embedding table, k of E
@@ -216,41 +219,74 @@ class ExpertCounter:
             h.remove()
 
 
-def time_ember(folder: Path, dtype: str, prompt: list[int], new: int, repeats: int, quant: str | None = None,
-               group_size: int | None = None, check_experts: bool = False) -> dict:
-    """Ember decode tok/s, bytes read per token (from the loaded modules) and resident memory for one row."""
-    import ember
-    from ember.sampling import SamplingParams
+class EmberRow:
+    """One Ember row's loaded model, timed in rounds (:meth:`time_round`) alone or interleaved with other rows.
 
-    release_memory()
-    rss0 = rss_bytes()
-    llm = ember.load(folder, device="cpu", dtype=dtype, quant=quant, group_size=group_size)
-    rss_load = rss_bytes()
-    p1 = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-    pn = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+    Loading measures the resident memory: RSS growth from before the load to after it, and to after a
+    first (warm-up) decode. Each round times 1 and ``new`` new tokens back to back; a round's decode rate
+    is (new - 1) / (t(new) - t(1)), so prefill is excluded, and the row keeps its best round.
+    """
 
-    def run(params):
+    def __init__(self, folder: Path, dtype: str, prompt: list[int], new: int, quant: str | None = None,
+                 group_size: int | None = None, check_experts: bool = False) -> None:
+        import ember
+        from ember.sampling import SamplingParams
+
+        release_memory()
+        rss0 = rss_bytes()
+        self.llm = ember.load(folder, device="cpu", dtype=dtype, quant=quant, group_size=group_size)
+        rss_load = rss_bytes()
+        self.prompt, self.new = prompt, new
+        self.p1 = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        self.pn = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+        self._run(self.p1)  # warm-up
+        res = self._run(self.pn)[1]
+        assert len(res.token_ids) == new
+        rss_run = rss_bytes()
+        model = self.llm.model
+        cfg = model.config
+        weights = model.weight_bytes_per_token()
+        kv = kv_bytes_per_token(cfg, torch.empty(0, dtype=self.llm.dtype).element_size(), len(prompt), new)
+        self.out = {"bytes_per_token": weights + kv, "weight_bytes_per_token": weights, "kv_bytes_per_token": kv,
+                    "tensor_bytes": module_bytes(model),
+                    "rss_after_load": rss_load - rss0 if rss0 is not None else None,
+                    "rss_after_decode": rss_run - rss0 if rss0 is not None else None, "tokens": res.token_ids}
+        if check_experts and cfg.num_local_experts:
+            self.out["expert_check"] = check_expert_reads(self.llm, prompt, new, self.p1, self.pn)
+        self.rates: list[float] = []
+        self.prefills: list[float] = []
+
+    def _run(self, params):
         t = time.perf_counter()
-        res = llm.generate(prompt, params)
+        res = self.llm.generate(self.prompt, params)
         return time.perf_counter() - t, res
 
-    run(p1)  # warm-up
-    t1 = min(run(p1)[0] for _ in range(repeats))
-    tn, res = min((run(pn) for _ in range(repeats)), key=lambda x: x[0])
-    assert len(res.token_ids) == new
-    rss_run = rss_bytes()
-    model = llm.model
-    cfg = model.config
-    weights = model.weight_bytes_per_token()
-    kv = kv_bytes_per_token(cfg, torch.empty(0, dtype=llm.dtype).element_size(), len(prompt), new)
-    out = {"prefill_s": t1, "decode_tok_s": (new - 1) / (tn - t1), "bytes_per_token": weights + kv,
-           "weight_bytes_per_token": weights, "kv_bytes_per_token": kv, "tensor_bytes": module_bytes(model),
-           "rss_after_load": rss_load - rss0 if rss0 is not None else None,
-           "rss_after_decode": rss_run - rss0 if rss0 is not None else None, "tokens": res.token_ids}
-    if check_experts and cfg.num_local_experts:
-        out["expert_check"] = check_expert_reads(llm, prompt, new, p1, pn)
-    del llm, model
-    release_memory()
+    def time_round(self) -> float:
+        """Time one round; returns its decode tok/s."""
+        t1 = self._run(self.p1)[0]
+        tn = self._run(self.pn)[0]
+        self.prefills.append(t1)
+        self.rates.append((self.new - 1) / (tn - t1))
+        return self.rates[-1]
+
+    def result(self) -> dict:
+        return {**self.out, "prefill_s": min(self.prefills), "decode_tok_s": max(self.rates),
+                "runs_tok_s": list(self.rates)}
+
+    def close(self) -> None:
+        del self.llm
+        release_memory()
+
+
+def time_ember(folder: Path, dtype: str, prompt: list[int], new: int, repeats: int, quant: str | None = None,
+               group_size: int | None = None, check_experts: bool = False) -> dict:
+    """Ember decode tok/s (best of ``repeats`` rounds), bytes read per token (from the loaded modules) and
+    resident memory for one row timed on its own."""
+    row = EmberRow(folder, dtype, prompt, new, quant, group_size, check_experts)
+    for _ in range(repeats):
+        row.time_round()
+    out = row.result()
+    row.close()
     return out
 
 
@@ -372,7 +408,8 @@ def main() -> None:
     ap.add_argument("--demo-dir", default=str(DEMO_CACHE), help="where the demo model is built / reused")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is kept (shared machines)")
+    ap.add_argument("--repeats", type=int, default=4,
+                    help="timed rounds per row; the fastest is kept (shared machines)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/results/decode.json")
@@ -398,15 +435,17 @@ def main() -> None:
 
     bw["samples"] = [bw["copy"]]
 
-    def add_row(model: str, dt: str, quant: str | None, e: dict, group: int | None = None) -> dict:
-        remeasure()
+    def add_row(model: str, dt: str, quant: str | None, e: dict, group: int | None = None, sample: bool = True) -> dict:
+        if sample:
+            remeasure()
         roof = bw["copy"] / e["bytes_per_token"]
         row = {"model": model, "weights": label(dt, quant, group), "compute_dtype": dt, "quant": quant or "none",
                "engine": "ember", "decode_tok_s": e["decode_tok_s"], "prefill_s": e["prefill_s"],
                "bytes_per_token": e["bytes_per_token"], "weight_bytes_per_token": e["weight_bytes_per_token"],
                "kv_bytes_per_token": e["kv_bytes_per_token"], "roofline_tok_s": roof,
                "roofline_frac": e["decode_tok_s"] / roof, "tensor_bytes": e["tensor_bytes"],
-               "rss_after_load_bytes": e["rss_after_load"], "rss_after_decode_bytes": e["rss_after_decode"]}
+               "rss_after_load_bytes": e["rss_after_load"], "rss_after_decode_bytes": e["rss_after_decode"],
+               "runs_tok_s": e.get("runs_tok_s")}
         if "expert_check" in e:
             row["expert_check"] = e["expert_check"]
         rows.append(row)
@@ -426,9 +465,23 @@ def main() -> None:
             t = time.perf_counter()
             write_checkpoint(folder, dims, names[dt])
             print(f"[{dt}] wrote random checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            group: list[tuple[str | None, EmberRow]] = []
+            if dt == "bf16" and quants:
+                # The bf16 row and its quantized forms are loaded together and timed in interleaved rounds
+                # (a round times each once, starting one later each time; a bandwidth sample per round): on a
+                # shared VM whose bandwidth moves within seconds, rows timed one after another minutes apart
+                # compare the machine's moods as much as the formats.
+                for q in [None] + quants:
+                    group.append((q, EmberRow(folder, "bf16", prompt, args.new, quant=q,
+                                              group_size=args.group_size if q == "int4" else None)))
+                for i in range(args.repeats):
+                    for q, r in group[i % len(group):] + group[:i % len(group)]:
+                        rate = r.time_round()
+                        print(f"[{dt} {q or 'float'}] round {i + 1}: {rate:.2f} tok/s", file=sys.stderr)
+                    remeasure()
             if dt in dtypes:
-                e = time_ember(folder, dt, prompt, args.new, args.repeats)
-                row = add_row("llama", dt, None, e)
+                e = group[0][1].result() if group else time_ember(folder, dt, prompt, args.new, args.repeats)
+                row = add_row("llama", dt, None, e, sample=not group)
                 if not args.no_hf:
                     h = time_hf(folder, names[dt], prompt, args.new, args.repeats)
                     same = sum(a == b for a, b in zip(h["tokens"], e["tokens"]))
@@ -440,16 +493,20 @@ def main() -> None:
                                  "greedy_tokens_equal": f"{same}/{args.new}"})
                     print(f"[{dt}] hf {h['decode_tok_s']:.2f} tok/s", file=sys.stderr)
                     # Ember again after HF, so a slow spell of a shared machine cannot favour either side.
-                    again = time_ember(folder, dt, prompt, args.new, args.repeats)
+                    if group:  # one more round of the loaded bf16 row
+                        group[0][1].time_round()
+                        again = {"decode_tok_s": group[0][1].rates[-1]}
+                    else:
+                        again = time_ember(folder, dt, prompt, args.new, args.repeats)
                     row["ember_runs_tok_s"] = [e["decode_tok_s"], again["decode_tok_s"]]
                     row["decode_tok_s"] = max(row["ember_runs_tok_s"])
                     row["speedup_vs_hf"] = row["decode_tok_s"] / h["decode_tok_s"]
                     print(f"[{dt}] ember again {again['decode_tok_s']:.2f} tok/s", file=sys.stderr)
-            if dt == "bf16":
-                for q in quants:
-                    e = time_ember(folder, "bf16", prompt, args.new, args.repeats, quant=q,
-                                   group_size=args.group_size if q == "int4" else None)
-                    add_row("llama", "bf16", q, e, args.group_size)
+            for q, r in group[1:]:
+                add_row("llama", "bf16", q, r.result(), args.group_size, sample=False)
+            for _, r in group:
+                r.close()
+            group.clear()
             for p in folder.iterdir():  # free the disk before the next checkpoint
                 p.unlink()
         if not args.no_moe:
