@@ -369,6 +369,20 @@ def demo_perplexities(formats: list[str], folder: Path, window: int, stride: int
         out["formats"][fmt] = {"heldout_ppl": perplexity(llm.model, heldout, window, stride)["ppl"],
                                "train_ppl": perplexity(llm.model, corpus, window, stride)["ppl"]}
         del llm
+    # The demo ties its head to the embedding, so no format above quantizes a head. What the loader's default
+    # int8 head (untied models under --quant) costs, measured on the same trained model: the head untied into
+    # its own copy of the embedding (the same function), then that copy in int8, everything else bf16.
+    from ember.model import Linear
+    from ember.quant import quantize_linear
+
+    llm = ember.load(folder, device="cpu", dtype="bf16")
+    emb = llm.model.model.embed_tokens.weight
+    head = Linear(emb.shape[1], emb.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(emb.detach().clone(), requires_grad=False)
+    llm.model.lm_head = quantize_linear(head, "int8", "lm_head")
+    out["formats"]["bf16 + int8 head"] = {"heldout_ppl": perplexity(llm.model, heldout, window, stride)["ppl"],
+                                         "train_ppl": perplexity(llm.model, corpus, window, stride)["ppl"]}
+    del llm, head
     ref = out["formats"].get("bf16")
     for r in out["formats"].values():
         if ref:
@@ -596,7 +610,7 @@ def main() -> None:
         print(f"\ndemo-model perplexity: its corpus ({ppl['train_tokens']} tokens) | unseen text "
               f"({ppl['heldout_tokens']} tokens; near uniform, the demo memorises its corpus, not used):")
         for fmt, f in ppl["formats"].items():
-            print(f"  {fmt:5} corpus {f['train_ppl']:7.3f} (x{f.get('train_ratio', float('nan')):.4f})   "
+            print(f"  {fmt:16} corpus {f['train_ppl']:7.3f} (x{f.get('train_ratio', float('nan')):.4f})   "
                   f"unseen {f['heldout_ppl']:8.2f} (x{f.get('heldout_ratio', float('nan')):.4f})")
 
     targets = check_targets(rows)

@@ -961,10 +961,20 @@ inline void int8_vnni(const int8_t* const* w, const int8_t* Xq, const float* sx,
 
 // One 64-byte step of 4-bit codes of I-value rows (prefetching PF_Q4 on): the low and the high nibbles as bytes,
 // NF4's looked up in tq.
+// With AVX512-VBMI, NF4's lookups are vpermb on the bytes as loaded: vpermb reads an index's low 6 bits, and tq
+// repeats its 16 entries four times, so the other nibble (or, after the 16-bit shift, the neighbour byte's low
+// bits) never matters and the two masks go: 8 vector ops per 64 bytes instead of 10 (one Zen 4 core, (5632, 2048)
+// NF4 from L3: 209 -> 198 us).
 template <int MODE>
 inline void q4_codes(const uint8_t* wp, int64_t I, const __m512i m4, const __m512i tq, __m512i& lo, __m512i& hi) {
   _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_Q4, PF_Q4_HINT);
   const __m512i v = _mm512_loadu_si512(wp);
+#ifdef __AVX512VBMI__
+  if (MODE == 1) {
+    lo = _mm512_permutexvar_epi8(v, tq), hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), tq);
+    return;
+  }
+#endif
   lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
   if (MODE == 1) lo = _mm512_shuffle_epi8(tq, lo), hi = _mm512_shuffle_epi8(tq, hi);
 }

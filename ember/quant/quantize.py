@@ -6,7 +6,8 @@ Which layers: every ``nn.Linear`` (attention, MLP, every MoE expert) except
   :func:`quantize_model` (as bitsandbytes does), int8 when loading with ``--quant`` or writing with
   ``ember quantize`` (:data:`DEFAULT_LM_HEAD`, as llama.cpp keeps its output matrix at 6-8 bits
   under 4-bit types). The head is one matrix that sets every logit: per-channel int8 costs it
-  next to nothing (ppl x1.000 on the bench's demo model) and halves its bytes, which for a 1.1B
+  next to nothing (the bench's trained demo model with its head untied into int8: corpus
+  ppl x1.0001) and halves its bytes, which for a 1.1B
   model in int4 is a fifth of what a decode step reads. A tied head *is* the embedding table and
   is never quantized;
 * MoE routers (``*.mlp.gate``): E x H, a rounding error there changes which experts run;
