@@ -325,16 +325,18 @@ class DecodeBlocks:
     Asking each layer again on every decode step cost ~55 us a layer (1.2 ms of a 28 ms int4 step of a 22-layer
     model): module attribute lookups, hook checks and kernel-cache keys. :meth:`valid` re-checks the same facts in
     a few flat loops: each module of the layers is still where it was (``_modules``), holds the same tensors
-    (``_parameters``, ``_buffers``) at the same storage, and has no forward hooks.
+    (``_parameters``, ``_buffers``) at the same storage, and has no forward hooks. Blocks made while a hook was
+    registered are never reused: the hooked layers have none, and once the hook is removed they must be made.
     """
 
-    __slots__ = ("dtype", "blocks", "hooks", "dicts", "ids", "tensors", "ptrs")
+    __slots__ = ("dtype", "blocks", "hooks", "dicts", "ids", "tensors", "ptrs", "hooked")
 
     def __init__(self, layers: nn.ModuleList, x: torch.Tensor) -> None:
         self.dtype = x.dtype
         self.blocks = [layer.block_kernels(x) for layer in layers]
         mods = list(layers.modules())  # the ModuleList too: a replaced layer is a changed slot of its dict
         self.hooks = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.hooked = any(self.hooks)
         # the non-empty child/parameter/buffer dicts and the ids of their values: a swapped submodule, a
         # re-assigned parameter or buffer
         self.dicts = [d for m in mods for d in (m._modules, m._parameters, m._buffers) if d]
@@ -347,7 +349,7 @@ class DecodeBlocks:
 
     def valid(self, x: torch.Tensor) -> bool:
         """Whether the layers are as they were when these blocks were made (and x has their dtype)."""
-        return (x.dtype is self.dtype and not any(self.hooks) and self._ids() == self.ids
+        return (x.dtype is self.dtype and not self.hooked and not any(self.hooks) and self._ids() == self.ids
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
 
 

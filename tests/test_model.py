@@ -155,7 +155,11 @@ def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
     handle = attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     _decode_steps(ours, ids, 6, torch.bfloat16)
     assert len(seen) == len(base)  # every step, decode steps included, ran the hooked module itself
+    assert model_module._decode_blocks[ours].blocks[1] is None
     handle.remove()
+    # with the hook gone the layer is back on its kernel blocks (they were once kept as the hooked None)
+    assert _decode_steps(ours, ids, 6, torch.bfloat16)[-1].equal(base[-1])
+    assert model_module._decode_blocks[ours].blocks[1] is not None
     with torch.no_grad():  # new storage for one weight: a zero o_proj in layer 1 changes the logits
         attn.o_proj.weight.data = torch.zeros_like(attn.o_proj.weight)
     zeroed = _decode_steps(ours, ids, 6, torch.bfloat16)
