@@ -1022,6 +1022,20 @@ inline void q4_vnni(const uint8_t* const* w, float* st, const int8_t* Xq, const 
 #endif
 
 #ifdef EMBER_VNNI
+// t[idx] for 16 indices 0..255 of a 256-entry fp32 table held in 16 vectors: eight two-table permutes (the low 5
+// bits) and a blend tree on bits 5-7. NF4's double-quantized absmax codes: one Zen 4 core, (5632, 2048) from L3,
+// 290 us with a 16-lane gather per 16 groups, 260 with this (222 with no lookup at all).
+inline __m512 lookup256(const __m512* t, __m512i idx) {
+  __m512 r[8];
+  for (int k = 0; k < 8; k++) r[k] = _mm512_permutex2var_ps(t[2 * k], idx, t[2 * k + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  const __m512 a0 = _mm512_mask_blend_ps(b5, r[0], r[1]), a1 = _mm512_mask_blend_ps(b5, r[2], r[3]);
+  const __m512 a2 = _mm512_mask_blend_ps(b5, r[4], r[5]), a3 = _mm512_mask_blend_ps(b5, r[6], r[7]);
+  return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, a0, a1), _mm512_mask_blend_ps(b6, a2, a3));
+}
+
 // One activation row (decode) over a block of RB weight rows, the group size a constant: what q4_vnni<RB, 1, MODE>
 // computes, with the per-block work cut to a few vector ops per 16 groups (on (5632, 2048) it had cost ~40% of the
 // kernel's time on one Zen 4 core). Each row's group scales are decoded and multiplied by their step's sx
@@ -1037,6 +1051,9 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
   const int64_t G = I / GRP, S = I / 128;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[RB];
+  __m512 dyn_map[16];  // NF4 double quantization: the 256-entry dynamic map, in registers for the block
+  if (MODE == 1 && !p.absmax)
+    for (int t = 0; t < 16; t++) dyn_map[t] = _mm512_loadu_ps(p.am_dyn + 16 * t);
   for (int r = 0; r < RB; r++) {
     __m512 a = _mm512_setzero_ps();
     const int64_t base = rows[r] * G;
@@ -1053,9 +1070,9 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
         z = _mm512_maskz_loadu_ps(k, static_cast<const float*>(p.zeros) + i);
       } else if (p.absmax) {
         s = _mm512_maskz_loadu_ps(k, p.absmax + i);
-      } else {  // double quantization: the code's dynamic-map value by a gather, times its block-of-256 scale
+      } else {  // double quantization: the code's dynamic-map value (lookup256), times its block-of-256 scale
         const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p.am_code + i));
-        const __m512 dyn = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, code, p.am_dyn, 4);
+        const __m512 dyn = lookup256(dyn_map, code);
         const int64_t b0 = i >> 8;  // at most two blocks of 256 among 16 consecutive groups
         const __mmask16 next = _mm512_cmpge_epi32_mask(iota, _mm512_set1_epi32(static_cast<int>(256 - (i & 255))));
         const __m512 s2 = _mm512_mask_blend_ps(next, _mm512_set1_ps(p.am_scale2[b0]),
