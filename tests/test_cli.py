@@ -90,6 +90,17 @@ def test_generate_with_quant_matches_python_api(hf_checkpoint):
     assert r.stdout == expected + "\n"
 
 
+@pytest.mark.parametrize("flag,head", [(None, "Int8Linear"), ("none", "Linear"), ("same", "Int4Linear")])
+def test_lm_head_flag_reaches_the_loader(hf_checkpoint, flag, head):
+    from ember.cli import build_parser, load_from_args
+
+    folder, _ = hf_checkpoint("llama")
+    argv = ["generate", str(folder), "hi", "--dtype", "fp32", "--quant", "int4", "--group-size", "32"]
+    args = build_parser().parse_args(argv + (["--lm-head", flag] if flag else []))
+    llm = load_from_args(args)
+    assert type(llm.model.lm_head).__name__ == head
+
+
 def test_generate_with_adapter_uses_it_unmerged(hf_checkpoint, tmp_path):
     import torch
 
