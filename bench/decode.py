@@ -569,7 +569,7 @@ def main() -> None:
           f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
           f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']}), random weights; batch 1, "
           f"prompt {args.prompt_len}, {args.new} new tokens; {date.today()}; {machine}")
-    print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s (the best of {len(bw['samples'])} measurements between rows: "
+    print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s (the best of {len(bw['samples'])} measurements between rows and timing rounds: "
           f"{', '.join(f'{b / 1e9:.0f}' for b in bw['samples'])} GB/s) / bytes read per token (weights as stored + KV); "
           f"% median = the same at the median sample ({bw['median'] / 1e9:.1f} GB/s); "
           f"resident MB = RSS growth, load to after decode; "

@@ -60,7 +60,7 @@ def decode() -> str | None:
             f"({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, TinyLlama's shape) and a Mixtral-shape "
             f"MoE ({moe.get('num_hidden_layers')} layers, hidden {moe.get('hidden_size')}, {moe.get('num_local_experts')} "
             f"experts, top-{moe.get('num_experts_per_tok')}). {d['date']}, {d['machine']}. Roofline = the best copy "
-            f"bandwidth measured between the rows ({bw['copy'] / 1e9:.1f} GB/s; samples "
+            f"bandwidth measured between rows and timing rounds ({bw['copy'] / 1e9:.1f} GB/s; samples "
             f"{', '.join(f'{b / 1e9:.0f}' for b in bw.get('samples', [bw['copy']]))}) / bytes read per token; "
             f"% median: the same at the median sample{_median(bw)}. "
             f"ppl/bf16 = perplexity ratio of the trained demo model in that format (see bench/decode.py).\n\n")
