@@ -365,10 +365,11 @@ def test_quantize_save_load_gives_identical_logits(hf_checkpoint, tmp_path, mode
 
 
 @pytest.mark.parametrize("head,want", [("none", Linear), ("same", Int4Linear), ("nf4", NF4Linear)])
-def test_lm_head_format_is_chosen_stored_and_reloaded(hf_checkpoint, tmp_path, head, want):
+def test_lm_head_format_is_chosen_stored_and_reloaded(hf_checkpoint, tmp_path, capsys, head, want):
     folder, _ = hf_checkpoint("llama", dtype=torch.float32)
     out = tmp_path / "q"
     assert run_cli(folder, "--to", "int4", "--group-size", "32", "--lm-head", head, "-o", out) == 0
+    assert ("LM head nf4" in capsys.readouterr().err) == (head == "nf4")  # the summary names a head unlike the rest
     sec = json.loads((out / "config.json").read_text())["quantization"]
     assert sec["lm_head"] == {"none": "none", "same": "int4"}.get(head, head)
     assert sec["not_quantized"] == (["lm_head"] if head == "none" else [])

@@ -45,6 +45,8 @@ def cmd_quantize(args) -> int:
                                      device=args.device, overwrite=args.overwrite, lm_head=args.lm_head)
     sec = info["section"]
     detail = f" group {sec['group_size']}" if sec.get("group_size") else ""
+    if sec.get("lm_head", "none") not in ("none", args.to):
+        detail += f", LM head {sec['lm_head']}"
     kept = info["kept"]
     kept_text = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "") if kept else "none"
     print(f"[ember] wrote {dest} ({args.to}{detail}): {info['quantized']} layers quantized, "
