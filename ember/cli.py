@@ -16,6 +16,8 @@ from ember.errors import EmberError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --device, --dtype, --quant, --adapter and memory limits: shared by every verb that loads a model."""
+    from ember.quant.quantize import DEFAULT_LM_HEAD, LM_HEAD_CHOICES
+
     p.add_argument("model", help="HF checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -23,7 +25,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                    help="weight-only quantization on load, layer by layer (a folder from `ember quantize` needs none)")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 128)")
-    p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "nf4", "same", "none"],
+    p.add_argument("--lm-head", default=DEFAULT_LM_HEAD, choices=LM_HEAD_CHOICES,
                    help="with --quant: format of an untied LM head (default int8, as llama.cpp keeps its output "
                         "matrix at 6-8 bits; none keeps it in --dtype, as bitsandbytes does)")
     p.add_argument("--adapter", default=None, metavar="DIR",

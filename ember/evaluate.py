@@ -175,6 +175,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def cmd_ppl(args) -> int:
     """Handler of ``ember eval ppl``: a progress bar on stderr, the result line (or JSON) on stdout."""
     import ember
+    from ember.quant.quantize import DEFAULT_LM_HEAD
 
     text = read_text(args.text)  # before loading: a wrong path fails fast
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -182,7 +183,7 @@ def cmd_ppl(args) -> int:
     llm = ember.load(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None),
                      group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
                      context=getattr(args, "context", None) or args.window, batch=max(1, args.batch),
-                     max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", "int8"))
+                     max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", DEFAULT_LM_HEAD))
     ids = llm.tokenizer.encode(text)
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens]

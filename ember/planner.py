@@ -89,13 +89,15 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def _quant_defaults() -> dict[str, Any]:
     """Group/block sizes of ember.quant when it is installed (so the planner follows the code), else ours."""
-    out = {"int4_group": 128, "nf4_block": 64, "nf4_double_quant": True, "nf4_double_quant_block": 256}
+    out = {"int4_group": 128, "nf4_block": 64, "nf4_double_quant": True, "nf4_double_quant_block": 256,
+           "lm_head": "int8"}
     try:  # pragma: no cover - depends on the quant package landing
         import ember.quant as q
 
         out["int4_group"] = int(getattr(q, "INT4_GROUP_SIZE", getattr(q, "DEFAULT_GROUP_SIZE", out["int4_group"])))
         out["nf4_block"] = int(getattr(q, "NF4_BLOCK_SIZE", out["nf4_block"]))
         out["nf4_double_quant_block"] = int(getattr(q, "DOUBLE_QUANT_BLOCK_SIZE", 256))
+        out["lm_head"] = str(getattr(q, "DEFAULT_LM_HEAD", out["lm_head"]))
     except ImportError:
         pass
     return out
@@ -182,7 +184,7 @@ class Workload:
         if self.task == "tune" or self.weight_quant == "none":
             return "none"
         if self.lm_head == "auto":
-            return "int8"
+            return _quant_defaults()["lm_head"]
         return self.weight_quant if self.lm_head == "same" else self.lm_head
 
     def label(self) -> str:
@@ -997,7 +999,9 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     section = cfg.extra.get("quantization") if isinstance(cfg.extra, dict) else None
     if isinstance(section, dict) and section.get("method") in ("int8", "int4", "nf4"):
         quant = section["method"]
-        head = section.get("lm_head", quant if section.get("quantize_lm_head") else "none")
+        from ember.quant.quantize import section_lm_head
+
+        head = section_lm_head(section)
         lm_head = head if head in QUANTS else "none"
     ckpt = DTYPE_NAMES.get(resolved.checkpoint_dtype or "", torch.bfloat16)
     dev = torch.device(device)

@@ -13,7 +13,7 @@ from ember.quant.int8 import Int8Linear
 from ember.quant.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
 from ember.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, NF4_CODE, NF4Linear
 from ember.quant.quantize import (
-    DEFAULT_LM_HEAD, MODES, SECTION, QuantSpec, load_quantized_weights, quantize, quantize_checkpoint, quantize_linear,
+    DEFAULT_LM_HEAD, LM_HEAD_CHOICES, MODES, SECTION, QuantSpec, load_quantized_weights, quantize, quantize_checkpoint, quantize_linear,
     quantize_model, resolve_spec,
 )
 
@@ -21,6 +21,6 @@ INT4_GROUP_SIZE = DEFAULT_GROUP_SIZE  # read by ember.planner
 
 __all__ = [
     "DEFAULT_GROUP_SIZE", "DEFAULT_LM_HEAD", "DOUBLE_QUANT_BLOCK_SIZE", "GROUP_SIZES", "INT4_GROUP_SIZE", "Int4Linear", "Int8Linear",
-    "MODES", "NF4_BLOCK_SIZE", "NF4_CODE", "NF4Linear", "QuantSpec", "QuantizedLinear", "SECTION",
+    "LM_HEAD_CHOICES", "MODES", "NF4_BLOCK_SIZE", "NF4_CODE", "NF4Linear", "QuantSpec", "QuantizedLinear", "SECTION",
     "load_quantized_weights", "quantize", "quantize_checkpoint", "quantize_linear", "quantize_model", "resolve_spec",
 ]

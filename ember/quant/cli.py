@@ -12,6 +12,7 @@ import sys
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``quantize`` verb to an ``argparse`` subparsers object; returns its parser."""
     from ember.quant.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
+    from ember.quant.quantize import DEFAULT_LM_HEAD, LM_HEAD_CHOICES
 
     p = subparsers.add_parser(
         "quantize", help="write a weight-only quantized copy of a checkpoint folder (int8, int4, nf4)",
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (only once the new one is complete)")
     p.add_argument("--no-double-quant", action="store_true", help="nf4: keep the block absmax in fp32")
-    p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "nf4", "same", "none"],
+    p.add_argument("--lm-head", default=DEFAULT_LM_HEAD, choices=LM_HEAD_CHOICES,
                    help="format of an untied LM head: int8 (default, as llama.cpp keeps its output matrix at 6-8 bits), "
                         "same (as --to), or none (keep the checkpoint's float; bitsandbytes' choice)")
     p.add_argument("--quantize-lm-head", action="store_true", help="the same as --lm-head same")

@@ -50,6 +50,13 @@ CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Lin
 SECTION = "quantization"  # config.json key
 FORMAT_VERSION = 2  # 2: the LM head may have its own format (section key ``lm_head``)
 DEFAULT_LM_HEAD = "int8"  # the head's format under --quant / ember quantize unless told otherwise
+LM_HEAD_CHOICES = ("int8", "int4", "nf4", "same", "none")  # what --lm-head takes
+
+
+def section_lm_head(section: dict[str, Any]) -> str:
+    """The head's format a config.json ``quantization`` section states ("none" or a mode, unchecked);
+    a version 1 section says it with ``quantize_lm_head`` (the same mode as the rest, or none)."""
+    return section.get("lm_head", section.get("method") if section.get("quantize_lm_head", False) else "none")
 ROUTER = re.compile(r"(^|\.)mlp\.gate$")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -85,19 +92,11 @@ class QuantSpec:
         else:
             object.__setattr__(self, "group_size", None)
 
-    @property
-    def quantize_lm_head(self) -> bool:
-        """Whether an untied LM head is quantized at all."""
-        return self.lm_head is not None
-
-    def head_spec(self) -> "QuantSpec":
-        """The spec the LM head is quantized with (only meaningful when :attr:`lm_head` is set)."""
-        mode = self.lm_head or self.mode
-        return QuantSpec(mode, self.group_size if mode == self.mode else None, self.double_quant)
-
     def for_module(self, name: str) -> "QuantSpec":
-        """The spec of one chosen module: the head's own for ``lm_head``, this one for the rest."""
-        return self.head_spec() if name == "lm_head" and self.lm_head not in (None, self.mode) else self
+        """The spec of one chosen module: the head's own for an ``lm_head`` unlike the rest, else this one."""
+        if name != "lm_head" or self.lm_head in (None, self.mode):
+            return self
+        return QuantSpec(self.lm_head, None, self.double_quant)
 
     def params(self) -> dict[str, Any]:
         """Keyword arguments of the module class's constructors."""
@@ -145,7 +144,7 @@ class QuantSpec:
             raise QuantizationError(f"{source}: quantization.method {method!r} is not one of {', '.join(MODES)}")
         if not isinstance(section.get("not_quantized", []), list):
             raise QuantizationError(f"{source}: quantization.not_quantized must be a list of module names")
-        head = section.get("lm_head", method if section.get("quantize_lm_head", False) else "none")
+        head = section_lm_head(section)
         if head != "none" and head not in MODES:
             raise QuantizationError(f"{source}: quantization.lm_head {head!r} is not none or one of {', '.join(MODES)}")
         try:
@@ -196,12 +195,13 @@ def select_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ()) 
 def _check_shapes(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
     """Fail before anything is swapped: every chosen layer must suit its mode."""
     for name, (out_f, in_f) in shapes.items():
-        mode = spec.for_module(name).mode
-        if mode == "int4" and in_f % spec.for_module(name).group_size:
+        s = spec.for_module(name)
+        mode = s.mode
+        if mode == "int4" and in_f % s.group_size:
             fits = [g for g in GROUP_SIZES if in_f % g == 0]
             hint = f"use group size {fits[-1]}" if fits else f"skip it (skip=('{name.rsplit('.', 1)[-1]}',))"
             raise QuantizationError(f"{name}.weight: in_features {in_f} is not a multiple of the int4 group size "
-                                    f"{spec.for_module(name).group_size}; {hint}")
+                                    f"{s.group_size}; {hint}")
         if mode == "nf4" and in_f % 2:
             raise QuantizationError(f"{name}.weight: NF4 packs two values per byte; in_features {in_f} is odd")
 

@@ -70,12 +70,13 @@ def load_engine(args):
         InsufficientMemoryError: before anything is allocated, with what would fit.
     """
     import ember
+    from ember.quant.quantize import DEFAULT_LM_HEAD
 
     # getattr: the options come from ember.cli.add_model_args, which may not offer all of them
     return ember.load(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None),
                       group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
                       context=getattr(args, "context", None), batch=args.max_batch,
-                      max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", "int8"))
+                      max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", DEFAULT_LM_HEAD))
 
 
 def server_settings(args):
