@@ -49,8 +49,8 @@
 // The 4-bit and VNNI int8 kernels prefetch into L2 only (T1): an L1 prefetch holds one of the core's few L1
 // fill buffers until its line arrives, which capped one core near 9 GB/s; on the Sapphire Rapids test
 // machine, (5632, 2048) from DRAM: int4 15 -> 17-18 GB/s, int8 (one block ahead) 19.5 -> 24 GB/s.
-// The 4-bit kernels prefetch 8 rows ahead (two 4-row blocks; one block of the 8-row decode kernel): their 1 KB rows (2048 values) stream in ~100 ns a row on
-// one core, closer to DRAM's latency than one block ahead covers (one row x (5632, 2048) int4 from DRAM on the
+// The 4-bit kernels prefetch 8 rows ahead (two 4-row blocks; one block of the 8-row decode kernel): their 1 KB
+// rows (2048 values) stream in ~100 ns a row on one core, closer to DRAM's latency than one block ahead covers (one row x (5632, 2048) int4 from DRAM on the
 // 2-core Zen 4 EPYC, six alternating runs: 23.6 GB/s mean with 4 rows ahead, 27.8 with 8).
 #ifndef PF_Q4
 #define PF_Q4 (8 * I / 2)
@@ -1040,7 +1040,7 @@ inline __m512 lookup256(const __m512* t, __m512i idx) {
 // computes, with the per-block work cut to a few vector ops per 16 groups (on (5632, 2048) it had cost ~40% of the
 // kernel's time on one Zen 4 core). Each row's group scales are decoded and multiplied by their step's sx
 // (``sxg``, (G,), made once per call) in 16-lane vectors, and its zero terms, z * sum(x) - s sx * offset *
-// sum(xq) (``xsum``, ``oq``: (G,)), start its accumulator instead of running after the loop. st: (RB, G) scratch.
+// sum(xq) (``xsum``, ``oq``: (G,)), start its accumulator instead of running after the loop. st: (RB, G) scratch; out: (RB,).
 // RB = 8 (Q4_ROW_BLOCK): eight 1 KB code rows in flight instead of four. One Zen 4 core, (5632, 2048) int4 from
 // L3: 25 -> 38 GB/s (the 4-row loop waited on L2 -> L1 fills, ~7 cycles a 64-byte line against ~3 of arithmetic);
 // from DRAM on both cores, four alternating runs: 24.9-35.2 GB/s with 4 rows, 27.2-36.6 with 8.
@@ -1097,7 +1097,7 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
     }
   }
-  for (int r = 0; r < RB; r++) out[r * MB] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < RB; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -1459,7 +1459,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
           const uint8_t* w[RB];
           int64_t rows[RB];
           row_ptrs<uint8_t, RB>(W, o0, O, half, w, rows);
-          float out[RB * MB];
+          float out[RB];
 #define Q4ROW(MD_, GR_) q4_vnni_row<MD_, GR_, RB>(w, p, rows, sxg, ztp, ztp + G, Xq, I, tq, st, out)
           if (mode == 0) {
             if (group == 128) Q4ROW(0, 128); else if (group == 64) Q4ROW(0, 64); else Q4ROW(0, 32);
@@ -1467,7 +1467,7 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
             if (group == 128) Q4ROW(1, 128); else if (group == 64) Q4ROW(1, 64); else Q4ROW(1, 32);
           }
 #undef Q4ROW
-          for (int r = 0; r < RB && o0 + r < O; r++) store_y(Y, o0 + r, out[r * MB], y_bf16);
+          for (int r = 0; r < RB && o0 + r < O; r++) store_y(Y, o0 + r, out[r], y_bf16);
         }
       }
       return;
