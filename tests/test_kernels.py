@@ -176,8 +176,9 @@ def test_int4_with_int8_activations(g, M, O, I, monkeypatch):
 
 @act_q8
 @pytest.mark.parametrize("double_quant", [True, False])
-# one row with 6 and 40 groups a row: double-quant blocks of 256 groups start inside a 16-group vector
-@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (1, 67, 384), (1, 13, 2560), (2, 5, 256), (8, 21, 128)])
+# one row with 6, 40 and 88 groups a row: double-quant blocks of 256 groups start inside a 16-group vector, and
+# 88 groups take two 64-code map lookups
+@pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (1, 67, 384), (1, 13, 2560), (1, 11, 5632), (2, 5, 256), (8, 21, 128)])
 def test_nf4_with_int8_activations(double_quant, M, O, I, monkeypatch):
     # the code book rounded to 1/L, the activations to int8 per 128: exact against both roundings
     monkeypatch.setitem(kernels.MAX_ROWS, "q4", 8)
