@@ -661,6 +661,7 @@ struct Q4Params {
   float am_offset;
   float table[16];
   const uint8_t* dyn_planes;  // am_dyn as byte planes (dyn_byte_planes), for the VNNI decode kernel with VBMI
+  const float* sxg_rep;       // that kernel's per-group activation scales repeated for each row of a block
 };
 
 inline float group_scale(const Q4Params& p, int64_t o, int64_t g, int64_t G) {
@@ -1073,6 +1074,37 @@ inline void dyn64(const __m512i* pl, __m512i codes, __m512* out) {
 }
 #endif
 
+// The absmax of 16 double-quantized NF4 groups from global group index i on (lanes k), given their map values:
+// dyn * scale2 of their block of 256 groups (16 groups straddle at most two) + offset.
+inline __m512 dq_absmax16(const Q4Params& p, int64_t i, __mmask16 k, __m512 dyn) {
+  const int64_t b0 = i >> 8;
+  __m512 s2 = _mm512_set1_ps(p.am_scale2[b0]);
+  if ((i & 255) > 240) {  // lanes from 256 - (i & 255) on (up to the last valid one) are in the next block
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 next = k & _mm512_cmpge_epi32_mask(iota, _mm512_set1_epi32(static_cast<int>(256 - (i & 255))));
+    if (next) s2 = _mm512_mask_blend_ps(next, s2, _mm512_set1_ps(p.am_scale2[b0 + 1]));
+  }
+  return _mm512_maskz_mov_ps(k, _mm512_fmadd_ps(dyn, s2, _mm512_set1_ps(p.am_offset)));
+}
+
+#ifdef __AVX512VBMI__
+// st[f] = absmax x sx of its group for the n = RB * G groups of RB consecutive rows, whose codes are consecutive from
+// global group i0: looked up 64 at a time across row ends (a 2048-wide row has 32 groups: per row, half of each
+// lookup would go unused). sxg_rep: the per-group sx repeated for each row.
+inline void nf4_dq_block_scales(const Q4Params& p, int64_t i0, int64_t n, const __m512i* dyn_map, float* st) {
+  __m512 dyn[4];
+  for (int64_t f = 0; f < n; f += 16) {
+    const __mmask16 k = lanes16(n - f);
+    if (f % 64 == 0) {
+      const int64_t m = std::min<int64_t>(64, n - f);
+      dyn64(dyn_map, _mm512_maskz_loadu_epi8(m >= 64 ? ~__mmask64(0) : (__mmask64(1) << m) - 1, p.am_code + i0 + f), dyn);
+    }
+    const __m512 s = dq_absmax16(p, i0 + f, k, dyn[(f / 16) % 4]);
+    _mm512_mask_storeu_ps(st + f, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, p.sxg_rep + f)));
+  }
+}
+#endif
+
 // One activation row (decode) over a block of RB weight rows, the group size a constant: what q4_vnni<RB, 1, MODE>
 // computes, with the per-block work cut to a few vector ops per 16 groups (on (5632, 2048) it had cost ~40% of the
 // kernel's time on one Zen 4 core). Each row's group scales are decoded and multiplied by their step's sx
@@ -1086,7 +1118,6 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
                         const float* xsum, const float* oq, const int8_t* Xq, int64_t I, const __m512i tq, float* st,
                         float* out) {
   const int64_t G = I / GRP, S = I / 128;
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[RB];
 #ifdef __AVX512VBMI__
   __m512i dyn_map[16];  // NF4 double quantization: the 256-entry dynamic map in registers, as byte planes (dyn64)
@@ -1097,7 +1128,22 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
   if (MODE == 1 && !p.absmax)
     for (int t = 0; t < 16; t++) dyn_map[t] = _mm512_loadu_ps(p.am_dyn + 16 * t);
 #endif
-  for (int r = 0; r < RB; r++) {
+  bool block_done = false;
+#ifdef __AVX512VBMI__
+  if (MODE == 1 && !p.absmax && p.sxg_rep && rows[RB - 1] == rows[0] + RB - 1) {  // the block's codes in one run
+    nf4_dq_block_scales(p, rows[0] * G, RB * G, dyn_map, st);
+    for (int r = 0; r < RB; r++) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 k = lanes16(G - g);
+        a = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, st + r * G + g), _mm512_maskz_loadu_ps(k, oq + g), a);
+      }
+      acc[r] = a;
+    }
+    block_done = true;
+  }
+#endif
+  for (int r = 0; r < (block_done ? 0 : RB); r++) {
     __m512 a = _mm512_setzero_ps();
     const int64_t base = rows[r] * G;
     __m512 dyn64_out[4];  // with VBMI: the map values of the row's groups g - g % 64 ... + 63
@@ -1125,13 +1171,7 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
 #else
         const __m512 dyn = lookup256(dyn_map, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p.am_code + i)));
 #endif
-        const int64_t b0 = i >> 8;  // at most two blocks of 256 among 16 consecutive groups
-        __m512 s2 = _mm512_set1_ps(p.am_scale2[b0]);
-        if ((i & 255) > 240) {  // lanes from 256 - (i & 255) on (up to the row's end) are in the next one
-          const __mmask16 next = k & _mm512_cmpge_epi32_mask(iota, _mm512_set1_epi32(static_cast<int>(256 - (i & 255))));
-          if (next) s2 = _mm512_mask_blend_ps(next, s2, _mm512_set1_ps(p.am_scale2[b0 + 1]));
-        }
-        s = _mm512_maskz_mov_ps(k, _mm512_fmadd_ps(dyn, s2, _mm512_set1_ps(p.am_offset)));
+        s = dq_absmax16(p, i, k, dyn);
       }
       s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, sxg + g));
       _mm512_mask_storeu_ps(st + r * G + g, k, s);
@@ -1497,12 +1537,17 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
     const float* sxp = sx;
     const float* ztp = zt;
 #ifdef EMBER_VNNI
-    if (M == 1) {  // decode: q4_vnni_row over 4-row blocks
+    if (M == 1) {  // decode: q4_vnni_row over blocks of Q4_ROW_BLOCK rows
       thread_local std::vector<float> sx_group;
       sx_group.resize(static_cast<size_t>(G));
       for (int64_t g = 0; g < G; g++) sx_group[g] = sx[g * group / 128];
 #ifdef __AVX512VBMI__
-      if (mode == 1 && !absmax) {  // every NF4 weight has the same map: its planes are remade only when it changes
+      if (mode == 1 && !absmax) {  // double quantization (q4_vnni_row's whole-block lookups)
+        thread_local std::vector<float> sxg_rep;
+        sxg_rep.resize(static_cast<size_t>(Q4_ROW_BLOCK * G));
+        for (int64_t f = 0; f < Q4_ROW_BLOCK * G; f++) sxg_rep[f] = sx_group[f % G];
+        p.sxg_rep = sxg_rep.data();
+        // every NF4 weight has the same map: its planes are remade only when it changes
         thread_local float planes_of[256];
         thread_local uint8_t planes[1024];
         thread_local bool have = false;
