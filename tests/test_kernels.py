@@ -376,6 +376,28 @@ def test_project_is_the_modules_one_by_one():
         assert all(torch.equal(t, a) for t, a in zip(kernels.project(x, mods), alone)) and seen == [(1, 1, 8)]
 
 
+def test_project_runs_4bit_weights_of_one_format_in_one_region_bit_for_bit():
+    # q/k/v-like groups of 4-bit weights (row counts off the 8-row blocks, a bias, NF4 with and without double
+    # quantization mixed) go through one parallel region: the same bits as each weight alone
+    from ember.quant import Int4Linear
+    from ember.quant import nf4 as qnf4_
+
+    torch.manual_seed(12)
+    x = torch.randn(1, 1, 384).bfloat16()
+    shapes = [(67, False), (16, True), (9, False)]
+    groups = [[qnf4_.NF4Linear.from_linear(torch.nn.Linear(384, o, bias=b), double_quant=i != 2, dtype=torch.bfloat16)
+               for i, (o, b) in enumerate(shapes)]]
+    groups += [[Int4Linear.from_linear(torch.nn.Linear(384, o, bias=b), group_size=g, dtype=torch.bfloat16)
+                for o, b in shapes] for g in (32, 128)]
+    with torch.no_grad():
+        for mods in groups:
+            alone = [m(x) for m in mods]
+            together = kernels.project(x, mods)
+            assert all(torch.equal(t, a) for t, a in zip(together, alone)), type(mods[0]).__name__
+            ref = x.double() @ mods[0].dequantize().double().T
+            worst(together[0], ref, 0.03 * float(ref.abs().max()), f"{type(mods[0]).__name__} in a group")
+
+
 def test_the_native_build_compiles_where_there_is_a_compiler():
     # the kernel tests skip where the library is unavailable: a source that no longer compiles must fail here
     if kernels._compiler() is None or kernels._mode() in ("0", "off", "false", "no", "torch"):
