@@ -376,10 +376,10 @@ def test_project_is_the_modules_one_by_one():
         assert all(torch.equal(t, a) for t, a in zip(kernels.project(x, mods), alone)) and seen == [(1, 1, 8)]
 
 
-def test_project_runs_4bit_weights_of_one_format_in_one_region_bit_for_bit():
-    # q/k/v-like groups of 4-bit weights (row counts off the 8-row blocks, a bias, NF4 with and without double
-    # quantization mixed) go through one parallel region: the same bits as each weight alone
-    from ember.quant import Int4Linear
+def test_project_runs_quantized_weights_of_one_format_in_one_region_bit_for_bit():
+    # q/k/v-like groups of int8 or 4-bit weights (row counts off the row blocks, a bias, NF4 with and without
+    # double quantization mixed) go through one parallel region: the same bits as each weight alone
+    from ember.quant import Int4Linear, Int8Linear
     from ember.quant import nf4 as qnf4_
 
     torch.manual_seed(12)
@@ -389,6 +389,7 @@ def test_project_runs_4bit_weights_of_one_format_in_one_region_bit_for_bit():
                for i, (o, b) in enumerate(shapes)]]
     groups += [[Int4Linear.from_linear(torch.nn.Linear(384, o, bias=b), group_size=g, dtype=torch.bfloat16)
                 for o, b in shapes] for g in (32, 128)]
+    groups += [[Int8Linear.from_linear(torch.nn.Linear(384, o, bias=b), dtype=torch.bfloat16) for o, b in shapes]]
     with torch.no_grad():
         for mods in groups:
             alone = [m(x) for m in mods]

@@ -1396,10 +1396,160 @@ void ember_dense_f32(const float* W, const float* X, void* Y, int64_t M, int64_t
   });
 }
 
+}  // extern "C"
+
+#ifdef EMBER_VNNI
+namespace {
+
+// One weight of the one-activation-row 4-bit kernel: W (O, I/2) codes, Y (O,), its format.
+constexpr int kMaxJobs = 8;
+struct Q4RowJob {
+  const uint8_t* W;
+  int64_t O;
+  void* Y;
+  Q4Params p;
+};
+
+// The blocks of ``rows`` weight rows of n jobs (each with a row count O), dealt out over the threads as one range
+// in one parallel region: body(j, o0) for each block, o0 its first row in job j.
+template <typename Job, typename F>
+void for_job_blocks(const Job* jobs, int n, int64_t rows, int nthreads, F&& body) {
+  int64_t first[kMaxJobs + 1] = {0};  // job j's blocks are [first[j], first[j + 1]) of the range
+  for (int j = 0; j < n; j++) first[j + 1] = first[j] + (jobs[j].O + rows - 1) / rows;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t t = 0; t < first[n]; t++) {
+    int j = 0;
+    while (t >= first[j + 1]) j++;
+    body(j, (t - first[j]) * rows);
+  }
+}
+
+// One weight of the one-activation-row int8 kernel: W (O, I), its per-row scales, Y (O,).
+struct I8RowJob {
+  const int8_t* W;
+  int64_t O;
+  void* Y;
+  const float* scales;
+};
+
+// n <= kMaxJobs int8 weights that read the same bf16 activation row, I % 128 == 0: the row quantized once (per 128
+// values, natural order), the weights' 4-row blocks in one parallel region (for_job_blocks).
+void int8_row_jobs(const I8RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
+  const int64_t S = I / 128;
+  scratch_q8.resize(static_cast<size_t>(I));
+  scratch_q8f.assign(static_cast<size_t>(2 * S), 0.f);  // sx (S,), qsum (S,)
+  float* sx = scratch_q8f.data();
+  float* qsum = sx + S;
+  quantize_x8(X, 1, I, 0, 128, scratch_q8.data(), sx, qsum, nullptr);
+  float corr[1] = {0.f};
+  for (int64_t c = 0; c < S; c++) corr[0] += 128.f * sx[c] * qsum[c];
+  const int8_t* Xq = scratch_q8.data();
+  for_job_blocks(jobs, n, R, nthreads, [&](int j, int64_t o0) {
+    const I8RowJob& job = jobs[j];
+    const int8_t* w[R];
+    row_ptrs(job.W, o0, job.O, I, w);
+    float out[R * MB];
+    int8_vnni<1>(w, Xq, sx, corr, I, out);
+    store_block(job.Y, job.O, o0, 0, 1, out, job.scales, y_bf16);
+  });
+}
+
+// Whether q4_vnni_row takes rows of I values in groups of ``group``.
+inline bool q4_row_fits(int64_t I, int64_t group) {
+  return I % 128 == 0 && (group == 32 || group == 64 || group == 128);
+}
+
+// n <= kMaxJobs weights that read the same activation row (q/k/v, gate/up), all of one mode, group and code table,
+// I values a row: the row is quantized once and the weights' blocks of Q4_ROW_BLOCK rows are shared out over the threads as
+// one range, in one parallel region, instead of one quantization, fork and join (and cold start of the prefetch)
+// per weight. The 1.1B bench model's int4 attention block (q/k/v, attention, o) on two Zen 4 cores, medians of
+// three alternating runs: 215-222 -> 188-214 us a layer.
+void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
+  const Q4Params& p0 = jobs[0].p;
+  const int mode = p0.mode;
+  const int64_t group = p0.group, G = I / group, S = I / 128, half = I / 2;
+  constexpr int levels = 127;  // vpdpbusd: u8 codes up to 255
+  // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for (tq - levels - 1) / levels
+  const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
+  uint8_t tb[64];
+  for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * p0.table[i % 16]));
+  const __m512i tq = _mm512_loadu_si512(tb);
+  scratch_q8.resize(static_cast<size_t>(I));
+  scratch_q8f.assign(static_cast<size_t>(S + 3 * G), 0.f);  // sx (S,), zt (2G,): x sums, offset * xq sums; qsum (G,)
+  float* sx = scratch_q8f.data();
+  float* zt = sx + S;
+  float* qsum = zt + 2 * G;
+  quantize_x8(X, 1, I, 1, group, scratch_q8.data(), sx, qsum, zt);
+  for (int64_t g = 0; g < G; g++) zt[G + g] = offset * qsum[g];
+  thread_local std::vector<float> sx_group;  // sx of each group, in the code book's unit
+  sx_group.resize(static_cast<size_t>(G));
+  for (int64_t g = 0; g < G; g++) sx_group[g] = sx[g * group / 128] * x_unit;
+  bool dq = false;
+  for (int j = 0; j < n; j++) dq |= mode == 1 && !jobs[j].p.absmax;
+  int rest = n;  // jobs [rest, n) go to another call (NF4 weights with different double-quantization maps)
+#ifdef __AVX512VBMI__
+  if (dq) {  // double quantization (q4_vnni_row's whole-block lookups)
+    thread_local std::vector<float> sxg_rep;
+    sxg_rep.resize(static_cast<size_t>(Q4_ROW_BLOCK * G));
+    for (int64_t f = 0; f < Q4_ROW_BLOCK * G; f++) sxg_rep[f] = sx_group[f % G];
+    // every NF4 weight has the same map: its planes are remade only when it changes
+    thread_local float planes_of[256];
+    thread_local uint8_t planes[1024];
+    thread_local bool have = false;
+    bool made = false;
+    for (int j = 0; j < n; j++) {
+      const Q4Params& pj = jobs[j].p;
+      if (pj.absmax) continue;
+      if (!have || std::memcmp(planes_of, pj.am_dyn, sizeof(planes_of)) != 0) {
+        if (made) {  // a second map: this call stops before job j, which the next call starts with
+          rest = j;
+          break;
+        }
+        dyn_byte_planes(pj.am_dyn, planes);
+        std::memcpy(planes_of, pj.am_dyn, sizeof(planes_of));
+        have = true;
+      }
+      made = true;
+      jobs[j].p.sxg_rep = sxg_rep.data(), jobs[j].p.dyn_planes = planes;
+    }
+  }
+#endif
+  constexpr int RB = Q4_ROW_BLOCK;
+  const float* sxg = sx_group.data();
+  const int8_t* Xq = scratch_q8.data();
+  for_job_blocks(jobs, rest, RB, nthreads, [&](int j, int64_t o0) {
+    const Q4RowJob& job = jobs[j];
+    float* st = block_scratch(G, RB);
+    const uint8_t* w[RB];
+    int64_t rows[RB];
+    row_ptrs<uint8_t, RB>(job.W, o0, job.O, half, w, rows);
+    float out[RB];
+#define Q4ROW(MD_, GR_) q4_vnni_row<MD_, GR_, RB>(w, job.p, rows, sxg, zt, zt + G, Xq, I, tq, st, out)
+    if (mode == 0) {
+      if (group == 128) Q4ROW(0, 128); else if (group == 64) Q4ROW(0, 64); else Q4ROW(0, 32);
+    } else {
+      if (group == 128) Q4ROW(1, 128); else if (group == 64) Q4ROW(1, 64); else Q4ROW(1, 32);
+    }
+#undef Q4ROW
+    for (int r = 0; r < RB && o0 + r < job.O; r++) store_y(job.Y, o0 + r, out[r], y_bf16);
+  });
+  if (rest < n) q4_row_jobs(jobs + rest, n - rest, X, I, y_bf16, nthreads);
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
 // scales: (O,) fp32. act_q8: bf16 activations may be quantized to int8 for the VNNI kernel (see the header).
 void ember_int8(const int8_t* W, const float* scales, const void* X, int x_bf16, void* Y, int64_t M, int64_t O,
                 int64_t I, int y_bf16, int act_q8, int nthreads) {
 #ifdef EMBER_VNNI
+  if (act_q8 && x_bf16 && M == 1 && I % 128 == 0) {  // decode
+    const I8RowJob job{W, O, Y, scales};
+    int8_row_jobs(&job, 1, static_cast<const uint16_t*>(X), I, y_bf16, nthreads);
+    return;
+  }
   if (act_q8 && x_bf16 && M <= MB && I % 128 == 0) {
     const int64_t S = I / 128;
     scratch_q8.resize(static_cast<size_t>(M * I));
@@ -1486,115 +1636,6 @@ void ember_int8(const int8_t* W, const float* scales, const void* X, int x_bf16,
   });
 }
 
-}  // extern "C"
-
-#ifdef EMBER_VNNI
-namespace {
-
-// One weight of the one-activation-row 4-bit kernel: W (O, I/2) codes, Y (O,), its format.
-constexpr int kMaxJobs = 8;
-struct Q4RowJob {
-  const uint8_t* W;
-  int64_t O;
-  void* Y;
-  Q4Params p;
-};
-
-// Whether q4_vnni_row takes rows of I values in groups of ``group``.
-inline bool q4_row_fits(int64_t I, int64_t group) {
-  return I % 128 == 0 && (group == 32 || group == 64 || group == 128);
-}
-
-// n <= kMaxJobs weights that read the same activation row (q/k/v, gate/up), all of one mode, group and code table,
-// I values a row: the row is quantized once and the weights' blocks of Q4_ROW_BLOCK rows are shared out over the threads as
-// one range, in one parallel region, instead of one quantization, fork and join (and cold start of the prefetch)
-// per weight. The 1.1B bench model's int4 attention block (q/k/v, attention, o) on two Zen 4 cores, medians of
-// three alternating runs: 215-222 -> 188-214 us a layer.
-void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
-  const Q4Params& p0 = jobs[0].p;
-  const int mode = p0.mode;
-  const int64_t group = p0.group, G = I / group, S = I / 128, half = I / 2;
-  constexpr int levels = 127;  // vpdpbusd: u8 codes up to 255
-  // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for (tq - levels - 1) / levels
-  const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
-  uint8_t tb[64];
-  for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * p0.table[i % 16]));
-  const __m512i tq = _mm512_loadu_si512(tb);
-  scratch_q8.resize(static_cast<size_t>(I));
-  scratch_q8f.assign(static_cast<size_t>(S + 3 * G), 0.f);  // sx (S,), zt (2G,): x sums, offset * xq sums; qsum (G,)
-  float* sx = scratch_q8f.data();
-  float* zt = sx + S;
-  float* qsum = zt + 2 * G;
-  quantize_x8(X, 1, I, 1, group, scratch_q8.data(), sx, qsum, zt);
-  for (int64_t g = 0; g < G; g++) zt[G + g] = offset * qsum[g];
-  thread_local std::vector<float> sx_group;  // sx of each group, in the code book's unit
-  sx_group.resize(static_cast<size_t>(G));
-  for (int64_t g = 0; g < G; g++) sx_group[g] = sx[g * group / 128] * x_unit;
-  bool dq = false;
-  for (int j = 0; j < n; j++) dq |= mode == 1 && !jobs[j].p.absmax;
-  int rest = n;  // jobs [rest, n) go to another call (NF4 weights with different double-quantization maps)
-#ifdef __AVX512VBMI__
-  if (dq) {  // double quantization (q4_vnni_row's whole-block lookups)
-    thread_local std::vector<float> sxg_rep;
-    sxg_rep.resize(static_cast<size_t>(Q4_ROW_BLOCK * G));
-    for (int64_t f = 0; f < Q4_ROW_BLOCK * G; f++) sxg_rep[f] = sx_group[f % G];
-    // every NF4 weight has the same map: its planes are remade only when it changes
-    thread_local float planes_of[256];
-    thread_local uint8_t planes[1024];
-    thread_local bool have = false;
-    bool made = false;
-    for (int j = 0; j < n; j++) {
-      const Q4Params& pj = jobs[j].p;
-      if (pj.absmax) continue;
-      if (!have || std::memcmp(planes_of, pj.am_dyn, sizeof(planes_of)) != 0) {
-        if (made) {  // a second map: this call stops before job j, which the next call starts with
-          rest = j;
-          break;
-        }
-        dyn_byte_planes(pj.am_dyn, planes);
-        std::memcpy(planes_of, pj.am_dyn, sizeof(planes_of));
-        have = true;
-      }
-      made = true;
-      jobs[j].p.sxg_rep = sxg_rep.data(), jobs[j].p.dyn_planes = planes;
-    }
-  }
-#endif
-  constexpr int RB = Q4_ROW_BLOCK;
-  int64_t first[kMaxJobs + 1] = {0};  // job j's blocks are [first[j], first[j + 1]) of the shared range
-  for (int j = 0; j < rest; j++) first[j + 1] = first[j] + (jobs[j].O + RB - 1) / RB;
-  const float* sxg = sx_group.data();
-  const int8_t* Xq = scratch_q8.data();
-#pragma omp parallel num_threads(nthreads)
-  {
-    float* st = block_scratch(G, RB);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < first[rest]; t++) {
-      int j = 0;
-      while (t >= first[j + 1]) j++;
-      const Q4RowJob& job = jobs[j];
-      const int64_t o0 = (t - first[j]) * RB;
-      const uint8_t* w[RB];
-      int64_t rows[RB];
-      row_ptrs<uint8_t, RB>(job.W, o0, job.O, half, w, rows);
-      float out[RB];
-#define Q4ROW(MD_, GR_) q4_vnni_row<MD_, GR_, RB>(w, job.p, rows, sxg, zt, zt + G, Xq, I, tq, st, out)
-      if (mode == 0) {
-        if (group == 128) Q4ROW(0, 128); else if (group == 64) Q4ROW(0, 64); else Q4ROW(0, 32);
-      } else {
-        if (group == 128) Q4ROW(1, 128); else if (group == 64) Q4ROW(1, 64); else Q4ROW(1, 32);
-      }
-#undef Q4ROW
-      for (int r = 0; r < RB && o0 + r < job.O; r++) store_y(job.Y, o0 + r, out[r], y_bf16);
-    }
-  }
-  if (rest < n) q4_row_jobs(jobs + rest, n - rest, X, I, y_bf16, nthreads);
-}
-
-}  // namespace
-#endif
-
-extern "C" {
 
 // mode 0 int4 (scales/zeros (O, I/group) in bf16 or fp32), 1 nf4 (absmax fp32, or am_code/am_dyn/am_scale2/am_offset).
 // table: the 16 code values in fp32 (q - 8, or the NF4 code book).
@@ -2319,6 +2360,13 @@ bool q4_row_group(int n, const LinearDesc* const* d) {
       return false;
   return q4_row_fits(d[0]->I, d[0]->group);
 }
+
+// The same for int8 weights (int8_row_jobs): the int8-activation kernel and one row width, a multiple of 128.
+bool int8_row_group(int n, const LinearDesc* const* d) {
+  for (int i = 0; i < n; i++)
+    if (d[i]->kind != 2 || !d[i]->act_q8 || d[i]->I != d[0]->I) return false;
+  return d[0]->I % 128 == 0;
+}
 #endif
 
 }  // namespace
@@ -2358,8 +2406,8 @@ int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_b
 }
 
 // Several prepared weights applied to the same X (q/k/v, gate/up): one call from Python. Returns how many
-// were done; the caller computes the rest itself. One bf16 row times 4-bit weights of one format (the usual q/k/v
-// and gate/up) runs them all in one parallel region (q4_row_jobs).
+// were done; the caller computes the rest itself. One bf16 row times int8 weights, or 4-bit weights of one format
+// (the usual q/k/v and gate/up), runs them all in one parallel region (int8_row_jobs, q4_row_jobs).
 int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
                       int nthreads) {
 #ifdef EMBER_VNNI
@@ -2367,6 +2415,13 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
     Q4RowJob jobs[kMaxJobs];
     for (int i = 0; i < n; i++) jobs[i] = {static_cast<const uint8_t*>(d[i]->W), d[i]->O, Y[i], q4_params(*d[i])};
     q4_row_jobs(jobs, n, static_cast<const uint16_t*>(X), d[0]->I, 1, nthreads);
+    for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, 1);
+    return n;
+  }
+  if (M == 1 && x_bf16 && n > 1 && n <= kMaxJobs && int8_row_group(n, d)) {
+    I8RowJob jobs[kMaxJobs];
+    for (int i = 0; i < n; i++) jobs[i] = {static_cast<const int8_t*>(d[i]->W), d[i]->O, Y[i], d[i]->scales};
+    int8_row_jobs(jobs, n, static_cast<const uint16_t*>(X), d[0]->I, 1, nthreads);
     for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, 1);
     return n;
   }
