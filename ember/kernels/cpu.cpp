@@ -1070,8 +1070,10 @@ inline void dyn64(const __m512i* pl, __m512i codes, __m512* out) {
                                   _mm512_permutex2var_epi8(pl[4 * k + 2], idx, pl[4 * k + 3]));
   const __m512i t0 = _mm512_unpacklo_epi8(b[0], b[1]), t1 = _mm512_unpackhi_epi8(b[0], b[1]);
   const __m512i t2 = _mm512_unpacklo_epi8(b[2], b[3]), t3 = _mm512_unpackhi_epi8(b[2], b[3]);
-  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(t0, t2)), out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(t0, t2));
-  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(t1, t3)), out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(t1, t3));
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(t0, t2));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(t0, t2));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(t1, t3));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(t1, t3));
 }
 #endif
 
@@ -1098,7 +1100,8 @@ inline void nf4_dq_block_scales(const Q4Params& p, int64_t i0, int64_t n, const 
     const __mmask16 k = lanes16(n - f);
     if (f % 64 == 0) {
       const int64_t m = std::min<int64_t>(64, n - f);
-      dyn64(dyn_map, _mm512_maskz_loadu_epi8(m >= 64 ? ~__mmask64(0) : (__mmask64(1) << m) - 1, p.am_code + i0 + f), dyn);
+      const __mmask64 km = m >= 64 ? ~__mmask64(0) : (__mmask64(1) << m) - 1;
+      dyn64(dyn_map, _mm512_maskz_loadu_epi8(km, p.am_code + i0 + f), dyn);
     }
     const __m512 s = dq_absmax16(p, i0 + f, k, dyn[(f / 16) % 4]);
     _mm512_mask_storeu_ps(st + f, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, p.sxg_rep + f)));
@@ -1460,16 +1463,17 @@ inline bool q4_row_fits(int64_t I, int64_t group) {
 }
 
 // n <= kMaxJobs weights that read the same activation row (q/k/v, gate/up), all of one mode, group and code table,
-// I values a row: the row is quantized once and the weights' blocks of Q4_ROW_BLOCK rows are shared out over the threads as
-// one range, in one parallel region, instead of one quantization, fork and join (and cold start of the prefetch)
-// per weight. The 1.1B bench model's int4 attention block (q/k/v, attention, o) on two Zen 4 cores, medians of
+// I values a row: the row is quantized once and the weights' blocks of Q4_ROW_BLOCK rows are shared out over the
+// threads as one range (for_job_blocks), in one parallel region, instead of one quantization, fork and join (and
+// cold start of the prefetch) per weight. The 1.1B bench model's int4 attention block (q/k/v, attention, o) on two Zen 4 cores, medians of
 // three alternating runs: 215-222 -> 188-214 us a layer.
 void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
   const Q4Params& p0 = jobs[0].p;
   const int mode = p0.mode;
   const int64_t group = p0.group, G = I / group, S = I / 128, half = I / 2;
   constexpr int levels = 127;  // vpdpbusd: u8 codes up to 255
-  // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for (tq - levels - 1) / levels
+  // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for
+  // (tq - levels - 1) / levels
   const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
   uint8_t tb[64];
   for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * p0.table[i % 16]));
@@ -2054,17 +2058,22 @@ inline void pv_rows(const T* V, int64_t vs, int64_t S, int64_t d0, const float* 
 // of interleaves (32-bit, 64-bit, then 128-bit lanes), 64 shuffles.
 inline void transpose16x16(__m512i* r) {
   __m512i a[16], b[16];
-  for (int i = 0; i < 8; i++)
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]), a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  for (int i = 0; i < 8; i++) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
   // b[4 g + k], rows 4g..4g+3: in 128-bit lane L, element 4 L + k of each of the four rows
   for (int g = 0; g < 4; g++) {
-    b[4 * g] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]), b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
     b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
     b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
   }
   for (int k = 0; k < 4; k++) {
-    const __m512i c01 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44), c23 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xEE);
-    const __m512i d01 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x44), d23 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xEE);
+    const __m512i c01 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44);
+    const __m512i c23 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xEE);
+    const __m512i d01 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x44);
+    const __m512i d23 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xEE);
     r[k] = _mm512_shuffle_i32x4(c01, d01, 0x88), r[4 + k] = _mm512_shuffle_i32x4(c01, d01, 0xDD);
     r[8 + k] = _mm512_shuffle_i32x4(c23, d23, 0x88), r[12 + k] = _mm512_shuffle_i32x4(c23, d23, 0xDD);
   }
@@ -2087,7 +2096,8 @@ inline void scores_bf16_16(const uint16_t* k0, int64_t ks, int64_t n, int64_t hd
     transpose16x16(kt);
     for (int i = 0; i < 16; i++)
       for (int h = 0; h < NH; h++)
-        acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)kt[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[h * P + p0 + i])));
+        acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)kt[i],
+                                  (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[h * P + p0 + i])));
   }
   for (int h = 0; h < NH; h++) _mm512_storeu_ps(out + h * Sp, _mm512_mul_ps(acc[h], _mm512_set1_ps(scale)));
 }
