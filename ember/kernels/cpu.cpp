@@ -1488,11 +1488,11 @@ void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16
   thread_local std::vector<float> sx_group;  // sx of each group, in the code book's unit
   sx_group.resize(static_cast<size_t>(G));
   for (int64_t g = 0; g < G; g++) sx_group[g] = sx[g * group / 128] * x_unit;
-  bool dq = false;
-  for (int j = 0; j < n; j++) dq |= mode == 1 && !jobs[j].p.absmax;
-  int rest = n;  // jobs [rest, n) go to another call (NF4 weights with different double-quantization maps)
 #ifdef __AVX512VBMI__
-  if (dq) {  // double quantization (q4_vnni_row's whole-block lookups)
+  const float* dyn = nullptr;  // the double-quantization map of the NF4 jobs that have one (one map: q4_row_group)
+  for (int j = 0; j < n; j++)
+    if (mode == 1 && !jobs[j].p.absmax) dyn = jobs[j].p.am_dyn;
+  if (dyn) {  // q4_vnni_row's whole-block lookups
     thread_local std::vector<float> sxg_rep;
     sxg_rep.resize(static_cast<size_t>(Q4_ROW_BLOCK * G));
     for (int64_t f = 0; f < Q4_ROW_BLOCK * G; f++) sxg_rep[f] = sx_group[f % G];
@@ -1500,28 +1500,18 @@ void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16
     thread_local float planes_of[256];
     thread_local uint8_t planes[1024];
     thread_local bool have = false;
-    bool made = false;
-    for (int j = 0; j < n; j++) {
-      const Q4Params& pj = jobs[j].p;
-      if (pj.absmax) continue;
-      if (!have || std::memcmp(planes_of, pj.am_dyn, sizeof(planes_of)) != 0) {
-        if (made) {  // a second map: this call stops before job j, which the next call starts with
-          rest = j;
-          break;
-        }
-        dyn_byte_planes(pj.am_dyn, planes);
-        std::memcpy(planes_of, pj.am_dyn, sizeof(planes_of));
-        have = true;
-      }
-      made = true;
-      jobs[j].p.sxg_rep = sxg_rep.data(), jobs[j].p.dyn_planes = planes;
+    if (!have || std::memcmp(planes_of, dyn, sizeof(planes_of)) != 0) {
+      dyn_byte_planes(dyn, planes);
+      std::memcpy(planes_of, dyn, sizeof(planes_of));
+      have = true;
     }
+    for (int j = 0; j < n; j++) jobs[j].p.sxg_rep = sxg_rep.data(), jobs[j].p.dyn_planes = planes;
   }
 #endif
   constexpr int RB = Q4_ROW_BLOCK;
   const float* sxg = sx_group.data();
   const int8_t* Xq = scratch_q8.data();
-  for_job_blocks(jobs, rest, RB, nthreads, [&](int j, int64_t o0) {
+  for_job_blocks(jobs, n, RB, nthreads, [&](int j, int64_t o0) {
     const Q4RowJob& job = jobs[j];
     float* st = block_scratch(G, RB);
     const uint8_t* w[RB];
@@ -1537,7 +1527,6 @@ void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16
 #undef Q4ROW
     for (int r = 0; r < RB && o0 + r < job.O; r++) store_y(job.Y, o0 + r, out[r], y_bf16);
   });
-  if (rest < n) q4_row_jobs(jobs + rest, n - rest, X, I, y_bf16, nthreads);
 }
 
 }  // namespace
@@ -2362,12 +2351,18 @@ Q4Params q4_params(const LinearDesc& d) {
 }
 
 // Whether d[0..n) can share one q4_row_jobs call: 4-bit weights on the int8-activation kernel with the same row
-// width, mode, group and code book.
+// width, mode, group, code book and (NF4 with double quantization) dynamic map.
 bool q4_row_group(int n, const LinearDesc* const* d) {
-  for (int i = 0; i < n; i++)
+  const float* dyn = nullptr;
+  for (int i = 0; i < n; i++) {
     if (d[i]->kind != 3 || !d[i]->act_q8 || d[i]->I != d[0]->I || d[i]->mode != d[0]->mode ||
         d[i]->group != d[0]->group || std::memcmp(d[i]->table, d[0]->table, 16 * sizeof(float)) != 0)
       return false;
+    if (d[i]->mode == 1 && !d[i]->absmax) {
+      if (dyn && std::memcmp(dyn, d[i]->am_dyn, 256 * sizeof(float)) != 0) return false;
+      dyn = d[i]->am_dyn;
+    }
+  }
   return q4_row_fits(d[0]->I, d[0]->group);
 }
 
