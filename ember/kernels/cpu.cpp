@@ -50,8 +50,9 @@
 // fill buffers until its line arrives, which capped one core near 9 GB/s; on the Sapphire Rapids test
 // machine, (5632, 2048) from DRAM: int4 15 -> 17-18 GB/s, int8 (one block ahead) 19.5 -> 24 GB/s.
 // The 4-bit kernels prefetch 8 rows ahead (two 4-row blocks; one block of the 8-row decode kernel): their 1 KB
-// rows (2048 values) stream in ~100 ns a row on one core, closer to DRAM's latency than one block ahead covers (one row x (5632, 2048) int4 from DRAM on the
-// 2-core Zen 4 EPYC, six alternating runs: 23.6 GB/s mean with 4 rows ahead, 27.8 with 8).
+// rows (2048 values) stream in ~100 ns a row on one core, closer to DRAM's latency than one block ahead covers
+// (one row x (5632, 2048) int4 from DRAM on the 2-core Zen 4 EPYC, six alternating runs: 23.6 GB/s mean with 4
+// rows ahead, 27.8 with 8; 12-24 rows ahead measured no better).
 #ifndef PF_Q4
 #define PF_Q4 (8 * I / 2)
 #endif
@@ -1113,7 +1114,8 @@ inline void nf4_dq_block_scales(const Q4Params& p, int64_t i0, int64_t n, const 
 // computes, with the per-block work cut to a few vector ops per 16 groups (on (5632, 2048) it had cost ~40% of the
 // kernel's time on one Zen 4 core). Each row's group scales are decoded and multiplied by their step's sx
 // (``sxg``, (G,), made once per call) in 16-lane vectors, and its zero terms, z * sum(x) - s sx * offset *
-// sum(xq) (``xsum``, ``oq``: (G,)), start its accumulator instead of running after the loop. st: (RB, G) scratch; out: (RB,).
+// sum(xq) (``xsum``, ``oq``: (G,)), start its accumulator instead of running after the loop. st: (RB, G) scratch;
+// out: (RB,).
 // RB = 8 (Q4_ROW_BLOCK): eight 1 KB code rows in flight instead of four. One Zen 4 core, (5632, 2048) int4 from
 // L3: 25 -> 38 GB/s (the 4-row loop waited on L2 -> L1 fills, ~7 cycles a 64-byte line against ~3 of arithmetic);
 // from DRAM on both cores, four alternating runs: 24.9-35.2 GB/s with 4 rows, 27.2-36.6 with 8.
@@ -1401,6 +1403,49 @@ void ember_dense_f32(const float* W, const float* X, void* Y, int64_t M, int64_t
 
 }  // extern "C"
 
+namespace {
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+// What the 4-bit int8-activation kernels take besides the weights, for bf16 activation rows X (M, I): the rows
+// quantized (Xq, in scratch_q8, VNNI's order 1 or AVX2's order 2), sx (M, I / 128) in the code book's unit, zt (M, 2G):
+// per group the x sum, then offset * the xq sum; and the code bytes tb = levels + 1 + round(levels c) (the code
+// book 4 times; int4 codes are q in 0..15 for q - 8, so offset 8; nf4's tq - levels - 1 in units of 1 / levels).
+struct Q4Act {
+  const int8_t* Xq;
+  float* sx;
+  float* zt;
+  uint8_t tb[64];
+};
+
+Q4Act q4_activations(const uint16_t* X, int64_t M, int64_t I, int mode, int64_t group, const float* table) {
+#ifdef EMBER_VNNI
+  constexpr int levels = 127, order = 1;  // vpdpbusd: u8 codes up to 255
+#else
+  constexpr int levels = 63, order = 2;  // vpmaddubsw: u8 codes up to 127 keep its s16 pairs from saturating
+#endif
+  const int64_t S = I / 128, G = I / group;
+  const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
+  Q4Act a;
+  for (int i = 0; i < 64; i++) a.tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * table[i % 16]));
+  scratch_q8.resize(static_cast<size_t>(M * I));
+  scratch_q8f.assign(static_cast<size_t>(M * S + 3 * M * G), 0.f);  // sx, zt, then qsum (M, G)
+  a.Xq = scratch_q8.data(), a.sx = scratch_q8f.data(), a.zt = a.sx + M * S;
+  float* qsum = a.zt + 2 * M * G;
+  for (int64_t m = 0; m < M; m++) {
+#ifdef EMBER_VNNI
+    quantize_x8(X + m * I, 1, I, order, group, scratch_q8.data() + m * I, a.sx + m * S, qsum + m * G, a.zt + m * 2 * G);
+#else
+    quantize_x8_avx2(X + m * I, 1, I, order, group, scratch_q8.data() + m * I, a.sx + m * S, qsum + m * G,
+                     a.zt + m * 2 * G);
+#endif
+    for (int64_t g = 0; g < G; g++) a.zt[m * 2 * G + G + g] = offset * qsum[m * G + g];
+  }
+  for (int64_t i = 0; i < M * S; i++) a.sx[i] *= x_unit;
+  return a;
+}
+#endif
+
+}  // namespace
+
 #ifdef EMBER_VNNI
 namespace {
 
@@ -1437,16 +1482,27 @@ struct I8RowJob {
 
 // n <= kMaxJobs int8 weights that read the same bf16 activation row, I % 128 == 0: the row quantized once (per 128
 // values, natural order), the weights' 4-row blocks in one parallel region (for_job_blocks).
-void int8_row_jobs(const I8RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
+// What int8_vnni takes besides the weights, for bf16 activation rows X (M <= MB, I): the rows quantized in natural
+// order (scratch_q8), sx (M, I / 128) (scratch_q8f), and corr[m] = the 128 * sum(xq) the u8 flip of the weights adds.
+const int8_t* int8_activations(const uint16_t* X, int64_t M, int64_t I, const float** sx_out, float* corr) {
   const int64_t S = I / 128;
-  scratch_q8.resize(static_cast<size_t>(I));
-  scratch_q8f.assign(static_cast<size_t>(2 * S), 0.f);  // sx (S,), qsum (S,)
+  scratch_q8.resize(static_cast<size_t>(M * I));
+  scratch_q8f.assign(static_cast<size_t>(2 * M * S), 0.f);  // sx (M, S), qsum (M, S)
   float* sx = scratch_q8f.data();
-  float* qsum = sx + S;
-  quantize_x8(X, 1, I, 0, 128, scratch_q8.data(), sx, qsum, nullptr);
-  float corr[1] = {0.f};
-  for (int64_t c = 0; c < S; c++) corr[0] += 128.f * sx[c] * qsum[c];
-  const int8_t* Xq = scratch_q8.data();
+  float* qsum = sx + M * S;
+  quantize_x8(X, M, I, 0, 128, scratch_q8.data(), sx, qsum, nullptr);
+  for (int64_t m = 0; m < M; m++) {
+    corr[m] = 0.f;
+    for (int64_t c = 0; c < S; c++) corr[m] += 128.f * sx[m * S + c] * qsum[m * S + c];
+  }
+  *sx_out = sx;
+  return scratch_q8.data();
+}
+
+void int8_row_jobs(const I8RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
+  const float* sx;
+  float corr[1];
+  const int8_t* Xq = int8_activations(X, 1, I, &sx, corr);
   for_job_blocks(jobs, n, R, nthreads, [&](int j, int64_t o0) {
     const I8RowJob& job = jobs[j];
     const int8_t* w[R];
@@ -1465,29 +1521,18 @@ inline bool q4_row_fits(int64_t I, int64_t group) {
 // n <= kMaxJobs weights that read the same activation row (q/k/v, gate/up), all of one mode, group and code table,
 // I values a row: the row is quantized once and the weights' blocks of Q4_ROW_BLOCK rows are shared out over the
 // threads as one range (for_job_blocks), in one parallel region, instead of one quantization, fork and join (and
-// cold start of the prefetch) per weight. The 1.1B bench model's int4 attention block (q/k/v, attention, o) on two Zen 4 cores, medians of
-// three alternating runs: 215-222 -> 188-214 us a layer.
+// cold start of the prefetch) per weight. The 1.1B bench model's int4 attention block (q/k/v, attention, o) on
+// two Zen 4 cores, medians of three alternating runs: 215-222 -> 188-214 us a layer.
 void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
   const Q4Params& p0 = jobs[0].p;
   const int mode = p0.mode;
-  const int64_t group = p0.group, G = I / group, S = I / 128, half = I / 2;
-  constexpr int levels = 127;  // vpdpbusd: u8 codes up to 255
-  // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for
-  // (tq - levels - 1) / levels
-  const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
-  uint8_t tb[64];
-  for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * p0.table[i % 16]));
-  const __m512i tq = _mm512_loadu_si512(tb);
-  scratch_q8.resize(static_cast<size_t>(I));
-  scratch_q8f.assign(static_cast<size_t>(S + 3 * G), 0.f);  // sx (S,), zt (2G,): x sums, offset * xq sums; qsum (G,)
-  float* sx = scratch_q8f.data();
-  float* zt = sx + S;
-  float* qsum = zt + 2 * G;
-  quantize_x8(X, 1, I, 1, group, scratch_q8.data(), sx, qsum, zt);
-  for (int64_t g = 0; g < G; g++) zt[G + g] = offset * qsum[g];
-  thread_local std::vector<float> sx_group;  // sx of each group, in the code book's unit
+  const int64_t group = p0.group, G = I / group, half = I / 2;
+  const Q4Act act = q4_activations(X, 1, I, mode, group, p0.table);
+  const __m512i tq = _mm512_loadu_si512(act.tb);
+  const float* zt = act.zt;
+  thread_local std::vector<float> sx_group;  // sx of each group
   sx_group.resize(static_cast<size_t>(G));
-  for (int64_t g = 0; g < G; g++) sx_group[g] = sx[g * group / 128] * x_unit;
+  for (int64_t g = 0; g < G; g++) sx_group[g] = act.sx[g * group / 128];
 #ifdef __AVX512VBMI__
   const float* dyn = nullptr;  // the double-quantization map of the NF4 jobs that have one (one map: q4_row_group)
   for (int j = 0; j < n; j++)
@@ -1510,7 +1555,7 @@ void q4_row_jobs(Q4RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16
 #endif
   constexpr int RB = Q4_ROW_BLOCK;
   const float* sxg = sx_group.data();
-  const int8_t* Xq = scratch_q8.data();
+  const int8_t* Xq = act.Xq;
   for_job_blocks(jobs, n, RB, nthreads, [&](int j, int64_t o0) {
     const Q4RowJob& job = jobs[j];
     float* st = block_scratch(G, RB);
@@ -1544,17 +1589,9 @@ void ember_int8(const int8_t* W, const float* scales, const void* X, int x_bf16,
     return;
   }
   if (act_q8 && x_bf16 && M <= MB && I % 128 == 0) {
-    const int64_t S = I / 128;
-    scratch_q8.resize(static_cast<size_t>(M * I));
-    scratch_q8f.assign(static_cast<size_t>(2 * M * S), 0.f);  // sx (M, S), qsum (M, S)
-    float* sx = scratch_q8f.data();
-    float* qsum = sx + M * S;
-    quantize_x8(static_cast<const uint16_t*>(X), M, I, 0, 128, scratch_q8.data(), sx, qsum, nullptr);
+    const float* sxp;
     float corr[MB] = {};
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t c = 0; c < S; c++) corr[m] += 128.f * sx[m * S + c] * qsum[m * S + c];
-    const int8_t* Xq = scratch_q8.data();
-    const float* sxp = sx;
+    const int8_t* Xq = int8_activations(static_cast<const uint16_t*>(X), M, I, &sxp, corr);
     for_row_blocks(O, M, nthreads, [&](int64_t o0, int64_t m0, int nm, float* out) {
       const int8_t* w[R];
       row_ptrs(W, o0, O, I, w);
@@ -1649,43 +1686,17 @@ void ember_q4(const uint8_t* W, const void* X, int x_bf16, void* Y, int64_t M, i
 #endif
 #if defined(EMBER_VNNI) || defined(EMBER_AVX2)
   if (act_q8 && x_bf16 && I % 128 == 0 && 128 % group == 0 && M <= 8) {
-    const int64_t S = I / 128;
+    const Q4Act act = q4_activations(static_cast<const uint16_t*>(X), M, I, mode, group, table);
 #ifdef EMBER_VNNI
-    const int levels = 127, order = 1;  // vpdpbusd: u8 codes up to 255
-#else
-    const int levels = 63, order = 2;  // vpmaddubsw: u8 codes up to 127 keep its s16 pairs from saturating
-#endif
-    // int4 codes are q in 0..15 for q - 8; nf4 codes index tq = levels + 1 + round(levels c), for
-    // (tq - levels - 1) / levels
-    const float offset = mode == 0 ? 8.f : levels + 1.f, x_unit = mode == 0 ? 1.f : 1.f / levels;
-    uint8_t tb[64];
-    for (int i = 0; i < 64; i++) tb[i] = static_cast<uint8_t>(levels + 1 + std::lrint(levels * table[i % 16]));
-#ifdef EMBER_VNNI
-    const __m512i tq = _mm512_loadu_si512(tb);
+    const __m512i tq = _mm512_loadu_si512(act.tb);
 #define Q4K(RR_, N_, MD_) q4_vnni<RR_, N_, MD_>(w, st, Xq, sxp, ztp, I, group, tq, out)
 #else
-    const __m256i tq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb));
+    const __m256i tq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act.tb));
 #define Q4K(RR_, N_, MD_) q4_q8_avx2<RR_, N_, MD_>(w, st, Xq, sxp, ztp, I, group, tq, out)
 #endif
-    scratch_q8.resize(static_cast<size_t>(M * I));
-    // sx (M, S); per row the x sum of each group, then offset * sum(xq) of each group (the kernels' zt, (M, 2G));
-    // qsum (M, G)
-    scratch_q8f.assign(static_cast<size_t>(M * S + 3 * M * G), 0.f);
-    const int8_t* Xq = scratch_q8.data();
-    float* sx = scratch_q8f.data();
-    float* zt = sx + M * S;
-    float* qsum = zt + 2 * M * G;
-    for (int64_t m = 0; m < M; m++) {
-#ifdef EMBER_VNNI
-      quantize_x8(static_cast<const uint16_t*>(X) + m * I, 1, I, order, group, scratch_q8.data() + m * I, sx + m * S,
-                  qsum + m * G, zt + m * 2 * G);
-#else
-      quantize_x8_avx2(static_cast<const uint16_t*>(X) + m * I, 1, I, order, group, scratch_q8.data() + m * I,
-                       sx + m * S, qsum + m * G, zt + m * 2 * G);
-#endif
-      for (int64_t g = 0; g < G; g++) zt[m * 2 * G + G + g] = offset * qsum[m * G + g];
-    }
-    for (int64_t i = 0; i < M * S; i++) sx[i] *= x_unit;
+    const int8_t* Xq = act.Xq;
+    const float* sx = act.sx;
+    const float* zt = act.zt;
     const float* sxp = sx;
     const float* ztp = zt;
     const int64_t rr = M == 1 ? 4 : 1;  // decode: 4 weight rows per pass; batches: one row, up to 8 activations
