@@ -170,3 +170,47 @@ def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
     swapped = _decode_steps(ours, ids, 6, torch.bfloat16)
     assert model_module._decode_blocks[ours].blocks[1] is None
     assert_close(swapped[-1], zeroed[-1], 1e-6, "LoRA with B = 0")
+
+
+def _silu_polynomial(g: torch.Tensor) -> torch.Tensor:
+    """silu(g) in fp32 with the kernels' e^x (exp_clamped in cpu.cpp), op for op: (g / (1 + e^-g))."""
+    y = (-g).clamp(-87.0, 88.0)
+    n = torch.floor(y * 1.44269504088896341 + 0.5)
+    r = (y - n * 0.693359375) + n * 2.12194440e-4
+    p = torch.full_like(r, 1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + k
+    p = (p * r * r + r) + 1.0
+    scale = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+    return g / (1.0 + p * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mlp_block_is_the_modules_with_the_kernels_silu_bit_for_bit(hf_checkpoint, dtype):
+    # the block's silu runs 16 lanes at a time where the build has AVX512 and as a scalar loop for the rest
+    # (F = 5 x 16 + 7 here): both must be exp_clamped's polynomial exactly, so the block equals the modules'
+    # products around a polynomial silu written in torch, bit for bit
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable")
+    folder, _ = hf_checkpoint("llama", dtype=dtype, intermediate_size=87)
+    ours = load_model(folder, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    layer = ours.model.layers[0]
+    mlp = layer.mlp
+    H, F = ours.config.hidden_size, 87
+    with torch.no_grad():  # silu over -30..30 (e^x's range reduction at work), and each output one silu product
+        mlp.gate_proj.weight.mul_(80)
+        cols = list(range(H - 7)) + list(range(F - 7, F))  # the vector lanes and the scalar tail
+        mlp.down_proj.weight.zero_()
+        mlp.down_proj.weight[torch.arange(H), torch.tensor(cols)] = 1
+    torch.manual_seed(9)
+    x = (torch.randn(H) * 1e-3).to(dtype)  # small beside the product, so the residual add keeps its bits
+    blocks = layer.block_kernels(x)
+    assert blocks is not None
+    got = x.clone()
+    assert kernels.run_mlp_block(blocks[1], got)
+    h = layer.post_attention_layernorm(x.view(1, -1))
+    g, u = kernels.project(h, (mlp.gate_proj, mlp.up_proj))
+    assert float(g.abs().max()) > 20
+    s = _silu_polynomial(g.float()).to(dtype)
+    ref = x + mlp.down_proj((s.float() * u.float()).to(dtype)).view(-1)
+    assert torch.equal(got, ref)
