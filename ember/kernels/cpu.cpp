@@ -1210,32 +1210,19 @@ inline void q4_vnni_row(const uint8_t* const* w, const Q4Params& p, const int64_
     for (int64_t g = 0; g < G; g += 16) {
       const __mmask16 k = lanes16(G - g);
       const int64_t i = base + g;
-      __m512 s, z = _mm512_setzero_ps();
-      if (MODE == 0 && p.stats_bf16) {
-        const __m512i sh = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p.scales) + i));
-        const __m512i zh = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p.zeros) + i));
-        s = _mm512_castsi512_ps(_mm512_slli_epi32(sh, 16)), z = _mm512_castsi512_ps(_mm512_slli_epi32(zh, 16));
-      } else if (MODE == 0) {
-        s = _mm512_maskz_loadu_ps(k, static_cast<const float*>(p.scales) + i);
-        z = _mm512_maskz_loadu_ps(k, static_cast<const float*>(p.zeros) + i);
-      } else if (p.absmax) {
-        s = _mm512_maskz_loadu_ps(k, p.absmax + i);
-      } else {  // double quantization: the code's dynamic-map value, times its block-of-256 scale
+      // the code's dynamic-map value, times its block-of-256 scale
 #ifdef __AVX512VBMI__
-        if (g % 64 == 0) {
-          const int64_t n = std::min<int64_t>(64, G - g);
-          dyn64(dyn_map, _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1, p.am_code + i),
-                dyn64_out);
-        }
-        const __m512 dyn = dyn64_out[(g / 16) % 4];
-#else
-        const __m512 dyn = lookup256(dyn_map, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p.am_code + i)));
-#endif
-        s = dq_absmax16(p, i, k, dyn);
+      if (g % 64 == 0) {
+        const int64_t n = std::min<int64_t>(64, G - g);
+        dyn64(dyn_map, _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1, p.am_code + i),
+              dyn64_out);
       }
-      s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, sxg + g));
+      const __m512 dyn = dyn64_out[(g / 16) % 4];
+#else
+      const __m512 dyn = lookup256(dyn_map, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p.am_code + i)));
+#endif
+      const __m512 s = _mm512_mul_ps(dq_absmax16(p, i, k, dyn), _mm512_maskz_loadu_ps(k, sxg + g));
       _mm512_mask_storeu_ps(st + r * G + g, k, s);
-      if (MODE == 0) a = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(k, xsum + g), a);
       a = _mm512_fnmadd_ps(s, _mm512_maskz_loadu_ps(k, oq + g), a);
     }
     acc[r] = a;
@@ -1540,8 +1527,6 @@ struct I8RowJob {
   const float* scales;
 };
 
-// n <= kMaxJobs int8 weights that read the same bf16 activation row, I % 128 == 0: the row quantized once (per 128
-// values, natural order), the weights' 4-row blocks in one parallel region (for_job_blocks).
 // What int8_vnni takes besides the weights, for bf16 activation rows X (M <= MB, I): the rows quantized in natural
 // order (scratch_q8), sx (M, I / 128) (scratch_q8f), and corr[m] = the 128 * sum(xq) the u8 flip of the weights adds.
 const int8_t* int8_activations(const uint16_t* X, int64_t M, int64_t I, const float** sx_out, float* corr) {
@@ -1559,6 +1544,8 @@ const int8_t* int8_activations(const uint16_t* X, int64_t M, int64_t I, const fl
   return scratch_q8.data();
 }
 
+// n <= kMaxJobs int8 weights that read the same bf16 activation row, I % 128 == 0: the row quantized once (per 128
+// values, natural order), the weights' 4-row blocks in one parallel region (for_job_blocks).
 void int8_row_jobs(const I8RowJob* jobs, int n, const uint16_t* X, int64_t I, int y_bf16, int nthreads) {
   const float* sx;
   float corr[1];
@@ -2580,17 +2567,12 @@ inline __m512 round16_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
-inline __m512 load16_any(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16_any(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
 inline __m512 round16(__m512 v, float) { return v; }
 inline __m512 round16(__m512 v, uint16_t) { return round16_bf16(v); }
-inline void store16_any(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16_any(uint16_t* p, __m512 v) {  // v already rounded: its upper halves
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+inline void store_rounded16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_rounded16(uint16_t* p, __m512 v) {  // v already rounded (round16_bf16, NaNs as f32_to_bf16 makes
+  // them; vcvtneps2bf16 would quiet them its own way): its upper halves
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
 }
 #endif
 
@@ -2602,10 +2584,10 @@ void silu_mul(T* g, const T* u, int64_t n) {
   int64_t i = 0;
 #ifdef EMBER_X86
   for (; i + 16 <= n; i += 16) {
-    const __m512 x = load16_any(g + i);
+    const __m512 x = load16f(g + i);
     const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
     const __m512 s = round16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16_clamped(neg))), T{});
-    store16_any(g + i, round16(_mm512_mul_ps(s, load16_any(u + i)), T{}));
+    store_rounded16(g + i, round16(_mm512_mul_ps(s, load16f(u + i)), T{}));
   }
 #endif
   for (; i < n; i++) {
