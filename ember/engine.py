@@ -235,6 +235,8 @@ class Engine:
         cache.advance(longest)
         next_pos = positions[:, -1] + 1
 
+        # The model is not changed while a generation runs: its decode steps check the CPU kernel blocks once.
+        session = object()
         step = 0
         while True:
             past = history[:, :longest + step] if history is not None else None
@@ -260,7 +262,7 @@ class Engine:
                     return
                 yield StreamChunk(i, toks[i], text, r.finish)
             # One decode step for every row (finished rows ride along; their output is ignored).
-            logits = self.model(tok[:, None], next_pos[:, None], cache, cache.pos, k_valid)[:, -1]
+            logits = self.model(tok[:, None], next_pos[:, None], cache, cache.pos, k_valid, session=session)[:, -1]
             cache.advance(1)
             next_pos = next_pos + 1
 

@@ -74,7 +74,7 @@ def hf_checkpoint(tmp_path_factory):
     cache: dict = {}
 
     def make(family: str, dtype: torch.dtype = torch.float32, **overrides):
-        key = (family, dtype, tuple(sorted(overrides.items())))
+        key = (family, dtype, repr(sorted(overrides.items())))  # repr: list values (mlp_only_layers) too
         if key not in cache:
             model = make_hf_model(family, dtype, **overrides)
             folder = Path(tmp_path_factory.mktemp(f"ckpt-{family}"))

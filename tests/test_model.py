@@ -104,18 +104,59 @@ def test_one_sequence_decode_in_block_kernels_matches_hf(hf_checkpoint, family, 
     # batch 1 decode on the CPU runs each layer's attention (and dense MLP) block in one kernel call
     folder, hf = hf_checkpoint(family)
     ours = load_model(folder, dtype="fp32")
-    calls = []
-    real = kernels.run_attn_block
-    monkeypatch.setattr(kernels, "run_attn_block", lambda *a: calls.append(1) or real(*a))
-    ids = torch.randint(0, hf.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    calls = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 20, 4, family)
+    if kernels.load() is not None:
+        # mistral's window (8) is passed from step 2 on: those steps take the modules' masked path
+        assert calls["blocks"] == ours.config.num_hidden_layers * (2 if family == "mistral" else 14)
+        assert calls["steps"] == (2 if family == "mistral" else 14)  # each step's layers in one call
+
+
+def _decode_matches_hf(ours, hf, n: int, seed: int, label: str) -> None:
+    """n random tokens, the first 6 prefilled and the rest decoded one at a time: logits as HF's in fp32."""
+    ids = torch.randint(0, hf.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = hf(ids).logits
     got = _decode_steps(ours, ids, 6, torch.float32)
     for i, step in enumerate(got[1:]):
-        assert_close(step, ref[:, 6 + i:7 + i], FP32_TOL, f"{family} decode step {i}")
-    if kernels.load() is not None:
-        # mistral's window (8) is passed from step 2 on: those steps take the modules' masked path
-        assert len(calls) == ours.config.num_hidden_layers * (2 if family == "mistral" else 14)
+        assert_close(step, ref[:, 6 + i:7 + i], FP32_TOL, f"{label} decode step {i}")
+
+
+def _count_kernel_attention(monkeypatch) -> dict:
+    """Counts of attention blocks run by the kernels (alone or in a whole-step call) and of whole-step calls,
+    with what each whole-step call returned."""
+    calls = {"blocks": 0, "steps": 0, "returned": []}
+    one, many = kernels.run_attn_block, kernels.run_decode_layers
+
+    def run_one(*a):
+        done = one(*a)
+        calls["blocks"] += done
+        return done
+
+    def run_many(*a):
+        done = many(*a)
+        calls["steps"] += 1
+        calls["returned"].append(done)
+        calls["blocks"] += (done + 1) // 2
+        return done
+
+    monkeypatch.setattr(kernels, "run_attn_block", run_one)
+    monkeypatch.setattr(kernels, "run_decode_layers", run_many)
+    return calls
+
+
+def test_decode_step_finishes_in_the_modules_where_a_block_kernel_refuses(hf_checkpoint, monkeypatch):
+    # layer 0 dense, layers 1-2 mixtures with top-65 routing (over the MoE kernel's 64): the whole-step call does
+    # layer 0 and layer 1's attention, the modules layer 1's experts, and the layer loop the rest
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable")
+    folder, hf = hf_checkpoint("qwen3-moe-mixed", num_experts=66, num_experts_per_tok=65,
+                                 mlp_only_layers=[0])
+    ours = load_model(folder, dtype="fp32")
+    calls = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 10, 6, "top-65 MoE")
+    assert calls["returned"] == [3] * 4  # layer 0's two blocks and layer 1's attention
+    assert calls["blocks"] == 4 * 3  # layer 2's attention block in the loop
 
 
 @pytest.mark.parametrize("family,quant", [("llama-bias", None), ("qwen3", None), ("qwen3-moe-mixed", None),
@@ -137,16 +178,21 @@ def test_block_kernels_equal_the_modules_in_bf16(hf_checkpoint, family, quant, m
         assert (a == b).float().mean() > 0.9
 
 
-def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
-    # the layers' kernel blocks are kept between decode steps and remade when what they were made from changes
+def _bf16_llama_decode(hf_checkpoint, seed: int):
+    """A bf16 tiny llama (skips without the native kernels), 10 random token ids and their decode logits."""
     if kernels.load() is None:
         pytest.skip("native kernels unavailable")
-    from ember.train.lora import LoRALinear
-
     folder, _ = hf_checkpoint("llama", dtype=torch.bfloat16)
     ours = load_model(folder, dtype="bf16")
-    ids = torch.randint(0, ours.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(6))
-    base = _decode_steps(ours, ids, 6, torch.bfloat16)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(seed))
+    return ours, ids, _decode_steps(ours, ids, 6, torch.bfloat16)
+
+
+def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
+    # the layers' kernel blocks are kept between decode steps and remade when what they were made from changes
+    from ember.train.lora import LoRALinear
+
+    ours, ids, base = _bf16_llama_decode(hf_checkpoint, 6)
     first = model_module._decode_blocks[ours]
     assert _decode_steps(ours, ids, 6, torch.bfloat16)[-1].equal(base[-1])
     assert model_module._decode_blocks[ours] is first  # nothing changed: the same blocks
@@ -170,6 +216,46 @@ def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
     swapped = _decode_steps(ours, ids, 6, torch.bfloat16)
     assert model_module._decode_blocks[ours].blocks[1] is None
     assert_close(swapped[-1], zeroed[-1], 1e-6, "LoRA with B = 0")
+
+
+def test_decode_session_checks_the_blocks_once(hf_checkpoint, monkeypatch):
+    # inside one session (a generation) the blocks are checked at its first decode step; outside, at every one
+    ours, ids, base = _bf16_llama_decode(hf_checkpoint, 7)
+    checks = []
+    valid = model_module.DecodeBlocks.valid
+    monkeypatch.setattr(model_module.DecodeBlocks, "valid", lambda self, x: checks.append(1) or valid(self, x))
+
+    def run(session, new_cache_at=None):
+        cache = StaticKVCache(ours.config, 1, ids.shape[1] + 4, torch.bfloat16, "cpu")
+        with torch.no_grad():
+            out = [ours(ids[:, :6], cache=cache, start=0)]
+            cache.advance(6)
+            for t in range(6, ids.shape[1]):
+                if t == new_cache_at:  # another cache object in the same session: its tensors are looked up
+                    moved = StaticKVCache(ours.config, 1, ids.shape[1] + 4, torch.bfloat16, "cpu")
+                    for a, b in zip(moved.k + moved.v, cache.k + cache.v):
+                        a.copy_(b)
+                    moved.pos, cache = cache.pos, moved
+                    moved_to.append(moved.k[0].data_ptr())
+                out.append(ours(ids[:, t:t + 1], cache=cache, start=cache.pos, session=session))
+                cache.advance(1)
+        return out
+
+    for session in (object(), object()):
+        checks.clear()
+        got = run(session)
+        assert len(checks) == 1  # the session's first step
+        assert all(a.equal(b) for a, b in zip(got, base))
+    checks.clear()
+    run(None)
+    assert len(checks) == 4  # every decode step
+    # the steps' cache binding follows a new cache object within a session
+    taken, moved_to = [], []
+    monkeypatch.setattr(kernels, "layer_steps", lambda b, c: taken.append(c[0][0].data_ptr()) or
+                        kernels.LayerSteps(b, c))
+    got = run(object(), new_cache_at=8)
+    assert taken[-1] == moved_to[0]
+    assert all(a.equal(b) for a, b in zip(got, base))
 
 
 def _silu_polynomial(g: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_mlp_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_moe_block.restype = _INT
     lib.ember_moe_block.argtypes = [_P, _P, _INT, _INT]
+    lib.ember_decode_layers.restype = _INT
+    lib.ember_decode_layers.argtypes = [_P, _INT, _P, _P, _P, _I64, _INT, _INT]
     lib.ember_attn_decode.restype = _INT
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
@@ -534,6 +536,49 @@ def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
     """Apply an MLP or MoE :class:`BlockKernel` to ``x`` (H,) in place."""
     fn = _lib.ember_moe_block if block.kind == "moe" else _lib.ember_mlp_block
     return bool(fn(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
+
+
+class _LayerStepDesc(ctypes.Structure):
+    """Mirror of ``LayerStepDesc`` in cpu.cpp."""
+
+    _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64)]
+
+
+class LayerSteps:
+    """Every layer's (attention, MLP or MoE) :class:`BlockKernel` pair bound to its key/value cache tensors, for
+    :func:`run_decode_layers`. Keeps the blocks alive, not the caches: a KV cache can be gigabytes, and its owner
+    (the running request) holds it while it is used."""
+
+    __slots__ = ("table", "addr", "n", "parts")
+
+    def __init__(self, blocks: list[tuple[BlockKernel, BlockKernel]],
+                 caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.n = len(blocks)
+        self.table = (_LayerStepDesc * self.n)(*[
+            _LayerStepDesc(attn=a.addr, mlp=m.addr, moe=int(m.kind == "moe"), Kc=kc.data_ptr(), Vc=vc.data_ptr(),
+                           max_len=kc.shape[2])
+            for (a, m), (kc, vc) in zip(blocks, caches)])
+        self.addr = ctypes.addressof(self.table)
+        self.parts = blocks
+
+
+def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
+                caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LayerSteps | None:
+    """The layers' blocks with their caches (each (1, nkv, max_len, hd), contiguous, of x's dtype), or None where
+    a cache is not laid out so."""
+    for kc, vc in caches:
+        if not (kc.is_contiguous() and vc.is_contiguous() and kc.shape == vc.shape and kc.dim() == 4
+                and kc.shape[0] == 1 and kc.device.type == "cpu"):
+            return None
+    return LayerSteps(blocks, caches)
+
+
+def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> int:
+    """Apply every layer of ``steps`` to ``x`` (H,) in place, in one call, for the token at cache slot ``pos``
+    (cos/sin (hd,) of its position). Returns the number of blocks applied, two a layer: the caller finishes the
+    rest (a cache too short, a kernel that refused the dtype) from block ``done``."""
+    return _lib.ember_decode_layers(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
+                                    x.dtype is torch.bfloat16, torch.get_num_threads())
 
 
 def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
