@@ -239,13 +239,14 @@ def test_nf4(build, dtype, double_quant, M, O, I, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rms_norm_matches_the_torch_path(build, dtype):
+@pytest.mark.parametrize("H", [192, 200])  # 16-lane vectors only, and a scalar tail
+def test_rms_norm_matches_the_torch_path(build, dtype, H):
     torch.manual_seed(4)
-    norm = RMSNorm(192, eps=1e-5)
+    norm = RMSNorm(H, eps=1e-5)
     with torch.no_grad():
         norm.weight.normal_(1, 0.2)
     norm = norm.to(dtype)
-    x = (torch.randn(3, 5, 192) * 4).to(dtype)
+    x = (torch.randn(3, 5, H) * 4).to(dtype)
     with torch.no_grad():
         got = kernels.rms_norm(x, norm.weight, norm.eps)
         h = x.float()
@@ -258,11 +259,12 @@ def test_rms_norm_matches_the_torch_path(build, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_in_place_equals_apply_rope(build, dtype):
-    cfg = ModelConfig(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+@pytest.mark.parametrize("hd", [32, 40, 128])  # halves of 16-lane vectors, of scalars, of two vectors
+def test_rope_in_place_equals_apply_rope(build, dtype, hd):
+    cfg = ModelConfig(model_type="llama", hidden_size=4 * hd, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=32)
     torch.manual_seed(5)
-    x = torch.randn(2, 3, 4, 32).to(dtype)  # (B, T, heads, hd)
+    x = (torch.randn(2, 3, 4, hd) * 3).to(dtype)  # (B, T, heads, hd)
     positions = torch.tensor([[0, 1, 2], [7, 8, 9]])
     cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions, dtype)  # (B, T, hd)
     ref = apply_rope(x.transpose(1, 2), cos[:, None], sin[:, None]).transpose(1, 2)
@@ -399,6 +401,22 @@ def test_project_runs_quantized_weights_of_one_format_in_one_region_bit_for_bit(
             assert all(torch.equal(t, a) for t, a in zip(together, alone)), type(mods[0]).__name__
             ref = x.double() @ mods[0].dequantize().double().T
             worst(together[0], ref, 0.03 * float(ref.abs().max()), f"{type(mods[0]).__name__} in a group")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_project_runs_dense_weights_in_one_region_bit_for_bit(dtype):
+    # q/k/v-like groups of bf16 or fp32 weights (row counts off the 4-row blocks, a bias): the same bits as alone
+    from ember.model import Linear
+
+    torch.manual_seed(13)
+    x = torch.randn(1, 1, 384).to(dtype)
+    mods = [Linear(384, o, bias=b).to(dtype) for o, b in [(67, False), (16, True), (9, False)]]
+    with torch.no_grad():
+        alone = [m(x) for m in mods]
+        together = kernels.project(x, mods)
+        assert all(torch.equal(t, a) for t, a in zip(together, alone))
+        ref = x.double() @ mods[1].weight.double().T + mods[1].bias.double()
+        worst(together[1], ref, tol(ref, dtype), f"dense {dtype} in a group")
 
 
 def test_the_native_build_compiles_where_there_is_a_compiler():

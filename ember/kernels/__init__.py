@@ -300,6 +300,8 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     if lib is None:
         return False
     B, T, n, hd = x.shape
+    if hd % 2:
+        return False
     lib.ember_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, n, hd, x.dtype is torch.bfloat16)
     return True
 

@@ -1560,6 +1560,30 @@ void int8_row_jobs(const I8RowJob* jobs, int n, const uint16_t* X, int64_t I, in
   });
 }
 
+// One weight of the one-activation-row dense kernels: W (O, I) bf16 (T uint16_t) or fp32, Y (O,).
+template <typename T>
+struct DenseRowJob {
+  const T* W;
+  int64_t O;
+  void* Y;
+};
+
+// n <= kMaxJobs dense weights of X's dtype that read the same activation row (q/k/v, gate/up, the gate/up of a
+// token's experts): their R-row blocks in one parallel region (for_job_blocks), not a fork, join and cold
+// prefetch start per weight; the same products as ember_dense_bf16 / ember_dense_f32.
+template <typename T>
+void dense_row_jobs(const DenseRowJob<T>* jobs, int n, const T* X, int64_t I, int y_bf16, int nthreads) {
+  for_job_blocks(jobs, n, R, nthreads, [&](int j, int64_t o0) {
+    const DenseRowJob<T>& job = jobs[j];
+    const T* w[R];
+    row_ptrs(job.W, o0, job.O, I, w);
+    float out[R * MB];
+    if constexpr (std::is_same_v<T, uint16_t>) dense_bf16_rows(w, X, I, 1, out);
+    else dense_f32_rows(w, X, I, 1, out);
+    store_block(job.Y, job.O, o0, 0, 1, out, nullptr, y_bf16);
+  });
+}
+
 // Whether q4_vnni_row takes rows of I values in groups of ``group``.
 inline bool q4_row_fits(int64_t I, int64_t group) {
   return I % 128 == 0 && (group == 32 || group == 64 || group == 128);
@@ -1964,6 +1988,8 @@ void ember_q4_dequant(const uint8_t* W, int64_t I, int64_t a, int64_t b, void* o
 namespace {
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t H, float eps);
+template <typename T>
+void rope_head(T* x, const T* cos, const T* sin, int64_t hd);
 }
 
 extern "C" {
@@ -1984,24 +2010,20 @@ void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int6
   }
 }
 
-// Rotary embedding in place, HF's half-split layout: x (n_rows, heads, hd) with cos/sin (n_rows, hd) per row;
-// out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); in bf16 each product and the sum are
-// rounded as PyTorch's bf16 ops round them.
+// Rotary embedding in place, HF's half-split layout: x (n_rows, heads, hd), hd even, with cos/sin (n_rows, hd)
+// per row; out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); in bf16 each product and the
+// sum are rounded as PyTorch's bf16 ops round them.
 void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64_t heads, int64_t hd, int is_bf16) {
-  const int64_t half = hd / 2;
-  std::vector<float> tmp(static_cast<size_t>(hd));
-  auto rnd = [is_bf16](float v) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; };
-  for (int64_t t = 0; t < n_rows; t++) {
+  for (int64_t t = 0; t < n_rows; t++)
     for (int64_t h = 0; h < heads; h++) {
       const int64_t base = (t * heads + h) * hd;
-      for (int64_t k = 0; k < hd; k++) tmp[k] = load_f(X, base + k, is_bf16);
-      for (int64_t k = 0; k < hd; k++) {
-        const float rot = k < half ? -tmp[k + half] : tmp[k - half];
-        const float c = load_f(Cos, t * hd + k, is_bf16), s = load_f(Sin, t * hd + k, is_bf16);
-        store_y(X, base + k, rnd(rnd(tmp[k] * c) + rnd(rot * s)), is_bf16);
-      }
+      if (is_bf16)
+        rope_head(static_cast<uint16_t*>(X) + base, static_cast<const uint16_t*>(Cos) + t * hd,
+                  static_cast<const uint16_t*>(Sin) + t * hd, hd);
+      else
+        rope_head(static_cast<float*>(X) + base, static_cast<const float*>(Cos) + t * hd,
+                  static_cast<const float*>(Sin) + t * hd, hd);
     }
-  }
 }
 
 }  // extern "C"
@@ -2435,6 +2457,20 @@ bool int8_row_group(int n, const LinearDesc* const* d) {
     if (d[i]->kind != 2 || !d[i]->act_q8 || d[i]->I != d[0]->I) return false;
   return d[0]->I % 128 == 0;
 }
+
+// The same for dense weights (dense_row_jobs): all of X's dtype, one row width, none on AMX tiles for one row.
+bool dense_row_group(int n, const LinearDesc* const* d, int x_bf16) {
+  for (int i = 0; i < n; i++)
+    if (d[i]->kind != 1 || d[i]->w_bf16 != x_bf16 || d[i]->I != d[0]->I || d[i]->amx_min_rows == 1) return false;
+  return true;
+}
+
+template <typename T>
+void run_dense_row_jobs(int n, const LinearDesc* const* d, const void* X, void* const* Y, int nthreads) {
+  DenseRowJob<T> jobs[kMaxJobs];
+  for (int i = 0; i < n; i++) jobs[i] = {static_cast<const T*>(d[i]->W), d[i]->O, Y[i]};
+  dense_row_jobs(jobs, n, static_cast<const T*>(X), d[0]->I, std::is_same_v<T, uint16_t>, nthreads);
+}
 #endif
 
 }  // namespace
@@ -2491,6 +2527,12 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
     for (int i = 0; i < n; i++) jobs[i] = {static_cast<const int8_t*>(d[i]->W), d[i]->O, Y[i], d[i]->scales};
     int8_row_jobs(jobs, n, static_cast<const uint16_t*>(X), d[0]->I, 1, nthreads);
     for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, 1);
+    return n;
+  }
+  if (M == 1 && n > 1 && n <= kMaxJobs && dense_row_group(n, d, x_bf16)) {
+    if (x_bf16) run_dense_row_jobs<uint16_t>(n, d, X, Y, nthreads);
+    else run_dense_row_jobs<float>(n, d, X, Y, nthreads);
+    for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, x_bf16);
     return n;
   }
 #endif
@@ -2610,6 +2652,34 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t H, float eps) {
   for (; k < H; k++) put(out + k, to_float(w[k]) * round_to(to_float(x[k]) * inv, T{}));
 }
 
+// One head of ember_rope in place: x[k] = x[k] * cos[k] + rot[k] * sin[k], rot = (-x[half:], x[:half]), each
+// product and the sum rounded to T; 16 pairs at a time where the build has AVX512 and half is a multiple of 16.
+template <typename T>
+void rope_head(T* x, const T* cos, const T* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  int64_t k = 0;
+#ifdef EMBER_X86
+  if (half % 16 == 0)
+    for (; k < half; k += 16) {
+      const __m512 x1 = load16f(x + k), x2 = load16f(x + k + half);
+      const __m512 neg2 =
+          _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x2), _mm512_set1_epi32(INT32_MIN)));
+      const __m512 a = round16(_mm512_mul_ps(x1, load16f(cos + k)), T{});
+      const __m512 b = round16(_mm512_mul_ps(neg2, load16f(sin + k)), T{});
+      const __m512 c = round16(_mm512_mul_ps(x2, load16f(cos + k + half)), T{});
+      const __m512 d = round16(_mm512_mul_ps(x1, load16f(sin + k + half)), T{});
+      store_rounded16(x + k, round16(_mm512_add_ps(a, b), T{}));
+      store_rounded16(x + k + half, round16(_mm512_add_ps(c, d), T{}));
+    }
+#endif
+  for (; k < half; k++) {
+    const float x1 = to_float(x[k]), x2 = to_float(x[k + half]);
+    put(x + k, round_to(round_to(x1 * to_float(cos[k]), T{}) + round_to(-x2 * to_float(sin[k]), T{}), T{}));
+    const float c = round_to(x2 * to_float(cos[k + half]), T{}), d = round_to(x1 * to_float(sin[k + half]), T{});
+    put(x + k + half, round_to(c + d, T{}));
+  }
+}
+
 // g = silu(g) * u as PyTorch computes F.silu(g) * u: silu in fp32 (g / (1 + e^-g)), rounded to the dtype, then
 // the product rounded. e^-g from exp_clamped's polynomial, 16 lanes at a time where the build has AVX512 (5632
 // values on one Zen 4 core: 35 -> 2 us; scalar, the loop did not vectorize), the same bits either way.
@@ -2639,6 +2709,7 @@ extern "C" {
 // projection has no kernel for x's dtype.
 int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
                      int64_t max_len, int64_t pos, int is_bf16, int nthreads) {
+  if (d->hd % 2) return 0;  // rope's halves
   const int64_t H = d->H, nq = d->nh * d->hd, nk = d->nkv * d->hd, esz = is_bf16 ? 2 : 4;
   block_buf.resize(static_cast<size_t>((H + 2 * nq + 2 * nk + H) * esz / 4 + 8));
   char* base = reinterpret_cast<char*>(block_buf.data());
@@ -2712,16 +2783,15 @@ extern "C" {
 // norm_topk; each chosen expert's SwiGLU output (as ember_mlp_block, without the add) weighted in fp32, the sum
 // rounded once, then the residual add. Returns 0 (nothing done) where a kernel refuses x's dtype.
 int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
-  const int64_t H = d->H, F = d->F, E = d->E, esz = is_bf16 ? 2 : 4;
-  if (d->k > E || d->k > 64) return 0;
-  block_buf.resize(static_cast<size_t>((2 * H + 2 * F + E) * esz / 4 + H + 16));
+  const int64_t H = d->H, F = d->F, E = d->E, K = d->k, esz = is_bf16 ? 2 : 4;
+  if (K > E || K > 64) return 0;
+  block_buf.resize(static_cast<size_t>((2 * H + 2 * K * F + E) * esz / 4 + H + 16));
   float* acc = block_buf.data();  // (H,) fp32
   char* base = reinterpret_cast<char*>(acc + H);
   void* h = base;
-  void* g = base + H * esz;
-  void* u = base + (H + F) * esz;
-  void* y = base + (H + 2 * F) * esz;
-  void* lg = base + (2 * H + 2 * F) * esz;
+  char* gu = base + H * esz;  // (K, 2, F): each chosen expert's gate and up outputs
+  void* y = base + (H + 2 * K * F) * esz;
+  void* lg = base + (2 * H + 2 * K * F) * esz;
   ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
   if (!ember_linear(d->router, h, lg, 1, is_bf16, nthreads)) return 0;
   float p[512];
@@ -2733,7 +2803,7 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
   int64_t ids[64];
   float w[64], wsum = 0.f;
   bool taken[512] = {};
-  for (int64_t j = 0; j < d->k; j++) {
+  for (int64_t j = 0; j < K; j++) {
     int64_t best = -1;
     for (int64_t e = 0; e < E; e++)
       if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
@@ -2742,15 +2812,27 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
     wsum += (w[j] = p[best]);
   }
   if (d->norm_topk)
-    for (int64_t j = 0; j < d->k; j++) w[j] /= wsum;
+    for (int64_t j = 0; j < K; j++) w[j] /= wsum;
+  // The chosen experts' gate and up weights all read h: one ember_linear_many call (one parallel region where
+  // the formats allow) for up to 4 experts, then each expert's silu and down.
+  const LinearDesc* gu_desc[8];
+  void* gu_out[8];
+  for (int64_t j0 = 0; j0 < K; j0 += 4) {
+    const int nj = static_cast<int>(std::min<int64_t>(4, K - j0));
+    for (int j = 0; j < nj; j++)
+      for (int t = 0; t < 2; t++) {
+        gu_desc[2 * j + t] = d->experts[3 * ids[j0 + j] + t];
+        gu_out[2 * j + t] = gu + ((j0 + j) * 2 + t) * F * esz;
+      }
+    if (ember_linear_many(2 * nj, gu_desc, h, gu_out, 1, is_bf16, nthreads) != 2 * nj) return 0;
+  }
   std::fill(acc, acc + H, 0.f);
-  for (int64_t j = 0; j < d->k; j++) {
-    const LinearDesc* const* ex = d->experts + 3 * ids[j];
-    void* outs[2] = {g, u};
-    if (ember_linear_many(2, ex, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+  for (int64_t j = 0; j < K; j++) {
+    void* g = gu + 2 * j * F * esz;
+    const void* u = gu + (2 * j + 1) * F * esz;
     if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
     else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
-    if (!ember_linear(ex[2], g, y, 1, is_bf16, nthreads)) return 0;
+    if (!ember_linear(d->experts[3 * ids[j] + 2], g, y, 1, is_bf16, nthreads)) return 0;
     for (int64_t i = 0; i < H; i++) acc[i] += load_f(y, i, is_bf16) * w[j];
   }
   for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + round_to_dtype(acc[i], is_bf16), is_bf16);
