@@ -329,12 +329,22 @@ class DecodeBlocks:
     registered are never reused: the hooked layers have none, and once the hook is removed they must be made.
     """
 
-    __slots__ = ("dtype", "blocks", "hooks", "dicts", "ids", "tensors", "ptrs", "hooked", "cache_layers", "window",
-                 "checked_in", "_steps", "_steps_key", "_steps_cache")
+    __slots__ = ("dtype", "blocks", "head", "hooks", "dicts", "ids", "tensors", "ptrs", "hooked", "cache_layers",
+                 "window", "checked_in", "_steps", "_steps_key", "_steps_cache")
 
-    def __init__(self, layers: nn.ModuleList, x: torch.Tensor) -> None:
+    def __init__(self, layers: nn.ModuleList, x: torch.Tensor, norm: RMSNorm | None = None,
+                 lm_head: nn.Module | None = None) -> None:
         self.dtype = x.dtype
         self.blocks = [layer.block_kernels(x) for layer in layers]
+        # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
+        self.head = None
+        tail = [m for m in (norm, lm_head) if m is not None]
+        if norm is not None and lm_head is not None and not any(m._forward_hooks or m._forward_pre_hooks for m in tail):
+            get = getattr(lm_head, "cpu_kernel", None)
+            k = get() if get is not None else None
+            if (k is not None and k.accepts(x.view(1, -1)) and type(norm) is RMSNorm
+                    and norm.weight.dtype is x.dtype and norm.weight.is_contiguous()):
+                self.head = (norm.weight, norm.eps, k)
         self.cache_layers = [layer.self_attn.layer for layer in layers]
         # the smallest sliding window of the layers: from that slot on, some layer needs its mask (the module path)
         self.window = min((layer.window for layer in layers if layer.window is not None), default=None)
@@ -342,7 +352,8 @@ class DecodeBlocks:
         self._steps: kernels.LayerSteps | None = None
         self._steps_key: list | None = None
         self._steps_cache: tuple[object, weakref.ref] | None = None  # (session, the cache of the steps in it)
-        mods = list(layers.modules())  # the ModuleList too: a replaced layer is a changed slot of its dict
+        # the ModuleList too (a replaced layer is a changed slot of its dict), and the final norm and head
+        mods = list(layers.modules()) + [m for t in tail for m in t.modules()]
         self.hooks = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooked = any(self.hooks)
         # the non-empty child/parameter/buffer dicts and the ids of their values: a swapped submodule, a
@@ -494,43 +505,49 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-        n_keys = start + T if cache is not None else T
-        # Masks: one per distinct window; None lets SDPA take its fastest path.
-        masks: dict[int | None, torch.Tensor | None] = {}
-        q_slots = torch.arange(start, start + T, device=device)
-        for w in self._windows:
-            if k_valid is None and (w is None or n_keys <= w) and (T == 1 or start == 0):
-                masks[w] = None  # plain causal (prefill from slot 0) or full (single decode token)
-            else:
-                masks[w] = build_mask(q_slots, k_valid, n_keys, w)
-        is_causal = T > 1
-        # One token of one sequence on the CPU (decode): each layer in one or two kernel calls where its modules
-        # allow (DecoderLayer.block_kernels), the same products, norms and roundings as their forward.
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, hd)
+        # One token of one sequence on the CPU (decode): all layers (and the final norm and LM head) in one kernel
+        # call where their modules allow (DecoderLayer.block_kernels), the same products, norms and roundings as
+        # their forward; a layer the call leaves runs in one or two calls, or as its modules.
         fast = (T == 1 and B == 1 and k_valid is None and x.device.type == "cpu" and hasattr(cache, "layer_tensors")
                 and start == getattr(cache, "pos", None) and x.dtype in (torch.bfloat16, torch.float32)
                 and not (torch.is_grad_enabled() and x.requires_grad))
+        first = 0  # the first layer the loop below runs
+        layers = self.model.layers
         if fast:
             x = x.contiguous()
-            cos1, sin1 = cos[0, 0, 0].contiguous(), sin[0, 0, 0].contiguous()  # (hd,)
+            cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
             decode = _decode_blocks.get(self)
             if decode is None or not (session is not None and decode.checked_in is session and x.dtype is decode.dtype
                                       or decode.valid(x)):
-                decode = _decode_blocks[self] = DecodeBlocks(self.model.layers, x)
+                decode = _decode_blocks[self] = DecodeBlocks(layers, x, self.model.norm, self.lm_head)
             decode.checked_in = session
-        first = 0  # the first layer the loop below runs
-        if fast:
             steps = decode.steps(cache, start, session)
             if steps is not None:
-                done = kernels.run_decode_layers(steps, x, cos1, sin1, start)
+                head = None if hidden_only else decode.head
+                logits = torch.empty(1, 1, head[2].out_features, dtype=x.dtype) if head is not None else None
+                done = kernels.run_decode_layers(steps, x, cos1, sin1, start, head, logits)
+                if done > 2 * steps.n:
+                    return logits
                 first = done // 2
                 if done % 2:  # that layer's attention block ran, its MLP block did not
-                    layer = self.model.layers[first]
+                    layer = layers[first]
                     x = x + layer.mlp(layer.post_attention_layernorm(x))
                     first += 1
-        for i in range(first, len(self.model.layers)):
-            layer = self.model.layers[i]
+        if first < len(layers):
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+            n_keys = start + T if cache is not None else T
+            # Masks: one per distinct window; None lets SDPA take its fastest path.
+            masks: dict[int | None, torch.Tensor | None] = {}
+            q_slots = torch.arange(start, start + T, device=device)
+            for w in self._windows:
+                if k_valid is None and (w is None or n_keys <= w) and (T == 1 or start == 0):
+                    masks[w] = None  # plain causal (prefill from slot 0) or full (single decode token)
+                else:
+                    masks[w] = build_mask(q_slots, k_valid, n_keys, w)
+            is_causal = T > 1
+        for i in range(first, len(layers)):
+            layer = layers[i]
             if fast and (layer.window is None or start < layer.window):
                 blocks = decode.blocks[i]
                 k_cache, v_cache = cache.layer_tensors(layer.self_attn.layer) if blocks is not None else (None, None)

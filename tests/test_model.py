@@ -109,7 +109,7 @@ def test_one_sequence_decode_in_block_kernels_matches_hf(hf_checkpoint, family, 
     if kernels.load() is not None:
         # mistral's window (8) is passed from step 2 on: those steps take the modules' masked path
         assert calls["blocks"] == ours.config.num_hidden_layers * (2 if family == "mistral" else 14)
-        assert calls["steps"] == (2 if family == "mistral" else 14)  # each step's layers in one call
+        assert calls["steps"] == calls["heads"] == (2 if family == "mistral" else 14)  # each step in one call
 
 
 def _decode_matches_hf(ours, hf, n: int, seed: int, label: str) -> None:
@@ -123,9 +123,9 @@ def _decode_matches_hf(ours, hf, n: int, seed: int, label: str) -> None:
 
 
 def _count_kernel_attention(monkeypatch) -> dict:
-    """Counts of attention blocks run by the kernels (alone or in a whole-step call) and of whole-step calls,
-    with what each whole-step call returned."""
-    calls = {"blocks": 0, "steps": 0, "returned": []}
+    """Counts of attention blocks run by the kernels (alone or in a whole-step call), of whole-step calls and of
+    those that wrote the logits (final norm and LM head), with what each whole-step call returned."""
+    calls = {"blocks": 0, "steps": 0, "heads": 0, "returned": []}
     one, many = kernels.run_attn_block, kernels.run_decode_layers
 
     def run_one(*a):
@@ -133,11 +133,12 @@ def _count_kernel_attention(monkeypatch) -> dict:
         calls["blocks"] += done
         return done
 
-    def run_many(*a):
-        done = many(*a)
+    def run_many(steps, *a):
+        done = many(steps, *a)
         calls["steps"] += 1
         calls["returned"].append(done)
-        calls["blocks"] += (done + 1) // 2
+        calls["blocks"] += (min(done, 2 * steps.n) + 1) // 2
+        calls["heads"] += done > 2 * steps.n
         return done
 
     monkeypatch.setattr(kernels, "run_attn_block", run_one)
@@ -206,6 +207,13 @@ def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
     # with the hook gone the layer is back on its kernel blocks (they were once kept as the hooked None)
     assert _decode_steps(ours, ids, 6, torch.bfloat16)[-1].equal(base[-1])
     assert model_module._decode_blocks[ours].blocks[1] is not None
+    assert model_module._decode_blocks[ours].head is not None  # the final norm and head in the same call
+    for tail in (ours.model.norm, ours.lm_head):  # a hook on either: the modules run them, the hook sees each call
+        seen.clear()
+        handle = tail.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert _decode_steps(ours, ids, 6, torch.bfloat16)[-1].equal(base[-1])
+        assert len(seen) == len(base) and model_module._decode_blocks[ours].head is None
+        handle.remove()
     with torch.no_grad():  # new storage for one weight: a zero o_proj in layer 1 changes the logits
         attn.o_proj.weight.data = torch.zeros_like(attn.o_proj.weight)
     zeroed = _decode_steps(ours, ids, 6, torch.bfloat16)

@@ -173,7 +173,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_moe_block.restype = _INT
     lib.ember_moe_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_decode_layers.restype = _INT
-    lib.ember_decode_layers.argtypes = [_P, _INT, _P, _P, _P, _I64, _INT, _INT]
+    lib.ember_decode_layers.argtypes = [_P, _INT, _P, _P, _P, _I64, _P, _F, _P, _P, _INT, _INT]
     lib.ember_attn_decode.restype = _INT
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
@@ -575,12 +575,18 @@ def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
     return LayerSteps(blocks, caches)
 
 
-def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> int:
+def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
+                      head: "tuple[torch.Tensor, float, LinearKernel] | None" = None,
+                      logits: torch.Tensor | None = None) -> int:
     """Apply every layer of ``steps`` to ``x`` (H,) in place, in one call, for the token at cache slot ``pos``
-    (cos/sin (hd,) of its position). Returns the number of blocks applied, two a layer: the caller finishes the
-    rest (a cache too short, a kernel that refused the dtype) from block ``done``."""
+    (cos/sin (hd,) of its position), then, given ``head`` = (final norm weight, its eps, the LM head's kernel),
+    write ``logits`` (V,) = head(rms_norm(x)). Returns the number of blocks applied, two a layer, plus one when
+    the logits were written: the caller finishes the rest (a cache too short, a kernel that refused the dtype)."""
+    norm, eps, k = head if head is not None else (None, 0.0, None)
     return _lib.ember_decode_layers(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
-                                    x.dtype is torch.bfloat16, torch.get_num_threads())
+                                    None if norm is None else norm.data_ptr(), eps, None if k is None else k.addr,
+                                    None if logits is None else logits.data_ptr(), x.dtype is torch.bfloat16,
+                                    torch.get_num_threads())
 
 
 def project(x: torch.Tensor, modules) -> list[torch.Tensor]:
