@@ -158,6 +158,10 @@ class Engine:
                chat: bool = False, **kwargs) -> Iterator[StreamChunk]:
         """Generate for one prompt or a batch, yielding a chunk per token per row.
 
+        Do not change the model (modules, weights, hooks) between chunks of one generation: its decode steps
+        check the CPU kernel blocks against the modules once, at the first step; a change is seen from the
+        next generation on.
+
         Args:
             prompts: one prompt or a list of prompts (text, token ids, or chat message lists).
             params: sampling settings; keyword arguments override its fields.
