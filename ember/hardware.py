@@ -773,6 +773,7 @@ def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, la
     import torch
 
     from ember.config import ModelConfig
+    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
     from ember.cache import StaticKVCache
     from ember.models import Transformer
 
@@ -910,6 +911,7 @@ def _decode_step_time(device, dtype, layers: int, experts_per_tok: int = 0, step
     import torch
 
     from ember.config import ModelConfig
+    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
     from ember.cache import StaticKVCache
     from ember.models import Transformer
 
@@ -953,6 +955,7 @@ def runtime_probe(device: str = "cpu") -> tuple[int, int]:
     import ember.sampling  # noqa: F401
     import ember.tokenizer  # noqa: F401
     from ember.config import ModelConfig
+    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
     from ember.cache import StaticKVCache
     from ember.models import Transformer
 

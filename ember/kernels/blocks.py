@@ -55,7 +55,7 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 
     What ``F.scaled_dot_product_attention`` computes for a single query (scale 1/sqrt(hd)), in one call that
     reads each cached key/value row once for all query heads of its group: fp32 scores and softmax, the output
-    rounded once to the model dtype. SDPA's CPU kernel costs ~65-100 us a call at decode sizes, this ~10."""
+    rounded once to the model dtype. SDPA's CPU kernel has a fixed cost per call that dominates at decode sizes."""
     B, T, nh, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     if (T != 1 or q.dtype not in _FLOAT or k.dtype is not q.dtype or v.dtype is not q.dtype or q.device.type != "cpu"

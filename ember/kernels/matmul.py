@@ -78,8 +78,8 @@ class LinearKernel:
     (+ bias) in x2's dtype, or None where it does not apply (too many rows, another dtype).
 
     Built once per module (:func:`dense_kernel`, :func:`int8_kernel`, :func:`q4_kernel`) with every pointer,
-    size and flag in a C struct, so a call costs a tensor allocation and one 6-argument ctypes call: about
-    5 us of Python where the argument-by-argument wrappers took 15-25 (154 calls per token on a 1.1B model).
+    size and flag in a C struct, so a call costs a tensor allocation and one 6-argument ctypes call instead
+    of converting every argument on every call (a decode step makes one or more calls per weight).
     ``sources`` are the tensors it reads (kept alive here); :func:`cached_kernel` rebuilds it when their
     storage changes.
     """
@@ -199,8 +199,8 @@ _native_bf16: bool | None = None
 def native_bf16_gemm() -> bool:
     """Whether PyTorch's CPU bf16 GEMM is native here (AVX512-BF16/AMX) rather than emulated.
 
-    Emulated bf16 GEMMs run ~5x slower than fp32 ones (a 128 x 2048 x 5632 product: 194 vs 37 ms on a 2-core
-    AVX2 EPYC), so wide bf16 products (prefill) are computed in fp32 where it is emulated."""
+    Emulated bf16 GEMMs run several times slower than fp32 ones, so wide bf16 products (prefill) are computed
+    in fp32 where it is emulated."""
     global _native_bf16
     if _native_bf16 is None:
         try:
