@@ -139,7 +139,7 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ember.config import ModelConfig
-    from ember.model import Transformer
+    from ember.models import Transformer
 
     moe = bool(dims.get("num_local_experts"))
     kind = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]} if moe else \
@@ -192,7 +192,7 @@ class ExpertCounter:
     """Forward hooks on every MoE expert: calls, tokens and stored bytes of the experts that ran."""
 
     def __init__(self, model) -> None:
-        from ember.model import SparseMoE
+        from ember.models import SparseMoE
 
         self.calls = self.tokens = self.bytes = 0
         self.moe_layers = 0
@@ -372,7 +372,7 @@ def demo_perplexities(formats: list[str], folder: Path, window: int, stride: int
     # The demo ties its head to the embedding, so no format above quantizes a head. What the loader's default
     # int8 head (untied models under --quant) costs, measured on the same trained model: the head untied into
     # its own copy of the embedding (the same function), then that copy in int8, everything else bf16.
-    from ember.model import Linear
+    from ember.models import Linear
     from ember.quant import quantize_linear
 
     llm = ember.load(folder, device="cpu", dtype="bf16")

@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember import kernels  # noqa: E402
-from ember.model import Linear  # noqa: E402
+import ember.runtime  # noqa: E402,F401  (the CPU kernels behind Linear)
+from ember.models import Linear  # noqa: E402
 from ember.quant import Int4Linear, Int8Linear, NF4Linear  # noqa: E402
 
 

@@ -64,7 +64,7 @@ def build_checkpoint(folder: Path, shape: str, layers: int | None, dtype: str) -
     from ember.checkpoint_io import save_hf_checkpoint
     from ember.config import ModelConfig
     from ember.demo import init_weights
-    from ember.model import Transformer
+    from ember.models import Transformer
 
     kw = dict(SHAPES[shape])
     if layers:

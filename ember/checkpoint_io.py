@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ember.errors import OutputExistsError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ember.model import Transformer
+    from ember.models import Transformer
 
 # Read the process umask once so temp files (created 0600 by mkstemp) end up with the permissions
 # a plain open() would have given them.
@@ -232,7 +232,7 @@ def save_hf_checkpoint(
 
     Args:
         folder: destination; must not exist or be empty unless ``overwrite``.
-        model: an Ember :class:`~ember.model.Transformer` (``model.config`` is its ModelConfig).
+        model: an Ember :class:`~ember.models.Transformer` (``model.config`` is its ModelConfig).
         tokenizer_files: file name -> content (``tokenizer.json``, ``tokenizer_config.json``, ...).
         generation_config: written as ``generation_config.json`` when given.
         max_shard_bytes: when the weights exceed this, write ``model-0000i-of-0000N.safetensors``

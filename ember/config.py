@@ -36,7 +36,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass
 class ModelConfig:
-    """Architecture facts needed to build :class:`ember.model.Transformer`.
+    """Architecture facts needed to build :class:`ember.models.Transformer`.
 
     Attributes follow HF names; the derived ones (``head_dim``, ``qk_norm``, ``qkv_bias_only``)
     are filled by :meth:`from_dict`.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ember.checkpoint_io import save_hf_checkpoint
 from ember.config import ModelConfig
 from ember.errors import OutputExistsError
-from ember.model import Transformer
+from ember.models import Transformer
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer

@@ -20,8 +20,9 @@ import torch
 
 from ember.config import ModelConfig
 from ember.errors import GenerationError
-from ember.kv_cache import StaticKVCache
-from ember.model import Transformer
+import ember.runtime  # noqa: F401  (the CPU kernels behind the model's pieces)
+from ember.cache import StaticKVCache
+from ember.models import Transformer
 from ember.sampling import Sampler, SamplingParams
 from ember.tokenizer import Tokenizer
 

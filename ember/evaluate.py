@@ -60,7 +60,7 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
     """Sliding-window perplexity of ``token_ids`` under ``model``.
 
     Args:
-        model: an :class:`ember.model.Transformer` (float or quantized; any device).
+        model: an :class:`ember.models.Transformer` (float or quantized; any device).
         token_ids: the text as token ids (BOS included if the tokenizer adds one), at least 2.
         window: tokens per forward pass (capped at the sequence length and must fit the model's context).
         stride: tokens between window starts; each window scores its last ``stride`` tokens

@@ -662,7 +662,7 @@ def _best_time(fn, device, repeats: int, min_seconds: float = 0.25, max_repeats:
 
 
 def _ember_linear(x2, w):
-    """What :class:`ember.model.Linear` runs for ``x2 (M, in) @ w.T``: Ember's CPU kernel where it applies."""
+    """What :class:`ember.models.Linear` runs for ``x2 (M, in) @ w.T``: Ember's CPU kernel where it applies."""
     import torch.nn.functional as F
 
     from ember import kernels
@@ -677,7 +677,7 @@ def _stream_curve(device, dtype, rows: int, sizes: list[int], repeats: int,
 
     Like a decode step, the working set is many matrices (``chunk`` bytes each, 4096 wide) touched in
     turn, so a set larger than the cache this process actually gets (shared with other tenants) is
-    streamed from memory, and each call pays what ember.model.Linear pays (:func:`_ember_linear`).
+    streamed from memory, and each call pays what ember.models.Linear pays (:func:`_ember_linear`).
     """
     import torch
 
@@ -773,8 +773,9 @@ def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, la
     import torch
 
     from ember.config import ModelConfig
-    from ember.kv_cache import StaticKVCache
-    from ember.model import Transformer
+    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
+    from ember.cache import StaticKVCache
+    from ember.models import Transformer
 
     cfg = ModelConfig.from_dict(dict(model_type="llama", vocab_size=16384, hidden_size=1536, intermediate_size=4096,
                                      num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=4))
@@ -842,7 +843,7 @@ def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, 
     import torch
 
     from ember.config import ModelConfig
-    from ember.model import Transformer
+    from ember.models import Transformer
     from ember.planner import Workload, train_flops_per_token
     from ember.train.data import BatchPlan, Example
     from ember.train.trainer import TrainConfig, Trainer
@@ -910,8 +911,9 @@ def _decode_step_time(device, dtype, layers: int, experts_per_tok: int = 0, step
     import torch
 
     from ember.config import ModelConfig
-    from ember.kv_cache import StaticKVCache
-    from ember.model import Transformer
+    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
+    from ember.cache import StaticKVCache
+    from ember.models import Transformer
 
     raw = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                num_attention_heads=4, num_key_value_heads=2)
@@ -953,8 +955,9 @@ def runtime_probe(device: str = "cpu") -> tuple[int, int]:
     import ember.sampling  # noqa: F401
     import ember.tokenizer  # noqa: F401
     from ember.config import ModelConfig
-    from ember.kv_cache import StaticKVCache
-    from ember.model import Transformer
+    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
+    from ember.cache import StaticKVCache
+    from ember.models import Transformer
 
     dev = torch.device(device)
     free0 = 0

@@ -106,7 +106,7 @@ def _quant_defaults() -> dict[str, Any]:
 def _kv_caps_window() -> bool:
     """Whether Ember's KV caches keep only a sliding window's slots (they allocate the full context today)."""
     try:
-        from ember.kv_cache import StaticKVCache
+        from ember.cache import StaticKVCache
 
         return bool(getattr(StaticKVCache, "caps_sliding_window", False))
     except ImportError:  # pragma: no cover
@@ -227,7 +227,7 @@ class _Linear:
 
 
 def linears(cfg: ModelConfig) -> list[_Linear]:
-    """Every ``nn.Linear`` of :class:`ember.model.Transformer` grouped by shape (routers excluded)."""
+    """Every ``nn.Linear`` of :class:`ember.models.Transformer` grouped by shape (routers excluded)."""
     h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     L = cfg.num_hidden_layers
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))

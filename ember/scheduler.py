@@ -1,10 +1,11 @@
 """Continuous batching: many sequences share each forward pass, joining and leaving at any step.
 
-:class:`BatchScheduler` owns a :class:`~ember.kv_cache.PagedKVCache` and runs a loop (in its own
+:class:`BatchScheduler` owns a :class:`~ember.cache.PagedKVCache` and runs a loop (in its own
 thread for the server) of *steps*. One step is
 
 1. admit waiting sequences while there is a batch slot and KV blocks to reserve for their whole
-   length (prompt + max tokens; so a running sequence never has to be pre-empted), reusing cached
+   length (prompt + max tokens, :meth:`~ember.cache.PagedKVCache.blocks_for`; so a running sequence never
+   has to be pre-empted) and, where the model has recurrent layers, a state slot; reusing cached
    blocks of an identical prompt prefix;
 2. one decode pass over every running sequence that has its prompt in the cache (B rows x 1 token);
 3. one prefill pass over newcomers, chunked to ``prefill_chunk`` tokens per step, so running
@@ -13,7 +14,7 @@ thread for the server) of *steps*. One step is
    detokenization with stop strings, and one batch of :class:`SeqEvent` handed to ``deliver``.
 
 Rows are at different lengths: the paged cache right-aligns them and masks the padding, so the
-same :class:`~ember.model.Transformer` forward serves a ragged batch. Finished or cancelled
+same :class:`~ember.models.Transformer` forward serves a ragged batch. Finished or cancelled
 sequences free their blocks at once. Full prompt blocks are registered by a chained key of their
 token ids; a later sequence with the same prefix takes them (refcounted) instead of recomputing,
 and sequences arriving together with a shared prefix (``n > 1``) wait for the first one's prefill.
@@ -30,9 +31,10 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+import ember.runtime  # noqa: F401  (the CPU kernels behind the model's pieces)
 from ember.engine import Engine, _RowState
 from ember.errors import GenerationError, QueueFullError
-from ember.kv_cache import PagedKVCache
+from ember.cache import PagedKVCache
 from ember.sampling import Sampler, SamplingParams, token_logprobs
 
 log = logging.getLogger("ember.scheduler")
@@ -100,6 +102,7 @@ class _Seq:
     table: list[int] = field(default_factory=list)
     computed: int = 0                  # tokens whose keys/values are in the cache
     reserve: int = 0                   # blocks reserved but not yet allocated
+    state_slot: int | None = None      # recurrent-state slot (models with recurrent layers)
     registered: int = 0                # prompt blocks registered in the prefix cache
     cached_tokens: int = 0
     finished: bool = False
@@ -354,13 +357,16 @@ class BatchScheduler:
                 keep.append(s)  # a running prefill is computing this prefix: take it from the cache next step
                 continue
             revive = sum(1 for b in matched if pool.refs[b] == 0)
-            need = math.ceil((s.n_prompt + s.max_new) / bs) - len(matched)
-            if pool.num_free - revive - self._reserved < need:
+            need = self.cache.blocks_for(s.n_prompt + s.max_new) - len(matched)
+            states = self.cache.states
+            if pool.num_free - revive - self._reserved < need or (states is not None and not states.num_free):
                 keep.append(s)
                 blocked = True  # first come, first served: later arrivals do not overtake
                 continue
             for b in matched:
                 pool.acquire(b)
+            if states is not None:
+                s.state_slot = states.admit()
             s.table = matched
             s.registered = len(matched)
             s.computed = s.cached_tokens = len(matched) * bs
@@ -444,6 +450,9 @@ class BatchScheduler:
         s.table = []
         self._reserved -= s.reserve
         s.reserve = 0
+        if s.state_slot is not None:
+            self.cache.states.retire(s.state_slot)
+            s.state_slot = None
         for key in s.keys[s.registered:]:
             self._drop_inflight(key)
         s.registered = len(s.keys)

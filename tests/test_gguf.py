@@ -339,7 +339,7 @@ def test_config_read_from_metadata(gguf_model):
 def test_llama31_rope_freqs_recovered():
     """Llama 3.1's real rope (head dim 128: several frequencies in the smooth band) survives the round trip."""
     from ember.config import ModelConfig
-    from ember.model import rope_inv_freq
+    from ember.models import rope_inv_freq
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}

@@ -13,8 +13,9 @@ import subprocess
 import pytest
 import torch
 
+import ember.runtime  # noqa: F401  (the kernels behind Linear, RMSNorm and project)
 from ember import kernels
-from ember.model import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from ember.models import RMSNorm, apply_rope, project, rope_cos_sin, rope_inv_freq
 from ember.config import ModelConfig
 from ember.quant import nf4 as qnf4
 
@@ -84,7 +85,7 @@ def test_dense_declines_what_it_does_not_handle():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 2048), (1, 6, 80), (3, 13, 128), (9, 37, 192)])
 def test_int8(build, dtype, M, O, I, monkeypatch):
-    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)  # exact against the weight; int8 activations below
+    monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", False)  # exact against the weight; int8 activations below
     torch.manual_seed(1)
     q = torch.randint(-127, 128, (O, I), dtype=torch.int8)
     s = torch.rand(O) * 0.01
@@ -104,7 +105,7 @@ def int4_reference(codes, scales, zeros, g):
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 5, 256), (1, 9, 192), (7, 21, 384)])
 def test_int4(build, dtype, g, M, O, I, monkeypatch):
-    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", False)
     if I % g:
         pytest.skip("group does not divide the width")
     torch.manual_seed(2)
@@ -211,7 +212,7 @@ def test_int8_activations_can_be_switched_off(monkeypatch):
     torch.manual_seed(6)
     q, s, x = torch.randint(-127, 128, (5, 256), dtype=torch.int8), torch.rand(5), torch.randn(1, 256).bfloat16()
     on = kernels.int8(x, q, s)
-    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", False)
     off = kernels.int8(x, q, s)
     ref = x.double() @ (q.double() * s.double()[:, None]).T
     worst(off, ref, bf16_out_tol(ref), "int8 without int8 activations")  # only the output's rounding
@@ -223,7 +224,7 @@ def test_int8_activations_can_be_switched_off(monkeypatch):
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("M,O,I", [(1, 67, 1024), (2, 6, 128), (1, 3, 192), (5, 11, 256)])
 def test_nf4(build, dtype, double_quant, M, O, I, monkeypatch):
-    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)  # exact against the weight; int8 activations above
+    monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", False)  # exact against the weight; int8 activations above
     torch.manual_seed(3)
     lin = torch.nn.Linear(I, O, bias=False)
     m = qnf4.NF4Linear.from_linear(lin, double_quant=double_quant, dtype=torch.float32)
@@ -279,7 +280,7 @@ def test_disabled_kernels_fall_back_to_torch(monkeypatch):
     try:
         assert kernels.load() is None and kernels.dense(torch.randn(1, 64), torch.randn(8, 64)) is None
         assert "off" in kernels.status()
-        from ember.model import Linear
+        from ember.models import Linear
 
         lin = Linear(64, 8)
         x = torch.randn(1, 64)
@@ -292,7 +293,7 @@ def test_disabled_kernels_fall_back_to_torch(monkeypatch):
 @pytest.mark.parametrize("native", [True, False])
 def test_wide_bf16_products_where_bf16_gemms_are_emulated(native, monkeypatch):
     # prefill-sized bf16 products: fp32 GEMMs (rounded to bf16) where PyTorch's bf16 GEMM is emulated
-    monkeypatch.setattr(kernels, "_native_bf16", native)
+    monkeypatch.setattr(kernels.matmul, "_native_bf16", native)
     torch.manual_seed(8)
     x, w = torch.randn(40, 128).bfloat16(), (torch.randn(24, 128) * 0.1).bfloat16()
     ref = x.double() @ w.double().T
@@ -341,7 +342,7 @@ def test_attn_decode_declines_what_it_does_not_handle():
 
 
 def test_linear_kernels_add_the_bias_and_follow_their_weights():
-    from ember.model import Linear
+    from ember.models import Linear
     from ember.quant import int4 as qint4, int8 as qint8
 
     torch.manual_seed(10)
@@ -363,7 +364,7 @@ def test_linear_kernels_add_the_bias_and_follow_their_weights():
 
 
 def test_project_is_the_modules_one_by_one():
-    from ember.model import Linear
+    from ember.models import Linear
     from ember.quant import nf4 as qnf4_
 
     torch.manual_seed(11)
@@ -372,12 +373,12 @@ def test_project_is_the_modules_one_by_one():
     x = torch.randn(1, 1, 64).bfloat16()
     with torch.no_grad():
         alone = [m(x) for m in mods]
-        together = kernels.project(x, mods)
+        together = project(x, mods)
         assert [t.shape for t in together] == [a.shape for a in alone]
         assert all(torch.equal(t, a) for t, a in zip(together, alone))
         seen = []
         mods[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # hooks must see their call
-        assert all(torch.equal(t, a) for t, a in zip(kernels.project(x, mods), alone)) and seen == [(1, 1, 8)]
+        assert all(torch.equal(t, a) for t, a in zip(project(x, mods), alone)) and seen == [(1, 1, 8)]
 
 
 def test_project_runs_quantized_weights_of_one_format_in_one_region_bit_for_bit():
@@ -397,7 +398,7 @@ def test_project_runs_quantized_weights_of_one_format_in_one_region_bit_for_bit(
     with torch.no_grad():
         for mods in groups:
             alone = [m(x) for m in mods]
-            together = kernels.project(x, mods)
+            together = project(x, mods)
             assert all(torch.equal(t, a) for t, a in zip(together, alone)), type(mods[0]).__name__
             ref = x.double() @ mods[0].dequantize().double().T
             worst(together[0], ref, 0.03 * float(ref.abs().max()), f"{type(mods[0]).__name__} in a group")
@@ -406,14 +407,14 @@ def test_project_runs_quantized_weights_of_one_format_in_one_region_bit_for_bit(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_project_runs_dense_weights_in_one_region_bit_for_bit(dtype):
     # q/k/v-like groups of bf16 or fp32 weights (row counts off the 4-row blocks, a bias): the same bits as alone
-    from ember.model import Linear
+    from ember.models import Linear
 
     torch.manual_seed(13)
     x = torch.randn(1, 1, 384).to(dtype)
     mods = [Linear(384, o, bias=b).to(dtype) for o, b in [(67, False), (16, True), (9, False)]]
     with torch.no_grad():
         alone = [m(x) for m in mods]
-        together = kernels.project(x, mods)
+        together = project(x, mods)
         assert all(torch.equal(t, a) for t, a in zip(together, alone))
         ref = x.double() @ mods[1].weight.double().T + mods[1].bias.double()
         worst(together[1], ref, tol(ref, dtype), f"dense {dtype} in a group")

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from ember.kv_cache import StaticKVCache
+from ember.cache import StaticKVCache
 from ember import kernels
 from ember.loading import load_model
-import ember.model as model_module
-from ember.model import DecoderLayer
+import ember.runtime.decode as model_module
+from ember.models import project
+from ember.runtime import blocks as blocks_module
 
 FP32_TOL = 1e-4
 BF16_TOL = 0.1  # bf16 has 8 mantissa bits; logits of O(1) agree to ~1e-2, worst-case rounding chains to ~1e-1
@@ -169,7 +170,7 @@ def test_block_kernels_equal_the_modules_in_bf16(hf_checkpoint, family, quant, m
     ours = load_model(folder, dtype="bf16", quant=quant, group_size=32 if quant == "int4" else None)
     ids = torch.randint(0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(5))
     fast = _decode_steps(ours, ids, 6, torch.bfloat16)
-    monkeypatch.setattr(DecoderLayer, "block_kernels", lambda self, x: None)
+    monkeypatch.setattr(blocks_module, "layer_blocks", lambda layer, x: None)
     model_module._decode_blocks.clear()  # the blocks made by the first run are still valid for this model
     modules = _decode_steps(ours, ids, 6, torch.bfloat16)
     for i, (a, b) in enumerate(zip(fast[1:], modules[1:])):
@@ -298,12 +299,12 @@ def test_mlp_block_is_the_modules_with_the_kernels_silu_bit_for_bit(hf_checkpoin
         mlp.down_proj.weight[torch.arange(H), torch.tensor(cols)] = 1
     torch.manual_seed(9)
     x = (torch.randn(H) * 1e-3).to(dtype)  # small beside the product, so the residual add keeps its bits
-    blocks = layer.block_kernels(x)
+    blocks = blocks_module.layer_blocks(layer, x)
     assert blocks is not None
     got = x.clone()
     assert kernels.run_mlp_block(blocks[1], got)
     h = layer.post_attention_layernorm(x.view(1, -1))
-    g, u = kernels.project(h, (mlp.gate_proj, mlp.up_proj))
+    g, u = project(h, (mlp.gate_proj, mlp.up_proj))
     assert float(g.abs().max()) > 20
     s = _silu_polynomial(g.float()).to(dtype)
     ref = x + mlp.down_proj((s.float() * u.float()).to(dtype)).view(-1)

@@ -20,9 +20,9 @@ import ember
 from conftest import make_hf_model
 from ember.config import ModelConfig
 from ember.errors import CheckpointError, ConfigError
-from ember.kv_cache import StaticKVCache
+from ember.cache import StaticKVCache
 from ember.loading import load_model
-from ember.model import MLP, Linear, SparseMoE
+from ember.models import MLP, Linear, SparseMoE
 from test_engine import hf_greedy
 from test_model import BF16_TOL, FP32_TOL, assert_close
 

@@ -26,8 +26,8 @@ from ember import catalog, hardware, planner
 from ember.config import ModelConfig
 from ember.errors import InsufficientMemoryError
 from ember.hardware import GB, GiB, Calibration, Hardware
-from ember.kv_cache import StaticKVCache
-from ember.model import Transformer
+from ember.cache import StaticKVCache
+from ember.models import Transformer
 from ember.planner import Workload
 
 from conftest import FAMILIES, TINY

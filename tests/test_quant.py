@@ -29,7 +29,7 @@ import ember
 from ember import kernels
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading import load_model
-from ember.model import Linear
+from ember.models import Linear
 from ember.quant import Int4Linear, Int8Linear, NF4Linear, QuantizedLinear, quantize_checkpoint, quantize_model
 from ember.quant import int4 as q4
 from ember.quant import nf4 as qnf4
@@ -80,7 +80,7 @@ def test_kernel_equals_own_dequantized_weight_fp32(mode, rows):
 @pytest.mark.parametrize("rows", [1, 7, 40])
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_kernel_equals_own_dequantized_weight_bf16(mode, rows, int8_activations, monkeypatch):
-    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", int8_activations)
+    monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", int8_activations)
     m = build(mode, rand_linear(96, 256, dtype=torch.bfloat16))
     if mode.startswith("int4"):  # the fused CPU kernel is what is under test
         assert m.layout == ("native" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")

@@ -8,7 +8,7 @@ import torch
 
 import ember
 from ember.errors import GenerationError, QueueFullError
-from ember.kv_cache import BlockPool
+from ember.cache import BlockPool
 from ember.sampling import SamplingParams
 from ember.scheduler import BatchScheduler, SeqRequest
 

@@ -1,4 +1,4 @@
-"""Loading weights into :class:`ember.model.Transformer` from checkpoint folders."""
+"""Loading weights into :class:`ember.models.Transformer` from checkpoint folders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ember.config import ModelConfig
 from ember.errors import CheckpointError
 from ember.loading.moe import expert_layout_view
 from ember.loading.safetensors import Checkpoint, load_weights
-from ember.model import Transformer
+from ember.models import Transformer
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

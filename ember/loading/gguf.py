@@ -562,7 +562,7 @@ def _llama3_scaling_from_factors(factors: torch.Tensor, raw: dict[str, Any], sou
                "original_max_position_embeddings": a}
     if not (a > 0 and b > 0):
         raise UnsupportedModelError(f"{source}: rope_freqs.weight does not follow Llama 3 rope scaling; not supported")
-    from ember.model import rope_inv_freq
+    from ember.models import rope_inv_freq
 
     probe = ModelConfig(head_dim=hd, num_attention_heads=1, hidden_size=hd, rope_theta=raw["rope_theta"],
                         rope_scaling=scaling)
@@ -613,7 +613,7 @@ def gguf_tensor_name_map(gf: GGUFFile, cfg: ModelConfig) -> dict[str, list[str]]
 
 def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
                     dtype: str | torch.dtype | None = "auto") -> "Transformer":  # noqa: F821
-    """Build a :class:`~ember.model.Transformer` on the meta device and fill it from a GGUF file.
+    """Build a :class:`~ember.models.Transformer` on the meta device and fill it from a GGUF file.
 
     Float tensors already in ``dtype`` stay zero-copy views over the memory map (CPU); quantized ones
     are dequantized on ``device`` to ``dtype``. Stacked expert tensors are decoded once and each
@@ -628,7 +628,7 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         GGUFError / UnsupportedGGUFTypeError / UnsupportedModelError, naming the file and tensor.
     """
     from ember.loading import DTYPE_NAMES, resolve_dtype
-    from ember.model import Transformer
+    from ember.models import Transformer
 
     gf = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
     cfg = config_from_gguf(gf)

@@ -114,7 +114,7 @@ class QuantizedLinear(nn.Module):
             b = min(n, a + step)
             w = self.dequantize_rows(a, b).to(x2.dtype)  # (b-a, in), cache-resident on CPU
             if single:
-                torch.mv(w, x2[0], out=out[0, a:b])  # the same mv path ember.model.Linear uses
+                torch.mv(w, x2[0], out=out[0, a:b])  # the same mv path ember.models.Linear uses
             else:
                 out[:, a:b] = torch.mm(x2, w.t())
         return out

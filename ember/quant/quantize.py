@@ -224,7 +224,7 @@ def quantize_model(model: nn.Module, mode: str | QuantSpec = "int4", group_size:
     is released as soon as its replacement exists, unless something else holds it).
 
     Args:
-        model: an :class:`ember.model.Transformer` (or any module tree of ``nn.Linear``).
+        model: an :class:`ember.models.Transformer` (or any module tree of ``nn.Linear``).
         mode: "int8", "int4" or "nf4" (or a :class:`QuantSpec`).
         group_size: int4 group size (32, 64, 128; default 128).
         skip: module names (or dotted suffixes, e.g. "down_proj") to keep in float.
@@ -340,7 +340,7 @@ def _kind_ok(dtype: torch.dtype, kind: str) -> bool:
 def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch.device | str,
                            quant: str | QuantSpec | None = None, group_size: int | None = None,
                            layout: str = "auto", lm_head: str | None = DEFAULT_LM_HEAD) -> QuantSpec:
-    """Fill a meta-device :class:`~ember.model.Transformer` from ``ckpt``, quantizing on the way.
+    """Fill a meta-device :class:`~ember.models.Transformer` from ``ckpt``, quantizing on the way.
 
     Float checkpoint + ``quant``: each chosen Linear is quantized from its weight, read in row chunks
     straight from the file onto ``device``; peak memory ~ the quantized model + one chunk.
@@ -487,7 +487,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     from ember.loading import DTYPE_NAMES
     from ember.loading.moe import expert_layout_view
     from ember.loading.safetensors import Checkpoint
-    from ember.model import Transformer
+    from ember.models import Transformer
 
     spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
     if spec is None:

@@ -39,7 +39,7 @@ from ember.errors import (ChatTemplateError, EmberError, GenerationError, Insuff
                           SamplingError, UnsupportedSchemaError)
 from ember.hardware import GiB
 from ember.json_constraint import JsonConstraint, JsonGrammar, TokenVocab, compile_json_schema
-from ember.kv_cache import PagedKVCache
+from ember.cache import PagedKVCache
 from ember.sampling import SamplingParams
 from ember.scheduler import BatchScheduler, SeqEvent, SeqRequest
 from ember.server.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest,

@@ -1,6 +1,6 @@
 """The training forward pass: per-block gradient checkpointing and a chunked, fused LM loss.
 
-:func:`hidden_states` runs :class:`ember.model.Transformer`'s own submodules (embedding, RoPE,
+:func:`hidden_states` runs :class:`ember.models.Transformer`'s own submodules (embedding, RoPE,
 decoder blocks, final norm) in the same order as ``Transformer.forward``, with two things the
 inference forward does not need:
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ember.model import Linear, Transformer, rope_cos_sin
+from ember.models import Linear, Transformer, rope_cos_sin
 from ember.train.data import IGNORE
 
 # Rows of logits per loss chunk, chosen so that one fp32 (chunk, V) block is ~32 MiB.

@@ -455,7 +455,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype = torch.fl
     """Replace every targeted projection of ``model`` with a :class:`LoRALinear`; freeze everything else.
 
     Args:
-        model: an Ember :class:`~ember.model.Transformer` (or any module with HF-named Linears).
+        model: an Ember :class:`~ember.models.Transformer` (or any module with HF-named Linears).
         cfg: rank, alpha, dropout, targets.
         dtype: dtype of the adapter weights (fp32 masters for training).
         seed: seed for the A initialisation (None: the global RNG).
@@ -625,7 +625,7 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike, dtype: torch
     """Load a PEFT LoRA adapter (written by Ember or by HF PEFT) onto a loaded model, unmerged.
 
     Args:
-        model: a loaded :class:`~ember.model.Transformer` (plain or quantized projections).
+        model: a loaded :class:`~ember.models.Transformer` (plain or quantized projections).
         adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         dtype: dtype of the adapter weights; default the model's dtype (no per-call casts at inference).
         trainable: leave A and B trainable (for continued training); otherwise the model stays frozen.

@@ -33,7 +33,7 @@ import torch
 
 from ember.checkpoint_io import atomic_write_json, atomic_write_text, fsync_dir, save_safetensors
 from ember.errors import TrainingError
-from ember.model import Transformer
+from ember.models import Transformer
 from ember.train.data import BatchPlan
 from ember.train.forward import batch_loss_sum
 from ember.train.lora import LoRAConfig, save_adapter

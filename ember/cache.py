@@ -1,22 +1,100 @@
-"""KV caches.
+"""Per-layer decode state: the one place that knows what each layer keeps between tokens.
+
+Each layer keeps one of three kinds of state (:func:`layer_specs` reads them from the config):
+
+* ``"full_attention"``: keys and values of every token (grows with the sequence);
+* ``"sliding_attention"``: keys and values of the last ``window`` tokens only (:class:`SlidingWindowKV`);
+* ``"recurrent"``: a fixed-size state per sequence, e.g. a convolution window and an SSM or delta-rule
+  matrix (:class:`RecurrentStateSlots`), whatever the length.
+
+:func:`bytes_per_token` and :func:`bytes_per_sequence` price each kind, so memory plans and pool sizes come
+from the same numbers as the caches allocate.
 
 ``StaticKVCache`` preallocates every layer's keys/values once for a batch (``Engine.generate``):
 all rows share slot indices; shorter prompts are left-padded and the padding slots are masked out
-(``k_valid`` in :meth:`ember.model.Transformer.forward`).
+(``k_valid`` in :meth:`ember.models.Transformer.forward`). Today's families keep full keys/values in every
+layer (a sliding-window layer masks the keys outside its window).
 
 ``PagedKVCache`` keeps keys/values in fixed-size blocks from one pool (block tables, vLLM style) for
 the continuous-batching scheduler: sequences join and leave at any step, blocks are freed on finish
 or cancel, and full blocks of a prompt prefix are shared between sequences (refcounted, found by
-a chained key of their token ids).
+a chained key of their token ids). :meth:`PagedKVCache.blocks_for` is the scheduler's block accounting and
+``PagedKVCache.states`` its recurrent-state slots (None while no layer is recurrent).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from ember.config import ModelConfig
+
+LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer keeps per sequence between decode steps.
+
+    Attributes:
+        kind: one of ``LAYER_KINDS``.
+        kv_heads, head_dim: key/value shape per token (attention kinds).
+        window: tokens a sliding-window layer keeps (None otherwise).
+        state_shapes: shapes of the fixed per-sequence tensors of a recurrent layer, e.g.
+            ``((conv_dim, conv_kernel - 1), (heads, d_k, d_v))`` for a convolution window and a delta-rule state.
+    """
+
+    kind: str
+    kv_heads: int = 0
+    head_dim: int = 0
+    window: int | None = None
+    state_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise ValueError(f"unknown layer cache kind {self.kind!r}; known: {', '.join(LAYER_KINDS)}")
+        if self.kind == "sliding_attention" and not (self.window and self.window > 0):
+            raise ValueError(f"a sliding_attention layer needs a positive window, got {self.window!r}")
+
+
+def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
+    """Each layer's :class:`LayerSpec` from the config (its ``layer_types`` or sliding-window fields)."""
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        w = cfg.layer_window(i)
+        kind = "full_attention" if w is None else "sliding_attention"
+        out.append(LayerSpec(kind, cfg.num_key_value_heads, cfg.head_dim, w))
+    return out
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def bytes_per_token(spec: LayerSpec, dtype: torch.dtype) -> int:
+    """Bytes one more cached token adds to one sequence's state in this layer (keys and values); 0 for a
+    recurrent layer. A sliding-window layer stops growing at its window (see :func:`bytes_per_sequence`)."""
+    if spec.kind == "recurrent":
+        return 0
+    return 2 * spec.kv_heads * spec.head_dim * _element_size(dtype)
+
+
+def bytes_per_sequence(spec: LayerSpec, dtype: torch.dtype, tokens: int, cap_window: bool = True) -> int:
+    """Bytes this layer keeps for one sequence of ``tokens`` tokens: every token's keys/values (full), the
+    last ``window`` tokens' (sliding, unless ``cap_window`` is False: a cache that keeps them all), or the
+    fixed recurrent state."""
+    if spec.kind == "recurrent":
+        return sum(math.prod(s) for s in spec.state_shapes) * _element_size(dtype)
+    held = min(tokens, spec.window) if spec.kind == "sliding_attention" and cap_window else tokens
+    return held * bytes_per_token(spec, dtype)
+
+
+def cache_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: int = 1, cap_window: bool = True) -> int:
+    """Bytes of every layer's state for ``batch`` sequences of ``tokens`` tokens each."""
+    return batch * sum(bytes_per_sequence(s, dtype, tokens, cap_window) for s in layer_specs(cfg))
 
 
 class StaticKVCache:
@@ -26,7 +104,10 @@ class StaticKVCache:
     :meth:`update` writes at the current position and returns views over the filled slots.
     """
 
+    caps_sliding_window = False  # every layer keeps max_len slots (sliding layers mask the older keys)
+
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.specs = layer_specs(cfg)
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -139,7 +220,11 @@ class PagedKVCache:
             raise ValueError(f"block_size must be >= 2 (the scratch block holds a zero slot and a trash slot), got {block_size}")
         self.block_size = block_size
         self.device = torch.device(device)
+        self.specs = layer_specs(cfg)
         self.pool = BlockPool(num_blocks, block_size)
+        # recurrent layers' per-sequence state (none in today's families): the scheduler admits a sequence
+        # only with a free slot and retires its slot with its blocks
+        self.states: RecurrentStateSlots | None = None
         shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
         # Uninitialised (on CPU the OS commits pages only when a block is first written); only the scratch
         # block is zeroed: masked padding reads come from its slot 0, and 0 * NaN would still be NaN.
@@ -150,8 +235,13 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        """KV bytes one token takes over all layers (keys and values)."""
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+        """KV bytes one token takes over all layers (keys and values), as this cache allocates them."""
+        return sum(bytes_per_token(s, dtype) for s in layer_specs(cfg))
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks of the pool one sequence of ``tokens`` tokens needs: the scheduler reserves this many at
+        admission. Every attention layer indexes the one block table, so it covers every token."""
+        return math.ceil(tokens / self.block_size)
 
     def nbytes(self) -> int:
         """Bytes held by the pools."""
@@ -221,3 +311,116 @@ class PagedBatch:
         keys = kp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)    # (B, nkv, S, hd)
         values = vp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)
         return keys, values
+
+
+class SlidingWindowKV:
+    """Keys/values of one sliding-window layer for a batch, keeping only the window: a ring of ``window`` slots.
+
+    A query at position p sees keys at positions p - window + 1 .. p. :meth:`update` takes the T new tokens'
+    keys/values, returns the keys/values their queries need (the last ``window - 1`` tokens before them, then
+    the new ones) with each key's position, and keeps the last ``window`` tokens in the ring: the memory never
+    grows past ``window`` tokens whatever the sequence length. :meth:`mask` says which returned key each new
+    query may see. All rows share positions (as :class:`StaticKVCache`'s slots).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.k = torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device)  # ring, slot = pos % w
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0  # tokens written so far
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add k/v (B, nkv, T, hd) of positions pos..pos+T-1; return keys/values (B, nkv, n + T, hd) of positions
+        pos-n .. pos+T-1 (n = min(pos, window - 1): the older keys the new queries can still see), and those
+        positions (n + T,)."""
+        T, w, pos = k.shape[2], self.window, self.pos
+        dev = self.k.device
+        n = min(pos, w - 1)
+        old = torch.arange(pos - n, pos, device=dev) % w  # ring slots of the kept keys, oldest first
+        keys = torch.cat([self.k.index_select(2, old), k.to(self.k.dtype)], dim=2)
+        values = torch.cat([self.v.index_select(2, old), v.to(self.v.dtype)], dim=2)
+        keep = min(T, w)  # the new tokens that stay in the window
+        slots = torch.arange(pos + T - keep, pos + T, device=dev) % w
+        self.k.index_copy_(2, slots, k[:, :, T - keep:].to(self.k.dtype))
+        self.v.index_copy_(2, slots, v[:, :, T - keep:].to(self.v.dtype))
+        self.pos = pos + T
+        return keys, values, torch.arange(pos - n, pos + T, device=dev)
+
+    def mask(self, key_positions: torch.Tensor, T: int) -> torch.Tensor:
+        """(T, S) bool for the last :meth:`update`: query t (position pos-T+t) may see key j when the key is not
+        in its future and less than ``window`` tokens back."""
+        q = torch.arange(self.pos - T, self.pos, device=key_positions.device)[:, None]
+        kp = key_positions[None, :]
+        return (kp <= q) & (q - kp < self.window)
+
+    def nbytes(self) -> int:
+        """Bytes held (the ring: ``window`` tokens, whatever the sequence length)."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class RecurrentStateSlots:
+    """Fixed-size per-sequence state of the recurrent layers (convolution windows, SSM or delta-rule
+    matrices), one slot per running sequence, for a continuous batch.
+
+    ``tensors[layer][i]`` is (max_seqs, *spec.state_shapes[i]): a sequence is admitted to a free slot (zeroed:
+    a new sequence starts from the zero state), its rows are read and written in place by the layer
+    (:meth:`gather`, :meth:`scatter` for the rows of one batch), and it is retired when it finishes or is
+    cancelled, freeing the slot for the next one. Memory is fixed at construction: ``max_seqs`` x
+    :func:`bytes_per_sequence` of each recurrent layer.
+    """
+
+    def __init__(self, specs: list[LayerSpec], max_seqs: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
+        self.layers = [i for i, s in enumerate(specs) if s.kind == "recurrent"]
+        self.tensors = {i: [torch.zeros(max_seqs, *shape, dtype=dtype, device=device) for shape in specs[i].state_shapes]
+                        for i in self.layers}
+        self.max_seqs = max_seqs
+        self._free = list(range(max_seqs - 1, -1, -1))  # pop() -> 0, 1, ...
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        """Slots a new sequence can take."""
+        return len(self._free)
+
+    def admit(self) -> int:
+        """A free slot, its state zeroed in every recurrent layer.
+
+        Raises:
+            RuntimeError: every slot is taken (the scheduler admits only while :attr:`num_free` > 0).
+        """
+        if not self._free:
+            raise RuntimeError(f"all {self.max_seqs} recurrent-state slots are taken")
+        slot = self._free.pop()
+        self._used.add(slot)
+        for ts in self.tensors.values():
+            for t in ts:
+                t[slot].zero_()
+        return slot
+
+    def retire(self, slot: int) -> None:
+        """Give a finished or cancelled sequence's slot back."""
+        if slot not in self._used:
+            raise ValueError(f"recurrent-state slot {slot} is not in use")
+        self._used.remove(slot)
+        self._free.append(slot)
+
+    def gather(self, layer: int, slots: list[int]) -> list[torch.Tensor]:
+        """The states of ``slots`` (the rows of a batch, in order) in ``layer``: one (B, *shape) tensor each."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.tensors[layer][0].device)
+        return [t.index_select(0, idx) for t in self.tensors[layer]]
+
+    def scatter(self, layer: int, slots: list[int], states: list[torch.Tensor]) -> None:
+        """Write the batch's updated states (as :meth:`gather` returned them) back to their slots."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.tensors[layer][0].device)
+        for t, s in zip(self.tensors[layer], states):
+            t.index_copy_(0, idx, s.to(t.dtype))
+
+    def nbytes(self) -> int:
+        """Bytes held by every slot of every recurrent layer."""
+        return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)

@@ -1,0 +1,202 @@
+"""Decoder pieces for one token on the CPU: RMSNorm, RoPE, single-query attention, and the fused blocks.
+
+A block is a pre-norm half decoder layer with its residual add (attention, SwiGLU MLP, or softmax-routed
+mixture of experts), bound once to its weights' :class:`~ember.kernels.matmul.LinearKernel` objects in a C
+struct; :func:`run_decode_layers` runs every layer's pair of blocks (and the final norm and LM head) in one
+call. Which modules become blocks is decided by the runtime (:mod:`ember.runtime.blocks`), not here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ember.kernels import loader as _loader
+from ember.kernels.loader import _F, _FLOAT, _P
+from ember.kernels.matmul import LinearKernel, _ptr
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """HF-exact RMSNorm over the last axis (fp32 statistics, bf16 roundings as HF's); None when not handled."""
+    if (x.dtype not in _FLOAT or weight.dtype is not x.dtype or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    H = x.shape[-1]
+    lib.ember_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // H, H, eps,
+                       x.dtype is torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate ``x`` (B, T, heads, hd), contiguous, in place by ``cos``/``sin`` (B, T, hd); False when not handled."""
+    if (x.dtype not in _FLOAT or cos.dtype is not x.dtype or x.device.type != "cpu" or not x.is_contiguous()
+            or not cos.is_contiguous() or not sin.is_contiguous()
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return False
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None:
+        return False
+    B, T, n, hd = x.shape
+    if hd % 2:
+        return False
+    lib.ember_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, n, hd, x.dtype is torch.bfloat16)
+    return True
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Attention of one new token per row: q (B, 1, nh, hd) contiguous against k/v (B, nkv, S, hd) (views of a
+    cache: any batch/head/slot strides, the last axis contiguous), ``mask`` None or bool broadcastable to
+    (B, 1, 1, S), True where a key is visible -> (B, 1, nh * hd), or None when not handled.
+
+    What ``F.scaled_dot_product_attention`` computes for a single query (scale 1/sqrt(hd)), in one call that
+    reads each cached key/value row once for all query heads of its group: fp32 scores and softmax, the output
+    rounded once to the model dtype. SDPA's CPU kernel has a fixed cost per call that dominates at decode sizes."""
+    B, T, nh, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    if (T != 1 or q.dtype not in _FLOAT or k.dtype is not q.dtype or v.dtype is not q.dtype or q.device.type != "cpu"
+            or not q.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1 or nh % nkv
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    if mask is not None:
+        if mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[-1] != S or mask.shape[2] != 1:
+            return None
+        mask = mask.expand(B, 1, 1, S)
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None:
+        return None
+    out = torch.empty(B, 1, nh * hd, dtype=q.dtype)
+    m_args = (mask.data_ptr(), mask.stride(0), mask.stride(3)) if mask is not None else (None, 0, 0)
+    ok = lib.ember_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, nkv, hd, S,
+                               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *m_args,
+                               1.0 / hd ** 0.5, q.dtype is torch.bfloat16, torch.get_num_threads())
+    return out if ok else None
+
+
+class _AttnBlockDesc(ctypes.Structure):
+    """Mirror of ``AttnBlockDesc`` in cpu.cpp."""
+
+    _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
+        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)]
+
+
+class _MlpBlockDesc(ctypes.Structure):
+    """Mirror of ``MlpBlockDesc`` in cpu.cpp."""
+
+    _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
+                                                                    ("eps", _F)]
+
+
+class _MoeBlockDesc(ctypes.Structure):
+    """Mirror of ``MoeBlockDesc`` in cpu.cpp."""
+
+    _fields_ = [("router", _P), ("experts", _P), ("norm", _P)] + [
+        (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)]
+
+
+class BlockKernel:
+    """A pre-norm decoder block (attention or SwiGLU MLP, residual add included) bound to its kernels, for one
+    token of one sequence: one call where the modules' forward makes 10-20 (see ``ember_attn_block`` and
+    ``ember_mlp_block`` in cpu.cpp). Built by :func:`attn_block_kernel` / :func:`mlp_block_kernel` from the
+    modules' own :class:`LinearKernel` objects and norm weights, which it keeps alive (``parts``)."""
+
+    __slots__ = ("kind", "desc", "addr", "parts")
+
+    def __init__(self, kind: str, desc: ctypes.Structure, parts: tuple) -> None:
+        self.kind, self.desc, self.addr, self.parts = kind, desc, ctypes.addressof(desc), parts
+
+
+def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
+                      eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
+                      k_norm: torch.Tensor | None = None, qk_eps: float = 0.0) -> BlockKernel:
+    """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``."""
+    desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
+                          k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps)
+    return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm))
+
+
+def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
+                     eps: float) -> BlockKernel:
+    """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``."""
+    desc = _MlpBlockDesc(gate=gate.addr, up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
+                         F=gate.out_features, eps=eps)
+    return BlockKernel("mlp", desc, (gate, up, down, norm))
+
+
+def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],
+                     norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool) -> BlockKernel:
+    """A mixture-of-experts block (:class:`ember.models.SparseMoE` after the post-attention norm, the residual add
+    included): ``experts[e]`` = expert e's (gate, up, down) kernels."""
+    flat = [k for triple in experts for k in triple]
+    table = (_P * len(flat))(*[k.addr for k in flat])
+    desc = _MoeBlockDesc(router=router.addr, experts=ctypes.addressof(table), norm=norm.data_ptr(), H=norm.shape[0],
+                         E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps)
+    return BlockKernel("moe", desc, (router, tuple(flat), table, norm))
+
+
+def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: int) -> bool:
+    """Apply an attention :class:`BlockKernel` to ``x`` (H,) in place for the token at cache slot ``pos``:
+    cos/sin (hd,) of its position, k_cache/v_cache (1, nkv, max_len, hd) contiguous (its k/v written at pos)."""
+    return bool(_loader._lib.ember_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                      v_cache.data_ptr(), k_cache.shape[2], pos, x.dtype is torch.bfloat16,
+                                      torch.get_num_threads()))
+
+
+def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
+    """Apply an MLP or MoE :class:`BlockKernel` to ``x`` (H,) in place."""
+    fn = _loader._lib.ember_moe_block if block.kind == "moe" else _loader._lib.ember_mlp_block
+    return bool(fn(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
+
+
+class _LayerStepDesc(ctypes.Structure):
+    """Mirror of ``LayerStepDesc`` in cpu.cpp."""
+
+    _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64)]
+
+
+class LayerSteps:
+    """Every layer's (attention, MLP or MoE) :class:`BlockKernel` pair bound to its key/value cache tensors, for
+    :func:`run_decode_layers`. Keeps the blocks alive, not the caches: a KV cache can be gigabytes, and its owner
+    (the running request) holds it while it is used."""
+
+    __slots__ = ("table", "addr", "n", "parts")
+
+    def __init__(self, blocks: list[tuple[BlockKernel, BlockKernel]],
+                 caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.n = len(blocks)
+        self.table = (_LayerStepDesc * self.n)(*[
+            _LayerStepDesc(attn=a.addr, mlp=m.addr, moe=int(m.kind == "moe"), Kc=kc.data_ptr(), Vc=vc.data_ptr(),
+                           max_len=kc.shape[2])
+            for (a, m), (kc, vc) in zip(blocks, caches)])
+        self.addr = ctypes.addressof(self.table)
+        self.parts = blocks
+
+
+def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
+                caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LayerSteps | None:
+    """The layers' blocks with their caches (each (1, nkv, max_len, hd), contiguous, of x's dtype), or None where
+    a cache is not laid out so."""
+    for kc, vc in caches:
+        if not (kc.is_contiguous() and vc.is_contiguous() and kc.shape == vc.shape and kc.dim() == 4
+                and kc.shape[0] == 1 and kc.device.type == "cpu"):
+            return None
+    return LayerSteps(blocks, caches)
+
+
+def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
+                      head: "tuple[torch.Tensor, float, LinearKernel] | None" = None,
+                      logits: torch.Tensor | None = None) -> int:
+    """Apply every layer of ``steps`` to ``x`` (H,) in place, in one call, for the token at cache slot ``pos``
+    (cos/sin (hd,) of its position), then, given ``head`` = (final norm weight, its eps, the LM head's kernel),
+    write ``logits`` (V,) = head(rms_norm(x)). Returns the number of blocks applied, two a layer, plus one when
+    the logits were written: the caller finishes the rest (a cache too short, a kernel that refused the dtype)."""
+    norm, eps, k = head if head is not None else (None, 0.0, None)
+    return _loader._lib.ember_decode_layers(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
+                                    None if norm is None else norm.data_ptr(), eps, None if k is None else k.addr,
+                                    None if logits is None else logits.data_ptr(), x.dtype is torch.bfloat16,
+                                    torch.get_num_threads())

@@ -1,0 +1,30 @@
+"""The seam between the model definitions and a runtime that makes some of their pieces faster.
+
+The definitions in :mod:`ember.models` are plain PyTorch. A runtime (:mod:`ember.runtime` for the CPU) fills
+the slots below when it is imported, the way HF's ``ALL_ATTENTION_FUNCTIONS`` and kernel hub let a faster
+implementation stand in for a module's forward without the modeling file knowing it. Every slot function
+returns None (or False) where it does not apply (another device, autograd, a dtype or shape it does not
+take), and the definition then runs its own PyTorch code: a slot may only be faster, never different in
+what it computes. With every slot empty (no runtime imported) a model still runs, and gives the same
+results.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+# Linear.forward: (module, x (..., in)) -> (..., out) or None
+linear: Callable | None = None
+# Linear.cpu_kernel: (module) -> a kernel object bound to its weight, or None
+linear_kernel: Callable | None = None
+# RMSNorm.forward: (module, x) -> normed x or None
+rms_norm: Callable | None = None
+# several modules applied to the same x (q/k/v, gate/up): (x, modules) -> [m(x) for m in modules] or None
+project: Callable | None = None
+# rotate q (B, T, nh, hd) and k (B, T, nkv, hd), contiguous, in place by cos/sin (B, T, hd): -> bool
+rope_: Callable | None = None
+# one query token per row: (q (B, 1, nh, hd), k/v (B, nkv, S, hd), bool mask or None) -> (B, 1, nh*hd) or None
+attention_decode: Callable | None = None
+# the whole model's forward for the calls the runtime handles end to end (one-sequence CPU decode):
+# (model, input_ids, positions, cos, sin, cache, start, k_valid, last_only, hidden_only, session) -> out or None
+model_forward: Callable | None = None

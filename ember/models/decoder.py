@@ -1,0 +1,68 @@
+"""The decoder layer, assembled per layer from the config's layer kinds (HF's ``layer_types`` and friends).
+
+A layer is ``x + attention(norm(x))`` then ``x + mlp(norm(x))``; which attention and which MLP comes from
+two per-layer lists, each entry a key of a table below:
+
+* :func:`attention_types` -> ``ATTENTION_CLASSES``: ``"full_attention"``, ``"sliding_attention"`` (HF's
+  ``layer_types`` where the config has it, else Mistral's/Qwen2's ``sliding_window`` fields);
+* :func:`mlp_types` -> ``MLP_CLASSES``: ``"dense"`` (SwiGLU) or ``"moe"`` (Qwen3-MoE's
+  ``decoder_sparse_step``/``mlp_only_layers``, every layer for Mixtral).
+
+A family with a new piece adds one class and one table entry; the runtime (:mod:`ember.runtime`) runs any
+piece it has no kernel for as its PyTorch module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.models.attention import Attention
+from ember.models.mlp import MLP
+from ember.models.moe import SparseMoE
+from ember.models.norms import RMSNorm
+
+# attention kind -> (cfg, layer index, sliding window or None) -> module
+ATTENTION_CLASSES: dict[str, Callable[[ModelConfig, int, int | None], nn.Module]] = {
+    "full_attention": Attention,
+    "sliding_attention": Attention,  # the same projections; the model's mask hides keys outside the window
+}
+# MLP kind -> (cfg) -> module
+MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "dense": MLP,
+    "moe": SparseMoE,
+}
+
+
+def attention_types(cfg: ModelConfig) -> list[str]:
+    """Each layer's attention kind (a key of ``ATTENTION_CLASSES``)."""
+    return ["full_attention" if cfg.layer_window(i) is None else "sliding_attention"
+            for i in range(cfg.num_hidden_layers)]
+
+
+def mlp_types(cfg: ModelConfig) -> list[str]:
+    """Each layer's MLP kind (a key of ``MLP_CLASSES``)."""
+    return ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer; submodule names are HF's (``self_attn``, ``mlp``, ``input_layernorm``, ...)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, attention_type: str = "full_attention",
+                 mlp_type: str = "dense") -> None:
+        super().__init__()
+        self.attention_type, self.mlp_type = attention_type, mlp_type
+        self.window = cfg.layer_window(layer) if attention_type == "sliding_attention" else None
+        self.self_attn = ATTENTION_CLASSES[attention_type](cfg, layer, self.window)
+        self.mlp = MLP_CLASSES[mlp_type](cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache, is_causal: bool) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H); ``mask`` is this layer's (its window's), ``cache`` the model's."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,154 @@
+"""The decoder-only language model: embedding, decoder layers, final norm, LM head (HF's ``LlamaForCausalLM``).
+
+Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE are this module with different :class:`ModelConfig`
+fields. Submodule names equal HF's (``model.layers.3.self_attn.q_proj``) so checkpoints and PEFT adapters
+load with no name map. Every projection, each expert's included, is a :class:`~ember.models.linear.Linear`:
+quantization, LoRA and streaming swap that module and nothing here branches on them (docs/design.md).
+
+Shapes: B batch, T new tokens, S cached+new key slots, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.models import accel
+from ember.models.attention import KVStore, build_mask
+from ember.models.decoder import DecoderLayer, attention_types, mlp_types
+from ember.models.linear import Linear
+from ember.models.norms import RMSNorm
+from ember.models.rope import rope_cos_sin, rope_inv_freq
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers and final norm; named ``model`` inside :class:`Transformer` as in HF."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        kinds = zip(attention_types(cfg), mlp_types(cfg))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, a, m) for i, (a, m) in enumerate(kinds))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward`` runs T new tokens per row against an optional cache."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE frequencies are derived, not stored in checkpoints; (re)made by reset_rope().
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, "cpu" if _on_meta() else None), persistent=False)
+        self._windows = sorted({layer.window for layer in self.model.layers}, key=lambda w: (w is not None, w or 0))
+
+    def weight_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads per sequence, from the tensors this model holds.
+
+        Counts every parameter and persistent buffer at its stored size (a quantized Linear's packed
+        weights and scales as they are), except: the embedding table contributes one row (all of it
+        when tied to the LM head, which reads it whole), and each MoE layer contributes
+        ``num_experts_per_tok`` of its experts (k/E of their bytes). KV-cache reads are excluded.
+        For an unquantized model this equals ``config.decode_bytes_per_token(element size)``.
+        """
+        cfg = self.config
+        seen: set[int] = set()
+        total = 0.0
+        for name, t in self.state_dict(keep_vars=True).items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            nbytes = t.numel() * t.element_size()
+            if ".mlp.experts." in name:
+                nbytes *= cfg.num_experts_per_tok / cfg.num_local_experts
+            elif name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+                nbytes /= cfg.vocab_size
+            total += nbytes
+        return round(total)
+
+    def reset_rope(self) -> None:
+        """Recompute RoPE frequencies on the device of the weights (after a meta-device build)."""
+        self.inv_freq = rope_inv_freq(self.config, self.model.norm.weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+        start: int = 0,
+        k_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+        hidden_only: bool = False,
+        session: object | None = None,
+    ) -> torch.Tensor:
+        """Run new tokens through the model.
+
+        Args:
+            input_ids: (B, T) token ids.
+            positions: (B, T) RoPE positions; default ``start + arange(T)`` for every row.
+            cache: the per-layer cache (:mod:`ember.cache`) written at slots ``start .. start+T-1``; None for a
+                cache-free pass.
+            start: first cache slot of the new tokens (the number of slots already filled).
+            k_valid: (B, S_max) bool, False at left-padding slots; None when no row is padded.
+            last_only: return logits for the last position only (B, 1, V): prefill for generation.
+            hidden_only: return the final normed hidden states (B, T, H) instead of logits.
+            session: any object standing for one generation, the same at each of its calls, handed to the
+                runtime (see :func:`ember.runtime.decode.forward`): the caller promises that between those calls
+                no module, parameter, buffer or hook of the model is added, replaced or moved. None: no promise.
+        Returns:
+            logits (B, T or 1, V) in the model dtype.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, hd)
+        fast = accel.model_forward
+        if fast is not None:
+            out = fast(self, x, cos, sin, cache, start, k_valid, last_only, hidden_only, session)
+            if out is not None:
+                return out
+        return self.finish(self.run_layers(x, cos[:, None], sin[:, None], cache, start, k_valid), last_only,
+                           hidden_only)
+
+    def layer_masks(self, T: int, start: int, k_valid: torch.Tensor | None, cached: bool,
+                    device: torch.device) -> dict[int | None, torch.Tensor | None]:
+        """One attention mask per distinct sliding window (None for full attention); a mask of None lets SDPA
+        take its fastest path (plain causal prefill from slot 0, or a single decode token that sees every key)."""
+        n_keys = start + T if cached else T
+        masks: dict[int | None, torch.Tensor | None] = {}
+        q_slots = torch.arange(start, start + T, device=device)
+        for w in self._windows:
+            if k_valid is None and (w is None or n_keys <= w) and (T == 1 or start == 0):
+                masks[w] = None
+            else:
+                masks[w] = build_mask(q_slots, k_valid, n_keys, w)
+        return masks
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int,
+                   k_valid: torch.Tensor | None) -> torch.Tensor:
+        """Every layer as its modules: x (B, T, H), cos/sin (B, 1, T, hd) -> (B, T, H) before the final norm."""
+        layers = self.model.layers
+        T = x.shape[1]
+        masks = self.layer_masks(T, start, k_valid, cache is not None, x.device)
+        for layer in layers:
+            x = layer(x, cos, sin, masks[layer.window], cache, T > 1)
+        return x
+
+    def finish(self, x: torch.Tensor, last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
+        """Final norm (on the last position only with ``last_only``), then the LM head unless ``hidden_only``."""
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if hidden_only:
+            return x
+        return self.lm_head(x)
+
+
+def _on_meta() -> bool:
+    return torch.empty(0).device.type == "meta"

@@ -1,0 +1,107 @@
+"""Which pieces of a decoder layer the CPU kernels know, bound to their fused blocks.
+
+The kernels have three fused blocks for one token of one sequence (``ember_attn_block``, ``ember_mlp_block``,
+``ember_moe_block`` in cpu.cpp), each a pre-norm half-layer with its residual add:
+
+* attention: :class:`~ember.models.attention.Attention` after an :class:`~ember.models.norms.RMSNorm`
+  (grouped-query, RoPE, optional q/k norm and biases; a sliding window is handled by the caller, which
+  runs the module once the window hides a cached key);
+* MLP: :class:`~ember.models.mlp.MLP` (SwiGLU) after an RMSNorm;
+* MoE: :class:`~ember.models.moe.SparseMoE` (softmax top-k router over SwiGLU experts) after an RMSNorm.
+
+A piece is recognised by its exact class, so a family's new variant (a subclass with other math, or a new
+class) is never mistaken for one of these: it runs as its module, and the pieces around it keep their
+kernels. A piece also runs as its module where a projection has no kernel (LoRA, another device) or any
+module involved has forward hooks (they must see their calls).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ember import kernels
+from ember.models.attention import Attention
+from ember.models.decoder import DecoderLayer
+from ember.models.mlp import MLP
+from ember.models.moe import SparseMoE
+from ember.models.norms import RMSNorm
+
+
+def _hooked(*mods) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+
+
+def _kernels_of(projs, x2: torch.Tensor) -> list | None:
+    ks = []
+    for m in projs:
+        get = getattr(m, "cpu_kernel", None)
+        k = get() if get is not None else None
+        if k is None or not k.accepts(x2):
+            return None
+        ks.append(k)
+    return ks
+
+
+def layer_blocks(layer, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
+    """``layer``'s attention block and its MLP (or MoE) block bound to the CPU kernels for x's dtype, for one
+    decoding token; the MLP block None where the layer's MLP is not one the kernels know (it then runs as its
+    module after the attention block); None where the layer is not a :class:`DecoderLayer` with a known
+    attention (the whole layer runs as its modules). Remade when a kernel is."""
+    if type(layer) is not DecoderLayer or _hooked(layer):
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    pre, post = layer.input_layernorm, layer.post_attention_layernorm
+    if type(attn) is not Attention or type(pre) is not RMSNorm:
+        return None
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    norms = [pre]
+    if attn.q_norm is not None:
+        norms += [attn.q_norm, attn.k_norm]
+    if _hooked(attn, *projs, *norms) or any(n.weight.dtype is not x.dtype for n in norms):
+        return None
+    x2 = x.view(1, -1)
+    ks = _kernels_of(projs, x2)
+    if ks is None:
+        return None
+    mlp_projs = _mlp_projections(mlp)
+    mks = None
+    if (mlp_projs is not None and type(post) is RMSNorm and post.weight.dtype is x.dtype
+            and not _hooked(mlp, post, *mlp_projs, *(mlp.experts if type(mlp) is SparseMoE else ()))):
+        mks = _kernels_of(mlp_projs, x2)
+    key = (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms), None if mks is None else
+           (tuple(map(id, mks)), post.weight.data_ptr()))
+
+    def build():
+        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
+        a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
+                                      attn.q_norm.eps if qn is not None else 0.0)
+        if mks is None:
+            return a, None
+        if type(mlp) is SparseMoE:
+            experts = [tuple(mks[1 + 3 * e:4 + 3 * e]) for e in range(len(mlp.experts))]
+            return a, kernels.moe_block_kernel(mks[0], experts, post.weight, post.eps, mlp.top_k, mlp.norm_topk_prob)
+        return a, kernels.mlp_block_kernel(*mks, post.weight, post.eps)
+
+    return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
+
+
+def _mlp_projections(mlp) -> list | None:
+    """The projections of an MLP piece the kernels know, in their block's order; None for any other piece."""
+    if type(mlp) is MLP:
+        return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if type(mlp) is SparseMoE and all(type(e) is MLP for e in mlp.experts):
+        return [mlp.gate] + [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    return None
+
+
+def head_block(norm, lm_head, x: torch.Tensor) -> "tuple[torch.Tensor, float, kernels.LinearKernel] | None":
+    """The final norm and LM head for the whole-step call: (norm weight, eps, the head's kernel), or None where
+    they must run as their modules (hooks, no kernel, another norm)."""
+    if norm is None or lm_head is None or _hooked(norm, lm_head):
+        return None
+    get = getattr(lm_head, "cpu_kernel", None)
+    k = get() if get is not None else None
+    if (k is not None and k.accepts(x.view(1, -1)) and type(norm) is RMSNorm and norm.weight.dtype is x.dtype
+            and norm.weight.is_contiguous()):
+        return norm.weight, norm.eps, k
+    return None

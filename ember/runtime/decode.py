@@ -1,0 +1,164 @@
+"""One-sequence CPU decode: every layer the kernels know in one call, the rest as their modules.
+
+:func:`forward` stands in for :meth:`ember.models.Transformer.forward` (through ``accel.model_forward``) for
+one token of one sequence on the CPU with a cache that exposes its per-layer tensors (``layer_tensors``, the
+static cache of :mod:`ember.cache`). It keeps each model's :class:`DecodeBlocks`: every layer's blocks
+(:func:`ember.runtime.blocks.layer_blocks`) with what they were made from, checked once per session.
+
+The step runs, in order:
+
+1. the longest run of leading layers whose attention and MLP blocks are both known, together with the final
+   norm and LM head when that run is every layer, in one ``ember_decode_layers`` call;
+2. each remaining layer as its attention block (one call) and MLP block (one call), where it has them,
+   else as its modules: a piece without a kernel never needs one for the model to decode correctly;
+3. the final norm and LM head as their modules, where step 1 did not write the logits.
+
+A sliding window hides cached keys from the token at slot ``start >= window``: from there on the layers with
+that window run as modules (their mask), and the whole-step call is not made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch import nn
+
+from ember import kernels
+from ember.runtime import blocks as blocks_module
+
+# Beside the models, not in them (as ember.kernels keeps its kernels): ctypes pointers cannot be deep-copied.
+_decode_blocks: "weakref.WeakKeyDictionary[nn.Module, DecodeBlocks]" = weakref.WeakKeyDictionary()
+
+
+class DecodeBlocks:
+    """Every layer's :func:`~ember.runtime.blocks.layer_blocks` for one dtype, with what they were built from.
+
+    Asking each layer again on every decode step costs module attribute lookups, hook checks and kernel-cache
+    keys for each layer. :meth:`valid` re-checks the same facts in a few flat loops: each module of the layers
+    is still where it was (``_modules``), holds the same tensors (``_parameters``, ``_buffers``) at the same
+    storage, and has no forward hooks. Blocks made while a hook was registered are never reused: the hooked
+    layers have none, and once the hook is removed they must be made.
+    """
+
+    __slots__ = ("dtype", "blocks", "head", "hooks", "dicts", "ids", "tensors", "ptrs", "hooked", "cache_layers",
+                 "window", "n_fused", "checked_in", "_steps", "_steps_key", "_steps_cache")
+
+    def __init__(self, layers: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None = None,
+                 lm_head: nn.Module | None = None) -> None:
+        self.dtype = x.dtype
+        self.blocks = [blocks_module.layer_blocks(layer, x) for layer in layers]
+        # leading layers with both blocks: they run in the whole-step call
+        self.n_fused = next((i for i, b in enumerate(self.blocks) if b is None or b[1] is None), len(self.blocks))
+        # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
+        tail = [m for m in (norm, lm_head) if m is not None]
+        self.head = blocks_module.head_block(norm, lm_head, x) if self.n_fused == len(self.blocks) else None
+        self.cache_layers = [getattr(layer.self_attn, "layer", i) if b is not None else None
+                             for i, (layer, b) in enumerate(zip(layers, self.blocks))]
+        # the smallest sliding window of the layers: from that slot on, some layer needs its mask (the module path)
+        self.window = min((w for w in (getattr(layer, "window", None) for layer in layers) if w is not None),
+                          default=None)
+        self.checked_in: object | None = None  # the session (see forward) they were last checked in
+        self._steps: kernels.LayerSteps | None = None
+        self._steps_key: list | None = None
+        self._steps_cache: tuple[object, weakref.ref] | None = None  # (session, the cache of the steps in it)
+        # the ModuleList too (a replaced layer is a changed slot of its dict), and the final norm and head
+        mods = list(layers.modules()) + [m for t in tail for m in t.modules()]
+        self.hooks = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.hooked = any(self.hooks)
+        # the non-empty child/parameter/buffer dicts and the ids of their values: a swapped submodule, a
+        # re-assigned parameter or buffer
+        self.dicts = [d for m in mods for d in (m._modules, m._parameters, m._buffers) if d]
+        self.ids = self._ids()
+        self.tensors = [t for d in self.dicts for t in d.values() if isinstance(t, torch.Tensor)]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+
+    def _ids(self) -> list[int]:
+        return list(map(id, itertools.chain.from_iterable(map(dict.values, self.dicts))))
+
+    def valid(self, x: torch.Tensor) -> bool:
+        """Whether the layers are as they were when these blocks were made (and x has their dtype)."""
+        return (x.dtype is self.dtype and not self.hooked and not any(self.hooks) and self._ids() == self.ids
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
+
+    def steps(self, cache, start: int, session: object | None = None) -> "kernels.LayerSteps | None":
+        """The leading fused layers' blocks bound to their slices of ``cache`` (:func:`ember.kernels.run_decode_layers`),
+        or None where there are none or a sliding window already hides slot 0 from the token at ``start``. Remade
+        when the cache tensors move; the cache itself is not kept alive (the key is its tensors' addresses and
+        shapes, enough to write into them correctly). In the session the blocks were checked in (see
+        :func:`forward`), the same cache object is taken at its word: its tensors are the generation's."""
+        if self.window is not None and start >= self.window or not self.n_fused:
+            return None
+        if session is not None and self._steps_cache is not None and self._steps_cache[0] is session \
+                and self._steps_cache[1]() is cache:
+            return self._steps
+        caches = [cache.layer_tensors(i) for i in self.cache_layers[:self.n_fused]]
+        key = [(k.data_ptr(), v.data_ptr(), k.shape, v.shape, k.dtype) for k, v in caches]
+        if key != self._steps_key:
+            self._steps, self._steps_key = kernels.layer_steps(self.blocks[:self.n_fused], caches), key
+        self._steps_cache = None
+        if session is not None:
+            try:
+                self._steps_cache = (session, weakref.ref(cache))
+            except TypeError:  # a cache class without weak references: checked at every step
+                pass
+        return self._steps
+
+
+def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int,
+            k_valid: torch.Tensor | None, last_only: bool, hidden_only: bool,
+            session: object | None) -> torch.Tensor | None:
+    """The model's output for one token of one sequence on the CPU, or None for any other call (the model
+    then runs its modules).
+
+    Args:
+        model: an :class:`ember.models.Transformer`.
+        x: (1, 1, H) the token's embedding; cos/sin (1, 1, hd) its RoPE tables.
+        cache: a cache with ``layer_tensors(layer)`` and ``pos == start`` (:class:`ember.cache.StaticKVCache`).
+        session: any object standing for one generation, the same at each of its calls (the engine makes one
+            per generation). The caller promises that between those calls no module, parameter, buffer or
+            hook of the model is added, replaced or moved to other storage; the kernel blocks are then checked
+            against the modules at the session's first step only (the check touches every module's dicts and
+            tensors, which the weights streamed by the step before have evicted from the CPU caches).
+            None: checked at every call.
+    """
+    if not (x.shape[1] == 1 and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
+            and hasattr(cache, "layer_tensors") and start == getattr(cache, "pos", None)
+            and x.dtype in (torch.bfloat16, torch.float32) and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    layers = model.model.layers
+    x = x.contiguous()
+    cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
+    decode = _decode_blocks.get(model)
+    if decode is None or not (session is not None and decode.checked_in is session and x.dtype is decode.dtype
+                              or decode.valid(x)):
+        decode = _decode_blocks[model] = DecodeBlocks(layers, x, model.model.norm, model.lm_head)
+    decode.checked_in = session
+    first = 0  # the first layer the loop below runs
+    steps = decode.steps(cache, start, session)
+    if steps is not None:
+        head = None if hidden_only else decode.head
+        logits = torch.empty(1, 1, head[2].out_features, dtype=x.dtype) if head is not None else None
+        done = kernels.run_decode_layers(steps, x, cos1, sin1, start, head, logits)
+        if done > 2 * steps.n:
+            return logits
+        first = done // 2
+        if done % 2:  # that layer's attention block ran, its MLP block did not
+            layer = layers[first]
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            first += 1
+    if first < len(layers):
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, 1, hd)
+        masks = model.layer_masks(1, start, None, True, x.device)
+    for i in range(first, len(layers)):
+        layer = layers[i]
+        blocks = decode.blocks[i]
+        if blocks is not None and (layer.window is None or start < layer.window):
+            k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
+            if start < k_cache.shape[2] and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start):
+                if blocks[1] is None or not kernels.run_mlp_block(blocks[1], x):
+                    x = x + layer.mlp(layer.post_attention_layernorm(x))
+                continue
+        x = layer(x, cos, sin, masks[getattr(layer, "window", None)], cache, False)
+    return model.finish(x, last_only, hidden_only)

@@ -1,0 +1,73 @@
+"""CPU kernels behind single pieces of the model definitions (the slots of :mod:`ember.models.accel`).
+
+Each function takes what the piece's forward takes and returns None (False for ``rope_``) where it does not
+apply: another device, autograd, a dtype or shape the kernels do not take, kernels switched off. The
+definition then runs its own PyTorch code. The results are those of the PyTorch code (the same products,
+norms and roundings; see tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ember import kernels
+
+
+def linear_kernel(m) -> "kernels.LinearKernel | None":
+    """An Ember ``Linear``'s weight (and bias) bound to its CPU streaming kernel, made once
+    (:func:`ember.kernels.cached_kernel`); None under autograd, off the CPU, or where the kernels are off."""
+    w, b = m.weight, m.bias
+    if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))):
+        return None
+    return kernels.cached_kernel(m, (w, b), lambda: kernels.dense_kernel(w, b))
+
+
+def linear(m, x: torch.Tensor) -> torch.Tensor | None:
+    """``Linear.forward`` on the CPU: few rows through the streaming kernel; wide bf16 products in fp32 where
+    PyTorch's bf16 GEMM is emulated (:func:`ember.kernels.wide_linear`); else None (``F.linear``)."""
+    if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        k = m.cpu_kernel()
+        y = k(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])) if k is not None else None
+        if y is not None:  # bias added
+            return y.view(*x.shape[:-1], y.shape[-1])
+    return kernels.wide_linear(x, m.weight, m.bias)
+
+
+def rms_norm(m, x: torch.Tensor) -> torch.Tensor | None:
+    """``RMSNorm.forward`` on the CPU in one fused op with the same roundings."""
+    if x.device.type != "cpu":
+        return None
+    return kernels.rms_norm(x, m.weight, m.eps)
+
+
+def project(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
+    """``[m(x) for m in modules]`` in one kernel call where every module offers a CPU kernel for x; else None.
+
+    q/k/v and gate/up read the same activations: one call quantizes nothing twice and costs one ctypes round
+    trip instead of three. A module offers one through ``cpu_kernel()`` (Ember's Linear and the quantized
+    Linears do; LoRA and other wrappers do not, so they run as themselves), and never while it has forward
+    hooks (they must see the call)."""
+    lib = kernels.library()
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or len(modules) < 2 or lib is None:
+        return None
+    ks = []
+    x2 = x.reshape(-1, x.shape[-1])
+    for m in modules:
+        get = getattr(m, "cpu_kernel", None)
+        k = get() if get is not None and not (m._forward_hooks or m._forward_pre_hooks) else None
+        if k is None or not k.accepts(x2):
+            return None
+        ks.append(k)
+    ys = kernels.linear_many(ks, x2)
+    return None if ys is None else [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate q (B, T, nh, hd) and k (B, T, nkv, hd) in place by cos/sin (B, T, hd); False when not handled."""
+    return q.device.type == "cpu" and kernels.rope_(q, cos, sin) and kernels.rope_(k, cos, sin)
+
+
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor | None:
+    """One query token per row against the cached keys/values (:func:`ember.kernels.attn_decode`)."""
+    return kernels.attn_decode(q, k, v, mask)
