@@ -144,7 +144,7 @@ def to_spec(body: MessagesRequest) -> ChatSpec:
         parallel = not tc.get("disable_parallel_tool_use", False)
     kwargs = {}
     if body.thinking is not None:
-        kwargs["enable_thinking"] = body.thinking.get("type") == "enabled"
+        kwargs["enable_thinking"] = body.thinking.get("type") in ("enabled", "adaptive")
     return ChatSpec(messages=msgs, tools=tools, tool_choice=mode, forced_name=forced, parallel_tool_calls=parallel,
                     template_kwargs=kwargs, fields={"messages": "messages", "tools": "tools", "tool_choice": "tool_choice"})
 

@@ -180,18 +180,19 @@ def template_messages(spec: ChatSpec, fallback: bool) -> list[dict]:
 async def prepare_chat(server: EmberServer, spec: ChatSpec) -> PreparedChat:
     """Validate, render and tokenize a chat turn; choose its grammar and output parser."""
     names = check_tools(spec)
+    # With tool_choice "none" the model still sees the tools (as OpenAI's and vLLM's do) but no call is read.
     tools_on = bool(names) and spec.tool_choice != "none"
     has_history_tools = any(m.get("tool_calls") or m.get("role") == "tool" for m in spec.messages)
-    fallback = not server.template_tools and (tools_on or has_history_tools)
+    fallback = not server.template_tools and (bool(names) or has_history_tools)
     messages = template_messages(spec, fallback)
     tools = None
-    if tools_on and fallback:
+    if names and fallback:
         desc = fallback_system_prompt(spec.tools)
         if messages and messages[0]["role"] == "system":
             messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + desc}
         else:
             messages.insert(0, {"role": "system", "content": desc})
-    elif tools_on:
+    elif names:
         tools = spec.tools
     tok = server.tokenizer
     try:
