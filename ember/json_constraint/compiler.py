@@ -56,6 +56,7 @@ def compile_tool_call_grammar(calls: list[tuple[str, dict | None, str]], where: 
         if any(j != i and q.startswith(p) for j, q in enumerate(prefixes)):
             raise ValueError(f"tool-call prefix {p!r} is a prefix of another alternative")
     g.root = g.add(_Node(TPL, props=alts))
+    g.leading_ws = False
     return _finish(g, where[0] if where else "tools")
 
 

@@ -54,6 +54,7 @@ class JsonGrammar:
         self.nodes: list[_Node] = []
         self.root = -1
         self.key_node = -1   # the (unconstrained) string node of free-object keys
+        self.leading_ws = True  # whitespace may come before the document (not before a tool call's fixed text)
         self._minlen: dict[int, int] = {}
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = 2048
@@ -106,7 +107,7 @@ class JsonGrammar:
 
     # ------------------------------------------------------------ automaton
     def initial(self) -> tuple:
-        return (("V", self.root, 0),)
+        return (("V", self.root, 0 if self.leading_ws else WS_MAX),)  # a full whitespace count allows none
 
     def feed(self, stack: tuple, b: int) -> tuple | None:
         """The state after byte ``b``, or None if ``b`` is not allowed."""
