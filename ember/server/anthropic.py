@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import uuid
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response

@@ -87,7 +87,7 @@ def input_messages(items: str | list[dict]) -> list[dict]:
                 raise APIError(400, f"{where}: a function_call item needs 'name' and 'call_id'", param=where)
             call = {"id": it["call_id"], "type": "function",
                     "function": {"name": it["name"], "arguments": it.get("arguments") or "{}"}}
-            if out and out[-1]["role"] == "assistant" and not out[-1].get("_closed"):
+            if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
