@@ -206,6 +206,9 @@ class BatchScheduler:
             GenerationError: a sequence can never fit (context or KV pool).
         """
         seqs = [self._make_seq(r) for r in reqs]
+        if len(seqs) > self.max_batch + self.max_queue:  # could never be admitted, even with nothing else running
+            raise GenerationError(f"{len(seqs)} sequences in one submission exceed the {self.max_batch} running + "
+                                  f"{self.max_queue} queued the scheduler holds")
         with self._lock:
             # Sequences that will find a free batch slot at once do not count as waiting.
             if self._queued + len(seqs) + len(self.running) - self.max_batch > self.max_queue:

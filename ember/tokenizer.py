@@ -271,6 +271,13 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
 
+    def chat_template_source(self, tools: list | None = None) -> str | None:
+        """The source of the chat template :meth:`apply_chat_template` would use (None if there is none)."""
+        try:
+            return self._select_template(tools)
+        except ChatTemplateError:
+            return None
+
     def _select_template(self, tools: list | None) -> str:
         if tools is not None and "tool_use" in self._templates:
             return self._templates["tool_use"]

@@ -111,3 +111,28 @@ def test_sentencepiece_style_vocab_bytes(tmp_path):
     g = compile_json_schema({"type": "object", "properties": {"k": {"type": "string"}}})
     c = JsonConstraint(g, v, [2])
     assert c.mask(20).nonzero().flatten().tolist() == [3]  # only " {" can start an object here
+
+
+def test_tool_call_templates_pick_one_call_whose_arguments_validate(tok, vocab):
+    from ember.json_constraint import compile_tool_call_grammar
+
+    tools = {"get_weather": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                                              "days": {"type": "integer"}}, "required": ["city"]},
+             "get_time": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]},
+             "ping": None}
+    calls = [(f'<tool_call>\n{{"name": "{n}", "arguments": ', s, "}\n</tool_call>") for n, s in tools.items()]
+    g = compile_tool_call_grammar(calls, [f"tools.{i}" for i in range(len(calls))])
+    rng = random.Random(0)
+    names = set()
+    for _ in range(30):
+        text, ended = random_walk(g, vocab, tok, rng, budget=120)
+        assert ended and text.startswith("<tool_call>\n") and text.endswith("}\n</tool_call>"), text
+        call = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+        names.add(call["name"])
+        if tools[call["name"]] is not None:
+            jsonschema.validate(call["arguments"], tools[call["name"]])
+        assert isinstance(call["arguments"], dict)
+    assert names == set(tools)  # every alternative is reachable
+    with pytest.raises(UnsupportedSchemaError, match=r"tools\.1 at #: keyword 'pattern'"):
+        compile_tool_call_grammar([calls[0], (calls[1][0], {"type": "object", "pattern": "x"}, calls[1][2])],
+                                  ["tools.0", "tools.1"])

@@ -493,6 +493,68 @@ def test_sigterm_shuts_down_cleanly(model_dir):
         proc.stderr.close()
 
 
+def test_request_that_can_never_fit_gets_400_naming_the_numbers(model_dir):
+    # 16 blocks x 16 tokens = 256 tokens per request at most, below the model's context of 512
+    with ServerThread(model_dir, max_batch=1, max_queue=1, num_blocks=17) as s:
+        r = post(s, "/completions", {"model": MODEL, "prompt": "sea", "max_tokens": 300})
+        assert r.status_code == 400 and "retry-after" not in r.headers
+        err = r.json()["error"]
+        assert "300" in err["message"] and "256 tokens the KV cache" in err["message"] and err["param"] == "max_tokens"
+        # more sequences than can ever run or wait, even on an idle server: 400, not 429 "retry later"
+        r = post(s, "/completions", {"model": MODEL, "prompt": "sea", "max_tokens": 2, "n": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert "3 sequences" in r.json()["error"]["message"] and "at most 1 and queues 1" in r.json()["error"]["message"]
+        assert post(s, "/completions", {"model": MODEL, "prompt": "sea", "max_tokens": 2, "n": 2}).status_code == 200
+
+
+def _start_serve(model_dir, *extra) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "ember.server", str(model_dir), "--port", "0", "--dtype", "fp32",
+                             "--model-name", MODEL, "--log-level", "warning", *extra],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "server exited before listening"
+        if m := re.search(r"listening on (http://127\.0\.0\.1:\d+/v1)", line):
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("server did not report its address")
+
+
+def test_sigterm_past_the_shutdown_timeout_ends_every_request_properly(model_dir):
+    proc, url = _start_serve(model_dir, "--shutdown-timeout", "0", "--max-batch", "4")
+    try:
+        body = {"model": MODEL, "messages": chat("the sea"), "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+        plain: dict = {}
+        t = threading.Thread(target=lambda: plain.update(r=httpx.post(f"{url}/chat/completions", json=body, timeout=60)))
+        t.start()
+        base = url.removesuffix("/v1")
+        with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}, timeout=60) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            deadline = time.time() + 10
+            while httpx.get(f"{base}/health").json()["running"] < 2:
+                assert time.time() < deadline, "the second request never started"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)  # the deadline is now: both requests are cut short
+            rest = [x for x in lines if x]
+        t.join(30)
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        r = plain["r"]
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] < 480
+        assert proc.wait(30) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Event loop is closed" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
 def test_serve_verb_defaults_to_loopback():
     import argparse
 

@@ -2,7 +2,9 @@
 
 ``ember.cli`` registers it with :func:`add_parser`; ``python -m ember.server MODEL`` runs it alone.
 SIGINT/SIGTERM stop accepting connections, let in-flight requests finish for up to
-``--shutdown-timeout`` seconds, cancel what is left, then stop the scheduler and exit 0.
+``--shutdown-timeout`` seconds, then end what is left as if it had reached its token limit (each
+client still gets a complete answer: ``finish_reason: "length"``, streams their final event and
+``[DONE]``), stop the scheduler and exit 0.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``serve`` on an argparse subparsers object; returns its parser."""
     p = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server with continuous batching",
-        description="Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
-                    "/health, /metrics). Binds 127.0.0.1 unless --host says otherwise; nothing leaves the machine.")
+        description="Serve MODEL over the OpenAI HTTP API (/v1/chat/completions with tools, /v1/completions, "
+                    "/v1/responses, /v1/embeddings, /v1/models), Anthropic's /v1/messages, /health and /metrics. "
+                    "Binds 127.0.0.1 unless --host says otherwise; nothing leaves the machine.")
     _add_arguments(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -47,7 +50,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens read per step while others decode (default 256)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 10)")
+                   help="seconds in-flight requests may finish after SIGINT/SIGTERM; then they end with "
+                        "finish_reason 'length' (default 10)")
+    p.add_argument("--pooling", choices=["mean", "last"], default=None,
+                   help="/v1/embeddings pooling (default: the checkpoint's sentence-transformers 1_Pooling config, "
+                        "else mean)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -87,7 +94,8 @@ def server_settings(args):
     return ServerSettings(model_name=name, api_key=args.api_key, max_batch=args.max_batch,
                           max_queue=args.max_queue, num_blocks=args.kv_blocks, block_size=args.block_size,
                           prefill_chunk=args.prefill_chunk, context=getattr(args, "context", None),
-                          quant=getattr(args, "quant", None), max_memory=getattr(args, "max_memory", None))
+                          quant=getattr(args, "quant", None), max_memory=getattr(args, "max_memory", None),
+                          model_dir=str(args.model), pooling=getattr(args, "pooling", None))
 
 
 def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
@@ -103,15 +111,24 @@ def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_
     from ember.server.app import create_app
 
     app = create_app(engine, settings, scheduler_thread=False)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="on", server_header=False)
+    # uvicorn's own limit comes after ours: by then every request has been ended (expire_all) and answered.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + _ANSWER_SECONDS, lifespan="on",
+                            server_header=False)
     server = _Server(config)
     http = threading.Thread(target=server.run, name="ember-http", daemon=True)
+    ember_server = app.state.ember
 
     def on_signal(signum, frame) -> None:
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
+        loop = ember_server.loop
+        if loop is not None and not ember_server.draining:
+            try:
+                loop.call_soon_threadsafe(begin_drain, ember_server, shutdown_timeout)
+            except RuntimeError:  # the loop already closed
+                pass
 
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
@@ -124,6 +141,16 @@ def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_
             signal.signal(sig, handler)
     if not server.started:
         raise SystemExit(1)  # uvicorn could not bind (it logged why)
+
+
+# Seconds after --shutdown-timeout for the ended requests' answers to be written before uvicorn gives up.
+_ANSWER_SECONDS = 5.0
+
+
+def begin_drain(server, timeout: float) -> None:
+    """On the event loop: refuse new requests (503) and, after ``timeout`` seconds, end the open ones."""
+    server.draining = True
+    server.loop.call_later(timeout, server.expire_all)
 
 
 def _setup_logging(level: str) -> None:

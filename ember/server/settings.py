@@ -1,0 +1,134 @@
+"""How ``ember serve`` runs (:class:`ServerSettings`) and the size of its paged KV pool (:func:`plan_kv_pool`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ember.config import ModelConfig
+from ember.engine import Engine
+from ember.errors import InsufficientMemoryError
+from ember.hardware import GiB
+from ember.cache import PagedKVCache
+
+# The shortest sequence (prompt + completion, tokens) the KV pool must hold for a server to be worth starting;
+# capped at the context. Below that, startup fails with what to change instead of serving 429s forever.
+MIN_SEQ_TOKENS = 256
+
+
+@dataclass
+class ServerSettings:
+    """How ``ember serve`` runs (see :func:`ember.server.app.create_app`)."""
+
+    model_name: str
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    num_blocks: int | None = None       # KV blocks, scratch block included (default: sized by kv_pool_blocks)
+    block_size: int = 16
+    prefill_chunk: int = 256
+    kv_memory_bytes: int | None = None  # KV pool budget in bytes (default: the planner's kv_budget_bytes)
+    context: int | None = None          # tokens per sequence (--context; default the model's limit)
+    quant: str | None = None            # what the model was loaded with (for the plan)
+    max_memory: float | None = None     # GiB cap on the process (--max-memory)
+    model_dir: str | None = None        # the checkpoint folder (its sentence-transformers pooling config, if any)
+    pooling: str | None = None          # embeddings: "mean" | "last" (--pooling; default from model_dir, else mean)
+    max_stored_responses: int = 256     # /v1/responses kept for previous_response_id (oldest dropped first)
+
+
+@dataclass(frozen=True)
+class KVPoolPlan:
+    """The paged KV pool the server allocates.
+
+    Attributes:
+        num_blocks: blocks allocated, the scratch block included (``capacity + 1``).
+        block_size: tokens per block.
+        block_bytes: bytes of one block over all layers, keys and values.
+        budget_bytes: what the planner allowed for the pool; None when ``--kv-blocks`` fixed it.
+    """
+
+    num_blocks: int
+    block_size: int
+    block_bytes: int
+    budget_bytes: int | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Blocks sequences can own (all but the scratch block)."""
+        return self.num_blocks - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def describe(self) -> str:
+        """The startup log line: ``KV pool: N blocks x 16 tokens = X GiB (from the plan: budget Y GiB)``."""
+        src = "--kv-blocks" if self.budget_bytes is None else f"from the plan: budget {_gib(self.budget_bytes)}"
+        return f"KV pool: {self.capacity} blocks x {self.block_size} tokens = {_gib(self.nbytes)} ({src})"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 100 else f"{n / 2**20:.2f} MiB"  # tiny test models: MiB
+
+
+def kv_block_bytes(cfg: ModelConfig, dtype, block_size: int) -> int:
+    """Bytes of one KV block: 2 (K and V) x layers x kv_heads x head_dim x block_size x dtype bytes."""
+    return PagedKVCache.bytes_per_token(cfg, dtype) * block_size
+
+
+def kv_pool_blocks(cfg: ModelConfig, dtype, budget_bytes: int, max_batch: int, block_size: int,
+                   context: int | None = None, min_tokens: int = MIN_SEQ_TOKENS) -> int:
+    """Blocks to allocate for the paged KV pool from a byte budget (scratch block included).
+
+    ``min(budget // block_bytes - 1, max_batch x ceil(context / block_size)) + 1``: as many blocks as
+    the budget holds, but no more than ``max_batch`` full-context sequences can use.
+
+    Args:
+        cfg: the model.
+        dtype: the cache's torch dtype (the server's :class:`PagedKVCache` uses the model's compute dtype).
+        budget_bytes: bytes the pool may take (:func:`ember.planner.kv_budget_bytes`).
+        max_batch: sequences decoded together.
+        block_size: tokens per block.
+        context: tokens per sequence (default the model's ``max_position_embeddings``).
+        min_tokens: the pool must hold one sequence of ``min(context, min_tokens)`` tokens.
+    Returns:
+        ``num_blocks`` for :class:`PagedKVCache` (>= 2).
+    Raises:
+        InsufficientMemoryError: the budget does not hold even one minimal sequence.
+    """
+    ctx = context or cfg.max_position_embeddings
+    per_block = kv_block_bytes(cfg, dtype, block_size)
+    fit = budget_bytes // per_block - 1  # the scratch block is allocated too
+    want = max_batch * math.ceil(ctx / block_size)
+    need_tokens = min(ctx, min_tokens)
+    need = math.ceil(need_tokens / block_size)
+    if fit < need:
+        raise InsufficientMemoryError(
+            f"the KV cache needs at least {(need + 1) * per_block / 2**20:.1f} MiB ({need} blocks x {block_size} "
+            f"tokens + 1 scratch block, for one {need_tokens}-token sequence) but the plan leaves "
+            f"{max(0, budget_bytes) / 2**20:.1f} MiB after the weights and activations; free memory, raise "
+            f"--max-memory, lower --max-batch or --prefill-chunk, use --quant, or set --kv-blocks")
+    return min(fit, want) + 1
+
+
+def plan_kv_pool(engine: Engine, settings: ServerSettings) -> KVPoolPlan:
+    """The server's KV pool: ``--kv-blocks`` if given, else sized from the planner's budget.
+
+    The model is already loaded, so the memory free now excludes its weights (``loaded=True``); with
+    ``--max-memory`` the budget is also capped at that cap less the planned weights.
+    """
+    cfg, dtype, bs = engine.config, engine.dtype, settings.block_size
+    per_block = kv_block_bytes(cfg, dtype, bs)
+    if settings.num_blocks is not None:
+        return KVPoolPlan(settings.num_blocks, bs, per_block)
+    budget = settings.kv_memory_bytes
+    if budget is None:
+        from ember.planner import kv_budget_bytes
+
+        kw = dict(quant=settings.quant, max_batch=settings.max_batch, prefill_chunk=settings.prefill_chunk,
+                  max_memory=settings.max_memory)
+        budget = kv_budget_bytes(cfg, engine.device, dtype, loaded=True, **kw)
+        if settings.max_memory is not None:  # the cap counts the weights too, free memory already excludes them
+            budget = min(budget, kv_budget_bytes(cfg, engine.device, dtype, loaded=False, **kw))
+    n = kv_pool_blocks(cfg, dtype, budget, settings.max_batch, bs, settings.context)
+    return KVPoolPlan(n, bs, per_block, budget)
