@@ -46,6 +46,7 @@ from ember.server.protocol import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChoiceLogprobs, Completion, CompletionChoice, CompletionLogprobs,
                                    CompletionRequest, ModelCard, ModelList, PromptTokensDetails, TokenLogprob,
                                    TopLogprob, Usage)
+from ember.server.ui import mount_ui
 
 log = logging.getLogger("ember.server")
 
@@ -71,6 +72,7 @@ class ServerSettings:
     context: int | None = None          # tokens per sequence (--context; default the model's limit)
     quant: str | None = None            # what the model was loaded with (for the plan)
     max_memory: float | None = None     # GiB cap on the process (--max-memory)
+    ui: bool = True                     # serve the chat page at / (--no-ui: off)
 
 
 @dataclass(frozen=True)
@@ -747,6 +749,8 @@ def create_app(engine: Engine, settings: ServerSettings, scheduler_thread: bool 
     app.state.ember = server
     if settings.api_key:
         app.add_middleware(_AuthMiddleware, api_key=settings.api_key)
+    if settings.ui:
+        mount_ui(app)  # after the API-key check: the page loads without the key, then asks for it
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -48,6 +48,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens read per step while others decode (default 256)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 10)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -87,7 +88,8 @@ def server_settings(args):
     return ServerSettings(model_name=name, api_key=args.api_key, max_batch=args.max_batch,
                           max_queue=args.max_queue, num_blocks=args.kv_blocks, block_size=args.block_size,
                           prefill_chunk=args.prefill_chunk, context=getattr(args, "context", None),
-                          quant=getattr(args, "quant", None), max_memory=getattr(args, "max_memory", None))
+                          quant=getattr(args, "quant", None), max_memory=getattr(args, "max_memory", None),
+                          ui=not getattr(args, "no_ui", False))
 
 
 def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
@@ -144,6 +146,8 @@ def _server_class():
             if self.started and self.servers:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
                 print(f"ember serve: listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+                if self.config.app.state.ember.settings.ui:
+                    print(f"ember serve: chat page at http://{host}:{port}/", file=sys.stderr, flush=True)
 
     return Server
 
