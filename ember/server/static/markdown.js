@@ -76,7 +76,7 @@ const INLINE = new RegExp([
   /\*(?=[^\s*])([\s\S]*?[^\s*])\*/.source,                      // 5 italic
   /(?<![\w\\])_(?=[^\s_])([\s\S]*?[^\s_])_(?!\w)/.source,       // 6 italic
   /~~(?=\S)([\s\S]*?\S)~~/.source,                              // 7 strikethrough
-  /(!?)\[([^\]\n]*)\]\(\s*<?([^)\s>]*)>?(?:\s+"[^"]*")?\s*\)/.source,  // 8,9,10 link / image
+  /(!?)\[([^\]\n]*)\]\(\s*<?((?:[^()\s<>]|\([^()\s]*\))*)>?(?:\s+"[^"]*")?\s*\)/.source,  // 8,9,10 link, image
   /<((?:https?:\/\/|mailto:)[^>\s]+)>/.source,                  // 11 autolink
   /(https?:\/\/[^\s<>]*[^\s<>.,:;"')\]*_~])/.source,            // 12 bare URL
   /\\([\\`*_{}[\]()#+\-.!~|>])/.source,                         // 13 escaped character
