@@ -327,6 +327,13 @@ def test_chat_page_in_chromium(server, browser, tmp_path):
     assert want and s["msgs"][0]["text"] == "hello there" and s["msgs"][1]["text"] == want, s
     assert re.search(r"6 tokens · [\d.]+ tok/s · first token [\d.]+ s · context \d+/8192", s["msgs"][1]["stats"]), s
 
+    # --- bad settings are named and nothing is sent; the typed message stays
+    _settings(d, extra='{"ignore_eos": tru')
+    _send(d, "not sent")
+    _wait("the settings error", lambda: "extra request fields" in d.find_element(By.ID, "banner").text)
+    assert len(state()["msgs"]) == 2 and d.find_element(By.ID, "input").get_attribute("value") == "not sent"
+    d.find_element(By.ID, "input").clear()
+
     # --- a long answer streams (its text grows) and Stop ends it; the server cancels the sequence
     d.find_element(By.ID, "new-chat").click()
     _settings(d, max_tokens=8000, extra='{"ignore_eos": true}')

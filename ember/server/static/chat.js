@@ -188,15 +188,21 @@ function repaint(msg) {
   });
 }
 
-/** Streams a new answer at the end of `conv` (its last message is the user's). */
-async function generate(conv) {
-  let body;
+/** True when the settings make a valid request; else says what is wrong (nothing is sent or changed). */
+function settingsValid() {
   try {
-    body = requestBody(conv);
+    parseExtra(store.settings.extra);
   } catch (e) {
     showBanner(`Settings: extra request fields: ${e.message}`);
-    return;
+    return false;
   }
+  return true;
+}
+
+/** Streams a new answer at the end of `conv` (its last message is the user's). */
+async function generate(conv) {
+  const body = requestBody(conv);
+  showBanner('');
   const msg = { role: 'assistant', content: '', reasoning: '' };
   conv.messages.push(msg);
   conv.updated = Date.now();
@@ -265,6 +271,7 @@ async function generate(conv) {
 
 function send(text) {
   if (running || !text.trim()) return;
+  if (!settingsValid()) return;
   if (!current) current = store.create();
   const conv = current;
   conv.messages.push({ role: 'user', content: text });
@@ -275,12 +282,14 @@ function send(text) {
 
 function regenerate(conv) {
   if (running) return;
+  if (!settingsValid()) return;
   while (conv.messages.length && conv.messages.at(-1).role === 'assistant') conv.messages.pop();
   if (conv.messages.length) generate(conv);
 }
 
 function resend(conv, index, text) {
   if (running) return;
+  if (!settingsValid()) return;
   conv.messages = conv.messages.slice(0, index);
   conv.messages.push({ role: 'user', content: text });
   if (index === 0) conv.title = titleOf(text);
@@ -331,6 +340,7 @@ function saveSettings() {
   }
   $('settings-error').textContent = problem;
   $('settings-error').hidden = !problem;
+  if (!problem && $('banner').textContent.startsWith('Settings:')) showBanner('');
   store.saveSettings();
 }
 
