@@ -300,7 +300,7 @@ def _reference(base: str, text: str, max_tokens: int) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_chat_page_in_chromium(server, browser, tmp_path):
+def test_chat_page_in_chromium(browser, server, tmp_path):  # browser first: skips before the server starts
     from selenium.webdriver.common.by import By
 
     d, base = browser, server
