@@ -32,6 +32,7 @@ from ember.errors import EmberError
 from ember.server import anthropic, embeddings, openai_api, responses
 from ember.server.core import EmberServer, dispatch
 from ember.server.errors import APIError, AuthMiddleware, error_response, validation_message
+from ember.server.ui import mount_ui
 from ember.server.settings import (MIN_SEQ_TOKENS, KVPoolPlan, ServerSettings, kv_block_bytes, kv_pool_blocks,
                                    plan_kv_pool)
 
@@ -81,6 +82,8 @@ def create_app(engine: Engine, settings: ServerSettings, scheduler_thread: bool 
     app.state.ember = server
     if settings.api_key:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key)
+    if settings.ui:
+        mount_ui(app)  # after the API-key check: the page loads without the key, then asks for it
     _add_error_handlers(app)
 
     @app.get("/health")

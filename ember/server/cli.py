@@ -55,6 +55,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=["mean", "last"], default=None,
                    help="/v1/embeddings pooling (default: the checkpoint's sentence-transformers 1_Pooling config, "
                         "else mean)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -95,7 +96,8 @@ def server_settings(args):
                           max_queue=args.max_queue, num_blocks=args.kv_blocks, block_size=args.block_size,
                           prefill_chunk=args.prefill_chunk, context=getattr(args, "context", None),
                           quant=getattr(args, "quant", None), max_memory=getattr(args, "max_memory", None),
-                          model_dir=str(args.model), pooling=getattr(args, "pooling", None))
+                          model_dir=str(args.model), pooling=getattr(args, "pooling", None),
+                          ui=not getattr(args, "no_ui", False))
 
 
 def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
@@ -171,6 +173,8 @@ def _server_class():
             if self.started and self.servers:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
                 print(f"ember serve: listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+                if self.config.app.state.ember.settings.ui:
+                    print(f"ember serve: chat page at http://{host}:{port}/", file=sys.stderr, flush=True)
 
     return Server
 

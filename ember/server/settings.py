@@ -31,6 +31,7 @@ class ServerSettings:
     context: int | None = None          # tokens per sequence (--context; default the model's limit)
     quant: str | None = None            # what the model was loaded with (for the plan)
     max_memory: float | None = None     # GiB cap on the process (--max-memory)
+    ui: bool = True                     # serve the chat page at / (--no-ui: off)
     model_dir: str | None = None        # the checkpoint folder (its sentence-transformers pooling config, if any)
     pooling: str | None = None          # embeddings: "mean" | "last" (--pooling; default from model_dir, else mean)
     max_stored_responses: int = 256     # /v1/responses kept for previous_response_id (oldest dropped first)
