@@ -140,7 +140,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     import ember
-    from ember.hardware import runtime_probe
+    from ember.calibrate import runtime_probe
     from ember.sampling import SamplingParams
 
     runtime_probe("cpu")  # what every Ember process pays first (the planner's "runtime" term)
@@ -197,7 +197,7 @@ def child_train(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from ember.hardware import _matmul_flops, runtime_probe
+    from ember.calibrate import _matmul_flops, runtime_probe
     from ember.loading import load_model
     from ember.train.data import BatchPlan, Example
     from ember.train.trainer import TrainConfig, Trainer
@@ -380,7 +380,7 @@ def main() -> None:
 
     import torch
 
-    from ember import hardware
+    from ember import calibrate, hardware
 
     torch.set_num_threads(args.threads)
     hw = hardware.detect("cpu")
@@ -392,7 +392,7 @@ def main() -> None:
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
         print("[plan_accuracy] measuring this machine (ember hw --measure)...", file=sys.stderr)
-        hardware.measure("cpu", threads=args.threads)
+        calibrate.measure("cpu", threads=args.threads)
         hw = hardware.detect("cpu")
     cal = hw.calibration
     only = set(args.only.split(",")) if args.only else None

@@ -252,7 +252,7 @@ def _hw_json(hw: Hardware) -> dict:
 
 def cmd_hw(args) -> int:
     """Print this machine (or a profile); ``--measure`` times it first and stores the result."""
-    from ember import hardware
+    from ember import calibrate, hardware
 
     if args.on:
         try:
@@ -274,7 +274,7 @@ def cmd_hw(args) -> int:
     if args.measure:
         dev = device or ("cuda" if _cuda() else "cpu")
         print(f"[ember hw] measuring {dev} (about half a minute; other processes slow it down)...", file=sys.stderr)
-        cal = hardware.measure(dev, progress=lambda s: print(f"[ember hw]   {s}", file=sys.stderr))
+        cal = calibrate.measure(dev, progress=lambda s: print(f"[ember hw]   {s}", file=sys.stderr))
         print(f"[ember hw] stored in {hardware.calibration_path()} ({cal.seconds:.0f} s)", file=sys.stderr)
     hw = hardware.detect(device)
     if args.json:

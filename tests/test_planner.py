@@ -22,7 +22,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ember import catalog, hardware, planner
+from ember import calibrate, catalog, hardware, planner
 from ember.config import ModelConfig
 from ember.errors import InsufficientMemoryError
 from ember.hardware import GB, GiB, Calibration, Hardware
@@ -396,7 +396,7 @@ def test_qlora_step_efficiency_is_measured_on_nf4_weights():
     pytest.importorskip("ember.train")
     import torch
 
-    eff = hardware._train_step_efficiency(torch.device("cpu"), "fp32", 1e11, 64, 1, 16, steps=1, method="qlora")
+    eff = calibrate._train_step_efficiency(torch.device("cpu"), "fp32", 1e11, 64, 1, 16, steps=1, method="qlora")
     assert 0.01 <= eff <= 1.0
 
 
@@ -422,7 +422,7 @@ def test_calibration_roundtrip_and_interpolation(tmp_path, monkeypatch):
 
 def test_measure_quick_stores_a_usable_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
-    cal = hardware.measure("cpu", quick=True)
+    cal = calibrate.measure("cpu", quick=True)
     assert hardware.load_calibration("cpu") == cal
     assert all(b > 1e8 for pts in cal.stream.values() for _, b in pts)   # > 0.1 GB/s: numbers, not garbage
     assert cal.matmul_flops["fp32"] > 1e9 and 50 << 20 < cal.runtime_bytes < 4 << 30
