@@ -24,7 +24,7 @@ Predicted: :func:`ember.planner.memory` (``peak_rss``: runtime + max(load, run))
 :func:`ember.planner.decode_step_seconds` at the mean cache length P + N/2, using this machine's
 calibration (``ember hw --measure``; measured first if missing). Targets: peak memory within
 +-10% on every run, decode tok/s within +-25%. The roofline column is the measured large-copy
-streaming bandwidth over the bytes one step must read (DESIGN principle 5).
+streaming bandwidth over the bytes one step must read (docs/design.md, principle 5).
 
     python bench/plan_accuracy.py                  # all runs (~5-10 min on 2 cores)
     python bench/plan_accuracy.py --only tiny,small --repeats 2

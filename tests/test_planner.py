@@ -1,4 +1,4 @@
-"""The planner is a model you can check (DESIGN principle 4).
+"""The planner is a model you can check (docs/design.md, principle 4).
 
 - memory: arithmetic worked by hand for a few configs, and the sizes of real tensors (a meta-device
   Transformer, a StaticKVCache) for every family;

@@ -1,6 +1,6 @@
 """What every weight-only quantized Linear shares: the module contract, row sources, chunked fallback.
 
-A quantized Linear replaces ``nn.Linear`` one for one (DESIGN principle 3): same ``in_features``,
+A quantized Linear replaces ``nn.Linear`` one for one (docs/design.md, principle 3): same ``in_features``,
 ``out_features``, optional ``bias``, ``forward(x)`` on (..., in) -> (..., out). It adds
 ``dequantize()`` (the float weight the kernel effectively multiplies by) and a *portable*
 ``state_dict``: the tensors a checkpoint stores are the same on every device and CPU ISA, and a
