@@ -195,13 +195,5 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def check_2d(w_shape: tuple[int, ...], name: str) -> tuple[int, int]:
-    if len(w_shape) != 2:
-        from ember.errors import QuantizationError
-
-        raise QuantizationError(f"{name}: expected a 2-D weight (out, in), got shape {list(w_shape)}")
-    return int(w_shape[0]), int(w_shape[1])
-
-
 def lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
