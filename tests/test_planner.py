@@ -549,3 +549,28 @@ def test_hw_cli_shows_profile_and_this_machine(capsys, tmp_path, monkeypatch):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "system memory" in out and "ember hw --measure" in out
+
+
+def test_kv_pool_is_sized_by_the_planner(hf_checkpoint):
+    """One owner for KV-pool sizing: a block priced as the paged cache allocates it, the pool capped at
+    max_batch full contexts, and BatchScheduler's default pool is the planner's."""
+    import ember
+    from ember.kv_cache import PagedKVCache
+    from ember.scheduler import BatchScheduler
+
+    folder, _ = hf_checkpoint("llama")
+    llm = ember.load(folder, dtype="fp32")
+    cfg = llm.config
+    per_block = planner.kv_block_bytes(cfg, torch.float32, 16)
+    cache = PagedKVCache(cfg, 3, 16, torch.float32, "cpu")
+    assert per_block * 3 == cache.nbytes() and planner.kv_block_bytes(cfg, "fp32", 16) == per_block
+    ctx_blocks = math.ceil(cfg.max_position_embeddings / 16)
+    assert planner.kv_pool_blocks(cfg, torch.float32, 10**12, max_batch=3, block_size=16) == 3 * ctx_blocks + 1
+    assert planner.kv_pool_blocks(cfg, torch.float32, 40 * per_block, max_batch=8, block_size=16) == 40  # scratch included
+    with pytest.raises(InsufficientMemoryError, match="--kv-blocks"):
+        planner.kv_pool_blocks(cfg, torch.float32, per_block, max_batch=1, block_size=16)
+    sched = BatchScheduler(llm, max_batch=8, block_size=16, kv_memory_bytes=40 * per_block)
+    assert sched.pool.num_blocks == 40 and sched.pool.capacity == 39
+    # no budget given: the planner's budget for this device, capped at max_batch full contexts
+    sched = BatchScheduler(llm, max_batch=2, block_size=16)
+    assert sched.pool.num_blocks == planner.default_kv_pool_blocks(cfg, "cpu", torch.float32, 2, 16) == 2 * ctx_blocks + 1
