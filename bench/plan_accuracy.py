@@ -177,7 +177,7 @@ def child(spec: dict) -> dict:
     del llm
     # The machine as it is *now* (other tenants come and go): a quick calibration in this process,
     # after the peak was read, so the model can be checked apart from the machine's drift.
-    from ember.hardware import measure
+    from ember.calibrate import measure
 
     now = measure("cpu", quick=True, save=False, runtime=False)
     return {"base_rss": base, "peak_rss": peak, "load_peak_rss": after_load_hwm, "load_s": load_s,

@@ -370,10 +370,8 @@ class GPUInfo:
 
 def cuda_devices() -> list[GPUInfo]:
     """Every visible CUDA device; empty when torch has no CUDA. Initializes the CUDA context."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return []
+    import torch
+
     if not torch.cuda.is_available():
         return []
     total_sys, avail_sys = system_memory()
