@@ -24,7 +24,7 @@ Predicted: :func:`ember.planner.memory` (``peak_rss``: runtime + max(load, run))
 :func:`ember.planner.decode_step_seconds` at the mean cache length P + N/2, using this machine's
 calibration (``ember hw --measure``; measured first if missing). Targets: peak memory within
 +-10% on every run, decode tok/s within +-25%. The roofline column is the measured large-copy
-streaming bandwidth over the bytes one step must read (DESIGN principle 5).
+streaming bandwidth over the bytes one step must read (docs/design.md, principle 5).
 
     python bench/plan_accuracy.py                  # all runs (~5-10 min on 2 cores)
     python bench/plan_accuracy.py --only tiny,small --repeats 2
@@ -140,7 +140,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     import ember
-    from ember.hardware import runtime_probe
+    from ember.calibrate import runtime_probe
     from ember.sampling import SamplingParams
 
     runtime_probe("cpu")  # what every Ember process pays first (the planner's "runtime" term)
@@ -177,7 +177,7 @@ def child(spec: dict) -> dict:
     del llm
     # The machine as it is *now* (other tenants come and go): a quick calibration in this process,
     # after the peak was read, so the model can be checked apart from the machine's drift.
-    from ember.hardware import measure
+    from ember.calibrate import measure
 
     now = measure("cpu", quick=True, save=False, runtime=False)
     return {"base_rss": base, "peak_rss": peak, "load_peak_rss": after_load_hwm, "load_s": load_s,
@@ -197,7 +197,7 @@ def child_train(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from ember.hardware import _matmul_flops, runtime_probe
+    from ember.calibrate import _matmul_flops, runtime_probe
     from ember.loading import load_model
     from ember.train.data import BatchPlan, Example
     from ember.train.trainer import TrainConfig, Trainer
@@ -380,7 +380,7 @@ def main() -> None:
 
     import torch
 
-    from ember import hardware
+    from ember import calibrate, hardware
 
     torch.set_num_threads(args.threads)
     hw = hardware.detect("cpu")
@@ -392,7 +392,7 @@ def main() -> None:
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
         print("[plan_accuracy] measuring this machine (ember hw --measure)...", file=sys.stderr)
-        hardware.measure("cpu", threads=args.threads)
+        calibrate.measure("cpu", threads=args.threads)
         hw = hardware.detect("cpu")
     cal = hw.calibration
     only = set(args.only.split(",")) if args.only else None

@@ -23,7 +23,7 @@ __all__ = ["load", "__version__"]
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
          quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
          context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True,
-         lm_head: str | None = "int8"):
+         lm_head: str | None = "auto"):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
@@ -37,7 +37,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         quant: None/"none", "int8", "int4" or "nf4": weight-only quantization applied while loading
             (a checkpoint written by ``ember quantize`` is already quantized and needs none).
         group_size: int4 group size (32, 64, 128; default 128).
-        lm_head: with ``quant``, the format of an untied LM head: "int8" (default), "same" (as ``quant``),
+        lm_head: with ``quant``, the format of an untied LM head: "auto" (default:
+            ``ember.quant.DEFAULT_LM_HEAD``, int8), "int8", "same" (as ``quant``),
             "int4", "nf4", or None/"none" to keep it in ``dtype``.
         adapter: a PEFT LoRA adapter folder (from ``ember tune`` or HF PEFT), applied without merging.
         context: tokens per sequence to plan memory for (default min(model limit, 4096)).
@@ -50,10 +51,13 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     from ember.engine import Engine
     from ember.loading import load_model
     from ember.loading.gguf import is_gguf_file, load_gguf
+    from ember.quant.quantize import DEFAULT_LM_HEAD
     from ember.tokenizer import Tokenizer
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if lm_head == "auto":
+        lm_head = DEFAULT_LM_HEAD
     if check_memory:
         from ember.planner import preflight
 

@@ -2,7 +2,7 @@
 
 Everything Ember writes to disk that a later run will read (demo, quantize, merge, tune) goes
 through here, so that a crash or Ctrl-C never leaves a file or folder that *looks* complete but
-is not (DESIGN principle 7):
+is not (docs/design.md, principle 7):
 
 * single files are written to a temp file in the same directory, flushed and fsynced, then
   ``os.replace``-d over the target, and the directory is fsynced so the rename itself is durable;

@@ -1,17 +1,16 @@
-"""Hardware: what a machine offers the planner — memory, bandwidth, FLOP/s, and how fast Ember runs there.
+"""Machine facts: what a machine offers the planner (memory, bandwidth, FLOP/s, how fast Ember runs there).
 
 Three sources, in order of trust:
 
-1. :func:`measure` times *this* machine with Ember's own kernels (streaming matrix-vector bandwidth
-   over several working-set sizes, matmul FLOP/s, per-layer dispatch overhead, the fraction of the
-   matmul rate real LoRA training steps reach, the RSS of a fresh Ember process) and stores the
-   result as JSON under ``~/.cache/ember/`` (``EMBER_CACHE_DIR`` overrides). :func:`detect`
-   attaches it when the machine fingerprint matches.
+1. A calibration: :func:`ember.calibrate.measure` (``ember hw --measure``) times *this* machine with
+   Ember's own kernels and stores the result as JSON under ``~/.cache/ember/`` (``EMBER_CACHE_DIR``
+   overrides). :func:`detect` attaches it when the machine fingerprint matches.
 2. :func:`detect` reads RAM (and a cgroup limit), cores, CUDA devices and their memory. A GPU that
    shares system memory (GB10 in the DGX Spark, Jetson, Apple silicon) is *unified*: its memory is
    the system's, not an extra pool.
-3. :data:`PROFILES`: named machines with vendor-sheet numbers (source in each entry), for planning
-   a machine you do not have: ``dgx-spark``, ``h100-80g``, ..., and ``2xdgx-spark``-style multiples.
+3. :data:`PROFILES`: named machines with vendor-sheet numbers (:mod:`ember.catalog.machines`, the
+   source in each entry), for planning a machine you do not have: ``dgx-spark``, ``h100-80g``, ...,
+   and ``2xdgx-spark``-style multiples.
 
 FLOP/s are *dense* (no 2:4 sparsity) peaks with FP32 accumulation, the rate PyTorch matmuls get.
 Units: bytes, bytes/s, FLOP/s, seconds; ``GiB`` = 2**30 bytes, ``GB`` = 1e9 bytes.
@@ -24,18 +23,16 @@ import math
 import os
 import platform
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-GiB = 1 << 30
-GB = 10**9
-TB = 10**12
+from ember.catalog.machines import GB, MACHINES, TB, GiB
+
+__all__ = ["GB", "GiB", "TB", "Calibration", "Hardware", "PROFILES", "profile", "detect", "apply_calibration",
+           "system_memory", "cpu_cores", "cpu_name", "cuda_devices", "fingerprint", "device_key", "cache_dir",
+           "calibration_path", "load_calibration", "save_calibration", "describe_machine"]
 
 CALIBRATION_VERSION = 1
 
@@ -45,7 +42,7 @@ CALIBRATION_VERSION = 1
 
 @dataclass(frozen=True)
 class Calibration:
-    """What :func:`measure` found on one device of one machine (all figures achieved, not peak).
+    """What :func:`ember.calibrate.measure` found on one device of one machine (all figures achieved, not peak).
 
     ``stream`` maps a kernel name to ``[(working-set bytes, bytes/s), ...]`` sorted by size:
     ``mv-bf16``/``mv-fp32``/``mv-fp16`` is one activation row times weight matrices (a batch-1 decode
@@ -149,7 +146,7 @@ class Hardware:
         layer_overhead_s / expert_overhead_s / step_overhead_s: per-step dispatch costs (see Calibration).
         available_bytes: memory free right now (detected machines only), per node.
         runtime_bytes: memory a fresh Ember process takes before any model (torch, CUDA context, ...).
-        calibration: measurements of this machine, when :func:`measure` has run.
+        calibration: measurements of this machine, when :func:`ember.calibrate.measure` has run.
         source: where the numbers come from.
     """
 
@@ -260,96 +257,9 @@ class Hardware:
                 f"{fl / TB:.1f} TFLOP/s bf16{' (measured)' if self.measured else ''}")
 
 
-# ====================================================================== named profiles
-#
-# Peak numbers from vendor spec sheets; dense (no 2:4 sparsity), FP32 accumulate. Where a vendor
-# publishes only a sparse or FP4 figure, the derivation is written next to it.
-# Efficiencies are assumptions until `ember hw --measure` runs on the machine itself:
-#   decode_efficiency 0.65 — achieved weight-streaming fraction of peak bandwidth seen in published
-#     single-stream decode on the DGX Spark (Llama 3.1 8B: 38.7 tok/s NVFP4 and 20.5 tok/s FP8 on
-#     273 GB/s are 0.65-0.70 of the bytes/token roofline; NVIDIA, "How DGX Spark Performance Enables
-#     Intensive AI Tasks", developer.nvidia.com, ISL/OSL 2048/128, BS=1).
-#   compute_efficiency 0.5 — typical large-matmul MFU for prefill/training in PyTorch.
-#   layer/expert/step overhead — eager PyTorch dispatch, ~5 us per op on the host (measured for Ember
-#     on a 2-core x86 host: 145-235 us per decoder layer); CUDA overlaps it with the GPU's work.
 
-_SPARK_SOURCE = ("NVIDIA DGX Spark product page and hardware guide (nvidia.com/en-us/products/workstations/dgx-spark, "
-                 "docs.nvidia.com/dgx/dgx-spark): GB10, 128 GB LPDDR5x unified, 273 GB/s, 1 PFLOP FP4 with sparsity, "
-                 "ConnectX-7 200 Gb/s. Dense FP4 = 1000/2 = 500 TFLOP/s; FP8 = FP4/2; BF16 = FP4/8 (GeForce-class "
-                 "Blackwell ratio, RTX 5070-sized GPU: 6144 CUDA cores) = 62.5, matching ~60 TFLOP/s BF16 measured by "
-                 "J. Carmack / A. Hannun (Oct 2025)")
-
-PROFILES: dict[str, Hardware] = {
-    "dgx-spark": Hardware(
-        name="dgx-spark", device="cuda", unified=True, gpu_name="NVIDIA GB10",
-        memory_bytes=128 * GB, reserved_bytes=4 * GiB,  # DGX OS + desktop at idle (estimate); MemTotal ~119.7 GiB
-        bandwidth=273 * GB, flops={"bf16": 62.5 * TB, "fp16": 62.5 * TB, "fp8": 250 * TB, "fp4": 500 * TB, "fp32": 31 * TB},
-        cpu_cores=20, interconnect_bandwidth=25 * GB, interconnect_latency_s=20e-6,
-        runtime_bytes=5 * GiB // 2, source=_SPARK_SOURCE),
-    "dgx-station": Hardware(
-        name="dgx-station", device="cuda", unified=True, gpu_name="NVIDIA GB300",
-        # 288 GB HBM3e at 8 TB/s on the GPU + 496 GB LPDDR5X at 396 GB/s on the CPU, coherent (784 GB).
-        # We plan on the HBM alone (what a model streams from at full speed); see notes.
-        memory_bytes=288 * GB, reserved_bytes=0, bandwidth=8 * TB,
-        flops={"bf16": 2.5e15, "fp16": 2.5e15, "fp8": 5e15, "fp4": 15e15, "fp32": 80 * TB},
-        cpu_cores=72, runtime_bytes=3 * GiB,
-        source="NVIDIA DGX Station product page (nvidia.com/en-us/products/workstations/dgx-station): GB300 Grace "
-               "Blackwell Ultra Desktop Superchip, 288 GB HBM3e 8 TB/s GPU memory, 496 GB LPDDR5X 396 GB/s CPU memory; "
-               "dense Blackwell Ultra FLOP/s from NVIDIA's Blackwell Ultra technical blog (NVFP4 15 PFLOP/s dense)",
-        notes=("the 496 GB of CPU LPDDR5X (396 GB/s) is not counted: a model spilling into it decodes ~20x slower",)),
-    "rtx-4090": Hardware(
-        name="rtx-4090", device="cuda", gpu_name="NVIDIA GeForce RTX 4090",
-        memory_bytes=24 * GiB, reserved_bytes=GiB // 2,  # display + driver
-        bandwidth=1008 * GB, flops={"bf16": 165.2 * TB, "fp16": 165.2 * TB, "fp8": 330.3 * TB, "fp32": 82.6 * TB},
-        runtime_bytes=GiB // 2,
-        source="NVIDIA Ada Lovelace architecture whitepaper (RTX 4090): 24 GB GDDR6X, 1008 GB/s; FP16/BF16 tensor "
-               "165.2 TFLOP/s dense with FP32 accumulate, FP8 330.3"),
-    "rtx-5090": Hardware(
-        name="rtx-5090", device="cuda", gpu_name="NVIDIA GeForce RTX 5090",
-        memory_bytes=32 * GiB, reserved_bytes=GiB // 2,
-        bandwidth=1792 * GB, flops={"bf16": 209.5 * TB, "fp16": 209.5 * TB, "fp8": 419 * TB, "fp4": 1676 * TB, "fp32": 104.8 * TB},
-        runtime_bytes=GiB // 2,
-        source="NVIDIA RTX Blackwell GPU architecture whitepaper / GeForce RTX 5090 page: 32 GB GDDR7, 1792 GB/s; "
-               "FP16 tensor 838 TFLOP/s sparse with FP16 accumulate -> 209.5 dense with FP32 accumulate; FP8 419; "
-               "FP4 3352 AI TOPS sparse -> 1676 dense"),
-    "a100-80g": Hardware(
-        name="a100-80g", device="cuda", gpu_name="NVIDIA A100-SXM4-80GB",
-        memory_bytes=80 * GiB, bandwidth=2039 * GB, flops={"bf16": 312 * TB, "fp16": 312 * TB, "fp32": 19.5 * TB},
-        runtime_bytes=GiB // 2,
-        source="NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): 80 GB HBM2e, 2039 GB/s (SXM), "
-               "BF16 312 TFLOP/s dense"),
-    "h100-80g": Hardware(
-        name="h100-80g", device="cuda", gpu_name="NVIDIA H100 80GB HBM3",
-        memory_bytes=80 * GiB, bandwidth=3350 * GB, flops={"bf16": 989.5 * TB, "fp16": 989.5 * TB, "fp8": 1979 * TB, "fp32": 67 * TB},
-        runtime_bytes=GiB // 2,
-        source="NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): SXM 80 GB HBM3, 3.35 TB/s, BF16 1979 "
-               "TFLOP/s with sparsity -> 989.5 dense, FP8 3958 -> 1979 dense"),
-    "h200": Hardware(
-        name="h200", device="cuda", gpu_name="NVIDIA H200",
-        memory_bytes=141 * GB, bandwidth=4800 * GB, flops={"bf16": 989.5 * TB, "fp16": 989.5 * TB, "fp8": 1979 * TB, "fp32": 67 * TB},
-        runtime_bytes=GiB // 2,
-        source="NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): SXM 141 GB HBM3e, 4.8 TB/s, BF16 989.5 "
-               "TFLOP/s dense, FP8 1979 dense"),
-    "mac-m3-ultra-512": Hardware(
-        name="mac-m3-ultra-512", device="mps", unified=True, gpu_name="Apple M3 Ultra (80-core GPU)",
-        # macOS wires at most ~75% of RAM for the GPU by default (iogpu.wired_limit_mb raises it).
-        memory_bytes=512 * GiB, reserved_bytes=128 * GiB,
-        bandwidth=819 * GB, flops={"bf16": 28.4 * TB, "fp16": 28.4 * TB, "fp32": 28.4 * TB},
-        cpu_cores=32, runtime_bytes=GiB,
-        source="Apple Mac Studio (2025) tech specs (apple.com/mac-studio/specs): M3 Ultra, up to 512 GB unified memory, "
-               "819 GB/s. Apple publishes no FLOP/s: 80 GPU cores x 128 ALUs x 2 FLOP x ~1.39 GHz = 28.4 TFLOP/s "
-               "(FP16 at FP32 rate), our derivation"),
-    "strix-halo-128": Hardware(
-        name="strix-halo-128", device="cuda", unified=True, gpu_name="AMD Radeon 8060S (Ryzen AI Max+ 395)",
-        memory_bytes=128 * GiB, reserved_bytes=8 * GiB,
-        bandwidth=256 * GB, flops={"bf16": 59.4 * TB, "fp16": 59.4 * TB, "fp32": 29.7 * TB},
-        cpu_cores=16, runtime_bytes=5 * GiB // 2,
-        source="AMD Ryzen AI Max+ 395 product page (amd.com): 128 GB LPDDR5X-8000 on a 256-bit bus = 256 GB/s, "
-               "Radeon 8060S 40 CUs at up to 2.9 GHz; FP16/BF16 WMMA 40 x 512 FLOP/clk x 2.9 GHz = 59.4 TFLOP/s "
-               "(our derivation from RDNA 3.5 rates); no FP8/FP4 matrix units",
-        notes=("ROCm exposes the GPU as 'cuda' in PyTorch; the BIOS carve-out (up to 96 GB) plus GTT decides how much "
-               "of the 128 GB the GPU may map",)),
-}
+# Named machines (ember.catalog.machines holds their spec-sheet figures and sources).
+PROFILES: dict[str, Hardware] = {name: Hardware(**spec) for name, spec in MACHINES.items()}
 
 _MULTIPLE = re.compile(r"^\s*(\d+)\s*[x×*]\s*(.+)$")
 
@@ -460,10 +370,8 @@ class GPUInfo:
 
 def cuda_devices() -> list[GPUInfo]:
     """Every visible CUDA device; empty when torch has no CUDA. Initializes the CUDA context."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return []
+    import torch
+
     if not torch.cuda.is_available():
         return []
     total_sys, avail_sys = system_memory()
@@ -515,7 +423,7 @@ def detect(device: str | None = None, use_calibration: bool = True) -> Hardware:
 
     Args:
         device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available, else CPU).
-        use_calibration: attach :func:`measure` results stored for this machine, if any.
+        use_calibration: attach :func:`ember.calibrate.measure` results stored for this machine, if any.
     Returns:
         Hardware with ``available_bytes`` = memory free now on the device (system RAM for CPU and
         unified GPUs; free GPU memory for a discrete GPU).
@@ -571,7 +479,7 @@ def apply_calibration(hw: Hardware, cal: Calibration) -> Hardware:
     )
 
 
-# ====================================================================== measurement
+# ====================================================================== stored calibrations
 
 
 def device_key(device: str) -> str:
@@ -637,544 +545,6 @@ def save_calibration(cal: Calibration) -> Path:
         raise
     return path
 
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_time(fn, device, repeats: int, min_seconds: float = 0.25, max_repeats: int = 200) -> float:
-    """Fastest of at least ``repeats`` calls (and at least ``min_seconds`` of calls): on a shared
-    machine other processes only ever slow a call down, so the minimum is the machine's own speed."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    n, start = 0, time.perf_counter()
-    while n < repeats or (time.perf_counter() - start < min_seconds and n < max_repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-        n += 1
-    return best
-
-
-def _ember_linear(x2, w):
-    """What :class:`ember.models.Linear` runs for ``x2 (M, in) @ w.T``: Ember's CPU kernel where it applies."""
-    import torch.nn.functional as F
-
-    from ember import kernels
-
-    y = kernels.dense(x2, w) if x2.device.type == "cpu" else None
-    return y if y is not None else F.linear(x2, w)
-
-
-def _stream_curve(device, dtype, rows: int, sizes: list[int], repeats: int,
-                  min_seconds: float = 0.25, chunk: int = 4 << 20, cols: int = 4096) -> list[tuple[int, float]]:
-    """Bytes/s of ``rows`` activation rows times weights totalling each working-set size.
-
-    Like a decode step, the working set is many matrices (``chunk`` bytes each, 4096 wide) touched in
-    turn, so a set larger than the cache this process actually gets (shared with other tenants) is
-    streamed from memory, and each call pays what ember.models.Linear pays (:func:`_ember_linear`).
-    """
-    import torch
-
-    elem = torch.empty(0, dtype=dtype).element_size()
-    pts = []
-    for size in sizes:
-        n_mats = max(1, size // chunk)
-        n_rows = max(1, min(size, chunk) // (cols * elem))
-        ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n_mats)]
-        x = torch.full((rows, cols), 0.5, dtype=dtype, device=device)
-
-        def fn(ws=ws, x=x):
-            for w in ws:
-                _ember_linear(x, w)
-        t = _best_time(fn, device, repeats, min_seconds)
-        nbytes = n_mats * n_rows * cols * elem
-        pts.append((nbytes, nbytes / t))
-        del ws, x
-    return pts
-
-
-def _decoder_shapes(hidden: int) -> list[tuple[int, int]]:
-    """(out, in) of a decoder layer's seven matrices: q, k, v, o, gate, up, down (kv = H/4, MLP = 2.75 H)."""
-    kv = max(64, hidden // 4)
-    inter = max(64, int(2.75 * hidden) // 64 * 64)
-    return [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
-            (hidden, inter)]
-
-
-def _decoder_stream(device, dtype, rows: int, hidden: int, sizes: list[int], repeats: int,
-                    min_seconds: float) -> list[tuple[int, float]]:
-    """Bytes/s streaming whole decoder layers of ``hidden`` (as many as fill each working-set size)."""
-    import torch
-
-    elem = torch.empty(0, dtype=dtype).element_size()
-    shapes = _decoder_shapes(hidden)
-    layer = sum(o * i for o, i in shapes) * elem
-    pts = []
-    for n in sorted({max(1, round(size / layer)) for size in sizes}):
-        ws = [torch.full(s, 0.01, dtype=dtype, device=device) for _ in range(n) for s in shapes]
-        xs = {i: torch.full((rows, i), 0.5, dtype=dtype, device=device) for _, i in shapes}
-
-        def fn(ws=ws, xs=xs):
-            for w in ws:
-                _ember_linear(xs[w.shape[1]], w)
-        t = _best_time(fn, device, repeats, min_seconds)
-        pts.append((n * layer, n * layer / t))
-        del ws, xs
-    return sorted(pts)
-
-
-def _quant_decoder_stream(device, dtype, mode: str, rows: int, hidden: int, sizes: list[int], repeats: int,
-                          min_seconds: float) -> list[tuple[int, float]]:
-    """Like :func:`_decoder_stream` for layers quantized with ``ember.quant`` (``mode`` int8/int4/nf4):
-    bytes/s of the *stored* (quantized) weights through the quant package's own kernels."""
-    import copy
-
-    import torch
-
-    from ember.quant import quantize_linear
-
-    g = torch.Generator().manual_seed(0)
-    layer_mods = []
-    for o, i in _decoder_shapes(hidden):
-        lin = torch.nn.Linear(i, o, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(o, i, generator=g) * 0.02)
-        layer_mods.append(quantize_linear(lin.to(device=device, dtype=dtype), mode))
-    layer = sum(m.weight_bytes() for m in layer_mods)
-    xs = {i: torch.full((rows, i), 0.5, dtype=dtype, device=device) for _, i in _decoder_shapes(hidden)}
-    pts = []
-    with torch.inference_mode():
-        for n in sorted({max(1, round(size / layer)) for size in sizes}):
-            mods = layer_mods + [copy.deepcopy(m) for _ in range(n - 1) for m in layer_mods]
-
-            def fn(mods=mods):
-                for m in mods:
-                    m(xs[m.in_features])
-            t = _best_time(fn, device, repeats, min_seconds)
-            pts.append((n * layer, n * layer / t))
-            del mods
-    return pts
-
-
-def _stream_efficiency(device, dtype, name: str, stream: dict, step_s: float, layer_s: float,
-                       quant: str | None = None) -> float:
-    """Fraction of the streaming rate a real decode step gets: a synthetic model (hidden 1536, six
-    layers, vocab 16384, ~400 MB in bf16) decoded for 20 steps, its dispatch overhead subtracted.
-
-    With ``quant`` (int8/int4/nf4) the model's projections are quantized as ``--quant`` does, and the
-    prediction it is compared with streams them at the ``mv-{quant}`` rate and the rest (the 16-bit head
-    and norms) at the ``mv-{name}`` rate, as :func:`ember.planner.decode_step_seconds` does."""
-    import torch
-
-    from ember.config import ModelConfig
-    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
-    from ember.cache import StaticKVCache
-    from ember.models import Transformer
-
-    cfg = ModelConfig.from_dict(dict(model_type="llama", vocab_size=16384, hidden_size=1536, intermediate_size=4096,
-                                     num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=4))
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m = m.to_empty(device=device).to(dtype)
-    m.reset_rope()
-    m.eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(0.01) if quant is None else p.uniform_(-0.02, 0.02)  # quantizers want a range to scale
-    nbytes = sum(p.numel() * p.element_size() for p in m.parameters()) - cfg.vocab_size * cfg.hidden_size * \
-        torch.empty(0, dtype=dtype).element_size()
-    qbytes = 0
-    if quant is not None:
-        from ember.quant import QuantizedLinear, quantize_model
-
-        float_proj = sum(mod.weight.numel() * mod.weight.element_size() for n, mod in m.named_modules()
-                         if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head"))
-        quantize_model(m, quant)
-        qbytes = sum(mod.weight_bytes() for mod in m.modules() if isinstance(mod, QuantizedLinear))
-        nbytes -= float_proj
-    times = []
-    with torch.inference_mode():
-        cache = StaticKVCache(cfg, 1, 96, dtype, device)
-        m(torch.zeros(1, 64, dtype=torch.long, device=device), None, cache, 0, last_only=True)
-        cache.advance(64)
-        for _ in range(24):
-            t = time.perf_counter()
-            m(torch.zeros(1, 1, dtype=torch.long, device=device), None, cache, cache.pos)
-            _sync(device)
-            times.append(time.perf_counter() - t)
-            cache.advance(1)
-    times = sorted(times[4:])
-    measured = times[len(times) // 10]
-    probe = Calibration(device="", fingerprint="", stream=stream, copy_bandwidth=0.0, matmul_flops={},
-                        layer_overhead_s={}, expert_overhead_s={}, step_overhead_s={}, runtime_bytes=0)
-
-    bw = probe.bandwidth(f"mv-{name}", nbytes + qbytes, cfg.hidden_size)
-    qbw = probe.bandwidth(f"mv-{quant}", nbytes + qbytes, cfg.hidden_size) if quant else None
-    streaming = measured - step_s - cfg.num_hidden_layers * layer_s
-    del m
-    if bw is None or streaming <= 0 or (quant and qbw is None):
-        return 1.0
-    predicted = nbytes / bw + (qbytes / qbw if quant else 0.0)
-    return min(1.5, max(0.3, predicted / streaming))
-
-
-def _train_step_efficiency(device, name: str, matmul_flops: float, hidden: int, layers: int, seq: int,
-                           steps: int = 5, method: str = "lora") -> float:
-    """Fraction of ``matmul_flops`` that real LoRA training steps reach on a synthetic Llama of
-    ``hidden`` (MLP 2.75x, kv heads 1/4, vocab 8192; ``ember tune``'s settings: r=16 on every
-    projection, dropout 0.05, AdamW, clipping; one sequence of ``seq`` tokens, loss on all):
-    :func:`ember.planner.train_flops_per_token` x tokens / the median of ``steps`` steps after a
-    warm-up (the median, like the tok/s ``ember tune`` shows: the fastest step is ~20% faster than
-    a typical one on a shared 2-core machine). ``method="qlora"``: the base projections are NF4, as
-    ``ember tune --method qlora`` loads them (the FLOPs counted are the same; the dequantization is
-    what makes the steps slower).
-
-    Raises:
-        ImportError: this build has no ``ember.train`` (or, for QLoRA, no ``ember.quant``).
-    """
-    import statistics
-
-    import torch
-
-    from ember.config import ModelConfig
-    from ember.models import Transformer
-    from ember.planner import Workload, train_flops_per_token
-    from ember.train.data import BatchPlan, Example
-    from ember.train.trainer import TrainConfig, Trainer
-    from ember.train.tune import prepare_model
-
-    heads = max(1, hidden // 64)
-    cfg = ModelConfig.from_dict(dict(model_type="llama", vocab_size=8192, hidden_size=hidden,
-                                     intermediate_size=max(64, int(2.75 * hidden) // 64 * 64), num_hidden_layers=layers,
-                                     num_attention_heads=heads, num_key_value_heads=max(1, heads // 4)))
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m = m.to_empty(device=device).to(dtype)
-    m.reset_rope()
-    with torch.no_grad():
-        for prm in m.parameters():
-            prm.fill_(0.01)
-    m.eval().requires_grad_(False)
-    if method == "qlora":
-        from ember.quant import quantize_model
-
-        quantize_model(m, "nf4")
-    tc = TrainConfig(method=method, rank=16, alpha=32, dropout=0.05, steps=steps + 1, lr=2e-4, batch=1, seq_len=seq,
-                     grad_checkpoint=False, dtype=name, loss_on="all")
-    prepare_model(m, tc)
-    examples = [Example([3 + (7 * i + 13 * j) % (cfg.vocab_size - 3) for i in range(seq)], [True] * seq)
-                for j in range(steps + 1)]
-    tr = Trainer(m, BatchPlan(examples, 1, seq, shuffle=False), tc, None, progress=False)
-    times = []
-    for _ in range(steps + 1):  # the step reads its loss on the host: the device's work is done when it returns
-        t = time.perf_counter()
-        tr.train_step()
-        times.append(time.perf_counter() - t)
-    wl = Workload(task="tune", method=method, context=seq, batch=1, dtype=name, lora_rank=16, grad_checkpointing=False)
-    flops = train_flops_per_token(cfg, wl) * seq
-    del tr, m
-    return min(1.0, max(0.01, flops / statistics.median(times[1:]) / matmul_flops))
-
-
-def _tiny_layer_mv_seconds(device, dtype) -> float:
-    """Seconds of the seven matrix-vector calls of one hidden-64 layer (the overhead models' own layers)."""
-    import torch
-
-    ws = [torch.full((o, i), 0.01, dtype=dtype, device=device) for o, i in
-          [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]]
-    xs = {i: torch.full((1, i), 0.5, dtype=dtype, device=device) for i in (64, 128)}
-
-    def fn():
-        for w in ws:
-            _ember_linear(xs[w.shape[1]], w)
-    return _best_time(fn, device, 20, 0.05)
-
-
-def _matmul_flops(device, dtype, n: int, repeats: int = 3, min_seconds: float = 0.25) -> float:
-    import torch
-
-    a = torch.full((n, n), 0.01, dtype=dtype, device=device)
-    b = torch.full((n, n), 0.01, dtype=dtype, device=device)
-    t = _best_time(lambda: a @ b, device, repeats, min_seconds)
-    return 2 * n**3 / t
-
-
-def _decode_step_time(device, dtype, layers: int, experts_per_tok: int = 0, steps: int = 40) -> float:
-    """Median-ish seconds of one decode step of a tiny model (all dispatch, no bandwidth)."""
-    import torch
-
-    from ember.config import ModelConfig
-    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
-    from ember.cache import StaticKVCache
-    from ember.models import Transformer
-
-    raw = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2)
-    if experts_per_tok:
-        raw.update(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=experts_per_tok, moe_intermediate_size=64)
-    cfg = ModelConfig.from_dict(raw)
-    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
-    times = []
-    with torch.inference_mode():
-        for _ in range(2):  # warm-up round, then the timed one
-            cache = StaticKVCache(cfg, 1, 32 + steps, dtype, device)
-            model(torch.zeros(1, 32, dtype=torch.long, device=device), None, cache, 0)
-            cache.advance(32)
-            tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-            times = []
-            for _ in range(steps):
-                t = time.perf_counter()
-                logits = model(tok, torch.full((1, 1), cache.pos, device=device), cache, cache.pos)[:, -1]
-                cache.advance(1)
-                tok = logits.argmax(-1, keepdim=True)
-                tok.item()  # the engine reads the token on the host every step
-                times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 10]  # 10th percentile: other processes on a shared machine only add time
-
-
-def runtime_probe(device: str = "cpu") -> tuple[int, int]:
-    """Do in *this* process what every Ember process does before its model, and report its memory.
-
-    Imports the engine, builds a model on the meta device (which pulls in ~800 more torch modules),
-    and runs a prefill and decode steps in fp32 and bf16 so the kernels' code pages are resident.
-    Returns (peak RSS so far, CUDA context bytes). Call it in a fresh process
-    (:func:`measure_runtime_bytes`) for a clean number.
-    """
-    import torch
-
-    import ember.engine  # noqa: F401
-    import ember.loading  # noqa: F401
-    import ember.sampling  # noqa: F401
-    import ember.tokenizer  # noqa: F401
-    from ember.config import ModelConfig
-    import ember.runtime  # noqa: F401  (the CPU kernels the engine decodes with)
-    from ember.cache import StaticKVCache
-    from ember.models import Transformer
-
-    dev = torch.device(device)
-    free0 = 0
-    if dev.type == "cuda":
-        torch.cuda.init()
-        free0, _ = torch.cuda.mem_get_info(dev)
-    cfg = ModelConfig.from_dict(dict(model_type="llama", vocab_size=256, hidden_size=256, intermediate_size=512,
-                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m = m.to_empty(device=dev)
-    m.reset_rope()
-    m.eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(0.01)
-    with torch.inference_mode():
-        for dt in (torch.float32, torch.bfloat16):
-            m = m.to(dt)
-            c = StaticKVCache(cfg, 2, 72, dt, dev)
-            m(torch.zeros(2, 64, dtype=torch.long, device=dev), None, c, 0, last_only=True)
-            c.advance(64)
-            for _ in range(3):
-                m(torch.zeros(2, 1, dtype=torch.long, device=dev), None, c, c.pos)
-                c.advance(1)
-                m(torch.zeros(1, 1, dtype=torch.long, device=dev), None, None, 0)
-    ctx = 0
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        free1, _ = torch.cuda.mem_get_info(dev)
-        ctx = max(0, free0 - free1 - torch.cuda.memory_reserved(dev))
-    del m
-    return peak_rss_bytes(), ctx
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak RSS: VmHWM (ru_maxrss would inherit a parent's peak across fork+exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def measure_runtime_bytes(device: str = "cpu") -> tuple[int, int]:
-    """(peak RSS, CUDA context bytes) of a fresh process after :func:`runtime_probe` (a subprocess, so
-    the number is not polluted by what this process already holds)."""
-    code = f"from ember.hardware import runtime_probe; print(*runtime_probe({device!r}))"
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring the runtime baseline failed: {out.stderr.strip().splitlines()[-1:]}")
-    rss, ctx = out.stdout.split()[-2:]
-    return int(rss), int(ctx)
-
-
-def measure(device: str = "cpu", quick: bool = False, save: bool = True, progress=None,
-            threads: int | None = None, runtime: bool = True) -> Calibration:
-    """Time this machine with Ember's own kernels and store the result for the planner.
-
-    Measures, on ``device``: streaming bandwidth of one-row (``mv``) and four-row (``mm``) products
-    over weight matrices of 16 MiB .. 1 GiB (past every cache; CPU) or 64 MiB .. 2 GiB (GPU), in fp32
-    and bf16 (fp16 too on CUDA); a large matmul's FLOP/s; the per-layer, per-expert and per-step
-    dispatch time of a decode step (tiny models of 2 and 6 layers, and MoE with 1 and 4 experts per
-    token); the quantized kernels' streaming rates and (CPU) their share of a real quantized decode step;
-    the fraction of the matmul rate real LoRA and QLoRA training steps reach (synthetic models of two
-    hidden sizes); and the RSS of a fresh Ember process. Takes ~60 s on 2 CPU cores (``quick``: ~5 s).
-
-    Args:
-        device: ``cpu`` or ``cuda[:N]``.
-        quick: fewer sizes and repeats (tests).
-        save: write the result to :func:`calibration_path` (atomically).
-        progress: optional callable(str) told what is being measured.
-        threads: CPU threads to measure with (default: torch's current setting, what Ember will use).
-        runtime: also measure a fresh process's memory (a subprocess); else ``runtime_bytes`` is 0.
-    Returns:
-        the :class:`Calibration`.
-    """
-    import torch
-
-    from ember.loading import device_supports_bf16
-
-    if threads is not None and threads != torch.get_num_threads():
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return measure(device, quick, save, progress, None, runtime)
-        finally:
-            torch.set_num_threads(before)
-    t_start = time.perf_counter()
-    dev = torch.device(device)
-    say = progress or (lambda s: None)
-    on_gpu = dev.type == "cuda"
-    if on_gpu:
-        sizes = [64 << 20, 256 << 20, 1 << 30] if quick else [64 << 20, 256 << 20, 1 << 30, 2 << 30]
-        shaped_sizes = [256 << 20, 1 << 30]
-        hiddens = (1024, 4096) if quick else (1024, 2048, 4096, 8192)
-        mm_n = 4096 if quick else 8192
-    else:
-        sizes = [16 << 20, 128 << 20, 512 << 20] if quick else [16 << 20, 64 << 20, 256 << 20, 1 << 30]
-        shaped_sizes = [64 << 20, 256 << 20] if quick else [64 << 20, 128 << 20, 512 << 20]
-        hiddens = (512, 2048) if quick else (512, 1024, 2048, 4096)
-        mm_n = 1024 if quick else 2048
-    repeats = 3 if quick else 5
-    min_s = 0.02 if quick else 0.25
-    dtypes = {"fp32": torch.float32}
-    if device_supports_bf16(dev):
-        dtypes["bf16"] = torch.bfloat16
-    if on_gpu:
-        dtypes["fp16"] = torch.float16
-
-    stream: dict[str, list[tuple[int, float]]] = {}
-    flops: dict[str, float] = {}
-    layer_s: dict[str, float] = {}
-    expert_s: dict[str, float] = {}
-    step_s: dict[str, float] = {}
-    efficiency: dict[str, float] = {}
-    for name, dt in dtypes.items():
-        say(f"streaming bandwidth, {name}")
-        for kind, rows in (("mv", 1), ("mm", 4)):
-            stream[f"{kind}-{name}"] = _stream_curve(dev, dt, rows, sizes, repeats, min_s)
-            for h in hiddens:
-                stream[f"{kind}-{name}@{h}"] = _decoder_stream(dev, dt, rows, h, shaped_sizes, repeats, min_s)
-        say(f"matmul FLOP/s, {name}")
-        flops[name] = _matmul_flops(dev, dt, mm_n, min_seconds=min_s)
-        say(f"decode-step overheads, {name}")
-        steps, tries = (10, 1) if quick else (40, 3)
-        # Best of three: other processes on a shared machine only ever make a step slower.
-        best = lambda *a: min(_decode_step_time(dev, dt, *a, steps=steps) for _ in range(tries))  # noqa: E731
-        a, b = best(2), best(6)
-        # The tiny layers' seven matrix-vector calls are already in the decoder-shaped curves.
-        per_layer = max(0.0, (b - a) / 4 - _tiny_layer_mv_seconds(dev, dt))
-        m1, m4 = best(2, 1), best(2, 4)
-        layer_s[name] = per_layer
-        expert_s[name] = max(0.0, (m4 - m1) / (2 * 3))
-        step_s[name] = max(0.0, a - 2 * per_layer)
-        if dev.type == "cpu":  # on a GPU the dispatch overlaps the streaming; nothing to take out
-            say(f"decode-step streaming efficiency, {name}")
-            efficiency[name] = _stream_efficiency(dev, dt, name, stream, step_s[name], per_layer)
-
-    # Training: LoRA steps of synthetic models in the dtype `ember tune` trains in here (bf16 where the
-    # device runs it, else fp32), at two hidden sizes (the planner interpolates between them).
-    train_eff: dict[str, list[tuple[int, float]]] = {}
-    train_dt = "bf16" if "bf16" in dtypes else "fp32"
-    if quick:
-        shapes, seq = [(512, 2)], 128
-    elif on_gpu:
-        shapes, seq = [(2048, 4), (4096, 2)], 1024
-    else:
-        shapes, seq = [(768, 4), (2048, 2)], 512
-    try:
-        pts = []
-        for h, layers in shapes:
-            say(f"LoRA training steps, {train_dt}, hidden {h}")
-            pts.append((h, _train_step_efficiency(dev, train_dt, flops[train_dt], h, layers, seq,
-                                                  steps=2 if quick else 5)))
-        train_eff[train_dt] = sorted(pts)
-        if not quick:  # QLoRA: the same steps over NF4 base weights, dequantized in every pass
-            pts = []
-            for h, layers in shapes:
-                say(f"QLoRA training steps, {train_dt}, hidden {h}")
-                pts.append((h, _train_step_efficiency(dev, train_dt, flops[train_dt], h, layers, seq, steps=5,
-                                                      method="qlora")))
-            train_eff[f"{train_dt}-qlora"] = sorted(pts)
-    except ImportError:  # a build without ember.train: the planner falls back to compute_efficiency
-        pass
-
-    try:  # quantized kernels, when the quant package is installed: their speed is theirs, not the bytes'
-        import ember.quant as quant_pkg
-
-        qdtype = torch.bfloat16 if "bf16" in dtypes else torch.float32
-        for mode in quant_pkg.MODES:
-            say(f"quantized streaming, {mode}")
-            for kind, rows in (("mv", 1), ("mm", 4)):
-                for h in (hiddens[0], hiddens[-2] if len(hiddens) > 2 else hiddens[-1]):
-                    stream[f"{kind}-{mode}@{h}"] = _quant_decoder_stream(dev, qdtype, mode, rows, h,
-                                                                         [64 << 20, 256 << 20],
-                                                                         max(2, repeats - 2), min_s)
-            qname = "bf16" if qdtype == torch.bfloat16 else "fp32"
-            if dev.type == "cpu" and not quick:  # a real quantized decode: its kernels' share of the step
-                say(f"decode-step streaming efficiency, {mode}")
-                efficiency[mode] = _stream_efficiency(dev, qdtype, qname, stream, step_s[qname], layer_s[qname],
-                                                      quant=mode)
-    except ImportError:
-        pass
-
-    copy_n = (sizes[-1] // 4)
-    src = torch.full((copy_n,), 1.0, device=dev)
-    dst = torch.empty_like(src)
-    t = _best_time(lambda: dst.copy_(src), dev, repeats)
-    copy_bw = 2 * copy_n * 4 / t
-    del src, dst
-    rss = ctx = 0
-    if runtime:
-        say("runtime memory of a fresh process")
-        rss, ctx = measure_runtime_bytes(str(dev))
-    key = device_key(str(dev))
-    cal = Calibration(
-        device=key, fingerprint=fingerprint(key), stream=stream,
-        copy_bandwidth=copy_bw, matmul_flops=flops, layer_overhead_s=layer_s, expert_overhead_s=expert_s,
-        step_overhead_s=step_s, stream_efficiency=efficiency, runtime_bytes=rss, context_bytes=ctx,
-        train_efficiency=train_eff,
-        threads=torch.get_num_threads(),
-        torch_version=torch.__version__, measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        seconds=time.perf_counter() - t_start,
-    )
-    if save:
-        save_calibration(cal)
-    return cal
 
 
 def describe_machine(hw: Hardware) -> list[tuple[str, str]]:

@@ -14,93 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-from ember.config import ModelConfig
-from ember.errors import ConfigError, EmberError, GGUFError
+from ember.errors import ConfigError
 from ember.hardware import GB, GiB, TB, Hardware
+from ember.planner import ResolvedModel, resolve_model
 
 QUANT_CHOICES = ("none", "int8", "int4", "nf4", "all")
 METHOD_CHOICES = ("lora", "qlora", "full", "all")
-
-
-@dataclass
-class ResolvedModel:
-    """A model to plan: its config, a display name, the on-disk dtype (if known) and remarks."""
-
-    name: str
-    config: ModelConfig
-    checkpoint_dtype: str | None
-    notes: list[str]
-
-
-def resolve_model(spec: str) -> ResolvedModel:
-    """MODEL of ``ember plan``: an HF folder (or its config.json), a ``.gguf`` file, or a catalog name.
-
-    Raises:
-        ConfigError: none of those (the message lists the catalog), or a bad config.
-        GGUFError: a GGUF file that cannot be read (or the ``gguf`` package is missing).
-    """
-    from ember import catalog
-
-    p = Path(spec).expanduser()
-    if p.is_dir() or (p.is_file() and p.name.endswith(".json")):
-        cfg = ModelConfig.from_file(p)
-        folder = p if p.is_dir() else p.parent
-        dt, notes = None, []
-        try:
-            from ember.loading.safetensors import Checkpoint
-
-            ckpt = Checkpoint(folder)
-            dt = _short(str(ckpt.dtype()))
-            on_disk = sum(f.path.stat().st_size for f in ckpt.files.values())
-            notes.append(f"checkpoint: {on_disk / GiB:.1f} GiB of {dt} safetensors in {folder}")
-        except EmberError:
-            notes.append(f"{folder}: no safetensors weights found; planning from config.json")
-        return ResolvedModel(folder.name or str(folder), cfg, dt or _short(cfg.torch_dtype), notes)
-    if p.is_file():
-        from ember.loading.gguf import is_gguf_file
-
-        if not is_gguf_file(p):
-            raise ConfigError(f"{p}: not a model folder, config.json or GGUF file")
-        return _resolve_gguf(p)
-    entry = catalog.find(spec)
-    if entry is not None:
-        cfg = entry.config
-        note = f"catalog: {entry.hf_id}, published {entry.published_params / 1e9:.1f}B parameters"
-        if entry.published_active_params:
-            note += f" ({entry.published_active_params / 1e9:.1f}B active)"
-        return ResolvedModel(entry.name, cfg, "bf16", [note])
-    raise ConfigError(f"{spec!r} is not a model folder, GGUF file or catalog name; catalog: {', '.join(catalog.names())}")
-
-
-def _resolve_gguf(p: Path) -> ResolvedModel:
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise GGUFError(f"{p}: reading GGUF metadata needs the 'gguf' package (pip install gguf)") from None
-    from ember.loading.gguf import EXACT_QUANT_LINEARS, GGUFFile, config_from_gguf
-
-    gf = GGUFFile.open(p)
-    cfg = config_from_gguf(gf)
-    types: dict[str, int] = {}
-    for t in gf.tensors.values():
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
-    kept = {getattr(k, "name", str(k)) for k in EXACT_QUANT_LINEARS}
-    mix = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
-    notes = [f"GGUF file {p.stat().st_size / GiB:.1f} GiB ({mix})"]
-    quantized = [k for k in types if k not in ("F32", "F16", "BF16")]
-    if quantized and not set(quantized) <= kept:
-        notes.append("Ember dequantizes these GGUF types to the compute dtype at load: plan with --quant to "
-                     "requantize, or expect the 16-bit sizes below")
-    return ResolvedModel(p.name, cfg, _short(cfg.torch_dtype) or "bf16", notes)
-
-
-def _short(name) -> str | None:
-    from ember.planner import _short_dtype
-
-    return _short_dtype(name)
 
 
 # ====================================================================== ember plan
@@ -118,16 +38,13 @@ def _hardware(args) -> Hardware:
 
 
 def _default_dtype(hw: Hardware) -> str:
+    import torch
+
+    from ember.loading import device_supports_bf16
+
     if hw.device != "cpu":
         return "bf16"
-    try:
-        import torch
-
-        from ember.loading import device_supports_bf16
-
-        return "bf16" if device_supports_bf16(torch.device("cpu")) else "fp32"
-    except ImportError:  # pragma: no cover
-        return "fp32"
+    return "bf16" if device_supports_bf16(torch.device("cpu")) else "fp32"
 
 
 def cmd_plan(args) -> int:
@@ -252,7 +169,7 @@ def _hw_json(hw: Hardware) -> dict:
 
 def cmd_hw(args) -> int:
     """Print this machine (or a profile); ``--measure`` times it first and stores the result."""
-    from ember import hardware
+    from ember import calibrate, hardware
 
     if args.on:
         try:
@@ -274,7 +191,7 @@ def cmd_hw(args) -> int:
     if args.measure:
         dev = device or ("cuda" if _cuda() else "cpu")
         print(f"[ember hw] measuring {dev} (about half a minute; other processes slow it down)...", file=sys.stderr)
-        cal = hardware.measure(dev, progress=lambda s: print(f"[ember hw]   {s}", file=sys.stderr))
+        cal = calibrate.measure(dev, progress=lambda s: print(f"[ember hw]   {s}", file=sys.stderr))
         print(f"[ember hw] stored in {hardware.calibration_path()} ({cal.seconds:.0f} s)", file=sys.stderr)
     hw = hardware.detect(device)
     if args.json:
@@ -292,12 +209,9 @@ def cmd_hw(args) -> int:
 
 
 def _cuda() -> bool:
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
+    return torch.cuda.is_available()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

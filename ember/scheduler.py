@@ -116,29 +116,6 @@ class _Seq:
         return self.computed >= self.n_prompt
 
 
-def default_kv_blocks(cfg, dtype: torch.dtype, max_batch: int, block_size: int, memory_bytes: int | None) -> int:
-    """Blocks for ``max_batch`` full-context sequences, capped at ``memory_bytes`` (default 25% of RAM/VRAM, >= 1 context)."""
-    per_token = PagedKVCache.bytes_per_token(cfg, dtype)
-    ctx = cfg.max_position_embeddings
-    want = max_batch * ctx
-    if memory_bytes is None:
-        memory_bytes = _default_kv_memory()
-    cap = max(ctx, memory_bytes // per_token)
-    return math.ceil(min(want, cap) / block_size) + 1  # + the scratch block
-
-
-def _default_kv_memory() -> int:
-    try:
-        if torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info()
-            return int(free * 0.5)
-        import os
-
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.25)
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return 4 * 2**30
-
-
 class BatchScheduler:
     """Continuous-batching generation over a paged KV cache.
 
@@ -146,10 +123,10 @@ class BatchScheduler:
         engine: a loaded :class:`~ember.engine.Engine` (its model and tokenizer are used).
         max_batch: sequences running at once.
         max_queue: sequences allowed to wait for a slot; more raise :class:`QueueFullError`.
-        num_blocks: KV blocks in the pool (default: see :func:`default_kv_blocks`).
+        num_blocks: KV blocks in the pool (default: the planner's, :func:`ember.planner.default_kv_pool_blocks`).
         block_size: tokens per KV block.
         prefill_chunk: prompt tokens (padded) read per step.
-        kv_memory_bytes: cap for the default pool size.
+        kv_memory_bytes: bytes the default pool may take (default: the planner's budget for this device).
     """
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64, num_blocks: int | None = None,
@@ -161,8 +138,11 @@ class BatchScheduler:
         self.device, self.dtype = engine.device, engine.dtype
         self.max_batch, self.max_queue = max_batch, max_queue
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
-        if num_blocks is None:
-            num_blocks = default_kv_blocks(self.config, self.dtype, max_batch, block_size, kv_memory_bytes)
+        if num_blocks is None:  # the planner owns KV-pool sizing
+            from ember.planner import default_kv_pool_blocks
+
+            num_blocks = default_kv_pool_blocks(self.config, self.device, self.dtype, max_batch, block_size,
+                                                prefill_chunk, kv_memory_bytes)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
         self.pool = self.cache.pool
         self.vocab_size = self.config.vocab_size

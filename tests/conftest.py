@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random HF checkpoints written with ``save_pretrained``.
 
-HF ``transformers`` is the oracle (DESIGN principle 2); it is imported here and in tests only.
+HF ``transformers`` is the oracle (docs/design.md, principle 2); it is imported here and in tests only.
 """
 
 from __future__ import annotations

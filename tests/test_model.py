@@ -1,4 +1,4 @@
-"""Logits parity with HF transformers for every supported family (DESIGN principle 2)."""
+"""Logits parity with HF transformers for every supported family (docs/design.md, principle 2)."""
 
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def test_missing_expert_is_named(tmp_path, hf_checkpoint):
 
 
 def test_experts_are_plain_linear_modules_under_hf_names(hf_checkpoint):
-    """Quantization and LoRA find experts as they find every other projection (DESIGN principle 3)."""
+    """Quantization and LoRA find experts as they find every other projection (docs/design.md, principle 3)."""
     ours = load_model(hf_checkpoint("qwen3-moe")[0], dtype="fp32")
     names = {n for n, m in ours.named_modules() if type(m) is Linear and ".experts." in n}
     assert len(names) == ours.config.num_hidden_layers * ours.config.num_local_experts * 3

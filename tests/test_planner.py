@@ -1,4 +1,4 @@
-"""The planner is a model you can check (DESIGN principle 4).
+"""The planner is a model you can check (docs/design.md, principle 4).
 
 - memory: arithmetic worked by hand for a few configs, and the sizes of real tensors (a meta-device
   Transformer, a StaticKVCache) for every family;
@@ -22,7 +22,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ember import catalog, hardware, planner
+from ember import calibrate, catalog, hardware, planner
 from ember.config import ModelConfig
 from ember.errors import InsufficientMemoryError
 from ember.hardware import GB, GiB, Calibration, Hardware
@@ -396,7 +396,7 @@ def test_qlora_step_efficiency_is_measured_on_nf4_weights():
     pytest.importorskip("ember.train")
     import torch
 
-    eff = hardware._train_step_efficiency(torch.device("cpu"), "fp32", 1e11, 64, 1, 16, steps=1, method="qlora")
+    eff = calibrate._train_step_efficiency(torch.device("cpu"), "fp32", 1e11, 64, 1, 16, steps=1, method="qlora")
     assert 0.01 <= eff <= 1.0
 
 
@@ -422,7 +422,7 @@ def test_calibration_roundtrip_and_interpolation(tmp_path, monkeypatch):
 
 def test_measure_quick_stores_a_usable_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
-    cal = hardware.measure("cpu", quick=True)
+    cal = calibrate.measure("cpu", quick=True)
     assert hardware.load_calibration("cpu") == cal
     assert all(b > 1e8 for pts in cal.stream.values() for _, b in pts)   # > 0.1 GB/s: numbers, not garbage
     assert cal.matmul_flops["fp32"] > 1e9 and 50 << 20 < cal.runtime_bytes < 4 << 30
@@ -549,3 +549,28 @@ def test_hw_cli_shows_profile_and_this_machine(capsys, tmp_path, monkeypatch):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "system memory" in out and "ember hw --measure" in out
+
+
+def test_kv_pool_is_sized_by_the_planner(hf_checkpoint):
+    """One owner for KV-pool sizing: a block priced as the paged cache allocates it, the pool capped at
+    max_batch full contexts, and BatchScheduler's default pool is the planner's."""
+    import ember
+    from ember.cache import PagedKVCache
+    from ember.scheduler import BatchScheduler
+
+    folder, _ = hf_checkpoint("llama")
+    llm = ember.load(folder, dtype="fp32")
+    cfg = llm.config
+    per_block = planner.kv_block_bytes(cfg, torch.float32, 16)
+    cache = PagedKVCache(cfg, 3, 16, torch.float32, "cpu")
+    assert per_block * 3 == cache.nbytes() and planner.kv_block_bytes(cfg, "fp32", 16) == per_block
+    ctx_blocks = math.ceil(cfg.max_position_embeddings / 16)
+    assert planner.kv_pool_blocks(cfg, torch.float32, 10**12, max_batch=3, block_size=16) == 3 * ctx_blocks + 1
+    assert planner.kv_pool_blocks(cfg, torch.float32, 40 * per_block, max_batch=8, block_size=16) == 40  # scratch included
+    with pytest.raises(InsufficientMemoryError, match="--kv-blocks"):
+        planner.kv_pool_blocks(cfg, torch.float32, per_block, max_batch=1, block_size=16)
+    sched = BatchScheduler(llm, max_batch=8, block_size=16, kv_memory_bytes=40 * per_block)
+    assert sched.pool.num_blocks == 40 and sched.pool.capacity == 39
+    # no budget given: the planner's budget for this device, capped at max_batch full contexts
+    sched = BatchScheduler(llm, max_batch=2, block_size=16)
+    assert sched.pool.num_blocks == planner.default_kv_pool_blocks(cfg, "cpu", torch.float32, 2, 16) == 2 * ctx_blocks + 1

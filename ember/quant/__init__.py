@@ -1,6 +1,6 @@
 """Weight-only quantization: ``Int8Linear``, ``Int4Linear`` (group-wise), ``NF4Linear`` (bitsandbytes).
 
-Each is a drop-in replacement for ``nn.Linear`` (DESIGN principle 3): the transformer never
+Each is a drop-in replacement for ``nn.Linear`` (docs/design.md, principle 3): the transformer never
 branches on quantization. Quantize a loaded model with :func:`quantize_model`, quantize while
 loading with ``ember.loading.load_model(path, quant="int4")``, or write a quantized checkpoint
 folder with :func:`quantize_checkpoint` (``ember quantize``). Kernels per device are described in
@@ -17,10 +17,9 @@ from ember.quant.quantize import (
     quantize_model, resolve_spec,
 )
 
-INT4_GROUP_SIZE = DEFAULT_GROUP_SIZE  # read by ember.planner
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE", "DEFAULT_LM_HEAD", "DOUBLE_QUANT_BLOCK_SIZE", "GROUP_SIZES", "INT4_GROUP_SIZE", "Int4Linear", "Int8Linear",
+    "DEFAULT_GROUP_SIZE", "DEFAULT_LM_HEAD", "DOUBLE_QUANT_BLOCK_SIZE", "GROUP_SIZES", "Int4Linear", "Int8Linear",
     "LM_HEAD_CHOICES", "MODES", "NF4_BLOCK_SIZE", "NF4_CODE", "NF4Linear", "QuantSpec", "QuantizedLinear", "SECTION",
     "load_quantized_weights", "quantize", "quantize_checkpoint", "quantize_linear", "quantize_model", "resolve_spec",
 ]

@@ -1,6 +1,6 @@
 """What every weight-only quantized Linear shares: the module contract, row sources, chunked fallback.
 
-A quantized Linear replaces ``nn.Linear`` one for one (DESIGN principle 3): same ``in_features``,
+A quantized Linear replaces ``nn.Linear`` one for one (docs/design.md, principle 3): same ``in_features``,
 ``out_features``, optional ``bias``, ``forward(x)`` on (..., in) -> (..., out). It adds
 ``dequantize()`` (the float weight the kernel effectively multiplies by) and a *portable*
 ``state_dict``: the tensors a checkpoint stores are the same on every device and CPU ISA, and a
@@ -193,14 +193,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def check_2d(w_shape: tuple[int, ...], name: str) -> tuple[int, int]:
-    if len(w_shape) != 2:
-        from ember.errors import QuantizationError
-
-        raise QuantizationError(f"{name}: expected a 2-D weight (out, in), got shape {list(w_shape)}")
-    return int(w_shape[0]), int(w_shape[1])
 
 
 def lcm(a: int, b: int) -> int:

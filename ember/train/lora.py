@@ -387,15 +387,6 @@ class LoRALinear(nn.Module):
         w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
         self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact in fp32; in bf16 the round trip loses the low bits)."""
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = False
-
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
 
@@ -499,19 +490,6 @@ def merge_lora(model: nn.Module, unwrap: bool = True) -> None:
         if unwrap:
             parent, attr = _parent(model, name)
             setattr(parent, attr, m.base_layer)
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    """Undo :func:`merge_lora` (``unwrap=False``) on every adapter."""
-    for m in lora_modules(model).values():
-        m.unmerge()
-
-
-def remove_lora(model: nn.Module) -> None:
-    """Put the base modules back without merging (drops the adapters)."""
-    for name, m in list(lora_modules(model).items()):
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, m.base_layer)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -86,11 +86,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 def quantize_nf4(model: torch.nn.Module) -> None:
     """Swap every projection except ``lm_head`` for ``ember.quant``'s ``NF4Linear`` (QLoRA's base)."""
-    try:
-        from ember.quant.quantize import quantize_model
-    except ImportError:
-        raise TrainingError("--method qlora needs NF4 quantization (ember.quant), which this build lacks; "
-                            "use --method lora") from None
+    from ember.quant.quantize import quantize_model
+
     quantize_model(model, "nf4")
 
 

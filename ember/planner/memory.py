@@ -1,0 +1,401 @@
+"""What a workload takes in memory: weights, KV cache, activations, training state (bytes).
+
+Every equation is written out in docs/planner.md; ``bench/plan_accuracy.py`` checks them against real runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.config import ModelConfig
+from ember.hardware import Hardware
+from ember.planner.workload import (
+    DTYPE_BYTES, LORA_TARGETS, Workload, kv_caps_window, quant_defaults, short_dtype,
+)
+
+# Allocator slack and temporaries on top of the live-tensor count in prefill, fitted on this repo's
+# CPU runs (bench/plan_accuracy.py; 1.6-2.8 observed, glibc keeps freed chunks in its arenas).
+K_ACT = 2.2
+# AdamW keeps two fp32 moments per trainable parameter.
+ADAM_BYTES = 8
+
+
+# ====================================================================== memory pieces
+
+
+def linear_bytes(out_f: int, in_f: int, quant: str, b: int, qd: dict[str, Any] | None = None) -> float:
+    """Bytes of one weight matrix (out_f, in_f) stored as ``quant`` with compute dtype of ``b`` bytes."""
+    qd = qd or quant_defaults()
+    n = out_f * in_f
+    if quant == "none":
+        return n * b
+    if quant == "int8":
+        return n + out_f * b
+    if quant == "int4":
+        g = qd["int4_group"]
+        return n / 2 + out_f * math.ceil(in_f / g) * 2 * b
+    if quant == "nf4":
+        blocks = math.ceil(n / qd["nf4_block"])
+        if qd["nf4_double_quant"]:
+            return n / 2 + blocks + math.ceil(blocks / qd["nf4_double_quant_block"]) * 4 + 4
+        return n / 2 + blocks * 4
+    raise ValueError(f"unknown quant {quant!r}")
+
+
+@dataclass(frozen=True)
+class _Linear:
+    kind: str      # attention | mlp | experts | lm_head
+    name: str      # q_proj, ..., gate_proj (the module's own name)
+    out_f: int
+    in_f: int
+    count: int     # how many such matrices in the model
+    bias: bool
+
+
+def linears(cfg: ModelConfig) -> list[_Linear]:
+    """Every ``nn.Linear`` of :class:`ember.models.Transformer` grouped by shape (routers excluded)."""
+    h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    L = cfg.num_hidden_layers
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
+    dense_layers = L - moe_layers
+    qkv_b = cfg.attention_bias
+    o_b = cfg.attention_bias and not cfg.qkv_bias_only
+    out = [
+        _Linear("attention", "q_proj", nh * hd, h, L, qkv_b),
+        _Linear("attention", "k_proj", nkv * hd, h, L, qkv_b),
+        _Linear("attention", "v_proj", nkv * hd, h, L, qkv_b),
+        _Linear("attention", "o_proj", h, nh * hd, L, o_b),
+    ]
+    i = cfg.intermediate_size
+    if dense_layers:
+        out += [_Linear("mlp", "gate_proj", i, h, dense_layers, cfg.mlp_bias),
+                _Linear("mlp", "up_proj", i, h, dense_layers, cfg.mlp_bias),
+                _Linear("mlp", "down_proj", h, i, dense_layers, cfg.mlp_bias)]
+    if moe_layers:
+        im, e = cfg.moe_intermediate_size, cfg.num_local_experts
+        out += [_Linear("experts", "gate_proj", im, h, moe_layers * e, cfg.mlp_bias),
+                _Linear("experts", "up_proj", im, h, moe_layers * e, cfg.mlp_bias),
+                _Linear("experts", "down_proj", h, im, moe_layers * e, cfg.mlp_bias)]
+    if not cfg.tie_word_embeddings:
+        out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, h, 1, False))
+    return out
+
+
+@dataclass
+class WeightBytes:
+    """Weight memory by part, bytes. ``read_per_token(B)`` gives what one decode step streams."""
+
+    embedding: float
+    lm_head: float            # 0 when tied (the embedding is the head)
+    attention: float          # q/k/v/o, all layers
+    mlp: float                # dense MLPs
+    experts: float            # all experts of all MoE layers
+    other: float              # norms, routers, biases
+    moe_layers: int = 0
+    experts_per_layer: int = 0
+    experts_per_tok: int = 0
+    linear_params_active: float = 0.0   # multiply-adds per token in Linear layers (FLOPs = 2x)
+
+    @property
+    def total(self) -> float:
+        return self.embedding + self.lm_head + self.attention + self.mlp + self.experts + self.other
+
+    def experts_touched(self, tokens: int) -> float:
+        """Expected distinct experts per MoE layer used by ``tokens`` tokens routed uniformly at random."""
+        if not self.moe_layers:
+            return 0.0
+        e, k = self.experts_per_layer, self.experts_per_tok
+        return e * (1 - (1 - k / e) ** tokens)
+
+    def read_per_step(self, tokens: int, row_bytes: float) -> float:
+        """Weight bytes one forward over ``tokens`` tokens reads (embedding: one row per token)."""
+        head = self.lm_head if self.lm_head else self.embedding
+        emb = 0.0 if not self.lm_head else min(self.embedding, tokens * row_bytes)
+        experts = 0.0
+        if self.moe_layers:
+            experts = self.experts * self.experts_touched(tokens) / self.experts_per_layer
+        return head + emb + self.attention + self.mlp + self.other + experts
+
+
+def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_head: str = "none") -> WeightBytes:
+    """Bytes of every weight of ``cfg`` in compute ``dtype`` with Linear layers stored as ``quant``, an untied
+    LM head as ``lm_head``."""
+    b = DTYPE_BYTES[dtype]
+    qd = quant_defaults()
+    parts = {"attention": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
+    bias_bytes = 0.0
+    active = 0.0
+    for lin in linears(cfg):
+        q = quant if lin.kind != "lm_head" else lm_head
+        parts[lin.kind] += lin.count * linear_bytes(lin.out_f, lin.in_f, q, b, qd)
+        if lin.bias:
+            bias_bytes += lin.count * lin.out_f * b
+        per_layer = lin.count if lin.kind != "experts" else lin.count * cfg.num_experts_per_tok / cfg.num_local_experts
+        active += per_layer * lin.out_f * lin.in_f
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
+    norms = (2 * L + 1) * h + (2 * cfg.head_dim * L if cfg.qk_norm else 0)
+    routers = moe_layers * cfg.num_local_experts * h
+    active += routers
+    return WeightBytes(
+        embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
+        experts=parts["experts"], other=(norms + routers) * b + bias_bytes, moe_layers=moe_layers,
+        experts_per_layer=cfg.num_local_experts, experts_per_tok=cfg.num_experts_per_tok,
+        linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0),
+    )
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype: str = "bf16",
+                   cap_window: bool | None = None) -> int:
+    """KV cache bytes: layers x kv heads x head dim x slots x batch x 2 (k and v) x dtype bytes.
+
+    Args:
+        cap_window: keep only ``sliding_window`` slots in windowed layers; default: what Ember's
+            cache does (today it allocates the full context in every layer).
+    """
+    if cap_window is None:
+        cap_window = kv_caps_window()
+    per_slot = cfg.num_key_value_heads * cfg.head_dim * 2 * DTYPE_BYTES[dtype]
+    total = 0
+    for layer in range(cfg.num_hidden_layers):
+        w = cfg.layer_window(layer) if cap_window else None
+        total += (min(context, w) if w else context) * per_slot
+    return total * batch
+
+
+def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16") -> float:
+    """Peak transient bytes of one inference forward over ``tokens`` (= B x T) tokens."""
+    b = DTYPE_BYTES[dtype]
+    h = cfg.hidden_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    if cfg.num_local_experts:
+        # MoE: tokens gathered in expert order (k*H), the output (H), the router's fp32 products
+        # (2*k*H in 16-bit units), and the busiest expert's SwiGLU (~2x its fair share of tokens).
+        e, k, im = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        per_expert = min(1.0, 2.0 * k / e)
+        mlp = (3 * k + 2) * h + 3 * im * per_expert
+        if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+            mlp = max(mlp, 3 * cfg.intermediate_size)
+    else:
+        mlp = 3 * cfg.intermediate_size
+    per_token = K_ACT * (2 * h + max(mlp, 4 * q + 4 * kv)) * b
+    if b < 4:
+        per_token += 8 * h  # RMSNorm's fp32 copy and product
+    return tokens * per_token
+
+
+# Bytes of temporaries per weight element while ember.quant quantizes a chunk of rows (fp32 copy of
+# the rows, normalised values, codes; measured on a 4096 x 4096 bf16 weight: RSS peak / elements,
+# the stored result excluded).
+QUANT_SCRATCH_PER_ELEMENT = {"int8": 7.2, "int4": 8.1, "nf4": 12.9}
+
+
+def quant_load_scratch_bytes(cfg: ModelConfig, quant: str) -> float:
+    """Peak temporaries of quantizing one weight chunk while loading (``ember.quant``'s chunk of rows)."""
+    from ember.quant.base import QUANT_CHUNK_ELEMENTS
+
+    largest = max(lin.out_f * lin.in_f for lin in linears(cfg) if lin.kind != "lm_head")
+    return min(largest, QUANT_CHUNK_ELEMENTS) * QUANT_SCRATCH_PER_ELEMENT[quant]
+
+
+def lora_parameters(cfg: ModelConfig, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """Trainable LoRA parameters: r x (in + out) for every Linear whose name is in ``targets``."""
+    return sum(lin.count * rank * (lin.in_f + lin.out_f) for lin in linears(cfg) if lin.name in targets)
+
+
+# ``ember tune``'s LoRA dropout (its default): dropout keeps the int64 indices of the dropped inputs.
+LORA_DROPOUT = 0.05
+
+
+def training_activation_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str, checkpointing: bool,
+                              lora_targets: tuple[str, ...] | None = LORA_TARGETS,
+                              lora_dropout: float = LORA_DROPOUT) -> float:
+    """Peak live bytes of one training micro-batch besides weights and optimizer state (ember.train).
+
+    Counts what autograd keeps for backward, tensor by tensor, per token and layer (``b`` = bytes of
+    the compute dtype, H hidden, q = heads x head_dim, kv = kv heads x head_dim, I intermediate)::
+
+        RMSNorm (x2)   4H (the fp32 copy of its input, kept for the rsqrt's gradient) + bH (the
+                       normed output, which the half's projections keep as their input)
+        attention      q, k (after RoPE), v, the SDPA output: (2q + 2kv) b; fp32 log-sum-exp 4 x heads
+        SwiGLU         gate, up, silu(gate), and their product (down_proj's input): 4 I b
+        LoRA dropout   int64 indices of the dropped inputs: 8 p x (inputs of the adapted projections)
+
+    Without checkpointing all L layers stay alive until backward reaches them. With checkpointing
+    (ember.train checkpoints the attention and MLP halves separately) only the two (B, T, H) inputs
+    per layer stay, and backward rebuilds one half at a time (the wider half's tensors above).
+    On top: the chunked loss (``hidden[keep]`` and ``d loss/d hidden``: 2 H b per token, one
+    (chunk, V) block of fp32 logits plus its ``b`` copy, the final norm's tensors; with more than
+    one chunk, the previous chunk's fp32 block too, which is still bound while the next one's
+    logits are formed), or, once backward runs, one half's gradient buffers (see below) --
+    whichever is larger. What the allocator keeps on top is not counted here
+    (:func:`cpu_training_heap_bytes`).
+
+    Args:
+        lora_targets: adapted projection names (dropout indices); None for full fine-tuning.
+        lora_dropout: LoRA dropout probability.
+    Returns:
+        bytes.
+    """
+    b = DTYPE_BYTES[dtype]
+    h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    inter = cfg.moe_intermediate_size * cfg.num_experts_per_tok if cfg.num_local_experts else cfg.intermediate_size
+    n = batch * seq
+    p = lora_dropout if lora_targets else 0.0
+    targets = lora_targets or ()
+    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": inter}
+    drop_attn = 8 * p * sum(w for k, w in inputs.items() if k in targets and k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    drop_mlp = 8 * p * sum(w for k, w in inputs.items() if k in targets and k in ("gate_proj", "up_proj", "down_proj"))
+    norm = 4 * h + b * h                                                       # per half
+    attn_half = norm + (2 * q + 2 * kv) * b + 4 * cfg.num_attention_heads + drop_attn
+    mlp_half = norm + 4 * inter * b + drop_mlp
+    # Backward of one half, while its saved tensors are still alive: the incoming gradient and the
+    # block's output gradient (2 H b), the fp32 RMSNorm backward (3 x 4H), and the widest
+    # intermediate gradients: SwiGLU's three (N, I) ones, or attention's dq, dk, dv and the gradient
+    # of the SDPA output (2q + 2kv) b.
+    grads = 2 * h * b + 12 * h + max(3 * inter, 2 * q + 2 * kv) * b
+    if checkpointing:
+        saved = L * 2 * h * b
+        backward = max(attn_half, mlp_half) + grads
+    else:
+        saved = L * (attn_half + mlp_half)
+        backward = grads
+    # ember.train computes the LM loss in row chunks of one (chunk, V) fp32 block, never the whole (N, V) logits
+    from ember.train.forward import LOSS_CHUNK_BYTES
+
+    chunk_rows = min(n, max(8, LOSS_CHUNK_BYTES // (4 * V)))
+    # Per logit: the fp32 block, its 16-bit matmul output / softmax copy (none in fp32), and with
+    # several chunks the previous chunk's fp32 block (`logits = mm(...).float()` rebinds it only after).
+    per_logit = 4 + (b if b < 4 else 0) + (4 if n > chunk_rows else 0)
+    loss = n * (2 * h * b + norm) + chunk_rows * V * per_logit
+    return n * saved + max(loss, n * backward)
+
+
+# What glibc's heap keeps resident on top of the live tensors of a CPU training step. Each
+# half-layer's temporaries (fp32 norm products, SwiGLU and attention intermediates, dropout copies)
+# are freed between tensors that outlive them (saved activations, checkpoint inputs), and later,
+# larger requests (the loss block, the next layer's (B*T, I) products) cannot reuse those holes, so
+# the arena grows. Measured on the bench's training rows (bench/plan_accuracy.py, LoRA/QLoRA,
+# hidden 768/1024, 12/24 layers, B*T 256-1024, with and without checkpointing): VmHWM with glibc's
+# defaults minus VmHWM with MALLOC_MMAP_THRESHOLD_=131072 (which unmaps every freed block, so the
+# peak is the live one) is 10-14 (B*T, H) blocks of the compute dtype per layer, checkpointed or not.
+K_HEAP_HOLES = 11
+# Blocks over glibc's mmap ceiling (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit) are mmapped and
+# unmapped when freed: they leave no holes, so the term stops growing once a (B*T, H) block is larger.
+GLIBC_MMAP_MAX = 32 * 2**20
+# oneDNN's primitive cache and scratchpads after the first 16-bit training step on a CPU (heap in use
+# after step 1 minus AdamW state and LoRA's casts: 18 MiB for both bench models; 0 with
+# torch.backends.mkldnn.enabled = False).
+ONEDNN_TRAIN_BYTES = 18 * 2**20
+
+
+def cpu_training_heap_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: str) -> tuple[float, float]:
+    """(heap holes, oneDNN buffers): bytes a CPU training process holds beyond its live tensors.
+
+    ``K_HEAP_HOLES * L * H * b * min(B*T, GLIBC_MMAP_MAX / (H * b))`` and ``ONEDNN_TRAIN_BYTES`` for
+    16-bit compute (see the constants). Not for GPUs: the CUDA caching allocator is another story.
+    """
+    b = DTYPE_BYTES[dtype]
+    h = cfg.hidden_size
+    n = min(batch * seq, GLIBC_MMAP_MAX // (h * b))
+    holes = K_HEAP_HOLES * cfg.num_hidden_layers * h * b * n
+    return float(holes), float(ONEDNN_TRAIN_BYTES if b < 4 else 0)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes, whole model (all nodes together)."""
+
+    weights: float
+    kv_cache: float
+    activations: float
+    training: float            # trainable parameters + gradients + optimizer states
+    runtime: float             # per node, times the number of nodes
+    load_transient: float = 0.0  # file pages mapped while casting at load: in peak RSS, reclaimable, not required
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """What must fit: everything but the reclaimable load transient."""
+        return self.weights + self.kv_cache + self.activations + self.training + self.runtime
+
+    @property
+    def peak_rss(self) -> float:
+        """What a process's peak RSS should show (CPU/unified): max of the load and the run."""
+        load = self.weights + self.load_transient
+        run = self.weights + self.kv_cache + self.activations + self.training
+        return self.runtime + max(load, run)
+
+
+
+def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str | None = None) -> MemoryBreakdown:
+    """The memory breakdown of ``wl`` on ``hw`` (whole model; see the module docstring for the equations).
+
+    Args:
+        checkpoint_dtype: dtype of the weights on disk; when it differs from the compute dtype (or
+            the weights are quantized at load), loading maps the whole file while converting.
+    """
+    b_name = wl.dtype
+    full = wl.task == "tune" and wl.method == "full"
+    wb = weight_bytes(cfg, "fp32" if full else b_name, wl.weight_quant, wl.head_quant)
+    detail = {"weights.embedding": wb.embedding, "weights.lm_head": wb.lm_head, "weights.attention": wb.attention,
+              "weights.mlp": wb.mlp, "weights.experts": wb.experts, "weights.other": wb.other}
+    kv_dt = wl.kv_dtype or wl.dtype
+    training = 0.0
+    if wl.task == "infer":
+        kv = kv_cache_bytes(cfg, wl.context, wl.batch, kv_dt)
+        chunk = wl.prompt_tokens if wl.prefill_chunk is None else min(wl.prefill_chunk, wl.prompt_tokens)
+        act = prefill_activation_bytes(cfg, wl.batch * chunk, b_name) + wl.batch * cfg.vocab_size * (DTYPE_BYTES[b_name] + 4)
+    else:
+        kv = 0.0
+        act = training_activation_bytes(cfg, wl.batch, wl.context, b_name, wl.grad_checkpointing,
+                                        None if wl.method == "full" else wl.lora_targets)
+        if wl.method == "full":
+            # ember.train keeps fp32 master weights (so "weights" are fp32), fp32 gradients and AdamW
+            # moments, and computes under bf16 autocast, which caches a 16-bit copy of each weight.
+            p = cfg.num_parameters()
+            grads, opt = p * 4, p * ADAM_BYTES
+            training = grads + opt
+            if b_name != "fp32":
+                act += p * DTYPE_BYTES[b_name]
+                detail["workspace.autocast_weights"] = p * DTYPE_BYTES[b_name]
+            detail.update({"training.gradients": grads, "training.optimizer": opt})
+        else:
+            # fp32 A and B, their fp32 gradients, AdamW's two fp32 moments, and (16-bit compute) the
+            # copies of A and B in the compute dtype that LoRALinear caches for the step's matmuls.
+            n = lora_parameters(cfg, wl.lora_rank, wl.lora_targets)
+            params, grads, opt = n * 4, n * 4, n * ADAM_BYTES
+            cast = n * DTYPE_BYTES[b_name] if DTYPE_BYTES[b_name] != 4 else 0
+            training = params + grads + opt + cast
+            detail.update({"training.lora_params": params, "training.gradients": grads, "training.optimizer": opt,
+                           "training.lora_cast": cast, "training.trainable_params": n})
+    runtime = hw.runtime_bytes * hw.nodes
+    if hw.calibration is not None and hw.calibration.context_bytes and not hw.unified:
+        runtime = (hw.calibration.context_bytes) * hw.nodes
+    if wl.task == "tune" and hw.device == "cpu":
+        holes, onednn = cpu_training_heap_bytes(cfg, wl.batch, wl.context, b_name)
+        act += holes + onednn
+        detail.update({"workspace.heap_holes": holes, "workspace.onednn": onednn})
+    q = wl.weight_quant
+    if q != "none":
+        # Quantizing while loading works through one chunk of rows at a time (fp32 copy, codes, scales).
+        scratch = quant_load_scratch_bytes(cfg, q)
+        detail["workspace.quant_load"] = scratch
+        act = max(act, scratch)
+    transient = 0.0
+    if hw.device == "cpu" or hw.unified:
+        # Casting at load maps (and so touches) the source file: its pages count in RSS until loading
+        # ends; reclaimable, so not required. Quantized Linears are read with pread, never mapped.
+        src = short_dtype(checkpoint_dtype) or short_dtype(cfg.torch_dtype)
+        if src is not None and src != b_name:
+            src_wb = weight_bytes(cfg, src, "none")
+            transient = src_wb.total if q == "none" else src_wb.embedding + src_wb.other + (
+                src_wb.lm_head if wl.head_quant == "none" else 0.0)
+    return MemoryBreakdown(weights=wb.total, kv_cache=kv, activations=act, training=training, runtime=runtime,
+                           load_transient=transient, detail=detail)
+

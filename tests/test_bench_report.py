@@ -1,0 +1,43 @@
+"""bench/report.py: docs/benchmarks.md is what the recorded tables make, and a new result is recorded with its machine and date."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_docs_benchmarks_page_is_generated_from_the_recorded_tables():
+    report = _report()
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == report.render_docs(), \
+        "docs/benchmarks.md is stale: run python bench/report.py --write"
+
+
+def test_a_new_result_is_recorded_with_its_machine_and_date(tmp_path, monkeypatch):
+    report = _report()
+    results, recorded = tmp_path / "results", tmp_path / "recorded"
+    results.mkdir()
+    recorded.mkdir()
+    monkeypatch.setattr(report, "RESULTS", results)
+    monkeypatch.setattr(report, "RECORDED", recorded)
+    rows = [dict(concurrency=c, requests=2 * c, errors=0, agg_tok_s=50.0 * c, speedup_vs_single=float(c),
+                 per_stream_tok_s=50.0, ttft_p50_ms=30, ttft_p99_ms=40, itl_p50_ms=12.0, itl_p99_ms=18.0) for c in (1, 16)]
+    (results / "serve.json").write_text(json.dumps(dict(model="small", dtype="bfloat16", prompt_len=32, new=64,
+                                                        date="2027-01-02", machine="Test CPU (x86_64), 2 cores",
+                                                        rows=rows)))
+    path = report.record("serve")
+    assert path.name == "2027-01-02-serve-test-cpu-x86-64-2-cores.md"
+    text = path.read_text()
+    assert text.startswith("### Serving, Test CPU (x86_64), 2 cores (`bench/serve.py`, 2027-01-02)")
+    assert "| 16 | 32 | 0 | 800.0 | 16.00x |" in text and "PASS: aggregate tok/s at 16 streams" in text
+    page = report.render_docs()
+    assert text.strip() in page and "(nothing recorded yet: run `python bench/decode.py`)" in page
