@@ -151,37 +151,6 @@ class Tokenizer:
             source=str(root),
         )
 
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike | Any) -> Tokenizer:
-        """Build the tokenizer stored in a llama.cpp GGUF file's metadata.
-
-        Args:
-            path: a ``.gguf`` file, or an open :class:`ember.loading.gguf.GGUFFile`.
-
-        Reads ``tokenizer.ggml.*`` (``llama`` SentencePiece-style or ``gpt2`` byte-level BPE vocabularies,
-        token types, special token ids, add_bos/eos flags) and ``tokenizer.chat_template``; see
-        :func:`ember.loading.gguf.tokenizer_spec` for how they become a `tokenizers` pipeline.
-
-        Raises:
-            TokenizerError: the file has no vocabulary or one Ember cannot build.
-            GGUFError: the file itself is malformed.
-        """
-        from ember.loading.gguf import GGUFFile, tokenizer_spec
-
-        gf = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
-        spec = tokenizer_spec(gf)
-        try:
-            backend = tokenizers.Tokenizer.from_str(json.dumps(spec.json))
-        except Exception as e:  # tokenizers raises a bare Exception for any error
-            raise TokenizerError(f"{gf.path}: cannot build a tokenizer from the GGUF vocabulary: {e}") from e
-        return cls(
-            backend,
-            special_tokens=spec.special_tokens,
-            chat_templates=spec.chat_templates,
-            eos_token_ids=spec.eos_token_ids,
-            source=str(gf.path),
-        )
-
     # ---------------------------------------------------------------- text <-> ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_quantize(args) -> int:
     """Handler of ``ember quantize``: one summary line on stderr."""
-    from ember.quant.quantize import quantize_checkpoint
+    from ember.loading.quantized import quantize_checkpoint
 
     dest, info = quantize_checkpoint(args.model, args.output, args.to, args.group_size,
                                      double_quant=not args.no_double_quant, quantize_lm_head=args.quantize_lm_head,
