@@ -12,10 +12,10 @@ from ember.errors import CheckpointError
 from ember.loading.dtypes import DTYPE_NAMES, device_supports_bf16, resolve_dtype
 from ember.loading.moe import expert_layout_view
 from ember.loading.quantized import load_quantized_weights
-from ember.loading.safetensors import Checkpoint, load_weights
+from ember.loading.safetensors import Checkpoint, check_layers, load_weights
 from ember.model import Transformer
 
-__all__ = ["DTYPE_NAMES", "Checkpoint", "device_supports_bf16", "load_model", "load_quantized_weights", "load_weights",
+__all__ = ["DTYPE_NAMES", "Checkpoint", "check_layers", "device_supports_bf16", "load_model", "load_quantized_weights", "load_weights",
            "resolve_dtype"]
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -37,7 +37,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt = expert_layout_view(Checkpoint(folder), cfg)  # MoE: hub/fused expert names -> Ember's
+    raw_ckpt = Checkpoint(folder)
+    check_layers(cfg, raw_ckpt)  # before anything is built for the sizes config.json claims
+    ckpt = expert_layout_view(raw_ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):

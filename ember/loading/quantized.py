@@ -20,7 +20,7 @@ from ember.config import ModelConfig
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading.dtypes import DTYPE_NAMES
 from ember.loading.moe import expert_layout_view
-from ember.loading.safetensors import Checkpoint, load_weights
+from ember.loading.safetensors import Checkpoint, check_layers, load_weights
 from ember.model import Transformer
 from ember.quant.base import QuantizedLinear
 from ember.quant.int4 import Int4Linear
@@ -186,7 +186,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     if SECTION in cfg.extra:
         raise QuantizationError(f"{folder}: already quantized ({cfg.extra[SECTION].get('method')}); "
                                 "quantize the float checkpoint instead")
-    ckpt = expert_layout_view(Checkpoint(folder), cfg)
+    raw_ckpt = Checkpoint(folder)
+    check_layers(cfg, raw_ckpt)
+    ckpt = expert_layout_view(raw_ckpt, cfg)
     dtype = DTYPE_NAMES.get(str(cfg.torch_dtype).lower()) if cfg.torch_dtype else None
     dtype = dtype or ckpt.dtype()
     with torch.device("meta"):
