@@ -153,6 +153,18 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- text <-> ids
 
+    def check_fits(self, model_vocab_size: int, model_source: str) -> None:
+        """Refuse a tokenizer that can produce ids the model has no embedding row for.
+
+        Raises:
+            TokenizerError: the largest token id is >= ``model_vocab_size`` (naming both files), so the
+                error comes at load rather than as an IndexError at generate time.
+        """
+        top = max([self.vocab_size - 1, *self.eos_token_ids])
+        if top >= model_vocab_size:
+            raise TokenizerError(f"{self._source}: the tokenizer has token ids up to {top} but the model "
+                                 f"({model_source}) has vocab_size {model_vocab_size}; they do not belong together")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies tokenizer.json's post-processor (e.g. BOS)."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids

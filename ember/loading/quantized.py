@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember.checkpoint_io import save_hf_checkpoint
+from ember.checkpoint_io import remove_stale_checkpoint_temps, save_hf_checkpoint
 from ember.config import ModelConfig
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading.dtypes import DTYPE_NAMES
@@ -170,7 +170,8 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     with the tokenizer and other small files copied along.
 
     Returns:
-        (output folder, summary dict: bytes before/after, layers quantized/kept, the section).
+        (output folder, summary dict: bytes before/after, layers quantized/kept, the section, and
+        ``stale_removed``: temp folders of an earlier killed run to the same output, now removed).
     """
     spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
     if spec is None:
@@ -182,6 +183,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
         raise QuantizationError(f"{dest}: output folder must differ from the input folder")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:  # fail before the slow part
         raise OutputExistsError(f"{dest}: exists and is not an empty folder; choose another -o or pass --overwrite")
+    stale = remove_stale_checkpoint_temps(dest)  # left by a killed earlier run to the same output
     cfg = ModelConfig.from_file(folder)
     if SECTION in cfg.extra:
         raise QuantizationError(f"{folder}: already quantized ({cfg.extra[SECTION].get('method')}); "
@@ -207,5 +209,5 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
                        overwrite=overwrite, extra_files={"config.json": config})
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     after = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
-    return dest, {"bytes_before": before, "bytes_after": after, "quantized": len(quantized),
+    return dest, {"stale_removed": stale, "bytes_before": before, "bytes_after": after, "quantized": len(quantized),
                   "kept": list(cfg.extra[SECTION]["not_quantized"]), "section": cfg.extra[SECTION]}

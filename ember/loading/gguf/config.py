@@ -57,6 +57,7 @@ EXPERT_TENSORS: dict[str, str] = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "
 _EXPERT_NAME = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 # Tensors that configure the model rather than hold weights.
 CONFIG_TENSORS = ("rope_freqs.weight",)
+_BLOCK = re.compile(r"blk\.(\d+)\.")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)")
 
 
@@ -118,6 +119,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         "gguf_file_type": gf.get_int("general.file_type"),
         "name_or_path": gf.get("general.name"),
     }
+    _check_layers_present(gf, raw["num_hidden_layers"])
     for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
         if raw[key] <= 0:
             raise GGUFError(f"{gf.path}: metadata for {key} must be positive, got {raw[key]}")
@@ -140,8 +142,19 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         raw["attention_bias"] = q_bias or o_bias
         raw["qkv_bias_only"] = q_bias and not o_bias
         raw["mlp_bias"] = "blk.0.ffn_up.bias" in gf.tensors
+    # Every value checked (type, range, sanity bounds) before the RoPE fit does arithmetic with them.
+    ModelConfig.from_dict({**raw, "rope_scaling": None}, source=f"{gf.path} (metadata)")
     raw["rope_scaling"] = _rope_scaling(gf, arch, raw)
-    return ModelConfig.from_dict(raw, source=str(gf.path))
+    return ModelConfig.from_dict(raw, source=f"{gf.path} (metadata)")
+
+
+def _check_layers_present(gf: GGUFFile, n_layers: int) -> None:
+    """``block_count`` must equal the layers the tensor table holds (checked before anything loops over it)."""
+    found = [int(m.group(1)) for name in gf.tensors if (m := _BLOCK.match(name))]
+    have = max(found) + 1 if found else 0
+    if n_layers != have:
+        raise GGUFError(f"{gf.path}: metadata block_count = {n_layers} but the file holds tensors for {have} "
+                        "layer(s); the file is corrupt")
 
 
 def _file_dtype_name(gf: GGUFFile) -> str:

@@ -108,7 +108,14 @@ class GGUFFile:
             raise type(e)(f"{p}: {e}") from None
         except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
             raise GGUFError(f"{p}: corrupt GGUF header: {e}") from None
-        return cls(p, reader, {t.name: t for t in reader.tensors})
+        gf = cls(p, reader, {t.name: t for t in reader.tensors})
+        splits = gf.get("split.count")
+        if isinstance(splits, int) and splits > 1:
+            # A split file names no other file; its siblings are found by name. Ember opens only the one
+            # path it is given, so a split model is refused rather than searched for.
+            raise GGUFError(f"{p}: part of a model split into {splits} files; merge them first "
+                            "(llama-gguf-split --merge FIRST.gguf OUT.gguf) and load the merged file")
+        return gf
 
     # ---------------------------------------------------------------- metadata
     def __contains__(self, key: str) -> bool:
@@ -142,8 +149,8 @@ class GGUFFile:
         v = self.get(key)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise GGUFError(f"{self.path}: metadata {key!r} must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise GGUFError(f"{self.path}: metadata {key!r} must be a finite number, got {v!r}")
         return float(v)
 
     @property

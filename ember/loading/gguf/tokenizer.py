@@ -95,6 +95,17 @@ def _spm_merges(tokens: list[str], scores: list[float], usable: list[bool]) -> l
     return [[left, right] for *_, left, right in found]
 
 
+def _array(gf: GGUFFile, key: str, kind: type | tuple[type, ...]) -> list:
+    """Metadata array ``key`` whose items are all ``kind`` (bools are not numbers); [] when absent."""
+    v = gf.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or any(not isinstance(x, kind) or isinstance(x, bool) for x in v):
+        what = "strings" if kind is str else "numbers"
+        raise TokenizerError(f"{gf.path}: metadata {key!r} must be an array of {what}")
+    return v
+
+
 def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
     """Build the tokenizer a GGUF file describes.
 
@@ -105,11 +116,13 @@ def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
     kind = gf.get("tokenizer.ggml.model")
     if kind is None:
         raise TokenizerError(f"{src}: no tokenizer in this GGUF file (metadata 'tokenizer.ggml.model' is missing)")
-    tokens = gf.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
+    if not isinstance(kind, str):
+        raise TokenizerError(f"{src}: metadata 'tokenizer.ggml.model' must be a string, got {kind!r}")
+    tokens = _array(gf, "tokenizer.ggml.tokens", str)
+    if not tokens:
         raise TokenizerError(f"{src}: metadata 'tokenizer.ggml.tokens' is missing or empty")
     n = len(tokens)
-    types = gf.get("tokenizer.ggml.token_type") or [NORMAL] * n
+    types = _array(gf, "tokenizer.ggml.token_type", int) or [NORMAL] * n
     if len(types) != n:
         raise TokenizerError(f"{src}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
@@ -123,10 +136,12 @@ def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
     if unk is None and kind == "llama":
         unk = next((i for i, t in enumerate(types) if t == UNKNOWN), None)
     pre = gf.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise TokenizerError(f"{src}: metadata 'tokenizer.ggml.pre' must be a string, got {pre!r}")
 
     if kind == "llama":
         add_bos_default = True
-        scores = gf.get("tokenizer.ggml.scores") or [-float(i) for i in range(n)]
+        scores = _array(gf, "tokenizer.ggml.scores", (int, float)) or [-float(i) for i in range(n)]
         if len(scores) != n:
             raise TokenizerError(f"{src}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
         space_prefix = bool(gf.get("tokenizer.ggml.add_space_prefix", True))
@@ -148,9 +163,7 @@ def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
         decoder = {"type": "Sequence", "decoders": decoders}
     elif kind == "gpt2":
         add_bos_default = pre in _IGNORE_MERGES_PRE  # Llama 3 style vocabularies start with BOS
-        raw_merges = gf.get("tokenizer.ggml.merges", [])  # absent = none (a writer drops empty arrays)
-        if not isinstance(raw_merges, list):
-            raise TokenizerError(f"{src}: tokenizer.ggml.merges must be an array of strings")
+        raw_merges = _array(gf, "tokenizer.ggml.merges", str)  # absent = none (a writer drops empty arrays)
         merges = []
         for k, m in enumerate(raw_merges):
             pair = m.split(" ")
@@ -217,7 +230,7 @@ def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
     templates: dict[str, str] = {}
     if isinstance(tmpl := gf.get("tokenizer.chat_template"), str):
         templates["default"] = tmpl
-    for name in gf.get("tokenizer.chat_templates") or []:
+    for name in _array(gf, "tokenizer.chat_templates", str):
         if isinstance(t := gf.get(f"tokenizer.chat_template.{name}"), str):
             templates[name] = t
     return GGUFTokenizerSpec(

@@ -151,4 +151,5 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     gf = GGUFFile.open(path)
     tokenizer = load_gguf_tokenizer(gf)
+    tokenizer.check_fits(config_from_gguf(gf).vocab_size, str(gf.path))  # before the slow part
     return load_gguf_model(gf, device, dtype), tokenizer
