@@ -51,6 +51,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     from ember.engine import Engine
     from ember.loading import load_model
     from ember.loading.gguf import is_gguf_file, load_gguf
+    from ember.config import ModelConfig
     from ember.quant.quantize import DEFAULT_LM_HEAD
     from ember.tokenizer import Tokenizer
 
@@ -71,6 +72,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
             quantize_model(model, quant, group_size, lm_head=lm_head)
     else:
         tokenizer = Tokenizer.from_dir(path)
+        tokenizer.check_fits(ModelConfig.from_file(path).vocab_size, str(path))
         model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head)
     if adapter is not None:
         from ember.train.lora import apply_adapter

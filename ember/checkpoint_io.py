@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -49,6 +51,78 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses safetensors files whose format is not pt/tf/flax/mlx
+
+
+# ---------------------------------------------------------------------------------------- temp folders
+# Every temp folder Ember writes a checkpoint into holds this file from its creation until just before
+# the rename. A folder left by a killed run is recognised by its name pattern AND this marker (whose
+# process is gone), so cleaning up never touches a folder Ember did not make, or one still being written.
+TEMP_MARKER = ".ember-partial"
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new ``<prefix>XXXXXXXX`` folder in ``parent`` holding :data:`TEMP_MARKER` (this process's id)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (tmp / TEMP_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    return tmp
+
+
+def seal_temp_dir(tmp: str | os.PathLike) -> None:
+    """Remove the marker from a finished temp folder and fsync it: the next step is the rename."""
+    (Path(tmp) / TEMP_MARKER).unlink(missing_ok=True)
+    fsync_dir(tmp)
+
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete temp folders in ``parent`` left by Ember runs that were killed mid-write.
+
+    A folder is removed only when its name matches the regular expression ``pattern`` (anchored at
+    the start), it holds :data:`TEMP_MARKER`, and the process the marker names is not running on
+    this host (a folder another live run is writing is left alone).
+
+    Returns:
+        The folders removed.
+    """
+    root = Path(parent)
+    if not root.is_dir():
+        return []
+    rx = re.compile(pattern)
+    removed = []
+    for p in sorted(root.iterdir()):
+        if not (rx.match(p.name) and p.is_dir() and not p.is_symlink()):
+            continue
+        marker = p / TEMP_MARKER
+        try:
+            owner = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # no marker (or not ours): not provably Ember's, leave it
+        if isinstance(owner, dict) and owner.get("host") == socket.gethostname() and _alive(owner.get("pid")):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: object) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_note(removed: list[Path], what: str) -> str:
+    """The one line that says which stale temp folders were removed."""
+    names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+    return (f"removed {len(removed)} unfinished {what} temp folder{'s' if len(removed) > 1 else ''} "
+            f"left by an interrupted run in {removed[0].parent}: {names}")
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -249,7 +323,7 @@ def save_hf_checkpoint(
     _check_destination(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     state = model_state_for_saving(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, temp_prefix(dest))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         _write_weights(tmp, state, max_shard_bytes)
@@ -260,12 +334,23 @@ def save_hf_checkpoint(
             if Path(name).name != name:
                 raise ValueError(f"file name {name!r} must be a plain name inside the checkpoint folder")
             atomic_write_bytes(tmp / name, content.encode("utf-8") if isinstance(content, str) else bytes(content))
-        fsync_dir(tmp)
+        seal_temp_dir(tmp)
         _move_into_place(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def temp_prefix(dest: str | os.PathLike) -> str:
+    """The name prefix of :func:`save_hf_checkpoint`'s temp folders for ``dest``."""
+    return f"{Path(dest).name}.tmp-"
+
+
+def remove_stale_checkpoint_temps(dest: str | os.PathLike) -> list[Path]:
+    """Remove ``<dest>.tmp-*`` folders a killed :func:`save_hf_checkpoint` to ``dest`` left behind."""
+    dest = Path(dest)
+    return remove_stale_temp_dirs(dest.parent, re.escape(temp_prefix(dest)) + r"[a-z0-9_]+$")
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:

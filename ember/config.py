@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
 _ALIASES = {"num_experts": "num_local_experts"}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# Plain sanity bounds, well above every released model (the largest have ~262k vocabularies, 16k
+# hidden sizes, ~130 layers, 10M-token contexts). A value past one is a corrupt or hostile file: it is
+# refused here, before anything walks the layers or allocates, instead of running for hours.
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "max_position_embeddings": 1 << 27, "num_local_experts": 4096, "moe_intermediate_size": 1 << 20,
+    "sliding_window": 1 << 27,
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -78,8 +90,12 @@ class ModelConfig:
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Where the values came from, for error messages (not a field: not compared, copied or saved).
+    source: dataclasses.InitVar[str] = "ModelConfig"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, source: str = "ModelConfig") -> None:
+        _check_int(self.num_attention_heads, "num_attention_heads", source)
+        _check_int(self.hidden_size, "hidden_size", source)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -88,6 +104,95 @@ class ModelConfig:
             self.mlp_only_layers = []
         if self.num_local_experts and self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if isinstance(self.pad_token_id, int) and not isinstance(self.pad_token_id, bool) and self.pad_token_id < 0:
+            self.pad_token_id = None  # old Llama configs write -1 for "no padding token"
+        self.validate(source)
+
+    def validate(self, source: str = "ModelConfig") -> None:
+        """Check every field Ember reads, type and range, naming the field and ``source``.
+
+        Raises:
+            ConfigError: the first field that cannot describe a model Ember builds.
+        """
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _check_int(getattr(self, name), name, source)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{source}: field 'num_attention_heads' ({self.num_attention_heads}) must be a multiple "
+                              f"of 'num_key_value_heads' ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"{source}: field 'head_dim' must be even (rotary embeddings rotate pairs), "
+                              f"got {self.head_dim}")
+        _check_float(self.rms_norm_eps, "rms_norm_eps", source, below=1.0)
+        _check_float(self.rope_theta, "rope_theta", source)
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob",
+                     "qk_norm", "qkv_bias_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{source}: field {name!r} must be true or false, got {getattr(self, name)!r} "
+                                  f"({_json_type(getattr(self, name))})")
+        if not isinstance(self.hidden_act, str):
+            raise ConfigError(f"{source}: field 'hidden_act' must be a string, got {self.hidden_act!r}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"{source}: field 'torch_dtype' must be a string such as \"bfloat16\", "
+                              f"got {self.torch_dtype!r}")
+        if self.sliding_window is not None:
+            _check_int(self.sliding_window, "sliding_window", source)
+        if self.max_window_layers is not None:
+            _check_int(self.max_window_layers, "max_window_layers", source, minimum=0)
+        if self.layer_types is not None:
+            if (not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers
+                    or any(t not in LAYER_TYPES for t in self.layer_types)):
+                raise ConfigError(f"{source}: field 'layer_types' must list {self.num_hidden_layers} entries "
+                                  f"(num_hidden_layers), each one of {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError(f"{source}: 'layer_types' has sliding_attention layers but 'sliding_window' is null")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name != "pad_token_id" else [value]
+            for i in ids:
+                if i is None and not isinstance(value, list):
+                    continue
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                    raise ConfigError(f"{source}: field {name!r} must be a token id in 0..{self.vocab_size - 1} "
+                                      f"(vocab_size) or null, got {value!r}")
+        self._validate_rope(source)
+        self._validate_moe(source)
+
+    def _validate_rope(self, source: str) -> None:
+        s = self.rope_scaling
+        if s is None:
+            return
+        if not isinstance(s, dict) or s.get("rope_type") not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"{source}: field 'rope_scaling' must be an object with a rope_type among "
+                              f"{', '.join(SUPPORTED_ROPE_TYPES)}, got {s!r}")
+        if s["rope_type"] == "default":
+            return
+        _check_float(s.get("factor"), "rope_scaling.factor", source)
+        if s["rope_type"] == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                _check_float(s.get(key), f"rope_scaling.{key}", source)
+            if not s["high_freq_factor"] > s["low_freq_factor"]:
+                raise ConfigError(f"{source}: field 'rope_scaling.high_freq_factor' ({s['high_freq_factor']}) must "
+                                  f"exceed 'rope_scaling.low_freq_factor' ({s['low_freq_factor']})")
+
+    def _validate_moe(self, source: str) -> None:
+        n = self.num_local_experts
+        _check_int(n, "num_local_experts", source, minimum=0)
+        if not n:
+            return
+        k = self.num_experts_per_tok
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ConfigError(f"{source}: field 'num_experts_per_tok' must be an integer in 1..{n} "
+                              f"(num_local_experts), got {k!r}")
+        _check_int(self.decoder_sparse_step, "decoder_sparse_step", source)
+        _check_int(self.moe_intermediate_size, "moe_intermediate_size", source)
+        layers = self.mlp_only_layers
+        if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise ConfigError(f"{source}: field 'mlp_only_layers' must be a list of layer indices, got {layers!r}")
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or isinstance(self.router_aux_loss_coef, bool) \
+                or not math.isfinite(self.router_aux_loss_coef) or self.router_aux_loss_coef < 0:
+            raise ConfigError(f"{source}: field 'router_aux_loss_coef' must be a finite number >= 0, "
+                              f"got {self.router_aux_loss_coef!r}")
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -102,7 +207,7 @@ class ModelConfig:
             ConfigError: a required field is missing or has the wrong type.
         """
         model_type = raw.get("model_type")
-        if model_type not in FAMILIES:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"supported: {', '.join(FAMILIES)}"
@@ -111,8 +216,7 @@ class ModelConfig:
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if key not in raw:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
-            if not isinstance(raw[key], int) or raw[key] <= 0:
-                raise ConfigError(f"{source}: field {key!r} must be a positive integer, got {raw[key]!r}")
+            _check_int(raw[key], key, source)
 
         names = {f.name for f in dataclasses.fields(cls)}
         for alias, name in _ALIASES.items():
@@ -122,16 +226,23 @@ class ModelConfig:
         kwargs.update(FAMILIES[model_type])
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 writes "dtype"
             kwargs["torch_dtype"] = raw["dtype"]
-        if kwargs.get("head_dim") is None:
-            kwargs.pop("head_dim", None)
+        if kwargs.get("head_dim") is None and "head_dim" in kwargs:
+            kwargs.pop("head_dim")  # null: derived from hidden_size / num_attention_heads, as HF does
+        for name in _NOT_NULL:  # an explicit null for a field with a default is a broken file, not "default"
+            if name in kwargs and kwargs[name] is None:
+                raise ConfigError(f"{source}: field {name!r} is null; give a value or leave the field out")
 
         # RoPE: transformers 4 writes rope_theta + rope_scaling; 5 writes rope_parameters.
         rope = raw.get("rope_parameters")
-        if isinstance(rope, dict) and "rope_type" not in rope and all(isinstance(v, dict) for v in rope.values()):
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
+        if isinstance(rope, dict) and "rope_type" not in rope and rope and all(isinstance(v, dict) for v in rope.values()):
             raise UnsupportedModelError(f"{source}: per-layer rope_parameters are not supported")
-        scaling = raw.get("rope_scaling") or (rope if isinstance(rope, dict) else None)
+        scaling = raw.get("rope_scaling") or rope
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling!r}")
         if isinstance(rope, dict) and "rope_theta" in rope:
-            kwargs["rope_theta"] = float(rope["rope_theta"])
+            kwargs["rope_theta"] = rope["rope_theta"]
         if scaling:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -147,10 +258,11 @@ class ModelConfig:
         if kwargs.get("num_local_experts"):
             _check_moe(kwargs, source)
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in names and k not in _ALIASES}
-        try:
-            return cls(**kwargs)
-        except TypeError as e:  # pragma: no cover - dataclass guards above make this rare
-            raise ConfigError(f"{source}: {e}") from None
+        if isinstance(kwargs.get("rope_theta"), int) and not isinstance(kwargs["rope_theta"], bool):
+            kwargs["rope_theta"] = float(kwargs["rope_theta"])
+        if isinstance(kwargs.get("rms_norm_eps"), int) and not isinstance(kwargs["rms_norm_eps"], bool):
+            kwargs["rms_norm_eps"] = float(kwargs["rms_norm_eps"])
+        return cls(**kwargs, source=source)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -161,9 +273,20 @@ class ModelConfig:
         if not p.exists():
             raise ConfigError(f"{p}: not found; a model folder needs a config.json from Hugging Face")
         try:
+            size = p.stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{p}: {size} bytes is not a config.json (the limit is {MAX_CONFIG_BYTES})")
             raw = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: invalid JSON (nested too deeply)") from None
+        except ValueError as e:  # e.g. an integer literal past Python's digit limit
+            raise ConfigError(f"{p}: invalid JSON ({str(e).splitlines()[0]})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a JSON object")
         return cls.from_dict(raw, source=str(p))
@@ -229,6 +352,35 @@ class ModelConfig:
                 mlp = dense
             total += attn + mlp + 2 * h
         return total
+
+
+MAX_CONFIG_BYTES = 16 << 20
+# Fields whose explicit null is an error (the rest take null as "not set").
+_NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+             "attention_bias", "mlp_bias", "use_sliding_window", "num_local_experts", "num_experts_per_tok",
+             "norm_topk_prob", "decoder_sparse_step", "router_aux_loss_coef")
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _check_int(value: Any, name: str, source: str, minimum: int = 1) -> None:
+    """``value`` is an int (not a bool) in ``minimum..LIMITS[name]``; else ConfigError naming ``name``."""
+    top = LIMITS.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (top is not None and value > top):
+        bound = f"{minimum}..{top}" if top is not None else f">= {minimum}"
+        raise ConfigError(f"{source}: field {name!r} must be an integer in {bound}, got {value!r} ({_json_type(value)})")
+
+
+def _check_float(value: Any, name: str, source: str, below: float | None = None) -> None:
+    """``value`` is a finite number > 0 (and < ``below``); else ConfigError naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (below is not None and value >= below):
+        bound = f"in (0, {below})" if below is not None else "> 0"
+        raise ConfigError(f"{source}: field {name!r} must be a finite number {bound}, got {value!r} ({_json_type(value)})")
 
 
 def _check_moe(kwargs: dict[str, Any], source: str) -> None:

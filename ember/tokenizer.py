@@ -31,25 +31,19 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ember.chat_template import _alias_reasoning, _compile_template, _message_dict, _plain, _TemplateRaised
 from ember.errors import ChatTemplateError, TokenizerError
 
 # The special-token attributes transformers knows by name, in its order (template variables and
 # the order missing tokens are added in both follow it).
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-# Message fields a model's reasoning may arrive under; templates read the first (see _alias_reasoning).
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 class Tokenizer:
@@ -151,38 +145,19 @@ class Tokenizer:
             source=str(root),
         )
 
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike | Any) -> Tokenizer:
-        """Build the tokenizer stored in a llama.cpp GGUF file's metadata.
+    # ---------------------------------------------------------------- text <-> ids
 
-        Args:
-            path: a ``.gguf`` file, or an open :class:`ember.loading.gguf.GGUFFile`.
-
-        Reads ``tokenizer.ggml.*`` (``llama`` SentencePiece-style or ``gpt2`` byte-level BPE vocabularies,
-        token types, special token ids, add_bos/eos flags) and ``tokenizer.chat_template``; see
-        :func:`ember.loading.gguf.tokenizer_spec` for how they become a `tokenizers` pipeline.
+    def check_fits(self, model_vocab_size: int, model_source: str) -> None:
+        """Refuse a tokenizer that can produce ids the model has no embedding row for.
 
         Raises:
-            TokenizerError: the file has no vocabulary or one Ember cannot build.
-            GGUFError: the file itself is malformed.
+            TokenizerError: the largest token id is >= ``model_vocab_size`` (naming both files), so the
+                error comes at load rather than as an IndexError at generate time.
         """
-        from ember.loading.gguf import GGUFFile, tokenizer_spec
-
-        gf = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
-        spec = tokenizer_spec(gf)
-        try:
-            backend = tokenizers.Tokenizer.from_str(json.dumps(spec.json))
-        except Exception as e:  # tokenizers raises a bare Exception for any error
-            raise TokenizerError(f"{gf.path}: cannot build a tokenizer from the GGUF vocabulary: {e}") from e
-        return cls(
-            backend,
-            special_tokens=spec.special_tokens,
-            chat_templates=spec.chat_templates,
-            eos_token_ids=spec.eos_token_ids,
-            source=str(gf.path),
-        )
-
-    # ---------------------------------------------------------------- text <-> ids
+        top = max([self.vocab_size - 1, *self.eos_token_ids])
+        if top >= model_vocab_size:
+            raise TokenizerError(f"{self._source}: the tokenizer has token ids up to {top} but the model "
+                                 f"({model_source}) has vocab_size {model_vocab_size}; they do not belong together")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies tokenizer.json's post-processor (e.g. BOS)."""
@@ -533,135 +508,3 @@ def _clean_up_tokenization(text: str) -> str:
                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(a, b)
     return text
-
-
-# -------------------------------------------------------------------- template inputs
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON-like types.
-
-    Templates are untrusted code: objects with methods (pydantic models, tensors, enums) could give
-    the sandbox something dangerous to call, so only data goes in; anything else becomes a
-    placeholder naming its type, as transformers does.
-    """
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):  # pydantic, e.g. the server's request models
-        return _plain(value.model_dump())
-    if callable(getattr(value, "item", None)) and getattr(value, "ndim", None) == 0:  # numpy/torch scalars
-        return _plain(value.item())
-    return f"<{type(value).__name__}>"
-
-
-def _message_dict(message: Any) -> dict:
-    """One message as a plain dict without None-valued keys (templates render None as 'None')."""
-    if callable(getattr(message, "model_dump", None)):
-        message = message.model_dump()
-    elif dataclasses.is_dataclass(message) and not isinstance(message, type):
-        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    if not isinstance(message, Mapping):
-        raise ChatTemplateError(f"chat messages must be dicts with 'role' and 'content', got {message!r}")
-    return _plain({k: v for k, v in message.items() if v is not None})
-
-
-def _alias_reasoning(chat: list[dict]) -> list[dict]:
-    """Expose a message's reasoning under both names templates read (reasoning_content, thinking)."""
-    out = []
-    for m in chat:
-        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
-        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
-    return out
-
-
-# -------------------------------------------------------------------- Jinja environment
-
-
-class _TemplateRaised(jinja2.exceptions.TemplateError):
-    """A template called raise_exception(message): the template's verdict on the messages."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Jinja's built-in tojson HTML-escapes <, >, & and ' (which would corrupt prompts) and has no
-    # ensure_ascii; chat templates expect plain json.dumps with non-ASCII kept.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _SafeDict:
-    """``dict(...)`` / ``dict.fromkeys(...)`` for templates without handing them the dict type."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _SafeNamespace(jinja2.utils.Namespace):
-    """Jinja's namespace() refusing underscore names, so a template cannot reach CPython internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Namespace's own signature trick
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _SafeNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _SafeNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks; here it just renders."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        # A call block, like transformers', so the body gets the same (macro) scoping.
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-@lru_cache(maxsize=32)
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(
-        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_SafeDict(), namespace=_SafeNamespace
-    )
-    return env.from_string(source)

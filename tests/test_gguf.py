@@ -28,8 +28,10 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normal
 import ember
 from ember.errors import EmberError, GGUFError, TokenizerError, UnsupportedGGUFTypeError
 from ember.loading import gguf as egguf
-from ember.loading.gguf import GGUFFile, config_from_gguf, dequantize, load_gguf_model
-from ember.tokenizer import Tokenizer
+from ember.loading.gguf import config as gguf_config
+from ember.loading.gguf import dequant as gguf_dequant
+from ember.loading.gguf import tokenizer as gguf_tokenizer
+from ember.loading.gguf import GGUFFile, config_from_gguf, dequantize, load_gguf_model, load_gguf_tokenizer
 
 FP32_TOL = 1e-4
 # Max |logit diff| vs HF on the *original* fp32 weights, for the tiny random models here (|logits| <= ~1.3).
@@ -86,7 +88,7 @@ def quant_roundtrip(w: np.ndarray, qtype: str) -> np.ndarray:
 
 def byte_vocab(n: int) -> list[str]:
     """A tiny byte-level vocabulary of exactly ``n`` tokens: the specials, then byte characters."""
-    alphabet = egguf._byte_level_alphabet()
+    alphabet = gguf_tokenizer._byte_level_alphabet()
     return SPECIALS + [alphabet[b] for b in range(256)][len(SPECIALS):n]
 
 
@@ -214,7 +216,7 @@ def random_blocks(qtype, n_rows: int, blocks_per_row: int, seed: int = 0) -> np.
 def test_dequantize_is_bit_exact_with_gguf_reference(qtype, monkeypatch):
     raw = random_blocks(QT[qtype], n_rows=24, blocks_per_row=3)
     ref = gguf.quants.dequantize(raw, QT[qtype])
-    monkeypatch.setattr(egguf, "_DEQUANT_CHUNK", 1000)  # several chunks, ending mid-tensor
+    monkeypatch.setattr(gguf_dequant, "_DEQUANT_CHUNK", 1000)  # several chunks, ending mid-tensor
     got = dequantize(torch.from_numpy(raw), QT[qtype], torch.float32)
     assert got.shape == ref.shape
     assert torch.equal(got, torch.from_numpy(ref)), f"{qtype}: max diff {np.abs(got.numpy() - ref).max()}"
@@ -346,7 +348,7 @@ def test_llama31_rope_freqs_recovered():
     cfg = ModelConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=scaling)
     base = ModelConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0)
     factors = (rope_inv_freq(base) / rope_inv_freq(cfg)).double()
-    fitted = egguf._llama3_scaling_from_factors(factors, {"head_dim": 128, "rope_theta": 500000.0}, "x")
+    fitted = gguf_config._llama3_scaling_from_factors(factors, {"head_dim": 128, "rope_theta": 500000.0}, "x")
     again = rope_inv_freq(ModelConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
                                       rope_scaling=fitted))
     assert torch.allclose(again, rope_inv_freq(cfg), rtol=1e-5, atol=0)
@@ -421,7 +423,7 @@ def train_byte_level_bpe() -> HFTokenizer:
     """A Qwen2-style byte-level BPE trained here: split regex + ByteLevel, three special tokens."""
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(egguf._QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(gguf_tokenizer._QWEN2_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -483,7 +485,7 @@ def test_gpt2_style_vocabulary_encodes_like_its_source(tmp_path):
     types = [3 if t in SPECIALS else 1 for t in tokens]
     path = write_tokenizer_gguf(tmp_path / "bpe.gguf", "gpt2", tokens, types, merges=merges, pre="qwen2",
                                 eos=vocab["<|im_end|>"], chat_template=CHATML)
-    ours = Tokenizer.from_gguf(path)
+    ours = load_gguf_tokenizer(path)
     for text in TEXTS:
         ref = hf_tok.encode(text).ids
         assert ours.encode(text) == ref, text
@@ -501,7 +503,7 @@ def test_gpt2_style_vocabulary_encodes_like_its_source(tmp_path):
         assert ours.encode(text, add_special_tokens=False) == hf_gguf.encode(text, add_special_tokens=False), text
 
     # A Llama 3 style file (pre "llama-bpe", no add_bos_token key) starts every encoding with BOS.
-    llama3 = Tokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "l3.gguf", "gpt2", tokens, types, merges=merges,
+    llama3 = load_gguf_tokenizer(write_tokenizer_gguf(tmp_path / "l3.gguf", "gpt2", tokens, types, merges=merges,
                                                       pre="llama-bpe", bos=vocab["<|endoftext|>"], arch="llama"))
     assert llama3.encode("Hello world")[0] == vocab["<|endoftext|>"]
     assert llama3.encode("Hello world", add_special_tokens=False) == hf_tok.encode("Hello world").ids
@@ -523,7 +525,7 @@ def test_llama_style_vocabulary_encodes_like_its_source(tmp_path):
     hf_tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     path = write_tokenizer_gguf(tmp_path / "spm.gguf", "llama", tokens, types, scores=scores, bos=1, eos=2,
                                 arch="llama")
-    ours = Tokenizer.from_gguf(path)
+    ours = load_gguf_tokenizer(path)
     for text in TEXTS:
         ref = [1] + hf_tok.encode(text).ids  # llama vocabularies add BOS unless the file says otherwise
         assert ours.encode(text) == ref, text
@@ -544,14 +546,14 @@ def test_llama_style_vocabulary_encodes_like_its_source(tmp_path):
 def test_model_file_without_tokenizer_is_clear(tmp_path):
     path = write_tokenizer_gguf(tmp_path / "t.gguf", "bert", ["a", "b"], [1, 1])
     with pytest.raises(TokenizerError, match="tokenizer model 'bert' is not supported"):
-        Tokenizer.from_gguf(path)
+        load_gguf_tokenizer(path)
     w = gguf.GGUFWriter(str(tmp_path / "none.gguf"), "llama")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(TokenizerError, match="no tokenizer"):
-        Tokenizer.from_gguf(tmp_path / "none.gguf")
+        load_gguf_tokenizer(tmp_path / "none.gguf")
 
 
 # ==================================================================== malformed files

@@ -159,8 +159,9 @@ def test_not_a_folder(tmp_path):
 @pytest.mark.parametrize("native_bf16,want", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_follows_the_checkpoint_where_bf16_is_native(native_bf16, want, monkeypatch):
     import ember.loading as loading
+    import ember.loading.dtypes as dtypes
 
-    monkeypatch.setattr(loading, "device_supports_bf16", lambda device: native_bf16)
+    monkeypatch.setattr(dtypes, "device_supports_bf16", lambda device: native_bf16)
     cpu = torch.device("cpu")
     assert loading.resolve_dtype("auto", torch.bfloat16, cpu) == want
     assert loading.resolve_dtype("auto", torch.float32, cpu) == torch.float32

@@ -300,7 +300,7 @@ def test_router_normalisation_matches_hf(norm):
         (transformers.MixtralConfig(hidden_size=64, num_local_experts=8, num_experts_per_tok=3), MixtralTopKRouter),
     ]:
         cfg = ModelConfig.from_dict({**hf_cfg.to_dict(), "intermediate_size": 32, "num_hidden_layers": 1,
-                                     "num_attention_heads": 4, "vocab_size": 16})
+                                     "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 16})
         hf_router = router_cls(hf_cfg)
         torch.nn.init.normal_(hf_router.weight)
         ours = SparseMoE(cfg)

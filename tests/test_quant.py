@@ -30,7 +30,8 @@ from ember import kernels
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading import load_model
 from ember.models import Linear
-from ember.quant import Int4Linear, Int8Linear, NF4Linear, QuantizedLinear, quantize_checkpoint, quantize_model
+from ember.loading.quantized import quantize_checkpoint
+from ember.quant import Int4Linear, Int8Linear, NF4Linear, QuantizedLinear, quantize_model
 from ember.quant import int4 as q4
 from ember.quant import nf4 as qnf4
 from ember.quant.cli import add_parser

@@ -7,46 +7,16 @@ from pathlib import Path
 
 import torch
 
-from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import CheckpointError
+from ember.loading.dtypes import DTYPE_NAMES, device_supports_bf16, resolve_dtype
 from ember.loading.moe import expert_layout_view
-from ember.loading.safetensors import Checkpoint, load_weights
+from ember.loading.quantized import load_quantized_weights
+from ember.loading.safetensors import Checkpoint, check_layers, load_weights
 from ember.models import Transformer
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
-
-def device_supports_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are native (not emulated) on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # oneDNN uses AVX512-BF16/AMX when present; elsewhere bf16 is slow emulation.
-        return torch.backends.mkldnn.is_available() and kernels.native_bf16_gemm()
-    return True
-
-
-def resolve_dtype(name: str | torch.dtype | None, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto`` -> the checkpoint's dtype, except bf16 on a device without bf16 (fp32 on CPU, fp16 on GPU)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        dt = checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        if dt == torch.bfloat16 and not device_supports_bf16(device):
-            dt = torch.float16 if device.type == "cuda" else torch.float32
-        if dt == torch.float16 and device.type == "cpu":
-            dt = torch.bfloat16 if device_supports_bf16(device) else torch.float32
-        return dt
-    try:
-        return DTYPE_NAMES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
-
+__all__ = ["DTYPE_NAMES", "Checkpoint", "check_layers", "device_supports_bf16", "load_model", "load_quantized_weights", "load_weights",
+           "resolve_dtype"]
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", quant: str | None = None,
@@ -67,14 +37,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt = expert_layout_view(Checkpoint(folder), cfg)  # MoE: hub/fused expert names -> Ember's
+    raw_ckpt = Checkpoint(folder)
+    check_layers(cfg, raw_ckpt)  # before anything is built for the sizes config.json claims
+    ckpt = expert_layout_view(raw_ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
     if (quant is not None and quant != "none") or "quantization" in cfg.extra:
-        from ember.quant import load_quantized_weights
-
         load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head)
     else:
         ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()

@@ -9,8 +9,10 @@ Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,9 @@ from typing import Iterator
 
 import torch
 
+from ember.config import ModelConfig
 from ember.errors import CheckpointError
+from ember.loading.paths import file_inside
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,6 +30,11 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on header size
+_MAX_DIM = 1 << 40  # no real tensor dimension comes near; keeps byte counts small integers
+_MAX_RANK = 8
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -59,37 +68,12 @@ class SafetensorsFile:
                 header_bytes = f.read(n)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
-        try:
-            header = json.loads(header_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not valid JSON)") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        data_start = 8 + n
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                b, e = (int(o) for o in info["data_offsets"])
-            except KeyError as ke:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unknown dtype or missing field {ke}") from None
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-            nbytes = dtype.itemsize
-            for s in shape:
-                nbytes *= s
-            if e - b != nbytes or b < 0:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} claims {e - b} bytes but shape {list(shape)} "
-                    f"{info['dtype']} needs {nbytes}"
-                )
-            if data_start + e > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated; tensor {name!r} ends at byte {data_start + e} but the file has {size}"
-                )
-            self.tensors[name] = TensorInfo(name, self.path, dtype, shape, data_start + b, data_start + e)
+        header = _parse_header(self.path, header_bytes)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header ('__metadata__' is not an object)")
+        self.metadata: dict[str, str] = meta
+        self.tensors: dict[str, TensorInfo] = _tensor_infos(self.path, header, 8 + n, size)
         self._mmap: mmap.mmap | None = None
 
     def get(self, name: str) -> torch.Tensor:
@@ -111,6 +95,67 @@ class SafetensorsFile:
         return t.reshape(info.shape)
 
 
+def _parse_header(path: Path, header_bytes: bytes) -> dict:
+    """The header's JSON object; any malformation is a one-line CheckpointError."""
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer literal past Python's digit limit
+        raise CheckpointError(f"{path}: corrupt safetensors header ({str(e).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _tensor_infos(path: Path, header: dict, data_start: int, size: int) -> dict[str, TensorInfo]:
+    """Validate every entry of a safetensors header as the format requires, then check that the byte
+    ranges, taken in order, start at 0, follow each other with no gap or overlap, and end exactly at
+    the end of the file (what the ``safetensors`` library itself enforces)."""
+    infos: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dt!r}; Ember reads {', '.join(DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_RANK
+                or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= _MAX_DIM for d in shape)):
+            raise CheckpointError(f"{where}: malformed shape {_short(shape)} (expected up to {_MAX_RANK} "
+                                  "non-negative integers)")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or any(isinstance(o, bool) or not isinstance(o, int) or o < 0 for o in offsets)):
+            raise CheckpointError(f"{where}: malformed data_offsets {_short(offsets)} (expected [begin, end])")
+        b, e = offsets
+        dtype = DTYPES[dt]
+        nbytes = dtype.itemsize * math.prod(shape)
+        if e - b != nbytes:
+            raise CheckpointError(f"{where}: claims {e - b} bytes but shape {shape} {dt} needs {nbytes}")
+        infos[name] = TensorInfo(name, path, dtype, tuple(shape), data_start + b, data_start + e)
+    at = data_start
+    for t in sorted(infos.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != at:
+            what = "overlaps the tensor before it" if t.begin < at else f"leaves a gap of {t.begin - at} bytes before it"
+            raise CheckpointError(f"{path}: corrupt header: tensor {t.name!r} at data offset {t.begin - data_start} "
+                                  f"{what} (offsets must be in order, back to back)")
+        at = t.end
+    if at > size:
+        raise CheckpointError(f"{path}: truncated: the tensors end at byte {at} but the file has {size}; "
+                              "re-download or re-convert it")
+    if at < size:
+        raise CheckpointError(f"{path}: corrupt header: the tensors end at byte {at} but the file has {size} "
+                              f"({size - at} bytes no tensor covers); re-download or re-convert it")
+    return infos
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Checkpoint:
     """All tensors of an HF checkpoint folder (``model.safetensors`` or a sharded index)."""
 
@@ -121,12 +166,9 @@ class Checkpoint:
         self.files: dict[Path, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+            weight_map = _read_weight_map(index)
             for name, fname in weight_map.items():
-                path = self.folder / fname
+                path = file_inside(self.folder, fname, f"{index}: weight_map[{name!r}]")
                 if path not in self.files:
                     if not path.exists():
                         raise CheckpointError(f"{index}: shard {fname!r} (holding {name!r}) is missing from {self.folder}")
@@ -136,12 +178,13 @@ class Checkpoint:
                     raise CheckpointError(f"{path}: tensor {name!r} listed in {index.name} is not in this shard")
                 self.where[name] = shard
         elif single.exists():
+            file_inside(self.folder, single.name, str(self.folder))
             self.files[single] = SafetensorsFile(single)
             self.where = {name: self.files[single] for name in self.files[single].tensors}
         else:
             others = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if len(others) == 1:
-                f = SafetensorsFile(self.folder / others[0])
+                f = SafetensorsFile(file_inside(self.folder, others[0], str(self.folder)))
                 self.files[f.path] = f
                 self.where = {name: f for name in f.tensors}
             else:
@@ -149,6 +192,11 @@ class Checkpoint:
                 hint = (f" (found {', '.join(pickles)}: pickle checkpoints are not loaded for safety; "
                         "convert them to safetensors)") if pickles else ""
                 raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+    def layer_count(self) -> int:
+        """Decoder layers the tensors hold: 1 + the largest N in ``model.layers.N.*`` (0 if none)."""
+        found = [int(m.group(1)) for n in self.where if (m := _LAYER.match(n))]
+        return max(found) + 1 if found else 0
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -171,6 +219,43 @@ class Checkpoint:
                 if t.dtype.is_floating_point:
                     counts[t.dtype] = counts.get(t.dtype, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        if index.stat().st_size > _MAX_HEADER:
+            raise CheckpointError(f"{index}: {index.stat().st_size} bytes is too large for an index")
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (KeyError, TypeError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError too
+        raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: malformed index ('weight_map' is not an object of tensor -> file)")
+    return weight_map
+
+
+def check_layers(cfg: ModelConfig, ckpt: "Checkpoint") -> None:
+    """Refuse a config whose sizes the checkpoint's tensors contradict, before any model is built.
+
+    Compares ``num_hidden_layers`` with the layers present and ``vocab_size``/``hidden_size`` with the
+    embedding table, so that a config claiming 100000 layers over a 2-layer checkpoint fails at once
+    instead of building (or planning) 100000 layers first.
+
+    Raises:
+        CheckpointError: naming config.json's value and what the tensors hold.
+    """
+    have = ckpt.layer_count()
+    if have != cfg.num_hidden_layers:
+        raise CheckpointError(f"{ckpt.folder}: config.json says num_hidden_layers = {cfg.num_hidden_layers} but the "
+                              f"checkpoint holds {have} layer(s) of tensors; the config does not belong to these weights")
+    emb = "model.embed_tokens.weight"
+    if emb in ckpt.where:
+        shape = tuple(ckpt.info(emb).shape)
+        want = (cfg.vocab_size, cfg.hidden_size)
+        if shape != want:
+            raise CheckpointError(f"{ckpt.info(emb).file}: tensor {emb!r} has shape {list(shape)}, config.json "
+                                  f"implies {list(want)} (vocab_size, hidden_size)")
 
 
 def load_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device,
@@ -201,6 +286,10 @@ def load_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, 
             raise CheckpointError(
                 f"{info.file}: tensor {name!r} has shape {list(info.shape)}, config.json implies {list(param.shape)}"
             )
+        if param.is_floating_point() and not info.dtype.is_floating_point:
+            raise CheckpointError(f"{info.file}: tensor {name!r} is {str(info.dtype).removeprefix('torch.')}, "
+                                  "a float weight is needed; the file is corrupt or holds quantized data "
+                                  "without a 'quantization' section in config.json")
         t = ckpt.get(name)
         if t.dtype.is_floating_point and t.dtype != dtype:
             t = t.to(dtype)

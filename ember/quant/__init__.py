@@ -3,7 +3,8 @@
 Each is a drop-in replacement for ``nn.Linear`` (docs/design.md, principle 3): the transformer never
 branches on quantization. Quantize a loaded model with :func:`quantize_model`, quantize while
 loading with ``ember.loading.load_model(path, quant="int4")``, or write a quantized checkpoint
-folder with :func:`quantize_checkpoint` (``ember quantize``). Kernels per device are described in
+folder with :func:`ember.loading.quantized.quantize_checkpoint` (``ember quantize``); this package
+reads no files (loading sits above it). Kernels per device are described in
 each module's docstring (:mod:`ember.quant.int8`, :mod:`ember.quant.int4`, :mod:`ember.quant.nf4`).
 """
 
@@ -13,7 +14,7 @@ from ember.quant.int8 import Int8Linear
 from ember.quant.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
 from ember.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, NF4_CODE, NF4Linear
 from ember.quant.quantize import (
-    DEFAULT_LM_HEAD, LM_HEAD_CHOICES, MODES, SECTION, QuantSpec, load_quantized_weights, quantize, quantize_checkpoint, quantize_linear,
+    DEFAULT_LM_HEAD, LM_HEAD_CHOICES, MODES, SECTION, QuantSpec, quantize, quantize_linear,
     quantize_model, resolve_spec,
 )
 
@@ -21,5 +22,5 @@ from ember.quant.quantize import (
 __all__ = [
     "DEFAULT_GROUP_SIZE", "DEFAULT_LM_HEAD", "DOUBLE_QUANT_BLOCK_SIZE", "GROUP_SIZES", "Int4Linear", "Int8Linear",
     "LM_HEAD_CHOICES", "MODES", "NF4_BLOCK_SIZE", "NF4_CODE", "NF4Linear", "QuantSpec", "QuantizedLinear", "SECTION",
-    "load_quantized_weights", "quantize", "quantize_checkpoint", "quantize_linear", "quantize_model", "resolve_spec",
+    "quantize", "quantize_linear", "quantize_model", "resolve_spec",
 ]

@@ -39,11 +39,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_quantize(args) -> int:
     """Handler of ``ember quantize``: one summary line on stderr."""
-    from ember.quant.quantize import quantize_checkpoint
+    from ember.loading.quantized import quantize_checkpoint
 
     dest, info = quantize_checkpoint(args.model, args.output, args.to, args.group_size,
                                      double_quant=not args.no_double_quant, quantize_lm_head=args.quantize_lm_head,
                                      device=args.device, overwrite=args.overwrite, lm_head=args.lm_head)
+    if info["stale_removed"]:
+        from ember.checkpoint_io import stale_note
+
+        print(f"[ember] {stale_note(info['stale_removed'], 'quantize')}", file=sys.stderr)
     sec = info["section"]
     detail = f" group {sec['group_size']}" if sec.get("group_size") else ""
     if sec.get("lm_head", "none") not in ("none", args.to):

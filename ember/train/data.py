@@ -12,8 +12,9 @@ message with ``"weight": 0`` (OpenAI's field) is context, not a target. Prompt/c
 records train on the completion and an EOS; text records on everything plus an EOS.
 
 Every line is validated before anything is tokenized, and all problems are reported together
-with their line numbers (:class:`~ember.errors.DataError`). Examples longer than ``seq_len`` are
-truncated (or dropped with ``overlong="drop"``) and counted in :class:`DataStats`.
+with their line numbers (:class:`~ember.errors.DataError`; reading is in :mod:`ember.train.jsonl`).
+Examples longer than ``seq_len`` are truncated (or dropped with ``overlong="drop"``) and counted
+in :class:`DataStats`; tokenizing one does only the work its first ``seq_len`` tokens need.
 
 Batches: rows are single examples right-padded to the longest in the batch, or with ``pack``
 several examples share a row of up to ``seq_len`` tokens; each example keeps its own positions
@@ -24,20 +25,20 @@ causal mask so no token attends across an example boundary. Epoch order is a pur
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ember.errors import ChatTemplateError, DataError
 from ember.tokenizer import Tokenizer
+from ember.train.jsonl import ROLES, _data_error, read_jsonl, record_format, validate_record
+
+__all__ = ["IGNORE", "ROLES", "Batch", "BatchPlan", "DataStats", "Example", "attention_mask", "encode_bounded",
+           "encode_with_offsets", "load_jsonl", "read_jsonl", "record_format", "tokenize_record", "validate_record"]
 
 IGNORE = -100  # label of positions that carry no loss (as in HF / PyTorch cross_entropy)
-ROLES = ("system", "user", "assistant", "tool", "developer")
-MAX_REPORTED_ERRORS = 20
 
 
 @dataclass
@@ -89,129 +90,6 @@ class DataStats:
         return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------- parsing
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """Parse and validate every line of a JSONL data file.
-
-    Returns:
-        (line number, record) for each non-blank line.
-    Raises:
-        DataError: listing every malformed line (up to 20 shown) as ``file:line: what is wrong``.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the data file as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    records: list[tuple[int, dict]] = []
-    errors: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        problem = validate_record(obj)
-        if problem:
-            errors.append(f"{path}:{n}: {problem}")
-            continue
-        records.append((n, obj))
-    if errors:
-        raise _data_error(errors)
-    if not records:
-        raise DataError(f"{path}: no records (the file is empty); expected one JSON object per line")
-    return records
-
-
-def _data_error(errors: list[str]) -> DataError:
-    shown = errors[:MAX_REPORTED_ERRORS]
-    more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-    head = f"{len(errors)} malformed line{'s' if len(errors) > 1 else ''} in the training data:\n  " \
-        if len(errors) > 1 else ""
-    return DataError(head + "\n  ".join(shown) + more)
-
-
-def record_format(obj: dict) -> str:
-    """``"messages"``, ``"prompt_completion"`` or ``"text"`` for a validated record."""
-    if "messages" in obj:
-        return "messages"
-    if "prompt" in obj:
-        return "prompt_completion"
-    return "text"
-
-
-def validate_record(obj: Any) -> str | None:
-    """What is wrong with one decoded JSONL record, or None when it is usable."""
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {_json_type(obj)}"
-    shapes = [k for k in ("messages", "text") if k in obj] + (["prompt/completion"] if "prompt" in obj or "completion" in obj else [])
-    if not shapes:
-        keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
-        return f"unknown record shape (keys: {keys}); expected \"messages\", \"prompt\"+\"completion\" or \"text\""
-    if len(shapes) > 1:
-        return f"record has both {shapes[0]!r} and {shapes[1]!r}; use one shape per line"
-    if "messages" in obj:
-        return _validate_messages(obj["messages"], "messages", need_assistant=True)
-    if "text" in obj:
-        if not isinstance(obj["text"], str):
-            return f"\"text\" must be a string, got {_json_type(obj['text'])}"
-        if not obj["text"].strip():
-            return "\"text\" is empty"
-        return None
-    for key in ("prompt", "completion"):
-        if key not in obj:
-            return f"has \"{'prompt' if key == 'completion' else 'completion'}\" but no \"{key}\""
-    p, c = obj["prompt"], obj["completion"]
-    if isinstance(p, str) and isinstance(c, str):
-        if not c:
-            return "\"completion\" is empty"
-        return None
-    if isinstance(p, list) and isinstance(c, list):
-        return (_validate_messages(p, "prompt", need_assistant=False)
-                or _validate_messages(c, "completion", need_assistant=True))
-    return ("\"prompt\" and \"completion\" must both be strings or both be lists of messages, got "
-            f"{_json_type(p)} and {_json_type(c)}")
-
-
-def _validate_messages(msgs: Any, key: str, need_assistant: bool) -> str | None:
-    if not isinstance(msgs, list):
-        return f"\"{key}\" must be a list of messages, got {_json_type(msgs)}"
-    if not msgs:
-        return f"\"{key}\" is empty"
-    for i, m in enumerate(msgs):
-        where = f"{key}[{i}]"
-        if not isinstance(m, dict):
-            return f"{where} must be an object with \"role\" and \"content\", got {_json_type(m)}"
-        role = m.get("role")
-        if role is None:
-            return f"{where} has no \"role\""
-        if role not in ROLES:
-            return f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}"
-        if "content" not in m and not m.get("tool_calls"):
-            return f"{where} has no \"content\""
-        content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            if not (isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
-                                                       for p in content)):
-                return f"{where}.content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts"
-        if "weight" in m and m["weight"] not in (0, 1):
-            return f"{where}.weight must be 0 or 1, got {m['weight']!r}"
-    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
-        return f"\"{key}\" has no assistant message to learn from"
-    return None
-
-
-def _json_type(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
-
-
 # ---------------------------------------------------------------------------------------- tokenizing
 def encode_with_offsets(tok: Tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` and each token's (start, end) character span (special tokens added by the
@@ -221,6 +99,49 @@ def encode_with_offsets(tok: Tokenizer, text: str, add_special_tokens: bool) -> 
         return fn(text, add_special_tokens=add_special_tokens)
     enc = tok._backend.encode(text, add_special_tokens=add_special_tokens)  # noqa: SLF001 - same package family
     return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+
+# Characters past the cut whose tokens are not trusted: a cut can change the token it falls in and
+# (through look-ahead in the pre-tokenizer) its neighbours, never tokens this far before it.
+_CUT_SLACK = 1024
+
+
+def max_token_chars(tok: Tokenizer) -> int:
+    """The longest token's spelling in characters (at least 1): no token covers more text than this, so
+    ``n`` tokens never span more than ``n * max_token_chars`` characters."""
+    cached = getattr(tok, "_ember_max_token_chars", None)
+    if cached is None:
+        backend = getattr(tok, "_backend", None)
+        vocab = backend.get_vocab(with_added_tokens=True) if backend is not None else {}
+        cached = max((len(t) for t in vocab), default=1) or 1
+        try:
+            tok._ember_max_token_chars = cached  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return cached
+
+
+def encode_bounded(tok: Tokenizer, text: str, add_special_tokens: bool,
+                   max_tokens: int | None) -> tuple[list[int], list[tuple[int, int]]]:
+    """:func:`encode_with_offsets`, doing only the work the first ``max_tokens`` tokens need.
+
+    A text longer than those tokens can span is cut before tokenizing; of the cut text's tokens, those
+    ending ``_CUT_SLACK`` characters before the cut are the full text's own, and at least
+    ``max_tokens`` of them are returned (the rest would be truncated anyway). A 50 MB line thus costs
+    what ``--seq-len`` can use, not 50 MB of tokenization.
+    """
+    if max_tokens is None:
+        return encode_with_offsets(tok, text, add_special_tokens)
+    budget = max_tokens * max_token_chars(tok) + 2 * _CUT_SLACK
+    while len(text) > budget:
+        ids, offsets = encode_with_offsets(tok, text[:budget], add_special_tokens)
+        keep = 0
+        while keep < len(ids) and offsets[keep][1] <= budget - _CUT_SLACK:
+            keep += 1
+        if keep >= max_tokens:
+            return ids[:keep], offsets[:keep]
+        budget *= 4  # tokens longer than the vocabulary suggests (an unknown run fused to one): widen
+    return encode_with_offsets(tok, text, add_special_tokens)
 
 
 def _plain_messages(msgs: list[dict]) -> list[dict]:
@@ -234,18 +155,22 @@ def _plain_messages(msgs: list[dict]) -> list[dict]:
     return out
 
 
-def _chat_spans(tok: Tokenizer, msgs: list[dict], trained: list[bool]) -> tuple[str, list[tuple[int, int]]]:
+def _chat_spans(tok: Tokenizer, msgs: list[dict], trained: list[bool],
+                max_chars: int | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return its text and the character spans of the turns to train on.
 
     A turn's span runs from where the assistant's content starts (the end of the prompt rendered
     with ``add_generation_prompt``) to the end of the conversation rendered through that turn, so
     it includes the template's end-of-turn text (e.g. ``<|eot_id|>``) that teaches the model to stop.
+    Turns starting past ``max_chars`` (beyond what the kept tokens can reach) are not located.
     """
     plain = _plain_messages(msgs)
     full = tok.apply_chat_template(plain, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, m in enumerate(plain):
+        if max_chars is not None and cursor > max_chars:
+            break  # every later turn starts past the tokens that are kept
         if m["role"] != "assistant" or not trained[i]:
             continue
         prefix = tok.apply_chat_template(plain[:i], add_generation_prompt=True) if i else ""
@@ -293,7 +218,8 @@ def _eos_id(tok: Tokenizer) -> int | None:
     return tok.eos_token_ids[0] if tok.eos_token_ids else None
 
 
-def tokenize_record(tok: Tokenizer, obj: dict, loss_on: str = "assistant", line: int = 0) -> Example:
+def tokenize_record(tok: Tokenizer, obj: dict, loss_on: str = "assistant", line: int = 0,
+                    max_tokens: int | None = None) -> Example:
     """Tokenize one validated record.
 
     Args:
@@ -301,10 +227,13 @@ def tokenize_record(tok: Tokenizer, obj: dict, loss_on: str = "assistant", line:
         obj: a record that passed :func:`validate_record`.
         loss_on: ``"assistant"`` (assistant turns / completion only) or ``"all"`` tokens.
         line: source line, kept on the example.
+        max_tokens: when set, only the first ``max_tokens`` tokens are guaranteed exact (a longer
+            example comes back with more than ``max_tokens`` tokens, the excess cut short): the
+            work done is bounded by what a ``seq_len`` of ``max_tokens - 1`` can use.
     """
     fmt = record_format(obj)
     if fmt == "text":
-        ids, _ = encode_with_offsets(tok, obj["text"], add_special_tokens=True)
+        ids, _ = encode_bounded(tok, obj["text"], True, max_tokens)
         target = [True] * len(ids)
         eos = _eos_id(tok)
         if eos is not None:
@@ -312,7 +241,7 @@ def tokenize_record(tok: Tokenizer, obj: dict, loss_on: str = "assistant", line:
         return Example(ids, target, line)
     if fmt == "prompt_completion" and isinstance(obj["prompt"], str):
         prompt, completion = obj["prompt"], obj["completion"]
-        ids, offsets = encode_with_offsets(tok, prompt + completion, add_special_tokens=True)
+        ids, offsets = encode_bounded(tok, prompt + completion, True, max_tokens)
         target = [True] * len(ids) if loss_on == "all" else _mark(offsets, [(len(prompt), len(prompt) + len(completion))])
         eos = _eos_id(tok)
         if eos is not None:
@@ -324,8 +253,9 @@ def tokenize_record(tok: Tokenizer, obj: dict, loss_on: str = "assistant", line:
     else:
         msgs = list(obj["messages"])
         trained = [m.get("weight", 1) == 1 for m in msgs]
-    text, spans = _chat_spans(tok, msgs, trained)
-    ids, offsets = encode_with_offsets(tok, text, add_special_tokens=False)
+    max_chars = None if max_tokens is None else max_tokens * max_token_chars(tok) + _CUT_SLACK
+    text, spans = _chat_spans(tok, msgs, trained, max_chars)
+    ids, offsets = encode_bounded(tok, text, False, max_tokens)
     target = [True] * len(ids) if loss_on == "all" else _mark(offsets, spans)
     return Example(ids, target, line)
 
@@ -357,7 +287,7 @@ def load_jsonl(path: str | os.PathLike, tok: Tokenizer, seq_len: int, loss_on: s
     for line, obj in records:
         fmt = record_format(obj)
         try:
-            ex = tokenize_record(tok, obj, loss_on, line)
+            ex = tokenize_record(tok, obj, loss_on, line, max_tokens=seq_len + 1)
         except ChatTemplateError as e:
             errors.append(f"{path}:{line}: {e}")
             continue

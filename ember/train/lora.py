@@ -541,16 +541,22 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, cfg: LoRAConfig,
 
 def read_adapter_config(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any]]:
     """Parse ``folder/adapter_config.json`` -> (LoRAConfig, the raw JSON object)."""
-    path = Path(folder) / ADAPTER_CONFIG
+    from ember.loading.paths import file_inside
+
     if not Path(folder).is_dir():
         raise AdapterError(f"{folder}: not an adapter folder (expected a directory with {ADAPTER_CONFIG} "
                            f"and {ADAPTER_WEIGHTS})")
+    path = file_inside(folder, ADAPTER_CONFIG, str(folder), AdapterError)  # a symlink out of the folder is refused
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path}: not found; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply, an integer past the digit limit
+        raise AdapterError(f"{path}: invalid JSON ({str(e).splitlines()[0] or 'nested too deeply'})") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     return LoRAConfig.from_peft_dict(raw, str(path)), raw
@@ -558,10 +564,13 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str
 
 def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of ``adapter_model.safetensors`` (never a pickle; ``adapter_model.bin`` is refused)."""
+    from ember.loading.paths import file_inside
     from ember.loading.safetensors import SafetensorsFile
 
     path = Path(folder) / ADAPTER_WEIGHTS
-    if not path.is_file():
+    if path.is_file():
+        file_inside(folder, ADAPTER_WEIGHTS, str(folder), AdapterError)
+    else:
         hint = " (adapter_model.bin is a pickle and is not loaded; re-save the adapter with safetensors)" \
             if (Path(folder) / "adapter_model.bin").is_file() else ""
         raise AdapterError(f"{path}: not found{hint}")

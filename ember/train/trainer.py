@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,10 @@ from typing import Any, Callable
 
 import torch
 
-from ember.checkpoint_io import atomic_write_json, atomic_write_text, fsync_dir, save_safetensors
+from ember.checkpoint_io import (
+    atomic_write_json, atomic_write_text, fsync_dir, make_temp_dir, remove_stale_temp_dirs, save_safetensors, seal_temp_dir,
+    stale_note,
+)
 from ember.errors import TrainingError
 from ember.models import Transformer
 from ember.train.data import BatchPlan
@@ -210,6 +212,10 @@ class Trainer:
         self.tokens_seen = 0
         self.history: list[StepMetrics] = []
         self.evals: list[tuple[int, float]] = []
+        if self.out_dir is not None:  # a killed earlier run may have left a checkpoint half-written
+            stale = remove_stale_temp_dirs(self.checkpoint_dir(), r"\.step-\d+\.tmp-[a-z0-9_]+$")
+            if stale:
+                self.log(f"[ember tune] {stale_note(stale, 'checkpoint')}")
 
     # ------------------------------------------------------------------ one step
     def _micro_batch(self, m: int):
@@ -350,7 +356,7 @@ class Trainer:
         root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:06d}"
         dest = root / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        tmp = make_temp_dir(root, f".{name}.tmp-")
         try:
             names = [n for n, _ in self.named_params]
             save_safetensors(tmp / "trainable.safetensors", {n: p.detach() for n, p in self.named_params})
@@ -368,7 +374,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "total_steps": self.total_steps, "params": names,
                 "config": self.cfg.as_json(), "evals": self.evals,
             })
-            fsync_dir(tmp)
+            seal_temp_dir(tmp)
             if dest.exists():
                 shutil.rmtree(dest)
             os.rename(tmp, dest)

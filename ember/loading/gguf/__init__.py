@@ -1,0 +1,26 @@
+"""llama.cpp GGUF files: metadata -> ModelConfig, tensors -> weights, vocabulary -> tokenizer.
+
+The package follows the file's concerns, as llama.cpp's own ``gguf-py`` does:
+
+- :mod:`~ember.loading.gguf.reader`: the bounds-checked header/metadata/tensor-table reader (:class:`GGUFFile`);
+- :mod:`~ember.loading.gguf.dequant`: ggml block types decoded to floats, or kept exactly quantized;
+- :mod:`~ember.loading.gguf.config`: ``{arch}.*`` metadata -> :class:`~ember.config.ModelConfig`;
+- :mod:`~ember.loading.gguf.tokenizer`: ``tokenizer.ggml.*`` -> :class:`~ember.tokenizer.Tokenizer`;
+- :mod:`~ember.loading.gguf.weights`: tensors -> a :class:`~ember.models.Transformer`.
+
+Tensor types: F32, F16, BF16 are read in place (zero-copy when already in the compute dtype on CPU);
+Q8_0, Q4_0, Q4_K, Q5_K and Q6_K are dequantized to the compute dtype. Any other type raises
+:class:`~ember.errors.UnsupportedGGUFTypeError` naming the tensor.
+"""
+
+from ember.loading.gguf.config import ARCHITECTURES, config_from_gguf
+from ember.loading.gguf.dequant import DEQUANTIZERS, EXACT_QUANT_LINEARS, dequantize, unpermute_rope_rows
+from ember.loading.gguf.reader import GGUF_MAGIC, GGUFFile, is_gguf_file
+from ember.loading.gguf.tokenizer import GGUFTokenizerSpec, load_gguf_tokenizer, tokenizer_spec
+from ember.loading.gguf.weights import gguf_tensor_name_map, load_gguf, load_gguf_model
+
+__all__ = [
+    "ARCHITECTURES", "DEQUANTIZERS", "EXACT_QUANT_LINEARS", "GGUFFile", "GGUFTokenizerSpec", "GGUF_MAGIC",
+    "config_from_gguf", "dequantize", "gguf_tensor_name_map", "is_gguf_file", "load_gguf", "load_gguf_model",
+    "load_gguf_tokenizer", "tokenizer_spec", "unpermute_rope_rows",
+]

@@ -1,0 +1,155 @@
+"""GGUF tensors -> a :class:`~ember.models.Transformer`: names mapped, layouts undone, types decoded.
+
+- tensor names are ``token_embd.weight``, ``blk.N.attn_q.weight``, ... (:data:`LAYER_TENSORS`);
+- shapes are stored innermost-first (ggml ``ne``); the reader hands them back in PyTorch order;
+- for the ``llama`` architecture (which also carries Mistral and Mixtral) the rows of ``attn_q`` and
+  ``attn_k`` (weights and biases) are permuted per head from HF's half-split RoPE layout to ggml's
+  interleaved pairs: rows ``(h, 2, hd/2)`` are stored as ``(h, hd/2, 2)``. Qwen2/3 use the NeoX
+  (half-split) RoPE in llama.cpp and are stored unpermuted;
+- experts (Mixtral as ``llama`` with ``expert_count``, ``qwen3moe``) are stacked per layer into
+  ``ffn_{gate,up,down}_exps`` (E, out, in) plus the router ``ffn_gate_inp``; each expert's parameter
+  becomes a view of the decoded stack.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from ember.config import ModelConfig
+from ember.errors import GGUFError
+from ember.loading.dtypes import DTYPE_NAMES, resolve_dtype
+from ember.loading.gguf.config import (
+    _EXPERT_NAME, _LAYER_NAME, ARCHITECTURES, CONFIG_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, config_from_gguf,
+)
+from ember.loading.gguf.dequant import EXACT_QUANT_LINEARS
+from ember.loading.gguf.reader import GGUFFile
+from ember.loading.gguf.tokenizer import load_gguf_tokenizer
+from ember.models import Transformer
+
+
+def gguf_tensor_name_map(gf: GGUFFile, cfg: ModelConfig) -> dict[str, list[str]]:
+    """GGUF tensor name -> the Ember/HF parameter name(s) it fills, for every weight tensor in the file.
+
+    A stacked expert tensor (``blk.N.ffn_up_exps.weight``, (E, out, in)) fills one parameter per expert,
+    listed in expert order; every other tensor fills exactly one.
+
+    Raises:
+        GGUFError: a tensor whose name Ember does not know (naming the first few).
+    """
+    mapping: dict[str, list[str]] = {}
+    unknown: list[str] = []
+    for name in gf.tensors:
+        if name in CONFIG_TENSORS:
+            continue
+        if name in GLOBAL_TENSORS:
+            mapping[name] = [GLOBAL_TENSORS[name]]
+            continue
+        m = _LAYER_NAME.fullmatch(name)
+        e = _EXPERT_NAME.fullmatch(name)
+        if m and int(m.group(1)) < cfg.num_hidden_layers and m.group(2) in LAYER_TENSORS:
+            mapping[name] = [f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"]
+        elif m and int(m.group(1)) < cfg.num_hidden_layers and m.group(2) in EXPERT_TENSORS and m.group(3) == "weight":
+            mapping[name] = [f"model.layers.{m.group(1)}.mlp.experts.{i}.{EXPERT_TENSORS[m.group(2)]}.weight"
+                             for i in range(cfg.num_local_experts)]
+        elif e and int(e.group(1)) < cfg.num_hidden_layers:
+            mapping[name] = [f"model.layers.{e.group(1)}.mlp.experts.{e.group(3)}.{e.group(2)}_proj.weight"]
+        else:
+            unknown.append(name)
+    if unknown:
+        raise GGUFError(f"{gf.path}: {len(unknown)} tensor(s) Ember does not know for {gf.architecture!r}: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return mapping
+
+
+def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype | None = "auto") -> Transformer:
+    """Build a :class:`~ember.models.Transformer` on the meta device and fill it from a GGUF file.
+
+    Float tensors already in ``dtype`` stay zero-copy views over the memory map (CPU); quantized ones
+    are dequantized on ``device`` to ``dtype``. Stacked expert tensors are decoded once and each
+    expert's parameter is a view into the result.
+
+    Args:
+        path: a ``.gguf`` file (or an open :class:`GGUFFile`).
+        device: where the weights go ("cpu", "cuda", "cuda:1").
+        dtype: "auto" (F32 file -> fp32, F16 -> fp16, BF16 and quantized -> bf16, each subject to what the
+            device runs natively, as for safetensors), "bf16", "fp16", "fp32" or a torch dtype.
+    Raises:
+        GGUFError / UnsupportedGGUFTypeError / UnsupportedModelError, naming the file and tensor.
+    """
+    gf = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
+    cfg = config_from_gguf(gf)
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
+    _, permuted = ARCHITECTURES[gf.architecture]
+    names = gguf_tensor_name_map(gf, cfg)
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    ignore = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in ignore}
+    source_of = {target: g for g, targets in names.items() for target in targets}
+    missing, unexpected = sorted(set(expected) - set(source_of)), sorted(set(source_of) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            shown = list(dict.fromkeys(source_of[u] for u in unexpected))
+            parts.append(f"unexpected {len(shown)}: {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}")
+        raise GGUFError(f"{gf.path}: tensors do not match the model its metadata describes: {'; '.join(parts)}")
+
+    state: dict[str, torch.Tensor] = {}
+    kept_quantized: dict[str, tuple[Any, torch.Tensor]] = {}  # Linear path -> (ggml type, raw rows)
+    for gname, targets in names.items():
+        m = _LAYER_NAME.fullmatch(gname)
+        kind = m.group(2) if m else None
+        stacked = kind in EXPERT_TENSORS
+        want = tuple(expected[targets[0]].shape)
+        want = (len(targets), *want) if stacked else want
+        shape = gf.tensor_shape(gname)
+        if shape != want:
+            raise GGUFError(f"{gf.path}: tensor {gname!r} ({targets[0]}{', ...' if stacked else ''}) "
+                            f"has shape {list(shape)}, the metadata implies {list(want)}")
+        heads = None
+        if permuted and kind in ("attn_q", "attn_k"):
+            heads = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
+        qtype = QT(gf.tensors[gname].tensor_type)
+        owner = targets[0].rsplit(".", 1)[0]
+        if (qtype in EXACT_QUANT_LINEARS and not stacked and targets[0].endswith(".weight")
+                and isinstance(model.get_submodule(owner), torch.nn.Linear)):
+            kept_quantized[owner] = (qtype, gf.raw(gname, heads).to(device))
+            continue
+        w = gf.tensor(gname, dt, device, unpermute_heads=heads)
+        if stacked:
+            state.update((target, w[i]) for i, target in enumerate(targets))  # views of one decoded stack
+        else:
+            state[targets[0]] = w
+    for owner, (qtype, raw) in kept_quantized.items():
+        model.set_submodule(owner, EXACT_QUANT_LINEARS[qtype](raw, state.pop(f"{owner}.bias", None), dt))
+    swapped = tuple(f"{owner}." for owner in kept_quantized)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    assert not result.unexpected_keys, result
+    assert all(k in ignore or k.startswith(swapped) for k in result.missing_keys), result
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope()
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
+              dtype: str | torch.dtype | None = "auto"):
+    """Model and tokenizer from one GGUF file, parsing its header once.
+
+    Returns:
+        ``(Transformer, Tokenizer)``.
+    """
+    gf = GGUFFile.open(path)
+    tokenizer = load_gguf_tokenizer(gf)
+    tokenizer.check_fits(config_from_gguf(gf).vocab_size, str(gf.path))  # before the slow part
+    return load_gguf_model(gf, device, dtype), tokenizer

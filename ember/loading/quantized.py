@@ -1,0 +1,213 @@
+"""Quantized weights from checkpoint folders: quantizing a float checkpoint as it is read, loading
+one written by ``ember quantize`` as stored, and writing one (:func:`quantize_checkpoint`).
+
+The quantized Linear classes and the choice of layers (:class:`~ember.quant.quantize.QuantSpec`)
+live in :mod:`ember.quant`, which knows nothing of files; this module joins them to the readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember.checkpoint_io import remove_stale_checkpoint_temps, save_hf_checkpoint
+from ember.config import ModelConfig
+from ember.errors import CheckpointError, OutputExistsError, QuantizationError
+from ember.loading.dtypes import DTYPE_NAMES
+from ember.loading.moe import expert_layout_view
+from ember.loading.safetensors import Checkpoint, check_layers, load_weights
+from ember.models import Transformer
+from ember.quant.base import QuantizedLinear
+from ember.quant.int4 import Int4Linear
+from ember.quant.quantize import (
+    CLASSES, DEFAULT_LM_HEAD, SECTION, QuantSpec, _check_shapes, _expected_state, _FileReader, _kind_ok,
+    _release_freed_heap, resolve_spec, select_linears,
+)
+
+
+def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch.device | str,
+                           quant: str | QuantSpec | None = None, group_size: int | None = None,
+                           layout: str = "auto", lm_head: str | None = DEFAULT_LM_HEAD) -> QuantSpec:
+    """Fill a meta-device :class:`~ember.models.Transformer` from ``ckpt``, quantizing on the way.
+
+    Float checkpoint + ``quant``: each chosen Linear is quantized from its weight, read in row chunks
+    straight from the file onto ``device``; peak memory ~ the quantized model + one chunk.
+    Quantized checkpoint (config.json has a ``quantization`` section): modules are built from the
+    stored tensors with no re-quantization (``quant``, if given, must agree with it).
+    Everything else (embeddings, norms, routers, a kept lm_head) goes through the normal loader.
+
+    Args:
+        ckpt: :class:`~ember.loading.safetensors.Checkpoint` (or a view with ``names/info/get``).
+        dtype: compute dtype (scales, biases, float tensors).
+        layout: "auto" (kernel layouts) or "plain" (portable codes; for export).
+        lm_head: an untied head's format when quantizing a float checkpoint (see :func:`resolve_spec`);
+            a quantized checkpoint's head is loaded as stored.
+    Returns:
+        The :class:`QuantSpec` the model now holds.
+    Raises:
+        QuantizationError: bad mode/group size/section, or the request contradicts the checkpoint.
+        CheckpointError: missing, mis-shaped or mis-typed quantized tensors (naming file and tensor).
+    """
+    device = torch.device(device)
+    cfg = model.config
+    config_json = f"{ckpt.folder / 'config.json'}"
+    section = cfg.extra.get(SECTION)
+    requested = resolve_spec(quant, group_size, lm_head=lm_head)
+    if section is not None:
+        spec = QuantSpec.from_section(section, config_json)
+        if requested is not None and (requested.mode, requested.group_size) != (spec.mode, spec.group_size):
+            stored = spec.mode + (f" (group size {spec.group_size})" if spec.group_size else "")
+            raise QuantizationError(f"{ckpt.folder}: checkpoint is already quantized as {stored}; load it without "
+                                    f"--quant (or with --quant {spec.mode}), or quantize the float model instead")
+        kept = list(section.get("not_quantized", []))
+        chosen = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in kept]
+    elif requested is not None:
+        spec = requested
+        chosen, kept = select_linears(model, spec)
+    else:
+        raise QuantizationError("load_quantized_weights needs quant= or a quantized checkpoint")
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in chosen}
+    _check_shapes(spec, shapes)
+
+    names = set(ckpt.names())
+    prefixes = tuple(f"{n}." for n in chosen)
+    ignore = {k for k in names if k.startswith(prefixes)} | {f"{n}.{p}" for n in chosen for p in ("weight", "bias")}
+    if cfg.tie_word_embeddings:
+        ignore.add("lm_head.weight")
+    load_weights(model, ckpt, dtype, device, ignore=tuple(sorted(ignore)))
+
+    reader = _FileReader()
+    try:
+        for name in chosen:
+            out_f, in_f = shapes[name]
+            mod_spec = spec.for_module(name)
+            cls = CLASSES[mod_spec.mode]
+            has_bias = getattr(model.get_submodule(name), "bias", None) is not None
+            bias = None
+            if has_bias:
+                if f"{name}.bias" not in names:
+                    raise CheckpointError(f"{ckpt.folder}: missing tensor {name}.bias")
+                bias = ckpt.get(f"{name}.bias").to(device=device, dtype=dtype)
+            if section is not None:
+                q = _load_stored(cls, mod_spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout)
+            else:
+                q = _quantize_stored(cls, mod_spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device,
+                                     layout)
+            model.set_submodule(name, q)
+            _release_freed_heap()
+    finally:
+        reader.close()
+    cfg.extra[SECTION] = spec.section(kept, dtype)
+    return spec
+
+
+def _quantize_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout) -> QuantizedLinear:
+    key = f"{name}.weight"
+    if key not in names:
+        raise CheckpointError(f"{ckpt.folder}: weights do not match config.json: missing tensor {key}")
+    info = ckpt.info(key)
+    if tuple(info.shape) != (out_f, in_f):
+        raise CheckpointError(f"{info.file}: tensor {key!r} has shape {list(info.shape)}, "
+                              f"config.json implies {[out_f, in_f]}")
+    if not info.dtype.is_floating_point:
+        raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype}, not a float weight; is this folder "
+                              "already quantized without a 'quantization' section in config.json?")
+    kw = dict(spec.params(), layout=layout) if cls is Int4Linear else spec.params()
+    return cls.from_rows(reader.rows(info), out_f, in_f, bias, dtype, device, name=key, **kw)
+
+
+def _load_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype, device, layout) -> QuantizedLinear:
+    state = {}
+    for part, (shape, kind) in _expected_state(cls, spec, out_f, in_f).items():
+        key = f"{name}.{part}"
+        if key not in names:
+            raise CheckpointError(f"{ckpt.folder}: quantized ({spec.mode}) checkpoint lacks tensor {key!r}; "
+                                  "the folder is incomplete or corrupt: re-run `ember quantize`")
+        info = ckpt.info(key)
+        if tuple(info.shape) != shape or not _kind_ok(info.dtype, kind):
+            raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype} {list(info.shape)}, a {spec.mode} "
+                                  f"layer of shape {[out_f, in_f]} needs {kind} {list(shape)}; the checkpoint is "
+                                  "corrupt or was written by another tool")
+        state[part] = reader.tensor(info).to(device)
+    kw = dict(spec.params(), layout=layout) if cls is Int4Linear else spec.params()
+    try:
+        return cls.from_canonical(state, in_f, out_f, bias, dtype, **kw)
+    except QuantizationError as e:
+        raise CheckpointError(f"{ckpt.folder}: {name}: {e}") from None
+
+
+# ============================================================================== export
+# Files copied next to the quantized weights: everything small that is not weights or config.
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+_MAX_COPY_BYTES = 64 << 20
+
+
+def side_files(folder: Path) -> dict[str, bytes]:
+    """Tokenizer, generation config, chat template, README ... of a checkpoint folder, name -> bytes."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if (p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NOT_COPIED
+                and p.stat().st_size <= _MAX_COPY_BYTES):
+            out[p.name] = p.read_bytes()
+    return out
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: str, group_size: int | None = None, *,
+                        double_quant: bool = True, quantize_lm_head: bool = False, device: str = "cpu",
+                        max_shard_bytes: int = 4 << 30, overwrite: bool = False,
+                        lm_head: str | None = DEFAULT_LM_HEAD) -> tuple[Path, dict[str, Any]]:
+    """Quantize an HF checkpoint folder into a new folder that :func:`ember.loading.load_model` loads as is.
+
+    Layer by layer (peak memory ~ the quantized model). Scales are kept in the checkpoint's own dtype.
+    An untied LM head is written as ``lm_head`` says (default int8; "same", a mode, or None for float).
+    The folder is written atomically (temp folder, fsync, rename: see :mod:`ember.checkpoint_io`)
+    with the tokenizer and other small files copied along.
+
+    Returns:
+        (output folder, summary dict: bytes before/after, layers quantized/kept, the section, and
+        ``stale_removed``: temp folders of an earlier killed run to the same output, now removed).
+    """
+    spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
+    if spec is None:
+        raise QuantizationError("--to must be int8, int4 or nf4")
+    folder, dest = Path(src), Path(out)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
+    if dest.resolve() == folder.resolve():
+        raise QuantizationError(f"{dest}: output folder must differ from the input folder")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:  # fail before the slow part
+        raise OutputExistsError(f"{dest}: exists and is not an empty folder; choose another -o or pass --overwrite")
+    stale = remove_stale_checkpoint_temps(dest)  # left by a killed earlier run to the same output
+    cfg = ModelConfig.from_file(folder)
+    if SECTION in cfg.extra:
+        raise QuantizationError(f"{folder}: already quantized ({cfg.extra[SECTION].get('method')}); "
+                                "quantize the float checkpoint instead")
+    raw_ckpt = Checkpoint(folder)
+    check_layers(cfg, raw_ckpt)
+    ckpt = expert_layout_view(raw_ckpt, cfg)
+    dtype = DTYPE_NAMES.get(str(cfg.torch_dtype).lower()) if cfg.torch_dtype else None
+    dtype = dtype or ckpt.dtype()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    load_quantized_weights(model, ckpt, dtype, torch.device(device), spec, layout="plain")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    before = sum(ckpt.info(n).end - ckpt.info(n).begin for n in ckpt.names())
+    # config.json: the source's own, byte for byte in meaning, plus the section (regenerating it from
+    # ModelConfig could drop keys Ember does not model). Passed as an extra file, it replaces the one
+    # save_hf_checkpoint writes, inside the same atomic folder write.
+    raw = json.loads((folder / "config.json").read_text())
+    raw[SECTION] = cfg.extra[SECTION]
+    config = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode()
+    save_hf_checkpoint(dest, model, tokenizer_files=side_files(folder), max_shard_bytes=max_shard_bytes,
+                       overwrite=overwrite, extra_files={"config.json": config})
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    after = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    return dest, {"stale_removed": stale, "bytes_before": before, "bytes_after": after, "quantized": len(quantized),
+                  "kept": list(cfg.extra[SECTION]["not_quantized"]), "section": cfg.extra[SECTION]}
