@@ -124,21 +124,20 @@ def _not_found(spec: str, what: str) -> ModelNotFoundError:
 
 
 def _close_matches(spec: str, names: list[str], n: int = 5) -> list[str]:
-    """Names like ``spec``, compared case-insensitively and also by their last part (``org/NAME``, ``NAME:tag``)."""
-    key = spec.lower().removeprefix(OLLAMA_PREFIX)
+    """Names like ``spec``, case-insensitively, whole or by their last part (``org/NAME``, ``ollama:NAME:tag``)."""
+    def keys(name: str) -> set[str]:
+        full = name.lower().removeprefix(OLLAMA_PREFIX).split("@")[0]
+        last = full.rsplit("/", 1)[-1]
+        return {full, last, last.split(":")[0]}
 
-    def short(name: str) -> str:
-        return name.lower().removeprefix(OLLAMA_PREFIX).rsplit("/", 1)[-1]
-
-    by_full = {n.lower().removeprefix(OLLAMA_PREFIX): n for n in names}
-    by_short: dict[str, list[str]] = {}
+    index: dict[str, list[str]] = {}
     for name in names:
-        by_short.setdefault(short(name), []).append(name)
+        for k in keys(name):
+            index.setdefault(k, []).append(name)
     out: list[str] = []
-    for k in difflib.get_close_matches(key, list(by_full), n=n, cutoff=0.6):
-        out.append(by_full[k])
-    for k in difflib.get_close_matches(key.rsplit("/", 1)[-1], list(by_short), n=n, cutoff=0.6):
-        out.extend(x for x in by_short[k] if x not in out)
+    for k in sorted(keys(spec), key=len, reverse=True):
+        for hit in difflib.get_close_matches(k, list(index), n=n, cutoff=0.6):
+            out.extend(x for x in index[hit] if x not in out)
     return out[:n]
 
 
