@@ -182,3 +182,24 @@ def test_fit_history_keeps_the_system_prompt_and_the_new_message():
     dropped = fit_history(h, 1, len, budget=4)  # "tokens" = messages
     assert dropped == 2 and [m["content"] for m in h] == ["s", "user2", "assistant2", "new"]
     assert fit_history(h, 1, len, budget=0) == 1 and [m["content"] for m in h] == ["s", "new"]
+
+
+# ----------------------------------------------------------------------------- honest first-run figures
+def test_kernel_compile_is_announced_once_and_happens_at_load(tmp_path, monkeypatch, capsys, hf_checkpoint):
+    import ember
+    from ember import kernels
+
+    cxx = tmp_path / "fake-cxx"  # stands in for the compiler: writes the -o file, so the build "succeeds"
+    cxx.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n: > "$2"\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    first = kernels.build()
+    assert capsys.readouterr().err.count("building CPU kernels for this machine (once)") == 1
+    assert kernels.build() == first and capsys.readouterr().err == ""  # cached: nothing to say
+
+    calls = []
+    monkeypatch.setattr(kernels, "load", lambda *a, **k: calls.append(a))
+    folder, _ = hf_checkpoint("llama")
+    ember.load(folder, device="cpu", dtype="fp32")
+    assert calls  # built (or found) when the model is loaded, before any timed prefill
