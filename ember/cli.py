@@ -50,7 +50,8 @@ def _resolve(args: argparse.Namespace) -> None:
         if args.verb != "plan":
             raise
         if catalog.find(args.model) is None:
-            raise ModelNotFoundError(f"{e}; `ember plan` also takes a catalog name: {', '.join(catalog.names())}") from None
+            names = ", ".join(catalog.names())
+            raise ModelNotFoundError(f"{e}; `ember plan` also takes a catalog name: {names}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

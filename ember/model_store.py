@@ -158,6 +158,8 @@ def _hf(repo_id: str, revision: str | None, spec: str) -> Path:
         repo = folded[0]
     snaps = repo / "snapshots"
     rev = revision or "main"
+    if any(part in ("", ".", "..") for part in rev.split("/")):
+        raise ModelNotFoundError(f"{spec}: {rev!r} is not a revision (a branch, tag or commit hash)")
     ref = repo / "refs" / rev
     if ref.is_file():
         snap = snaps / ref.read_text().strip()
@@ -254,7 +256,8 @@ def _ollama_blob(manifest: Path, store: Path, spec: str) -> Path:
         layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers") or []
     except (OSError, ValueError, AttributeError) as e:
         raise ModelNotFoundError(f"{manifest}: not a readable Ollama manifest ({e})") from None
-    digests = [ly.get("digest", "") for ly in layers if isinstance(ly, dict) and ly.get("mediaType") == OLLAMA_MODEL_LAYER]
+    digests = [ly.get("digest", "") for ly in layers
+               if isinstance(ly, dict) and ly.get("mediaType") == OLLAMA_MODEL_LAYER]
     if not digests:
         raise ModelNotFoundError(f"{manifest}: no layer of type {OLLAMA_MODEL_LAYER} (the model's GGUF file)")
     blob = store / "blobs" / digests[0].replace(":", "-", 1)

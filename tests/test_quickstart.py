@@ -78,4 +78,5 @@ def test_readme_quick_start_runs_as_written(scratch):
         assert "ember: error" not in r.stderr, f"`{shown}`:\n{r.stderr[-2000:]}"
         assert r.stdout.strip(), f"`{shown}` printed no text"
         if chat:
-            assert len(r.stdout.splitlines()) >= len(QUESTIONS), r.stdout  # every question answered (a reply may span lines)
+            # every question answered (a reply may span lines)
+            assert len(r.stdout.splitlines()) >= len(QUESTIONS), r.stdout
