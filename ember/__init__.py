@@ -31,7 +31,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     :class:`ember.errors.InsufficientMemoryError` says what would fit.
 
     Args:
-        path: folder with config.json, *.safetensors and tokenizer.json, or a llama.cpp ``.gguf`` file.
+        path: folder with config.json, *.safetensors and tokenizer.json, or a llama.cpp ``.gguf`` file; or a
+            local model's name: ``org/name[@revision]`` (Hugging Face cache), ``ollama:NAME[:TAG]`` (Ollama's
+            store) or a folder name in ``~/.ember/models`` (see :mod:`ember.model_store`; nothing is downloaded).
         device: "cpu", "cuda", "cuda:1"; default CUDA when available, else CPU.
         dtype: "auto" (checkpoint dtype; bf16 only where the device runs it natively), "bf16", "fp16", "fp32".
         quant: None/"none", "int8", "int4" or "nf4": weight-only quantization applied while loading
@@ -53,8 +55,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     from ember.loading.gguf import is_gguf_file, load_gguf
     from ember.config import ModelConfig
     from ember.quant.quantize import DEFAULT_LM_HEAD
+    from ember.model_store import resolve
     from ember.tokenizer import Tokenizer
 
+    path = resolve(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if lm_head == "auto":

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import GenerationError
 import ember.runtime  # noqa: F401  (the CPU kernels behind the model's pieces)
@@ -139,6 +140,8 @@ class Engine:
         self.path = Path(path) if path is not None else None
         p = model.model.norm.weight
         self.device, self.dtype = p.device, p.dtype
+        if self.device.type == "cpu":
+            kernels.load()  # compile (first run on this machine) now, not inside the first prompt's timed prefill
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -199,7 +202,10 @@ class Engine:
             raise GenerationError("empty prompt: give at least one token of text")
         longest = max(lengths)
         ctx = self.config.max_position_embeddings
-        max_new = params.max_new_tokens
+        max_new = params.new_token_limit(longest, ctx)
+        if params.max_new_tokens is None and max_new == 0:
+            raise GenerationError(f"prompt ({longest} tokens) fills the model's context of {ctx} tokens; "
+                                  "shorten the prompt")
         if longest + max_new > ctx:
             raise GenerationError(
                 f"prompt ({longest} tokens) + max new tokens ({max_new}) = {longest + max_new} exceeds the model's "

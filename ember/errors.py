@@ -80,3 +80,8 @@ class QuantizationError(EmberError, ValueError):
 
 class EvaluationError(EmberError):
     """An evaluation cannot run: a missing or empty text file, too few tokens, a bad window/stride."""
+
+
+class ModelNotFoundError(EmberError):
+    """A model name (``org/name``, ``ollama:NAME``, a name in Ember's model folder) is not on this machine;
+    the message lists the closest local names."""

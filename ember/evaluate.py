@@ -10,13 +10,11 @@ windows (fast, less context; a window's first token has no context and is not sc
 Logits are never made for a whole window at once: the model returns final hidden states and the
 LM head + fp32 log-softmax run over chunks of positions, so memory stays ~``chunk x vocab`` floats.
 
-Registered on the ``ember`` command by :func:`add_parser` (``ember.cli`` calls it).
+The ``ember eval ppl`` verb that calls it is :mod:`ember.commands.eval`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -139,60 +137,3 @@ def read_text(path: str | os.PathLike) -> str:
     if not text.strip():
         raise EvaluationError(f"{p}: the text file is empty; give it some text to score")
     return text
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``eval`` (with the ``ppl`` sub-verb) on the ``ember`` command's subparsers; returns ``eval``'s parser."""
-    from ember.cli import add_model_args
-
-    ev = subparsers.add_parser("eval", help="evaluate a model (ppl: perplexity on a text file)",
-                               description="Evaluate MODEL. `ember eval ppl MODEL --text FILE` prints its perplexity.")
-    verbs = ev.add_subparsers(dest="eval_verb", metavar="WHAT")
-    ev.set_defaults(func=lambda args: (ev.print_help(sys.stderr), 2)[1])
-
-    p = verbs.add_parser(
-        "ppl", help="perplexity on a text file (sliding windows)",
-        description="Perplexity of MODEL on the text of FILE, tokenized with the model's tokenizer (no chat "
-                    "template; BOS as its post-processor adds). Windows of --window tokens start every --stride "
-                    "tokens; each scores only the tokens the previous one did not, with the rest as context.")
-    add_model_args(p)
-    if not any(a.dest == "quant" for a in p._actions):  # older add_model_args without quantization options
-        p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
-                       help="weight-only quantization on load")
-    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--stride", type=int, default=256,
-                   help="tokens between window starts; each window scores its last STRIDE tokens (default 256)")
-    p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of the text")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_ppl)
-    return ev
-
-
-def cmd_ppl(args) -> int:
-    """Handler of ``ember eval ppl``: a progress bar on stderr, the result line (or JSON) on stdout."""
-    import ember
-    from ember.quant.quantize import DEFAULT_LM_HEAD
-
-    text = read_text(args.text)  # before loading: a wrong path fails fast
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise EvaluationError(f"--max-tokens {args.max_tokens}: perplexity needs at least 2 tokens")
-    llm = ember.load(args.model, device=args.device, dtype=args.dtype, quant=getattr(args, "quant", None),
-                     group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
-                     context=getattr(args, "context", None) or args.window, batch=max(1, args.batch),
-                     max_memory=getattr(args, "max_memory", None), lm_head=getattr(args, "lm_head", DEFAULT_LM_HEAD))
-    ids = llm.tokenizer.encode(text)
-    if args.max_tokens is not None:
-        ids = ids[:args.max_tokens]
-    res = perplexity(llm.model, ids, window=args.window, stride=args.stride, batch=args.batch,
-                     progress=not args.quiet)
-    if args.json:
-        print(json.dumps({"model": str(args.model), "text": str(args.text), "quant": getattr(args, "quant", None) or "none",
-                          "dtype": str(llm.dtype).removeprefix("torch."), **res}))
-    else:
-        print(f"perplexity {res['ppl']:.2f} over {res['tokens']} tokens "
-              f"({res['windows']} windows of {res['window']}, stride {res['stride']})")
-    return 0

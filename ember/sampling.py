@@ -34,12 +34,16 @@ from ember.errors import SamplingError
 
 _NEG_INF = float("-inf")
 
+# The most tokens one generation makes when the caller gives no limit: what the context leaves after the
+# prompt, but no more than this (a long-context model would otherwise size a 128k-token cache per reply).
+DEFAULT_MAX_NEW_TOKENS = 4096
+
 
 @dataclass
 class SamplingParams:
     """How to pick the next token, OpenAI/HF style. Call :meth:`validate` before use."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None => what the context leaves, at most DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0      # 0 => greedy
     top_k: int = 0                # 0 => off
     top_p: float = 1.0            # 1 => off
@@ -68,8 +72,8 @@ class SamplingParams:
         def is_num(v: object) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise bad("max_new_tokens", "an integer >= 0")
+        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 0):
+            raise bad("max_new_tokens", "an integer >= 0, or None for what the context leaves")
         if not is_num(self.temperature) or self.temperature < 0:
             raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
@@ -91,6 +95,16 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of integers >= 0")
+
+    def new_token_limit(self, prompt_tokens: int, context: int) -> int:
+        """Tokens this generation may make after a prompt of ``prompt_tokens`` in a ``context``-token window.
+
+        ``max_new_tokens`` when set; else what the context leaves (never below 0), at most
+        :data:`DEFAULT_MAX_NEW_TOKENS`.
+        """
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return max(0, min(DEFAULT_MAX_NEW_TOKENS, context - prompt_tokens))
 
     def stop_token_set(self, eos_token_ids: Sequence[int] = ()) -> set[int]:
         """Token ids that end a row: ``stop_token_ids`` plus the model's EOS ids unless ``ignore_eos``."""

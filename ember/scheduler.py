@@ -213,11 +213,13 @@ class BatchScheduler:
         n = len(r.prompt_ids)
         if n == 0:
             raise GenerationError("empty prompt: give at least one token")
-        if p.max_new_tokens < 1:
-            raise GenerationError(f"max tokens must be at least 1, got {p.max_new_tokens}")
-        total = n + p.max_new_tokens
+        max_new = p.new_token_limit(n, self.max_seq_tokens)
+        if max_new < 1:
+            raise GenerationError(f"max tokens must be at least 1, got {max_new}" if p.max_new_tokens is not None else
+                                  f"prompt ({n} tokens) fills the {self.max_seq_tokens} tokens one sequence may use")
+        total = n + max_new
         if total > self.max_seq_tokens:
-            raise GenerationError(f"prompt ({n} tokens) + max tokens ({p.max_new_tokens}) = {total} exceeds the "
+            raise GenerationError(f"prompt ({n} tokens) + max tokens ({max_new}) = {total} exceeds the "
                                   f"{self.max_seq_tokens} tokens one sequence may use")
         stop_ids = p.stop_token_set(self.tokenizer.eos_token_ids)
         plain_greedy = p.temperature == 0 and p.repetition_penalty == 1 and not p.presence_penalty \
@@ -229,7 +231,7 @@ class BatchScheduler:
             key = (parent, tuple(r.prompt_ids[k * bs:(k + 1) * bs]))
             keys.append(key)
             parent = hash(key)
-        return _Seq(r, list(r.prompt_ids), n, p.max_new_tokens, _Text(self.tokenizer, p, stop_ids), sampler, keys)
+        return _Seq(r, list(r.prompt_ids), n, max_new, _Text(self.tokenizer, p, stop_ids), sampler, keys)
 
     # ------------------------------------------------------------------ thread
     def start(self) -> None:

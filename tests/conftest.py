@@ -86,6 +86,21 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
+DEMO_TEST_STEPS = 30  # enough to beat the untrained model clearly, cheap enough for every test run
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """``ember demo``'s model (a normal HF folder), trained for ``DEMO_TEST_STEPS`` steps; built once per session.
+
+    Shared: tests that write next to it (an adapter, a copy to run from) copy it first.
+    """
+    from ember import demo
+
+    return demo.build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "trained", steps=DEMO_TEST_STEPS,
+                                      progress=False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA; skip them (visibly) on CPU-only machines."""
     if torch.cuda.is_available():

@@ -131,3 +131,75 @@ def test_plan_refuses_before_loading_and_says_what_fits(hf_checkpoint, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("ember: error:") and "needs" in err and "--max-memory" in err
+
+
+# ----------------------------------------------------------------------------- the context never ends a chat
+@pytest.fixture
+def chat_model(tmp_path, hf_checkpoint) -> Path:
+    """A 512-token llama checkpoint with a chat template."""
+    src, _ = hf_checkpoint("llama")
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (folder / f).write_bytes((src / f).read_bytes())
+    save_word_tokenizer(folder, chat_template=CHATML)
+    return folder
+
+
+def test_default_new_tokens_are_what_the_context_leaves(chat_model):
+    import ember
+
+    llm = ember.load(chat_model, dtype="fp32")
+    assert llm.config.max_position_embeddings == 512
+    prompt = llm.encode_prompt("w3 w4 w5")
+    res = llm.generate("w3 w4 w5", temperature=0, ignore_eos=True)  # no max_new_tokens: no error, fills the context
+    assert len(res.token_ids) == 512 - len(prompt) and res.finish_reason == "length"
+    # the first chat turn on a 512-token model with no -n: this used to fail with "exceeds the model's context"
+    r = run_cli("chat", str(chat_model), "--temperature", "0", "--dtype", "fp32", stdin="w3 w4\n")
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr
+    assert len(r.stdout.splitlines()) == 1
+
+
+def test_long_chat_drops_oldest_turns_and_survives_a_failed_turn(chat_model):
+    long_turn = " ".join(f"w{3 + (i % 250)}" for i in range(120))  # ~125 tokens with the template
+    too_long = " ".join(f"w{3 + (i % 250)}" for i in range(600))   # more than the whole context
+    lines = [long_turn] * 8 + [too_long, "w7 w8"]
+    r = run_cli("chat", str(chat_model), "--system", "w9", "-n", "8", "--temperature", "0", "--dtype", "fp32",
+                stdin="\n".join(lines) + "\n")
+    assert r.returncode == 1, r.stderr  # one turn failed; the chat went on to the end of its input
+    assert len(r.stdout.splitlines()) == 9  # every turn but the failed one was answered
+    notices = [ln for ln in r.stderr.splitlines() if "dropped the oldest" in ln]
+    assert notices and all("context of 512 tokens" in ln for ln in notices)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ember: error:")]
+    assert len(errors) == 1 and "exceeds the model's context of 512" in errors[0]
+
+
+def test_fit_history_keeps_the_system_prompt_and_the_new_message():
+    from ember.commands.chat import fit_history
+
+    h = [{"role": "system", "content": "s"}] + [{"role": r, "content": f"{r}{i}"} for i in range(3)
+                                                for r in ("user", "assistant")] + [{"role": "user", "content": "new"}]
+    dropped = fit_history(h, 1, len, budget=4)  # "tokens" = messages
+    assert dropped == 2 and [m["content"] for m in h] == ["s", "user2", "assistant2", "new"]
+    assert fit_history(h, 1, len, budget=0) == 1 and [m["content"] for m in h] == ["s", "new"]
+
+
+# ----------------------------------------------------------------------------- honest first-run figures
+def test_kernel_compile_is_announced_once_and_happens_at_load(tmp_path, monkeypatch, capsys, hf_checkpoint):
+    import ember
+    from ember import kernels
+
+    cxx = tmp_path / "fake-cxx"  # stands in for the compiler: writes the -o file, so the build "succeeds"
+    cxx.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n: > "$2"\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    first = kernels.build()
+    assert capsys.readouterr().err.count("building CPU kernels for this machine (once)") == 1
+    assert kernels.build() == first and capsys.readouterr().err == ""  # cached: nothing to say
+
+    calls = []
+    monkeypatch.setattr(kernels, "load", lambda *a, **k: calls.append(a))
+    folder, _ = hf_checkpoint("llama")
+    ember.load(folder, device="cpu", dtype="fp32")
+    assert calls  # built (or found) when the model is loaded, before any timed prefill

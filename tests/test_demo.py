@@ -24,7 +24,6 @@ from ember.checkpoint_io import (
 from ember.errors import OutputExistsError
 from ember.loading import load_model
 
-TEST_STEPS = 30  # enough to beat the untrained model clearly, cheap enough for every test run
 
 # New sentences in the corpus' style but not in it: an honest held-out check.
 HELD_OUT = [
@@ -146,12 +145,10 @@ def test_save_hf_checkpoint_is_all_or_nothing(hf_checkpoint, tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------------- demo
 @pytest.fixture(scope="module")
-def demo_dirs(tmp_path_factory):
+def demo_dirs(demo_checkpoint, tmp_path_factory):
     """(trained, untrained) demo folders; the untrained one has the same seed, so the same init."""
-    root = tmp_path_factory.mktemp("demo")
-    trained = demo.build_demo_checkpoint(root / "trained", steps=TEST_STEPS, progress=False)
-    untrained = demo.build_demo_checkpoint(root / "untrained", steps=0, progress=False)
-    return trained, untrained
+    untrained = demo.build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "untrained", steps=0, progress=False)
+    return demo_checkpoint, untrained
 
 
 def test_corpus_is_bundled_and_parsed():
@@ -218,7 +215,7 @@ def test_training_lowers_held_out_loss(demo_dirs):
     trained, untrained = demo_dirs
     assert (trained / "tokenizer.json").read_bytes() == (untrained / "tokenizer.json").read_bytes()
     before, after = _held_out_loss(untrained), _held_out_loss(trained)
-    # Untrained is ~ln(1024) = 6.9 nats; TEST_STEPS steps get well below that on unseen sentences.
+    # Untrained is ~ln(1024) = 6.9 nats; DEMO_TEST_STEPS steps get well below that on unseen sentences.
     assert before > 6.0 and after < before - 1.5, (before, after)
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import ember
+from ember.commands.eval import add_parser
 from ember.errors import EvaluationError
-from ember.evaluate import add_parser, perplexity, sliding_windows
+from ember.evaluate import perplexity, sliding_windows
 
 
 def hf_sliding_nll(hf_model, ids: list[int], window: int, stride: int) -> tuple[float, int]:

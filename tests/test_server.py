@@ -558,7 +558,7 @@ def test_sigterm_past_the_shutdown_timeout_ends_every_request_properly(model_dir
 def test_serve_verb_defaults_to_loopback():
     import argparse
 
-    from ember.server.cli import add_parser
+    from ember.commands.serve import add_parser
 
     parser = argparse.ArgumentParser(prog="ember")
     add_parser(parser.add_subparsers(dest="verb"))
@@ -657,7 +657,7 @@ def test_serve_with_tiny_max_memory_fails_before_loading(model_dir, monkeypatch)
     import argparse
 
     import ember.loading
-    from ember.server import cli
+    from ember.commands import serve as cli
 
     def never(*a, **kw):
         raise AssertionError("the model was loaded or served although the plan does not fit")

@@ -112,6 +112,8 @@ def build(portable: bool = False, quiet: bool = True) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
         os.close(fd)
+        if not errors:  # a real compile is about to happen (a few seconds; cached for the next runs)
+            print("ember: building CPU kernels for this machine (once)…", file=sys.stderr, flush=True)
         try:
             proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
             if proc.returncode == 0:

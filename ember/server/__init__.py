@@ -8,7 +8,8 @@
 - :mod:`ember.server.settings`: :class:`~ember.server.settings.ServerSettings` and the KV pool plan.
 - :mod:`ember.server.errors`: error bodies in each API's shape, validation messages, API-key middleware.
 - :mod:`ember.server.protocol`: OpenAI request/response bodies.
-- :mod:`ember.server.cli`: the ``serve`` verb (``add_parser``) and :func:`~ember.server.cli.serve` (signals, drain).
+- :mod:`ember.server.cli`: :func:`~ember.server.cli.serve`, the server process (HTTP thread + scheduler + signals,
+  drain); the ``serve`` verb's arguments are :mod:`ember.commands.serve`.
 
 Importing this package imports nothing heavy; FastAPI is loaded only when a server is built.
 """

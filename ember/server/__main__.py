@@ -2,6 +2,6 @@
 
 import sys
 
-from ember.server.cli import main
+from ember.commands.serve import main
 
 sys.exit(main())
