@@ -26,7 +26,7 @@ from ember.chat_formats import detect_format, is_reasoning_template, template_ha
 from ember.engine import Engine
 from ember.errors import GenerationError, QueueFullError, SamplingError, UnsupportedSchemaError
 from ember.json_constraint import JsonConstraint, JsonGrammar, TokenVocab, compile_json_schema
-from ember.sampling import SamplingParams
+from ember.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ember.scheduler import BatchScheduler, SeqEvent, SeqRequest
 from ember.server.errors import APIError
 from ember.server.protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
@@ -227,8 +227,9 @@ class EmberServer:
                                 f"so it cannot be honoured", param=param)
 
     def default_max(self, prompt_len: int) -> int:
-        """max_tokens when a request gives none: what is left of the context for this prompt."""
-        return max(1, min(self.context, self.scheduler.max_seq_tokens) - prompt_len)
+        """max_tokens when a request gives none: what is left of the context for this prompt, at most
+        :data:`ember.sampling.DEFAULT_MAX_NEW_TOKENS` (as for ``generate`` and ``chat``)."""
+        return max(1, min(DEFAULT_MAX_NEW_TOKENS, min(self.context, self.scheduler.max_seq_tokens) - prompt_len))
 
     async def build_sequences(self, prompts: list[list[int]], req, max_tokens: int | None, default_max: int | None,
                               logprobs: int | None, grammar: JsonGrammar | None,
