@@ -79,7 +79,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         tokenizer.check_fits(ModelConfig.from_file(path).vocab_size, str(path))
         model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head)
     if adapter is not None:
-        from ember.train.lora import apply_adapter
+        from ember.train.adapter_files import apply_adapter
 
         apply_adapter(model, adapter)
     return Engine(model, tokenizer, path)

@@ -106,7 +106,8 @@ def test_generate_with_adapter_uses_it_unmerged(hf_checkpoint, tmp_path):
 
     import ember
     from ember.loading import load_model
-    from ember.train.lora import LoRAConfig, inject_lora, lora_modules, save_adapter
+    from ember.train.adapter_files import save_adapter
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules
 
     folder, _ = hf_checkpoint("llama")
     model = load_model(folder, dtype="fp32")

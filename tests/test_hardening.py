@@ -104,7 +104,7 @@ def test_hub_cache_snapshot_links_into_its_blobs_load(tmp_path):
 
 
 def test_adapter_files_linked_out_of_the_folder_are_refused(tmp_path):
-    from ember.train.lora import read_adapter_config
+    from ember.train.adapter_files import read_adapter_config
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -591,7 +591,8 @@ def test_int8_server_equals_local_int8_generation(model_dir):
 
 def test_adapter_server_equals_local_adapter_generation(model_dir, ref, tmp_path):
     from ember.loading import load_model
-    from ember.train.lora import LoRAConfig, inject_lora, lora_modules, save_adapter
+    from ember.train.adapter_files import save_adapter
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules
 
     base = load_model(model_dir, dtype="fp32")
     cfg = LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear")

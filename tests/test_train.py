@@ -24,15 +24,14 @@ from ember.tokenizer import Tokenizer
 from ember.train import data as tdata
 from ember.train.data import IGNORE, BatchPlan, Example, load_jsonl, read_jsonl, tokenize_record
 from ember.train.forward import batch_loss_sum
+from ember.train.adapter_files import apply_adapter, save_adapter
 from ember.train.lora import (
     LoRAConfig,
     LoRALinear,
-    apply_adapter,
     dropped_positions,
     inject_lora,
     lora_linear_train,
     lora_modules,
-    save_adapter,
 )
 from ember.train.trainer import TrainConfig, Trainer, list_checkpoints, read_metrics
 from ember.train.tune import merge_checkpoint, tune

@@ -9,6 +9,7 @@
     demo.py     the fine-tuning step of ``ember demo``
 """
 
-from ember.train.lora import LoRAConfig, LoRALinear, apply_adapter, inject_lora, merge_lora, save_adapter
+from ember.train.adapter_files import apply_adapter, save_adapter
+from ember.train.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_adapter", "inject_lora", "merge_lora", "save_adapter"]

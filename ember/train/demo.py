@@ -61,7 +61,7 @@ def tune_demo(folder: str | Path, out_dir: str | Path | None = None, device: str
          "correct_after": count of answers that now contain the taught fact}.
     """
     import ember
-    from ember.train.lora import apply_adapter
+    from ember.train.adapter_files import apply_adapter
     from ember.train.tune import tune
 
     echo = echo or (lambda s: print(s, flush=True))

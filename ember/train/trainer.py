@@ -38,7 +38,8 @@ from ember.errors import TrainingError
 from ember.models import Transformer
 from ember.train.data import BatchPlan
 from ember.train.forward import batch_loss_sum
-from ember.train.lora import LoRAConfig, save_adapter
+from ember.train.adapter_files import save_adapter
+from ember.train.lora import LoRAConfig
 from ember.train.plot import write_loss_curve
 
 CHECKPOINT_DIR = "checkpoints"

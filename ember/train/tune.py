@@ -25,7 +25,8 @@ import torch
 from ember.checkpoint_io import atomic_write_json, save_hf_checkpoint
 from ember.errors import TrainingError
 from ember.train.data import BatchPlan, DataStats, load_jsonl
-from ember.train.lora import apply_adapter, inject_lora, merge_lora
+from ember.train.adapter_files import apply_adapter
+from ember.train.lora import inject_lora, merge_lora
 from ember.train.trainer import CHECKPOINT_DIR, TRAIN_CONFIG, StepMetrics, TrainConfig, Trainer, list_checkpoints
 
 # Config fields that may change between a run and its resume (they do not change the numbers).
