@@ -26,7 +26,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # when config.json says norm_topk_prob (HF default False), so that row leaves it to the file.
     "mixtral": {"norm_topk_prob": True},
     "qwen3_moe": {"qk_norm": True},
+    # Hybrids with recurrent layers (docs/hybrid.md): Gated DeltaNet linear attention between gated full-attention
+    # layers (``layer_types``), (1 + w) RMSNorms, partial RoPE; the MoE variants add a gated shared expert.
+    "qwen3_next": {"qk_norm": True},
+    "qwen3_5_text": {"qk_norm": True},
+    "qwen3_5_moe_text": {"qk_norm": True, "norm_topk_prob": True},  # its router always renormalises
 }
+
+# Multimodal wrappers (``...ForConditionalGeneration``): config.json nests the language model in ``text_config``
+# and its weights live under ``model.language_model.``; Ember runs the text model (the vision tower is skipped).
+MULTIMODAL_WRAPPERS: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 # HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
 _ALIASES = {"num_experts": "num_local_experts"}
@@ -74,6 +83,15 @@ class ModelConfig:
     decoder_sparse_step: int = 1     # Qwen3-MoE: layer i is MoE when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training only)
+    shared_expert_intermediate_size: int = 0  # Qwen3-Next/3.5-MoE: width of the gated shared expert (0: none)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * factor dims of each head
+    # Gated DeltaNet linear attention (layer_types "linear_attention"): heads, head dims, conv kernel
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    multimodal: bool = False         # read from a multimodal wrapper's text_config (vision tower skipped)
     # Derived / family fields (not HF keys, or HF keys with family-specific meaning).
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
@@ -102,6 +120,11 @@ class ModelConfig:
             ConfigError: a required field is missing or has the wrong type.
         """
         model_type = raw.get("model_type")
+        if model_type in MULTIMODAL_WRAPPERS and isinstance(raw.get("text_config"), dict):
+            text = raw["text_config"]
+            raw = {**text, "model_type": text.get("model_type", MULTIMODAL_WRAPPERS[model_type]), "multimodal": True,
+                   **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw and k not in text}}
+            model_type = raw["model_type"]
         if model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"{source}: model_type {model_type!r} is not supported; "
@@ -132,6 +155,8 @@ class ModelConfig:
         scaling = raw.get("rope_scaling") or (rope if isinstance(rope, dict) else None)
         if isinstance(rope, dict) and "rope_theta" in rope:
             kwargs["rope_theta"] = float(rope["rope_theta"])
+        if isinstance(rope, dict) and "partial_rotary_factor" in rope:
+            kwargs["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
         if scaling:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
