@@ -123,7 +123,7 @@ def default_kv_blocks(cfg, dtype: torch.dtype, max_batch: int, block_size: int, 
     want = max_batch * ctx
     if memory_bytes is None:
         memory_bytes = _default_kv_memory()
-    cap = max(ctx, memory_bytes // per_token)
+    cap = max(ctx, memory_bytes // max(per_token, 1))
     return math.ceil(min(want, cap) / block_size) + 1  # + the scratch block
 
 
@@ -163,7 +163,7 @@ class BatchScheduler:
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         if num_blocks is None:
             num_blocks = default_kv_blocks(self.config, self.dtype, max_batch, block_size, kv_memory_bytes)
-        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device, max_seqs=max_batch)
         self.pool = self.cache.pool
         self.vocab_size = self.config.vocab_size
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -350,6 +350,10 @@ class BatchScheduler:
                 keep.append(s)
                 continue
             usable = (s.n_prompt - 1) // bs  # always compute at least the last prompt token (for its logits)
+            if self.cache.states is not None:
+                # Prefix caching is off for models with recurrent layers: a cached block holds keys/values but
+                # not the recurrent state after it (no snapshots at block boundaries), so a hit cannot skip it.
+                usable = 0
             matched: list[int] = []
             for key in s.keys[:usable]:
                 b = pool.lookup(key)
@@ -419,7 +423,8 @@ class BatchScheduler:
                 s.table.append(self.pool.allocate())
                 s.reserve -= 1
                 self._reserved -= 1
-        batch = self.cache.batch([s.table for s in seqs], [s.computed for s in seqs], news)
+        slots = [s.state_slot for s in seqs] if self.cache.states is not None else None
+        batch = self.cache.batch([s.table for s in seqs], [s.computed for s in seqs], news, slots)
         T = batch.T
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, (s, n) in enumerate(zip(seqs, news)):

@@ -12,6 +12,7 @@ from ember.config import ModelConfig
 from ember.errors import CheckpointError
 from ember.loading.moe import expert_layout_view
 from ember.loading.safetensors import Checkpoint, load_weights
+from ember.loading.wrappers import text_model_view
 from ember.models import Transformer
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -67,7 +68,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt = expert_layout_view(Checkpoint(folder), cfg)  # MoE: hub/fused expert names -> Ember's
+    ckpt, extra = text_model_view(Checkpoint(folder), cfg)  # multimodal wrappers; mtp.* kept apart
+    ckpt = expert_layout_view(ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
@@ -82,6 +84,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
+    model.extra_weights = extra  # tensors outside the forward pass (mtp.* heads for speculative decoding)
     model.eval().requires_grad_(False)
     return model
 
