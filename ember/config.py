@@ -246,13 +246,25 @@ class ModelConfig:
         bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
         dense = 3 * h * i + bias(i)
         total = v * h * (1 if self.tie_word_embeddings else 2) + h
+        hybrid = self.model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+        if hybrid:
+            attn += h * hd * nh  # gated attention: q_proj also yields the output gate
+        kd, vd = self.linear_num_key_heads * self.linear_key_head_dim, self.linear_num_value_heads * self.linear_value_head_dim
+        nv = self.linear_num_value_heads
+        # Gated DeltaNet: q/k/v/z and b/a projections, depthwise conv, dt_bias + A_log, gated norm, out_proj
+        linear = h * (2 * kd + 2 * vd + 2 * nv) + (2 * kd + vd) * self.linear_conv_kernel_dim + 2 * nv \
+            + self.linear_value_head_dim + vd * h
+        types = self.layer_types or []
         for layer in range(self.num_hidden_layers):
             if self.is_moe_layer(layer):
                 im = self.moe_intermediate_size
                 mlp = self.num_local_experts * h + experts * (3 * h * im + bias(im))  # router + experts
+                if self.shared_expert_intermediate_size:  # the shared expert and its gate
+                    mlp += 3 * h * self.shared_expert_intermediate_size + h
             else:
                 mlp = dense
-            total += attn + mlp + 2 * h
+            mixer = linear if layer < len(types) and types[layer] == "linear_attention" else attn
+            total += mixer + mlp + 2 * h
         return total
 
 
