@@ -33,6 +33,8 @@ import torch
 from ember.config import ModelConfig
 
 LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent")
+# Recurrent state is summed over every token of a sequence: it is kept in fp32 (as HF keeps it) in every cache.
+RECURRENT_STATE_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,30 @@ class LayerSpec:
             raise ValueError(f"a sliding_attention layer needs a positive window, got {self.window!r}")
 
 
+def recurrent_state_shapes(cfg: ModelConfig, layer: int) -> tuple[tuple[int, ...], ...] | None:
+    """The per-sequence state shapes of ``layer`` when it is a recurrent mixer, else None.
+
+    Gated DeltaNet (``layer_types`` "linear_attention"): the conv window (C, K - 1), C = 2 Hk dk + Hv dv, and the
+    delta-rule matrices (Hv, dk, dv).
+    """
+    types = cfg.layer_types or []
+    kind = types[layer] if layer < len(types) else None
+    if kind == "linear_attention":
+        conv = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim \
+            + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+        return ((conv, cfg.linear_conv_kernel_dim - 1),
+                (cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim))
+    return None
+
+
 def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     """Each layer's :class:`LayerSpec` from the config (its ``layer_types`` or sliding-window fields)."""
     out = []
     for i in range(cfg.num_hidden_layers):
+        shapes = recurrent_state_shapes(cfg, i)
+        if shapes is not None:
+            out.append(LayerSpec("recurrent", state_shapes=shapes))
+            continue
         w = cfg.layer_window(i)
         kind = "full_attention" if w is None else "sliding_attention"
         out.append(LayerSpec(kind, cfg.num_key_value_heads, cfg.head_dim, w))
@@ -86,8 +108,8 @@ def bytes_per_sequence(spec: LayerSpec, dtype: torch.dtype, tokens: int, cap_win
     """Bytes this layer keeps for one sequence of ``tokens`` tokens: every token's keys/values (full), the
     last ``window`` tokens' (sliding, unless ``cap_window`` is False: a cache that keeps them all), or the
     fixed recurrent state."""
-    if spec.kind == "recurrent":
-        return sum(math.prod(s) for s in spec.state_shapes) * _element_size(dtype)
+    if spec.kind == "recurrent":  # kept in fp32 whatever the model dtype (see RECURRENT_STATE_DTYPE)
+        return sum(math.prod(s) for s in spec.state_shapes) * _element_size(RECURRENT_STATE_DTYPE)
     held = min(tokens, spec.window) if spec.kind == "sliding_attention" and cap_window else tokens
     return held * bytes_per_token(spec, dtype)
 
@@ -109,10 +131,25 @@ class StaticKVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.specs = layer_specs(cfg)
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # a recurrent layer keeps no keys/values (an empty tensor keeps the lists indexed by layer) but its state
+        kv = [s.kind != "recurrent" for s in self.specs]
+        self.k = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in kv]
+        self.v = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in kv]
+        self.states: dict[int, tuple[torch.Tensor, ...]] = {
+            i: tuple(torch.zeros(batch, *shape, dtype=RECURRENT_STATE_DTYPE, device=device) for shape in s.state_shapes)
+            for i, s in enumerate(self.specs) if s.kind == "recurrent"}
         self.max_len = max_len
         self.pos = 0  # slots filled so far
+
+    def recurrent_state(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """``layer``'s state for every row: (B, *shape) per :attr:`LayerSpec.state_shapes` (zeros before the first
+        token). Read it, then hand the new state to :meth:`set_recurrent_state`."""
+        return self.states[layer]
+
+    def set_recurrent_state(self, layer: int, states: tuple[torch.Tensor, ...]) -> None:
+        """Keep ``layer``'s new state (as :meth:`recurrent_state` returned it, after this pass's tokens)."""
+        for t, s in zip(self.states[layer], states):
+            t.copy_(s)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, nkv, T, hd) at slots pos..pos+T-1; return (B, nkv, pos+T, hd) views."""
@@ -133,8 +170,8 @@ class StaticKVCache:
         self.pos += n
 
     def nbytes(self) -> int:
-        """Bytes held by the cache."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes held by the cache (keys/values and recurrent state)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + [x for s in self.states.values() for x in s])
 
 
 class BlockPool:
@@ -215,21 +252,25 @@ class PagedKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", max_seqs: int = 1) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the scratch block holds a zero slot and a trash slot), got {block_size}")
         self.block_size = block_size
         self.device = torch.device(device)
         self.specs = layer_specs(cfg)
         self.pool = BlockPool(num_blocks, block_size)
-        # recurrent layers' per-sequence state (none in today's families): the scheduler admits a sequence
-        # only with a free slot and retires its slot with its blocks
-        self.states: RecurrentStateSlots | None = None
+        # recurrent layers' per-sequence state, ``max_seqs`` slots (None while no layer is recurrent): the
+        # scheduler admits a sequence only with a free slot and retires its slot with its blocks
+        recurrent = any(s.kind == "recurrent" for s in self.specs)
+        self.states: RecurrentStateSlots | None = (
+            RecurrentStateSlots(self.specs, max_seqs, RECURRENT_STATE_DTYPE, device) if recurrent else None)
         shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
         # Uninitialised (on CPU the OS commits pages only when a block is first written); only the scratch
         # block is zeroed: masked padding reads come from its slot 0, and 0 * NaN would still be NaN.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # A recurrent layer has no pool (an empty tensor keeps the lists indexed by layer).
+        kv = [s.kind != "recurrent" for s in self.specs]
+        self.k = [torch.empty(shape if a else (0, 1, 1), dtype=dtype, device=device) for a in kv]
+        self.v = [torch.empty(shape if a else (0, 1, 1), dtype=dtype, device=device) for a in kv]
         for t in self.k + self.v:
             t[:block_size].zero_()
 
@@ -244,16 +285,18 @@ class PagedKVCache:
         return math.ceil(tokens / self.block_size)
 
     def nbytes(self) -> int:
-        """Bytes held by the pools."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes held by the pools and the recurrent-state slots."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + (self.states.nbytes() if self.states else 0)
 
-    def batch(self, tables: list[list[int]], cached: list[int], new: list[int]) -> PagedBatch:
+    def batch(self, tables: list[list[int]], cached: list[int], new: list[int],
+              slots: list[int] | None = None) -> PagedBatch:
         """Slot maps for one forward over B rows.
 
         Args:
             tables: each row's block table; it must already cover ``cached[i] + new[i]`` tokens.
             cached: tokens of each row already in the cache.
             new: tokens each row feeds in this pass (>= 1).
+            slots: each row's recurrent-state slot (:attr:`states`), for models with recurrent layers.
         Returns:
             a :class:`PagedBatch`: pass it as the model's cache, with its ``start``, ``positions`` and
             ``k_valid``; the input ids must be left-padded to ``T = max(new)``.
@@ -285,7 +328,7 @@ class PagedKVCache:
         padded = any(t != S for t in total)
         dev = self.device
         return PagedBatch(self, read.view(-1).to(dev), write.view(-1).to(dev), B, S, T,
-                          positions.to(dev), k_valid.to(dev) if padded else None)
+                          positions.to(dev), k_valid.to(dev) if padded else None, slots)
 
 
 class PagedBatch:
@@ -296,12 +339,23 @@ class PagedBatch:
     """
 
     def __init__(self, cache: PagedKVCache, read: torch.Tensor, write: torch.Tensor, B: int, S: int, T: int,
-                 positions: torch.Tensor, k_valid: torch.Tensor | None) -> None:
+                 positions: torch.Tensor, k_valid: torch.Tensor | None, slots: list[int] | None = None) -> None:
         self.cache, self.read, self.write = cache, read, write
         self.B, self.S, self.T = B, S, T
         self.start = S - T            # first key slot of the new tokens (the model's ``start``)
         self.positions = positions    # (B, T) RoPE positions, 0 at padding
         self.k_valid = k_valid        # (B, S) or None when no row is padded
+        self.slots = slots            # each row's recurrent-state slot (models with recurrent layers)
+
+    def recurrent_state(self, layer: int) -> list[torch.Tensor]:
+        """The rows' states in recurrent ``layer``, gathered from their slots: (B, *shape) each."""
+        if self.slots is None:
+            raise ValueError("this model has recurrent layers: PagedKVCache.batch needs each row's state slot")
+        return self.cache.states.gather(layer, self.slots)
+
+    def set_recurrent_state(self, layer: int, states) -> None:
+        """Write the rows' new states back to their slots."""
+        self.cache.states.scatter(layer, self.slots, list(states))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, nkv, T, hd = k.shape

@@ -27,7 +27,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # when config.json says norm_topk_prob (HF default False), so that row leaves it to the file.
     "mixtral": {"norm_topk_prob": True},
     "qwen3_moe": {"qk_norm": True},
+    # Hybrids with recurrent layers (docs/hybrid.md): Gated DeltaNet linear attention between gated full-attention
+    # layers (``layer_types``), (1 + w) RMSNorms, partial RoPE; the MoE variants add a gated shared expert.
+    "qwen3_next": {"qk_norm": True},
+    "qwen3_5_text": {"qk_norm": True},
+    "qwen3_5_moe_text": {"qk_norm": True, "norm_topk_prob": True},  # its router always renormalises
 }
+
+# Multimodal wrappers (``...ForConditionalGeneration``): config.json nests the language model in ``text_config``
+# and its weights live under ``model.language_model.``; Ember runs the text model (the vision tower is skipped).
+MULTIMODAL_WRAPPERS: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 # HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
 _ALIASES = {"num_experts": "num_local_experts"}
@@ -43,7 +52,7 @@ LIMITS: dict[str, int] = {
     "max_position_embeddings": 1 << 27, "num_local_experts": 4096, "moe_intermediate_size": 1 << 20,
     "sliding_window": 1 << 27,
 }
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass
@@ -86,6 +95,15 @@ class ModelConfig:
     decoder_sparse_step: int = 1     # Qwen3-MoE: layer i is MoE when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training only)
+    shared_expert_intermediate_size: int = 0  # Qwen3-Next/3.5-MoE: width of the gated shared expert (0: none)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * factor dims of each head
+    # Gated DeltaNet linear attention (layer_types "linear_attention"): heads, head dims, conv kernel
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    multimodal: bool = False         # read from a multimodal wrapper's text_config (vision tower skipped)
     # Derived / family fields (not HF keys, or HF keys with family-specific meaning).
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
@@ -125,6 +143,7 @@ class ModelConfig:
                               f"got {self.head_dim}")
         _check_float(self.rms_norm_eps, "rms_norm_eps", source, below=1.0)
         _check_float(self.rope_theta, "rope_theta", source)
+        _check_float(self.partial_rotary_factor, "partial_rotary_factor", source, below=1.0 + 1e-9)
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob",
                      "qk_norm", "qkv_bias_only"):
             if not isinstance(getattr(self, name), bool):
@@ -207,6 +226,11 @@ class ModelConfig:
             ConfigError: a required field is missing or has the wrong type.
         """
         model_type = raw.get("model_type")
+        if model_type in MULTIMODAL_WRAPPERS and isinstance(raw.get("text_config"), dict):
+            text = raw["text_config"]
+            raw = {**text, "model_type": text.get("model_type", MULTIMODAL_WRAPPERS[model_type]), "multimodal": True,
+                   **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw and k not in text}}
+            model_type = raw["model_type"]
         if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"{source}: model_type {model_type!r} is not supported; "
@@ -243,6 +267,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling!r}")
         if isinstance(rope, dict) and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
+        if isinstance(rope, dict) and "partial_rotary_factor" in rope:
+            kwargs["partial_rotary_factor"] = rope["partial_rotary_factor"]
         if scaling:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -344,13 +370,25 @@ class ModelConfig:
         bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
         dense = 3 * h * i + bias(i)
         total = v * h * (1 if self.tie_word_embeddings else 2) + h
+        hybrid = self.model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+        if hybrid:
+            attn += h * hd * nh  # gated attention: q_proj also yields the output gate
+        kd, vd = self.linear_num_key_heads * self.linear_key_head_dim, self.linear_num_value_heads * self.linear_value_head_dim
+        nv = self.linear_num_value_heads
+        # Gated DeltaNet: q/k/v/z and b/a projections, depthwise conv, dt_bias + A_log, gated norm, out_proj
+        linear = h * (2 * kd + 2 * vd + 2 * nv) + (2 * kd + vd) * self.linear_conv_kernel_dim + 2 * nv \
+            + self.linear_value_head_dim + vd * h
+        types = self.layer_types or []
         for layer in range(self.num_hidden_layers):
             if self.is_moe_layer(layer):
                 im = self.moe_intermediate_size
                 mlp = self.num_local_experts * h + experts * (3 * h * im + bias(im))  # router + experts
+                if self.shared_expert_intermediate_size:  # the shared expert and its gate
+                    mlp += 3 * h * self.shared_expert_intermediate_size + h
             else:
                 mlp = dense
-            total += attn + mlp + 2 * h
+            mixer = linear if layer < len(types) and types[layer] == "linear_attention" else attn
+            total += mixer + mlp + 2 * h
         return total
 
 

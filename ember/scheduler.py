@@ -143,7 +143,7 @@ class BatchScheduler:
 
             num_blocks = default_kv_pool_blocks(self.config, self.device, self.dtype, max_batch, block_size,
                                                 prefill_chunk, kv_memory_bytes)
-        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device, max_seqs=max_batch)
         self.pool = self.cache.pool
         self.vocab_size = self.config.vocab_size
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -332,6 +332,10 @@ class BatchScheduler:
                 keep.append(s)
                 continue
             usable = (s.n_prompt - 1) // bs  # always compute at least the last prompt token (for its logits)
+            if self.cache.states is not None:
+                # Prefix caching is off for models with recurrent layers: a cached block holds keys/values but
+                # not the recurrent state after it (no snapshots at block boundaries), so a hit cannot skip it.
+                usable = 0
             matched: list[int] = []
             for key in s.keys[:usable]:
                 b = pool.lookup(key)
@@ -401,7 +405,8 @@ class BatchScheduler:
                 s.table.append(self.pool.allocate())
                 s.reserve -= 1
                 self._reserved -= 1
-        batch = self.cache.batch([s.table for s in seqs], [s.computed for s in seqs], news)
+        slots = [s.state_slot for s in seqs] if self.cache.states is not None else None
+        batch = self.cache.batch([s.table for s in seqs], [s.computed for s in seqs], news, slots)
         T = batch.T
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, (s, n) in enumerate(zip(seqs, news)):

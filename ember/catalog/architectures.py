@@ -199,4 +199,31 @@ MODELS: dict[str, dict] = {
                    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     },
+    # ------------------------------------------------------------------ hybrids with recurrent state (docs/hybrid.md)
+    "qwen3.5-27b": {
+        "hf_id": "Qwen/Qwen3.5-27B", "aliases": ["qwen3.5"],
+        "published": {"params": 27e9, "source": "Qwen3.5-27B model card (27B)"},
+        "config": {"model_type": "qwen3_5_text", "vocab_size": 248320, "hidden_size": 5120, "intermediate_size": 17408,
+                   "num_hidden_layers": 64, "num_attention_heads": 24, "num_key_value_heads": 4, "head_dim": 256,
+                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 16,
+                   "linear_num_key_heads": 16, "linear_num_value_heads": 48, "linear_key_head_dim": 128,
+                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "max_position_embeddings": 262144,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "qwen3-next-80b-a3b": {
+        "hf_id": "Qwen/Qwen3-Next-80B-A3B-Instruct", "aliases": ["qwen3-next"],
+        # the card's "3B activated" leaves the embeddings out, so only the total is checked
+        "published": {"params": 80e9, "source": "Qwen3-Next-80B-A3B model card (80B total)"},
+        "config": {"model_type": "qwen3_next", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5120,
+                   "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
+                   "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+                   "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+                   "shared_expert_intermediate_size": 512, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                   "norm_topk_prob": True, "max_position_embeddings": 262144,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
 }

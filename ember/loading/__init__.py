@@ -13,6 +13,7 @@ from ember.loading.dtypes import DTYPE_NAMES, device_supports_bf16, resolve_dtyp
 from ember.loading.moe import expert_layout_view
 from ember.loading.quantized import load_quantized_weights
 from ember.loading.safetensors import Checkpoint, check_layers, load_weights
+from ember.loading.wrappers import text_model_view
 from ember.models import Transformer
 
 __all__ = ["DTYPE_NAMES", "Checkpoint", "check_layers", "device_supports_bf16", "load_model", "load_quantized_weights", "load_weights",
@@ -37,9 +38,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    raw_ckpt = Checkpoint(folder)
-    check_layers(cfg, raw_ckpt)  # before anything is built for the sizes config.json claims
-    ckpt = expert_layout_view(raw_ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
+    ckpt, extra = text_model_view(Checkpoint(folder), cfg)  # multimodal wrappers; mtp.* kept apart
+    check_layers(cfg, ckpt)  # before anything is built for the sizes config.json claims
+    ckpt = expert_layout_view(ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
@@ -52,6 +53,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
+    model.extra_weights = extra  # tensors outside the forward pass (mtp.* heads for speculative decoding)
     model.eval().requires_grad_(False)
     return model
 

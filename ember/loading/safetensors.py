@@ -193,11 +193,6 @@ class Checkpoint:
                         "convert them to safetensors)") if pickles else ""
                 raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
 
-    def layer_count(self) -> int:
-        """Decoder layers the tensors hold: 1 + the largest N in ``model.layers.N.*`` (0 if none)."""
-        found = [int(m.group(1)) for n in self.where if (m := _LAYER.match(n))]
-        return max(found) + 1 if found else 0
-
     def names(self) -> list[str]:
         return list(self.where)
 
@@ -235,7 +230,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def check_layers(cfg: ModelConfig, ckpt: "Checkpoint") -> None:
+def check_layers(cfg: ModelConfig, ckpt) -> None:
     """Refuse a config whose sizes the checkpoint's tensors contradict, before any model is built.
 
     Compares ``num_hidden_layers`` with the layers present and ``vocab_size``/``hidden_size`` with the
@@ -245,12 +240,13 @@ def check_layers(cfg: ModelConfig, ckpt: "Checkpoint") -> None:
     Raises:
         CheckpointError: naming config.json's value and what the tensors hold.
     """
-    have = ckpt.layer_count()
+    found = [int(m.group(1)) for n in ckpt.names() if (m := _LAYER.match(n))]
+    have = max(found) + 1 if found else 0
     if have != cfg.num_hidden_layers:
         raise CheckpointError(f"{ckpt.folder}: config.json says num_hidden_layers = {cfg.num_hidden_layers} but the "
                               f"checkpoint holds {have} layer(s) of tensors; the config does not belong to these weights")
     emb = "model.embed_tokens.weight"
-    if emb in ckpt.where:
+    if emb in set(ckpt.names()):
         shape = tuple(ckpt.info(emb).shape)
         want = (cfg.vocab_size, cfg.hidden_size)
         if shape != want:

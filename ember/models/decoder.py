@@ -24,6 +24,7 @@ from ember.models.attention import Attention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm
+from ember.models.qwen3_next import HybridDecoderLayer
 
 # attention kind -> (cfg, layer index, sliding window or None) -> module
 ATTENTION_CLASSES: dict[str, Callable[[ModelConfig, int, int | None], nn.Module]] = {
@@ -37,15 +38,26 @@ MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
 }
 
 
+# layer_types entries that are recurrent mixers, not attention (their family's layer class builds them)
+RECURRENT_TYPES = ("linear_attention",)
+
+
 def attention_types(cfg: ModelConfig) -> list[str]:
-    """Each layer's attention kind (a key of ``ATTENTION_CLASSES``)."""
-    return ["full_attention" if cfg.layer_window(i) is None else "sliding_attention"
+    """Each layer's attention kind (a key of ``ATTENTION_CLASSES``, or a ``RECURRENT_TYPES`` mixer)."""
+    types = cfg.layer_types or []
+    return [types[i] if i < len(types) and types[i] in RECURRENT_TYPES
+            else "full_attention" if cfg.layer_window(i) is None else "sliding_attention"
             for i in range(cfg.num_hidden_layers)]
 
 
 def mlp_types(cfg: ModelConfig) -> list[str]:
     """Each layer's MLP kind (a key of ``MLP_CLASSES``)."""
     return ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+
+
+def layer_class(cfg: ModelConfig) -> type[nn.Module]:
+    """The decoder layer class of ``cfg``'s family: :class:`DecoderLayer`, or a row of ``LAYER_CLASSES``."""
+    return LAYER_CLASSES.get(cfg.model_type, DecoderLayer)
 
 
 class DecoderLayer(nn.Module):
@@ -66,3 +78,12 @@ class DecoderLayer(nn.Module):
         """x (B, T, H) -> (B, T, H); ``mask`` is this layer's (its window's), ``cache`` the model's."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# model_type -> decoder layer class, for families whose layers differ from DecoderLayer beyond its two tables
+# (same constructor and forward signature; a ``final_norm`` class attribute names the model's final norm)
+LAYER_CLASSES: dict[str, type[nn.Module]] = {
+    "qwen3_next": HybridDecoderLayer,
+    "qwen3_5_text": HybridDecoderLayer,
+    "qwen3_5_moe_text": HybridDecoderLayer,
+}

@@ -11,7 +11,7 @@ from ember.config import ModelConfig
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor:
     """Inverse RoPE frequencies, (hd/2,) fp32, including ``linear`` and ``llama3`` scaling."""
-    dim = cfg.head_dim
+    dim = int(cfg.head_dim * cfg.partial_rotary_factor)  # partial RoPE rotates the first `dim` dims only
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = cfg.rope_scaling
     if not scaling:

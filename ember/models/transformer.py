@@ -16,7 +16,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.models import accel
 from ember.models.attention import KVStore, build_mask
-from ember.models.decoder import DecoderLayer, attention_types, mlp_types
+from ember.models.decoder import attention_types, layer_class, mlp_types
 from ember.models.linear import Linear
 from ember.models.norms import RMSNorm
 from ember.models.rope import rope_cos_sin, rope_inv_freq
@@ -29,8 +29,9 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         kinds = zip(attention_types(cfg), mlp_types(cfg))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, a, m) for i, (a, m) in enumerate(kinds))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        layer = layer_class(cfg)
+        self.layers = nn.ModuleList(layer(cfg, i, a, m) for i, (a, m) in enumerate(kinds))
+        self.norm = getattr(layer, "final_norm", RMSNorm)(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Transformer(nn.Module):

@@ -157,9 +157,17 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype: str = 
     """
     if cap_window is None:
         cap_window = kv_caps_window()
+    import torch  # noqa: PLC0415  (ember.cache needs it; `ember plan` alone does not import torch early)
+
+    from ember.cache import bytes_per_sequence, layer_specs
+
     per_slot = cfg.num_key_value_heads * cfg.head_dim * 2 * DTYPE_BYTES[dtype]
     total = 0
+    specs = layer_specs(cfg)
     for layer in range(cfg.num_hidden_layers):
+        if specs[layer].kind == "recurrent":  # fixed state per sequence, whatever the context (ember.cache)
+            total += bytes_per_sequence(specs[layer], torch.float32, context)
+            continue
         w = cfg.layer_window(layer) if cap_window else None
         total += (min(context, w) if w else context) * per_slot
     return total * batch

@@ -1,0 +1,47 @@
+"""Checkpoints whose language model sits inside a bigger one: multimodal wrappers and multi-token prediction.
+
+* A multimodal wrapper (``Qwen3_5ForConditionalGeneration``; ``ModelConfig.multimodal``) stores the language
+  model under ``model.language_model.`` and its vision tower under ``model.visual.``: the view presents the
+  language model under the plain names (``model.layers.0...``) and leaves the vision tower out.
+* Multi-token-prediction heads (``mtp.*``, Qwen3-Next / Qwen3.5) are not part of the decoder's forward pass:
+  they are held apart, as the mapped tensors, for a speculative decoder to use (``model.extra_weights``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ember.config import ModelConfig
+from ember.loading.moe import ExpertLayoutView
+from ember.loading.safetensors import Checkpoint
+
+LANGUAGE_MODEL = "model.language_model."
+VISION = ("model.visual.", "visual.")
+MTP = "mtp."
+
+
+def text_model_view(ckpt: Checkpoint, cfg: ModelConfig) -> tuple[Checkpoint | ExpertLayoutView, dict[str, torch.Tensor]]:
+    """The checkpoint seen as its text model, and the ``mtp.*`` tensors kept apart (mapped, not copied).
+
+    Checkpoints with neither come back unchanged. Prints one line on stderr when a vision tower is skipped.
+    """
+    names = ckpt.names()
+    mtp = [n for n in names if n.startswith(MTP)]
+    wrapped = cfg.multimodal or any(n.startswith(LANGUAGE_MODEL) for n in names)
+    if not mtp and not wrapped:
+        return ckpt, {}
+    sources: dict[str, tuple[str, None]] = {}
+    vision = 0
+    for n in names:
+        if n.startswith(MTP):
+            continue
+        if n.startswith(VISION):
+            vision += 1
+            continue
+        sources[n.replace(LANGUAGE_MODEL, "model.", 1) if n.startswith(LANGUAGE_MODEL) else n] = (n, None)
+    if wrapped:
+        print(f"[ember] {ckpt.folder}: multimodal checkpoint: running its text model; the vision tower "
+              f"({vision} tensors) is skipped", file=sys.stderr)
+    return ExpertLayoutView(ckpt, sources), {n: ckpt.get(n) for n in mtp}

@@ -1,0 +1,225 @@
+"""Hybrid models with recurrent state (Qwen3-Next, Qwen3.5, Qwen3.5-MoE) against HF transformers.
+
+Tiny random checkpoints written with ``save_pretrained``; fp32 logits within 1e-4 of HF at prefill and every
+decode step, ragged batches, chunked prefill, greedy generations, and the scheduler's state slots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ember
+from conftest import save_word_tokenizer
+from ember.cache import PagedKVCache, StaticKVCache, bytes_per_sequence, layer_specs
+from ember.config import ModelConfig
+from ember.loading import load_model
+from ember.models.gated_deltanet import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ember.sampling import SamplingParams
+from ember.scheduler import BatchScheduler, SeqRequest
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=512, linear_conv_kernel_dim=4,
+            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+
+
+def _hf_model(family: str):
+    """A random HF model of ``family`` with non-trivial norm weights (norms init at 0 or 1 hide bugs)."""
+    torch.manual_seed(0)
+    if family == "qwen3_next":
+        model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3NextConfig(**TEXT, **MOE))
+    elif family == "qwen3_5_text":
+        model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5TextConfig(**TEXT))
+    elif family == "qwen3_5":  # the multimodal wrapper
+        cfg = transformers.Qwen3_5Config(text_config=TEXT, vision_config=VISION)
+        model = transformers.Qwen3_5ForConditionalGeneration(cfg)
+    elif family == "qwen3_5_moe":
+        cfg = transformers.Qwen3_5MoeConfig(text_config={**TEXT, **MOE}, vision_config=VISION)
+        model = transformers.Qwen3_5MoeForConditionalGeneration(cfg)
+    else:
+        raise KeyError(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cache: dict = {}
+
+    def make(family: str):
+        if family not in cache:
+            model = _hf_model(family)
+            folder = Path(tmp_path_factory.mktemp(f"hybrid-{family}"))
+            model.save_pretrained(folder)
+            save_word_tokenizer(folder)
+            cache[family] = (folder, model)
+        return cache[family]
+
+    return make
+
+
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5", "qwen3_5_moe"]
+
+
+def _hf_logits(hf, ids, mask=None):
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_logits_match_hf(checkpoint, family):
+    folder, hf = checkpoint(family)
+    model = load_model(folder, dtype="fp32")
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (1, 90))  # > one 64-token chunk of the delta rule
+    cache = StaticKVCache(model.config, 1, 100, torch.float32, "cpu")
+    with torch.no_grad():
+        out = model(ids, cache=cache)
+        cache.advance(ids.shape[1])
+        assert (out - _hf_logits(hf, ids)).abs().max() < 1e-4
+        for _ in range(4):
+            nxt = torch.randint(3, 256, (1, 1))
+            ids = torch.cat([ids, nxt], 1)
+            step = model(nxt, cache=cache, start=cache.pos)[:, -1]
+            cache.advance(1)
+            assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+def test_ragged_batch_matches_hf_rows(checkpoint, family):
+    """Left-padded rows of different lengths: every row's logits equal HF's for it alone, prefill and decode."""
+    folder, hf = checkpoint(family)
+    model = load_model(folder, dtype="fp32")
+    torch.manual_seed(2)
+    rows = [torch.randint(3, 256, (n,)) for n in (7, 70, 33)]
+    longest, B = max(len(r) for r in rows), len(rows)
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    valid = torch.zeros(B, longest + 3, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = r
+        valid[i, longest - len(r):] = True
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp_min(0)
+    cache = StaticKVCache(model.config, B, longest + 3, torch.float32, "cpu")
+    with torch.no_grad():
+        out = model(ids, positions, cache, 0, valid, last_only=True)[:, -1]
+        cache.advance(longest)
+        nxt = torch.randint(3, 256, (B, 3))
+        steps = []
+        for t in range(3):
+            pos = positions[:, -1:] + 1 + t
+            steps.append(model(nxt[:, t:t + 1], pos, cache, cache.pos, valid)[:, -1])
+            cache.advance(1)
+    for i, r in enumerate(rows):
+        assert (out[i] - _hf_logits(hf, r[None])[0, -1]).abs().max() < 1e-4
+        for t in range(3):
+            full = torch.cat([r, nxt[i, :t + 1]])[None]
+            assert (steps[t][i] - _hf_logits(hf, full)[0, -1]).abs().max() < 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(checkpoint):
+    folder, _ = checkpoint("qwen3_5_text")
+    model = load_model(folder, dtype="fp32")
+    ids = torch.randint(3, 256, (2, 150))
+    with torch.no_grad():
+        whole = model(ids)
+        cache = StaticKVCache(model.config, 2, 150, torch.float32, "cpu")
+        parts = []
+        for a, b in ((0, 10), (10, 80), (80, 81), (81, 150)):
+            parts.append(model(ids[:, a:b], cache=cache, start=a))
+            cache.advance(b - a)
+    assert (torch.cat(parts, 1) - whole).abs().max() < 1e-4
+
+
+def test_chunked_delta_rule_equals_recurrence():
+    torch.manual_seed(3)
+    B, H, T, dk, dv = 2, 3, 150, 8, 4
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, dk), dim=-1) for _ in range(2))
+    v = torch.randn(B, H, T, dv)
+    g, beta = -torch.rand(B, H, T) * 3, torch.rand(B, H, T)
+    s0 = torch.randn(B, H, dk, dv)
+    o1, s1 = chunk_gated_delta_rule(q, k, v, g, beta, s0, chunk=16)
+    o2, s2 = recurrent_gated_delta_rule(q, k, v, g, beta, s0)
+    assert (o1 - o2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe"])
+def test_greedy_generation_matches_hf(checkpoint, family):
+    folder, hf = checkpoint(family)
+    llm = ember.load(folder, dtype="fp32")
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 29)]
+    results = llm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
+    for p, r in zip(prompts, results):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert r.token_ids == ref
+
+
+def test_wrapper_config_and_mtp_weights_kept(checkpoint, tmp_path):
+    folder, _ = checkpoint("qwen3_5")
+    cfg = ModelConfig.from_file(folder)
+    assert cfg.model_type == "qwen3_5_text" and cfg.multimodal and cfg.partial_rotary_factor == 0.25
+    # a published checkpoint also carries the multi-token-prediction head: it loads and is kept, not rejected
+    import shutil
+
+    copy = tmp_path / "with-mtp"
+    shutil.copytree(folder, copy)
+    tensors = load_file(copy / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.randn(64, 128)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(copy, dtype="fp32")
+    assert torch.equal(model.extra_weights["mtp.fc.weight"], tensors["mtp.fc.weight"])
+
+
+def test_state_is_priced_per_sequence():
+    cfg = ModelConfig.from_dict({"model_type": "qwen3_5_text", **TEXT,
+                                 "layer_types": ["linear_attention"] * 3 + ["full_attention"]})
+    specs = layer_specs(cfg)
+    assert [s.kind for s in specs] == ["recurrent"] * 3 + ["full_attention"]
+    conv = 2 * 2 * 16 + 4 * 16
+    expect = (conv * 3 + 4 * 16 * 16) * 4  # fp32 state
+    assert bytes_per_sequence(specs[0], torch.bfloat16, 10) == expect
+    assert bytes_per_sequence(specs[0], torch.bfloat16, 100_000) == expect
+    assert PagedKVCache.bytes_per_token(cfg, torch.bfloat16) == 2 * 2 * 32 * 2  # one attention layer's k/v
+
+
+def test_scheduler_serves_concurrent_sequences_with_state(checkpoint):
+    folder, _ = checkpoint("qwen3_next")
+    llm = ember.load(folder, dtype="fp32")
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (40, 9, 23)]
+    alone = [llm.generate(p, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    sched = BatchScheduler(llm, max_batch=2, block_size=8, prefill_chunk=16)  # chunked prefill, 2 state slots
+    got: dict[int, list[int]] = {}
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    ids = sched.submit([SeqRequest(p, params, on_event=lambda e: got.setdefault(e.seq_id, []).append(e.token_id))
+                        for p in prompts])
+    sched.run_until_idle()
+    assert [got[i] for i in ids] == alone
+    assert sched.cache.states.num_free == 2 and sched.metrics()["prefix_hit_tokens"] == 0
+
+    # cancel frees the slot: a cancelled sequence's slot goes to the next one, whose output is unaffected
+    got.clear()
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+    first = sched.submit([SeqRequest(prompts[0], long, on_event=lambda e: got.setdefault(e.seq_id, []).append(1))])
+    for _ in range(3):
+        sched.step()
+    assert sched.cache.states.num_free == 1
+    sched.cancel(first[0])
+    sched.step()
+    assert sched.cache.states.num_free == 2
+    again = sched.submit([SeqRequest(prompts[1], params, on_event=lambda e: got.setdefault(e.seq_id, []).append(
+        e.token_id))])
+    sched.run_until_idle()
+    assert got[again[0]] == alone[1] and sched.cache.states.num_free == 2
