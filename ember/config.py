@@ -26,12 +26,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # when config.json says norm_topk_prob (HF default False), so that row leaves it to the file.
     "mixtral": {"norm_topk_prob": True},
     "qwen3_moe": {"qk_norm": True},
+    # gpt-oss: learned per-head attention sinks, biases on q/k/v/o, alternating sliding/full layers
+    # (layer_types), YaRN RoPE, a biased top-k router and clamped-SwiGLU experts with biases.
+    "gpt_oss": {"attention_bias": True, "attention_sinks": True},
 }
 
 # HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
 _ALIASES = {"num_experts": "num_local_experts"}
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
@@ -74,9 +77,12 @@ class ModelConfig:
     decoder_sparse_step: int = 1     # Qwen3-MoE: layer i is MoE when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training only)
+    swiglu_alpha: float = 1.702      # gpt-oss experts: sigmoid gain of the clamped SwiGLU ...
+    swiglu_limit: float = 7.0        # ... and the clamp on its gate (above) and up (both sides) inputs
     # Derived / family fields (not HF keys, or HF keys with family-specific meaning).
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
+    attention_sinks: bool = False    # gpt-oss: a learned logit per head joins each softmax (self_attn.sinks)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -218,13 +224,17 @@ class ModelConfig:
             attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
         if self.qk_norm:
             attn += 2 * hd
-        bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
+        if self.attention_sinks:
+            attn += nh
+        expert_bias = self.mlp_bias or self.model_type == "gpt_oss"  # gpt-oss experts and router carry biases
+        bias = (lambda width: (2 * width + h) if expert_bias else 0)
         dense = 3 * h * i + bias(i)
         total = v * h * (1 if self.tie_word_embeddings else 2) + h
         for layer in range(self.num_hidden_layers):
             if self.is_moe_layer(layer):
                 im = self.moe_intermediate_size
-                mlp = self.num_local_experts * h + experts * (3 * h * im + bias(im))  # router + experts
+                router = self.num_local_experts * (h + (1 if self.model_type == "gpt_oss" else 0))
+                mlp = router + experts * (3 * h * im + bias(im))  # router + experts
             else:
                 mlp = dense
             total += attn + mlp + 2 * h

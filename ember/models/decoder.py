@@ -21,6 +21,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.models.attention import Attention
+from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm
@@ -29,23 +30,28 @@ from ember.models.norms import RMSNorm
 ATTENTION_CLASSES: dict[str, Callable[[ModelConfig, int, int | None], nn.Module]] = {
     "full_attention": Attention,
     "sliding_attention": Attention,  # the same projections; the model's mask hides keys outside the window
+    "sink_attention": SinkAttention,  # gpt-oss: learned per-head sinks; full or windowed per layer_types
 }
 # MLP kind -> (cfg) -> module
 MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "dense": MLP,
     "moe": SparseMoE,
+    "gpt_oss_moe": GptOssMLP,  # biased top-k router, clamped-SwiGLU experts in HF's fused layout
 }
 
 
 def attention_types(cfg: ModelConfig) -> list[str]:
     """Each layer's attention kind (a key of ``ATTENTION_CLASSES``)."""
+    if cfg.attention_sinks:
+        return ["sink_attention"] * cfg.num_hidden_layers
     return ["full_attention" if cfg.layer_window(i) is None else "sliding_attention"
             for i in range(cfg.num_hidden_layers)]
 
 
 def mlp_types(cfg: ModelConfig) -> list[str]:
     """Each layer's MLP kind (a key of ``MLP_CLASSES``)."""
-    return ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+    moe = "gpt_oss_moe" if cfg.model_type == "gpt_oss" else "moe"
+    return [moe if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
 
 
 class DecoderLayer(nn.Module):
@@ -55,7 +61,7 @@ class DecoderLayer(nn.Module):
                  mlp_type: str = "dense") -> None:
         super().__init__()
         self.attention_type, self.mlp_type = attention_type, mlp_type
-        self.window = cfg.layer_window(layer) if attention_type == "sliding_attention" else None
+        self.window = None if attention_type == "full_attention" else cfg.layer_window(layer)
         self.self_attn = ATTENTION_CLASSES[attention_type](cfg, layer, self.window)
         self.mlp = MLP_CLASSES[mlp_type](cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
