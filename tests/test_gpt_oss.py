@@ -150,3 +150,20 @@ def test_batch_and_scheduler_equal_generate_alone(gpt_oss_checkpoint):
     ids = sched.submit(reqs)
     sched.run_until_idle()
     assert [events[i] for i in ids] == alone
+
+
+def test_sliding_layers_keep_only_their_window_and_the_planner_prices_that(gpt_oss_checkpoint):
+    from ember.cache import cache_bytes, ring_layers
+    from ember.planner import kv_cache_bytes
+
+    folder, _ = gpt_oss_checkpoint
+    cfg = load_model(folder, dtype="fp32").config
+    assert ring_layers(cfg) == {0, 2}
+    cache = StaticKVCache(cfg, 2, 100, torch.float32, "cpu")
+    per_token = 2 * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # batch 2, k and v, fp32
+    assert cache.nbytes() == per_token * (100 + 2 * 6)  # one full layer of 100 slots, two rings of 6
+    assert cache.nbytes() == cache_bytes(cfg, torch.float32, 100, batch=2)
+    with pytest.raises(ValueError, match="ring"):
+        cache.layer_tensors(0)
+    # the planner's KV price: full context on the full layer, the window on the sliding ones
+    assert kv_cache_bytes(cfg, 1000, 1, "bf16") == 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (1000 + 2 * 6)

@@ -74,6 +74,10 @@ class SinkAttention(Attention):
             k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        if mask is not None and mask.shape[-1] > k.shape[2]:
+            # a cache that keeps only this layer's window (ember.cache.ring_layers) returned the last S slots' keys;
+            # the model's mask covers every slot, and its last S columns are theirs
+            mask = mask[..., -k.shape[2]:]
         if mask is None and is_causal and T > 1:
             mask = causal_mask(T, k.shape[2], x.device)
         return self.o_proj(sink_attention(q, k, v, self.sinks, mask))
