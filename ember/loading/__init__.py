@@ -57,9 +57,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         path: folder with config.json and safetensors weights.
         device: where the weights go ("cpu", "cuda", "cuda:1").
         dtype: "auto", "bf16", "fp16", "fp32" or a torch dtype.
-        quant: None/"none", "int8", "int4" or "nf4": quantize each Linear as its weight is read
+        quant: None/"none", "int8", "int4", "nf4" or "mxfp4": quantize each Linear as its weight is read
             (peak memory ~ the quantized model). A folder written by ``ember quantize`` (config.json
-            has a ``quantization`` section) loads as stored, with no re-quantization.
+            has a ``quantization`` section) loads as stored, with no re-quantization; so does a gpt-oss folder
+            with ``quantization_config.quant_method: mxfp4`` (as published). ``mxfp4`` on a float gpt-oss
+            folder quantizes its experts only, as published.
         group_size: int4 group size (32, 64, 128; default 128).
         lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
     """
@@ -72,7 +74,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if (quant is not None and quant != "none") or "quantization" in cfg.extra:
+    from ember.quant.mxfp4_checkpoint import is_mxfp4_checkpoint
+
+    wants = (quant or "none").lower()
+    if is_mxfp4_checkpoint(cfg.extra) or (wants == "mxfp4" and cfg.model_type == "gpt_oss"):
+        # gpt-oss as published: MXFP4 experts read as stored (or quantized from a float folder), the rest float
+        from ember.quant import mxfp4_checkpoint
+
+        if is_mxfp4_checkpoint(cfg.extra):
+            if wants not in ("none", "mxfp4"):
+                from ember.errors import QuantizationError
+
+                raise QuantizationError(f"{folder}: checkpoint is MXFP4 (quantization_config); load it without "
+                                        f"--quant (or with --quant mxfp4)")
+            mxfp4_checkpoint.load_mxfp4_weights(model, ckpt, dt, device)
+        else:
+            load_weights(model, ckpt, dt, device, ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+            mxfp4_checkpoint.quantize_experts(model)
+            cfg.extra[mxfp4_checkpoint.HF_SECTION] = mxfp4_checkpoint.hf_quantization_config()
+    elif (quant is not None and quant != "none") or "quantization" in cfg.extra:
         from ember.quant import load_quantized_weights
 
         load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head)
