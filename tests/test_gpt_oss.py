@@ -4,6 +4,7 @@ generation through ``ember.load`` and the continuous-batching scheduler."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,52 @@ def test_sliding_layers_keep_only_their_window_and_the_planner_prices_that(gpt_o
         cache.layer_tensors(0)
     # the planner's KV price: full context on the full layer, the window on the sliding ones
     assert kv_cache_bytes(cfg, 1000, 1, "bf16") == 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (1000 + 2 * 6)
+
+
+# ---------------------------------------------------------------- harmony output parsing
+HARMONY_OUT = ("<|channel|>analysis<|message|>User wants weather. Call the tool.<|end|>"
+               "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+               '{"city": "Oslo"}<|call|>')
+
+
+def _collect(deltas):
+    from ember.chat_formats import ParsedOutput
+
+    p = ParsedOutput()
+    p.add(deltas)
+    return p
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_harmony_reasoning_and_tool_call_streamed_in_any_chunks(chunk):
+    from ember.chat_formats import FORMATS, detect_format
+
+    fmt = detect_format("{{ '<|start|>' + role + '<|channel|>' + channel + '<|message|>' }}")
+    assert fmt is FORMATS["harmony"]
+    parser = fmt.output_parser(True)
+    deltas = []
+    for i in range(0, len(HARMONY_OUT), chunk):
+        deltas += parser.feed(HARMONY_OUT[i:i + chunk])
+    deltas += parser.finish()
+    reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
+    assert reasoning == "User wants weather. Call the tool."
+    assert not any(d.kind == "content" for d in deltas)
+    calls = [d for d in deltas if d.kind == "call"]
+    assert [c.name for c in calls] == ["get_weather"]
+    assert json.loads("".join(d.text for d in deltas if d.kind == "args")) == {"city": "Oslo"}
+
+
+def test_harmony_final_channel_is_content_and_markers_never_leak():
+    from ember.chat_formats import HarmonyParser
+
+    out = ("<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>"
+           "The answer is 4.<|return|>")
+    parser = HarmonyParser(tools=False)
+    deltas = [d for ch in out for d in parser.feed(ch)] + parser.finish()
+    assert "".join(d.text for d in deltas if d.kind == "content") == "The answer is 4."
+    assert "".join(d.text for d in deltas if d.kind == "reasoning") == "think"
+    assert not any("<|" in d.text for d in deltas)
+    # a malformed call body is kept as content, not dropped
+    bad = HarmonyParser(tools=True)
+    deltas = bad.feed("<|channel|>commentary to=functions.f<|message|>not json<|call|>") + bad.finish()
+    assert [(d.kind, d.text) for d in deltas] == [("content", "not json")]
