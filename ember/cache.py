@@ -12,8 +12,10 @@ from the same numbers as the caches allocate.
 
 ``StaticKVCache`` preallocates every layer's keys/values once for a batch (``Engine.generate``):
 all rows share slot indices; shorter prompts are left-padded and the padding slots are masked out
-(``k_valid`` in :meth:`ember.models.Transformer.forward`). Today's families keep full keys/values in every
-layer (a sliding-window layer masks the keys outside its window).
+(``k_valid`` in :meth:`ember.models.Transformer.forward`). A sliding-window layer whose attention takes a
+ring (:func:`ring_layers`: gpt-oss) keeps only its window in a :class:`SlidingWindowKV`; the other families'
+sliding layers keep every slot and mask the older keys (their fused CPU decode kernels write into full-length
+buffers).
 
 ``PagedKVCache`` keeps keys/values in fixed-size blocks from one pool (block tables, vLLM style) for
 the continuous-batching scheduler: sequences join and leave at any step, blocks are freed on finish
@@ -92,6 +94,15 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     return out
 
 
+def ring_layers(cfg: ModelConfig) -> frozenset[int]:
+    """The sliding-window layers whose :class:`StaticKVCache` keeps only the window (a ring). Their attention must
+    take keys of the window only (it cuts the model's mask to the keys the cache returns): gpt-oss's
+    :class:`~ember.models.gpt_oss.SinkAttention` does (``attention_sinks``)."""
+    if not cfg.attention_sinks:
+        return frozenset()
+    return frozenset(i for i in range(cfg.num_hidden_layers) if cfg.layer_window(i) is not None)
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
@@ -126,15 +137,19 @@ class StaticKVCache:
     :meth:`update` writes at the current position and returns views over the filled slots.
     """
 
-    caps_sliding_window = False  # every layer keeps max_len slots (sliding layers mask the older keys)
+    caps_sliding_window = False  # in general every layer keeps max_len slots; see ring_layers for the exceptions
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.specs = layer_specs(cfg)
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        # a recurrent layer keeps no keys/values (an empty tensor keeps the lists indexed by layer) but its state
-        kv = [s.kind != "recurrent" for s in self.specs]
-        self.k = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in kv]
-        self.v = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in kv]
+        # layers that keep only their window (when it is shorter than max_len): a ring each, no full buffer
+        self.rings = {i: SlidingWindowKV(batch, cfg.num_key_value_heads, cfg.head_dim, self.specs[i].window, dtype, device)
+                      for i in ring_layers(cfg) if self.specs[i].window < max_len}
+        # a ring layer or a recurrent layer keeps no full keys/values (an empty tensor keeps the lists indexed by
+        # layer); a recurrent layer keeps its state instead
+        full = [s.kind != "recurrent" and i not in self.rings for i, s in enumerate(self.specs)]
+        self.k = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in full]
+        self.v = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in full]
         self.states: dict[int, tuple[torch.Tensor, ...]] = {
             i: tuple(torch.zeros(batch, *shape, dtype=RECURRENT_STATE_DTYPE, device=device) for shape in s.state_shapes)
             for i, s in enumerate(self.specs) if s.kind == "recurrent"}
@@ -152,17 +167,24 @@ class StaticKVCache:
             t.copy_(s)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, nkv, T, hd) at slots pos..pos+T-1; return (B, nkv, pos+T, hd) views."""
+        """Write k/v (B, nkv, T, hd) at slots pos..pos+T-1; return (B, nkv, pos+T, hd) views. A ring layer returns
+        only the last ``min(pos, window - 1) + T`` slots' keys/values (the ones its queries can see)."""
         T = k.shape[2]
         end = self.pos + T
         if end > self.max_len:
             raise IndexError(f"KV cache full: {end} slots needed, {self.max_len} allocated")
+        ring = self.rings.get(layer)
+        if ring is not None:
+            keys, values, _ = ring.update(k, v)
+            return keys, values
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole (B, nkv, max_len, hd) key and value buffers of ``layer`` (for kernels that write in place)."""
+        if layer in self.rings:
+            raise ValueError(f"layer {layer} keeps only its window in a ring; it has no full-length buffers")
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
@@ -170,8 +192,9 @@ class StaticKVCache:
         self.pos += n
 
     def nbytes(self) -> int:
-        """Bytes held by the cache (keys/values and recurrent state)."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + [x for s in self.states.values() for x in s])
+        """Bytes held by the cache (keys/values, window rings and recurrent state)."""
+        return (sum(t.numel() * t.element_size() for t in self.k + self.v + [x for s in self.states.values() for x in s])
+                + sum(r.nbytes() for r in self.rings.values()))
 
 
 class BlockPool:

@@ -32,6 +32,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"qk_norm": True},
     "qwen3_5_text": {"qk_norm": True},
     "qwen3_5_moe_text": {"qk_norm": True, "norm_topk_prob": True},  # its router always renormalises
+    # gpt-oss: learned per-head attention sinks, biases on q/k/v/o, alternating sliding/full layers
+    # (layer_types), YaRN RoPE, a biased top-k router and clamped-SwiGLU experts with biases.
+    "gpt_oss": {"attention_bias": True, "attention_sinks": True},
 }
 
 # Multimodal wrappers (``...ForConditionalGeneration``): config.json nests the language model in ``text_config``
@@ -41,7 +44,7 @@ MULTIMODAL_WRAPPERS: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe":
 # HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
 _ALIASES = {"num_experts": "num_local_experts"}
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 # Plain sanity bounds, well above every released model (the largest have ~262k vocabularies, 16k
 # hidden sizes, ~130 layers, 10M-token contexts). A value past one is a corrupt or hostile file: it is
@@ -104,9 +107,12 @@ class ModelConfig:
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 4
     multimodal: bool = False         # read from a multimodal wrapper's text_config (vision tower skipped)
+    swiglu_alpha: float = 1.702      # gpt-oss experts: sigmoid gain of the clamped SwiGLU ...
+    swiglu_limit: float = 7.0        # ... and the clamp on its gate (above) and up (both sides) inputs
     # Derived / family fields (not HF keys, or HF keys with family-specific meaning).
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
+    attention_sinks: bool = False    # gpt-oss: a learned logit per head joins each softmax (self_attn.sinks)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     # Where the values came from, for error messages (not a field: not compared, copied or saved).
     source: dataclasses.InitVar[str] = "ModelConfig"
@@ -367,7 +373,10 @@ class ModelConfig:
             attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
         if self.qk_norm:
             attn += 2 * hd
-        bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
+        if self.attention_sinks:
+            attn += nh
+        expert_bias = self.mlp_bias or self.model_type == "gpt_oss"  # gpt-oss experts and router carry biases
+        bias = (lambda width: (2 * width + h) if expert_bias else 0)
         dense = 3 * h * i + bias(i)
         total = v * h * (1 if self.tie_word_embeddings else 2) + h
         hybrid = self.model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -382,7 +391,8 @@ class ModelConfig:
         for layer in range(self.num_hidden_layers):
             if self.is_moe_layer(layer):
                 im = self.moe_intermediate_size
-                mlp = self.num_local_experts * h + experts * (3 * h * im + bias(im))  # router + experts
+                router = self.num_local_experts * (h + (1 if self.model_type == "gpt_oss" else 0))
+                mlp = router + experts * (3 * h * im + bias(im))  # router + experts
                 if self.shared_expert_intermediate_size:  # the shared expert and its gate
                     mlp += 3 * h * self.shared_expert_intermediate_size + h
             else:

@@ -15,6 +15,9 @@ _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "
 _LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
+
 MODELS: dict[str, dict] = {
     # ------------------------------------------------------------------ Llama
     "llama-3.1-8b": {
@@ -178,6 +181,33 @@ MODELS: dict[str, dict] = {
                    "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
                    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    # ------------------------------------------------------------------ gpt-oss (OpenAI; experts published in MXFP4)
+    "gpt-oss-20b": {
+        "hf_id": "openai/gpt-oss-20b", "aliases": ["gpt-oss:20b"],
+        "published": {"params": 20.9e9, "active_params": 3.61e9 + 0.579e9,
+                      "source": "gpt-oss model card (20.9B; 3.61B active, which leaves out the 0.579B embedding table "
+                                "that Ember's active count includes)"},
+        "config": {"model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+                   "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+                   "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128,
+                   "layer_types": ["sliding_attention", "full_attention"] * 12,
+                   "max_position_embeddings": 131072, "rope_theta": 150000.0, "rope_scaling": _GPT_OSS_ROPE,
+                   "rms_norm_eps": 1e-5, "swiglu_limit": 7.0, "attention_bias": True, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16"},
+    },
+    "gpt-oss-120b": {
+        "hf_id": "openai/gpt-oss-120b", "aliases": ["gpt-oss:120b"],
+        "published": {"params": 116.8e9, "active_params": 5.13e9 + 0.579e9,
+                      "source": "gpt-oss model card (116.8B; 5.13B active, which leaves out the 0.579B embedding "
+                                "table that Ember's active count includes)"},
+        "config": {"model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+                   "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+                   "num_local_experts": 128, "num_experts_per_tok": 4, "sliding_window": 128,
+                   "layer_types": ["sliding_attention", "full_attention"] * 18,
+                   "max_position_embeddings": 131072, "rope_theta": 150000.0, "rope_scaling": _GPT_OSS_ROPE,
+                   "rms_norm_eps": 1e-5, "swiglu_limit": 7.0, "attention_bias": True, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16"},
     },
     "qwen3-30b-a3b": {
         "hf_id": "Qwen/Qwen3-30B-A3B", "aliases": ["qwen3-30b"],

@@ -15,13 +15,14 @@ subclass (its markers, ``matches`` on the chat template, ``parse_body`` if its c
 from __future__ import annotations
 
 from ember.chat_formats.base import Delta, ToolCall, ToolFormat, new_call_id
+from ember.chat_formats.harmony import Harmony, HarmonyParser
 from ember.chat_formats.hermes import Hermes, fallback_system_prompt
 from ember.chat_formats.llama3 import Llama3
 from ember.chat_formats.mistral import Mistral
 from ember.chat_formats.parser import THINK_CLOSE, THINK_OPEN, ForcedCallParser, OutputParser, ParsedOutput
 
 # Checked in order against the chat template's source; Hermes is also the default.
-FORMATS: dict[str, ToolFormat] = {f.name: f for f in (Mistral(), Llama3(), Hermes())}
+FORMATS: dict[str, ToolFormat] = {f.name: f for f in (Harmony(), Mistral(), Llama3(), Hermes())}
 
 
 def detect_format(template: str) -> ToolFormat:
@@ -38,8 +39,9 @@ def template_has_tools(template: str) -> bool:
 
 
 def is_reasoning_template(template: str) -> bool:
-    """True when a chat template writes ``<think>`` (a reasoning model: Qwen3, DeepSeek-R1 distills, GLM)."""
-    return THINK_OPEN in template or "enable_thinking" in template
+    """True when a chat template writes ``<think>`` (a reasoning model: Qwen3, DeepSeek-R1 distills, GLM) or
+    harmony's analysis channel (gpt-oss)."""
+    return THINK_OPEN in template or "enable_thinking" in template or Harmony().matches(template)
 
 
 def prompt_in_reasoning(prompt: str) -> bool:
@@ -47,6 +49,6 @@ def prompt_in_reasoning(prompt: str) -> bool:
     return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
 
 
-__all__ = ["FORMATS", "Delta", "ForcedCallParser", "OutputParser", "ParsedOutput", "ToolCall", "ToolFormat",
+__all__ = ["FORMATS", "Delta", "ForcedCallParser", "Harmony", "HarmonyParser", "OutputParser", "ParsedOutput", "ToolCall", "ToolFormat",
            "detect_format", "fallback_system_prompt", "is_reasoning_template", "new_call_id", "prompt_in_reasoning",
            "template_has_tools"]

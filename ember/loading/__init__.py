@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ember.config import ModelConfig
-from ember.errors import CheckpointError
+from ember.errors import CheckpointError, QuantizationError
 from ember.loading.dtypes import DTYPE_NAMES, device_supports_bf16, resolve_dtype
+from ember.loading import mxfp4
 from ember.loading.moe import expert_layout_view
 from ember.loading.quantized import load_quantized_weights
 from ember.loading.safetensors import Checkpoint, check_layers, load_weights
@@ -28,9 +29,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         path: folder with config.json and safetensors weights.
         device: where the weights go ("cpu", "cuda", "cuda:1").
         dtype: "auto", "bf16", "fp16", "fp32" or a torch dtype.
-        quant: None/"none", "int8", "int4" or "nf4": quantize each Linear as its weight is read
+        quant: None/"none", "int8", "int4", "nf4" or "mxfp4": quantize each Linear as its weight is read
             (peak memory ~ the quantized model). A folder written by ``ember quantize`` (config.json
-            has a ``quantization`` section) loads as stored, with no re-quantization.
+            has a ``quantization`` section) loads as stored, with no re-quantization; so does a gpt-oss folder
+            with ``quantization_config.quant_method: mxfp4`` (as published). ``mxfp4`` on a float gpt-oss
+            folder quantizes its experts only, as published.
         group_size: int4 group size (32, 64, 128; default 128).
         lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
     """
@@ -45,7 +48,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if (quant is not None and quant != "none") or "quantization" in cfg.extra:
+    wants = (quant or "none").lower()
+    if mxfp4.is_mxfp4_checkpoint(cfg.extra) or (wants == "mxfp4" and cfg.model_type == "gpt_oss"):
+        # gpt-oss as published: MXFP4 experts read as stored (or quantized from a float folder), the rest float
+        if mxfp4.is_mxfp4_checkpoint(cfg.extra):
+            if wants not in ("none", "mxfp4"):
+                raise QuantizationError(f"{folder}: checkpoint is MXFP4 (quantization_config); load it without "
+                                        f"--quant (or with --quant mxfp4)")
+            mxfp4.load_mxfp4_weights(model, ckpt, dt, device)
+        else:
+            load_weights(model, ckpt, dt, device, ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+            mxfp4.quantize_experts(model)
+            cfg.extra[mxfp4.HF_SECTION] = mxfp4.hf_quantization_config()
+    elif (quant is not None and quant != "none") or "quantization" in cfg.extra:
         load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head)
     else:
         ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()

@@ -97,7 +97,7 @@ def expert_layout_view(ckpt: Checkpoint, cfg: ModelConfig) -> Checkpoint | Exper
         CheckpointError: a fused expert tensor that is not 3-D (E, rows, cols) with an even
             ``gate_up_proj`` row count, or two checkpoint tensors that map to one name.
     """
-    if not cfg.num_local_experts:
+    if not cfg.num_local_experts or cfg.model_type == "gpt_oss":  # gpt-oss keeps HF's fused expert tensors
         return ckpt
     sources: dict[str, _Source] = {}
 

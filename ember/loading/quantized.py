@@ -175,8 +175,17 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     """
     spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
     if spec is None:
-        raise QuantizationError("--to must be int8, int4 or nf4")
+        raise QuantizationError("--to must be int8, int4, nf4 or mxfp4")
     folder, dest = Path(src), Path(out)
+    if spec.mode == "mxfp4" and (folder / "config.json").is_file() \
+            and json.loads((folder / "config.json").read_text()).get("model_type") == "gpt_oss":
+        # gpt-oss: the layout the hub publishes (MXFP4 experts, the rest float, HF's quantization_config)
+        from ember.loading.mxfp4 import quantize_gpt_oss_checkpoint
+
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
+            raise OutputExistsError(f"{dest}: exists and is not an empty folder; choose another -o or pass --overwrite")
+        return quantize_gpt_oss_checkpoint(folder, dest, device=device, max_shard_bytes=max_shard_bytes,
+                                           overwrite=overwrite)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     if dest.resolve() == folder.resolve():

@@ -21,6 +21,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.models.attention import Attention
+from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm
@@ -30,11 +31,13 @@ from ember.models.qwen3_next import HybridDecoderLayer
 ATTENTION_CLASSES: dict[str, Callable[[ModelConfig, int, int | None], nn.Module]] = {
     "full_attention": Attention,
     "sliding_attention": Attention,  # the same projections; the model's mask hides keys outside the window
+    "sink_attention": SinkAttention,  # gpt-oss: learned per-head sinks; full or windowed per layer_types
 }
 # MLP kind -> (cfg) -> module
 MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "dense": MLP,
     "moe": SparseMoE,
+    "gpt_oss_moe": GptOssMLP,  # biased top-k router, clamped-SwiGLU experts in HF's fused layout
 }
 
 
@@ -46,13 +49,15 @@ def attention_types(cfg: ModelConfig) -> list[str]:
     """Each layer's attention kind (a key of ``ATTENTION_CLASSES``, or a ``RECURRENT_TYPES`` mixer)."""
     types = cfg.layer_types or []
     return [types[i] if i < len(types) and types[i] in RECURRENT_TYPES
+            else "sink_attention" if cfg.attention_sinks
             else "full_attention" if cfg.layer_window(i) is None else "sliding_attention"
             for i in range(cfg.num_hidden_layers)]
 
 
 def mlp_types(cfg: ModelConfig) -> list[str]:
     """Each layer's MLP kind (a key of ``MLP_CLASSES``)."""
-    return ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+    moe = "gpt_oss_moe" if cfg.model_type == "gpt_oss" else "moe"
+    return [moe if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
 
 
 def layer_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -67,7 +72,7 @@ class DecoderLayer(nn.Module):
                  mlp_type: str = "dense") -> None:
         super().__init__()
         self.attention_type, self.mlp_type = attention_type, mlp_type
-        self.window = cfg.layer_window(layer) if attention_type == "sliding_attention" else None
+        self.window = None if attention_type == "full_attention" else cfg.layer_window(layer)
         self.self_attn = ATTENTION_CLASSES[attention_type](cfg, layer, self.window)
         self.mlp = MLP_CLASSES[mlp_type](cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

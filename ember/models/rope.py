@@ -1,4 +1,4 @@
-"""Rotary position embeddings: frequencies (with ``linear`` and ``llama3`` scaling), tables, rotation."""
+"""Rotary position embeddings: frequencies (with ``linear``, ``llama3`` and ``yarn`` scaling), tables, rotation."""
 
 from __future__ import annotations
 
@@ -32,13 +32,71 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg, scaling, device)
     raise ValueError(f"unsupported rope type {kind!r}")  # ModelConfig rejects these earlier
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for ``positions`` (B, T) -> two (B, T, hd) tensors in ``dtype``."""
+def _yarn_factor(cfg: ModelConfig, scaling: dict) -> float:
+    factor = scaling.get("factor")
+    if factor is None:  # DeepSeek-style configs: the ratio of the two context lengths
+        factor = cfg.max_position_embeddings / scaling["original_max_position_embeddings"]
+    return float(factor)
+
+
+def _yarn_inv_freq(cfg: ModelConfig, scaling: dict, device) -> torch.Tensor:
+    """YaRN (HF's ``_compute_yarn_parameters``): each frequency is interpolated (divided by ``factor``) or
+    extrapolated (kept) by how many turns it makes over the original context; a linear ramp between the
+    ``beta_fast``/``beta_slow`` correction dimensions blends the two."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    factor = _yarn_factor(cfg, scaling)
+    old_ctx = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over old_ctx
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as HF: avoid a zero-width ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).to(torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate (low frequencies)
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN multiplies cos/sin by (1.0 for every other rope type): ``attention_factor`` if the
+    config gives it, else ``0.1 ln(factor) + 1`` (or the ratio of two such terms with ``mscale``/``mscale_all_dim``)."""
+    scaling = cfg.rope_scaling
+    if not scaling or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(cfg, scaling)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(factor, m) / mscale(factor, m_all))
+    return mscale(factor)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``positions`` (B, T) -> two (B, T, hd) tensors in ``dtype``, times ``scale`` (YaRN's
+    attention factor, applied in fp32 before the cast as HF does)."""
     freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2) fp32, exact product like HF
     emb = torch.cat((freqs, freqs), dim=-1)
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -19,7 +19,7 @@ from ember.models.attention import KVStore, build_mask
 from ember.models.decoder import attention_types, layer_class, mlp_types
 from ember.models.linear import Linear
 from ember.models.norms import RMSNorm
-from ember.models.rope import rope_cos_sin, rope_inv_freq
+from ember.models.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 
 
 class Backbone(nn.Module):
@@ -46,6 +46,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE frequencies are derived, not stored in checkpoints; (re)made by reset_rope().
         self.register_buffer("inv_freq", rope_inv_freq(cfg, "cpu" if _on_meta() else None), persistent=False)
+        self.rope_scale = rope_attention_factor(cfg)  # YaRN scales cos/sin; 1.0 otherwise
         self._windows = sorted({layer.window for layer in self.model.layers}, key=lambda w: (w is not None, w or 0))
 
     def weight_bytes_per_token(self) -> int:
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, hd)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.rope_scale)  # (B, T, hd)
         fast = accel.model_forward
         if fast is not None:
             out = fast(self, x, cos, sin, cache, start, k_valid, last_only, hidden_only, session)

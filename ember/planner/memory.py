@@ -155,22 +155,21 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype: str = 
         cap_window: keep only ``sliding_window`` slots in windowed layers; default: what Ember's
             cache does (today it allocates the full context in every layer).
     """
-    if cap_window is None:
-        cap_window = kv_caps_window()
     import torch  # noqa: PLC0415  (ember.cache needs it; `ember plan` alone does not import torch early)
 
-    from ember.cache import bytes_per_sequence, layer_specs
+    from ember.cache import bytes_per_sequence, layer_specs, ring_layers
 
-    per_slot = cfg.num_key_value_heads * cfg.head_dim * 2 * DTYPE_BYTES[dtype]
-    total = 0
-    specs = layer_specs(cfg)
-    for layer in range(cfg.num_hidden_layers):
-        if specs[layer].kind == "recurrent":  # fixed state per sequence, whatever the context (ember.cache)
-            total += bytes_per_sequence(specs[layer], torch.float32, context)
+    rings = ring_layers(cfg)  # the layers Ember's cache keeps only the window of (gpt-oss's sliding layers)
+    if cap_window is None:
+        cap_window = kv_caps_window()
+    total = 0.0
+    for i, spec in enumerate(layer_specs(cfg)):
+        if spec.kind == "recurrent":  # a fixed fp32 state per sequence, whatever the context or dtype
+            total += bytes_per_sequence(spec, torch.float32, context)
             continue
-        w = cfg.layer_window(layer) if cap_window else None
-        total += (min(context, w) if w else context) * per_slot
-    return total * batch
+        # ember.cache prices the held slots; at 1 byte per element its bytes are the element count
+        total += bytes_per_sequence(spec, torch.uint8, context, cap_window or i in rings) * DTYPE_BYTES[dtype]
+    return int(total * batch)
 
 
 def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16") -> float:

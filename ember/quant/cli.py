@@ -15,14 +15,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ember.quant.quantize import DEFAULT_LM_HEAD, LM_HEAD_CHOICES
 
     p = subparsers.add_parser(
-        "quantize", help="write a weight-only quantized copy of a checkpoint folder (int8, int4, nf4)",
+        "quantize", help="write a weight-only quantized copy of a checkpoint folder (int8, int4, nf4, mxfp4)",
         description="Quantize every Linear layer of MODEL_DIR (except MoE routers; an untied LM head goes to int8 "
                     "unless --lm-head says otherwise) layer by layer and write OUT_DIR: safetensors of the quantized "
                     "tensors plus a 'quantization' section in config.json, tokenizer files copied along. "
                     "`ember generate OUT_DIR ...` loads it directly.")
     p.add_argument("model", metavar="MODEL_DIR", help="HF checkpoint folder (config.json, *.safetensors)")
-    p.add_argument("--to", required=True, choices=["int8", "int4", "nf4"], dest="to",
-                   help="int8: per-channel scales; int4: groups with scale+zero; nf4: bitsandbytes NF4 (block 64)")
+    p.add_argument("--to", required=True, choices=["int8", "int4", "nf4", "mxfp4"], dest="to",
+                   help="int8: per-channel scales; int4: groups with scale+zero; nf4: bitsandbytes NF4 (block 64); "
+                        "mxfp4: OCP MXFP4 (E2M1 + E8M0 per 32; gpt-oss: the experts only, as published)")
     p.add_argument("--group-size", type=int, default=None, choices=list(GROUP_SIZES),
                    help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder to write (must not exist or be empty)")

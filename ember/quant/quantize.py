@@ -42,20 +42,23 @@ from ember.quant.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES, Int4Linear
 from ember.quant.int8 import Int8Linear
 from ember.quant.nf4 import BLOCK_SIZE as NF4_BLOCK_SIZE
 from ember.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, NF4Linear
+from ember.quant.mxfp4 import BLOCK as MXFP4_BLOCK
+from ember.quant.mxfp4 import Mxfp4Linear
 
-MODES = ("int8", "int4", "nf4")
-CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
+MODES = ("int8", "int4", "nf4", "mxfp4")
+CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear,
+                                             "mxfp4": Mxfp4Linear}
 SECTION = "quantization"  # config.json key
 FORMAT_VERSION = 2  # 2: the LM head may have its own format (section key ``lm_head``)
 DEFAULT_LM_HEAD = "int8"  # the head's format under --quant / ember quantize unless told otherwise
-LM_HEAD_CHOICES = ("int8", "int4", "nf4", "same", "none")  # what --lm-head takes
+LM_HEAD_CHOICES = ("int8", "int4", "nf4", "mxfp4", "same", "none")  # what --lm-head takes
 
 
 def section_lm_head(section: dict[str, Any]) -> str:
     """The head's format a config.json ``quantization`` section states ("none" or a mode, unchecked);
     a version 1 section says it with ``quantize_lm_head`` (the same mode as the rest, or none)."""
     return section.get("lm_head", section.get("method") if section.get("quantize_lm_head", False) else "none")
-ROUTER = re.compile(r"(^|\.)mlp\.gate$")
+ROUTER = re.compile(r"(^|\.)mlp\.(gate|router)$")  # Mixtral/Qwen3-MoE's and gpt-oss's routers
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -116,6 +119,9 @@ class QuantSpec:
         elif self.mode == "int4":
             out.update(group_size=self.group_size, symmetric=False,
                        formula="w = (q - 8) * scale + zero, q in 0..15, per group of group_size inputs")
+        elif self.mode == "mxfp4":
+            out.update(block_size=MXFP4_BLOCK, code="fp4 e2m1 (OCP MX)", scale="e8m0 per block",
+                       tensors="<module>.weight_blocks (out, in/32, 16) uint8, <module>.weight_scales (out, in/32) uint8")
         else:
             out.update(block_size=NF4_BLOCK_SIZE, code="nf4 (bitsandbytes)", double_quant=self.double_quant,
                        double_quant_block_size=DOUBLE_QUANT_BLOCK_SIZE if self.double_quant else None)
@@ -200,6 +206,9 @@ def _check_shapes(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
             hint = f"use group size {fits[-1]}" if fits else f"skip it (skip=('{name.rsplit('.', 1)[-1]}',))"
             raise QuantizationError(f"{name}.weight: in_features {in_f} is not a multiple of the int4 group size "
                                     f"{s.group_size}; {hint}")
+        if mode == "mxfp4" and in_f % MXFP4_BLOCK:
+            raise QuantizationError(f"{name}.weight: MXFP4 scales blocks of {MXFP4_BLOCK} inputs; in_features {in_f} "
+                                    f"is not a multiple of {MXFP4_BLOCK}; use int8 or skip it")
         if mode == "nf4" and in_f % 2:
             raise QuantizationError(f"{name}.weight: NF4 packs two values per byte; in_features {in_f} is odd")
 
@@ -303,6 +312,9 @@ def _expected_state(cls: type[QuantizedLinear], spec: QuantSpec, out_f: int, in_
     if cls is Int4Linear:
         g = (out_f, in_f // spec.group_size)
         return {"weight": ((out_f, in_f // 2), "uint8"), "scales": (g, "float"), "zeros": (g, "float")}
+    if cls is Mxfp4Linear:
+        g = (out_f, in_f // MXFP4_BLOCK)
+        return {"weight_blocks": ((*g, MXFP4_BLOCK // 2), "uint8"), "weight_scales": (g, "uint8")}
     blocks = -(-out_f * in_f // NF4_BLOCK_SIZE)
     if not spec.double_quant:
         return {"weight": ((out_f, in_f // 2), "uint8"), "absmax": ((blocks,), "float")}

@@ -80,7 +80,7 @@ def hidden_states(model: Transformer, input_ids: torch.Tensor, positions: torch.
     """
     B, T = input_ids.shape
     x = model.model.embed_tokens(input_ids)  # (B, T, H)
-    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype, getattr(model, "rope_scale", 1.0))
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
     masks = layer_masks(model, T, segments, input_ids.device)
     use_ckpt = grad_checkpoint and torch.is_grad_enabled()

@@ -1,0 +1,212 @@
+"""MXFP4 (OCP Microscaling FP4): the codec against the spec's definition in float64, the CPU kernel and the tiled
+fallback against the dequantized weight, gpt-oss MXFP4 checkpoints (written by ``ember quantize --to mxfp4``,
+the layout the hub publishes) against HF on a dequantized copy, memory as stored, and located errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.errors import CheckpointError
+from ember.loading import load_model
+from ember.quant.mxfp4 import (Mxfp4Experts, Mxfp4Linear, dequantize_mxfp4, mxfp4_matmul, quantize_mxfp4)
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0, table of FP4 E2M1 magnitudes
+
+
+def spec_value(code: int) -> float:
+    """E2M1 by its bit fields (s e1 e0 m, exponent bias 1; exponent 0 is subnormal), in float64."""
+    s, e, m = code >> 3, (code >> 1) & 3, code & 1
+    mag = (m / 2) * 2.0 ** (1 - 1) if e == 0 else (1 + m / 2) * 2.0 ** (e - 1)
+    return -mag if s else mag
+
+
+def reference_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Element by element in float64: value = E2M1(code) * 2^(scale - 127), element 2j in the low nibble."""
+    rows, G, _ = blocks.shape
+    out = torch.empty(rows, G * 32, dtype=torch.float64)
+    for r in range(rows):
+        for g in range(G):
+            x = 2.0 ** (int(scales[r, g]) - 127)
+            for j in range(16):
+                b = int(blocks[r, g, j])
+                out[r, g * 32 + 2 * j] = spec_value(b & 15) * x
+                out[r, g * 32 + 2 * j + 1] = spec_value(b >> 4) * x
+    return out
+
+
+def test_e2m1_bit_fields_are_the_spec_table():
+    assert [spec_value(c) for c in range(8)] == E2M1
+    assert [spec_value(c) for c in range(8, 16)] == [-v for v in E2M1]
+
+
+def test_dequantize_equals_the_float64_spec_definition():
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (5, 3, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 150, (5, 3), dtype=torch.uint8, generator=g)
+    scales[0, 0], scales[1, 1] = 0, 252  # 2^-127 (subnormal in fp32) and 2^125 (x6 is still a finite fp32)
+    got = dequantize_mxfp4(blocks, scales, torch.float32).double()
+    assert torch.equal(got, reference_dequantize(blocks, scales))
+
+
+def test_quantize_follows_the_spec_rounding():
+    # block max 6 -> shared exponent floor(log2 6) - 2 = 0; values round to the nearest E2M1, ties to the even code
+    vals = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.3, -2.9, 7.5] + [0.0] * 21)
+    blocks, scales = quantize_mxfp4(vals[None])
+    assert scales.tolist() == [[127 + 1]] or scales.tolist() == [[127]]
+    deq = dequantize_mxfp4(blocks, scales)[0]
+    x = 2.0 ** (int(scales[0, 0]) - 127)
+    assert x == 2.0 ** (math.floor(math.log2(7.5)) - 2)  # the block max is 7.5: exponent 0
+    want = [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.5, -3.0, 6.0]  # 7.5 saturates at 6
+    assert deq[:11].tolist() == want
+    # a random weight: within half the largest E2M1 gap (2 scale units) of its value, except values past 6 units
+    # (the block max is 4..8 units by the exponent rule), which saturate at 6
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)) * 3
+    b, s = quantize_mxfp4(w)
+    unit = 2.0 ** (s.float() - 127)[..., None]
+    err = (dequantize_mxfp4(b, s) - w).abs().view(8, 2, 32)
+    inside = w.view(8, 2, 32).abs() <= 6 * unit
+    assert (err[inside] <= unit.expand_as(err)[inside] + 1e-6).all()
+    assert (err <= 2 * unit + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_kernel_and_tiled_fallback_match_the_dequantized_weight(rows, dtype):
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(128, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 128, generator=g))
+    q = Mxfp4Linear.from_linear(lin, dtype=dtype)
+    x = torch.randn(rows, 128, generator=g).to(dtype)
+    w = q.dequantize(torch.float64)
+    ref = x.double() @ w.t() + lin.bias.detach().double()
+    tol = 1e-4 if dtype == torch.float32 else 0.15 * ref.abs().max().item() / 8
+    got = q(x).double()
+    assert (got - ref).abs().max().item() < max(tol, 1e-4)
+    # the tiled dequantize-and-multiply path (what CUDA and kernel-less CPUs run) gives the same
+    import ember.quant.mxfp4 as mx
+    tiled = torch.empty(rows, 96, dtype=dtype)
+    for a in range(0, 96, 32):
+        tiled[:, a:a + 32] = torch.nn.functional.linear(x, mx.dequantize_mxfp4(q.weight_blocks[a:a + 32],
+                                                                              q.weight_scales[a:a + 32], dtype))
+    assert (tiled.double() + lin.bias.detach().double() - ref).abs().max().item() < max(tol, 1e-4)
+
+
+# ---------------------------------------------------------------- gpt-oss checkpoints
+@pytest.fixture(scope="module")
+def mxfp4_gpt_oss(tmp_path_factory):
+    """(float folder, mxfp4 folder written by `ember quantize --to mxfp4`, HF model of the float folder)."""
+    from conftest import save_word_tokenizer
+    from test_gpt_oss import make_hf_gpt_oss
+    from ember.quant import quantize_checkpoint
+
+    hf = make_hf_gpt_oss(seed=3)
+    root = Path(tmp_path_factory.mktemp("mxfp4"))
+    hf.save_pretrained(root / "float")
+    save_word_tokenizer(root / "float")
+    quantize_checkpoint(root / "float", root / "mxfp4", "mxfp4")
+    return root / "float", root / "mxfp4", hf
+
+
+def test_quantize_writes_the_published_layout(mxfp4_gpt_oss):
+    from safetensors import safe_open
+
+    _, folder, hf = mxfp4_gpt_oss
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["quantization_config"]["quant_method"] == "mxfp4" and "quantization" not in raw
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        blocks = f.get_tensor("model.layers.0.mlp.experts.gate_up_proj_blocks")
+        scales = f.get_tensor("model.layers.0.mlp.experts.down_proj_scales")
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in names
+    assert {"model.layers.0.self_attn.sinks", "model.layers.0.mlp.router.weight"} <= names
+    E, H, inter = 4, 64, 32
+    assert blocks.dtype == torch.uint8 and tuple(blocks.shape) == (E, 2 * inter, H // 32, 16)
+    assert scales.dtype == torch.uint8 and tuple(scales.shape) == (E, H, inter // 32)
+    # HF's own dequantization of these tensors (integrations/mxfp4.py) equals ours
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf_deq = convert_moe_packed_tensors(blocks, f_scales := safe_open(str(folder / "model.safetensors"), "pt")
+                                        .get_tensor("model.layers.0.mlp.experts.gate_up_proj_scales"),
+                                        dtype=torch.float32)
+    ours = dequantize_mxfp4(blocks, f_scales).transpose(1, 2)
+    assert torch.equal(hf_deq, ours)
+
+
+def test_loads_as_stored_and_matches_hf_on_a_dequantized_copy(mxfp4_gpt_oss, tmp_path):
+    import transformers
+
+    float_folder, folder, _ = mxfp4_gpt_oss
+    ours = load_model(folder, dtype="fp32")
+    experts = ours.model.layers[0].mlp.experts
+    assert isinstance(experts, Mxfp4Experts) and experts.gate_up_proj_blocks.dtype == torch.uint8
+    # weights held <= 1.1x the checkpoint's bytes (fp32 here: the float parts are stored fp32 too)
+    held = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert held <= 1.1 * stored
+    # HF on a float copy whose experts are our dequantized MXFP4 ones
+    hf = transformers.AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(ours.model.layers):
+            deq = layer.mlp.experts.dequantized(torch.float32)
+            hf.model.layers[i].mlp.experts.gate_up_proj.copy_(deq["gate_up_proj"])
+            hf.model.layers[i].mlp.experts.down_proj.copy_(deq["down_proj"])
+        ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(9))
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert (got - ref).abs().max().item() < 1e-4
+    # the MXFP4 model really differs from the float one (the test would notice a float fallback)
+    float_model = load_model(float_folder, dtype="fp32")
+    with torch.no_grad():
+        assert (float_model(ids) - got).abs().max().item() > 1e-3
+
+
+def test_quant_mxfp4_on_load_equals_the_written_checkpoint(mxfp4_gpt_oss):
+    float_folder, folder, _ = mxfp4_gpt_oss
+    a = load_model(float_folder, dtype="fp32", quant="mxfp4")
+    b = load_model(folder, dtype="fp32")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
+
+
+def test_quant_mxfp4_for_a_dense_family(hf_checkpoint):
+    folder, hf = hf_checkpoint("llama")
+    ours = load_model(folder, dtype="fp32", quant="mxfp4", lm_head="none")
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, Mxfp4Linear)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, ours(ids)
+    # 4-bit weights: close to, not equal to, the float model
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.9
+
+
+def _rewrite(src: Path, dest: Path, edit) -> Path:
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def test_malformed_mxfp4_tensors_give_located_errors(mxfp4_gpt_oss, tmp_path):
+    _, folder, _ = mxfp4_gpt_oss
+    key = "model.layers.1.mlp.experts.down_proj_scales"
+    missing = _rewrite(folder, tmp_path / "missing", lambda t: t.pop(key))
+    with pytest.raises(CheckpointError) as e:
+        load_model(missing)
+    assert key in str(e.value) and "\n" not in str(e.value)
+    bkey = "model.layers.0.mlp.experts.gate_up_proj_blocks"
+    wrong = _rewrite(folder, tmp_path / "wrong", lambda t: t.__setitem__(bkey, t[bkey].reshape(4, 64, 1, 32)))
+    with pytest.raises(CheckpointError) as e:
+        load_model(wrong)
+    msg = str(e.value)
+    assert bkey in msg and "model.safetensors" in msg and "[4, 64, 2, 16]" in msg and "\n" not in msg
