@@ -27,8 +27,6 @@ from ember.loading.safetensors import Checkpoint, load_weights
 from ember.models import Transformer
 from ember.models.gpt_oss import GptOssExperts
 from ember.quant.mxfp4 import Mxfp4Experts, expected_expert_shapes
-from ember.quant.quantize import side_files
-
 HF_SECTION = "quantization_config"
 # what the published checkpoints keep in float (HF's names)
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
@@ -97,6 +95,8 @@ def quantize_gpt_oss_checkpoint(src: str | os.PathLike, dest: str | os.PathLike,
                                 max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> tuple[Path, dict]:
     """Write a float gpt-oss folder as the hub publishes gpt-oss: MXFP4 experts, the rest as stored, and a
     ``quantization_config`` in config.json (atomic folder write; tokenizer and chat template copied)."""
+    from ember.loading.quantized import side_files  # quantized.py dispatches gpt-oss here
+
     folder = Path(src)
     raw = json.loads((folder / "config.json").read_text())
     if is_mxfp4_checkpoint(raw):
