@@ -393,3 +393,19 @@ def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
     fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Files copied next to rewritten weights (quantized, MXFP4): everything small that is not weights or config.
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+_MAX_COPY_BYTES = 64 << 20
+
+
+def side_files(folder: Path) -> dict[str, bytes]:
+    """Tokenizer, generation config, chat template, README ... of a checkpoint folder, name -> bytes."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if (p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NOT_COPIED
+                and p.stat().st_size <= _MAX_COPY_BYTES):
+            out[p.name] = p.read_bytes()
+    return out

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember.checkpoint_io import save_hf_checkpoint
+from ember.checkpoint_io import save_hf_checkpoint, side_files
 from ember.config import ModelConfig
 from ember.errors import CheckpointError, QuantizationError
 from ember.loading.dtypes import resolve_dtype
@@ -27,6 +27,7 @@ from ember.loading.safetensors import Checkpoint, load_weights
 from ember.models import Transformer
 from ember.models.gpt_oss import GptOssExperts
 from ember.quant.mxfp4 import Mxfp4Experts, expected_expert_shapes
+
 HF_SECTION = "quantization_config"
 # what the published checkpoints keep in float (HF's names)
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
@@ -95,8 +96,6 @@ def quantize_gpt_oss_checkpoint(src: str | os.PathLike, dest: str | os.PathLike,
                                 max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> tuple[Path, dict]:
     """Write a float gpt-oss folder as the hub publishes gpt-oss: MXFP4 experts, the rest as stored, and a
     ``quantization_config`` in config.json (atomic folder write; tokenizer and chat template copied)."""
-    from ember.loading.quantized import side_files  # quantized.py dispatches gpt-oss here
-
     folder = Path(src)
     raw = json.loads((folder / "config.json").read_text())
     if is_mxfp4_checkpoint(raw):

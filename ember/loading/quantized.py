@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember.checkpoint_io import remove_stale_checkpoint_temps, save_hf_checkpoint
+from ember.checkpoint_io import remove_stale_checkpoint_temps, save_hf_checkpoint, side_files
 from ember.config import ModelConfig
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading.dtypes import DTYPE_NAMES
@@ -142,22 +142,6 @@ def _load_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype,
 
 
 # ============================================================================== export
-# Files copied next to the quantized weights: everything small that is not weights or config.
-_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json"}
-_MAX_COPY_BYTES = 64 << 20
-
-
-def side_files(folder: Path) -> dict[str, bytes]:
-    """Tokenizer, generation config, chat template, README ... of a checkpoint folder, name -> bytes."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if (p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NOT_COPIED
-                and p.stat().st_size <= _MAX_COPY_BYTES):
-            out[p.name] = p.read_bytes()
-    return out
-
-
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: str, group_size: int | None = None, *,
                         double_quant: bool = True, quantize_lm_head: bool = False, device: str = "cpu",
                         max_shard_bytes: int = 4 << 30, overwrite: bool = False,
