@@ -103,7 +103,7 @@ def mxfp4_gpt_oss(tmp_path_factory):
     """(float folder, mxfp4 folder written by `ember quantize --to mxfp4`, HF model of the float folder)."""
     from conftest import save_word_tokenizer
     from test_gpt_oss import make_hf_gpt_oss
-    from ember.quant import quantize_checkpoint
+    from ember.loading.quantized import quantize_checkpoint
 
     hf = make_hf_gpt_oss(seed=3)
     root = Path(tmp_path_factory.mktemp("mxfp4"))
