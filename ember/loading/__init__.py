@@ -16,13 +16,14 @@ from ember.loading.quantized import load_quantized_weights
 from ember.loading.safetensors import Checkpoint, check_layers, load_weights
 from ember.loading.wrappers import text_model_view
 from ember.models import Transformer
+from ember.quant.quantize import DEFAULT_LM_HEAD
 
 __all__ = ["DTYPE_NAMES", "Checkpoint", "check_layers", "device_supports_bf16", "load_model", "load_quantized_weights", "load_weights",
            "resolve_dtype"]
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", quant: str | None = None,
-               group_size: int | None = None, lm_head: str | None = "int8") -> Transformer:
+               group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD) -> Transformer:
     """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
 
     Args:

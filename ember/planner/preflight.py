@@ -10,7 +10,7 @@ from ember.config import ModelConfig
 from ember.errors import EmberError, InsufficientMemoryError
 from ember.hardware import GiB, Hardware, detect
 from ember.planner.fit import Plan, options, plan, recommend
-from ember.planner.memory import kv_cache_bytes, prefill_activation_bytes, weight_bytes
+from ember.planner.memory import prefill_activation_bytes, weight_bytes
 from ember.planner.source import resolve_model
 from ember.planner.workload import DTYPE_BYTES, QUANTS, Workload, dtype_name
 
@@ -106,7 +106,13 @@ MIN_SEQ_TOKENS = 256
 
 def kv_block_bytes(cfg: ModelConfig, dtype, block_size: int) -> int:
     """Bytes of one paged-KV block: 2 (K and V) x layers x kv_heads x head_dim x block_size x dtype bytes."""
-    return kv_cache_bytes(cfg, block_size, 1, dtype_name(dtype), cap_window=False)
+    import torch  # noqa: PLC0415  (ember.cache needs it; `ember plan` alone does not import torch early)
+
+    from ember.cache import bytes_per_token, layer_specs
+
+    # per token at 1 byte an element, times the dtype's bytes; recurrent layers keep no blocks (their state
+    # is a per-sequence slot, priced by kv_cache_bytes)
+    return sum(bytes_per_token(s, torch.uint8) for s in layer_specs(cfg)) * block_size * DTYPE_BYTES[dtype_name(dtype)]
 
 
 def kv_pool_blocks(cfg: ModelConfig, dtype, budget_bytes: int, max_batch: int, block_size: int,

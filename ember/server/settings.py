@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ember.config import ModelConfig
 from ember.engine import Engine
-from ember.errors import InsufficientMemoryError
 from ember.hardware import GiB
-from ember.cache import PagedKVCache
-
-# The shortest sequence (prompt + completion, tokens) the KV pool must hold for a server to be worth starting;
-# capped at the context. Below that, startup fails with what to change instead of serving 429s forever.
-MIN_SEQ_TOKENS = 256
-
+from ember.planner import MIN_SEQ_TOKENS, kv_block_bytes, kv_pool_blocks  # noqa: F401  (MIN_SEQ_TOKENS: re-exported)
 
 @dataclass
 class ServerSettings:
@@ -70,46 +62,6 @@ class KVPoolPlan:
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 100 else f"{n / 2**20:.2f} MiB"  # tiny test models: MiB
-
-
-def kv_block_bytes(cfg: ModelConfig, dtype, block_size: int) -> int:
-    """Bytes of one KV block: 2 (K and V) x layers x kv_heads x head_dim x block_size x dtype bytes."""
-    return PagedKVCache.bytes_per_token(cfg, dtype) * block_size
-
-
-def kv_pool_blocks(cfg: ModelConfig, dtype, budget_bytes: int, max_batch: int, block_size: int,
-                   context: int | None = None, min_tokens: int = MIN_SEQ_TOKENS) -> int:
-    """Blocks to allocate for the paged KV pool from a byte budget (scratch block included).
-
-    ``min(budget // block_bytes - 1, max_batch x ceil(context / block_size)) + 1``: as many blocks as
-    the budget holds, but no more than ``max_batch`` full-context sequences can use.
-
-    Args:
-        cfg: the model.
-        dtype: the cache's torch dtype (the server's :class:`PagedKVCache` uses the model's compute dtype).
-        budget_bytes: bytes the pool may take (:func:`ember.planner.kv_budget_bytes`).
-        max_batch: sequences decoded together.
-        block_size: tokens per block.
-        context: tokens per sequence (default the model's ``max_position_embeddings``).
-        min_tokens: the pool must hold one sequence of ``min(context, min_tokens)`` tokens.
-    Returns:
-        ``num_blocks`` for :class:`PagedKVCache` (>= 2).
-    Raises:
-        InsufficientMemoryError: the budget does not hold even one minimal sequence.
-    """
-    ctx = context or cfg.max_position_embeddings
-    per_block = kv_block_bytes(cfg, dtype, block_size)
-    fit = budget_bytes // per_block - 1  # the scratch block is allocated too
-    want = max_batch * math.ceil(ctx / block_size)
-    need_tokens = min(ctx, min_tokens)
-    need = math.ceil(need_tokens / block_size)
-    if fit < need:
-        raise InsufficientMemoryError(
-            f"the KV cache needs at least {(need + 1) * per_block / 2**20:.1f} MiB ({need} blocks x {block_size} "
-            f"tokens + 1 scratch block, for one {need_tokens}-token sequence) but the plan leaves "
-            f"{max(0, budget_bytes) / 2**20:.1f} MiB after the weights and activations; free memory, raise "
-            f"--max-memory, lower --max-batch or --prefill-chunk, use --quant, or set --kv-blocks")
-    return min(fit, want) + 1
 
 
 def plan_kv_pool(engine: Engine, settings: ServerSettings) -> KVPoolPlan:
