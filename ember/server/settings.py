@@ -8,6 +8,7 @@ from ember.engine import Engine
 from ember.hardware import GiB
 from ember.planner import MIN_SEQ_TOKENS, kv_block_bytes, kv_pool_blocks  # noqa: F401  (MIN_SEQ_TOKENS: re-exported)
 
+
 @dataclass
 class ServerSettings:
     """How ``ember serve`` runs (see :func:`ember.server.app.create_app`)."""
