@@ -11,6 +11,7 @@ from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import CheckpointError
 from ember.loading.moe import expert_layout_view
+from ember.loading.names import text_model_view
 from ember.loading.safetensors import Checkpoint, load_weights
 from ember.models import Transformer
 
@@ -67,7 +68,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt = expert_layout_view(Checkpoint(folder), cfg)  # MoE: hub/fused expert names -> Ember's
+    ckpt = expert_layout_view(text_model_view(Checkpoint(folder), cfg), cfg)  # multimodal, MoE names -> Ember's
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):

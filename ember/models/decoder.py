@@ -21,6 +21,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.models.attention import Attention
+from ember.models.gemma import GEMMA3_CLASSES
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm
@@ -35,6 +36,19 @@ MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "dense": MLP,
     "moe": SparseMoE,
 }
+
+# model_type -> the pieces a family puts in place of Llama's: an attention kind or MLP kind of the tables above,
+# "layer" (the decoder layer class), "embedding" ((cfg) -> token embedding), "norm" ((dim, eps) -> final norm).
+FAMILY_CLASSES: dict[str, dict[str, Callable]] = {
+    "gemma3_text": GEMMA3_CLASSES,
+    "gemma3": GEMMA3_CLASSES,
+    "gemma2": GEMMA3_CLASSES,
+}
+
+
+def family_class(cfg: ModelConfig, piece: str, default: Callable | None) -> Callable | None:
+    """The class of ``piece`` (a table key, "layer", "embedding" or "norm") for ``cfg``'s family."""
+    return FAMILY_CLASSES.get(cfg.model_type, {}).get(piece, default)
 
 
 def attention_types(cfg: ModelConfig) -> list[str]:
@@ -56,8 +70,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attention_type, self.mlp_type = attention_type, mlp_type
         self.window = cfg.layer_window(layer) if attention_type == "sliding_attention" else None
-        self.self_attn = ATTENTION_CLASSES[attention_type](cfg, layer, self.window)
-        self.mlp = MLP_CLASSES[mlp_type](cfg)
+        self.self_attn = family_class(cfg, attention_type, ATTENTION_CLASSES[attention_type])(cfg, layer, self.window)
+        self.mlp = family_class(cfg, mlp_type, MLP_CLASSES[mlp_type])(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
