@@ -4,6 +4,8 @@ Each layer keeps one of three kinds of state (:func:`layer_specs` reads them fro
 
 * ``"full_attention"``: keys and values of every token (grows with the sequence);
 * ``"sliding_attention"``: keys and values of the last ``window`` tokens only (:class:`SlidingWindowKV`);
+* ``"latent"``: multi-head latent attention's per-token latent (DeepSeek-V3: ``kv_lora_rank`` channels and the
+  shared ``qk_rope_head_dim`` rotated key), one head, not expanded keys/values (grows with the sequence);
 * ``"recurrent"``: a fixed-size state per sequence, e.g. a convolution window and an SSM or delta-rule
   matrix (:class:`RecurrentStateSlots`), whatever the length.
 
@@ -32,7 +34,7 @@ import torch
 
 from ember.config import ModelConfig
 
-LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent")
+LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent", "latent")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class LayerSpec:
         window: tokens a sliding-window layer keeps (None otherwise).
         state_shapes: shapes of the fixed per-sequence tensors of a recurrent layer, e.g.
             ``((conv_dim, conv_kernel - 1), (heads, d_k, d_v))`` for a convolution window and a delta-rule state.
+        rope_dim: a latent layer's rotated-key channels; its ``head_dim`` is the latent's (``kv_lora_rank``), and
+            ``kv_heads`` is 1. The cache's "keys" slot holds the latent, its "values" slot the rotated key.
     """
 
     kind: str
@@ -52,6 +56,7 @@ class LayerSpec:
     head_dim: int = 0
     window: int | None = None
     state_shapes: tuple[tuple[int, ...], ...] = ()
+    rope_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -64,6 +69,9 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     """Each layer's :class:`LayerSpec` from the config (its ``layer_types`` or sliding-window fields)."""
     out = []
     for i in range(cfg.num_hidden_layers):
+        if cfg.kv_lora_rank:  # multi-head latent attention keeps the latent
+            out.append(LayerSpec("latent", 1, cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim))
+            continue
         w = cfg.layer_window(i)
         kind = "full_attention" if w is None else "sliding_attention"
         out.append(LayerSpec(kind, cfg.num_key_value_heads, cfg.head_dim, w))
@@ -79,7 +87,17 @@ def bytes_per_token(spec: LayerSpec, dtype: torch.dtype) -> int:
     recurrent layer. A sliding-window layer stops growing at its window (see :func:`bytes_per_sequence`)."""
     if spec.kind == "recurrent":
         return 0
+    if spec.kind == "latent":
+        return spec.kv_heads * (spec.head_dim + spec.rope_dim) * _element_size(dtype)
     return 2 * spec.kv_heads * spec.head_dim * _element_size(dtype)
+
+
+def kv_shapes(spec: LayerSpec) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, channels) per token of an attention layer's two cached tensors: keys and values, or for a latent
+    layer the latent and the rotated key."""
+    if spec.kind == "latent":
+        return (spec.kv_heads, spec.head_dim), (spec.kv_heads, spec.rope_dim)
+    return (spec.kv_heads, spec.head_dim), (spec.kv_heads, spec.head_dim)
 
 
 def bytes_per_sequence(spec: LayerSpec, dtype: torch.dtype, tokens: int, cap_window: bool = True) -> int:
@@ -108,9 +126,9 @@ class StaticKVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.specs = layer_specs(cfg)
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        shapes = [kv_shapes(s) for s in self.specs]
+        self.k = [torch.zeros((batch, kh, max_len, kd), dtype=dtype, device=device) for (kh, kd), _ in shapes]
+        self.v = [torch.zeros((batch, vh, max_len, vd), dtype=dtype, device=device) for _, (vh, vd) in shapes]
         self.max_len = max_len
         self.pos = 0  # slots filled so far
 
@@ -225,11 +243,12 @@ class PagedKVCache:
         # recurrent layers' per-sequence state (none in today's families): the scheduler admits a sequence
         # only with a free slot and retires its slot with its blocks
         self.states: RecurrentStateSlots | None = None
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        slots = num_blocks * block_size
+        shapes = [kv_shapes(s) for s in self.specs]
         # Uninitialised (on CPU the OS commits pages only when a block is first written); only the scratch
         # block is zeroed: masked padding reads come from its slot 0, and 0 * NaN would still be NaN.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.k = [torch.empty((slots, kh, kd), dtype=dtype, device=device) for (kh, kd), _ in shapes]
+        self.v = [torch.empty((slots, vh, vd), dtype=dtype, device=device) for _, (vh, vd) in shapes]
         for t in self.k + self.v:
             t[:block_size].zero_()
 
@@ -305,11 +324,12 @@ class PagedBatch:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, nkv, T, hd = k.shape
+        nv, dv = v.shape[1], v.shape[3]  # the keys' unless a latent layer (the rotated key's)
         kp, vp = self.cache.k[layer], self.cache.v[layer]
         kp.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, nkv, hd).to(kp.dtype))
-        vp.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, nkv, hd).to(vp.dtype))
+        vp.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, nv, dv).to(vp.dtype))
         keys = kp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)    # (B, nkv, S, hd)
-        values = vp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)
+        values = vp.index_select(0, self.read).view(B, self.S, nv, dv).transpose(1, 2)
         return keys, values
 
 

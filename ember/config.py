@@ -36,7 +36,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma2": {"qk_norm": False, "rope_local_base_freq": None},
     # GLM-4.5/4.6 MoE: partial RoPE, sigmoid router with correction bias and group-limited top-k, shared
     # experts, first_k_dense_replace dense layers (ember/models/routed_moe.py); q/k norm when use_qk_norm.
-    "glm4_moe": {},
+    "glm4_moe": {"qkv_bias_only": True},
     # DeepSeek-V3 (and R1, Kimi K2): multi-head latent attention (ember/models/mla.py) and GLM's router.
     "deepseek_v3": {},
 }

@@ -22,8 +22,10 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.models.attention import Attention
 from ember.models.gemma import GEMMA3_CLASSES
+from ember.models.mla import MLAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
+from ember.models.routed_moe import PartialRopeAttention, RoutedMoE
 from ember.models.norms import RMSNorm
 
 # attention kind -> (cfg, layer index, sliding window or None) -> module
@@ -43,6 +45,8 @@ FAMILY_CLASSES: dict[str, dict[str, Callable]] = {
     "gemma3_text": GEMMA3_CLASSES,
     "gemma3": GEMMA3_CLASSES,
     "gemma2": GEMMA3_CLASSES,
+    "glm4_moe": {"full_attention": PartialRopeAttention, "moe": RoutedMoE},
+    "deepseek_v3": {"full_attention": MLAttention, "moe": RoutedMoE},
 }
 
 
