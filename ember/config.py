@@ -290,22 +290,42 @@ class ModelConfig:
     def _count(self, experts: int) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
-        attn = h * hd * (nh + 2 * nkv) + nh * hd * h
-        if self.attention_bias:
-            attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
-        if self.qk_norm:
-            attn += 2 * hd
+        if self.kv_lora_rank:
+            attn = self._mla_count()
+        else:
+            attn = h * hd * (nh + 2 * nkv) + nh * hd * h
+            if self.attention_bias:
+                attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
+            if self.qk_norm:
+                attn += 2 * hd
         bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
+        layer_norms = (4 if self.sandwich_norms else 2) * h
         dense = 3 * h * i + bias(i)
         total = v * h * (1 if self.tie_word_embeddings else 2) + h
         for layer in range(self.num_hidden_layers):
             if self.is_moe_layer(layer):
                 im = self.moe_intermediate_size
                 mlp = self.num_local_experts * h + experts * (3 * h * im + bias(im))  # router + experts
+                mlp += 3 * h * im * self.n_shared_experts  # shared experts (GLM-4.5, DeepSeek-V3)
             else:
                 mlp = dense
-            total += attn + mlp + 2 * h
+            total += attn + mlp + layer_norms
         return total
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma: four norms per layer (before and after attention and the MLP), not two."""
+        return self.model_type in ("gemma2", "gemma3_text", "gemma3")
+
+    def _mla_count(self) -> int:
+        """Parameters of one multi-head latent attention layer (DeepSeek-V3), its two latent norms included."""
+        h, nh, b = self.hidden_size, self.num_attention_heads, self.attention_bias
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        r, qr = self.kv_lora_rank, self.q_lora_rank
+        q = (h * qr + qr * b + qr + qr * nh * qk) if qr else h * nh * qk
+        kv = h * (r + self.qk_rope_head_dim) + (r + self.qk_rope_head_dim) * b + r
+        kv += r * nh * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + nh * self.v_head_dim * h + h * b
 
 
 def _split_layer_rope(rope: dict[str, Any], kwargs: dict[str, Any], source: str) -> dict[str, Any]:

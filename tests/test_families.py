@@ -165,3 +165,52 @@ def test_continuous_batching_equals_generate_alone(checkpoint, name):
     for p, i in zip(ps, ids):
         want = llm.generate(p, max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids
         assert events[i] == want, f"{name}: prompt of {len(p)} tokens"
+
+
+def _ember_config(name: str):
+    from ember.config import ModelConfig
+
+    hf_cfg = _hf_config(name)
+    return ModelConfig.from_dict({**hf_cfg.to_dict(), "model_type": hf_cfg.model_type})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parameter_count_and_planner_bytes_equal_the_model(name):
+    """num_parameters and the planner's weight bytes count exactly the tensors the model holds (MLA projections,
+    shared experts, sandwich and latent norms included)."""
+    from ember import planner
+    from ember.models import Transformer
+
+    cfg = _ember_config(name)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert cfg.num_parameters() == real
+    assert planner.weight_bytes(cfg, "bf16").total == 2 * real
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "gemma3_text"])
+def test_kv_cache_bytes_equal_the_static_cache(name):
+    """The planner's KV bytes equal what the cache allocates; MLA's are one latent per token per layer."""
+    from ember import planner
+    from ember.cache import bytes_per_token, layer_specs
+
+    cfg = _ember_config(name)
+    cache = StaticKVCache(cfg, 2, 40, torch.bfloat16, "cpu")
+    assert planner.kv_cache_bytes(cfg, 40, 2, "bf16", cap_window=False) == cache.nbytes()
+    if cfg.kv_lora_rank:
+        assert {s.kind for s in layer_specs(cfg)} == {"latent"}
+        per_token = bytes_per_token(layer_specs(cfg)[0], torch.bfloat16)
+        assert per_token == 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        # what expanded keys/values of every head would take instead
+        assert per_token < 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+
+
+def test_catalog_sizes_of_the_new_families():
+    """Published totals (checked within 1% for every catalog entry by test_planner) and the facts the plan uses."""
+    from ember.catalog import get
+
+    assert get("gemma-3-27b").config.layer_types.count("full_attention") == 62 // 6
+    ds = get("deepseek-v3").config
+    assert ds.kv_lora_rank == 512 and not ds.is_moe_layer(2) and ds.is_moe_layer(3)
+    assert get("glm-4.5-air").config.rotary_dim == 64
