@@ -39,6 +39,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "glm4_moe": {"qkv_bias_only": True},
     # DeepSeek-V3 (and R1, Kimi K2): multi-head latent attention (ember/models/mla.py) and GLM's router.
     "deepseek_v3": {},
+    # MiniMax-M2: sigmoid router with correction bias (plain top-k), q/k RMSNorms over all heads at once, partial
+    # RoPE (ember/models/minimax.py); its released config.json gives rotary_dim rather than partial_rotary_factor.
+    "minimax_m2": {"qk_norm": False, "norm_topk_prob": True},
 }
 
 # Checkpoints whose config.json nests the language model's fields under text_config (multimodal ones).
@@ -201,6 +204,8 @@ class ModelConfig:
         rope = raw.get("rope_parameters")
         if isinstance(rope, dict) and "rope_type" not in rope and all(isinstance(v, dict) for v in rope.values()):
             rope = _split_layer_rope(rope, kwargs, source)
+        if isinstance(raw.get("rotary_dim"), int) and kwargs.get("head_dim"):  # MiniMax-M2's released files
+            kwargs["partial_rotary_factor"] = raw["rotary_dim"] / kwargs["head_dim"]
         if isinstance(rope, dict) and "partial_rotary_factor" in rope:
             kwargs["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
         scaling = raw.get("rope_scaling") or (rope if isinstance(rope, dict) else None)
@@ -298,6 +303,8 @@ class ModelConfig:
                 attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
             if self.qk_norm:
                 attn += 2 * hd
+            if self.model_type == "minimax_m2":  # q/k norms over all heads' channels
+                attn += (nh + nkv) * hd
         bias = (lambda width: (2 * width + h) if self.mlp_bias else 0)
         layer_norms = (4 if self.sandwich_norms else 2) * h
         dense = 3 * h * i + bias(i)

@@ -325,6 +325,8 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
     norms = ((4 if cfg.sandwich_norms else 2) * L + 1) * h + (2 * cfg.head_dim * L if cfg.qk_norm else 0)
     norms += L * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank) if cfg.kv_lora_rank else 0  # MLA's latent norms
+    if cfg.model_type == "minimax_m2":  # q/k norms over all heads' channels
+        norms += L * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
     routers = moe_layers * cfg.num_local_experts * h
     active += routers
     return WeightBytes(

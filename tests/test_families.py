@@ -1,4 +1,5 @@
-"""Parity with HF transformers for the families beyond Llama's shape: Gemma 2/3, GLM-4.5 MoE, DeepSeek-V3.
+"""Parity with HF transformers for the families beyond Llama's shape: Gemma 2/3, GLM-4.5 MoE, DeepSeek-V3,
+MiniMax-M2.
 
 Each family is a tiny random checkpoint written by ``save_pretrained``; HF is the oracle. Checked: fp32 logits of a
 left-padded batch of different lengths at prefill and at each decode step (past the sliding window where the family
@@ -45,6 +46,9 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
     "glm4_moe-qknorm": ("Glm4MoeConfig", {**_GLM, "use_qk_norm": True, "n_group": 1, "norm_topk_prob": False,
                                           "attention_bias": False}, None),
     "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK, None),
+    "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=8, num_experts_per_tok=3, head_dim=32,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                            "partial_rotary_factor": 0.5}), None),
     "deepseek_v3-noqlora": ("DeepseekV3Config", {**_DEEPSEEK, "q_lora_rank": None, "rope_interleave": False}, None),
 }
 

@@ -240,4 +240,15 @@ MODELS: dict[str, dict] = {
                    "max_position_embeddings": 163840, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     },
+    "minimax-m2": {
+        "hf_id": "MiniMaxAI/MiniMax-M2", "aliases": ["minimax-m2-229b", "minimax-m2.1"],
+        # "10B active" leaves out the embedding and LM head (ours counts them: 11.0B), so it is not checked.
+        "published": {"params": 229e9, "source": "huggingface.co/MiniMaxAI/MiniMax-M2 (Hub: 229B params; model "
+                      "card: 230B total, 10B active)"},
+        "config": {"model_type": "minimax_m2", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 1536,
+                   "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+                   "num_local_experts": 256, "num_experts_per_tok": 8, "rotary_dim": 64, "rope_theta": 5000000.0,
+                   "max_position_embeddings": 196608, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16"},
+    },
 }

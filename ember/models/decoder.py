@@ -22,6 +22,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.models.attention import Attention
 from ember.models.gemma import GEMMA3_CLASSES
+from ember.models.minimax import MINIMAX_M2_CLASSES
 from ember.models.mla import MLAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
@@ -47,6 +48,7 @@ FAMILY_CLASSES: dict[str, dict[str, Callable]] = {
     "gemma2": GEMMA3_CLASSES,
     "glm4_moe": {"full_attention": PartialRopeAttention, "moe": RoutedMoE},
     "deepseek_v3": {"full_attention": MLAttention, "moe": RoutedMoE},
+    "minimax_m2": MINIMAX_M2_CLASSES,
 }
 
 
