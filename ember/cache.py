@@ -4,6 +4,8 @@ Each layer keeps one of three kinds of state (:func:`layer_specs` reads them fro
 
 * ``"full_attention"``: keys and values of every token (grows with the sequence);
 * ``"sliding_attention"``: keys and values of the last ``window`` tokens only (:class:`SlidingWindowKV`);
+* ``"latent"``: multi-head latent attention's per-token latent (DeepSeek-V3: ``kv_lora_rank`` channels and the
+  shared ``qk_rope_head_dim`` rotated key), one head, not expanded keys/values (grows with the sequence);
 * ``"recurrent"``: a fixed-size state per sequence, e.g. a convolution window and an SSM or delta-rule
   matrix (:class:`RecurrentStateSlots`), whatever the length.
 
@@ -34,7 +36,7 @@ import torch
 
 from ember.config import ModelConfig
 
-LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent")
+LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent", "latent")
 # Recurrent state is summed over every token of a sequence: it is kept in fp32 (as HF keeps it) in every cache.
 RECURRENT_STATE_DTYPE = torch.float32
 
@@ -49,6 +51,8 @@ class LayerSpec:
         window: tokens a sliding-window layer keeps (None otherwise).
         state_shapes: shapes of the fixed per-sequence tensors of a recurrent layer, e.g.
             ``((conv_dim, conv_kernel - 1), (heads, d_k, d_v))`` for a convolution window and a delta-rule state.
+        rope_dim: a latent layer's rotated-key channels; its ``head_dim`` is the latent's (``kv_lora_rank``), and
+            ``kv_heads`` is 1. The cache's "keys" slot holds the latent, its "values" slot the rotated key.
     """
 
     kind: str
@@ -56,6 +60,7 @@ class LayerSpec:
     head_dim: int = 0
     window: int | None = None
     state_shapes: tuple[tuple[int, ...], ...] = ()
+    rope_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -88,6 +93,9 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
         if shapes is not None:
             out.append(LayerSpec("recurrent", state_shapes=shapes))
             continue
+        if cfg.kv_lora_rank:  # multi-head latent attention keeps the latent
+            out.append(LayerSpec("latent", 1, cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim))
+            continue
         w = cfg.layer_window(i)
         kind = "full_attention" if w is None else "sliding_attention"
         out.append(LayerSpec(kind, cfg.num_key_value_heads, cfg.head_dim, w))
@@ -112,7 +120,17 @@ def bytes_per_token(spec: LayerSpec, dtype: torch.dtype) -> int:
     recurrent layer. A sliding-window layer stops growing at its window (see :func:`bytes_per_sequence`)."""
     if spec.kind == "recurrent":
         return 0
+    if spec.kind == "latent":
+        return spec.kv_heads * (spec.head_dim + spec.rope_dim) * _element_size(dtype)
     return 2 * spec.kv_heads * spec.head_dim * _element_size(dtype)
+
+
+def kv_shapes(spec: LayerSpec) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, channels) per token of an attention layer's two cached tensors: keys and values, or for a latent
+    layer the latent and the rotated key."""
+    if spec.kind == "latent":
+        return (spec.kv_heads, spec.head_dim), (spec.kv_heads, spec.rope_dim)
+    return (spec.kv_heads, spec.head_dim), (spec.kv_heads, spec.head_dim)
 
 
 def bytes_per_sequence(spec: LayerSpec, dtype: torch.dtype, tokens: int, cap_window: bool = True) -> int:
@@ -141,15 +159,17 @@ class StaticKVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.specs = layer_specs(cfg)
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         # layers that keep only their window (when it is shorter than max_len): a ring each, no full buffer
         self.rings = {i: SlidingWindowKV(batch, cfg.num_key_value_heads, cfg.head_dim, self.specs[i].window, dtype, device)
                       for i in ring_layers(cfg) if self.specs[i].window < max_len}
         # a ring layer or a recurrent layer keeps no full keys/values (an empty tensor keeps the lists indexed by
-        # layer); a recurrent layer keeps its state instead
+        # layer); a recurrent layer keeps its state instead; a latent layer keeps the latent and the rotated key
         full = [s.kind != "recurrent" and i not in self.rings for i, s in enumerate(self.specs)]
-        self.k = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in full]
-        self.v = [torch.zeros(shape if a else (0,), dtype=dtype, device=device) for a in full]
+        shapes = [kv_shapes(s) for s in self.specs]
+        self.k = [torch.zeros((batch, kh, max_len, kd) if a else (0,), dtype=dtype, device=device)
+                  for a, ((kh, kd), _) in zip(full, shapes)]
+        self.v = [torch.zeros((batch, vh, max_len, vd) if a else (0,), dtype=dtype, device=device)
+                  for a, (_, (vh, vd)) in zip(full, shapes)]
         self.states: dict[int, tuple[torch.Tensor, ...]] = {
             i: tuple(torch.zeros(batch, *shape, dtype=RECURRENT_STATE_DTYPE, device=device) for shape in s.state_shapes)
             for i, s in enumerate(self.specs) if s.kind == "recurrent"}
@@ -287,13 +307,16 @@ class PagedKVCache:
         recurrent = any(s.kind == "recurrent" for s in self.specs)
         self.states: RecurrentStateSlots | None = (
             RecurrentStateSlots(self.specs, max_seqs, RECURRENT_STATE_DTYPE, device) if recurrent else None)
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        slots = num_blocks * block_size
+        shapes = [kv_shapes(s) for s in self.specs]
         # Uninitialised (on CPU the OS commits pages only when a block is first written); only the scratch
         # block is zeroed: masked padding reads come from its slot 0, and 0 * NaN would still be NaN.
         # A recurrent layer has no pool (an empty tensor keeps the lists indexed by layer).
         kv = [s.kind != "recurrent" for s in self.specs]
-        self.k = [torch.empty(shape if a else (0, 1, 1), dtype=dtype, device=device) for a in kv]
-        self.v = [torch.empty(shape if a else (0, 1, 1), dtype=dtype, device=device) for a in kv]
+        self.k = [torch.empty((slots, kh, kd) if a else (0, 1, 1), dtype=dtype, device=device)
+                  for a, ((kh, kd), _) in zip(kv, shapes)]
+        self.v = [torch.empty((slots, vh, vd) if a else (0, 1, 1), dtype=dtype, device=device)
+                  for a, (_, (vh, vd)) in zip(kv, shapes)]
         for t in self.k + self.v:
             t[:block_size].zero_()
 
@@ -382,11 +405,12 @@ class PagedBatch:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, nkv, T, hd = k.shape
+        nv, dv = v.shape[1], v.shape[3]  # the keys' unless a latent layer (the rotated key's)
         kp, vp = self.cache.k[layer], self.cache.v[layer]
         kp.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, nkv, hd).to(kp.dtype))
-        vp.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, nkv, hd).to(vp.dtype))
+        vp.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, nv, dv).to(vp.dtype))
         keys = kp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)    # (B, nkv, S, hd)
-        values = vp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)
+        values = vp.index_select(0, self.read).view(B, self.S, nv, dv).transpose(1, 2)
         return keys, values
 
 

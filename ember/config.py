@@ -35,14 +35,34 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # gpt-oss: learned per-head attention sinks, biases on q/k/v/o, alternating sliding/full layers
     # (layer_types), YaRN RoPE, a biased top-k router and clamped-SwiGLU experts with biases.
     "gpt_oss": {"attention_bias": True, "attention_sinks": True},
+    # Gemma 3: (1 + w) RMSNorms, sandwich norms, scaled embeddings, GeGLU, q/k norms, local/global RoPE
+    # (ember/models/gemma.py). "gemma3" is the multimodal checkpoint: its text_config, weights under
+    # model.language_model.* (the vision tower is skipped).
+    # (HF's Gemma 3 attention never applies attn_logit_softcapping, so neither does Ember's.) Gemma 2: the same
+    # pieces without q/k norms and one RoPE base, with attention logit soft-capping.
+    "gemma3_text": {"qk_norm": True, "attn_logit_softcapping": None},
+    "gemma3": {"qk_norm": True, "attn_logit_softcapping": None},
+    "gemma2": {"qk_norm": False, "rope_local_base_freq": None},
+    # GLM-4.5/4.6 MoE: partial RoPE, sigmoid router with correction bias and group-limited top-k, shared
+    # experts, first_k_dense_replace dense layers (ember/models/routed_moe.py); q/k norm when use_qk_norm.
+    "glm4_moe": {"qkv_bias_only": True},
+    # DeepSeek-V3 (and R1, Kimi K2): multi-head latent attention (ember/models/mla.py) and GLM's router.
+    "deepseek_v3": {},
+    # MiniMax-M2: sigmoid router with correction bias (plain top-k), q/k RMSNorms over all heads at once, partial
+    # RoPE (ember/models/minimax.py); its released config.json gives rotary_dim rather than partial_rotary_factor.
+    "minimax_m2": {"qk_norm": False, "norm_topk_prob": True},
 }
+
+# Checkpoints whose config.json nests the language model's fields under text_config (multimodal ones).
+_NESTED_TEXT_CONFIG = ("gemma3",)
 
 # Multimodal wrappers (``...ForConditionalGeneration``): config.json nests the language model in ``text_config``
 # and its weights live under ``model.language_model.``; Ember runs the text model (the vision tower is skipped).
 MULTIMODAL_WRAPPERS: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 # HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
-_ALIASES = {"num_experts": "num_local_experts"}
+_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts",
+            "use_qk_norm": "qk_norm"}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -56,6 +76,21 @@ LIMITS: dict[str, int] = {
     "sliding_window": 1 << 27,
 }
 LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
+# HF's defaults for fields a family's config.json may leave out (FAMILIES rows are fixed facts; these yield
+# to the file).
+_GEMMA3_DEFAULTS = {"tie_word_embeddings": True, "query_pre_attn_scalar": 256, "rope_theta": 1000000.0,
+                    "rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096}
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": {"tie_word_embeddings": True, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+               "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3_text": _GEMMA3_DEFAULTS,
+    "gemma3": _GEMMA3_DEFAULTS,
+    "glm4_moe": {"partial_rotary_factor": 0.5, "norm_topk_prob": True, "n_shared_experts": 1,
+                 "first_k_dense_replace": 1},
+    "deepseek_v3": {"norm_topk_prob": True, "n_shared_experts": 1, "first_k_dense_replace": 3,
+                    "rope_interleave": True},
+}
 
 
 @dataclass
@@ -113,6 +148,27 @@ class ModelConfig:
     qk_norm: bool = False            # Qwen3: RMSNorm on each head of q and k before RoPE
     qkv_bias_only: bool = False      # Qwen2: bias on q/k/v but not o
     attention_sinks: bool = False    # gpt-oss: a learned logit per head joins each softmax (self_attn.sinks)
+    # Gemma 3 (HF names): attention scale query_pre_attn_scalar**-0.5, tanh soft-capping of attention and
+    # final logits (None: off), the sliding layers' RoPE base, the MLP activation.
+    hidden_activation: str | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_base_freq: float | None = None
+    # GLM-4.5 / DeepSeek-V3 (HF names): RoPE on the first partial_rotary_factor of each head; the
+    # sigmoid router's group-limited top-k, shared experts, routed scaling; leading dense layers.
+    n_group: int = 1
+    topk_group: int = 1
+    n_shared_experts: int = 0
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    # DeepSeek-V3 multi-head latent attention (HF names); kv_lora_rank None means ordinary attention.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     # Where the values came from, for error messages (not a field: not compared, copied or saved).
     source: dataclasses.InitVar[str] = "ModelConfig"
@@ -130,6 +186,14 @@ class ModelConfig:
             self.moe_intermediate_size = self.intermediate_size
         if isinstance(self.pad_token_id, int) and not isinstance(self.pad_token_id, bool) and self.pad_token_id < 0:
             self.pad_token_id = None  # old Llama configs write -1 for "no padding token"
+        if self.model_type in ("gemma3_text", "gemma3", "gemma2") and self.layer_types is None:
+            # Gemma configs written before layer_types: every sliding_window_pattern-th layer is global (Gemma 2:
+            # every other one)
+            default = 2 if self.model_type == "gemma2" else 6
+            pattern = int(self.extra.get("sliding_window_pattern", self.extra.get("_sliding_window_pattern", default)))
+            self.layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                for i in range(self.num_hidden_layers)]
+
         self.validate(source)
 
     def validate(self, source: str = "ModelConfig") -> None:
@@ -219,6 +283,14 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'router_aux_loss_coef' must be a finite number >= 0, "
                               f"got {self.router_aux_loss_coef!r}")
 
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each query/key head that RoPE rotates: DeepSeek's qk_rope_head_dim, else the first
+        ``partial_rotary_factor`` of ``head_dim`` (GLM-4.5: half)."""
+        if self.kv_lora_rank:
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
+
     # ------------------------------------------------------------------ reading
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -242,7 +314,10 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"supported: {', '.join(FAMILIES)}"
             )
-        # Some checkpoints nest the LM config (e.g. text_config); we only read flat ones.
+        if model_type in _NESTED_TEXT_CONFIG and isinstance(raw.get("text_config"), dict):
+            # the language model's fields; the vision tower's are not read (its weights are skipped)
+            top = {k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw}
+            raw = {**raw["text_config"], **top, "model_type": model_type}
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if key not in raw:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
@@ -253,7 +328,7 @@ class ModelConfig:
             if alias in raw and name not in raw:
                 raw = {**raw, name: raw[alias]}
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in names and k != "extra"}
-        kwargs.update(FAMILIES[model_type])
+        kwargs = {**_FAMILY_DEFAULTS.get(model_type, {}), **kwargs, **FAMILIES[model_type]}
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 writes "dtype"
             kwargs["torch_dtype"] = raw["dtype"]
         if kwargs.get("head_dim") is None and "head_dim" in kwargs:
@@ -267,7 +342,9 @@ class ModelConfig:
         if rope is not None and not isinstance(rope, dict):
             raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
         if isinstance(rope, dict) and "rope_type" not in rope and rope and all(isinstance(v, dict) for v in rope.values()):
-            raise UnsupportedModelError(f"{source}: per-layer rope_parameters are not supported")
+            rope = _split_layer_rope(rope, kwargs, source)  # per layer type (Gemma 3 in transformers 5)
+        if isinstance(raw.get("rotary_dim"), int) and kwargs.get("head_dim"):  # MiniMax-M2's released files
+            kwargs["partial_rotary_factor"] = raw["rotary_dim"] / kwargs["head_dim"]
         scaling = raw.get("rope_scaling") or rope
         if scaling is not None and not isinstance(scaling, dict):
             raise ConfigError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling!r}")
@@ -285,8 +362,11 @@ class ModelConfig:
         else:
             kwargs["rope_scaling"] = None
 
-        if raw.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise UnsupportedModelError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        act = kwargs.get("hidden_activation") or raw.get("hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported "
+                                        f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+        kwargs["hidden_act"] = act
         if kwargs.get("num_local_experts"):
             _check_moe(kwargs, source)
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in names and k not in _ALIASES}
@@ -338,7 +418,7 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has a sparse expert block (else a dense SwiGLU MLP)."""
         return (self.num_local_experts > 0 and layer not in self.mlp_only_layers
-                and (layer + 1) % self.decoder_sparse_step == 0)
+                and (layer + 1) % self.decoder_sparse_step == 0 and layer >= self.first_k_dense_replace)
 
     def num_parameters(self) -> int:
         """Parameter count (embeddings counted once when tied), every expert included."""
@@ -368,15 +448,21 @@ class ModelConfig:
     def _count(self, experts: int) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
-        attn = h * hd * (nh + 2 * nkv) + nh * hd * h
-        if self.attention_bias:
-            attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
-        if self.qk_norm:
-            attn += 2 * hd
+        if self.kv_lora_rank:
+            attn = self._mla_count()
+        else:
+            attn = h * hd * (nh + 2 * nkv) + nh * hd * h
+            if self.attention_bias:
+                attn += hd * (nh + 2 * nkv) + (0 if self.qkv_bias_only else h)
+            if self.qk_norm:
+                attn += 2 * hd
+            if self.model_type == "minimax_m2":  # q/k norms over all heads' channels
+                attn += (nh + nkv) * hd
         if self.attention_sinks:
             attn += nh
         expert_bias = self.mlp_bias or self.model_type == "gpt_oss"  # gpt-oss experts and router carry biases
         bias = (lambda width: (2 * width + h) if expert_bias else 0)
+        layer_norms = (4 if self.sandwich_norms else 2) * h
         dense = 3 * h * i + bias(i)
         total = v * h * (1 if self.tie_word_embeddings else 2) + h
         hybrid = self.model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -393,13 +479,44 @@ class ModelConfig:
                 im = self.moe_intermediate_size
                 router = self.num_local_experts * (h + (1 if self.model_type == "gpt_oss" else 0))
                 mlp = router + experts * (3 * h * im + bias(im))  # router + experts
-                if self.shared_expert_intermediate_size:  # the shared expert and its gate
+                mlp += 3 * h * im * self.n_shared_experts  # shared experts (GLM-4.5, DeepSeek-V3)
+                if self.shared_expert_intermediate_size:  # Qwen3-Next's gated shared expert and its gate
                     mlp += 3 * h * self.shared_expert_intermediate_size + h
             else:
                 mlp = dense
             mixer = linear if layer < len(types) and types[layer] == "linear_attention" else attn
-            total += mixer + mlp + 2 * h
+            total += mixer + mlp + layer_norms
         return total
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma: four norms per layer (before and after attention and the MLP), not two."""
+        return self.model_type in ("gemma2", "gemma3_text", "gemma3")
+
+    def _mla_count(self) -> int:
+        """Parameters of one multi-head latent attention layer (DeepSeek-V3), its two latent norms included."""
+        h, nh, b = self.hidden_size, self.num_attention_heads, self.attention_bias
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        r, qr = self.kv_lora_rank, self.q_lora_rank
+        q = (h * qr + qr * b + qr + qr * nh * qk) if qr else h * nh * qk
+        kv = h * (r + self.qk_rope_head_dim) + (r + self.qk_rope_head_dim) * b + r
+        kv += r * nh * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + nh * self.v_head_dim * h + h * b
+
+
+def _split_layer_rope(rope: dict[str, Any], kwargs: dict[str, Any], source: str) -> dict[str, Any]:
+    """Per-layer-type ``rope_parameters`` (Gemma 3 in transformers 5): the full-attention layers' entry is the
+    model's RoPE (returned); the sliding layers' base goes to ``rope_local_base_freq`` (unscaled, as Gemma 3's)."""
+    if set(rope) - {"full_attention", "sliding_attention"} or "full_attention" not in rope:
+        raise UnsupportedModelError(f"{source}: rope_parameters per layer type must have 'full_attention' (and "
+                                    f"optionally 'sliding_attention'), got {sorted(rope)}")
+    local = rope.get("sliding_attention")
+    if local is not None:
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"{source}: rope_parameters.sliding_attention.rope_type "
+                                        f"{local['rope_type']!r} is not supported (only default)")
+        kwargs["rope_local_base_freq"] = float(local["rope_theta"])
+    return rope["full_attention"]
 
 
 MAX_CONFIG_BYTES = 16 << 20

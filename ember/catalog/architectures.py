@@ -255,5 +255,56 @@ MODELS: dict[str, dict] = {
                    "norm_topk_prob": True, "max_position_embeddings": 262144,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    # ------------------------------------------------------------------ Gemma 3, GLM-4.5, DeepSeek-V3
+    "gemma-3-27b": {
+        "hf_id": "google/gemma-3-27b-it", "aliases": ["gemma3-27b", "gemma-3-27b-it"],
+        "published": {"params": 27.0e9, "source": "Gemma 3 technical report, table 1: 27B = 1,416M embedding + "
+                      "25,600M non-embedding (text decoder; the Hub's 27.4B adds the 417M vision encoder, not loaded)"},
+        "config": {"model_type": "gemma3", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                   "text_config": {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376,
+                                   "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
+                                   "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168,
+                                   "sliding_window": 1024, "sliding_window_pattern": 6, "rope_theta": 1000000.0,
+                                   "rope_local_base_freq": 10000.0, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                   "max_position_embeddings": 131072, "rms_norm_eps": 1e-6}},
+    },
+    "glm-4.5-air": {
+        "hf_id": "zai-org/GLM-4.5-Air", "aliases": ["glm4.5-air", "glm-4.5-air-106b"],
+        # Zhipu's "12B active" leaves out the embedding and LM head (ours counts them: 13.4B), so it is not checked.
+        "published": {"params": 106e9, "source": "GLM-4.5 model card: 106B total parameters, 12B active"},
+        "config": {"model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944,
+                   "num_hidden_layers": 46, "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
+                   "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+                   "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                   "routed_scaling_factor": 1.0, "norm_topk_prob": True, "partial_rotary_factor": 0.5,
+                   "attention_bias": True, "use_qk_norm": False, "max_position_embeddings": 131072,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16"},
+    },
+    "deepseek-v3": {
+        "hf_id": "deepseek-ai/DeepSeek-V3", "aliases": ["deepseek-v3-671b", "deepseek-r1", "deepseek-v3.1"],
+        # "37B activated" is stated to the billion (ours: 37.6B with the embedding row and LM head): not checked.
+        # config.json's YaRN rope_scaling (factor 40) is left out here: it changes neither memory nor speed.
+        "published": {"params": 671e9, "source": "DeepSeek-V3 technical report: 671B total (685B on the Hub with "
+                      "the 14B multi-token-prediction module, which HF and Ember do not load), 37B activated"},
+        "config": {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+                   "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+                   "n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                   "n_shared_experts": 1, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+                   "routed_scaling_factor": 2.5, "norm_topk_prob": True, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                   "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+                   "max_position_embeddings": 163840, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "minimax-m2": {
+        "hf_id": "MiniMaxAI/MiniMax-M2", "aliases": ["minimax-m2-229b", "minimax-m2.1"],
+        # "10B active" leaves out the embedding and LM head (ours counts them: 11.0B), so it is not checked.
+        "published": {"params": 229e9, "source": "huggingface.co/MiniMaxAI/MiniMax-M2 (Hub: 229B params; model "
+                      "card: 230B total, 10B active)"},
+        "config": {"model_type": "minimax_m2", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 1536,
+                   "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+                   "num_local_experts": 256, "num_experts_per_tok": 8, "rotary_dim": 64, "rope_theta": 5000000.0,
+                   "max_position_embeddings": 196608, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16"},
     },
 }

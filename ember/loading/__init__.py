@@ -14,6 +14,7 @@ from ember.loading import mxfp4
 from ember.loading.moe import expert_layout_view
 from ember.loading.quantized import load_quantized_weights
 from ember.loading.safetensors import Checkpoint, check_layers, load_weights
+from ember.loading.names import renamed_text_model
 from ember.loading.wrappers import text_model_view
 from ember.models import Transformer
 from ember.quant.quantize import DEFAULT_LM_HEAD
@@ -42,7 +43,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt, extra = text_model_view(Checkpoint(folder), cfg)  # multimodal wrappers; mtp.* kept apart
+    ckpt = renamed_text_model(Checkpoint(folder), cfg)  # Gemma 3's multimodal names -> the text model's
+    ckpt, extra = text_model_view(ckpt, cfg)  # Qwen3.5's multimodal wrappers; mtp.* kept apart
     check_layers(cfg, ckpt)  # before anything is built for the sizes config.json claims
     ckpt = expert_layout_view(ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
     device = torch.device(device)

@@ -47,8 +47,9 @@ def build_mask(q_slots: torch.Tensor, k_valid: torch.Tensor | None, n_keys: int,
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   is_causal: bool) -> torch.Tensor:
-    """Softmax attention of q (B, nh, T, hd) over k/v (B, nkv, S, hd) -> (B, T, nh * hd), scale 1/sqrt(hd)."""
+                   is_causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention of q (B, nh, T, hd) over k/v (B, nkv, S, hd or dv) -> (B, T, nh * dv), scale 1/sqrt(hd)
+    unless ``scale`` is given."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
@@ -56,12 +57,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         # One query token: fold the query heads of each group into the "time" axis so the
         # kernel reads each cached k/v once instead of materialising repeat_kv copies.
         qg = q.view(B, nkv, rep, hd)  # (B, nkv, rep, hd)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-        out = out.reshape(B, nh, 1, hd)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+        out = out.reshape(B, nh, 1, v.shape[-1])
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                             enable_gqa=rep > 1)
-    return out.transpose(1, 2).reshape(B, T, nh * hd)
+                                             enable_gqa=rep > 1, scale=scale)
+    return out.transpose(1, 2).reshape(B, T, nh * v.shape[-1])
 
 
 class Attention(nn.Module):

@@ -21,9 +21,13 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.models.attention import Attention
+from ember.models.gemma import GEMMA3_CLASSES
+from ember.models.minimax import MINIMAX_M2_CLASSES
+from ember.models.mla import MLAttention
 from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
+from ember.models.routed_moe import PartialRopeAttention, RoutedMoE
 from ember.models.norms import RMSNorm
 from ember.models.qwen3_next import HybridDecoderLayer
 
@@ -39,6 +43,22 @@ MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "moe": SparseMoE,
     "gpt_oss_moe": GptOssMLP,  # biased top-k router, clamped-SwiGLU experts in HF's fused layout
 }
+
+# model_type -> the pieces a family puts in place of Llama's: an attention kind or MLP kind of the tables above,
+# "layer" (the decoder layer class), "embedding" ((cfg) -> token embedding), "norm" ((dim, eps) -> final norm).
+FAMILY_CLASSES: dict[str, dict[str, Callable]] = {
+    "gemma3_text": GEMMA3_CLASSES,
+    "gemma3": GEMMA3_CLASSES,
+    "gemma2": GEMMA3_CLASSES,
+    "glm4_moe": {"full_attention": PartialRopeAttention, "moe": RoutedMoE},
+    "deepseek_v3": {"full_attention": MLAttention, "moe": RoutedMoE},
+    "minimax_m2": MINIMAX_M2_CLASSES,
+}
+
+
+def family_class(cfg: ModelConfig, piece: str, default: Callable | None) -> Callable | None:
+    """The class of ``piece`` (a table key, "layer", "embedding" or "norm") for ``cfg``'s family."""
+    return FAMILY_CLASSES.get(cfg.model_type, {}).get(piece, default)
 
 
 # layer_types entries that are recurrent mixers, not attention (their family's layer class builds them)
@@ -73,8 +93,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attention_type, self.mlp_type = attention_type, mlp_type
         self.window = None if attention_type == "full_attention" else cfg.layer_window(layer)
-        self.self_attn = ATTENTION_CLASSES[attention_type](cfg, layer, self.window)
-        self.mlp = MLP_CLASSES[mlp_type](cfg)
+        self.self_attn = family_class(cfg, attention_type, ATTENTION_CLASSES[attention_type])(cfg, layer, self.window)
+        self.mlp = family_class(cfg, mlp_type, MLP_CLASSES[mlp_type])(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

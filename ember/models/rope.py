@@ -10,8 +10,8 @@ from ember.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor:
-    """Inverse RoPE frequencies, (hd/2,) fp32, including ``linear`` and ``llama3`` scaling."""
-    dim = int(cfg.head_dim * cfg.partial_rotary_factor)  # partial RoPE rotates the first `dim` dims only
+    """Inverse RoPE frequencies, (rotary_dim/2,) fp32, including ``linear`` and ``llama3`` scaling."""
+    dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = cfg.rope_scaling
     if not scaling:
@@ -87,6 +87,34 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     if m and m_all:
         return float(mscale(factor, m) / mscale(factor, m_all))
     return mscale(factor)
+
+
+def rope_local_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor | None:
+    """The sliding layers' own inverse frequencies (Gemma 3: base ``rope_local_base_freq``, unscaled), or None
+    where every layer uses :func:`rope_inv_freq`."""
+    if cfg.rope_local_base_freq is None:
+        return None
+    dim = cfg.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (cfg.rope_local_base_freq ** exponents)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of x (B, n, T, hd) (half-split within them, as HF's GLM-4.5),
+    passing the rest through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's rotation of x (B, n, T, d): channel pairs (x0, x1), (x2, x3), ... each turned by one frequency,
+    the results laid out as [even outputs | odd outputs] (HF's ``apply_rotary_pos_emb_interleave``)."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,

@@ -16,10 +16,10 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.models import accel
 from ember.models.attention import KVStore, build_mask
-from ember.models.decoder import attention_types, layer_class, mlp_types
+from ember.models.decoder import DecoderLayer, attention_types, family_class, layer_class, mlp_types
 from ember.models.linear import Linear
 from ember.models.norms import RMSNorm
-from ember.models.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
+from ember.models.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq, rope_local_inv_freq
 
 
 class Backbone(nn.Module):
@@ -27,11 +27,12 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        embedding = family_class(cfg, "embedding", None)  # a family's own (Gemma: scaled), else nn.Embedding
+        self.embed_tokens = embedding(cfg) if embedding else nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         kinds = zip(attention_types(cfg), mlp_types(cfg))
-        layer = layer_class(cfg)
+        layer = family_class(cfg, "layer", layer_class(cfg))
         self.layers = nn.ModuleList(layer(cfg, i, a, m) for i, (a, m) in enumerate(kinds))
-        self.norm = getattr(layer, "final_norm", RMSNorm)(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = family_class(cfg, "norm", getattr(layer, "final_norm", RMSNorm))(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Transformer(nn.Module):
@@ -47,6 +48,9 @@ class Transformer(nn.Module):
         # RoPE frequencies are derived, not stored in checkpoints; (re)made by reset_rope().
         self.register_buffer("inv_freq", rope_inv_freq(cfg, "cpu" if _on_meta() else None), persistent=False)
         self.rope_scale = rope_attention_factor(cfg)  # YaRN scales cos/sin; 1.0 otherwise
+        # Gemma 3: the sliding layers' own RoPE base (None: every layer uses inv_freq)
+        self.register_buffer("local_inv_freq", rope_local_inv_freq(cfg, "cpu" if _on_meta() else None),
+                             persistent=False)
         self._windows = sorted({layer.window for layer in self.model.layers}, key=lambda w: (w is not None, w or 0))
 
     def weight_bytes_per_token(self) -> int:
@@ -76,6 +80,7 @@ class Transformer(nn.Module):
     def reset_rope(self) -> None:
         """Recompute RoPE frequencies on the device of the weights (after a meta-device build)."""
         self.inv_freq = rope_inv_freq(self.config, self.model.norm.weight.device)
+        self.local_inv_freq = rope_local_inv_freq(self.config, self.model.norm.weight.device)
 
     def forward(
         self,
@@ -110,12 +115,18 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.rope_scale)  # (B, T, hd)
+        local = None
+        if self.local_inv_freq is not None:
+            lc, ls = rope_cos_sin(self.local_inv_freq, positions, x.dtype)
+            local = (lc[:, None], ls[:, None])
         fast = accel.model_forward
-        if fast is not None:
+        # The runtime's whole-step path knows one RoPE table and plain logits; other models run their modules
+        # (whose projections still use the runtime's kernels).
+        if fast is not None and local is None and self.config.final_logit_softcapping is None:
             out = fast(self, x, cos, sin, cache, start, k_valid, last_only, hidden_only, session)
             if out is not None:
                 return out
-        return self.finish(self.run_layers(x, cos[:, None], sin[:, None], cache, start, k_valid), last_only,
+        return self.finish(self.run_layers(x, cos[:, None], sin[:, None], cache, start, k_valid, local), last_only,
                            hidden_only)
 
     def layer_masks(self, T: int, start: int, k_valid: torch.Tensor | None, cached: bool,
@@ -133,13 +144,16 @@ class Transformer(nn.Module):
         return masks
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int,
-                   k_valid: torch.Tensor | None) -> torch.Tensor:
-        """Every layer as its modules: x (B, T, H), cos/sin (B, 1, T, hd) -> (B, T, H) before the final norm."""
+                   k_valid: torch.Tensor | None,
+                   local: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every layer as its modules: x (B, T, H), cos/sin (B, 1, T, rotary dim) -> (B, T, H) before the final
+        norm; ``local`` the sliding layers' own cos/sin where the model has them (Gemma 3)."""
         layers = self.model.layers
         T = x.shape[1]
         masks = self.layer_masks(T, start, k_valid, cache is not None, x.device)
         for layer in layers:
-            x = layer(x, cos, sin, masks[layer.window], cache, T > 1)
+            c, s = local if local is not None and layer.attention_type == "sliding_attention" else (cos, sin)
+            x = layer(x, c, s, masks[layer.window], cache, T > 1)
         return x
 
     def finish(self, x: torch.Tensor, last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
@@ -149,7 +163,11 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if hidden_only:
             return x
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 def _on_meta() -> bool:

@@ -62,7 +62,7 @@ def linears(cfg: ModelConfig) -> list[_Linear]:
     dense_layers = L - moe_layers
     qkv_b = cfg.attention_bias
     o_b = cfg.attention_bias and not cfg.qkv_bias_only
-    out = [
+    out = _mla_linears(cfg) if cfg.kv_lora_rank else [
         _Linear("attention", "q_proj", nh * hd, h, L, qkv_b),
         _Linear("attention", "k_proj", nkv * hd, h, L, qkv_b),
         _Linear("attention", "v_proj", nkv * hd, h, L, qkv_b),
@@ -78,9 +78,24 @@ def linears(cfg: ModelConfig) -> list[_Linear]:
         out += [_Linear("experts", "gate_proj", im, h, moe_layers * e, cfg.mlp_bias),
                 _Linear("experts", "up_proj", im, h, moe_layers * e, cfg.mlp_bias),
                 _Linear("experts", "down_proj", h, im, moe_layers * e, cfg.mlp_bias)]
+        if cfg.n_shared_experts:  # GLM-4.5, DeepSeek-V3: every token reads them, as a dense MLP's
+            sh = im * cfg.n_shared_experts
+            out += [_Linear("mlp", "gate_proj", sh, h, moe_layers, False), _Linear("mlp", "up_proj", sh, h, moe_layers, False),
+                    _Linear("mlp", "down_proj", h, sh, moe_layers, False)]
     if not cfg.tie_word_embeddings:
         out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, h, 1, False))
     return out
+
+
+def _mla_linears(cfg: ModelConfig) -> list[_Linear]:
+    """The projections of multi-head latent attention (DeepSeek-V3, :mod:`ember.models.mla`)."""
+    h, nh, L, b = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.attention_bias
+    qk, r, qr, dr = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim
+    q = ([_Linear("attention", "q_a_proj", qr, h, L, b), _Linear("attention", "q_b_proj", nh * qk, qr, L, False)]
+         if qr else [_Linear("attention", "q_proj", nh * qk, h, L, False)])
+    return q + [_Linear("attention", "kv_a_proj_with_mqa", r + dr, h, L, b),
+                _Linear("attention", "kv_b_proj", nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), r, L, False),
+                _Linear("attention", "o_proj", h, nh * cfg.v_head_dim, L, b)]
 
 
 @dataclass
@@ -136,7 +151,10 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
         active += per_layer * lin.out_f * lin.in_f
     h, L = cfg.hidden_size, cfg.num_hidden_layers
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
-    norms = (2 * L + 1) * h + (2 * cfg.head_dim * L if cfg.qk_norm else 0)
+    norms = ((4 if cfg.sandwich_norms else 2) * L + 1) * h + (2 * cfg.head_dim * L if cfg.qk_norm else 0)
+    norms += L * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank) if cfg.kv_lora_rank else 0  # MLA's latent norms
+    if cfg.model_type == "minimax_m2":  # q/k norms over all heads' channels
+        norms += L * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
     routers = moe_layers * cfg.num_local_experts * h
     active += routers
     return WeightBytes(
