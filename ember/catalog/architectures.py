@@ -255,6 +255,7 @@ MODELS: dict[str, dict] = {
                    "norm_topk_prob": True, "max_position_embeddings": 262144,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
     # ------------------------------------------------------------------ Gemma 3, GLM-4.5, DeepSeek-V3
     "gemma-3-27b": {
         "hf_id": "google/gemma-3-27b-it", "aliases": ["gemma3-27b", "gemma-3-27b-it"],

@@ -16,7 +16,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.models import accel
 from ember.models.attention import KVStore, build_mask
-from ember.models.decoder import DecoderLayer, attention_types, family_class, layer_class, mlp_types
+from ember.models.decoder import attention_types, family_class, layer_class, mlp_types
 from ember.models.linear import Linear
 from ember.models.norms import RMSNorm
 from ember.models.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq, rope_local_inv_freq
