@@ -218,3 +218,18 @@ def test_catalog_sizes_of_the_new_families():
     ds = get("deepseek-v3").config
     assert ds.kv_lora_rank == 512 and not ds.is_moe_layer(2) and ds.is_moe_layer(3)
     assert get("glm-4.5-air").config.rotary_dim == 64
+
+
+def test_tune_refuses_a_family_it_cannot_train_yet(checkpoint, tmp_path):
+    """The training forward is verified for the Llama-shaped families only: tuning another one is refused up
+    front with the family named, not run with silently wrong gradients."""
+    from ember.errors import TrainingError
+    from ember.train.trainer import TrainConfig
+    from ember.train.tune import tune
+
+    folder, _ = checkpoint("gemma3_text")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "w3 w4 w5"}\n')
+    with pytest.raises(TrainingError, match="gemma3_text"):
+        tune(folder, data, tmp_path / "out", TrainConfig(steps=1), device="cpu")
+    assert not (tmp_path / "out").exists()
