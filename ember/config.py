@@ -304,7 +304,7 @@ class ModelConfig:
             ConfigError: a required field is missing or has the wrong type.
         """
         model_type = raw.get("model_type")
-        if model_type in MULTIMODAL_WRAPPERS and isinstance(raw.get("text_config"), dict):
+        if isinstance(model_type, str) and model_type in MULTIMODAL_WRAPPERS and isinstance(raw.get("text_config"), dict):
             text = raw["text_config"]
             raw = {**text, "model_type": text.get("model_type", MULTIMODAL_WRAPPERS[model_type]), "multimodal": True,
                    **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw and k not in text}}

@@ -45,11 +45,10 @@ def mutate(body: dict, rng: random.Random) -> dict | str:
         body[rng.choice(["tools", "tool_choice", "stream", "n", "stop", "response_format", "logit_bias",
                          "stream_options", "previous_response_id", "thinking", "encoding_format", "x"])] = \
             rng.choice(ODD_VALUES + [True, "auto", "required", {"type": "json_object"}])
-    elif op == 3:  # deep nesting
-        v: object = "hi"
-        for _ in range(rng.choice([50, 500, 5000])):
-            v = [v]
-        body[rng.choice(keys or ["messages"])] = v
+    elif op == 3:  # deep nesting, written as text (json.dumps itself would recurse too deep)
+        depth = rng.choice([50, 500, 5000])
+        body[rng.choice(keys or ["messages"])] = "@DEEP@"
+        return json.dumps(body).replace('"@DEEP@"', "[" * depth + '"hi"' + "]" * depth)
     elif op == 4:
         text = json.dumps(body)
         return text[: rng.randrange(len(text))]  # truncated JSON

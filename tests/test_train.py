@@ -365,10 +365,26 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(hf_
     ck = tmp_path / "k" / "checkpoints"
     assert [c.name for c in list_checkpoints(ck)] == ["step-000003"]
     assert any(c.name.startswith(".step-000006.tmp-") for c in ck.iterdir()), "the torn write should be a temp folder"
-    res = tune(folder, data, tmp_path / "k", _resume_cfg(), resume=True, progress=False, log=lambda s: None)
-    assert res.resumed_from.name == "step-000003" and len(res.metrics) == 7
-    ref = tune(folder, data, tmp_path / "ref", _resume_cfg(), progress=False, log=lambda s: None)
-    assert [m.loss for m in res.metrics] == [m.loss for m in ref.metrics[3:]]
+    # The resumed run and the uninterrupted reference run in fresh processes, as the killed run did: what this
+    # process did before (other tests' models) must not enter a bit-for-bit comparison.
+    def run(out: str, resume: bool) -> dict:
+        script = textwrap.dedent(f"""
+            import json, sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_train import _resume_cfg
+            from ember.train.tune import tune
+            r = tune({str(folder)!r}, {str(data)!r}, {str(tmp_path / out)!r}, _resume_cfg(), resume={resume},
+                     progress=False, log=lambda s: None)
+            print(json.dumps({{"from": r.resumed_from.name if r.resumed_from else None,
+                               "losses": [m.loss for m in r.metrics]}}))
+        """)
+        p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    res, ref = run("k", True), run("ref", False)
+    assert res["from"] == "step-000003" and len(res["losses"]) == 7
+    assert res["losses"] == ref["losses"][3:]
 
 
 # ---------------------------------------------------------------------------------------- data

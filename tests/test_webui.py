@@ -83,16 +83,16 @@ def test_page_is_served_with_a_csp_and_needs_no_key(engine):
     assert c.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"] == MODEL
 
 
-def test_no_ui_gives_404(engine):
-    from ember.server.cli import add_parser, server_settings
+def test_no_ui_gives_404(engine, tmp_path):
+    from ember.commands.serve import add_parser, server_settings
 
     import argparse
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "some/model", "--no-ui"])
+    args = parser.parse_args(["serve", str(tmp_path), "--no-ui"])  # an existing path: no name lookup
     assert server_settings(args).ui is False
-    assert server_settings(parser.parse_args(["serve", "some/model"])).ui is True
+    assert server_settings(parser.parse_args(["serve", str(tmp_path)])).ui is True
     c = TestClient(create_app(engine, ServerSettings(model_name=MODEL, num_blocks=64, ui=False)))
     r = c.get("/")
     assert r.status_code == 404 and "content-security-policy" not in r.headers

@@ -47,7 +47,7 @@ def project(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
     trip instead of three. A module offers one through ``cpu_kernel()`` (Ember's Linear and the quantized
     Linears do; LoRA and other wrappers do not, so they run as themselves), and never while it has forward
     hooks (they must see the call)."""
-    lib = kernels.library()
+    lib = kernels.load()  # builds on first use, as every other kernel entry does: results never depend on call order
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or len(modules) < 2 or lib is None:
         return None
     ks = []
