@@ -4,7 +4,7 @@ Layers follow ``config.layer_types``: ``"linear_attention"`` layers mix tokens w
 (:mod:`ember.models.gated_deltanet`, HF name ``linear_attn``), ``"full_attention"`` layers (every fourth in
 the published models) with :class:`GatedAttention` (``self_attn``). Every layer then has a SwiGLU MLP, or in
 the MoE variants a top-k MoE plus a shared expert scaled by a sigmoid gate (:class:`SharedExpertMoE`). All
-RMSNorms outside the DeltaNet scale by ``1 + weight`` (:class:`OffsetRMSNorm`, HF's ``GemmaRMSNorm``).
+RMSNorms outside the DeltaNet scale by ``1 + weight`` (:class:`UnitOffsetRMSNorm`, HF's ``GemmaRMSNorm``).
 
 Shapes: B batch, T new tokens, S cached+new key slots, H hidden, nh/nkv heads, hd head dim, r rotary dims.
 """
@@ -20,30 +20,8 @@ from ember.models.gated_deltanet import GatedDeltaNet
 from ember.models.linear import Linear, project
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
-from ember.models.rope import apply_rope
-
-
-class OffsetRMSNorm(nn.Module):
-    """RMSNorm that scales by ``1 + weight``, all in fp32, rounded once at the end (HF's ``GemmaRMSNorm``;
-    the weights are stored centred on 0)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
-
-
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first r dims of x (B, n, T, hd) by cos/sin (B, 1, T, r); the other hd - r pass through."""
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return apply_rope(x, cos, sin)
-    return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+from ember.models.norms import UnitOffsetRMSNorm
+from ember.models.rope import apply_partial_rope
 
 
 class GatedAttention(nn.Module):
@@ -60,8 +38,8 @@ class GatedAttention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
         self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
         self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=bias)
-        self.q_norm = OffsetRMSNorm(self.hd, cfg.rms_norm_eps)
-        self.k_norm = OffsetRMSNorm(self.hd, cfg.rms_norm_eps)
+        self.q_norm = UnitOffsetRMSNorm(self.hd, cfg.rms_norm_eps)
+        self.k_norm = UnitOffsetRMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache,
                 is_causal: bool) -> torch.Tensor:
@@ -105,7 +83,7 @@ class HybridDecoderLayer(nn.Module):
     """Pre-norm layer: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``, the mixer a Gated DeltaNet or gated
     attention per ``layer_types`` (HF's ``Qwen3NextDecoderLayer``)."""
 
-    final_norm = OffsetRMSNorm  # the model's final norm (see ember.models.transformer.Backbone)
+    final_norm = UnitOffsetRMSNorm  # the model's final norm (see ember.models.transformer.Backbone)
 
     def __init__(self, cfg: ModelConfig, layer: int, attention_type: str = "full_attention",
                  mlp_type: str = "dense") -> None:
@@ -120,8 +98,8 @@ class HybridDecoderLayer(nn.Module):
             self.mlp = SharedExpertMoE(cfg) if cfg.shared_expert_intermediate_size else SparseMoE(cfg)
         else:
             self.mlp = MLP(cfg)
-        self.input_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = UnitOffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = UnitOffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache, is_causal: bool) -> torch.Tensor:
