@@ -1,6 +1,8 @@
-"""Building and loading the native CPU kernels (``cpu.cpp``), and the flags that steer their dispatch.
+"""Building and loading the native CPU kernels (``cpu.cpp`` and the other ``*.cpp`` beside it), and the flags
+that steer their dispatch.
 
-The source is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``;
+Every ``*.cpp`` in this folder is one translation unit of the same library (``common.h`` holds what they
+share: ISA tiers, bf16 helpers). The sources are compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``;
 ``-O3 -march=native -fopenmp``) into ``$EMBER_CACHE/kernels`` (default ``~/.cache/ember``), keyed by
 a hash of the source, the flags and the CPU, written atomically, and loaded with :mod:`ctypes`
 (calls release the GIL). Without a compiler, or with ``EMBER_KERNELS=0``, :func:`load` returns None and
@@ -24,6 +26,18 @@ from pathlib import Path
 import torch  # noqa: F401  (loaded before the library: its libgomp is the one OpenMP runtime both use)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
+_HERE = SOURCE.parent
+
+
+def sources() -> list[Path]:
+    """The kernel sources compiled into the one library, ``cpu.cpp`` first, the others sorted by name."""
+    return [SOURCE] + sorted(p for p in _HERE.glob("*.cpp") if p != SOURCE)
+
+
+def _source_bytes() -> bytes:
+    """Every source and header, for the build's cache key: a change to any of them rebuilds."""
+    files = sources() + sorted(_HERE.glob("*.h"))
+    return b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
 
 
 def _cpu_has(flag: str) -> bool:
@@ -93,7 +107,7 @@ def _flag_sets(portable: bool) -> list[list[str]]:
 
 
 def build(portable: bool = False, quiet: bool = True) -> Path:
-    """Compile ``cpu.cpp`` for this machine (or reuse the cached build); return the shared library's path.
+    """Compile the kernel sources for this machine (or reuse the cached build); return the shared library's path.
 
     Raises:
         RuntimeError: no compiler, or every flag set failed (the message holds the compiler's output).
@@ -101,7 +115,7 @@ def build(portable: bool = False, quiet: bool = True) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++/clang++)")
-    src = SOURCE.read_bytes()
+    src = _source_bytes()
     errors = []
     for flags in _flag_sets(portable):
         key = hashlib.sha256(src + " ".join([cxx] + flags).encode() + _cpu_fingerprint().encode()
@@ -115,7 +129,7 @@ def build(portable: bool = False, quiet: bool = True) -> Path:
         if not errors:  # a real compile is about to happen (a few seconds; cached for the next runs)
             print("ember: building CPU kernels for this machine (once)…", file=sys.stderr, flush=True)
         try:
-            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            proc = subprocess.run([cxx, *flags, *map(str, sources()), "-o", tmp], capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent builder or a crash never leaves half a library
                 return out
@@ -123,7 +137,7 @@ def build(portable: bool = False, quiet: bool = True) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError("compiling ember/kernels/cpu.cpp failed:\n" + "\n".join(errors))
+    raise RuntimeError("compiling the kernels in ember/kernels/ failed:\n" + "\n".join(errors))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
