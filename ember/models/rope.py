@@ -10,7 +10,10 @@ from ember.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor:
-    """Inverse RoPE frequencies, (rotary_dim/2,) fp32, including ``linear`` and ``llama3`` scaling."""
+    """Inverse RoPE frequencies, (rotary_dim/2,) fp32, including ``linear`` and ``llama3`` scaling; "proportional"
+    (Gemma 4's full layers): (global head dim / 2,), see :func:`proportional_inv_freq`."""
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "proportional":
+        return proportional_inv_freq(cfg.rope_theta, cfg.global_head_dim or cfg.head_dim, cfg.rope_scaling, device)
     dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = cfg.rope_scaling
@@ -35,6 +38,16 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -
     if kind == "yarn":
         return _yarn_inv_freq(cfg, scaling, device)
     raise ValueError(f"unsupported rope type {kind!r}")  # ModelConfig rejects these earlier
+
+
+def proportional_inv_freq(base: float, head_dim: int, scaling: dict, device) -> torch.Tensor:
+    """HF's "proportional" RoPE: the first ``partial_rotary_factor * head_dim / 2`` pairs turn at
+    ``base ** (-2i / head_dim)`` (exponents over the whole head), the rest not at all (frequency 0: cos 1, sin 0),
+    all divided by ``factor``; (head_dim/2,) fp32 for a rotation over the whole head."""
+    turning = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    exponents = torch.arange(0, 2 * turning, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = torch.cat((1.0 / (base ** exponents), torch.zeros(head_dim // 2 - turning, device=device)))
+    return inv_freq / scaling.get("factor", 1.0)
 
 
 def _yarn_factor(cfg: ModelConfig, scaling: dict) -> float:

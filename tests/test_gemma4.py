@@ -1,0 +1,174 @@
+"""Gemma 4 (``gemma4_text`` and the multimodal ``gemma4``) against HF transformers' ``modeling_gemma4``.
+
+Tiny random checkpoints written by ``save_pretrained``, in the shapes of the released models: the dense one (31B:
+sliding/full layers with their own head shapes and k = v on the full layers), the MoE one (26B-A4B: experts beside
+the dense MLP), the small ones (E2B/E4B: per-layer input embeddings, keys/values shared by the last layers,
+double-width MLPs there) and the multimodal wrapper with vision and audio towers. Norm weights, router scales and
+layer scalars are randomised so a missing factor shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ember
+from conftest import TINY, save_word_tokenizer
+from ember.cache import StaticKVCache
+from ember.loading import load_model
+
+FP32_TOL = 1e-4
+_LAYERS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+           "full_attention"]
+_BASE = dict(head_dim=16, global_head_dim=32, sliding_window=8, num_hidden_layers=6, layer_types=_LAYERS,
+             hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
+CASES: dict[str, dict] = {
+    "dense-keqv": {**_BASE, "attention_k_eq_v": True, "num_global_key_value_heads": 1},
+    "moe": {**_BASE, "enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32,
+            "attention_k_eq_v": True, "num_global_key_value_heads": 1},
+    "ple-shared": {**_BASE, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": TINY["vocab_size"],
+                   "num_kv_shared_layers": 2, "use_double_wide_mlp": True, "tie_word_embeddings": False},
+    "multimodal": {**_BASE, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": TINY["vocab_size"],
+                   "num_kv_shared_layers": 2},
+}
+
+
+def _hf_config(name: str):
+    import transformers
+
+    kw = {**TINY, **CASES[name]}
+    if name == "multimodal":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+        audio = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                     output_proj_dims=32)
+        return transformers.Gemma4Config(text_config=kw, vision_config=vision, audio_config=audio)
+    return transformers.Gemma4TextConfig(**kw)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    made: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def make(name: str):
+        if name not in made:
+            import transformers
+
+            torch.manual_seed(0)
+            cfg = _hf_config(name)
+            cls = transformers.Gemma4ForConditionalGeneration if name == "multimodal" else transformers.Gemma4ForCausalLM
+            hf = cls(cfg).float().eval()
+            with torch.no_grad():
+                for n, p in hf.named_parameters():
+                    if n.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+                        p.copy_(0.3 * torch.randn_like(p) + 1.0)
+                for n, b in hf.named_buffers():
+                    if n.endswith("layer_scalar"):
+                        b.copy_(torch.rand_like(b) + 0.5)
+            folder = Path(tmp_path_factory.mktemp(f"gemma4-{name}"))
+            hf.save_pretrained(folder)
+            save_word_tokenizer(folder)
+            made[name] = (folder, hf)
+        return made[name]
+
+    return make
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    worst = (ours.float() - ref.float()).abs().max().item()
+    assert worst < FP32_TOL, f"{what}: max |diff| {worst:.3g} exceeds {FP32_TOL:g}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_padded_prefill_and_decode_logits_match_hf(checkpoint, name, capfd):
+    """Rows of 20, 15 and 9 prompt tokens (left-padded), then 8 decode steps past the window of 8."""
+    folder, hf = checkpoint(name)
+    ours = load_model(folder, dtype="fp32")
+    if name == "multimodal":
+        assert "the vision/audio towers are skipped" in capfd.readouterr().err
+    torch.manual_seed(1)
+    B, P, steps = 3, 20, 8
+    ids = torch.randint(3, TINY["vocab_size"], (B, P + steps))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert ref.std() > 0.1  # not a degenerate model
+    valid = mask.bool()
+    with torch.no_grad():
+        cache = StaticKVCache(ours.config, B, P + steps, torch.float32, "cpu")
+        got = ours(ids[:, :P], pos[:, :P], cache, 0, k_valid=valid)
+        cache.advance(P)
+        assert_close(got[valid[:, :P]], ref[:, :P][valid[:, :P]], f"{name} prefill")
+        for t in range(P, P + steps):
+            step = ours(ids[:, t:t + 1], pos[:, t:t + 1], cache, cache.pos, k_valid=valid)
+            cache.advance(1)
+            assert_close(step, ref[:, t:t + 1], f"{name} decode step {t - P}")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_greedy_32_tokens_identical_to_hf_generate(checkpoint, name):
+    folder, hf = checkpoint(name)
+    llm = ember.load(folder, device="cpu", dtype="fp32")
+    prompt = torch.randint(3, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = out[0, len(prompt):].tolist()
+    got = llm.generate(prompt, max_new_tokens=32, temperature=0.0, ignore_eos=True).token_ids
+    assert got == ref, f"{name}: first difference at {next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)}"
+
+
+@pytest.mark.parametrize("name", ["moe", "ple-shared"])
+def test_continuous_batching_equals_generate_alone(checkpoint, name):
+    """The paged cache under ragged, chunked batches (full layers' own head shape; shared keys/values read from
+    the producing layer's pool) gives each sequence its own tokens."""
+    from ember.sampling import SamplingParams
+    from ember.scheduler import BatchScheduler, SeqRequest
+
+    folder, _ = checkpoint(name)
+    llm = ember.load(folder, dtype="fp32")
+    sched = BatchScheduler(llm, max_batch=3, num_blocks=32, block_size=8, prefill_chunk=16)
+    for t in sched.cache.k + sched.cache.v:  # uninitialised pool memory must never be read
+        t[8:] = float("nan")
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in (5, 19, 11, 2)]
+    events: dict[int, list[int]] = {}
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    ids = sched.submit([SeqRequest(p, params, on_event=lambda ev: events.setdefault(ev.seq_id, []).append(ev.token_id))
+                        for p in ps])
+    sched.run_until_idle()
+    for p, i in zip(ps, ids):
+        want = llm.generate(p, max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids
+        assert events[i] == want, f"{name}: prompt of {len(p)} tokens"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parameter_count_equals_the_model_and_hf(checkpoint, name):
+    """num_parameters counts exactly the tensors Ember builds, and those are HF's text model's."""
+    folder, hf = checkpoint(name)
+    ours = load_model(folder, dtype="fp32")
+    real = sum(p.numel() for p in {id(p): p for p in ours.parameters()}.values())
+    text = hf.model.language_model if name == "multimodal" else hf.model
+    hf_real = sum(p.numel() for p in text.parameters()) + (0 if hf.config.get_text_config().tie_word_embeddings
+                                                           else hf.lm_head.weight.numel())
+    assert ours.config.num_parameters() == real == hf_real
+
+
+def test_full_layers_get_their_own_head_shape_and_cache():
+    """config.json's per_layer_config (transformers 5) and global_head_dim (published files) read the same; the
+    cache keeps each layer's own shape."""
+    from ember.cache import layer_specs
+    from ember.config import ModelConfig
+
+    hf_cfg = _hf_config("dense-keqv")
+    a = ModelConfig.from_dict(hf_cfg.to_dict())
+    raw = {k: v for k, v in hf_cfg.to_dict().items() if k != "per_layer_config"}
+    b = ModelConfig.from_dict({**raw, "global_head_dim": 32, "num_global_key_value_heads": 1})
+    for cfg in (a, b):
+        assert [(s.kv_heads, s.head_dim) for s in layer_specs(cfg)][1:3] == [(2, 16), (1, 32)]
+        assert cfg.rope_scaling["rope_type"] == "proportional" and cfg.rotary_dim == 16
