@@ -235,3 +235,66 @@ def test_tune_refuses_a_family_it_cannot_train_yet(checkpoint, tmp_path):
     with pytest.raises(TrainingError, match="gemma3_text"):
         tune(folder, data, tmp_path / "out", TrainConfig(steps=1), device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "deepseek_v3"])
+def test_router_weights_kept_in_fp32_as_hf(checkpoint, name):
+    """A bf16 load keeps the sigmoid router's weight and correction bias in fp32 (HF's
+    _keep_in_fp32_modules_strict), so the experts chosen for bf16 hidden states are HF's."""
+    import transformers
+
+    folder, _ = checkpoint(name)
+    ours = load_model(folder, dtype="bf16")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    layer = next(i for i in range(ours.config.num_hidden_layers) if ours.config.is_moe_layer(i))
+    gate, hf_gate = ours.model.layers[layer].mlp.gate, hf.model.layers[layer].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.weight, hf_gate.weight) and torch.equal(gate.e_score_correction_bias,
+                                                                    hf_gate.e_score_correction_bias)
+    assert ours.model.layers[layer].mlp.experts[0].gate_proj.weight.dtype == torch.bfloat16
+    x = torch.randn(64, TINY["hidden_size"], generator=torch.Generator().manual_seed(2)).bfloat16()
+    with torch.no_grad():
+        weights, ids = gate(x)
+        _, ref_weights, ref = hf_gate(x)
+    order, ref_order = ids.argsort(-1), ref.argsort(-1)
+    assert torch.equal(ids.gather(1, order), ref.gather(1, ref_order))
+    assert torch.allclose(weights.gather(1, order), ref_weights.gather(1, ref_order), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gemma3_text-softcap", "gemma2"])
+def test_eval_perplexity_applies_final_soft_capping_as_hf_loss(checkpoint, name):
+    """`ember eval` scores the capped logits: its mean NLL over one window equals HF's loss, and differs from the
+    uncapped one (so the cap is what makes them equal)."""
+    from ember.evaluate import perplexity
+
+    folder, hf = checkpoint(name)
+    ours = load_model(folder, dtype="fp32")
+    ids = torch.randint(3, TINY["vocab_size"], (40,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        loss = hf(input_ids=ids[None], labels=ids[None]).loss.item()
+    got = perplexity(ours, ids.tolist(), window=40, stride=40)
+    assert got["tokens"] == 39 and abs(got["mean_nll"] - loss) < 1e-5
+    ours.config.final_logit_softcapping = None
+    assert abs(perplexity(ours, ids.tolist(), window=40, stride=40)["mean_nll"] - loss) > 5e-5
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "glm4_moe", "deepseek_v3", "minimax_m2"])
+def test_quant_on_load_and_ember_quantize_round_trip(checkpoint, tmp_path, name):
+    """int8 on load stays close to fp32 (routers left in float); the folder `ember quantize` writes loads back as
+    stored and gives the same logits as quantizing on load."""
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.quant import QuantizedLinear
+
+    folder, _ = checkpoint(name)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = load_model(folder, dtype="fp32")(ids)
+        on_load = load_model(folder, dtype="fp32", quant="int8")
+        got = on_load(ids)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    routers = [m for n, m in on_load.named_modules() if n.endswith("mlp.gate")]
+    assert all(not isinstance(m, QuantizedLinear) for m in routers)
+    assert any(isinstance(m, QuantizedLinear) for m in on_load.modules())
+    out, _ = quantize_checkpoint(folder, tmp_path / "q", "int8")
+    with torch.no_grad():
+        assert torch.equal(load_model(out, dtype="fp32")(ids), got)

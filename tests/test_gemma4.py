@@ -172,3 +172,35 @@ def test_full_layers_get_their_own_head_shape_and_cache():
     for cfg in (a, b):
         assert [(s.kv_heads, s.head_dim) for s in layer_specs(cfg)][1:3] == [(2, 16), (1, 32)]
         assert cfg.rope_scaling["rope_type"] == "proportional" and cfg.rotary_dim == 16
+
+
+@pytest.mark.parametrize("name", ["moe", "ple-shared"])
+def test_quant_on_load_and_ember_quantize_round_trip(checkpoint, tmp_path, name):
+    """int8 on load equals the model with each quantized layer's dequantized weight (the router's projection
+    left in float), and `ember quantize`'s folder (per-expert names) loads back as stored with the same logits.
+    (Against fp32 the random tiny model drifts more than Llama's: scale-1 attention over normed q/k and the
+    routers amplify rounding, so the check is the exact one.)"""
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.quant import QuantizedLinear
+
+    folder, _ = checkpoint(name)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = load_model(folder, dtype="fp32")(ids)
+        on_load = load_model(folder, dtype="fp32", quant="int8")
+        got = on_load(ids)
+    assert not torch.equal(got, ref)
+    assert isinstance(on_load.model.layers[0].mlp.up_proj, QuantizedLinear)
+    if name == "moe":
+        assert type(on_load.model.layers[0].router.proj) is torch.nn.Linear
+        assert isinstance(on_load.model.layers[0].experts[1].down_proj, QuantizedLinear)
+    out, _ = quantize_checkpoint(folder, tmp_path / "q", "int8")
+    with torch.no_grad():
+        assert torch.equal(load_model(out, dtype="fp32")(ids), got)
+        for name, m in list(on_load.named_modules()):
+            if isinstance(m, QuantizedLinear):
+                lin = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+                lin.weight.data = m.dequantize()
+                on_load.set_submodule(name, lin)
+        dense = on_load(ids)
+    assert (got - dense).abs().max() < 1e-4 * dense.abs().max()

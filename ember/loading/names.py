@@ -7,8 +7,6 @@ name, ``SKIPPED[model_type]`` the prefixes of tensors that are not read (the vis
 
 from __future__ import annotations
 
-import re
-
 from ember.config import ModelConfig
 from ember.loading.moe import ExpertLayoutView
 from ember.loading.safetensors import Checkpoint
@@ -23,34 +21,9 @@ SKIPPED: dict[str, tuple[str, ...]] = {
 }
 
 
-# Gemma 4 keeps its experts beside the MLP, fused: layers.N.experts.gate_up_proj (E, 2I, H), down_proj (E, H, I)
-LAYER_EXPERTS = re.compile(r"^(?P<prefix>.*\.layers\.\d+\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
-
-
-def split_layer_experts(ckpt: Checkpoint) -> Checkpoint | ExpertLayoutView:
-    """Gemma 4's fused expert tensors seen as one ``experts.E.{gate,up,down}_proj.weight`` per expert (row slices
-    of the mapped tensors, nothing copied); every other name unchanged."""
-    sources: dict[str, tuple] = {}
-    for name in ckpt.names():
-        m = LAYER_EXPERTS.match(name)
-        if m is None:
-            sources[name] = (name, None)
-            continue
-        n_exp, rows = ckpt.info(name).shape[:2]
-        for e in range(n_exp):
-            if m["kind"] == "gate_up_proj":
-                sources[f"{m['prefix']}.{e}.gate_proj.weight"] = (name, (e, 0, rows // 2))
-                sources[f"{m['prefix']}.{e}.up_proj.weight"] = (name, (e, rows // 2, rows))
-            else:
-                sources[f"{m['prefix']}.{e}.down_proj.weight"] = (name, (e, 0, rows))
-    return ExpertLayoutView(ckpt, sources)
-
-
 def renamed_text_model(ckpt: Checkpoint, cfg: ModelConfig) -> Checkpoint | ExpertLayoutView:
     """``ckpt`` seen under the names of its language model (a renaming view, nothing copied); unchanged for
     families stored under Ember's names."""
-    if cfg.model_type == "gemma4_text" and cfg.num_local_experts:
-        return split_layer_experts(ckpt)
     prefixes = TEXT_PREFIXES.get(cfg.model_type)
     if not prefixes:
         return ckpt
