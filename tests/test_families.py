@@ -298,3 +298,115 @@ def test_quant_on_load_and_ember_quantize_round_trip(checkpoint, tmp_path, name)
     out, _ = quantize_checkpoint(folder, tmp_path / "q", "int8")
     with torch.no_grad():
         assert torch.equal(load_model(out, dtype="fp32")(ids), got)
+
+
+# Chat templates in each family's documented format. The published templates (tokenizer_config.json /
+# chat_template.jinja of the Hub repos) are not available offline here: these are reconstructions of their
+# layouts (turn markers, reasoning blocks, tool-call syntax), kept small; rendering is checked against
+# transformers' apply_chat_template and parsing against outputs in the same syntax.
+TEMPLATES = {
+    "gemma": (
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m.role == 'assistant' else m.role %}"
+        "<start_of_turn>{{ role }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    "glm45": (
+        "[gMASK]<sop>{% if tools %}<|system|>\n# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+        "</tools>\nFor each function call, output:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n"
+        "<arg_value>{arg-value-1}</arg_value>\n...\n</tool_call>{% endif %}"
+        "{% for m in messages %}{% if m.role == 'user' %}<|user|>\n{{ m.content }}"
+        "{{ '/nothink' if enable_thinking is defined and not enable_thinking else '' }}"
+        "{% elif m.role == 'assistant' %}<|assistant|>\n<think>{{ m.reasoning_content | default('') }}</think>"
+        "{% if m.content %}\n{{ m.content.strip() }}{% endif %}"
+        "{% for tc in m.tool_calls | default([]) %}\n<tool_call>{{ tc.function.name }}"
+        "{% for k, v in tc.function.arguments.items() %}\n<arg_key>{{ k }}</arg_key>\n"
+        "<arg_value>{{ v | tojson if v is not string else v }}</arg_value>{% endfor %}\n</tool_call>{% endfor %}"
+        "{% elif m.role == 'tool' %}<|observation|>\n<tool_response>\n{{ m.content }}\n</tool_response>"
+        "{% elif m.role == 'system' %}<|system|>\n{{ m.content }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>"
+        "{{ '\n<think></think>' if enable_thinking is defined and not enable_thinking else '' }}{% endif %}"),
+    "minimax_m2": (
+        "]~!b[]~b]system\n{{ messages[0].content if messages[0].role == 'system' else 'You are a helpful "
+        "assistant.' }}{% if tools %}\n\n# Tools\n<tools>\n{% for t in tools %}<tool>{{ t.function | tojson }}</tool>\n"
+        "{% endfor %}</tools>\n\n<minimax:tool_call>\n<invoke name=\"tool-name-1\">\n<parameter name=\"param-key-1\">"
+        "param-value-1</parameter>\n</invoke>\n</minimax:tool_call>{% endif %}[e~[\n"
+        "{% for m in messages %}{% if m.role == 'user' %}]~b]user\n{{ m.content }}[e~[\n"
+        "{% elif m.role == 'assistant' %}]~b]ai\n{{ m.content }}{% if m.tool_calls %}\n<minimax:tool_call>\n"
+        "{% for tc in m.tool_calls %}<invoke name=\"{{ tc.function.name }}\">\n"
+        "{% for k, v in tc.function.arguments.items() %}<parameter name=\"{{ k }}\">"
+        "{{ v | tojson if v is not string else v }}</parameter>\n{% endfor %}</invoke>\n{% endfor %}"
+        "</minimax:tool_call>{% endif %}[e~[\n{% elif m.role == 'tool' %}]~b]tool\n<response>{{ m.content }}"
+        "</response>[e~[\n{% endif %}{% endfor %}{% if add_generation_prompt %}]~b]ai\n<think>\n{% endif %}"),
+    "deepseek_r1": (
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}"
+        "{% elif m.role == 'user' %}<｜User｜>{{ m.content }}{% elif m.role == 'assistant' %}<｜Assistant｜>"
+        "{{ m.content.split('</think>')[-1] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"),
+}
+_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "w5 w6"},
+         {"role": "assistant", "content": "w7", "reasoning_content": "w8",
+          "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                             "arguments": {"city": "Paris", "days": 3}}}]},
+         {"role": "tool", "content": "sunny"}, {"role": "user", "content": "w9"}]
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_family_chat_templates_render_as_transformers(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    from ember.tokenizer import Tokenizer
+
+    save_word_tokenizer(tmp_path, chat_template=TEMPLATES[family])
+    chat = [m for m in _CHAT if family != "gemma" or m["role"] in ("user", "assistant")][:2] if family == "gemma" \
+        else _CHAT
+    kw = {} if family == "gemma" else {"tools": _TOOLS}
+    ours = Tokenizer.from_dir(tmp_path).apply_chat_template(chat, add_generation_prompt=True, **kw)
+    ref = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(chat, add_generation_prompt=True,
+                                                                       tokenize=False, **kw)
+    assert ours == ref
+
+
+@pytest.mark.parametrize("family,fmt,reasoning_in_prompt,text,want", [
+    ("glm45", "glm45", False,
+     "<think>w8 plan</think>\nHello<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+     "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
+     ("w8 plan", "Hello", [("get_weather", {"city": "Paris", "days": 3})])),
+    ("minimax_m2", "minimax_m2", True,
+     "w8 plan\n</think>\n\nHello\n<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"city\">Paris"
+     "</parameter>\n<parameter name=\"days\">3</parameter>\n</invoke>\n<invoke name=\"get_time\">\n</invoke>\n"
+     "</minimax:tool_call>",
+     ("w8 plan\n", "Hello\n", [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {})])),
+    ("deepseek_r1", "hermes", True, "w8 plan\n</think>\n\nThe answer.", ("w8 plan\n", "The answer.", [])),
+])
+def test_family_outputs_split_into_reasoning_content_and_calls(tmp_path, family, fmt, reasoning_in_prompt, text,
+                                                               want):
+    """The template picks the format and says it reasons; streamed character by character or whole, the output
+    splits the same way into reasoning_content, content and tool calls."""
+    import json
+
+    from ember.chat_formats import (OutputParser, ParsedOutput, detect_format, is_reasoning_template,
+                                    prompt_in_reasoning)
+    from ember.tokenizer import Tokenizer
+
+    template = TEMPLATES[family]
+    assert detect_format(template).name == fmt and is_reasoning_template(template)
+    save_word_tokenizer(tmp_path, chat_template=template)
+    prompt = Tokenizer.from_dir(tmp_path).apply_chat_template(_CHAT[:2], add_generation_prompt=True)
+    assert prompt_in_reasoning(prompt) == reasoning_in_prompt
+    for pieces in ([text], list(text)):
+        parser, out = OutputParser(detect_format(template), True, reasoning_in_prompt), ParsedOutput()
+        for p in pieces:
+            out.add(parser.feed(p))
+        out.add(parser.finish())
+        assert (out.reasoning, out.content) == want[:2]
+        assert [(c.name, json.loads(c.arguments)) for c in out.calls] == want[2]
+
+
+def test_glm_and_minimax_bodies_that_are_not_calls_stay_content():
+    from ember.chat_formats import FORMATS
+
+    assert FORMATS["glm45"].parse_body("get weather now\n<arg_key>a</arg_key>") is None
+    assert FORMATS["glm45"].parse_body("f\n<arg_key>a</arg_key>\n<arg_value>x</arg_value>\nstray") is None
+    assert FORMATS["minimax_m2"].parse_body("no invoke here") is None
+    assert FORMATS["glm45"].parse_body("f\n<arg_key>q</arg_key>\n<arg_value>w1 w2</arg_value>") == [("f", '{"q": "w1 w2"}')]
