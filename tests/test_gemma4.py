@@ -204,3 +204,16 @@ def test_quant_on_load_and_ember_quantize_round_trip(checkpoint, tmp_path, name)
                 on_load.set_submodule(name, lin)
         dense = on_load(ids)
     assert (got - dense).abs().max() < 1e-4 * dense.abs().max()
+
+
+@pytest.mark.parametrize("name,targets", [
+    ("dense-keqv", "all-linear"), ("ple-shared", "all-linear"),
+    ("moe", ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+])
+def test_training_forward_loss_and_lora_grads_match_hf_peft(checkpoint, tmp_path, name, targets):
+    """Loss and LoRA gradients equal HF + PEFT's (with and without gradient checkpointing); the saved adapter
+    loads in PEFT (per-layer inputs and shared keys/values included)."""
+    from test_families import check_lora_against_peft
+
+    folder, hf = checkpoint(name)
+    check_lora_against_peft(folder, hf, targets, tmp_path)
