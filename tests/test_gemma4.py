@@ -217,3 +217,48 @@ def test_training_forward_loss_and_lora_grads_match_hf_peft(checkpoint, tmp_path
 
     folder, hf = checkpoint(name)
     check_lora_against_peft(folder, hf, targets, tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_planner_bytes_equal_the_model_and_its_cache(name):
+    """The planner's weight bytes count exactly the model's parameters (per-layer head shapes, k = v, shared
+    keys/values, the dense MLP beside the experts, per-layer inputs), and its KV bytes what the cache allocates."""
+    from ember import planner
+    from ember.config import ModelConfig
+    from ember.models import Transformer
+
+    cfg = ModelConfig.from_dict(_hf_config(name).to_dict())
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert planner.weight_bytes(cfg, "bf16").total == 2 * real
+    cache = StaticKVCache(cfg, 2, 40, torch.bfloat16, "cpu")
+    assert planner.kv_cache_bytes(cfg, 40, 2, "bf16", cap_window=False) == cache.nbytes()
+
+
+def _plan(capsys, *argv: str) -> dict:
+    import argparse
+    import json
+
+    from ember.plan_cli import add_parser
+
+    ap = argparse.ArgumentParser(prog="ember")
+    add_parser(ap.add_subparsers(dest="verb"))
+    args = ap.parse_args(["plan", *argv, "--json"])
+    assert args.func(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_catalog_plans_for_gemma4_and_minimax_m2_on_one_spark(capsys):
+    """Gemma 4 26B-A4B: published 25.2B total / 3.8B active; int4 fits one DGX Spark. MiniMax-M2 in int4 does not
+    fit one (its weights alone pass the usable memory) and fits two: the plan says so."""
+    from ember import catalog
+
+    cfg = catalog.get("gemma-4-26b-a4b").config
+    assert abs(cfg.num_parameters() - 25.2e9) < 0.01 * 25.2e9 and abs(cfg.active_parameters() - 3.8e9) < 0.05e9
+    assert cfg.multimodal and cfg.layer_head_dim(5) == 512 and cfg.layer_kv_heads(5) == 2
+    (gemma,) = _plan(capsys, "gemma-4-26b-a4b", "--on", "dgx-spark", "--quant", "int4")["options"]
+    assert gemma["fits"]
+    (one,) = _plan(capsys, "minimax-m2", "--on", "dgx-spark", "--quant", "int4")["options"]
+    (two,) = _plan(capsys, "minimax-m2", "--on", "2xdgx-spark", "--quant", "int4")["options"]
+    assert not one["fits"] and two["fits"] and two["nodes"] == 2

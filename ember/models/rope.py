@@ -61,7 +61,7 @@ def _yarn_inv_freq(cfg: ModelConfig, scaling: dict, device) -> torch.Tensor:
     """YaRN (HF's ``_compute_yarn_parameters``): each frequency is interpolated (divided by ``factor``) or
     extrapolated (kept) by how many turns it makes over the original context; a linear ramp between the
     ``beta_fast``/``beta_slow`` correction dimensions blends the two."""
-    dim, base = cfg.head_dim, cfg.rope_theta
+    dim, base = cfg.rotary_dim, cfg.rope_theta  # HF: head_dim * partial_rotary_factor (MLA: qk_rope_head_dim)
     factor = _yarn_factor(cfg, scaling)
     old_ctx = scaling["original_max_position_embeddings"]
     beta_fast = scaling.get("beta_fast") or 32
@@ -100,6 +100,16 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     if m and m_all:
         return float(mscale(factor, m) / mscale(factor, m_all))
     return mscale(factor)
+
+
+def yarn_softmax_mscale(cfg: ModelConfig) -> float:
+    """The factor whose square multi-head latent attention's softmax scale takes under YaRN: ``0.1 mscale_all_dim
+    ln(factor) + 1`` (1.0 without YaRN, or without ``mscale_all_dim``; HF's ``yarn_apply_mscale``)."""
+    scaling = cfg.rope_scaling
+    if not scaling or scaling["rope_type"] == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    factor = _yarn_factor(cfg, scaling)
+    return 1.0 if factor <= 1 else 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0
 
 
 def rope_local_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor | None:
