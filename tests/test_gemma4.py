@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import ember
 from conftest import TINY, save_word_tokenizer
 from ember.cache import StaticKVCache
 from ember.loading import load_model
-
-FP32_TOL = 1e-4
+from test_families import check_continuous_batching, check_greedy, check_lora_against_peft, check_padded_logits
 _LAYERS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
            "full_attention"]
 _BASE = dict(head_dim=16, global_head_dim=32, sliding_window=8, num_hidden_layers=6, layer_types=_LAYERS,
@@ -76,75 +74,26 @@ def checkpoint(tmp_path_factory):
     return make
 
 
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    worst = (ours.float() - ref.float()).abs().max().item()
-    assert worst < FP32_TOL, f"{what}: max |diff| {worst:.3g} exceeds {FP32_TOL:g}"
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_padded_prefill_and_decode_logits_match_hf(checkpoint, name, capfd):
     """Rows of 20, 15 and 9 prompt tokens (left-padded), then 8 decode steps past the window of 8."""
     folder, hf = checkpoint(name)
-    ours = load_model(folder, dtype="fp32")
+    check_padded_logits(folder, hf, name)
     if name == "multimodal":
         assert "the vision/audio towers are skipped" in capfd.readouterr().err
-    torch.manual_seed(1)
-    B, P, steps = 3, 20, 8
-    ids = torch.randint(3, TINY["vocab_size"], (B, P + steps))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    assert ref.std() > 0.1  # not a degenerate model
-    valid = mask.bool()
-    with torch.no_grad():
-        cache = StaticKVCache(ours.config, B, P + steps, torch.float32, "cpu")
-        got = ours(ids[:, :P], pos[:, :P], cache, 0, k_valid=valid)
-        cache.advance(P)
-        assert_close(got[valid[:, :P]], ref[:, :P][valid[:, :P]], f"{name} prefill")
-        for t in range(P, P + steps):
-            step = ours(ids[:, t:t + 1], pos[:, t:t + 1], cache, cache.pos, k_valid=valid)
-            cache.advance(1)
-            assert_close(step, ref[:, t:t + 1], f"{name} decode step {t - P}")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_greedy_32_tokens_identical_to_hf_generate(checkpoint, name):
     folder, hf = checkpoint(name)
-    llm = ember.load(folder, device="cpu", dtype="fp32")
-    prompt = torch.randint(3, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(5)).tolist()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ref = out[0, len(prompt):].tolist()
-    got = llm.generate(prompt, max_new_tokens=32, temperature=0.0, ignore_eos=True).token_ids
-    assert got == ref, f"{name}: first difference at {next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)}"
+    check_greedy(folder, hf, name)
 
 
 @pytest.mark.parametrize("name", ["moe", "ple-shared"])
 def test_continuous_batching_equals_generate_alone(checkpoint, name):
-    """The paged cache under ragged, chunked batches (full layers' own head shape; shared keys/values read from
-    the producing layer's pool) gives each sequence its own tokens."""
-    from ember.sampling import SamplingParams
-    from ember.scheduler import BatchScheduler, SeqRequest
-
+    """The paged cache (full layers' own head shape; shared keys/values read from the producing layer's pool)."""
     folder, _ = checkpoint(name)
-    llm = ember.load(folder, dtype="fp32")
-    sched = BatchScheduler(llm, max_batch=3, num_blocks=32, block_size=8, prefill_chunk=16)
-    for t in sched.cache.k + sched.cache.v:  # uninitialised pool memory must never be read
-        t[8:] = float("nan")
-    g = torch.Generator().manual_seed(3)
-    ps = [torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in (5, 19, 11, 2)]
-    events: dict[int, list[int]] = {}
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-    ids = sched.submit([SeqRequest(p, params, on_event=lambda ev: events.setdefault(ev.seq_id, []).append(ev.token_id))
-                        for p in ps])
-    sched.run_until_idle()
-    for p, i in zip(ps, ids):
-        want = llm.generate(p, max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids
-        assert events[i] == want, f"{name}: prompt of {len(p)} tokens"
+    check_continuous_batching(folder, name)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -213,8 +162,6 @@ def test_quant_on_load_and_ember_quantize_round_trip(checkpoint, tmp_path, name)
 def test_training_forward_loss_and_lora_grads_match_hf_peft(checkpoint, tmp_path, name, targets):
     """Loss and LoRA gradients equal HF + PEFT's (with and without gradient checkpointing); the saved adapter
     loads in PEFT (per-layer inputs and shared keys/values included)."""
-    from test_families import check_lora_against_peft
-
     folder, hf = checkpoint(name)
     check_lora_against_peft(folder, hf, targets, tmp_path)
 
