@@ -639,9 +639,15 @@ def main() -> None:
 
     machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
     md = MOE_SIZES[args.size]
-    print(f"\nDecode, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) and "
-          f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
-          f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']}), random weights; batch 1, "
+    shown = [] if args.only_families else [f"{args.size} Llama ({dims['num_hidden_layers']} layers, hidden "
+                                           f"{dims['hidden_size']})"]
+    if not args.no_moe:
+        shown.append(f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
+                     f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']})")
+    if args.families:
+        shown += [f"{m} ({d['num_hidden_layers']} layers, hidden {d['hidden_size']})"
+                  for m, (_, d) in FAMILY_SIZES[args.size].items()]
+    print(f"\nDecode, {', '.join(shown)}, random weights; batch 1, "
           f"prompt {args.prompt_len}, {args.new} new tokens; {date.today()}; {machine}")
     print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s (the best of {len(bw['samples'])} measurements between rows and timing rounds: "
           f"{', '.join(f'{b / 1e9:.0f}' for b in bw['samples'])} GB/s) / bytes read per token (weights as stored + KV); "
