@@ -4,7 +4,12 @@ Rows, all batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored):
 
 * a random TinyLlama-shape Llama checkpoint in each of ``--dtypes`` (bf16, fp32): Ember and HF;
 * the bf16 checkpoint quantized on load by Ember each way in ``--quant`` (int8, int4 group 128, nf4);
-* a random Mixtral-shape MoE checkpoint (8 experts, top-2) in bf16: Ember.
+* a random Mixtral-shape MoE checkpoint (8 experts, top-2) in bf16: Ember;
+* (``--families``) a random Gemma-3-shape dense checkpoint (sandwich norms, GeGLU, 5 sliding : 1 global layers,
+  tied 262k-vocabulary head at "1.1b") and a DeepSeek-V3-shape one (multi-head latent attention, sigmoid-routed
+  experts with a shared expert; expert bytes counted from the active experts and checked with hooks) in bf16,
+  written by transformers' ``save_pretrained``; the MLA row prints its latent cache bytes per token against
+  expanded keys/values and a GQA model of the same width.
 
 Every row is timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)),
 so prefill is excluded; each the fastest of ``--repeats`` rounds. The bf16 row and its quantized forms
@@ -68,6 +73,30 @@ MOE_SIZES = {
                  num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+}
+# The families' rows (--families): HF config kwargs. Gemma 3 1B's dims at "1.1b" (~1.0B, 0.30B of it the tied
+# embedding); DeepSeek-V3's layout scaled down (~1.0B total, ~0.3B active at "1.1b").
+FAMILY_SIZES = {
+    "1.1b": {
+        "gemma3-shape": ("Gemma3TextConfig", dict(
+            vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
+        "deepseek-mla": ("DeepseekV3Config", dict(
+            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+            num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+            v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=4, topk_group=2)),
+    },
+    "small": {
+        "gemma3-shape": ("Gemma3TextConfig", dict(
+            vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
+        "deepseek-mla": ("DeepseekV3Config", dict(
+            vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+            v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=4, topk_group=2)),
+    },
 }
 WARMUP_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=32000)
@@ -136,7 +165,6 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     """A random Llama (or, with ``num_local_experts`` in ``dims``, Mixtral) checkpoint in the normal HF
     layout and names, plus a word-level tokenizer covering the vocab."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ember.config import ModelConfig
     from ember.models import Transformer
@@ -164,7 +192,28 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, dims["vocab_size"])}}
+    write_tokenizer(folder, dims["vocab_size"])
+
+
+def write_family_checkpoint(folder: Path, config_class: str, dims: dict, dtype: torch.dtype) -> None:
+    """A random checkpoint of one of transformers' families (``config_class`` with ``dims``), saved by HF's own
+    ``save_pretrained`` (norm weights as HF initialises them), plus the word-level tokenizer."""
+    import transformers
+
+    cfg = getattr(transformers, config_class)(**dims, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                                               pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    write_tokenizer(folder, dims["vocab_size"])
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over ``w3 .. w{V-1}`` (ids = numbers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))
@@ -183,9 +232,13 @@ def module_bytes(m: torch.nn.Module) -> int:
 
 
 def kv_bytes_per_token(cfg, elem: int, prompt: int, new: int) -> int:
-    """KV-cache bytes one decode step reads, at the mean context of a ``prompt`` + ``new`` decode."""
+    """KV-cache bytes one decode step reads, at the mean context of a ``prompt`` + ``new`` decode: each layer's
+    keys/values per token as its cache holds them (MLA: the latent and the rotated key, read once)."""
+    from ember.cache import bytes_per_token, layer_specs
+
     mean_ctx = prompt + new / 2
-    return round(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem * mean_ctx)
+    dtype = {2: torch.bfloat16, 4: torch.float32}[elem]
+    return round(sum(bytes_per_token(s, dtype) for s in layer_specs(cfg)) * mean_ctx)
 
 
 class ExpertCounter:
@@ -418,6 +471,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size of the decode rows")
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE row")
     ap.add_argument("--moe-quant", default="none", help="also quantize the MoE model these ways (e.g. int4)")
+    ap.add_argument("--families", action="store_true",
+                    help="add the Gemma-3-shape and DeepSeek-V3-shape (MLA + routed MoE) rows")
+    ap.add_argument("--only-families", action="store_true", help="only the families' rows (implies --families)")
     ap.add_argument("--no-ppl", action="store_true", help="skip the demo-model perplexity columns")
     ap.add_argument("--demo-dir", default=str(DEMO_CACHE), help="where the demo model is built / reused")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -437,6 +493,8 @@ def main() -> None:
     prompt = torch.randint(3, dims["vocab_size"], (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     dtypes = [d for d in args.dtypes.split(",") if d]
     quants = [q for q in args.quant.split(",") if q and q != "none"]
+    if args.only_families:
+        args.families, args.no_moe, args.no_ppl, dtypes, quants = True, True, True, [], []
     moe_quants = [q for q in args.moe_quant.split(",") if q and q != "none"]
     rows: list[dict] = []
     names = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -471,7 +529,7 @@ def main() -> None:
         # row's resident MB: run every code path once on a tiny model first.
         tiny = Path(tmp) / "warmup"
         write_checkpoint(tiny, WARMUP_DIMS, torch.bfloat16)
-        for q in [None] + quants:
+        for q in [None] + (quants if dtypes else []):
             time_ember(tiny, "bf16", prompt[:16], 4, 1, quant=q, group_size=32 if q == "int4" else None)
         need = list(dict.fromkeys(dtypes + (["bf16"] if quants else [])))
         for dt in need:
@@ -536,6 +594,19 @@ def main() -> None:
                 e = time_ember(folder, "bf16", prompt, args.new, args.repeats, quant=q,
                                group_size=args.group_size if q == "int4" else None, check_experts=True)
                 add_row("mixtral-moe", "bf16", q, e, args.group_size)
+        if args.families:
+            for model_name, (config_class, fdims) in FAMILY_SIZES[args.size].items():
+                folder = Path(tmp) / model_name
+                t = time.perf_counter()
+                write_family_checkpoint(folder, config_class, fdims, torch.bfloat16)
+                print(f"[{model_name}] wrote random checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+                e = time_ember(folder, "bf16", [i % fdims["vocab_size"] for i in prompt], args.new, args.repeats,
+                               check_experts=True)
+                row = add_row(model_name, "bf16", None, e)
+                if config_class == "DeepseekV3Config":
+                    row["mla_cache"] = mla_cache_comparison(folder)
+                for p in folder.iterdir():
+                    p.unlink()
 
     # Every row against the best bandwidth of the whole run (a conservative roofline: the targets use it) and,
     # for context, against the median sample: a shared VM's bandwidth moves within seconds (26-43 GB/s on the
@@ -568,9 +639,15 @@ def main() -> None:
 
     machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {args.device}"
     md = MOE_SIZES[args.size]
-    print(f"\nDecode, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) and "
-          f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
-          f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']}), random weights; batch 1, "
+    shown = [] if args.only_families else [f"{args.size} Llama ({dims['num_hidden_layers']} layers, hidden "
+                                           f"{dims['hidden_size']})"]
+    if not args.no_moe:
+        shown.append(f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
+                     f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']})")
+    if args.families:
+        shown += [f"{m} ({d['num_hidden_layers']} layers, hidden {d['hidden_size']})"
+                  for m, (_, d) in FAMILY_SIZES[args.size].items()]
+    print(f"\nDecode, {', '.join(shown)}, random weights; batch 1, "
           f"prompt {args.prompt_len}, {args.new} new tokens; {date.today()}; {machine}")
     print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s (the best of {len(bw['samples'])} measurements between rows and timing rounds: "
           f"{', '.join(f'{b / 1e9:.0f}' for b in bw['samples'])} GB/s) / bytes read per token (weights as stored + KV); "
@@ -606,6 +683,12 @@ def main() -> None:
             print(f"{r['weights']} / bf16 within each timing round: {', '.join(f'{x:.2f}' for x in rr)} "
                   f"(median {statistics.median(rr):.2f}x; the table's vs bf16 divides best rounds)")
     for r in rows:
+        m = r.get("mla_cache")
+        if m:
+            print(f"\nMLA cache ({r['model']}), bytes per token per layer in bf16: latent {m['latent']} (what Ember "
+                  f"keeps and a decode step reads) vs {m['expanded_kv']} for expanded keys/values of every head "
+                  f"({m['expanded_kv'] / m['latent']:.1f}x) and {m['gqa_same_width']} for a GQA model of the same width")
+    for r in rows:
         c = r.get("expert_check")
         if c:
             print(f"\nMoE ({r['weights']}) bytes/token check over {c['decode_steps']} decode steps: "
@@ -634,6 +717,20 @@ def main() -> None:
                                "bandwidth_bytes_s": bw, "rows": rows, "demo_ppl": ppl, "targets": targets,
                                "seconds": elapsed}, indent=2))
     print(f"wrote {out}")
+
+
+def mla_cache_comparison(folder: Path) -> dict:
+    """Cache bytes per token per layer (bf16) of the MLA checkpoint: its latent (what Ember keeps), the expanded
+    keys/values of every head, and a GQA model of the same width (hidden / 128 heads of 128, 4 query heads per kv
+    head: the common layout)."""
+    from ember.cache import bytes_per_token, layer_specs
+    from ember.config import ModelConfig
+
+    cfg = ModelConfig.from_file(folder)
+    latent = bytes_per_token(layer_specs(cfg)[0], torch.bfloat16)
+    expanded = 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    gqa = 2 * 2 * max(1, cfg.hidden_size // 128 // 4) * 128
+    return {"latent": latent, "expanded_kv": expanded, "gqa_same_width": gqa}
 
 
 def check_targets(rows: list[dict]) -> list[dict]:

@@ -98,7 +98,7 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
             continue
         w = cfg.layer_window(i)
         kind = "full_attention" if w is None else "sliding_attention"
-        out.append(LayerSpec(kind, cfg.num_key_value_heads, cfg.head_dim, w))
+        out.append(LayerSpec(kind, cfg.layer_kv_heads(i), cfg.layer_head_dim(i), w))
     return out
 
 

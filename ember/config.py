@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ember.config_gemma4 import DEFAULTS as GEMMA4_DEFAULTS, gemma4_count, kv_source, read_gemma4_fields
 from ember.errors import ConfigError, UnsupportedModelError
 
 # model_type -> per-family defaults that differ from the Llama baseline. A family is a row here.
@@ -51,6 +52,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # MiniMax-M2: sigmoid router with correction bias (plain top-k), q/k RMSNorms over all heads at once, partial
     # RoPE (ember/models/minimax.py); its released config.json gives rotary_dim rather than partial_rotary_factor.
     "minimax_m2": {"qk_norm": False, "norm_topk_prob": True},
+    # Gemma 4 (ember/models/gemma4.py, fields read by ember/config_gemma4.py): Gemma 3's pieces with plain-weight
+    # norms, q/k/v norms and scale 1, per-layer-type head shapes and RoPE, per-layer input embeddings, keys/values
+    # shared by the last layers, and a MoE block beside the dense MLP. "gemma4" is the multimodal checkpoint.
+    "gemma4_text": {"qk_norm": True, "attn_logit_softcapping": None, "partial_rotary_factor": 1.0},
 }
 
 # Checkpoints whose config.json nests the language model's fields under text_config (multimodal ones).
@@ -58,13 +63,14 @@ _NESTED_TEXT_CONFIG = ("gemma3",)
 
 # Multimodal wrappers (``...ForConditionalGeneration``): config.json nests the language model in ``text_config``
 # and its weights live under ``model.language_model.``; Ember runs the text model (the vision tower is skipped).
-MULTIMODAL_WRAPPERS: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+MULTIMODAL_WRAPPERS: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                                       "gemma4": "gemma4_text"}
 
 # HF spells the expert count two ways; transformers 5 maps num_experts -> num_local_experts.
 _ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts",
-            "use_qk_norm": "qk_norm"}
+            "use_qk_norm": "qk_norm", "top_k_experts": "num_experts_per_tok"}
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 # Plain sanity bounds, well above every released model (the largest have ~262k vocabularies, 16k
 # hidden sizes, ~130 layers, 10M-token contexts). A value past one is a corrupt or hostile file: it is
@@ -86,6 +92,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     "gemma3_text": _GEMMA3_DEFAULTS,
     "gemma3": _GEMMA3_DEFAULTS,
+    "gemma4_text": GEMMA4_DEFAULTS,
     "glm4_moe": {"partial_rotary_factor": 0.5, "norm_topk_prob": True, "n_shared_experts": 1,
                  "first_k_dense_replace": 1},
     "deepseek_v3": {"norm_topk_prob": True, "n_shared_experts": 1, "first_k_dense_replace": 3,
@@ -169,6 +176,15 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    # Gemma 4 (HF names; see ember/config_gemma4.py): per-layer input embeddings (0: none), value = key projection
+    # on full layers, the last layers reusing earlier keys/values, double-width MLPs there, full layers' head shape.
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     # Where the values came from, for error messages (not a field: not compared, copied or saved).
     source: dataclasses.InitVar[str] = "ModelConfig"
@@ -329,6 +345,8 @@ class ModelConfig:
                 raw = {**raw, name: raw[alias]}
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in names and k != "extra"}
         kwargs = {**_FAMILY_DEFAULTS.get(model_type, {}), **kwargs, **FAMILIES[model_type]}
+        if model_type == "gemma4_text":
+            raw = read_gemma4_fields(raw, kwargs, source)
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 writes "dtype"
             kwargs["torch_dtype"] = raw["dtype"]
         if kwargs.get("head_dim") is None and "head_dim" in kwargs:
@@ -350,7 +368,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling!r}")
         if isinstance(rope, dict) and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
-        if isinstance(rope, dict) and "partial_rotary_factor" in rope:
+        if isinstance(rope, dict) and "partial_rotary_factor" in rope and rope.get("rope_type") != "proportional":
             kwargs["partial_rotary_factor"] = rope["partial_rotary_factor"]
         if scaling:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -415,6 +433,19 @@ class ModelConfig:
             return self.sliding_window if layer >= start else None
         return None
 
+    def layer_head_dim(self, layer: int) -> int:
+        """Head dim of ``layer``'s attention: ``head_dim``, or Gemma 4's ``global_head_dim`` on its full layers."""
+        return self.global_head_dim if self.global_head_dim and self.layer_window(layer) is None else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """Key/value heads of ``layer``: ``num_key_value_heads``, or Gemma 4's global count on its full layers."""
+        full = self.num_global_key_value_heads and self.layer_window(layer) is None
+        return self.num_global_key_value_heads if full else self.num_key_value_heads
+
+    def kv_source(self, layer: int) -> int | None:
+        """The earlier layer whose keys/values ``layer`` reuses (Gemma 4's ``num_kv_shared_layers``), else None."""
+        return kv_source(self, layer)
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has a sparse expert block (else a dense SwiGLU MLP)."""
         return (self.num_local_experts > 0 and layer not in self.mlp_only_layers
@@ -446,6 +477,8 @@ class ModelConfig:
         return int((self.active_parameters() - unread) * bytes_per_param)
 
     def _count(self, experts: int) -> int:
+        if self.model_type == "gemma4_text":
+            return gemma4_count(self, experts)
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
         if self.kv_lora_rank:

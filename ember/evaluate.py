@@ -9,6 +9,8 @@ windows (fast, less context; a window's first token has no context and is not sc
 
 Logits are never made for a whole window at once: the model returns final hidden states and the
 LM head + fp32 log-softmax run over chunks of positions, so memory stays ~``chunk x vocab`` floats.
+A model whose config has ``final_logit_softcapping`` (Gemma 2/3/4) has its logits capped,
+``cap * tanh(logits / cap)`` in the model dtype, before the log-softmax, as its forward pass and HF's loss do.
 
 The ``ember eval ppl`` verb that calls it is :mod:`ember.commands.eval`.
 """
@@ -85,6 +87,7 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
     vocab = model.config.vocab_size
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
     batch = max(1, batch)
+    cap = model.config.final_logit_softcapping
 
     from tqdm.auto import tqdm
 
@@ -107,7 +110,10 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
             h = hidden[row, first - 1 - b:e - 1 - b]  # (n_scored, H)
             targets = ids[first:e]
             for c in range(0, h.shape[0], chunk):
-                logp = F.log_softmax(model.lm_head(h[c:c + chunk]).float(), dim=-1)  # (chunk, V) fp32
+                logits = model.lm_head(h[c:c + chunk])  # (chunk, V)
+                if cap is not None:
+                    logits = torch.tanh(logits / cap) * cap
+                logp = F.log_softmax(logits.float(), dim=-1)  # (chunk, V) fp32
                 nll -= logp.gather(-1, targets[c:c + chunk, None]).sum().double()
             scored += e - first
         i += len(group)

@@ -18,6 +18,16 @@ _LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, 
 _GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 4096}
 
+_GEMMA4_31B = {"model_type": "gemma4_text", "vocab_size": 262144, "hidden_size": 5376, "intermediate_size": 21504,
+               "num_hidden_layers": 60, "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 256,
+               "global_head_dim": 512, "num_global_key_value_heads": 4, "attention_k_eq_v": True,
+               "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0, "sliding_window": 1024,
+               "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 10, "final_logit_softcapping": 30.0,
+               "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+               "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                      "rope_theta": 1000000.0}}}
+
 MODELS: dict[str, dict] = {
     # ------------------------------------------------------------------ Llama
     "llama-3.1-8b": {
@@ -285,7 +295,6 @@ MODELS: dict[str, dict] = {
     "deepseek-v3": {
         "hf_id": "deepseek-ai/DeepSeek-V3", "aliases": ["deepseek-v3-671b", "deepseek-r1", "deepseek-v3.1"],
         # "37B activated" is stated to the billion (ours: 37.6B with the embedding row and LM head): not checked.
-        # config.json's YaRN rope_scaling (factor 40) is left out here: it changes neither memory nor speed.
         "published": {"params": 671e9, "source": "DeepSeek-V3 technical report: 671B total (685B on the Hub with "
                       "the 14B multi-token-prediction module, which HF and Ember do not load), 37B activated"},
         "config": {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
@@ -295,6 +304,10 @@ MODELS: dict[str, dict] = {
                    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "q_lora_rank": 1536, "kv_lora_rank": 512,
                    "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
                    "max_position_embeddings": 163840, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                   # config.json's YaRN: 4k trained context stretched 40x to 160k; mscale_all_dim also scales MLA's
+                   # softmax (by (0.1 ln 40 + 1)^2)
+                   "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     },
     "minimax-m2": {
@@ -307,5 +320,28 @@ MODELS: dict[str, dict] = {
                    "num_local_experts": 256, "num_experts_per_tok": 8, "rotary_dim": 64, "rope_theta": 5000000.0,
                    "max_position_embeddings": 196608, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                    "torch_dtype": "bfloat16"},
+    },
+    # ------------------------------------------------------------------ Gemma 4 (multimodal checkpoints; text model)
+    "gemma-4-31b": {
+        "hf_id": "google/gemma-4-31B-it", "aliases": ["gemma4-31b", "gemma-4-31b-it"],
+        # text_config as copied in public loaders' fixtures of google/gemma-4-31B-it (e.g. a gemma4_tpu test suite);
+        # published size: "30.7B dense + ~550M vision encoder" (llmradar.eu, apxml.com model pages)
+        "published": {"params": 30.7e9, "source": "Gemma 4 31B: 30.7B parameters (the text decoder; the ~550M vision "
+                      "encoder is not loaded), model pages citing Google's card"},
+        "config": {"model_type": "gemma4", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                   "text_config": _GEMMA4_31B},
+    },
+    "gemma-4-26b-a4b": {
+        "hf_id": "google/gemma-4-26B-A4B-it", "aliases": ["gemma4-26b", "gemma-4-26b", "gemma-4-26b-a4b-it"],
+        # text_config fields agree across two public loaders' fixtures (a Go MLX and a JAX/TPU one); "25.2B total, 3.8B
+        # active" (vast.ai and apxml.com model pages); ours: 25.23B total, 3.82B active
+        "published": {"params": 25.2e9, "source": "Gemma 4 26B A4B: 25.2B total, 3.8B active (128 experts, top 8, "
+                      "beside a dense MLP in every layer)"},
+        "config": {"model_type": "gemma4", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                   "text_config": {**_GEMMA4_31B, "enable_moe_block": True, "hidden_size": 2816,
+                                   "intermediate_size": 2112, "moe_intermediate_size": 704, "num_attention_heads": 16,
+                                   "num_key_value_heads": 8, "num_global_key_value_heads": 2, "num_hidden_layers": 30,
+                                   "num_experts": 128, "top_k_experts": 8,
+                                   "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5}},
     },
 }

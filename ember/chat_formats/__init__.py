@@ -5,7 +5,8 @@
 - :mod:`~ember.chat_formats.parser`: :class:`OutputParser` (streaming split into reasoning, content
   and calls) and :class:`ForcedCallParser` (the output of a constrained call).
 - One small module per family: :mod:`~ember.chat_formats.hermes` (Qwen2.5/3, Hermes; also the
-  fallback for templates without tools), :mod:`~ember.chat_formats.llama3`, :mod:`~ember.chat_formats.mistral`.
+  fallback for templates without tools), :mod:`~ember.chat_formats.llama3`, :mod:`~ember.chat_formats.mistral`,
+  :mod:`~ember.chat_formats.glm` (GLM-4.5/4.6), :mod:`~ember.chat_formats.minimax` (MiniMax-M2).
 
 Adding a family (gpt-oss harmony, GLM, MiniMax, DeepSeek): a module with a :class:`ToolFormat`
 subclass (its markers, ``matches`` on the chat template, ``parse_body`` if its call body is not
@@ -15,14 +16,17 @@ subclass (its markers, ``matches`` on the chat template, ``parse_body`` if its c
 from __future__ import annotations
 
 from ember.chat_formats.base import Delta, ToolCall, ToolFormat, new_call_id
+from ember.chat_formats.glm import Glm45
 from ember.chat_formats.harmony import Harmony, HarmonyParser
 from ember.chat_formats.hermes import Hermes, fallback_system_prompt
 from ember.chat_formats.llama3 import Llama3
+from ember.chat_formats.minimax import MiniMaxM2
 from ember.chat_formats.mistral import Mistral
 from ember.chat_formats.parser import THINK_CLOSE, THINK_OPEN, ForcedCallParser, OutputParser, ParsedOutput
 
-# Checked in order against the chat template's source; Hermes is also the default.
-FORMATS: dict[str, ToolFormat] = {f.name: f for f in (Harmony(), Mistral(), Llama3(), Hermes())}
+# Checked in order against the chat template's source (GLM's before Hermes': both open calls with <tool_call>);
+# Hermes is also the default.
+FORMATS: dict[str, ToolFormat] = {f.name: f for f in (Harmony(), MiniMaxM2(), Glm45(), Mistral(), Llama3(), Hermes())}
 
 
 def detect_format(template: str) -> ToolFormat:

@@ -38,8 +38,9 @@ RENAMES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(\.mlp\.experts\.\d+)\.w3\."), r"\1.up_proj."),
     (re.compile(r"(\.mlp\.experts\.\d+)\.w2\."), r"\1.down_proj."),
 ]
-# transformers 5 fused expert tensors: (E, 2I, H) and (E, H, I).
-FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+# transformers 5 fused expert tensors: (E, 2I, H) and (E, H, I); Gemma 4 keeps its experts beside the MLP
+# (layers.N.experts.gate_up_proj), read as layers.N.experts.E.gate_proj.weight ...
+FUSED = re.compile(r"^(?P<prefix>.*\.(mlp\.experts|layers\.\d+\.experts))\.(?P<kind>gate_up_proj|down_proj)$")
 
 # Ember name -> (checkpoint name, None for the whole tensor or (expert, first row, end row)).
 _Source = tuple[str, "tuple[int, int, int] | None"]

@@ -258,7 +258,9 @@ def load_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, 
                  ignore: tuple[str, ...] = ()) -> None:
     """Fill a meta-device ``module`` from ``ckpt``, checking every name and shape.
 
-    Tensors already of ``dtype`` on CPU stay zero-copy views over the mapped files.
+    Tensors already of ``dtype`` on CPU stay zero-copy views over the mapped files. The tensors of a module whose
+    class sets ``keep_fp32 = True`` (the GLM-4.5/DeepSeek-V3 routers, as HF's ``_keep_in_fp32_modules_strict``) are
+    loaded in fp32 whatever ``dtype`` is.
     Names in ``ignore`` are neither required nor loaded (e.g. a tied ``lm_head.weight``).
 
     Raises:
@@ -275,6 +277,8 @@ def load_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, 
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"{ckpt.folder}: weights do not match config.json: {'; '.join(parts)}")
+    fp32 = {f"{mn}.{n}" for mn, m in module.named_modules() if getattr(m, "keep_fp32", False)
+            for n, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
     state: dict[str, torch.Tensor] = {}
     for name, param in expected.items():
         info = ckpt.info(name)
@@ -287,8 +291,9 @@ def load_weights(module: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, 
                                   "a float weight is needed; the file is corrupt or holds quantized data "
                                   "without a 'quantization' section in config.json")
         t = ckpt.get(name)
-        if t.dtype.is_floating_point and t.dtype != dtype:
-            t = t.to(dtype)
+        want = torch.float32 if name in fp32 else dtype
+        if t.dtype.is_floating_point and t.dtype != want:
+            t = t.to(want)
         state[name] = t.to(device) if device.type != "cpu" else t
     result = module.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys and set(result.missing_keys) <= set(ignore), result

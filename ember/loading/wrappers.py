@@ -18,7 +18,10 @@ from ember.loading.moe import ExpertLayoutView
 from ember.loading.safetensors import Checkpoint
 
 LANGUAGE_MODEL = "model.language_model."
-VISION = ("model.visual.", "visual.")
+# towers a multimodal wrapper holds beside its language model (Qwen3.5's vision; Gemma 4's vision and audio towers
+# and their embedders)
+VISION = ("model.visual.", "visual.", "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
+          "model.embed_audio.")
 MTP = "mtp."
 
 
@@ -42,6 +45,8 @@ def text_model_view(ckpt: Checkpoint, cfg: ModelConfig) -> tuple[Checkpoint | Ex
             continue
         sources[n.replace(LANGUAGE_MODEL, "model.", 1) if n.startswith(LANGUAGE_MODEL) else n] = (n, None)
     if wrapped:
-        print(f"[ember] {ckpt.folder}: multimodal checkpoint: running its text model; the vision tower "
-              f"({vision} tensors) is skipped", file=sys.stderr)
+        towers = "vision/audio towers are" if any(n.startswith("model.audio_tower.") for n in names) \
+            else "vision tower is"
+        print(f"[ember] {ckpt.folder}: multimodal checkpoint: running its text model; the {towers} skipped "
+              f"({vision} tensors)", file=sys.stderr)
     return ExpertLayoutView(ckpt, sources), {n: ckpt.get(n) for n in mtp}

@@ -22,6 +22,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.models.attention import Attention
 from ember.models.gemma import GEMMA3_CLASSES
+from ember.models.gemma4 import GEMMA4_CLASSES
 from ember.models.minimax import MINIMAX_M2_CLASSES
 from ember.models.mla import MLAttention
 from ember.models.gpt_oss import GptOssMLP, SinkAttention
@@ -45,7 +46,8 @@ MLP_CLASSES: dict[str, Callable[[ModelConfig], nn.Module]] = {
 }
 
 # model_type -> the pieces a family puts in place of Llama's: an attention kind or MLP kind of the tables above,
-# "layer" (the decoder layer class), "embedding" ((cfg) -> token embedding), "norm" ((dim, eps) -> final norm).
+# "layer" (the decoder layer class), "embedding" ((cfg) -> token embedding), "norm" ((dim, eps) -> final norm),
+# "backbone" ((backbone, cfg) -> None: adds model-level modules after the layers are built).
 FAMILY_CLASSES: dict[str, dict[str, Callable]] = {
     "gemma3_text": GEMMA3_CLASSES,
     "gemma3": GEMMA3_CLASSES,
@@ -53,6 +55,7 @@ FAMILY_CLASSES: dict[str, dict[str, Callable]] = {
     "glm4_moe": {"full_attention": PartialRopeAttention, "moe": RoutedMoE},
     "deepseek_v3": {"full_attention": MLAttention, "moe": RoutedMoE},
     "minimax_m2": MINIMAX_M2_CLASSES,
+    "gemma4_text": GEMMA4_CLASSES,
 }
 
 

@@ -24,7 +24,7 @@ from ember.config import ModelConfig
 from ember.models.attention import KVStore, sdpa_attention
 from ember.models.linear import Linear
 from ember.models.norms import RMSNorm
-from ember.models.rope import apply_interleaved_rope, apply_rope
+from ember.models.rope import apply_interleaved_rope, apply_rope, yarn_softmax_mscale
 
 
 class MLAttention(nn.Module):
@@ -36,7 +36,9 @@ class MLAttention(nn.Module):
         self.sliding_window = sliding_window
         self.nh, h = cfg.num_attention_heads, cfg.hidden_size
         self.r, self.dn, self.dr, self.dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.scaling = (self.dn + self.dr) ** -0.5
+        # YaRN (DeepSeek-V3's released config): the softmax scale also takes mscale(factor, mscale_all_dim)
+        # squared, over every channel (HF's yarn_apply_mscale)
+        self.scaling = (self.dn + self.dr) ** -0.5 * yarn_softmax_mscale(cfg) ** 2
         self.interleaved = cfg.rope_interleave
         bias = cfg.attention_bias
         q_out = self.nh * (self.dn + self.dr)

@@ -49,24 +49,31 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         weights, ids = self.route(x)
-        if x.shape[0] == 1:
-            # Decode: one token, its k experts only; their outputs are combined by one fp32 mv.
-            ys = torch.stack([self.experts[e](x)[0] for e in ids[0].tolist()], dim=-1)  # (H, k)
-            return torch.mv(ys.float(), weights[0]).to(x.dtype).view(shape)
-        # Prefill / batches: sort the N*k (token, expert) pairs by expert; one matmul per expert.
-        flat = ids.flatten()  # (N*k,)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        token = order // self.top_k  # token of each sorted pair
-        w = weights.flatten()[order]  # (N*k,)
-        xs = x[token]  # (N*k, H) tokens gathered in expert order
-        out = torch.zeros_like(x)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sl = slice(begin, begin + n)
-            begin += n
-            y = self.experts[e](xs[sl]) * w[sl, None]  # (n, H) fp32
-            out.index_add_(0, token[sl], y.to(x.dtype))
-        return out.view(shape)
+        return mix_experts(self.experts, x, weights, ids).view(shape)
+
+
+def mix_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each token of x (N, H) through its k experts ``ids`` (N, k), outputs summed with ``weights`` (N, k) fp32
+    -> (N, H) in x's dtype."""
+    if x.shape[0] == 1:
+        # Decode: one token, its k experts only; their outputs are combined by one fp32 mv.
+        ys = torch.stack([experts[e](x)[0] for e in ids[0].tolist()], dim=-1)  # (H, k)
+        return torch.mv(ys.float(), weights[0]).to(x.dtype)[None]
+    # Prefill / batches: sort the N*k (token, expert) pairs by expert; one matmul per expert.
+    k = ids.shape[1]
+    flat = ids.flatten()  # (N*k,)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    token = order // k  # token of each sorted pair
+    w = weights.flatten()[order]  # (N*k,)
+    xs = x[token]  # (N*k, H) tokens gathered in expert order
+    out = torch.zeros_like(x)
+    begin = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sl = slice(begin, begin + n)
+        begin += n
+        y = experts[e](xs[sl]) * w[sl, None]  # (n, H) fp32
+        out.index_add_(0, token[sl], y.to(x.dtype))
+    return out

@@ -10,7 +10,10 @@ from ember.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor:
-    """Inverse RoPE frequencies, (rotary_dim/2,) fp32, including ``linear`` and ``llama3`` scaling."""
+    """Inverse RoPE frequencies, (rotary_dim/2,) fp32, including ``linear`` and ``llama3`` scaling; "proportional"
+    (Gemma 4's full layers): (global head dim / 2,), see :func:`proportional_inv_freq`."""
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "proportional":
+        return proportional_inv_freq(cfg.rope_theta, cfg.global_head_dim or cfg.head_dim, cfg.rope_scaling, device)
     dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = cfg.rope_scaling
@@ -37,6 +40,16 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -
     raise ValueError(f"unsupported rope type {kind!r}")  # ModelConfig rejects these earlier
 
 
+def proportional_inv_freq(base: float, head_dim: int, scaling: dict, device) -> torch.Tensor:
+    """HF's "proportional" RoPE: the first ``partial_rotary_factor * head_dim / 2`` pairs turn at
+    ``base ** (-2i / head_dim)`` (exponents over the whole head), the rest not at all (frequency 0: cos 1, sin 0),
+    all divided by ``factor``; (head_dim/2,) fp32 for a rotation over the whole head."""
+    turning = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    exponents = torch.arange(0, 2 * turning, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = torch.cat((1.0 / (base ** exponents), torch.zeros(head_dim // 2 - turning, device=device)))
+    return inv_freq / scaling.get("factor", 1.0)
+
+
 def _yarn_factor(cfg: ModelConfig, scaling: dict) -> float:
     factor = scaling.get("factor")
     if factor is None:  # DeepSeek-style configs: the ratio of the two context lengths
@@ -48,7 +61,7 @@ def _yarn_inv_freq(cfg: ModelConfig, scaling: dict, device) -> torch.Tensor:
     """YaRN (HF's ``_compute_yarn_parameters``): each frequency is interpolated (divided by ``factor``) or
     extrapolated (kept) by how many turns it makes over the original context; a linear ramp between the
     ``beta_fast``/``beta_slow`` correction dimensions blends the two."""
-    dim, base = cfg.head_dim, cfg.rope_theta
+    dim, base = cfg.rotary_dim, cfg.rope_theta  # HF: head_dim * partial_rotary_factor (MLA: qk_rope_head_dim)
     factor = _yarn_factor(cfg, scaling)
     old_ctx = scaling["original_max_position_embeddings"]
     beta_fast = scaling.get("beta_fast") or 32
@@ -87,6 +100,16 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     if m and m_all:
         return float(mscale(factor, m) / mscale(factor, m_all))
     return mscale(factor)
+
+
+def yarn_softmax_mscale(cfg: ModelConfig) -> float:
+    """The factor whose square multi-head latent attention's softmax scale takes under YaRN: ``0.1 mscale_all_dim
+    ln(factor) + 1`` (1.0 without YaRN, or without ``mscale_all_dim``; HF's ``yarn_apply_mscale``)."""
+    scaling = cfg.rope_scaling
+    if not scaling or scaling["rope_type"] == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    factor = _yarn_factor(cfg, scaling)
+    return 1.0 if factor <= 1 else 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1.0
 
 
 def rope_local_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor | None:

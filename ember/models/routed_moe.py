@@ -26,7 +26,11 @@ from ember.models.rope import apply_partial_rope
 
 class GroupTopkRouter(nn.Module):
     """The sigmoid router with correction bias and group-limited top-k (HF's ``Glm4MoeTopkRouter``); its weight
-    and bias are named as in the checkpoints (``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``)."""
+    and bias are named as in the checkpoints (``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``). Both are
+    kept in fp32 whatever the model's dtype (``keep_fp32``, as HF's ``_keep_in_fp32_modules_strict``): near-ties
+    between experts route as HF routes them."""
+
+    keep_fp32 = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -33,6 +33,9 @@ class Backbone(nn.Module):
         layer = family_class(cfg, "layer", layer_class(cfg))
         self.layers = nn.ModuleList(layer(cfg, i, a, m) for i, (a, m) in enumerate(kinds))
         self.norm = family_class(cfg, "norm", getattr(layer, "final_norm", RMSNorm))(cfg.hidden_size, cfg.rms_norm_eps)
+        setup = family_class(cfg, "backbone", None)  # a family's model-level extras (Gemma 4's per-layer inputs)
+        if setup is not None:
+            setup(self, cfg)
 
 
 class Transformer(nn.Module):

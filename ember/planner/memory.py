@@ -56,6 +56,8 @@ class _Linear:
 
 def linears(cfg: ModelConfig) -> list[_Linear]:
     """Every ``nn.Linear`` of :class:`ember.models.Transformer` grouped by shape (routers excluded)."""
+    if cfg.model_type == "gemma4_text":
+        return _gemma4_linears(cfg)
     h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     L = cfg.num_hidden_layers
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
@@ -82,6 +84,37 @@ def linears(cfg: ModelConfig) -> list[_Linear]:
             sh = im * cfg.n_shared_experts
             out += [_Linear("mlp", "gate_proj", sh, h, moe_layers, False), _Linear("mlp", "up_proj", sh, h, moe_layers, False),
                     _Linear("mlp", "down_proj", h, sh, moe_layers, False)]
+    if not cfg.tie_word_embeddings:
+        out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, h, 1, False))
+    return out
+
+
+def _gemma4_linears(cfg: ModelConfig) -> list[_Linear]:
+    """Gemma 4 (:mod:`ember.models.gemma4`): each layer's own head shape (k = v on full layers with
+    ``attention_k_eq_v``, no k/v where a layer reuses another's), the dense MLP in every layer (double width where
+    shared), the experts beside it, and the per-layer-input projections."""
+    h, nh, L, b, p = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.attention_bias, \
+        cfg.hidden_size_per_layer_input
+    out: list[_Linear] = []
+    for i in range(L):
+        hd, nkv, shared = cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.kv_source(i) is not None
+        out += [_Linear("attention", "q_proj", nh * hd, h, 1, b), _Linear("attention", "o_proj", h, nh * hd, 1, b)]
+        if not shared:
+            out.append(_Linear("attention", "k_proj", nkv * hd, h, 1, b))
+            if not (cfg.attention_k_eq_v and cfg.layer_window(i) is None):
+                out.append(_Linear("attention", "v_proj", nkv * hd, h, 1, b))
+        w = cfg.intermediate_size * (2 if cfg.use_double_wide_mlp and shared else 1)
+        out += [_Linear("mlp", "gate_proj", w, h, 1, False), _Linear("mlp", "up_proj", w, h, 1, False),
+                _Linear("mlp", "down_proj", h, w, 1, False)]
+        if p:
+            out += [_Linear("mlp", "per_layer_input_gate", p, h, 1, False),
+                    _Linear("mlp", "per_layer_projection", h, p, 1, False)]
+    if cfg.num_local_experts:
+        im, n = cfg.moe_intermediate_size, L * cfg.num_local_experts
+        out += [_Linear("experts", "gate_proj", im, h, n, False), _Linear("experts", "up_proj", im, h, n, False),
+                _Linear("experts", "down_proj", h, im, n, False)]
+    if p:
+        out.append(_Linear("mlp", "per_layer_model_projection", L * p, h, 1, False))
     if not cfg.tie_word_embeddings:
         out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, h, 1, False))
     return out
@@ -156,6 +189,9 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
     if cfg.model_type == "minimax_m2":  # q/k norms over all heads' channels
         norms += L * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
     routers = moe_layers * cfg.num_local_experts * h
+    if cfg.model_type == "gemma4_text":  # norms, router scales and per-layer tables: what the count has beyond these
+        linear = sum(lin.count * (lin.out_f * lin.in_f + lin.bias * lin.out_f) for lin in linears(cfg))
+        norms = cfg.num_parameters() - linear - cfg.vocab_size * h - routers
     active += routers
     return WeightBytes(
         embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],

@@ -58,7 +58,7 @@ def section_lm_head(section: dict[str, Any]) -> str:
     """The head's format a config.json ``quantization`` section states ("none" or a mode, unchecked);
     a version 1 section says it with ``quantize_lm_head`` (the same mode as the rest, or none)."""
     return section.get("lm_head", section.get("method") if section.get("quantize_lm_head", False) else "none")
-ROUTER = re.compile(r"(^|\.)mlp\.(gate|router)$")  # Mixtral/Qwen3-MoE's and gpt-oss's routers
+ROUTER = re.compile(r"(^|\.)(mlp\.(gate|router)|router\.proj)$")  # Mixtral/Qwen3-MoE's, gpt-oss's, Gemma 4's routers
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ember.models import Linear, Transformer, rope_cos_sin
+from ember.models import DecoderLayer, Linear, Transformer, rope_cos_sin
 from ember.train.data import IGNORE
 
 # Rows of logits per loss chunk, chosen so that one fp32 (chunk, V) block is ~32 MiB.
@@ -39,6 +39,22 @@ def _attn_half(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 def _mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _whole_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    return layer(x, cos, sin, mask, None, mask is None)
+
+
+class _CappedHead(nn.Module):
+    """The LM head followed by the final soft-capping, ``cap * tanh(logits / cap)`` (Gemma)."""
+
+    def __init__(self, head: nn.Module, cap: float) -> None:
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(h) / self.cap) * self.cap
 
 
 def layer_masks(model: Transformer, T: int, segments: torch.Tensor | None,
@@ -82,11 +98,19 @@ def hidden_states(model: Transformer, input_ids: torch.Tensor, positions: torch.
     x = model.model.embed_tokens(input_ids)  # (B, T, H)
     cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype, getattr(model, "rope_scale", 1.0))
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    local = None  # the sliding layers' own RoPE (Gemma 3/4)
+    if getattr(model, "local_inv_freq", None) is not None:
+        lc, ls = rope_cos_sin(model.local_inv_freq, positions, x.dtype)
+        local = (lc[:, None], ls[:, None])
     masks = layer_masks(model, T, segments, input_ids.device)
     use_ckpt = grad_checkpoint and torch.is_grad_enabled()
     for layer in model.model.layers:
         m = masks[layer.window]
-        if use_ckpt:
+        if type(layer) is not DecoderLayer:  # a family's own layer (sandwich norms, per-layer inputs): as a whole
+            c, s = local if local is not None and layer.attention_type == "sliding_attention" else (cos, sin)
+            x = checkpoint(_whole_layer, layer, x, c, s, m, use_reentrant=False) if use_ckpt \
+                else _whole_layer(layer, x, c, s, m)
+        elif use_ckpt:
             x = checkpoint(_attn_half, layer, x, cos, sin, m, use_reentrant=False)
             x = checkpoint(_mlp_half, layer, x, use_reentrant=False)
         else:
@@ -187,7 +211,10 @@ def lm_loss_sum(model: Transformer, hidden: torch.Tensor, labels: torch.Tensor,
     if chunk is None:
         chunk = max(8, LOSS_CHUNK_BYTES // (4 * V))
     params = [p for p in head.parameters() if p.requires_grad]
-    if type(head) in (nn.Linear, Linear) and not params and head.bias is None:
+    cap = model.config.final_logit_softcapping
+    if cap is not None:
+        head = _CappedHead(head, cap)
+    elif type(head) in (nn.Linear, Linear) and not params and head.bias is None:
         return _FusedLinearCE.apply(h, head.weight, t, chunk), n
     return _ChunkedModuleCE.apply(h, t, head, chunk, *params), n
 

@@ -110,10 +110,12 @@ def _check_same_config(out: Path, saved: dict[str, Any], now: dict[str, Any]) ->
         raise TrainingError(f"{out}: --resume needs the options of the original run; changed: {parts}")
 
 
-# Families whose layers the training forward (ember.train.forward: pre-norm attention + MLP halves, one RoPE
-# table) is tested against HF and PEFT for. The others (sandwich norms, latent attention, recurrent mixers,
-# sinks) load and generate, but their training path is not verified yet, so tuning them is refused.
-TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# Families whose training forward (ember.train.forward) is tested against HF and PEFT (loss and LoRA gradients,
+# adapters loaded in PEFT). The others (recurrent mixers, sinks, multimodal wrappers, whose adapters PEFT would
+# look for under the wrapper's names) load and generate, but their training path is not verified yet, so tuning
+# them is refused.
+TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text",
+                      "gemma4_text", "glm4_moe", "deepseek_v3", "minimax_m2")
 
 
 def check_trainable(model_path: str | os.PathLike) -> None:
