@@ -51,8 +51,9 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None,
-                  pad: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution with silu, continuing from a window of earlier inputs.
+                  pad: list[int] | None = None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution (plus ``bias`` (C,) where given) with silu, continuing from a window of
+    earlier inputs.
 
     Args:
         x: (B, C, T) new inputs, padding columns (the first ``pad[b]`` of row b) zeroed.
@@ -73,7 +74,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
         for b, p in enumerate(pad):
             if p:  # [state, 0 * p, real] -> [0 * p, state, real]
                 seq[b] = torch.cat([x.new_zeros(C, p), state[b].to(x.dtype), x[b, :, p:]], dim=-1)
-    out = F.conv1d(seq, weight[:, None, :], groups=C)  # (B, C, T)
+    out = F.conv1d(seq, weight[:, None, :], bias, groups=C)  # (B, C, T)
     return F.silu(out), seq[:, :, -(K - 1):] if K > 1 else seq[:, :, :0]
 
 

@@ -1,0 +1,200 @@
+"""Nemotron-H (Mamba-2 / attention / MLP / MoE blocks) against HF transformers.
+
+Tiny random checkpoints written with ``save_pretrained`` (under HF's published ``backbone.*`` names); fp32
+logits within 1e-4 of HF at prefill (several SSD chunks) and every decode step, ragged batches, chunked prefill,
+greedy generations, the scheduler's state slots, the config's legacy spellings and the parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ember
+from conftest import save_word_tokenizer
+from ember.cache import PagedKVCache, StaticKVCache, bytes_per_sequence, layer_specs
+from ember.config import ModelConfig
+from ember.errors import ConfigError
+from ember.loading import load_model
+from ember.models.mamba2 import chunk_scan, selective_state_update
+from ember.sampling import SamplingParams
+from ember.scheduler import BatchScheduler, SeqRequest
+
+transformers = pytest.importorskip("transformers")
+
+BLOCKS = ["linear_attention", "moe", "full_attention", "linear_attention", "mlp", "linear_attention"]
+CONFIG = dict(vocab_size=256, hidden_size=64, layers_block_type=BLOCKS, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, intermediate_size=96, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=2,
+              conv_kernel=4, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+              moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, routed_scaling_factor=1.5)
+
+
+def _hf_model(**overrides):
+    """A random HF Nemotron-H with non-trivial norms, D and router bias (defaults at 0 or 1 hide bugs)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.NemotronHConfig(**{**CONFIG, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith(".D"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cache: dict = {}
+
+    def make(kind: str = "moe"):
+        if kind not in cache:
+            model = _hf_model(**({"moe_latent_size": 24} if kind == "latent" else {}))
+            folder = Path(tmp_path_factory.mktemp(f"nemotron-h-{kind}"))
+            model.save_pretrained(folder)
+            save_word_tokenizer(folder)
+            cache[kind] = (folder, model)
+        return cache[kind]
+
+    return make
+
+
+def _hf_logits(hf, ids, mask=None):
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("kind", ["moe", "latent"])
+def test_prefill_and_decode_logits_match_hf(checkpoint, kind):
+    folder, hf = checkpoint(kind)
+    assert any(n.startswith("backbone.") for n in json.loads((folder / "model.safetensors").read_bytes()[8:][
+        :int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")]))  # the published names
+    model = load_model(folder, dtype="fp32")
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (1, 45))  # > two 16-token SSD chunks
+    cache = StaticKVCache(model.config, 1, 60, torch.float32, "cpu")
+    with torch.no_grad():
+        out = model(ids, cache=cache)
+        cache.advance(ids.shape[1])
+        assert (out - _hf_logits(hf, ids)).abs().max() < 1e-4
+        for _ in range(5):
+            nxt = torch.randint(3, 256, (1, 1))
+            ids = torch.cat([ids, nxt], 1)
+            step = model(nxt, cache=cache, start=cache.pos)[:, -1]
+            cache.advance(1)
+            assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
+
+
+def test_ragged_batch_matches_hf_rows(checkpoint):
+    """Left-padded rows of different lengths: every row's logits equal HF's for it alone, prefill and decode."""
+    folder, hf = checkpoint()
+    model = load_model(folder, dtype="fp32")
+    torch.manual_seed(2)
+    rows = [torch.randint(3, 256, (n,)) for n in (5, 37, 20)]
+    longest, B = max(len(r) for r in rows), len(rows)
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    valid = torch.zeros(B, longest + 3, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = r
+        valid[i, longest - len(r):] = True
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp_min(0)
+    cache = StaticKVCache(model.config, B, longest + 3, torch.float32, "cpu")
+    with torch.no_grad():
+        out = model(ids, positions, cache, 0, valid, last_only=True)[:, -1]
+        cache.advance(longest)
+        nxt = torch.randint(3, 256, (B, 3))
+        steps = []
+        for t in range(3):
+            steps.append(model(nxt[:, t:t + 1], positions[:, -1:] + 1 + t, cache, cache.pos, valid)[:, -1])
+            cache.advance(1)
+    for i, r in enumerate(rows):
+        assert (out[i] - _hf_logits(hf, r[None])[0, -1]).abs().max() < 1e-4
+        for t in range(3):
+            full = torch.cat([r, nxt[i, :t + 1]])[None]
+            assert (steps[t][i] - _hf_logits(hf, full)[0, -1]).abs().max() < 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(checkpoint):
+    folder, _ = checkpoint()
+    model = load_model(folder, dtype="fp32")
+    ids = torch.randint(3, 256, (2, 70))
+    with torch.no_grad():
+        whole = model(ids)
+        cache = StaticKVCache(model.config, 2, 70, torch.float32, "cpu")
+        parts = []
+        for a, b in ((0, 7), (7, 40), (40, 41), (41, 70)):
+            parts.append(model(ids[:, a:b], cache=cache, start=a))
+            cache.advance(b - a)
+    assert (torch.cat(parts, 1) - whole).abs().max() < 1e-4
+
+
+def test_chunk_scan_equals_recurrence():
+    torch.manual_seed(3)
+    B, H, T, P, N = 2, 3, 50, 4, 6
+    x, Bm, Cm = torch.randn(B, H, T, P), torch.randn(B, H, T, N), torch.randn(B, H, T, N)
+    dt, A, D = torch.rand(B, H, T), -torch.rand(H) * 2, torch.randn(H)
+    s0 = torch.randn(B, H, P, N)
+    y1, s1 = chunk_scan(x, dt, A, Bm, Cm, D, s0.clone(), chunk=16)
+    s2 = s0.clone()
+    y2 = torch.stack([selective_state_update(s2, x[:, :, t], dt[:, :, t], A, Bm[:, :, t], Cm[:, :, t], D)
+                      for t in range(T)], dim=2)
+    assert (y1 - y2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4
+
+
+def test_greedy_generation_matches_hf(checkpoint):
+    folder, hf = checkpoint()
+    llm = ember.load(folder, dtype="fp32")
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (6, 23)]
+    results = llm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
+    for p, r in zip(prompts, results):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert r.token_ids == ref
+
+
+def test_scheduler_serves_concurrent_sequences_with_state(checkpoint):
+    folder, _ = checkpoint()
+    llm = ember.load(folder, dtype="fp32")
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (30, 9, 23)]
+    alone = [llm.generate(p, max_new_tokens=10, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    sched = BatchScheduler(llm, max_batch=2, block_size=8, prefill_chunk=16)  # chunked prefill, 2 state slots
+    got: dict[int, list[int]] = {}
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    ids = sched.submit([SeqRequest(p, params, on_event=lambda e: got.setdefault(e.seq_id, []).append(e.token_id))
+                        for p in prompts])
+    sched.run_until_idle()
+    assert [got[i] for i in ids] == alone
+    assert sched.cache.states.num_free == 2
+
+
+def test_config_legacy_pattern_counts_and_state_pricing(checkpoint, tmp_path):
+    folder, hf = checkpoint()
+    raw = json.loads((folder / "config.json").read_text())
+    cfg = ModelConfig.from_file(folder)
+    assert cfg.layer_types == BLOCKS and cfg.num_hidden_layers == 6 and cfg.rms_norm_eps == 1e-5
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [t == "moe" for t in BLOCKS]
+    # the older spelling: hybrid_override_pattern and mamba_* names
+    legacy = {k: v for k, v in raw.items() if k not in ("layers_block_type", "n_groups", "conv_kernel")}
+    legacy.update(hybrid_override_pattern="ME*M-M", num_hidden_layers=6, mamba_n_groups=2, mamba_d_conv=4)
+    old = ModelConfig.from_dict(legacy)
+    assert old.layer_types == BLOCKS and old.num_parameters() == cfg.num_parameters()
+    with pytest.raises(ConfigError, match="hybrid_override_pattern"):
+        ModelConfig.from_dict({k: v for k, v in legacy.items() if k != "hybrid_override_pattern"})
+    with pytest.raises(ConfigError, match="n_groups"):
+        ModelConfig.from_dict({**raw, "n_groups": 3})
+    specs = layer_specs(cfg)
+    assert [s.kind for s in specs] == ["recurrent", "recurrent", "full_attention", "recurrent", "recurrent",
+                                       "recurrent"]
+    conv = 8 * 8 + 2 * 2 * 16
+    expect = (conv * 3 + 8 * 8 * 16) * 4  # fp32 conv window + SSM state
+    assert bytes_per_sequence(specs[0], torch.bfloat16, 10) == bytes_per_sequence(specs[0], torch.bfloat16, 10**5) \
+        == expect
+    assert bytes_per_sequence(specs[1], torch.bfloat16, 10**5) == 0  # the MoE block keeps nothing
+    assert PagedKVCache.bytes_per_token(cfg, torch.bfloat16) == 2 * 2 * 16 * 2  # one attention layer's k/v
