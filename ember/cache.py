@@ -192,7 +192,8 @@ class StaticKVCache:
     def set_recurrent_state(self, layer: int, states: tuple[torch.Tensor, ...]) -> None:
         """Keep ``layer``'s new state (as :meth:`recurrent_state` returned it, after this pass's tokens)."""
         for t, s in zip(self.states[layer], states):
-            t.copy_(s)
+            if s is not t:  # a decode kernel may have updated the state in place
+                t.copy_(s)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, nkv, T, hd) at slots pos..pos+T-1; return (B, nkv, pos+T, hd) views. A ring layer returns

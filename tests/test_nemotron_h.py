@@ -198,3 +198,33 @@ def test_config_legacy_pattern_counts_and_state_pricing(checkpoint, tmp_path):
         == expect
     assert bytes_per_sequence(specs[1], torch.bfloat16, 10**5) == 0  # the MoE block keeps nothing
     assert PagedKVCache.bytes_per_token(cfg, torch.bfloat16) == 2 * 2 * 16 * 2  # one attention layer's k/v
+
+
+def test_decode_with_native_state_kernel_matches_hf(checkpoint):
+    """Decode steps through the runtime's native Mamba-2 state update still equal HF's logits."""
+    from ember import kernels
+    from ember.models import accel
+    from ember.runtime import install, recurrent
+
+    if kernels.load() is None:
+        pytest.skip(f"native kernels unavailable: {kernels.status()}")
+    install()
+    folder, hf = checkpoint()
+    model = load_model(folder, dtype="fp32")
+    calls = []
+    accel.mamba2_step = lambda *a: calls.append(1) or recurrent.mamba2_step(*a)
+    try:
+        ids = torch.randint(3, 256, (2, 20))
+        cache = StaticKVCache(model.config, 2, 30, torch.float32, "cpu")
+        with torch.no_grad():
+            model(ids, cache=cache)
+            cache.advance(20)
+            for _ in range(3):
+                nxt = torch.randint(3, 256, (2, 1))
+                ids = torch.cat([ids, nxt], 1)
+                step = model(nxt, cache=cache, start=cache.pos)[:, -1]
+                cache.advance(1)
+                assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
+    finally:
+        accel.mamba2_step = recurrent.mamba2_step
+    assert len(calls) == 3 * 3  # every decode step of each of the 3 Mamba layers

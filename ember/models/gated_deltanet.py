@@ -13,7 +13,8 @@ piece of per-sequence state; after it, the heads are normed by a gated RMSNorm (
 
 Prefill runs the chunked form (:func:`chunk_gated_delta_rule`): tokens in chunks of 64, each chunk's delta-rule
 corrections solved as one triangular system, the state carried from chunk to chunk. Decode runs the one-token
-recurrence (:func:`recurrent_gated_delta_rule`). Both compute in fp32 and give the same result.
+recurrence (:func:`recurrent_gated_delta_rule`), or the runtime's native kernel for it (``accel.gated_delta_step``).
+All compute in fp32 and give the same result to fp32 rounding.
 
 Shapes: B batch, T new tokens, Hk/Hv key/value heads, dk/dv head dims, C conv channels (2 Hk dk + Hv dv).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.models import accel
 from ember.models.linear import Linear
 
 
@@ -212,8 +214,14 @@ class GatedDeltaNet(nn.Module):
         q, k, v, g, beta = (t.transpose(1, 2) for t in (q, k, v, g, beta))  # heads first
         if state is None:
             state = torch.zeros(B, self.nv, self.dk, self.dv, dtype=torch.float32, device=x.device)
-        rule = recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
-        out, state = rule(q, k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), state.float())
+        state = state.float()  # the cache's own fp32 tensor: the native decode step updates it in place
+        step = accel.gated_delta_step if T == 1 else None
+        out = step(state, q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0]) if step is not None else None
+        if out is not None:
+            out = out[:, :, None]
+        else:
+            rule = recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
+            out, state = rule(q, k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), state)
         if cache is not None:
             cache.set_recurrent_state(self.layer, (conv_state, state))
         out = self.norm(out.transpose(1, 2).to(x.dtype), z)  # (B, T, Hv, dv)

@@ -12,7 +12,8 @@ convolution (kernel K, bias, silu) whose last K - 1 inputs are the other piece o
 
 Prefill runs the chunked (SSD) form, :func:`chunk_scan`: tokens in chunks, the within-chunk part as one masked
 matrix product, the state carried from chunk to chunk. Decode runs the one-token recurrence,
-:func:`selective_state_update`. Both compute in fp32 and give the same result.
+:func:`selective_state_update`, or the runtime's native kernel for it (``accel.mamba2_step``). All compute in
+fp32 and give the same result to fp32 rounding.
 
 Shapes: B batch (``Bm``/``Cm`` for the SSM's B and C), T new tokens, H heads, P head dim, G groups, N state.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.hybrid_config import mamba_dims
+from ember.models import accel
 from ember.models.gated_deltanet import causal_conv1d
 from ember.models.linear import Linear
 
@@ -132,10 +134,8 @@ class Mamba2Mixer(nn.Module):
         xbc, conv_state = causal_conv1d(xbc.transpose(1, 2), self.conv1d.weight[:, 0], conv_state, pad,
                                         self.conv1d.bias)
         xs, Bm, Cm = torch.split(xbc.transpose(1, 2).float(), [m.inner, m.groups * m.state, m.groups * m.state], -1)
-        rep = m.heads // m.groups
         xs = xs.reshape(Bsz, T, m.heads, m.head_dim).transpose(1, 2)  # (B, H, T, P)
-        Bm, Cm = (t.reshape(Bsz, T, m.groups, m.state).repeat_interleave(rep, dim=2).transpose(1, 2)
-                  for t in (Bm, Cm))  # (B, H, T, N)
+        Bm, Cm = (t.reshape(Bsz, T, m.groups, m.state) for t in (Bm, Cm))  # per group
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*m.dt_limit)
         if valid is not None:
             dt = dt * valid[..., None]  # padding columns keep the state as it is (x = 0 there too)
@@ -143,11 +143,18 @@ class Mamba2Mixer(nn.Module):
         A, D = -self.A_log.float().exp(), self.D.float()
         if state is None:
             state = x.new_zeros(Bsz, m.heads, m.head_dim, m.state, dtype=torch.float32)
-        state = state.float().clone()
-        if T == 1:
-            y = selective_state_update(state, xs[:, :, 0], dt[:, :, 0], A, Bm[:, :, 0], Cm[:, :, 0], D)[:, :, None]
+        state = state.float()  # the cache's own fp32 tensor: one decode step updates it in place
+        step = accel.mamba2_step if T == 1 else None
+        y = step(state, xs[:, :, 0], dt[:, :, 0], A, Bm[:, 0], Cm[:, 0], D) if step is not None else None
+        if y is not None:
+            y = y[:, :, None]
         else:
-            y, state = chunk_scan(xs, dt, A, Bm.contiguous(), Cm.contiguous(), D, state, m.chunk)
+            rep = m.heads // m.groups
+            Bm, Cm = (t.repeat_interleave(rep, dim=2).transpose(1, 2).contiguous() for t in (Bm, Cm))  # (B, H, T, N)
+            if T == 1:
+                y = selective_state_update(state, xs[:, :, 0], dt[:, :, 0], A, Bm[:, :, 0], Cm[:, :, 0], D)[:, :, None]
+            else:
+                y, state = chunk_scan(xs, dt, A, Bm, Cm, D, state, m.chunk)
         if cache is not None:
             cache.set_recurrent_state(self.layer, (conv_state, state))
         y = self.norm(y.transpose(1, 2).reshape(Bsz, T, m.inner), gate)  # fp32 y: normed in fp32
