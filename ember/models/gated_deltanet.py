@@ -76,8 +76,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
         for b, p in enumerate(pad):
             if p:  # [state, 0 * p, real] -> [0 * p, state, real]
                 seq[b] = torch.cat([x.new_zeros(C, p), state[b].to(x.dtype), x[b, :, p:]], dim=-1)
-    out = F.conv1d(seq, weight[:, None, :], bias, groups=C)  # (B, C, T)
-    return F.silu(out), seq[:, :, -(K - 1):] if K > 1 else seq[:, :, :0]
+    # K shifted multiply-adds in fp32 (PyTorch's depthwise bf16 convolution on the CPU costs tens of ms per call)
+    w = weight.float()
+    out = seq[:, :, :T].float() * w[:, 0, None]  # (B, C, T)
+    for j in range(1, K):
+        out += seq[:, :, j:j + T].float() * w[:, j, None]
+    if bias is not None:
+        out += bias.float()[:, None]
+    return F.silu(out).to(x.dtype), seq[:, :, -(K - 1):] if K > 1 else seq[:, :, :0]
 
 
 def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -23,11 +23,11 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.hybrid_config import MAMBA_DEFAULTS
-from ember.models.attention import Attention, sdpa_attention
+from ember.models.attention import Attention
 from ember.models.linear import Linear, project
 from ember.models.mamba2 import Mamba2Mixer
 from ember.models.moe import SparseMoE
-from ember.models.qwen3_next import new_token_valid
+from ember.models.qwen3_next import cached_attention, new_token_valid
 from ember.models.routed_moe import GroupTopkRouter
 
 
@@ -108,7 +108,7 @@ class NoPositionAttention(Attention):
         q, k, v = (t.view(B, T, -1, self.hd).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        return self.o_proj(sdpa_attention(q, k, v, mask, is_causal))
+        return self.o_proj(cached_attention(q, k, v, mask, is_causal))
 
 
 class NemotronHBlock(nn.Module):
