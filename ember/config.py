@@ -312,7 +312,8 @@ class ModelConfig:
         if isinstance(model_type, str) and model_type in MULTIMODAL_WRAPPERS and isinstance(raw.get("text_config"), dict):
             text = raw["text_config"]
             raw = {**text, "model_type": text.get("model_type", MULTIMODAL_WRAPPERS[model_type]), "multimodal": True,
-                   **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw and k not in text}}
+                   **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype", "quantization")
+                      if k in raw and k not in text}}
             model_type = raw["model_type"]
         if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise UnsupportedModelError(

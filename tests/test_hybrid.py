@@ -301,3 +301,40 @@ def test_decode_with_native_state_kernel_matches_hf(checkpoint, state_kernels):
     finally:
         accel.gated_delta_step = real
     assert len(calls) == 3 * 3  # every decode step of each of the 3 DeltaNet layers
+
+
+@pytest.mark.parametrize("family,mode,bound", [("qwen3_5_moe", "int8", 0.03), ("qwen3_5", "int4", 0.3),
+                                               ("qwen3_5_moe", "nf4", 0.3)])
+def test_quantized_close_to_hf_and_checkpoint_round_trips(checkpoint, tmp_path, family, mode, bound):
+    """--quant on load stays close to HF fp32 with the state-space pieces in float, and ``ember quantize``'s
+    folder reloads to identical logits and greedy tokens."""
+    from torch import nn
+
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.quant import QuantizedLinear
+
+    folder, hf = checkpoint(family)  # (the MoE's shared expert width, 48, takes no int4 group size)
+    group = 32 if mode == "int4" else None
+    model = load_model(folder, dtype="fp32", quant=mode, group_size=group)
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
+    deltanet = "model.layers.0.linear_attn."
+    assert issubclass(kinds[deltanet + "in_proj_qkv"], QuantizedLinear)
+    assert issubclass(kinds["model.layers.3.self_attn.q_proj"], QuantizedLinear)
+    for kept in ("in_proj_a", "in_proj_b"):
+        assert not issubclass(kinds[deltanet + kept], QuantizedLinear)
+    if family == "qwen3_5_moe":
+        assert not issubclass(kinds["model.layers.0.mlp.shared_expert_gate"], QuantizedLinear)
+    layer = model.model.layers[0].linear_attn
+    assert layer.A_log.dtype == layer.dt_bias.dtype == layer.conv1d.weight.dtype == torch.float32
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got, ref = model(ids), _hf_logits(hf, ids)
+    assert (got - ref).abs().max() < bound * ref.abs().max()
+    out, _ = quantize_checkpoint(folder, tmp_path / "q", mode, group)
+    stored = load_model(out, dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(stored(ids), got)
+    llm, again = ember.load(out, dtype="fp32"), ember.load(folder, dtype="fp32", quant=mode, group_size=group)
+    prompt = ids[0, :12].tolist()
+    assert llm.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == \
+        again.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
