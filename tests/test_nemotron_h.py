@@ -228,3 +228,25 @@ def test_decode_with_native_state_kernel_matches_hf(checkpoint):
     finally:
         accel.mamba2_step = recurrent.mamba2_step
     assert len(calls) == 3 * 3  # every decode step of each of the 3 Mamba layers
+
+
+@pytest.mark.parametrize("mode,bound", [("int8", 0.03), ("nf4", 0.3)])
+def test_quantized_close_to_hf_and_checkpoint_round_trips(checkpoint, tmp_path, mode, bound):
+    """--quant keeps the Mamba parameters and the router in float; ``ember quantize`` reloads to identical logits."""
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.quant import QuantizedLinear
+
+    folder, hf = checkpoint()
+    model = load_model(folder, dtype="fp32", quant=mode)
+    mixer = model.model.layers[0].mixer
+    assert isinstance(mixer.in_proj, QuantizedLinear) and isinstance(mixer.out_proj, QuantizedLinear)
+    assert isinstance(model.model.layers[1].mixer.experts[0].up_proj, QuantizedLinear)
+    assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == mixer.conv1d.weight.dtype == torch.float32
+    assert model.model.layers[1].mixer.gate.weight.dtype == torch.float32
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got, ref = model(ids), _hf_logits(hf, ids)
+    assert (got - ref).abs().max() < bound * ref.abs().max()
+    out, _ = quantize_checkpoint(folder, tmp_path / "q", mode)
+    with torch.no_grad():
+        assert torch.equal(load_model(out, dtype="fp32")(ids), got)
