@@ -338,3 +338,59 @@ def test_quantized_close_to_hf_and_checkpoint_round_trips(checkpoint, tmp_path, 
     prompt = ids[0, :12].tolist()
     assert llm.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == \
         again.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
+
+
+def check_lora_training_against_peft(folder, hf, targets, tmp_path) -> int:
+    """Ember's training forward with LoRA vs HF + PEFT on the same adapters: the summed loss of a right-padded
+    batch, every LoRA gradient, and Ember's saved adapter loaded by PEFT giving Ember's logits. Returns the
+    number of adapted modules."""
+    import copy
+
+    import peft
+
+    from ember.train.adapter_files import save_adapter
+    from ember.train.data import IGNORE
+    from ember.train.forward import batch_loss_sum
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules
+
+    ours = load_model(folder, dtype="fp32")
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=targets)
+    inject_lora(ours, cfg, seed=0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=targets)).eval()
+    mods = lora_modules(ours)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(theirs) == set(mods), "PEFT adapted a different set of modules"
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.2)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+            theirs[name].lora_A["default"].weight.copy_(m.lora_A)
+            theirs[name].lora_B["default"].weight.copy_(m.lora_B)
+    ids = torch.randint(3, 256, (2, 70), generator=g)  # > one DeltaNet chunk; row 1 right-padded
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE)], 1)
+    ids[1, 50:], labels[1, 49:] = 0, IGNORE
+    loss, n = batch_loss_sum(ours, ids, labels, torch.arange(70).expand(2, 70), None, grad_checkpoint=True)
+    loss.backward()
+    logits = pm(input_ids=ids).logits.float()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                            reduction="sum")
+    ref.backward()
+    assert n == int((labels != IGNORE).sum()) and abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    for name, m in mods.items():
+        for ours_p, their_p in ((m.lora_A, theirs[name].lora_A["default"].weight),
+                                (m.lora_B, theirs[name].lora_B["default"].weight)):
+            scale = max(1e-3, float(their_p.grad.abs().max()))
+            assert (ours_p.grad - their_p.grad).abs().max() < 1e-4 * scale, f"{name}: LoRA gradients differ"
+    save_adapter(ours, tmp_path / "adapter", cfg, str(folder))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (ours(ids) - loaded(input_ids=ids).logits).abs().max() < 1e-4
+    return len(mods)
+
+
+def test_lora_training_matches_peft(checkpoint, tmp_path):
+    folder, hf = checkpoint("qwen3_5_text")
+    assert check_lora_training_against_peft(folder, hf, "all-linear", tmp_path) == 3 * 5 + 4 + 4 * 3

@@ -250,3 +250,48 @@ def test_quantized_close_to_hf_and_checkpoint_round_trips(checkpoint, tmp_path, 
     out, _ = quantize_checkpoint(folder, tmp_path / "q", mode)
     with torch.no_grad():
         assert torch.equal(load_model(out, dtype="fp32")(ids), got)
+
+
+def test_lora_training_matches_peft(checkpoint, tmp_path):
+    """Loss and LoRA gradients of Ember's training forward equal HF + PEFT's; Ember's adapter loads in PEFT.
+    (HF keeps the routed experts as 3-D parameters, which PEFT does not adapt: they are left out here too.)"""
+    from test_hybrid import check_lora_training_against_peft
+
+    from ember.train.tune import ALL_LINEAR_AS
+
+    folder, hf = checkpoint()
+    assert check_lora_training_against_peft(folder, hf, ALL_LINEAR_AS["nemotron_h"], tmp_path) == 11
+
+
+def test_tune_writes_an_adapter_peft_loads(checkpoint, tmp_path):
+    """``ember tune`` end to end on Nemotron-H: "all-linear" becomes the modules PEFT adapts, the loss is finite,
+    and the adapter loads in PEFT."""
+    import copy
+
+    import peft
+
+    from ember.train.trainer import TrainConfig
+    from ember.train.tune import tune
+
+    folder, hf = checkpoint()
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{3 + (i * 7 + j) % 200}" for j in range(20))}) + "\n"
+                            for i in range(8)))
+    cfg = TrainConfig(rank=4, alpha=8, steps=2, batch=2, seq_len=32, dtype="fp32", lr=1e-3)
+    result = tune(folder, data, tmp_path / "out", cfg, progress=False, log=lambda s: None)
+    adapter = next(p.parent for p in (tmp_path / "out").rglob("adapter_config.json"))
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) == 11 and not any("out_proj" in t or ".experts." in t for t in targets)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), adapter)
+    assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules()) == 11
+    assert all(m.loss == m.loss and m.loss > 0 for m in result.metrics) and len(result.metrics) == 2
+
+
+def test_tune_refuses_packing_across_recurrent_state(checkpoint):
+    from ember.errors import TrainingError
+    from ember.train.tune import check_trainable
+
+    folder, _ = checkpoint()
+    check_trainable(folder)
+    with pytest.raises(TrainingError, match="without --pack"):
+        check_trainable(folder, pack=True)

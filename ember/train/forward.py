@@ -41,6 +41,17 @@ def _mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _whole_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    return layer(x, cos, sin, mask, None, mask is None)
+
+
+def _halves(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an attention half then an MLP half (checkpointed apart); a recurrent mixer's layer
+    (Qwen3.5's DeltaNet layers) or a one-block layer (Nemotron-H) runs as a whole."""
+    return hasattr(layer, "self_attn") and hasattr(layer, "post_attention_layernorm")
+
+
 def layer_masks(model: Transformer, T: int, segments: torch.Tensor | None,
                 device: torch.device) -> dict[int | None, torch.Tensor | None]:
     """Attention mask per distinct sliding window: None = plain causal (SDPA's fast path).
@@ -86,7 +97,10 @@ def hidden_states(model: Transformer, input_ids: torch.Tensor, positions: torch.
     use_ckpt = grad_checkpoint and torch.is_grad_enabled()
     for layer in model.model.layers:
         m = masks[layer.window]
-        if use_ckpt:
+        if not _halves(layer):
+            x = checkpoint(_whole_layer, layer, x, cos, sin, m, use_reentrant=False) if use_ckpt \
+                else _whole_layer(layer, x, cos, sin, m)
+        elif use_ckpt:
             x = checkpoint(_attn_half, layer, x, cos, sin, m, use_reentrant=False)
             x = checkpoint(_mlp_half, layer, x, use_reentrant=False)
         else:
