@@ -295,3 +295,28 @@ def test_tune_refuses_packing_across_recurrent_state(checkpoint):
     check_trainable(folder)
     with pytest.raises(TrainingError, match="without --pack"):
         check_trainable(folder, pack=True)
+
+
+@pytest.mark.parametrize("kind", ["moe", "latent", "qwen3_5_moe", "qwen3_next"])
+def test_planner_weight_breakdown_equals_the_model(checkpoint, kind):
+    """The planner's weights equal the model's parameters, the recurrent mixers' projections as their own part."""
+    from ember import planner
+    from ember.models import Transformer
+
+    if kind in ("moe", "latent"):
+        cfg = ModelConfig.from_file(checkpoint(kind)[0])
+    else:
+        from test_hybrid import MOE, TEXT
+
+        types = ["linear_attention"] * 3 + ["full_attention"]
+        cfg = ModelConfig.from_dict({"model_type": kind.removesuffix("_moe") + ("_moe_text" if "3_5" in kind else ""),
+                                     **TEXT, **MOE, "layer_types": types})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    wb = planner.weight_bytes(cfg, "bf16")
+    assert wb.total == 2 * real and cfg.num_parameters() == real
+    mixers = [getattr(layer, "linear_attn", None) or layer.mixer for layer in model.model.layers
+              if layer.attention_type == "linear_attention"]
+    assert wb.recurrent == 2 * sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                                   for x in mixers for m in x.modules() if isinstance(m, torch.nn.Linear)) > 0
