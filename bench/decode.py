@@ -136,7 +136,6 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     """A random Llama (or, with ``num_local_experts`` in ``dims``, Mixtral) checkpoint in the normal HF
     layout and names, plus a word-level tokenizer covering the vocab."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ember.config import ModelConfig
     from ember.models import Transformer
@@ -164,7 +163,14 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, dims["vocab_size"])}}
+    write_word_tokenizer(folder, dims["vocab_size"])
+
+
+def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over ``w3 .. w{V-1}`` (ids = numbers) in ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import EmberRow, measure_bandwidth, release_memory  # noqa: E402
+from decode import EmberRow, measure_bandwidth, release_memory, write_word_tokenizer  # noqa: E402
 
 # Qwen3.5-27B's block: 3 Gated DeltaNet layers, then one gated full-attention layer; dk = dv = 128.
 QWEN35 = {
@@ -78,7 +78,6 @@ def hybrid_config(family: str, size: str) -> dict:
 def write_hybrid_checkpoint(folder: Path, raw: dict, seed: int = 0) -> None:
     """Random bf16 weights under Ember's names (which it loads as they are) and a word-level tokenizer."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ember.config import ModelConfig
     from ember.models import Transformer
@@ -101,12 +100,7 @@ def write_hybrid_checkpoint(folder: Path, raw: dict, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, raw["vocab_size"])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    write_word_tokenizer(folder, raw["vocab_size"])
 
 
 def per_token_cache_bytes(cfg, context: float) -> tuple[float, float]:

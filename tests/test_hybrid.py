@@ -95,13 +95,11 @@ def test_prefill_and_decode_logits_match_hf(checkpoint, family):
             assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
-def test_ragged_batch_matches_hf_rows(checkpoint, family):
-    """Left-padded rows of different lengths: every row's logits equal HF's for it alone, prefill and decode."""
-    folder, hf = checkpoint(family)
+def check_ragged_batch_against_hf(folder, hf, lengths) -> None:
+    """Left-padded rows of ``lengths``: every row's logits equal HF's for it alone, prefill and 3 decode steps."""
     model = load_model(folder, dtype="fp32")
     torch.manual_seed(2)
-    rows = [torch.randint(3, 256, (n,)) for n in (7, 70, 33)]
+    rows = [torch.randint(3, 256, (n,)) for n in lengths]
     longest, B = max(len(r) for r in rows), len(rows)
     ids = torch.zeros(B, longest, dtype=torch.long)
     valid = torch.zeros(B, longest + 3, dtype=torch.bool)
@@ -124,6 +122,11 @@ def test_ragged_batch_matches_hf_rows(checkpoint, family):
         for t in range(3):
             full = torch.cat([r, nxt[i, :t + 1]])[None]
             assert (steps[t][i] - _hf_logits(hf, full)[0, -1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+def test_ragged_batch_matches_hf_rows(checkpoint, family):
+    check_ragged_batch_against_hf(*checkpoint(family), (7, 70, 33))
 
 
 def test_chunked_prefill_equals_one_shot(checkpoint):
@@ -277,30 +280,35 @@ def test_native_mamba2_step_equals_torch(state_kernels, P, N, G):
     assert (state - s_ref).abs().max() < 1e-5 * max(1.0, s_ref.abs().max())
 
 
-def test_decode_with_native_state_kernel_matches_hf(checkpoint, state_kernels):
-    """The decode steps through the native state update still equal HF's logits."""
-    folder, hf = checkpoint("qwen3_5_text")
+def check_decode_through_state_kernel(folder, hf, slot: str, layers: int, rows: int = 1) -> None:
+    """Decode steps whose recurrent layers call the runtime's native state update (``accel.<slot>``, counted)
+    equal HF's logits."""
+    from ember.models import accel
+    from ember.runtime import recurrent
+
     model = load_model(folder, dtype="fp32")
     calls = []
-    real = state_kernels.gated_delta_step
-    from ember.models import accel
-
-    accel.gated_delta_step = lambda *a: calls.append(1) or real(*a)
+    real = getattr(recurrent, slot)
+    setattr(accel, slot, lambda *a: calls.append(1) or real(*a))
     try:
-        ids = torch.randint(3, 256, (1, 20))
-        cache = StaticKVCache(model.config, 1, 30, torch.float32, "cpu")
+        ids = torch.randint(3, 256, (rows, 20))
+        cache = StaticKVCache(model.config, rows, 30, torch.float32, "cpu")
         with torch.no_grad():
             model(ids, cache=cache)
             cache.advance(20)
             for _ in range(3):
-                nxt = torch.randint(3, 256, (1, 1))
+                nxt = torch.randint(3, 256, (rows, 1))
                 ids = torch.cat([ids, nxt], 1)
                 step = model(nxt, cache=cache, start=cache.pos)[:, -1]
                 cache.advance(1)
                 assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
     finally:
-        accel.gated_delta_step = real
-    assert len(calls) == 3 * 3  # every decode step of each of the 3 DeltaNet layers
+        setattr(accel, slot, real)
+    assert len(calls) == 3 * layers  # every decode step of each recurrent layer
+
+
+def test_decode_with_native_state_kernel_matches_hf(checkpoint, state_kernels):
+    check_decode_through_state_kernel(*checkpoint("qwen3_5_text"), "gated_delta_step", 3)
 
 
 @pytest.mark.parametrize("family,mode,bound", [("qwen3_5_moe", "int8", 0.03), ("qwen3_5", "int4", 0.3),

@@ -90,31 +90,9 @@ def test_prefill_and_decode_logits_match_hf(checkpoint, kind):
 
 def test_ragged_batch_matches_hf_rows(checkpoint):
     """Left-padded rows of different lengths: every row's logits equal HF's for it alone, prefill and decode."""
-    folder, hf = checkpoint()
-    model = load_model(folder, dtype="fp32")
-    torch.manual_seed(2)
-    rows = [torch.randint(3, 256, (n,)) for n in (5, 37, 20)]
-    longest, B = max(len(r) for r in rows), len(rows)
-    ids = torch.zeros(B, longest, dtype=torch.long)
-    valid = torch.zeros(B, longest + 3, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, longest - len(r):] = r
-        valid[i, longest - len(r):] = True
-    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp_min(0)
-    cache = StaticKVCache(model.config, B, longest + 3, torch.float32, "cpu")
-    with torch.no_grad():
-        out = model(ids, positions, cache, 0, valid, last_only=True)[:, -1]
-        cache.advance(longest)
-        nxt = torch.randint(3, 256, (B, 3))
-        steps = []
-        for t in range(3):
-            steps.append(model(nxt[:, t:t + 1], positions[:, -1:] + 1 + t, cache, cache.pos, valid)[:, -1])
-            cache.advance(1)
-    for i, r in enumerate(rows):
-        assert (out[i] - _hf_logits(hf, r[None])[0, -1]).abs().max() < 1e-4
-        for t in range(3):
-            full = torch.cat([r, nxt[i, :t + 1]])[None]
-            assert (steps[t][i] - _hf_logits(hf, full)[0, -1]).abs().max() < 1e-4
+    from test_hybrid import check_ragged_batch_against_hf
+
+    check_ragged_batch_against_hf(*checkpoint(), (5, 37, 20))
 
 
 def test_chunked_prefill_equals_one_shot(checkpoint):
@@ -202,32 +180,15 @@ def test_config_legacy_pattern_counts_and_state_pricing(checkpoint, tmp_path):
 
 def test_decode_with_native_state_kernel_matches_hf(checkpoint):
     """Decode steps through the runtime's native Mamba-2 state update still equal HF's logits."""
+    from test_hybrid import check_decode_through_state_kernel
+
     from ember import kernels
-    from ember.models import accel
-    from ember.runtime import install, recurrent
+    from ember.runtime import install
 
     if kernels.load() is None:
         pytest.skip(f"native kernels unavailable: {kernels.status()}")
     install()
-    folder, hf = checkpoint()
-    model = load_model(folder, dtype="fp32")
-    calls = []
-    accel.mamba2_step = lambda *a: calls.append(1) or recurrent.mamba2_step(*a)
-    try:
-        ids = torch.randint(3, 256, (2, 20))
-        cache = StaticKVCache(model.config, 2, 30, torch.float32, "cpu")
-        with torch.no_grad():
-            model(ids, cache=cache)
-            cache.advance(20)
-            for _ in range(3):
-                nxt = torch.randint(3, 256, (2, 1))
-                ids = torch.cat([ids, nxt], 1)
-                step = model(nxt, cache=cache, start=cache.pos)[:, -1]
-                cache.advance(1)
-                assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
-    finally:
-        accel.mamba2_step = recurrent.mamba2_step
-    assert len(calls) == 3 * 3  # every decode step of each of the 3 Mamba layers
+    check_decode_through_state_kernel(*checkpoint(), "mamba2_step", 3, rows=2)
 
 
 @pytest.mark.parametrize("mode,bound", [("int8", 0.03), ("nf4", 0.3)])
