@@ -129,18 +129,23 @@ def test_ragged_batch_matches_hf_rows(checkpoint, family):
     check_ragged_batch_against_hf(*checkpoint(family), (7, 70, 33))
 
 
-def test_chunked_prefill_equals_one_shot(checkpoint):
-    folder, _ = checkpoint("qwen3_5_text")
+def check_chunked_prefill(folder, cuts: tuple[int, ...]) -> None:
+    """A prompt fed in pieces ending at ``cuts`` gives the logits of one pass."""
     model = load_model(folder, dtype="fp32")
-    ids = torch.randint(3, 256, (2, 150))
+    n = cuts[-1]
+    ids = torch.randint(3, 256, (2, n))
     with torch.no_grad():
         whole = model(ids)
-        cache = StaticKVCache(model.config, 2, 150, torch.float32, "cpu")
+        cache = StaticKVCache(model.config, 2, n, torch.float32, "cpu")
         parts = []
-        for a, b in ((0, 10), (10, 80), (80, 81), (81, 150)):
+        for a, b in zip((0,) + cuts[:-1], cuts):
             parts.append(model(ids[:, a:b], cache=cache, start=a))
             cache.advance(b - a)
     assert (torch.cat(parts, 1) - whole).abs().max() < 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(checkpoint):
+    check_chunked_prefill(checkpoint("qwen3_5_text")[0], (10, 80, 81, 150))
 
 
 def test_chunked_delta_rule_equals_recurrence():
@@ -157,10 +162,14 @@ def test_chunked_delta_rule_equals_recurrence():
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe"])
 def test_greedy_generation_matches_hf(checkpoint, family):
-    folder, hf = checkpoint(family)
+    check_greedy_against_hf(*checkpoint(family), (5, 29))
+
+
+def check_greedy_against_hf(folder, hf, lengths) -> None:
+    """32 greedy tokens after prompts of ``lengths``, batched in Ember, equal HF's generate for each alone."""
     llm = ember.load(folder, dtype="fp32")
     torch.manual_seed(4)
-    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 29)]
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in lengths]
     results = llm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
     for p, r in zip(prompts, results):
         with torch.no_grad():

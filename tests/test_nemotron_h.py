@@ -96,17 +96,9 @@ def test_ragged_batch_matches_hf_rows(checkpoint):
 
 
 def test_chunked_prefill_equals_one_shot(checkpoint):
-    folder, _ = checkpoint()
-    model = load_model(folder, dtype="fp32")
-    ids = torch.randint(3, 256, (2, 70))
-    with torch.no_grad():
-        whole = model(ids)
-        cache = StaticKVCache(model.config, 2, 70, torch.float32, "cpu")
-        parts = []
-        for a, b in ((0, 7), (7, 40), (40, 41), (41, 70)):
-            parts.append(model(ids[:, a:b], cache=cache, start=a))
-            cache.advance(b - a)
-    assert (torch.cat(parts, 1) - whole).abs().max() < 1e-4
+    from test_hybrid import check_chunked_prefill
+
+    check_chunked_prefill(checkpoint()[0], (7, 40, 41, 70))
 
 
 def test_chunk_scan_equals_recurrence():
@@ -123,16 +115,9 @@ def test_chunk_scan_equals_recurrence():
 
 
 def test_greedy_generation_matches_hf(checkpoint):
-    folder, hf = checkpoint()
-    llm = ember.load(folder, dtype="fp32")
-    torch.manual_seed(4)
-    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (6, 23)]
-    results = llm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
-    for p, r in zip(prompts, results):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(p):].tolist()
-        assert r.token_ids == ref
+    from test_hybrid import check_greedy_against_hf
+
+    check_greedy_against_hf(*checkpoint(), (6, 23))
 
 
 def test_scheduler_serves_concurrent_sequences_with_state(checkpoint):
