@@ -192,7 +192,7 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    write_tokenizer(folder, dims["vocab_size"])
+    write_word_tokenizer(folder, dims["vocab_size"])
 
 
 def write_family_checkpoint(folder: Path, config_class: str, dims: dict, dtype: torch.dtype) -> None:
@@ -206,10 +206,10 @@ def write_family_checkpoint(folder: Path, config_class: str, dims: dict, dtype: 
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(folder)
     del model
-    write_tokenizer(folder, dims["vocab_size"])
+    write_word_tokenizer(folder, dims["vocab_size"])
 
 
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
+def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
     """A word-level tokenizer over ``w3 .. w{V-1}`` (ids = numbers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -482,6 +482,8 @@ def main() -> None:
                     help="timed rounds per row; the fastest is kept (shared machines)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers rows")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hybrid", choices=["none", "small", "1b"], default="none",
+                    help="also the hybrid rows of bench/hybrid.py (Qwen3.5- and Nemotron-H-shape) at this size")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -704,6 +706,12 @@ def main() -> None:
             print(f"  {fmt:16} corpus {f['train_ppl']:7.3f} (x{f.get('train_ratio', float('nan')):.4f})   "
                   f"unseen {f['heldout_ppl']:8.2f} (x{f.get('heldout_ratio', float('nan')):.4f})")
 
+    hybrid_rows = None
+    if args.hybrid != "none":  # after the Llama/MoE rows, against the same bandwidth
+        import hybrid
+
+        hybrid_rows = hybrid.run_rows(args.hybrid, args.prompt_len, args.new, args.repeats, bw)
+        hybrid.print_rows(hybrid_rows, bw)
     targets = check_targets(rows)
     print("\ntargets:")
     for t in targets:
@@ -714,7 +722,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "machine": machine, "size": args.size, "dims": dims,
                                "moe_dims": None if args.no_moe else MOE_SIZES[args.size],
-                               "bandwidth_bytes_s": bw, "rows": rows, "demo_ppl": ppl, "targets": targets,
+                               "bandwidth_bytes_s": bw, "rows": rows, "hybrid_rows": hybrid_rows, "demo_ppl": ppl,
+                               "targets": targets,
                                "seconds": elapsed}, indent=2))
     print(f"wrote {out}")
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import ModelConfig
+from ember.hybrid_config import BLOCK_TYPES, mamba_dims
 
 LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent", "latent")
 # Recurrent state is summed over every token of a sequence: it is kept in fp32 (as HF keeps it) in every cache.
@@ -50,7 +51,8 @@ class LayerSpec:
         kv_heads, head_dim: key/value shape per token (attention kinds).
         window: tokens a sliding-window layer keeps (None otherwise).
         state_shapes: shapes of the fixed per-sequence tensors of a recurrent layer, e.g.
-            ``((conv_dim, conv_kernel - 1), (heads, d_k, d_v))`` for a convolution window and a delta-rule state.
+            ``((conv_dim, conv_kernel - 1), (heads, d_k, d_v))`` for a convolution window and a delta-rule state;
+            ``()`` for a layer with no token mixer (Nemotron-H's MLP/MoE blocks): nothing per token or sequence.
         rope_dim: a latent layer's rotated-key channels; its ``head_dim`` is the latent's (``kv_lora_rank``), and
             ``kv_heads`` is 1. The cache's "keys" slot holds the latent, its "values" slot the rotated key.
     """
@@ -73,10 +75,16 @@ def recurrent_state_shapes(cfg: ModelConfig, layer: int) -> tuple[tuple[int, ...
     """The per-sequence state shapes of ``layer`` when it is a recurrent mixer, else None.
 
     Gated DeltaNet (``layer_types`` "linear_attention"): the conv window (C, K - 1), C = 2 Hk dk + Hv dv, and the
-    delta-rule matrices (Hv, dk, dv).
+    delta-rule matrices (Hv, dk, dv). Nemotron-H's Mamba-2 ("linear_attention"): the conv window
+    (H P + 2 G N, K - 1) and the SSM state (H, P, N); its MLP and MoE layers keep nothing: ``()``.
     """
     types = cfg.layer_types or []
     kind = types[layer] if layer < len(types) else None
+    if cfg.model_type == "nemotron_h" and kind != "full_attention":
+        if kind in BLOCK_TYPES:
+            return ()
+        m = mamba_dims(cfg)
+        return (m.conv_dim, m.kernel - 1), (m.heads, m.head_dim, m.state)
     if kind == "linear_attention":
         conv = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim \
             + cfg.linear_num_value_heads * cfg.linear_value_head_dim
@@ -184,7 +192,8 @@ class StaticKVCache:
     def set_recurrent_state(self, layer: int, states: tuple[torch.Tensor, ...]) -> None:
         """Keep ``layer``'s new state (as :meth:`recurrent_state` returned it, after this pass's tokens)."""
         for t, s in zip(self.states[layer], states):
-            t.copy_(s)
+            if s is not t:  # a decode kernel may have updated the state in place
+                t.copy_(s)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, nkv, T, hd) at slots pos..pos+T-1; return (B, nkv, pos+T, hd) views. A ring layer returns

@@ -17,6 +17,7 @@ from typing import Any
 
 from ember.config_gemma4 import DEFAULTS as GEMMA4_DEFAULTS, gemma4_count, kv_source, read_gemma4_fields
 from ember.errors import ConfigError, UnsupportedModelError
+from ember.hybrid_config import BLOCK_TYPES, deltanet_params, nemotron_h_params, nemotron_h_raw
 
 # model_type -> per-family defaults that differ from the Llama baseline. A family is a row here.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -33,6 +34,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"qk_norm": True},
     "qwen3_5_text": {"qk_norm": True},
     "qwen3_5_moe_text": {"qk_norm": True, "norm_topk_prob": True},  # its router always renormalises
+    # Nemotron-H / Nemotron 3: one block per layer (Mamba-2 mixer, attention without RoPE, relu2 MLP or a
+    # sigmoid-routed relu2 MoE) per layers_block_type; read by ember.hybrid_config.nemotron_h_raw.
+    "nemotron_h": {"qk_norm": False},
     # gpt-oss: learned per-head attention sinks, biases on q/k/v/o, alternating sliding/full layers
     # (layer_types), YaRN RoPE, a biased top-k router and clamped-SwiGLU experts with biases.
     "gpt_oss": {"attention_bias": True, "attention_sinks": True},
@@ -245,10 +249,11 @@ class ModelConfig:
         if self.max_window_layers is not None:
             _check_int(self.max_window_layers, "max_window_layers", source, minimum=0)
         if self.layer_types is not None:
+            allowed = LAYER_TYPES + (BLOCK_TYPES if self.model_type == "nemotron_h" else ())
             if (not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers
-                    or any(t not in LAYER_TYPES for t in self.layer_types)):
+                    or any(t not in allowed for t in self.layer_types)):
                 raise ConfigError(f"{source}: field 'layer_types' must list {self.num_hidden_layers} entries "
-                                  f"(num_hidden_layers), each one of {', '.join(LAYER_TYPES)}")
+                                  f"(num_hidden_layers), each one of {', '.join(allowed)}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ConfigError(f"{source}: 'layer_types' has sliding_attention layers but 'sliding_window' is null")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -323,13 +328,16 @@ class ModelConfig:
         if isinstance(model_type, str) and model_type in MULTIMODAL_WRAPPERS and isinstance(raw.get("text_config"), dict):
             text = raw["text_config"]
             raw = {**text, "model_type": text.get("model_type", MULTIMODAL_WRAPPERS[model_type]), "multimodal": True,
-                   **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw and k not in text}}
+                   **{k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype", "quantization")
+                      if k in raw and k not in text}}
             model_type = raw["model_type"]
         if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"supported: {', '.join(FAMILIES)}"
             )
+        if model_type == "nemotron_h":
+            raw = nemotron_h_raw(raw, source)
         if model_type in _NESTED_TEXT_CONFIG and isinstance(raw.get("text_config"), dict):
             # the language model's fields; the vision tower's are not read (its weights are skipped)
             top = {k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw}
@@ -479,6 +487,8 @@ class ModelConfig:
     def _count(self, experts: int) -> int:
         if self.model_type == "gemma4_text":
             return gemma4_count(self, experts)
+        if self.model_type == "nemotron_h":
+            return nemotron_h_params(self, experts)
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
         if self.kv_lora_rank:
@@ -501,11 +511,7 @@ class ModelConfig:
         hybrid = self.model_type in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
         if hybrid:
             attn += h * hd * nh  # gated attention: q_proj also yields the output gate
-        kd, vd = self.linear_num_key_heads * self.linear_key_head_dim, self.linear_num_value_heads * self.linear_value_head_dim
-        nv = self.linear_num_value_heads
-        # Gated DeltaNet: q/k/v/z and b/a projections, depthwise conv, dt_bias + A_log, gated norm, out_proj
-        linear = h * (2 * kd + 2 * vd + 2 * nv) + (2 * kd + vd) * self.linear_conv_kernel_dim + 2 * nv \
-            + self.linear_value_head_dim + vd * h
+        linear = deltanet_params(self) if hybrid else 0
         types = self.layer_types or []
         for layer in range(self.num_hidden_layers):
             if self.is_moe_layer(layer):

@@ -95,13 +95,11 @@ def test_prefill_and_decode_logits_match_hf(checkpoint, family):
             assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
-def test_ragged_batch_matches_hf_rows(checkpoint, family):
-    """Left-padded rows of different lengths: every row's logits equal HF's for it alone, prefill and decode."""
-    folder, hf = checkpoint(family)
+def check_ragged_batch_against_hf(folder, hf, lengths) -> None:
+    """Left-padded rows of ``lengths``: every row's logits equal HF's for it alone, prefill and 3 decode steps."""
     model = load_model(folder, dtype="fp32")
     torch.manual_seed(2)
-    rows = [torch.randint(3, 256, (n,)) for n in (7, 70, 33)]
+    rows = [torch.randint(3, 256, (n,)) for n in lengths]
     longest, B = max(len(r) for r in rows), len(rows)
     ids = torch.zeros(B, longest, dtype=torch.long)
     valid = torch.zeros(B, longest + 3, dtype=torch.bool)
@@ -126,18 +124,28 @@ def test_ragged_batch_matches_hf_rows(checkpoint, family):
             assert (steps[t][i] - _hf_logits(hf, full)[0, -1]).abs().max() < 1e-4
 
 
-def test_chunked_prefill_equals_one_shot(checkpoint):
-    folder, _ = checkpoint("qwen3_5_text")
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
+def test_ragged_batch_matches_hf_rows(checkpoint, family):
+    check_ragged_batch_against_hf(*checkpoint(family), (7, 70, 33))
+
+
+def check_chunked_prefill(folder, cuts: tuple[int, ...]) -> None:
+    """A prompt fed in pieces ending at ``cuts`` gives the logits of one pass."""
     model = load_model(folder, dtype="fp32")
-    ids = torch.randint(3, 256, (2, 150))
+    n = cuts[-1]
+    ids = torch.randint(3, 256, (2, n))
     with torch.no_grad():
         whole = model(ids)
-        cache = StaticKVCache(model.config, 2, 150, torch.float32, "cpu")
+        cache = StaticKVCache(model.config, 2, n, torch.float32, "cpu")
         parts = []
-        for a, b in ((0, 10), (10, 80), (80, 81), (81, 150)):
+        for a, b in zip((0,) + cuts[:-1], cuts):
             parts.append(model(ids[:, a:b], cache=cache, start=a))
             cache.advance(b - a)
     assert (torch.cat(parts, 1) - whole).abs().max() < 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(checkpoint):
+    check_chunked_prefill(checkpoint("qwen3_5_text")[0], (10, 80, 81, 150))
 
 
 def test_chunked_delta_rule_equals_recurrence():
@@ -154,10 +162,14 @@ def test_chunked_delta_rule_equals_recurrence():
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe"])
 def test_greedy_generation_matches_hf(checkpoint, family):
-    folder, hf = checkpoint(family)
+    check_greedy_against_hf(*checkpoint(family), (5, 29))
+
+
+def check_greedy_against_hf(folder, hf, lengths) -> None:
+    """32 greedy tokens after prompts of ``lengths``, batched in Ember, equal HF's generate for each alone."""
     llm = ember.load(folder, dtype="fp32")
     torch.manual_seed(4)
-    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 29)]
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in lengths]
     results = llm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
     for p, r in zip(prompts, results):
         with torch.no_grad():
@@ -223,3 +235,179 @@ def test_scheduler_serves_concurrent_sequences_with_state(checkpoint):
         e.token_id))])
     sched.run_until_idle()
     assert got[again[0]] == alone[1] and sched.cache.states.num_free == 2
+
+
+@pytest.fixture(params=["native", "portable"])
+def state_kernels(request, monkeypatch):
+    """The kernel library built the given way, with the runtime's state-update slots filled."""
+    from ember import kernels
+    from ember.models import accel
+    from ember.runtime import install, recurrent
+
+    monkeypatch.setenv("EMBER_KERNELS", request.param)
+    kernels.reset()
+    if kernels.load() is None:
+        pytest.skip(f"native kernels unavailable: {kernels.status()}")
+    assert (kernels.load().ember_kernels_isa() == 0) == (request.param == "portable")
+    install()
+    assert accel.gated_delta_step is recurrent.gated_delta_step
+    yield recurrent
+    monkeypatch.delenv("EMBER_KERNELS")
+    kernels.reset()
+
+
+@pytest.mark.parametrize("dk,dv", [(16, 16), (8, 20), (128, 128)])
+def test_native_delta_rule_step_equals_torch(state_kernels, dk, dv):
+    torch.manual_seed(6)
+    B, H = 2, 3
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, 1, dk), dim=-1) for _ in range(2))
+    v, g, beta = torch.randn(B, H, 1, dv), -torch.rand(B, H, 1) * 3, torch.rand(B, H, 1)
+    s0 = torch.randn(B, H, dk, dv)
+    ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, s0)
+    state = s0.clone()
+    out = state_kernels.gated_delta_step(state, q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0])
+    assert out is not None and out.shape == (B, H, dv)
+    assert (out - ref[:, :, 0]).abs().max() < 1e-5 * max(1.0, ref.abs().max())
+    assert (state - s_ref).abs().max() < 1e-5 * max(1.0, s_ref.abs().max())
+
+
+@pytest.mark.parametrize("P,N,G", [(8, 16, 2), (5, 19, 1), (64, 128, 8)])
+def test_native_mamba2_step_equals_torch(state_kernels, P, N, G):
+    from ember.models.mamba2 import selective_state_update
+
+    torch.manual_seed(7)
+    B, H = 2, 8
+    x, dt, A, D = torch.randn(B, H, P), torch.rand(B, H), -torch.rand(H) * 2, torch.randn(H)
+    Bm, Cm = torch.randn(B, G, N), torch.randn(B, G, N)
+    s0 = torch.randn(B, H, P, N)
+    s_ref = s0.clone()
+    ref = selective_state_update(s_ref, x, dt, A, Bm.repeat_interleave(H // G, 1), Cm.repeat_interleave(H // G, 1), D)
+    state = s0.clone()
+    y = state_kernels.mamba2_step(state, x, dt, A, Bm, Cm, D)
+    assert y is not None and y.shape == (B, H, P)
+    assert (y - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max())
+    assert (state - s_ref).abs().max() < 1e-5 * max(1.0, s_ref.abs().max())
+
+
+def check_decode_through_state_kernel(folder, hf, slot: str, layers: int, rows: int = 1) -> None:
+    """Decode steps whose recurrent layers call the runtime's native state update (``accel.<slot>``, counted)
+    equal HF's logits."""
+    from ember.models import accel
+    from ember.runtime import recurrent
+
+    model = load_model(folder, dtype="fp32")
+    calls = []
+    real = getattr(recurrent, slot)
+    setattr(accel, slot, lambda *a: calls.append(1) or real(*a))
+    try:
+        ids = torch.randint(3, 256, (rows, 20))
+        cache = StaticKVCache(model.config, rows, 30, torch.float32, "cpu")
+        with torch.no_grad():
+            model(ids, cache=cache)
+            cache.advance(20)
+            for _ in range(3):
+                nxt = torch.randint(3, 256, (rows, 1))
+                ids = torch.cat([ids, nxt], 1)
+                step = model(nxt, cache=cache, start=cache.pos)[:, -1]
+                cache.advance(1)
+                assert (step - _hf_logits(hf, ids)[:, -1]).abs().max() < 1e-4
+    finally:
+        setattr(accel, slot, real)
+    assert len(calls) == 3 * layers  # every decode step of each recurrent layer
+
+
+def test_decode_with_native_state_kernel_matches_hf(checkpoint, state_kernels):
+    check_decode_through_state_kernel(*checkpoint("qwen3_5_text"), "gated_delta_step", 3)
+
+
+@pytest.mark.parametrize("family,mode,bound", [("qwen3_5_moe", "int8", 0.03), ("qwen3_5", "int4", 0.3),
+                                               ("qwen3_5_moe", "nf4", 0.3)])
+def test_quantized_close_to_hf_and_checkpoint_round_trips(checkpoint, tmp_path, family, mode, bound):
+    """--quant on load stays close to HF fp32 with the state-space pieces in float, and ``ember quantize``'s
+    folder reloads to identical logits and greedy tokens."""
+    from torch import nn
+
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.quant import QuantizedLinear
+
+    folder, hf = checkpoint(family)  # (the MoE's shared expert width, 48, takes no int4 group size)
+    group = 32 if mode == "int4" else None
+    model = load_model(folder, dtype="fp32", quant=mode, group_size=group)
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
+    deltanet = "model.layers.0.linear_attn."
+    assert issubclass(kinds[deltanet + "in_proj_qkv"], QuantizedLinear)
+    assert issubclass(kinds["model.layers.3.self_attn.q_proj"], QuantizedLinear)
+    for kept in ("in_proj_a", "in_proj_b"):
+        assert not issubclass(kinds[deltanet + kept], QuantizedLinear)
+    if family == "qwen3_5_moe":
+        assert not issubclass(kinds["model.layers.0.mlp.shared_expert_gate"], QuantizedLinear)
+    layer = model.model.layers[0].linear_attn
+    assert layer.A_log.dtype == layer.dt_bias.dtype == layer.conv1d.weight.dtype == torch.float32
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got, ref = model(ids), _hf_logits(hf, ids)
+    assert (got - ref).abs().max() < bound * ref.abs().max()
+    out, _ = quantize_checkpoint(folder, tmp_path / "q", mode, group)
+    stored = load_model(out, dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(stored(ids), got)
+    llm, again = ember.load(out, dtype="fp32"), ember.load(folder, dtype="fp32", quant=mode, group_size=group)
+    prompt = ids[0, :12].tolist()
+    assert llm.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == \
+        again.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
+
+
+def check_lora_training_against_peft(folder, hf, targets, tmp_path) -> int:
+    """Ember's training forward with LoRA vs HF + PEFT on the same adapters: the summed loss of a right-padded
+    batch, every LoRA gradient, and Ember's saved adapter loaded by PEFT giving Ember's logits. Returns the
+    number of adapted modules."""
+    import copy
+
+    import peft
+
+    from ember.train.adapter_files import save_adapter
+    from ember.train.data import IGNORE
+    from ember.train.forward import batch_loss_sum
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules
+
+    ours = load_model(folder, dtype="fp32")
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=targets)
+    inject_lora(ours, cfg, seed=0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=targets)).eval()
+    mods = lora_modules(ours)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(theirs) == set(mods), "PEFT adapted a different set of modules"
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.2)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+            theirs[name].lora_A["default"].weight.copy_(m.lora_A)
+            theirs[name].lora_B["default"].weight.copy_(m.lora_B)
+    ids = torch.randint(3, 256, (2, 70), generator=g)  # > one DeltaNet chunk; row 1 right-padded
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE)], 1)
+    ids[1, 50:], labels[1, 49:] = 0, IGNORE
+    loss, n = batch_loss_sum(ours, ids, labels, torch.arange(70).expand(2, 70), None, grad_checkpoint=True)
+    loss.backward()
+    logits = pm(input_ids=ids).logits.float()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                            reduction="sum")
+    ref.backward()
+    assert n == int((labels != IGNORE).sum()) and abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    for name, m in mods.items():
+        for ours_p, their_p in ((m.lora_A, theirs[name].lora_A["default"].weight),
+                                (m.lora_B, theirs[name].lora_B["default"].weight)):
+            scale = max(1e-3, float(their_p.grad.abs().max()))
+            assert (ours_p.grad - their_p.grad).abs().max() < 1e-4 * scale, f"{name}: LoRA gradients differ"
+    save_adapter(ours, tmp_path / "adapter", cfg, str(folder))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (ours(ids) - loaded(input_ids=ids).logits).abs().max() < 1e-4
+    return len(mods)
+
+
+def test_lora_training_matches_peft(checkpoint, tmp_path):
+    folder, hf = checkpoint("qwen3_5_text")
+    assert check_lora_training_against_peft(folder, hf, "all-linear", tmp_path) == 3 * 5 + 4 + 4 * 3

@@ -266,6 +266,38 @@ MODELS: dict[str, dict] = {
                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     },
+    "qwen3.5-35b-a3b": {
+        "hf_id": "Qwen/Qwen3.5-35B-A3B", "aliases": ["qwen3.5-35b", "qwen3.6-35b-a3b"],
+        # config: text_config of the Hub snapshot as listed in a public inventory of Qwen3.5/3.6-35B-A3B's
+        # config.json (Qwen3.6-35B-A3B has the same text model); the card's "3B activated" leaves the embeddings out
+        "published": {"params": 35e9, "source": "Qwen3.5-35B-A3B: 35B total (model name and card)"},
+        "config": {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 2048, "intermediate_size": 512,
+                   "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
+                   "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+                   "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                   "shared_expert_intermediate_size": 512, "max_position_embeddings": 262144,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    },
+    "nemotron-3-nano-30b-a3b": {
+        "hf_id": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "aliases": ["nemotron-3-nano", "nemotron3-nano"],
+        # 23 Mamba-2, 23 MoE (128 relu2 experts top-6 + a shared expert) and 6 attention layers; the config.json
+        # as quoted verbatim by several public projects
+        "published": {"params": 31.6e9, "source": "Nemotron 3 Nano technical report: 31.6B total parameters "
+                      "(3.2B active without embeddings; the name's 30B is nominal)"},
+        "config": {"model_type": "nemotron_h", "vocab_size": 131072, "hidden_size": 2688, "intermediate_size": 1856,
+                   "num_hidden_layers": 52,
+                   "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+                   "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+                   "mamba_num_heads": 64, "mamba_head_dim": 64, "n_groups": 8, "ssm_state_size": 128,
+                   "conv_kernel": 4, "chunk_size": 128, "use_conv_bias": True, "n_routed_experts": 128,
+                   "num_experts_per_tok": 6, "moe_intermediate_size": 1856, "moe_shared_expert_intermediate_size": 3712,
+                   "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                   "max_position_embeddings": 262144, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16"},
+    },
     # ------------------------------------------------------------------ Gemma 3, GLM-4.5, DeepSeek-V3
     "gemma-3-27b": {
         "hf_id": "google/gemma-3-27b-it", "aliases": ["gemma3-27b", "gemma-3-27b-it"],

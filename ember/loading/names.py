@@ -15,6 +15,10 @@ from ember.loading.safetensors import Checkpoint
 TEXT_PREFIXES: dict[str, list[tuple[str, str]]] = {
     "gemma3": [("model.language_model.", "model."), ("language_model.model.", "model."),
                ("language_model.lm_head.", "lm_head.")],
+    # Nemotron-H: the published files (and transformers 5's save) keep the model under backbone.*
+    "nemotron_h": [("backbone.embeddings.", "model.embed_tokens."), ("backbone.norm_f.", "model.norm."),
+                   ("backbone.", "model."), ("model.embeddings.", "model.embed_tokens."),
+                   ("model.norm_f.", "model.norm.")],
 }
 SKIPPED: dict[str, tuple[str, ...]] = {
     "gemma3": ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector."),

@@ -20,8 +20,8 @@ from ember.config import ModelConfig
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
 from ember.loading.dtypes import DTYPE_NAMES
 from ember.loading.moe import expert_layout_view
-from ember.loading.safetensors import Checkpoint, check_layers, load_weights
 from ember.loading.names import renamed_text_model
+from ember.loading.safetensors import Checkpoint, check_layers, load_weights
 from ember.loading.wrappers import text_model_view
 from ember.models import Transformer
 from ember.quant.base import QuantizedLinear
@@ -183,7 +183,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     if SECTION in cfg.extra:
         raise QuantizationError(f"{folder}: already quantized ({cfg.extra[SECTION].get('method')}); "
                                 "quantize the float checkpoint instead")
-    # a multimodal checkpoint's language model under its plain names (the towers are not written)
+    # the text model of a multimodal wrapper, Nemotron-H's backbone.* names; mtp.* heads are not written
     raw_ckpt, _ = text_model_view(renamed_text_model(Checkpoint(folder), cfg), cfg)
     check_layers(cfg, raw_ckpt)
     ckpt = expert_layout_view(raw_ckpt, cfg)

@@ -25,6 +25,11 @@ project: Callable | None = None
 rope_: Callable | None = None
 # one query token per row: (q (B, 1, nh, hd), k/v (B, nkv, S, hd), bool mask or None) -> (B, 1, nh*hd) or None
 attention_decode: Callable | None = None
+# one token of a recurrent layer, fp32 state updated in place (ember.runtime.recurrent):
+# gated_delta_step(state (B, H, dk, dv), q, k (B, H, dk), v (B, H, dv), g, beta (B, H)) -> out (B, H, dv) or None
+gated_delta_step: Callable | None = None
+# mamba2_step(state (B, H, P, N), x (B, H, P), dt (B, H), A, D (H,), Bm, Cm (B, G, N)) -> y (B, H, P) or None
+mamba2_step: Callable | None = None
 # the whole model's forward for the calls the runtime handles end to end (one-sequence CPU decode):
 # (model, input_ids, positions, cos, sin, cache, start, k_valid, last_only, hidden_only, session) -> out or None
 model_forward: Callable | None = None

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.hybrid_config import BLOCK_TYPES
 from ember.models.attention import Attention
 from ember.models.gemma import GEMMA3_CLASSES
 from ember.models.gemma4 import GEMMA4_CLASSES
@@ -28,6 +29,7 @@ from ember.models.mla import MLAttention
 from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
+from ember.models.nemotron_h import NemotronHBlock
 from ember.models.routed_moe import PartialRopeAttention, RoutedMoE
 from ember.models.norms import RMSNorm
 from ember.models.qwen3_next import HybridDecoderLayer
@@ -66,12 +68,14 @@ def family_class(cfg: ModelConfig, piece: str, default: Callable | None) -> Call
 
 # layer_types entries that are recurrent mixers, not attention (their family's layer class builds them)
 RECURRENT_TYPES = ("linear_attention",)
+# ... and Nemotron-H's layers with no token mixer at all (one MLP or MoE block), built by its layer class
+NON_ATTENTION_TYPES = RECURRENT_TYPES + BLOCK_TYPES
 
 
 def attention_types(cfg: ModelConfig) -> list[str]:
-    """Each layer's attention kind (a key of ``ATTENTION_CLASSES``, or a ``RECURRENT_TYPES`` mixer)."""
+    """Each layer's attention kind (a key of ``ATTENTION_CLASSES``, or a ``NON_ATTENTION_TYPES`` block)."""
     types = cfg.layer_types or []
-    return [types[i] if i < len(types) and types[i] in RECURRENT_TYPES
+    return [types[i] if i < len(types) and types[i] in NON_ATTENTION_TYPES
             else "sink_attention" if cfg.attention_sinks
             else "full_attention" if cfg.layer_window(i) is None else "sliding_attention"
             for i in range(cfg.num_hidden_layers)]
@@ -114,4 +118,5 @@ LAYER_CLASSES: dict[str, type[nn.Module]] = {
     "qwen3_next": HybridDecoderLayer,
     "qwen3_5_text": HybridDecoderLayer,
     "qwen3_5_moe_text": HybridDecoderLayer,
+    "nemotron_h": NemotronHBlock,
 }

@@ -13,7 +13,8 @@ piece of per-sequence state; after it, the heads are normed by a gated RMSNorm (
 
 Prefill runs the chunked form (:func:`chunk_gated_delta_rule`): tokens in chunks of 64, each chunk's delta-rule
 corrections solved as one triangular system, the state carried from chunk to chunk. Decode runs the one-token
-recurrence (:func:`recurrent_gated_delta_rule`). Both compute in fp32 and give the same result.
+recurrence (:func:`recurrent_gated_delta_rule`), or the runtime's native kernel for it (``accel.gated_delta_step``).
+All compute in fp32 and give the same result to fp32 rounding.
 
 Shapes: B batch, T new tokens, Hk/Hv key/value heads, dk/dv head dims, C conv channels (2 Hk dk + Hv dv).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.models import accel
 from ember.models.linear import Linear
 
 
@@ -51,8 +53,9 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None,
-                  pad: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution with silu, continuing from a window of earlier inputs.
+                  pad: list[int] | None = None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution (plus ``bias`` (C,) where given) with silu, continuing from a window of
+    earlier inputs.
 
     Args:
         x: (B, C, T) new inputs, padding columns (the first ``pad[b]`` of row b) zeroed.
@@ -73,8 +76,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
         for b, p in enumerate(pad):
             if p:  # [state, 0 * p, real] -> [0 * p, state, real]
                 seq[b] = torch.cat([x.new_zeros(C, p), state[b].to(x.dtype), x[b, :, p:]], dim=-1)
-    out = F.conv1d(seq, weight[:, None, :], groups=C)  # (B, C, T)
-    return F.silu(out), seq[:, :, -(K - 1):] if K > 1 else seq[:, :, :0]
+    # K shifted multiply-adds in fp32 (PyTorch's depthwise bf16 convolution on the CPU costs tens of ms per call)
+    w = weight.float()
+    out = seq[:, :, :T].float() * w[:, 0, None]  # (B, C, T)
+    for j in range(1, K):
+        out += seq[:, :, j:j + T].float() * w[:, j, None]
+    if bias is not None:
+        out += bias.float()[:, None]
+    return F.silu(out).to(x.dtype), seq[:, :, -(K - 1):] if K > 1 else seq[:, :, :0]
 
 
 def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -211,8 +220,14 @@ class GatedDeltaNet(nn.Module):
         q, k, v, g, beta = (t.transpose(1, 2) for t in (q, k, v, g, beta))  # heads first
         if state is None:
             state = torch.zeros(B, self.nv, self.dk, self.dv, dtype=torch.float32, device=x.device)
-        rule = recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
-        out, state = rule(q, k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), state.float())
+        state = state.float()  # the cache's own fp32 tensor: the native decode step updates it in place
+        step = accel.gated_delta_step if T == 1 else None
+        out = step(state, q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0]) if step is not None else None
+        if out is not None:
+            out = out[:, :, None]
+        else:
+            rule = recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
+            out, state = rule(q, k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), state)
         if cache is not None:
             cache.set_recurrent_state(self.layer, (conv_state, state))
         out = self.norm(out.transpose(1, 2).to(x.dtype), z)  # (B, T, Hv, dv)

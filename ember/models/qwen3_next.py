@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.models import accel
 from ember.models.attention import sdpa_attention
 from ember.models.gated_deltanet import GatedDeltaNet
 from ember.models.linear import Linear, project
@@ -22,6 +23,18 @@ from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import UnitOffsetRMSNorm
 from ember.models.rope import apply_partial_rope
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     is_causal: bool) -> torch.Tensor:
+    """q (B, nh, T, hd) against k/v (B, nkv, S, hd) -> (B, T, nh * hd): one new token per row through the runtime's
+    decode kernel where it applies (``accel.attention_decode``), else SDPA."""
+    decode = accel.attention_decode
+    if q.shape[2] == 1 and decode is not None:
+        out = decode(q.transpose(1, 2).contiguous(), k, v, mask)
+        if out is not None:
+            return out
+    return sdpa_attention(q, k, v, mask, is_causal)
 
 
 class GatedAttention(nn.Module):
@@ -52,7 +65,7 @@ class GatedAttention(nn.Module):
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        out = sdpa_attention(q, k, v, mask, is_causal)  # (B, T, nh * hd)
+        out = cached_attention(q, k, v, mask, is_causal)  # (B, T, nh * hd)
         return self.o_proj(out * torch.sigmoid(gate.reshape(B, T, -1)))
 
 

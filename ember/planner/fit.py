@@ -114,7 +114,7 @@ def _granularity(cfg: ModelConfig, wl: Workload, hw: Hardware) -> float:
     if hw.nodes == 1:
         return 0.0
     wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.head_quant)
-    per_layer = (wb.attention + wb.mlp + wb.experts) / cfg.num_hidden_layers
+    per_layer = (wb.attention + wb.recurrent + wb.mlp + wb.experts) / cfg.num_hidden_layers
     return per_layer + max(wb.embedding, wb.lm_head) / 2
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ember.config import ModelConfig
 from ember.hardware import Hardware
+from ember.hybrid_config import mamba_dims
 from ember.planner.workload import (
     DTYPE_BYTES, LORA_TARGETS, Workload, kv_caps_window, quant_defaults, short_dtype,
 )
@@ -58,6 +59,11 @@ def linears(cfg: ModelConfig) -> list[_Linear]:
     """Every ``nn.Linear`` of :class:`ember.models.Transformer` grouped by shape (routers excluded)."""
     if cfg.model_type == "gemma4_text":
         return _gemma4_linears(cfg)
+    if cfg.model_type in HYBRID_FAMILIES:
+        out = _hybrid_linears(cfg)
+        if not cfg.tie_word_embeddings:
+            out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, cfg.hidden_size, 1, False))
+        return out
     h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     L = cfg.num_hidden_layers
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
@@ -118,6 +124,56 @@ def _gemma4_linears(cfg: ModelConfig) -> list[_Linear]:
     if not cfg.tie_word_embeddings:
         out.append(_Linear("lm_head", "lm_head", cfg.vocab_size, h, 1, False))
     return out
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "nemotron_h")
+
+
+def _hybrid_linears(cfg: ModelConfig) -> list[_Linear]:
+    """The projections of the hybrids (docs/hybrid.md), each counted over the layers of its kind only: the
+    recurrent mixers' (Gated DeltaNet, Mamba-2: kind "recurrent"), the attention layers', the MLPs and experts."""
+    types = list(cfg.layer_types or [])
+    h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    full, lin = types.count("full_attention"), types.count("linear_attention")
+    moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    gated = cfg.model_type != "nemotron_h"  # Qwen's q_proj also yields the output gate
+    out = [_Linear("attention", "q_proj", nh * hd * (2 if gated else 1), h, full, False),
+           _Linear("attention", "k_proj", nkv * hd, h, full, False), _Linear("attention", "v_proj", nkv * hd, h, full, False),
+           _Linear("attention", "o_proj", h, nh * hd, full, False)]
+    im, e = cfg.moe_intermediate_size or 0, cfg.num_local_experts
+    if cfg.model_type == "nemotron_h":
+        m, extra = mamba_dims(cfg), cfg.extra
+        dense, shared, latent = types.count("mlp"), extra.get("moe_shared_expert_intermediate_size", 0), \
+            extra.get("moe_latent_size")
+        d = latent or h
+        out += [_Linear("recurrent", "in_proj", m.inner + m.conv_dim + m.heads, h, lin, m.proj_bias),
+                _Linear("recurrent", "out_proj", h, m.inner, lin, m.proj_bias),
+                _Linear("mlp", "up_proj", cfg.intermediate_size, h, dense, cfg.mlp_bias),
+                _Linear("mlp", "down_proj", h, cfg.intermediate_size, dense, cfg.mlp_bias),
+                _Linear("experts", "up_proj", im, d, moe * e, cfg.mlp_bias),
+                _Linear("experts", "down_proj", d, im, moe * e, cfg.mlp_bias),
+                _Linear("mlp", "up_proj", shared, h, moe, cfg.mlp_bias), _Linear("mlp", "down_proj", h, shared, moe, cfg.mlp_bias)]
+        if latent:
+            out += [_Linear("mlp", "fc1_latent_proj", latent, h, moe, cfg.mlp_bias),
+                    _Linear("mlp", "fc2_latent_proj", h, latent, moe, cfg.mlp_bias)]
+        return [x for x in out if x.count and x.out_f]
+    kd, vd = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    nv = cfg.linear_num_value_heads
+    if cfg.model_type == "qwen3_next":
+        out += [_Linear("recurrent", "in_proj_qkvz", 2 * kd + 2 * vd, h, lin, False),
+                _Linear("recurrent", "in_proj_ba", 2 * nv, h, lin, False)]
+    else:
+        out += [_Linear("recurrent", "in_proj_qkv", 2 * kd + vd, h, lin, False),
+                _Linear("recurrent", "in_proj_z", vd, h, lin, False), _Linear("recurrent", "in_proj_b", nv, h, lin, False),
+                _Linear("recurrent", "in_proj_a", nv, h, lin, False)]
+    out.append(_Linear("recurrent", "out_proj", h, vd, lin, False))
+    i, dense, sh = cfg.intermediate_size, cfg.num_hidden_layers - moe, cfg.shared_expert_intermediate_size
+    for name, (o, n) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+        out.append(_Linear("mlp", name, o, n, dense, False))
+    for name, (o, n) in (("gate_proj", (im, h)), ("up_proj", (im, h)), ("down_proj", (h, im))):
+        out.append(_Linear("experts", name, o, n, moe * e, False))
+    if sh:  # the gated shared expert
+        out += [_Linear("mlp", "gate_proj", sh, h, moe, False), _Linear("mlp", "up_proj", sh, h, moe, False),
+                _Linear("mlp", "down_proj", h, sh, moe, False)]
+    return [x for x in out if x.count and x.out_f]
 
 
 def _mla_linears(cfg: ModelConfig) -> list[_Linear]:
@@ -140,15 +196,16 @@ class WeightBytes:
     attention: float          # q/k/v/o, all layers
     mlp: float                # dense MLPs
     experts: float            # all experts of all MoE layers
-    other: float              # norms, routers, biases
+    other: float              # norms, routers, biases (and the hybrids' conv and state-space parameters)
     moe_layers: int = 0
     experts_per_layer: int = 0
     experts_per_tok: int = 0
     linear_params_active: float = 0.0   # multiply-adds per token in Linear layers (FLOPs = 2x)
+    recurrent: float = 0.0    # the hybrids' recurrent mixers' projections (Gated DeltaNet, Mamba-2)
 
     @property
     def total(self) -> float:
-        return self.embedding + self.lm_head + self.attention + self.mlp + self.experts + self.other
+        return self.embedding + self.lm_head + self.attention + self.recurrent + self.mlp + self.experts + self.other
 
     def experts_touched(self, tokens: int) -> float:
         """Expected distinct experts per MoE layer used by ``tokens`` tokens routed uniformly at random."""
@@ -164,7 +221,7 @@ class WeightBytes:
         experts = 0.0
         if self.moe_layers:
             experts = self.experts * self.experts_touched(tokens) / self.experts_per_layer
-        return head + emb + self.attention + self.mlp + self.other + experts
+        return head + emb + self.attention + self.recurrent + self.mlp + self.other + experts
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_head: str = "none") -> WeightBytes:
@@ -172,7 +229,7 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
     LM head as ``lm_head``."""
     b = DTYPE_BYTES[dtype]
     qd = quant_defaults()
-    parts = {"attention": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
+    parts = {"attention": 0.0, "recurrent": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
     bias_bytes = 0.0
     active = 0.0
     for lin in linears(cfg):
@@ -193,11 +250,16 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
         linear = sum(lin.count * (lin.out_f * lin.in_f + lin.bias * lin.out_f) for lin in linears(cfg))
         norms = cfg.num_parameters() - linear - cfg.vocab_size * h - routers
     active += routers
+    if cfg.model_type in HYBRID_FAMILIES:  # norms, routers, convs, A_log/dt_bias/D: what the Linears leave
+        in_linears = sum(lin.count * (lin.out_f * lin.in_f + lin.out_f * lin.bias) for lin in linears(cfg))
+        norms = cfg.num_parameters() - in_linears - cfg.vocab_size * h - routers
+        bias_bytes = 0.0
     return WeightBytes(
         embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
         experts=parts["experts"], other=(norms + routers) * b + bias_bytes, moe_layers=moe_layers,
         experts_per_layer=cfg.num_local_experts, experts_per_tok=cfg.num_experts_per_tok,
         linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0),
+        recurrent=parts["recurrent"],
     )
 
 
@@ -405,7 +467,7 @@ def memory(cfg: ModelConfig, hw: Hardware, wl: Workload, checkpoint_dtype: str |
     full = wl.task == "tune" and wl.method == "full"
     wb = weight_bytes(cfg, "fp32" if full else b_name, wl.weight_quant, wl.head_quant)
     detail = {"weights.embedding": wb.embedding, "weights.lm_head": wb.lm_head, "weights.attention": wb.attention,
-              "weights.mlp": wb.mlp, "weights.experts": wb.experts, "weights.other": wb.other}
+              "weights.recurrent": wb.recurrent, "weights.mlp": wb.mlp, "weights.experts": wb.experts, "weights.other": wb.other}
     kv_dt = wl.kv_dtype or wl.dtype
     training = 0.0
     if wl.task == "infer":

@@ -10,7 +10,9 @@ Which layers: every ``nn.Linear`` (attention, MLP, every MoE expert) except
   ppl x1.0001) and halves its bytes, which for a 1.1B
   model in int4 is a fifth of what a decode step reads. A tied head *is* the embedding table and
   is never quantized;
-* MoE routers (``*.mlp.gate``): E x H, a rounding error there changes which experts run;
+* MoE routers (``*.mlp.gate``): E x H, a rounding error there changes which experts run; likewise the hybrid
+  models' small control projections (``STATE_CONTROLS``: Gated DeltaNet's a/b, the shared expert's gate); the
+  state-space parameters (conv, ``A_log``, ``dt_bias``, ``D``) are not Linears and stay float anyway;
 * names passed in ``skip``.
 
 Embeddings and norms stay in the compute dtype (decode reads one embedding row per token).
@@ -59,6 +61,9 @@ def section_lm_head(section: dict[str, Any]) -> str:
     a version 1 section says it with ``quantize_lm_head`` (the same mode as the rest, or none)."""
     return section.get("lm_head", section.get("method") if section.get("quantize_lm_head", False) else "none")
 ROUTER = re.compile(r"(^|\.)(mlp\.(gate|router)|router\.proj)$")  # Mixtral/Qwen3-MoE's, gpt-oss's, Gemma 4's routers
+# Hybrid models' small control projections, kept in float like the routers: Qwen3-Next/3.5's per-head decay and
+# write-strength inputs (a, b) and the shared expert's gate (one output).
+STATE_CONTROLS = re.compile(r"(^|\.)(linear_attn\.in_proj_(a|b|ba)|mlp\.shared_expert_gate)$")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -188,7 +193,7 @@ def select_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str] = ()) 
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        if (name == "lm_head" and (tied or spec.lm_head is None)) or ROUTER.search(name) \
+        if (name == "lm_head" and (tied or spec.lm_head is None)) or ROUTER.search(name) or STATE_CONTROLS.search(name) \
                 or any(name == s or name.endswith("." + s) for s in skip):
             kept.append(name)
         else:

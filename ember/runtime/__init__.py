@@ -10,7 +10,7 @@ pieces in :mod:`ember.runtime.blocks`). Whatever the runtime does not know runs 
 from __future__ import annotations
 
 from ember.models import accel
-from ember.runtime import decode, ops
+from ember.runtime import decode, ops, recurrent
 from ember.runtime.blocks import head_block, layer_blocks
 from ember.runtime.decode import DecodeBlocks
 
@@ -24,11 +24,14 @@ def install() -> None:
     accel.rope_ = ops.rope_
     accel.attention_decode = ops.attention_decode
     accel.model_forward = decode.forward
+    accel.gated_delta_step = recurrent.gated_delta_step
+    accel.mamba2_step = recurrent.mamba2_step
 
 
 def uninstall() -> None:
     """Empty the slots: every model runs as plain PyTorch modules (tests compare the two)."""
-    for name in ("linear", "linear_kernel", "rms_norm", "project", "rope_", "attention_decode", "model_forward"):
+    for name in ("linear", "linear_kernel", "rms_norm", "project", "rope_", "attention_decode", "model_forward",
+                 "gated_delta_step", "mamba2_step"):
         setattr(accel, name, None)
 
 

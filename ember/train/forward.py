@@ -55,6 +55,10 @@ class _CappedHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.head(h) / self.cap) * self.cap
+def _halves(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an attention half then an MLP half (checkpointed apart); a recurrent mixer's layer
+    (Qwen3.5's DeltaNet layers) or a one-block layer (Nemotron-H) runs as a whole."""
+    return hasattr(layer, "self_attn") and hasattr(layer, "post_attention_layernorm")
 
 
 def layer_masks(model: Transformer, T: int, segments: torch.Tensor | None,
@@ -106,8 +110,10 @@ def hidden_states(model: Transformer, input_ids: torch.Tensor, positions: torch.
     use_ckpt = grad_checkpoint and torch.is_grad_enabled()
     for layer in model.model.layers:
         m = masks[layer.window]
-        if type(layer) is not DecoderLayer:  # a family's own layer (sandwich norms, per-layer inputs): as a whole
-            c, s = local if local is not None and layer.attention_type == "sliding_attention" else (cos, sin)
+        if type(layer) is not DecoderLayer or not _halves(layer):
+            # a family's own layer (sandwich norms, per-layer inputs) or a recurrent/one-block layer: as a whole
+            sliding = local is not None and getattr(layer, "attention_type", None) == "sliding_attention"
+            c, s = local if sliding else (cos, sin)
             x = checkpoint(_whole_layer, layer, x, c, s, m, use_reentrant=False) if use_ckpt \
                 else _whole_layer(layer, x, c, s, m)
         elif use_ckpt:

@@ -13,6 +13,7 @@ masters), trains with :class:`~ember.train.trainer.Trainer` and writes OUT_DIR:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -110,16 +111,22 @@ def _check_same_config(out: Path, saved: dict[str, Any], now: dict[str, Any]) ->
         raise TrainingError(f"{out}: --resume needs the options of the original run; changed: {parts}")
 
 
-# Families whose training forward (ember.train.forward) is tested against HF and PEFT (loss and LoRA gradients,
-# adapters loaded in PEFT). The others (recurrent mixers, sinks, multimodal wrappers, whose adapters PEFT would
-# look for under the wrapper's names) load and generate, but their training path is not verified yet, so tuning
-# them is refused.
-TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text",
-                      "gemma4_text", "glm4_moe", "deepseek_v3", "minimax_m2")
+# Families whose training forward (ember.train.forward: pre-norm attention + MLP halves; family, recurrent and
+# one-block layers whole) is tested against HF and PEFT (loss and LoRA gradients, adapters loaded in PEFT). The
+# others (the MoE hybrids, multimodal wrappers whose adapters PEFT would look for under the wrapper's names) load
+# and generate, but their training path is not verified yet, so tuning them is refused.
+TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen3_5_text", "nemotron_h",
+                      "gemma2", "gemma3_text", "gemma4_text", "glm4_moe", "deepseek_v3", "minimax_m2")
+# Families with recurrent layers: a packed row would carry one example's state into the next.
+RECURRENT_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "nemotron_h")
+# What "all-linear" adapts where PEFT's own choice differs: for Nemotron-H, PEFT refuses LoRA on a Mamba mixer's
+# out_proj, and HF keeps the routed experts as 3-D parameters (not Linears), so neither is adapted.
+ALL_LINEAR_AS = {"nemotron_h": r".*\.(in_proj|[qkvo]_proj|shared_experts\.(up|down)_proj|mixer\.(up|down)_proj)"}
 
 
-def check_trainable(model_path: str | os.PathLike) -> None:
-    """Refuse, before any work, a checkpoint whose family ``ember tune`` cannot train yet.
+def check_trainable(model_path: str | os.PathLike, pack: bool = False) -> str:
+    """Refuse, before any work, a checkpoint whose family ``ember tune`` cannot train yet (or not with ``pack``);
+    return its ``model_type``.
 
     Raises:
         TrainingError: naming the family and the ones that can be tuned.
@@ -130,6 +137,10 @@ def check_trainable(model_path: str | os.PathLike) -> None:
     if cfg.model_type not in TRAINABLE_FAMILIES:
         raise TrainingError(f"{model_path}: ember tune does not train model_type {cfg.model_type!r} yet (it loads, "
                             f"generates and serves); families that can be tuned: {', '.join(TRAINABLE_FAMILIES)}")
+    if pack and cfg.model_type in RECURRENT_FAMILIES:
+        raise TrainingError(f"{model_path}: {cfg.model_type} has recurrent layers, whose state would run from one "
+                            f"packed example into the next; tune it without --pack (one example per row)")
+    return cfg.model_type
 
 
 def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig,
@@ -159,7 +170,10 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.check()
-    check_trainable(model_path)
+    family = check_trainable(model_path, cfg.pack)
+    if cfg.targets == "all-linear" and family in ALL_LINEAR_AS:
+        cfg = dataclasses.replace(cfg, targets=ALL_LINEAR_AS[family])
+        log(f"[ember tune] {family}: all-linear adapts {cfg.targets} (the modules PEFT adapts for it)")
     out = Path(out_dir)
     _check_out_dir(out, resume)
     record = {"model": str(model_path), "data": str(data), "eval": str(eval_data) if eval_data else None,
