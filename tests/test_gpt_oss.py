@@ -217,3 +217,193 @@ def test_harmony_final_channel_is_content_and_markers_never_leak():
     bad = HarmonyParser(tools=True)
     deltas = bad.feed("<|channel|>commentary to=functions.f<|message|>not json<|call|>") + bad.finish()
     assert [(d.kind, d.text) for d in deltas] == [("content", "not json")]
+
+
+# ---------------------------------------------------------------- harmony template, ember chat, server fields
+from ember.chat_formats.harmony import HARMONY_TEMPLATE, MARKERS  # noqa: E402
+
+WORDS = ["Reasoning", "low", "medium", "high", "analysis", "final", "commentary", "assistant", "user", "system",
+         "developer", "Instructions", "Tools", "functions", "to", "json"]
+
+
+def save_harmony_tokenizer(folder: Path) -> None:
+    """Word-level vocabulary (``w3 ..`` words, a few harmony words) with harmony's markers as special tokens, the
+    harmony template, and a generation_config that (like the hub's) stops at ``<|return|>`` only."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{w: 1 + i for i, w in enumerate(WORDS)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 256 - len(MARKERS) - 1)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in (*MARKERS, "<|endoftext|>")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|return|>")
+    fast.chat_template = HARMONY_TEMPLATE
+    fast.save_pretrained(folder)
+    assert max(fast.get_vocab().values()) < 256
+
+
+@pytest.fixture(scope="module")
+def harmony_checkpoint(gpt_oss_checkpoint, tmp_path_factory) -> Path:
+    import shutil
+
+    src, _ = gpt_oss_checkpoint
+    folder = Path(tmp_path_factory.mktemp("gpt-oss-harmony"))
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, folder / f)
+    save_harmony_tokenizer(folder)
+    return folder
+
+
+def render(messages, **kw) -> str:
+    from ember.chat_template import _compile_template
+
+    return _compile_template(HARMONY_TEMPLATE).render(messages=messages, **{"current_date": "2025-06-28", **kw})
+
+
+SYSTEM_HEAD = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+               "Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: {}\n\n"
+               "# Valid channels: analysis, commentary, final. Channel must be included for every message.")
+WEATHER_TOOLS = [
+    {"type": "function", "function": {"name": "get_location", "description": "Gets the location of the user.",
+                                      "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {
+        "name": "get_current_weather", "description": "Gets the current weather in the provided location.",
+        "parameters": {"type": "object", "required": ["location"], "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "format": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+            "days": {"type": "array", "items": {"type": "integer"}},
+            "opts": {"type": "object", "properties": {"metric": {"type": ["boolean", "null"]}}, "required": ["metric"]}}}}}]
+
+
+@pytest.mark.parametrize("effort", [None, "low", "medium", "high"])
+def test_harmony_template_system_message_and_reasoning_effort(effort):
+    """The published example: system message, the first system turn as the developer's instructions, a past
+    assistant turn on the final channel, and the generation prompt."""
+    msgs = [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi there", "reasoning_content": "dropped in later turns"},
+            {"role": "user", "content": "How are you?"}]
+    got = render(msgs, add_generation_prompt=True, **({} if effort is None else {"reasoning_effort": effort}))
+    assert got == (SYSTEM_HEAD.format(effort or "medium") + "<|end|><|start|>developer<|message|># Instructions\n\n"
+                   "You are a helpful assistant\n\n<|end|><|start|>user<|message|>Hello<|end|>"
+                   "<|start|>assistant<|channel|>final<|message|>Hi there<|end|>"
+                   "<|start|>user<|message|>How are you?<|end|><|start|>assistant")
+
+
+def test_harmony_template_renders_tools_as_the_functions_namespace():
+    msgs = [{"role": "system", "content": "Always respond in riddles"},
+            {"role": "user", "content": "What is the weather like in SF?"}]
+    got = render(msgs, tools=WEATHER_TOOLS, reasoning_effort="high", add_generation_prompt=True)
+    assert got == (
+        SYSTEM_HEAD.format("high") + "\nCalls to these tools must go to the commentary channel: 'functions'.<|end|>"
+        "<|start|>developer<|message|># Instructions\n\nAlways respond in riddles\n\n# Tools\n\n## functions\n\n"
+        "namespace functions {\n\n// Gets the location of the user.\ntype get_location = () => any;\n\n"
+        "// Gets the current weather in the provided location.\ntype get_current_weather = (_: {\n"
+        "// The city and state, e.g. San Francisco, CA\nlocation: string,\n"
+        "format?: \"celsius\" | \"fahrenheit\", // default: celsius\ndays?: number[],\n"
+        "opts?: { metric: boolean | null },\n}) => any;\n\n} // namespace functions<|end|>"
+        "<|start|>user<|message|>What is the weather like in SF?<|end|><|start|>assistant")
+    # tools and no instructions: the developer message holds only the tools
+    got = render(msgs[1:], tools=WEATHER_TOOLS[:1], add_generation_prompt=True)
+    assert "<|start|>developer<|message|># Tools\n\n## functions" in got and "# Instructions" not in got
+
+
+def test_harmony_template_tool_call_round_trip_and_training_turn():
+    """A call is a commentary message to functions.NAME ending in <|call|>; its analysis is kept only while no final
+    answer follows; the result comes back from functions.NAME; a last assistant turn (training) ends in <|return|>."""
+    call = {"role": "assistant", "content": "Need the city.",
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "get_location", "arguments": "{}"}}]}
+    msgs = [{"role": "user", "content": "Weather?"}, call, {"role": "tool", "content": "Oslo"}]
+    pending = render(msgs, add_generation_prompt=True)
+    tail = ("<|start|>user<|message|>Weather?<|end|>"
+            "<|start|>assistant<|channel|>analysis<|message|>Need the city.<|end|>"
+            "<|start|>assistant to=functions.get_location<|channel|>commentary json<|message|>{}<|call|>"
+            "<|start|>functions.get_location to=assistant<|channel|>commentary<|message|>\"Oslo\"<|end|>"
+            "<|start|>assistant")
+    assert pending == SYSTEM_HEAD.format("medium") + "<|end|>" + tail
+    done = render([*msgs, {"role": "assistant", "content": "Sunny in Oslo.", "thinking": "It is sunny."}],
+                  reasoning_effort="low", add_generation_prompt=False)
+    assert done == (SYSTEM_HEAD.format("low") + "<|end|>" + tail.replace(
+        "<|start|>assistant<|channel|>analysis<|message|>Need the city.<|end|>", "").removesuffix("<|start|>assistant")
+        + "<|start|>assistant<|channel|>analysis<|message|>It is sunny.<|end|>"
+          "<|start|>assistant<|channel|>final<|message|>Sunny in Oslo.<|return|>")
+    with pytest.raises(Exception, match="tool message"):
+        render([{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}])
+
+
+def test_harmony_template_through_the_tokenizer_and_its_output_parsed(harmony_checkpoint):
+    from ember.chat_formats import detect_format, is_reasoning_template
+    from ember.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(harmony_checkpoint)
+    src = tok.chat_template_source()
+    assert detect_format(src).name == "harmony" and is_reasoning_template(src)
+    text = tok.apply_chat_template([{"role": "user", "content": "w5"}], reasoning_effort="high", current_date="d")
+    assert "Reasoning: high" in text and text.endswith("<|start|>assistant")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.token_to_id("high") in ids and tok.token_to_id("medium") not in ids
+    assert ids[-2:] == [tok.token_to_id("<|start|>"), tok.token_to_id("assistant")]
+
+
+class ScriptedSampler:
+    """Stands in for the engine's sampler: picks the tokens of a script, one per step (the engine still stops)."""
+
+    script: list[int] = []
+    steps = 0
+
+    def __init__(self, params, batch, device) -> None:
+        ScriptedSampler.steps = 0
+
+    def sample(self, logits, past=None, generated=None):
+        ScriptedSampler.steps += 1
+        return torch.tensor([ScriptedSampler.script[ScriptedSampler.steps - 1]])
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_chat_hides_or_shows_reasoning_and_stops_at_return(harmony_checkpoint, monkeypatch, capsys, show):
+    import io
+    import ember.engine
+    from ember.cli import main
+    from ember.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(harmony_checkpoint)
+    # generation_config.json stops at <|return|> only; ember chat adds <|call|> to the stops of a harmony model
+    out = ("<|channel|>analysis<|message|>w20 w21<|end|><|start|>assistant<|channel|>final<|message|>w30 w31<|call|>"
+           "w40 w41 w42")
+    ScriptedSampler.script = tok.encode(out, add_special_tokens=False)
+    monkeypatch.setattr(ember.engine, "Sampler", ScriptedSampler)
+    prompts = []
+    render_chat = Tokenizer.apply_chat_template
+    monkeypatch.setattr(Tokenizer, "apply_chat_template",
+                        lambda self, *a, **kw: prompts.append(render_chat(self, *a, **kw)) or prompts[-1])
+    monkeypatch.setattr("sys.stdin", io.StringIO("w3 w4\n"))
+    args = ["chat", str(harmony_checkpoint), "-n", "20", "--dtype", "fp32", "--reasoning-effort", "low"]
+    assert main(args + (["--show-reasoning"] if show else [])) == 0
+    stdout = capsys.readouterr().out
+    assert ScriptedSampler.steps == ScriptedSampler.script.index(tok.token_to_id("<|call|>")) + 1
+    assert "Reasoning: low" in prompts[-1]
+    assert "w30 w31" in stdout and "w40" not in stdout and "<|" not in stdout
+    if show:
+        assert "[reasoning] w20 w21\nw30 w31" in stdout
+    else:
+        assert "w20" not in stdout and "reasoning" not in stdout
+
+
+def test_server_passes_reasoning_effort_to_the_harmony_template(harmony_checkpoint, monkeypatch):
+    """Chat completions' ``reasoning_effort`` and the Responses API's ``reasoning.effort`` reach the template."""
+    from test_server import MODEL, ServerThread
+    from ember.tokenizer import Tokenizer
+
+    seen = []
+    render_chat = Tokenizer.apply_chat_template
+    monkeypatch.setattr(Tokenizer, "apply_chat_template",
+                        lambda self, *a, **kw: seen.append(render_chat(self, *a, **kw)) or seen[-1])
+    with ServerThread(harmony_checkpoint, max_batch=2, num_blocks=64) as srv:
+        client = srv.client()
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w3"}], max_tokens=3,
+                                           temperature=0, reasoning_effort="high")
+        assert r.usage.prompt_tokens > 0 and "Reasoning: high" in seen[-1]
+        client.responses.create(model=MODEL, input="w3", max_output_tokens=3, temperature=0,
+                                reasoning={"effort": "low"})
+        assert "Reasoning: low" in seen[-1]
