@@ -4,7 +4,9 @@ Rows, all batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored):
 
 * a random TinyLlama-shape Llama checkpoint in each of ``--dtypes`` (bf16, fp32): Ember and HF;
 * the bf16 checkpoint quantized on load by Ember each way in ``--quant`` (int8, int4 group 128, nf4);
-* a random Mixtral-shape MoE checkpoint (8 experts, top-2) in bf16: Ember.
+* a random Mixtral-shape MoE checkpoint (8 experts, top-2) in bf16: Ember;
+* a random gpt-oss-shape checkpoint (32 experts, top-4, alternating sliding/full attention with sinks) with
+  its experts in MXFP4 as the hub stores them (``*_blocks``/``*_scales``) and the rest in bf16: Ember.
 
 Every row is timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)),
 so prefill is excluded; each the fastest of ``--repeats`` rounds. The bf16 row and its quantized forms
@@ -68,6 +70,14 @@ MOE_SIZES = {
                  num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+}
+# gpt-oss shape (gpt-oss-20b's ratios, scaled down): 32 experts, top-4, head_dim 64, window 128, MXFP4 experts.
+# "1.1b": ~1.1B parameters (experts ~1.0B), ~0.16B active per token; "small": ~0.26B.
+GPT_OSS_SIZES = {
+    "1.1b": dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=16,
+                 num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=32, num_experts_per_tok=4),
+    "small": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=32, num_experts_per_tok=4),
 }
 WARMUP_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=32000)
@@ -136,7 +146,6 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     """A random Llama (or, with ``num_local_experts`` in ``dims``, Mixtral) checkpoint in the normal HF
     layout and names, plus a word-level tokenizer covering the vocab."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from ember.config import ModelConfig
     from ember.models import Transformer
@@ -164,7 +173,49 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, dims["vocab_size"])}}
+    _write_word_tokenizer(folder, dims["vocab_size"])
+
+
+def write_gpt_oss_checkpoint(folder: Path, dims: dict, seed: int = 0) -> None:
+    """A random gpt-oss checkpoint in the hub's layout: experts as MXFP4 ``*_blocks``/``*_scales`` (random codes,
+    scales near 2^-4) under ``quantization_config.quant_method: mxfp4``, everything else bf16; tokenizer as
+    :func:`write_checkpoint`'s."""
+    from safetensors.torch import save_file
+
+    from ember.config import ModelConfig
+    from ember.models import Transformer
+
+    raw = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": 128, "swiglu_limit": 7.0,
+           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+           "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                               "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+               "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}, **dims}
+    cfg = ModelConfig.from_dict(raw)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, n_in, n_out = shape  # HF's x @ W layout; stored transposed, per 32 inputs
+            tensors[name + "_blocks"] = torch.randint(0, 256, (E, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            tensors[name + "_scales"] = torch.randint(121, 124, (E, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+        elif name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    _write_word_tokenizer(folder, dims["vocab_size"])
+
+
+def _write_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))
@@ -417,6 +468,7 @@ def main() -> None:
                     help="Ember rows for the bf16 checkpoint quantized on load (none = the float row only)")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size of the decode rows")
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE row")
+    ap.add_argument("--no-gpt-oss", action="store_true", help="skip the gpt-oss (MXFP4 experts) row")
     ap.add_argument("--moe-quant", default="none", help="also quantize the MoE model these ways (e.g. int4)")
     ap.add_argument("--no-ppl", action="store_true", help="skip the demo-model perplexity columns")
     ap.add_argument("--demo-dir", default=str(DEMO_CACHE), help="where the demo model is built / reused")
@@ -536,6 +588,13 @@ def main() -> None:
                 e = time_ember(folder, "bf16", prompt, args.new, args.repeats, quant=q,
                                group_size=args.group_size if q == "int4" else None, check_experts=True)
                 add_row("mixtral-moe", "bf16", q, e, args.group_size)
+        if not args.no_gpt_oss:
+            folder = Path(tmp) / "gpt-oss"
+            t = time.perf_counter()
+            write_gpt_oss_checkpoint(folder, GPT_OSS_SIZES[args.size])
+            print(f"[gpt-oss] wrote random MXFP4 checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            e = time_ember(folder, "bf16", prompt, args.new, args.repeats)
+            add_row("gpt-oss", "bf16", "mxfp4", e)
 
     # Every row against the best bandwidth of the whole run (a conservative roofline: the targets use it) and,
     # for context, against the median sample: a shared VM's bandwidth moves within seconds (26-43 GB/s on the
@@ -560,7 +619,7 @@ def main() -> None:
     base = next((r for r in rows if r["engine"] == "ember" and r["model"] == "llama" and r["weights"] == "bf16"), None)
     moe_base = next((r for r in rows if r["model"] == "mixtral-moe" and r["quant"] == "none"), None)
     for r in rows:
-        ref = base if r["model"] == "llama" else moe_base
+        ref = base if r["model"] == "llama" else moe_base if r["model"] == "mixtral-moe" else None
         if ref and r["engine"] == "ember":
             r["vs_ember_bf16"] = r["decode_tok_s"] / ref["decode_tok_s"]
 
@@ -570,7 +629,9 @@ def main() -> None:
     md = MOE_SIZES[args.size]
     print(f"\nDecode, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) and "
           f"Mixtral-shape MoE ({md['num_hidden_layers']} layers, hidden {md['hidden_size']}, "
-          f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']}), random weights; batch 1, "
+          f"{md['num_local_experts']} experts top-{md['num_experts_per_tok']}), gpt-oss shape "
+          f"({GPT_OSS_SIZES[args.size]['num_hidden_layers']} layers, hidden {GPT_OSS_SIZES[args.size]['hidden_size']}, "
+          f"32 experts top-4, MXFP4 experts), random weights; batch 1, "
           f"prompt {args.prompt_len}, {args.new} new tokens; {date.today()}; {machine}")
     print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s (the best of {len(bw['samples'])} measurements between rows and timing rounds: "
           f"{', '.join(f'{b / 1e9:.0f}' for b in bw['samples'])} GB/s) / bytes read per token (weights as stored + KV); "
@@ -631,6 +692,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "machine": machine, "size": args.size, "dims": dims,
                                "moe_dims": None if args.no_moe else MOE_SIZES[args.size],
+                               "gpt_oss_dims": None if args.no_gpt_oss else GPT_OSS_SIZES[args.size],
                                "bandwidth_bytes_s": bw, "rows": rows, "demo_ppl": ppl, "targets": targets,
                                "seconds": elapsed}, indent=2))
     print(f"wrote {out}")

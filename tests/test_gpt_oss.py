@@ -407,3 +407,128 @@ def test_server_passes_reasoning_effort_to_the_harmony_template(harmony_checkpoi
         client.responses.create(model=MODEL, input="w3", max_output_tokens=3, temperature=0,
                                 reasoning={"effort": "low"})
         assert "Reasoning: low" in seen[-1]
+
+
+def test_paged_cache_gives_window_blocks_back_and_outputs_stay_identical(gpt_oss_checkpoint):
+    """A generation 10x the window: the sliding layers' blocks stay bounded, the full layer's grow, tokens equal the
+    engine's (whose sliding layers keep a ring)."""
+    folder, _ = gpt_oss_checkpoint
+    llm = ember.load(folder, dtype="fp32")
+    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 13)]
+    alone = [llm.generate(p, max_new_tokens=60, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
+    sched = BatchScheduler(llm, max_batch=2, num_blocks=80, block_size=2, prefill_chunk=4)
+    wpool = sched.cache.window_pool
+    assert wpool is not None and sched.cache.windowed == [True, False, True]
+    per_seq = sched.cache.window_blocks_per_seq()
+    assert wpool.capacity == 2 * per_seq < 80 // 2  # far fewer than the main pool's blocks
+    held = []
+    real_forward = sched._forward
+    sched._forward = lambda seqs, news: (real_forward(seqs, news),
+                                         held.append((wpool.capacity - wpool.num_free, [len(s.table) for s in seqs],
+                                                      [(n, len(s.window_table) - s.window_freed)
+                                                       for s, n in zip(seqs, news)])))[0]
+    events: dict[int, list[int]] = {}
+    reqs = [SeqRequest(p, SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True),
+                       on_event=lambda ev: events.setdefault(ev.seq_id, []).append(ev.token_id)) for p in prompts]
+    ids = sched.submit(reqs)
+    sched.run_until_idle()
+    assert [events[i] for i in ids] == alone
+    # window 6, blocks of 2: a decode step reads 6 tokens back, at most 4 blocks per sequence
+    assert max(k for _, _, rows in held for n, k in rows if n == 1) <= 4
+    assert max(h for h, _, _ in held) <= 2 * per_seq
+    assert max(max(t) for _, t, _ in held) >= (13 + 59) // 2  # the full layer's table grew with the sequence
+    assert wpool.num_free == wpool.capacity and sched.pool.num_free == sched.pool.capacity  # all back at the end
+    assert sched.metrics()["kv_window_blocks_free"] == wpool.capacity
+
+
+# ---------------------------------------------------------------- LoRA (ember tune) on gpt-oss, float and MXFP4 base
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _lora_loss_and_grads_vs_peft(ours, hf, tmp_path, what: str) -> None:
+    """Ember's training forward (loss, LoRA grads) against HF+PEFT with the same adapters; the saved adapter loads in
+    PEFT with the same logits."""
+    import copy
+
+    import peft
+    from ember.train.adapter_files import save_adapter
+    from ember.train.forward import batch_loss_sum
+    from ember.train.lora import LoRAConfig, inject_lora, lora_modules
+
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=ATTN)
+    inject_lora(ours, cfg, seed=0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=ATTN))
+    g = torch.Generator().manual_seed(11)
+    mods = lora_modules(ours)
+    with torch.no_grad():  # both start from the same non-zero A and B, so every gradient is non-trivial
+        for name, m in mods.items():
+            m.lora_A.copy_(0.1 * torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+            layer = pm.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(m.lora_A)
+            layer.lora_B["default"].weight.copy_(m.lora_B)
+    ids = torch.randint(3, 256, (2, 20), generator=g)  # past the window of 6
+    labels = ids.clone()
+    labels[:, :4] = -100
+    pos = torch.arange(20).expand(2, 20)
+    loss_sum, n = batch_loss_sum(ours, ids, torch.roll(labels, -1, 1).index_fill(1, torch.tensor([19]), -100), pos)
+    (loss_sum / n).backward()
+    logits = pm(input_ids=ids).logits.float()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref.backward()
+    assert abs((loss_sum / n).item() - ref.item()) < 1e-5, f"{what}: loss {(loss_sum / n).item()} vs PEFT {ref.item()}"
+    for name, m in mods.items():
+        layer = pm.base_model.model.get_submodule(name)
+        for ours_p, theirs in ((m.lora_A, layer.lora_A["default"].weight), (m.lora_B, layer.lora_B["default"].weight)):
+            assert_close(ours_p.grad, theirs.grad, 1e-5 * max(1.0, theirs.grad.abs().max().item()), f"{what} {name} grad")
+    save_adapter(ours, tmp_path / "ad", cfg, "base")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert_close(ours(ids), back(ids).logits, FP32_TOL, f"{what}: Ember adapter in PEFT")
+
+
+def test_lora_training_forward_matches_peft(gpt_oss_checkpoint, tmp_path):
+    folder, hf = gpt_oss_checkpoint
+    _lora_loss_and_grads_vs_peft(load_model(folder, dtype="fp32"), hf, tmp_path, "float base")
+
+
+def test_lora_over_the_mxfp4_base_matches_peft_on_its_dequantized_copy(gpt_oss_checkpoint, tmp_path):
+    """QLoRA-style: the experts stay MXFP4 (frozen buffers, dequantized tile by tile in the training forward)."""
+    import copy
+
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.quant.mxfp4 import Mxfp4Experts
+
+    folder, hf = gpt_oss_checkpoint
+    quantize_checkpoint(folder, tmp_path / "mxfp4", "mxfp4")
+    ours = load_model(tmp_path / "mxfp4", dtype="fp32")
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for i, layer in enumerate(ours.model.layers):
+            assert isinstance(layer.mlp.experts, Mxfp4Experts)
+            for kind, w in layer.mlp.experts.dequantized(torch.float32).items():
+                getattr(ref.model.layers[i].mlp.experts, kind).copy_(w)
+    _lora_loss_and_grads_vs_peft(ours, ref, tmp_path, "mxfp4 base")
+    assert all(not t.requires_grad for n, t in ours.named_parameters() if "lora_" not in n)
+
+
+def test_tune_trains_gpt_oss_on_the_mxfp4_base(gpt_oss_checkpoint, tmp_path):
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.train.trainer import TrainConfig
+    from ember.train.tune import tune
+
+    folder, _ = gpt_oss_checkpoint
+    quantize_checkpoint(folder, tmp_path / "mxfp4", "mxfp4")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{3 + (i * 7 + j) % 200}" for j in range(24))}) + "\n"
+                            for i in range(16)))
+    cfg = TrainConfig(rank=4, alpha=8, steps=8, lr=1e-2, batch=2, seq_len=24, dtype="fp32")  # all-linear
+    res = tune(tmp_path / "mxfp4", data, tmp_path / "out", cfg, progress=False, log=lambda s: None)
+    raw = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(raw["target_modules"]) == sorted(ATTN)  # as PEFT's all-linear on HF's gpt-oss
+    assert res.metrics[-1].loss < res.metrics[0].loss
+    from ember.errors import TrainingError
+    with pytest.raises(TrainingError, match="fused 3-D"):
+        tune(tmp_path / "mxfp4", data, tmp_path / "out2", TrainConfig(steps=1, targets="q_proj,down_proj"),
+             progress=False, log=lambda s: None)

@@ -277,3 +277,47 @@ def test_linear_routes_few_rows_to_the_kernel_and_many_to_tiles(monkeypatch):
         x = torch.randn(rows, 64)
         worst(q(x), x.double() @ w.T, 1e-5 * float((x.double() @ w.T).abs().max()), f"Mxfp4Linear {rows} rows")
     assert calls == [1, kernels.MAX_ROWS["mxfp4"], kernels.MAX_ROWS["mxfp4"] + 3]  # the last one declined (None)
+
+
+# ---------------------------------------------------------------- the planner's MXFP4 option
+def test_planner_prices_mxfp4_as_the_loaded_model_holds_it(mxfp4_gpt_oss, hf_checkpoint):
+    from ember import planner
+    from ember.planner.memory import linear_bytes
+
+    assert linear_bytes(96, 128, "mxfp4", 2) == 96 * 128 * 4.25 / 8  # 4 bits + one E8M0 byte per 32
+    _, folder, _ = mxfp4_gpt_oss
+    ours = load_model(folder, dtype="bf16")
+    sd = ours.state_dict()
+
+    def held(pred) -> int:
+        return sum(t.numel() * t.element_size() for k, t in sd.items() if pred(k))
+
+    wb = planner.weight_bytes(ours.config, "bf16", "mxfp4", "int8")
+    # gpt-oss as published: the experts' blocks and scales, everything else (head included) bf16
+    assert wb.experts == held(lambda k: k.endswith(("_blocks", "_scales")))
+    assert wb.attention == held(lambda k: ".self_attn." in k and k.endswith("proj.weight"))
+    assert wb.lm_head == held(lambda k: k == "lm_head.weight") and wb.head_quant == "none"
+    # another family: every Linear is MXFP4 (what --quant mxfp4 loads)
+    dense_folder, _ = hf_checkpoint("llama")
+    dense = load_model(dense_folder, dtype="bf16", quant="mxfp4")
+    dwb = planner.weight_bytes(dense.config, "bf16", "mxfp4", "none")
+    assert dwb.attention + dwb.mlp == sum(t.numel() for k, t in dense.state_dict().items()
+                                          if k.endswith(("weight_blocks", "weight_scales")) and "lm_head" not in k)
+
+
+def test_plan_cli_mxfp4_option_and_recommendation(capsys):
+    from ember import hardware, planner
+    from ember.cli import main
+    from ember.plan_cli import resolve_model
+
+    assert main(["plan", "gpt-oss-120b", "--on", "dgx-spark", "--quant", "mxfp4"]) == 0
+    out = capsys.readouterr().out
+    assert "mxfp4 (bf16)" in out and "recommended: mxfp4" in out
+    spark = hardware.profile("dgx-spark")
+    plans = planner.options(resolve_model("gpt-oss-120b").config, spark, planner.Workload(context=8192))
+    assert planner.recommend(plans).workload.quant == "mxfp4"  # bf16 does not fit one Spark
+    # the published weights rank above re-rounding them to int4; on other families int4 ranks above mxfp4
+    cfg = resolve_model("gpt-oss-120b").config
+    assert planner.quant_quality(cfg, "mxfp4") < planner.quant_quality(cfg, "int4")
+    assert planner.quant_quality(resolve_model("llama-3.1-70b").config, "mxfp4") > \
+        planner.quant_quality(cfg, "int4")

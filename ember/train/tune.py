@@ -13,6 +13,7 @@ masters), trains with :class:`~ember.train.trainer.Trainer` and writes OUT_DIR:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -113,21 +114,37 @@ def _check_same_config(out: Path, saved: dict[str, Any], now: dict[str, Any]) ->
 # Families whose layers the training forward (ember.train.forward: pre-norm attention + MLP halves, one RoPE
 # table) is tested against HF and PEFT for. The others (sandwich norms, latent attention, recurrent mixers,
 # sinks) load and generate, but their training path is not verified yet, so tuning them is refused.
-TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss")
+# gpt-oss: the experts are fused 3-D tensors (HF's layout, MXFP4 as published) and HF's router is not an
+# nn.Linear, so LoRA adapts the attention projections; "all-linear" means those, as it does in PEFT. The base
+# (MXFP4 experts included) stays frozen as loaded.
+FAMILY_LORA_TARGETS = {"gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
-def check_trainable(model_path: str | os.PathLike) -> None:
-    """Refuse, before any work, a checkpoint whose family ``ember tune`` cannot train yet.
+def check_trainable(model_path: str | os.PathLike, cfg: TrainConfig | None = None) -> TrainConfig | None:
+    """Refuse, before any work, a checkpoint whose family ``ember tune`` cannot train yet; return ``cfg`` with
+    ``all-linear`` resolved for families whose adaptable Linears are a fixed set (:data:`FAMILY_LORA_TARGETS`).
 
     Raises:
-        TrainingError: naming the family and the ones that can be tuned.
+        TrainingError: naming the family and the ones that can be tuned, or a target the family cannot adapt.
     """
     from ember.config import ModelConfig
 
-    cfg = ModelConfig.from_file(model_path)
-    if cfg.model_type not in TRAINABLE_FAMILIES:
-        raise TrainingError(f"{model_path}: ember tune does not train model_type {cfg.model_type!r} yet (it loads, "
+    mcfg = ModelConfig.from_file(model_path)
+    if mcfg.model_type not in TRAINABLE_FAMILIES:
+        raise TrainingError(f"{model_path}: ember tune does not train model_type {mcfg.model_type!r} yet (it loads, "
                             f"generates and serves); families that can be tuned: {', '.join(TRAINABLE_FAMILIES)}")
+    allowed = FAMILY_LORA_TARGETS.get(mcfg.model_type)
+    if cfg is None or allowed is None or cfg.method == "full":
+        return cfg
+    if cfg.targets == "all-linear":
+        return dataclasses.replace(cfg, targets=list(allowed))
+    named = cfg.lora().target_modules
+    bad = [t for t in named if t not in allowed] if isinstance(named, list) else []
+    if bad:
+        raise TrainingError(f"--targets {','.join(bad)}: {mcfg.model_type} adapts {', '.join(allowed)} (its experts "
+                            "are fused 3-D tensors and its router is not a Linear in HF/PEFT)")
+    return cfg
 
 
 def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig,
@@ -157,7 +174,7 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.check()
-    check_trainable(model_path)
+    cfg = check_trainable(model_path, cfg)
     out = Path(out_dir)
     _check_out_dir(out, resume)
     record = {"model": str(model_path), "data": str(data), "eval": str(eval_data) if eval_data else None,
