@@ -147,18 +147,13 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     layout and names, plus a word-level tokenizer covering the vocab."""
     from safetensors.torch import save_file
 
-    from ember.config import ModelConfig
-    from ember.models import Transformer
-
     moe = bool(dims.get("num_local_experts"))
     kind = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]} if moe else \
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     raw = {**kind, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
            "torch_dtype": str(dtype).removeprefix("torch."), **dims}
-    cfg = ModelConfig.from_dict(raw)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    shapes = _tensor_shapes(raw)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
@@ -176,25 +171,30 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     _write_word_tokenizer(folder, dims["vocab_size"])
 
 
+def _tensor_shapes(raw: dict) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor of Ember's model for a config.json dict (built on the meta device)."""
+    from ember.config import ModelConfig
+    from ember.models import Transformer
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(ModelConfig.from_dict(raw)).state_dict().items()}
+
+
 def write_gpt_oss_checkpoint(folder: Path, dims: dict, seed: int = 0) -> None:
     """A random gpt-oss checkpoint in the hub's layout: experts as MXFP4 ``*_blocks``/``*_scales`` (random codes,
     scales near 2^-4) under ``quantization_config.quant_method: mxfp4``, everything else bf16; tokenizer as
     :func:`write_checkpoint`'s."""
     from safetensors.torch import save_file
 
-    from ember.config import ModelConfig
-    from ember.models import Transformer
+    from ember.loading.mxfp4 import hf_quantization_config
 
     raw = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "max_position_embeddings": 4096,
            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": 128, "swiglu_limit": 7.0,
            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
            "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
-           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
-               "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}, **dims}
-    cfg = ModelConfig.from_dict(raw)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+           "quantization_config": hf_quantization_config(), **dims}
+    shapes = _tensor_shapes(raw)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():

@@ -145,12 +145,17 @@ def test_batch_and_scheduler_equal_generate_alone(gpt_oss_checkpoint):
     batch = llm.generate(prompts, max_new_tokens=16, temperature=0.0, ignore_eos=True)
     assert [b.token_ids for b in batch] == alone
     sched = BatchScheduler(llm, max_batch=3, num_blocks=64, block_size=8, prefill_chunk=12)
+    assert scheduled_greedy(sched, prompts, 16) == alone
+
+
+def scheduled_greedy(sched: BatchScheduler, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Each prompt's ``n`` greedy tokens through the continuous-batching scheduler."""
     events: dict[int, list[int]] = {}
-    reqs = [SeqRequest(p, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True),
+    reqs = [SeqRequest(p, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True),
                        on_event=lambda ev: events.setdefault(ev.seq_id, []).append(ev.token_id)) for p in prompts]
     ids = sched.submit(reqs)
     sched.run_until_idle()
-    assert [events[i] for i in ids] == alone
+    return [events[i] for i in ids]
 
 
 def test_sliding_layers_keep_only_their_window_and_the_planner_prices_that(gpt_oss_checkpoint):
@@ -427,12 +432,7 @@ def test_paged_cache_gives_window_blocks_back_and_outputs_stay_identical(gpt_oss
                                          held.append((wpool.capacity - wpool.num_free, [len(s.table) for s in seqs],
                                                       [(n, len(s.window_table) - s.window_freed)
                                                        for s, n in zip(seqs, news)])))[0]
-    events: dict[int, list[int]] = {}
-    reqs = [SeqRequest(p, SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True),
-                       on_event=lambda ev: events.setdefault(ev.seq_id, []).append(ev.token_id)) for p in prompts]
-    ids = sched.submit(reqs)
-    sched.run_until_idle()
-    assert [events[i] for i in ids] == alone
+    assert scheduled_greedy(sched, prompts, 60) == alone
     # window 6, blocks of 2: a decode step reads 6 tokens back, at most 4 blocks per sequence
     assert max(k for _, _, rows in held for n, k in rows if n == 1) <= 4
     assert max(h for h, _, _ in held) <= 2 * per_seq
