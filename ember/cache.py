@@ -23,8 +23,8 @@ buffers).
 the continuous-batching scheduler: sequences join and leave at any step, blocks are freed on finish
 or cancel, and full blocks of a prompt prefix are shared between sequences (refcounted, found by
 a chained key of their token ids). :meth:`PagedKVCache.blocks_for` is the scheduler's block accounting and
-``PagedKVCache.states`` its recurrent-state slots (None while no layer is recurrent). Sliding-window layers
-keep their blocks in a second pool, ``PagedKVCache.window_pool``, with a block table of their own per sequence:
+``PagedKVCache.states`` its recurrent-state slots (None while no layer is recurrent). The ring layers
+(:func:`ring_layers`: gpt-oss's sliding layers) keep their blocks in a second pool, ``PagedKVCache.window_pool``, with a block table of their own per sequence:
 a block wholly older than the window of the oldest query of a pass goes back to that pool
 (:meth:`PagedKVCache.expired_window_blocks`), so a sequence holds at most
 :meth:`PagedKVCache.window_blocks_per_seq` of them however long it runs.
@@ -315,8 +315,11 @@ class PagedKVCache:
         # Sliding layers: their own pool, sized so that ``max_seqs`` sequences never run out of it (a sequence
         # holds at most window_blocks_per_seq() blocks at once, for passes of up to ``prefill_chunk`` tokens, and
         # never more than its blocks in the main pool, so ``num_blocks`` always suffices).
-        self.windowed = [s.kind == "sliding_attention" for s in self.specs]
-        self.window: int | None = max((s.window for s in self.specs if s.kind == "sliding_attention"), default=None)
+        # The ring layers (gpt-oss's sliding layers, whose attention takes the window's keys only) are the ones
+        # that give blocks back; other families' sliding layers keep every block (and so the prefix cache).
+        rings = ring_layers(cfg)
+        self.windowed = [i in rings for i in range(len(self.specs))]
+        self.window: int | None = max((self.specs[i].window for i in rings), default=None)
         self.prefill_chunk = prefill_chunk
         self.window_pool: BlockPool | None = (
             BlockPool(min(num_blocks, 1 + max_seqs * self.window_blocks_per_seq()), block_size)

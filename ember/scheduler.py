@@ -341,7 +341,7 @@ class BatchScheduler:
             if self.cache.states is not None or self.cache.window_pool is not None:
                 # Prefix caching is off for models with recurrent layers: a cached block holds keys/values but
                 # not the recurrent state after it (no snapshots at block boundaries), so a hit cannot skip it.
-                # Likewise with sliding layers, whose older blocks have gone back to the window pool.
+                # Likewise with ring layers, whose older blocks have gone back to the window pool.
                 usable = 0
             matched: list[int] = []
             for key in s.keys[:usable]:
