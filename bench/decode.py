@@ -10,6 +10,8 @@ Rows, all batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored):
   experts with a shared expert; expert bytes counted from the active experts and checked with hooks) in bf16,
   written by transformers' ``save_pretrained``; the MLA row prints its latent cache bytes per token against
   expanded keys/values and a GQA model of the same width.
+* a random gpt-oss-shape checkpoint (32 experts, top-4, alternating sliding/full attention with sinks) with
+  its experts in MXFP4 as the hub stores them (``*_blocks``/``*_scales``) and the rest in bf16: Ember.
 
 Every row is timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)),
 so prefill is excluded; each the fastest of ``--repeats`` rounds. The bf16 row and its quantized forms
@@ -98,6 +100,14 @@ FAMILY_SIZES = {
             first_k_dense_replace=1, n_group=4, topk_group=2)),
     },
 }
+# gpt-oss shape (gpt-oss-20b's ratios, scaled down): 32 experts, top-4, head_dim 64, window 128, MXFP4 experts.
+# "1.1b": ~1.1B parameters (experts ~1.0B), ~0.16B active per token; "small": ~0.26B.
+GPT_OSS_SIZES = {
+    "1.1b": dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=16,
+                 num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=32, num_experts_per_tok=4),
+    "small": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=32, num_experts_per_tok=4),
+}
 WARMUP_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=32000)
 DEMO_CACHE = Path(__file__).resolve().parent / ".cache" / "demo"
@@ -166,18 +176,13 @@ def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0
     layout and names, plus a word-level tokenizer covering the vocab."""
     from safetensors.torch import save_file
 
-    from ember.config import ModelConfig
-    from ember.models import Transformer
-
     moe = bool(dims.get("num_local_experts"))
     kind = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]} if moe else \
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     raw = {**kind, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
            "torch_dtype": str(dtype).removeprefix("torch."), **dims}
-    cfg = ModelConfig.from_dict(raw)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    shapes = _tensor_shapes(raw)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
@@ -206,6 +211,47 @@ def write_family_checkpoint(folder: Path, config_class: str, dims: dict, dtype: 
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(folder)
     del model
+    write_word_tokenizer(folder, dims["vocab_size"])
+
+
+def _tensor_shapes(raw: dict) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor of Ember's model for a config.json dict (built on the meta device)."""
+    from ember.config import ModelConfig
+    from ember.models import Transformer
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(ModelConfig.from_dict(raw)).state_dict().items()}
+
+
+def write_gpt_oss_checkpoint(folder: Path, dims: dict, seed: int = 0) -> None:
+    """A random gpt-oss checkpoint in the hub's layout: experts as MXFP4 ``*_blocks``/``*_scales`` (random codes,
+    scales near 2^-4) under ``quantization_config.quant_method: mxfp4``, everything else bf16; tokenizer as
+    :func:`write_checkpoint`'s."""
+    from safetensors.torch import save_file
+
+    from ember.loading.mxfp4 import hf_quantization_config
+
+    raw = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": 128, "swiglu_limit": 7.0,
+           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+           "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                               "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+           "quantization_config": hf_quantization_config(), **dims}
+    shapes = _tensor_shapes(raw)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, n_in, n_out = shape  # HF's x @ W layout; stored transposed, per 32 inputs
+            tensors[name + "_blocks"] = torch.randint(0, 256, (E, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            tensors[name + "_scales"] = torch.randint(121, 124, (E, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+        elif name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
     write_word_tokenizer(folder, dims["vocab_size"])
 
 
@@ -470,6 +516,7 @@ def main() -> None:
                     help="Ember rows for the bf16 checkpoint quantized on load (none = the float row only)")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size of the decode rows")
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE row")
+    ap.add_argument("--no-gpt-oss", action="store_true", help="skip the gpt-oss (MXFP4 experts) row")
     ap.add_argument("--moe-quant", default="none", help="also quantize the MoE model these ways (e.g. int4)")
     ap.add_argument("--families", action="store_true",
                     help="add the Gemma-3-shape and DeepSeek-V3-shape (MLA + routed MoE) rows")
@@ -609,6 +656,13 @@ def main() -> None:
                     row["mla_cache"] = mla_cache_comparison(folder)
                 for p in folder.iterdir():
                     p.unlink()
+        if not args.no_gpt_oss:
+            folder = Path(tmp) / "gpt-oss"
+            t = time.perf_counter()
+            write_gpt_oss_checkpoint(folder, GPT_OSS_SIZES[args.size])
+            print(f"[gpt-oss] wrote random MXFP4 checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            e = time_ember(folder, "bf16", prompt, args.new, args.repeats)
+            add_row("gpt-oss", "bf16", "mxfp4", e)
 
     # Every row against the best bandwidth of the whole run (a conservative roofline: the targets use it) and,
     # for context, against the median sample: a shared VM's bandwidth moves within seconds (26-43 GB/s on the
@@ -633,7 +687,7 @@ def main() -> None:
     base = next((r for r in rows if r["engine"] == "ember" and r["model"] == "llama" and r["weights"] == "bf16"), None)
     moe_base = next((r for r in rows if r["model"] == "mixtral-moe" and r["quant"] == "none"), None)
     for r in rows:
-        ref = base if r["model"] == "llama" else moe_base
+        ref = base if r["model"] == "llama" else moe_base if r["model"] == "mixtral-moe" else None
         if ref and r["engine"] == "ember":
             r["vs_ember_bf16"] = r["decode_tok_s"] / ref["decode_tok_s"]
 
@@ -649,6 +703,10 @@ def main() -> None:
     if args.families:
         shown += [f"{m} ({d['num_hidden_layers']} layers, hidden {d['hidden_size']})"
                   for m, (_, d) in FAMILY_SIZES[args.size].items()]
+    if not args.no_gpt_oss:
+        go = GPT_OSS_SIZES[args.size]
+        shown.append(f"gpt-oss shape ({go['num_hidden_layers']} layers, hidden {go['hidden_size']}, "
+                     f"{go['num_local_experts']} experts top-{go['num_experts_per_tok']}, MXFP4 experts)")
     print(f"\nDecode, {', '.join(shown)}, random weights; batch 1, "
           f"prompt {args.prompt_len}, {args.new} new tokens; {date.today()}; {machine}")
     print(f"roofline = copy bandwidth {bw['copy'] / 1e9:.1f} GB/s (the best of {len(bw['samples'])} measurements between rows and timing rounds: "
@@ -724,6 +782,7 @@ def main() -> None:
                                "moe_dims": None if args.no_moe else MOE_SIZES[args.size],
                                "bandwidth_bytes_s": bw, "rows": rows, "hybrid_rows": hybrid_rows, "demo_ppl": ppl,
                                "targets": targets,
+                               "gpt_oss_dims": None if args.no_gpt_oss else GPT_OSS_SIZES[args.size],
                                "seconds": elapsed}, indent=2))
     print(f"wrote {out}")
 

@@ -23,7 +23,11 @@ buffers).
 the continuous-batching scheduler: sequences join and leave at any step, blocks are freed on finish
 or cancel, and full blocks of a prompt prefix are shared between sequences (refcounted, found by
 a chained key of their token ids). :meth:`PagedKVCache.blocks_for` is the scheduler's block accounting and
-``PagedKVCache.states`` its recurrent-state slots (None while no layer is recurrent).
+``PagedKVCache.states`` its recurrent-state slots (None while no layer is recurrent). The ring layers
+(:func:`ring_layers`: gpt-oss's sliding layers) keep their blocks in a second pool, ``PagedKVCache.window_pool``, with a block table of their own per sequence:
+a block wholly older than the window of the oldest query of a pass goes back to that pool
+(:meth:`PagedKVCache.expired_window_blocks`), so a sequence holds at most
+:meth:`PagedKVCache.window_blocks_per_seq` of them however long it runs.
 """
 
 from __future__ import annotations
@@ -304,7 +308,8 @@ class PagedKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", max_seqs: int = 1) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", max_seqs: int = 1,
+                 prefill_chunk: int = 256) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (the scratch block holds a zero slot and a trash slot), got {block_size}")
         self.block_size = block_size
@@ -316,16 +321,28 @@ class PagedKVCache:
         recurrent = any(s.kind == "recurrent" for s in self.specs)
         self.states: RecurrentStateSlots | None = (
             RecurrentStateSlots(self.specs, max_seqs, RECURRENT_STATE_DTYPE, device) if recurrent else None)
-        slots = num_blocks * block_size
+        # Sliding layers: their own pool, sized so that ``max_seqs`` sequences never run out of it (a sequence
+        # holds at most window_blocks_per_seq() blocks at once, for passes of up to ``prefill_chunk`` tokens, and
+        # never more than its blocks in the main pool, so ``num_blocks`` always suffices).
+        # The ring layers (gpt-oss's sliding layers, whose attention takes the window's keys only) are the ones
+        # that give blocks back; other families' sliding layers keep every block (and so the prefix cache).
+        rings = ring_layers(cfg)
+        self.windowed = [i in rings for i in range(len(self.specs))]
+        self.window: int | None = max((self.specs[i].window for i in rings), default=None)
+        self.prefill_chunk = prefill_chunk
+        self.window_pool: BlockPool | None = (
+            BlockPool(min(num_blocks, 1 + max_seqs * self.window_blocks_per_seq()), block_size)
+            if self.window is not None else None)
         shapes = [kv_shapes(s) for s in self.specs]
         # Uninitialised (on CPU the OS commits pages only when a block is first written); only the scratch
         # block is zeroed: masked padding reads come from its slot 0, and 0 * NaN would still be NaN.
         # A recurrent layer has no pool (an empty tensor keeps the lists indexed by layer).
         kv = [s.kind != "recurrent" for s in self.specs]
-        self.k = [torch.empty((slots, kh, kd) if a else (0, 1, 1), dtype=dtype, device=device)
-                  for a, ((kh, kd), _) in zip(kv, shapes)]
-        self.v = [torch.empty((slots, vh, vd) if a else (0, 1, 1), dtype=dtype, device=device)
-                  for a, (_, (vh, vd)) in zip(kv, shapes)]
+        slots = [(self.window_pool.num_blocks if w else num_blocks) * block_size for w in self.windowed]
+        self.k = [torch.empty((n, kh, kd) if a else (0, 1, 1), dtype=dtype, device=device)
+                  for a, n, ((kh, kd), _) in zip(kv, slots, shapes)]
+        self.v = [torch.empty((n, vh, vd) if a else (0, 1, 1), dtype=dtype, device=device)
+                  for a, n, (_, (vh, vd)) in zip(kv, slots, shapes)]
         for t in self.k + self.v:
             t[:block_size].zero_()
 
@@ -339,12 +356,27 @@ class PagedKVCache:
         admission. Every attention layer indexes the one block table, so it covers every token."""
         return math.ceil(tokens / self.block_size)
 
+    def window_blocks_per_seq(self) -> int:
+        """Most window-pool blocks one sequence holds at once: a pass of up to ``prefill_chunk`` new tokens
+        reads back ``window - 1`` tokens, a span that touches at most this many blocks (0: no sliding layer)."""
+        if self.window is None:
+            return 0
+        return -(-(self.window - 1 + self.prefill_chunk) // self.block_size) + 1
+
+    def expired_window_blocks(self, computed: int) -> int:
+        """How many leading blocks of a sequence's window table no pass from token ``computed`` on reads: the
+        oldest query, ``computed``, sees keys from ``computed - window + 1`` (a key ``window`` or more tokens
+        back is masked)."""
+        if self.window is None:
+            return 0
+        return max(0, computed - self.window + 1) // self.block_size
+
     def nbytes(self) -> int:
         """Bytes held by the pools and the recurrent-state slots."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v) + (self.states.nbytes() if self.states else 0)
 
     def batch(self, tables: list[list[int]], cached: list[int], new: list[int],
-              slots: list[int] | None = None) -> PagedBatch:
+              slots: list[int] | None = None, window_tables: list[list[int]] | None = None) -> PagedBatch:
         """Slot maps for one forward over B rows.
 
         Args:
@@ -352,18 +384,15 @@ class PagedKVCache:
             cached: tokens of each row already in the cache.
             new: tokens each row feeds in this pass (>= 1).
             slots: each row's recurrent-state slot (:attr:`states`), for models with recurrent layers.
+            window_tables: each row's block table in :attr:`window_pool` (models with sliding layers), covering
+                the same tokens; -1 for a block given back (:meth:`expired_window_blocks`).
         Returns:
             a :class:`PagedBatch`: pass it as the model's cache, with its ``start``, ``positions`` and
             ``k_valid``; the input ids must be left-padded to ``T = max(new)``.
         """
-        bs = self.block_size
         B = len(tables)
         total = [c + n for c, n in zip(cached, new)]
         S, T = max(total), max(new)
-        width = max(len(t) for t in tables)
-        tbl = torch.zeros((B, width), dtype=torch.long)
-        for i, t in enumerate(tables):
-            tbl[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         tot = torch.tensor(total, dtype=torch.long)[:, None]
         cac = torch.tensor(cached, dtype=torch.long)[:, None]
         nw = torch.tensor(new, dtype=torch.long)[:, None]
@@ -371,19 +400,38 @@ class PagedKVCache:
         # slot equals its key slot and slot distance is token distance (causal and window masks hold).
         tok = torch.arange(S)[None, :] - (S - tot)                 # (B, S) token index; < 0 is padding
         k_valid = tok >= 0
-        t0 = tok.clamp_min(0)
-        read = torch.where(k_valid, tbl.gather(1, t0 // bs) * bs + t0 % bs, 0)
         wtok = torch.arange(T)[None, :] - (T - nw) + cac           # (B, T) token index of each input column
         w_valid = torch.arange(T)[None, :] >= (T - nw)
-        w0 = wtok.clamp_min(0)
-        # Padding columns write to slot 1 and padding reads come from slot 0 (both in the scratch block), so a
-        # padding query's output (NaN where every key of it is masked) can never reach a masked read.
-        write = torch.where(w_valid, tbl.gather(1, w0 // bs) * bs + w0 % bs, 1)
+        read, write = self._slot_maps(tables, tok, k_valid, wtok, w_valid)
+        window_maps = None
+        if self.window_pool is not None:
+            if window_tables is None:
+                raise ValueError("this model has sliding-window layers: PagedKVCache.batch needs window_tables")
+            window_maps = self._slot_maps(window_tables, tok, k_valid, wtok, w_valid)
         positions = torch.where(w_valid, wtok, 0)
         padded = any(t != S for t in total)
         dev = self.device
         return PagedBatch(self, read.view(-1).to(dev), write.view(-1).to(dev), B, S, T,
-                          positions.to(dev), k_valid.to(dev) if padded else None, slots)
+                          positions.to(dev), k_valid.to(dev) if padded else None, slots,
+                          None if window_maps is None else tuple(m.view(-1).to(dev) for m in window_maps))
+
+    def _slot_maps(self, tables: list[list[int]], tok: torch.Tensor, k_valid: torch.Tensor, wtok: torch.Tensor,
+                   w_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(read (B, S), write (B, T)) pool slots of each key and each new token through block tables."""
+        bs = self.block_size
+        width = max(len(t) for t in tables)
+        tbl = torch.full((len(tables), width), -1, dtype=torch.long)
+        for i, t in enumerate(tables):
+            tbl[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        t0 = tok.clamp_min(0)
+        blk = tbl.gather(1, t0 // bs)
+        # Padding and given-back blocks read slot 0 of the scratch block (zeros; always masked).
+        read = torch.where(k_valid & (blk >= 0), blk * bs + t0 % bs, 0)
+        w0 = wtok.clamp_min(0)
+        # Padding columns write to slot 1 and padding reads come from slot 0 (both in the scratch block), so a
+        # padding query's output (NaN where every key of it is masked) can never reach a masked read.
+        write = torch.where(w_valid, tbl.gather(1, w0 // bs) * bs + w0 % bs, 1)
+        return read, write
 
 
 class PagedBatch:
@@ -394,8 +442,10 @@ class PagedBatch:
     """
 
     def __init__(self, cache: PagedKVCache, read: torch.Tensor, write: torch.Tensor, B: int, S: int, T: int,
-                 positions: torch.Tensor, k_valid: torch.Tensor | None, slots: list[int] | None = None) -> None:
+                 positions: torch.Tensor, k_valid: torch.Tensor | None, slots: list[int] | None = None,
+                 window_maps: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.cache, self.read, self.write = cache, read, write
+        self.window_maps = window_maps  # (read, write) in the window pool, for the sliding layers
         self.B, self.S, self.T = B, S, T
         self.start = S - T            # first key slot of the new tokens (the model's ``start``)
         self.positions = positions    # (B, T) RoPE positions, 0 at padding
@@ -416,10 +466,11 @@ class PagedBatch:
         B, nkv, T, hd = k.shape
         nv, dv = v.shape[1], v.shape[3]  # the keys' unless a latent layer (the rotated key's)
         kp, vp = self.cache.k[layer], self.cache.v[layer]
-        kp.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, nkv, hd).to(kp.dtype))
-        vp.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, nv, dv).to(vp.dtype))
-        keys = kp.index_select(0, self.read).view(B, self.S, nkv, hd).transpose(1, 2)    # (B, nkv, S, hd)
-        values = vp.index_select(0, self.read).view(B, self.S, nv, dv).transpose(1, 2)
+        read, write = self.window_maps if self.cache.windowed[layer] else (self.read, self.write)
+        kp.index_copy_(0, write, k.transpose(1, 2).reshape(B * T, nkv, hd).to(kp.dtype))
+        vp.index_copy_(0, write, v.transpose(1, 2).reshape(B * T, nv, dv).to(vp.dtype))
+        keys = kp.index_select(0, read).view(B, self.S, nkv, hd).transpose(1, 2)    # (B, nkv, S, hd)
+        values = vp.index_select(0, read).view(B, self.S, nv, dv).transpose(1, 2)
         return keys, values
 
 

@@ -19,7 +19,7 @@ from ember.errors import ConfigError
 from ember.hardware import GB, GiB, TB, Hardware
 from ember.planner import ResolvedModel, resolve_model
 
-QUANT_CHOICES = ("none", "int8", "int4", "nf4", "all")
+QUANT_CHOICES = ("none", "int8", "int4", "nf4", "mxfp4", "all")
 METHOD_CHOICES = ("lora", "qlora", "full", "all")
 
 

@@ -100,6 +100,8 @@ class _Seq:
     sampler: Sampler | None            # None: plain greedy (argmax)
     keys: list[tuple] = field(default_factory=list)  # prefix keys of the full prompt blocks
     table: list[int] = field(default_factory=list)
+    window_table: list[int] = field(default_factory=list)  # sliding layers' blocks (-1: given back)
+    window_freed: int = 0              # leading window_table entries already given back
     computed: int = 0                  # tokens whose keys/values are in the cache
     reserve: int = 0                   # blocks reserved but not yet allocated
     state_slot: int | None = None      # recurrent-state slot (models with recurrent layers)
@@ -143,7 +145,8 @@ class BatchScheduler:
 
             num_blocks = default_kv_pool_blocks(self.config, self.device, self.dtype, max_batch, block_size,
                                                 prefill_chunk, kv_memory_bytes)
-        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device, max_seqs=max_batch)
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device, max_seqs=max_batch,
+                                  prefill_chunk=prefill_chunk)
         self.pool = self.cache.pool
         self.vocab_size = self.config.vocab_size
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -175,7 +178,10 @@ class BatchScheduler:
         """Gauges and counters: queue, batch, KV blocks (free = unowned, cached prefixes included)."""
         return dict(running=len(self.running), waiting=self._queued, max_batch=self.max_batch,
                     max_queue=self.max_queue, kv_blocks_total=self.pool.capacity, kv_blocks_free=self.pool.num_free,
-                    kv_blocks_reserved=self._reserved, kv_block_size=self.block_size, **self.counters)
+                    kv_blocks_reserved=self._reserved, kv_block_size=self.block_size, **self.counters,
+                    **({"kv_window_blocks_total": self.cache.window_pool.capacity,
+                        "kv_window_blocks_free": self.cache.window_pool.num_free}
+                       if self.cache.window_pool is not None else {}))
 
     # ------------------------------------------------------------------ submission (any thread)
     def submit(self, reqs: Sequence[SeqRequest]) -> list[int]:
@@ -332,9 +338,10 @@ class BatchScheduler:
                 keep.append(s)
                 continue
             usable = (s.n_prompt - 1) // bs  # always compute at least the last prompt token (for its logits)
-            if self.cache.states is not None:
+            if self.cache.states is not None or self.cache.window_pool is not None:
                 # Prefix caching is off for models with recurrent layers: a cached block holds keys/values but
                 # not the recurrent state after it (no snapshots at block boundaries), so a hit cannot skip it.
+                # Likewise with ring layers, whose older blocks have gone back to the window pool.
                 usable = 0
             matched: list[int] = []
             for key in s.keys[:usable]:
@@ -400,13 +407,19 @@ class BatchScheduler:
     def _forward(self, seqs: list[_Seq], news: list[int]) -> torch.Tensor:
         """Feed ``news[i]`` pending tokens of each sequence; returns (B, V) logits at each row's last token."""
         bs = self.block_size
+        wpool = self.cache.window_pool
         for s, n in zip(seqs, news):
             while len(s.table) * bs < s.computed + n:
                 s.table.append(self.pool.allocate())
                 s.reserve -= 1
                 self._reserved -= 1
+            if wpool is not None:  # sliding layers: give back what left the window, then cover the new tokens
+                self._free_window(s, self.cache.expired_window_blocks(s.computed))
+                while len(s.window_table) * bs < s.computed + n:
+                    s.window_table.append(wpool.allocate())
         slots = [s.state_slot for s in seqs] if self.cache.states is not None else None
-        batch = self.cache.batch([s.table for s in seqs], [s.computed for s in seqs], news, slots)
+        wtables = [s.window_table for s in seqs] if wpool is not None else None
+        batch = self.cache.batch([s.table for s in seqs], [s.computed for s in seqs], news, slots, wtables)
         T = batch.T
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, (s, n) in enumerate(zip(seqs, news)):
@@ -415,6 +428,13 @@ class BatchScheduler:
         for s, n in zip(seqs, news):
             s.computed += n
         return logits[:, -1]
+
+    def _free_window(self, s: _Seq, upto: int) -> None:
+        """Give the window-pool blocks ``s.window_table[:upto]`` back (those still held)."""
+        for k in range(s.window_freed, min(upto, len(s.window_table))):
+            self.cache.window_pool.release(s.window_table[k])
+            s.window_table[k] = -1
+        s.window_freed = max(s.window_freed, min(upto, len(s.window_table)))
 
     def _register_prefix(self, s: _Seq) -> None:
         full = min(s.computed, s.n_prompt) // self.block_size
@@ -438,6 +458,9 @@ class BatchScheduler:
         for b in s.table:
             self.pool.release(b)
         s.table = []
+        if self.cache.window_pool is not None:
+            self._free_window(s, len(s.window_table))
+            s.window_table, s.window_freed = [], 0
         self._reserved -= s.reserve
         s.reserve = 0
         if s.state_slot is not None:

@@ -210,3 +210,114 @@ def test_malformed_mxfp4_tensors_give_located_errors(mxfp4_gpt_oss, tmp_path):
         load_model(wrong)
     msg = str(e.value)
     assert bkey in msg and "model.safetensors" in msg and "[4, 64, 2, 16]" in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- the MXFP4 CPU kernel (ember/kernels/mxfp4.cpp)
+from test_kernels import bf16_out_tol, build, worst  # noqa: E402,F401  (build: the native/portable fixture)
+
+
+def q8_per_block(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel's int8 path rounds it: int8 per block of 32, scale max|x| / 127, nearest even (fp32)."""
+    xs = x.float().view(x.shape[0], -1, 32)
+    a = xs.abs().amax(-1, keepdim=True)
+    q = torch.where(a > 0, torch.round(xs * torch.where(a > 0, 127 / a, 0)), 0)
+    return (q.double() * (a.double() / 127)).view(x.shape)
+
+
+def random_mxfp4(O: int, I: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (O, I // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(118, 130, (O, I // 32), dtype=torch.uint8, generator=g)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (2, 9, 96), (3, 33, 64), (8, 5, 32)])
+def test_kernel_fp32_activations_exact_against_the_dequantized_weight(build, M, O, I):
+    from ember import kernels
+
+    blocks, scales = random_mxfp4(O, I, 3)
+    x = torch.randn(M, I)
+    y = kernels.mxfp4(x, blocks, scales)
+    assert y is not None and y.dtype == torch.float32 and y.shape == (M, O)
+    ref = x.double() @ reference_dequantize(blocks, scales).T
+    worst(y, ref, 1e-5 * float(ref.abs().max()), f"mxfp4 fp32 {build} {M}x{O}x{I}")
+
+
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (2, 9, 96), (3, 33, 64), (1, 7, 32)])
+def test_kernel_bf16_activations(build, M, O, I, monkeypatch):
+    """bf16 activations: the int8 path (exact against int8-per-32 activations) where the build has it; else, or
+    with int8 activations off, the fp32 path (exact against the bf16 activations)."""
+    from ember import kernels
+
+    blocks, scales = random_mxfp4(O, I, 4)
+    x = torch.randn(M, I).bfloat16()
+    x[0, :32] = 0  # an all-zero block has activation scale 0
+    w = reference_dequantize(blocks, scales)
+    exact = x.double() @ w.T
+    y = kernels.mxfp4(x, blocks, scales)
+    assert y is not None and y.dtype == torch.bfloat16
+    if kernels.library().ember_mxfp4_int8_path() and kernels.INT8_ACTIVATIONS:
+        ref = q8_per_block(x) @ w.T
+        worst(y, ref, bf16_out_tol(ref), f"mxfp4 q8-activations {build} {M}x{O}x{I}")
+        worst(y, exact, 0.03 * float(exact.abs().max()), f"mxfp4 q8-activations vs exact {M}x{O}x{I}")
+    monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", False)
+    worst(kernels.mxfp4(x, blocks, scales), exact, bf16_out_tol(exact), f"mxfp4 bf16 fp32-path {build} {M}x{O}x{I}")
+
+
+def test_linear_routes_few_rows_to_the_kernel_and_many_to_tiles(monkeypatch):
+    from ember import kernels
+
+    blocks, scales = random_mxfp4(40, 64, 5)
+    q = Mxfp4Linear(blocks, scales, None, torch.float32)
+    calls = []
+    real = kernels.mxfp4
+    monkeypatch.setattr(kernels, "mxfp4", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w = reference_dequantize(blocks, scales)
+    for rows in (1, kernels.MAX_ROWS["mxfp4"], kernels.MAX_ROWS["mxfp4"] + 3):
+        x = torch.randn(rows, 64)
+        worst(q(x), x.double() @ w.T, 1e-5 * float((x.double() @ w.T).abs().max()), f"Mxfp4Linear {rows} rows")
+    assert calls == [1, kernels.MAX_ROWS["mxfp4"], kernels.MAX_ROWS["mxfp4"] + 3]  # the last one declined (None)
+
+
+# ---------------------------------------------------------------- the planner's MXFP4 option
+def test_planner_prices_mxfp4_as_the_loaded_model_holds_it(mxfp4_gpt_oss, hf_checkpoint):
+    from ember import planner
+    from ember.planner.memory import linear_bytes
+
+    assert linear_bytes(96, 128, "mxfp4", 2) == 96 * 128 * 4.25 / 8  # 4 bits + one E8M0 byte per 32
+    _, folder, _ = mxfp4_gpt_oss
+    ours = load_model(folder, dtype="bf16")
+    sd = ours.state_dict()
+
+    def held(pred) -> int:
+        return sum(t.numel() * t.element_size() for k, t in sd.items() if pred(k))
+
+    wb = planner.weight_bytes(ours.config, "bf16", "mxfp4", "int8")
+    # gpt-oss as published: the experts' blocks and scales, everything else (head included) bf16
+    assert wb.experts == held(lambda k: k.endswith(("_blocks", "_scales")))
+    assert wb.attention == held(lambda k: ".self_attn." in k and k.endswith("proj.weight"))
+    assert wb.lm_head == held(lambda k: k == "lm_head.weight") and wb.head_quant == "none"
+    # another family: every Linear is MXFP4 (what --quant mxfp4 loads)
+    dense_folder, _ = hf_checkpoint("llama")
+    dense = load_model(dense_folder, dtype="bf16", quant="mxfp4")
+    dwb = planner.weight_bytes(dense.config, "bf16", "mxfp4", "none")
+    assert dwb.attention + dwb.mlp == sum(t.numel() for k, t in dense.state_dict().items()
+                                          if k.endswith(("weight_blocks", "weight_scales")) and "lm_head" not in k)
+
+
+def test_plan_cli_mxfp4_option_and_recommendation(capsys):
+    from ember import hardware, planner
+    from ember.cli import main
+    from ember.plan_cli import resolve_model
+
+    assert main(["plan", "gpt-oss-120b", "--on", "dgx-spark", "--quant", "mxfp4"]) == 0
+    out = capsys.readouterr().out
+    assert "mxfp4 (bf16)" in out and "recommended: mxfp4" in out
+    spark = hardware.profile("dgx-spark")
+    plans = planner.options(resolve_model("gpt-oss-120b").config, spark, planner.Workload(context=8192))
+    assert planner.recommend(plans).workload.quant == "mxfp4"  # bf16 does not fit one Spark
+    # the published weights rank above re-rounding them to int4; on other families int4 ranks above mxfp4
+    cfg = resolve_model("gpt-oss-120b").config
+    assert planner.quant_quality(cfg, "mxfp4") < planner.quant_quality(cfg, "int4")
+    assert planner.quant_quality(resolve_model("llama-3.1-70b").config, "mxfp4") > \
+        planner.quant_quality(cfg, "int4")

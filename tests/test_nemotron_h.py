@@ -235,12 +235,13 @@ def test_tune_writes_an_adapter_peft_loads(checkpoint, tmp_path):
 
 def test_tune_refuses_packing_across_recurrent_state(checkpoint):
     from ember.errors import TrainingError
+    from ember.train.trainer import TrainConfig
     from ember.train.tune import check_trainable
 
     folder, _ = checkpoint()
-    check_trainable(folder)
+    check_trainable(folder, TrainConfig())
     with pytest.raises(TrainingError, match="without --pack"):
-        check_trainable(folder, pack=True)
+        check_trainable(folder, TrainConfig(pack=True))
 
 
 @pytest.mark.parametrize("kind", ["moe", "latent", "qwen3_5_moe", "qwen3_next"])

@@ -140,3 +140,114 @@ class Harmony(ToolFormat):
     def output_parser(self, tools: bool) -> HarmonyParser:
         """The parser of one output (tools on or off)."""
         return HarmonyParser(tools)
+
+
+# Ember's harmony chat template, written from the published format (OpenAI's harmony guide): a system message
+# with the model identity, knowledge cutoff, date and ``Reasoning: {effort}``; the first system/developer turn
+# becomes the developer message's ``# Instructions``, and tools are rendered there as a TypeScript-like
+# ``functions`` namespace; earlier assistant turns keep only their final channel (their analysis is dropped),
+# except the analysis before a tool call that has no final answer after it yet. Variables beyond HF's:
+# ``reasoning_effort`` (default "medium"), ``model_identity``, ``current_date`` (default: today).
+HARMONY_TEMPLATE = r"""
+{%- macro ts_type(s) -%}
+{%- if s.enum is defined -%}
+{%- for v in s.enum %}{{ v | tojson }}{{ " | " if not loop.last }}{% endfor -%}
+{%- elif s.type is defined and s.type is not string -%}
+{%- for t in s.type %}{{ ts_type({"type": t}) }}{{ " | " if not loop.last }}{% endfor -%}
+{%- elif s.type == "string" -%}string
+{%- elif s.type in ("number", "integer") -%}number
+{%- elif s.type == "boolean" -%}boolean
+{%- elif s.type == "null" -%}null
+{%- elif s.type == "array" -%}{{ ts_type(s["items"]) if s["items"] is defined else "any" }}[]
+{%- elif s.type == "object" and s.properties is defined -%}
+{ {%- for name, p in s.properties.items() %} {{ name }}{{ "" if name in (s.required or []) else "?" }}: {{ ts_type(p) }}{{ "," if not loop.last }}{% endfor %} }
+{%- elif s.type == "object" -%}object
+{%- else -%}any
+{%- endif -%}
+{%- endmacro -%}
+{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort else "medium" -%}
+{%- set today = current_date if current_date is defined else strftime_now("%Y-%m-%d") -%}
+<|start|>system<|message|>{{ model_identity if model_identity is defined else "You are ChatGPT, a large language model trained by OpenAI." }}
+Knowledge cutoff: 2024-06
+Current date: {{ today }}
+
+Reasoning: {{ effort }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.
+{{- "\nCalls to these tools must go to the commentary channel: 'functions'." if tools }}<|end|>
+{%- if messages and messages[0].role in ("system", "developer") -%}
+{%- set instructions = messages[0].content -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set instructions = "" -%}{%- set turns = messages -%}
+{%- endif -%}
+{%- if instructions or tools -%}
+{{- "<|start|>developer<|message|>" -}}
+{{- "# Instructions\n\n" + instructions + "\n\n" if instructions -}}
+{%- if tools -%}
+{{- "# Tools\n\n## functions\n\nnamespace functions {\n\n" -}}
+{%- for tool in tools -%}
+{%- set f = tool.function if tool.function is defined else tool -%}
+{{- "// " + f.description + "\n" if f.description -}}
+{{- "type " + f.name + " = " -}}
+{%- if f.parameters and f.parameters.properties -%}
+{{- "(_: {\n" -}}
+{%- for name, p in f.parameters.properties.items() -%}
+{{- "// " + p.description + "\n" if p.description -}}
+{{- name + ("" if name in (f.parameters.required or []) else "?") + ": " + ts_type(p) + "," -}}
+{%- if p.default is defined -%}
+{{- " // default: " + (p.default | string if p.enum is defined else p.default | tojson) -}}
+{%- endif -%}
+{{- "\n" -}}
+{%- endfor -%}
+{{- "}) => any;\n\n" -}}
+{%- else -%}
+{{- "() => any;\n\n" -}}
+{%- endif -%}
+{%- endfor -%}
+{{- "} // namespace functions" -}}
+{%- endif -%}
+{{- "<|end|>" -}}
+{%- endif -%}
+{%- set state = namespace(tool=none) -%}
+{%- for m in turns -%}
+{%- if m.role == "assistant" and m.tool_calls -%}
+{%- set later = namespace(final=false) -%}
+{%- for n in turns[loop.index:] %}{% if n.role == "assistant" and not n.tool_calls %}{% set later.final = true %}{% endif %}{% endfor -%}
+{%- set thought = m.thinking if m.thinking is defined and m.thinking else (m.content or "") -%}
+{%- if thought and not later.final -%}
+<|start|>assistant<|channel|>analysis<|message|>{{ thought }}<|end|>
+{%- endif -%}
+{%- for tc in m.tool_calls %}{% set c = tc.function if tc.function is defined else tc -%}
+<|start|>assistant to=functions.{{ c.name }}<|channel|>commentary json<|message|>
+{{- c.arguments if c.arguments is string else c.arguments | tojson }}<|call|>
+{%- set state.tool = c.name -%}
+{%- endfor -%}
+{%- elif m.role == "assistant" -%}
+{%- if loop.last and not add_generation_prompt and m.thinking is defined and m.thinking -%}
+<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>
+{%- endif -%}
+<|start|>assistant<|channel|>final<|message|>{{ m.content or "" }}{{ "<|return|>" if loop.last and not add_generation_prompt else "<|end|>" }}
+{%- set state.tool = none -%}
+{%- elif m.role == "tool" -%}
+{%- if state.tool is none %}{{ raise_exception("a tool message must follow an assistant message with a tool call") }}{% endif -%}
+<|start|>functions.{{ m.name if m.name is defined and m.name else state.tool }} to=assistant<|channel|>commentary<|message|>{{ m.content | tojson }}<|end|>
+{%- elif m.role == "user" -%}
+<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role in ("system", "developer") -%}
+<|start|>developer<|message|># Instructions
+
+{{ m.content }}
+
+<|end|>
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|start|>assistant{% endif -%}
+"""
+
+# The tokens that end a harmony generation: the answer is complete, or a tool call waits for its result.
+STOPS = ("<|return|>", "<|call|>")
+
+
+def harmony_stop_ids(token_to_id) -> list[int]:
+    """Ids of ``<|return|>`` and ``<|call|>`` in a vocabulary (``token_to_id(text) -> int | None``)."""
+    return [i for i in map(token_to_id, STOPS) if i is not None]

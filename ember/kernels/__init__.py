@@ -4,7 +4,7 @@ Decode is memory-bandwidth bound: every weight is read once per step. These kern
 weights close to the machine's read bandwidth and decode int8/int4/NF4 weights in registers on the way.
 
 * :mod:`ember.kernels.loader`: compiling ``cpu.cpp`` for this CPU, loading it, :func:`status`;
-* :mod:`ember.kernels.matmul`: weight x activation products (:func:`dense`, :func:`int8`, :func:`q4`) and
+* :mod:`ember.kernels.matmul`: weight x activation products (:func:`dense`, :func:`int8`, :func:`q4`, :func:`mxfp4`) and
   weights bound to their kernel once (:class:`LinearKernel`);
 * :mod:`ember.kernels.blocks`: RMSNorm, RoPE, single-query attention and the fused decoder blocks.
 
@@ -21,10 +21,10 @@ from ember.kernels.blocks import (BlockKernel, LayerSteps, attn_block_kernel, at
 from ember.kernels.loader import (AMX_BF16, AMX_MIN_ROWS, INT8_ACTIVATIONS, MAX_ROWS, SOURCE, TILE_BYTES, _compiler, sources,
                                  _cpu_has, _flag_sets, _mode, build, cache_dir, library, load, reset, status)
 from ember.kernels.matmul import (LinearKernel, cached, cached_kernel, dense, dense_kernel, int8, int8_kernel,
-                                  linear_many, native_bf16_gemm, q4, q4_kernel, wide_linear)
+                                  linear_many, mxfp4, native_bf16_gemm, q4, q4_kernel, wide_linear)
 
 __all__ = ["AMX_BF16", "AMX_MIN_ROWS", "INT8_ACTIVATIONS", "MAX_ROWS", "SOURCE", "TILE_BYTES", "sources", "BlockKernel",
            "LayerSteps", "LinearKernel", "attn_block_kernel", "attn_decode", "build", "cache_dir", "cached",
            "cached_kernel", "dense", "dense_kernel", "int8", "int8_kernel", "layer_steps", "library", "linear_many",
-           "load", "mlp_block_kernel", "moe_block_kernel", "native_bf16_gemm", "q4", "q4_kernel", "reset",
+           "load", "mlp_block_kernel", "mxfp4", "moe_block_kernel", "native_bf16_gemm", "q4", "q4_kernel", "reset",
            "rms_norm", "rope_", "run_attn_block", "run_decode_layers", "run_mlp_block", "status", "wide_linear"]

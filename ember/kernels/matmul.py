@@ -1,4 +1,4 @@
-"""Matrix products on the CPU: dense (bf16/fp32), int8 and 4-bit (int4, NF4) weights times a few activation rows.
+"""Matrix products on the CPU: dense (bf16/fp32), int8, 4-bit (int4, NF4) and MXFP4 weights times a few activation rows.
 
 Decode is memory-bandwidth bound: every weight is read once per step, so these kernels stream the weights
 and decode int8/int4/NF4 in registers on the way. Every entry point takes ``x2`` (M, I) and returns
@@ -295,6 +295,32 @@ def q4(x2: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, group: int, *
     y = torch.empty(M, O, dtype=x2.dtype)
     lib.ember_q4(codes.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), M, O, I, bf, mode, group, *stats,
                  int(INT8_ACTIVATIONS), nt)
+    return y
+
+
+def mxfp4(x2: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """``x2 @ W.T`` for an MXFP4 weight W (O, I) as stored: ``blocks`` (O, I/32, 16) uint8 (element 2j in the low
+    nibble), ``scales`` (O, I/32) uint8 E8M0; x2 (M, I) bf16 or fp32, up to ``MAX_ROWS["mxfp4"]`` rows.
+
+    fp32 activations take the path exact against the dequantized weight (fp32 sums); bf16 ones the int8-activation
+    path (VNNI, int8 per block of 32) where the build has it and :data:`INT8_ACTIVATIONS` is on. None where the
+    kernels do not take the call (the caller dequantizes tile by tile)."""
+    if x2.dtype not in _FLOAT or not _usable(x2) or x2.shape[0] > MAX_ROWS["mxfp4"]:
+        return None
+    O, G = scales.shape
+    I = G * 32
+    if (x2.shape[1] != I or blocks.dtype is not torch.uint8 or scales.dtype is not torch.uint8
+            or not blocks.is_contiguous() or not scales.is_contiguous() or blocks.numel() != O * G * 16):
+        return None
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None:
+        return None
+    x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, O, dtype=x2.dtype)
+    bf = _is_bf16(x2)
+    lib.ember_mxfp4(blocks.data_ptr(), scales.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), bf, M, O, I,
+                    int(INT8_ACTIVATIONS), torch.get_num_threads())
     return y
 
 

@@ -33,6 +33,12 @@ HF_SECTION = "quantization_config"
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
 
+def experts_only(cfg) -> bool:
+    """Whether MXFP4 covers only the experts of this model (gpt-oss as published: attention, router, embeddings
+    and head stay in the compute dtype), rather than every Linear (``--quant mxfp4`` on another family)."""
+    return cfg.model_type == "gpt_oss"
+
+
 def is_mxfp4_checkpoint(extra: dict[str, Any]) -> bool:
     """Whether a config.json's unmodelled keys (``ModelConfig.extra``) say ``quant_method: mxfp4``."""
     section = extra.get(HF_SECTION)

@@ -11,7 +11,7 @@ written out in docs/planner.md; ``bench/plan_accuracy.py`` checks them against r
     preflight.py  the checks the loader and server run: fit check, KV-pool budget and block count
 """
 
-from ember.planner.fit import Plan, explain, options, plan, recommend
+from ember.planner.fit import Plan, explain, options, plan, quant_quality, recommend
 from ember.planner.memory import (
     ADAM_BYTES, GLIBC_MMAP_MAX, K_ACT, K_HEAP_HOLES, LORA_DROPOUT, ONEDNN_TRAIN_BYTES, QUANT_SCRATCH_PER_ELEMENT,
     MemoryBreakdown, WeightBytes, cpu_training_heap_bytes, kv_cache_bytes, linear_bytes, linears, lora_parameters,
@@ -31,7 +31,7 @@ __all__ = [
     "MemoryBreakdown", "Plan", "ResolvedModel", "WeightBytes", "Workload", "check_fits", "cpu_training_heap_bytes",
     "decode_step_seconds", "default_kv_pool_blocks", "dtype_name", "explain", "kv_block_bytes", "kv_budget_bytes",
     "kv_cache_bytes", "kv_pool_blocks", "linear_bytes", "linears", "lora_parameters", "memory", "options", "plan",
-    "prefill_activation_bytes", "prefill_seconds", "preflight", "quant_load_scratch_bytes", "recommend",
+    "prefill_activation_bytes", "prefill_seconds", "preflight", "quant_load_scratch_bytes", "quant_quality", "recommend",
     "resolve_model", "short_dtype", "train_flops_per_token", "train_tokens_per_second", "training_activation_bytes",
     "weight_bytes",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 from ember.config import ModelConfig
 from ember.hardware import GiB, Hardware
+from ember.loading.mxfp4 import experts_only as mxfp4_experts_only
 from ember.planner.memory import MemoryBreakdown, memory, weight_bytes
 from ember.planner.speed import _kernel, decode_step_seconds, prefill_seconds, train_tokens_per_second
 from ember.planner.workload import METHODS, QUANTS, Workload
@@ -33,6 +34,7 @@ class Plan:
     params: int
     active_params: int
     notes: list[str] = field(default_factory=list)
+    quality: float = 0.0              # rank among options when several fit (lower is better)
 
     @property
     def label(self) -> str:
@@ -106,7 +108,8 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
     return Plan(model=model, hardware=hw, workload=wl, memory=mem, available=available, fits=fits,
                 max_context=max_ctx, max_batch=max_batch, decode_tok_s=1 / t_end, decode_tok_s_start=1 / t_start,
                 prefill_tok_s=prefill, train_tok_s=train, bytes_per_step=bytes_end, roofline_tok_s=roof,
-                params=cfg.num_parameters(), active_params=cfg.active_parameters(), notes=notes)
+                params=cfg.num_parameters(), active_params=cfg.active_parameters(), notes=notes,
+                quality=quant_quality(cfg, wl.quant))
 
 
 def _granularity(cfg: ModelConfig, wl: Workload, hw: Hardware) -> float:
@@ -152,7 +155,15 @@ def options(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_m
 
 
 # Quality order (best first): what to prefer when several options fit.
-_QUALITY = {"none": 0, "int8": 1, "int4": 2, "nf4": 3}
+_QUALITY = {"none": 0, "int8": 1, "int4": 2, "mxfp4": 2.5, "nf4": 3}
+
+
+def quant_quality(cfg: ModelConfig, quant: str) -> float:
+    """Rank of a weight format for this model (lower is better). gpt-oss's MXFP4 experts are the published weights
+    themselves (nothing is rounded again), so there it ranks just after the float weights."""
+    if quant == "mxfp4" and mxfp4_experts_only(cfg):
+        return 0.5
+    return _QUALITY[quant]
 _METHOD_QUALITY = {"full": 0, "lora": 1, "qlora": 2}
 
 
@@ -162,7 +173,7 @@ def recommend(plans: list[Plan], headroom: float = 0.9) -> Plan | None:
         wl = p.workload
         if wl.task == "tune":
             return (_METHOD_QUALITY[wl.method],)
-        return (_QUALITY[wl.quant],)
+        return (p.quality,)
 
     roomy = [p for p in plans if p.fits and p.memory.total / p.hardware.nodes <= headroom * p.available / p.hardware.nodes]
     if roomy:

@@ -12,6 +12,8 @@ from typing import Any
 from ember.config import ModelConfig
 from ember.hardware import Hardware
 from ember.hybrid_config import mamba_dims
+from ember.loading.mxfp4 import experts_only as mxfp4_experts_only
+from ember.quant.mxfp4 import BLOCK as MXFP4_BLOCK
 from ember.planner.workload import (
     DTYPE_BYTES, LORA_TARGETS, Workload, kv_caps_window, quant_defaults, short_dtype,
 )
@@ -37,6 +39,8 @@ def linear_bytes(out_f: int, in_f: int, quant: str, b: int, qd: dict[str, Any] |
     if quant == "int4":
         g = qd["int4_group"]
         return n / 2 + out_f * math.ceil(in_f / g) * 2 * b
+    if quant == "mxfp4":  # E2M1 codes + one E8M0 byte per 32: 4.25 bits per weight
+        return n / 2 + out_f * math.ceil(in_f / MXFP4_BLOCK)
     if quant == "nf4":
         blocks = math.ceil(n / qd["nf4_block"])
         if qd["nf4_double_quant"]:
@@ -202,6 +206,7 @@ class WeightBytes:
     experts_per_tok: int = 0
     linear_params_active: float = 0.0   # multiply-adds per token in Linear layers (FLOPs = 2x)
     recurrent: float = 0.0    # the hybrids' recurrent mixers' projections (Gated DeltaNet, Mamba-2)
+    head_quant: str = "none"            # the untied LM head's format as priced
 
     @property
     def total(self) -> float:
@@ -232,8 +237,13 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
     parts = {"attention": 0.0, "recurrent": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
     bias_bytes = 0.0
     active = 0.0
+    published = quant == "mxfp4" and mxfp4_experts_only(cfg)  # gpt-oss: only the experts are MXFP4
+    if published:
+        lm_head = "none"
     for lin in linears(cfg):
         q = quant if lin.kind != "lm_head" else lm_head
+        if published and lin.kind != "experts":
+            q = "none"
         parts[lin.kind] += lin.count * linear_bytes(lin.out_f, lin.in_f, q, b, qd)
         if lin.bias:
             bias_bytes += lin.count * lin.out_f * b
@@ -255,7 +265,7 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
         norms = cfg.num_parameters() - in_linears - cfg.vocab_size * h - routers
         bias_bytes = 0.0
     return WeightBytes(
-        embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
+        head_quant=lm_head, embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
         experts=parts["experts"], other=(norms + routers) * b + bias_bytes, moe_layers=moe_layers,
         experts_per_layer=cfg.num_local_experts, experts_per_tok=cfg.num_experts_per_tok,
         linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0),
@@ -313,7 +323,8 @@ def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16")
 # Bytes of temporaries per weight element while ember.quant quantizes a chunk of rows (fp32 copy of
 # the rows, normalised values, codes; measured on a 4096 x 4096 bf16 weight: RSS peak / elements,
 # the stored result excluded).
-QUANT_SCRATCH_PER_ELEMENT = {"int8": 7.2, "int4": 8.1, "nf4": 12.9}
+# mxfp4: quantize_mxfp4's fp32 values, magnitudes and int64 bucket indices of one chunk (same measurement).
+QUANT_SCRATCH_PER_ELEMENT = {"int8": 7.2, "int4": 8.1, "nf4": 12.9, "mxfp4": 52.1}
 
 
 def quant_load_scratch_bytes(cfg: ModelConfig, quant: str) -> float:

@@ -34,7 +34,7 @@ def decode_step_seconds(cfg: ModelConfig, hw: Hardware, wl: Workload, kv_len: in
         # head can be half of what a step reads); a head in another format streams at that kernel's rate.
         path = "mv" if B == 1 else "mm"
         head = wb.lm_head if wb.lm_head else wb.embedding
-        head_q = wl.head_quant if wb.lm_head else "none"
+        head_q = wb.head_quant if wb.lm_head else "none"
         float_read = wb.other + (head if head_q == "none" else 0.0)
         float_read += min(wb.embedding, B * cfg.hidden_size * b) if wb.lm_head else 0.0
         float_read = min(float_read, w_read)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-QUANTS = ("none", "int8", "int4", "nf4")
+QUANTS = ("none", "int8", "int4", "nf4", "mxfp4")
 METHODS = ("lora", "qlora", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,7 +53,8 @@ class Workload:
         prompt: prefill tokens; default ``context`` (worst case: a prompt that fills the context).
         prefill_chunk: tokens per prefill forward (the server chunks; ``ember generate`` does not: None).
         dtype: compute dtype ``bf16``, ``fp16`` or ``fp32``.
-        quant: weight format ``none``, ``int8``, ``int4`` or ``nf4``.
+        quant: weight format ``none``, ``int8``, ``int4``, ``nf4`` or ``mxfp4`` (gpt-oss: the experts only, as
+            published; other families: every Linear).
         kv_dtype: KV cache dtype (default: ``dtype``).
         method: tune only: ``lora``, ``qlora`` (LoRA over an NF4 base) or ``full``.
         lora_rank: LoRA rank r.

@@ -16,12 +16,11 @@ interleaved, ``down_proj_blocks`` (E, H, I/32, 16)) under ``quantization_config.
 :class:`Mxfp4Experts` holds them as stored. :class:`Mxfp4Linear` is the same format for any ``nn.Linear``
 (``--quant mxfp4``), stored as ``<module>.weight_blocks``/``weight_scales``.
 
-Kernels: on CPU the 4-bit code-book kernel of :mod:`ember.kernels` (the NF4 one: 16-entry table, a uint8 code
-per block looked up in a 256-entry table, here ``2 ** (e - 127)``) multiplies the bytes as stored. That kernel
-reads element 2j from the high nibble; MXFP4 keeps it in the low one, so the activations' pairs are swapped
-instead (``x[2j] <-> x[2j+1]``, a copy of the few activation rows), which gives the same sums without touching
-the weights. The activations go in as fp32 (the kernel's exact path; a few rows, so the copy is free). Elsewhere (CUDA, no compiler) forward dequantizes a row tile at a time and multiplies it; the
-float copy of a weight is never whole.
+Kernels: on CPU, :func:`ember.kernels.mxfp4` (``ember/kernels/mxfp4.cpp``) multiplies the bytes as stored for up
+to ``MAX_ROWS["mxfp4"]`` activation rows: fp32 activations exactly against the dequantized weight, bf16 ones as
+int8 per block of 32 with VNNI where the build has it (E2M1 x 2 are small integers, so the codes are exact
+bytes). Larger batches (prefill), CUDA and kernel-less CPUs dequantize a row tile at a time and multiply it;
+the float copy of a weight is never whole.
 """
 
 from __future__ import annotations
@@ -88,31 +87,18 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return vals.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK).to(dtype)
 
 
-def _swap_pairs(x2: torch.Tensor) -> torch.Tensor:
-    """x2 (M, I) -> a contiguous copy with x[2j] and x[2j+1] exchanged (see the module docstring)."""
-    return x2.view(x2.shape[0], -1, 2).flip(-1).reshape(x2.shape)
-
-
-@functools.lru_cache(maxsize=8)
-def _ones(n: int) -> torch.Tensor:
-    return torch.ones(n, dtype=torch.float32)
-
-
 def mxfp4_matmul(x2: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x2 (M, in) @ W^T for W (out, in) stored as blocks (out, in/32, 16), scales (out, in/32) -> (M, out).
 
-    The CPU kernel where it takes the call (fp32 sums; fp32 activations are exact against the dequantized
-    weight), else tile by tile: dequantize ~1 MiB of rows (CPU) or 32M elements (GPU), multiply, next tile.
+    The CPU kernel where it takes the call (module docstring), else tile by tile: dequantize ~1 MiB of rows (CPU)
+    or 32M elements (GPU), multiply, next tile.
     """
     out_f, G = scales.shape
     in_f = G * BLOCK
-    if x2.device.type == "cpu" and blocks.is_contiguous() and scales.is_contiguous():
-        # fp32 activations: the kernel's exact path (its bf16/int8-activation paths do not give these values)
-        y = kernels.q4(_swap_pairs(x2.float().contiguous()), blocks.view(out_f, in_f // 2), FP4_VALUES, BLOCK,
-                       am_code=scales.view(-1), am_dyn=E8M0_VALUES, am_scale2=_ones(-(-out_f * G // 256)),
-                       am_offset=0.0)
+    if x2.device.type == "cpu":
+        y = kernels.mxfp4(x2, blocks.reshape(out_f, G, BLOCK // 2), scales)
         if y is not None:
-            return y.to(x2.dtype)
+            return y
     per = _GPU_TILE_ELEMENTS if x2.device.type != "cpu" else _CPU_TILE_ELEMENTS
     step = max(1, per // in_f)
     if step >= out_f:

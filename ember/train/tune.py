@@ -115,32 +115,51 @@ def _check_same_config(out: Path, saved: dict[str, Any], now: dict[str, Any]) ->
 # one-block layers whole) is tested against HF and PEFT (loss and LoRA gradients, adapters loaded in PEFT). The
 # others (the MoE hybrids, multimodal wrappers whose adapters PEFT would look for under the wrapper's names) load
 # and generate, but their training path is not verified yet, so tuning them is refused.
-TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen3_5_text", "nemotron_h",
-                      "gemma2", "gemma3_text", "gemma4_text", "glm4_moe", "deepseek_v3", "minimax_m2")
+TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss", "qwen3_5_text",
+                      "nemotron_h", "gemma2", "gemma3_text", "gemma4_text", "glm4_moe", "deepseek_v3", "minimax_m2")
 # Families with recurrent layers: a packed row would carry one example's state into the next.
 RECURRENT_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "nemotron_h")
+# gpt-oss: the experts are fused 3-D tensors (HF's layout, MXFP4 as published) and HF's router is not an
+# nn.Linear, so LoRA adapts the attention projections; "all-linear" means those, as it does in PEFT. The base
+# (MXFP4 experts included) stays frozen as loaded.
+FAMILY_LORA_TARGETS = {"gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj")}
 # What "all-linear" adapts where PEFT's own choice differs: for Nemotron-H, PEFT refuses LoRA on a Mamba mixer's
 # out_proj, and HF keeps the routed experts as 3-D parameters (not Linears), so neither is adapted.
 ALL_LINEAR_AS = {"nemotron_h": r".*\.(in_proj|[qkvo]_proj|shared_experts\.(up|down)_proj|mixer\.(up|down)_proj)"}
 
 
-def check_trainable(model_path: str | os.PathLike, pack: bool = False) -> str:
-    """Refuse, before any work, a checkpoint whose family ``ember tune`` cannot train yet (or not with ``pack``);
-    return its ``model_type``.
+def check_trainable(model_path: str | os.PathLike, cfg: TrainConfig | None = None) -> TrainConfig | None:
+    """Refuse, before any work, a checkpoint whose family ``ember tune`` cannot train yet (or not with ``cfg.pack``);
+    return ``cfg`` with ``all-linear`` resolved for families whose adaptable Linears are a fixed set
+    (:data:`FAMILY_LORA_TARGETS`, :data:`ALL_LINEAR_AS`).
 
     Raises:
-        TrainingError: naming the family and the ones that can be tuned.
+        TrainingError: naming the family and the ones that can be tuned, or a target the family cannot adapt.
     """
     from ember.config import ModelConfig
 
-    cfg = ModelConfig.from_file(model_path)
-    if cfg.model_type not in TRAINABLE_FAMILIES:
-        raise TrainingError(f"{model_path}: ember tune does not train model_type {cfg.model_type!r} yet (it loads, "
+    mcfg = ModelConfig.from_file(model_path)
+    if mcfg.model_type not in TRAINABLE_FAMILIES:
+        raise TrainingError(f"{model_path}: ember tune does not train model_type {mcfg.model_type!r} yet (it loads, "
                             f"generates and serves); families that can be tuned: {', '.join(TRAINABLE_FAMILIES)}")
-    if pack and cfg.model_type in RECURRENT_FAMILIES:
-        raise TrainingError(f"{model_path}: {cfg.model_type} has recurrent layers, whose state would run from one "
+    if cfg is not None and cfg.pack and mcfg.model_type in RECURRENT_FAMILIES:
+        raise TrainingError(f"{model_path}: {mcfg.model_type} has recurrent layers, whose state would run from one "
                             f"packed example into the next; tune it without --pack (one example per row)")
-    return cfg.model_type
+    if cfg is None or cfg.method == "full":
+        return cfg
+    if cfg.targets == "all-linear" and mcfg.model_type in ALL_LINEAR_AS:
+        return dataclasses.replace(cfg, targets=ALL_LINEAR_AS[mcfg.model_type])
+    allowed = FAMILY_LORA_TARGETS.get(mcfg.model_type)
+    if allowed is None:
+        return cfg
+    if cfg.targets == "all-linear":
+        return dataclasses.replace(cfg, targets=list(allowed))
+    named = cfg.lora().target_modules
+    bad = [t for t in named if t not in allowed] if isinstance(named, list) else []
+    if bad:
+        raise TrainingError(f"--targets {','.join(bad)}: {mcfg.model_type} adapts {', '.join(allowed)} (its experts "
+                            "are fused 3-D tensors and its router is not a Linear in HF/PEFT)")
+    return cfg
 
 
 def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig,
@@ -170,10 +189,7 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.check()
-    family = check_trainable(model_path, cfg.pack)
-    if cfg.targets == "all-linear" and family in ALL_LINEAR_AS:
-        cfg = dataclasses.replace(cfg, targets=ALL_LINEAR_AS[family])
-        log(f"[ember tune] {family}: all-linear adapts {cfg.targets} (the modules PEFT adapts for it)")
+    cfg = check_trainable(model_path, cfg)
     out = Path(out_dir)
     _check_out_dir(out, resume)
     record = {"model": str(model_path), "data": str(data), "eval": str(eval_data) if eval_data else None,
