@@ -57,7 +57,7 @@ AMX_MIN_ROWS = int(os.environ.get("EMBER_AMX_MIN_ROWS", "5"))
 # in bf16 (vdpbf16ps). fp32 activations always take the path that is exact against the dequantized weight.
 INT8_ACTIVATIONS = os.environ.get("EMBER_INT8_ACTIVATIONS", "1").strip().lower() not in ("0", "off", "false", "no")
 
-MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2}
+MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2, "gguf": 8}
 TILE_BYTES = 1 << 20  # float tile of dequantized rows: L2-resident
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -180,6 +180,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
     lib.ember_int8_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT]
+    lib.ember_gguf_supports.restype = _INT
+    lib.ember_gguf_supports.argtypes = [_INT]
+    lib.ember_gguf_linear.restype = _INT
+    lib.ember_gguf_linear.argtypes = [_P, _I64, _INT, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    lib.ember_gguf_dequant.restype = _INT
+    lib.ember_gguf_dequant.argtypes = [_P, _I64, _INT, _I64, _I64, _I64, _P, _INT, _INT]
     lib.ember_q4_dequant.restype = None
     lib.ember_q4_dequant.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _INT, _I64, _P, _P, _INT, _P, _P, _P, _P, _F, _P,
                                      _INT]

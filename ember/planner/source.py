@@ -67,14 +67,14 @@ def _resolve_gguf(p: Path) -> ResolvedModel:
         import gguf  # noqa: F401
     except ImportError:
         raise GGUFError(f"{p}: reading GGUF metadata needs the 'gguf' package (pip install gguf)") from None
-    from ember.loading.gguf import EXACT_QUANT_LINEARS, GGUFFile, config_from_gguf
+    from ember.loading.gguf import DEQUANTIZERS, GGUFFile, config_from_gguf
 
     gf = GGUFFile.open(p)
     cfg = config_from_gguf(gf)
     types: dict[str, int] = {}
     for t in gf.tensors.values():
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
-    kept = {getattr(k, "name", str(k)) for k in EXACT_QUANT_LINEARS}
+    kept = {getattr(k, "name", str(k)) for k in DEQUANTIZERS}
     mix = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
     notes = [f"GGUF file {p.stat().st_size / GiB:.1f} GiB ({mix})"]
     quantized = [k for k in types if k not in ("F32", "F16", "BF16")]
