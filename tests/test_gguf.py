@@ -86,6 +86,24 @@ def quant_roundtrip(w: np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, QT[qtype]), QT[qtype])
 
 
+def quantize_or_fill(w: np.ndarray, qtype) -> np.ndarray:
+    """``w`` quantized by gguf's reference code where it has a quantizer; else (K-quants, IQ4) random blocks of
+    the type with scales of ``w``'s magnitude: their values are not ``w``'s, so such files serve tests that
+    compare Ember with the file's own decoded weights, not with the HF model."""
+    try:
+        return gguf.quants.quantize(w, qtype)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows = w.shape[0] * (int(np.prod(w.shape[1:])) // block)
+        raw = random_blocks(qtype, rows, 1, seed=int(abs(w).sum() * 1e3) % 2**31).reshape(*w.shape[:-1], -1)
+        scale = float(np.abs(w).mean()) / 8  # codes of a few units times this: the weight's own size
+        blocks = raw.reshape(-1, size)
+        for s in FP16_SLOTS[qtype.name]:
+            blocks[:, s:s + 2] = (np.frombuffer(blocks[:, s:s + 2].tobytes(), np.float16) * np.float16(scale * 10)
+                                  ).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return raw
+
+
 def byte_vocab(n: int) -> list[str]:
     """A tiny byte-level vocabulary of exactly ``n`` tokens: the specials, then byte characters."""
     alphabet = gguf_tokenizer._byte_level_alphabet()
@@ -140,12 +158,13 @@ def write_model_gguf(path: Path, hf, family: str, qtype: str = "F32", chat_templ
         for name, arr in gguf_tensors(hf_name, t):
             if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
                 arr = llama_cpp_permute(arr, nh if ".attn_q." in name else nkv)
-            if arr.ndim == 1 or (qtype not in ("F16", "BF16") and arr.shape[-1] % 32):
+            block = gguf.GGML_QUANT_SIZES[QT[qtype]][0]
+            if arr.ndim == 1 or (qtype not in ("F16", "BF16") and arr.shape[-1] % block):
                 w.add_tensor(name, np.ascontiguousarray(arr))  # norms, biases, rows that fit no block: F32
             elif qtype == "F16":
                 w.add_tensor(name, arr.astype(np.float16))
             elif qtype != "F32":
-                w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr), QT[qtype]), raw_dtype=QT[qtype])
+                w.add_tensor(name, quantize_or_fill(np.ascontiguousarray(arr), QT[qtype]), raw_dtype=QT[qtype])
             else:
                 w.add_tensor(name, np.ascontiguousarray(arr))
     tokens = byte_vocab(cfg.vocab_size)
