@@ -235,3 +235,24 @@ def test_resident_memory_stays_near_the_file_size(wide_gguf):
     # the file mapped (at most its size) plus small per-module state; a dequantized bf16 copy would be ~3.5x
     assert grown < 1.1 * size + (8 << 20), f"RSS grew {grown / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB file"
     assert np.isfinite(grown)
+
+
+def test_plan_prices_the_files_own_types(wide_gguf, capsys):
+    """``ember plan model.gguf``: inference weights are the file's quantized tensors at their bytes plus its
+    float tensors in the compute dtype, not a 16-bit copy of every weight."""
+    import json
+
+    from ember.cli import main
+
+    path, hf = wide_gguf("llama", "Q4_K")
+    gf = GGUFFile.open(path)
+    quant = sum(int(t.n_bytes) for t in gf.tensors.values() if t.tensor_type != QT.F32)
+    floats = sum(int(t.n_elements) for t in gf.tensors.values() if t.tensor_type == QT.F32)
+    main(["plan", str(path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    plain = [o for o in out["options"] if o["workload"]["quant"] == "none" and o["workload"]["task"] == "infer"]
+    assert plain, [o["option"] for o in out["options"]]
+    for o in plain:
+        elem = {"bf16": 2, "fp16": 2, "fp32": 4}[o["workload"]["dtype"]]
+        assert o["memory_bytes"]["weights"] == pytest.approx(quant + floats * elem, rel=1e-6), o["option"]
+    assert "held in their own blocks" in " ".join(out["notes"])
