@@ -67,6 +67,9 @@ inline int code_offset(int t) {
 inline float f16_to_f32(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if (defined(EMBER_X86) || defined(EMBER_AVX2)) && defined(__F16C__)
+  return _cvtsh_ss(h);  // exact, as the bit manipulation below
+#endif
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
   uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
   if (exp == 0) {
@@ -345,16 +348,126 @@ inline float dot_codes(const uint8_t* u, const int8_t* xq, const float* fac, int
 }
 #endif
 
-// bf16 products on byte codes: X quantized once, every row unpacked once for all M rows.
+#ifdef EMBER_VNNI
+// One 32-value block of a 32-block type as 32 byte codes in natural order (element i in byte i), its scale d and
+// min m (w = d * (u - off) + m): the nibble types' byte i holds element i (low) and i + 16 (high), so
+// [low nibbles | high nibbles] is the natural order; code books (IQ4_NL, MXFP4) by an in-lane byte shuffle.
+template <int T>
+inline __m256i block32(const uint8_t* b, float& d, float& m) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  auto nib = [&](const uint8_t* qs) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+  };
+  m = 0.f;
+  if constexpr (T == Q8_0) {
+    d = f16_to_f32(b);
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), _mm256_set1_epi8(-128));
+  } else if constexpr (T == Q4_0) {
+    d = f16_to_f32(b);
+    return nib(b + 2);
+  } else if constexpr (T == Q4_1) {
+    d = f16_to_f32(b), m = f16_to_f32(b + 2);
+    return nib(b + 4);
+  } else if constexpr (T == Q5_0 || T == Q5_1) {
+    constexpr int base = T == Q5_0 ? 2 : 4;
+    d = f16_to_f32(b);
+    if constexpr (T == Q5_1) m = f16_to_f32(b + 2);
+    uint32_t qh;
+    std::memcpy(&qh, b + base, 4);
+    return _mm256_or_si256(nib(b + base + 4), _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(16)));
+  } else {  // IQ4_NL, MXFP4: codes through the (value + 128) book
+    alignas(16) static const uint8_t book[16] = {
+#define B(v) static_cast<uint8_t>((v) + 128)
+        B(T == IQ4_NL ? kIq4[0] : kMxfp4[0]), B(T == IQ4_NL ? kIq4[1] : kMxfp4[1]), B(T == IQ4_NL ? kIq4[2] : kMxfp4[2]),
+        B(T == IQ4_NL ? kIq4[3] : kMxfp4[3]), B(T == IQ4_NL ? kIq4[4] : kMxfp4[4]), B(T == IQ4_NL ? kIq4[5] : kMxfp4[5]),
+        B(T == IQ4_NL ? kIq4[6] : kMxfp4[6]), B(T == IQ4_NL ? kIq4[7] : kMxfp4[7]), B(T == IQ4_NL ? kIq4[8] : kMxfp4[8]),
+        B(T == IQ4_NL ? kIq4[9] : kMxfp4[9]), B(T == IQ4_NL ? kIq4[10] : kMxfp4[10]),
+        B(T == IQ4_NL ? kIq4[11] : kMxfp4[11]), B(T == IQ4_NL ? kIq4[12] : kMxfp4[12]),
+        B(T == IQ4_NL ? kIq4[13] : kMxfp4[13]), B(T == IQ4_NL ? kIq4[14] : kMxfp4[14]),
+        B(T == IQ4_NL ? kIq4[15] : kMxfp4[15])};
+#undef B
+    const __m256i tb = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
+    if constexpr (T == MXFP4) {
+      d = e8m0_half(b[0]);
+      return _mm256_shuffle_epi8(tb, nib(b + 1));
+    } else {
+      d = f16_to_f32(b);
+      return _mm256_shuffle_epi8(tb, nib(b + 2));
+    }
+  }
+}
+
+// One row of a 32-block type times one quantized activation row: two blocks per vpdpbusd, scales per block.
+// xs32: sx * sum(xq) per 32 values (the offset and min terms).
+template <int T>
+float row_q8_32(const uint8_t* row, const int8_t* xq, const float* sx, const float* xs32, int64_t nb) {
+  constexpr int bb = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34
+                   : T == IQ4_NL ? 18 : 17;
+  constexpr float off = T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : (T == Q8_0 || T == IQ4_NL || T == MXFP4) ? 128.f : 0.f;
+  __m512 acc = _mm512_setzero_ps();
+  float corr = 0.f;
+  int64_t k = 0;
+  for (; k + 2 <= nb; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k * bb) + 512, _MM_HINT_T0);
+    float da, ma, db, mb;
+    const __m256i ua = block32<T>(row + k * bb, da, ma);
+    const __m256i ub = block32<T>(row + (k + 1) * bb, db, mb);
+    const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(ua), ub, 1);
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(xq + 32 * k));
+    const __m512 fac = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(da * sx[k]), _mm512_set1_ps(db * sx[k + 1]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), fac, acc);
+    corr += (ma - off * da) * xs32[k] + (mb - off * db) * xs32[k + 1];
+  }
+  float y = _mm512_reduce_add_ps(acc);
+  if (k < nb) {  // an odd last block
+    float d, m;
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), block32<T>(row + k * bb, d, m),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * k)));
+    alignas(32) int32_t l[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(l), p);
+    y += d * sx[k] * static_cast<float>(l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7]);
+    corr += (m - off * d) * xs32[k];
+  }
+  return y + corr;
+}
+
+template <int T>
+void linear_q8_32(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs32, void* Y,
+                  int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
+  const int64_t nb = I / 32;
+  for_rows(O, nthreads, [&](int64_t o) {
+    for (int64_t m = 0; m < M; m++)
+      store_y(Y, m * O + o, row_q8_32<T>(W + o * row_bytes, xq + m * I, sx + m * nb, xs32 + m * nb, nb), y_bf16);
+  });
+}
+#endif
+
+// bf16 products on byte codes: X quantized once; 32-block types (VNNI) decoded in registers, the others unpacked
+// once per row for all M rows.
 void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, void* Y, int64_t M, int64_t O, int64_t I,
                int y_bf16, int nthreads) {
-  const int64_t G = I / kGroup;
+  const int64_t G = I / kGroup, C = I / 32;
   act_q.resize(static_cast<size_t>(M * I));
-  act_f.resize(static_cast<size_t>(M * (I / 32 + G)));
+  act_f.resize(static_cast<size_t>(M * (C + G + C)));
   float* sx = act_f.data();
-  float* xs = sx + M * (I / 32);
+  float* xs = sx + M * C;
+  float* xs32 = xs + M * G;
   quantize_acts(X, M, I, kActQ8Levels, act_q.data(), sx, xs);
+  for (int64_t i = 0; i < M * C; i++) xs32[i] = xs[2 * i] + xs[2 * i + 1];
   const int8_t* xq = act_q.data();
+#ifdef EMBER_VNNI
+  switch (t) {
+    case Q4_0: return linear_q8_32<Q4_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q4_1: return linear_q8_32<Q4_1>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q5_0: return linear_q8_32<Q5_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q5_1: return linear_q8_32<Q5_1>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q8_0: return linear_q8_32<Q8_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case IQ4_NL: return linear_q8_32<IQ4_NL>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case MXFP4: return linear_q8_32<MXFP4>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    default: break;
+  }
+#endif
   const float off = static_cast<float>(code_offset(t));
   for_rows(O, nthreads, [&](int64_t o) {
     RowScratch& s = row_scratch;
@@ -362,13 +475,21 @@ void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, vo
     unpack_row(t, W + o * row_bytes, I, s);
     float* fac = s.w.data();  // (G) per-group factors, reused per activation row
     for (int64_t m = 0; m < M; m++) {
-      const float* sxm = sx + m * (I / 32);
+      const float* sxm = sx + m * C;
       const float* xsm = xs + m * G;
-      float mins = 0.f;
-      for (int64_t g = 0; g < G; g++) {
+      float part[16] = {};  // lane-wise partial sums of the min terms (vectorisable without reassociation)
+      int64_t g = 0;
+      for (; g + 16 <= G; g += 16)
+        for (int j = 0; j < 16; j++) {
+          fac[g + j] = s.sc[g + j] * sxm[(g + j) / 2];
+          part[j] += (s.mn[g + j] - off * s.sc[g + j]) * xsm[g + j];
+        }
+      for (; g < G; g++) {
         fac[g] = s.sc[g] * sxm[g / 2];
-        mins += (s.mn[g] - off * s.sc[g]) * xsm[g];
+        part[0] += (s.mn[g] - off * s.sc[g]) * xsm[g];
       }
+      float mins = 0.f;
+      for (int j = 0; j < 16; j++) mins += part[j];
       store_y(Y, m * O + o, dot_codes(s.u.data(), xq + m * I, fac, I) + mins, y_bf16);
     }
   });
