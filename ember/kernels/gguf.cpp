@@ -432,6 +432,86 @@ float row_q8_32(const uint8_t* row, const int8_t* xq, const float* sx, const flo
   return y + corr;
 }
 
+// One row of a K-quant (Q4_K, Q5_K, Q6_K) times one quantized activation row: each 64 values (two sub-blocks of
+// 32, or four of 16) decoded in registers to natural order and multiplied by one vpdpbusd; per-lane factors
+// d * scale * sx for each 4-lane quarter (16 values) from a 16-entry table made once per super-block.
+template <int T>
+float row_q8_k(const uint8_t* row, const int8_t* xq, const float* sx, const float* xs, int64_t nb) {
+  constexpr int bb = T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  __m512 acc = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
+  alignas(64) float fac[16], mnf[16];
+  for (int64_t k = 0; k < nb; k++) {
+    const uint8_t* b = row + k * bb;
+    const int8_t* x = xq + 256 * k;
+    const float* s = sx + 8 * k;
+    _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 128, _MM_HINT_T0);
+    __m512i u[4];
+    if constexpr (T == Q6_K) {
+      const float d = f16_to_f32(b + 208);
+      for (int g = 0; g < 16; g++) {
+        const float dg = d * static_cast<float>(static_cast<int8_t>(b[192 + g]));
+        fac[g] = dg * s[g / 2], mnf[g] = -32.f * dg;
+      }
+      for (int h = 0; h < 2; h++) {
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+        auto hi2 = [&](int sh) { return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sh), m3), 4); };
+        const __m256i j0 = _mm256_or_si256(_mm256_and_si256(l0, m4), hi2(0));
+        const __m256i j1 = _mm256_or_si256(_mm256_and_si256(l1, m4), hi2(2));
+        const __m256i j2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), hi2(4));
+        const __m256i j3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), hi2(6));
+        u[2 * h] = _mm512_inserti64x4(_mm512_castsi256_si512(j0), j1, 1);
+        u[2 * h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(j2), j3, 1);
+      }
+    } else {
+      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+      for (int j = 0; j < 8; j++) {
+        int sc, mn;
+        k_scale_min(b + 4, j, sc, mn);
+        const float dj = d * static_cast<float>(sc), mj = -(dmin * static_cast<float>(mn));
+        fac[2 * j] = fac[2 * j + 1] = dj * s[j];
+        mnf[2 * j] = mnf[2 * j + 1] = mj;
+      }
+      const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
+      __m256i qh = _mm256_setzero_si256();
+      if constexpr (T == Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if constexpr (T == Q5_K) {
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+        }
+        u[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      }
+    }
+    for (int c = 0; c < 4; c++) {
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[c], _mm512_loadu_si512(x + 64 * c));
+      const __m512 f = _mm512_permutexvar_ps(quad, _mm512_zextps128_ps512(_mm_load_ps(fac + 4 * c)));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc);
+    }
+    // min / offset terms: per 16 values, (mn - off * sc) * sx * sum(xq) (xs holds sx * sum(xq) per 16)
+    corr = _mm512_fmadd_ps(_mm512_load_ps(mnf), _mm512_loadu_ps(xs + 16 * k), corr);
+  }
+  return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(corr);
+}
+
+template <int T>
+void linear_q8_k(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs, void* Y,
+                 int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
+  const int64_t nb = I / 256;
+  for_rows(O, nthreads, [&](int64_t o) {
+    for (int64_t m = 0; m < M; m++)
+      store_y(Y, m * O + o, row_q8_k<T>(W + o * row_bytes, xq + m * I, sx + m * (I / 32), xs + m * (I / 16), nb),
+              y_bf16);
+  });
+}
+
 template <int T>
 void linear_q8_32(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs32, void* Y,
                   int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
@@ -465,6 +545,9 @@ void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, vo
     case Q8_0: return linear_q8_32<Q8_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
     case IQ4_NL: return linear_q8_32<IQ4_NL>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
     case MXFP4: return linear_q8_32<MXFP4>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q4_K: return linear_q8_k<Q4_K>(W, row_bytes, xq, sx, xs, Y, M, O, I, y_bf16, nthreads);
+    case Q5_K: return linear_q8_k<Q5_K>(W, row_bytes, xq, sx, xs, Y, M, O, I, y_bf16, nthreads);
+    case Q6_K: return linear_q8_k<Q6_K>(W, row_bytes, xq, sx, xs, Y, M, O, I, y_bf16, nthreads);
     default: break;
   }
 #endif
