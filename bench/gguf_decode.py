@@ -2,9 +2,8 @@
 
 A random Llama (``--size small``: ~110M parameters; ``1.1b``: TinyLlama dimensions) is written as a bf16
 safetensors checkpoint (bench/decode.py's ``write_checkpoint``) and as GGUF files the way llama.cpp lays them
-out (llama names, the q/k RoPE row permutation, tokenizer metadata): Q8_0 and Q4_0 quantized by gguf-py's
-reference quantizer, Q4_K as random blocks of that type (gguf-py has no K-quant quantizer; decode speed and
-memory do not depend on the values). Rows, all batch 1, a ``--prompt``-token prompt, ``--new`` new tokens
+out (llama names, the q/k RoPE row permutation, tokenizer metadata), each quantized tensor random blocks of
+its type with scales of the weight's size (decode speed and memory do not depend on the values). Rows, all batch 1, a ``--prompt``-token prompt, ``--new`` new tokens
 (greedy, EOS ignored), bf16 compute, timed in interleaved rounds as bench/decode.py does (decode tok/s =
 (new - 1) / (t(new) - t(1)), best round; prefill = t(1)):
 
@@ -48,17 +47,20 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _blocks(arr: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of ``qtype`` for a weight shaped like ``arr``, scales of its size: decode speed and memory do
+    not depend on the values (the logits of such a file mean nothing), and gguf-py's numpy quantizers take
+    minutes for a 1B model (and have none for the K-quants)."""
     import gguf
 
-    try:
-        return gguf.quants.quantize(arr, qtype)
-    except NotImplementedError:  # K-quants: random blocks with fp16 scales of the weight's size
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, (arr.size // block, size), dtype=np.uint8)
-        slots = {"Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}[qtype.name]
-        for s in slots:
-            raw[:, s:s + 2] = np.full((raw.shape[0], 1), float(np.abs(arr).mean()) / 8, np.float16).view(np.uint8)
-        return raw.reshape(arr.shape[0], -1)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (arr.size // block, size), dtype=np.uint8)
+    slots = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0],
+             "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}.get(qtype.name, [])
+    for s in slots:
+        raw[:, s:s + 2] = np.full((raw.shape[0], 1), float(np.abs(arr).mean()) / 8, np.float16).view(np.uint8)
+    if qtype.name == "MXFP4":
+        raw[:, 0] = 120  # 2^-7 scales
+    return raw.reshape(arr.shape[0], -1)
 
 
 def write_gguf(folder: Path, path: Path, qtype_name: str) -> Path:
@@ -119,7 +121,7 @@ def write_gguf(folder: Path, path: Path, qtype_name: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K")
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K,Q6_K,MXFP4")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)

@@ -17,6 +17,9 @@
 //     activations; AVX2 uses 63 levels so that u8 x s8 pairs never saturate vpmaddubsw) and the codes
 //     multiplied as bytes: per 16 elements isum = sum(u * xq), then
 //       y = sum_g sx[g/2] * (sc[g] * isum[g] + (mn[g] - off * sc[g]) * sum(xq over g)).
+//     With VNNI the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4) and Q4_K, Q5_K, Q6_K are decoded
+//     in registers, 64 values per vpdpbusd (row_q8_32, row_q8_k); Q2_K, Q3_K, IQ4_XS and the AVX2 tier go
+//     through the unpacked row (dot_codes).
 //
 // Threads: OpenMP over contiguous blocks of 4 output rows (as cpu.cpp), each row unpacked once for all M rows.
 
@@ -501,24 +504,20 @@ float row_q8_k(const uint8_t* row, const int8_t* xq, const float* sx, const floa
   return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(corr);
 }
 
+// Every row times every activation row, for a type with a register-decoding row kernel above.
 template <int T>
-void linear_q8_k(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs, void* Y,
-                 int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
-  const int64_t nb = I / 256;
+void linear_q8_fused(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs,
+                     const float* xs32, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
   for_rows(O, nthreads, [&](int64_t o) {
-    for (int64_t m = 0; m < M; m++)
-      store_y(Y, m * O + o, row_q8_k<T>(W + o * row_bytes, xq + m * I, sx + m * (I / 32), xs + m * (I / 16), nb),
-              y_bf16);
-  });
-}
-
-template <int T>
-void linear_q8_32(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs32, void* Y,
-                  int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
-  const int64_t nb = I / 32;
-  for_rows(O, nthreads, [&](int64_t o) {
-    for (int64_t m = 0; m < M; m++)
-      store_y(Y, m * O + o, row_q8_32<T>(W + o * row_bytes, xq + m * I, sx + m * nb, xs32 + m * nb, nb), y_bf16);
+    const uint8_t* r = W + o * row_bytes;
+    for (int64_t m = 0; m < M; m++) {
+      float y;
+      if constexpr (T == Q4_K || T == Q5_K || T == Q6_K)
+        y = row_q8_k<T>(r, xq + m * I, sx + m * (I / 32), xs + m * (I / 16), I / 256);
+      else
+        y = row_q8_32<T>(r, xq + m * I, sx + m * (I / 32), xs32 + m * (I / 32), I / 32);
+      store_y(Y, m * O + o, y, y_bf16);
+    }
   });
 }
 #endif
@@ -538,16 +537,16 @@ void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, vo
   const int8_t* xq = act_q.data();
 #ifdef EMBER_VNNI
   switch (t) {
-    case Q4_0: return linear_q8_32<Q4_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q4_1: return linear_q8_32<Q4_1>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q5_0: return linear_q8_32<Q5_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q5_1: return linear_q8_32<Q5_1>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q8_0: return linear_q8_32<Q8_0>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case IQ4_NL: return linear_q8_32<IQ4_NL>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case MXFP4: return linear_q8_32<MXFP4>(W, row_bytes, xq, sx, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q4_K: return linear_q8_k<Q4_K>(W, row_bytes, xq, sx, xs, Y, M, O, I, y_bf16, nthreads);
-    case Q5_K: return linear_q8_k<Q5_K>(W, row_bytes, xq, sx, xs, Y, M, O, I, y_bf16, nthreads);
-    case Q6_K: return linear_q8_k<Q6_K>(W, row_bytes, xq, sx, xs, Y, M, O, I, y_bf16, nthreads);
+    case Q4_0: return linear_q8_fused<Q4_0>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q4_1: return linear_q8_fused<Q4_1>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q5_0: return linear_q8_fused<Q5_0>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q5_1: return linear_q8_fused<Q5_1>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q8_0: return linear_q8_fused<Q8_0>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case IQ4_NL: return linear_q8_fused<IQ4_NL>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case MXFP4: return linear_q8_fused<MXFP4>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q4_K: return linear_q8_fused<Q4_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q5_K: return linear_q8_fused<Q5_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case Q6_K: return linear_q8_fused<Q6_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
     default: break;
   }
 #endif
