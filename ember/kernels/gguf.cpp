@@ -17,8 +17,8 @@
 //     activations; AVX2 uses 63 levels so that u8 x s8 pairs never saturate vpmaddubsw) and the codes
 //     multiplied as bytes: per 16 elements isum = sum(u * xq), then
 //       y = sum_g sx[g/2] * (sc[g] * isum[g] + (mn[g] - off * sc[g]) * sum(xq over g)).
-//     With VNNI the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4) and Q4_K, Q5_K, Q6_K are decoded
-//     in registers, 64 values per vpdpbusd (row_q8_32, row_q8_k); Q2_K, Q3_K, IQ4_XS and the AVX2 tier go
+//     With VNNI the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4) and Q4_K, Q5_K, Q6_K, IQ4_XS are
+//     decoded in registers, 64 values per vpdpbusd (row_q8_32, row_q8_k); Q2_K, Q3_K and the AVX2 tier go
 //     through the unpacked row (dot_codes).
 //
 // Threads: OpenMP over contiguous blocks of 4 output rows (as cpu.cpp), each row unpacked once for all M rows.
@@ -440,7 +440,7 @@ float row_q8_32(const uint8_t* row, const int8_t* xq, const float* sx, const flo
 // d * scale * sx for each 4-lane quarter (16 values) from a 16-entry table made once per super-block.
 template <int T>
 float row_q8_k(const uint8_t* row, const int8_t* xq, const float* sx, const float* xs, int64_t nb) {
-  constexpr int bb = T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+  constexpr int bb = T == Q4_K ? 144 : T == Q5_K ? 176 : T == IQ4_XS ? 136 : 210;
   const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
   __m512 acc = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
@@ -470,6 +470,24 @@ float row_q8_k(const uint8_t* row, const int8_t* xq, const float* sx, const floa
         const __m256i j3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), hi2(6));
         u[2 * h] = _mm512_inserti64x4(_mm512_castsi256_si512(j0), j1, 1);
         u[2 * h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(j2), j3, 1);
+      }
+    } else if constexpr (T == IQ4_XS) {  // sub-block j: 16 bytes at 8 + 16 j, low nibbles then high
+      const float d = f16_to_f32(b);
+      const int sh = b[2] | b[3] << 8;
+      for (int j = 0; j < 8; j++) {
+        const int ls = ((b[4 + j / 2] >> (4 * (j & 1))) & 0x0F) | ((sh >> (2 * j)) & 3) << 4;
+        const float dj = d * static_cast<float>(ls - 32);
+        fac[2 * j] = fac[2 * j + 1] = dj * s[j];
+        mnf[2 * j] = mnf[2 * j + 1] = -128.f * dj;
+      }
+      alignas(16) static const uint8_t book[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+      const __m512i tb = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
+      for (int c = 0; c < 4; c++) {  // sub-blocks 2c, 2c + 1
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8 + 32 * c));
+        const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                                              _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+        // [2c low, 2c+1 low, 2c high, 2c+1 high] -> natural order [2c low, 2c high, 2c+1 low, 2c+1 high]
+        u[c] = _mm512_shuffle_epi8(tb, _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0)));
       }
     } else {
       const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
@@ -512,7 +530,7 @@ void linear_q8_fused(const uint8_t* W, int64_t row_bytes, const int8_t* xq, cons
     const uint8_t* r = W + o * row_bytes;
     for (int64_t m = 0; m < M; m++) {
       float y;
-      if constexpr (T == Q4_K || T == Q5_K || T == Q6_K)
+      if constexpr (T == Q4_K || T == Q5_K || T == Q6_K || T == IQ4_XS)
         y = row_q8_k<T>(r, xq + m * I, sx + m * (I / 32), xs + m * (I / 16), I / 256);
       else
         y = row_q8_32<T>(r, xq + m * I, sx + m * (I / 32), xs32 + m * (I / 32), I / 32);
@@ -547,6 +565,7 @@ void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, vo
     case Q4_K: return linear_q8_fused<Q4_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
     case Q5_K: return linear_q8_fused<Q5_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
     case Q6_K: return linear_q8_fused<Q6_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
+    case IQ4_XS: return linear_q8_fused<IQ4_XS>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
     default: break;
   }
 #endif
