@@ -82,7 +82,7 @@ def perplexity(model, token_ids: list[int], window: int = 512, stride: int = 256
     window = min(window, n)
     stride = min(stride, window)
     wins = sliding_windows(n, window, stride)
-    device = model.model.embed_tokens.weight.device
+    device = model.model.norm.weight.device  # (the embedding may hold its table as GGUF blocks, with no .weight)
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
     vocab = model.config.vocab_size
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)

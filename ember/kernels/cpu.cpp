@@ -2286,7 +2286,8 @@ int ember_attn_decode(const void* Q, const void* K, const void* V, void* Out, in
 // Everything about one weight but its activations, filled in once by the Python side (ctypes mirrors this
 // struct: keep the two in step), so a decode-time call passes 6 arguments instead of up to 21.
 struct LinearDesc {
-  int64_t kind;  // 1 dense (w_bf16: bf16 weight with bf16 x, else fp32 with fp32 x), 2 int8, 3 int4/NF4
+  int64_t kind;  // 1 dense (w_bf16: bf16 weight with bf16 x, else fp32 with fp32 x), 2 int8, 3 int4/NF4,
+                 // 4 GGUF blocks (gguf.cpp: mode = ggml type, group = bytes per row)
   int64_t O, I;
   int64_t w_bf16;
   int64_t amx_min_rows;  // dense bf16: AMX tiles from this many rows (0: never)
@@ -2368,6 +2369,9 @@ void run_dense_row_jobs(int n, const LinearDesc* const* d, const void* X, void* 
 
 extern "C" {
 
+int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X, int x_bf16, void* Y, int64_t M,
+                      int64_t O, int64_t I, int act_q8, int nthreads);  // gguf.cpp
+
 // Y (M, O) = X (M, I) @ W^T (+ bias) for one prepared weight, in X's dtype (x_bf16). Returns 0 (nothing
 // written) for a dense weight whose dtype is not X's.
 int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads) {
@@ -2392,6 +2396,11 @@ int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_b
       ember_q4(static_cast<const uint8_t*>(d->W), X, x_bf16, Y, M, d->O, d->I, x_bf16, static_cast<int>(d->mode),
                d->group, d->q_scales, d->q_zeros, static_cast<int>(d->stats_bf16), d->absmax, d->am_code, d->am_dyn,
                d->am_scale2, d->am_offset, d->table, static_cast<int>(d->act_q8), nthreads);
+      break;
+    case 4:
+      if (!ember_gguf_linear(static_cast<const uint8_t*>(d->W), d->group, static_cast<int>(d->mode), X, x_bf16, Y, M,
+                             d->O, d->I, static_cast<int>(d->act_q8), nthreads))
+        return 0;
       break;
     default:
       return 0;

@@ -57,7 +57,7 @@ AMX_MIN_ROWS = int(os.environ.get("EMBER_AMX_MIN_ROWS", "5"))
 # in bf16 (vdpbf16ps). fp32 activations always take the path that is exact against the dequantized weight.
 INT8_ACTIVATIONS = os.environ.get("EMBER_INT8_ACTIVATIONS", "1").strip().lower() not in ("0", "off", "false", "no")
 
-MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2, "mxfp4": 8}
+MAX_ROWS = {"dense": 32, "int8": 4, "q4": 2, "mxfp4": 8, "gguf": 8}
 TILE_BYTES = 1 << 20  # float tile of dequantized rows: L2-resident
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -184,6 +184,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_mxfp4.argtypes = [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT, _INT]
     lib.ember_mxfp4_int8_path.restype = _INT
     lib.ember_mxfp4_int8_path.argtypes = []
+    lib.ember_gguf_supports.restype = _INT
+    lib.ember_gguf_supports.argtypes = [_INT]
+    lib.ember_gguf_linear.restype = _INT
+    lib.ember_gguf_linear.argtypes = [_P, _I64, _INT, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    lib.ember_gguf_dequant.restype = _INT
+    lib.ember_gguf_dequant.argtypes = [_P, _I64, _INT, _I64, _I64, _I64, _P, _INT, _INT]
     lib.ember_q4_dequant.restype = None
     lib.ember_q4_dequant.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _INT, _I64, _P, _P, _INT, _P, _P, _P, _P, _F, _P,
                                      _INT]

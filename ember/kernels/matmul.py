@@ -193,6 +193,47 @@ def q4_kernel(codes: torch.Tensor, table: torch.Tensor, group: int, *, scales: t
                         table=table.data_ptr(), am_offset=float(am_offset), **b)
 
 
+def gguf_kernel(raw: torch.Tensor, ggml_type: int, in_features: int,
+                bias: torch.Tensor | None = None) -> LinearKernel | None:
+    """A :class:`LinearKernel` for a GGUF tensor kept as its blocks (gguf.cpp): ``raw`` uint8 (O, row_bytes), rows
+    of ggml blocks of type id ``ggml_type``, ``in_features`` elements per row; None where the kernels are off or
+    do not take the type."""
+    if raw.device.type != "cpu" or raw.dim() != 2 or not raw.is_contiguous() or raw.dtype is not torch.uint8:
+        return None
+    b = _bias_fields(bias)
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None or b is None or not lib.ember_gguf_supports(int(ggml_type)):
+        return None
+    return LinearKernel(lib, (raw, bias), MAX_ROWS["gguf"], _FLOAT, kind=4, O=raw.shape[0], I=in_features,
+                        act_q8=int(INT8_ACTIVATIONS), W=raw.data_ptr(), mode=int(ggml_type), group=raw.shape[1], **b)
+
+
+def gguf_dequant(raw: torch.Tensor, ggml_type: int, in_features: int, out: torch.Tensor) -> bool:
+    """Decode GGUF block rows ``raw`` uint8 (n, row_bytes) into ``out`` (n, in_features) bf16/fp32 with the kernels
+    (the reference's roundings); False where they do not apply (the caller decodes with torch)."""
+    if (raw.device.type != "cpu" or not raw.is_contiguous() or out.dtype not in _FLOAT or not out.is_contiguous()
+            or out.device.type != "cpu"):
+        return False
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None:
+        return False
+    return bool(lib.ember_gguf_dequant(raw.data_ptr(), raw.shape[1], int(ggml_type), in_features, 0, raw.shape[0],
+                                       out.data_ptr(), _is_bf16(out), torch.get_num_threads()))
+
+
+def gguf_tiled(x2: torch.Tensor, raw: torch.Tensor, ggml_type: int) -> torch.Tensor | None:
+    """``x2 @ W.T`` for many rows (prefill) of a GGUF block weight: a cache-sized tile of rows decoded at a time by
+    the kernels, multiplied by PyTorch (:func:`_tiled`); None where the kernels do not apply."""
+    if not _usable(x2) or x2.dtype not in _FLOAT:
+        return None
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None or not lib.ember_gguf_supports(int(ggml_type)) or not raw.is_contiguous():
+        return None
+    I, nt, rb = x2.shape[1], torch.get_num_threads(), raw.shape[1]
+    return _tiled(x2.contiguous(), raw.shape[0], lambda a, b, buf: lib.ember_gguf_dequant(
+        raw.data_ptr(), rb, int(ggml_type), I, a, b, buf.data_ptr(), _is_bf16(buf), nt))
+
+
 _native_bf16: bool | None = None
 
 

@@ -75,7 +75,7 @@ class Transformer(nn.Module):
             nbytes = t.numel() * t.element_size()
             if ".mlp.experts." in name:
                 nbytes *= cfg.num_experts_per_tok / cfg.num_local_experts
-            elif name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+            elif name.startswith("model.embed_tokens.") and not cfg.tie_word_embeddings:  # .weight, or GGUF blocks
                 nbytes /= cfg.vocab_size
             total += nbytes
         return round(total)

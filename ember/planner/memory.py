@@ -264,6 +264,14 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
         in_linears = sum(lin.count * (lin.out_f * lin.in_f + lin.out_f * lin.bias) for lin in linears(cfg))
         norms = cfg.num_parameters() - in_linears - cfg.vocab_size * h - routers
         bias_bytes = 0.0
+    held = cfg.extra.get("gguf_weights") if quant == "none" else None
+    if held:  # a GGUF file (ember.planner.source): quantized tensors at their block bytes, floats in dtype
+        parts.update({k: q + n * b for k, (q, n) in held.items()})
+        return WeightBytes(
+            embedding=parts["embedding"], lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
+            experts=parts["experts"], other=parts["other"], moe_layers=moe_layers,
+            experts_per_layer=cfg.num_local_experts, experts_per_tok=cfg.num_experts_per_tok,
+            linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0))
     return WeightBytes(
         head_quant=lm_head, embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
         experts=parts["experts"], other=(norms + routers) * b + bias_bytes, moe_layers=moe_layers,

@@ -62,23 +62,48 @@ def resolve_model(spec: str) -> ResolvedModel:
     raise ConfigError(f"{spec!r} is not a model folder, GGUF file or catalog name; catalog: {', '.join(catalog.names())}")
 
 
+# GGUF tensor name -> the WeightBytes part it is priced in (ember.planner.memory); anything else is "other".
+_GGUF_PARTS = (("token_embd.", "embedding"), ("output.", "lm_head"), ("_exps.", "experts"), (".attn_q.", "attention"),
+               (".attn_k.", "attention"), (".attn_v.", "attention"), (".attn_output.", "attention"),
+               (".ffn_gate.", "mlp"), (".ffn_up.", "mlp"), (".ffn_down.", "mlp"))
+
+
+def gguf_weight_parts(gf) -> dict[str, tuple[int, int]]:
+    """A GGUF file's weights as Ember holds them, by planner part: ``{part: (block bytes, float elements)}``.
+
+    Tensors of a kept quantized type are held as their blocks (their bytes in the file); float tensors are
+    loaded in the compute dtype (their element count, priced by :func:`ember.planner.memory.weight_bytes`).
+    """
+    from ember.loading.gguf import DEQUANTIZERS  # noqa: PLC0415  (gguf is imported only for GGUF files)
+
+    parts = {k: (0, 0) for k in ("embedding", "lm_head", "attention", "mlp", "experts", "other")}
+    for name, t in gf.tensors.items():
+        if name == "rope_freqs.weight":
+            continue  # RoPE divisors: folded into the config, not a weight
+        part = next((p for key, p in _GGUF_PARTS if key in f".{name}" and name.endswith(".weight")), "other")
+        q, n = parts[part]
+        if t.tensor_type in DEQUANTIZERS:
+            parts[part] = (q + int(t.n_bytes), n)
+        else:
+            parts[part] = (q, n + int(t.n_elements))
+    return parts
+
+
 def _resolve_gguf(p: Path) -> ResolvedModel:
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise GGUFError(f"{p}: reading GGUF metadata needs the 'gguf' package (pip install gguf)") from None
-    from ember.loading.gguf import EXACT_QUANT_LINEARS, GGUFFile, config_from_gguf
+    from ember.loading.gguf import GGUFFile, check_tensor_types, config_from_gguf
 
     gf = GGUFFile.open(p)
     cfg = config_from_gguf(gf)
+    check_tensor_types(gf)
     types: dict[str, int] = {}
     for t in gf.tensors.values():
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
-    kept = {getattr(k, "name", str(k)) for k in EXACT_QUANT_LINEARS}
-    mix = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
-    notes = [f"GGUF file {p.stat().st_size / GiB:.1f} GiB ({mix})"]
-    quantized = [k for k in types if k not in ("F32", "F16", "BF16")]
-    if quantized and not set(quantized) <= kept:
-        notes.append("Ember dequantizes these GGUF types to the compute dtype at load: plan with --quant to "
-                     "requantize, or expect the 16-bit sizes below")
+    mix = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
+    notes = [f"GGUF file {p.stat().st_size / GiB:.2f} GiB ({mix}); quantized tensors are held in their own "
+             "blocks, so plans without --quant price the file's own types"]
+    cfg.extra["gguf_weights"] = gguf_weight_parts(gf)
     return ResolvedModel(p.name, cfg, short_dtype(cfg.torch_dtype) or "bf16", notes)

@@ -9,18 +9,19 @@ The package follows the file's concerns, as llama.cpp's own ``gguf-py`` does:
 - :mod:`~ember.loading.gguf.weights`: tensors -> a :class:`~ember.models.Transformer`.
 
 Tensor types: F32, F16, BF16 are read in place (zero-copy when already in the compute dtype on CPU);
-Q8_0, Q4_0, Q4_K, Q5_K and Q6_K are dequantized to the compute dtype. Any other type raises
-:class:`~ember.errors.UnsupportedGGUFTypeError` naming the tensor.
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4 stay in their blocks
+(:mod:`ember.quant.gguf_linear`, multiplied by ember/kernels/gguf.cpp). Any other type raises
+:class:`~ember.errors.UnsupportedGGUFTypeError` naming the tensor, before anything is loaded.
 """
 
 from ember.loading.gguf.config import ARCHITECTURES, config_from_gguf
-from ember.loading.gguf.dequant import DEQUANTIZERS, EXACT_QUANT_LINEARS, dequantize, unpermute_rope_rows
+from ember.loading.gguf.dequant import DEQUANTIZERS, check_tensor_types, dequantize, unpermute_rope_rows
 from ember.loading.gguf.reader import GGUF_MAGIC, GGUFFile, is_gguf_file
 from ember.loading.gguf.tokenizer import GGUFTokenizerSpec, load_gguf_tokenizer, tokenizer_spec
 from ember.loading.gguf.weights import gguf_tensor_name_map, load_gguf, load_gguf_model
 
 __all__ = [
-    "ARCHITECTURES", "DEQUANTIZERS", "EXACT_QUANT_LINEARS", "GGUFFile", "GGUFTokenizerSpec", "GGUF_MAGIC",
-    "config_from_gguf", "dequantize", "gguf_tensor_name_map", "is_gguf_file", "load_gguf", "load_gguf_model",
+    "ARCHITECTURES", "DEQUANTIZERS", "GGUFFile", "GGUFTokenizerSpec", "GGUF_MAGIC",
+    "check_tensor_types", "config_from_gguf", "dequantize", "gguf_tensor_name_map", "is_gguf_file", "load_gguf", "load_gguf_model",
     "load_gguf_tokenizer", "tokenizer_spec", "unpermute_rope_rows",
 ]

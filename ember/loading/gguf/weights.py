@@ -25,10 +25,17 @@ from ember.loading.dtypes import DTYPE_NAMES, resolve_dtype
 from ember.loading.gguf.config import (
     _EXPERT_NAME, _LAYER_NAME, ARCHITECTURES, CONFIG_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, config_from_gguf,
 )
-from ember.loading.gguf.dequant import EXACT_QUANT_LINEARS
+from ember.loading.gguf.dequant import check_tensor_types
 from ember.loading.gguf.reader import GGUFFile
 from ember.loading.gguf.tokenizer import load_gguf_tokenizer
 from ember.models import Transformer
+from ember.models.linear import Linear
+from ember.quant.gguf_linear import KEPT_TYPES, GGUFEmbedding, GGUFLinear
+
+
+# Modules whose quantized weight is kept as its ggml blocks (exact classes: a family's own embedding, e.g.
+# Gemma's scaled one, gets its table decoded instead).
+_BLOCK_MODULES = (Linear, torch.nn.Linear, torch.nn.Embedding)
 
 
 def gguf_tensor_name_map(gf: GGUFFile, cfg: ModelConfig) -> dict[str, list[str]]:
@@ -69,8 +76,12 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
                     dtype: str | torch.dtype | None = "auto") -> Transformer:
     """Build a :class:`~ember.models.Transformer` on the meta device and fill it from a GGUF file.
 
-    Float tensors already in ``dtype`` stay zero-copy views over the memory map (CPU); quantized ones
-    are dequantized on ``device`` to ``dtype``. Stacked expert tensors are decoded once and each
+    Float tensors already in ``dtype`` stay zero-copy views over the memory map (CPU). Quantized ones stay
+    in their ggml blocks (:class:`~ember.quant.gguf_linear.GGUFLinear` for projections and the LM head,
+    :class:`~ember.quant.gguf_linear.GGUFEmbedding` for the token table: a CPU view of the map, one copy
+    where q/k rows are un-permuted or on another device); a tied LM head shares the embedding's blocks. A
+    family's own embedding class gets its table decoded to ``dtype``. Stacked float expert tensors are
+    decoded once and each
     expert's parameter is a view into the result.
 
     Args:
@@ -103,8 +114,9 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
             parts.append(f"unexpected {len(shown)}: {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}")
         raise GGUFError(f"{gf.path}: tensors do not match the model its metadata describes: {'; '.join(parts)}")
 
+    check_tensor_types(gf, names)  # every type refused before a byte is loaded
     state: dict[str, torch.Tensor] = {}
-    kept_quantized: dict[str, tuple[Any, torch.Tensor]] = {}  # Linear path -> (ggml type, raw rows)
+    kept: dict[str, tuple[Any, torch.Tensor]] = {}  # module path -> (ggml type, raw block rows on device)
     for gname, targets in names.items():
         m = _LAYER_NAME.fullmatch(gname)
         kind = m.group(2) if m else None
@@ -119,23 +131,31 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         if permuted and kind in ("attn_q", "attn_k"):
             heads = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
         qtype = QT(gf.tensors[gname].tensor_type)
-        owner = targets[0].rsplit(".", 1)[0]
-        if (qtype in EXACT_QUANT_LINEARS and not stacked and targets[0].endswith(".weight")
-                and isinstance(model.get_submodule(owner), torch.nn.Linear)):
-            kept_quantized[owner] = (qtype, gf.raw(gname, heads).to(device))
+        owners = [t.rsplit(".", 1)[0] for t in targets]
+        if qtype in KEPT_TYPES and targets[0].endswith(".weight") and all(
+                type(model.get_submodule(o)) in _BLOCK_MODULES for o in owners):
+            raw = gf.raw(gname, heads).to(device)  # CPU: a view of the file's map (one copy where un-permuted)
+            raw = raw.reshape(len(targets), -1, raw.shape[-1])
+            kept.update((o, (qtype, raw[i])) for i, o in enumerate(owners))
             continue
         w = gf.tensor(gname, dt, device, unpermute_heads=heads)
         if stacked:
             state.update((target, w[i]) for i, target in enumerate(targets))  # views of one decoded stack
         else:
             state[targets[0]] = w
-    for owner, (qtype, raw) in kept_quantized.items():
-        model.set_submodule(owner, EXACT_QUANT_LINEARS[qtype](raw, state.pop(f"{owner}.bias", None), dt))
-    swapped = tuple(f"{owner}." for owner in kept_quantized)
+    for owner, (qtype, raw) in kept.items():
+        if type(model.get_submodule(owner)) is torch.nn.Embedding:
+            model.set_submodule(owner, GGUFEmbedding(raw, qtype, dt))
+        else:
+            model.set_submodule(owner, GGUFLinear(raw, qtype, state.pop(f"{owner}.bias", None), dt))
+    emb = kept.get("model.embed_tokens")
+    if cfg.tie_word_embeddings and emb is not None:
+        model.lm_head = GGUFLinear(emb[1], emb[0], None, dt)  # the same blocks, held once
+    swapped = tuple(f"{owner}." for owner in kept) + (("lm_head.",) if cfg.tie_word_embeddings and emb else ())
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys, result
     assert all(k in ignore or k.startswith(swapped) for k in result.missing_keys), result
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and emb is None:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
     model.eval().requires_grad_(False)
