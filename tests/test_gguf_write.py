@@ -373,6 +373,23 @@ def test_blocks_are_those_llama_quantize_writes(written, to, tmp_path):
     assert ours == theirs, [n for n in ours if ours[n] != theirs.get(n)]
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_moe_blocks_are_those_llama_quantize_writes(family, tmp_path):
+    """Stacked experts, 8-expert rules (attn_v/attn_k Q8_0, attn_output Q5_K) and fallbacks (Q5_1, Q8_0)."""
+    from conftest import make_hf_model
+
+    hf = make_hf_model(family, vocab_size=512, hidden_size=256, intermediate_size=256, moe_intermediate_size=256)
+    folder = save_checkpoint(tmp_path / "src", hf, byte_level_tokenizer(), bos_token="<|begin_of_text|>",
+                             eos_token="<|end_of_text|>")
+    model, tok = load_model(folder, dtype="fp32"), Tokenizer.from_dir(folder)
+    f32 = write_gguf(model, tok, tmp_path / "f32.gguf", "f32").path
+    for to in ("q4_0", "q4_k_m"):
+        ours = tensor_hashes(write_gguf(model, tok, tmp_path / f"{to}.gguf", to).path)
+        theirs = tensor_hashes(llama_cpp_quantize(f32, tmp_path / f"l-{to}.gguf", FTYPES[to]))
+        assert ours == theirs, (to, [(n, ours[n][:5], theirs.get(n, "")[:5]) for n in ours if ours[n] != theirs.get(n)])
+
+
 def test_blocks_match_stored_llama_quantize_hashes(written):
     ref = np.load(DATA)
     if str(ref["source"]) != source_hash(written):

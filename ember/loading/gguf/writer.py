@@ -14,7 +14,7 @@ What llama.cpp's converter (``convert_hf_to_gguf.py``) and ``llama-quantize`` do
 - tensor types by :func:`tensor_type`, llama.cpp's rules (see :data:`GGUF_TYPES`): 1-D tensors and MoE
   routers stay F32; ``q4_k_m``/``q5_k_m`` are llama.cpp's mixes (Q6_K for ``output``, and for
   ``attn_v`` and ``ffn_down`` in the first and last eighth of the layers and every third between;
-  with 8 experts ``attn_v``/``attn_k`` Q8_0); a row length the block does not divide falls back as
+  with 8 experts ``attn_v``/``attn_k`` Q8_0 under every type); a row length the block does not divide falls back as
   llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16).
 
 Q8_0/Q4_0/Q5_0/Q5_1 blocks come from ``gguf.quants``; the K-quants from :mod:`.kquants`. The file is
@@ -107,10 +107,10 @@ def tensor_type(name: str, shape: tuple[int, ...], to: str, cfg: ModelConfig) ->
     mix = to in ("q4_k_m", "q5_k_m")
     if is_output:
         qtype = QT.Q8_0 if base == QT.Q8_0 or shape[-1] % 256 else QT.Q6_K
-    elif mix and kind == "attn_v":
-        qtype = QT.Q8_0 if n_experts == 8 else QT.Q6_K if use_more_bits(layer, n_layers) else base
-    elif mix and kind == "attn_k" and n_experts == 8:
+    elif kind in ("attn_v", "attn_k") and n_experts == 8:  # every type: "bumping this to Q8_0 trades just ~128MB"
         qtype = QT.Q8_0
+    elif mix and kind == "attn_v":
+        qtype = QT.Q6_K if use_more_bits(layer, n_layers) else base
     elif mix and kind in ("ffn_down", "ffn_down_exps") and use_more_bits(layer, n_layers):
         qtype = QT.Q6_K
     elif to == "q4_k_m" and kind == "attn_output" and n_experts == 8:
