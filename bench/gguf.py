@@ -352,12 +352,6 @@ def main() -> None:
         sys.exit(f"unknown --types {sorted(unknown)}; choose from {', '.join(LABELS)}")
     models = ([] if args.no_dense else [(f"llama-{args.size}", SIZES[args.size], [t for t in types if t != "mxfp4"])])
     models += [] if args.no_moe else [(f"mixtral-moe-{args.size}", MOE_SIZES[args.size], types)]
-    rows = []
-    t0 = time.perf_counter()
-    for name, dims, kinds in models:
-        files = make_files(name, dims, kinds, Path(args.converter).resolve(), cache)
-        for kind, path in files.items():
-            rows.append(bench_file(name, kind, path, args, dims["vocab_size"]))
     from ember.hardware import cpu_name
 
     import llama_cpp
@@ -366,13 +360,18 @@ def main() -> None:
     machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores"
     d = {"bench": "gguf", "date": str(date.today()), "machine": machine, "torch": torch.__version__,
          "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "rounds": args.rounds,
-         "prompt_len": args.prompt_len, "new_tokens": args.new, "size": args.size, "rows": rows,
-         "wall_s": time.perf_counter() - t0}
+         "prompt_len": args.prompt_len, "new_tokens": args.new, "size": args.size, "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(d, indent=2))
-    os.replace(tmp, out)
+    t0 = time.perf_counter()
+    for name, dims, kinds in models:
+        files = make_files(name, dims, kinds, Path(args.converter).resolve(), cache)
+        for kind, path in files.items():
+            d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"]))
+            d["wall_s"] = time.perf_counter() - t0
+            tmp = out.with_suffix(".tmp")  # after every file, so a stopped run keeps what it measured
+            tmp.write_text(json.dumps(d, indent=2))
+            os.replace(tmp, out)
     print()
     print(table(d))
     print(f"\nwrote {out}")
