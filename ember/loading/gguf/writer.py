@@ -64,7 +64,7 @@ _FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 _HF_TO_GGUF_LAYER = {v: k for k, v in LAYER_TENSORS.items()}
 _HF_TO_GGUF_GLOBAL = {v: k for k, v in GLOBAL_TENSORS.items()}
 _EXPERT_PROJ = {v: k for k, v in EXPERT_TENSORS.items()}  # gate_proj -> ffn_gate_exps
-_ROWS_PER_STEP = 1 << 14  # rows quantized at once (bounded fp32 temporaries for big matrices)
+_ELEMENTS_PER_STEP = 1 << 22  # quantized at once: a few tens of MB of fp32 temporaries, whatever the row length
 
 
 @dataclass
@@ -135,9 +135,10 @@ def encode(x: torch.Tensor, qtype: QT) -> np.ndarray:
     rows = x.reshape(-1, n)
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     out = np.empty((rows.shape[0], n // block * type_size), dtype=np.uint8)
-    for s in range(0, rows.shape[0], _ROWS_PER_STEP):
-        chunk = rows[s:s + _ROWS_PER_STEP].float().numpy()
-        out[s:s + _ROWS_PER_STEP] = (quantize_k(chunk, qtype.name) if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+    step = max(1, _ELEMENTS_PER_STEP // n)
+    for s in range(0, rows.shape[0], step):
+        chunk = rows[s:s + step].float().numpy()
+        out[s:s + step] = (quantize_k(chunk, qtype.name) if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K)
                                      else gguf.quants.quantize(chunk, qtype))
     return out.reshape(*lead, out.shape[-1])
 
