@@ -1,10 +1,10 @@
 """Markdown tables from the benchmarks' JSON (bench/results/*.json), as they were measured, and docs/benchmarks.md.
 
     python bench/report.py            # print every table whose JSON exists
-    python bench/report.py decode     # one of: decode, quant, serve, tune, plan
+    python bench/report.py decode     # one of: decode, quant, gguf, serve, tune, plan
     python bench/report.py --write    # record each JSON's table in bench/recorded/, then regenerate docs/benchmarks.md
 
-Nothing here measures anything: it formats what bench/decode.py, quant.py, serve.py, tune.py and
+Nothing here measures anything: it formats what bench/decode.py, quant.py, gguf.py, serve.py, tune.py and
 plan_accuracy.py wrote, so the tables are the benchmark's numbers, not copies by hand. bench/results/ is
 not committed (it is one machine's last run); bench/recorded/ is: one Markdown file per recorded table,
 named ``DATE-BENCH-MACHINE.md``, each saying the machine and date it was measured on. docs/benchmarks.md
@@ -109,6 +109,34 @@ def quant() -> str | None:
                          + (["bf16-activation cold / hot GB/s"] if off else []), [r if off else r[:-1] for r in rows])
 
 
+def gguf_table(d: dict) -> str:
+    """bench/gguf.py's side-by-side table of one run (Ember / llama.cpp on the same GGUF files)."""
+    text = (f"Ember and llama.cpp (llama-cpp-python {d['llama_cpp_python']}, {d['threads']} threads) on the same GGUF "
+            f"files, {d['date']}, {d['machine']}: batch 1, {d['prompt_len']}-token prompt, {d['new_tokens']} new "
+            f"tokens, {d['rounds']} interleaved rounds (medians); ratio = Ember / llama.cpp; resident = RSS growth of "
+            "the engine's own process over the load and the timed rounds.\n\n")
+    rows = []
+    for r in d["rows"]:
+        e, c = r["ember"], r["llama_cpp"]
+        size = f"{r['file_bytes'] / MiB:.0f}"
+        if "error" in e or "error" in c:
+            who, err = ("Ember", e) if "error" in e else ("llama.cpp", c)
+            rows.append([r["model"], r["type"], size, f"{who} refused the file: {err['error'].split(': ', 1)[-1][:60]}"]
+                        + [""] * 8)
+            continue
+        rows.append([r["model"], r["type"], size, f"{e['decode_tok_s']:.2f}", f"{c['decode_tok_s']:.2f}",
+                     f"{r['decode_ratio']:.2f}x", f"{e['prefill_tok_s']:.1f}", f"{c['prefill_tok_s']:.1f}",
+                     f"{r['prefill_ratio']:.2f}x", f"{e['rss_bytes'] / MiB:.0f}", f"{c['rss_bytes'] / MiB:.0f}",
+                     f"{r['rss_ratio']:.2f}x"])
+    return text + _table(["model", "type", "file MB", "decode tok/s Ember", "llama.cpp", "ratio", "prefill tok/s Ember",
+                          "llama.cpp", "ratio", "resident MB Ember", "llama.cpp", "ratio"], rows)
+
+
+def gguf() -> str | None:
+    d = _load("gguf")
+    return None if d is None else gguf_table(d)
+
+
 def serve() -> str | None:
     d = _load("serve")
     if d is None:
@@ -174,11 +202,12 @@ def plan() -> str | None:
     return text
 
 
-TABLES = {"decode": decode, "quant": quant, "serve": serve, "tune": tune, "plan": plan}
+TABLES = {"decode": decode, "quant": quant, "gguf": gguf, "serve": serve, "tune": tune, "plan": plan}
 # bench name -> (section title in docs/benchmarks.md, the script and JSON that produce it)
 SECTIONS = {
     "decode": ("Decode", "bench/decode.py", "decode"),
     "quant": ("Quantized kernels", "bench/quant.py", "quant"),
+    "gguf": ("GGUF beside llama.cpp", "bench/gguf.py", "gguf"),
     "serve": ("Serving", "bench/serve.py", "serve"),
     "tune": ("Fine-tuning", "bench/tune.py", "tune"),
     "plan": ("Planner accuracy", "bench/plan_accuracy.py", "plan_accuracy"),

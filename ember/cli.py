@@ -1,6 +1,6 @@
 """The ``ember`` command: registers the verbs and runs one.
 
-Each verb lives in its own module (:mod:`ember.commands` for generate, chat, demo, list, eval, serve;
+Each verb lives in its own module (:mod:`ember.commands` for generate, chat, demo, list, eval, serve, export;
 :mod:`ember.plan_cli`, :mod:`ember.train.cli`, :mod:`ember.quant.cli` for the others) with an
 ``add_parser(subparsers)`` that sets ``args.func``. :func:`main` turns a model *name* into its path
 for every verb (:func:`ember.commands.common.resolve_model_args`), runs the verb, and maps an
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ember import __version__, catalog
-from ember.commands import chat, demo, generate, list_models, serve
+from ember.commands import chat, demo, export, generate, list_models, serve
 from ember.commands import eval as eval_cmd
 from ember.commands.common import add_model_args, load_from_args, resolve_model_args
 from ember.errors import EmberError, ModelNotFoundError
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     add_tune_parser(sub)  # tune, merge
     add_quantize_parser(sub)
+    export.add_parser(sub)  # export --gguf
     eval_cmd.add_parser(sub)  # eval ppl
     add_plan_parser(sub)  # plan, hw
     return parser

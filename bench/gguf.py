@@ -1,0 +1,381 @@
+"""GGUF side by side: Ember and llama.cpp (llama-cpp-python) on the same files.
+
+Files, made the way a llama.cpp user makes them: a random-weight HF checkpoint (TinyLlama's shape for
+``--size 1.1b``, and a Mixtral-shape MoE) saved with ``transformers`` ``save_pretrained`` in bf16, converted
+with llama.cpp's own ``convert_hf_to_gguf.py --outtype bf16``, then quantized with
+``llama_cpp.llama_model_quantize`` to Q8_0, Q4_0, Q4_K_M, Q6_K and (MoE only: llama.cpp's MXFP4 type
+quantizes experts and leaves the rest Q8_0, so a dense model has no MXFP4 tensors) MXFP4_MOE.
+
+Each (file, engine) runs in its own worker process, so "resident MB" is that process's RSS growth from
+just before the load (its runtime, torch or libllama, already imported) to after the last timed round:
+weights, caches and buffers, with the mmap'd pages it touched counted for both engines. Both
+workers of a file stay loaded and are timed in interleaved rounds (Ember, llama.cpp, Ember, ...; default
+3), medians reported, so a slow spell of a shared machine hits both. Per round, batch 1, one greedy generation
+of 1 + new tokens: prefill tok/s = prompt tokens / time to the first new token (the prompt's forward
+pass); decode tok/s = new tokens / time of the one-token steps after it. Ember loads the file with its normal loader (``ember.load``), llama.cpp with
+``llama_cpp.Llama`` (n_threads = the machine's cores, mmap on). Ratios are Ember / llama.cpp. Target
+(issue 25): decode >= 1.0x and resident memory <= 1.1x llama.cpp's on every type.
+
+Optional bench extras (never runtime or test dependencies): ``llama-cpp-python`` (built from source with
+``CMAKE_ARGS="-DGGML_NATIVE=ON"``), ``sentencepiece`` (the converter imports it), and llama.cpp's
+``convert_hf_to_gguf.py``: the copy vendored in llama-cpp-python's source distribution
+(``vendor/llama.cpp/``), passed with ``--converter`` or ``EMBER_LLAMA_CPP_CONVERTER``.
+
+    python bench/gguf.py --converter /tmp/lcp/vendor/llama.cpp/convert_hf_to_gguf.py               # 1.1B + MoE
+    python bench/gguf.py --size small --types bf16,q8_0,q4_k_m --rounds 2 --converter ...         # a quick run
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the ``gguf`` package: keep its folder off the import path so ``import gguf``
+# (in Ember, in the converter) finds the package, not this script.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from datetime import date  # noqa: E402
+
+SIZES = {
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000),  # TinyLlama-1.1B
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000),
+}
+MOE_SIZES = {  # Mixtral shape: 8 experts, top-2 (bench/decode.py's MoE)
+    "1.1b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2),
+}
+FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18, "mxfp4": 38}  # llama_ftype (38 = MXFP4_MOE)
+LABELS = {"bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "mxfp4": "MXFP4_MOE"}
+CACHE = _HERE / ".cache" / "gguf"
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def spm_tokenizer(vocab_size: int):
+    """A Llama-2-style (SentencePiece BPE, byte fallback) tokenizer of exactly ``vocab_size`` tokens, built
+    without training: <unk> <s> </s>, 256 byte tokens, single characters, then pieces each made by one merge."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    chars = ["\u2581", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *chars])}
+    merges: list[tuple[str, str]] = []
+    frontier = list(chars)
+    while len(vocab) < vocab_size:
+        grown = []
+        for left in frontier:
+            for c in chars:
+                if len(vocab) >= vocab_size:
+                    break
+                if left + c not in vocab:
+                    vocab[left + c] = len(vocab)
+                    merges.append((left, c))
+                    grown.append(left + c)
+        frontier = grown
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+def write_hf_checkpoint(folder: Path, dims: dict) -> None:
+    """A random-weight Llama (Mixtral with experts in ``dims``) in bf16, saved as transformers saves it."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    moe = "num_local_experts" in dims
+    cls = transformers.MixtralConfig if moe else transformers.LlamaConfig
+    cfg = cls(**dims, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
+              eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    fast = PreTrainedTokenizerFast(tokenizer_object=spm_tokenizer(dims["vocab_size"]), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def make_files(name: str, dims: dict, types: list[str], converter: Path, cache: Path) -> dict[str, Path]:
+    """The bf16 GGUF (llama.cpp's converter) and its llama-quantize'd forms; reused from ``cache``."""
+    import llama_cpp
+
+    folder = cache / f"{name}-hf"
+    if not (folder / "config.json").is_file():
+        print(f"[{name}] writing the random HF checkpoint", file=sys.stderr)
+        write_hf_checkpoint(folder, dims)
+    files = {"bf16": cache / f"{name}-bf16.gguf"}
+    if not files["bf16"].is_file():
+        print(f"[{name}] converting with {converter}", file=sys.stderr)
+        tmp = files["bf16"].with_suffix(".tmp")
+        subprocess.run([sys.executable, str(converter), str(folder), "--outtype", "bf16", "--outfile", str(tmp)],
+                       check=True, cwd=converter.parent, stdout=subprocess.DEVNULL)
+        os.replace(tmp, files["bf16"])
+    for t in types:
+        if t == "bf16":
+            continue
+        path = files[t] = cache / f"{name}-{t}.gguf"
+        if not path.is_file():
+            print(f"[{name}] llama_model_quantize -> {LABELS[t]}", file=sys.stderr)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = FTYPES[t], os.cpu_count() or 1
+            tmp = path.with_suffix(".tmp")
+            if llama_cpp.llama_model_quantize(str(files["bf16"]).encode(), str(tmp).encode(), ctypes.byref(params)):
+                raise RuntimeError(f"llama_model_quantize failed for {path}")
+            os.replace(tmp, path)
+    return {t: files[t] for t in types}
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class EmberRunner:
+    def __init__(self, path: str, threads: int) -> None:
+        import torch
+
+        import ember
+        from ember.sampling import SamplingParams
+
+        torch.set_num_threads(threads)
+        self.llm = ember.load(path, device="cpu")
+        self.SamplingParams = SamplingParams
+
+    def round(self, prompt: list[int], new: int) -> tuple[float, float]:
+        params = self.SamplingParams(max_new_tokens=new + 1, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        t1, n = None, 0
+        for _ in self.llm.stream(prompt, params):
+            n += 1
+            if t1 is None:  # the prompt's forward pass and the first new token
+                t1 = time.perf_counter()
+        end = time.perf_counter()
+        assert n == new + 1
+        return len(prompt) / (t1 - t), new / (end - t1)  # decode: the `new` one-token steps after it
+
+
+class LlamaCppRunner:
+    def __init__(self, path: str, threads: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self.np, self.lib = np, llama_cpp
+        self.llm = llama_cpp.Llama(path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False, logits_all=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _argmax(self) -> int:
+        ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def round(self, prompt: list[int], new: int) -> tuple[float, float]:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(prompt)
+        tok = self._argmax()  # the first new token comes with the prompt, as in Ember's 1-token run
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(new):
+            self.llm.eval([tok])
+            tok = self._argmax()
+        return len(prompt) / t1, new / (time.perf_counter() - t)
+
+
+def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, vocab: int) -> None:
+    """Load, report the RSS growth, then time one round per ``round`` line on stdin (JSON lines on stdout)."""
+    refusals: tuple[type[Exception], ...] = ()
+    if engine == "ember":  # the runtimes are imported before the baseline: the delta is the model's
+        import torch  # noqa: F401
+
+        from ember.errors import EmberError
+
+        refusals = (EmberError,)
+    else:
+        import llama_cpp  # noqa: F401
+        import numpy  # noqa: F401
+
+    gc.collect()
+    rss0 = rss_bytes()
+    t = time.perf_counter()
+    try:
+        runner = (EmberRunner if engine == "ember" else LlamaCppRunner)(path, threads)
+    except refusals as e:  # a type this Ember does not read: the row says so
+        print(json.dumps({"error": str(e)}), flush=True)
+        return
+    load_s = time.perf_counter() - t
+    import random
+
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, vocab) for _ in range(prompt_len)]
+    runner.round(prompt, 8)  # warm-up: thread pools, kernel caches, first-touch of the weights
+    out = sys.stdout
+    print(json.dumps({"load_s": load_s, "rss_bytes": rss_bytes() - rss0, "rss_runtime_bytes": rss0}), file=out,
+          flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        prefill, decode = runner.round(prompt, new)
+        print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "rss_bytes": rss_bytes() - rss0}),
+              file=out, flush=True)
+
+
+class Worker:
+    def __init__(self, engine: str, path: Path, args: argparse.Namespace, vocab: int) -> None:
+        self.engine = engine
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, str(path), "--threads",
+               str(args.threads), "--prompt-len", str(args.prompt_len), "--new", str(args.new), "--vocab", str(vocab)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = self._read()
+        self.error = self.hello.get("error")
+        self.rounds: list[dict] = []
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.engine} worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def round(self) -> dict | None:
+        if self.error:
+            return None
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        self.rounds.append(self._read())
+        return self.rounds[-1]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+    def result(self) -> dict:
+        if self.error:
+            return {"error": self.error}
+        med = {k: statistics.median(r[k] for r in self.rounds) for k in ("prefill_tok_s", "decode_tok_s")}
+        return {**med, "rss_bytes": max(r["rss_bytes"] for r in self.rounds), "load_s": self.hello["load_s"],
+                "rounds": self.rounds}
+
+
+def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, vocab: int) -> dict:
+    ember = Worker("ember", path, args, vocab)
+    lcpp = Worker("llama.cpp", path, args, vocab)
+    try:
+        for r in range(args.rounds):
+            e, c = ember.round(), lcpp.round()
+            show = (lambda x, k: "-" if x is None else f"{x[k]:.2f}")
+            print(f"[{model} {LABELS[kind]}] round {r + 1}: decode ember {show(e, 'decode_tok_s')} / llama.cpp "
+                  f"{show(c, 'decode_tok_s')} tok/s; prefill {show(e, 'prefill_tok_s')} / {show(c, 'prefill_tok_s')}",
+                  file=sys.stderr)
+    finally:
+        ember.close()
+        lcpp.close()
+    e, c = ember.result(), lcpp.result()
+    row = {"model": model, "type": LABELS[kind], "file": str(path), "file_bytes": path.stat().st_size,
+           "ember": e, "llama_cpp": c}
+    if "error" not in e and "error" not in c:
+        row.update(decode_ratio=e["decode_tok_s"] / c["decode_tok_s"], prefill_ratio=e["prefill_tok_s"] / c["prefill_tok_s"],
+                   rss_ratio=e["rss_bytes"] / c["rss_bytes"])
+    return row
+
+
+def table(d: dict) -> str:
+    """The Markdown table of one run: bench/report.py's, so the printed and the recorded tables are one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", _HERE / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report.gguf_table(d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="1.1b")
+    ap.add_argument("--types", default="bf16,q8_0,q4_0,q4_k_m,q6_k,mxfp4",
+                    help="file types (mxfp4: the MoE only, llama.cpp's MXFP4_MOE)")
+    ap.add_argument("--no-moe", action="store_true", help="skip the MoE files")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense Llama files")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per file (medians)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--converter", default=os.environ.get("EMBER_LLAMA_CPP_CONVERTER"),
+                    help="llama.cpp's convert_hf_to_gguf.py (default: $EMBER_LLAMA_CPP_CONVERTER)")
+    ap.add_argument("--cache", default=str(CACHE), help="where checkpoints and GGUF files are made and reused")
+    ap.add_argument("--out", default="bench/results/gguf.json")
+    ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=32000, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.threads, args.prompt_len, args.new, args.vocab)
+        return
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        sys.exit("bench/gguf.py needs llama-cpp-python (an optional bench extra): "
+                 "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python")
+    if not args.converter or not Path(args.converter).is_file():
+        sys.exit("pass --converter PATH/convert_hf_to_gguf.py (llama.cpp's converter; llama-cpp-python's sdist "
+                 "vendors it under vendor/llama.cpp/)")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    types = [t for t in args.types.split(",") if t]
+    unknown = set(types) - set(LABELS)
+    if unknown:
+        sys.exit(f"unknown --types {sorted(unknown)}; choose from {', '.join(LABELS)}")
+    models = ([] if args.no_dense else [(f"llama-{args.size}", SIZES[args.size], [t for t in types if t != "mxfp4"])])
+    models += [] if args.no_moe else [(f"mixtral-moe-{args.size}", MOE_SIZES[args.size], types)]
+    from ember.hardware import cpu_name
+
+    import llama_cpp
+    import torch
+
+    machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores"
+    d = {"bench": "gguf", "date": str(date.today()), "machine": machine, "torch": torch.__version__,
+         "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "rounds": args.rounds,
+         "prompt_len": args.prompt_len, "new_tokens": args.new, "size": args.size, "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for name, dims, kinds in models:
+        files = make_files(name, dims, kinds, Path(args.converter).resolve(), cache)
+        for kind, path in files.items():
+            d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"]))
+            d["wall_s"] = time.perf_counter() - t0
+            tmp = out.with_suffix(".tmp")  # after every file, so a stopped run keeps what it measured
+            tmp.write_text(json.dumps(d, indent=2))
+            os.replace(tmp, out)
+    print()
+    print(table(d))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
