@@ -169,6 +169,10 @@ class Engine:
             self.speculation = None
             return
         model = draft.model if isinstance(draft, Engine) else draft
+        probe = "The quick brown fox, 12 times: 3.5% of {x}!\n"
+        if isinstance(draft, Engine) and draft.tokenizer.encode(probe) != self.tokenizer.encode(probe):
+            raise GenerationError("the draft model's tokenizer encodes text differently from this model's; a draft "
+                                  "must share the target's tokenizer")
         config = SpeculativeConfig(method or "draft", num_speculative, model, adaptive)
         check_target(self.model, config)
         self.speculation = config

@@ -13,6 +13,7 @@ import sys
 from typing import Callable
 
 from ember.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_params
+from ember.commands.speculation import add_speculation_args, apply_speculation
 from ember.errors import EmberError
 from ember.sampling import DEFAULT_MAX_NEW_TOKENS
 
@@ -27,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed after each reply")
     add_sampling_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=cmd_chat)
     return p
 
@@ -58,6 +60,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """Chat until EOF or /exit; exit status 1 if any turn failed (each failure was reported on stderr)."""
     params = sampling_params(args, default_temperature=0.7)
     llm = load_from_args(args)
+    apply_speculation(args, llm)
     context = llm.config.max_position_embeddings
     budget = context - reply_reserve(context, args.max_new_tokens)
     system = [{"role": "system", "content": args.system}] if args.system else []
