@@ -219,6 +219,8 @@ def test_refuses_families_that_cannot_roll_back(models):
     draft = Transformer(ModelConfig.from_dict(other.config.to_dict()))
     with pytest.raises(GenerationError, match="vocabulary"):
         big.speculate(draft=draft)
+    with pytest.raises(GenerationError, match="no mtp"):
+        big.speculate("mtp")
     assert big.speculation is None
 
 
@@ -263,3 +265,24 @@ def test_served_greedy_output_equals_plain(models, how):
     assert m["speculative_proposed"] > 0 and m["generated_tokens"] == sum(len(x) for x in plain)
     if how == "ngram":
         assert m["speculative_tokens_per_pass"] > 1.0
+
+
+def test_cli_generate_and_serve_flags(models, capsys):
+    """``ember generate --draft/--speculate`` prints the plain text and a summary with the acceptance; serve's
+    parser takes the same flags and turns speculation on for the scheduler."""
+    from ember.cli import build_parser, main
+
+    target, draft = str(models["llama"].path), str(models["llama-draft"].path)
+    prompt = " ".join(f"w{t}" for t in PROMPT)
+    assert main(["generate", target, prompt, "-n", "12"]) == 0
+    plain = capsys.readouterr()
+    assert main(["generate", target, prompt, "-n", "12", "--draft", draft, "--num-speculative", "3"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and "speculative:" in spec.err and "tok/weight pass" in spec.err
+    assert main(["generate", target, prompt, "-n", "12", "--speculate", "ngram"]) == 0
+    assert capsys.readouterr().out == plain.out
+    from ember.commands.serve import load_engine
+
+    args = build_parser().parse_args(["serve", target, "--speculate", "ngram", "--num-speculative", "2"])
+    engine = load_engine(args)
+    assert engine.speculation.method == "ngram" and engine.speculation.num_speculative == 2

@@ -66,7 +66,7 @@ class SpeculativeConfig:
             return NgramProposer(self.max_ngram)
         if self.method == "draft":
             return DraftProposer(self.draft, params, max_len + self.num_speculative + 1, generator)
-        raise GenerationError("speculation by MTP heads is not available for this model")
+        raise GenerationError("speculation by MTP heads is not available yet; use --speculate ngram or --draft")
 
 
 def check_target(model, config: SpeculativeConfig) -> None:
@@ -76,6 +76,11 @@ def check_target(model, config: SpeculativeConfig) -> None:
         GenerationError: a recurrent or ring-cache family, or a draft whose vocabulary differs.
     """
     check_rollback(model.config, "this model")
+    if config.method == "mtp":
+        heads = [n for n in getattr(model, "extra_weights", None) or {} if n.startswith("mtp.")]
+        raise GenerationError("this checkpoint ships no mtp.* heads; use --speculate ngram or --draft MODEL" if not heads
+                              else f"the checkpoint's {len(heads)} mtp.* tensors are loaded, but Ember has no MTP "
+                              "proposer yet; use --speculate ngram or --draft MODEL")
     if config.draft is not None:
         dv, tv = config.draft.config.vocab_size, model.config.vocab_size
         if dv != tv:
