@@ -61,6 +61,7 @@ class AdaptiveK:
         self.off = 0          # plain steps left before the next probe
         self.backoff = 4      # plain steps the next switch-off lasts
         self.plain_seen = 0
+        self.probe_due = False
 
     @property
     def acceptance(self) -> float:
@@ -87,10 +88,12 @@ class AdaptiveK:
             self.off -= 1
             return 0
         best = max(range(1, self.k_max + 1), key=self.speedup)
-        if self.t_row is not None and self.speedup(best) < 1.0:
+        if self.t_row is not None and self.speedup(best) < 1.0 and not self.probe_due:
             self.off = self.backoff
             self.backoff = min(2 * self.backoff, self.max_backoff)
+            self.probe_due = True  # the estimates do not move while off: the pass after the wait is a probe
             return 0
+        self.probe_due = False
         return best
 
     def record_plain(self, seconds: float) -> None:
