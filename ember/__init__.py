@@ -23,7 +23,8 @@ __all__ = ["load", "__version__"]
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
          quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
          context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True,
-         lm_head: str | None = "auto"):
+         lm_head: str | None = "auto", speculate: str | None = None, draft=None,
+         num_speculative: int | None = None):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
@@ -47,6 +48,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         batch: sequences at once to plan for.
         max_memory: GiB the model may use at most (``--max-memory``).
         check_memory: run the planner's fit check first (default True).
+        speculate: "ngram", "draft" or "mtp": speculative decoding (docs/speculative.md; see ``Engine.speculate``).
+        draft: the draft model for ``speculate="draft"`` (implied): a path or name, or a loaded Engine.
+        num_speculative: the most proposed tokens per pass (default 4).
     Returns:
         :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
     """
@@ -82,4 +86,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         from ember.train.adapter_files import apply_adapter
 
         apply_adapter(model, adapter)
-    return Engine(model, tokenizer, path)
+    engine = Engine(model, tokenizer, path)
+    if speculate is not None or draft is not None:
+        if isinstance(draft, (str, os.PathLike)):
+            draft = load(draft, device=device, dtype=dtype, check_memory=False)
+        engine.speculate(speculate, draft, num_speculative)
+    return engine

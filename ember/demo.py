@@ -209,14 +209,17 @@ def lm_loss(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def train_demo_model(tok: "Tokenizer", seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = True,
-                     time_limit: float | None = DEFAULT_TIME_LIMIT_S) -> tuple[Transformer, dict[str, Any]]:
+                     time_limit: float | None = DEFAULT_TIME_LIMIT_S,
+                     config: ModelConfig | None = None) -> tuple[Transformer, dict[str, Any]]:
     """Train the demo Transformer (fp32, AdamW, warmup + cosine LR) on random corpus windows.
 
+    ``config``: another architecture to train the same way (default :func:`demo_model_config`; the speculative
+    decoding benchmark trains a target and a smaller draft).
     Returns the model (eval mode) and a small report: steps run, first/last loss, seconds.
     """
     from tqdm.auto import tqdm
 
-    cfg = demo_model_config(tok.get_vocab_size())
+    cfg = config or demo_model_config(tok.get_vocab_size())
     model = Transformer(cfg)
     init_weights(model, seed)
     stream = training_stream(tok, seed=seed)

@@ -25,6 +25,8 @@ import ember.runtime  # noqa: F401  (the CPU kernels behind the model's pieces)
 from ember.cache import StaticKVCache
 from ember.models import Transformer
 from ember.sampling import Sampler, SamplingParams
+from ember.speculative import SpeculationCounters, SpeculativeConfig, SpeculativeDecoder, check_target
+from ember.speculative import supports as speculation_applies
 from ember.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -40,6 +42,7 @@ class GenerationStats:
     decode_s: float = 0.0
     decode_steps: int = 0           # forward passes after prefill
     peak_memory_bytes: int = 0      # peak RSS (CPU) or peak allocated (CUDA)
+    speculation: SpeculationCounters | None = None  # proposals and passes, when the run speculated
 
     @property
     def prefill_tok_s(self) -> float:
@@ -52,8 +55,11 @@ class GenerationStats:
 
     def summary(self) -> str:
         """One line for stderr."""
+        spec = self.speculation
+        extra = (f", speculative: {spec.acceptance:.0%} of {spec.proposed} proposed accepted, "
+                 f"{spec.tokens_per_pass:.2f} tok/weight pass") if spec is not None else ""
         return (f"prompt {self.prompt_tokens} tok, prefill {self.prefill_tok_s:.1f} tok/s, "
-                f"decode {self.decode_tok_s:.2f} tok/s ({self.generated_tokens} tok), "
+                f"decode {self.decode_tok_s:.2f} tok/s ({self.generated_tokens} tok){extra}, "
                 f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB")
 
 
@@ -142,6 +148,34 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         if self.device.type == "cpu":
             kernels.load()  # compile (first run on this machine) now, not inside the first prompt's timed prefill
+        self.speculation: SpeculativeConfig | None = None  # see speculate()
+
+    def speculate(self, method: str | None = None, draft: "Engine | Transformer | None" = None,
+                  num_speculative: int | None = None, adaptive: bool = True) -> None:
+        """Decode speculatively from now on (``method=None`` and no draft: plainly again); docs/speculative.md.
+
+        Batch-1 generation (:meth:`stream`, :meth:`generate`) and the server's scheduler then verify several
+        proposed tokens per weight pass; greedy output stays identical, sampled output keeps its distribution.
+
+        Args:
+            method: "ngram" (prompt lookup), "draft" (default when ``draft`` is given) or "mtp".
+            draft: a smaller model sharing this model's tokenizer (an Engine or a Transformer).
+            num_speculative: the most proposed tokens per pass (default 4; MTP 1).
+            adaptive: adapt the number to the measured acceptance, off where it does not pay.
+        Raises:
+            GenerationError: a family whose cache cannot drop rejected tokens, or a draft with another vocabulary.
+        """
+        if method is None and draft is None:
+            self.speculation = None
+            return
+        model = draft.model if isinstance(draft, Engine) else draft
+        probe = "The quick brown fox, 12 times: 3.5% of {x}!\n"
+        if isinstance(draft, Engine) and draft.tokenizer.encode(probe) != self.tokenizer.encode(probe):
+            raise GenerationError("the draft model's tokenizer encodes text differently from this model's; a draft "
+                                  "must share the target's tokenizer")
+        config = SpeculativeConfig(method or "draft", num_speculative, model, adaptive)
+        check_target(self.model, config)
+        self.speculation = config
 
     # ---------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -245,6 +279,10 @@ class Engine:
         logits = self.model(input_ids, positions, cache, 0, k_valid, last_only=True)[:, -1]
         cache.advance(longest)
         next_pos = positions[:, -1] + 1
+        if self.speculation is not None and B == 1 and speculation_applies(params):
+            spec = SpeculativeDecoder(self.model, cache, self.speculation, params, sampler, prompt_ids[0], max_new)
+            yield from self._speculative(spec, logits, rows[0], max_new, stats, t0)
+            return
 
         # The model is not changed while a generation runs: its decode steps check the CPU kernel blocks once.
         session = object()
@@ -276,6 +314,26 @@ class Engine:
             logits = self.model(tok[:, None], next_pos[:, None], cache, cache.pos, k_valid, session=session)[:, -1]
             cache.advance(1)
             next_pos = next_pos + 1
+
+
+    def _speculative(self, spec: SpeculativeDecoder, logits: torch.Tensor, row: _RowState, max_new: int,
+                     stats: GenerationStats, t0: float) -> Iterator[StreamChunk]:
+        """The chunks of a batch-1 generation whose tokens come from ``spec`` (prefill already run)."""
+        stats.speculation = spec.counters
+        t1 = None
+        for tok in spec.tokens(logits):
+            if t1 is None:
+                stats.prefill_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            text = row.push(tok, max_new)
+            stats.generated_tokens += 1
+            if row.finish is not None:
+                stats.decode_s = time.perf_counter() - t1
+                stats.decode_steps = stats.generated_tokens - 1  # tokens after the first (tok/s stays per token)
+                stats.peak_memory_bytes = peak_memory_bytes(self.device)
+                yield StreamChunk(0, tok, text, row.finish, stats)
+                return
+            yield StreamChunk(0, tok, text, None)
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -36,6 +37,8 @@ from ember.engine import Engine, _RowState
 from ember.errors import GenerationError, QueueFullError
 from ember.cache import PagedKVCache
 from ember.sampling import Sampler, SamplingParams, token_logprobs
+from ember.speculative import check_target
+from ember.speculative.batched import BatchSpeculator, SequenceSpeculation
 
 log = logging.getLogger("ember.scheduler")
 
@@ -108,6 +111,7 @@ class _Seq:
     registered: int = 0                # prompt blocks registered in the prefix cache
     cached_tokens: int = 0
     finished: bool = False
+    spec: SequenceSpeculation | None = None  # speculation state (plain greedy sequences, when the engine speculates)
 
     @property
     def generated(self) -> int:
@@ -167,6 +171,11 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self.counters = dict(steps=0, prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0,
                              finished=0, cancelled=0, errors=0)
+        # the engine's speculation (Engine.speculate): every running sequence's proposals verified in one forward
+        self.speculator: BatchSpeculator | None = None
+        if engine.speculation is not None:
+            check_target(self.model, engine.speculation)
+            self.speculator = BatchSpeculator(engine.speculation)
 
     # ------------------------------------------------------------------ capacity
     @property
@@ -176,12 +185,17 @@ class BatchScheduler:
 
     def metrics(self) -> dict:
         """Gauges and counters: queue, batch, KV blocks (free = unowned, cached prefixes included)."""
-        return dict(running=len(self.running), waiting=self._queued, max_batch=self.max_batch,
-                    max_queue=self.max_queue, kv_blocks_total=self.pool.capacity, kv_blocks_free=self.pool.num_free,
-                    kv_blocks_reserved=self._reserved, kv_block_size=self.block_size, **self.counters,
-                    **({"kv_window_blocks_total": self.cache.window_pool.capacity,
-                        "kv_window_blocks_free": self.cache.window_pool.num_free}
-                       if self.cache.window_pool is not None else {}))
+        out = dict(running=len(self.running), waiting=self._queued, max_batch=self.max_batch,
+                   max_queue=self.max_queue, kv_blocks_total=self.pool.capacity, kv_blocks_free=self.pool.num_free,
+                   kv_blocks_reserved=self._reserved, kv_block_size=self.block_size, **self.counters)
+        if self.cache.window_pool is not None:
+            out.update(kv_window_blocks_total=self.cache.window_pool.capacity,
+                       kv_window_blocks_free=self.cache.window_pool.num_free)
+        if self.speculator is not None:
+            c = self.speculator.counters
+            out.update(speculative_proposed=c.proposed, speculative_accepted=c.accepted,
+                       speculative_tokens_per_pass=round(c.tokens_per_pass, 3))
+        return out
 
     # ------------------------------------------------------------------ submission (any thread)
     def submit(self, reqs: Sequence[SeqRequest]) -> list[int]:
@@ -231,13 +245,15 @@ class BatchScheduler:
         plain_greedy = p.temperature == 0 and p.repetition_penalty == 1 and not p.presence_penalty \
             and not p.frequency_penalty
         sampler = None if plain_greedy else Sampler(p, 1, self.device)
+        spec = (self.speculator.start(p, n + max_new) if self.speculator is not None and plain_greedy
+                and r.logprobs is None and r.constraint is None and not r.logit_bias else None)
         bs = self.block_size
         keys, parent = [], 0
         for k in range(n // bs):
             key = (parent, tuple(r.prompt_ids[k * bs:(k + 1) * bs]))
             keys.append(key)
             parent = hash(key)
-        return _Seq(r, list(r.prompt_ids), n, max_new, _Text(self.tokenizer, p, stop_ids), sampler, keys)
+        return _Seq(r, list(r.prompt_ids), n, max_new, _Text(self.tokenizer, p, stop_ids), sampler, keys, spec=spec)
 
     # ------------------------------------------------------------------ thread
     def start(self) -> None:
@@ -288,7 +304,9 @@ class BatchScheduler:
         events: list[tuple[SeqRequest, SeqEvent]] = []
         ready: list[tuple[_Seq, torch.Tensor]] = []
         decode = [s for s in self.running if s.prefilled]
-        if decode:
+        if decode and self.speculator is not None:
+            ready += self._speculative_decode(decode, events)
+        elif decode:
             logits = self._forward_safe(decode, [1] * len(decode), events)
             if logits is not None:
                 ready += list(zip(decode, logits))
@@ -392,9 +410,34 @@ class BatchScheduler:
             chunks.append(c)
         return rows, chunks
 
-    def _forward_safe(self, seqs: list[_Seq], news: list[int], events: list) -> torch.Tensor | None:
+    def _speculative_decode(self, seqs: list[_Seq], events: list) -> list[tuple[_Seq, torch.Tensor]]:
+        """One decode forward over every running sequence's last token and its proposals; the speculating rows'
+        tokens are emitted here, the others' last logits returned for :meth:`_sample`."""
+        spec = self.speculator
+        proposals = [spec.propose(s.spec, s.ids, s.max_new - s.generated - 1) if s.spec is not None else []
+                     for s in seqs]
+        t0 = time.perf_counter()
+        logits = self._forward_safe(seqs, [1 + len(p) for p in proposals], events, proposals)
+        if logits is None:
+            return []
+        dt = time.perf_counter() - t0
+        T = logits.shape[1]
+        ready = []
+        for i, (s, prop) in enumerate(zip(seqs, proposals)):
+            if s.spec is None:
+                ready.append((s, logits[i, -1]))
+                continue
+            out = spec.verify(s.spec, logits[i, T - 1 - len(prop):], prop, dt)
+            s.computed -= len(prop) - (len(out) - 1)  # forget the rejected proposals (their slots are rewritten)
+            for tok in out:
+                if self._emit(s, tok, events) is not None:
+                    break
+        return ready
+
+    def _forward_safe(self, seqs: list[_Seq], news: list[int], events: list,
+                      proposals: list[list[int]] | None = None) -> torch.Tensor | None:
         try:
-            return self._forward(seqs, news)
+            return self._forward(seqs, news, proposals)
         except Exception as e:  # a failing pass (e.g. out of memory) ends its rows, not the server
             log.exception("forward pass failed for %d sequences", len(seqs))
             for s in seqs:
@@ -404,8 +447,10 @@ class BatchScheduler:
                                                completion_tokens=s.generated, error=f"{type(e).__name__}: {e}")))
             return None
 
-    def _forward(self, seqs: list[_Seq], news: list[int]) -> torch.Tensor:
-        """Feed ``news[i]`` pending tokens of each sequence; returns (B, V) logits at each row's last token."""
+    def _forward(self, seqs: list[_Seq], news: list[int], proposals: list[list[int]] | None = None) -> torch.Tensor:
+        """Feed ``news[i]`` pending tokens of each sequence; returns (B, V) logits at each row's last token, or with
+        ``proposals`` (decode rows: their last token then its proposals, ``news[i] = 1 + len(proposals[i])``) the
+        (B, T, V) logits of every column."""
         bs = self.block_size
         wpool = self.cache.window_pool
         for s, n in zip(seqs, news):
@@ -423,11 +468,13 @@ class BatchScheduler:
         T = batch.T
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, (s, n) in enumerate(zip(seqs, news)):
-            ids[i, T - n:] = torch.tensor(s.ids[s.computed:s.computed + n])
-        logits = self.model(ids.to(self.device), batch.positions, batch, batch.start, batch.k_valid, last_only=True)
+            row = s.ids[s.computed:s.computed + n] if proposals is None else s.ids[s.computed:] + proposals[i]
+            ids[i, T - n:] = torch.tensor(row)
+        logits = self.model(ids.to(self.device), batch.positions, batch, batch.start, batch.k_valid,
+                            last_only=proposals is None)
         for s, n in zip(seqs, news):
             s.computed += n
-        return logits[:, -1]
+        return logits if proposals is not None else logits[:, -1]
 
     def _free_window(self, s: _Seq, upto: int) -> None:
         """Give the window-pool blocks ``s.window_table[:upto]`` back (those still held)."""
@@ -506,27 +553,32 @@ class BatchScheduler:
             lps = {i: (chosen[j], top_ids[j] if top_ids else [], top_lp[j] if top_lp else [])
                    for j, i in enumerate(lp_rows)}
         for i, (s, tok) in enumerate(zip(seqs, toks.tolist())):
-            s.ids.append(tok)
-            self.counters["generated_tokens"] += 1
-            c = s.req.constraint
-            if c is not None:
-                c.advance(tok)
-            text = s.text.push(tok, s.max_new)
-            finish = s.text.finish
-            if c is not None and c.done and finish != "stop":
-                # The document is complete (maybe on the very last token): nothing may follow it.
-                text += s.text.finish_now("stop") if finish is None else ""
-                finish = s.text.finish = "stop"
-            ev = SeqEvent(s.req.id, tok, text, finish, prompt_tokens=s.n_prompt, completion_tokens=s.generated,
-                          cached_tokens=s.cached_tokens)
-            if lps is not None and i in lps:
-                ev.logprob, ids, vals = lps[i]
-                k = s.req.logprobs
-                ev.top_logprobs = [(a, b) for a, b in zip(ids[:k], vals[:k]) if b != float("-inf")]
-            if finish is not None:
-                self._release(s)
-                self.counters["finished"] += 1
-            events.append((s.req, ev))
+            self._emit(s, tok, events, lps.get(i) if lps is not None else None)
+
+    def _emit(self, s: _Seq, tok: int, events: list, lp: tuple | None = None) -> str | None:
+        """Append one generated token to ``s``: text, constraint, event; returns the finish reason (or None)."""
+        s.ids.append(tok)
+        self.counters["generated_tokens"] += 1
+        c = s.req.constraint
+        if c is not None:
+            c.advance(tok)
+        text = s.text.push(tok, s.max_new)
+        finish = s.text.finish
+        if c is not None and c.done and finish != "stop":
+            # The document is complete (maybe on the very last token): nothing may follow it.
+            text += s.text.finish_now("stop") if finish is None else ""
+            finish = s.text.finish = "stop"
+        ev = SeqEvent(s.req.id, tok, text, finish, prompt_tokens=s.n_prompt, completion_tokens=s.generated,
+                      cached_tokens=s.cached_tokens)
+        if lp is not None:
+            ev.logprob, ids, vals = lp
+            k = s.req.logprobs
+            ev.top_logprobs = [(a, b) for a, b in zip(ids[:k], vals[:k]) if b != float("-inf")]
+        if finish is not None:
+            self._release(s)
+            self.counters["finished"] += 1
+        events.append((s.req, ev))
+        return finish
 
 
 def _deliver_direct(events: list[tuple[SeqRequest, SeqEvent]]) -> None:

@@ -20,6 +20,7 @@ from typing import Callable
 from ember.chat_formats import Delta, Harmony, OutputParser, is_reasoning_template, prompt_in_reasoning
 from ember.chat_formats.harmony import MARKERS, harmony_stop_ids
 from ember.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_params
+from ember.commands.speculation import add_speculation_args, apply_speculation
 from ember.errors import EmberError
 from ember.sampling import DEFAULT_MAX_NEW_TOKENS
 
@@ -39,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
                    help="reasoning_effort for the chat template (gpt-oss: how long it thinks; default: the template's)")
     add_sampling_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=cmd_chat)
     return p
 
@@ -70,6 +72,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """Chat until EOF or /exit; exit status 1 if any turn failed (each failure was reported on stderr)."""
     params = sampling_params(args, default_temperature=0.7)
     llm = load_from_args(args)
+    apply_speculation(args, llm)
     context = llm.config.max_position_embeddings
     budget = context - reply_reserve(context, args.max_new_tokens)
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ember.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_params
+from ember.commands.speculation import add_speculation_args, apply_speculation
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     add_sampling_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -28,6 +30,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # without -n the planner's default context (the model's, at most 4096) covers prompt + reply
     context = None if args.max_new_tokens is None else len(args.prompt.encode()) + 64 + args.max_new_tokens
     llm = load_from_args(args, context=context)
+    apply_speculation(args, llm)
     stats = None
     for chunk in llm.stream(args.prompt, params, chat=args.chat):
         sys.stdout.write(chunk.text)

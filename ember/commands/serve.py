@@ -12,6 +12,7 @@ import os
 import sys
 
 from ember.commands.common import add_model_args, display_name, load_from_args, resolve_model_args
+from ember.commands.speculation import add_speculation_args, apply_speculation
 from ember.errors import EmberError
 from ember.server.cli import serve
 
@@ -55,6 +56,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "else mean)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the API only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_speculation_args(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -75,7 +77,9 @@ def load_engine(args: argparse.Namespace):
     Raises:
         InsufficientMemoryError: before anything is allocated, with what would fit.
     """
-    return load_from_args(args, batch=args.max_batch)
+    engine = load_from_args(args, batch=args.max_batch)
+    apply_speculation(args, engine)
+    return engine
 
 
 def server_settings(args: argparse.Namespace):
