@@ -8,6 +8,7 @@ from typing import Any
 from ember.config import ModelConfig
 from ember.hardware import GiB, Hardware
 from ember.planner.memory import MemoryBreakdown, memory, weight_bytes
+from ember.planner.offload import OffloadPlan, offload_plan
 from ember.planner.speed import _kernel, decode_step_seconds, prefill_seconds, train_tokens_per_second
 from ember.planner.workload import METHODS, QUANTS, Workload
 
@@ -33,10 +34,16 @@ class Plan:
     params: int
     active_params: int
     notes: list[str] = field(default_factory=list)
+    offload: OffloadPlan | None = None  # how it runs with weights read from disk, when it does not fit
 
     @property
     def label(self) -> str:
         return self.workload.label()
+
+    @property
+    def runnable(self) -> bool:
+        """It fits, or it runs with offload (the loader then offloads; it refuses nothing marked runnable)."""
+        return self.fits or (self.offload is not None and self.offload.fits)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (bytes and tok/s as numbers)."""
@@ -52,6 +59,7 @@ class Plan:
             "prefill_tok_s": self.prefill_tok_s, "train_tok_s": self.train_tok_s,
             "bytes_per_step": self.bytes_per_step, "roofline_tok_s": self.roofline_tok_s,
             "params": self.params, "active_params": self.active_params, "notes": self.notes,
+            "runnable": self.runnable, "offload": None if self.offload is None else self.offload.to_json(),
         }
 
 
@@ -103,10 +111,15 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
         notes.append("bandwidth/FLOP/s are guesses: run `ember hw --measure`")
     for n in hw.notes:
         notes.append(n)
+    off = None
+    if not fits:
+        off = offload_plan(cfg, hw, wl, usable, mem.kv_cache + mem.activations + mem.runtime, t_end)
+        if off is not None and off.fits and not off.disk_measured:
+            notes.append("offload speed assumes a disk read rate: run `ember hw --measure`")
     return Plan(model=model, hardware=hw, workload=wl, memory=mem, available=available, fits=fits,
                 max_context=max_ctx, max_batch=max_batch, decode_tok_s=1 / t_end, decode_tok_s_start=1 / t_start,
                 prefill_tok_s=prefill, train_tok_s=train, bytes_per_step=bytes_end, roofline_tok_s=roof,
-                params=cfg.num_parameters(), active_params=cfg.active_parameters(), notes=notes)
+                params=cfg.num_parameters(), active_params=cfg.active_parameters(), notes=notes, offload=off)
 
 
 def _granularity(cfg: ModelConfig, wl: Workload, hw: Hardware) -> float:
