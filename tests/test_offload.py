@@ -9,6 +9,7 @@ give an error naming the file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -35,6 +36,17 @@ def _file_bytes(folder: Path) -> int:
 def _expert_bytes(model) -> int:
     store = model.model.layers[0].mlp.experts.store
     return store.stored_bytes(0, 0)
+
+
+def _planned_budget(folder: Path, context: int) -> int:
+    """Bytes that the planner's plan for ``context`` tokens needs, less half the experts: offload must step in."""
+    from ember.config import ModelConfig
+    from ember.hardware import detect
+    from ember.planner import Workload, plan, weight_bytes
+
+    cfg = ModelConfig.from_file(folder)
+    need = plan(cfg, detect("cpu"), Workload(context=context, dtype="fp32"), in_process=True).memory.total
+    return int(need - 0.5 * weight_bytes(cfg, "fp32").experts)
 
 
 def _greedy(llm, n: int = 16) -> list[int]:
@@ -180,8 +192,28 @@ def test_budget_too_small_is_refused(moe_folder):
 
 
 def test_quant_with_offload_is_refused(moe_folder):
-    with pytest.raises(QuantizationError, match="offload"):
+    with pytest.raises(QuantizationError, match="ember quantize"):
         ember.load(moe_folder, device="cpu", quant="int8", offload="experts", max_memory=0.001)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_folder_offloads_its_experts_as_stored(hf_checkpoint, tmp_path, mode):
+    """A folder from ``ember quantize`` offloads its experts quantized: same tokens as loading it whole, and the
+    bytes read are the quantized experts' stored bytes."""
+    from ember.loading.quantized import quantize_checkpoint
+
+    folder, _ = hf_checkpoint("mixtral")
+    out, _ = quantize_checkpoint(folder, tmp_path / mode, mode, group_size=32 if mode == "int4" else None)
+    whole = ember.load(out, device="cpu", dtype="fp32", offload="off")
+    want = _greedy(whole)
+    model = load_offloaded(out, int(0.6 * _file_bytes(out)), dtype="fp32", prefetch=False)
+    llm = ember.engine.Engine(model, whole.tokenizer, out)
+    assert _greedy(llm) == want
+    s = model.offload.stats()
+    store = model.model.layers[0].mlp.experts.store
+    assert store.quant.mode == mode
+    assert s["bytes_read"] == s["misses"] * store.stored_bytes(0, 0)
+    assert store.stored_bytes(0, 0) < _expert_bytes(load_offloaded(folder, _file_bytes(folder), dtype="fp32")) / 2
 
 
 def test_memory_size_parsing():
@@ -220,13 +252,7 @@ def test_cli_generate_offloads_with_a_notice(moe_folder):
     base = [sys.executable, "-m", "ember", "generate", str(moe_folder), PROMPT, "-n", "8", "--context", "64",
             "--dtype", "fp32"]
     whole = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
-    from ember.config import ModelConfig
-    from ember.hardware import detect
-    from ember.planner import Workload, plan, weight_bytes
-
-    cfg = ModelConfig.from_file(moe_folder)
-    need = plan(cfg, detect("cpu"), Workload(context=64, dtype="fp32"), in_process=True).memory.total
-    size = f"{int(need - 0.5 * weight_bytes(cfg, 'fp32').experts)}B"  # half the experts do not fit
+    size = f"{_planned_budget(moe_folder, 64)}B"
     off = subprocess.run(base + ["--max-memory", size], capture_output=True, text=True, env=env, timeout=300)
     assert whole.returncode == 0 and off.returncode == 0, off.stderr
     assert off.stdout == whole.stdout
@@ -234,3 +260,39 @@ def test_cli_generate_offloads_with_a_notice(moe_folder):
     refused = subprocess.run(base + ["--max-memory", size, "--offload", "off"], capture_output=True, text=True,
                              env=env, timeout=300)
     assert refused.returncode != 0 and "--offload auto" in refused.stderr
+
+
+def test_disk_read_rate_is_measured(tmp_path):
+    from ember.offload.disk import disk_read_rate
+
+    rate, direct = disk_read_rate(tmp_path, size=8 << 20, block=1 << 20)
+    assert rate > 0 and isinstance(direct, bool)
+    assert not list(tmp_path.iterdir())  # the probe file is gone
+
+
+def test_eval_and_serve_run_offloaded(moe_folder, tmp_path, capsys):
+    """`ember eval ppl` and the server over an offloaded model give what the whole model gives."""
+    from fastapi.testclient import TestClient
+
+    from ember.cli import main
+    from ember.server.app import ServerSettings, create_app
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 200 + 3}" for i in range(80)))
+    base = ["eval", "ppl", str(moe_folder), "--text", str(text), "--window", "32", "--stride", "16", "--json", "-q",
+            "--dtype", "fp32"]
+    assert main(base + ["--offload", "off"]) == 0
+    want = json.loads(capsys.readouterr().out)["ppl"]
+    assert main(base + ["--offload", "experts", "--max-memory", f"{_planned_budget(moe_folder, 32)}B"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["ppl"] == pytest.approx(want, rel=1e-5) and "running with offload" in out.err
+
+    whole = ember.load(moe_folder, device="cpu", dtype="fp32", offload="off")
+    llm = ember.load(moe_folder, device="cpu", dtype="fp32", offload="experts", context=64,
+                     max_memory=_planned_budget(moe_folder, 64) / GiB)
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(llm, ServerSettings(model_name="m", num_blocks=64))) as c:
+        r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == whole.generate(PROMPT, max_new_tokens=8, temperature=0).text
+    assert llm.model.offload.stats()["uses"] > 0

@@ -62,10 +62,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = Transformer(cfg)
     wants = (quant or "none").lower()
     deferred = tuple(n for n in ckpt.names() if defer(n)) if defer is not None else ()
-    if deferred and (wants != "none" or "quantization" in cfg.extra or mxfp4.is_mxfp4_checkpoint(cfg.extra)):
-        raise QuantizationError(f"{folder}: offloaded weights are read as stored in float; this load asks for "
-                                f"{wants if wants != 'none' else 'a quantized checkpoint'} (load without offload, "
-                                "or offload a float checkpoint without --quant)")
+    if deferred and (wants != "none" or mxfp4.is_mxfp4_checkpoint(cfg.extra)):
+        raise QuantizationError(f"{folder}: offloaded weights are read as stored; --quant {wants} would quantize "
+                                f"them on every read: run `ember quantize {folder} --to {wants} -o DIR` once and "
+                                "run DIR (its experts are then read quantized)")
     if mxfp4.is_mxfp4_checkpoint(cfg.extra) or (wants == "mxfp4" and cfg.model_type == "gpt_oss"):
         # gpt-oss as published: MXFP4 experts read as stored (or quantized from a float folder), the rest float
         if mxfp4.is_mxfp4_checkpoint(cfg.extra):
@@ -78,7 +78,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             mxfp4.quantize_experts(model)
             cfg.extra[mxfp4.HF_SECTION] = mxfp4.hf_quantization_config()
     elif (quant is not None and quant != "none") or "quantization" in cfg.extra:
-        load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head)
+        load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head,
+                               defer=defer if deferred else None)
     else:
         ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         load_weights(model, ckpt, dt, device, ignore=ignore + deferred)

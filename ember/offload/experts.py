@@ -26,6 +26,8 @@ from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.offload.cache import ExpertCache
 from ember.offload.reader import DiskReader, read_module
+from ember.quant.int4 import Int4Linear
+from ember.quant.quantize import CLASSES, QuantSpec, _expected_state
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -90,8 +92,9 @@ class ExpertStore:
     """
 
     def __init__(self, cfg, infos: dict[str, TensorInfo], reader: DiskReader, cache: ExpertCache,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None) -> None:
         self.cfg, self.reader, self.cache, self.dtype, self.device = cfg, reader, cache, dtype, device
+        self.quant = quant
         self._where: dict[tuple[int, int], dict[str, TensorInfo]] = {}
         for name, info in infos.items():
             head, _, local = name.partition(".mlp.experts.")
@@ -100,9 +103,22 @@ class ExpertStore:
             self._where.setdefault((layer, int(e)), {})[param] = info
         self._check()
 
-    def _check(self) -> None:
+    def _expected(self) -> dict[str, tuple[int, ...]]:
+        """State-dict name -> shape of one expert as stored (float, or the quantized parts of each projection)."""
         with torch.device("meta"):
-            ref = dict(MLP(self.cfg, self.cfg.moe_intermediate_size).state_dict())
+            mlp = MLP(self.cfg, self.cfg.moe_intermediate_size)
+        ref = {k: tuple(v.shape) for k, v in mlp.state_dict().items()}
+        if self.quant is None:
+            return ref
+        cls = CLASSES[self.quant.mode]
+        for proj in PROJECTIONS:
+            out_f, in_f = ref.pop(f"{proj}.weight")
+            for part, (shape, _) in _expected_state(cls, self.quant, out_f, in_f).items():
+                ref[f"{proj}.{part}"] = tuple(shape)
+        return ref
+
+    def _check(self) -> None:
+        ref = self._expected()
         for (layer, e), got in self._where.items():
             missing = sorted(set(ref) - set(got))
             if missing:
@@ -110,9 +126,9 @@ class ExpertStore:
             for param, info in got.items():
                 if param not in ref:
                     raise CheckpointError(f"{info.file}: unexpected expert tensor {info.name!r}")
-                if tuple(info.shape) != tuple(ref[param].shape):
+                if tuple(info.shape) != ref[param]:
                     raise CheckpointError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, "
-                                          f"config.json implies {list(ref[param].shape)}")
+                                          f"config.json implies {list(ref[param])}")
 
     def stored_bytes(self, layer: int, expert: int) -> int:
         """Bytes expert ``(layer, expert)`` takes in the file (what one read of it moves, unaligned)."""
@@ -127,9 +143,31 @@ class ExpertStore:
     def read(self, key: tuple[int, int]) -> tuple[nn.Module, int, int, float]:
         """Read one expert: (module, in-memory bytes, stored bytes read, seconds)."""
         t0 = time.perf_counter()
-        mlp = read_module(self.reader, lambda: MLP(self.cfg, self.cfg.moe_intermediate_size), self._where[key],
-                          self.dtype, self.device)
+        build = lambda: MLP(self.cfg, self.cfg.moe_intermediate_size)  # noqa: E731
+        if self.quant is None:
+            mlp = read_module(self.reader, build, self._where[key], self.dtype, self.device)
+        else:
+            mlp = self._read_quantized(build, self._where[key])
         return mlp, self.memory_bytes(*key), self.stored_bytes(*key), time.perf_counter() - t0
+
+    def _read_quantized(self, build, where: dict[str, TensorInfo]) -> nn.Module:
+        """One expert whose projections are stored quantized (an ``ember quantize`` folder): one read, then each
+        projection's module made from its stored parts, as the loader makes them."""
+        names = list(where)
+        got = dict(zip(names, self.reader.read([where[n] for n in names])))
+        with torch.device("meta"):
+            mlp = build()
+        cls = CLASSES[self.quant.mode]
+        for proj in PROJECTIONS:
+            lin = getattr(mlp, proj)
+            out_f, in_f = lin.weight.shape
+            state = {part: got[f"{proj}.{part}"].to(self.device)
+                     for part in _expected_state(cls, self.quant, out_f, in_f)}
+            bias = got.get(f"{proj}.bias")
+            bias = None if bias is None else bias.to(device=self.device, dtype=self.dtype)
+            kw = dict(self.quant.params(), layout="auto") if cls is Int4Linear else self.quant.params()
+            setattr(mlp, proj, cls.from_canonical(state, in_f, out_f, bias, self.dtype, **kw))
+        return mlp.eval().requires_grad_(False)
 
     def get(self, layer: int, expert: int) -> nn.Module:
         key = (layer, expert)

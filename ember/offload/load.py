@@ -30,6 +30,7 @@ from ember.offload.cache import PREFETCH_THREADS, CacheStats, ExpertCache
 from ember.offload.experts import ExpertStore, is_expert_tensor, offload_experts
 from ember.offload.layers import DEFAULT_AHEAD, LayerStreamer, stream_layers
 from ember.offload.reader import DiskReader, read_module
+from ember.quant.quantize import SECTION, QuantSpec
 
 MODES = ("auto", "experts", "layers")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -174,7 +175,9 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
     reader = DiskReader({i.file for i in infos.values()}, direct=direct)
     capacity = budget - resident - reserve
     cache = ExpertCache(max(0, capacity), policy, PREFETCH_THREADS if prefetch else 0)
-    store = ExpertStore(cfg, infos, reader, cache, dt, dev)
+    section = cfg.extra.get(SECTION)
+    spec = QuantSpec.from_section(section, str(folder / "config.json")) if section is not None else None
+    store = ExpertStore(cfg, infos, reader, cache, dt, dev, quant=spec)
     one = store.memory_bytes(*next(iter(store._where)))
     need = cfg.num_experts_per_tok * one
     if capacity < need:
@@ -193,6 +196,9 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
 
 def _load_layers(folder: Path, cfg: ModelConfig, budget: int, device, dtype, reserve: int, prefetch: bool,
                  direct: bool, ahead: int) -> nn.Module:
+    if SECTION in cfg.extra:
+        raise ConfigError(f"{folder}: layer streaming reads float layers; this folder is quantized "
+                          f"({cfg.extra[SECTION].get('method')}): load it whole, or stream the float model")
     model = load_model(folder, device=device, dtype=dtype, defer=lambda n: _LAYER.match(n) is not None)
     detach_from_files(model)
     ckpt, _ = open_checkpoint(folder, cfg)

@@ -17,7 +17,7 @@ def check_request(path, mode: str, quant: str | None) -> None:
 
     Raises:
         ConfigError: an unknown mode, or a path that is not a safetensors folder (a GGUF file).
-        QuantizationError: ``quant`` asked for (offloaded weights are read as stored, in float).
+        QuantizationError: ``quant`` asked for (offloaded weights are read as stored: quantize the folder first).
     """
     if mode not in MODES:
         raise ConfigError(f"--offload {mode!r}: expected auto, off, {', '.join(m for m in MODES if m != 'auto')}")
@@ -26,8 +26,9 @@ def check_request(path, mode: str, quant: str | None) -> None:
         raise ConfigError(f"{p}: offload reads weights from a safetensors folder; this is not one (a GGUF file is "
                           "loaded whole: convert it, or free memory)")
     if quant not in (None, "none"):
-        raise QuantizationError(f"{p}: offload reads weights as stored, in float; --quant {quant} cannot be combined "
-                                "with it (drop --quant to run with offload, or choose a smaller model)")
+        raise QuantizationError(f"{p}: offload reads weights as stored; --quant {quant} would quantize them on every "
+                                f"read: run `ember quantize {p} --to {quant} -o DIR` once and run DIR (its experts "
+                                "are then read quantized), or drop --quant")
 
 
 def load_with_offload(path, plan, mode: str, device, dtype, quant: str | None, max_memory: float | None,
@@ -40,7 +41,7 @@ def load_with_offload(path, plan, mode: str, device, dtype, quant: str | None, m
         notice: where the one-line notice goes (default: stderr); None-returning callable(str).
     Raises:
         ConfigError: a GGUF file (offload reads safetensors folders) or an unknown mode.
-        QuantizationError: ``quant`` asked for (offloaded weights are read as stored, in float).
+        QuantizationError: ``quant`` asked for (offloaded weights are read as stored: quantize the folder first).
     """
     check_request(path, mode, quant)
     p = Path(path)

@@ -43,7 +43,7 @@ class Plan:
     @property
     def runnable(self) -> bool:
         """It fits, or it runs with offload (the loader then offloads; it refuses nothing marked runnable)."""
-        return self.fits or (self.offload is not None and self.offload.fits)
+        return self.fits or (self.offload is not None and self.offload.fits and not self.offload.needs_quantize)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (bytes and tok/s as numbers)."""
@@ -65,7 +65,7 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memory: float | None = None,
-         checkpoint_dtype: str | None = None, in_process: bool = False) -> Plan:
+         checkpoint_dtype: str | None = None, in_process: bool = False, stored_quant: bool = False) -> Plan:
     """Plan ``wl`` for ``cfg`` on ``hw``.
 
     Args:
@@ -74,6 +74,8 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
         checkpoint_dtype: on-disk dtype (``bf16``...) when known; drives the load transient.
         in_process: the caller *is* the Ember process, so its runtime memory is already in use
             (not in ``available``) and is not counted again.
+        stored_quant: the checkpoint is stored in ``wl.quant`` already (an ``ember quantize`` folder): its
+            experts can be offloaded quantized.
     Returns:
         the :class:`Plan`.
     """
@@ -113,7 +115,7 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
         notes.append(n)
     off = None
     if not fits:
-        off = offload_plan(cfg, hw, wl, usable, mem.kv_cache + mem.activations + mem.runtime, t_end)
+        off = offload_plan(cfg, hw, wl, usable, mem.kv_cache + mem.activations + mem.runtime, t_end, stored_quant)
         if off is not None and off.fits and not off.disk_measured:
             notes.append("offload speed assumes a disk read rate: run `ember hw --measure`")
     return Plan(model=model, hardware=hw, workload=wl, memory=mem, available=available, fits=fits,

@@ -44,6 +44,7 @@ class OffloadPlan:
     disk_measured: bool
     decode_tok_s: float         # predicted, in-memory step + disk reads
     disk_roofline_tok_s: float  # disk_bandwidth / disk_bytes_per_token
+    needs_quantize: bool = False  # quantized experts are read from an `ember quantize` folder: make it first
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,19 +58,24 @@ def disk_bandwidth(hw: Hardware) -> tuple[float, bool]:
 
 
 def offload_plan(cfg: ModelConfig, hw: Hardware, wl: Workload, usable: float, reserve: float,
-                 step_seconds: float) -> OffloadPlan | None:
+                 step_seconds: float, stored_quant: bool = False) -> OffloadPlan | None:
     """The offload option for ``wl`` within ``usable`` bytes (per node), ``reserve`` of them for KV + activations.
+
+    Quantized experts are read as an ``ember quantize`` folder stores them; a float folder planned with a quant
+    gets ``needs_quantize`` (the loader refuses quantizing on every read).
 
     Args:
         step_seconds: the in-memory decode step's seconds (:func:`~ember.planner.speed.decode_step_seconds`).
+        stored_quant: the checkpoint is already stored in ``wl.quant`` (a folder from ``ember quantize``).
     Returns:
-        the plan, or None where offload does not apply (training, quantized weights, several nodes).
+        the plan, or None where offload does not apply (training, several nodes, quantized dense layers).
     """
-    if wl.task != "infer" or wl.weight_quant != "none" or hw.nodes > 1:
+    quantized = wl.weight_quant != "none"
+    if wl.task != "infer" or hw.nodes > 1 or (quantized and not cfg.num_local_experts):
         return None
     from ember.offload.layers import DEFAULT_AHEAD  # noqa: PLC0415  (the streamer's own read-ahead; torch only when planning offload)
 
-    wb = weight_bytes(cfg, wl.dtype, "none", "none")
+    wb = weight_bytes(cfg, wl.dtype, wl.weight_quant, wl.head_quant)
     bw, measured = disk_bandwidth(hw)
     if wb.moe_layers and wb.experts:
         one = wb.experts / (wb.moe_layers * wb.experts_per_layer)
@@ -97,4 +103,5 @@ def offload_plan(cfg: ModelConfig, hw: Hardware, wl: Workload, usable: float, re
     return OffloadPlan(mode=mode, fits=fits, budget=usable, resident=resident, cache=max(0.0, cache),
                        reserve=reserve, hit_rate=hit, disk_bytes_per_token=disk, disk_bandwidth=bw,
                        disk_measured=measured, decode_tok_s=1 / t,
-                       disk_roofline_tok_s=bw / disk if disk else float("inf"))
+                       disk_roofline_tok_s=bw / disk if disk else float("inf"),
+                       needs_quantize=quantized and not stored_quant)
