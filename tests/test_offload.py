@@ -296,3 +296,21 @@ def test_eval_and_serve_run_offloaded(moe_folder, tmp_path, capsys):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == whole.generate(PROMPT, max_new_tokens=8, temperature=0).text
     assert llm.model.offload.stats()["uses"] > 0
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "deepseek_v3", "minimax_m2"])
+def test_routed_moe_families_offload(name, tmp_path):
+    """Sigmoid/group-limited routers, shared experts, MLA: offloading the routed experts changes no token."""
+    import transformers
+
+    from conftest import save_word_tokenizer
+    from test_families import _hf_config
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(_hf_config(name), dtype=torch.float32)
+    hf.save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    whole = ember.load(tmp_path, device="cpu", dtype="fp32", offload="off")
+    model = load_offloaded(tmp_path, int(0.7 * _file_bytes(tmp_path)), dtype="fp32")
+    assert _greedy(ember.engine.Engine(model, whole.tokenizer, tmp_path), 12) == _greedy(whole, 12)
+    assert model.offload.stats()["misses"] > 0
