@@ -47,7 +47,6 @@ class ReadCounters:
     reads: int = 0
     tensor_bytes: int = 0
     disk_bytes: int = 0
-    seconds: float = 0.0
 
 
 class DiskReader:
