@@ -24,7 +24,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
          quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
          context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True,
          lm_head: str | None = "auto", speculate: str | None = None, draft=None,
-         num_speculative: int | None = None):
+         num_speculative: int | None = None, offload: str = "auto"):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
@@ -51,6 +51,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         speculate: "ngram", "draft" or "mtp": speculative decoding (docs/speculative.md; see ``Engine.speculate``).
         draft: the draft model for ``speculate="draft"`` (implied): a path or name, or a loaded Engine.
         num_speculative: the most proposed tokens per pass (default 4).
+        offload: "auto" (default): a safetensors model that does not fit is loaded with offload (experts or
+            layers read from disk, :mod:`ember.offload`) when the planner says it runs that way, with a one-line
+            notice on stderr; "experts" / "layers": offload in that mode (within ``max_memory``, else what is
+            free); "off": never. The loaded model's ``model.offload`` then has the statistics.
     Returns:
         :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
     """
@@ -67,12 +71,23 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if lm_head == "auto":
         lm_head = DEFAULT_LM_HEAD
+    if offload not in ("auto", "off"):
+        from ember.offload.session import check_request
+
+        check_request(path, offload, quant)
+    plan = None
     if check_memory:
         from ember.planner import preflight
 
-        preflight(path, device, dtype, quant=quant, context=context, batch=batch, max_memory=max_memory,
-                  lm_head=lm_head)
-    if is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
+        plan = preflight(path, device, dtype, quant=quant, context=context, batch=batch, max_memory=max_memory,
+                         lm_head=lm_head, offload=offload != "off")
+    if offload not in ("auto", "off") or (plan is not None and not plan.fits and offload == "auto"):
+        from ember.offload.session import load_with_offload
+
+        model = load_with_offload(path, plan, offload, device=device, dtype=dtype, quant=quant, max_memory=max_memory)
+        tokenizer = Tokenizer.from_dir(path)
+        tokenizer.check_fits(model.config.vocab_size, str(path))
+    elif is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
         model, tokenizer = load_gguf(path, device=device, dtype=dtype)
         if quant is not None and quant != "none":  # after the fact: GGUF tensors are decoded first
             from ember.quant import quantize_model

@@ -5,7 +5,8 @@
 one-row (``mv``) and four-row (``mm``) products over weight matrices past every cache, plain and
 decoder-shaped; a large matmul's FLOP/s; the per-layer, per-expert and per-step dispatch time of a
 decode step; the quantized kernels' rates and their share of a real quantized decode step; the
-fraction of the matmul rate real LoRA/QLoRA training steps reach; and the RSS of a fresh process.
+fraction of the matmul rate real LoRA/QLoRA training steps reach; the RSS of a fresh process; and the disk's
+read rate with ``O_DIRECT`` (what offloaded experts and streamed layers are read at).
 
 It runs models, the trainer and the planner's FLOP count, so it sits above them all (beside the CLI):
 nothing below imports it.
@@ -20,7 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ember.hardware import Calibration, device_key, fingerprint, save_calibration
+from ember.hardware import Calibration, cache_dir, device_key, fingerprint, save_calibration
+from ember.offload.disk import disk_read_rate
 
 
 def _sync(device) -> None:
@@ -535,6 +537,8 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
     t = _best_time(lambda: dst.copy_(src), dev, repeats)
     copy_bw = 2 * copy_n * 4 / t
     del src, dst
+    say(f"disk read rate (O_DIRECT) in {cache_dir()}")
+    disk_bw, disk_direct = disk_read_rate(cache_dir(), (64 << 20) if quick else (512 << 20))
     rss = ctx = 0
     if runtime:
         say("runtime memory of a fresh process")
@@ -544,7 +548,7 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
         device=key, fingerprint=fingerprint(key), stream=stream,
         copy_bandwidth=copy_bw, matmul_flops=flops, layer_overhead_s=layer_s, expert_overhead_s=expert_s,
         step_overhead_s=step_s, stream_efficiency=efficiency, runtime_bytes=rss, context_bytes=ctx,
-        train_efficiency=train_eff,
+        train_efficiency=train_eff, disk_read_bandwidth=disk_bw, disk_direct=disk_direct,
         threads=torch.get_num_threads(),
         torch_version=torch.__version__, measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=time.perf_counter() - t_start,

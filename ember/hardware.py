@@ -73,6 +73,8 @@ class Calibration:
     stream_efficiency: dict[str, float] = field(default_factory=dict)  # dtype or quant mode -> in-model / alone
     context_bytes: int = 0                     # CUDA: device memory the context takes before any tensor
     train_efficiency: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # dtype -> [(hidden, MFU)]
+    disk_read_bandwidth: float = 0.0           # bytes/s of O_DIRECT reads from the cache dir's disk (0: not measured)
+    disk_direct: bool = False                  # that rate bypassed the page cache (O_DIRECT, else fadvise)
     threads: int = 1
     torch_version: str = ""
     measured_at: str = ""
@@ -577,6 +579,10 @@ def describe_machine(hw: Hardware) -> list[tuple[str, str]]:
                 + f" of the matmul rate ({'QLoRA' if k.endswith('-qlora') else 'LoRA'})"
                 for k, pts in c.train_efficiency.items())))
         rows.append(("copy", f"{c.copy_bandwidth / GB:.1f} GB/s (read + write)"))
+        if c.disk_read_bandwidth:
+            rows.append(("disk read", f"{c.disk_read_bandwidth / GB:.2f} GB/s ("
+                         + ("O_DIRECT" if c.disk_direct else "page cache dropped with fadvise, no O_DIRECT")
+                         + "; what offloaded weights are read at)"))
         rows.append(("matmul", ", ".join(f"{k} {v / TB:.2f} TFLOP/s" for k, v in c.matmul_flops.items())))
         rows.append(("decode overhead", ", ".join(
             f"{k}: {c.step_overhead_s[k] * 1e6:.0f} us/step + {c.layer_overhead_s[k] * 1e6:.0f} us/layer"

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from ember.commands.common import memory_size
 from ember.errors import ConfigError
 from ember.hardware import GB, GiB, TB, Hardware
 from ember.planner import ResolvedModel, resolve_model
@@ -79,6 +80,11 @@ def cmd_plan(args) -> int:
     print()
     if best is not None:
         print(f"recommended: {P.explain(best)}")
+    elif any(p.runnable for p in plans):
+        off = max((p for p in plans if p.runnable), key=lambda p: p.offload.decode_tok_s)
+        print(f"recommended: nothing fits in memory; {off.label} runs with offload "
+              f"({off.offload.mode} read from disk, ~{off.offload.decode_tok_s:.2g} tok/s); `ember generate` and the "
+              "other verbs choose it by themselves")
     else:
         print("recommended: nothing fits. " + _nothing_fits_hint(plans))
     notes = list(dict.fromkeys(rm.notes + [n for p in plans for n in p.notes]))
@@ -147,6 +153,12 @@ def _plan_table(plans, wl) -> str:
         else:
             rows.append([p.label, g(m.weights), g(m.training), g(m.activations), g(m.runtime), g(m.total), fits,
                          f"{p.max_context:,}", f"{p.max_batch:,}", f"{p.train_tok_s:,.0f}"])
+    for p in plans:  # the options that do not fit but run with weights read from disk
+        o = p.offload
+        if o is not None and o.fits:
+            m = p.memory
+            rows.append([f"{p.label} + offload" + (" *" if o.needs_quantize else ""), g(o.resident + o.cache), g(m.kv_cache), g(m.activations),
+                         g(m.runtime), g(o.budget), "offload", "-", "-", f"{o.decode_tok_s:.2g}", "-"])
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                        for i, (c, w) in enumerate(zip(r, widths))) + " |"
@@ -154,7 +166,20 @@ def _plan_table(plans, wl) -> str:
     out += [fmt(r) for r in rows]
     if wl.task == "infer":
         out.append("decode tok/s: per sequence, empty cache → full context; memory in GiB (2^30 bytes)")
+        out += [_offload_line(p) for p in plans if p.offload is not None and p.offload.fits]
     return "\n".join(out)
+
+
+def _offload_line(p) -> str:
+    o = p.offload
+    what = (f"experts read from disk into a {o.cache / GiB:.1f} GiB cache, expected hit rate {100 * o.hit_rate:.0f}% "
+            "(uniform routing; skewed real routing does better)" if o.mode == "experts"
+            else f"layers past {o.resident / GiB:.1f} GiB streamed from disk with read-ahead")
+    src = "measured" if o.disk_measured else "assumed: run `ember hw --measure`"
+    if o.needs_quantize:
+        what += f"; * reads an `ember quantize --to {p.workload.quant}` folder: make it once, then run that folder"
+    return (f"{p.label} + offload: {what}; {o.disk_bytes_per_token / 1e9:.2f} GB read per token at "
+            f"{o.disk_bandwidth / 1e9:.1f} GB/s ({src}): disk-bound ~{o.disk_roofline_tok_s:.2g} tok/s")
 
 
 def _hw_json(hw: Hardware) -> dict:
@@ -236,7 +261,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help="weight format to show (default: all)")
     p.add_argument("--method", choices=METHOD_CHOICES, default=None, help="tune method to show (default: all)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GiB", help="use at most this much memory per node")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="use at most this much memory per node: 12GiB, 800MB, or a number of GiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import ember
 from ember.model_store import resolve
@@ -32,10 +33,39 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "matrix at 6-8 bits; none keeps it in --dtype, as bitsandbytes does)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="LoRA adapter folder (from `ember tune` or HF PEFT), applied without merging")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
-                   help="refuse to load if the plan needs more than this many GiB (default: what is free)")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory the model may use: 12GiB, 800MB, or a number of GiB (default: what is free); a "
+                        "model that needs more runs with offload (see --offload)")
+    p.add_argument("--offload", default="auto", choices=["auto", "experts", "layers", "off"],
+                   help="weights read from disk when the model does not fit: auto (the planner's choice, with a "
+                        "notice), experts (MoE: experts cached, the rest resident), layers (stream layers), off "
+                        "(refuse instead)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="tokens per sequence to plan memory for (default: prompt + new tokens, or min(model limit, 4096))")
+
+
+_UNITS = {"": 2**30, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
+          "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def memory_size(text: str) -> float:
+    """A memory size for ``--max-memory`` in GiB: ``12GiB``, ``800MB``, ``1.5G``, or a bare number of GiB.
+
+    Raises:
+        argparse.ArgumentTypeError: not a positive size with a known unit.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size (examples: 12GiB, 800MB, 0.5 = GiB)")
+    return float(m.group(1)) * _UNITS[unit] / 2**30
+
+
+def offload_summary(llm) -> str | None:
+    """The offload statistics line of a loaded engine (hit rate, GB read per token), or None when nothing is
+    offloaded."""
+    off = getattr(llm.model, "offload", None)
+    return off.summary() if off is not None else None
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -99,4 +129,4 @@ def load_from_args(args: argparse.Namespace, context: int | None = None, batch: 
     resolve_model_args(args)
     return ember.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
                       adapter=args.adapter, context=args.context or context, batch=batch, max_memory=args.max_memory,
-                      lm_head=args.lm_head)
+                      lm_head=args.lm_head, offload=getattr(args, "offload", "auto"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ember.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_params
+from ember.commands.common import add_model_args, add_sampling_args, load_from_args, offload_summary, sampling_params
 from ember.commands.speculation import add_speculation_args, apply_speculation
 
 
@@ -39,4 +39,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if stats is not None and not args.quiet:
         print(f"[ember] {stats.summary()}", file=sys.stderr)
+        if offload_summary(llm):
+            print(f"[ember] {offload_summary(llm)}", file=sys.stderr)
     return 0

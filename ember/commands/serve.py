@@ -66,7 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ember serve: warning: binding {args.host} without --api-key: anyone who can reach this machine "
               "can use the model", file=sys.stderr)
     engine = load_engine(args)
-    serve(engine, server_settings(args), host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+    settings = server_settings(args)
+    off = getattr(engine.model, "offload", None)
+    if off is not None and settings.num_blocks is None:  # the weights are not all in memory: the KV pool gets the
+        settings.kv_memory_bytes = off.reserve_bytes or None  # share of the budget the offload plan kept for it
+    serve(engine, settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level)
     return 0
 

@@ -20,11 +20,21 @@ from ember.models import Transformer
 from ember.quant.quantize import DEFAULT_LM_HEAD
 
 __all__ = ["DTYPE_NAMES", "Checkpoint", "check_layers", "device_supports_bf16", "load_model", "load_quantized_weights", "load_weights",
-           "resolve_dtype"]
+           "open_checkpoint", "resolve_dtype"]
+
+
+def open_checkpoint(folder: Path, cfg: ModelConfig):
+    """The checkpoint of ``folder`` under Ember's names (text model, per-expert names) and the ``mtp.*`` tensors
+    kept apart; checks its layer count and embedding against ``cfg`` before anything is built."""
+    ckpt = renamed_text_model(Checkpoint(folder), cfg)  # Gemma 3's multimodal names -> the text model's
+    ckpt, extra = text_model_view(ckpt, cfg)  # Qwen3.5's multimodal wrappers; mtp.* kept apart
+    check_layers(cfg, ckpt)  # before anything is built for the sizes config.json claims
+    return expert_layout_view(ckpt, cfg), extra  # MoE: hub/fused expert names -> Ember's
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", quant: str | None = None,
-               group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD) -> Transformer:
+               group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD,
+               defer=None) -> Transformer:
     """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
 
     Args:
@@ -38,20 +48,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             folder quantizes its experts only, as published.
         group_size: int4 group size (32, 64, 128; default 128).
         lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
+        defer: a predicate on checkpoint names: those tensors are not loaded and stay on the meta device, for
+            :mod:`ember.offload` to read on demand (float weights only; with ``quant`` it is refused).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     cfg = ModelConfig.from_file(folder)
-    ckpt = renamed_text_model(Checkpoint(folder), cfg)  # Gemma 3's multimodal names -> the text model's
-    ckpt, extra = text_model_view(ckpt, cfg)  # Qwen3.5's multimodal wrappers; mtp.* kept apart
-    check_layers(cfg, ckpt)  # before anything is built for the sizes config.json claims
-    ckpt = expert_layout_view(ckpt, cfg)  # MoE: hub/fused expert names -> Ember's
+    ckpt, extra = open_checkpoint(folder, cfg)
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
     wants = (quant or "none").lower()
+    deferred = tuple(n for n in ckpt.names() if defer(n)) if defer is not None else ()
+    if deferred and (wants != "none" or mxfp4.is_mxfp4_checkpoint(cfg.extra)):
+        raise QuantizationError(f"{folder}: offloaded weights are read as stored; --quant {wants} would quantize "
+                                f"them on every read: run `ember quantize {folder} --to {wants} -o DIR` once and "
+                                "run DIR (its experts are then read quantized)")
     if mxfp4.is_mxfp4_checkpoint(cfg.extra) or (wants == "mxfp4" and cfg.model_type == "gpt_oss"):
         # gpt-oss as published: MXFP4 experts read as stored (or quantized from a float folder), the rest float
         if mxfp4.is_mxfp4_checkpoint(cfg.extra):
@@ -64,10 +78,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             mxfp4.quantize_experts(model)
             cfg.extra[mxfp4.HF_SECTION] = mxfp4.hf_quantization_config()
     elif (quant is not None and quant != "none") or "quantization" in cfg.extra:
-        load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head)
+        load_quantized_weights(model, ckpt, dt, device, quant, group_size, lm_head=lm_head,
+                               defer=defer if deferred else None)
     else:
         ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-        load_weights(model, ckpt, dt, device, ignore=ignore)
+        load_weights(model, ckpt, dt, device, ignore=ignore + deferred)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()

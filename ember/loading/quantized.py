@@ -34,7 +34,7 @@ from ember.quant.quantize import (
 
 def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch.device | str,
                            quant: str | QuantSpec | None = None, group_size: int | None = None,
-                           layout: str = "auto", lm_head: str | None = DEFAULT_LM_HEAD) -> QuantSpec:
+                           layout: str = "auto", lm_head: str | None = DEFAULT_LM_HEAD, defer=None) -> QuantSpec:
     """Fill a meta-device :class:`~ember.models.Transformer` from ``ckpt``, quantizing on the way.
 
     Float checkpoint + ``quant``: each chosen Linear is quantized from its weight, read in row chunks
@@ -49,6 +49,8 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
         layout: "auto" (kernel layouts) or "plain" (portable codes; for export).
         lm_head: an untied head's format when quantizing a float checkpoint (see :func:`resolve_spec`);
             a quantized checkpoint's head is loaded as stored.
+        defer: a predicate on checkpoint names: those tensors (and the Linears whose weight they are) are left
+            on the meta device, for :mod:`ember.offload` to read on demand.
     Returns:
         The :class:`QuantSpec` the model now holds.
     Raises:
@@ -73,6 +75,8 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
         chosen, kept = select_linears(model, spec)
     else:
         raise QuantizationError("load_quantized_weights needs quant= or a quantized checkpoint")
+    if defer is not None:
+        chosen = [n for n in chosen if not defer(f"{n}.weight")]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in chosen}
     _check_shapes(spec, shapes)
 
@@ -81,6 +85,8 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
     ignore = {k for k in names if k.startswith(prefixes)} | {f"{n}.{p}" for n in chosen for p in ("weight", "bias")}
     if cfg.tie_word_embeddings:
         ignore.add("lm_head.weight")
+    if defer is not None:
+        ignore |= {k for k in names if defer(k)}
     load_weights(model, ckpt, dtype, device, ignore=tuple(sorted(ignore)))
 
     reader = _FileReader()

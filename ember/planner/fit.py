@@ -9,6 +9,7 @@ from ember.config import ModelConfig
 from ember.hardware import GiB, Hardware
 from ember.loading.mxfp4 import experts_only as mxfp4_experts_only
 from ember.planner.memory import MemoryBreakdown, memory, weight_bytes
+from ember.planner.offload import OffloadPlan, offload_plan
 from ember.planner.speed import _kernel, decode_step_seconds, prefill_seconds, train_tokens_per_second
 from ember.planner.workload import METHODS, QUANTS, Workload
 
@@ -35,10 +36,16 @@ class Plan:
     active_params: int
     notes: list[str] = field(default_factory=list)
     quality: float = 0.0              # rank among options when several fit (lower is better)
+    offload: OffloadPlan | None = None  # how it runs with weights read from disk, when it does not fit
 
     @property
     def label(self) -> str:
         return self.workload.label()
+
+    @property
+    def runnable(self) -> bool:
+        """It fits, or it runs with offload (the loader then offloads; it refuses nothing marked runnable)."""
+        return self.fits or (self.offload is not None and self.offload.fits and not self.offload.needs_quantize)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (bytes and tok/s as numbers)."""
@@ -54,12 +61,13 @@ class Plan:
             "prefill_tok_s": self.prefill_tok_s, "train_tok_s": self.train_tok_s,
             "bytes_per_step": self.bytes_per_step, "roofline_tok_s": self.roofline_tok_s,
             "params": self.params, "active_params": self.active_params, "notes": self.notes,
+            "runnable": self.runnable, "offload": None if self.offload is None else self.offload.to_json(),
         }
 
 
 
 def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memory: float | None = None,
-         checkpoint_dtype: str | None = None, in_process: bool = False) -> Plan:
+         checkpoint_dtype: str | None = None, in_process: bool = False, stored_quant: bool = False) -> Plan:
     """Plan ``wl`` for ``cfg`` on ``hw``.
 
     Args:
@@ -68,6 +76,8 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
         checkpoint_dtype: on-disk dtype (``bf16``...) when known; drives the load transient.
         in_process: the caller *is* the Ember process, so its runtime memory is already in use
             (not in ``available``) and is not counted again.
+        stored_quant: the checkpoint is stored in ``wl.quant`` already (an ``ember quantize`` folder): its
+            experts can be offloaded quantized.
     Returns:
         the :class:`Plan`.
     """
@@ -105,11 +115,16 @@ def plan(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_memo
         notes.append("bandwidth/FLOP/s are guesses: run `ember hw --measure`")
     for n in hw.notes:
         notes.append(n)
+    off = None
+    if not fits:
+        off = offload_plan(cfg, hw, wl, usable, mem.kv_cache + mem.activations + mem.runtime, t_end, stored_quant)
+        if off is not None and off.fits and not off.disk_measured:
+            notes.append("offload speed assumes a disk read rate: run `ember hw --measure`")
     return Plan(model=model, hardware=hw, workload=wl, memory=mem, available=available, fits=fits,
                 max_context=max_ctx, max_batch=max_batch, decode_tok_s=1 / t_end, decode_tok_s_start=1 / t_start,
                 prefill_tok_s=prefill, train_tok_s=train, bytes_per_step=bytes_end, roofline_tok_s=roof,
                 params=cfg.num_parameters(), active_params=cfg.active_parameters(), notes=notes,
-                quality=quant_quality(cfg, wl.quant))
+                quality=quant_quality(cfg, wl.quant), offload=off)
 
 
 def _granularity(cfg: ModelConfig, wl: Workload, hw: Hardware) -> float:

@@ -17,7 +17,8 @@ from ember.planner.workload import DTYPE_BYTES, QUANTS, Workload, dtype_name
 
 def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, context: int | None = None,
                batch: int = 1, max_memory: float | None = None, task: str = "infer", method: str = "lora",
-               checkpoint_dtype: str | None = None, hardware: Hardware | None = None, lm_head: str | None = "auto") -> Plan:
+               checkpoint_dtype: str | None = None, hardware: Hardware | None = None, lm_head: str | None = "auto",
+               offload: bool = False, stored_quant: bool = False) -> Plan:
     """Stop before allocating if the model will not fit; say what would.
 
     Call it in the process that is about to load (its runtime memory is already in use, so only the
@@ -34,8 +35,10 @@ def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, contex
         task / method: ``tune`` with ``lora``/``qlora``/``full`` for fine-tuning.
         hardware: override detection (tests).
         lm_head: the LM head's format under ``quant`` (:attr:`Workload.lm_head`; None = ``none``).
+        offload: accept a plan that runs only with offload (:attr:`Plan.runnable`; its ``offload`` says how).
+        stored_quant: the checkpoint is stored in ``quant`` (an ``ember quantize`` folder).
     Returns:
-        the :class:`Plan` when it fits.
+        the :class:`Plan` when it fits (or, with ``offload``, runs with offload).
     Raises:
         InsufficientMemoryError: "needs 41.2 GiB, 23.1 GiB available; int4 needs 11.0 GiB".
     """
@@ -44,8 +47,9 @@ def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, contex
     wl = Workload(task=task, context=context or cfg.max_position_embeddings, batch=batch, dtype=dtype_name(dtype),
                   quant=quant or "none", method=method, lm_head=lm_head or "none")
     cap = None if max_memory is None else max_memory * GiB
-    p = plan(cfg, hw, wl, max_memory=cap, checkpoint_dtype=checkpoint_dtype, in_process=True)
-    if p.fits:
+    p = plan(cfg, hw, wl, max_memory=cap, checkpoint_dtype=checkpoint_dtype, in_process=True,
+             stored_quant=stored_quant)
+    if p.fits or (offload and p.runnable):
         return p
     raise InsufficientMemoryError(_does_not_fit_message(cfg, hw, wl, p, cap, checkpoint_dtype))
 
@@ -72,6 +76,20 @@ def _does_not_fit_message(cfg: ModelConfig, hw: Hardware, wl: Workload, p: Plan,
         msg += (f"; nothing fits: even {smallest.label} weights take {smallest.memory.weights / GiB:.1f} GiB"
                 if smallest.memory.weights > usable else
                 f"; {smallest.label} fits with at most {smallest.max_context:,} tokens of context")
+    if p.offload is not None and not p.offload.fits:
+        o = p.offload
+        msg += (f"; with offload ({o.mode}) {o.resident / GiB:.1f} GiB of weights stay resident and "
+                f"{o.reserve / GiB:.1f} GiB go to the KV cache and activations, more than the budget allows")
+    elif p.offload is not None and p.offload.fits:
+        o = p.offload
+        how = (f"run `ember quantize --to {wl.quant}` once and load its folder" if o.needs_quantize
+               else "allow it with --offload auto")
+        msg += f"; it runs with offload ({o.mode} read from disk, ~{o.decode_tok_s:.2g} tok/s): {how}"
+    else:
+        float_plan = next((a for a in alts if a.workload.quant == "none"), None)
+        if float_plan is not None and float_plan.runnable:
+            msg += (f"; {float_plan.label} runs with offload ({float_plan.offload.mode} read from disk, "
+                    f"~{float_plan.offload.decode_tok_s:.2g} tok/s): load without --quant")
     return msg
 
 
@@ -169,7 +187,7 @@ DEFAULT_CONTEXT = 4096  # what a load plans for when the caller does not say (ca
 
 def preflight(path, device, dtype="auto", quant: str | None = None, context: int | None = None, batch: int = 1,
               max_memory: float | None = None, task: str = "infer", method: str = "lora",
-              lm_head: str | None = "auto") -> Plan | None:
+              lm_head: str | None = "auto", offload: bool = False) -> Plan | None:
     """The check ``ember.load`` (and so generate/chat/serve/tune) runs before allocating anything.
 
     Reads only the model's config (HF folder or GGUF header), resolves ``dtype`` as the loader will,
@@ -179,6 +197,7 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     Args:
         path: HF checkpoint folder or ``.gguf`` file.
         context: tokens per sequence to plan for (default min(model limit, :data:`DEFAULT_CONTEXT`)).
+        offload: accept a plan that runs with offload (see :func:`check_fits`).
     Returns:
         the plan, or None when ``path`` cannot be planned (missing, malformed): the loader then
         reports that problem with its own file- and field-located message.
@@ -198,7 +217,8 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
         return None
     cfg = resolved.config
     section = cfg.extra.get("quantization") if isinstance(cfg.extra, dict) else None
-    if isinstance(section, dict) and section.get("method") in ("int8", "int4", "nf4"):
+    stored = isinstance(section, dict) and section.get("method") in ("int8", "int4", "nf4")
+    if stored:
         quant = section["method"]
         from ember.quant.quantize import section_lm_head
 
@@ -210,4 +230,6 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     if context is None:
         context = min(cfg.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
     return check_fits(cfg, dev, dt, quant=quant, context=context, batch=batch, max_memory=max_memory, task=task,
-                      method=method, checkpoint_dtype=resolved.checkpoint_dtype, lm_head=lm_head)
+                      method=method, checkpoint_dtype=resolved.checkpoint_dtype, lm_head=lm_head,
+                      offload=offload and not p.is_file(),  # offload reads safetensors folders
+                      stored_quant=stored)

@@ -1,0 +1,200 @@
+"""Reading tensors from safetensors files as stored, at their byte offsets, without mapping the file.
+
+Offloaded weights are read on demand with ``os.preadv`` into page-aligned anonymous buffers. Where the file
+system allows it the file is opened with ``O_DIRECT``: the read goes from the disk to the buffer and the page
+cache neither hides the disk (benchmarks measure what they claim) nor keeps a second copy of what the expert
+cache already holds. ``O_DIRECT`` needs the offset, the length and the buffer aligned to the device's block
+size; :data:`ALIGN` (4 KiB) covers the block sizes of today's disks, and an anonymous ``mmap`` is page aligned.
+A tensor read this way is a view into its buffer (``torch.frombuffer`` keeps the buffer alive), so a read is
+one copy from the disk and none after, unless the compute dtype differs from the stored one.
+
+Tensors that lie close together in a file (an expert's gate, up and down matrices are usually adjacent) are
+read as one span. A file that is truncated while the model runs, or that the disk fails to read, gives a
+:class:`~ember.errors.CheckpointError` naming the file. A file removed while the model runs keeps being read
+through the descriptor opened at load time (POSIX keeps an open file's data until its last descriptor closes).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember.errors import CheckpointError
+from ember.loading.safetensors import TensorInfo
+
+ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (a page; a multiple of every block size)
+MERGE_GAP = 1 << 20  # tensors closer than this in one file are read as one span
+
+
+def _down(x: int) -> int:
+    return x - x % ALIGN
+
+
+def _up(x: int) -> int:
+    return -(-x // ALIGN) * ALIGN
+
+
+@dataclass
+class ReadCounters:
+    """What a :class:`DiskReader` has read: calls, bytes asked for (the tensors) and bytes moved (aligned spans)."""
+
+    reads: int = 0
+    tensor_bytes: int = 0
+    disk_bytes: int = 0
+
+
+class DiskReader:
+    """Reads :class:`TensorInfo` byte ranges with ``pread`` (``O_DIRECT`` when ``direct`` and supported).
+
+    Thread-safe: ``pread`` takes its offset as an argument, so the background prefetch thread and the
+    forward pass read the same descriptors at once.
+
+    Args:
+        files: the checkpoint files that will be read (opened now, so a later removal does not matter).
+        direct: try ``O_DIRECT``; a file system that refuses it falls back to buffered reads
+            (:attr:`direct` then says False for that file).
+    """
+
+    def __init__(self, files, direct: bool = True) -> None:
+        self._fds: dict[Path, int] = {}
+        self.direct: dict[Path, bool] = {}
+        self.counters = ReadCounters()
+        self._lock = threading.Lock()
+        for f in files:
+            self._open(Path(f), direct)
+
+    def _open(self, path: Path, direct: bool) -> None:
+        flag = getattr(os, "O_DIRECT", 0) if direct else 0
+        try:
+            if flag:
+                try:
+                    fd = os.open(path, os.O_RDONLY | flag)
+                    probe = mmap.mmap(-1, ALIGN)
+                    os.preadv(fd, [probe], 0)  # some file systems accept the flag and refuse the read
+                    probe.close()
+                except OSError:
+                    if "fd" in locals():
+                        os.close(fd)
+                    flag = 0
+            if not flag:
+                fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open for offloaded reads ({e.strerror or e})") from None
+        self._fds[path] = fd
+        self.direct[path] = bool(flag)
+
+    @property
+    def all_direct(self) -> bool:
+        """Every file is read with ``O_DIRECT`` (the page cache is bypassed)."""
+        return bool(self.direct) and all(self.direct.values())
+
+    def close(self) -> None:
+        """Close the descriptors (the reader cannot be used after)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
+    def read(self, infos: list[TensorInfo]) -> list[torch.Tensor]:
+        """The tensors ``infos`` as stored (dtype and shape of the file), each a view into a read buffer.
+
+        Raises:
+            CheckpointError: a file not opened by this reader, shorter than its header says (truncated
+                since it was loaded), or a read error; the message names the file and tensor.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for span in _spans(infos):
+            path = span[0].file
+            lo = min(t.begin for t in span)
+            hi = max(t.end for t in span)
+            fd = self._fds.get(path)
+            if fd is None:
+                raise CheckpointError(f"{path}: not one of the files opened for offloaded reads")
+            direct = self.direct[path]
+            a, b = (_down(lo), _up(hi)) if direct else (lo, hi)
+            buf = mmap.mmap(-1, max(b - a, 1))
+            got = _pread_full(fd, buf, a, b - a, path, span[0].name)
+            if got < hi - a:
+                raise CheckpointError(f"{path}: truncated while the model is running: tensor {span[-1].name!r} "
+                                      f"ends at byte {hi} but only {a + got} could be read; the checkpoint changed "
+                                      "on disk; restore the file and restart")
+            with self._lock:
+                self.counters.reads += 1
+                self.counters.tensor_bytes += sum(t.end - t.begin for t in span)
+                self.counters.disk_bytes += got
+            for t in span:
+                out[t.name] = _view(buf, t, t.begin - a)
+        return [out[t.name] for t in infos]
+
+
+def _pread_full(fd: int, buf: mmap.mmap, offset: int, length: int, path: Path, name: str) -> int:
+    """Read ``length`` bytes at ``offset`` into ``buf``; fewer only at the end of the file. Returns bytes read."""
+    done = 0
+    view = memoryview(buf)
+    try:
+        while done < length:
+            n = os.preadv(fd, [view[done:length]], offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as e:
+        raise CheckpointError(f"{path}: read failed at byte {offset + done} (tensor {name!r}): "
+                              f"{e.strerror or e}") from None
+    finally:
+        view.release()
+    return done
+
+
+def _view(buf: mmap.mmap, t: TensorInfo, offset: int) -> torch.Tensor:
+    count = t.end - t.begin
+    if count == 0:
+        return torch.empty(t.shape, dtype=t.dtype)
+    if offset % t.dtype.itemsize:  # misaligned in the file: copy this tensor out
+        return torch.frombuffer(bytearray(buf[offset:offset + count]), dtype=t.dtype).reshape(t.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mmap is writable; frombuffer warns only about read-only buffers
+        return torch.frombuffer(buf, dtype=t.dtype, count=count // t.dtype.itemsize, offset=offset).reshape(t.shape)
+
+
+def _spans(infos: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """``infos`` grouped into runs of one file that lie within :data:`MERGE_GAP` of each other."""
+    spans: list[list[TensorInfo]] = []
+    for t in sorted(infos, key=lambda t: (str(t.file), t.begin)):
+        last = spans[-1] if spans else None
+        if last is not None and last[0].file == t.file and t.begin - max(x.end for x in last) <= MERGE_GAP:
+            last.append(t)
+        else:
+            spans.append([t])
+    return spans
+
+
+def read_module(reader: DiskReader, build, infos: dict[str, TensorInfo], dtype: torch.dtype,
+                device: torch.device) -> torch.nn.Module:
+    """A module made by ``build()`` on the meta device and filled from the file: ``infos`` maps each of its
+    state-dict names to where the tensor is stored. Float tensors are cast to ``dtype`` on ``device``.
+
+    Raises:
+        CheckpointError: a read failed (see :meth:`DiskReader.read`).
+    """
+    names = list(infos)
+    tensors = reader.read([infos[n] for n in names])
+    state = {}
+    for n, t in zip(names, tensors):
+        if t.dtype.is_floating_point and t.dtype != dtype:
+            t = t.to(dtype)
+        state[n] = t.to(device) if device.type != "cpu" else t
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
