@@ -23,7 +23,7 @@ __all__ = ["load", "__version__"]
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
          quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
          context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True,
-         lm_head: str | None = "auto"):
+         lm_head: str | None = "auto", shard=None):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
@@ -47,6 +47,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         batch: sequences at once to plan for.
         max_memory: GiB the model may use at most (``--max-memory``).
         check_memory: run the planner's fit check first (default True).
+        shard: this rank's part of a multi-process run (made by :func:`ember.distributed.load`; see
+            :func:`ember.loading.load_model`).
     Returns:
         :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
     """
@@ -77,7 +79,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     else:
         tokenizer = Tokenizer.from_dir(path)
         tokenizer.check_fits(ModelConfig.from_file(path).vocab_size, str(path))
-        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head)
+        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head,
+                           shard=shard)
     if adapter is not None:
         from ember.train.adapter_files import apply_adapter
 

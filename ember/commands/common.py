@@ -6,6 +6,7 @@ import argparse
 import os
 
 import ember
+from ember import distributed
 from ember.model_store import resolve
 from ember.quant.quantize import DEFAULT_LM_HEAD, LM_HEAD_CHOICES
 from ember.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -36,6 +37,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="refuse to load if the plan needs more than this many GiB (default: what is free)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="tokens per sequence to plan memory for (default: prompt + new tokens, or min(model limit, 4096))")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--pp N / --tp N: split the model over N processes on this host (docs/distributed.md)."""
+    p.add_argument("--pp", type=int, default=None, metavar="N",
+                   help="pipeline parallel: layers split over N processes (started here, or by torchrun)")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor parallel: heads and MLP channels split over N processes")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +107,10 @@ def load_from_args(args: argparse.Namespace, context: int | None = None, batch: 
     Every verb that runs a model loads it here, so names, memory checks and options mean the same everywhere.
     """
     resolve_model_args(args)
+    if distributed.current() is not None:
+        return distributed.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                group_size=args.group_size, adapter=args.adapter, context=args.context or context,
+                                batch=batch, max_memory=args.max_memory, lm_head=args.lm_head)
     return ember.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
                       adapter=args.adapter, context=args.context or context, batch=batch, max_memory=args.max_memory,
                       lm_head=args.lm_head)

@@ -24,7 +24,7 @@ __all__ = ["DTYPE_NAMES", "Checkpoint", "check_layers", "device_supports_bf16", 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", quant: str | None = None,
-               group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD) -> Transformer:
+               group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD, shard=None) -> Transformer:
     """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
 
     Args:
@@ -38,6 +38,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             folder quantizes its experts only, as published.
         group_size: int4 group size (32, 64, 128; default 128).
         lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
+        shard: for a multi-process run (:mod:`ember.distributed`), an object whose ``select(model, ckpt)`` cuts
+            the meta-device model down to this rank's part and returns the checkpoint view of just its tensors,
+            and whose ``finish(model)`` swaps in the communicating modules once the weights are in.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -51,6 +54,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if shard is not None:
+        ckpt = shard.select(model, ckpt)
     wants = (quant or "none").lower()
     if mxfp4.is_mxfp4_checkpoint(cfg.extra) or (wants == "mxfp4" and cfg.model_type == "gpt_oss"):
         # gpt-oss as published: MXFP4 experts read as stored (or quantized from a float folder), the rest float
@@ -70,6 +75,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         load_weights(model, ckpt, dt, device, ignore=ignore)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if shard is not None:
+        shard.finish(model)
     model.reset_rope()
     model.extra_weights = extra  # tensors outside the forward pass (mtp.* heads for speculative decoding)
     model.eval().requires_grad_(False)
