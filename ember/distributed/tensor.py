@@ -193,12 +193,16 @@ class TensorShard:
     def quantize(self, model: nn.Module, quant: str, group_size: int | None, lm_head: str | None) -> None:
         """Quantize this rank's float shard so that its codes equal those one process holds (module docstring)."""
         from ember.quant import quantize_model
+        from ember.quant.quantize import ROUTER
 
+        linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         if quant == "int8":
-            for name, m in list(model.named_modules()):
-                if isinstance(m, nn.Linear) and name.rpartition(".")[2] in ROW:
+            for name, m in linears:
+                if name.rpartition(".")[2] in ROW:
                     model.set_submodule(name, _int8_global_rows(m, name))
-        quantize_model(model, quant, group_size, lm_head=lm_head)  # skips the row-parallel Int8Linears made above
+        # routers stay float as in one process (their names there have no ".inner.")
+        routers = [name for name, _ in linears if ROUTER.search(name.replace(".inner.", "."))]
+        quantize_model(model, quant, group_size, lm_head=lm_head, skip=routers)  # skips the Int8Linears above
 
 
 def _int8_global_rows(lin: nn.Linear, name: str):
