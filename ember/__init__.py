@@ -71,7 +71,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         preflight(path, device, dtype, quant=quant, context=context, batch=batch, max_memory=max_memory,
                   lm_head=lm_head)
     if is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
-        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype, shard=shard)
         if quant is not None and quant != "none":  # after the fact: GGUF tensors are decoded first
             from ember.quant import quantize_model
 

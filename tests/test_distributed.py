@@ -98,13 +98,17 @@ group.shutdown()
 '''
 
 CASES = [("pp", "llama", None), ("pp", "llama-tied", None), ("pp", "qwen3-moe", None), ("pp", "llama", "int8"),
-         ("tp", "llama", None), ("tp", "qwen3-moe", None), ("tp", "llama", "int8"), ("tp", "mixtral", "int8")]
+         ("pp", "llama.gguf", None), ("tp", "llama", None), ("tp", "qwen3-moe", None), ("tp", "llama", "int8"),
+         ("tp", "mixtral", "int8")]
 
 
 def test_pipeline_and_tensor_parallel_match_one_process(hf_checkpoint, tmp_path):
     """PP and TP on 2 ranks: fp32 logits within 1e-5 of one process and the same greedy tokens, for dense,
-    tied, MoE and int8 models."""
-    folders = {fam: str(hf_checkpoint(fam)[0]) for _, fam, _ in CASES}
+    tied, MoE and int8 models, and (PP) a GGUF file."""
+    from test_gguf import write_model_gguf
+
+    folders = {fam: str(hf_checkpoint(fam)[0]) for _, fam, _ in CASES if not fam.endswith(".gguf")}
+    folders["llama.gguf"] = str(write_model_gguf(tmp_path / "llama.gguf", hf_checkpoint("llama")[1], "llama"))
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "res.pt"
@@ -173,3 +177,12 @@ def test_a_dead_or_hung_rank_ends_the_other_with_an_error(hf_checkpoint, fault):
                 p.send_signal(signal.SIGCONT)
                 p.kill()
             p.wait(timeout=30)
+
+
+def test_verbs_that_do_not_run_distributed_say_so(hf_checkpoint):
+    """serve/chat/eval refuse --pp with a one-line error instead of starting workers that would fight over
+    stdin or a port."""
+    folder = str(hf_checkpoint("llama")[0])
+    proc = subprocess.run([PY, "-m", "ember", "chat", folder, "--pp", "2"], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "does not run over several processes yet" in proc.stderr, proc.stderr

@@ -30,7 +30,10 @@ from ember.distributed.pipeline import PipelineShard
 from ember.distributed.tensor import TensorShard
 from ember.errors import DistributedError, EmberError
 
-__all__ = ["Dist", "current", "launched", "load", "requested", "run"]
+__all__ = ["Dist", "SUPPORTED_VERBS", "current", "launched", "load", "requested", "run"]
+
+# verbs that run over several processes today (serve, chat, eval and tune run as one process)
+SUPPORTED_VERBS = ("generate",)
 
 
 def requested(args: argparse.Namespace) -> bool:
@@ -52,6 +55,9 @@ def _mode(args: argparse.Namespace) -> tuple[str, int | None]:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Run a parsed command as one rank of a multi-process run, or start the workers (``--pp/--tp`` outside
     torchrun). Any rank's failure is printed with its rank; returns the exit status."""
+    if args.verb not in SUPPORTED_VERBS:
+        raise DistributedError(f"`ember {args.verb}` does not run over several processes yet (only "
+                               f"{', '.join(SUPPORTED_VERBS)} does); run it as one process, without --pp/--tp or torchrun")
     mode, n = _mode(args)
     if not launched():
         return launch(n or 1, mode, argv)
