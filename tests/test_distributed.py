@@ -186,3 +186,47 @@ def test_verbs_that_do_not_run_distributed_say_so(hf_checkpoint):
     proc = subprocess.run([PY, "-m", "ember", "chat", folder, "--pp", "2"], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "does not run over several processes yet" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- data-parallel fine-tuning
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_data_parallel_tune_matches_one_process_and_resumes_at_another_world_size(hf_checkpoint, tmp_path):
+    """``torchrun -m ember tune``: 2 processes give the 1-process losses step by step (within 1e-3), only rank 0
+    writes, and a checkpoint written by the 2-process run resumes in 1 process to the same losses."""
+    import random
+    import shutil
+
+    folder = str(hf_checkpoint("llama")[0])
+    rng = random.Random(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{rng.randrange(3, 256)}" for _ in range(rng.randrange(8, 30)))})
+                            + "\n" for _ in range(24)))
+    args = ["-m", "ember", "tune", folder, "--data", str(data), "--steps", "4", "--batch", "4", "--seq-len", "32",
+            "--dropout", "0", "--lr", "1e-2", "--dtype", "fp32", "--device", "cpu", "--save-every", "2", "-q"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = subprocess.run([PY, *args, "-o", str(one)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
+                         "-o", str(two)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-3, f"1 vs 2 processes: losses differ by {worst:.2e} (tolerance 1e-3): {a} {b}"
+    assert len({round(v, 6) for v in a.values()}) == 4  # four different batches, four different losses
+    assert (two / "adapter_model.safetensors").is_file()
+    assert not list(two.rglob("*.tmp-*")) and len((two / "metrics.jsonl").read_text().splitlines()) == \
+        len((one / "metrics.jsonl").read_text().splitlines())  # one writer: no duplicated rows
+    # resume the 2-process run's step-2 checkpoint in one process: steps 3 and 4 as before
+    again = tmp_path / "again"
+    shutil.copytree(two, again)
+    (again / "adapter_model.safetensors").unlink()
+    r3 = subprocess.run([PY, *args, "-o", str(again), "--resume"], env=_env(), capture_output=True, text=True,
+                        timeout=180)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    c = _losses(again)
+    assert abs(c[3] - a[3]) < 1e-3 and abs(c[4] - a[4]) < 1e-3, (a, c)

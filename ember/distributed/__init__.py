@@ -32,8 +32,8 @@ from ember.errors import DistributedError, EmberError
 
 __all__ = ["Dist", "SUPPORTED_VERBS", "current", "launched", "load", "requested", "run"]
 
-# verbs that run over several processes today (serve, chat, eval and tune run as one process)
-SUPPORTED_VERBS = ("generate",)
+# verbs that run over several processes today (serve, chat and eval run as one process)
+SUPPORTED_VERBS = ("generate", "tune")
 
 
 def requested(args: argparse.Namespace) -> bool:
