@@ -115,6 +115,8 @@ def load(path, device=None, dtype="auto", quant=None, group_size=None, adapter=N
             from ember.quant.quantize import DEFAULT_LM_HEAD
 
             shard.quantize(engine.model, q, group_size, DEFAULT_LM_HEAD if lm_head == "auto" else lm_head)
+        if tp:
+            shard.ready(engine.model)
     group.barrier("wait for every rank to load", loading=True)
     group.doing(f"generating ({shard.describe()})")
     engine.shard = shard

@@ -12,8 +12,9 @@ Megatron-style, with the model definitions untouched (docs/design.md, principle 
 Each rank builds its layers with a *local* config (heads, KV heads, intermediate sizes divided by ``n``), so
 the KV cache, the attention and the MLP have their local shapes with no code of their own, and reads only its
 slice of each tensor: a row slice is a zero-copy view over the memory map; a column slice is read row by row
-with positioned reads (never mapped, so the rest of the tensor never becomes resident). Embedding, norms,
-routers and the LM head are replicated.
+with positioned reads (never mapped, so the rest of the tensor never becomes resident). An untied embedding and
+LM head are split by vocabulary (:class:`VocabEmbedding`: each token's row from its rank, summed;
+:class:`GatherLogits`: the logits all-gathered); norms, routers and a tied embedding are replicated.
 
 Quantization happens after sharding. ``int8`` keeps one scale per output row: column-parallel rows are whole,
 and a row-parallel layer's scales come from the all-reduced max over the full row, so every rank holds exactly
@@ -40,11 +41,47 @@ from ember.distributed.group import Dist
 from ember.errors import DistributedError
 from ember.loading.safetensors import TensorInfo
 from ember.models.attention import Attention
+from ember.models.linear import Linear
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output channels split (dim 0)
 ROW = ("o_proj", "down_proj")                                      # input channels split (dim 1)
+
+
+class VocabEmbedding(nn.Module):
+    """The embedding split by vocabulary: rank ``r`` holds rows ``[start, start + V/n)``; each token's row comes
+    from the one rank that holds it (the others add zeros in the all-reduce, so the sum is exact)."""
+
+    def __init__(self, local: nn.Embedding, start: int) -> None:
+        super().__init__()
+        self.local, self.start = local, start
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.local.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        idx = input_ids - self.start
+        outside = (idx < 0) | (idx >= self.local.num_embeddings)
+        x = self.local(idx.clamp(0, self.local.num_embeddings - 1))
+        x = x.masked_fill(outside[..., None], 0).contiguous()
+        return group.all_reduce(x, "embedding rows")
+
+
+class GatherLogits(nn.Module):
+    """The LM head split by vocabulary: each rank's (B, T, V/n) logits, gathered into (B, T, V) on every rank."""
+
+    def __init__(self, head: nn.Module, world: int) -> None:
+        super().__init__()
+        self.head, self.world = head, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        part = self.head(x).contiguous()
+        parts = [torch.empty_like(part) for _ in range(self.world)]
+        group.guarded("all-gather logits", None,
+                      lambda: torch.distributed.all_gather(parts, part, group=group.current().step_group))
+        return torch.cat(parts, dim=-1)
 
 
 class AllReduceOutput(nn.Module):
@@ -140,6 +177,9 @@ class TensorShard:
     def __init__(self, d: Dist, cfg: ModelConfig) -> None:
         self.d, self.cfg, self.n = d, cfg, d.world
         self.local = local_config(cfg, d.world)
+        # an untied embedding and head split by vocabulary rows (a tied pair, or a family's own embedding, is
+        # replicated)
+        self.split_vocab = not cfg.tie_word_embeddings and cfg.vocab_size % d.world == 0
 
     def describe(self) -> str:
         return f"tensor shard {self.d.rank + 1}/{self.n}"
@@ -154,14 +194,22 @@ class TensorShard:
             with torch.device("meta"):
                 layer.self_attn = Attention(self.local, attn.layer, attn.sliding_window)
                 layer.mlp = type(mlp)(self.local)
+        self.split_vocab = self.split_vocab and type(model.model.embed_tokens) is nn.Embedding
+        if self.split_vocab:
+            with torch.device("meta"):
+                model.model.embed_tokens = nn.Embedding(self.local_vocab, self.cfg.hidden_size)
+                model.lm_head = Linear(self.cfg.hidden_size, self.local_vocab, bias=False)
 
     def _cut(self, name: str, shape: tuple[int, ...]) -> tuple[tuple[int, int, int] | None, bool]:
         """(slice of checkpoint tensor ``name`` for this rank or None for all of it, whether it is a zeroed bias)."""
+        r, n = self.d.rank, self.n
+        if self.split_vocab and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            size = shape[0] // n
+            return (0, r * size, (r + 1) * size), False
         if not name.startswith("model.layers."):
             return None, False
         owner, _, kind = name.rpartition(".")
         proj = owner.rpartition(".")[2]
-        r, n = self.d.rank, self.n
         if proj in COLUMN:
             size = shape[0] // n
             return (0, r * size, (r + 1) * size), False
@@ -186,9 +234,20 @@ class TensorShard:
     def finish(self, model: nn.Module) -> None:
         """The local config on the model (its KV cache is per-rank), and the all-reduces after row-parallel blocks."""
         model.config = self.local
+        if self.split_vocab:
+            model.model.embed_tokens = VocabEmbedding(model.model.embed_tokens, self.d.rank * self.local_vocab)
         for layer in model.model.layers:
             layer.self_attn = AllReduceOutput(layer.self_attn, f"attention output (layer {layer.self_attn.layer})")
             layer.mlp = AllReduceOutput(layer.mlp, f"MLP output (layer {layer.self_attn.inner.layer})")
+
+    @property
+    def local_vocab(self) -> int:
+        return self.cfg.vocab_size // self.n
+
+    def ready(self, model: nn.Module) -> None:
+        """After quantizing: the vocabulary-split head's logits gathered on every rank."""
+        if self.split_vocab:
+            model.lm_head = GatherLogits(model.lm_head, self.n)
 
     def quantize(self, model: nn.Module, quant: str, group_size: int | None, lm_head: str | None) -> None:
         """Quantize this rank's float shard so that its codes equal those one process holds (module docstring)."""
