@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _resolve(args)
         if distributed.requested(args):  # --pp/--tp, or one worker of torchrun
-            return distributed.run(args, sys.argv[1:] if argv is None else list(argv))
+            return distributed.run(args, sys.argv[1:] if argv is None else list(argv), load_from_args)
         return args.func(args) or 0
     except EmberError as e:
         print(f"ember: error: {e}", file=sys.stderr)

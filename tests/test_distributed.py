@@ -180,10 +180,9 @@ def test_a_dead_or_hung_rank_ends_the_other_with_an_error(hf_checkpoint, fault):
 
 
 def test_verbs_that_do_not_run_distributed_say_so(hf_checkpoint):
-    """serve/chat/eval refuse --pp with a one-line error instead of starting workers that would fight over
-    stdin or a port."""
+    """serve refuses --pp with a one-line error instead of starting workers that would fight over a port."""
     folder = str(hf_checkpoint("llama")[0])
-    proc = subprocess.run([PY, "-m", "ember", "chat", folder, "--pp", "2"], env=_env(), capture_output=True,
+    proc = subprocess.run([PY, "-m", "ember", "serve", folder, "--pp", "2"], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "does not run over several processes yet" in proc.stderr, proc.stderr
 
@@ -230,3 +229,34 @@ def test_data_parallel_tune_matches_one_process_and_resumes_at_another_world_siz
     assert r3.returncode == 0, r3.stderr[-2000:]
     c = _losses(again)
     assert abs(c[3] - a[3]) < 1e-3 and abs(c[4] - a[4]) < 1e-3, (a, c)
+
+
+def test_chat_and_eval_under_pp_and_tp_match_one_process(hf_checkpoint, tmp_path):
+    """``chat`` (rank 0 reads stdin, the other rank follows its announced generations) and ``eval ppl`` (every
+    rank runs the same windows) print what one process prints."""
+    from conftest import save_word_tokenizer
+    from test_cli import CHATML
+
+    src, _ = hf_checkpoint("llama")
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (folder / f).write_bytes((src / f).read_bytes())
+    save_word_tokenizer(folder, chat_template=CHATML)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{5 + i % 40}" for i in range(60)))
+    chat = [PY, "-m", "ember", "chat", str(folder), "-n", "5", "--temperature", "0", "--dtype", "fp32"]
+    ppl = [PY, "-m", "ember", "eval", "ppl", str(folder), "--text", str(text), "--window", "16", "--stride", "8",
+           "--dtype", "fp32"]
+    stdin = "w3 w4\nw5\n/reset\nw6\n"
+    want_chat = subprocess.run(chat, input=stdin, env=_env(), capture_output=True, text=True, timeout=120)
+    want_ppl = subprocess.run(ppl, env=_env(), capture_output=True, text=True, timeout=120)
+    assert want_chat.returncode == 0 and want_ppl.returncode == 0, want_chat.stderr + want_ppl.stderr
+    assert len(want_chat.stdout.splitlines()) == 3
+    for flag in ("--pp", "--tp"):
+        got = subprocess.run(chat + [flag, "2"], input=stdin, env=_env(), capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout == want_chat.stdout, (flag, got.stdout, want_chat.stdout)
+        got = subprocess.run(ppl + [flag, "2"], env=_env(), capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout == want_ppl.stdout, (flag, got.stdout, want_ppl.stdout)

@@ -23,7 +23,7 @@ import random
 
 import ember
 from ember.config import ModelConfig
-from ember.distributed import group
+from ember.distributed import follow, group
 from ember.distributed.group import Dist, current, launched
 from ember.distributed.launch import MODE_ENV, launch
 from ember.distributed.pipeline import PipelineShard
@@ -32,8 +32,10 @@ from ember.errors import DistributedError, EmberError
 
 __all__ = ["Dist", "SUPPORTED_VERBS", "current", "launched", "load", "requested", "run"]
 
-# verbs that run over several processes today (serve, chat and eval run as one process)
-SUPPORTED_VERBS = ("generate", "tune")
+# verbs that run over several processes today (serve runs as one process): generate, eval and tune run the same
+# work on every rank; chat's work is known to rank 0 only (stdin), so the other ranks follow it (follow.py)
+SUPPORTED_VERBS = ("generate", "eval", "chat", "tune")
+FOLLOW_VERBS = ("chat",)
 
 
 def requested(args: argparse.Namespace) -> bool:
@@ -52,9 +54,13 @@ def _mode(args: argparse.Namespace) -> tuple[str, int | None]:
     return os.environ.get(MODE_ENV) or "pp", pp
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
+def run(args: argparse.Namespace, argv: list[str], load_args=None) -> int:
     """Run a parsed command as one rank of a multi-process run, or start the workers (``--pp/--tp`` outside
-    torchrun). Any rank's failure is printed with its rank; returns the exit status."""
+    torchrun). Any rank's failure is printed with its rank; returns the exit status.
+
+    Args:
+        load_args: the verbs' ``load_from_args(args)``, which a follower rank (``chat``) runs to load its part.
+    """
     if args.verb not in SUPPORTED_VERBS:
         raise DistributedError(f"`ember {args.verb}` does not run over several processes yet (only "
                                f"{', '.join(SUPPORTED_VERBS)} does); run it as one process, without --pp/--tp or torchrun")
@@ -68,7 +74,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         if hasattr(args, "seed") and args.seed is None:  # every rank samples the same tokens
             args.seed = group.broadcast_object(random.randrange(2**31), 0, "the sampling seed")
-        return args.func(args) or 0
+        if args.verb in FOLLOW_VERBS and not d.is_main:
+            return follow.follow(load_args(args))
+        d.leads = args.verb in FOLLOW_VERBS
+        try:
+            return args.func(args) or 0
+        finally:
+            if d.leads and d.led:
+                follow.finish()
     except EmberError as e:
         group.report_failure(f"ember: error: rank {d.rank} ({d.doing}): {e}" if not str(e).startswith("rank ")
                              else f"ember: error: {e}")
@@ -120,4 +133,7 @@ def load(path, device=None, dtype="auto", quant=None, group_size=None, adapter=N
     group.barrier("wait for every rank to load", loading=True)
     group.doing(f"generating ({shard.describe()})")
     engine.shard = shard
+    if d.leads and d.is_main:
+        follow.lead(engine)
+        d.led = True
     return engine

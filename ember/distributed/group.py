@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, TypeVar
@@ -32,6 +33,7 @@ DEFAULT_TIMEOUT_S = 60.0
 # seconds the ranks may wait for each other while loading (a large model's ranks finish minutes apart)
 LOAD_TIMEOUT_S = 1800.0
 MODES = ("pp", "tp", "dp")
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 
 T = TypeVar("T")
 
@@ -46,7 +48,10 @@ class Dist:
     mode: str            # "pp" | "tp" | "dp"
     device: torch.device
     step_group: object | None = None  # the group with the short timeout, used after loading
+    control_group: object | None = None  # rank 0 -> followers: the next request (no practical timeout)
     doing: str = "starting"           # what this rank is doing now (named in errors)
+    leads: bool = False               # rank 0 of a verb whose work the other ranks follow (chat)
+    led: bool = False                 # ... and its engine announces each generation
 
     @property
     def is_main(self) -> bool:
@@ -105,10 +110,16 @@ def init(mode: str, device: str | None = None) -> Dist:
             raise DistributedError(f"rank {rank}: could not join the process group "
                                    f"({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {e}") from None
     step = dist.new_group(backend=backend, timeout=timedelta(seconds=step_timeout_s()))
-    _current = Dist(rank, world, local, mode, dev, step)
+    # the followers' wait for rank 0's next request (a chat user may think for a long time; a dead rank 0 still
+    # ends the wait at once: its connections reset)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=IDLE_TIMEOUT_S))
+    _current = Dist(rank, world, local, mode, dev, step, control)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
         sys.stderr = _QuietStderr()
+        # an unexpected exception (a bug) still reaches the real stderr, with the rank
+        sys.excepthook = lambda *exc: (print(f"[rank {rank}] unexpected error:", file=sys.__stderr__),
+                                       traceback.print_exception(*exc, file=sys.__stderr__))
     return _current
 
 
@@ -194,6 +205,15 @@ def broadcast_object(obj: object, src: int, what: str) -> object:
     box = [obj]
     guarded(f"broadcast {what}", None if d.rank == src else src,
             lambda: dist.broadcast_object_list(box, src, group=d.step_group))
+    return box[0]
+
+
+def announce(obj: object) -> object:
+    """Rank 0: send the followers their next piece of work (None: stop). Others: wait for it and return it."""
+    d = _current
+    box = [obj]
+    guarded("wait for rank 0's next request" if d.rank else "announce the next request", 0 if d.rank else None,
+            lambda: dist.broadcast_object_list(box, 0, group=d.control_group))
     return box[0]
 
 

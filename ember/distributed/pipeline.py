@@ -47,12 +47,15 @@ def stage_ranges(cfg: ModelConfig, stages: int, quant: str = "none") -> list[tup
 class ReceiveHidden(nn.Module):
     """Stands in for the embedding on a later stage: (B, T) ids -> the (B, T, H) hidden state from ``src``."""
 
-    weight = None  # no table here (a tied head on the last stage keeps its own reference)
-
     def __init__(self, hidden: int, src: int) -> None:
         super().__init__()
         self.hidden, self.src = hidden, src
         self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """No table here: an empty tensor with the stage's dtype and device (what callers ask the table for)."""
+        return torch.empty(0, dtype=self.dtype, device=self.device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
