@@ -89,12 +89,12 @@ if rank == 0:
 '''
 
 
-def run(folder: Path, mode: str, nproc: int, new: int, work: Path) -> dict:
+def run(folder: Path, mode: str, nproc: int, new: int, work: Path, threads: int) -> dict:
     """One run of the worker (``mode`` "one", "pp" or "tp" on ``nproc`` processes); its rows and link figures."""
     script, out = work / "worker.py", work / f"{mode}.json"
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, threads // nproc)))
     if mode == "one":
         cmd = [sys.executable, str(script)]
     else:
@@ -124,7 +124,8 @@ def predictions(folder: Path, link: dict | None) -> dict:
     stages = stage_ranges(cfg, 2)
     pp_bytes = [sum(per_layer[a:b]) + (wb.embedding if i == 0 else 0) + (wb.lm_head if i == 1 else 0)
                 for i, (a, b) in enumerate(stages)]
-    shared = wb.embedding + wb.lm_head + wb.other  # replicated under TP
+    # replicated under TP: norms and routers, and a tied embedding (an untied embedding and head split by vocab)
+    shared = wb.other + (wb.embedding if cfg.tie_word_embeddings else 0.0)
     tp_bytes = (total - shared) / 2 + shared
     # PP: one sequence visits the stages in turn, so the step streams every weight once, plus the hops;
     # TP: each rank streams its shard at the same time, plus two all-reduces per layer
@@ -147,7 +148,7 @@ def spark_pair(folder: Path) -> list[dict]:
     wl = Workload(context=4096, batch=1, dtype="bf16")
     t1, _ = decode_step_seconds(cfg, one, wl, 2048)
     wb = weight_bytes(cfg, "bf16")
-    shared = wb.embedding + wb.lm_head + wb.other
+    shared = wb.other + (wb.embedding if cfg.tie_word_embeddings else 0.0)
     rows = [{"run": "1 Spark", "tok_s": 1 / t1, "comm_us": 0.0}]
     for mode in ("pp", "tp"):
         comm = comm_seconds_per_token(cfg, pair, mode, 2)
@@ -160,6 +161,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="1.1b")
     ap.add_argument("--new", type=int, default=32, help="tokens to generate per run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="cores shared by the processes of a run (each gets threads / processes)")
     ap.add_argument("--out", default="bench/results/scale.json")
     args = ap.parse_args()
     dims = SIZES[args.size]
@@ -167,9 +170,9 @@ def main() -> None:
         work = Path(tmp)
         folder = work / "model"
         write_checkpoint(folder, dims, torch.bfloat16)
-        runs = {"one": run(folder, "one", 1, args.new, work)}
+        runs = {"one": run(folder, "one", 1, args.new, work, args.threads)}
         for mode in ("pp", "tp"):
-            runs[mode] = run(folder, mode, 2, args.new, work)
+            runs[mode] = run(folder, mode, 2, args.new, work, args.threads)
         link = runs["pp"]["link"]
         pred = predictions(folder, link)
         spark = spark_pair(folder)
@@ -188,7 +191,7 @@ def main() -> None:
 
     machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"\nScale-out on one host, {args.size} Llama ({dims['num_hidden_layers']} layers, hidden "
-          f"{dims['hidden_size']}), bf16, {args.new} new tokens; {machine}")
+          f"{dims['hidden_size']}), bf16, {args.new} new tokens, {args.threads} threads per run; {machine}")
     if link:
         print(f"loopback (gloo): latency {link['latency_s'] * 1e6:.0f} us, bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     print("RSS: resident memory after generating; model: less the process before loading (torch, ember)")
@@ -202,7 +205,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "machine": machine, "size": args.size, "dims": dims,
-                               "new_tokens": args.new, "link": link, "rows": rows, "spark_pair": spark,
+                               "new_tokens": args.new, "threads": args.threads, "link": link, "rows": rows, "spark_pair": spark,
                                "time": time.time()}, indent=2))
     print(f"\nwrote {out}")
 

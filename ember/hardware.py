@@ -73,6 +73,8 @@ class Calibration:
     stream_efficiency: dict[str, float] = field(default_factory=dict)  # dtype or quant mode -> in-model / alone
     context_bytes: int = 0                     # CUDA: device memory the context takes before any tensor
     train_efficiency: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # dtype -> [(hidden, MFU)]
+    loopback_latency_s: float = 0.0           # one-way gloo latency between two processes here (0: not measured)
+    loopback_bandwidth: float = 0.0           # bytes/s between two processes here (PP/TP on one host)
     threads: int = 1
     torch_version: str = ""
     measured_at: str = ""

@@ -75,6 +75,29 @@ def test_comm_cost_grows_with_ranks_and_is_zero_alone(hf_checkpoint):
     assert comm_seconds_per_token(cfg, pair, "tp", 4) > tp
 
 
+def test_loopback_is_measured_and_prices_one_host_runs(hf_checkpoint):
+    """``ember hw --measure`` records loopback latency and bandwidth (two gloo processes); the planner prices
+    PP/TP on one host with them, and a pair of machines with the catalog's link."""
+    import dataclasses
+
+    from ember.config import ModelConfig
+    from ember.distributed.link import measure_loopback
+    from ember.hardware import Calibration
+
+    lat, bw = measure_loopback(reps=20)
+    assert 0 < lat < 0.5 and bw > 1e6  # real figures: under half a second, over 1 MB/s
+    cfg = ModelConfig.from_file(hf_checkpoint("llama")[0])
+    cal = Calibration(device="cpu", fingerprint="x", stream={}, copy_bandwidth=1e9, matmul_flops={},
+                      layer_overhead_s={}, expert_overhead_s={}, step_overhead_s={}, runtime_bytes=0,
+                      loopback_latency_s=lat, loopback_bandwidth=bw)
+    host = dataclasses.replace(PROFILES["dgx-spark"], calibration=cal)
+    want = (2 - 1) * (lat + cfg.hidden_size * 2 / bw) + lat + cfg.vocab_size * 4 / bw
+    assert abs(comm_seconds_per_token(cfg, host, "pp", 2) - want) < 1e-12
+    pair = host.times(2)  # across machines: the catalog's ConnectX-7 figures, not loopback
+    assert comm_seconds_per_token(cfg, pair, "pp", 2) == comm_seconds_per_token(
+        cfg, PROFILES["dgx-spark"].times(2), "pp", 2)
+
+
 # ----------------------------------------------------------------------------- exactness against one process
 WORKER = r'''
 import json, sys, torch

@@ -90,13 +90,17 @@ def comm_seconds_per_token(cfg: ModelConfig, hw: Hardware, mode: str, ranks: int
     each a ring all-reduce moving ``2 (n-1)/n`` of the tensor and paying ``2 (n-1)`` latencies.
 
     Args:
-        hw: the machine; its ``interconnect_bandwidth`` (bytes/s) and ``interconnect_latency_s`` price the link.
+        hw: the machine; its ``interconnect_bandwidth`` (bytes/s) and ``interconnect_latency_s`` price the link
+            between nodes; on one node, the loopback ``ember hw --measure`` recorded (its calibration).
         mode: "pp" or "tp".
     """
     if ranks <= 1:
         return 0.0
     bw = hw.interconnect_bandwidth
     lat = hw.interconnect_latency_s
+    cal = hw.calibration
+    if hw.nodes == 1 and cal is not None and cal.loopback_bandwidth:  # processes of one host: its measured loopback
+        bw, lat = cal.loopback_bandwidth, cal.loopback_latency_s
     hidden = batch * cfg.hidden_size * DTYPE_BYTES[dtype]
 
     def move(nbytes: float) -> float:
