@@ -143,6 +143,7 @@ class Engine:
         # called with (prompt ids, params) before each generation: a multi-process run's rank 0 announces the
         # work to the other ranks here (ember.distributed.follow)
         self.on_generate = None
+        self.on_batch_forward = None  # the same for each forward of a BatchScheduler over this engine (serve)
         if self.device.type == "cpu":
             kernels.load()  # compile (first run on this machine) now, not inside the first prompt's timed prefill
 

@@ -145,6 +145,10 @@ class BatchScheduler:
                                                 prefill_chunk, kv_memory_bytes)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device, max_seqs=max_batch)
         self.pool = self.cache.pool
+        # called with (pool layout, tables, cached, new, slots, ids) before each forward: a multi-process run's
+        # rank 0 announces it so the other ranks run the same forward (ember.distributed.follow)
+        self.on_forward = getattr(engine, "on_batch_forward", None)
+        self.layout = (num_blocks, block_size, max_batch)
         self.vocab_size = self.config.vocab_size
         self.pad_id = self.tokenizer.pad_token_id or 0
 
@@ -411,6 +415,8 @@ class BatchScheduler:
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, (s, n) in enumerate(zip(seqs, news)):
             ids[i, T - n:] = torch.tensor(s.ids[s.computed:s.computed + n])
+        if self.on_forward is not None:
+            self.on_forward(self.layout, [list(s.table) for s in seqs], [s.computed for s in seqs], news, slots, ids)
         logits = self.model(ids.to(self.device), batch.positions, batch, batch.start, batch.k_valid, last_only=True)
         for s, n in zip(seqs, news):
             s.computed += n

@@ -203,10 +203,10 @@ def test_a_dead_or_hung_rank_ends_the_other_with_an_error(hf_checkpoint, fault):
 
 
 def test_verbs_that_do_not_run_distributed_say_so(hf_checkpoint):
-    """serve refuses --pp with a one-line error instead of starting workers that would fight over a port."""
+    """A verb with no multi-process form (``plan``) refuses torchrun with a one-line error before joining a group."""
     folder = str(hf_checkpoint("llama")[0])
-    proc = subprocess.run([PY, "-m", "ember", "serve", folder, "--pp", "2"], env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([PY, "-m", "ember", "plan", folder], env=_env(RANK="0", WORLD_SIZE="2"),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "does not run over several processes yet" in proc.stderr, proc.stderr
 
 
@@ -283,3 +283,45 @@ def test_chat_and_eval_under_pp_and_tp_match_one_process(hf_checkpoint, tmp_path
         got = subprocess.run(ppl + [flag, "2"], env=_env(), capture_output=True, text=True, timeout=180)
         assert got.returncode == 0, got.stderr[-2000:]
         assert got.stdout == want_ppl.stdout, (flag, got.stdout, want_ppl.stdout)
+
+
+def _serve(args: list[str], port: int) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "ember", "serve", *args, "--port", str(port)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _complete(port: int, deadline: float) -> dict:
+    import httpx
+
+    while True:
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                           json={"model": "m", "prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.parametrize("flag", ["--pp", "--tp"])
+def test_serve_under_pp_and_tp_answers_as_one_process(hf_checkpoint, flag):
+    """``ember serve --pp 2`` / ``--tp 2``: rank 0 serves, the other rank replays its batched forwards; the
+    completion equals one process's; stopping the server stops every worker."""
+    folder = str(hf_checkpoint("llama")[0])
+    common = [folder, "--dtype", "fp32", "--model-name", "m"]
+    one_port, two_port = _free_port(), _free_port()
+    one, two = _serve(common, one_port), _serve(common + [flag, "2"], two_port)
+    try:
+        deadline = time.monotonic() + 120
+        want = _complete(one_port, deadline)["choices"][0]["text"]
+        got = _complete(two_port, deadline)["choices"][0]["text"]
+        assert got == want and want
+        two.send_signal(signal.SIGINT)
+        two.wait(timeout=30)
+    finally:
+        for p in (one, two):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)

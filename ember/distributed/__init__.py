@@ -32,10 +32,10 @@ from ember.errors import DistributedError, EmberError
 
 __all__ = ["Dist", "SUPPORTED_VERBS", "current", "launched", "load", "requested", "run"]
 
-# verbs that run over several processes today (serve runs as one process): generate, eval and tune run the same
-# work on every rank; chat's work is known to rank 0 only (stdin), so the other ranks follow it (follow.py)
-SUPPORTED_VERBS = ("generate", "eval", "chat", "tune")
-FOLLOW_VERBS = ("chat",)
+# verbs that run over several processes: generate, eval and tune run the same
+# work on every rank; chat and serve know their work on rank 0 only (stdin, HTTP): the others follow (follow.py)
+SUPPORTED_VERBS = ("generate", "eval", "chat", "serve", "tune")
+FOLLOW_VERBS = ("chat", "serve")
 
 
 def requested(args: argparse.Namespace) -> bool:
