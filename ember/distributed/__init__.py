@@ -10,7 +10,9 @@
     launch.py    ``--pp N`` / ``--tp N``: torch's elastic agent starts and watches the workers
     pipeline.py  pipeline parallel: contiguous layer stages, each reading only its own tensors
     tensor.py    tensor parallel: heads, MLP and expert channels split, all-reduce after row-parallel layers
+    follow.py    chat/serve: rank 0 announces each generation or batched forward, the other ranks replay it
     data.py      data-parallel fine-tuning: each rank a slice of every batch, LoRA gradients all-reduced
+    link.py      loopback latency and bandwidth between two processes (``ember hw --measure``)
 
 docs/distributed.md describes the design and the measured figures.
 """
