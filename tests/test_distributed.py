@@ -260,12 +260,11 @@ def test_chat_and_eval_under_pp_and_tp_match_one_process(hf_checkpoint, tmp_path
     from conftest import save_word_tokenizer
     from test_cli import CHATML
 
-    src, _ = hf_checkpoint("llama")
+    import shutil
+
     folder = tmp_path / "chat"
-    folder.mkdir()
-    for f in ("config.json", "model.safetensors", "generation_config.json"):
-        (folder / f).write_bytes((src / f).read_bytes())
-    save_word_tokenizer(folder, chat_template=CHATML)
+    shutil.copytree(hf_checkpoint("llama")[0], folder)
+    save_word_tokenizer(folder, chat_template=CHATML)  # the same weights with a chat template
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{5 + i % 40}" for i in range(60)))
     chat = [PY, "-m", "ember", "chat", str(folder), "-n", "5", "--temperature", "0", "--dtype", "fp32"]
