@@ -24,7 +24,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
          quant: str | None = None, group_size: int | None = None, adapter: str | os.PathLike | None = None,
          context: int | None = None, batch: int = 1, max_memory: float | None = None, check_memory: bool = True,
          lm_head: str | None = "auto", speculate: str | None = None, draft=None,
-         num_speculative: int | None = None, offload: str = "auto"):
+         num_speculative: int | None = None, offload: str = "auto", shard=None):
     """Load an HF checkpoint folder (or a GGUF file) for generation.
 
     Before allocating anything the planner checks that the model, a KV cache of ``batch`` x ``context``
@@ -55,6 +55,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
             layers read from disk, :mod:`ember.offload`) when the planner says it runs that way, with a one-line
             notice on stderr; "experts" / "layers": offload in that mode (within ``max_memory``, else what is
             free); "off": never. The loaded model's ``model.offload`` then has the statistics.
+        shard: this rank's part of a multi-process run (made by :func:`ember.distributed.load`; see
+            :func:`ember.loading.load_model`).
     Returns:
         :class:`ember.engine.Engine` with ``generate``/``stream`` and ``tokenizer``.
     """
@@ -71,6 +73,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if lm_head == "auto":
         lm_head = DEFAULT_LM_HEAD
+    if shard is not None and (speculate is not None or draft is not None or offload not in ("auto", "off")):
+        from ember.errors import DistributedError
+
+        raise DistributedError("speculative decoding and offload run in one process; drop --speculate/--draft/"
+                               "--offload, or run without --pp/--tp")
     if offload not in ("auto", "off"):
         from ember.offload.session import check_request
 
@@ -88,7 +95,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         tokenizer = Tokenizer.from_dir(path)
         tokenizer.check_fits(model.config.vocab_size, str(path))
     elif is_gguf_file(path):  # one llama.cpp file holds weights, config and tokenizer
-        model, tokenizer = load_gguf(path, device=device, dtype=dtype)
+        model, tokenizer = load_gguf(path, device=device, dtype=dtype, shard=shard)
         if quant is not None and quant != "none":  # after the fact: GGUF tensors are decoded first
             from ember.quant import quantize_model
 
@@ -96,7 +103,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     else:
         tokenizer = Tokenizer.from_dir(path)
         tokenizer.check_fits(ModelConfig.from_file(path).vocab_size, str(path))
-        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head)
+        model = load_model(path, device=device, dtype=dtype, quant=quant, group_size=group_size, lm_head=lm_head,
+                           shard=shard)
     if adapter is not None:
         from ember.train.adapter_files import apply_adapter
 

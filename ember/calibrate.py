@@ -543,12 +543,19 @@ def measure(device: str = "cpu", quick: bool = False, save: bool = True, progres
     if runtime:
         say("runtime memory of a fresh process")
         rss, ctx = measure_runtime_bytes(str(dev))
+    lat = link_bw = 0.0
+    if runtime and dev.type == "cpu":
+        from ember.distributed.link import measure_loopback
+
+        say("loopback link between two processes (gloo)")
+        lat, link_bw = measure_loopback(20 if quick else 200)
     key = device_key(str(dev))
     cal = Calibration(
         device=key, fingerprint=fingerprint(key), stream=stream,
         copy_bandwidth=copy_bw, matmul_flops=flops, layer_overhead_s=layer_s, expert_overhead_s=expert_s,
         step_overhead_s=step_s, stream_efficiency=efficiency, runtime_bytes=rss, context_bytes=ctx,
         train_efficiency=train_eff, disk_read_bandwidth=disk_bw, disk_direct=disk_direct,
+        loopback_latency_s=lat, loopback_bandwidth=link_bw,
         threads=torch.get_num_threads(),
         torch_version=torch.__version__, measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=time.perf_counter() - t_start,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ember import __version__, catalog
+from ember import __version__, catalog, distributed
 from ember.commands import chat, demo, export, generate, list_models, serve
 from ember.commands import eval as eval_cmd
 from ember.commands.common import add_model_args, load_from_args, resolve_model_args
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _resolve(args)
+        if distributed.requested(args):  # --pp/--tp, or one worker of torchrun
+            return distributed.run(args, sys.argv[1:] if argv is None else list(argv), load_from_args)
         return args.func(args) or 0
     except EmberError as e:
         print(f"ember: error: {e}", file=sys.stderr)

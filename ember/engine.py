@@ -146,6 +146,10 @@ class Engine:
         self.path = Path(path) if path is not None else None
         p = model.model.norm.weight
         self.device, self.dtype = p.device, p.dtype
+        # called with (prompt ids, params) before each generation: a multi-process run's rank 0 announces the
+        # work to the other ranks here (ember.distributed.follow)
+        self.on_generate = None
+        self.on_batch_forward = None  # the same for each forward of a BatchScheduler over this engine (serve)
         if self.device.type == "cpu":
             kernels.load()  # compile (first run on this machine) now, not inside the first prompt's timed prefill
         self.speculation: SpeculativeConfig | None = None  # see speculate()
@@ -230,6 +234,8 @@ class Engine:
         return results[0] if single else results
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Iterator[StreamChunk]:
+        if self.on_generate is not None:
+            self.on_generate(prompt_ids, params)
         B = len(prompt_ids)
         lengths = [len(p) for p in prompt_ids]
         if min(lengths) == 0:

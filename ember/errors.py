@@ -85,3 +85,7 @@ class EvaluationError(EmberError):
 class ModelNotFoundError(EmberError):
     """A model name (``org/name``, ``ollama:NAME``, a name in Ember's model folder) is not on this machine;
     the message lists the closest local names."""
+
+
+class DistributedError(EmberError):
+    """A multi-process run failed: a rank died, hung past the timeout, or the launch was misconfigured."""

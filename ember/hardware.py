@@ -75,6 +75,8 @@ class Calibration:
     train_efficiency: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # dtype -> [(hidden, MFU)]
     disk_read_bandwidth: float = 0.0           # bytes/s of O_DIRECT reads from the cache dir's disk (0: not measured)
     disk_direct: bool = False                  # that rate bypassed the page cache (O_DIRECT, else fadvise)
+    loopback_latency_s: float = 0.0           # one-way gloo latency between two processes here (0: not measured)
+    loopback_bandwidth: float = 0.0           # bytes/s between two processes here (PP/TP on one host)
     threads: int = 1
     torch_version: str = ""
     measured_at: str = ""

@@ -152,6 +152,10 @@ class BatchScheduler:
         self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device, max_seqs=max_batch,
                                   prefill_chunk=prefill_chunk)
         self.pool = self.cache.pool
+        # called with (pool layout, tables, cached, new, slots, ids) before each forward: a multi-process run's
+        # rank 0 announces it so the other ranks run the same forward (ember.distributed.follow)
+        self.on_forward = getattr(engine, "on_batch_forward", None)
+        self.layout = (num_blocks, block_size, max_batch)
         self.vocab_size = self.config.vocab_size
         self.pad_id = self.tokenizer.pad_token_id or 0
 
@@ -470,6 +474,8 @@ class BatchScheduler:
         for i, (s, n) in enumerate(zip(seqs, news)):
             row = s.ids[s.computed:s.computed + n] if proposals is None else s.ids[s.computed:] + proposals[i]
             ids[i, T - n:] = torch.tensor(row)
+        if self.on_forward is not None:
+            self.on_forward(self.layout, [list(s.table) for s in seqs], [s.computed for s in seqs], news, slots, ids)
         logits = self.model(ids.to(self.device), batch.positions, batch, batch.start, batch.k_valid,
                             last_only=proposals is None)
         for s, n in zip(seqs, news):

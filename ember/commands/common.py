@@ -7,6 +7,7 @@ import os
 import re
 
 import ember
+from ember import distributed
 from ember.model_store import resolve
 from ember.quant.quantize import DEFAULT_LM_HEAD, LM_HEAD_CHOICES
 from ember.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -42,6 +43,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(refuse instead)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="tokens per sequence to plan memory for (default: prompt + new tokens, or min(model limit, 4096))")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--pp N / --tp N: split the model over N processes on this host (docs/distributed.md)."""
+    p.add_argument("--pp", type=int, default=None, metavar="N",
+                   help="pipeline parallel: layers split over N processes (started here, or by torchrun)")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor parallel: heads and MLP channels split over N processes")
 
 
 _UNITS = {"": 2**30, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
@@ -127,6 +137,10 @@ def load_from_args(args: argparse.Namespace, context: int | None = None, batch: 
     Every verb that runs a model loads it here, so names, memory checks and options mean the same everywhere.
     """
     resolve_model_args(args)
+    if distributed.current() is not None:
+        return distributed.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                group_size=args.group_size, adapter=args.adapter, context=args.context or context,
+                                batch=batch, max_memory=args.max_memory, lm_head=args.lm_head)
     return ember.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
                       adapter=args.adapter, context=args.context or context, batch=batch, max_memory=args.max_memory,
                       lm_head=args.lm_head, offload=getattr(args, "offload", "auto"))

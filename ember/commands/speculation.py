@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import ember
+from ember import distributed
 from ember.speculative import METHODS
 
 
@@ -28,6 +29,9 @@ def apply_speculation(args: argparse.Namespace, llm) -> None:
         GenerationError: a family that cannot speculate, or a draft with another vocabulary.
     """
     method, draft = args.speculate, None
+    if (method is not None or args.draft is not None) and distributed.current() is not None:
+        raise SystemExit("ember: speculative decoding runs in one process; drop --speculate/--draft, or run "
+                         "without --pp/--tp")
     if args.draft is not None:
         if method not in (None, "draft"):
             raise SystemExit(f"ember: --draft goes with --speculate draft, not --speculate {method}")

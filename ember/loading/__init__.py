@@ -34,7 +34,7 @@ def open_checkpoint(folder: Path, cfg: ModelConfig):
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = "auto", quant: str | None = None,
                group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD,
-               defer=None) -> Transformer:
+               defer=None, shard=None) -> Transformer:
     """Build a :class:`Transformer` on the meta device and fill it from an HF checkpoint folder.
 
     Args:
@@ -50,6 +50,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
         defer: a predicate on checkpoint names: those tensors are not loaded and stay on the meta device, for
             :mod:`ember.offload` to read on demand (float weights only; with ``quant`` it is refused).
+        shard: for a multi-process run (:mod:`ember.distributed`), an object whose ``select(model, ckpt)`` cuts
+            the meta-device model down to this rank's part and returns the checkpoint view of just its tensors,
+            and whose ``finish(model)`` swaps in the communicating modules once the weights are in.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -60,6 +63,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if shard is not None:
+        ckpt = shard.select(model, ckpt)
     wants = (quant or "none").lower()
     deferred = tuple(n for n in ckpt.names() if defer(n)) if defer is not None else ()
     if deferred and (wants != "none" or mxfp4.is_mxfp4_checkpoint(cfg.extra)):
@@ -85,6 +90,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         load_weights(model, ckpt, dt, device, ignore=ignore + deferred)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if shard is not None:
+        shard.finish(model)
     model.reset_rope()
     model.extra_weights = extra  # tensors outside the forward pass (mtp.* heads for speculative decoding)
     model.eval().requires_grad_(False)

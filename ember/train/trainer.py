@@ -213,6 +213,8 @@ class Trainer:
         self.tokens_seen = 0
         self.history: list[StepMetrics] = []
         self.evals: list[tuple[int, float]] = []
+        # data-parallel hooks (:class:`ember.distributed.data.DataParallel`): this rank's rows, gradient all-reduce
+        self.data_parallel = None
         if self.out_dir is not None:  # a killed earlier run may have left a checkpoint half-written
             stale = remove_stale_temp_dirs(self.checkpoint_dir(), r"\.step-\d+\.tmp-[a-z0-9_]+$")
             if stale:
@@ -235,7 +237,10 @@ class Trainer:
             g["lr"] = lr
         self.model.train()
         total = 0.0
+        dp = self.data_parallel
         for b in batches:
+            if dp is not None and (b := dp.rows(b)) is None:
+                continue  # fewer rows than ranks: this rank sits the micro-batch out
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                 enabled=self.autocast_dtype is not None):
                 loss_sum, _ = batch_loss_sum(self.model, b.input_ids, b.labels, b.positions, b.segments,
@@ -243,6 +248,9 @@ class Trainer:
             (loss_sum / max(1, n_targets)).backward()
             total += float(loss_sum.detach())
         params = [p for _, p in self.named_params]
+        if dp is not None:  # the global gradient and loss (n_targets above is the global count already)
+            dp.reduce_grads(params)
+            total = dp.reduce_sum(total)
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:

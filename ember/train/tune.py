@@ -187,11 +187,18 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
     from ember.loading import load_model
     from ember.tokenizer import Tokenizer
 
+    from ember.distributed import current
+    from ember.distributed.data import DataParallel
+
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.check()
     cfg = check_trainable(model_path, cfg)
     out = Path(out_dir)
-    _check_out_dir(out, resume)
+    dist = current()
+    dp = DataParallel(dist) if dist is not None and dist.mode == "dp" else None
+    writes = dp is None or dp.writes  # under torchrun only rank 0 writes (and checks the folder)
+    if writes:
+        _check_out_dir(out, resume)
     record = {"model": str(model_path), "data": str(data), "eval": str(eval_data) if eval_data else None,
               "config": cfg.as_json()}
     if resume:
@@ -224,8 +231,10 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
     torch.manual_seed(cfg.seed)  # dropout stream of a fresh run (a resume restores the saved one)
     trainer = Trainer(model, plan, cfg, out, eval_plan, lora=cfg.lora() if cfg.method != "full" else None,
                       base_model=str(model_path), progress=progress, log=log, autocast_dtype=autocast)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / TRAIN_CONFIG, record)
+    trainer.data_parallel = dp
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / TRAIN_CONFIG, record)
     resumed = None
     if resume:
         resumed = trainer.resume_latest()
@@ -233,8 +242,12 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
             raise TrainingError(f"{out / CHECKPOINT_DIR}: no complete checkpoint to resume from "
                                 "(the run stopped before its first --save-every step)")
         log(f"[ember tune] resumed from {resumed} (step {trainer.step} of {trainer.total_steps})")
+    if not writes:
+        trainer.out_dir = None  # metrics, checkpoints and plots come from rank 0
 
     trainer.run(callback)
+    if not writes:
+        return TuneResult(out, trainer.history, trainer.evals, stats, resumed)
     if cfg.method == "full":
         model.requires_grad_(False)
         save_hf_checkpoint(out / "model", model, tokenizer_files=read_tokenizer_files(model_path),

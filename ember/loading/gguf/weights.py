@@ -73,7 +73,7 @@ def gguf_tensor_name_map(gf: GGUFFile, cfg: ModelConfig) -> dict[str, list[str]]
 
 
 def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = "auto") -> Transformer:
+                    dtype: str | torch.dtype | None = "auto", shard=None) -> Transformer:
     """Build a :class:`~ember.models.Transformer` on the meta device and fill it from a GGUF file.
 
     Float tensors already in ``dtype`` stay zero-copy views over the memory map (CPU). Quantized ones stay
@@ -89,6 +89,9 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         device: where the weights go ("cpu", "cuda", "cuda:1").
         dtype: "auto" (F32 file -> fp32, F16 -> fp16, BF16 and quantized -> bf16, each subject to what the
             device runs natively, as for safetensors), "bf16", "fp16", "fp32" or a torch dtype.
+        shard: a pipeline stage (:class:`ember.distributed.pipeline.PipelineShard`): its ``prune(model)`` cuts the
+            model, ``local_name(name)`` renames or drops each tensor (other stages' are never read), and
+            ``finish(model)`` swaps in the communicating modules.
     Raises:
         GGUFError / UnsupportedGGUFTypeError / UnsupportedModelError, naming the file and tensor.
     """
@@ -101,6 +104,10 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
 
     with torch.device("meta"):
         model = Transformer(cfg)
+    if shard is not None:
+        shard.prune(model)
+        local = {g: [shard.local_name(t) for t in targets] for g, targets in names.items()}
+        names = {g: targets for g, targets in local.items() if None not in targets}
     ignore = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in ignore}
     source_of = {target: g for g, targets in names.items() for target in targets}
@@ -157,13 +164,15 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     assert all(k in ignore or k.startswith(swapped) for k in result.missing_keys), result
     if cfg.tie_word_embeddings and emb is None:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if shard is not None:
+        shard.finish(model)
     model.reset_rope()
     model.eval().requires_grad_(False)
     return model
 
 
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = "auto"):
+              dtype: str | torch.dtype | None = "auto", shard=None):
     """Model and tokenizer from one GGUF file, parsing its header once.
 
     Returns:
@@ -172,4 +181,4 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
     gf = GGUFFile.open(path)
     tokenizer = load_gguf_tokenizer(gf)
     tokenizer.check_fits(config_from_gguf(gf).vocab_size, str(gf.path))  # before the slow part
-    return load_gguf_model(gf, device, dtype), tokenizer
+    return load_gguf_model(gf, device, dtype, shard), tokenizer

@@ -1,0 +1,326 @@
+"""Multi-process runs on loopback (gloo, 2 processes): pipeline and tensor parallel output equal to one
+process's, data-parallel fine-tuning, and a dead or hung rank ending the run with an error in bounded time.
+
+Workers are started as real processes (torchrun, ember's own --pp/--tp launcher, or plain processes with
+torchrun's environment where a test must kill one rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ember
+from ember.hardware import PROFILES
+from ember.planner.parallel import comm_seconds_per_token, layer_bytes, split_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    return dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- planner pieces (no processes)
+def test_split_layers_balances_bytes_and_keeps_order():
+    costs = [1.0, 1.0, 1.0, 1.0, 4.0, 1.0]
+    parts = split_layers(costs, 2)
+    assert parts[0][0] == 0 and parts[-1][1] == len(costs) and parts[0][1] == parts[1][0]
+    assert max(sum(costs[a:b]) for a, b in parts) == 5.0  # [0,4) = 4, [4,6) = 5 is the best cut
+    # an embedding on the first stage moves the cut later
+    assert split_layers([1.0] * 4, 2, first_extra=2.0) == [(0, 1), (1, 4)]
+
+
+def test_layer_bytes_sum_to_the_planner_weights(hf_checkpoint):
+    from ember.config import ModelConfig
+    from ember.planner.memory import weight_bytes
+
+    for family in ("llama", "qwen3-moe-mixed"):
+        folder, _ = hf_checkpoint(family)
+        cfg = ModelConfig.from_file(folder)
+        wb = weight_bytes(cfg, "bf16", "int8")
+        per = layer_bytes(cfg, "bf16", "int8")
+        assert len(per) == cfg.num_hidden_layers
+        routers = (cfg.num_local_experts * cfg.hidden_size * 2 * sum(cfg.is_moe_layer(i) for i in
+                                                                       range(cfg.num_hidden_layers)))
+        assert abs(sum(per) - (wb.attention + wb.mlp + wb.experts + routers)) < 1e-6 * sum(per)
+
+
+def test_comm_cost_grows_with_ranks_and_is_zero_alone(hf_checkpoint):
+    from ember.config import ModelConfig
+
+    cfg = ModelConfig.from_file(hf_checkpoint("llama")[0])
+    pair = PROFILES["dgx-spark"].times(2)
+    assert comm_seconds_per_token(cfg, pair, "pp", 1) == 0.0
+    pp, tp = comm_seconds_per_token(cfg, pair, "pp", 2), comm_seconds_per_token(cfg, pair, "tp", 2)
+    # TP pays two all-reduces per layer, PP one hop: TP costs more latency per token
+    assert tp > pp > pair.interconnect_latency_s
+    assert comm_seconds_per_token(cfg, pair, "tp", 4) > tp
+
+
+def test_loopback_is_measured_and_prices_one_host_runs(hf_checkpoint):
+    """``ember hw --measure`` records loopback latency and bandwidth (two gloo processes); the planner prices
+    PP/TP on one host with them, and a pair of machines with the catalog's link."""
+    import dataclasses
+
+    from ember.config import ModelConfig
+    from ember.distributed.link import measure_loopback
+    from ember.hardware import Calibration
+
+    lat, bw = measure_loopback(reps=20)
+    assert 0 < lat < 0.5 and bw > 1e6  # real figures: under half a second, over 1 MB/s
+    cfg = ModelConfig.from_file(hf_checkpoint("llama")[0])
+    cal = Calibration(device="cpu", fingerprint="x", stream={}, copy_bandwidth=1e9, matmul_flops={},
+                      layer_overhead_s={}, expert_overhead_s={}, step_overhead_s={}, runtime_bytes=0,
+                      loopback_latency_s=lat, loopback_bandwidth=bw)
+    host = dataclasses.replace(PROFILES["dgx-spark"], calibration=cal)
+    want = (2 - 1) * (lat + cfg.hidden_size * 2 / bw) + lat + cfg.vocab_size * 4 / bw
+    assert abs(comm_seconds_per_token(cfg, host, "pp", 2) - want) < 1e-12
+    pair = host.times(2)  # across machines: the catalog's ConnectX-7 figures, not loopback
+    assert comm_seconds_per_token(cfg, pair, "pp", 2) == comm_seconds_per_token(
+        cfg, PROFILES["dgx-spark"].times(2), "pp", 2)
+
+
+# ----------------------------------------------------------------------------- exactness against one process
+WORKER = r'''
+import json, sys, torch
+import ember.distributed as ed
+from ember.distributed import group
+
+out, cases = sys.argv[1], json.loads(sys.argv[2])
+d = group.init("pp", "cpu")
+res = {}
+for i, (mode, folder, quant) in enumerate(cases):
+    d.mode = mode
+    eng = ed.load(folder, dtype="fp32", quant=quant)
+    with torch.inference_mode():
+        logits = eng.model(torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    toks = eng.generate([5, 6, 7], max_new_tokens=12, temperature=0).token_ids
+    if d.rank == 0:
+        res[str(i)] = (logits.float(), toks)
+if d.rank == 0:
+    torch.save(res, out)
+group.shutdown()
+'''
+
+CASES = [("pp", "llama", None), ("pp", "llama-tied", None), ("pp", "qwen3-moe", None), ("pp", "llama", "int8"),
+         ("pp", "llama.gguf", None), ("tp", "llama", None), ("tp", "qwen3-moe", None), ("tp", "llama", "int8"),
+         ("tp", "mixtral", "int8")]
+
+
+def test_pipeline_and_tensor_parallel_match_one_process(hf_checkpoint, tmp_path):
+    """PP and TP on 2 ranks: fp32 logits within 1e-5 of one process and the same greedy tokens, for dense,
+    tied, MoE and int8 models, and (PP) a GGUF file."""
+    from test_gguf import write_model_gguf
+
+    folders = {fam: str(hf_checkpoint(fam)[0]) for _, fam, _ in CASES if not fam.endswith(".gguf")}
+    folders["llama.gguf"] = str(write_model_gguf(tmp_path / "llama.gguf", hf_checkpoint("llama")[1], "llama"))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "res.pt"
+    cases = [(mode, folders[fam], q) for mode, fam, q in CASES]
+    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                           str(out), json.dumps(cases)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(out)
+    for i, (mode, fam, q) in enumerate(CASES):
+        ref = ember.load(folders[fam], dtype="fp32", quant=q, check_memory=False)
+        with torch.inference_mode():
+            want = ref.model(torch.tensor([[5, 6, 7, 8, 9, 10]])).float()
+        toks = ref.generate([5, 6, 7], max_new_tokens=12, temperature=0).token_ids
+        got, got_toks = res[str(i)]
+        err = (got - want).abs().max().item()
+        assert err < 1e-5, f"{mode} {fam} {q}: max |logit diff| {err:.2e} (tolerance 1e-5)"
+        assert got_toks == toks, f"{mode} {fam} {q}: greedy tokens differ"
+
+
+def test_cli_pp_and_tp_print_what_one_process_prints(hf_checkpoint):
+    """``ember generate --pp 2`` / ``--tp 2`` (ember starts the workers) print the single-process text; only rank
+    0 writes."""
+    folder = str(hf_checkpoint("llama")[0])
+    args = [PY, "-m", "ember", "generate", folder, "w5 w6 w7", "-n", "10", "--dtype", "fp32", "-q"]
+    one = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    for flag in ("--pp", "--tp"):
+        run = subprocess.run(args + [flag, "2"], env=_env(), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout == one.stdout, (flag, run.stdout, one.stdout)
+        assert run.stderr.strip() == "", run.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- faults
+def _start_ranks(folder: str, extra_env: dict) -> list[subprocess.Popen]:
+    """Two ranks with torchrun's environment but no agent, so a test can kill or stop one of them."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra_env)
+        procs.append(subprocess.Popen([PY, "-m", "ember", "generate", folder, "w5 w6 w7", "-n", "480", "--dtype",
+                                       "fp32", "--stop-token-id", "1", "--pp", "2"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_hung_rank_ends_the_other_with_an_error(hf_checkpoint, fault):
+    """Rank 1 is killed (SIGKILL) or stopped (SIGSTOP) while decoding: rank 0 exits within 30 s with an error
+    naming rank 1 and what rank 0 was doing."""
+    folder = str(hf_checkpoint("llama", max_position_embeddings=512)[0])
+    r0, r1 = _start_ranks(folder, {"EMBER_DIST_TIMEOUT": "5"})
+    try:
+        assert os.read(r0.stdout.fileno(), 4), r0.stderr.read()  # rank 0 streams tokens: both ranks decode
+        r1.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = r0.communicate(timeout=30)
+        took = time.monotonic() - t0
+        assert r0.returncode == 1, err
+        assert took < 30
+        assert "rank 1" in err and "rank 0 (generating (pipeline stage 1/2" in err, err
+    finally:
+        for p in (r0, r1):
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait(timeout=30)
+
+
+def test_verbs_that_do_not_run_distributed_say_so(hf_checkpoint):
+    """A verb with no multi-process form (``plan``) refuses torchrun with a one-line error before joining a group."""
+    folder = str(hf_checkpoint("llama")[0])
+    proc = subprocess.run([PY, "-m", "ember", "plan", folder], env=_env(RANK="0", WORLD_SIZE="2"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "does not run over several processes yet" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- data-parallel fine-tuning
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_data_parallel_tune_matches_one_process_and_resumes_at_another_world_size(hf_checkpoint, tmp_path):
+    """``torchrun -m ember tune``: 2 processes give the 1-process losses step by step (within 1e-3), only rank 0
+    writes, and a checkpoint written by the 2-process run resumes in 1 process to the same losses."""
+    import random
+    import shutil
+
+    folder = str(hf_checkpoint("llama")[0])
+    rng = random.Random(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{rng.randrange(3, 256)}" for _ in range(rng.randrange(8, 30)))})
+                            + "\n" for _ in range(24)))
+    args = ["-m", "ember", "tune", folder, "--data", str(data), "--steps", "4", "--batch", "4", "--seq-len", "32",
+            "--dropout", "0", "--lr", "1e-2", "--dtype", "fp32", "--device", "cpu", "--save-every", "2", "-q"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = subprocess.run([PY, *args, "-o", str(one)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
+                         "-o", str(two)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-3, f"1 vs 2 processes: losses differ by {worst:.2e} (tolerance 1e-3): {a} {b}"
+    assert len({round(v, 6) for v in a.values()}) == 4  # four different batches, four different losses
+    assert (two / "adapter_model.safetensors").is_file()
+    assert not list(two.rglob("*.tmp-*")) and len((two / "metrics.jsonl").read_text().splitlines()) == \
+        len((one / "metrics.jsonl").read_text().splitlines())  # one writer: no duplicated rows
+    # resume the 2-process run's step-2 checkpoint in one process: steps 3 and 4 as before
+    again = tmp_path / "again"
+    shutil.copytree(two, again)
+    (again / "adapter_model.safetensors").unlink()
+    r3 = subprocess.run([PY, *args, "-o", str(again), "--resume"], env=_env(), capture_output=True, text=True,
+                        timeout=180)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    c = _losses(again)
+    assert abs(c[3] - a[3]) < 1e-3 and abs(c[4] - a[4]) < 1e-3, (a, c)
+
+
+def test_chat_and_eval_under_pp_and_tp_match_one_process(hf_checkpoint, tmp_path):
+    """``chat`` (rank 0 reads stdin, the other rank follows its announced generations) and ``eval ppl`` (every
+    rank runs the same windows) print what one process prints."""
+    from conftest import save_word_tokenizer
+    from test_cli import CHATML
+
+    import shutil
+
+    folder = tmp_path / "chat"
+    shutil.copytree(hf_checkpoint("llama")[0], folder)
+    save_word_tokenizer(folder, chat_template=CHATML)  # the same weights with a chat template
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{5 + i % 40}" for i in range(60)))
+    chat = [PY, "-m", "ember", "chat", str(folder), "-n", "5", "--temperature", "0", "--dtype", "fp32"]
+    ppl = [PY, "-m", "ember", "eval", "ppl", str(folder), "--text", str(text), "--window", "16", "--stride", "8",
+           "--dtype", "fp32"]
+    stdin = "w3 w4\nw5\n/reset\nw6\n"
+    want_chat = subprocess.run(chat, input=stdin, env=_env(), capture_output=True, text=True, timeout=120)
+    want_ppl = subprocess.run(ppl, env=_env(), capture_output=True, text=True, timeout=120)
+    assert want_chat.returncode == 0 and want_ppl.returncode == 0, want_chat.stderr + want_ppl.stderr
+    assert len(want_chat.stdout.splitlines()) == 3
+    for flag in ("--pp", "--tp"):
+        got = subprocess.run(chat + [flag, "2"], input=stdin, env=_env(), capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout == want_chat.stdout, (flag, got.stdout, want_chat.stdout)
+        got = subprocess.run(ppl + [flag, "2"], env=_env(), capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout == want_ppl.stdout, (flag, got.stdout, want_ppl.stdout)
+
+
+def _serve(args: list[str], port: int) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "ember", "serve", *args, "--port", str(port)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _complete(port: int, deadline: float) -> dict:
+    import httpx
+
+    while True:
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                           json={"model": "m", "prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.parametrize("flag", ["--pp", "--tp"])
+def test_serve_under_pp_and_tp_answers_as_one_process(hf_checkpoint, flag):
+    """``ember serve --pp 2`` / ``--tp 2``: rank 0 serves, the other rank replays its batched forwards; the
+    completion equals one process's; stopping the server stops every worker."""
+    folder = str(hf_checkpoint("llama")[0])
+    common = [folder, "--dtype", "fp32", "--model-name", "m"]
+    one_port, two_port = _free_port(), _free_port()
+    one, two = _serve(common, one_port), _serve(common + [flag, "2"], two_port)
+    try:
+        deadline = time.monotonic() + 120
+        want = _complete(one_port, deadline)["choices"][0]["text"]
+        got = _complete(two_port, deadline)["choices"][0]["text"]
+        assert got == want and want
+        two.send_signal(signal.SIGINT)
+        two.wait(timeout=30)
+    finally:
+        for p in (one, two):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
