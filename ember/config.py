@@ -34,8 +34,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"qk_norm": True},
     "qwen3_5_text": {"qk_norm": True},
     "qwen3_5_moe_text": {"qk_norm": True, "norm_topk_prob": True},  # its router always renormalises
-    # Nemotron-H / Nemotron 3: one block per layer (Mamba-2 mixer, attention without RoPE, relu2 MLP or a
-    # sigmoid-routed relu2 MoE) per layers_block_type; read by ember.hybrid_config.nemotron_h_raw.
+    # Nemotron-H / Nemotron 3: one block per layer (Mamba-2, attention without RoPE, relu2 MLP or MoE; hybrid_config.py)
     "nemotron_h": {"qk_norm": False},
     # gpt-oss: learned per-head attention sinks, biases on q/k/v/o, alternating sliding/full layers
     # (layer_types), YaRN RoPE, a biased top-k router and clamped-SwiGLU experts with biases.
@@ -336,8 +335,7 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"supported: {', '.join(FAMILIES)}"
             )
-        if model_type == "nemotron_h":
-            raw = nemotron_h_raw(raw, source)
+        raw = nemotron_h_raw(raw, source) if model_type == "nemotron_h" else raw
         if model_type in _NESTED_TEXT_CONFIG and isinstance(raw.get("text_config"), dict):
             # the language model's fields; the vision tower's are not read (its weights are skipped)
             top = {k: raw[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in raw}
@@ -353,8 +351,7 @@ class ModelConfig:
                 raw = {**raw, name: raw[alias]}
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in names and k != "extra"}
         kwargs = {**_FAMILY_DEFAULTS.get(model_type, {}), **kwargs, **FAMILIES[model_type]}
-        if model_type == "gemma4_text":
-            raw = read_gemma4_fields(raw, kwargs, source)
+        raw = read_gemma4_fields(raw, kwargs, source) if model_type == "gemma4_text" else raw
         if "dtype" in raw and "torch_dtype" not in raw:  # transformers 5 writes "dtype"
             kwargs["torch_dtype"] = raw["dtype"]
         if kwargs.get("head_dim") is None and "head_dim" in kwargs:
@@ -485,10 +482,8 @@ class ModelConfig:
         return int((self.active_parameters() - unread) * bytes_per_param)
 
     def _count(self, experts: int) -> int:
-        if self.model_type == "gemma4_text":
-            return gemma4_count(self, experts)
-        if self.model_type == "nemotron_h":
-            return nemotron_h_params(self, experts)
+        if self.model_type in ("gemma4_text", "nemotron_h"):
+            return (gemma4_count if self.model_type == "gemma4_text" else nemotron_h_params)(self, experts)
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
         if self.kv_lora_rank:
