@@ -428,7 +428,7 @@ def test_paged_cache_gives_window_blocks_back_and_outputs_stay_identical(gpt_oss
     assert wpool.capacity == 2 * per_seq < 80 // 2  # far fewer than the main pool's blocks
     held = []
     real_forward = sched._forward
-    sched._forward = lambda seqs, news: (real_forward(seqs, news),
+    sched._forward = lambda seqs, news, proposals=None: (real_forward(seqs, news, proposals),
                                          held.append((wpool.capacity - wpool.num_free, [len(s.table) for s in seqs],
                                                       [(n, len(s.window_table) - s.window_freed)
                                                        for s, n in zip(seqs, news)])))[0]
