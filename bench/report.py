@@ -4,7 +4,7 @@
     python bench/report.py decode     # one of: decode, quant, gguf, serve, tune, plan
     python bench/report.py --write    # record each JSON's table in bench/recorded/, then regenerate docs/benchmarks.md
 
-Nothing here measures anything: it formats what bench/decode.py, quant.py, gguf.py, serve.py, tune.py and
+Nothing here measures anything: it formats what bench/decode.py, quant.py, gguf_llamacpp.py, serve.py, tune.py and
 plan_accuracy.py wrote, so the tables are the benchmark's numbers, not copies by hand. bench/results/ is
 not committed (it is one machine's last run); bench/recorded/ is: one Markdown file per recorded table,
 named ``DATE-BENCH-MACHINE.md``, each saying the machine and date it was measured on. docs/benchmarks.md
@@ -110,7 +110,7 @@ def quant() -> str | None:
 
 
 def gguf_table(d: dict) -> str:
-    """bench/gguf.py's side-by-side table of one run (Ember / llama.cpp on the same GGUF files)."""
+    """bench/gguf_llamacpp.py's side-by-side table of one run (Ember / llama.cpp on the same GGUF files)."""
     text = (f"Ember and llama.cpp (llama-cpp-python {d['llama_cpp_python']}, {d['threads']} threads) on the same GGUF "
             f"files, {d['date']}, {d['machine']}: batch 1, {d['prompt_len']}-token prompt, {d['new_tokens']} new "
             f"tokens, {d['rounds']} interleaved rounds (medians); ratio = Ember / llama.cpp; resident = RSS growth of "
@@ -207,7 +207,7 @@ TABLES = {"decode": decode, "quant": quant, "gguf": gguf, "serve": serve, "tune"
 SECTIONS = {
     "decode": ("Decode", "bench/decode.py", "decode"),
     "quant": ("Quantized kernels", "bench/quant.py", "quant"),
-    "gguf": ("GGUF beside llama.cpp", "bench/gguf.py", "gguf"),
+    "gguf": ("GGUF beside llama.cpp", "bench/gguf_llamacpp.py", "gguf"),
     "serve": ("Serving", "bench/serve.py", "serve"),
     "tune": ("Fine-tuning", "bench/tune.py", "tune"),
     "plan": ("Planner accuracy", "bench/plan_accuracy.py", "plan_accuracy"),

@@ -21,8 +21,8 @@ Optional bench extras (never runtime or test dependencies): ``llama-cpp-python``
 ``convert_hf_to_gguf.py``: the copy vendored in llama-cpp-python's source distribution
 (``vendor/llama.cpp/``), passed with ``--converter`` or ``EMBER_LLAMA_CPP_CONVERTER``.
 
-    python bench/gguf.py --converter /tmp/lcp/vendor/llama.cpp/convert_hf_to_gguf.py               # 1.1B + MoE
-    python bench/gguf.py --size small --types bf16,q8_0,q4_k_m --rounds 2 --converter ...         # a quick run
+    python bench/gguf_llamacpp.py --converter /tmp/lcp/vendor/llama.cpp/convert_hf_to_gguf.py               # 1.1B + MoE
+    python bench/gguf_llamacpp.py --size small --types bf16,q8_0,q4_k_m --rounds 2 --converter ...         # a quick run
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        sys.exit("bench/gguf.py needs llama-cpp-python (an optional bench extra): "
+        sys.exit("bench/gguf_llamacpp.py needs llama-cpp-python (an optional bench extra): "
                  "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python")
     if not args.converter or not Path(args.converter).is_file():
         sys.exit("pass --converter PATH/convert_hf_to_gguf.py (llama.cpp's converter; llama-cpp-python's sdist "
