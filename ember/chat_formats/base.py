@@ -42,6 +42,24 @@ class Delta:
     id: str | None = None
 
 
+class StreamParser:
+    """A streaming output parser: text arrives in pieces (``feed``); the subclass's ``_step(out, final)`` decides
+    what it can from ``self.buf``, appends its deltas to ``out`` and returns whether it made progress."""
+
+    buf: str
+
+    def feed(self, text: str) -> list[Delta]:
+        """Deltas decided by ``text`` (and what came before)."""
+        self.buf += text
+        out: list[Delta] = []
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def _step(self, out: list[Delta], final: bool) -> bool:
+        raise NotImplementedError
+
+
 class ToolFormat:
     """A family's way of writing tool calls.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 
-from ember.chat_formats.base import Delta, ToolFormat, new_call_id
+from ember.chat_formats.base import Delta, StreamParser, ToolFormat, new_call_id
 
 MESSAGE = "<|message|>"
 ENDS = ("<|end|>", "<|return|>", "<|call|>")
@@ -36,7 +36,7 @@ def _held(buf: str) -> int:
     return 0
 
 
-class HarmonyParser:
+class HarmonyParser(StreamParser):
     """Streaming split of one gpt-oss output into reasoning, content and tool calls (module docstring).
 
     Args:
@@ -49,14 +49,6 @@ class HarmonyParser:
         self.kind: str | None = None  # None: reading a header; "reasoning" / "content" / "call": a body
         self.name = ""
         self.calls = 0
-
-    def feed(self, text: str) -> list[Delta]:
-        """Deltas decided by ``text`` (and what came before)."""
-        self.buf += text
-        out: list[Delta] = []
-        while self._step(out, final=False):
-            pass
-        return out
 
     def finish(self) -> list[Delta]:
         """Everything still held back, at the end of the output (a cut-off body is kept as it is)."""

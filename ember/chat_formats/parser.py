@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ember.chat_formats.base import Delta, ToolCall, ToolFormat, new_call_id
+from ember.chat_formats.base import Delta, StreamParser, ToolCall, ToolFormat, new_call_id
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _REASON, _CONTENT, _CALL = range(3)
@@ -29,7 +29,7 @@ def _held(buf: str, markers: list[str]) -> int:
     return best
 
 
-class OutputParser:
+class OutputParser(StreamParser):
     """Streaming split of one choice's output.
 
     Args:
@@ -47,14 +47,6 @@ class OutputParser:
         self.strip = fmt is not None or reasoning
         self.marker = ""           # the marker that opened the current call
         self.calls = 0
-
-    def feed(self, text: str) -> list[Delta]:
-        """Deltas decided by ``text`` (and what came before)."""
-        self.buf += text
-        out: list[Delta] = []
-        while self._step(out, final=False):
-            pass
-        return out
 
     def finish(self) -> list[Delta]:
         """Everything still held back, at the end of the output."""
