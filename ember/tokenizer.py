@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import jinja2
 import tokenizers
 
+from ember.chat_formats.harmony import HARMONY_TEMPLATE
 from ember.chat_template import _alias_reasoning, _compile_template, _message_dict, _plain, _TemplateRaised
 from ember.errors import ChatTemplateError, TokenizerError
 
@@ -139,7 +141,7 @@ class Tokenizer:
         return cls(
             backend,
             special_tokens={name: tok.content for name, tok in special.items()},
-            chat_templates=_chat_templates(root, config),
+            chat_templates=_chat_templates(root, config) or _family_fallback_template(root),
             eos_token_ids=_model_eos_ids(root),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             source=str(root),
@@ -473,6 +475,18 @@ def _chat_templates(root: Path, config: dict) -> dict[str, str]:
     if isinstance(value, list) and all(isinstance(t, Mapping) and "name" in t and "template" in t for t in value):
         return {str(t["name"]): str(t["template"]) for t in value}
     raise TokenizerError(f"{where}: chat_template must be a string or a list of {{name, template}} objects")
+
+
+def _family_fallback_template(root: Path) -> dict[str, str]:
+    """Ember's own template for a family whose format it knows, when the folder ships none (gpt-oss: harmony).
+
+    Prints one line on stderr saying so; any other folder without a template gets none (a base model).
+    """
+    cfg = _read_json_object(root / "config.json")
+    if cfg.get("model_type") != "gpt_oss":
+        return {}
+    print(f"ember: {root} has no chat template; using Ember's harmony template for gpt-oss", file=sys.stderr)
+    return {"default": HARMONY_TEMPLATE}
 
 
 def _model_eos_ids(root: Path) -> list[int]:

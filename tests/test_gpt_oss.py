@@ -313,6 +313,25 @@ def test_harmony_template_renders_tools_as_the_functions_namespace():
     assert "<|start|>developer<|message|># Tools\n\n## functions" in got and "# Instructions" not in got
 
 
+def test_gpt_oss_folder_without_a_chat_template_falls_back_to_harmony(tmp_path, capsys):
+    """A gpt-oss folder that ships no chat template renders through Ember's harmony template and says so once;
+    another family's folder without one still has none (a base model)."""
+    import json
+
+    from ember.tokenizer import Tokenizer
+
+    for name, model_type in (("oss", "gpt_oss"), ("llama", "llama")):
+        save_word_tokenizer(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": model_type}))
+    tok = Tokenizer.from_dir(tmp_path / "oss")
+    assert "no chat template; using Ember's harmony template" in capsys.readouterr().err
+    assert tok.chat_template_source() == HARMONY_TEMPLATE
+    got = tok.apply_chat_template([{"role": "user", "content": "w5"}], add_generation_prompt=True)
+    assert got.endswith("<|start|>user<|message|>w5<|end|><|start|>assistant")
+    assert Tokenizer.from_dir(tmp_path / "llama").chat_template_source() is None
+    assert capsys.readouterr().err == ""
+
+
 def test_harmony_template_tool_call_round_trip_and_training_turn():
     """A call is a commentary message to functions.NAME ending in <|call|>; its analysis is kept only while no final
     answer follows; the result comes back from functions.NAME; a last assistant turn (training) ends in <|return|>."""
