@@ -123,6 +123,15 @@ def ring_layers(cfg: ModelConfig) -> frozenset[int]:
     return frozenset(i for i in range(cfg.num_hidden_layers) if cfg.layer_window(i) is not None)
 
 
+def window_blocks_per_seq(window: int | None, prefill_chunk: int, block_size: int) -> int:
+    """Most window-pool blocks one sequence holds at once (:meth:`PagedKVCache.window_blocks_per_seq`): a pass of up
+    to ``prefill_chunk`` new tokens reads back ``window - 1`` tokens, a span that touches at most this many blocks
+    (0 without a ring layer)."""
+    if window is None:
+        return 0
+    return -(-(window - 1 + prefill_chunk) // block_size) + 1
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
@@ -359,9 +368,7 @@ class PagedKVCache:
     def window_blocks_per_seq(self) -> int:
         """Most window-pool blocks one sequence holds at once: a pass of up to ``prefill_chunk`` new tokens
         reads back ``window - 1`` tokens, a span that touches at most this many blocks (0: no sliding layer)."""
-        if self.window is None:
-            return 0
-        return -(-(self.window - 1 + self.prefill_chunk) // self.block_size) + 1
+        return window_blocks_per_seq(self.window, self.prefill_chunk, self.block_size)
 
     def expired_window_blocks(self, computed: int) -> int:
         """How many leading blocks of a sequence's window table no pass from token ``computed`` on reads: the

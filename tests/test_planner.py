@@ -574,3 +574,39 @@ def test_kv_pool_is_sized_by_the_planner(hf_checkpoint):
     # no budget given: the planner's budget for this device, capped at max_batch full contexts
     sched = BatchScheduler(llm, max_batch=2, block_size=16)
     assert sched.pool.num_blocks == planner.default_kv_pool_blocks(cfg, "cpu", torch.float32, 2, 16) == 2 * ctx_blocks + 1
+
+
+def test_plan_prices_gpt_oss_sliding_layers_at_their_window(capsys):
+    """`ember plan gpt-oss-120b --on dgx-spark --quant mxfp4 --context 131072`: the KV cache is the 18 full layers at
+    131,072 tokens plus the 18 sliding layers at their 128-token window, counted by hand from the config."""
+    args = _cli("plan", "gpt-oss-120b", "--on", "dgx-spark", "--quant", "mxfp4", "--context", "131072", "--json")
+    assert args.func(args) == 0
+    (opt,) = json.loads(capsys.readouterr().out)["options"]
+    c = catalog.MODELS["gpt-oss-120b"]["config"]
+    per_token = 2 * c["num_key_value_heads"] * c["head_dim"] * 2  # K and V, bf16
+    full = c["layer_types"].count("full_attention")
+    sliding = c["layer_types"].count("sliding_attention")
+    assert (full, sliding) == (18, 18)
+    assert opt["memory_bytes"]["kv_cache"] == per_token * (full * 131072 + sliding * c["sliding_window"])
+    assert opt["fits"]
+
+
+def test_main_kv_pool_leaves_ring_layers_to_the_window_pool(tmp_path):
+    """A gpt-oss server's main pool prices a block with the full layers only; the sliding layers' blocks are the
+    window pool's, a fixed size for max_batch sequences; both as PagedKVCache allocates them."""
+    from ember.cache import PagedKVCache
+
+    cfg = ModelConfig.from_dict({**catalog.MODELS["gpt-oss-120b"]["config"], "num_hidden_layers": 4,
+                                 "layer_types": ["sliding_attention", "full_attention"] * 2})
+    bs, batch, chunk = 16, 3, 64
+    per_token = 2 * 8 * 64 * 4  # K and V, 8 kv heads x 64, fp32
+    assert planner.kv_block_bytes(cfg, torch.float32, bs) == 2 * per_token * bs  # the 2 full layers
+    # a pass of up to 64 tokens reads back 127: ceil(191 / 16) + 1 = 13 blocks per sequence, + 1 scratch
+    window = planner.window_pool_bytes(cfg, torch.float32, bs, batch, chunk)
+    assert window == (1 + batch * 13) * 2 * per_token * bs
+    cache = PagedKVCache(cfg, 100, bs, torch.float32, "cpu", max_seqs=batch, prefill_chunk=chunk)
+    assert cache.nbytes() == 100 * planner.kv_block_bytes(cfg, torch.float32, bs) + window
+    budget = window + 60 * planner.kv_block_bytes(cfg, torch.float32, bs)
+    assert planner.kv_pool_blocks(cfg, torch.float32, budget, batch, bs, prefill_chunk=chunk) == 60
+    with pytest.raises(InsufficientMemoryError, match="sliding-window blocks"):
+        planner.kv_pool_blocks(cfg, torch.float32, window, batch, bs, prefill_chunk=chunk)

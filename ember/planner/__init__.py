@@ -21,7 +21,7 @@ from ember.planner.memory import (
 from ember.planner.offload import DEFAULT_DISK_BANDWIDTH, OffloadPlan, disk_bandwidth, offload_plan
 from ember.planner.preflight import (
     DEFAULT_CONTEXT, MIN_SEQ_TOKENS, check_fits, default_kv_pool_blocks, kv_block_bytes, kv_budget_bytes,
-    kv_pool_blocks, preflight,
+    kv_pool_blocks, preflight, window_pool_bytes,
 )
 from ember.planner.source import ResolvedModel, resolve_model
 from ember.planner.speed import decode_step_seconds, prefill_seconds, train_flops_per_token, train_tokens_per_second
@@ -32,7 +32,7 @@ __all__ = [
     "LORA_TARGETS", "METHODS", "MIN_SEQ_TOKENS", "ONEDNN_TRAIN_BYTES", "QUANTS", "QUANT_SCRATCH_PER_ELEMENT",
     "MemoryBreakdown", "Plan", "ResolvedModel", "WeightBytes", "Workload", "check_fits", "cpu_training_heap_bytes",
     "decode_step_seconds", "default_kv_pool_blocks", "dtype_name", "explain", "kv_block_bytes", "kv_budget_bytes",
-    "kv_cache_bytes", "kv_pool_blocks", "linear_bytes", "linears", "lora_parameters", "memory", "options", "plan",
+    "kv_cache_bytes", "kv_pool_blocks", "window_pool_bytes", "linear_bytes", "linears", "lora_parameters", "memory", "options", "plan",
     "prefill_activation_bytes", "prefill_seconds", "preflight", "quant_load_scratch_bytes", "quant_quality", "recommend",
     "resolve_model", "short_dtype", "train_flops_per_token", "train_tokens_per_second", "training_activation_bytes",
     "weight_bytes",

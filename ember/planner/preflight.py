@@ -123,31 +123,56 @@ MIN_SEQ_TOKENS = 256
 
 
 def kv_block_bytes(cfg: ModelConfig, dtype, block_size: int) -> int:
-    """Bytes of one paged-KV block: 2 (K and V) x layers x kv_heads x head_dim x block_size x dtype bytes."""
+    """Bytes of one block of the main paged-KV pool: every attention layer's keys and values (or latent) for
+    ``block_size`` tokens, less the ring layers (gpt-oss's sliding layers), whose blocks live in the window pool
+    (:func:`window_pool_bytes`) and are never held at full context."""
     import torch  # noqa: PLC0415  (ember.cache needs it; `ember plan` alone does not import torch early)
 
-    from ember.cache import bytes_per_token, layer_specs
+    from ember.cache import bytes_per_token, layer_specs, ring_layers
 
+    rings = ring_layers(cfg)
     # per token at 1 byte an element, times the dtype's bytes; recurrent layers keep no blocks (their state
     # is a per-sequence slot, priced by kv_cache_bytes)
-    return sum(bytes_per_token(s, torch.uint8) for s in layer_specs(cfg)) * block_size * DTYPE_BYTES[dtype_name(dtype)]
+    per_token = sum(bytes_per_token(s, torch.uint8) for i, s in enumerate(layer_specs(cfg)) if i not in rings)
+    return per_token * block_size * DTYPE_BYTES[dtype_name(dtype)]
+
+
+def window_pool_bytes(cfg: ModelConfig, dtype, block_size: int, max_batch: int, prefill_chunk: int = 256,
+                      num_blocks: int | None = None) -> int:
+    """Bytes of the paged cache's window pool (the ring layers' blocks, :class:`ember.cache.PagedKVCache`):
+    ``min(num_blocks, 1 + max_batch x window_blocks_per_seq)`` blocks of the ring layers only; 0 without any."""
+    import torch  # noqa: PLC0415
+
+    from ember.cache import bytes_per_token, layer_specs, ring_layers, window_blocks_per_seq
+
+    rings = ring_layers(cfg)
+    if not rings:
+        return 0
+    specs = layer_specs(cfg)
+    blocks = 1 + max_batch * window_blocks_per_seq(max(specs[i].window for i in rings), prefill_chunk, block_size)
+    if num_blocks is not None:
+        blocks = min(blocks, num_blocks)
+    per_token = sum(bytes_per_token(specs[i], torch.uint8) for i in rings)
+    return blocks * per_token * block_size * DTYPE_BYTES[dtype_name(dtype)]
 
 
 def kv_pool_blocks(cfg: ModelConfig, dtype, budget_bytes: int, max_batch: int, block_size: int,
-                   context: int | None = None, min_tokens: int = MIN_SEQ_TOKENS) -> int:
-    """Blocks to allocate for a paged KV pool from a byte budget (scratch block included).
+                   context: int | None = None, min_tokens: int = MIN_SEQ_TOKENS, prefill_chunk: int = 256) -> int:
+    """Blocks to allocate for the main paged-KV pool from a byte budget (scratch block included).
 
-    ``min(budget // block_bytes - 1, max_batch x ceil(context / block_size)) + 1``: as many blocks as
-    the budget holds, but no more than ``max_batch`` full-context sequences can use.
+    ``min((budget - window pool) // block_bytes - 1, max_batch x ceil(context / block_size)) + 1``: as many
+    blocks as the budget holds once the window pool (:func:`window_pool_bytes`, a fixed size for ``max_batch``
+    sequences) is set aside, but no more than ``max_batch`` full-context sequences can use.
 
     Args:
         cfg: the model.
         dtype: the cache's dtype (``torch.bfloat16`` or ``bf16``; the pool uses the model's compute dtype).
-        budget_bytes: bytes the pool may take (:func:`kv_budget_bytes`).
+        budget_bytes: bytes the pools may take (:func:`kv_budget_bytes`).
         max_batch: sequences decoded together.
         block_size: tokens per block.
         context: tokens per sequence (default the model's ``max_position_embeddings``).
         min_tokens: the pool must hold one sequence of ``min(context, min_tokens)`` tokens.
+        prefill_chunk: tokens per prefill pass (sizes the window pool).
     Returns:
         ``num_blocks`` for :class:`ember.cache.PagedKVCache` (>= 2).
     Raises:
@@ -155,14 +180,16 @@ def kv_pool_blocks(cfg: ModelConfig, dtype, budget_bytes: int, max_batch: int, b
     """
     ctx = context or cfg.max_position_embeddings
     per_block = kv_block_bytes(cfg, dtype, block_size)
-    fit = budget_bytes // per_block - 1  # the scratch block is allocated too
+    window = window_pool_bytes(cfg, dtype, block_size, max_batch, prefill_chunk)
+    fit = (budget_bytes - window) // per_block - 1  # the scratch block is allocated too
     want = max_batch * math.ceil(ctx / block_size)
     need_tokens = min(ctx, min_tokens)
     need = math.ceil(need_tokens / block_size)
     if fit < need:
         raise InsufficientMemoryError(
-            f"the KV cache needs at least {(need + 1) * per_block / 2**20:.1f} MiB ({need} blocks x {block_size} "
-            f"tokens + 1 scratch block, for one {need_tokens}-token sequence) but the plan leaves "
+            f"the KV cache needs at least {((need + 1) * per_block + window) / 2**20:.1f} MiB ({need} blocks x "
+            f"{block_size} tokens + 1 scratch block, for one {need_tokens}-token sequence"
+            f"{f', and {window / 2**20:.1f} MiB of sliding-window blocks' if window else ''}) but the plan leaves "
             f"{max(0, budget_bytes) / 2**20:.1f} MiB after the weights and activations; free memory, raise "
             f"--max-memory, lower --max-batch or --prefill-chunk, use --quant, or set --kv-blocks")
     return min(fit, want) + 1
@@ -177,7 +204,7 @@ def default_kv_pool_blocks(cfg: ModelConfig, device, dtype, max_batch: int, bloc
     """
     if memory_bytes is None:
         memory_bytes = kv_budget_bytes(cfg, device, dtype, max_batch=max_batch, prefill_chunk=prefill_chunk)
-    return kv_pool_blocks(cfg, dtype, memory_bytes, max_batch, block_size)
+    return kv_pool_blocks(cfg, dtype, memory_bytes, max_batch, block_size, prefill_chunk=prefill_chunk)
 
 
 # ====================================================================== the load check

@@ -84,5 +84,5 @@ def plan_kv_pool(engine: Engine, settings: ServerSettings) -> KVPoolPlan:
         budget = kv_budget_bytes(cfg, engine.device, dtype, loaded=True, **kw)
         if settings.max_memory is not None:  # the cap counts the weights too, free memory already excludes them
             budget = min(budget, kv_budget_bytes(cfg, engine.device, dtype, loaded=False, **kw))
-    n = kv_pool_blocks(cfg, dtype, budget, settings.max_batch, bs, settings.context)
+    n = kv_pool_blocks(cfg, dtype, budget, settings.max_batch, bs, settings.context, prefill_chunk=settings.prefill_chunk)
     return KVPoolPlan(n, bs, per_block, budget)
