@@ -12,6 +12,9 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+# The reasoning block most families write (Qwen3, DeepSeek-R1, GLM, MiniMax); a format names its own in ``think``.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 
 @dataclass
 class ToolCall:
@@ -73,6 +76,8 @@ class ToolFormat:
         args_key: the key of the arguments in a call's JSON object.
         forced_open, forced_close: text before ``{"name": ...`` and after the call's closing ``}`` when a
             call is forced (written by the constrained decoder, so they must be plain text, not special tokens).
+        think: the markers that open and close the model's reasoning (``<think>``, ``</think>`` unless the family
+            writes another pair).
     """
 
     name = "base"
@@ -83,6 +88,7 @@ class ToolFormat:
     args_key = "arguments"
     forced_open = ""
     forced_close = ""
+    think: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)
 
     def matches(self, template: str) -> bool:
         """True when a chat template's source shows this format."""

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ember.chat_formats.base import Delta, StreamParser, ToolCall, ToolFormat, new_call_id
+from ember.chat_formats.base import THINK_CLOSE, THINK_OPEN, Delta, StreamParser, ToolCall, ToolFormat, new_call_id
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _REASON, _CONTENT, _CALL = range(3)
 
 
@@ -36,10 +35,13 @@ class OutputParser(StreamParser):
         fmt: the tool-call format to look for; None when tools are off (everything is content).
         reasoning: look for ``<think>..</think>`` (a reasoning model).
         in_reasoning: the prompt ended inside an open ``<think>`` (templates that open it for the model).
+        think: the reasoning block's (open, close) markers; default ``fmt.think`` (``<think>``, ``</think>``).
     """
 
-    def __init__(self, fmt: ToolFormat | None, reasoning: bool = False, in_reasoning: bool = False) -> None:
+    def __init__(self, fmt: ToolFormat | None, reasoning: bool = False, in_reasoning: bool = False,
+                 think: tuple[str, str] | None = None) -> None:
         self.fmt, self.reasoning = fmt, reasoning
+        self.think_open, self.think_close = think or (fmt.think if fmt is not None else (THINK_OPEN, THINK_CLOSE))
         self.state = _REASON if in_reasoning else _CONTENT
         self.buf = ""
         self.at_start = True       # nothing written yet (a <think> or a bare-JSON call may still open)
@@ -67,15 +69,15 @@ class OutputParser(StreamParser):
     def _step(self, out: list[Delta], final: bool) -> bool:
         """Process the buffer once; True when the state changed and the rest needs another look."""
         if self.state == _REASON:
-            i = self.buf.find(THINK_CLOSE)
+            i = self.buf.find(self.think_close)
             if i >= 0:
                 if i:
                     out.append(Delta("reasoning", self.buf[:i]))
-                self.buf = self.buf[i + len(THINK_CLOSE):]
+                self.buf = self.buf[i + len(self.think_close):]
                 self.state, self.at_start, self.strip = _CONTENT, True, True
                 return True
             if not final:
-                keep = _held(self.buf, [THINK_CLOSE])
+                keep = _held(self.buf, [self.think_close])
                 if len(self.buf) > keep:
                     out.append(Delta("reasoning", self.buf[:len(self.buf) - keep]))
                     self.buf = self.buf[len(self.buf) - keep:]
@@ -99,7 +101,7 @@ class OutputParser(StreamParser):
                 return True
         markers = list(self.fmt.start_markers) if self.fmt is not None else []
         if self.reasoning and self.at_start:
-            markers.append(THINK_OPEN)
+            markers.append(self.think_open)
         hit, at = None, -1
         for m in markers:
             i = self.buf.find(m)
@@ -108,7 +110,7 @@ class OutputParser(StreamParser):
         if hit is not None:
             self._content(self.buf[:at], out)
             self.buf = self.buf[at + len(hit):]
-            if hit == THINK_OPEN:
+            if hit == self.think_open:
                 self.state = _REASON
             else:
                 self.state, self.marker = _CALL, hit

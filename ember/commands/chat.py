@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Callable
 
-from ember.chat_formats import Delta, Harmony, OutputParser, is_reasoning_template, prompt_in_reasoning
-from ember.chat_formats.harmony import MARKERS, harmony_stop_ids
+from ember.chat_formats import Delta, Harmony, OutputParser, detect_format, is_reasoning_template, prompt_in_reasoning
+from ember.chat_formats.harmony import harmony_stop_ids
 from ember.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_params
 from ember.commands.speculation import add_speculation_args, apply_speculation
 from ember.errors import EmberError
@@ -140,9 +140,13 @@ class ChatTurn:
         if reasoning_effort is not None and "reasoning_effort" not in source:
             print("[ember] this model's chat template does not read reasoning_effort: --reasoning-effort has no "
                   "effect", file=sys.stderr)
-        # Harmony's markers are special tokens the detokenizer drops; the parser needs them back.
+        # the reasoning markers (Gemma 4 writes its own pair); they and harmony's are special tokens the
+        # detokenizer drops, and the parser needs them back (tool-call markers stay dropped: chat runs no tools)
+        fmt = detect_format(source)
+        self.think = fmt.think
+        wanted = fmt.special_markers if self.harmony else [m for m in fmt.special_markers if any(m in t for t in self.think)]
         self.markers = {}
-        for text in MARKERS if self.harmony else ():
+        for text in wanted:
             tid = tok.token_to_id(text)
             if tid is not None and tok.decode([tid], skip_special_tokens=True) == "":
                 self.markers[tid] = text
@@ -161,7 +165,7 @@ class ChatTurn:
         if self.harmony:
             return Harmony().output_parser(False)
         if self.reasoning:
-            return OutputParser(None, True, prompt_in_reasoning(prompt))
+            return OutputParser(None, True, prompt_in_reasoning(prompt, self.think), self.think)
         return None
 
 

@@ -216,8 +216,9 @@ async def prepare_chat(server: EmberServer, spec: ChatSpec) -> PreparedChat:
         grammar = await _tool_grammar(server, alts, schemas, where)
         make_parser = lambda: ForcedCallParser(alts)  # noqa: E731
     elif tools_on or server.reasoning:
-        in_reasoning = server.reasoning and prompt_in_reasoning(prompt)
-        make_parser = lambda: OutputParser(fmt if tools_on else None, server.reasoning, in_reasoning)  # noqa: E731
+        in_reasoning = server.reasoning and prompt_in_reasoning(prompt, fmt.think)
+        make_parser = lambda: OutputParser(fmt if tools_on else None, server.reasoning, in_reasoning,  # noqa: E731
+                                           fmt.think)
         if hasattr(fmt, "output_parser"):  # a format with its own output structure (gpt-oss harmony)
             make_parser = lambda: fmt.output_parser(tools_on)  # noqa: E731
     return PreparedChat(ids, grammar, make_parser, tools_on, None if spec.parallel_tool_calls else 1)
