@@ -16,7 +16,12 @@ from ember.config import ModelConfig
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """One known model: its name, Hub id, config and published parameter counts."""
+    """One known model: its name, Hub id, config and published parameter counts.
+
+    ``published_params`` is what Ember loads of the published total: a multimodal checkpoint's published encoder
+    sizes (``published.not_loaded``) are taken off. ``published_precision``: the unit the total was published to
+    (``"8B"``: 1e9), so a count may differ from it by half of that.
+    """
 
     name: str
     hf_id: str
@@ -24,6 +29,7 @@ class CatalogEntry:
     published_params: float
     published_active_params: float | None
     source: str
+    published_precision: float = 0.0
 
 
 def _norm(name: str) -> str:
@@ -51,7 +57,8 @@ def find(name: str) -> CatalogEntry | None:
     e = MODELS[key]
     pub = e["published"]
     cfg = ModelConfig.from_dict(dict(e["config"]), source=f"catalog:{key}")
-    return CatalogEntry(key, e["hf_id"], cfg, float(pub["params"]), pub.get("active_params"), pub["source"])
+    return CatalogEntry(key, e["hf_id"], cfg, float(pub["params"]) - float(pub.get("not_loaded", 0.0)),
+                        pub.get("active_params"), pub["source"], float(pub.get("precision", 0.0)))
 
 
 def get(name: str) -> CatalogEntry:

@@ -28,6 +28,18 @@ _GEMMA4_31B = {"model_type": "gemma4_text", "vocab_size": 262144, "hidden_size":
                                    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                       "rope_theta": 1000000.0}}}
 
+# E2B/E4B: text_config fields as the same in several public loaders' fixtures of google/gemma-4-E2B-it / -E4B-it
+# (MLX, Rust and Swift test suites): per-layer input embeddings (256 wide, a 262,144-row table), the last 20 / 18
+# layers reusing an earlier layer's keys and values, a double-width MLP in E2B's shared layers, window 512.
+_GEMMA4_E = {**_GEMMA4_31B, "attention_k_eq_v": False, "num_global_key_value_heads": None, "sliding_window": 512,
+             "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144, "max_position_embeddings": 131072}
+_GEMMA4_E2B = {**_GEMMA4_E, "hidden_size": 1536, "intermediate_size": 6144, "num_hidden_layers": 35,
+               "num_attention_heads": 8, "num_key_value_heads": 1, "num_kv_shared_layers": 20,
+               "use_double_wide_mlp": True, "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 7}
+_GEMMA4_E4B = {**_GEMMA4_E, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 42,
+               "num_attention_heads": 8, "num_key_value_heads": 2, "num_kv_shared_layers": 18,
+               "use_double_wide_mlp": False, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 7}
+
 MODELS: dict[str, dict] = {
     # ------------------------------------------------------------------ Llama
     "llama-3.1-8b": {
@@ -362,6 +374,24 @@ MODELS: dict[str, dict] = {
                       "encoder is not loaded), model pages citing Google's card"},
         "config": {"model_type": "gemma4", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
                    "text_config": _GEMMA4_31B},
+    },
+    "gemma-4-e2b": {
+        "hf_id": "google/gemma-4-E2B-it", "aliases": ["gemma4-e2b", "gemma-4-e2b-it"],
+        # ours: 4.63B, of which 2.35B the per-layer-input table and 0.40B the embeddings
+        "published": {"params": 5.1e9, "not_loaded": 0.45e9, "precision": 0.1e9,
+                      "source": "Gemma 4 E2B: 5.1B with embeddings, 2.3B effective (Google's model card, as quoted by "
+                      "model pages), of which the ~150M vision and ~300M audio encoders are not loaded"},
+        "config": {"model_type": "gemma4", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                   "text_config": _GEMMA4_E2B},
+    },
+    "gemma-4-e4b": {
+        "hf_id": "google/gemma-4-E4B-it", "aliases": ["gemma4-e4b", "gemma-4-e4b-it"],
+        # ours: 7.46B, of which 2.82B the per-layer-input table and 0.67B the embeddings
+        "published": {"params": 8.0e9, "not_loaded": 0.45e9, "precision": 1e9,
+                      "source": "Gemma 4 E4B: 8B with embeddings, 4.5B effective (Google's model card, as quoted by "
+                      "model pages), of which the ~150M vision and ~300M audio encoders are not loaded"},
+        "config": {"model_type": "gemma4", "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                   "text_config": _GEMMA4_E4B},
     },
     "gemma-4-26b-a4b": {
         "hf_id": "google/gemma-4-26B-A4B-it", "aliases": ["gemma4-26b", "gemma-4-26b", "gemma-4-26b-a4b-it"],
