@@ -7,7 +7,9 @@ Each layer keeps one of three kinds of state (:func:`layer_specs` reads them fro
 * ``"latent"``: multi-head latent attention's per-token latent (DeepSeek-V3: ``kv_lora_rank`` channels and the
   shared ``qk_rope_head_dim`` rotated key), one head, not expanded keys/values (grows with the sequence);
 * ``"recurrent"``: a fixed-size state per sequence, e.g. a convolution window and an SSM or delta-rule
-  matrix (:class:`RecurrentStateSlots`), whatever the length.
+  matrix (:class:`RecurrentStateSlots`), whatever the length;
+* ``"shared"``: nothing of its own: the layer reads an earlier layer's keys/values (Gemma 4's
+  ``num_kv_shared_layers``), so neither cache allocates buffers for it.
 
 :func:`bytes_per_token` and :func:`bytes_per_sequence` price each kind, so memory plans and pool sizes come
 from the same numbers as the caches allocate.
@@ -41,7 +43,8 @@ import torch
 from ember.config import ModelConfig
 from ember.hybrid_config import BLOCK_TYPES, mamba_dims
 
-LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent", "latent")
+LAYER_KINDS = ("full_attention", "sliding_attention", "recurrent", "latent", "shared")
+NO_KV = ("recurrent", "shared")  # the kinds that keep no keys/values of their own (no buffers in either cache)
 # Recurrent state is summed over every token of a sequence: it is kept in fp32 (as HF keeps it) in every cache.
 RECURRENT_STATE_DTYPE = torch.float32
 
@@ -105,6 +108,9 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
         if shapes is not None:
             out.append(LayerSpec("recurrent", state_shapes=shapes))
             continue
+        if cfg.kv_source(i) is not None:  # reuses an earlier layer's keys/values
+            out.append(LayerSpec("shared"))
+            continue
         if cfg.kv_lora_rank:  # multi-head latent attention keeps the latent
             out.append(LayerSpec("latent", 1, cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim))
             continue
@@ -138,8 +144,8 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def bytes_per_token(spec: LayerSpec, dtype: torch.dtype) -> int:
     """Bytes one more cached token adds to one sequence's state in this layer (keys and values); 0 for a
-    recurrent layer. A sliding-window layer stops growing at its window (see :func:`bytes_per_sequence`)."""
-    if spec.kind == "recurrent":
+    recurrent or shared layer. A sliding-window layer stops growing at its window (see :func:`bytes_per_sequence`)."""
+    if spec.kind in NO_KV:
         return 0
     if spec.kind == "latent":
         return spec.kv_heads * (spec.head_dim + spec.rope_dim) * _element_size(dtype)
@@ -183,9 +189,9 @@ class StaticKVCache:
         # layers that keep only their window (when it is shorter than max_len): a ring each, no full buffer
         self.rings = {i: SlidingWindowKV(batch, cfg.num_key_value_heads, cfg.head_dim, self.specs[i].window, dtype, device)
                       for i in ring_layers(cfg) if self.specs[i].window < max_len}
-        # a ring layer or a recurrent layer keeps no full keys/values (an empty tensor keeps the lists indexed by
+        # a ring, recurrent or shared layer keeps no full keys/values (an empty tensor keeps the lists indexed by
         # layer); a recurrent layer keeps its state instead; a latent layer keeps the latent and the rotated key
-        full = [s.kind != "recurrent" and i not in self.rings for i, s in enumerate(self.specs)]
+        full = [s.kind not in NO_KV and i not in self.rings for i, s in enumerate(self.specs)]
         shapes = [kv_shapes(s) for s in self.specs]
         self.k = [torch.zeros((batch, kh, max_len, kd) if a else (0,), dtype=dtype, device=device)
                   for a, ((kh, kd), _) in zip(full, shapes)]
@@ -345,8 +351,8 @@ class PagedKVCache:
         shapes = [kv_shapes(s) for s in self.specs]
         # Uninitialised (on CPU the OS commits pages only when a block is first written); only the scratch
         # block is zeroed: masked padding reads come from its slot 0, and 0 * NaN would still be NaN.
-        # A recurrent layer has no pool (an empty tensor keeps the lists indexed by layer).
-        kv = [s.kind != "recurrent" for s in self.specs]
+        # A recurrent or shared layer has no pool (an empty tensor keeps the lists indexed by layer).
+        kv = [s.kind not in NO_KV for s in self.specs]
         slots = [(self.window_pool.num_blocks if w else num_blocks) * block_size for w in self.windowed]
         self.k = [torch.empty((n, kh, kd) if a else (0, 1, 1), dtype=dtype, device=device)
                   for a, n, ((kh, kd), _) in zip(kv, slots, shapes)]

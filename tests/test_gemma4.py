@@ -209,3 +209,39 @@ def test_catalog_plans_for_gemma4_and_minimax_m2_on_one_spark(capsys):
     (one,) = _plan(capsys, "minimax-m2", "--on", "dgx-spark", "--quant", "int4")["options"]
     (two,) = _plan(capsys, "minimax-m2", "--on", "2xdgx-spark", "--quant", "int4")["options"]
     assert not one["fits"] and two["fits"] and two["nodes"] == 2
+
+
+def test_kv_shared_layers_allocate_no_cache_buffers():
+    """Layers that reuse an earlier layer's keys/values hold no buffers in the static or the paged cache, and the
+    planner counts only the layers that make their own (a hand count from the config)."""
+    from ember import planner
+    from ember.cache import PagedKVCache, layer_specs
+    from ember.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(_hf_config("ple-shared").to_dict())
+    assert [s.kind for s in layer_specs(cfg)] == ["sliding_attention"] * 2 + ["full_attention", "sliding_attention",
+                                                                             "shared", "shared"]
+    nkv = cfg.num_key_value_heads
+    per_token = 2 * nkv * (16 + 16 + 32 + 16) * 4  # K and V of layers 0-3 (head dims 16, 16, 32, 16), fp32
+    static = StaticKVCache(cfg, 2, 40, torch.float32, "cpu")
+    assert [static.k[i].numel() for i in (4, 5)] == [0, 0] and static.nbytes() == 2 * 40 * per_token
+    paged = PagedKVCache(cfg, 10, 16, torch.float32, "cpu")
+    assert [paged.k[i].numel() for i in (4, 5)] == [0, 0] and paged.nbytes() == 10 * 16 * per_token
+    assert planner.kv_block_bytes(cfg, torch.float32, 16) == 16 * per_token
+    assert planner.kv_cache_bytes(cfg, 40, 2, "fp32", cap_window=False) == static.nbytes()
+
+
+@pytest.mark.parametrize("name, own_full, own_sliding, kv_heads", [("gemma-4-e2b", 3, 12, 1), ("gemma-4-e4b", 4, 20, 2)])
+def test_plan_for_gemma4_e2b_e4b_counts_only_the_layers_that_keep_keys(capsys, name, own_full, own_sliding, kv_heads):
+    """`ember plan gemma-4-e2b|e4b`: of 35 / 42 layers only the first 15 / 24 keep keys and values (the rest reuse
+    them); full layers at 512 channels a head, sliding ones at 256, all at the whole context (bf16)."""
+    from ember import catalog
+
+    cfg = catalog.get(name).config
+    first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    own = [cfg.layer_window(i) is None for i in range(first_shared)]
+    assert (own.count(True), own.count(False)) == (own_full, own_sliding)
+    assert cfg.hidden_size_per_layer_input == 256 and cfg.layer_kv_heads(0) == kv_heads
+    (opt,) = _plan(capsys, name, "--on", "dgx-spark", "--quant", "none", "--context", "131072")["options"]
+    per_token = 2 * kv_heads * (own_full * 512 + own_sliding * 256) * 2
+    assert opt["memory_bytes"]["kv_cache"] == per_token * 131072 and opt["fits"]
