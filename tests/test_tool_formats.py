@@ -183,9 +183,12 @@ FORECAST = {"type": "function", "function": {"name": "get_forecast", "descriptio
                                               "parameters": {"type": "object", "properties": {
                                                   "days": {"type": "integer"}, "metric": {"type": "boolean"}}}}}
 SCRIPTS = {
-    "gemma4": (GEMMA4, ["<|turn>", "<turn|>", "<bos>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", Q],
+    # after its calls Gemma 4 opens the tool's response (and, not stopped there, would make one up)
+    "gemma4": (GEMMA4, ["<|turn>", "<turn|>", "<bos>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", Q,
+                        "<|tool_response>"],
                ["model\n", "<|channel>", "thought\n", "Let me check.", "<channel|>", "Checking.", "<|tool_call>",
-                "call:get_forecast{", "days:", "3", ",metric:", "true", "}", "<tool_call|>"], "<turn|>"),
+                "call:get_forecast{", "days:", "3", ",metric:", "true", "}", "<tool_call|>", "<|tool_response>",
+                "response:get_forecast{made_up:1}"], "<turn|>"),
     # R1's template opens the reasoning for the model
     "deepseek_r1": (DEEPSEEK_R1, ["<｜end▁of▁sentence｜>", "<bos>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>",
                                   "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"],

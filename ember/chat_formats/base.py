@@ -78,6 +78,8 @@ class ToolFormat:
             call is forced (written by the constrained decoder, so they must be plain text, not special tokens).
         think: the markers that open and close the model's reasoning (``<think>``, ``</think>`` unless the family
             writes another pair).
+        stop_markers: tokens that end the model's turn besides its EOS ids (a call waits for its result there),
+            which ``generation_config.json`` may not list.
     """
 
     name = "base"
@@ -89,6 +91,11 @@ class ToolFormat:
     forced_open = ""
     forced_close = ""
     think: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)
+    stop_markers: tuple[str, ...] = ()
+
+    def stop_ids(self, token_to_id) -> list[int]:
+        """Ids of :attr:`stop_markers` in a vocabulary (``token_to_id(text) -> int | None``; absent ones left out)."""
+        return [i for i in map(token_to_id, self.stop_markers) if i is not None]
 
     def matches(self, template: str) -> bool:
         """True when a chat template's source shows this format."""

@@ -49,6 +49,7 @@ class Gemma4(ToolFormat):
     end_marker = CALL_CLOSE
     special_markers = (CALL_OPEN, CALL_CLOSE, STRING, "<|channel>", CHANNEL_CLOSE)
     think = (THOUGHT_OPEN, CHANNEL_CLOSE)
+    stop_markers = ("<|tool_response>",)  # after its calls the model opens the response it waits for
 
     def matches(self, template: str) -> bool:
         return CALL_OPEN in template

@@ -119,6 +119,7 @@ class Harmony(ToolFormat):
     name = "harmony"
     start_markers = ()
     special_markers = MARKERS
+    stop_markers = ("<|return|>", "<|call|>")  # the answer is complete, or a call waits for its result
     forced_open = "<|channel|>commentary to=functions."
     forced_close = "<|call|>"
 
@@ -235,11 +236,3 @@ Reasoning: {{ effort }}
 {%- endfor -%}
 {%- if add_generation_prompt %}<|start|>assistant{% endif -%}
 """
-
-# The tokens that end a harmony generation: the answer is complete, or a tool call waits for its result.
-STOPS = ("<|return|>", "<|call|>")
-
-
-def harmony_stop_ids(token_to_id) -> list[int]:
-    """Ids of ``<|return|>`` and ``<|call|>`` in a vocabulary (``token_to_id(text) -> int | None``)."""
-    return [i for i in map(token_to_id, STOPS) if i is not None]

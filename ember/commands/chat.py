@@ -18,7 +18,6 @@ import sys
 from typing import Callable
 
 from ember.chat_formats import Delta, Harmony, OutputParser, detect_format, is_reasoning_template, prompt_in_reasoning
-from ember.chat_formats.harmony import harmony_stop_ids
 from ember.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_params
 from ember.commands.speculation import add_speculation_args, apply_speculation
 from ember.errors import EmberError
@@ -78,8 +77,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     turn = ChatTurn(llm, args.reasoning_effort)
     turn.render(system + [{"role": "user", "content": "hi"}])  # no chat template: fail now, not per turn
-    if turn.harmony:  # stop at the end of the answer or at a tool call, whatever generation_config.json says
-        params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *harmony_stop_ids(llm.tokenizer.token_to_id)]))
+    # stop where the format ends a turn (harmony: the answer or a call), whatever generation_config.json says
+    params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *turn.stop_ids]))
     history = list(system)
     interactive = sys.stdin.isatty()
     failed = False
@@ -143,7 +142,7 @@ class ChatTurn:
         # the reasoning markers (Gemma 4 writes its own pair); they and harmony's are special tokens the
         # detokenizer drops, and the parser needs them back (tool-call markers stay dropped: chat runs no tools)
         fmt = detect_format(source)
-        self.think = fmt.think
+        self.think, self.stop_ids = fmt.think, fmt.stop_ids(tok.token_to_id)
         wanted = fmt.special_markers if self.harmony else [m for m in fmt.special_markers if any(m in t for t in self.think)]
         self.markers = {}
         for text in wanted:

@@ -159,6 +159,8 @@ class EmberServer:
         self.template_tools = template_has_tools(tool_src)
         self.tool_format = detect_format(tool_src) if self.template_tools else detect_format("<tool_call>")
         self.reasoning = is_reasoning_template(self.tokenizer.chat_template_source() or "")
+        # tokens the format ends a turn with besides EOS (harmony's <|call|>, Gemma 4's <|tool_response>)
+        self.format_stops = self.tool_format.stop_ids(self.tokenizer.token_to_id) if self.template_tools else []
         self.markers: dict[int, str] = {}
         for text in self.tool_format.special_markers:
             tid = self.tokenizer.token_to_id(text)
@@ -282,7 +284,7 @@ class EmberServer:
                     min_p=g("min_p", 0.0), repetition_penalty=g("repetition_penalty", 1.0),
                     presence_penalty=g("presence_penalty", 0.0), frequency_penalty=g("frequency_penalty", 0.0),
                     seed=None if seed is None else seed + j, stop=[s for s in stop if s],
-                    ignore_eos=bool(getattr(req, "ignore_eos", False)))
+                    stop_token_ids=list(self.format_stops), ignore_eos=bool(getattr(req, "ignore_eos", False)))
                 try:
                     params.validate()
                 except SamplingError as e:
