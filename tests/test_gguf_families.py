@@ -129,7 +129,8 @@ def test_plan_prices_the_files(capsys):
 
     for family in FAMILIES:
         assert main(["plan", str(DATA / f"{family}-q8_0.gguf")]) == 0
-    assert "gpt_oss" in capsys.readouterr().out or True
+        out = capsys.readouterr().out
+        assert f": {MODEL_TYPES[family]}," in out and "Q8_0" in out, out
 
 
 def test_missing_and_unsupported_are_refused_by_name(tmp_path):
