@@ -156,3 +156,81 @@ def test_missing_and_unsupported_are_refused_by_name(tmp_path):
         w.close()
         with pytest.raises((GGUFError, UnsupportedModelError), match=match):
             load_gguf_model(out, dtype="fp32")
+
+
+def tensor_table(path: Path) -> dict[str, tuple]:
+    gf = GGUFFile.open(path)
+    return {name: (gf.tensor_shape(name), int(t.tensor_type)) for name, t in gf.tensors.items()}
+
+
+def hparams(path: Path, arch: str) -> dict:
+    gf = GGUFFile.open(path)
+    return {k: f32(gf.get(k)) for k in gf.reader.fields if k.startswith(f"{arch}.")}
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "gemma3"])
+def test_export_writes_what_the_converter_writes(family, tmp_path):
+    """``write_gguf`` of a loaded gpt-oss / Gemma 3 gives the converter's tensor table and metadata, and reads back
+    to the same logits."""
+    from ember.loading.gguf import load_gguf
+    from ember.loading.gguf.writer import write_gguf
+
+    ref = reference(family)
+    src = DATA / f"{family}-f32.gguf"
+    model, tok = load_gguf(src, dtype="fp32")
+    out = write_gguf(model, tok, tmp_path / "w.gguf", "f32").path
+    assert tensor_table(out) == tensor_table(src)
+    theirs, mine = hparams(src, family), hparams(out, family)
+    assert {k: mine.get(k) for k in theirs} == theirs
+    assert worst(ours(out, ref["prompt"].tolist()), ref["logits"]) < FP32_TOL
+
+
+def test_export_of_gpt_oss_held_in_mxfp4_blocks_round_trips(tmp_path):
+    from ember.loading.gguf import load_gguf
+    from ember.loading.gguf.writer import write_gguf
+
+    ref = reference("gpt-oss")
+    model, tok = load_gguf(DATA / "gpt-oss-mxfp4.gguf", dtype="fp32")
+    out = write_gguf(model, tok, tmp_path / "w.gguf", "f32").path  # the experts' exact values, as floats
+    assert worst(ours(out, ref["prompt"].tolist()), ref["mxfp4_logits"]) < FP32_TOL
+    q8 = write_gguf(model, tok, tmp_path / "q8.gguf", "q8_0").path
+    assert worst(ours(q8, ref["prompt"].tolist()), ref["mxfp4_logits"]) < Q8_TOL
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "gemma3"])
+def test_cli_export_of_an_hf_checkpoint_matches_hf(family, tmp_path):
+    """`ember export DIR --gguf` and `ember quantize DIR --to gguf-q8_0` on an HF folder (gpt-oss with the hub's
+    MXFP4 experts), read back against HF on the same weights."""
+    import transformers
+
+    from ember.cli import main
+    from ember.loading.quantized import quantize_checkpoint
+    from test_gguf_write import byte_level_tokenizer, save_checkpoint
+
+    tok = byte_level_tokenizer()
+    cfg = json.loads(str(reference(family)["config"]))
+    cfg.update(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    torch.manual_seed(1)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg), dtype=torch.float32)
+    folder = save_checkpoint(tmp_path / "hf", hf.eval(), tok, bos_token="<|begin_of_text|>")
+    if family == "gpt-oss":  # as the hub ships it; HF's reference then runs the dequantized experts
+        from ember.quant.mxfp4 import dequantize_mxfp4
+        from safetensors.torch import load_file
+
+        quantize_checkpoint(folder, tmp_path / "mx", "mxfp4", lm_head=None)
+        folder = tmp_path / "mx"
+        stored = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+        with torch.no_grad():
+            for i, layer in enumerate(hf.model.layers):
+                for kind in ("gate_up_proj", "down_proj"):
+                    p = f"model.layers.{i}.mlp.experts.{kind}"
+                    w = dequantize_mxfp4(stored[f"{p}_blocks"], stored[f"{p}_scales"]).transpose(1, 2)
+                    getattr(layer.mlp.experts, kind).copy_(w)
+    prompt = [3, 50, 7, 99, 12, 300, 41, 8, 77, 5, 150, 21]
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "f.gguf"), "--type", "f32"]) == 0
+    assert GGUFFile.open(tmp_path / "f.gguf").architecture == family
+    assert worst(ours(tmp_path / "f.gguf", prompt), want) < FP32_TOL
+    assert main(["quantize", str(folder), "--to", "gguf-q8_0", str(tmp_path / "q.gguf")]) == 0
+    assert worst(ours(tmp_path / "q.gguf", prompt), want) < Q8_TOL
