@@ -6,7 +6,8 @@ What :func:`family_tensors` returns, :func:`ember.loading.gguf.weights.load_gguf
   ``kv_b_proj`` rebuilt from ``attn_k_b``/``attn_v_b``; gpt-oss's float experts in HF's fused layout);
 - ``kept``: module path -> (ggml type, block rows) for a projection or embedding held in its blocks;
 - ``modules``: module path -> a ready module (gpt-oss experts held in their blocks,
-  :class:`GGUFGptOssExperts`).
+  :class:`GGUFGptOssExperts`; Gemma's scaled token embedding over its blocks, :class:`GGUFScaledEmbedding`,
+  with a tied LM head over the same blocks).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from ember.loading.gguf.config import _LAYER_NAME, CONFIG_TENSORS, GLOBAL_TENSOR
 from ember.loading.gguf.dequant import check_tensor_types
 from ember.loading.gguf.families import KV_B_PARTS, NORM_PLUS_ONE, family_targets
 from ember.loading.gguf.reader import GGUFFile
+from ember.models.gemma import ScaledEmbedding
 from ember.models.gpt_oss import GptOssExperts
 from ember.models.linear import Linear
-from ember.quant.gguf_linear import KEPT_TYPES, GGUFLinear
+from ember.quant.gguf_linear import KEPT_TYPES, GGUFEmbedding, GGUFLinear
 
 _BLOCK_MODULES = (Linear, nn.Linear, nn.Embedding)
 _OSS_EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -60,6 +62,19 @@ class GGUFGptOssExperts(GptOssExperts):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
                 f"{self.ffn_gate_exps[0].qtype.name}")
+
+
+class GGUFScaledEmbedding(GGUFEmbedding):
+    """Gemma's token embedding (``ScaledEmbedding``: rows times sqrt(hidden), the scalar rounded to the compute
+    dtype first, as HF) over a GGUF tensor's blocks: only the rows looked up are decoded."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Any, dtype: torch.dtype, scale: float) -> None:
+        super().__init__(raw, qtype, dtype)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(ids)
+        return out * torch.tensor(self.scale, dtype=torch.float32, device=out.device).to(out.dtype)
 
 
 def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torch.dtype, device: torch.device,
@@ -109,6 +124,7 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
 
     state: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[Any, torch.Tensor]] = {}
+    modules: dict[str, nn.Module] = {}
     for gname, targets in names.items():
         stacked = len(targets) > 1
         want = tuple(expected[targets[0]].shape)
@@ -118,6 +134,12 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
                             f"the metadata implies {list(want)}")
         qtype = QT(gf.tensors[gname].tensor_type)
         owners = [t.rsplit(".", 1)[0] for t in targets]
+        if qtype in KEPT_TYPES and type(model.get_submodule(owners[0])) is ScaledEmbedding:
+            raw = gf.raw(gname).to(device)
+            modules[owners[0]] = GGUFScaledEmbedding(raw, qtype, dtype, model.get_submodule(owners[0]).scale)
+            if cfg.tie_word_embeddings:
+                modules["lm_head"] = GGUFLinear(raw, qtype, None, dtype)  # the same blocks, held once
+            continue
         if qtype in KEPT_TYPES and targets[0].endswith(".weight") and all(
                 type(model.get_submodule(o)) in _BLOCK_MODULES for o in owners):
             raw = gf.raw(gname).to(device)
@@ -129,7 +151,6 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
         else:
             w = gf.tensor(gname, dtype, device)
         state.update((t, w[i]) for i, t in enumerate(targets)) if stacked else state.update({targets[0]: w})
-    modules: dict[str, nn.Module] = {}
     for layer in sorted({layer for layer, _ in special}):
         get = {key: special[(lyr, key)] for lyr, key in special if lyr == layer}
         if "attn_k_b.weight" in get or "attn_v_b.weight" in get:

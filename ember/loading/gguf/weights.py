@@ -178,7 +178,7 @@ def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys, result
     assert all(k in ignore or k.startswith(swapped) for k in result.missing_keys), result
-    if cfg.tie_word_embeddings and emb is None:
+    if cfg.tie_word_embeddings and emb is None and "lm_head" not in modules:
         model.lm_head.weight = model.model.embed_tokens.weight
     if shard is not None:
         shard.finish(model)
