@@ -63,6 +63,19 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
                                        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
                                        "num_key_value_heads": 4, "scoring_func": "sigmoid"},
                   "DeepseekV3ForCausalLM"),
+    # DeepSeek-V3's released YaRN (factor 40, mscale = mscale_all_dim = 1) on a short original context
+    "deepseek2-yarn": ("DeepseekV3Config", {**_BASE, "num_experts_per_tok": 2, "n_routed_experts": 4,
+                                            "moe_intermediate_size": 32, "n_shared_experts": 1, "n_group": 2,
+                                            "topk_group": 1, "first_k_dense_replace": 1, "num_hidden_layers": 2,
+                                            "routed_scaling_factor": 2.5, "kv_lora_rank": 32, "q_lora_rank": None,
+                                            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                                            "num_key_value_heads": 4, "scoring_func": "sigmoid",
+                                            "max_position_embeddings": 640,
+                                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                "factor": 40.0, "original_max_position_embeddings": 16,
+                                                                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                                                "mscale_all_dim": 1.0}},
+                       "DeepseekV3ForCausalLM"),
     # rotary_dim: the released config's key, which the converter reads (HF derives it from the factor)
     "minimax-m2": ("MiniMaxM2Config", {**_BASE, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
                                        "num_hidden_layers": 2, "intermediate_size": 32, "rotary_dim": 8,
@@ -148,7 +161,7 @@ def make(family: str, llama_cpp_dir: Path, tmp: Path) -> None:
     hf.save_pretrained(folder)
     tokenizer_folder(folder)
     refs = {f"{k}": v for k, v in reference(hf).items()}
-    for outtype in ("f32", "q8_0"):
+    for outtype in ("f32",) if family.endswith("-yarn") else ("f32", "q8_0"):
         convert(llama_cpp_dir, folder, OUT / f"{family}-{outtype}.gguf", outtype)
     if family == "gpt-oss":  # the hub's layout: MXFP4 experts, which the converter keeps as ggml MXFP4
         from ember.loading.quantized import quantize_checkpoint

@@ -23,8 +23,9 @@ from ember.loading.gguf import GGUFFile, config_from_gguf, load_gguf_model
 
 DATA = Path(__file__).parent / "data" / "gguf_families"
 FAMILIES = ["gpt-oss", "gemma3", "glm4moe", "deepseek2", "minimax-m2"]
+F32_FILES = [*FAMILIES, "deepseek2-yarn"]  # DeepSeek-V3's YaRN (mscale) without q_lora: an F32 file only
 MODEL_TYPES = {"gpt-oss": "gpt_oss", "gemma3": "gemma3_text", "glm4moe": "glm4_moe", "deepseek2": "deepseek_v3",
-               "minimax-m2": "minimax_m2"}
+               "deepseek2-yarn": "deepseek_v3", "minimax-m2": "minimax_m2"}
 FP32_TOL = 1e-4
 # Q8_0 against HF on the unrounded weights: |logits| here are ~1, 8-bit blocks of 32 move them by ~1e-2.
 Q8_TOL = 5e-2
@@ -61,7 +62,7 @@ def worst(a, b) -> float:
     return float((torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", F32_FILES)
 def test_config_is_the_checkpoints(family):
     ref = reference(family)
     theirs = ModelConfig.from_dict(json.loads(str(ref["config"])))
@@ -72,7 +73,7 @@ def test_config_is_the_checkpoints(family):
     assert not diff, diff
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", F32_FILES)
 def test_f32_file_logits_match_hf_and_greedy_is_identical(family):
     ref = reference(family)
     prompt = ref["prompt"].tolist()
@@ -141,30 +142,53 @@ def test_plan_prices_the_files(capsys):
         assert f": {MODEL_TYPES[family]}," in out and "Q8_0" in out, out
 
 
-def test_missing_and_unsupported_are_refused_by_name(tmp_path):
+def copy_gguf(src: Path, out: Path, arch: str | None = None, drop: str | None = None,
+              extra: dict[str, np.ndarray] | None = None) -> Path:
+    """``src`` rewritten (metadata and tensors as stored) under another architecture name, less one tensor, or
+    with extra F32 tensors."""
     import gguf
 
-    src = GGUFFile.open(DATA / "glm4moe-f32.gguf")
-    for drop, arch, match in (("blk.1.exp_probs_b.bias", "glm4moe", "e_score_correction_bias"),
-                              (None, "bert", "'bert'")):
-        out = tmp_path / f"{arch}.gguf"
-        w = gguf.GGUFWriter(out, arch)
-        for key, field in src.reader.fields.items():
-            if key.startswith("glm4moe.") and not key.startswith("GGUF"):
-                vtype = field.types[0]
-                value = field.contents()
-                w.add_key_value(key.replace("glm4moe.", f"{arch}."), value, vtype,
-                                sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
-        for name, t in src.tensors.items():
-            if name != drop:
-                w.add_tensor(name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with pytest.raises((GGUFError, UnsupportedModelError), match=match):
-            load_gguf_model(out, dtype="fp32")
+    gf = GGUFFile.open(src)
+    old = gf.architecture
+    w = gguf.GGUFWriter(out, arch or old)
+    for key, field in gf.reader.fields.items():
+        if key.startswith(f"{old}."):
+            vtype = field.types[0]
+            w.add_key_value(key.replace(f"{old}.", f"{arch or old}."), field.contents(), vtype,
+                            sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for name, t in gf.tensors.items():
+        if name != drop:
+            w.add_tensor(name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
 
+
+def test_missing_and_unsupported_are_refused_by_name(tmp_path):
+    src = DATA / "glm4moe-f32.gguf"
+    missing = copy_gguf(src, tmp_path / "m.gguf", drop="blk.1.exp_probs_b.bias")
+    with pytest.raises(GGUFError, match="missing.*e_score_correction_bias"):
+        load_gguf_model(missing, dtype="fp32")
+    with pytest.raises(UnsupportedModelError, match="'bert' is not supported; supported: deepseek2, gemma3"):
+        load_gguf_model(copy_gguf(src, tmp_path / "b.gguf", arch="bert"), dtype="fp32")
+    gone = copy_gguf(DATA / "deepseek2-f32.gguf", tmp_path / "d.gguf", drop="blk.1.attn_v_b.weight")
+    with pytest.raises(GGUFError, match="blk.1.attn_v_b.weight' is missing"):
+        load_gguf_model(gone, dtype="fp32")
+
+
+def test_glm_multi_token_prediction_layers_are_skipped(tmp_path):
+    """Released GLM-4.5 files carry their MTP layer (blk.<n>, counted in block_count): Ember runs the rest."""
+    ref = reference("glm4moe")
+    gf = GGUFFile.open(DATA / "glm4moe-f32.gguf")
+    n = gf.get("glm4moe.block_count") - gf.get("glm4moe.nextn_predict_layers")
+    mtp = {f"blk.{n}.{k}": np.array(gf.tensors[f"blk.1.{k}"].data) for k in ("attn_norm.weight", "attn_q.weight")}
+    mtp[f"blk.{n}.nextn.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+    path = copy_gguf(DATA / "glm4moe-f32.gguf", tmp_path / "mtp.gguf", extra=mtp)
+    assert worst(ours(path, ref["prompt"].tolist()), ref["logits"]) < FP32_TOL
 
 def tensor_table(path: Path) -> dict[str, tuple]:
     gf = GGUFFile.open(path)

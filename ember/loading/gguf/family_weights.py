@@ -20,7 +20,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import GGUFError
-from ember.loading.gguf.config import _LAYER_NAME, CONFIG_TENSORS, GLOBAL_TENSORS
+from ember.loading.gguf.config import _BLOCK, _LAYER_NAME, CONFIG_TENSORS, GLOBAL_TENSORS
 from ember.loading.gguf.dequant import check_tensor_types
 from ember.loading.gguf.families import KV_B_PARTS, NORM_PLUS_ONE, family_targets
 from ember.loading.gguf.reader import GGUFFile
@@ -94,12 +94,10 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
     unknown: list[str] = []
     for name in gf.tensors:
         m = _LAYER_NAME.fullmatch(name)
-        if name in CONFIG_TENSORS:
-            continue
+        if name in CONFIG_TENSORS or ((b := _BLOCK.match(name)) and int(b.group(1)) >= n):
+            continue  # multi-token-prediction layers (GLM's nextn, counted in block_count): Ember does not run them
         if name in GLOBAL_TENSORS:
             names[name] = [GLOBAL_TENSORS[name]]
-        elif m and int(m.group(1)) >= n:
-            continue  # multi-token-prediction layers (GLM's nextn): Ember does not run them
         elif m and ((arch == "gpt-oss" and m.group(2) in _OSS_EXPERTS) or m.group(2) in KV_B_PARTS):
             special[(int(m.group(1)), f"{m.group(2)}.{m.group(3)}")] = name
         elif m and (t := family_targets(arch, name, int(m.group(1)), m.group(2), m.group(3), cfg.num_local_experts)):
