@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import gguf
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from ember.config import ModelConfig
 from ember.errors import UnsupportedModelError
@@ -48,11 +49,35 @@ def family_architecture(cfg: ModelConfig) -> str:
     return arch
 
 
+def hub_to_ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The hub's MXFP4 (blocks (..., n, 16): element 2j in byte j's low nibble; scales (..., n)) as ggml MXFP4
+    rows (..., n * 17): per block the same E8M0 byte, then element j in byte j's low nibble, j + 16 in its high."""
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)  # (..., n, 32) in element order
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat((scales.unsqueeze(-1), qs), dim=-1).flatten(-2)
+
+
+def _mxfp4_experts(mod: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """llama.cpp's ``ffn_{gate,up,down}_exps`` MXFP4 rows (E, out, row_bytes) of experts held in MXFP4 (the hub's
+    layout or a GGUF file's), for writing them as stored, as the converter does; None for other experts."""
+    if hasattr(mod, "gate_up_proj_blocks"):  # Mxfp4Experts: gate/up rows interleaved
+        gate_up = hub_to_ggml_mxfp4(mod.gate_up_proj_blocks, mod.gate_up_proj_scales)
+        return {"gate_exps_mxfp4": gate_up[:, ::2], "up_exps_mxfp4": gate_up[:, 1::2],
+                "down_exps_mxfp4": hub_to_ggml_mxfp4(mod.down_proj_blocks, mod.down_proj_scales)}
+    if hasattr(mod, "ffn_gate_exps") and mod.ffn_gate_exps[0].qtype == gguf.GGMLQuantizationType.MXFP4:
+        return {f"{k}_exps_mxfp4": torch.stack([lin.qweight for lin in getattr(mod, f"ffn_{k}_exps")])
+                for k in ("gate", "up", "down")}
+    return None
+
+
 def expert_sources(mod: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """HF's fused float tensors of any gpt-oss experts module (float, MXFP4 or GGUF blocks); None otherwise."""
+    """HF's fused float tensors of any gpt-oss experts module (float or GGUF blocks), or its MXFP4 rows as
+    stored (:func:`_mxfp4_experts`), with the biases; None for any other module."""
     if not isinstance(mod, GptOssExperts):
         return None
-    if hasattr(mod, "dequantized"):  # Mxfp4Experts: the hub's blocks
+    if (rows := _mxfp4_experts(mod)) is not None:
+        out = rows
+    elif hasattr(mod, "dequantized"):  # Mxfp4Experts: the hub's blocks
         out = mod.dequantized(torch.float32)
     elif hasattr(mod, "ffn_gate_exps"):  # GGUFGptOssExperts: llama.cpp's blocks
         stack = lambda key: torch.stack([lin.dequantize(torch.float32) for lin in getattr(mod, key)])  # noqa: E731
@@ -65,8 +90,18 @@ def expert_sources(mod: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def family_tensors(arch: str, name: str, shape: tuple[int, ...], thunk: Thunk,
-                   ) -> Iterator[tuple[str, tuple[int, ...], Thunk]]:
-    """The GGUF tensor(s) of Ember parameter ``name``: (GGUF name, PyTorch shape, thunk)."""
+                   ) -> Iterator[tuple[str, tuple[int, ...], Thunk, QT | None]]:
+    """The GGUF tensor(s) of Ember parameter ``name``: (GGUF name, PyTorch shape, thunk, forced ggml type)."""
+    for gname, gshape, gthunk in _family_tensors(arch, name, shape, thunk):
+        yield gname, gshape, gthunk, None
+    if name.endswith("_exps_mxfp4"):  # (E, out, row_bytes) of MXFP4 blocks, written as they are
+        layer, kind = name.split(".")[2], name.split(".")[-1].split("_")[0]
+        elements = (shape[0], shape[1], shape[2] // 17 * 32)
+        yield f"blk.{layer}.ffn_{kind}_exps.weight", elements, thunk, QT.MXFP4
+
+
+def _family_tensors(arch: str, name: str, shape: tuple[int, ...], thunk: Thunk,
+                    ) -> Iterator[tuple[str, tuple[int, ...], Thunk]]:
     if name == "model.norm.weight":
         shift = arch in NORM_PLUS_ONE
         yield "output_norm.weight", shape, (lambda: thunk().float() + 1) if shift else thunk
@@ -75,6 +110,8 @@ def family_tensors(arch: str, name: str, shape: tuple[int, ...], thunk: Thunk,
     layer, rest = int(parts[2]), ".".join(parts[3:])
     if rest.startswith("mlp.experts.") and arch == "gpt-oss":
         E, kind = shape[0], parts[-1]
+        if kind.endswith("_exps_mxfp4"):
+            return  # family_tensors passes these through
         if kind == "gate_up_proj":  # (E, H, 2I): columns 2j gate j, 2j+1 up j
             half = (E, shape[2] // 2, shape[1])
             yield f"blk.{layer}.ffn_gate_exps.weight", half, (lambda: thunk()[:, :, ::2].transpose(1, 2))

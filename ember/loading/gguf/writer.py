@@ -127,7 +127,10 @@ def tensor_type(name: str, shape: tuple[int, ...], to: str, cfg: ModelConfig) ->
 
 
 def encode(x: torch.Tensor, qtype: QT) -> np.ndarray:
-    """A float tensor as the array GGUF stores for ``qtype`` (quantized: uint8 (..., row bytes))."""
+    """A float tensor as the array GGUF stores for ``qtype`` (quantized: uint8 (..., row bytes)); uint8 data is
+    taken as blocks of ``qtype`` already (gpt-oss's MXFP4 experts, passed through)."""
+    if x.dtype == torch.uint8:
+        return x.numpy()
     if qtype == QT.F32:
         return x.float().numpy()
     if qtype == QT.F16:
@@ -208,8 +211,8 @@ def _plan(model: Transformer, arch: str, to: str) -> list[_Planned]:
     planned: list[_Planned] = []
     stacked: dict[tuple[int, str], list[tuple[int, tuple[int, ...], Callable[[], torch.Tensor]]]] = {}
 
-    def add(gname: str, shape: tuple[int, ...], produce: Callable[[], torch.Tensor]) -> None:
-        planned.append(_Planned(gname, shape, tensor_type(gname, shape, to, cfg), produce))
+    def add(gname: str, shape: tuple[int, ...], produce: Callable[[], torch.Tensor], qtype: QT | None = None) -> None:
+        planned.append(_Planned(gname, shape, qtype or tensor_type(gname, shape, to, cfg), produce))
 
     for name, shape, thunk in _float_sources(model):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -218,8 +221,8 @@ def _plan(model: Transformer, arch: str, to: str) -> list[_Planned]:
             add(_HF_TO_GGUF_GLOBAL[name], shape, thunk)
             continue
         if arch in WRITE_FAMILIES.values():
-            for gname, gshape, gthunk in family_tensors(arch, name, shape, thunk):
-                add(gname, gshape, gthunk)
+            for gname, gshape, gthunk, gtype in family_tensors(arch, name, shape, thunk):
+                add(gname, gshape, gthunk, gtype)
             continue
         parts = name.split(".")
         if len(parts) < 5 or parts[:2] != ["model", "layers"]:
