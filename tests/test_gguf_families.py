@@ -272,3 +272,32 @@ def test_cli_export_of_an_hf_checkpoint_matches_hf(family, tmp_path):
     assert worst(ours(tmp_path / "f.gguf", prompt), want) < FP32_TOL
     assert main(["quantize", str(folder), "--to", "gguf-q8_0", str(tmp_path / "q.gguf")]) == 0
     assert worst(ours(tmp_path / "q.gguf", prompt), want) < Q8_TOL
+
+
+# ==================================================================== llama.cpp itself, where installed
+# The files' own runtime: llama-cpp-python is an optional bench extra, absent in CI.
+LLAMA_FILES = ["gpt-oss-f32", "gemma3-f32", "glm4moe-f32", "deepseek2-f32", "minimax-m2-f32",
+               "gpt-oss-mxfp4", "gpt-oss-q8_0", "gemma3-q8_0", "glm4moe-q8_0", "deepseek2-q8_0", "minimax-m2-q8_0"]
+
+
+@pytest.mark.parametrize("name", LLAMA_FILES)
+def test_llama_cpp_runs_the_same_file_to_the_same_logits(name):
+    """F32 files: llama.cpp's logits within 1e-3 of Ember's and the same greedy tokens; quantized files: within
+    3e-2 (llama.cpp rounds the activations to 8 bits for its Q8_0 and MXFP4 products; Ember's fp32 path does not)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = reference(name.rsplit("-", 1)[0])["prompt"].tolist()
+    llm = llama_cpp.Llama(str(DATA / f"{name}.gguf"), logits_all=True, verbose=False, n_ctx=64, n_threads=2, seed=0)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    f32 = name.endswith("-f32")
+    assert worst(ours(DATA / f"{name}.gguf", ids), theirs) < (1e-3 if f32 else 3e-2)
+    if f32:
+        seq = list(ids)
+        llm.reset()
+        llm.eval(seq)
+        for _ in range(16):
+            seq.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([seq[-1]])
+        got = ember.load(DATA / f"{name}.gguf", device="cpu", dtype="fp32").generate(
+            ids, max_new_tokens=16, temperature=0.0, ignore_eos=True).token_ids
+        assert got == seq[len(ids):len(ids) + 16]
