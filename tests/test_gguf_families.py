@@ -301,3 +301,20 @@ def test_llama_cpp_runs_the_same_file_to_the_same_logits(name):
         got = ember.load(DATA / f"{name}.gguf", device="cpu", dtype="fp32").generate(
             ids, max_new_tokens=16, temperature=0.0, ignore_eos=True).token_ids
         assert got == seq[len(ids):len(ids) + 16]
+
+
+@pytest.mark.parametrize("src", ["gpt-oss-mxfp4", "gemma3-f32"])
+@pytest.mark.parametrize("to", ["f32", "q8_0"])
+def test_llama_cpp_runs_what_ember_writes(src, to, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from ember.loading.gguf import load_gguf
+    from ember.loading.gguf.writer import write_gguf
+
+    ids = reference(src.rsplit("-", 1)[0])["prompt"].tolist()
+    model, tok = load_gguf(DATA / f"{src}.gguf", dtype="fp32")
+    out = write_gguf(model, tok, tmp_path / "w.gguf", to).path
+    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, n_threads=2, seed=0)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    exact = to == "f32" and "mxfp4" not in src
+    assert worst(ours(out, ids), theirs) < (1e-3 if exact else 3e-2)
