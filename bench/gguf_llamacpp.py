@@ -23,6 +23,7 @@ Optional bench extras (never runtime or test dependencies): ``llama-cpp-python``
 
     python bench/gguf_llamacpp.py --converter /tmp/lcp/vendor/llama.cpp/convert_hf_to_gguf.py               # 1.1B + MoE
     python bench/gguf_llamacpp.py --size small --types bf16,q8_0,q4_k_m --rounds 2 --converter ...         # a quick run
+    python bench/gguf_llamacpp.py --no-dense --no-moe --gpt-oss --converter ...   # gpt-oss shape, MXFP4 experts
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ MOE_SIZES = {  # Mixtral shape: 8 experts, top-2 (bench/decode.py's MoE)
                   num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2),
+}
+GPT_OSS_SIZES = {  # gpt-oss shape (alternating 128-token windows, sinks, biases, YaRN): ~1B total at "1.1b"
+    "1.1b": dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=16,
+                 num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=24, num_experts_per_tok=4),
+    "small": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=16, num_experts_per_tok=4),
+    "tiny": dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2),
 }
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18, "mxfp4": 38}  # llama_ftype (38 = MXFP4_MOE)
 LABELS = {"bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "mxfp4": "MXFP4_MOE"}
@@ -146,6 +155,37 @@ def make_files(name: str, dims: dict, types: list[str], converter: Path, cache: 
                 raise RuntimeError(f"llama_model_quantize failed for {path}")
             os.replace(tmp, path)
     return {t: files[t] for t in types}
+
+
+def make_gpt_oss_file(name: str, dims: dict, cache: Path) -> dict[str, Path]:
+    """A random gpt-oss checkpoint in the hub's layout (bf16, experts MXFP4 by ``ember quantize --to mxfp4``),
+    written as llama.cpp's ``gpt-oss`` GGUF by ``ember export --gguf --type bf16``: experts stay MXFP4 as the
+    converter keeps them (its BPE pre-tokenizer check refuses this bench's synthetic vocabulary)."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from ember.commands.export import export_gguf
+    from ember.loading.quantized import quantize_checkpoint
+
+    path = cache / f"{name}-mxfp4.gguf"
+    if path.is_file():
+        return {"mxfp4": path}
+    folder, hub = cache / f"{name}-hf", cache / f"{name}-hf-mxfp4"
+    if not (hub / "config.json").is_file():
+        print(f"[{name}] writing the random HF checkpoint (MXFP4 experts)", file=sys.stderr)
+        cfg = transformers.GptOssConfig(**dims, sliding_window=128, max_position_embeddings=4096, bos_token_id=1,
+                                        eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+        PreTrainedTokenizerFast(tokenizer_object=spm_tokenizer(dims["vocab_size"]), bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>").save_pretrained(folder)
+        quantize_checkpoint(folder, hub, "mxfp4", lm_head=None, overwrite=True)
+    print(f"[{name}] ember export --gguf (experts MXFP4, the rest bf16)", file=sys.stderr)
+    export_gguf(str(hub), str(path), "bf16", overwrite=True)
+    return {"mxfp4": path}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -322,6 +362,7 @@ def main() -> None:
                     help="file types (mxfp4: the MoE only, llama.cpp's MXFP4_MOE)")
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE files")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense Llama files")
+    ap.add_argument("--gpt-oss", action="store_true", help="add a gpt-oss-shape MoE with MXFP4 experts")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per file (medians)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
@@ -364,8 +405,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.gpt_oss:
+        models.append((f"gpt-oss-{args.size}", GPT_OSS_SIZES[args.size], ["mxfp4"]))
     for name, dims, kinds in models:
-        files = make_files(name, dims, kinds, Path(args.converter).resolve(), cache)
+        files = (make_gpt_oss_file(name, dims, cache) if name.startswith("gpt-oss") else
+                 make_files(name, dims, kinds, Path(args.converter).resolve(), cache))
         for kind, path in files.items():
             d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"]))
             d["wall_s"] = time.perf_counter() - t0

@@ -6,7 +6,10 @@ The package follows the file's concerns, as llama.cpp's own ``gguf-py`` does:
 - :mod:`~ember.loading.gguf.dequant`: ggml block types decoded to floats, or kept exactly quantized;
 - :mod:`~ember.loading.gguf.config`: ``{arch}.*`` metadata -> :class:`~ember.config.ModelConfig`;
 - :mod:`~ember.loading.gguf.tokenizer`: ``tokenizer.ggml.*`` -> :class:`~ember.tokenizer.Tokenizer`;
-- :mod:`~ember.loading.gguf.weights`: tensors -> a :class:`~ember.models.Transformer`.
+- :mod:`~ember.loading.gguf.weights`: tensors -> a :class:`~ember.models.Transformer`;
+- :mod:`~ember.loading.gguf.families` / :mod:`~ember.loading.gguf.family_weights`: the same for ``gpt-oss``,
+  ``gemma3``, ``glm4moe``, ``deepseek2`` and ``minimax-m2``; :mod:`~ember.loading.gguf.family_writer` writes
+  gpt-oss and Gemma 3 back (beside :mod:`~ember.loading.gguf.writer`).
 
 Tensor types: F32, F16, BF16 are read in place (zero-copy when already in the compute dtype on CPU);
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and MXFP4 stay in their blocks

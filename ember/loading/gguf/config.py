@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ember.config import ModelConfig
 from ember.errors import GGUFError, UnsupportedModelError
+from ember.loading.gguf.families import FAMILY_TENSORS, family_config, is_family
 from ember.loading.gguf.reader import GGUFFile
 from ember.models import rope_inv_freq
 
@@ -69,10 +70,11 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         GGUFError: required metadata is missing or malformed.
     """
     arch = gf.architecture
+    if is_family(arch):
+        return _family_config(gf, arch)
     if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise UnsupportedModelError(f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: "
+                                    f"{', '.join(sorted([*ARCHITECTURES, *FAMILY_TENSORS]))}")
     model_type, _ = ARCHITECTURES[arch]
     n_experts = gf.get_int(f"{arch}.expert_count", 0)
     if n_experts and arch not in MOE_MODEL_TYPES:
@@ -148,11 +150,32 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     return ModelConfig.from_dict(raw, source=f"{gf.path} (metadata)")
 
 
-def _check_layers_present(gf: GGUFFile, n_layers: int) -> None:
-    """``block_count`` must equal the layers the tensor table holds (checked before anything loops over it)."""
+def _family_config(gf: GGUFFile, arch: str) -> ModelConfig:
+    """:func:`config_from_gguf` for the architectures of :mod:`ember.loading.gguf.families`."""
+    if "token_embd.weight" not in gf.tensors or len(gf.tensor_shape("token_embd.weight")) != 2:
+        raise GGUFError(f"{gf.path}: tensor 'token_embd.weight' is missing or not a matrix")
+    vocab, hidden = gf.tensor_shape("token_embd.weight")
+    raw = family_config(gf, arch, hidden)
+    # Multi-token-prediction layers past the ones Ember runs may be in the table (GLM), or left out.
+    _check_layers_present(gf, raw["num_hidden_layers"], gf.get_int(f"{arch}.block_count", required=True))
+    if gf.get_int(f"{arch}.embedding_length", hidden) != hidden:
+        raise GGUFError(f"{gf.path}: embedding_length {gf.get(f'{arch}.embedding_length')} but token_embd.weight "
+                        f"has {hidden} columns")
+    raw.update({
+        "vocab_size": vocab, "hidden_size": hidden, "tie_word_embeddings": "output.weight" not in gf.tensors,
+        "bos_token_id": gf.get_int("tokenizer.ggml.bos_token_id"), "eos_token_id": gf.get_int("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": gf.get_int("tokenizer.ggml.padding_token_id"), "torch_dtype": _file_dtype_name(gf),
+        "gguf_file_type": gf.get_int("general.file_type"), "name_or_path": gf.get("general.name"),
+    })
+    return ModelConfig.from_dict(raw, source=f"{gf.path} (metadata)")
+
+
+def _check_layers_present(gf: GGUFFile, n_layers: int, at_most: int | None = None) -> None:
+    """``block_count`` must equal the layers the tensor table holds (checked before anything loops over it);
+    with ``at_most``, the table may hold from ``n_layers`` up to that many."""
     found = [int(m.group(1)) for name in gf.tensors if (m := _BLOCK.match(name))]
     have = max(found) + 1 if found else 0
-    if n_layers != have:
+    if not (n_layers <= have <= (at_most or n_layers)):
         raise GGUFError(f"{gf.path}: metadata block_count = {n_layers} but the file holds tensors for {have} "
                         "layer(s); the file is corrupt")
 

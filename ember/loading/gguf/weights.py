@@ -20,12 +20,14 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from ember.config import ModelConfig
-from ember.errors import GGUFError
+from ember.errors import GGUFError, UnsupportedModelError
 from ember.loading.dtypes import DTYPE_NAMES, resolve_dtype
 from ember.loading.gguf.config import (
     _EXPERT_NAME, _LAYER_NAME, ARCHITECTURES, CONFIG_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, config_from_gguf,
 )
 from ember.loading.gguf.dequant import check_tensor_types
+from ember.loading.gguf.families import is_family
+from ember.loading.gguf.family_weights import family_tensors
 from ember.loading.gguf.reader import GGUFFile
 from ember.loading.gguf.tokenizer import load_gguf_tokenizer
 from ember.models import Transformer
@@ -99,11 +101,16 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
-    _, permuted = ARCHITECTURES[gf.architecture]
-    names = gguf_tensor_name_map(gf, cfg)
-
     with torch.device("meta"):
         model = Transformer(cfg)
+    if is_family(gf.architecture):  # gpt-oss, gemma3, glm4moe, deepseek2, minimax-m2
+        if shard is not None:
+            raise UnsupportedModelError(f"{gf.path}: pipeline stages over a {gf.architecture!r} GGUF file are not "
+                                        "supported; load it whole, or from its HF checkpoint")
+        state, kept, modules = family_tensors(gf, cfg, model, dt, device)
+        return _install(model, cfg, state, kept, modules, dt, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    _, permuted = ARCHITECTURES[gf.architecture]
+    names = gguf_tensor_name_map(gf, cfg)
     if shard is not None:
         shard.prune(model)
         local = {g: [shard.local_name(t) for t in targets] for g, targets in names.items()}
@@ -150,6 +157,15 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
             state.update((target, w[i]) for i, target in enumerate(targets))  # views of one decoded stack
         else:
             state[targets[0]] = w
+    return _install(model, cfg, state, kept, {}, dt, ignore, shard)
+
+
+def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor], kept: dict[str, tuple[Any, torch.Tensor]],
+             modules: dict[str, torch.nn.Module], dt: torch.dtype, ignore: set[str], shard=None) -> Transformer:
+    """Swap in the block-holding modules (``kept``: path -> (ggml type, rows); ``modules``: path -> module),
+    assign the float ``state`` and finish the model for inference."""
+    for owner, module in modules.items():
+        model.set_submodule(owner, module)
     for owner, (qtype, raw) in kept.items():
         if type(model.get_submodule(owner)) is torch.nn.Embedding:
             model.set_submodule(owner, GGUFEmbedding(raw, qtype, dt))
@@ -158,11 +174,11 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     emb = kept.get("model.embed_tokens")
     if cfg.tie_word_embeddings and emb is not None:
         model.lm_head = GGUFLinear(emb[1], emb[0], None, dt)  # the same blocks, held once
-    swapped = tuple(f"{owner}." for owner in kept) + (("lm_head.",) if cfg.tie_word_embeddings and emb else ())
+    swapped = tuple(f"{owner}." for owner in [*kept, *modules]) + (("lm_head.",) if cfg.tie_word_embeddings and emb else ())
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys, result
     assert all(k in ignore or k.startswith(swapped) for k in result.missing_keys), result
-    if cfg.tie_word_embeddings and emb is None:
+    if cfg.tie_word_embeddings and emb is None and "lm_head" not in modules:
         model.lm_head.weight = model.model.embed_tokens.weight
     if shard is not None:
         shard.finish(model)

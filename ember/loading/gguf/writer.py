@@ -39,6 +39,9 @@ from ember.checkpoint_io import fsync_dir
 from ember.config import ModelConfig
 from ember.errors import OutputExistsError, UnsupportedModelError
 from ember.loading.gguf.config import EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS
+from ember.loading.gguf.family_writer import (
+    WRITE_FAMILIES, add_family_hparams, expert_sources, family_architecture, family_tensors,
+)
 from ember.loading.gguf.kquants import quantize_k
 from ember.loading.gguf.vocab_metadata import vocab_metadata
 from ember.models import Transformer, rope_inv_freq
@@ -95,7 +98,7 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 def tensor_type(name: str, shape: tuple[int, ...], to: str, cfg: ModelConfig) -> QT:
     """The ggml type llama.cpp's quantizer gives tensor ``name`` (GGUF name, PyTorch shape) under ``to``."""
     base, _ = GGUF_TYPES[to]
-    if len(shape) < 2 or ".ffn_gate_inp." in name or name == "rope_freqs.weight":
+    if len(shape) < 2 or ".ffn_gate_inp." in name or name == "rope_freqs.weight" or name.endswith(".bias"):
         return QT.F32
     if base in (QT.F32, QT.F16, QT.BF16):
         return base
@@ -124,7 +127,10 @@ def tensor_type(name: str, shape: tuple[int, ...], to: str, cfg: ModelConfig) ->
 
 
 def encode(x: torch.Tensor, qtype: QT) -> np.ndarray:
-    """A float tensor as the array GGUF stores for ``qtype`` (quantized: uint8 (..., row bytes))."""
+    """A float tensor as the array GGUF stores for ``qtype`` (quantized: uint8 (..., row bytes)); uint8 data is
+    taken as blocks of ``qtype`` already (gpt-oss's MXFP4 experts, passed through)."""
+    if x.dtype == torch.uint8:
+        return x.numpy()
     if qtype == QT.F32:
         return x.float().numpy()
     if qtype == QT.F16:
@@ -155,10 +161,12 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     Raises:
         UnsupportedModelError: a family (or a feature of it) GGUF's architectures here cannot express.
     """
+    if cfg.model_type in WRITE_FAMILIES:  # gpt-oss, Gemma 3: ember.loading.gguf.family_writer
+        return family_architecture(cfg)
     arch = WRITE_ARCHITECTURES.get(cfg.model_type)
     if arch is None:
         raise UnsupportedModelError(f"writing GGUF for model_type {cfg.model_type!r} is not supported; supported: "
-                                    f"{', '.join(sorted(WRITE_ARCHITECTURES))}")
+                                    f"{', '.join(sorted([*WRITE_ARCHITECTURES, *WRITE_FAMILIES]))}")
     if any(cfg.layer_window(i) for i in range(cfg.num_hidden_layers)):
         raise UnsupportedModelError(f"{cfg.model_type} with a sliding window cannot be written as llama.cpp's "
                                     f"{arch!r}, which attends to the whole context")
@@ -171,9 +179,18 @@ def gguf_architecture(cfg: ModelConfig) -> str:
 
 
 def _float_sources(model: Transformer) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
-    """Every weight as (HF name, shape, thunk giving a float tensor); quantized Linears are dequantized."""
+    """Every weight as (HF name, shape, thunk giving a float tensor); quantized Linears are dequantized, and
+    gpt-oss experts in any layout give HF's fused float tensors."""
+    done: tuple[str, ...] = ()
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if done and prefix.startswith(done):
+            continue
+        if (fused := expert_sources(mod)) is not None:
+            done += (prefix,)
+            for k, t in fused.items():
+                yield f"{prefix}{k}", tuple(t.shape), (lambda t=t: t)
+            continue
         if isinstance(mod, QuantizedLinear):
             yield f"{prefix}weight", (mod.out_features, mod.in_features), (lambda m=mod: m.dequantize(torch.float32))
             if getattr(mod, "bias", None) is not None:
@@ -194,14 +211,18 @@ def _plan(model: Transformer, arch: str, to: str) -> list[_Planned]:
     planned: list[_Planned] = []
     stacked: dict[tuple[int, str], list[tuple[int, tuple[int, ...], Callable[[], torch.Tensor]]]] = {}
 
-    def add(gname: str, shape: tuple[int, ...], produce: Callable[[], torch.Tensor]) -> None:
-        planned.append(_Planned(gname, shape, tensor_type(gname, shape, to, cfg), produce))
+    def add(gname: str, shape: tuple[int, ...], produce: Callable[[], torch.Tensor], qtype: QT | None = None) -> None:
+        planned.append(_Planned(gname, shape, qtype or tensor_type(gname, shape, to, cfg), produce))
 
     for name, shape, thunk in _float_sources(model):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp ties the head to token_embd when output.weight is absent
-        if name in _HF_TO_GGUF_GLOBAL:
+        if name in _HF_TO_GGUF_GLOBAL and not (arch in WRITE_FAMILIES.values() and name == "model.norm.weight"):
             add(_HF_TO_GGUF_GLOBAL[name], shape, thunk)
+            continue
+        if arch in WRITE_FAMILIES.values():
+            for gname, gshape, gthunk, gtype in family_tensors(arch, name, shape, thunk):
+                add(gname, gshape, gthunk, gtype)
             continue
         parts = name.split(".")
         if len(parts) < 5 or parts[:2] != ["model", "layers"]:
@@ -238,7 +259,7 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, arch: str) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_feed_forward_length(cfg.moe_intermediate_size if arch == "gpt-oss" else cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(cfg.head_dim)
@@ -253,6 +274,8 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, arch: str) -> None:
         if arch == "qwen3moe":
             w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
             w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    if arch in WRITE_FAMILIES.values():
+        add_family_hparams(w, cfg, arch)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
