@@ -104,6 +104,23 @@ def test_torch_fallback_in_row_chunks(qtype, monkeypatch):
         kernels.reset()
 
 
+@pytest.mark.parametrize("qtype", KEPT)
+def test_register_kernels_row_blocks_and_block_tails(qtype):
+    """The register-decoding kernels' edges (gguf_simd.h): passes of 4 weight rows plus 1-3 left over, 8-block
+    chunks of the 32-value types plus a tail of 1-7 blocks, several activation rows and an all-zero one."""
+    big = gguf.GGML_QUANT_SIZES[QT[qtype]][0] == 256
+    for O, I in ((9, 1280), (6, 256)) if big else ((9, 608), (3, 256), (6, 64)):
+        raw = blocks(qtype, O, I, seed=O + I)
+        w = dequantize(raw, QT[qtype])
+        x = torch.randn(6, I, generator=torch.Generator().manual_seed(I))
+        x[1] = 0.0
+        xb = x.bfloat16()
+        for M in (1, 2, 6):
+            yb = GGUFLinear(raw, QT[qtype], None, torch.bfloat16)(xb[:M])
+            check(yb, xb[:M], w, BF16_REL, f"{qtype} bf16 ({M}, {O}, {I})")
+            assert torch.equal(yb[1:2] if M > 1 else yb[:0], torch.zeros_like(yb[1:2] if M > 1 else yb[:0]))
+
+
 def test_dequant_kernel_is_bit_exact(build):
     for qtype in KEPT:
         raw = blocks(qtype, 5, 512)

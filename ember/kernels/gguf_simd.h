@@ -1,0 +1,403 @@
+// GGUF block rows times int8-quantized bf16 activations, decoded in registers: the AVX2 and AVX512-VNNI tiers of
+// gguf.cpp (included there, inside its anonymous namespace, after the block-format helpers).
+//
+// Both tiers run the same 256-bit code (AVX512-VNNI only swaps vpmaddubsw + vpmaddwd for vpdpbusd where no
+// per-sub-block scale is folded in), so the two builds compute the same integers. Each pass takes R = 4 weight
+// rows (a last 1-3 rows one at a time) against one activation row, so the activation loads, the per-block
+// activation terms and the loop overhead are shared, and four independent row streams are in flight.
+//
+//   32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4), activations per 32 values (sx, xq, bs = sum xq):
+//     codes of two blocks in one vector: [block k elements 0-15 | block k+1 elements 0-15] and the same for 16-31
+//     (for the nibble types the low / high nibbles of the two blocks' 16 bytes), the activations permuted to match
+//     once per call (pair_order). Per 8 blocks the integer sums of the four pair vectors are reduced by three
+//     vphaddd to one sum per block, in block order 0 2 4 6 1 3 5 7 (kPerm), and scaled by one vector op per term:
+//       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types), sx bs (mins)
+//     Signed codes (Q8_0, IQ4_NL, MXFP4) are multiplied as |w| x sign(x, w). Blocks past the last 8 go through
+//     unpack_block.
+//   K-quants (Q4_K, Q5_K, Q6_K), activations per 256 values (one sx per super-block, llama.cpp's Q8_K) so the
+//     sub-block scales are folded in as integers: isum = sum_j sc_j sum(u xq over j) by vpmaddubsw then vpmaddwd
+//     with the scale, and per super-block y += d sx isum - dmin sx sum_j m_j bs_j (Q6_K: offset 32 folded into
+//     isum as 32 sum_g sc_g bs_g).
+//
+// Bounds (no saturation): vpmaddubsw pairs <= 2 * 128 * 127 for signed codes (kept in separate vpmaddwd), and
+// <= 2 * 63 * 127 for 6-bit codes; int32 sums per super-block < 2^31.
+
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+
+constexpr int kR = 4;                                     // weight rows per pass
+constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};        // block of each lane after the vphaddd reduction
+
+inline bool simd_type(int t) {
+  switch (t) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case IQ4_NL: case MXFP4: case Q4_K: case Q5_K: case Q6_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
+inline __m256i ld256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m128i ld128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m256i pair128(const uint8_t* a, const uint8_t* b) { return _mm256_set_m128i(ld128(b), ld128(a)); }
+
+inline uint64_t ld16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+
+// sum over 4-byte groups of u8 a * s8 b, as 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#ifdef EMBER_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+inline float hsum4(__m128 h) {
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// ---- activations
+
+// bf16 x (n values, n % G == 0) -> int8 xq on 127 levels per G values, scales sx (n / G), sums of xq per 16 (bs16,
+// n / 16) and per 32 (bs32, n / 32).
+template <int G>
+void quantize_x(const uint16_t* x, int64_t n, int8_t* xq, float* sx, int16_t* bs16, int16_t* bs32) {
+  for (int64_t c = 0; c < n / G; c++) {
+    float amax = 0.f;
+    for (int i = 0; i < G; i++) amax = std::max(amax, std::fabs(bf16_to_f32(x[c * G + i])));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    sx[c] = d;
+    for (int i = 0; i < G; i++) xq[c * G + i] = static_cast<int8_t>(std::nearbyint(bf16_to_f32(x[c * G + i]) * id));
+  }
+  for (int64_t g = 0; g < n / 16; g++) {
+    int s = 0;
+    for (int i = 0; i < 16; i++) s += xq[g * 16 + i];
+    bs16[g] = static_cast<int16_t>(s);
+    if (g & 1) bs32[g / 2] = static_cast<int16_t>(bs16[g - 1] + s);
+  }
+}
+
+// Within each 8 blocks (256 values) of a 32-value type's activations: every pair of blocks k, k+1 as
+// [k 0-15, k+1 0-15, k 16-31, k+1 16-31], the order of pair_codes.
+void pair_order(const int8_t* xq, int64_t nb8, int8_t* out) {
+  for (int64_t p = 0; p < nb8 * 4; p++) {
+    const int8_t* a = xq + 64 * p;
+    int8_t* o = out + 64 * p;
+    std::memcpy(o, a, 16), std::memcpy(o + 16, a + 32, 16), std::memcpy(o + 32, a + 16, 16);
+    std::memcpy(o + 48, a + 48, 16);
+  }
+}
+
+// ---- 32-value block types
+
+template <int T> constexpr int bytes32() {
+  return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34 : T == IQ4_NL ? 18 : 17;
+}
+template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL || T == MXFP4; }
+template <int T> constexpr bool min32() { return T == Q4_1 || T == Q5_1; }
+template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f; }
+
+// The 32 set bits of q (bit i -> byte i) as 0x10 bytes (Q5's fifth bit).
+inline __m256i bit_bytes(uint32_t q) {
+#ifdef EMBER_VNNI
+  return _mm256_maskz_mov_epi8(q, _mm256_set1_epi8(16));
+#else
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(q)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                0x0303030303030303LL));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+#endif
+}
+
+// Codes of blocks a, b (pair order): lo = [a 0-15 | b 0-15], hi = [a 16-31 | b 16-31]; u8 for the unsigned
+// types, s8 values for the signed ones.
+template <int T>
+inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i& hi) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if constexpr (T == Q8_0) {
+    lo = pair128(a + 2, b + 2), hi = pair128(a + 18, b + 18);
+    return;
+  }
+  constexpr int qs = T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;  // Q5_1: 8
+  const __m256i v = pair128(a + qs, b + qs);
+  lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if constexpr (T == Q5_0 || T == Q5_1) {
+    constexpr int qh = T == Q5_0 ? 2 : 4;
+    uint32_t ha, hb;
+    std::memcpy(&ha, a + qh, 4), std::memcpy(&hb, b + qh, 4);
+    lo = _mm256_or_si256(lo, bit_bytes((ha & 0xFFFFu) | hb << 16));
+    hi = _mm256_or_si256(hi, bit_bytes(ha >> 16 | (hb & 0xFFFF0000u)));
+  } else if constexpr (T == IQ4_NL || T == MXFP4) {
+    alignas(16) static const int8_t book[16] = {
+#define B(i) (T == IQ4_NL ? kIq4[i] : kMxfp4[i])
+        B(0), B(1), B(2), B(3), B(4), B(5), B(6), B(7), B(8), B(9), B(10), B(11), B(12), B(13), B(14), B(15)};
+#undef B
+    const __m256i tb = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
+    lo = _mm256_shuffle_epi8(tb, lo), hi = _mm256_shuffle_epi8(tb, hi);
+  }
+}
+
+// Integer dot of one pair of blocks with its activations: lanes 0-3 block a, 4-7 block b.
+template <int T>
+inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
+  __m256i lo, hi;
+  pair_codes<T>(a, b, lo, hi);
+  const __m256i xl = ld256(x), xh = ld256(x + 32);
+  if constexpr (signed32<T>()) {
+    return _mm256_add_epi32(dot_u8s8(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
+                            dot_u8s8(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xh, hi)));
+  } else {
+#ifdef EMBER_VNNI
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+#else  // 5-bit codes: two products <= 2 * 2 * 31 * 127 in int16
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),
+                             _mm256_set1_epi16(1));
+#endif
+  }
+}
+
+// The fp16 (or MXFP4 e8m0) scales at byte ``at`` of 8 blocks from b, in kPerm order, as fp32.
+template <int T>
+inline __m256 scales8(const uint8_t* b, int at) {
+  constexpr int bb = bytes32<T>();
+  if constexpr (T == MXFP4) {  // 2 ** (e - 128): e < 2 -> 0x00200000 << e (subnormal), else (e - 1) << 23
+    const __m256i e = _mm256_setr_epi32(b[0], b[2 * bb], b[4 * bb], b[6 * bb], b[bb], b[3 * bb], b[5 * bb], b[7 * bb]);
+    const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+    const __m256i nrm = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(sub, nrm, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1))));
+  } else {
+    const uint8_t* p = b + at;
+    const uint64_t even = ld16(p) | ld16(p + 2 * bb) << 16 | ld16(p + 4 * bb) << 32 | ld16(p + 6 * bb) << 48;
+    const uint64_t odd = ld16(p + bb) | ld16(p + 3 * bb) << 16 | ld16(p + 5 * bb) << 32 | ld16(p + 7 * bb) << 48;
+    return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(odd), static_cast<int64_t>(even)));
+  }
+}
+
+// R rows (rows[r]) of a 32-value type times one activation row. xp: xq in pair order (nb8 * 256); sxp, cqp, xsp:
+// per block in kPerm order within each 8 (sx, the offset term cq, sx bs); xq, sx, bs16: natural order, for the
+// blocks past nb8 * 8.
+template <int T, int R>
+void rows32(const uint8_t* const* rows, const int8_t* xp, const float* sxp, const float* cqp, const float* xsp,
+            const int8_t* xq, const float* sx, const int16_t* bs16, int64_t nb, float* out) {
+  constexpr int bb = bytes32<T>();
+  const int64_t nb8 = nb / 8;
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nb8; c++) {
+    const int8_t* x = xp + 256 * c;
+    const __m256 s = _mm256_loadu_ps(sxp + 8 * c), cq = _mm256_loadu_ps(cqp + 8 * c);
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + 8 * bb * c;
+      _mm_prefetch(reinterpret_cast<const char*>(b) + 8 * bb * 2, _MM_HINT_T0);
+      const __m256i q0 = pair_dot<T>(b, b + bb, x), q1 = pair_dot<T>(b + 2 * bb, b + 3 * bb, x + 64);
+      const __m256i q2 = pair_dot<T>(b + 4 * bb, b + 5 * bb, x + 128), q3 = pair_dot<T>(b + 6 * bb, b + 7 * bb, x + 192);
+      const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q0, q1), _mm256_hadd_epi32(q2, q3));  // kPerm order
+      const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, cq);
+      acc[r] = _mm256_fmadd_ps(scales8<T>(b, 0), f, acc[r]);
+      if constexpr (min32<T>()) acc[r] = _mm256_fmadd_ps(scales8<T>(b, 2), _mm256_loadu_ps(xsp + 8 * c), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float y = hsum8(acc[r]);
+    for (int64_t k = nb8 * 8; k < nb; k++) {  // the last blocks: the unpacked codes, integer sums per 16
+      alignas(32) uint8_t u[32];
+      float sc[2], mn[2];
+      unpack_block(T, rows[r] + k * bb, u, sc, mn);
+      for (int h = 0; h < 2; h++) {
+        int isum = 0;
+        for (int i = 0; i < 16; i++) isum += u[16 * h + i] * xq[32 * k + 16 * h + i];
+        const float bs = static_cast<float>(bs16[2 * k + h]);
+        y += sx[k] * (sc[h] * (static_cast<float>(isum) - static_cast<float>(code_offset(T)) * bs) + mn[h] * bs);
+      }
+    }
+    out[r] = y;
+  }
+}
+
+// ---- K-quants (256-value super-blocks)
+
+template <int T> constexpr int bytesk() { return T == Q4_K ? 144 : T == Q5_K ? 176 : 210; }
+
+// 16-bit broadcasts of entry j (0..7) of 8 int16 held in both 128-bit lanes, by vpshufb.
+inline __m256i word_bcast(__m256i v, int j) {
+  const __m256i idx = _mm256_set1_epi16(static_cast<int16_t>(2 * j | (2 * j + 1) << 8));
+  return _mm256_shuffle_epi8(v, idx);
+}
+
+// Q4_K / Q5_K's 12 bytes of 6-bit scales and mins -> sc (8 x u8) in the low 8 bytes, mins in the high 8.
+inline __m128i k_scales(const uint8_t* s) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4), std::memcpy(&b, s + 4, 4), std::memcpy(&c, s + 8, 4);
+  const uint32_t sc_lo = a & 0x3F3F3F3Fu, mn_lo = b & 0x3F3F3F3Fu;
+  const uint32_t sc_hi = (c & 0x0F0F0F0Fu) | ((a >> 6) & 0x03030303u) << 4;
+  const uint32_t mn_hi = ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 6) & 0x03030303u) << 4;
+  return _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo),
+                        static_cast<int>(mn_hi));
+}
+
+// R rows of a K-quant times one activation row quantized per 256 (sx: (nb,), bs16 / bs32: per 16 / 32 values).
+template <int T, int R>
+void rowsk(const uint8_t* const* rows, const int8_t* xq, const float* sx, const int16_t* bs16, const int16_t* bs32,
+           int64_t nb, float* out) {
+  constexpr int bb = bytesk<T>();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  __m256 acc[R];
+  __m128 accm[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
+  for (int64_t k = 0; k < nb; k++) {
+    const int8_t* x = xq + 256 * k;
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + bb * k;
+      _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 128, _MM_HINT_T0);
+      __m256i isum = _mm256_setzero_si256();
+      if constexpr (T == Q6_K) {  // 128 B low nibbles | 64 B high pairs | 16 int8 scales | d
+        const __m256i sc16 = _mm256_cvtepi8_epi16(ld128(b + 192));
+        for (int h = 0; h < 2; h++) {
+          const __m256i sh = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)  // scales 8h..8h+7 in both lanes
+                               : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+          const __m256i l0 = ld256(b + 64 * h), l1 = ld256(b + 64 * h + 32), qh = ld256(b + 128 + 32 * h);
+          __m256i u[4];
+          u[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+          u[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+          u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
+          u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
+          for (int i = 0; i < 4; i++) {  // 32 values = sub-blocks 2i, 2i + 1 of this half: one scale per 128-bit lane
+            const __m256i scl = _mm256_blend_epi32(word_bcast(sh, 2 * i), word_bcast(sh, 2 * i + 1), 0xF0);
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], ld256(x + 128 * h + 32 * i)),
+                                                            scl));
+          }
+        }
+        // codes are u - 32: minus 32 sum_g sc_g bs_g
+        const __m256i offs = _mm256_madd_epi16(sc16, ld256(bs16 + 16 * k));
+        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(offs, 5));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(b + 208) * sx[k]), _mm256_cvtepi32_ps(isum), acc[r]);
+      } else {  // d | dmin | 12 B scales | (Q5_K: 32 B high bits) | 128 B nibbles
+        const __m128i scm = k_scales(b + 4);
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(scm, scm));
+        const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
+        __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();  // bit j of byte l: sub-block j, value l
+        for (int c = 0; c < 4; c++) {
+          const __m256i v = ld256(qs + 32 * c);
+          __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          if constexpr (T == Q5_K) {  // qh shifted by 2 c here
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+            qh = _mm256_srli_epi16(qh, 2);
+          }
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(x + 64 * c)),
+                                                          word_bcast(sc16, 2 * c)));
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(x + 64 * c + 32)),
+                                                          word_bcast(sc16, 2 * c + 1)));
+        }
+        const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sx[k]), _mm256_cvtepi32_ps(isum), acc[r]);
+        const __m128i mins = _mm_madd_epi16(mn16, ld128(bs32 + 8 * k));
+        accm[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * sx[k]), _mm_cvtepi32_ps(mins), accm[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) - hsum4(accm[r]);
+}
+
+// ---- the call: activations prepared once, then blocks of kR rows (OpenMP over blocks)
+
+thread_local std::vector<int8_t> simd_xq;
+thread_local std::vector<float> simd_f;
+thread_local std::vector<int16_t> simd_bs;
+
+template <int T>
+void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                   int64_t I, int nthreads) {
+  constexpr bool kq = T == Q4_K || T == Q5_K || T == Q6_K;
+  constexpr int G = kq ? 256 : 32;
+  const int64_t nb = I / G, nb8 = kq ? 0 : nb / 8, S = I / G;
+  simd_xq.resize(static_cast<size_t>(2 * M * I));
+  simd_f.resize(static_cast<size_t>(M * (S + 3 * 8 * nb8)));
+  simd_bs.resize(static_cast<size_t>(M * (I / 16 + I / 32)));
+  int8_t* xq = simd_xq.data();
+  int8_t* xp = xq + M * I;
+  float* sx = simd_f.data();
+  int16_t* bs16 = simd_bs.data();
+  int16_t* bs32 = bs16 + M * (I / 16);
+  float* sxp = sx + M * S;
+  float* cqp = sxp + M * 8 * nb8;
+  float* xsp = cqp + M * 8 * nb8;
+  for (int64_t m = 0; m < M; m++) {
+    quantize_x<G>(X + m * I, I, xq + m * I, sx + m * S, bs16 + m * (I / 16), bs32 + m * (I / 32));
+    if constexpr (!kq) {
+      pair_order(xq + m * I, nb8, xp + m * I);
+      for (int64_t c = 0; c < nb8; c++)
+        for (int l = 0; l < 8; l++) {
+          const int64_t k = 8 * c + kPerm[l], i = m * 8 * nb8 + 8 * c + l;
+          const float s = sx[m * S + k], xs = s * static_cast<float>(bs32[m * (I / 32) + k]);
+          sxp[i] = s;
+          cqp[i] = min32<T>() ? 0.f : -off32<T>() * xs;
+          xsp[i] = xs;
+        }
+    }
+  }
+  const int64_t blocks = (O + kR - 1) / kR;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    const int64_t o0 = blk * kR, n = std::min<int64_t>(kR, O - o0);
+    const uint8_t* rows[kR];
+    for (int r = 0; r < kR; r++) rows[r] = W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
+    float y[kR];
+    for (int64_t m = 0; m < M; m++) {
+      const float* s = sx + m * S;
+      const int16_t* b16 = bs16 + m * (I / 16);
+      const int16_t* b32 = bs32 + m * (I / 32);
+      if constexpr (kq) {
+        if (n == kR) rowsk<T, kR>(rows, xq + m * I, s, b16, b32, nb, y);
+        else
+          for (int r = 0; r < n; r++) rowsk<T, 1>(rows + r, xq + m * I, s, b16, b32, nb, y + r);
+      } else {
+        const int64_t a = m * 8 * nb8;
+        if (n == kR) rows32<T, kR>(rows, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y);
+        else
+          for (int r = 0; r < n; r++)
+            rows32<T, 1>(rows + r, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y + r);
+      }
+      for (int r = 0; r < n; r++) Y[m * O + o0 + r] = f32_to_bf16(y[r]);
+    }
+  }
+}
+
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T for a type simd_type() takes.
+void linear_simd(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                 int64_t I, int nthreads) {
+  switch (t) {
+    case Q4_0: return linear_simd_t<Q4_0>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q4_1: return linear_simd_t<Q4_1>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q5_0: return linear_simd_t<Q5_0>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q5_1: return linear_simd_t<Q5_1>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q8_0: return linear_simd_t<Q8_0>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case IQ4_NL: return linear_simd_t<IQ4_NL>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case MXFP4: return linear_simd_t<MXFP4>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q4_K: return linear_simd_t<Q4_K>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q5_K: return linear_simd_t<Q5_K>(W, row_bytes, X, Y, M, O, I, nthreads);
+    case Q6_K: return linear_simd_t<Q6_K>(W, row_bytes, X, Y, M, O, I, nthreads);
+    default: return;
+  }
+}
+
+#endif  // EMBER_VNNI || EMBER_AVX2
