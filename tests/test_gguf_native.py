@@ -4,7 +4,7 @@ blocks, memory held within 1.1x of the file's tensors) and decoding through the 
 
 Oracle: ``x @ dequantize(W).T`` in float64, with ``dequantize`` bit-exact against ``gguf.quants.dequantize``
 (tests/test_gguf.py). fp32 activations: equal to fp32 rounding; bf16 activations on the int8-activation path:
-within the error of quantizing the activations per 32 values.
+within the error of quantizing the activations per 32 (per 256 for the K-quants and IQ4_XS) values.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ember.quant.gguf_blocks import dequantize
 from ember.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
 # Relative to sum(|w| |x|) per output: fp32 rounding of the dot; bf16 output rounding plus activations on 127
-# (VNNI) or 63 (AVX2) levels per 32 values.
+# levels per 32 or 256 values.
 FP32_REL, BF16_REL = 2e-6, 2e-2
 
 

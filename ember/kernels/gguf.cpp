@@ -2,7 +2,7 @@
 //
 // W is the file's tensor, row after row of blocks (``row_bytes`` per row; blocks never cross rows), in one of
 // Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 (ggml type ids below).
-// The exact paths (and Q2_K, Q3_K, IQ4_XS below) first unpack a type, one weight row at a time into a per-thread
+// The exact paths first unpack a type, one weight row at a time into a per-thread
 // L1-resident scratch, to one common form: a byte code u per element and, per 16 elements g, a float scale sc[g], a float min mn[g] and a
 // per-type integer offset ``off``:
 //
@@ -13,12 +13,9 @@
 //
 //   fp32 X (every tier) and bf16 X in the portable build: w decoded to fp32 and dotted in fp32, so Y equals
 //     X @ dequantize(W)^T to fp32 rounding (the order of the adds differs).
-//   bf16 X with AVX512-VNNI (or AVX2): X quantized to int8 (x ~ sx * xq, llama.cpp's Q8 activations) and the codes
-//     multiplied as bytes. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4 (activations per 32 values) and Q4_K, Q5_K,
-//     Q6_K (per 256) are decoded in registers, four weight rows per pass (gguf_simd.h). Q2_K, Q3_K and IQ4_XS go
-//     through the unpacked row (dot_codes) with activations per 32 values (AVX2: 63 levels, so that u8 x s8 pairs
-//     never saturate vpmaddubsw): per 16 elements isum = sum(u * xq), then
-//       y = sum_g sx[g/2] * (sc[g] * isum[g] + (mn[g] - off * sc[g]) * sum(xq over g)).
+//   bf16 X with AVX512-VNNI (or AVX2): X quantized to int8 (x ~ sx * xq, llama.cpp's Q8 activations: per 32 values
+//     for the 32-value types, per 256 for the K-quants and IQ4_XS) and every type decoded in registers, four weight
+//     rows per pass, codes multiplied as bytes (gguf_simd.h).
 //
 // Threads: OpenMP over contiguous blocks of 4 output rows (as cpu.cpp); an unpacked row serves all M rows.
 
@@ -40,7 +37,7 @@ const int8_t kIq4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 const int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 // (elements, bytes) of one block; 0 for a type this file does not take.
-inline int block_elems(int t) {
+constexpr int block_elems(int t) {
   switch (t) {
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case IQ4_NL: case MXFP4: return 32;
     case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: case IQ4_XS: return 256;
@@ -286,111 +283,7 @@ void linear_exact(int t, const uint8_t* W, int64_t row_bytes, const float* X, vo
 }
 
 #if defined(EMBER_VNNI) || defined(EMBER_AVX2)
-// bf16 X (M, I) -> xq int8 (M, I), sx (M, I / 32) and the per-16 sums of xq times sx, xs (M, I / 16).
-void quantize_acts(const uint16_t* X, int64_t M, int64_t I, int levels, int8_t* xq, float* sx, float* xs) {
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t c = 0; c < I / 32; c++) {
-      const uint16_t* x = X + m * I + c * 32;
-      float amax = 0.f;
-      for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(bf16_to_f32(x[i])));
-      const float d = amax / static_cast<float>(levels), id = d > 0.f ? 1.f / d : 0.f;
-      int8_t* q = xq + m * I + c * 32;
-      int sum[2] = {0, 0};
-      for (int i = 0; i < 32; i++) {
-        q[i] = static_cast<int8_t>(std::nearbyint(bf16_to_f32(x[i]) * id));
-        sum[i / 16] += q[i];
-      }
-      sx[m * (I / 32) + c] = d;
-      xs[m * (I / 16) + 2 * c] = d * static_cast<float>(sum[0]);
-      xs[m * (I / 16) + 2 * c + 1] = d * static_cast<float>(sum[1]);
-    }
-}
-
-thread_local std::vector<int8_t> act_q;
-thread_local std::vector<float> act_f;
-
-#ifdef EMBER_VNNI
-// sum over 16-groups g of fac[g] * sum(u * xq over g), I % 32 == 0; fac (I / 16 + pad).
-inline float dot_codes(const uint8_t* u, const int8_t* xq, const float* fac, int64_t I) {
-  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= I; i += 64) {
-    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + i), _mm512_loadu_si512(xq + i));
-    __m512 f = _mm512_permutexvar_ps(quad, _mm512_zextps128_ps512(_mm_loadu_ps(fac + i / 16)));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc);
-  }
-  float tail = 0.f;
-  if (i < I) {  // a last 32 values: two groups
-    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i)),
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i)));
-    alignas(32) int32_t s[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(s), p);
-    tail = fac[i / 16] * static_cast<float>(s[0] + s[1] + s[2] + s[3]) +
-           fac[i / 16 + 1] * static_cast<float>(s[4] + s[5] + s[6] + s[7]);
-  }
-  return _mm512_reduce_add_ps(acc) + tail;
-}
-#else
-inline float dot_codes(const uint8_t* u, const int8_t* xq, const float* fac, int64_t I) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i pair = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < I; i += 32) {
-    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i)),
-                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i))),
-                                  ones);
-    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(fac + i / 16)), pair);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc);
-  }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-#endif
-
 #include "gguf_simd.h"
-
-// bf16 products on byte codes: X quantized once; 32-block types (VNNI) decoded in registers, the others unpacked
-// once per row for all M rows.
-void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, void* Y, int64_t M, int64_t O, int64_t I,
-               int y_bf16, int nthreads) {
-  const int64_t G = I / kGroup, C = I / 32;
-  act_q.resize(static_cast<size_t>(M * I));
-  act_f.resize(static_cast<size_t>(M * (C + G + C)));
-  float* sx = act_f.data();
-  float* xs = sx + M * C;
-  float* xs32 = xs + M * G;
-  quantize_acts(X, M, I, kActQ8Levels, act_q.data(), sx, xs);
-  for (int64_t i = 0; i < M * C; i++) xs32[i] = xs[2 * i] + xs[2 * i + 1];
-  const int8_t* xq = act_q.data();
-  const float off = static_cast<float>(code_offset(t));
-  for_rows(O, nthreads, [&](int64_t o) {
-    RowScratch& s = row_scratch;
-    s.fit(I);
-    unpack_row(t, W + o * row_bytes, I, s);
-    float* fac = s.w.data();  // (G) per-group factors, reused per activation row
-    for (int64_t m = 0; m < M; m++) {
-      const float* sxm = sx + m * C;
-      const float* xsm = xs + m * G;
-      float part[16] = {};  // lane-wise partial sums of the min terms (vectorisable without reassociation)
-      int64_t g = 0;
-      for (; g + 16 <= G; g += 16)
-        for (int j = 0; j < 16; j++) {
-          fac[g + j] = s.sc[g + j] * sxm[(g + j) / 2];
-          part[j] += (s.mn[g + j] - off * s.sc[g + j]) * xsm[g + j];
-        }
-      for (; g < G; g++) {
-        fac[g] = s.sc[g] * sxm[g / 2];
-        part[0] += (s.mn[g] - off * s.sc[g]) * xsm[g];
-      }
-      float mins = 0.f;
-      for (int j = 0; j < 16; j++) mins += part[j];
-      store_y(Y, m * O + o, dot_codes(s.u.data(), xq + m * I, fac, I) + mins, y_bf16);
-    }
-  });
-}
 #endif
 
 }  // namespace
@@ -408,10 +301,7 @@ int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X,
   if (!be || I % be || row_bytes != I / be * block_bytes(t)) return 0;
 #if defined(EMBER_VNNI) || defined(EMBER_AVX2)
   if (x_bf16 && act_q8) {
-    if (simd_type(t))
-      linear_simd(t, W, row_bytes, static_cast<const uint16_t*>(X), static_cast<uint16_t*>(Y), M, O, I, nthreads);
-    else
-      linear_q8(t, W, row_bytes, static_cast<const uint16_t*>(X), Y, M, O, I, 1, nthreads);
+    linear_simd(t, W, row_bytes, static_cast<const uint16_t*>(X), static_cast<uint16_t*>(Y), M, O, I, nthreads);
     return 1;
   }
 #else

@@ -14,27 +14,18 @@
 //       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types), sx bs (mins)
 //     Signed codes (Q8_0, IQ4_NL, MXFP4) are multiplied as |w| x sign(x, w). Blocks past the last 8 go through
 //     unpack_block.
-//   K-quants (Q4_K, Q5_K, Q6_K), activations per 256 values (one sx per super-block, llama.cpp's Q8_K) so the
-//     sub-block scales are folded in as integers: isum = sum_j sc_j sum(u xq over j) by vpmaddubsw then vpmaddwd
-//     with the scale, and per super-block y += d sx isum - dmin sx sum_j m_j bs_j (Q6_K: offset 32 folded into
-//     isum as 32 sum_g sc_g bs_g).
+//   256-value super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), activations per 256 values (one sx per
+//     super-block, llama.cpp's Q8_K) so the sub-block scales fold in as integers: isum = sum_j sc_j sum(u xq over j)
+//     by vpmaddubsw then vpmaddwd with the scale (one per 128-bit lane for 16-value sub-blocks), per super-block
+//       y += d sx isum - dmin sx sum_j m_j bs_j
+//     (Q2_K, Q4_K, Q5_K: mins; Q3_K, Q6_K: the code offset 4 / 32 folded into isum as off sum_g sc_g bs_g; IQ4_XS:
+//     signed book values, activations in pair order as above).
 //
 // Bounds (no saturation): vpmaddubsw pairs <= 2 * 128 * 127 for signed codes (kept in separate vpmaddwd), and
 // <= 2 * 63 * 127 for 6-bit codes; int32 sums per super-block < 2^31.
 
-#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
-
 constexpr int kR = 4;                                     // weight rows per pass
 constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};        // block of each lane after the vphaddd reduction
-
-inline bool simd_type(int t) {
-  switch (t) {
-    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case IQ4_NL: case MXFP4: case Q4_K: case Q5_K: case Q6_K:
-      return true;
-    default:
-      return false;
-  }
-}
 
 inline __m256i ld256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline __m128i ld128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
@@ -66,6 +57,14 @@ inline float hsum4(__m128 h) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   return _mm_cvtss_f32(h);
+}
+
+// Software prefetch of the bytes a row's step reads, in the row kR rows down (the next pass's rows; a thread's
+// rows are one contiguous run): the hardware prefetchers follow each row but not the jump to the next block.
+// Into L2 (PF_Q4_HINT), as the 4-bit kernels of cpu.cpp.
+inline void gguf_prefetch(const uint8_t* p, int n, int64_t row_bytes) {
+  const char* q = reinterpret_cast<const char*>(p) + kR * row_bytes;
+  for (int i = 0; i < n; i += 64) _mm_prefetch(q + i, PF_Q4_HINT);
 }
 
 // ---- activations
@@ -190,7 +189,7 @@ inline __m256 scales8(const uint8_t* b, int at) {
 // per block in kPerm order within each 8 (sx, the offset term cq, sx bs); xq, sx, bs16: natural order, for the
 // blocks past nb8 * 8.
 template <int T, int R>
-void rows32(const uint8_t* const* rows, const int8_t* xp, const float* sxp, const float* cqp, const float* xsp,
+void rows32(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xp, const float* sxp, const float* cqp, const float* xsp,
             const int8_t* xq, const float* sx, const int16_t* bs16, int64_t nb, float* out) {
   constexpr int bb = bytes32<T>();
   const int64_t nb8 = nb / 8;
@@ -201,7 +200,7 @@ void rows32(const uint8_t* const* rows, const int8_t* xp, const float* sxp, cons
     const __m256 s = _mm256_loadu_ps(sxp + 8 * c), cq = _mm256_loadu_ps(cqp + 8 * c);
     for (int r = 0; r < R; r++) {
       const uint8_t* b = rows[r] + 8 * bb * c;
-      _mm_prefetch(reinterpret_cast<const char*>(b) + 8 * bb * 2, _MM_HINT_T0);
+      gguf_prefetch(b, 8 * bb, row_bytes);
       const __m256i q0 = pair_dot<T>(b, b + bb, x), q1 = pair_dot<T>(b + 2 * bb, b + 3 * bb, x + 64);
       const __m256i q2 = pair_dot<T>(b + 4 * bb, b + 5 * bb, x + 128), q3 = pair_dot<T>(b + 6 * bb, b + 7 * bb, x + 192);
       const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q0, q1), _mm256_hadd_epi32(q2, q3));  // kPerm order
@@ -229,7 +228,9 @@ void rows32(const uint8_t* const* rows, const int8_t* xp, const float* sxp, cons
 
 // ---- K-quants (256-value super-blocks)
 
-template <int T> constexpr int bytesk() { return T == Q4_K ? 144 : T == Q5_K ? 176 : 210; }
+template <int T> constexpr int bytesk() {
+  return T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : T == IQ4_XS ? 136 : 210;
+}
 
 // 16-bit broadcasts of entry j (0..7) of 8 int16 held in both 128-bit lanes, by vpshufb.
 inline __m256i word_bcast(__m256i v, int j) {
@@ -248,74 +249,148 @@ inline __m128i k_scales(const uint8_t* s) {
                         static_cast<int>(mn_hi));
 }
 
-// R rows of a K-quant times one activation row quantized per 256 (sx: (nb,), bs16 / bs32: per 16 / 32 values).
-template <int T, int R>
-void rowsk(const uint8_t* const* rows, const int8_t* xq, const float* sx, const int16_t* bs16, const int16_t* bs32,
-           int64_t nb, float* out) {
-  constexpr int bb = bytesk<T>();
+// Q3_K's 12 bytes of 6-bit scales -> 16 signed scales (stored value - 32) as int8.
+inline __m128i q3_scales(const uint8_t* s) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4), std::memcpy(&b, s + 4, 4), std::memcpy(&c, s + 8, 4);
+  const uint32_t m4 = 0x0F0F0F0Fu, m2 = 0x03030303u;
+  const __m128i v = _mm_setr_epi32(static_cast<int>((a & m4) | (c & m2) << 4),
+                                   static_cast<int>((b & m4) | ((c >> 2) & m2) << 4),
+                                   static_cast<int>(((a >> 4) & m4) | ((c >> 4) & m2) << 4),
+                                   static_cast<int>(((b >> 4) & m4) | ((c >> 6) & m2) << 4));
+  return _mm_sub_epi8(v, _mm_set1_epi8(32));
+}
+
+// Scales for 32 values of 16-value sub-blocks j, j + 1 (entries of sh, 8 int16 in both lanes): one per 128-bit lane.
+inline __m256i lane_scales(__m256i sh, int j) {
+  return _mm256_blend_epi32(word_bcast(sh, j), word_bcast(sh, j + 1), 0xF0);
+}
+
+inline __m256i bcast_lane(__m256i v, int hi) {
+  return hi ? _mm256_permute2x128_si256(v, v, 0x11) : _mm256_permute2x128_si256(v, v, 0x00);
+}
+
+// One super-block b against its 256 activations x: isum and mins (int32 lanes) and their factors, so that
+// y += d sx sum(isum) - dm sx sum(mins). bs16 / bs32: the super-block's sums of xq per 16 / 32 values.
+template <int T>
+inline void sb_dot(const uint8_t* b, const int8_t* x, const int16_t* bs16, const int16_t* bs32, __m256i& isum,
+                   __m256i& mins, float& d, float& dm) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-  __m256 acc[R];
-  __m128 accm[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
-  for (int64_t k = 0; k < nb; k++) {
-    const int8_t* x = xq + 256 * k;
-    for (int r = 0; r < R; r++) {
-      const uint8_t* b = rows[r] + bb * k;
-      _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 128, _MM_HINT_T0);
-      __m256i isum = _mm256_setzero_si256();
-      if constexpr (T == Q6_K) {  // 128 B low nibbles | 64 B high pairs | 16 int8 scales | d
-        const __m256i sc16 = _mm256_cvtepi8_epi16(ld128(b + 192));
-        for (int h = 0; h < 2; h++) {
-          const __m256i sh = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11)  // scales 8h..8h+7 in both lanes
-                               : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-          const __m256i l0 = ld256(b + 64 * h), l1 = ld256(b + 64 * h + 32), qh = ld256(b + 128 + 32 * h);
-          __m256i u[4];
-          u[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
-          u[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
-          u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
-          u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
-          for (int i = 0; i < 4; i++) {  // 32 values = sub-blocks 2i, 2i + 1 of this half: one scale per 128-bit lane
-            const __m256i scl = _mm256_blend_epi32(word_bcast(sh, 2 * i), word_bcast(sh, 2 * i + 1), 0xF0);
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], ld256(x + 128 * h + 32 * i)),
-                                                            scl));
-          }
-        }
-        // codes are u - 32: minus 32 sum_g sc_g bs_g
-        const __m256i offs = _mm256_madd_epi16(sc16, ld256(bs16 + 16 * k));
-        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(offs, 5));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(b + 208) * sx[k]), _mm256_cvtepi32_ps(isum), acc[r]);
-      } else {  // d | dmin | 12 B scales | (Q5_K: 32 B high bits) | 128 B nibbles
-        const __m128i scm = k_scales(b + 4);
-        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
-        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(scm, scm));
-        const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
-        __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();  // bit j of byte l: sub-block j, value l
-        for (int c = 0; c < 4; c++) {
-          const __m256i v = ld256(qs + 32 * c);
-          __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-          if constexpr (T == Q5_K) {  // qh shifted by 2 c here
-            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
-            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
-            qh = _mm256_srli_epi16(qh, 2);
-          }
-          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(x + 64 * c)),
-                                                          word_bcast(sc16, 2 * c)));
-          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(x + 64 * c + 32)),
-                                                          word_bcast(sc16, 2 * c + 1)));
-        }
-        const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sx[k]), _mm256_cvtepi32_ps(isum), acc[r]);
-        const __m128i mins = _mm_madd_epi16(mn16, ld128(bs32 + 8 * k));
-        accm[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * sx[k]), _mm_cvtepi32_ps(mins), accm[r]);
+  isum = mins = _mm256_setzero_si256();
+  dm = 0.f;
+  if constexpr (T == Q6_K) {  // 128 B low nibbles | 64 B high pairs | 16 int8 scales | d
+    const __m256i sc16 = _mm256_cvtepi8_epi16(ld128(b + 192));
+    for (int h = 0; h < 2; h++) {
+      const __m256i sh = bcast_lane(sc16, h);  // scales 8h..8h+7
+      const __m256i l0 = ld256(b + 64 * h), l1 = ld256(b + 64 * h + 32), qh = ld256(b + 128 + 32 * h);
+      __m256i u[4];
+      u[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+      u[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
+      u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
+      u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
+      for (int i = 0; i < 4; i++)  // 32 values = 16-value sub-blocks 2i, 2i + 1 of this half
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], ld256(x + 128 * h + 32 * i)),
+                                                        lane_scales(sh, 2 * i)));
+    }
+    // codes are u - 32: minus 32 sum_g sc_g bs_g
+    isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(sc16, ld256(bs16)), 5));
+    d = f16_to_f32(b + 208);
+  } else if constexpr (T == Q3_K) {  // 32 B high bits | 64 B 2-bit codes | 12 B scales | d
+    const __m256i sc16 = _mm256_cvtepi8_epi16(q3_scales(b + 96));
+    __m256i hm = ld256(b);  // bit 4h + j of byte l: element 128h + 32j + l, shifted down as j runs
+    for (int h = 0; h < 2; h++) {
+      const __m256i sh = bcast_lane(sc16, h);
+      __m256i q = ld256(b + 32 + 32 * h);
+      for (int j = 0; j < 4; j++) {
+        const __m256i u = _mm256_or_si256(_mm256_and_si256(q, m3), _mm256_slli_epi16(_mm256_and_si256(hm, one), 2));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, ld256(x + 128 * h + 32 * j)),
+                                                        lane_scales(sh, 2 * j)));
+        q = _mm256_srli_epi16(q, 2), hm = _mm256_srli_epi16(hm, 1);
       }
     }
+    isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(sc16, ld256(bs16)), 2));  // codes u - 4
+    d = f16_to_f32(b + 108);
+  } else if constexpr (T == Q2_K) {  // 16 B scales (low nibble) / mins (high) | 64 B 2-bit codes | d | dmin
+    const __m128i s = ld128(b);
+    const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0x0F)));
+    for (int h = 0; h < 2; h++) {
+      const __m256i sh = bcast_lane(sc16, h);
+      __m256i q = ld256(b + 16 + 32 * h);
+      for (int j = 0; j < 4; j++) {
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(q, m3),
+                                                                             ld256(x + 128 * h + 32 * j)),
+                                                        lane_scales(sh, 2 * j)));
+        q = _mm256_srli_epi16(q, 2);
+      }
+    }
+    mins = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F))),
+                             ld256(bs16));
+    d = f16_to_f32(b + 80), dm = f16_to_f32(b + 82);
+  } else if constexpr (T == IQ4_XS) {  // d | uint16 scale highs | 4 B scale lows | 128 B nibbles; x in pair order
+    const int hi = b[2] | b[3] << 8;
+    uint32_t lo4;
+    std::memcpy(&lo4, b + 4, 4);
+    alignas(16) int16_t ls[8];
+    for (int j = 0; j < 8; j++) ls[j] = static_cast<int16_t>((((lo4 >> (4 * j)) & 0x0F) | ((hi >> (2 * j)) & 3) << 4) - 32);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(ls)));
+    const __m256i tb = _mm256_broadcastsi128_si256(ld128(kIq4));
+    for (int c = 0; c < 4; c++) {  // sub-blocks 2c (low lane), 2c + 1 (high lane)
+      const __m256i v = ld256(b + 8 + 32 * c);
+      const __m256i lo = _mm256_shuffle_epi8(tb, _mm256_and_si256(v, m4));
+      const __m256i hv = _mm256_shuffle_epi8(tb, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+      const __m256i scl = lane_scales(sc16, 2 * c);  // |w| x sign(x, w): pairs <= 2 * 127 * 127
+      const __m256i xl = ld256(x + 64 * c), xh = ld256(x + 64 * c + 32);
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(
+                                        _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)), scl));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(
+                                        _mm256_maddubs_epi16(_mm256_sign_epi8(hv, hv), _mm256_sign_epi8(xh, hv)), scl));
+    }
+    d = f16_to_f32(b);
+  } else {  // Q4_K, Q5_K: d | dmin | 12 B scales | (Q5_K: 32 B high bits) | 128 B nibbles
+    const __m128i scm = k_scales(b + 4);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+    const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
+    __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();  // bit j of byte l: sub-block j, value l
+    for (int c = 0; c < 4; c++) {
+      const __m256i v = ld256(qs + 32 * c);
+      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      if constexpr (T == Q5_K) {  // qh shifted by 2 c here
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+        qh = _mm256_srli_epi16(qh, 2);
+      }
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(x + 64 * c)),
+                                                      word_bcast(sc16, 2 * c)));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(x + 64 * c + 32)),
+                                                      word_bcast(sc16, 2 * c + 1)));
+    }
+    mins = _mm256_zextsi128_si256(_mm_madd_epi16(_mm_cvtepu8_epi16(_mm_unpackhi_epi64(scm, scm)), ld128(bs32)));
+    d = f16_to_f32(b), dm = f16_to_f32(b + 2);
   }
-  for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) - hsum4(accm[r]);
+}
+
+// R rows of a K-quant times one activation row quantized per 256 (sx: (nb,), bs16 / bs32: per 16 / 32 values).
+template <int T, int R>
+void rowsk(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xq, const float* sx, const int16_t* bs16,
+           const int16_t* bs32, int64_t nb, float* out) {
+  constexpr int bb = bytesk<T>();
+  __m256 acc[R], accm[R];
+  for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nb; k++)
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + bb * k;
+      gguf_prefetch(b, bb, row_bytes);
+      __m256i isum, mins;
+      float d, dm;
+      sb_dot<T>(b, xq + 256 * k, bs16 + 16 * k, bs32 + 8 * k, isum, mins, d, dm);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sx[k]), _mm256_cvtepi32_ps(isum), acc[r]);
+      if constexpr (T == Q2_K || T == Q4_K || T == Q5_K)
+        accm[r] = _mm256_fmadd_ps(_mm256_set1_ps(dm * sx[k]), _mm256_cvtepi32_ps(mins), accm[r]);
+    }
+  for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) - hsum8(accm[r]);
 }
 
 // ---- the call: activations prepared once, then blocks of kR rows (OpenMP over blocks)
@@ -327,7 +402,7 @@ thread_local std::vector<int16_t> simd_bs;
 template <int T>
 void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
                    int64_t I, int nthreads) {
-  constexpr bool kq = T == Q4_K || T == Q5_K || T == Q6_K;
+  constexpr bool kq = block_elems(T) == 256;
   constexpr int G = kq ? 256 : 32;
   const int64_t nb = I / G, nb8 = kq ? 0 : nb / 8, S = I / G;
   simd_xq.resize(static_cast<size_t>(2 * M * I));
@@ -343,6 +418,7 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
   float* xsp = cqp + M * 8 * nb8;
   for (int64_t m = 0; m < M; m++) {
     quantize_x<G>(X + m * I, I, xq + m * I, sx + m * S, bs16 + m * (I / 16), bs32 + m * (I / 32));
+    if constexpr (T == IQ4_XS) pair_order(xq + m * I, nb, xp + m * I);
     if constexpr (!kq) {
       pair_order(xq + m * I, nb8, xp + m * I);
       for (int64_t c = 0; c < nb8; c++)
@@ -367,37 +443,33 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
       const int16_t* b16 = bs16 + m * (I / 16);
       const int16_t* b32 = bs32 + m * (I / 32);
       if constexpr (kq) {
-        if (n == kR) rowsk<T, kR>(rows, xq + m * I, s, b16, b32, nb, y);
+        const int8_t* x = (T == IQ4_XS ? xp : xq) + m * I;
+        if (n == kR) rowsk<T, kR>(rows, row_bytes, x, s, b16, b32, nb, y);
         else
-          for (int r = 0; r < n; r++) rowsk<T, 1>(rows + r, xq + m * I, s, b16, b32, nb, y + r);
+          for (int r = 0; r < n; r++) rowsk<T, 1>(rows + r, row_bytes, x, s, b16, b32, nb, y + r);
       } else {
         const int64_t a = m * 8 * nb8;
-        if (n == kR) rows32<T, kR>(rows, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y);
+        if (n == kR) rows32<T, kR>(rows, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y);
         else
           for (int r = 0; r < n; r++)
-            rows32<T, 1>(rows + r, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y + r);
+            rows32<T, 1>(rows + r, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y + r);
       }
       for (int r = 0; r < n; r++) Y[m * O + o0 + r] = f32_to_bf16(y[r]);
     }
   }
 }
 
-// Y (M, O) bf16 = X (M, I) bf16 @ W^T for a type simd_type() takes.
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T.
 void linear_simd(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
                  int64_t I, int nthreads) {
+#define GGUF_CASE(T) \
+  case T:              \
+    return linear_simd_t<T>(W, row_bytes, X, Y, M, O, I, nthreads);
   switch (t) {
-    case Q4_0: return linear_simd_t<Q4_0>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q4_1: return linear_simd_t<Q4_1>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q5_0: return linear_simd_t<Q5_0>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q5_1: return linear_simd_t<Q5_1>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q8_0: return linear_simd_t<Q8_0>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case IQ4_NL: return linear_simd_t<IQ4_NL>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case MXFP4: return linear_simd_t<MXFP4>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q4_K: return linear_simd_t<Q4_K>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q5_K: return linear_simd_t<Q5_K>(W, row_bytes, X, Y, M, O, I, nthreads);
-    case Q6_K: return linear_simd_t<Q6_K>(W, row_bytes, X, Y, M, O, I, nthreads);
+    GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    GGUF_CASE(Q2_K) GGUF_CASE(Q3_K) GGUF_CASE(Q4_K) GGUF_CASE(Q5_K) GGUF_CASE(Q6_K) GGUF_CASE(IQ4_XS)
     default: return;
   }
+#undef GGUF_CASE
 }
 
-#endif  // EMBER_VNNI || EMBER_AVX2
