@@ -69,23 +69,38 @@ inline void gguf_prefetch(const uint8_t* p, int n, int64_t row_bytes) {
 
 // ---- activations
 
+inline __m256 bf16x8(const uint16_t* p) {  // 8 bf16 -> fp32 (exact)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ld128(p)), 16));
+}
+
 // bf16 x (n values, n % G == 0) -> int8 xq on 127 levels per G values, scales sx (n / G), sums of xq per 16 (bs16,
-// n / 16) and per 32 (bs32, n / 32).
+// n / 16) and per 32 (bs32, n / 32). xq = nearbyint(x * (127 / amax)) (vcvtps2dq rounds to nearest even).
 template <int G>
 void quantize_x(const uint16_t* x, int64_t n, int8_t* xq, float* sx, int16_t* bs16, int16_t* bs32) {
+  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t c = 0; c < n / G; c++) {
-    float amax = 0.f;
-    for (int i = 0; i < G; i++) amax = std::max(amax, std::fabs(bf16_to_f32(x[c * G + i])));
+    const uint16_t* xc = x + c * G;
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < G; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(bf16x8(xc + i), abs));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
     sx[c] = d;
-    for (int i = 0; i < G; i++) xq[c * G + i] = static_cast<int8_t>(std::nearbyint(bf16_to_f32(x[c * G + i]) * id));
+    const __m256 vid = _mm256_set1_ps(id);
+    for (int i = 0; i < G; i += 16) {
+      const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8(xc + i), vid));
+      const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8(xc + i + 8), vid));
+      const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // 16 int16, in order
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + c * G + i),
+                       _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+      const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(_mm256_add_epi32(q0, q1)),
+                                      _mm256_extracti128_si256(_mm256_add_epi32(q0, q1), 1));
+      const __m128i s2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      bs16[(c * G + i) / 16] = static_cast<int16_t>(_mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1))));
+    }
   }
-  for (int64_t g = 0; g < n / 16; g++) {
-    int s = 0;
-    for (int i = 0; i < 16; i++) s += xq[g * 16 + i];
-    bs16[g] = static_cast<int16_t>(s);
-    if (g & 1) bs32[g / 2] = static_cast<int16_t>(bs16[g - 1] + s);
-  }
+  for (int64_t g = 0; g < n / 32; g++) bs32[g] = static_cast<int16_t>(bs16[2 * g] + bs16[2 * g + 1]);
 }
 
 // Within each 8 blocks (256 values) of a 32-value type's activations: every pair of blocks k, k+1 as
