@@ -325,9 +325,17 @@ int ember_gguf_dequant(const uint8_t* W, int64_t row_bytes, int t, int64_t I, in
   for_rows(r1 - r0, nthreads, [&](int64_t r) {
     RowScratch& s = row_scratch;
     s.fit(I);
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+    if (!decode_row_simd(t, W + (r0 + r) * row_bytes, I, s.w.data())) {
+      unpack_row(t, W + (r0 + r) * row_bytes, I, s);
+      decode_row(t, s, I);
+    }
+    store_row_simd(static_cast<char*>(out) + r * I * (out_bf16 ? 2 : 4), s.w.data(), I, out_bf16);
+#else
     unpack_row(t, W + (r0 + r) * row_bytes, I, s);
     decode_row(t, s, I);
     for (int64_t i = 0; i < I; i++) store_y(out, r * I + i, s.w[i], out_bf16);
+#endif
   });
   return 1;
 }

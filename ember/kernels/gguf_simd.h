@@ -408,6 +408,69 @@ void rowsk(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xq, cons
   for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) - hsum8(accm[r]);
 }
 
+// A row of a 32-value type decoded to fp32 w (nb blocks, nb even) with the reference's roundings: w = d * v
+// (v = u - off, or the signed value) or d * u + m, each an exact product and at most one rounded add.
+template <int T>
+void decode_row32(const uint8_t* row, int64_t nb, float* w) {
+  constexpr int bb = bytes32<T>();
+  auto out8 = [](__m128i v8, __m256 d, __m256 m, float* o) {  // 8 codes (low bytes of v8) -> o[0..7]
+    __m256 f = _mm256_cvtepi32_ps(signed32<T>() ? _mm256_cvtepi8_epi32(v8) : _mm256_cvtepu8_epi32(v8));
+    if constexpr (off32<T>() != 0.f) f = _mm256_sub_ps(f, _mm256_set1_ps(off32<T>()));
+    f = _mm256_mul_ps(d, f);
+    _mm256_storeu_ps(o, min32<T>() ? _mm256_add_ps(f, m) : f);
+  };
+  for (int64_t k = 0; k + 1 < nb; k += 2) {
+    const uint8_t* a = row + k * bb;
+    __m256i lo, hi;
+    pair_codes<T>(a, a + bb, lo, hi);
+    for (int j = 0; j < 2; j++) {  // block k + j: [lo lane j | hi lane j] in natural order
+      const uint8_t* b = a + j * bb;
+      const __m256i v = j ? _mm256_permute2x128_si256(lo, hi, 0x31) : _mm256_permute2x128_si256(lo, hi, 0x20);
+      const __m256 d = _mm256_set1_ps(T == MXFP4 ? e8m0_half(b[0]) : f16_to_f32(b));
+      const __m256 m = _mm256_set1_ps(min32<T>() ? f16_to_f32(b + 2) : 0.f);
+      const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+      float* o = w + 32 * (k + j);
+      out8(v0, d, m, o), out8(_mm_srli_si128(v0, 8), d, m, o + 8);
+      out8(v1, d, m, o + 16), out8(_mm_srli_si128(v1, 8), d, m, o + 24);
+    }
+  }
+}
+
+// The row decoded to w where a register decoder exists (32-value types, an even block count); false otherwise.
+inline bool decode_row_simd(int t, const uint8_t* row, int64_t I, float* w) {
+  if (I % 64) return false;
+#define GGUF_CASE(T) \
+  case T:              \
+    decode_row32<T>(row, I / 32, w); \
+    return true;
+  switch (t) {
+    GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    default: return false;
+  }
+#undef GGUF_CASE
+}
+
+// n fp32 values (n % 16 == 0) to out: fp32, or bf16 rounded to nearest even with NaN kept quiet (f32_to_bf16).
+inline void store_row_simd(void* out, const float* w, int64_t n, int out_bf16) {
+  if (!out_bf16) {
+    std::memcpy(out, w, static_cast<size_t>(n) * 4);
+    return;
+  }
+  auto bf = [](__m256i u) {
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                           _mm256_set1_epi32(0x7F800000));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  };
+  uint16_t* o = static_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256i a = bf(_mm256_castps_si256(_mm256_loadu_ps(w + i)));
+    const __m256i b = bf(_mm256_castps_si256(_mm256_loadu_ps(w + i + 8)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+  }
+}
+
 // ---- the call: activations prepared once, then blocks of kR rows (OpenMP over blocks)
 
 thread_local std::vector<int8_t> simd_xq;
