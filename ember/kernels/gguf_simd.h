@@ -285,6 +285,31 @@ inline __m256i bcast_lane(__m256i v, int hi) {
   return hi ? _mm256_permute2x128_si256(v, v, 0x11) : _mm256_permute2x128_si256(v, v, 0x00);
 }
 
+// Q6_K half h's codes u (0..63) as four vectors of 32 values in natural order (elements 128h + 32i ...).
+inline void q6_codes(const uint8_t* b, int h, __m256i* u) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  const __m256i l0 = ld256(b + 64 * h), l1 = ld256(b + 64 * h + 32), qh = ld256(b + 128 + 32 * h);
+  auto high = [&](__m256i q) { return _mm256_slli_epi16(_mm256_and_si256(q, m3), 4); };
+  u[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), high(qh));
+  u[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), high(_mm256_srli_epi16(qh, 2)));
+  u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), high(_mm256_srli_epi16(qh, 4)));
+  u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), high(_mm256_srli_epi16(qh, 6)));
+}
+
+// Q4_K / Q5_K: 32 bytes of nibbles at q -> sub-blocks 2c (lo) and 2c + 1 (hi); Q5_K's high bits from qh (bit 0
+// and 1 of each byte, shifted down by 2 for the next c here).
+template <int T>
+inline void k45_codes(const uint8_t* q, __m256i& qh, __m256i& lo, __m256i& hi) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  const __m256i v = ld256(q);
+  lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if constexpr (T == Q5_K) {
+    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+    qh = _mm256_srli_epi16(qh, 2);
+  }
+}
+
 // One super-block b against its 256 activations x: isum and mins (int32 lanes) and their factors, so that
 // y += d sx sum(isum) - dm sx sum(mins). bs16 / bs32: the super-block's sums of xq per 16 / 32 values.
 template <int T>
@@ -297,15 +322,8 @@ inline void sb_dot(const uint8_t* b, const int8_t* x, const int16_t* bs16, const
     const __m256i sc16 = _mm256_cvtepi8_epi16(ld128(b + 192));
     for (int h = 0; h < 2; h++) {
       const __m256i sh = bcast_lane(sc16, h);  // scales 8h..8h+7
-      const __m256i l0 = ld256(b + 64 * h), l1 = ld256(b + 64 * h + 32), qh = ld256(b + 128 + 32 * h);
       __m256i u[4];
-      u[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
-      u[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4));
-      u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4));
-      u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                             _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4));
+      q6_codes(b, h, u);
       for (int i = 0; i < 4; i++)  // 32 values = 16-value sub-blocks 2i, 2i + 1 of this half
         isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], ld256(x + 128 * h + 32 * i)),
                                                         lane_scales(sh, 2 * i)));
@@ -370,13 +388,8 @@ inline void sb_dot(const uint8_t* b, const int8_t* x, const int16_t* bs16, const
     const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
     __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();  // bit j of byte l: sub-block j, value l
     for (int c = 0; c < 4; c++) {
-      const __m256i v = ld256(qs + 32 * c);
-      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      if constexpr (T == Q5_K) {  // qh shifted by 2 c here
-        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
-        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
-        qh = _mm256_srli_epi16(qh, 2);
-      }
+      __m256i lo, hi;
+      k45_codes<T>(qs + 32 * c, qh, lo, hi);
       isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(x + 64 * c)),
                                                       word_bcast(sc16, 2 * c)));
       isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(x + 64 * c + 32)),
@@ -436,7 +449,56 @@ void decode_row32(const uint8_t* row, int64_t nb, float* w) {
   }
 }
 
-// The row decoded to w where a register decoder exists (32-value types, an even block count); false otherwise.
+// 32 codes u (u8) -> o[0..31]: w = c * (u - off) (symmetric) or c * u + m (affine); c, m: first 16, last 16.
+template <bool AFFINE>
+inline void decode32(__m256i u, float c0, float c1, float m0, float m1, float off, float* o) {
+  const __m128i a = _mm256_castsi256_si128(u), b = _mm256_extracti128_si256(u, 1);
+  const __m128i part[4] = {a, _mm_srli_si128(a, 8), b, _mm_srli_si128(b, 8)};
+  for (int q = 0; q < 4; q++) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[q]));
+    const __m256 c = _mm256_set1_ps(q < 2 ? c0 : c1);
+    _mm256_storeu_ps(o + 8 * q, AFFINE ? _mm256_add_ps(_mm256_mul_ps(c, f), _mm256_set1_ps(q < 2 ? m0 : m1))
+                                       : _mm256_mul_ps(c, _mm256_sub_ps(f, _mm256_set1_ps(off))));
+  }
+}
+
+// A row of Q4_K, Q5_K or Q6_K decoded to fp32 w with the reference's roundings (as unpack_block + decode_row).
+template <int T>
+void decode_rowk(const uint8_t* row, int64_t nb, float* w) {
+  constexpr int bb = bytesk<T>();
+  for (int64_t k = 0; k < nb; k++) {
+    const uint8_t* b = row + bb * k;
+    float* o = w + 256 * k;
+    if constexpr (T == Q6_K) {
+      const float d = f16_to_f32(b + 208);
+      for (int h = 0; h < 2; h++) {
+        __m256i u[4];
+        q6_codes(b, h, u);
+        for (int i = 0; i < 4; i++) {
+          const int g = 8 * h + 2 * i;
+          decode32<false>(u[i], d * static_cast<float>(static_cast<int8_t>(b[192 + g])),
+                          d * static_cast<float>(static_cast<int8_t>(b[193 + g])), 0.f, 0.f, 32.f, o + 128 * h + 32 * i);
+        }
+      }
+    } else {
+      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+      alignas(16) uint8_t sm[16];  // 8 scales, 8 mins
+      _mm_store_si128(reinterpret_cast<__m128i*>(sm), k_scales(b + 4));
+      __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();
+      for (int c = 0; c < 4; c++) {
+        __m256i lo, hi;
+        k45_codes<T>(b + (T == Q4_K ? 16 : 48) + 32 * c, qh, lo, hi);
+        for (int j = 0; j < 2; j++) {
+          const float cj = d * static_cast<float>(sm[2 * c + j]), mj = -(dmin * static_cast<float>(sm[8 + 2 * c + j]));
+          decode32<true>(j ? hi : lo, cj, cj, mj, mj, 0.f, o + 64 * c + 32 * j);
+        }
+      }
+    }
+  }
+}
+
+// The row decoded to w where a register decoder exists (32-value types with an even block count, Q4_K, Q5_K,
+// Q6_K); false otherwise (the caller unpacks).
 inline bool decode_row_simd(int t, const uint8_t* row, int64_t I, float* w) {
   if (I % 64) return false;
 #define GGUF_CASE(T) \
@@ -445,6 +507,9 @@ inline bool decode_row_simd(int t, const uint8_t* row, int64_t I, float* w) {
     return true;
   switch (t) {
     GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    case Q4_K: return decode_rowk<Q4_K>(row, I / 256, w), true;
+    case Q5_K: return decode_rowk<Q5_K>(row, I / 256, w), true;
+    case Q6_K: return decode_rowk<Q6_K>(row, I / 256, w), true;
     default: return false;
   }
 #undef GGUF_CASE
