@@ -345,14 +345,18 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, voca
     return row
 
 
-def table(d: dict) -> str:
-    """The Markdown table of one run: bench/report.py's, so the printed and the recorded tables are one."""
+def _report_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_report", _HERE / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    return report.gguf_table(d)
+    return report
+
+
+def table(d: dict) -> str:
+    """The Markdown table of one run: bench/report.py's, so the printed and the recorded tables are one."""
+    return _report_module().gguf_table(d)
 
 
 def main() -> None:
@@ -371,6 +375,10 @@ def main() -> None:
                     help="llama.cpp's convert_hf_to_gguf.py (default: $EMBER_LLAMA_CPP_CONVERTER)")
     ap.add_argument("--cache", default=str(CACHE), help="where checkpoints and GGUF files are made and reused")
     ap.add_argument("--out", default="bench/results/gguf.json")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no new file after S seconds (the rows measured by then are written and tabled)")
+    ap.add_argument("--record", action="store_true",
+                    help="then record the table (bench/report.py: bench/recorded/ and docs/benchmarks.md)")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "FILE"), help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=32000, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -407,18 +415,31 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.gpt_oss:
         models.append((f"gpt-oss-{args.size}", GPT_OSS_SIZES[args.size], ["mxfp4"]))
-    for name, dims, kinds in models:
-        files = (make_gpt_oss_file(name, dims, cache) if name.startswith("gpt-oss") else
-                 make_files(name, dims, kinds, Path(args.converter).resolve(), cache))
-        for kind, path in files.items():
-            d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"]))
-            d["wall_s"] = time.perf_counter() - t0
-            tmp = out.with_suffix(".tmp")  # after every file, so a stopped run keeps what it measured
-            tmp.write_text(json.dumps(d, indent=2))
-            os.replace(tmp, out)
+    # the types in turn, each on the dense model then the MoE, so a time-limited run covers the most types
+    jobs = [(name, dims, kind) for kind in types for name, dims, kinds in models if kind in kinds]
+    for name, dims, kind in jobs:
+        if args.time_limit is not None and time.perf_counter() - t0 > args.time_limit:
+            print(f"time limit: {name} {LABELS[kind]} and later files not run", file=sys.stderr)
+            d.setdefault("skipped", []).append(f"{name} {LABELS[kind]}")
+            continue
+        if name.startswith("gpt-oss"):
+            path = make_gpt_oss_file(name, dims, cache)[kind]
+        else:
+            path = make_files(name, dims, [kind], Path(args.converter).resolve(), cache)[kind]
+        d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"]))
+        d["wall_s"] = time.perf_counter() - t0
+        tmp = out.with_suffix(".tmp")  # after every file, so a stopped run keeps what it measured
+        tmp.write_text(json.dumps(d, indent=2))
+        os.replace(tmp, out)
     print()
     print(table(d))
     print(f"\nwrote {out}")
+    if args.record:
+        report = _report_module()
+        if out.resolve() != (report.RESULTS / "gguf.json").resolve():
+            sys.exit("--record takes the default --out (bench/report.py reads bench/results/gguf.json)")
+        print(f"recorded {report.record('gguf')}")
+        report._atomic_write(report.DOCS_PAGE, report.render_docs())
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ thresholds in ember.quant were chosen. Timings interleave the candidates and kee
 
     python bench/quant.py                  # all formats, cold + hot + batch sweep
     python bench/quant.py --skip-batch     # GEMV tables only
+    python bench/quant.py --skip-batch --formats bf16,int4g32,int8,gguf-q4_0,gguf-q4_k,gguf-q6_k,gguf-q8_0,gguf-mxfp4
+                                           # GGUF block kernels (GGUFLinear) beside Ember's own
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from ember.quant import Int4Linear, Int8Linear, NF4Linear  # noqa: E402
 def stored_bytes(m: torch.nn.Module) -> int:
     if isinstance(m, (Int8Linear, Int4Linear, NF4Linear)):
         return m.weight_bytes()
+    if hasattr(m, "qweight"):  # GGUFLinear: the blocks as stored
+        return m.qweight.numel()
     return m.weight.numel() * m.weight.element_size()
 
 
@@ -90,6 +94,16 @@ def build(fmt: str, w: torch.Tensor) -> torch.nn.Module:
         return Int4Linear.from_linear(lin, int(fmt.split("g")[1]))
     if fmt == "nf4":
         return NF4Linear.from_linear(lin)
+    if fmt.startswith("gguf-"):  # the ggml blocks of the same weight, kept as stored (GGUFLinear)
+        import gguf
+
+        from ember.loading.gguf.kquants import quantize_k
+        from ember.quant.gguf_linear import GGUFLinear
+
+        qtype = gguf.GGMLQuantizationType[fmt[5:].upper()]
+        x = w.float().numpy()
+        raw = quantize_k(x, qtype.name) if qtype.name in ("Q4_K", "Q5_K", "Q6_K") else gguf.quants.quantize(x, qtype)
+        return GGUFLinear(torch.from_numpy(raw), qtype, None, w.dtype)
     raise ValueError(fmt)
 
 
@@ -134,6 +148,9 @@ def kernel_name(m: torch.nn.Module) -> str:
         if lib is None:
             return "dequant+matmul"
         return "ember 4-bit, VNNI (int8 activations)" if vnni else "ember 4-bit (bf16)"
+    if hasattr(m, "qtype"):
+        return f"ember GGUF {m.qtype.name}, {'VNNI' if vnni else 'AVX2'} (int8 activations)" if lib is not None \
+            else "dequant+matmul (torch decoders)"
     return "ember bf16" if lib is not None else "torch.mv (bf16)"
 
 

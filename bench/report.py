@@ -128,8 +128,9 @@ def gguf_table(d: dict) -> str:
                      f"{r['decode_ratio']:.2f}x", f"{e['prefill_tok_s']:.1f}", f"{c['prefill_tok_s']:.1f}",
                      f"{r['prefill_ratio']:.2f}x", f"{e['rss_bytes'] / MiB:.0f}", f"{c['rss_bytes'] / MiB:.0f}",
                      f"{r['rss_ratio']:.2f}x"])
+    skipped = (f"\n\nNot run within the run's time limit: {', '.join(d['skipped'])}." if d.get("skipped") else "")
     return text + _table(["model", "type", "file MB", "decode tok/s Ember", "llama.cpp", "ratio", "prefill tok/s Ember",
-                          "llama.cpp", "ratio", "resident MB Ember", "llama.cpp", "ratio"], rows)
+                          "llama.cpp", "ratio", "resident MB Ember", "llama.cpp", "ratio"], rows) + skipped
 
 
 def gguf() -> str | None:

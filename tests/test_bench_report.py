@@ -41,3 +41,16 @@ def test_a_new_result_is_recorded_with_its_machine_and_date(tmp_path, monkeypatc
     assert "| 16 | 32 | 0 | 800.0 | 16.00x |" in text and "PASS: aggregate tok/s at 16 streams" in text
     page = report.render_docs()
     assert text.strip() in page and "(nothing recorded yet: run `python bench/decode.py`)" in page
+
+
+def test_gguf_table_names_the_files_a_time_limit_left_out():
+    report = _report()
+    run = dict(llama_cpp_python="0.3.36", threads=2, date="2027-01-02", machine="Test CPU", prompt_len=128,
+               new_tokens=128, rounds=3, skipped=["mixtral-moe-1.1b MXFP4_MOE"])
+    side = dict(decode_tok_s=30.0, prefill_tok_s=100.0, rss_bytes=700 * 2**20)
+    run["rows"] = [dict(model="llama-1.1b", type="Q4_0", file_bytes=607 * 2**20, ember=side, llama_cpp=side,
+                        decode_ratio=1.0, prefill_ratio=1.0, rss_ratio=1.0)]
+    text = report.gguf_table(run)
+    assert "| llama-1.1b | Q4_0 | 607 | 30.00 | 30.00 | 1.00x |" in text
+    assert text.endswith("Not run within the run's time limit: mixtral-moe-1.1b MXFP4_MOE.")
+    assert "time limit" not in report.gguf_table({**run, "skipped": []})

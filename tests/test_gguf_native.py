@@ -4,7 +4,7 @@ blocks, memory held within 1.1x of the file's tensors) and decoding through the 
 
 Oracle: ``x @ dequantize(W).T`` in float64, with ``dequantize`` bit-exact against ``gguf.quants.dequantize``
 (tests/test_gguf.py). fp32 activations: equal to fp32 rounding; bf16 activations on the int8-activation path:
-within the error of quantizing the activations per 32 values.
+within the error of quantizing the activations per 32 (per 256 for the K-quants and IQ4_XS) values.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ember.quant.gguf_blocks import dequantize
 from ember.quant.gguf_linear import GGUFEmbedding, GGUFLinear
 
 # Relative to sum(|w| |x|) per output: fp32 rounding of the dot; bf16 output rounding plus activations on 127
-# (VNNI) or 63 (AVX2) levels per 32 values.
+# levels per 32 or 256 values.
 FP32_REL, BF16_REL = 2e-6, 2e-2
 
 
@@ -102,6 +102,23 @@ def test_torch_fallback_in_row_chunks(qtype, monkeypatch):
     finally:
         monkeypatch.delenv("EMBER_KERNELS")
         kernels.reset()
+
+
+@pytest.mark.parametrize("qtype", KEPT)
+def test_register_kernels_row_blocks_and_block_tails(qtype):
+    """The register-decoding kernels' edges (gguf_simd.h): passes of 4 weight rows plus 1-3 left over, 8-block
+    chunks of the 32-value types plus a tail of 1-7 blocks, several activation rows and an all-zero one."""
+    big = gguf.GGML_QUANT_SIZES[QT[qtype]][0] == 256
+    for O, I in ((9, 1280), (6, 256)) if big else ((9, 608), (3, 256), (6, 64)):
+        raw = blocks(qtype, O, I, seed=O + I)
+        w = dequantize(raw, QT[qtype])
+        x = torch.randn(6, I, generator=torch.Generator().manual_seed(I))
+        x[1] = 0.0
+        xb = x.bfloat16()
+        for M in (1, 2, 6):
+            yb = GGUFLinear(raw, QT[qtype], None, torch.bfloat16)(xb[:M])
+            check(yb, xb[:M], w, BF16_REL, f"{qtype} bf16 ({M}, {O}, {I})")
+            assert torch.equal(yb[1:2] if M > 1 else yb[:0], torch.zeros_like(yb[1:2] if M > 1 else yb[:0]))
 
 
 def test_dequant_kernel_is_bit_exact(build):

@@ -2,8 +2,8 @@
 //
 // W is the file's tensor, row after row of blocks (``row_bytes`` per row; blocks never cross rows), in one of
 // Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 (ggml type ids below).
-// Every type is first unpacked, one weight row at a time into a per-thread L1-resident scratch, to one common
-// form: a byte code u per element and, per 16 elements g, a float scale sc[g], a float min mn[g] and a
+// The exact paths first unpack a type, one weight row at a time into a per-thread
+// L1-resident scratch, to one common form: a byte code u per element and, per 16 elements g, a float scale sc[g], a float min mn[g] and a
 // per-type integer offset ``off``:
 //
 //     w = sc[g] * (u - off) + mn[g]        (mn = 0 for the symmetric types, off = 0 for the affine ones)
@@ -13,15 +13,11 @@
 //
 //   fp32 X (every tier) and bf16 X in the portable build: w decoded to fp32 and dotted in fp32, so Y equals
 //     X @ dequantize(W)^T to fp32 rounding (the order of the adds differs).
-//   bf16 X with AVX512-VNNI (or AVX2): X quantized to int8 per 32 values (x ~ sx * xq, llama.cpp's Q8_0
-//     activations; AVX2 uses 63 levels so that u8 x s8 pairs never saturate vpmaddubsw) and the codes
-//     multiplied as bytes: per 16 elements isum = sum(u * xq), then
-//       y = sum_g sx[g/2] * (sc[g] * isum[g] + (mn[g] - off * sc[g]) * sum(xq over g)).
-//     With VNNI the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4) and Q4_K, Q5_K, Q6_K, IQ4_XS are
-//     decoded in registers, 64 values per vpdpbusd (row_q8_32, row_q8_k); Q2_K, Q3_K and the AVX2 tier go
-//     through the unpacked row (dot_codes).
+//   bf16 X with AVX512-VNNI (or AVX2): X quantized to int8 (x ~ sx * xq, llama.cpp's Q8 activations: per 32 values
+//     for the 32-value types, per 256 for the K-quants and IQ4_XS) and every type decoded in registers, four weight
+//     rows per pass, codes multiplied as bytes (gguf_simd.h).
 //
-// Threads: OpenMP over contiguous blocks of 4 output rows (as cpu.cpp), each row unpacked once for all M rows.
+// Threads: OpenMP over contiguous blocks of 4 output rows (as cpu.cpp); an unpacked row serves all M rows.
 
 #include "common.h"
 
@@ -41,7 +37,7 @@ const int8_t kIq4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38
 const int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 // (elements, bytes) of one block; 0 for a type this file does not take.
-inline int block_elems(int t) {
+constexpr int block_elems(int t) {
   switch (t) {
     case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case IQ4_NL: case MXFP4: return 32;
     case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: case IQ4_XS: return 256;
@@ -287,314 +283,7 @@ void linear_exact(int t, const uint8_t* W, int64_t row_bytes, const float* X, vo
 }
 
 #if defined(EMBER_VNNI) || defined(EMBER_AVX2)
-// bf16 X (M, I) -> xq int8 (M, I), sx (M, I / 32) and the per-16 sums of xq times sx, xs (M, I / 16).
-void quantize_acts(const uint16_t* X, int64_t M, int64_t I, int levels, int8_t* xq, float* sx, float* xs) {
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t c = 0; c < I / 32; c++) {
-      const uint16_t* x = X + m * I + c * 32;
-      float amax = 0.f;
-      for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(bf16_to_f32(x[i])));
-      const float d = amax / static_cast<float>(levels), id = d > 0.f ? 1.f / d : 0.f;
-      int8_t* q = xq + m * I + c * 32;
-      int sum[2] = {0, 0};
-      for (int i = 0; i < 32; i++) {
-        q[i] = static_cast<int8_t>(std::nearbyint(bf16_to_f32(x[i]) * id));
-        sum[i / 16] += q[i];
-      }
-      sx[m * (I / 32) + c] = d;
-      xs[m * (I / 16) + 2 * c] = d * static_cast<float>(sum[0]);
-      xs[m * (I / 16) + 2 * c + 1] = d * static_cast<float>(sum[1]);
-    }
-}
-
-thread_local std::vector<int8_t> act_q;
-thread_local std::vector<float> act_f;
-
-#ifdef EMBER_VNNI
-// sum over 16-groups g of fac[g] * sum(u * xq over g), I % 32 == 0; fac (I / 16 + pad).
-inline float dot_codes(const uint8_t* u, const int8_t* xq, const float* fac, int64_t I) {
-  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= I; i += 64) {
-    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(u + i), _mm512_loadu_si512(xq + i));
-    __m512 f = _mm512_permutexvar_ps(quad, _mm512_zextps128_ps512(_mm_loadu_ps(fac + i / 16)));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc);
-  }
-  float tail = 0.f;
-  if (i < I) {  // a last 32 values: two groups
-    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i)),
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i)));
-    alignas(32) int32_t s[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(s), p);
-    tail = fac[i / 16] * static_cast<float>(s[0] + s[1] + s[2] + s[3]) +
-           fac[i / 16 + 1] * static_cast<float>(s[4] + s[5] + s[6] + s[7]);
-  }
-  return _mm512_reduce_add_ps(acc) + tail;
-}
-#else
-inline float dot_codes(const uint8_t* u, const int8_t* xq, const float* fac, int64_t I) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i pair = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < I; i += 32) {
-    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i)),
-                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i))),
-                                  ones);
-    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(fac + i / 16)), pair);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc);
-  }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-#endif
-
-#ifdef EMBER_VNNI
-// One 32-value block of a 32-block type as 32 byte codes in natural order (element i in byte i), its scale d and
-// min m (w = d * (u - off) + m): the nibble types' byte i holds element i (low) and i + 16 (high), so
-// [low nibbles | high nibbles] is the natural order; code books (IQ4_NL, MXFP4) by an in-lane byte shuffle.
-template <int T>
-inline __m256i block32(const uint8_t* b, float& d, float& m) {
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  auto nib = [&](const uint8_t* qs) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
-  };
-  m = 0.f;
-  if constexpr (T == Q8_0) {
-    d = f16_to_f32(b);
-    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), _mm256_set1_epi8(-128));
-  } else if constexpr (T == Q4_0) {
-    d = f16_to_f32(b);
-    return nib(b + 2);
-  } else if constexpr (T == Q4_1) {
-    d = f16_to_f32(b), m = f16_to_f32(b + 2);
-    return nib(b + 4);
-  } else if constexpr (T == Q5_0 || T == Q5_1) {
-    constexpr int base = T == Q5_0 ? 2 : 4;
-    d = f16_to_f32(b);
-    if constexpr (T == Q5_1) m = f16_to_f32(b + 2);
-    uint32_t qh;
-    std::memcpy(&qh, b + base, 4);
-    return _mm256_or_si256(nib(b + base + 4), _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(16)));
-  } else {  // IQ4_NL, MXFP4: codes through the (value + 128) book
-    alignas(16) static const uint8_t book[16] = {
-#define B(v) static_cast<uint8_t>((v) + 128)
-        B(T == IQ4_NL ? kIq4[0] : kMxfp4[0]), B(T == IQ4_NL ? kIq4[1] : kMxfp4[1]), B(T == IQ4_NL ? kIq4[2] : kMxfp4[2]),
-        B(T == IQ4_NL ? kIq4[3] : kMxfp4[3]), B(T == IQ4_NL ? kIq4[4] : kMxfp4[4]), B(T == IQ4_NL ? kIq4[5] : kMxfp4[5]),
-        B(T == IQ4_NL ? kIq4[6] : kMxfp4[6]), B(T == IQ4_NL ? kIq4[7] : kMxfp4[7]), B(T == IQ4_NL ? kIq4[8] : kMxfp4[8]),
-        B(T == IQ4_NL ? kIq4[9] : kMxfp4[9]), B(T == IQ4_NL ? kIq4[10] : kMxfp4[10]),
-        B(T == IQ4_NL ? kIq4[11] : kMxfp4[11]), B(T == IQ4_NL ? kIq4[12] : kMxfp4[12]),
-        B(T == IQ4_NL ? kIq4[13] : kMxfp4[13]), B(T == IQ4_NL ? kIq4[14] : kMxfp4[14]),
-        B(T == IQ4_NL ? kIq4[15] : kMxfp4[15])};
-#undef B
-    const __m256i tb = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
-    if constexpr (T == MXFP4) {
-      d = e8m0_half(b[0]);
-      return _mm256_shuffle_epi8(tb, nib(b + 1));
-    } else {
-      d = f16_to_f32(b);
-      return _mm256_shuffle_epi8(tb, nib(b + 2));
-    }
-  }
-}
-
-// One row of a 32-block type times one quantized activation row: two blocks per vpdpbusd, scales per block.
-// xs32: sx * sum(xq) per 32 values (the offset and min terms).
-template <int T>
-float row_q8_32(const uint8_t* row, const int8_t* xq, const float* sx, const float* xs32, int64_t nb) {
-  constexpr int bb = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34
-                   : T == IQ4_NL ? 18 : 17;
-  constexpr float off = T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : (T == Q8_0 || T == IQ4_NL || T == MXFP4) ? 128.f : 0.f;
-  __m512 acc = _mm512_setzero_ps();
-  float corr = 0.f;
-  int64_t k = 0;
-  for (; k + 2 <= nb; k += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + k * bb) + 512, _MM_HINT_T0);
-    float da, ma, db, mb;
-    const __m256i ua = block32<T>(row + k * bb, da, ma);
-    const __m256i ub = block32<T>(row + (k + 1) * bb, db, mb);
-    const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(ua), ub, 1);
-    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(xq + 32 * k));
-    const __m512 fac = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(da * sx[k]), _mm512_set1_ps(db * sx[k + 1]));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), fac, acc);
-    corr += (ma - off * da) * xs32[k] + (mb - off * db) * xs32[k + 1];
-  }
-  float y = _mm512_reduce_add_ps(acc);
-  if (k < nb) {  // an odd last block
-    float d, m;
-    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), block32<T>(row + k * bb, d, m),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * k)));
-    alignas(32) int32_t l[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(l), p);
-    y += d * sx[k] * static_cast<float>(l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7]);
-    corr += (m - off * d) * xs32[k];
-  }
-  return y + corr;
-}
-
-// One row of a K-quant (Q4_K, Q5_K, Q6_K) times one quantized activation row: each 64 values (two sub-blocks of
-// 32, or four of 16) decoded in registers to natural order and multiplied by one vpdpbusd; per-lane factors
-// d * scale * sx for each 4-lane quarter (16 values) from a 16-entry table made once per super-block.
-template <int T>
-float row_q8_k(const uint8_t* row, const int8_t* xq, const float* sx, const float* xs, int64_t nb) {
-  constexpr int bb = T == Q4_K ? 144 : T == Q5_K ? 176 : T == IQ4_XS ? 136 : 210;
-  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-  __m512 acc = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
-  alignas(64) float fac[16], mnf[16];
-  for (int64_t k = 0; k < nb; k++) {
-    const uint8_t* b = row + k * bb;
-    const int8_t* x = xq + 256 * k;
-    const float* s = sx + 8 * k;
-    _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b) + 2 * bb + 128, _MM_HINT_T0);
-    __m512i u[4];
-    if constexpr (T == Q6_K) {
-      const float d = f16_to_f32(b + 208);
-      for (int g = 0; g < 16; g++) {
-        const float dg = d * static_cast<float>(static_cast<int8_t>(b[192 + g]));
-        fac[g] = dg * s[g / 2], mnf[g] = -32.f * dg;
-      }
-      for (int h = 0; h < 2; h++) {
-        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
-        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
-        auto hi2 = [&](int sh) { return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sh), m3), 4); };
-        const __m256i j0 = _mm256_or_si256(_mm256_and_si256(l0, m4), hi2(0));
-        const __m256i j1 = _mm256_or_si256(_mm256_and_si256(l1, m4), hi2(2));
-        const __m256i j2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), hi2(4));
-        const __m256i j3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), hi2(6));
-        u[2 * h] = _mm512_inserti64x4(_mm512_castsi256_si512(j0), j1, 1);
-        u[2 * h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(j2), j3, 1);
-      }
-    } else if constexpr (T == IQ4_XS) {  // sub-block j: 16 bytes at 8 + 16 j, low nibbles then high
-      const float d = f16_to_f32(b);
-      const int sh = b[2] | b[3] << 8;
-      for (int j = 0; j < 8; j++) {
-        const int ls = ((b[4 + j / 2] >> (4 * (j & 1))) & 0x0F) | ((sh >> (2 * j)) & 3) << 4;
-        const float dj = d * static_cast<float>(ls - 32);
-        fac[2 * j] = fac[2 * j + 1] = dj * s[j];
-        mnf[2 * j] = mnf[2 * j + 1] = -128.f * dj;
-      }
-      alignas(16) static const uint8_t book[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
-      const __m512i tb = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
-      for (int c = 0; c < 4; c++) {  // sub-blocks 2c, 2c + 1
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8 + 32 * c));
-        const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
-                                              _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
-        // [2c low, 2c+1 low, 2c high, 2c+1 high] -> natural order [2c low, 2c high, 2c+1 low, 2c+1 high]
-        u[c] = _mm512_shuffle_epi8(tb, _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0)));
-      }
-    } else {
-      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
-      for (int j = 0; j < 8; j++) {
-        int sc, mn;
-        k_scale_min(b + 4, j, sc, mn);
-        const float dj = d * static_cast<float>(sc), mj = -(dmin * static_cast<float>(mn));
-        fac[2 * j] = fac[2 * j + 1] = dj * s[j];
-        mnf[2 * j] = mnf[2 * j + 1] = mj;
-      }
-      const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
-      __m256i qh = _mm256_setzero_si256();
-      if constexpr (T == Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-      for (int c = 0; c < 4; c++) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        if constexpr (T == Q5_K) {
-          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
-          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
-        }
-        u[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      }
-    }
-    for (int c = 0; c < 4; c++) {
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[c], _mm512_loadu_si512(x + 64 * c));
-      const __m512 f = _mm512_permutexvar_ps(quad, _mm512_zextps128_ps512(_mm_load_ps(fac + 4 * c)));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), f, acc);
-    }
-    // min / offset terms: per 16 values, (mn - off * sc) * sx * sum(xq) (xs holds sx * sum(xq) per 16)
-    corr = _mm512_fmadd_ps(_mm512_load_ps(mnf), _mm512_loadu_ps(xs + 16 * k), corr);
-  }
-  return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(corr);
-}
-
-// Every row times every activation row, for a type with a register-decoding row kernel above.
-template <int T>
-void linear_q8_fused(const uint8_t* W, int64_t row_bytes, const int8_t* xq, const float* sx, const float* xs,
-                     const float* xs32, void* Y, int64_t M, int64_t O, int64_t I, int y_bf16, int nthreads) {
-  for_rows(O, nthreads, [&](int64_t o) {
-    const uint8_t* r = W + o * row_bytes;
-    for (int64_t m = 0; m < M; m++) {
-      float y;
-      if constexpr (T == Q4_K || T == Q5_K || T == Q6_K || T == IQ4_XS)
-        y = row_q8_k<T>(r, xq + m * I, sx + m * (I / 32), xs + m * (I / 16), I / 256);
-      else
-        y = row_q8_32<T>(r, xq + m * I, sx + m * (I / 32), xs32 + m * (I / 32), I / 32);
-      store_y(Y, m * O + o, y, y_bf16);
-    }
-  });
-}
-#endif
-
-// bf16 products on byte codes: X quantized once; 32-block types (VNNI) decoded in registers, the others unpacked
-// once per row for all M rows.
-void linear_q8(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, void* Y, int64_t M, int64_t O, int64_t I,
-               int y_bf16, int nthreads) {
-  const int64_t G = I / kGroup, C = I / 32;
-  act_q.resize(static_cast<size_t>(M * I));
-  act_f.resize(static_cast<size_t>(M * (C + G + C)));
-  float* sx = act_f.data();
-  float* xs = sx + M * C;
-  float* xs32 = xs + M * G;
-  quantize_acts(X, M, I, kActQ8Levels, act_q.data(), sx, xs);
-  for (int64_t i = 0; i < M * C; i++) xs32[i] = xs[2 * i] + xs[2 * i + 1];
-  const int8_t* xq = act_q.data();
-#ifdef EMBER_VNNI
-  switch (t) {
-    case Q4_0: return linear_q8_fused<Q4_0>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q4_1: return linear_q8_fused<Q4_1>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q5_0: return linear_q8_fused<Q5_0>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q5_1: return linear_q8_fused<Q5_1>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q8_0: return linear_q8_fused<Q8_0>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case IQ4_NL: return linear_q8_fused<IQ4_NL>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case MXFP4: return linear_q8_fused<MXFP4>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q4_K: return linear_q8_fused<Q4_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q5_K: return linear_q8_fused<Q5_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case Q6_K: return linear_q8_fused<Q6_K>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    case IQ4_XS: return linear_q8_fused<IQ4_XS>(W, row_bytes, xq, sx, xs, xs32, Y, M, O, I, y_bf16, nthreads);
-    default: break;
-  }
-#endif
-  const float off = static_cast<float>(code_offset(t));
-  for_rows(O, nthreads, [&](int64_t o) {
-    RowScratch& s = row_scratch;
-    s.fit(I);
-    unpack_row(t, W + o * row_bytes, I, s);
-    float* fac = s.w.data();  // (G) per-group factors, reused per activation row
-    for (int64_t m = 0; m < M; m++) {
-      const float* sxm = sx + m * C;
-      const float* xsm = xs + m * G;
-      float part[16] = {};  // lane-wise partial sums of the min terms (vectorisable without reassociation)
-      int64_t g = 0;
-      for (; g + 16 <= G; g += 16)
-        for (int j = 0; j < 16; j++) {
-          fac[g + j] = s.sc[g + j] * sxm[(g + j) / 2];
-          part[j] += (s.mn[g + j] - off * s.sc[g + j]) * xsm[g + j];
-        }
-      for (; g < G; g++) {
-        fac[g] = s.sc[g] * sxm[g / 2];
-        part[0] += (s.mn[g] - off * s.sc[g]) * xsm[g];
-      }
-      float mins = 0.f;
-      for (int j = 0; j < 16; j++) mins += part[j];
-      store_y(Y, m * O + o, dot_codes(s.u.data(), xq + m * I, fac, I) + mins, y_bf16);
-    }
-  });
-}
+#include "gguf_simd.h"
 #endif
 
 }  // namespace
@@ -612,7 +301,7 @@ int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X,
   if (!be || I % be || row_bytes != I / be * block_bytes(t)) return 0;
 #if defined(EMBER_VNNI) || defined(EMBER_AVX2)
   if (x_bf16 && act_q8) {
-    linear_q8(t, W, row_bytes, static_cast<const uint16_t*>(X), Y, M, O, I, 1, nthreads);
+    linear_simd(t, W, row_bytes, static_cast<const uint16_t*>(X), static_cast<uint16_t*>(Y), M, O, I, nthreads);
     return 1;
   }
 #else
@@ -636,9 +325,17 @@ int ember_gguf_dequant(const uint8_t* W, int64_t row_bytes, int t, int64_t I, in
   for_rows(r1 - r0, nthreads, [&](int64_t r) {
     RowScratch& s = row_scratch;
     s.fit(I);
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+    if (!decode_row_simd(t, W + (r0 + r) * row_bytes, I, s.w.data())) {
+      unpack_row(t, W + (r0 + r) * row_bytes, I, s);
+      decode_row(t, s, I);
+    }
+    store_row_simd(static_cast<char*>(out) + r * I * (out_bf16 ? 2 : 4), s.w.data(), I, out_bf16);
+#else
     unpack_row(t, W + (r0 + r) * row_bytes, I, s);
     decode_row(t, s, I);
     for (int64_t i = 0; i < I; i++) store_y(out, r * I + i, s.w[i], out_bf16);
+#endif
   });
   return 1;
 }

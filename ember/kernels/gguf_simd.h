@@ -1,0 +1,618 @@
+// GGUF block rows times int8-quantized bf16 activations, decoded in registers: the AVX2 and AVX512-VNNI tiers of
+// gguf.cpp (included there, inside its anonymous namespace, after the block-format helpers).
+//
+// Both tiers run the same 256-bit code (AVX512-VNNI only swaps vpmaddubsw + vpmaddwd for vpdpbusd where no
+// per-sub-block scale is folded in), so the two builds compute the same integers. Each pass takes R = 4 weight
+// rows (a last 1-3 rows one at a time) against one activation row, so the activation loads, the per-block
+// activation terms and the loop overhead are shared, and four independent row streams are in flight.
+//
+//   32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4), activations per 32 values (sx, xq, bs = sum xq):
+//     codes of two blocks in one vector: [block k elements 0-15 | block k+1 elements 0-15] and the same for 16-31
+//     (for the nibble types the low / high nibbles of the two blocks' 16 bytes), the activations permuted to match
+//     once per call (pair_order). Per 8 blocks the integer sums of the four pair vectors are reduced by three
+//     vphaddd to one sum per block, in block order 0 2 4 6 1 3 5 7 (kPerm), and scaled by one vector op per term:
+//       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types), sx bs (mins)
+//     Signed codes (Q8_0, IQ4_NL, MXFP4) are multiplied as |w| x sign(x, w). Blocks past the last 8 go through
+//     unpack_block.
+//   256-value super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), activations per 256 values (one sx per
+//     super-block, llama.cpp's Q8_K) so the sub-block scales fold in as integers: isum = sum_j sc_j sum(u xq over j)
+//     by vpmaddubsw then vpmaddwd with the scale (one per 128-bit lane for 16-value sub-blocks), per super-block
+//       y += d sx isum - dmin sx sum_j m_j bs_j
+//     (Q2_K, Q4_K, Q5_K: mins; Q3_K, Q6_K: the code offset 4 / 32 folded into isum as off sum_g sc_g bs_g; IQ4_XS:
+//     signed book values, activations in pair order as above).
+//
+// Bounds (no saturation): vpmaddubsw pairs <= 2 * 128 * 127 for signed codes (kept in separate vpmaddwd), and
+// <= 2 * 63 * 127 for 6-bit codes; int32 sums per super-block < 2^31.
+
+constexpr int kR = 4;                                     // weight rows per pass
+constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};        // block of each lane after the vphaddd reduction
+
+inline __m256i ld256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m128i ld128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m256i pair128(const uint8_t* a, const uint8_t* b) { return _mm256_set_m128i(ld128(b), ld128(a)); }
+
+inline uint64_t ld16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+
+// sum over 4-byte groups of u8 a * s8 b, as 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#ifdef EMBER_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+inline float hsum4(__m128 h) {
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// Software prefetch of the bytes a row's step reads, in the row kR rows down (the next pass's rows; a thread's
+// rows are one contiguous run): the hardware prefetchers follow each row but not the jump to the next block.
+// Into L2 (PF_Q4_HINT), as the 4-bit kernels of cpu.cpp.
+inline void gguf_prefetch(const uint8_t* p, int n, int64_t row_bytes) {
+  const char* q = reinterpret_cast<const char*>(p) + kR * row_bytes;
+  for (int i = 0; i < n; i += 64) _mm_prefetch(q + i, PF_Q4_HINT);
+}
+
+// ---- activations
+
+inline __m256 bf16x8(const uint16_t* p) {  // 8 bf16 -> fp32 (exact)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ld128(p)), 16));
+}
+
+// bf16 x (n values, n % G == 0) -> int8 xq on 127 levels per G values, scales sx (n / G), sums of xq per 16 (bs16,
+// n / 16) and per 32 (bs32, n / 32). xq = nearbyint(x * (127 / amax)) (vcvtps2dq rounds to nearest even).
+template <int G>
+void quantize_x(const uint16_t* x, int64_t n, int8_t* xq, float* sx, int16_t* bs16, int16_t* bs32) {
+  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t c = 0; c < n / G; c++) {
+    const uint16_t* xc = x + c * G;
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < G; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(bf16x8(xc + i), abs));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    sx[c] = d;
+    const __m256 vid = _mm256_set1_ps(id);
+    for (int i = 0; i < G; i += 16) {
+      const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8(xc + i), vid));
+      const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8(xc + i + 8), vid));
+      const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // 16 int16, in order
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + c * G + i),
+                       _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+      const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(_mm256_add_epi32(q0, q1)),
+                                      _mm256_extracti128_si256(_mm256_add_epi32(q0, q1), 1));
+      const __m128i s2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      bs16[(c * G + i) / 16] = static_cast<int16_t>(_mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1))));
+    }
+  }
+  for (int64_t g = 0; g < n / 32; g++) bs32[g] = static_cast<int16_t>(bs16[2 * g] + bs16[2 * g + 1]);
+}
+
+// Within each 8 blocks (256 values) of a 32-value type's activations: every pair of blocks k, k+1 as
+// [k 0-15, k+1 0-15, k 16-31, k+1 16-31], the order of pair_codes.
+void pair_order(const int8_t* xq, int64_t nb8, int8_t* out) {
+  for (int64_t p = 0; p < nb8 * 4; p++) {
+    const int8_t* a = xq + 64 * p;
+    int8_t* o = out + 64 * p;
+    std::memcpy(o, a, 16), std::memcpy(o + 16, a + 32, 16), std::memcpy(o + 32, a + 16, 16);
+    std::memcpy(o + 48, a + 48, 16);
+  }
+}
+
+// ---- 32-value block types
+
+template <int T> constexpr int bytes32() {
+  return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34 : T == IQ4_NL ? 18 : 17;
+}
+template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL || T == MXFP4; }
+template <int T> constexpr bool min32() { return T == Q4_1 || T == Q5_1; }
+template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f; }
+
+// The 32 set bits of q (bit i -> byte i) as 0x10 bytes (Q5's fifth bit).
+inline __m256i bit_bytes(uint32_t q) {
+#ifdef EMBER_VNNI
+  return _mm256_maskz_mov_epi8(q, _mm256_set1_epi8(16));
+#else
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(q)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                0x0303030303030303LL));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+#endif
+}
+
+// Codes of blocks a, b (pair order): lo = [a 0-15 | b 0-15], hi = [a 16-31 | b 16-31]; u8 for the unsigned
+// types, s8 values for the signed ones.
+template <int T>
+inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i& hi) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if constexpr (T == Q8_0) {
+    lo = pair128(a + 2, b + 2), hi = pair128(a + 18, b + 18);
+    return;
+  }
+  constexpr int qs = T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;  // Q5_1: 8
+  const __m256i v = pair128(a + qs, b + qs);
+  lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if constexpr (T == Q5_0 || T == Q5_1) {
+    constexpr int qh = T == Q5_0 ? 2 : 4;
+    uint32_t ha, hb;
+    std::memcpy(&ha, a + qh, 4), std::memcpy(&hb, b + qh, 4);
+    lo = _mm256_or_si256(lo, bit_bytes((ha & 0xFFFFu) | hb << 16));
+    hi = _mm256_or_si256(hi, bit_bytes(ha >> 16 | (hb & 0xFFFF0000u)));
+  } else if constexpr (T == IQ4_NL || T == MXFP4) {
+    alignas(16) static const int8_t book[16] = {
+#define B(i) (T == IQ4_NL ? kIq4[i] : kMxfp4[i])
+        B(0), B(1), B(2), B(3), B(4), B(5), B(6), B(7), B(8), B(9), B(10), B(11), B(12), B(13), B(14), B(15)};
+#undef B
+    const __m256i tb = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
+    lo = _mm256_shuffle_epi8(tb, lo), hi = _mm256_shuffle_epi8(tb, hi);
+  }
+}
+
+// Integer dot of one pair of blocks with its activations: lanes 0-3 block a, 4-7 block b.
+template <int T>
+inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
+  __m256i lo, hi;
+  pair_codes<T>(a, b, lo, hi);
+  const __m256i xl = ld256(x), xh = ld256(x + 32);
+  if constexpr (signed32<T>()) {
+    return _mm256_add_epi32(dot_u8s8(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
+                            dot_u8s8(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xh, hi)));
+  } else {
+#ifdef EMBER_VNNI
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+#else  // 5-bit codes: two products <= 2 * 2 * 31 * 127 in int16
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),
+                             _mm256_set1_epi16(1));
+#endif
+  }
+}
+
+// The fp16 (or MXFP4 e8m0) scales at byte ``at`` of 8 blocks from b, in kPerm order, as fp32.
+template <int T>
+inline __m256 scales8(const uint8_t* b, int at) {
+  constexpr int bb = bytes32<T>();
+  if constexpr (T == MXFP4) {  // 2 ** (e - 128): e < 2 -> 0x00200000 << e (subnormal), else (e - 1) << 23
+    const __m256i e = _mm256_setr_epi32(b[0], b[2 * bb], b[4 * bb], b[6 * bb], b[bb], b[3 * bb], b[5 * bb], b[7 * bb]);
+    const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+    const __m256i nrm = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(sub, nrm, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1))));
+  } else {
+    const uint8_t* p = b + at;
+    const uint64_t even = ld16(p) | ld16(p + 2 * bb) << 16 | ld16(p + 4 * bb) << 32 | ld16(p + 6 * bb) << 48;
+    const uint64_t odd = ld16(p + bb) | ld16(p + 3 * bb) << 16 | ld16(p + 5 * bb) << 32 | ld16(p + 7 * bb) << 48;
+    return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(odd), static_cast<int64_t>(even)));
+  }
+}
+
+// R rows (rows[r]) of a 32-value type times one activation row. xp: xq in pair order (nb8 * 256); sxp, cqp, xsp:
+// per block in kPerm order within each 8 (sx, the offset term cq, sx bs); xq, sx, bs16: natural order, for the
+// blocks past nb8 * 8.
+template <int T, int R>
+void rows32(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xp, const float* sxp, const float* cqp, const float* xsp,
+            const int8_t* xq, const float* sx, const int16_t* bs16, int64_t nb, float* out) {
+  constexpr int bb = bytes32<T>();
+  const int64_t nb8 = nb / 8;
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nb8; c++) {
+    const int8_t* x = xp + 256 * c;
+    const __m256 s = _mm256_loadu_ps(sxp + 8 * c), cq = _mm256_loadu_ps(cqp + 8 * c);
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + 8 * bb * c;
+      gguf_prefetch(b, 8 * bb, row_bytes);
+      const __m256i q0 = pair_dot<T>(b, b + bb, x), q1 = pair_dot<T>(b + 2 * bb, b + 3 * bb, x + 64);
+      const __m256i q2 = pair_dot<T>(b + 4 * bb, b + 5 * bb, x + 128), q3 = pair_dot<T>(b + 6 * bb, b + 7 * bb, x + 192);
+      const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q0, q1), _mm256_hadd_epi32(q2, q3));  // kPerm order
+      const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, cq);
+      acc[r] = _mm256_fmadd_ps(scales8<T>(b, 0), f, acc[r]);
+      if constexpr (min32<T>()) acc[r] = _mm256_fmadd_ps(scales8<T>(b, 2), _mm256_loadu_ps(xsp + 8 * c), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float y = hsum8(acc[r]);
+    for (int64_t k = nb8 * 8; k < nb; k++) {  // the last blocks: the unpacked codes, integer sums per 16
+      alignas(32) uint8_t u[32];
+      float sc[2], mn[2];
+      unpack_block(T, rows[r] + k * bb, u, sc, mn);
+      for (int h = 0; h < 2; h++) {
+        int isum = 0;
+        for (int i = 0; i < 16; i++) isum += u[16 * h + i] * xq[32 * k + 16 * h + i];
+        const float bs = static_cast<float>(bs16[2 * k + h]);
+        y += sx[k] * (sc[h] * (static_cast<float>(isum) - static_cast<float>(code_offset(T)) * bs) + mn[h] * bs);
+      }
+    }
+    out[r] = y;
+  }
+}
+
+// ---- K-quants (256-value super-blocks)
+
+template <int T> constexpr int bytesk() {
+  return T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : T == IQ4_XS ? 136 : 210;
+}
+
+// 16-bit broadcasts of entry j (0..7) of 8 int16 held in both 128-bit lanes, by vpshufb.
+inline __m256i word_bcast(__m256i v, int j) {
+  const __m256i idx = _mm256_set1_epi16(static_cast<int16_t>(2 * j | (2 * j + 1) << 8));
+  return _mm256_shuffle_epi8(v, idx);
+}
+
+// Q4_K / Q5_K's 12 bytes of 6-bit scales and mins -> sc (8 x u8) in the low 8 bytes, mins in the high 8.
+inline __m128i k_scales(const uint8_t* s) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4), std::memcpy(&b, s + 4, 4), std::memcpy(&c, s + 8, 4);
+  const uint32_t sc_lo = a & 0x3F3F3F3Fu, mn_lo = b & 0x3F3F3F3Fu;
+  const uint32_t sc_hi = (c & 0x0F0F0F0Fu) | ((a >> 6) & 0x03030303u) << 4;
+  const uint32_t mn_hi = ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 6) & 0x03030303u) << 4;
+  return _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo),
+                        static_cast<int>(mn_hi));
+}
+
+// Q3_K's 12 bytes of 6-bit scales -> 16 signed scales (stored value - 32) as int8.
+inline __m128i q3_scales(const uint8_t* s) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4), std::memcpy(&b, s + 4, 4), std::memcpy(&c, s + 8, 4);
+  const uint32_t m4 = 0x0F0F0F0Fu, m2 = 0x03030303u;
+  const __m128i v = _mm_setr_epi32(static_cast<int>((a & m4) | (c & m2) << 4),
+                                   static_cast<int>((b & m4) | ((c >> 2) & m2) << 4),
+                                   static_cast<int>(((a >> 4) & m4) | ((c >> 4) & m2) << 4),
+                                   static_cast<int>(((b >> 4) & m4) | ((c >> 6) & m2) << 4));
+  return _mm_sub_epi8(v, _mm_set1_epi8(32));
+}
+
+// Scales for 32 values of 16-value sub-blocks j, j + 1 (entries of sh, 8 int16 in both lanes): one per 128-bit lane.
+inline __m256i lane_scales(__m256i sh, int j) {
+  return _mm256_blend_epi32(word_bcast(sh, j), word_bcast(sh, j + 1), 0xF0);
+}
+
+inline __m256i bcast_lane(__m256i v, int hi) {
+  return hi ? _mm256_permute2x128_si256(v, v, 0x11) : _mm256_permute2x128_si256(v, v, 0x00);
+}
+
+// Q6_K half h's codes u (0..63) as four vectors of 32 values in natural order (elements 128h + 32i ...).
+inline void q6_codes(const uint8_t* b, int h, __m256i* u) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  const __m256i l0 = ld256(b + 64 * h), l1 = ld256(b + 64 * h + 32), qh = ld256(b + 128 + 32 * h);
+  auto high = [&](__m256i q) { return _mm256_slli_epi16(_mm256_and_si256(q, m3), 4); };
+  u[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), high(qh));
+  u[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), high(_mm256_srli_epi16(qh, 2)));
+  u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), high(_mm256_srli_epi16(qh, 4)));
+  u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), high(_mm256_srli_epi16(qh, 6)));
+}
+
+// Q4_K / Q5_K: 32 bytes of nibbles at q -> sub-blocks 2c (lo) and 2c + 1 (hi); Q5_K's high bits from qh (bit 0
+// and 1 of each byte, shifted down by 2 for the next c here).
+template <int T>
+inline void k45_codes(const uint8_t* q, __m256i& qh, __m256i& lo, __m256i& hi) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  const __m256i v = ld256(q);
+  lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if constexpr (T == Q5_K) {
+    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+    qh = _mm256_srli_epi16(qh, 2);
+  }
+}
+
+// One super-block b against its 256 activations x: isum and mins (int32 lanes) and their factors, so that
+// y += d sx sum(isum) - dm sx sum(mins). bs16 / bs32: the super-block's sums of xq per 16 / 32 values.
+template <int T>
+inline void sb_dot(const uint8_t* b, const int8_t* x, const int16_t* bs16, const int16_t* bs32, __m256i& isum,
+                   __m256i& mins, float& d, float& dm) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  isum = mins = _mm256_setzero_si256();
+  dm = 0.f;
+  if constexpr (T == Q6_K) {  // 128 B low nibbles | 64 B high pairs | 16 int8 scales | d
+    const __m256i sc16 = _mm256_cvtepi8_epi16(ld128(b + 192));
+    for (int h = 0; h < 2; h++) {
+      const __m256i sh = bcast_lane(sc16, h);  // scales 8h..8h+7
+      __m256i u[4];
+      q6_codes(b, h, u);
+      for (int i = 0; i < 4; i++)  // 32 values = 16-value sub-blocks 2i, 2i + 1 of this half
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], ld256(x + 128 * h + 32 * i)),
+                                                        lane_scales(sh, 2 * i)));
+    }
+    // codes are u - 32: minus 32 sum_g sc_g bs_g
+    isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(sc16, ld256(bs16)), 5));
+    d = f16_to_f32(b + 208);
+  } else if constexpr (T == Q3_K) {  // 32 B high bits | 64 B 2-bit codes | 12 B scales | d
+    const __m256i sc16 = _mm256_cvtepi8_epi16(q3_scales(b + 96));
+    __m256i hm = ld256(b);  // bit 4h + j of byte l: element 128h + 32j + l, shifted down as j runs
+    for (int h = 0; h < 2; h++) {
+      const __m256i sh = bcast_lane(sc16, h);
+      __m256i q = ld256(b + 32 + 32 * h);
+      for (int j = 0; j < 4; j++) {
+        const __m256i u = _mm256_or_si256(_mm256_and_si256(q, m3), _mm256_slli_epi16(_mm256_and_si256(hm, one), 2));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, ld256(x + 128 * h + 32 * j)),
+                                                        lane_scales(sh, 2 * j)));
+        q = _mm256_srli_epi16(q, 2), hm = _mm256_srli_epi16(hm, 1);
+      }
+    }
+    isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(sc16, ld256(bs16)), 2));  // codes u - 4
+    d = f16_to_f32(b + 108);
+  } else if constexpr (T == Q2_K) {  // 16 B scales (low nibble) / mins (high) | 64 B 2-bit codes | d | dmin
+    const __m128i s = ld128(b);
+    const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(s, _mm_set1_epi8(0x0F)));
+    for (int h = 0; h < 2; h++) {
+      const __m256i sh = bcast_lane(sc16, h);
+      __m256i q = ld256(b + 16 + 32 * h);
+      for (int j = 0; j < 4; j++) {
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(q, m3),
+                                                                             ld256(x + 128 * h + 32 * j)),
+                                                        lane_scales(sh, 2 * j)));
+        q = _mm256_srli_epi16(q, 2);
+      }
+    }
+    mins = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(0x0F))),
+                             ld256(bs16));
+    d = f16_to_f32(b + 80), dm = f16_to_f32(b + 82);
+  } else if constexpr (T == IQ4_XS) {  // d | uint16 scale highs | 4 B scale lows | 128 B nibbles; x in pair order
+    const int hi = b[2] | b[3] << 8;
+    uint32_t lo4;
+    std::memcpy(&lo4, b + 4, 4);
+    alignas(16) int16_t ls[8];
+    for (int j = 0; j < 8; j++) ls[j] = static_cast<int16_t>((((lo4 >> (4 * j)) & 0x0F) | ((hi >> (2 * j)) & 3) << 4) - 32);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(ls)));
+    const __m256i tb = _mm256_broadcastsi128_si256(ld128(kIq4));
+    for (int c = 0; c < 4; c++) {  // sub-blocks 2c (low lane), 2c + 1 (high lane)
+      const __m256i v = ld256(b + 8 + 32 * c);
+      const __m256i lo = _mm256_shuffle_epi8(tb, _mm256_and_si256(v, m4));
+      const __m256i hv = _mm256_shuffle_epi8(tb, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+      const __m256i scl = lane_scales(sc16, 2 * c);  // |w| x sign(x, w): pairs <= 2 * 127 * 127
+      const __m256i xl = ld256(x + 64 * c), xh = ld256(x + 64 * c + 32);
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(
+                                        _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)), scl));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(
+                                        _mm256_maddubs_epi16(_mm256_sign_epi8(hv, hv), _mm256_sign_epi8(xh, hv)), scl));
+    }
+    d = f16_to_f32(b);
+  } else {  // Q4_K, Q5_K: d | dmin | 12 B scales | (Q5_K: 32 B high bits) | 128 B nibbles
+    const __m128i scm = k_scales(b + 4);
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+    const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
+    __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();  // bit j of byte l: sub-block j, value l
+    for (int c = 0; c < 4; c++) {
+      __m256i lo, hi;
+      k45_codes<T>(qs + 32 * c, qh, lo, hi);
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(x + 64 * c)),
+                                                      word_bcast(sc16, 2 * c)));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(x + 64 * c + 32)),
+                                                      word_bcast(sc16, 2 * c + 1)));
+    }
+    mins = _mm256_zextsi128_si256(_mm_madd_epi16(_mm_cvtepu8_epi16(_mm_unpackhi_epi64(scm, scm)), ld128(bs32)));
+    d = f16_to_f32(b), dm = f16_to_f32(b + 2);
+  }
+}
+
+// R rows of a K-quant times one activation row quantized per 256 (sx: (nb,), bs16 / bs32: per 16 / 32 values).
+template <int T, int R>
+void rowsk(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xq, const float* sx, const int16_t* bs16,
+           const int16_t* bs32, int64_t nb, float* out) {
+  constexpr int bb = bytesk<T>();
+  __m256 acc[R], accm[R];
+  for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nb; k++)
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + bb * k;
+      gguf_prefetch(b, bb, row_bytes);
+      __m256i isum, mins;
+      float d, dm;
+      sb_dot<T>(b, xq + 256 * k, bs16 + 16 * k, bs32 + 8 * k, isum, mins, d, dm);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sx[k]), _mm256_cvtepi32_ps(isum), acc[r]);
+      if constexpr (T == Q2_K || T == Q4_K || T == Q5_K)
+        accm[r] = _mm256_fmadd_ps(_mm256_set1_ps(dm * sx[k]), _mm256_cvtepi32_ps(mins), accm[r]);
+    }
+  for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]) - hsum8(accm[r]);
+}
+
+// A row of a 32-value type decoded to fp32 w (nb blocks, nb even) with the reference's roundings: w = d * v
+// (v = u - off, or the signed value) or d * u + m, each an exact product and at most one rounded add.
+template <int T>
+void decode_row32(const uint8_t* row, int64_t nb, float* w) {
+  constexpr int bb = bytes32<T>();
+  auto out8 = [](__m128i v8, __m256 d, __m256 m, float* o) {  // 8 codes (low bytes of v8) -> o[0..7]
+    __m256 f = _mm256_cvtepi32_ps(signed32<T>() ? _mm256_cvtepi8_epi32(v8) : _mm256_cvtepu8_epi32(v8));
+    if constexpr (off32<T>() != 0.f) f = _mm256_sub_ps(f, _mm256_set1_ps(off32<T>()));
+    f = _mm256_mul_ps(d, f);
+    _mm256_storeu_ps(o, min32<T>() ? _mm256_add_ps(f, m) : f);
+  };
+  for (int64_t k = 0; k + 1 < nb; k += 2) {
+    const uint8_t* a = row + k * bb;
+    __m256i lo, hi;
+    pair_codes<T>(a, a + bb, lo, hi);
+    for (int j = 0; j < 2; j++) {  // block k + j: [lo lane j | hi lane j] in natural order
+      const uint8_t* b = a + j * bb;
+      const __m256i v = j ? _mm256_permute2x128_si256(lo, hi, 0x31) : _mm256_permute2x128_si256(lo, hi, 0x20);
+      const __m256 d = _mm256_set1_ps(T == MXFP4 ? e8m0_half(b[0]) : f16_to_f32(b));
+      const __m256 m = _mm256_set1_ps(min32<T>() ? f16_to_f32(b + 2) : 0.f);
+      const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+      float* o = w + 32 * (k + j);
+      out8(v0, d, m, o), out8(_mm_srli_si128(v0, 8), d, m, o + 8);
+      out8(v1, d, m, o + 16), out8(_mm_srli_si128(v1, 8), d, m, o + 24);
+    }
+  }
+}
+
+// 32 codes u (u8) -> o[0..31]: w = c * (u - off) (symmetric) or c * u + m (affine); c, m: first 16, last 16.
+template <bool AFFINE>
+inline void decode32(__m256i u, float c0, float c1, float m0, float m1, float off, float* o) {
+  const __m128i a = _mm256_castsi256_si128(u), b = _mm256_extracti128_si256(u, 1);
+  const __m128i part[4] = {a, _mm_srli_si128(a, 8), b, _mm_srli_si128(b, 8)};
+  for (int q = 0; q < 4; q++) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[q]));
+    const __m256 c = _mm256_set1_ps(q < 2 ? c0 : c1);
+    _mm256_storeu_ps(o + 8 * q, AFFINE ? _mm256_add_ps(_mm256_mul_ps(c, f), _mm256_set1_ps(q < 2 ? m0 : m1))
+                                       : _mm256_mul_ps(c, _mm256_sub_ps(f, _mm256_set1_ps(off))));
+  }
+}
+
+// A row of Q4_K, Q5_K or Q6_K decoded to fp32 w with the reference's roundings (as unpack_block + decode_row).
+template <int T>
+void decode_rowk(const uint8_t* row, int64_t nb, float* w) {
+  constexpr int bb = bytesk<T>();
+  for (int64_t k = 0; k < nb; k++) {
+    const uint8_t* b = row + bb * k;
+    float* o = w + 256 * k;
+    if constexpr (T == Q6_K) {
+      const float d = f16_to_f32(b + 208);
+      for (int h = 0; h < 2; h++) {
+        __m256i u[4];
+        q6_codes(b, h, u);
+        for (int i = 0; i < 4; i++) {
+          const int g = 8 * h + 2 * i;
+          decode32<false>(u[i], d * static_cast<float>(static_cast<int8_t>(b[192 + g])),
+                          d * static_cast<float>(static_cast<int8_t>(b[193 + g])), 0.f, 0.f, 32.f, o + 128 * h + 32 * i);
+        }
+      }
+    } else {
+      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+      alignas(16) uint8_t sm[16];  // 8 scales, 8 mins
+      _mm_store_si128(reinterpret_cast<__m128i*>(sm), k_scales(b + 4));
+      __m256i qh = T == Q5_K ? ld256(b + 16) : _mm256_setzero_si256();
+      for (int c = 0; c < 4; c++) {
+        __m256i lo, hi;
+        k45_codes<T>(b + (T == Q4_K ? 16 : 48) + 32 * c, qh, lo, hi);
+        for (int j = 0; j < 2; j++) {
+          const float cj = d * static_cast<float>(sm[2 * c + j]), mj = -(dmin * static_cast<float>(sm[8 + 2 * c + j]));
+          decode32<true>(j ? hi : lo, cj, cj, mj, mj, 0.f, o + 64 * c + 32 * j);
+        }
+      }
+    }
+  }
+}
+
+// The row decoded to w where a register decoder exists (32-value types with an even block count, Q4_K, Q5_K,
+// Q6_K); false otherwise (the caller unpacks).
+inline bool decode_row_simd(int t, const uint8_t* row, int64_t I, float* w) {
+  if (I % 64) return false;
+#define GGUF_CASE(T) \
+  case T:              \
+    decode_row32<T>(row, I / 32, w); \
+    return true;
+  switch (t) {
+    GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    case Q4_K: return decode_rowk<Q4_K>(row, I / 256, w), true;
+    case Q5_K: return decode_rowk<Q5_K>(row, I / 256, w), true;
+    case Q6_K: return decode_rowk<Q6_K>(row, I / 256, w), true;
+    default: return false;
+  }
+#undef GGUF_CASE
+}
+
+// n fp32 values (n % 16 == 0) to out: fp32, or bf16 rounded to nearest even with NaN kept quiet (f32_to_bf16).
+inline void store_row_simd(void* out, const float* w, int64_t n, int out_bf16) {
+  if (!out_bf16) {
+    std::memcpy(out, w, static_cast<size_t>(n) * 4);
+    return;
+  }
+  auto bf = [](__m256i u) {
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                           _mm256_set1_epi32(0x7F800000));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  };
+  uint16_t* o = static_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256i a = bf(_mm256_castps_si256(_mm256_loadu_ps(w + i)));
+    const __m256i b = bf(_mm256_castps_si256(_mm256_loadu_ps(w + i + 8)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+  }
+}
+
+// ---- the call: activations prepared once, then blocks of kR rows (OpenMP over blocks)
+
+thread_local std::vector<int8_t> simd_xq;
+thread_local std::vector<float> simd_f;
+thread_local std::vector<int16_t> simd_bs;
+
+template <int T>
+void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                   int64_t I, int nthreads) {
+  constexpr bool kq = block_elems(T) == 256;
+  constexpr int G = kq ? 256 : 32;
+  const int64_t nb = I / G, nb8 = kq ? 0 : nb / 8, S = I / G;
+  simd_xq.resize(static_cast<size_t>(2 * M * I));
+  simd_f.resize(static_cast<size_t>(M * (S + 3 * 8 * nb8)));
+  simd_bs.resize(static_cast<size_t>(M * (I / 16 + I / 32)));
+  int8_t* xq = simd_xq.data();
+  int8_t* xp = xq + M * I;
+  float* sx = simd_f.data();
+  int16_t* bs16 = simd_bs.data();
+  int16_t* bs32 = bs16 + M * (I / 16);
+  float* sxp = sx + M * S;
+  float* cqp = sxp + M * 8 * nb8;
+  float* xsp = cqp + M * 8 * nb8;
+  for (int64_t m = 0; m < M; m++) {
+    quantize_x<G>(X + m * I, I, xq + m * I, sx + m * S, bs16 + m * (I / 16), bs32 + m * (I / 32));
+    if constexpr (T == IQ4_XS) pair_order(xq + m * I, nb, xp + m * I);
+    if constexpr (!kq) {
+      pair_order(xq + m * I, nb8, xp + m * I);
+      for (int64_t c = 0; c < nb8; c++)
+        for (int l = 0; l < 8; l++) {
+          const int64_t k = 8 * c + kPerm[l], i = m * 8 * nb8 + 8 * c + l;
+          const float s = sx[m * S + k], xs = s * static_cast<float>(bs32[m * (I / 32) + k]);
+          sxp[i] = s;
+          cqp[i] = min32<T>() ? 0.f : -off32<T>() * xs;
+          xsp[i] = xs;
+        }
+    }
+  }
+  const int64_t blocks = (O + kR - 1) / kR;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    const int64_t o0 = blk * kR, n = std::min<int64_t>(kR, O - o0);
+    const uint8_t* rows[kR];
+    for (int r = 0; r < kR; r++) rows[r] = W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
+    float y[kR];
+    for (int64_t m = 0; m < M; m++) {
+      const float* s = sx + m * S;
+      const int16_t* b16 = bs16 + m * (I / 16);
+      const int16_t* b32 = bs32 + m * (I / 32);
+      if constexpr (kq) {
+        const int8_t* x = (T == IQ4_XS ? xp : xq) + m * I;
+        if (n == kR) rowsk<T, kR>(rows, row_bytes, x, s, b16, b32, nb, y);
+        else
+          for (int r = 0; r < n; r++) rowsk<T, 1>(rows + r, row_bytes, x, s, b16, b32, nb, y + r);
+      } else {
+        const int64_t a = m * 8 * nb8;
+        if (n == kR) rows32<T, kR>(rows, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y);
+        else
+          for (int r = 0; r < n; r++)
+            rows32<T, 1>(rows + r, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y + r);
+      }
+      for (int r = 0; r < n; r++) Y[m * O + o0 + r] = f32_to_bf16(y[r]);
+    }
+  }
+}
+
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T.
+void linear_simd(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                 int64_t I, int nthreads) {
+#define GGUF_CASE(T) \
+  case T:              \
+    return linear_simd_t<T>(W, row_bytes, X, Y, M, O, I, nthreads);
+  switch (t) {
+    GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    GGUF_CASE(Q2_K) GGUF_CASE(Q3_K) GGUF_CASE(Q4_K) GGUF_CASE(Q5_K) GGUF_CASE(Q6_K) GGUF_CASE(IQ4_XS)
+    default: return;
+  }
+#undef GGUF_CASE
+}
+
