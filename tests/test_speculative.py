@@ -338,3 +338,41 @@ def test_bf16_greedy_self_draft_is_exact(hf_checkpoint):
     out = _greedy(llm, PROMPT, n=40, draft=llm, num_speculative=4, adaptive=False)
     assert out.token_ids == ref.token_ids
     assert out.stats.speculation.acceptance == 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "gpt_oss"])
+def test_recurrent_and_ring_caches_roll_back(tmp_path, models, family):
+    """Gated DeltaNet states and gpt-oss's sliding-window rings cannot overwrite a rejected proposal: the pass
+    snapshots them and replays the kept tokens, so greedy output equals plain decoding (n-gram and a draft, prompts
+    longer than the window); serving such a model with speculation is refused with a message."""
+    import transformers
+
+    from ember.scheduler import BatchScheduler
+
+    if family == "gpt_oss":
+        from test_gpt_oss import make_hf_gpt_oss
+        hf = make_hf_gpt_oss()
+    else:
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4))
+    hf.save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    llm = ember.load(tmp_path, device="cpu", check_memory=False)
+    prompt = PROMPT[:12] * 2  # repeats itself: the n-gram lookup proposes from the start
+    ref = _greedy(llm, prompt, n=30)
+    rejected = 0
+    for spec in (dict(method="ngram"), dict(draft=models["llama-draft"])):
+        for k in (2, 5):
+            out = _greedy(llm, prompt, n=30, **spec, num_speculative=k, adaptive=False)
+            assert out.token_ids == ref.token_ids, (spec, k)
+            rejected += out.stats.speculation.proposed - out.stats.speculation.accepted
+    assert rejected > 0  # the rollback ran
+    llm.speculate("ngram")
+    try:
+        with pytest.raises(GenerationError, match="when serving"):
+            BatchScheduler(llm, max_batch=2, num_blocks=32, block_size=8)
+    finally:
+        llm.speculate()
