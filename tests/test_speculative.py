@@ -289,12 +289,12 @@ def test_cli_generate_and_serve_flags(models, capsys):
     assert engine.speculation.method == "ngram" and engine.speculation.num_speculative == 2
 
 
-@pytest.mark.parametrize("family", ["llama-bias", "qwen3", "mixtral"])
+@pytest.mark.parametrize("family,quant", [("llama-bias", None), ("qwen3", None), ("mixtral", None), ("llama", "int8")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, dtype, monkeypatch):
+def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, quant, dtype, monkeypatch):
     """A k + 1 row pass through the fused blocks (``ember_decode_rows``) gives each row the logits, bit for bit,
     and writes the cache slots, that one-token steps give it: greedy verification agrees with plain decoding
-    even on near-ties in bf16."""
+    even on near-ties in bf16 (quantized weights run their one-row kernels row by row)."""
     from ember import kernels
     from ember.cache import StaticKVCache
     from ember.runtime import decode
@@ -303,7 +303,7 @@ def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, dtype
     real = kernels.run_decode_rows
     monkeypatch.setattr(kernels, "run_decode_rows", lambda *a: ran.append(real(*a)) or ran[-1])
     folder, _ = hf_checkpoint(family)
-    model = ember.load(folder, device="cpu", check_memory=False, dtype=dtype).model
+    model = ember.load(folder, device="cpu", check_memory=False, dtype=dtype, quant=quant).model
     toks = [7, 99, 3, 250, 41, 41]
 
     def prefilled():

@@ -16,8 +16,9 @@ The step runs, in order:
 A sliding window hides cached keys from the token at slot ``start >= window``: from there on the layers with
 that window run as modules (their mask), and the whole-step call is not made.
 
-Several tokens of one sequence (a speculative verification pass, up to :data:`MAX_ROWS`) run every layer and the
-head in one ``ember_decode_rows`` call where all layers have their blocks: each weight streams once for all rows,
+Several tokens of one sequence whose every logit is asked for (a speculative verification pass, up to
+:data:`MAX_ROWS`; a prefill asks for the last only and runs its modules) run every layer and the head in one
+``ember_decode_rows`` call where all layers have their blocks: each weight streams once for all rows,
 and each row gets the bits the one-token step would give it, so greedy verification agrees with plain decoding
 in bf16 too. Anything else of several tokens runs as the modules.
 """
@@ -141,8 +142,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
                               or decode.valid(x)):
         decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, model.lm_head)
     decode.checked_in = session
-    if T > 1:
-        return _rows(decode, x, cos, sin, cache, start, last_only, hidden_only, session)
+    if T > 1:  # every row's logits: a verification pass (a prefill asks for the last row's only, below: modules)
+        return None if last_only else _rows(decode, x, cos, sin, cache, start, hidden_only, session)
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
     first = 0  # the first layer the loop below runs
     steps = decode.steps(cache, start, session)
@@ -174,8 +175,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
 
 
 def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int,
-          last_only: bool, hidden_only: bool, session: object | None) -> torch.Tensor | None:
-    """Logits (1, T or 1, V) for T tokens of one sequence (a speculative verification pass) in one
+          hidden_only: bool, session: object | None) -> torch.Tensor | None:
+    """Logits (1, T, V) for T tokens of one sequence (a speculative verification pass) in one
     ``ember_decode_rows`` call, each row rounded as the one-token step rounds it; None (the modules run the pass)
     where not every layer has its blocks, a sliding window hides a key from the last row, or hidden states are
     asked for."""
@@ -190,4 +191,4 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     logits = torch.empty(T, decode.head[2].out_features, dtype=x.dtype)
     if not kernels.run_decode_rows(steps, rows, cos[0].contiguous(), sin[0].contiguous(), start, decode.head, logits):
         return None
-    return logits[None, -1:] if last_only else logits[None]
+    return logits[None]
