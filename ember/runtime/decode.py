@@ -130,8 +130,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             tensors, which the weights streamed by the step before have evicted from the CPU caches).
             None: checked at every call.
     """
-    T = x.shape[1]
-    if not (1 <= T <= MAX_ROWS and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
+    T = x.shape[1]  # more than one: a verification pass asks for every row's logits (a prefill for the last only)
+    if not ((T == 1 or T <= MAX_ROWS and not last_only) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
             and hasattr(cache, "layer_tensors") and start == getattr(cache, "pos", None)
             and x.dtype in (torch.bfloat16, torch.float32) and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
@@ -142,8 +142,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
                               or decode.valid(x)):
         decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, model.lm_head)
     decode.checked_in = session
-    if T > 1:  # every row's logits: a verification pass (a prefill asks for the last row's only, below: modules)
-        return None if last_only else _rows(decode, x, cos, sin, cache, start, hidden_only, session)
+    if T > 1:
+        return _rows(decode, x, cos, sin, cache, start, hidden_only, session)
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
     first = 0  # the first layer the loop below runs
     steps = decode.steps(cache, start, session)
