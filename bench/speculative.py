@@ -1,9 +1,13 @@
 """Speculative decoding benchmark: plain vs draft-model vs n-gram decode at batch 1, and serving at 4 streams.
 
-A target and a ~10x smaller draft are trained here on the bundled demo corpus with ``ember demo``'s recipe
-(the same byte-level BPE tokenizer, so the draft shares the target's vocabulary), so acceptance is real: both
-learn the corpus, and on corpus-style prompts they agree often. Sizes and steps are options; the defaults train
-both in a few minutes on 2 CPU cores (cached in ``bench/.cache/spec-*``).
+A target of ~90M parameters (``bench/decode.py``'s "small" shape: 768 hidden, 12 layers) and a ~10x smaller
+draft are trained here on the bundled demo corpus with ``ember demo``'s recipe (the same byte-level BPE
+tokenizer, so the draft shares the target's vocabulary), so acceptance is real: both learn the corpus, and on
+corpus-style prompts they agree often. Training stops at ``--*-steps`` or ``--time-limit`` seconds per model,
+whichever comes first; the trained models are cached under the temp dir (``$EMBER_BENCH_CACHE``, default
+``<tmp>/ember-bench-speculative``), so only the first run trains. At batch 1 decode streams every weight once
+per token, so the target's size is what makes a verification pass over ``k + 1`` rows cost about one step
+(``ember_decode_rows``); at a few million parameters fixed per-call costs dominate instead.
 
 Rows, each greedy, ``--new`` tokens, EOS ignored, decode tok/s of ``Engine.generate`` (prefill excluded), the
 median of ``--repeats`` runs, plain and speculative runs interleaved so a slow spell of a shared machine hits
@@ -21,8 +25,9 @@ Targets (issue 29): draft >= 2.0x, n-gram >= 1.5x on the repeating prompt, low-h
 speculation. Acceptance rates and tokens per weight pass come from the runs' own counters. Prints a table;
 writes JSON (``--out``).
 
-    python bench/speculative.py                       # default sizes (a few minutes of training, then ~2 min)
-    python bench/speculative.py --target-hidden 768 --target-layers 12 --target-steps 400   # a bigger target
+    python bench/speculative.py --threads 2           # default sizes (first run trains both models)
+    python bench/speculative.py --target-hidden 384 --target-layers 6 --target-inter 1024 \
+        --draft-hidden 128 --draft-layers 2 --draft-inter 384          # small models: a quick smoke run
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -42,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CACHE = Path(__file__).resolve().parent / ".cache"
+CACHE = Path(os.environ.get("EMBER_BENCH_CACHE") or Path(tempfile.gettempdir()) / "ember-bench-speculative")
 
 # Sentences in the corpus's subjects and plain style that the corpus does not contain.
 HELDOUT_PROMPTS = [
@@ -157,15 +163,15 @@ def serve_row(llm, prompts: list[list[int]], new: int, spec: dict | None) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target-hidden", type=int, default=384)
-    ap.add_argument("--target-layers", type=int, default=6)
-    ap.add_argument("--target-inter", type=int, default=1024)
-    ap.add_argument("--draft-hidden", type=int, default=128)
-    ap.add_argument("--draft-layers", type=int, default=2)
-    ap.add_argument("--draft-inter", type=int, default=384)
-    ap.add_argument("--target-steps", type=int, default=120)
-    ap.add_argument("--draft-steps", type=int, default=300)
-    ap.add_argument("--time-limit", type=float, default=240.0, help="training seconds per model at most")
+    ap.add_argument("--target-hidden", type=int, default=768)
+    ap.add_argument("--target-layers", type=int, default=12)
+    ap.add_argument("--target-inter", type=int, default=2048)
+    ap.add_argument("--draft-hidden", type=int, default=384)
+    ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--draft-inter", type=int, default=1024)
+    ap.add_argument("--target-steps", type=int, default=300)
+    ap.add_argument("--draft-steps", type=int, default=600)
+    ap.add_argument("--time-limit", type=float, default=900.0, help="training seconds per model at most")
     ap.add_argument("--dtype", default="bf16", help="compute dtype of the timed runs (bf16, fp32)")
     ap.add_argument("--new", type=int, default=96, help="tokens per run")
     ap.add_argument("--k", type=int, default=4, help="--num-speculative")

@@ -167,7 +167,7 @@ class Engine:
             num_speculative: the most proposed tokens per pass (default 4; MTP 1).
             adaptive: adapt the number to the measured acceptance, off where it does not pay.
         Raises:
-            GenerationError: a family whose cache cannot drop rejected tokens, or a draft with another vocabulary.
+            GenerationError: a draft whose cache cannot drop rejected tokens, or with another vocabulary.
         """
         if method is None and draft is None:
             self.speculation = None

@@ -178,7 +178,7 @@ class BatchScheduler:
         # the engine's speculation (Engine.speculate): every running sequence's proposals verified in one forward
         self.speculator: BatchSpeculator | None = None
         if engine.speculation is not None:
-            check_target(self.model, engine.speculation)
+            check_target(self.model, engine.speculation, batched=True)
             self.speculator = BatchSpeculator(engine.speculation)
 
     # ------------------------------------------------------------------ capacity

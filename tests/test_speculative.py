@@ -287,3 +287,92 @@ def test_cli_generate_and_serve_flags(models, capsys):
     args = build_parser().parse_args(["serve", target, "--speculate", "ngram", "--num-speculative", "2"])
     engine = load_engine(args)
     assert engine.speculation.method == "ngram" and engine.speculation.num_speculative == 2
+
+
+@pytest.mark.parametrize("family,quant", [("llama-bias", None), ("qwen3", None), ("mixtral", None), ("llama", "int8")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, quant, dtype, monkeypatch):
+    """A k + 1 row pass through the fused blocks (``ember_decode_rows``) gives each row the logits, bit for bit,
+    and writes the cache slots, that one-token steps give it: greedy verification agrees with plain decoding
+    even on near-ties in bf16 (quantized weights run their one-row kernels row by row)."""
+    from ember import kernels
+    from ember.cache import StaticKVCache
+    from ember.runtime import decode
+
+    ran = []
+    real = kernels.run_decode_rows
+    monkeypatch.setattr(kernels, "run_decode_rows", lambda *a: ran.append(real(*a)) or ran[-1])
+    folder, _ = hf_checkpoint(family)
+    model = ember.load(folder, device="cpu", check_memory=False, dtype=dtype, quant=quant).model
+    toks = [7, 99, 3, 250, 41, 41]
+
+    def prefilled():
+        cache = StaticKVCache(model.config, 1, 64, dtype, torch.device("cpu"))
+        model(torch.tensor([PROMPT[:17]]), None, cache, 0, None, last_only=True)
+        cache.advance(17)
+        return cache
+
+    with torch.inference_mode():
+        one = prefilled()
+        steps = []
+        for t in toks:
+            steps.append(model(torch.tensor([[t]]), None, one, one.pos, None, last_only=True)[0, -1])
+            one.advance(1)
+        rows = prefilled()
+        out = model(torch.tensor([toks]), None, rows, rows.pos, None)[0]
+    assert ran and all(ran), "the pass did not run through ember_decode_rows"
+    for i, ref in enumerate(steps):
+        assert torch.equal(out[i], ref), f"row {i}: max |diff| {float((out[i].float() - ref.float()).abs().max())}"
+    for layer in range(model.config.num_hidden_layers):
+        for a, b in zip(one.layer_tensors(layer), rows.layer_tensors(layer)):
+            assert torch.equal(a[:, :, :17 + len(toks)], b[:, :, :17 + len(toks)])
+    assert decode.MAX_ROWS >= 9  # the most rows a pass of --num-speculative 8 sends
+
+
+def test_bf16_greedy_self_draft_is_exact(hf_checkpoint):
+    """bf16: the target drafting for itself must have every proposal kept (the verification rounds as the draft's
+    one-token steps) and its output equal plain greedy decoding."""
+    folder, _ = hf_checkpoint("qwen3")
+    llm = ember.load(folder, device="cpu", check_memory=False, dtype=torch.bfloat16)
+    ref = _greedy(llm, PROMPT, n=40)
+    out = _greedy(llm, PROMPT, n=40, draft=llm, num_speculative=4, adaptive=False)
+    assert out.token_ids == ref.token_ids
+    assert out.stats.speculation.acceptance == 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "gpt_oss"])
+def test_recurrent_and_ring_caches_roll_back(tmp_path, models, family):
+    """Gated DeltaNet states and gpt-oss's sliding-window rings cannot overwrite a rejected proposal: the pass
+    snapshots them and replays the kept tokens, so greedy output equals plain decoding (n-gram and a draft, prompts
+    longer than the window); serving such a model with speculation is refused with a message."""
+    import transformers
+
+    from ember.scheduler import BatchScheduler
+
+    if family == "gpt_oss":
+        from test_gpt_oss import make_hf_gpt_oss
+        hf = make_hf_gpt_oss()
+    else:
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4))
+    hf.save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    llm = ember.load(tmp_path, device="cpu", check_memory=False)
+    prompt = PROMPT[:12] * 2  # repeats itself: the n-gram lookup proposes from the start
+    ref = _greedy(llm, prompt, n=30)
+    rejected = 0
+    for spec in (dict(method="ngram"), dict(draft=models["llama-draft"])):
+        for k in (2, 5):
+            out = _greedy(llm, prompt, n=30, **spec, num_speculative=k, adaptive=False)
+            assert out.token_ids == ref.token_ids, (spec, k)
+            rejected += out.stats.speculation.proposed - out.stats.speculation.accepted
+    assert rejected > 0  # the rollback ran
+    llm.speculate("ngram")
+    try:
+        with pytest.raises(GenerationError, match="when serving"):
+            BatchScheduler(llm, max_batch=2, num_blocks=32, block_size=8)
+    finally:
+        llm.speculate()

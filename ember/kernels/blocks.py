@@ -200,3 +200,16 @@ def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin
                                     None if norm is None else norm.data_ptr(), eps, None if k is None else k.addr,
                                     None if logits is None else logits.data_ptr(), x.dtype is torch.bfloat16,
                                     torch.get_num_threads())
+
+
+def run_decode_rows(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
+                    head: "tuple[torch.Tensor, float, LinearKernel]", logits: torch.Tensor) -> bool:
+    """:func:`run_decode_layers` for T rows of one sequence at slots ``pos .. pos + T - 1`` (a speculative
+    verification pass): ``x`` (T, H) in place, cos/sin (T, hd), ``logits`` (T, V) written. Each row gets the bits
+    the one-token call gives it, while each weight streams once for all rows. False where a kernel refused (x
+    and the cache slots are then partly written: the caller reruns the pass from its own copy of x)."""
+    norm, eps, k = head
+    done = _loader._lib.ember_decode_rows(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
+                                          x.shape[0], norm.data_ptr(), eps, k.addr, logits.data_ptr(),
+                                          x.dtype is torch.bfloat16, torch.get_num_threads())
+    return done == 2 * steps.n + 1

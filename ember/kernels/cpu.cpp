@@ -2365,6 +2365,55 @@ void run_dense_row_jobs(int n, const LinearDesc* const* d, const void* X, void* 
 }
 #endif
 
+// Activation rows X (nm <= MB, I) times a block of R weight rows, each (weight row, activation row) product with
+// the bits of the one-activation-row kernel (dense_*_rows with nm = 1). The AVX512 and portable kernels sum each
+// pair the same way whatever nm is; the AVX2 kernels keep two accumulators for one activation row and one for two,
+// so here two activation rows at a time get the one-row kernel's two accumulators each (two weight rows at a time,
+// to stay within the 16 vector registers).
+#ifdef EMBER_AVX2
+// 16 weights or activations as two fp32 vectors, split as the one-row kernels split them: bf16 as (even, odd)
+// (bf16_pairs), fp32 as (first 8, last 8).
+inline void halves(const uint16_t* p, __m256& a, __m256& b) { bf16_pairs(p, a, b); }
+inline void halves(const float* p, __m256& a, __m256& b) { a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8); }
+
+template <int NM, typename T>
+inline void rows_avx2_exact(const T* const* w, const T* X, int64_t I, float* out) {
+  for (int r0 = 0; r0 < R; r0 += 2) {
+    __m256 acc[2][NM][2];
+    for (int r = 0; r < 2; r++)
+      for (int m = 0; m < NM; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < I; k += 16) {
+      __m256 xa[NM], xb[NM];
+      for (int m = 0; m < NM; m++) halves(X + m * I + k, xa[m], xb[m]);
+      for (int r = 0; r < 2; r++) {
+        if (k % (64 / sizeof(T)) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r0 + r] + k + 4 * I), PF_HINT);
+        __m256 wa, wb;
+        halves(w[r0 + r] + k, wa, wb);
+        for (int m = 0; m < NM; m++) {
+          acc[r][m][0] = _mm256_fmadd_ps(wa, xa[m], acc[r][m][0]);
+          acc[r][m][1] = _mm256_fmadd_ps(wb, xb[m], acc[r][m][1]);
+        }
+      }
+    }
+    for (int r = 0; r < 2; r++)
+      for (int m = 0; m < NM; m++) out[(r0 + r) * MB + m] = hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+  }
+}
+#endif
+
+template <typename T>
+inline void dense_rows_exact(const T* const* w, const T* X, int64_t I, int nm, float* out) {
+  constexpr bool bf = std::is_same_v<T, uint16_t>;
+#ifdef EMBER_AVX2
+  if (I % (bf ? 32 : 16) == 0) {  // the one-row kernels' condition; otherwise their portable loop, exact at any nm
+    in_pairs(nm, [&](auto n, int m) { rows_avx2_exact<decltype(n)::value>(w, X + m * I, I, out + m); });
+    return;
+  }
+#endif
+  if constexpr (bf) dense_bf16_rows(w, X, I, nm, out);
+  else dense_f32_rows(w, X, I, nm, out);
+}
+
 }  // namespace
 
 extern "C" {
@@ -2439,6 +2488,52 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
   for (int i = 0; i < n; i++)
     if (!ember_linear(d[i], X, Y[i], M, x_bf16, nthreads)) return i;
   return n;
+}
+
+// Y[i] (M, O_i) = X (M, I) @ W_i^T for n prepared weights, each activation row's products with the same bits as
+// ember_linear_many over that row alone (a speculative verification pass must round as the one-token step it
+// stands for). Dense weights stream each 4-row block once for all M rows (dense_rows_exact); other formats (and
+// AMX at one row) run ember_linear_many row by row. Returns 0 (nothing guaranteed written) where a weight has no
+// kernel for X's dtype.
+int ember_linear_rows(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
+                      int nthreads) {
+  bool dense = n <= 8;
+  for (int i = 0; i < n; i++)
+    dense = dense && d[i]->kind == 1 && d[i]->w_bf16 == x_bf16 && d[i]->I == d[0]->I && d[i]->amx_min_rows != 1;
+  const int64_t I = d[0]->I, esz = x_bf16 ? 2 : 4;
+  if (!dense || M == 1) {
+    for (int64_t m = 0; m < M; m++) {
+      void* Ym[8];
+      if (n > 8) return 0;
+      for (int i = 0; i < n; i++) Ym[i] = static_cast<char*>(Y[i]) + m * d[i]->O * esz;
+      if (ember_linear_many(n, d, static_cast<const char*>(X) + m * I * esz, Ym, 1, x_bf16, nthreads) != n) return 0;
+    }
+    return 1;
+  }
+  int64_t first[9] = {0};  // weight i's 4-row blocks are [first[i], first[i + 1]) of one range over the threads
+  for (int i = 0; i < n; i++) first[i + 1] = first[i] + (d[i]->O + R - 1) / R;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t t = 0; t < first[n]; t++) {
+    int i = 0;
+    while (t >= first[i + 1]) i++;
+    const int64_t o0 = (t - first[i]) * R, O = d[i]->O;
+    float out[R * MB];
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+      if (x_bf16) {
+        const uint16_t* w[R];
+        row_ptrs(static_cast<const uint16_t*>(d[i]->W), o0, O, I, w);
+        dense_rows_exact(w, static_cast<const uint16_t*>(X) + m0 * I, I, nm, out);
+      } else {
+        const float* w[R];
+        row_ptrs(static_cast<const float*>(d[i]->W), o0, O, I, w);
+        dense_rows_exact(w, static_cast<const float*>(X) + m0 * I, I, nm, out);
+      }
+      store_block(Y[i], O, o0, m0, nm, out, nullptr, x_bf16);
+    }
+  }
+  for (int i = 0; i < n; i++) add_bias(d[i], Y[i], M, x_bf16);
+  return 1;
 }
 
 }  // extern "C"
@@ -2777,6 +2872,121 @@ int ember_decode_layers(const LayerStepDesc* layers, int n, void* x, const void*
     if (ember_linear(head, h.data(), logits, 1, is_bf16, nthreads)) return 2 * n + 1;
   }
   return 2 * n;
+}
+
+}  // extern "C"
+
+// ============================================================================ decode steps of several rows
+// A speculative verification pass of one sequence: rows r = 0..T-1 are tokens at slots pos + r, row r attending
+// to slots 0..pos + r. Each row gets the bits ember_decode_layers gives that token alone (ember_linear_rows,
+// per-row norms, RoPE and attention), while each weight streams from memory once for all rows.
+namespace {
+
+thread_local std::vector<float> rows_buf;
+
+template <typename T>
+void add_all_rows(void* x, const void* y, int64_t n) {
+  add_rows(static_cast<T*>(x), static_cast<const T*>(y), n);
+}
+
+// x (T, H) += o_proj(attention(...)) for each row, as ember_attn_block for that row alone.
+int attn_block_rows(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
+                    int64_t max_len, int64_t pos, int64_t T, int is_bf16, int nthreads) {
+  if (d->hd % 2) return 0;
+  const int64_t H = d->H, nq = d->nh * d->hd, nk = d->nkv * d->hd, hd = d->hd, esz = is_bf16 ? 2 : 4;
+  rows_buf.resize(static_cast<size_t>(T * (H + 2 * nq + 2 * nk + H) * esz / 4 + 8));
+  char* base = reinterpret_cast<char*>(rows_buf.data());
+  char* h = base;
+  char* q = h + T * H * esz;
+  char* k = q + T * nq * esz;
+  char* v = k + T * nk * esz;
+  char* a = v + T * nk * esz;
+  char* o = a + T * nq * esz;
+  ember_rms_norm(x, d->norm, h, T, H, d->eps, is_bf16, 1);
+  const LinearDesc* qkv[3] = {d->q, d->k, d->v};
+  void* qkv_out[3] = {q, k, v};
+  if (!ember_linear_rows(3, qkv, h, qkv_out, T, is_bf16, nthreads)) return 0;
+  if (d->q_norm) {
+    ember_rms_norm(q, d->q_norm, q, T * d->nh, hd, d->qk_eps, is_bf16, 1);
+    ember_rms_norm(k, d->k_norm, k, T * d->nkv, hd, d->qk_eps, is_bf16, 1);
+  }
+  ember_rope(q, cos, sin, T, d->nh, hd, is_bf16);
+  ember_rope(k, cos, sin, T, d->nkv, hd, is_bf16);
+  for (int64_t r = 0; r < T; r++)
+    for (int64_t g = 0; g < d->nkv; g++) {
+      const int64_t slot = (g * max_len + pos + r) * hd * esz, src = (r * nk + g * hd) * esz;
+      std::memcpy(static_cast<char*>(Kc) + slot, k + src, hd * esz);
+      std::memcpy(static_cast<char*>(Vc) + slot, v + src, hd * esz);
+    }
+  const int64_t hs = max_len * hd;
+  for (int64_t r = 0; r < T; r++)
+    if (!ember_attn_decode(q + r * nq * esz, Kc, Vc, a + r * nq * esz, 1, d->nh, d->nkv, hd, pos + r + 1, d->nkv * hs,
+                           hs, hd, d->nkv * hs, hs, hd, nullptr, 0, 0, 1.f / std::sqrt(static_cast<float>(hd)),
+                           is_bf16, nthreads))
+      return 0;
+  const LinearDesc* od[1] = {d->o};
+  void* oo[1] = {o};
+  if (!ember_linear_rows(1, od, a, oo, T, is_bf16, nthreads)) return 0;
+  if (is_bf16) add_all_rows<uint16_t>(x, o, T * H);
+  else add_all_rows<float>(x, o, T * H);
+  return 1;
+}
+
+// x (T, H) += down(silu(gate(h)) * up(h)) for each row, as ember_mlp_block for that row alone.
+int mlp_block_rows(const MlpBlockDesc* d, void* x, int64_t T, int is_bf16, int nthreads) {
+  const int64_t H = d->H, F = d->F, esz = is_bf16 ? 2 : 4;
+  rows_buf.resize(static_cast<size_t>(T * (2 * H + 2 * F) * esz / 4 + 8));
+  char* h = reinterpret_cast<char*>(rows_buf.data());
+  char* g = h + T * H * esz;
+  char* u = g + T * F * esz;
+  char* y = u + T * F * esz;
+  ember_rms_norm(x, d->norm, h, T, H, d->eps, is_bf16, 1);
+  const LinearDesc* gu[2] = {d->gate, d->up};
+  void* outs[2] = {g, u};
+  if (!ember_linear_rows(2, gu, h, outs, T, is_bf16, nthreads)) return 0;
+  if (is_bf16) silu_mul(reinterpret_cast<uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), T * F);
+  else silu_mul(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(u), T * F);
+  const LinearDesc* dd[1] = {d->down};
+  void* yy[1] = {y};
+  if (!ember_linear_rows(1, dd, g, yy, T, is_bf16, nthreads)) return 0;
+  if (is_bf16) add_all_rows<uint16_t>(x, y, T * H);
+  else add_all_rows<float>(x, y, T * H);
+  return 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// ember_decode_layers for T rows of one sequence (a verification pass): x (T, H) at slots pos..pos+T-1, cos/sin
+// (T, hd), logits (T, V). Every row's result has the bits ember_decode_layers gives it alone. A mixture of
+// experts runs ember_moe_block row by row (each row routes its own way). Returns 2 * n + 1 when the logits were
+// written, else 0: the caller then runs the pass as its modules (the cache slots written are rewritten there).
+int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* cos, const void* sin, int64_t pos,
+                      int64_t T, const void* norm, float eps, const LinearDesc* head, void* logits, int is_bf16,
+                      int nthreads) {
+  if (!head || T < 1) return 0;
+  const int64_t esz = is_bf16 ? 2 : 4;
+  for (int i = 0; i < n; i++) {
+    const LayerStepDesc& s = layers[i];
+    const int64_t H = s.attn->H;
+    if (pos + T > s.max_len || !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads))
+      return 0;
+    if (s.moe) {
+      for (int64_t r = 0; r < T; r++)
+        if (!ember_moe_block(static_cast<const MoeBlockDesc*>(s.mlp), static_cast<char*>(x) + r * H * esz, is_bf16,
+                             nthreads))
+          return 0;
+    } else if (!mlp_block_rows(static_cast<const MlpBlockDesc*>(s.mlp), x, T, is_bf16, nthreads)) {
+      return 0;
+    }
+  }
+  thread_local std::vector<float> h;
+  h.resize(static_cast<size_t>(T * head->I));
+  ember_rms_norm(x, norm, h.data(), T, head->I, eps, is_bf16, 1);
+  const LinearDesc* hd[1] = {head};
+  void* out[1] = {logits};
+  return ember_linear_rows(1, hd, h.data(), out, T, is_bf16, nthreads) ? 2 * n + 1 : 0;
 }
 
 }  // extern "C"

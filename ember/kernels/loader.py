@@ -176,6 +176,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_moe_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_decode_layers.restype = _INT
     lib.ember_decode_layers.argtypes = [_P, _INT, _P, _P, _P, _I64, _P, _F, _P, _P, _INT, _INT]
+    lib.ember_decode_rows.restype = _INT
+    lib.ember_decode_rows.argtypes = [_P, _INT, _P, _P, _P, _I64, _I64, _P, _F, _P, _P, _INT, _INT]
+    lib.ember_linear_rows.restype = _INT
+    lib.ember_linear_rows.argtypes = [_INT, _P, _P, _P, _I64, _INT, _INT]
     lib.ember_attn_decode.restype = _INT
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None

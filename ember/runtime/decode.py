@@ -15,6 +15,12 @@ The step runs, in order:
 
 A sliding window hides cached keys from the token at slot ``start >= window``: from there on the layers with
 that window run as modules (their mask), and the whole-step call is not made.
+
+Several tokens of one sequence whose every logit is asked for (a speculative verification pass, up to
+:data:`MAX_ROWS`; a prefill asks for the last only and runs its modules) run every layer and the head in one
+``ember_decode_rows`` call where all layers have their blocks: each weight streams once for all rows,
+and each row gets the bits the one-token step would give it, so greedy verification agrees with plain decoding
+in bf16 too. Anything else of several tokens runs as the modules.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ember.runtime import blocks as blocks_module
 
 # Beside the models, not in them (as ember.kernels keeps its kernels): ctypes pointers cannot be deep-copied.
 _decode_blocks: "weakref.WeakKeyDictionary[nn.Module, DecodeBlocks]" = weakref.WeakKeyDictionary()
+MAX_ROWS = 16  # the most tokens of one sequence a call runs through the fused blocks (a verification pass)
 
 
 class DecodeBlocks:
@@ -109,12 +116,12 @@ class DecodeBlocks:
 def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int,
             k_valid: torch.Tensor | None, last_only: bool, hidden_only: bool,
             session: object | None) -> torch.Tensor | None:
-    """The model's output for one token of one sequence on the CPU, or None for any other call (the model
-    then runs its modules).
+    """The model's output for one token (or a few, :func:`_rows`) of one sequence on the CPU, or None for any other
+    call (the model then runs its modules).
 
     Args:
         model: an :class:`ember.models.Transformer`.
-        x: (1, 1, H) the token's embedding; cos/sin (1, 1, hd) its RoPE tables.
+        x: (1, T, H) the tokens' embeddings, T <= MAX_ROWS (see :func:`_rows` for T > 1); cos/sin (1, T, hd).
         cache: a cache with ``layer_tensors(layer)`` and ``pos == start`` (:class:`ember.cache.StaticKVCache`).
         session: any object standing for one generation, the same at each of its calls (the engine makes one
             per generation). The caller promises that between those calls no module, parameter, buffer or
@@ -123,18 +130,21 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             tensors, which the weights streamed by the step before have evicted from the CPU caches).
             None: checked at every call.
     """
-    if not (x.shape[1] == 1 and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
+    T = x.shape[1]  # more than one: a verification pass asks for every row's logits (a prefill for the last only)
+    if not ((T == 1 or T <= MAX_ROWS and not last_only) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
             and hasattr(cache, "layer_tensors") and start == getattr(cache, "pos", None)
             and x.dtype in (torch.bfloat16, torch.float32) and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
     layers = model.model.layers
     x = x.contiguous()
-    cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
     decode = _decode_blocks.get(model)
     if decode is None or not (session is not None and decode.checked_in is session and x.dtype is decode.dtype
                               or decode.valid(x)):
-        decode = _decode_blocks[model] = DecodeBlocks(layers, x, model.model.norm, model.lm_head)
+        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, model.lm_head)
     decode.checked_in = session
+    if T > 1:
+        return _rows(decode, x, cos, sin, cache, start, hidden_only, session)
+    cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
     first = 0  # the first layer the loop below runs
     steps = decode.steps(cache, start, session)
     if steps is not None:
@@ -162,3 +172,23 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
                 continue
         x = layer(x, cos, sin, masks[getattr(layer, "window", None)], cache, False)
     return model.finish(x, last_only, hidden_only)
+
+
+def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int,
+          hidden_only: bool, session: object | None) -> torch.Tensor | None:
+    """Logits (1, T, V) for T tokens of one sequence (a speculative verification pass) in one
+    ``ember_decode_rows`` call, each row rounded as the one-token step rounds it; None (the modules run the pass)
+    where not every layer has its blocks, a sliding window hides a key from the last row, or hidden states are
+    asked for."""
+    T = x.shape[1]
+    if hidden_only or decode.head is None or decode.n_fused < len(decode.blocks) \
+            or decode.window is not None and start + T > decode.window:
+        return None
+    steps = decode.steps(cache, start, session)
+    if steps is None:
+        return None
+    rows = x[0].clone()  # (T, H), written in place; x stays whole for the module path if the kernels refuse
+    logits = torch.empty(T, decode.head[2].out_features, dtype=x.dtype)
+    if not kernels.run_decode_rows(steps, rows, cos[0].contiguous(), sin[0].contiguous(), start, decode.head, logits):
+        return None
+    return logits[None]

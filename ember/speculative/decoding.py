@@ -6,7 +6,8 @@ After prefill, each pass either
   token and the ``k`` proposals (``k + 1`` rows: the few-row streaming kernels read every weight once for all
   rows, so the pass costs about one decode step), keeps what the target agrees with
   (:mod:`ember.speculative.verify`), emits one more token from the target's own distribution, and rolls the
-  cache back over the rejected proposals (their slots are overwritten by the next pass); or
+  cache back over the rejected proposals (their slots are overwritten by the next pass; recurrent states and
+  sliding-window rings are restored from a snapshot and the accepted tokens run again, :mod:`.rollback`); or
 * takes a plain decode step (the one-token fused path), when the controller (:class:`AdaptiveK`) has switched
   speculation off or the proposer has nothing to offer.
 
@@ -25,6 +26,7 @@ from ember.errors import GenerationError
 from ember.sampling import Sampler, SamplingParams
 from ember.speculative.adaptive import AdaptiveK, SpeculationCounters
 from ember.speculative.proposers import DraftProposer, NgramProposer, Proposer, check_rollback
+from ember.speculative.rollback import Snapshot, needs_replay
 from ember.speculative.verify import accept_greedy, accept_sampled
 
 METHODS = ("ngram", "draft", "mtp")
@@ -69,13 +71,16 @@ class SpeculativeConfig:
         raise GenerationError("speculation by MTP heads is not available yet; use --speculate ngram or --draft")
 
 
-def check_target(model, config: SpeculativeConfig) -> None:
-    """Refuse a target/draft pair that cannot speculate, with what to do.
+def check_target(model, config: SpeculativeConfig, batched: bool = False) -> None:
+    """Refuse a target/draft pair that cannot speculate, with what to do. ``batched``: for the scheduler, whose
+    paged cache has no snapshot of recurrent states or window rings (one sequence's static cache has,
+    :mod:`.rollback`).
 
     Raises:
-        GenerationError: a recurrent or ring-cache family, or a draft whose vocabulary differs.
+        GenerationError: a recurrent or ring-cache family in a batch, or a draft whose vocabulary differs.
     """
-    check_rollback(model.config, "this model")
+    if batched:
+        check_rollback(model.config, "this model when serving")
     if config.method == "mtp":
         heads = [n for n in getattr(model, "extra_weights", None) or {} if n.startswith("mtp.")]
         raise GenerationError("this checkpoint ships no mtp.* heads; use --speculate ngram or --draft MODEL" if not heads
@@ -120,6 +125,7 @@ class SpeculativeDecoder:
         self.session = object()
         p = model.model.norm.weight
         self.device = p.device
+        self.replay = needs_replay(cache)
 
     def _target(self, toks: list[int], last_only: bool) -> torch.Tensor:
         x = torch.tensor([toks], dtype=torch.long, device=self.device)
@@ -147,13 +153,18 @@ class SpeculativeDecoder:
                 out = [tok]
             else:
                 k = len(proposal)
+                snap = Snapshot.take(self.cache) if self.replay else None
                 logits = self._target([tok] + proposal, last_only=False)  # (k + 1, V)
                 if self.params.greedy:
                     out = accept_greedy(logits.argmax(-1).tolist(), proposal)
                 else:
                     out = accept_sampled(self._probs(logits), proposal, q, self.generator)
                 kept = len(out) - 1
-                self.cache.pos -= k - kept  # forget the rejected proposals' keys/values
+                if snap is not None and kept < k:  # states/rings hold the rejected ones: back, then the kept again
+                    snap.restore(self.cache)
+                    self._target([tok] + proposal[:kept], last_only=True)
+                else:
+                    self.cache.pos -= k - kept  # forget the rejected proposals' keys/values
                 self.control.record_pass(k, kept, t1 - t0, time.perf_counter() - t1)
                 c.proposed += k
                 c.accepted += kept

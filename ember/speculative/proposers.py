@@ -73,11 +73,12 @@ class NgramProposer:
 
 
 def check_rollback(cfg, what: str) -> None:
-    """Refuse models whose per-layer state cannot be rolled back to a shorter sequence.
+    """Refuse models whose per-layer state cannot be rolled back by moving the cache position back: a draft model,
+    and a target served in a batch (one sequence's target snapshots instead, :mod:`ember.speculative.rollback`).
 
     Rejected proposals leave keys/values in the cache; full and latent attention simply overwrite those slots on
     the next pass. A recurrent layer (Gated DeltaNet) folds every token into its state and a ring layer
-    (gpt-oss sliding window) overwrites old keys, so neither can forget a rejected token.
+    (gpt-oss sliding window) overwrites old keys, so neither forgets a rejected token by itself.
 
     Raises:
         GenerationError: naming the layer kind and what to do.
