@@ -34,7 +34,7 @@ import torch
 
 import ember.runtime  # noqa: F401  (the CPU kernels behind the model's pieces)
 from ember.engine import Engine, _RowState
-from ember.errors import GenerationError, QueueFullError
+from ember.errors import DistributedError, GenerationError, QueueFullError
 from ember.cache import PagedKVCache
 from ember.sampling import Sampler, SamplingParams, token_logprobs
 from ember.speculative import check_target
@@ -173,6 +173,8 @@ class BatchScheduler:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
+        # a multi-process run lost a rank: no forward can run again, so the loop ends and every request fails
+        self.broken: DistributedError | None = None
         self.counters = dict(steps=0, prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0,
                              finished=0, cancelled=0, errors=0)
         # the engine's speculation (Engine.speculate): every running sequence's proposals verified in one forward
@@ -272,15 +274,24 @@ class BatchScheduler:
 
         On CPU, prefer the main thread: PyTorch's OpenMP parallel regions cost measurably more when
         launched from other threads (a 110M model decoded 30 ms/step in a thread, 19 ms in the main one).
-        Sequences still queued or running when the loop ends are dropped (their blocks freed).
+        Sequences still queued or running when the loop ends are dropped (their blocks freed); when it ends
+        because the run lost a rank (:attr:`broken`), each gets an error event first.
         """
         with torch.inference_mode():
-            while not self._stop and not (until is not None and until()):
+            while not self._stop and self.broken is None and not (until is not None and until()):
                 if not self.step():
                     self._wake.wait(0.1)
                     self._wake.clear()
+        if self.broken is not None:
+            self._drain()
+        events = []
         for s in list(self.running) + list(self.waiting):
+            if self.broken is not None and not s.finished:
+                events.append((s.req, SeqEvent(s.req.id, -1, "", "error", prompt_tokens=s.n_prompt,
+                                               completion_tokens=s.generated, error=str(self.broken))))
             self._release(s)
+        if events:
+            self.deliver(events)
         self.running.clear()
         self.waiting.clear()
 
@@ -314,7 +325,7 @@ class BatchScheduler:
             logits = self._forward_safe(decode, [1] * len(decode), events)
             if logits is not None:
                 ready += list(zip(decode, logits))
-        rows, chunks = self._pick_prefill()
+        rows, chunks = self._pick_prefill() if self.broken is None else ([], [])
         if rows:
             logits = self._forward_safe(rows, chunks, events)
             if logits is not None:
@@ -443,7 +454,11 @@ class BatchScheduler:
         try:
             return self._forward(seqs, news, proposals)
         except Exception as e:  # a failing pass (e.g. out of memory) ends its rows, not the server
-            log.exception("forward pass failed for %d sequences", len(seqs))
+            if isinstance(e, DistributedError):
+                self.broken = e
+                log.error("forward pass failed for %d sequences: %s", len(seqs), e)
+            else:
+                log.exception("forward pass failed for %d sequences", len(seqs))
             for s in seqs:
                 self._release(s)
                 self.counters["errors"] += 1

@@ -166,15 +166,15 @@ def test_cli_pp_and_tp_print_what_one_process_prints(hf_checkpoint):
 
 
 # ----------------------------------------------------------------------------- faults
-def _start_ranks(folder: str, extra_env: dict) -> list[subprocess.Popen]:
+def _start_ranks(folder: str, extra_env: dict, verb: list[str] | None = None) -> list[subprocess.Popen]:
     """Two ranks with torchrun's environment but no agent, so a test can kill or stop one of them."""
     port = _free_port()
+    verb = verb or ["generate", folder, "w5 w6 w7", "-n", "480", "--stop-token-id", "1"]
     procs = []
     for rank in range(2):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra_env)
-        procs.append(subprocess.Popen([PY, "-m", "ember", "generate", folder, "w5 w6 w7", "-n", "480", "--dtype",
-                                       "fp32", "--stop-token-id", "1", "--pp", "2"], env=env,
+        procs.append(subprocess.Popen([PY, "-m", "ember", *verb, "--dtype", "fp32", "--pp", "2"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -321,6 +321,36 @@ def test_serve_under_pp_and_tp_answers_as_one_process(hf_checkpoint, flag):
         two.wait(timeout=30)
     finally:
         for p in (one, two):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+def test_serve_answers_503_naming_the_rank_once_a_rank_is_gone_then_exits(hf_checkpoint):
+    """``ember serve --pp 2`` whose rank 1 is killed: the next request gets 503 with a body naming rank 1 (code
+    rank_lost), and rank 0 exits with that error within 30 s (as vLLM exits when its
+    engine dies), instead of hanging or answering 200."""
+    import httpx
+
+    folder = str(hf_checkpoint("llama")[0])
+    port = _free_port()
+    r0, r1 = _start_ranks(folder, {"EMBER_DIST_TIMEOUT": "5"},
+                          ["serve", folder, "--model-name", "m", "--port", str(port)])
+    try:
+        assert _complete(port, time.monotonic() + 120)["choices"][0]["text"]  # both ranks serve
+        r1.kill()
+        r1.wait(timeout=30)
+        t0 = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "m", "prompt": "w5 w6", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "rank_lost" and "rank 1" in err["message"], err
+        _, stderr = r0.communicate(timeout=30)
+        assert time.monotonic() - t0 < 30
+        assert r0.returncode == 1 and "ember: error: rank 0" in stderr and "rank 1" in stderr, stderr[-2000:]
+    finally:
+        for p in (r0, r1):
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=30)

@@ -81,6 +81,9 @@ def run(args: argparse.Namespace, argv: list[str], load_args=None) -> int:
         d.leads = args.verb in FOLLOW_VERBS
         try:
             return args.func(args) or 0
+        except DistributedError:
+            d.led = False  # a rank is gone: there is no one to tell to stop
+            raise
         finally:
             if d.leads and d.led:
                 follow.finish()

@@ -164,6 +164,8 @@ def guarded(what: str, peer: int | None, fn: Callable[[], T]) -> T:
         raise
     except Exception as e:  # noqa: BLE001  (gloo/NCCL raise RuntimeError and DistBackendError alike)
         rank = d.rank if d else "?"
+        if peer is None and d is not None and d.world == 2:
+            peer = 1 - d.rank  # a collective of two: the peer is known
         with_whom = f"rank {peer}" if peer is not None else "the other ranks"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(f"rank {rank} ({d.doing if d else '?'}): {what} with {with_whom} failed: {first}; "
