@@ -122,16 +122,26 @@ group.shutdown()
 
 CASES = [("pp", "llama", None), ("pp", "llama-tied", None), ("pp", "qwen3-moe", None), ("pp", "llama", "int8"),
          ("pp", "llama.gguf", None), ("tp", "llama", None), ("tp", "qwen3-moe", None), ("tp", "llama", "int8"),
-         ("tp", "mixtral", "int8")]
+         ("tp", "mixtral", "int8"), ("tp", "llama.Q8_0.gguf", None), ("tp", "qwen3-moe.Q4_0.gguf", None),
+         ("tp", "llama.int4-folder", None), ("tp", "qwen3-moe.int8-folder", None)]
 
 
 def test_pipeline_and_tensor_parallel_match_one_process(hf_checkpoint, tmp_path):
     """PP and TP on 2 ranks: fp32 logits within 1e-5 of one process and the same greedy tokens, for dense,
-    tied, MoE and int8 models, and (PP) a GGUF file."""
+    tied, MoE and int8 models, GGUF files (TP: Q8_0 / Q4_0 blocks split by whole rows and whole blocks) and
+    folders written by ``ember quantize`` (TP: int4 groups and int8 rows split as stored)."""
     from test_gguf import write_model_gguf
 
-    folders = {fam: str(hf_checkpoint(fam)[0]) for _, fam, _ in CASES if not fam.endswith(".gguf")}
-    folders["llama.gguf"] = str(write_model_gguf(tmp_path / "llama.gguf", hf_checkpoint("llama")[1], "llama"))
+    from ember.loading.quantized import quantize_checkpoint
+
+    folders = {fam: str(hf_checkpoint(fam)[0]) for _, fam, _ in CASES if "." not in fam}
+    for name in (fam for _, fam, _ in CASES if fam.endswith(".gguf")):
+        family, _, qtype = name.removesuffix(".gguf").partition(".")
+        folders[name] = str(write_model_gguf(tmp_path / name, hf_checkpoint(family)[1], family, qtype or "F32"))
+    for name in (fam for _, fam, _ in CASES if fam.endswith("-folder")):  # written by `ember quantize`
+        family, _, mode = name.removesuffix("-folder").partition(".")
+        folders[name] = str(quantize_checkpoint(hf_checkpoint(family)[0], tmp_path / name, mode, 32 if mode == "int4"
+                                                else None)[0])
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "res.pt"
@@ -149,6 +159,69 @@ def test_pipeline_and_tensor_parallel_match_one_process(hf_checkpoint, tmp_path)
         err = (got - want).abs().max().item()
         assert err < 1e-5, f"{mode} {fam} {q}: max |logit diff| {err:.2e} (tolerance 1e-5)"
         assert got_toks == toks, f"{mode} {fam} {q}: greedy tokens differ"
+
+
+def test_gguf_blocks_split_by_whole_blocks_or_refused():
+    """A row-parallel cut of GGUF block rows keeps whole blocks (decoded: the full tensor's columns); a cut inside
+    a block is refused naming the tensor, its type and block size."""
+    import gguf
+    from ember.distributed.tensor import GGUFCut
+    from ember.errors import DistributedError
+
+    QT = gguf.GGMLQuantizationType
+    w = torch.randn(6, 256).numpy()
+    raw = torch.from_numpy(gguf.quants.quantize(w, QT.Q8_0))[None]   # (1 expert, rows, row bytes)
+    full = torch.from_numpy(gguf.quants.dequantize(raw[0].numpy(), QT.Q8_0))
+    part = GGUFCut("w", 1, 64, 192).blocks(raw, QT.Q8_0)
+    got = torch.from_numpy(gguf.quants.dequantize(part[0].numpy(), QT.Q8_0))
+    assert torch.equal(got, full[:, 64:192])
+    assert torch.equal(GGUFCut("w", 0, 2, 4).blocks(raw, QT.Q8_0), raw[:, 2:4])
+    with pytest.raises(DistributedError, match=r"model.layers.0.mlp.down_proj.weight.*Q4_K.*256"):
+        GGUFCut("model.layers.0.mlp.down_proj.weight", 1, 128, 256).blocks(torch.zeros(1, 6, 144 * 2, dtype=torch.uint8),
+                                                                       QT.Q4_K)
+
+
+GRID_WORKER = r'''
+import json, sys, torch
+import ember.distributed as ed
+from ember.distributed import group
+
+out, cases = sys.argv[1], json.loads(sys.argv[2])
+d = group.init("pp", "cpu", tp=2)
+res = {}
+for i, (folder, quant) in enumerate(cases):
+    eng = ed.load(folder, dtype="fp32", quant=quant)
+    with torch.inference_mode():
+        logits = eng.model(torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    res[str(i)] = (logits.float(), eng.generate([5, 6, 7], max_new_tokens=12, temperature=0).token_ids,
+                   eng.shard.describe())
+torch.save(res, f"{out}.{d.rank}")
+group.shutdown()
+'''
+
+
+def test_pp_and_tp_together_match_one_process(hf_checkpoint, tmp_path):
+    """``--pp 2 --tp 2`` (4 processes: two stages, each split over two ranks with a group of its own): every
+    rank's fp32 logits within 1e-5 of one process and the same greedy tokens, dense and MoE with int8."""
+    cases = [(str(hf_checkpoint("llama")[0]), None), (str(hf_checkpoint("qwen3-moe")[0]), "int8")]
+    script = tmp_path / "grid.py"
+    script.write_text(GRID_WORKER)
+    out = tmp_path / "res"
+    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script),
+                           str(out), json.dumps(cases)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [torch.load(f"{out}.{r}") for r in range(4)]
+    assert got[3]["0"][2].startswith("pipeline stage 2/2") and got[3]["0"][2].endswith("tensor shard 2/2")
+    for i, (folder, q) in enumerate(cases):
+        ref = ember.load(folder, dtype="fp32", quant=q, check_memory=False)
+        with torch.inference_mode():
+            want = ref.model(torch.tensor([[5, 6, 7, 8, 9, 10]])).float()
+        toks = ref.generate([5, 6, 7], max_new_tokens=12, temperature=0).token_ids
+        for r in range(4):
+            logits, got_toks, _ = got[r][str(i)]
+            err = (logits - want).abs().max().item()
+            assert err < 1e-5, f"{folder} {q} rank {r}: max |logit diff| {err:.2e} (tolerance 1e-5)"
+            assert got_toks == toks, f"{folder} {q} rank {r}: greedy tokens differ"
 
 
 def test_cli_pp_and_tp_print_what_one_process_prints(hf_checkpoint):

@@ -110,28 +110,33 @@ class PipelineShard:
     """This rank's stage: what :func:`ember.loading.load_model` keeps and reads (see the module docstring)."""
 
     def __init__(self, d: Dist, cfg: ModelConfig, quant: str = "none") -> None:
-        if d.world > cfg.num_hidden_layers:
+        if d.stages > cfg.num_hidden_layers:
             from ember.errors import DistributedError
 
-            raise DistributedError(f"--pp {d.world}: the model has only {cfg.num_hidden_layers} layers; "
+            raise DistributedError(f"--pp {d.stages}: the model has only {cfg.num_hidden_layers} layers; "
                                    f"use at most {cfg.num_hidden_layers} stages")
         self.d, self.cfg = d, cfg
-        self.ranges = stage_ranges(cfg, d.world, quant)
-        self.start, self.stop = self.ranges[d.rank]
-        self.first, self.last = d.rank == 0, d.rank == d.world - 1
+        self.ranges = stage_ranges(cfg, d.stages, quant)
+        self.start, self.stop = self.ranges[d.stage]
+        self.first, self.last = d.stage == 0, d.stage == d.stages - 1
         self.keep_embed = self.first or (self.last and cfg.tie_word_embeddings)
+        # hidden states go to the same tensor-parallel rank of the next stage; the logits come from the last
+        # stage's first rank (one source for every rank: a broadcast's source must agree)
+        self.prev = d.stage_rank(d.stage - 1) if not self.first else None
+        self.next = d.stage_rank(d.stage + 1) if not self.last else None
+        self.logits_src = (d.stages - 1) * d.tp
 
     def describe(self) -> str:
-        return f"pipeline stage {self.d.rank + 1}/{self.d.world}, layers {self.start}-{self.stop - 1}"
+        return f"pipeline stage {self.d.stage + 1}/{self.d.stages}, layers {self.start}-{self.stop - 1}"
 
     def prune(self, model: nn.Module) -> None:
         """Cut a meta-device model to this stage: its layers (renumbered from 0; each keeps its cache index),
         the embedding and head only where kept."""
         model.model.layers = nn.ModuleList(list(model.model.layers)[self.start:self.stop])
         if not self.keep_embed:
-            model.model.embed_tokens = ReceiveHidden(self.cfg.hidden_size, self.d.rank - 1)
+            model.model.embed_tokens = ReceiveHidden(self.cfg.hidden_size, self.prev)
         if not self.last:
-            model.lm_head = ReceiveLogits(self.cfg.vocab_size, self.d.last)
+            model.lm_head = ReceiveLogits(self.cfg.vocab_size, self.logits_src)
 
     def local_name(self, name: str) -> str | None:
         """The pruned model's name for checkpoint tensor ``name``, or None when another stage holds it."""
@@ -157,13 +162,21 @@ class PipelineShard:
 
     def finish(self, model: nn.Module) -> None:
         """Swap in the communicating modules once the weights are loaded."""
+        self.receive(model)
+        self.connect(model)
+
+    def receive(self, model: nn.Module) -> None:
+        """A later stage's embedding: the hidden state from the stage before, in the stage's dtype."""
         w = model.model.norm.weight
         if not self.first:
-            recv = ReceiveHidden(self.cfg.hidden_size, self.d.rank - 1)
+            recv = ReceiveHidden(self.cfg.hidden_size, self.prev)
             recv.dtype, recv.device = w.dtype, w.device
             model.model.embed_tokens = recv
+
+    def connect(self, model: nn.Module) -> None:
+        """The stage's last layer sends its output on; the last stage's head broadcasts the logits."""
         if not self.last:
             layers = model.model.layers
-            layers[len(layers) - 1] = SendAfter(layers[len(layers) - 1], self.d.rank + 1)
+            layers[len(layers) - 1] = SendAfter(layers[len(layers) - 1], self.next)
         else:
-            model.lm_head = BroadcastLogits(model.lm_head, self.d.last)
+            model.lm_head = BroadcastLogits(model.lm_head, self.logits_src)
