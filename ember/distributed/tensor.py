@@ -11,8 +11,9 @@ Megatron-style, with the model definitions untouched (docs/design.md, principle 
 
 Each rank builds its layers with a *local* config (heads, KV heads, intermediate sizes divided by ``n``), so
 the KV cache, the attention and the MLP have their local shapes with no code of their own, and reads only its
-slice of each tensor: a row slice is a zero-copy view over the memory map; a column slice is read row by row
-with positioned reads (never mapped, so the rest of the tensor never becomes resident). An untied embedding and
+slice of each tensor with positioned reads into memory of its own (never mapped, so no page of another rank's
+share becomes resident; the embedding table alone stays a view of the map, whose rows become resident as tokens
+use them). An untied embedding and
 LM head are split by vocabulary (:class:`VocabEmbedding`: each token's row from its rank, summed;
 :class:`GatherLogits`: the logits all-gathered); norms, routers and a tied embedding are replicated.
 
@@ -149,9 +150,11 @@ class ShardView:
         if cut is None:
             return self.base.get(name)
         dim, a, b = cut
-        if dim == 0:
-            return self.base.get(name)[a:b]  # a view over the map: only these rows' pages are touched
-        return _read_columns(self.base.info(name), a, b)
+        if dim == 0 and name.startswith("model.embed_tokens."):
+            return self.base.get(name)[a:b]  # a view over the map: only the rows of tokens seen become resident
+        # read into memory of its own: a view's first and last pages would map whole page-cache folios of the
+        # neighbouring rows (the other ranks' share; measured ~1 MiB per tensor)
+        return _read_part(self.base.info(name), dim, a, b)
 
     def items(self):
         for name in self.slices:
@@ -206,20 +209,35 @@ class GGUFCut:
         return w.narrow(self.dim + stacked, self.a, self.b - self.a).clone()
 
 
-def _read_columns(info: TensorInfo, a: int, b: int) -> torch.Tensor:
-    """Columns ``[a, b)`` of a 2-D tensor in a file, read row by row (positioned reads; nothing mapped)."""
-    rows, cols = info.shape
+def _read_part(info: TensorInfo, dim: int, a: int, b: int) -> torch.Tensor:
+    """Rows (``dim`` 0) or columns (``dim`` 1, 2-D) ``[a, b)`` of a tensor in a file, read with positioned reads
+    straight into the result (nothing mapped)."""
+    shape = list(info.shape)
+    shape[dim] = b - a
+    out = torch.empty(shape, dtype=info.dtype)
+    flat = out.view(-1).view(torch.uint8).numpy()
     item = info.dtype.itemsize
-    out = torch.empty(rows, b - a, dtype=info.dtype)
-    view = out.view(torch.uint8).numpy().reshape(rows, (b - a) * item)
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        for r in range(rows):
-            off = info.begin + (r * cols + a) * item
-            view[r] = memoryview(os.pread(fd, (b - a) * item, off))
+        if dim == 0:
+            row = math.prod(info.shape[1:]) * item
+            _pread_into(fd, memoryview(flat), info.begin + a * row)
+        else:
+            rows, cols = info.shape
+            width = (b - a) * item
+            for r in range(rows):
+                _pread_into(fd, memoryview(flat[r * width:(r + 1) * width]), info.begin + (r * cols + a) * item)
     finally:
         os.close(fd)
     return out
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.preadv(fd, [buf], offset)
+        if n <= 0:
+            raise DistributedError(f"unexpected end of file reading a tensor at byte {offset}")
+        buf, offset = buf[n:], offset + n
 
 
 class TensorShard:
