@@ -225,16 +225,16 @@ def test_pp_and_tp_together_match_one_process(hf_checkpoint, tmp_path):
 
 
 def test_cli_pp_and_tp_print_what_one_process_prints(hf_checkpoint):
-    """``ember generate --pp 2`` / ``--tp 2`` (ember starts the workers) print the single-process text; only rank
-    0 writes."""
+    """``ember generate --pp 2`` / ``--tp 2`` / ``--pp 2 --tp 2`` (ember starts the workers) print the
+    single-process text; only rank 0 writes."""
     folder = str(hf_checkpoint("llama")[0])
     args = [PY, "-m", "ember", "generate", folder, "w5 w6 w7", "-n", "10", "--dtype", "fp32", "-q"]
     one = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
-    for flag in ("--pp", "--tp"):
-        run = subprocess.run(args + [flag, "2"], env=_env(), capture_output=True, text=True, timeout=120)
+    for flags in (["--pp", "2"], ["--tp", "2"], ["--pp", "2", "--tp", "2"]):  # the last: 4 processes
+        run = subprocess.run(args + flags, env=_env(), capture_output=True, text=True, timeout=180)
         assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout == one.stdout, (flag, run.stdout, one.stdout)
+        assert run.stdout == one.stdout, (flags, run.stdout, one.stdout)
         assert run.stderr.strip() == "", run.stderr[-2000:]
 
 
@@ -362,13 +362,13 @@ def _serve(args: list[str], port: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _complete(port: int, deadline: float) -> dict:
+def _complete(port: int, deadline: float, prompt: str = "w5 w6 w7") -> dict:
     import httpx
 
     while True:
         try:
             r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                           json={"model": "m", "prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0})
+                           json={"model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
             assert r.status_code == 200, r.text
             return r.json()
         except httpx.TransportError:
@@ -380,16 +380,24 @@ def _complete(port: int, deadline: float) -> dict:
 @pytest.mark.parametrize("flag", ["--pp", "--tp"])
 def test_serve_under_pp_and_tp_answers_as_one_process(hf_checkpoint, flag):
     """``ember serve --pp 2`` / ``--tp 2``: rank 0 serves, the other rank replays its batched forwards; the
-    completion equals one process's; stopping the server stops every worker."""
+    completions of concurrent requests (under PP, decode steps of two micro-batches in flight) equal one
+    process's; stopping the server stops every worker."""
+    from concurrent.futures import ThreadPoolExecutor
+
     folder = str(hf_checkpoint("llama")[0])
     common = [folder, "--dtype", "fp32", "--model-name", "m"]
     one_port, two_port = _free_port(), _free_port()
     one, two = _serve(common, one_port), _serve(common + [flag, "2"], two_port)
+    prompts = ["w5 w6 w7", "w9 w3", "w40 w41 w42 w43", "w7"]
     try:
         deadline = time.monotonic() + 120
-        want = _complete(one_port, deadline)["choices"][0]["text"]
-        got = _complete(two_port, deadline)["choices"][0]["text"]
-        assert got == want and want
+        _complete(one_port, deadline), _complete(two_port, deadline)  # both up
+        answers = []
+        for port in (one_port, two_port):
+            with ThreadPoolExecutor(len(prompts)) as pool:  # at once: several rows in each decode step
+                answers.append(list(pool.map(lambda p: _complete(port, deadline, p)["choices"][0]["text"], prompts)))
+        want, got = answers
+        assert got == want and all(want), (got, want)
         two.send_signal(signal.SIGINT)
         two.wait(timeout=30)
     finally:

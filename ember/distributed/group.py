@@ -226,6 +226,14 @@ def broadcast(t: torch.Tensor, src: int, what: str) -> torch.Tensor:
     return t
 
 
+def broadcast_async(t: torch.Tensor, src: int, what: str) -> Callable[[], None]:
+    """Start broadcasting ``t`` from rank ``src`` (in place); returns the wait, which raises as :func:`guarded`."""
+    d = _current
+    peer = None if d.rank == src else src
+    work = guarded(f"broadcast {what}", peer, lambda: dist.broadcast(t, src, group=d.step_group, async_op=True))
+    return lambda: guarded(f"broadcast {what}", peer, work.wait)
+
+
 def all_reduce(t: torch.Tensor, what: str, op=dist.ReduceOp.SUM, stage: bool = False) -> torch.Tensor:
     """Sum ``t`` over every rank (``stage``: over this pipeline stage's tensor-parallel ranks) in place."""
     d = _current
