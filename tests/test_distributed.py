@@ -327,6 +327,44 @@ def test_data_parallel_tune_matches_one_process_and_resumes_at_another_world_siz
     assert abs(c[3] - a[3]) < 1e-3 and abs(c[4] - a[4]) < 1e-3, (a, c)
 
 
+def test_fsdp2_full_tune_matches_one_process_and_resumes_sharded(hf_checkpoint, tmp_path):
+    """``torchrun -m ember tune --method full``: FSDP2 shards the layers; the losses and gradient norms equal one
+    process's step by step (within 1e-3), the written model matches, and the 1-process step-2 checkpoint resumes
+    in 2 processes (full tensors laid out as shards) to the same losses."""
+    import random
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = str(hf_checkpoint("llama")[0])
+    rng = random.Random(1)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{rng.randrange(3, 256)}" for _ in range(rng.randrange(8, 30)))})
+                            + "\n" for _ in range(24)))
+    args = ["-m", "ember", "tune", folder, "--method", "full", "--data", str(data), "--steps", "4", "--batch", "3",
+            "--seq-len", "32", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--save-every", "2", "-q"]
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
+    r1 = subprocess.run([PY, *args, "-o", str(one)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([*torchrun, *args, "-o", str(two)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and len({round(v, 6) for v in a.values()}) == 4
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-3, f"1 vs 2 processes (FSDP2): losses differ by {worst:.2e}: {a} {b}"
+    wa, wb = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    shutil.copytree(one, again)  # the 1-process checkpoint at step 2, resumed by 2 processes
+    shutil.rmtree(again / "model")
+    r3 = subprocess.run([*torchrun, *args, "-o", str(again), "--resume"], env=_env(), capture_output=True, text=True,
+                        timeout=240)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    c = _losses(again)
+    assert abs(c[3] - a[3]) < 1e-3 and abs(c[4] - a[4]) < 1e-3, (a, c)
+
+
 def test_chat_and_eval_under_pp_and_tp_match_one_process(hf_checkpoint, tmp_path):
     """``chat`` (rank 0 reads stdin, the other rank follows its announced generations) and ``eval ppl`` (every
     rank runs the same windows) print what one process prints."""
