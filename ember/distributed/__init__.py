@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m ember generate MODEL "prompt"     # pipeline parallel (the default)
     ember generate MODEL "prompt" --pp 2                              # the same; ember starts the workers
     ember generate MODEL "prompt" --tp 2                              # tensor parallel
+    ember generate MODEL "prompt" --pp 2 --tp 2                       # both (4 processes)
     torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT -m ember generate MODEL "..." --pp 2
 
     group.py     the process group (gloo on CPU, NCCL on CUDA), rank 0's ownership of stdin/stdout,
@@ -10,8 +11,10 @@
     launch.py    ``--pp N`` / ``--tp N``: torch's elastic agent starts and watches the workers
     pipeline.py  pipeline parallel: contiguous layer stages, each reading only its own tensors
     tensor.py    tensor parallel: heads, MLP and expert channels split, all-reduce after row-parallel layers
+    grid.py      both: pipeline stages, each split over its own tensor-parallel group
     follow.py    chat/serve: rank 0 announces each generation or batched forward, the other ranks replay it
-    data.py      data-parallel fine-tuning: each rank a slice of every batch, LoRA gradients all-reduced
+    data.py      data-parallel fine-tuning: each rank a slice of every batch, LoRA gradients all-reduced,
+                 full fine-tuning's layers sharded with FSDP2
     link.py      loopback latency and bandwidth between two processes (``ember hw --measure``)
 
 docs/distributed.md describes the design and the measured figures.
@@ -129,6 +132,8 @@ def load(path, device=None, dtype="auto", quant=None, group_size=None, adapter=N
         raise DistributedError(f"{path}: --tp splits float, int8 and int4 checkpoints and GGUF files; this folder "
                                f"is {method}, whose blocks run across rows: load it with --pp, or quantize the float "
                                "model on load (--tp with --quant)")
+    if tp and q != "none" and (method is not None or is_gguf_file(path)):
+        raise DistributedError(f"{path}: already quantized ({method or 'GGUF'}); load it without --quant")
     if tp and d.stages > 1:
         shard = GridShard(d, cfg)
     else:  # a GGUF file's embedding and head stay whole (their blocks are kept as stored)
