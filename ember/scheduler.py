@@ -34,7 +34,7 @@ import torch
 
 import ember.runtime  # noqa: F401  (the CPU kernels behind the model's pieces)
 from ember.engine import Engine, _RowState
-from ember.errors import GenerationError, QueueFullError
+from ember.errors import DistributedError, GenerationError, QueueFullError
 from ember.cache import PagedKVCache
 from ember.sampling import Sampler, SamplingParams, token_logprobs
 from ember.speculative import check_target
@@ -173,6 +173,7 @@ class BatchScheduler:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.broken: DistributedError | None = None  # a lost rank (multi-process run): the loop ends, requests fail
         self.counters = dict(steps=0, prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0,
                              finished=0, cancelled=0, errors=0)
         # the engine's speculation (Engine.speculate): every running sequence's proposals verified in one forward
@@ -272,13 +273,17 @@ class BatchScheduler:
 
         On CPU, prefer the main thread: PyTorch's OpenMP parallel regions cost measurably more when
         launched from other threads (a 110M model decoded 30 ms/step in a thread, 19 ms in the main one).
-        Sequences still queued or running when the loop ends are dropped (their blocks freed).
+        Sequences still queued or running when the loop ends are dropped (their blocks freed; with errors if broken).
         """
         with torch.inference_mode():
-            while not self._stop and not (until is not None and until()):
+            while not self._stop and self.broken is None and not (until is not None and until()):
                 if not self.step():
                     self._wake.wait(0.1)
                     self._wake.clear()
+        if self.broken is not None:
+            self._drain()
+            self.deliver([(s.req, SeqEvent(s.req.id, -1, "", "error", prompt_tokens=s.n_prompt, error=str(self.broken),
+                                           completion_tokens=s.generated)) for s in [*self.running, *self.waiting]])
         for s in list(self.running) + list(self.waiting):
             self._release(s)
         self.running.clear()
@@ -310,11 +315,11 @@ class BatchScheduler:
         decode = [s for s in self.running if s.prefilled]
         if decode and self.speculator is not None:
             ready += self._speculative_decode(decode, events)
-        elif decode:
-            logits = self._forward_safe(decode, [1] * len(decode), events)
-            if logits is not None:
-                ready += list(zip(decode, logits))
-        rows, chunks = self._pick_prefill()
+        elif decode:  # a pipeline's stage 0 runs two micro-batches at once (ember/distributed/pipeline.py)
+            fence, fwd = getattr(self.model, "logits_fence", None), lambda b: self._forward_safe(b, [1] * len(b), events)
+            for part, logits in fence.micro_batches(decode, fwd, self) if fence else [(decode, fwd(decode))]:
+                ready += list(zip(part, logits)) if logits is not None else []
+        rows, chunks = self._pick_prefill() if self.broken is None else ([], [])
         if rows:
             logits = self._forward_safe(rows, chunks, events)
             if logits is not None:
@@ -444,6 +449,7 @@ class BatchScheduler:
             return self._forward(seqs, news, proposals)
         except Exception as e:  # a failing pass (e.g. out of memory) ends its rows, not the server
             log.exception("forward pass failed for %d sequences", len(seqs))
+            self.broken = e if isinstance(e, DistributedError) else self.broken
             for s in seqs:
                 self._release(s)
                 self.counters["errors"] += 1

@@ -51,7 +51,8 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=None, metavar="N",
                    help="pipeline parallel: layers split over N processes (started here, or by torchrun)")
     p.add_argument("--tp", type=int, default=None, metavar="N",
-                   help="tensor parallel: heads and MLP channels split over N processes")
+                   help="tensor parallel: heads and MLP channels split over N processes (with --pp P: each of "
+                        "the P stages over N, P x N processes)")
 
 
 _UNITS = {"": 2**30, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,

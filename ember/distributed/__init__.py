@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m ember generate MODEL "prompt"     # pipeline parallel (the default)
     ember generate MODEL "prompt" --pp 2                              # the same; ember starts the workers
     ember generate MODEL "prompt" --tp 2                              # tensor parallel
+    ember generate MODEL "prompt" --pp 2 --tp 2                       # both (4 processes)
     torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT -m ember generate MODEL "..." --pp 2
 
     group.py     the process group (gloo on CPU, NCCL on CUDA), rank 0's ownership of stdin/stdout,
@@ -10,8 +11,10 @@
     launch.py    ``--pp N`` / ``--tp N``: torch's elastic agent starts and watches the workers
     pipeline.py  pipeline parallel: contiguous layer stages, each reading only its own tensors
     tensor.py    tensor parallel: heads, MLP and expert channels split, all-reduce after row-parallel layers
+    grid.py      both: pipeline stages, each split over its own tensor-parallel group
     follow.py    chat/serve: rank 0 announces each generation or batched forward, the other ranks replay it
-    data.py      data-parallel fine-tuning: each rank a slice of every batch, LoRA gradients all-reduced
+    data.py      data-parallel fine-tuning: each rank a slice of every batch, LoRA gradients all-reduced,
+                 full fine-tuning's layers sharded with FSDP2
     link.py      loopback latency and bandwidth between two processes (``ember hw --measure``)
 
 docs/distributed.md describes the design and the measured figures.
@@ -26,6 +29,7 @@ import random
 import ember
 from ember.config import ModelConfig
 from ember.distributed import follow, group
+from ember.distributed.grid import GridShard
 from ember.distributed.group import Dist, current, launched
 from ember.distributed.launch import MODE_ENV, launch
 from ember.distributed.pipeline import PipelineShard
@@ -45,15 +49,16 @@ def requested(args: argparse.Namespace) -> bool:
     return launched() or (getattr(args, "pp", None) or 1) > 1 or (getattr(args, "tp", None) or 1) > 1
 
 
-def _mode(args: argparse.Namespace) -> tuple[str, int | None]:
+def _mode(args: argparse.Namespace) -> tuple[str, int | None, int | None]:
+    """(mode, processes asked for or None, tensor-parallel ranks per stage or None)."""
     pp, tp = getattr(args, "pp", None), getattr(args, "tp", None)
-    if pp and tp and pp > 1 and tp > 1:
-        raise DistributedError("--pp and --tp together are not supported; choose one")
     if args.verb == "tune":
-        return "dp", None
+        return "dp", None, None
+    if pp and tp and pp > 1 and tp > 1:
+        return "pp", pp * tp, tp  # P stages of T tensor-parallel ranks (grid.py)
     if tp and tp > 1:
-        return "tp", tp
-    return os.environ.get(MODE_ENV) or "pp", pp
+        return "tp", tp, None
+    return os.environ.get(MODE_ENV) or "pp", pp, None
 
 
 def run(args: argparse.Namespace, argv: list[str], load_args=None) -> int:
@@ -66,13 +71,14 @@ def run(args: argparse.Namespace, argv: list[str], load_args=None) -> int:
     if args.verb not in SUPPORTED_VERBS:
         raise DistributedError(f"`ember {args.verb}` does not run over several processes yet (only "
                                f"{', '.join(SUPPORTED_VERBS)} does); run it as one process, without --pp/--tp or torchrun")
-    mode, n = _mode(args)
+    mode, n, tp = _mode(args)
     if not launched():
         return launch(n or 1, mode, argv)
     world = int(os.environ["WORLD_SIZE"])
     if n is not None and n != world:
-        raise DistributedError(f"--{mode} {n} but torchrun started {world} processes; give the same number")
-    d = group.init(mode, getattr(args, "device", None))
+        asked = f"--pp {args.pp} --tp {args.tp}" if tp else f"--{mode} {n}"
+        raise DistributedError(f"{asked} needs {n} processes but torchrun started {world}; give the same number")
+    d = group.init(mode, getattr(args, "device", None), tp)
     try:
         if hasattr(args, "seed") and args.seed is None:  # every rank samples the same tokens
             args.seed = group.broadcast_object(random.randrange(2**31), 0, "the sampling seed")
@@ -81,6 +87,9 @@ def run(args: argparse.Namespace, argv: list[str], load_args=None) -> int:
         d.leads = args.verb in FOLLOW_VERBS
         try:
             return args.func(args) or 0
+        except DistributedError:
+            d.led = False  # a rank is gone: there is no one to tell to stop
+            raise
         finally:
             if d.leads and d.led:
                 follow.finish()
@@ -116,11 +125,19 @@ def load(path, device=None, dtype="auto", quant=None, group_size=None, adapter=N
     else:
         cfg = ModelConfig.from_file(path)
     q = (quant or "none").lower()
-    tp = d.mode == "tp"
-    if tp and ("quantization" in cfg.extra or is_gguf_file(path)):
-        raise DistributedError(f"{path}: --tp splits float safetensors checkpoints (quantizing each shard with "
-                               "--quant); load a quantized folder or a GGUF file with --pp")
-    shard = TensorShard(d, cfg) if tp else PipelineShard(d, cfg, quant=q)
+    tp = d.tp > 1
+    method = cfg.extra.get("quantization", {}).get("method") if isinstance(cfg.extra.get("quantization"), dict) \
+        else None
+    if tp and method not in (None, "int8", "int4"):
+        raise DistributedError(f"{path}: --tp splits float, int8 and int4 checkpoints and GGUF files; this folder "
+                               f"is {method}, whose blocks run across rows: load it with --pp, or quantize the float "
+                               "model on load (--tp with --quant)")
+    if tp and q != "none" and (method is not None or is_gguf_file(path)):
+        raise DistributedError(f"{path}: already quantized ({method or 'GGUF'}); load it without --quant")
+    if tp and d.stages > 1:
+        shard = GridShard(d, cfg)
+    else:  # a GGUF file's embedding and head stay whole (their blocks are kept as stored)
+        shard = TensorShard(d, cfg, split_vocab=not is_gguf_file(path)) if tp else PipelineShard(d, cfg, quant=q)
     with group.phase(f"loading ({shard.describe()})"):
         # TP quantizes after sharding (so each rank holds the codes one process would; see tensor.py)
         engine = ember.load(path, device=d.device, dtype=dtype, quant=None if tp else quant, group_size=group_size,

@@ -52,6 +52,10 @@ class Dist:
     doing: str = "starting"           # what this rank is doing now (named in errors)
     leads: bool = False               # rank 0 of a verb whose work the other ranks follow (chat)
     led: bool = False                 # ... and its engine announces each generation
+    # tensor-parallel ranks per pipeline stage (``--pp P --tp T``: world = P T, rank = stage T + tp_rank); the
+    # stage's group carries the tensor-parallel collectives (None: the step group, when there is one stage)
+    tp: int = 1
+    tp_group: object | None = None
 
     @property
     def is_main(self) -> bool:
@@ -60,6 +64,22 @@ class Dist:
     @property
     def last(self) -> int:
         return self.world - 1
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def stages(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    def stage_rank(self, stage: int) -> int:
+        """The global rank of this rank's tensor-parallel peer in pipeline stage ``stage``."""
+        return stage * self.tp + self.tp_rank
 
 
 _current: Dist | None = None
@@ -84,12 +104,14 @@ def step_timeout_s() -> float:
         raise DistributedError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
 
 
-def init(mode: str, device: str | None = None) -> Dist:
+def init(mode: str, device: str | None = None, tp: int | None = None) -> Dist:
     """Join the process group torchrun's environment describes; silence stdout/stderr on ranks other than 0.
 
     Args:
         mode: "pp" (pipeline), "tp" (tensor) or "dp" (data parallel fine-tuning).
         device: "cpu", "cuda" or None (CUDA where available); CUDA ranks use NCCL on ``cuda:LOCAL_RANK``.
+        tp: tensor-parallel ranks per pipeline stage (mode "pp" with ``--tp``); default: the whole world under
+            "tp", 1 otherwise.
     Returns:
         The :class:`Dist` (also :func:`current`).
     """
@@ -113,7 +135,17 @@ def init(mode: str, device: str | None = None) -> Dist:
     # the followers' wait for rank 0's next request (a chat user may think for a long time; a dead rank 0 still
     # ends the wait at once: its connections reset)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=IDLE_TIMEOUT_S))
-    _current = Dist(rank, world, local, mode, dev, step, control)
+    tp = tp or (world if mode == "tp" else 1)
+    if world % tp:
+        raise DistributedError(f"--tp {tp} does not divide the {world} processes; start --pp x --tp processes")
+    stage_group = None
+    if 1 < tp < world:  # one group per pipeline stage; every rank takes part in creating each
+        for first in range(0, world, tp):
+            g = dist.new_group(list(range(first, first + tp)), backend=backend,
+                               timeout=timedelta(seconds=step_timeout_s()))
+            if first <= rank < first + tp:
+                stage_group = g
+    _current = Dist(rank, world, local, mode, dev, step, control, tp=tp, tp_group=stage_group)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
         sys.stderr = _QuietStderr()
@@ -164,6 +196,8 @@ def guarded(what: str, peer: int | None, fn: Callable[[], T]) -> T:
         raise
     except Exception as e:  # noqa: BLE001  (gloo/NCCL raise RuntimeError and DistBackendError alike)
         rank = d.rank if d else "?"
+        if peer is None and d is not None and d.world == 2:
+            peer = 1 - d.rank  # a collective of two: the peer is known
         with_whom = f"rank {peer}" if peer is not None else "the other ranks"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(f"rank {rank} ({d.doing if d else '?'}): {what} with {with_whom} failed: {first}; "
@@ -192,11 +226,26 @@ def broadcast(t: torch.Tensor, src: int, what: str) -> torch.Tensor:
     return t
 
 
-def all_reduce(t: torch.Tensor, what: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Sum ``t`` over every rank in place; returns ``t``."""
+def broadcast_async(t: torch.Tensor, src: int, what: str) -> Callable[[], None]:
+    """Start broadcasting ``t`` from rank ``src`` (in place); returns the wait, which raises as :func:`guarded`."""
     d = _current
-    guarded(f"all-reduce {what}", None, lambda: dist.all_reduce(t, op=op, group=d.step_group))
+    peer = None if d.rank == src else src
+    work = guarded(f"broadcast {what}", peer, lambda: dist.broadcast(t, src, group=d.step_group, async_op=True))
+    return lambda: guarded(f"broadcast {what}", peer, work.wait)
+
+
+def all_reduce(t: torch.Tensor, what: str, op=dist.ReduceOp.SUM, stage: bool = False) -> torch.Tensor:
+    """Sum ``t`` over every rank (``stage``: over this pipeline stage's tensor-parallel ranks) in place."""
+    d = _current
+    guarded(f"all-reduce {what}", None, lambda: dist.all_reduce(t, op=op, group=stage_group() if stage
+                                                                 else d.step_group))
     return t
+
+
+def stage_group() -> object:
+    """The group of this rank's pipeline stage (its tensor-parallel ranks)."""
+    d = _current
+    return d.tp_group if d.tp_group is not None else d.step_group
 
 
 def broadcast_object(obj: object, src: int, what: str) -> object:

@@ -141,7 +141,8 @@ def _load_stored(cls, spec, ckpt, names, reader, name, out_f, in_f, bias, dtype,
             raise CheckpointError(f"{info.file}: tensor {key!r} is {info.dtype} {list(info.shape)}, a {spec.mode} "
                                   f"layer of shape {[out_f, in_f]} needs {kind} {list(shape)}; the checkpoint is "
                                   "corrupt or was written by another tool")
-        state[part] = reader.tensor(info).to(device)
+        read = getattr(ckpt, "read_part", None)  # a tensor-parallel shard's view: its slices of the stored tensors
+        state[part] = (read(key) if read else reader.tensor(info)).to(device)
     kw = dict(spec.params(), layout=layout) if cls is Int4Linear else spec.params()
     try:
         return cls.from_canonical(state, in_f, out_f, bias, dtype, **kw)

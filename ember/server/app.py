@@ -87,8 +87,9 @@ def create_app(engine: Engine, settings: ServerSettings, scheduler_thread: bool 
     _add_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict:
-        return server.health()
+    async def health():
+        body = server.health()
+        return JSONResponse(body, status_code=503) if body["status"] == "rank_lost" else body
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

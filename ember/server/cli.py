@@ -3,7 +3,9 @@
 :func:`serve` runs until SIGINT/SIGTERM: it stops accepting connections, lets in-flight requests
 finish for up to ``shutdown_timeout`` seconds, then ends what is left as if it had reached its token
 limit (each client still gets a complete answer: ``finish_reason: "length"``, streams their final
-event and ``[DONE]``), stops the scheduler and exits 0.
+event and ``[DONE]``), stops the scheduler and exits 0. A multi-process run that loses a rank cannot
+generate again: every open and new request is answered 503 naming the rank, and the server exits with
+that error (as vLLM's does when its engine dies), for a supervisor to restart it.
 The ``serve`` verb that parses the command line and loads the model is :mod:`ember.commands.serve`.
 """
 
@@ -50,13 +52,18 @@ def serve(engine, settings, host: str = "127.0.0.1", port: int = 8000, shutdown_
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         http.start()
-        app.state.ember.scheduler.run(until=lambda: not http.is_alive())
+        scheduler = app.state.ember.scheduler
+        scheduler.run(until=lambda: not http.is_alive())
+        if scheduler.broken is not None:  # a rank is gone: answer what is open (503), then exit with its error
+            server.should_exit = True
         http.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
         raise SystemExit(1)  # uvicorn could not bind (it logged why)
+    if scheduler.broken is not None:
+        raise scheduler.broken
 
 
 # Seconds after --shutdown-timeout for the ended requests' answers to be written before uvicorn gives up.

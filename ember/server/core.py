@@ -182,10 +182,18 @@ class EmberServer:
                            param=param, code="model_not_found")
 
     def check_open(self) -> None:
-        """503 once shutdown has begun (requests already running still finish)."""
+        """503 once shutdown has begun (requests already running still finish) or a rank of the run is gone."""
+        self.check_ranks()
         if self.draining:
             raise APIError(503, "the server is shutting down; retry on another instance", type="server_error",
                            code="shutting_down")
+
+    def check_ranks(self) -> None:
+        """503 naming the rank once a multi-process run has lost one (the server then exits; see serve())."""
+        if self.scheduler.broken is not None:
+            raise APIError(503, f"this server's multi-process run lost a rank, so it cannot generate and is "
+                                f"shutting down; retry on another instance. {self.scheduler.broken}",
+                           type="server_error", code="rank_lost")
 
     def grammar(self, schema: dict | None, where: str) -> JsonGrammar:
         key = json.dumps(schema, sort_keys=True)
@@ -338,6 +346,7 @@ class EmberServer:
             job.cancel()
         for c in choices:
             if c.finish_reason == "error":
+                self.check_ranks()
                 raise APIError(500, f"generation failed: {c.error}", type="server_error")
         return choices
 
@@ -388,7 +397,7 @@ class EmberServer:
         return out
 
     def health(self) -> dict:
-        status = "shutting_down" if self.draining else "ok"
+        status = "rank_lost" if self.scheduler.broken is not None else "shutting_down" if self.draining else "ok"
         return {"status": status, "model": self.settings.model_name, **self.scheduler.metrics(), **self.kv_gauges()}
 
     def prometheus(self) -> str:

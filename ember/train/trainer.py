@@ -251,7 +251,9 @@ class Trainer:
         if dp is not None:  # the global gradient and loss (n_targets above is the global count already)
             dp.reduce_grads(params)
             total = dp.reduce_sum(total)
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        if dp is not None and dp.sharded:  # FSDP2: shards and replicated gradients together
+            gnorm = dp.clip_grad_norm(params, cfg.max_grad_norm)
+        elif cfg.max_grad_norm and cfg.max_grad_norm > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params
@@ -317,7 +319,8 @@ class Trainer:
                     post["eval"] = f"{ev:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-                if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0 \
+                sharded = self.data_parallel is not None and self.data_parallel.sharded  # every rank gathers
+                if (self.out_dir is not None or sharded) and cfg.save_every and self.step % cfg.save_every == 0 \
                         and self.step < self.total_steps:
                     self.save_checkpoint()
                 if callback is not None:
@@ -359,8 +362,14 @@ class Trainer:
         assert self.out_dir is not None
         return self.out_dir / CHECKPOINT_DIR
 
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-NNNNNN`` atomically and prune old ones; returns its path."""
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-NNNNNN`` atomically and prune old ones; returns its path (None on a rank
+        that writes nothing: under FSDP2 it still takes part in gathering the tensors)."""
+        full = self.data_parallel.full if self.data_parallel is not None else (lambda t: t)
+        weights = {n: full(p.detach()) for n, p in self.named_params}
+        opt_tensors = self._optimizer_tensors(full)
+        if self.out_dir is None:
+            return None
         root = self.checkpoint_dir()
         root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:06d}"
@@ -368,8 +377,8 @@ class Trainer:
         tmp = make_temp_dir(root, f".{name}.tmp-")
         try:
             names = [n for n, _ in self.named_params]
-            save_safetensors(tmp / "trainable.safetensors", {n: p.detach() for n, p in self.named_params})
-            save_safetensors(tmp / "optimizer.safetensors", self._optimizer_tensors(),
+            save_safetensors(tmp / "trainable.safetensors", weights)
+            save_safetensors(tmp / "optimizer.safetensors", opt_tensors,
                              metadata={"format": "pt", "params": json.dumps(names)})
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
@@ -396,12 +405,12 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return dest
 
-    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
+    def _optimizer_tensors(self, full=lambda t: t) -> dict[str, torch.Tensor]:
         state = self.opt.state_dict()["state"]
         out: dict[str, torch.Tensor] = {}
         for i, st in state.items():
             for k, v in st.items():
-                out[f"{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                out[f"{i}.{k}"] = full(v) if isinstance(v, torch.Tensor) else torch.tensor(v)
         return out
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
@@ -420,13 +429,15 @@ class Trainer:
         if state.get("params") != names:
             raise TrainingError(f"{folder}: its trainable parameters differ from this run's "
                                 "(different --method, --rank or --targets?)")
+        local = self.data_parallel.local if self.data_parallel is not None else (lambda t, like: t)
         with torch.no_grad():
             for n, p in self.named_params:
-                p.copy_(weights.get(n).to(p.device, p.dtype))
+                p.copy_(local(weights.get(n).to(p.device, p.dtype), p))
+        by_index = [p for g in self.opt.param_groups for p in g["params"]]
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key in optf.tensors:
             i, k = key.split(".", 1)
-            opt_state.setdefault(int(i), {})[k] = optf.get(key).clone()
+            opt_state.setdefault(int(i), {})[k] = local(optf.get(key).clone(), by_index[int(i)])
         sd = self.opt.state_dict()
         sd["state"] = opt_state
         self.opt.load_state_dict(sd)

@@ -220,6 +220,8 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
               task="tune", method=cfg.method)
     model = load_model(model_path, device=dev, dtype=weights_dtype, quant="nf4" if cfg.method == "qlora" else None)
     prepare_model(model, cfg)
+    if dp is not None and cfg.method == "full":
+        dp.shard(model)  # FSDP2: weights, gradients and optimizer state 1/n per rank (ember/distributed/data.py)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log(f"[ember tune] {cfg.method}: {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.1f}M parameters; "
@@ -232,6 +234,9 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
     trainer = Trainer(model, plan, cfg, out, eval_plan, lora=cfg.lora() if cfg.method != "full" else None,
                       base_model=str(model_path), progress=progress, log=log, autocast_dtype=autocast)
     trainer.data_parallel = dp
+    if dp is not None and dp.sharded:  # sharded (DTensor) and replicated parameters: one tensor at a time
+        for g in trainer.opt.param_groups:
+            g["foreach"] = False
     if writes:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / TRAIN_CONFIG, record)
@@ -246,11 +251,12 @@ def tune(model_path: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
         trainer.out_dir = None  # metrics, checkpoints and plots come from rank 0
 
     trainer.run(callback)
+    saved = dp.full_model(model) if dp is not None and dp.sharded else model  # every rank gathers
     if not writes:
         return TuneResult(out, trainer.history, trainer.evals, stats, resumed)
     if cfg.method == "full":
         model.requires_grad_(False)
-        save_hf_checkpoint(out / "model", model, tokenizer_files=read_tokenizer_files(model_path),
+        save_hf_checkpoint(out / "model", saved, tokenizer_files=read_tokenizer_files(model_path),
                            generation_config=_read_json(Path(model_path) / "generation_config.json"), overwrite=True)
         product = out / "model"
     else:

@@ -91,9 +91,10 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         device: where the weights go ("cpu", "cuda", "cuda:1").
         dtype: "auto" (F32 file -> fp32, F16 -> fp16, BF16 and quantized -> bf16, each subject to what the
             device runs natively, as for safetensors), "bf16", "fp16", "fp32" or a torch dtype.
-        shard: a pipeline stage (:class:`ember.distributed.pipeline.PipelineShard`): its ``prune(model)`` cuts the
-            model, ``local_name(name)`` renames or drops each tensor (other stages' are never read), and
-            ``finish(model)`` swaps in the communicating modules.
+        shard: a pipeline stage or tensor shard (:mod:`ember.distributed`): its ``prune(model)`` cuts the
+            model, ``local_name(name)`` renames or drops each tensor (other stages' are never read), a tensor
+            shard's ``gguf_cut(name, shape)`` gives its part of each tensor (whole rows, or whole blocks of each
+            row), and ``finish(model)`` swaps in the communicating modules.
     Raises:
         GGUFError / UnsupportedGGUFTypeError / UnsupportedModelError, naming the file and tensor.
     """
@@ -138,6 +139,10 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         want = tuple(expected[targets[0]].shape)
         want = (len(targets), *want) if stacked else want
         shape = gf.tensor_shape(gname)
+        # a tensor-parallel shard's part of the tensor (ember.distributed.tensor.GGUFCut)
+        cut = getattr(shard, "gguf_cut", None) and shard.gguf_cut(targets[0], shape[1:] if stacked else shape)
+        if cut:
+            shape = cut.shape(shape, stacked)
         if shape != want:
             raise GGUFError(f"{gf.path}: tensor {gname!r} ({targets[0]}{', ...' if stacked else ''}) "
                             f"has shape {list(shape)}, the metadata implies {list(want)}")
@@ -150,9 +155,11 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
                 type(model.get_submodule(o)) in _BLOCK_MODULES for o in owners):
             raw = gf.raw(gname, heads).to(device)  # CPU: a view of the file's map (one copy where un-permuted)
             raw = raw.reshape(len(targets), -1, raw.shape[-1])
+            raw = cut.blocks(raw, qtype) if cut else raw
             kept.update((o, (qtype, raw[i])) for i, o in enumerate(owners))
             continue
         w = gf.tensor(gname, dt, device, unpermute_heads=heads)
+        w = cut.tensor(w, stacked) if cut else w
         if stacked:
             state.update((target, w[i]) for i, target in enumerate(targets))  # views of one decoded stack
         else:
