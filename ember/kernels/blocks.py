@@ -81,14 +81,16 @@ class _AttnBlockDesc(ctypes.Structure):
     """Mirror of ``AttnBlockDesc`` in cpu.cpp."""
 
     _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
-        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)]
+        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)] + [
+        ("post_norm", _P)] + [(n, ctypes.c_int64) for n in ("norm_offset", "window", "local_rope")] + [("scale", _F)]
 
 
 class _MlpBlockDesc(ctypes.Structure):
     """Mirror of ``MlpBlockDesc`` in cpu.cpp."""
 
     _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
-                                                                    ("eps", _F)]
+                                                                    ("eps", _F)] + [
+        ("post_norm", _P), ("norm_offset", ctypes.c_int64), ("act", ctypes.c_int64)]
 
 
 class _MoeBlockDesc(ctypes.Structure):
@@ -112,19 +114,30 @@ class BlockKernel:
 
 def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
                       eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
-                      k_norm: torch.Tensor | None = None, qk_eps: float = 0.0) -> BlockKernel:
-    """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``."""
+                      k_norm: torch.Tensor | None = None, qk_eps: float = 0.0, post_norm: torch.Tensor | None = None,
+                      norm_offset: bool = False, window: int | None = None, local_rope: bool = False,
+                      scale: float | None = None) -> BlockKernel:
+    """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``.
+
+    Gemma's variant: ``norm_offset`` (every norm scales by ``1 + w`` in fp32, one rounding), ``post_norm`` (the
+    output normed before the add), ``window`` (keys older than that many slots hidden), ``local_rope`` (the
+    second row of (2, hd) cos/sin tables), ``scale`` (the softmax scale; default ``hd ** -0.5``)."""
     desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
-                          k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps)
-    return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm))
+                          k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps,
+                          post_norm=_ptr(post_norm), norm_offset=int(norm_offset), window=window or 0,
+                          local_rope=int(local_rope), scale=scale or 0.0)
+    return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm, post_norm))
 
 
 def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
-                     eps: float) -> BlockKernel:
-    """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``."""
+                     eps: float, gelu: bool = False, post_norm: torch.Tensor | None = None,
+                     norm_offset: bool = False) -> BlockKernel:
+    """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``; Gemma's
+    GeGLU with ``gelu`` (tanh-GELU gate), ``post_norm`` on the output and (1 + w) norms with ``norm_offset``."""
     desc = _MlpBlockDesc(gate=gate.addr, up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
-                         F=gate.out_features, eps=eps)
-    return BlockKernel("mlp", desc, (gate, up, down, norm))
+                         F=gate.out_features, eps=eps, post_norm=_ptr(post_norm), norm_offset=int(norm_offset),
+                         act=int(gelu))
+    return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm))
 
 
 def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],

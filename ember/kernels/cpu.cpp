@@ -2458,6 +2458,13 @@ struct AttnBlockDesc {
   const void* k_norm;
   int64_t H, nh, nkv, hd;
   float eps, qk_eps;
+  // Gemma-style variants (all zero for Llama's block): the norms scale by (1 + w) in fp32 with one rounding
+  // (norm_offset); the attention output is normed by post_norm before the residual add (sandwich norms);
+  // keys older than window slots are hidden (0: none); the rotation uses the second (hd,) row of cos/sin
+  // (local_rope: the sliding layers' own RoPE base); scale 0 means 1/sqrt(hd).
+  const void* post_norm;
+  int64_t norm_offset, window, local_rope;
+  float scale;
 };
 
 struct MlpBlockDesc {
@@ -2467,6 +2474,10 @@ struct MlpBlockDesc {
   const void* norm;  // post-attention RMSNorm weight (H,)
   int64_t H, F;
   float eps;
+  // Gemma-style variants (zero for Llama's block): act 1 = tanh-GELU gate (GeGLU) instead of SiLU; (1 + w)
+  // norms (norm_offset); the MLP output normed by post_norm before the residual add.
+  const void* post_norm;
+  int64_t norm_offset, act;
 };
 
 namespace {
@@ -2600,13 +2611,72 @@ void silu_mul(T* g, const T* u, int64_t n) {
   }
 }
 
+// One row of Gemma's RMSNorm: out = (x * inv) * (1 + w), all in fp32, rounded once to T (HF's Gemma3RMSNorm).
+template <typename T>
+void rms_norm_offset_row(const T* x, const T* w, T* out, int64_t H, float eps) {
+  double ss = 0.0;
+  for (int64_t j = 0; j < H; j++) ss += static_cast<double>(to_float(x[j])) * to_float(x[j]);
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+  int64_t k = 0;
+#ifdef EMBER_X86
+  const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.f);
+  for (; k + 16 <= H; k += 16)
+    store_rounded16(out + k, round16(_mm512_mul_ps(_mm512_mul_ps(load16f(x + k), vinv),
+                                                   _mm512_add_ps(one, load16f(w + k))), T{}));
+#endif
+  for (; k < H; k++) put(out + k, (to_float(x[k]) * inv) * (1.f + to_float(w[k])));
+}
+
+// rows x (rows, H) normed into out (may be x): Llama's RMSNorm, or Gemma's (1 + w) one where offset.
+void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H, float eps, int64_t offset,
+               int is_bf16) {
+  if (!offset) {
+    ember_rms_norm(x, w, out, rows, H, eps, is_bf16, 1);
+    return;
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    if (is_bf16)
+      rms_norm_offset_row(static_cast<const uint16_t*>(x) + r * H, static_cast<const uint16_t*>(w),
+                          static_cast<uint16_t*>(out) + r * H, H, eps);
+    else
+      rms_norm_offset_row(static_cast<const float*>(x) + r * H, static_cast<const float*>(w),
+                          static_cast<float*>(out) + r * H, H, eps);
+  }
+}
+
+// g = gelu_tanh(g) * u as PyTorch computes F.gelu(g, approximate="tanh") * u: the GELU in fp32,
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), rounded to the dtype, then the product rounded. tanh(v) as
+// 1 - 2 / (1 + e^(2v)) from exp_clamped's polynomial (the same bits on 16 lanes and in the scalar tail).
+template <typename T>
+void gelu_tanh_mul(T* g, const T* u, int64_t n) {
+  const float beta = 0.7978845608028654f, kappa = 0.044715f;
+  int64_t i = 0;
+#ifdef EMBER_X86
+  const auto c = [](float v) { return _mm512_set1_ps(v); };
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = load16f(g + i);
+    const __m512 inner = _mm512_mul_ps(c(beta), _mm512_add_ps(x, _mm512_mul_ps(c(kappa), _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
+    const __m512 t = _mm512_sub_ps(c(1.f), _mm512_div_ps(c(2.f), _mm512_add_ps(c(1.f), exp16_clamped(_mm512_add_ps(inner, inner)))));
+    const __m512 s = round16(_mm512_mul_ps(_mm512_mul_ps(c(0.5f), x), _mm512_add_ps(c(1.f), t)), T{});
+    store_rounded16(g + i, round16(_mm512_mul_ps(s, load16f(u + i)), T{}));
+  }
+#endif
+  for (; i < n; i++) {
+    const float x = to_float(g[i]);
+    const float inner = beta * (x + kappa * ((x * x) * x));
+    const float t = 1.f - 2.f / (1.f + exp_clamped(inner + inner));
+    put(g + i, round_to((0.5f * x) * (1.f + t), T{}) * to_float(u[i]));
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // x (H,) += o_proj(attention(rope(q/k/v(rms_norm(x))))) for the token at slot pos, its k/v written into the
-// caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position. Returns 0 (nothing done) where a
-// projection has no kernel for x's dtype.
+// caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position ((2, hd): global then local, for a
+// block with local_rope). With the AttnBlockDesc's Gemma fields: (1 + w) norms, post_norm on the output, the
+// window's keys only, its own scale. Returns 0 (nothing done) where a projection has no kernel for x's dtype.
 int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
                      int64_t max_len, int64_t pos, int is_bf16, int nthreads) {
   if (d->hd % 2) return 0;  // rope's halves
@@ -2619,13 +2689,17 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
   void* v = base + (H + nq + nk) * esz;
   void* a = base + (H + nq + 2 * nk) * esz;
   void* o = base + (H + 2 * nq + 2 * nk) * esz;
-  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  norm_rows(x, d->norm, h, 1, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* qkv[3] = {d->q, d->k, d->v};
   void* qkv_out[3] = {q, k, v};
   if (ember_linear_many(3, qkv, h, qkv_out, 1, is_bf16, nthreads) != 3) return 0;
   if (d->q_norm) {
-    ember_rms_norm(q, d->q_norm, q, d->nh, d->hd, d->qk_eps, is_bf16, 1);  // row by row: in place is safe
-    ember_rms_norm(k, d->k_norm, k, d->nkv, d->hd, d->qk_eps, is_bf16, 1);
+    norm_rows(q, d->q_norm, q, d->nh, d->hd, d->qk_eps, d->norm_offset, is_bf16);  // row by row: in place is safe
+    norm_rows(k, d->k_norm, k, d->nkv, d->hd, d->qk_eps, d->norm_offset, is_bf16);
+  }
+  if (d->local_rope) {  // the second row of the (2, hd) tables
+    cos = static_cast<const char*>(cos) + d->hd * esz;
+    sin = static_cast<const char*>(sin) + d->hd * esz;
   }
   ember_rope(q, cos, sin, 1, d->nh, d->hd, is_bf16);
   ember_rope(k, cos, sin, 1, d->nkv, d->hd, is_bf16);
@@ -2636,16 +2710,22 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
                 d->hd * esz);
   }
   const int64_t hs = max_len * d->hd;
-  if (!ember_attn_decode(q, Kc, Vc, a, 1, d->nh, d->nkv, d->hd, pos + 1, d->nkv * hs, hs, d->hd, d->nkv * hs, hs,
-                         d->hd, nullptr, 0, 0, 1.f / std::sqrt(static_cast<float>(d->hd)), is_bf16, nthreads))
+  // a sliding window sees slots pos - window + 1 .. pos (HF's mask: query - key < window)
+  const int64_t s0 = d->window > 0 ? std::max<int64_t>(0, pos - d->window + 1) : 0;
+  const float scale = d->scale > 0.f ? d->scale : 1.f / std::sqrt(static_cast<float>(d->hd));
+  if (!ember_attn_decode(q, static_cast<const char*>(Kc) + s0 * d->hd * esz, static_cast<const char*>(Vc) + s0 * d->hd * esz,
+                         a, 1, d->nh, d->nkv, d->hd, pos + 1 - s0, d->nkv * hs, hs, d->hd, d->nkv * hs, hs, d->hd,
+                         nullptr, 0, 0, scale, is_bf16, nthreads))
     return 0;
   if (!ember_linear(d->o, a, o, 1, is_bf16, nthreads)) return 0;
+  if (d->post_norm) norm_rows(o, d->post_norm, o, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(o), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(o), H);
   return 1;
 }
 
 // x (H,) += down(silu(gate(h)) * up(h)), h = rms_norm(x); silu and the product each rounded to the dtype.
+// Gemma (act 1, norm_offset, post_norm): x += post_norm(down(gelu_tanh(gate(h)) * up(h))), (1 + w) norms.
 int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   const int64_t H = d->H, F = d->F, esz = is_bf16 ? 2 : 4;
   block_buf.resize(static_cast<size_t>((2 * H + 2 * F) * esz / 4 + 8));
@@ -2654,13 +2734,16 @@ int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   void* g = base + H * esz;
   void* u = base + (H + F) * esz;
   void* y = base + (H + 2 * F) * esz;
-  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  norm_rows(x, d->norm, h, 1, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* gu[2] = {d->gate, d->up};
   void* outs[2] = {g, u};
   if (ember_linear_many(2, gu, h, outs, 1, is_bf16, nthreads) != 2) return 0;
-  if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+  if (d->act == 1 && is_bf16) gelu_tanh_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+  else if (d->act == 1) gelu_tanh_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+  else if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
   else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
   if (!ember_linear(d->down, g, y, 1, is_bf16, nthreads)) return 0;
+  if (d->post_norm) norm_rows(y, d->post_norm, y, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(y), H);
   return 1;

@@ -22,9 +22,10 @@ import torch
 from ember import kernels
 from ember.models.attention import Attention
 from ember.models.decoder import DecoderLayer
+from ember.models.gemma import Gemma3Attention, Gemma3DecoderLayer, GeGLUMLP
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
-from ember.models.norms import RMSNorm
+from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
 
 
 def _hooked(*mods) -> bool:
@@ -42,11 +43,15 @@ def _kernels_of(projs, x2: torch.Tensor) -> list | None:
     return ks
 
 
-def layer_blocks(layer, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
+def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
+                 ) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
     """``layer``'s attention block and its MLP (or MoE) block bound to the CPU kernels for x's dtype, for one
     decoding token; the MLP block None where the layer's MLP is not one the kernels know (it then runs as its
     module after the attention block); None where the layer is not a :class:`DecoderLayer` with a known
-    attention (the whole layer runs as its modules). Remade when a kernel is."""
+    attention (the whole layer runs as its modules). Remade when a kernel is. ``local_rope``: the model gives
+    its sliding layers their own RoPE table (the second row of the step's cos/sin)."""
+    if type(layer) is Gemma3DecoderLayer:
+        return _gemma_blocks(layer, x, local_rope and layer.attention_type == "sliding_attention")
     if type(layer) is not DecoderLayer or _hooked(layer):
         return None
     attn, mlp = layer.self_attn, layer.mlp
@@ -74,7 +79,7 @@ def layer_blocks(layer, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.
     def build():
         qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
         a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
-                                      attn.q_norm.eps if qn is not None else 0.0)
+                                      attn.q_norm.eps if qn is not None else 0.0, window=layer.window)
         if mks is None:
             return a, None
         if type(mlp) is SparseMoE:
@@ -105,3 +110,50 @@ def head_block(norm, lm_head, x: torch.Tensor) -> "tuple[torch.Tensor, float, ke
             and norm.weight.is_contiguous()):
         return norm.weight, norm.eps, k
     return None
+
+
+def _gemma_blocks(layer, x: torch.Tensor, local_rope: bool
+                  ) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
+    """A Gemma 2/3 layer's blocks: sandwich (1 + w) norms, (1 + w) q/k norms, the query scale, the layer's window
+    and RoPE table, GeGLU. None where the attention soft-caps its logits (Gemma 2: no kernel) or a piece is
+    another class or hooked."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+             layer.post_feedforward_layernorm]
+    if (type(attn) is not Gemma3Attention or attn.softcap is not None or _hooked(layer, attn)
+            or any(type(n) is not UnitOffsetRMSNorm or n.weight.dtype is not x.dtype or n.eps != norms[0].eps
+                   for n in norms)):  # a block's norms share one eps
+        return None
+    qk = [attn.q_norm, attn.k_norm] if attn.q_norm is not None else []
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    if (_hooked(*projs, *norms[:2], *qk)
+            or any(type(n) is not UnitOffsetRMSNorm or n.weight.dtype is not x.dtype for n in qk)):
+        return None
+    x2 = x.view(1, -1)
+    ks = _kernels_of(projs, x2)
+    if ks is None:
+        return None
+    mlp_projs = [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if type(mlp) is GeGLUMLP else None
+    mks = _kernels_of(mlp_projs, x2) if mlp_projs is not None and not _hooked(mlp, *mlp_projs, *norms[2:]) else None
+    pre, post, pre_ff, post_ff = norms
+    key = (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms + qk), local_rope,
+           None if mks is None else tuple(map(id, mks)))
+
+    def build():
+        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if qk else (None, None)
+        a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
+                                      attn.q_norm.eps if qk else 0.0, post_norm=post.weight, norm_offset=True,
+                                      window=layer.window, local_rope=local_rope, scale=attn.scaling)
+        if mks is None:
+            return a, None
+        return a, kernels.mlp_block_kernel(*mks, pre_ff.weight, pre_ff.eps, gelu=True,
+                                           post_norm=post_ff.weight, norm_offset=True)
+
+    return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
+
+
+def mlp_half(layer, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of ``layer`` as its modules (after its attention block ran on a kernel), residual included."""
+    if type(layer) is Gemma3DecoderLayer:
+        return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
