@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import ember.runtime
+from ember import kernels
 from ember.loading import load_model
 from test_families import checkpoint  # noqa: F401  (the fixture: tiny HF checkpoints per family)
+from test_gpt_oss import gpt_oss_checkpoint  # noqa: F401
 from test_model import BF16_TOL, _count_kernel_attention, _decode_matches_hf, _decode_steps, assert_close
 from test_runtime import _needs_kernels
 
@@ -51,3 +53,57 @@ def test_gemma3_bf16_blocks_match_the_plain_modules(checkpoint):
         ember.runtime.install()
     for i, (a, b) in enumerate(zip(fast[1:], plain[1:])):
         assert_close(a, b, BF16_TOL, f"gemma3 bf16 decode step {i}")
+
+
+def _fused_vs_modules(model, ids: torch.Tensor, prefill: int, dtype: torch.dtype, monkeypatch):
+    """Decode logits with the runtime's blocks, then with every layer as its modules (blocks refused)."""
+    from ember.runtime import blocks as blocks_module, decode as decode_module
+
+    fast = _decode_steps(model, ids, prefill, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(blocks_module, "layer_blocks", lambda layer, x, *rest: None)
+        decode_module._decode_blocks.clear()
+        plain = _decode_steps(model, ids, prefill, dtype)
+    decode_module._decode_blocks.clear()
+    return fast[1:], plain[1:]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpt_oss_mxfp4_moe_block_matches_the_modules(gpt_oss_checkpoint, monkeypatch, dtype):
+    # sink attention with biases over a full cache or a sliding layer's ring; the MXFP4 experts (quantized on
+    # load), biased router, clamped SwiGLU (limit 1.5 bites): two calls per layer
+    _needs_kernels()
+    folder, _ = gpt_oss_checkpoint
+    ours = load_model(folder, dtype=dtype, quant="mxfp4")
+    calls = {"moe": 0, "attn": 0}
+    run, run_attn = kernels.run_mlp_block, kernels.run_attn_block
+
+    def count(block, x):
+        calls["moe"] += block.kind == "gptoss_moe"
+        return run(block, x)
+
+    def count_attn(block, *a):
+        done = run_attn(block, *a)
+        calls["attn"] += done and block.kind == "sink_attn"
+        return done
+
+    monkeypatch.setattr(kernels, "run_mlp_block", count)
+    monkeypatch.setattr(kernels, "run_attn_block", count_attn)
+    # 4 prefilled + 16 decoded tokens: the sliding layers' rings (window 6) wrap twice
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    fast, plain = _fused_vs_modules(ours, ids, 4, torch_dtype, monkeypatch)
+    assert calls["moe"] == calls["attn"] == 16 * ours.config.num_hidden_layers
+    tol = 1e-5 if dtype == "fp32" else BF16_TOL
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, tol, f"gpt-oss {dtype} decode step {i}")
+
+
+def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch):
+    # float experts (no MoE block): the attention blocks alone, fp32 against HF past the window
+    _needs_kernels()
+    folder, hf = gpt_oss_checkpoint
+    ours = load_model(folder, dtype="fp32")
+    calls = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 20, 8, "gpt-oss")
+    assert calls["blocks"] == 14 * ours.config.num_hidden_layers and calls["steps"] == 0

@@ -151,10 +151,54 @@ def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, Lin
     return BlockKernel("moe", desc, (router, tuple(flat), table, norm))
 
 
+class _GptOssMoeDesc(ctypes.Structure):
+    """Mirror of ``GptOssMoeDesc`` in families.cpp."""
+
+    _fields_ = [(n, _P) for n in ("router", "norm", "gu_blocks", "gu_scales", "gu_bias", "dn_blocks", "dn_scales",
+                                  "dn_bias")] + [(n, ctypes.c_int64) for n in ("H", "E", "k", "I", "act_q8")] + [
+        (n, _F) for n in ("eps", "alpha", "limit")]
+
+
+def gptoss_moe_block_kernel(router: LinearKernel, norm: torch.Tensor, eps: float, top_k: int, experts) -> BlockKernel:
+    """gpt-oss's MoE block after its post-attention RMSNorm (residual add included): ``router`` the router's kernel
+    (its bias bound), ``experts`` an :class:`ember.quant.mxfp4.Mxfp4Experts` (blocks, scales and biases as stored;
+    the biases of x's dtype)."""
+    t = [experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
+         experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias]
+    desc = _GptOssMoeDesc(router=router.addr, norm=norm.data_ptr(), gu_blocks=t[0].data_ptr(),
+                          gu_scales=t[1].data_ptr(), gu_bias=t[2].data_ptr(), dn_blocks=t[3].data_ptr(),
+                          dn_scales=t[4].data_ptr(), dn_bias=t[5].data_ptr(), H=norm.shape[0],
+                          E=experts.num_experts, k=top_k, I=experts.intermediate_size,
+                          act_q8=int(_loader.INT8_ACTIVATIONS), eps=eps, alpha=experts.alpha, limit=experts.limit)
+    return BlockKernel("gptoss_moe", desc, (router, norm, *t))
+
+
+class _SinkAttnDesc(ctypes.Structure):
+    """Mirror of ``SinkAttnDesc`` in families.cpp."""
+
+    _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "sinks")] + [
+        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd", "window")] + [("eps", _F)]
+
+
+def sink_attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
+                           eps: float, sinks: torch.Tensor, nh: int, nkv: int, hd: int,
+                           window: int | None) -> BlockKernel:
+    """gpt-oss's attention block (:class:`ember.models.gpt_oss.SinkAttention` after an RMSNorm, its biases bound in
+    the projections' kernels, ``sinks`` (nh,) of x's dtype); run by :func:`run_attn_block` on a full cache or on
+    a sliding layer's ring of ``window`` slots."""
+    desc = _SinkAttnDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), sinks=sinks.data_ptr(),
+                         H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, window=window or 0, eps=eps)
+    return BlockKernel("sink_attn", desc, (q, k, v, o, norm, sinks))
+
+
 def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, pos: int) -> bool:
     """Apply an attention :class:`BlockKernel` to ``x`` (H,) in place for the token at cache slot ``pos``:
     cos/sin (hd,) of its position, k_cache/v_cache (1, nkv, max_len, hd) contiguous (its k/v written at pos)."""
+    if block.kind == "sink_attn":  # k_cache/v_cache: a full cache or a ring of `window` slots
+        return bool(_loader._lib.ember_sink_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos,
+                                                       x.dtype is torch.bfloat16, torch.get_num_threads()))
     return bool(_loader._lib.ember_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
                                       v_cache.data_ptr(), k_cache.shape[2], pos, x.dtype is torch.bfloat16,
                                       torch.get_num_threads()))
@@ -162,7 +206,8 @@ def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: 
 
 def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
     """Apply an MLP or MoE :class:`BlockKernel` to ``x`` (H,) in place."""
-    fn = _loader._lib.ember_moe_block if block.kind == "moe" else _loader._lib.ember_mlp_block
+    lib = _loader._lib
+    fn = {"moe": lib.ember_moe_block, "gptoss_moe": lib.ember_gptoss_moe_block}.get(block.kind, lib.ember_mlp_block)
     return bool(fn(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
 
 

@@ -23,6 +23,7 @@ from ember import kernels
 from ember.models.attention import Attention
 from ember.models.decoder import DecoderLayer
 from ember.models.gemma import Gemma3Attention, Gemma3DecoderLayer, GeGLUMLP
+from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
@@ -47,8 +48,9 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
                  ) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
     """``layer``'s attention block and its MLP (or MoE) block bound to the CPU kernels for x's dtype, for one
     decoding token; the MLP block None where the layer's MLP is not one the kernels know (it then runs as its
-    module after the attention block); None where the layer is not a :class:`DecoderLayer` with a known
-    attention (the whole layer runs as its modules). Remade when a kernel is. ``local_rope``: the model gives
+    module after the attention block), the attention block None where only the MLP has one (gpt-oss: the
+    attention runs as its module first); None where the layer is not a :class:`DecoderLayer` with a known
+    attention or MLP (the whole layer runs as its modules). Remade when a kernel is. ``local_rope``: the model gives
     its sliding layers their own RoPE table (the second row of the step's cos/sin)."""
     if type(layer) is Gemma3DecoderLayer:
         return _gemma_blocks(layer, x, local_rope and layer.attention_type == "sliding_attention")
@@ -56,6 +58,9 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
         return None
     attn, mlp = layer.self_attn, layer.mlp
     pre, post = layer.input_layernorm, layer.post_attention_layernorm
+    if type(mlp) is GptOssMLP:
+        a, m = _sink_attn_block(layer, x), _gptoss_moe_block(mlp, post, x)
+        return None if a is None and m is None else (a, m)
     if type(attn) is not Attention or type(pre) is not RMSNorm:
         return None
     projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
@@ -157,3 +162,43 @@ def mlp_half(layer, x: torch.Tensor) -> torch.Tensor:
     if type(layer) is Gemma3DecoderLayer:
         return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
     return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _sink_attn_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """gpt-oss's attention (sinks, biases, its window) after an RMSNorm, or None (hooks, no kernel, other dtypes)."""
+    attn, pre = layer.self_attn, layer.input_layernorm
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    if (type(attn) is not SinkAttention or type(pre) is not RMSNorm or _hooked(attn, pre, *projs)
+            or pre.weight.dtype is not x.dtype or attn.sinks.dtype is not x.dtype):
+        return None
+    ks = _kernels_of(projs, x.view(1, -1))
+    if ks is None:
+        return None
+    key = (tuple(map(id, ks)), pre.weight.data_ptr(), attn.sinks.data_ptr())
+    return kernels.cached(attn, f"sink-block-{x.dtype}", key, lambda: kernels.sink_attn_block_kernel(
+        *ks, pre.weight, pre.eps, attn.sinks, attn.nh, attn.nkv, attn.hd, layer.window))
+
+
+def _gptoss_moe_block(mlp, post, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """gpt-oss's MoE block (router with bias, MXFP4 experts as stored) after an RMSNorm, or None (float experts,
+    biases of another dtype, hooks, a router without a kernel)."""
+    from ember.quant.mxfp4 import Mxfp4Experts  # the quant package imports the models: not at module level
+
+    experts = mlp.experts
+    if (type(experts) is not Mxfp4Experts or type(post) is not RMSNorm or post.weight.dtype is not x.dtype
+            or _hooked(mlp, post, mlp.router, experts)
+            or any(b.dtype is not x.dtype for b in (experts.gate_up_proj_bias, experts.down_proj_bias))):
+        return None
+    ks = _kernels_of([mlp.router], x.view(1, -1))
+    if ks is None:
+        return None
+    key = (id(ks[0]), post.weight.data_ptr(), experts.gate_up_proj_blocks.data_ptr(),
+           experts.down_proj_blocks.data_ptr(), experts.gate_up_proj_bias.data_ptr(), experts.down_proj_bias.data_ptr())
+    return kernels.cached(mlp, f"moe-block-{x.dtype}", key,
+                          lambda: kernels.gptoss_moe_block_kernel(ks[0], post.weight, post.eps, mlp.top_k, experts))
+
+
+def attn_half(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
+    """The attention half of a :class:`DecoderLayer` as its modules (before its MLP block runs on a kernel),
+    residual included."""
+    return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, False)

@@ -50,7 +50,9 @@ class DecodeBlocks:
         self.dtype = x.dtype
         self.blocks = [blocks_module.layer_blocks(layer, x, local_rope) for layer in layers]
         # leading layers with both blocks: they run in the whole-step call
-        self.n_fused = next((i for i, b in enumerate(self.blocks) if b is None or b[1] is None), len(self.blocks))
+        self.n_fused = next((i for i, b in enumerate(self.blocks)
+                             if b is None or None in b or b[0].kind != "attn" or b[1].kind not in ("mlp", "moe")),
+                            len(self.blocks))
         # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
         tail = [m for m in (norm, lm_head) if m is not None]
         self.head = blocks_module.head_block(norm, lm_head, x) if self.n_fused == len(self.blocks) else None
@@ -155,12 +157,24 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     for i in range(first, len(layers)):
         layer = layers[i]
         blocks = decode.blocks[i]
+        c, s = local if local is not None and layer.attention_type == "sliding_attention" else (cos, sin)
+        if blocks is not None and blocks[0] is None:  # the attention as its modules, the MLP block on its kernel
+            x = blocks_module.attn_half(layer, x, c, s, masks[layer.window], cache)
+            if not kernels.run_mlp_block(blocks[1], x):
+                x = blocks_module.mlp_half(layer, x)
+            continue
         if blocks is not None:
-            k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
-            if start < k_cache.shape[2] and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start):
+            ring = getattr(cache, "rings", {}).get(decode.cache_layers[i])
+            if ring is not None:  # a sliding layer's window only (gpt-oss): its own write position
+                k_cache, v_cache = (ring.k, ring.v) if blocks[0].kind == "sink_attn" and ring.pos == start else (None, None)
+            else:
+                k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
+            if (k_cache is not None and (ring is not None or start < k_cache.shape[2])
+                    and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start)):
+                if ring is not None:
+                    ring.pos = start + 1
                 if blocks[1] is None or not kernels.run_mlp_block(blocks[1], x):
                     x = blocks_module.mlp_half(layer, x)
                 continue
-        c, s = local if local is not None and layer.attention_type == "sliding_attention" else (cos, sin)
         x = layer(x, c, s, masks[getattr(layer, "window", None)], cache, False)
     return model.finish(x, last_only, hidden_only)
