@@ -107,3 +107,34 @@ def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch
     calls = _count_kernel_attention(monkeypatch)
     _decode_matches_hf(ours, hf, 20, 8, "gpt-oss")
     assert calls["blocks"] == 14 * ours.config.num_hidden_layers and calls["steps"] == 0
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3"])
+def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
+    # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block;
+    # the attention (partial RoPE, MLA) runs as its module before it; fp32 against HF at every decode step
+    _needs_kernels()
+    folder, hf = checkpoint(name)
+    ours = load_model(folder, dtype="fp32")
+    calls = {"moe": 0, "mlp": 0}
+    run = kernels.run_mlp_block
+
+    def count(block, x):
+        done = run(block, x)
+        calls[block.kind] += bool(done)
+        return done
+
+    monkeypatch.setattr(kernels, "run_mlp_block", count)
+    _decode_matches_hf(ours, hf, 16, 3, name)
+    moe_layers = sum(ours.config.is_moe_layer(i) for i in range(ours.config.num_hidden_layers))
+    assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (ours.config.num_hidden_layers - moe_layers)
+
+
+def test_deepseek_bf16_blocks_match_the_modules(checkpoint, monkeypatch):
+    _needs_kernels()
+    folder, _ = checkpoint("deepseek_v3")
+    ours = load_model(folder, dtype="bf16")
+    ids = torch.randint(3, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, BF16_TOL, f"deepseek bf16 decode step {i}")

@@ -203,7 +203,7 @@ def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
     handle = attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     _decode_steps(ours, ids, 6, torch.bfloat16)
     assert len(seen) == len(base)  # every step, decode steps included, ran the hooked module itself
-    assert model_module._decode_blocks[ours].blocks[1] is None
+    assert model_module._decode_blocks[ours].blocks[1][0] is None  # the attention as its modules, its MLP block kept
     handle.remove()
     # with the hook gone the layer is back on its kernel blocks (they were once kept as the hooked None)
     assert _decode_steps(ours, ids, 6, torch.bfloat16)[-1].equal(base[-1])
@@ -223,7 +223,7 @@ def test_decode_blocks_follow_hooks_swaps_and_new_storage(hf_checkpoint):
     # a swapped module (LoRA) runs as itself; its zero-initialised B leaves the logits as they were
     attn.v_proj = LoRALinear(attn.v_proj, r=2, alpha=4)
     swapped = _decode_steps(ours, ids, 6, torch.bfloat16)
-    assert model_module._decode_blocks[ours].blocks[1] is None
+    assert model_module._decode_blocks[ours].blocks[1][0] is None
     assert_close(swapped[-1], zeroed[-1], 1e-6, "LoRA with B = 0")
 
 

@@ -97,7 +97,9 @@ class _MoeBlockDesc(ctypes.Structure):
     """Mirror of ``MoeBlockDesc`` in cpu.cpp."""
 
     _fields_ = [("router", _P), ("experts", _P), ("norm", _P)] + [
-        (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)]
+        (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)] + [
+        ("sigmoid_router", ctypes.c_int64), ("correction", _P), ("n_group", ctypes.c_int64),
+        ("topk_group", ctypes.c_int64), ("scaling", _F), ("shared", _P * 3), ("shared_F", ctypes.c_int64)]
 
 
 class BlockKernel:
@@ -141,14 +143,22 @@ def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, n
 
 
 def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],
-                     norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool) -> BlockKernel:
+                     norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool, groups=None,
+                     shared: tuple[LinearKernel, LinearKernel, LinearKernel] | None = None) -> BlockKernel:
     """A mixture-of-experts block (:class:`ember.models.SparseMoE` after the post-attention norm, the residual add
-    included): ``experts[e]`` = expert e's (gate, up, down) kernels."""
+    included): ``experts[e]`` = expert e's (gate, up, down) kernels. GLM-4.5 / DeepSeek-V3
+    (:class:`ember.models.routed_moe.RoutedMoE`): ``groups`` = (correction bias (E,) fp32, n_group, topk_group,
+    routed scaling) with ``router`` an fp32 kernel (the sigmoid router), ``shared`` the shared experts' kernels."""
     flat = [k for triple in experts for k in triple]
     table = (_P * len(flat))(*[k.addr for k in flat])
+    corr, n_group, topk_group, scaling = groups if groups is not None else (None, 0, 0, 1.0)
     desc = _MoeBlockDesc(router=router.addr, experts=ctypes.addressof(table), norm=norm.data_ptr(), H=norm.shape[0],
-                         E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps)
-    return BlockKernel("moe", desc, (router, tuple(flat), table, norm))
+                         E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps,
+                         sigmoid_router=int(groups is not None), correction=_ptr(corr), n_group=n_group,
+                         topk_group=topk_group, scaling=scaling,
+                         shared=(_P * 3)(*[k.addr for k in shared]) if shared else (_P * 3)(),
+                         shared_F=shared[0].out_features if shared else 0)
+    return BlockKernel("moe", desc, (router, tuple(flat), table, norm, corr, shared))
 
 
 class _GptOssMoeDesc(ctypes.Structure):

@@ -2757,7 +2757,63 @@ struct MoeBlockDesc {
   const void* norm;                  // post-attention RMSNorm weight (H,)
   int64_t H, E, k, F, norm_topk;
   float eps;
+  // GLM-4.5 / DeepSeek-V3 routing (sigmoid_router, else the softmax above): router (E, H) fp32 applied to h in
+  // fp32, sigmoid, + correction (E,) fp32 for the choice, the topk_group best of n_group groups (a group scores
+  // its two best), top k inside them; weights the uncorrected sigmoids, renormalised (norm_topk), times scaling.
+  // shared (gate, up, down) or null: a SwiGLU every token runs, added to the routed sum.
+  int64_t sigmoid_router;
+  const float* correction;
+  int64_t n_group, topk_group;
+  float scaling;
+  const LinearDesc* shared[3];
+  int64_t shared_F;
 };
+
+namespace {
+
+// The experts and weights of the sigmoid group-limited router (MoeBlockDesc's comment) for h (H,) of the dtype.
+bool route_sigmoid_groups(const MoeBlockDesc* d, const void* h, int is_bf16, int nthreads, int64_t* ids, float* w) {
+  const int64_t H = d->H, E = d->E, K = d->k, G = d->n_group, per = G > 0 ? E / G : 0;
+  if (G < 1 || E % G || per < 2 || d->topk_group > G || K > d->topk_group * per || E > 512) return false;
+  thread_local std::vector<float> f;
+  f.resize(static_cast<size_t>(H + E));
+  for (int64_t i = 0; i < H; i++) f[i] = load_f(h, i, is_bf16);
+  float* s = f.data() + H;
+  if (!ember_linear(d->router, f.data(), s, 1, 0, nthreads)) return false;
+  float choice[512], gscore[512];
+  for (int64_t e = 0; e < E; e++) {
+    s[e] = 1.f / (1.f + std::exp(-s[e]));
+    choice[e] = s[e] + d->correction[e];
+  }
+  for (int64_t g = 0; g < G; g++) {  // the sum of the group's two best
+    float a = -INFINITY, b = -INFINITY;
+    for (int64_t e = g * per; e < (g + 1) * per; e++) {
+      if (choice[e] > a) b = a, a = choice[e];
+      else if (choice[e] > b) b = choice[e];
+    }
+    gscore[g] = a + b;
+  }
+  bool keep[512] = {}, taken[512] = {};
+  for (int64_t t = 0; t < d->topk_group; t++) {
+    int64_t best = -1;
+    for (int64_t g = 0; g < G; g++)
+      if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+    keep[best] = true;
+  }
+  float wsum = 0.f;
+  for (int64_t j = 0; j < K; j++) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; e++)
+      if (keep[e / per] && !taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+    taken[best] = true;
+    ids[j] = best;
+    wsum += (w[j] = s[best]);
+  }
+  for (int64_t j = 0; j < K; j++) w[j] = (d->norm_topk ? w[j] / (wsum + 1e-20f) : w[j]) * d->scaling;
+  return true;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -2776,26 +2832,30 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
   void* y = base + (H + 2 * K * F) * esz;
   void* lg = base + (2 * H + 2 * K * F) * esz;
   ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
-  if (!ember_linear(d->router, h, lg, 1, is_bf16, nthreads)) return 0;
-  float p[512];
-  if (E > 512) return 0;
-  float mx = -INFINITY, sum = 0.f;
-  for (int64_t e = 0; e < E; e++) mx = std::max(mx, p[e] = load_f(lg, e, is_bf16));
-  for (int64_t e = 0; e < E; e++) sum += (p[e] = std::exp(p[e] - mx));
-  for (int64_t e = 0; e < E; e++) p[e] /= sum;
   int64_t ids[64];
   float w[64], wsum = 0.f;
-  bool taken[512] = {};
-  for (int64_t j = 0; j < K; j++) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < E; e++)
-      if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
-    taken[best] = true;
-    ids[j] = best;
-    wsum += (w[j] = p[best]);
+  if (d->sigmoid_router) {
+    if (!route_sigmoid_groups(d, h, is_bf16, nthreads, ids, w)) return 0;
+  } else {
+    if (!ember_linear(d->router, h, lg, 1, is_bf16, nthreads)) return 0;
+    float p[512];
+    if (E > 512) return 0;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; e++) mx = std::max(mx, p[e] = load_f(lg, e, is_bf16));
+    for (int64_t e = 0; e < E; e++) sum += (p[e] = std::exp(p[e] - mx));
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    bool taken[512] = {};
+    for (int64_t j = 0; j < K; j++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = true;
+      ids[j] = best;
+      wsum += (w[j] = p[best]);
+    }
+    if (d->norm_topk)
+      for (int64_t j = 0; j < K; j++) w[j] /= wsum;
   }
-  if (d->norm_topk)
-    for (int64_t j = 0; j < K; j++) w[j] /= wsum;
   // The chosen experts' gate and up weights all read h: one ember_linear_many call (one parallel region where
   // the formats allow) for up to 4 experts, then each expert's silu and down.
   const LinearDesc* gu_desc[8];
@@ -2818,7 +2878,22 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
     if (!ember_linear(d->experts[3 * ids[j] + 2], g, y, 1, is_bf16, nthreads)) return 0;
     for (int64_t i = 0; i < H; i++) acc[i] += load_f(y, i, is_bf16) * w[j];
   }
-  for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + round_to_dtype(acc[i], is_bf16), is_bf16);
+  for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i], is_bf16);
+  if (d->shared[0]) {  // routed sum (rounded) + the shared experts' SwiGLU (rounded), then the residual add
+    const int64_t Fs = d->shared_F;
+    thread_local std::vector<float> sb;
+    sb.resize(static_cast<size_t>((2 * Fs + H) * esz / 4 + 8));
+    char* sg = reinterpret_cast<char*>(sb.data());
+    void* su = sg + Fs * esz;
+    void* sy = sg + 2 * Fs * esz;
+    void* souts[2] = {sg, su};
+    if (ember_linear_many(2, d->shared, h, souts, 1, is_bf16, nthreads) != 2) return 0;
+    if (is_bf16) silu_mul(reinterpret_cast<uint16_t*>(sg), static_cast<const uint16_t*>(su), Fs);
+    else silu_mul(reinterpret_cast<float*>(sg), static_cast<const float*>(su), Fs);
+    if (!ember_linear(d->shared[2], sg, sy, 1, is_bf16, nthreads)) return 0;
+    for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i] + load_f(sy, i, is_bf16), is_bf16);
+  }
+  for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + acc[i], is_bf16);
   return 1;
 }
 

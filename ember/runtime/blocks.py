@@ -27,6 +27,7 @@ from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
+from ember.models.routed_moe import RoutedMoE
 
 
 def _hooked(*mods) -> bool:
@@ -61,44 +62,75 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
     if type(mlp) is GptOssMLP:
         a, m = _sink_attn_block(layer, x), _gptoss_moe_block(mlp, post, x)
         return None if a is None and m is None else (a, m)
-    if type(attn) is not Attention or type(pre) is not RMSNorm:
-        return None
-    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-    norms = [pre]
-    if attn.q_norm is not None:
-        norms += [attn.q_norm, attn.k_norm]
-    if _hooked(attn, *projs, *norms) or any(n.weight.dtype is not x.dtype for n in norms):
-        return None
     x2 = x.view(1, -1)
-    ks = _kernels_of(projs, x2)
-    if ks is None:
-        return None
+    ks, norms = _attn_kernels(attn, pre, x2)
     mlp_projs = _mlp_projections(mlp)
     mks = None
     if (mlp_projs is not None and type(post) is RMSNorm and post.weight.dtype is x.dtype
-            and not _hooked(mlp, post, *mlp_projs, *(mlp.experts if type(mlp) is SparseMoE else ()))):
+            and not _hooked(mlp, post, *mlp_projs, *(mlp.experts if isinstance(mlp, SparseMoE) else ()),
+                            *([mlp.gate] if type(mlp) is RoutedMoE else []))):
         mks = _kernels_of(mlp_projs, x2)
-    key = (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms), None if mks is None else
-           (tuple(map(id, mks)), post.weight.data_ptr()))
+    if ks is None and mks is None:
+        return None
+    routed = type(mlp) is RoutedMoE
+    key = (None if ks is None else (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms)),
+           None if mks is None else (tuple(map(id, mks)), post.weight.data_ptr()),
+           (mlp.gate.weight.data_ptr(), mlp.gate.e_score_correction_bias.data_ptr()) if routed else None)
 
     def build():
-        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
-        a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
-                                      attn.q_norm.eps if qn is not None else 0.0, window=layer.window)
+        a = None
+        if ks is not None:
+            qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
+            a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
+                                          attn.q_norm.eps if qn is not None else 0.0, window=layer.window)
         if mks is None:
             return a, None
         if type(mlp) is SparseMoE:
             experts = [tuple(mks[1 + 3 * e:4 + 3 * e]) for e in range(len(mlp.experts))]
             return a, kernels.moe_block_kernel(mks[0], experts, post.weight, post.eps, mlp.top_k, mlp.norm_topk_prob)
+        if routed:
+            return a, _routed_moe_block(mlp, mks, post)
         return a, kernels.mlp_block_kernel(*mks, post.weight, post.eps)
 
     return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
+
+
+def _attn_kernels(attn, pre, x2: torch.Tensor) -> tuple[list | None, list]:
+    """The q/k/v/o kernels of a Llama-style :class:`Attention` after an RMSNorm, and its norms; None kernels where
+    the attention is another class, hooked, or has no kernel (it then runs as its module)."""
+    if type(attn) is not Attention or type(pre) is not RMSNorm:
+        return None, []
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    norms = [pre] + ([attn.q_norm, attn.k_norm] if attn.q_norm is not None else [])
+    if _hooked(attn, *projs, *norms) or any(n.weight.dtype is not x2.dtype for n in norms):
+        return None, norms
+    return _kernels_of(projs, x2), norms
+
+
+def _routed_moe_block(mlp, mks: list, post) -> "kernels.BlockKernel | None":
+    """GLM-4.5 / DeepSeek-V3's MoE block from its experts' (and shared experts') kernels ``mks``, with an fp32
+    kernel for the router's fp32 weight."""
+    gate = mlp.gate
+    router = kernels.dense_kernel(gate.weight.detach())
+    if router is None or gate.weight.dtype is not torch.float32:
+        return None
+    n = len(mlp.experts)
+    experts = [tuple(mks[3 * e:3 * e + 3]) for e in range(n)]
+    shared = tuple(mks[3 * n:3 * n + 3]) if mlp.shared_experts is not None else None
+    corr = gate.e_score_correction_bias.float().contiguous()
+    return kernels.moe_block_kernel(router, experts, post.weight, post.eps, mlp.top_k, gate.norm_topk_prob,
+                                    (corr, gate.n_group, gate.topk_group, float(gate.scaling)), shared)
 
 
 def _mlp_projections(mlp) -> list | None:
     """The projections of an MLP piece the kernels know, in their block's order; None for any other piece."""
     if type(mlp) is MLP:
         return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if type(mlp) is RoutedMoE and all(type(e) is MLP for e in mlp.experts) and mlp.gate.n_group >= 1 and (
+            mlp.shared_experts is None or type(mlp.shared_experts) is MLP):
+        shared = mlp.shared_experts
+        return [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)] + (
+            [shared.gate_proj, shared.up_proj, shared.down_proj] if shared is not None else [])
     if type(mlp) is SparseMoE and all(type(e) is MLP for e in mlp.experts):
         return [mlp.gate] + [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
     return None
