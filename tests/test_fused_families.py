@@ -109,25 +109,29 @@ def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch
     assert calls["blocks"] == 14 * ours.config.num_hidden_layers and calls["steps"] == 0
 
 
-@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn"])
 def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
     # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block;
     # the attention (partial RoPE, MLA) runs as its module before it; fp32 against HF at every decode step
     _needs_kernels()
     folder, hf = checkpoint(name)
     ours = load_model(folder, dtype="fp32")
-    calls = {"moe": 0, "mlp": 0}
-    run = kernels.run_mlp_block
+    calls = {"moe": 0, "mlp": 0, "mla": 0}
+    run, run_attn = kernels.run_mlp_block, kernels.run_attn_block
 
-    def count(block, x):
-        done = run(block, x)
+    def count(block, *a):
+        done = (run if len(a) == 1 else run_attn)(block, *a)
         calls[block.kind] += bool(done)
         return done
 
     monkeypatch.setattr(kernels, "run_mlp_block", count)
+    monkeypatch.setattr(kernels, "run_attn_block", count)
     _decode_matches_hf(ours, hf, 16, 3, name)
-    moe_layers = sum(ours.config.is_moe_layer(i) for i in range(ours.config.num_hidden_layers))
-    assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (ours.config.num_hidden_layers - moe_layers)
+    n = ours.config.num_hidden_layers
+    moe_layers = sum(ours.config.is_moe_layer(i) for i in range(n))
+    assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (n - moe_layers)
+    # DeepSeek's latent attention in its block (absorbed, over the latent cache); GLM's partial RoPE as modules
+    assert calls["mla"] == (10 * n if name.startswith("deepseek") else 0)
 
 
 def test_deepseek_bf16_blocks_match_the_modules(checkpoint, monkeypatch):

@@ -201,10 +201,42 @@ def sink_attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o:
     return BlockKernel("sink_attn", desc, (q, k, v, o, norm, sinks))
 
 
+class _MlaDesc(ctypes.Structure):
+    """Mirror of ``MlaDesc`` in families.cpp."""
+
+    _fields_ = [(n, _P) for n in ("q", "q_a", "q_b", "kv_a", "o", "norm", "q_a_norm", "kv_norm", "w_kvb")] + [
+        (n, ctypes.c_int64) for n in ("H", "nh", "r", "dn", "dr", "dv", "q_rank", "interleaved")] + [
+        (n, _F) for n in ("eps", "q_a_eps", "kv_eps", "scaling")]
+
+
+def mla_block_kernel(attn, pre, ks: dict) -> BlockKernel:
+    """DeepSeek's latent attention block (:class:`ember.models.mla.MLAttention` ``attn`` after the RMSNorm ``pre``,
+    the absorbed decode over the latent cache), from its projections' kernels ``ks`` (``q`` or ``q_a``/``q_b``,
+    ``kv_a``, ``o``) and ``kv_b_proj``'s plain weight."""
+    qa = attn.q_a_layernorm if attn.q_proj is None else None
+    w = attn.kv_b_proj.weight.detach()
+    desc = _MlaDesc(q=_addr(ks.get("q")), q_a=_addr(ks.get("q_a")), q_b=_addr(ks.get("q_b")), kv_a=ks["kv_a"].addr,
+                    o=ks["o"].addr, norm=pre.weight.data_ptr(), q_a_norm=_ptr(qa.weight if qa is not None else None),
+                    kv_norm=attn.kv_a_layernorm.weight.data_ptr(), w_kvb=w.data_ptr(), H=pre.weight.shape[0],
+                    nh=attn.nh, r=attn.r, dn=attn.dn, dr=attn.dr, dv=attn.dv,
+                    q_rank=qa.weight.shape[0] if qa is not None else 0, interleaved=int(bool(attn.interleaved)),
+                    eps=pre.eps, q_a_eps=qa.eps if qa is not None else 0.0, kv_eps=attn.kv_a_layernorm.eps,
+                    scaling=attn.scaling)
+    return BlockKernel("mla", desc, (tuple(ks.values()), pre.weight, qa, attn.kv_a_layernorm.weight, w))
+
+
+def _addr(k: LinearKernel | None) -> int | None:
+    return None if k is None else k.addr
+
+
 def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, pos: int) -> bool:
     """Apply an attention :class:`BlockKernel` to ``x`` (H,) in place for the token at cache slot ``pos``:
     cos/sin (hd,) of its position, k_cache/v_cache (1, nkv, max_len, hd) contiguous (its k/v written at pos)."""
+    if block.kind == "mla":  # k_cache/v_cache: the latent cache's latents and rotated keys
+        return bool(_loader._lib.ember_mla_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                 k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos,
+                                                 x.dtype is torch.bfloat16, torch.get_num_threads()))
     if block.kind == "sink_attn":  # k_cache/v_cache: a full cache or a ring of `window` slots
         return bool(_loader._lib.ember_sink_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos,

@@ -188,3 +188,118 @@ int ember_sink_attn_block(const SinkAttnDesc* d, void* x, const void* cos, const
 }
 
 }  // extern "C"
+
+// DeepSeek-V3's multi-head latent attention (ember.models.mla.MLAttention after its RMSNorm) for one token, in
+// the absorbed form over the latent cache: Lc (max_len, r) the normed latents, Rc (max_len, dr) the rotated
+// shared keys; w_kvb is kv_b_proj's plain weight (nh * (dn + dv), r), its rows per head [W_uk (dn) | W_uv (dv)].
+struct MlaDesc {
+  const LinearDesc* q;    // q_proj, or null: q_b(rms_norm(q_a(h)))
+  const LinearDesc* q_a;
+  const LinearDesc* q_b;
+  const LinearDesc* kv_a;  // (r + dr, H)
+  const LinearDesc* o;
+  const void* norm;  // input RMSNorm (H,)
+  const void* q_a_norm;
+  const void* kv_norm;
+  const void* w_kvb;
+  int64_t H, nh, r, dn, dr, dv, q_rank, interleaved;
+  float eps, q_a_eps, kv_eps, scaling;
+};
+
+namespace {
+
+// The rope channels (dr) of src into dst: as stored, or [evens | odds] for DeepSeek's interleaved rotation (whose
+// result, laid out so, is the half-split rotation of that order: ember_rope then applies).
+void rope_channels(const void* src, void* dst, int64_t dr, int interleaved, int is_bf16) {
+  for (int64_t c = 0; c < dr; c++) {
+    const int64_t from = interleaved ? (c < dr / 2 ? 2 * c : 2 * (c - dr / 2) + 1) : c;
+    store_y(dst, c, load_f(src, from, is_bf16), is_bf16);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x (H,) += o(MLA(rms_norm(x))) for the token at slot pos, its latent and rotated key written at pos; roundings
+// as the module's _absorbed (each product of the einsums and matmuls rounded to the dtype, softmax in fp32).
+// Returns 0 (nothing done) where a projection refuses x's dtype or pos is past the cache.
+int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin, void* Lc, void* Rc, int64_t max_len,
+                    int64_t pos, int is_bf16, int nthreads) {
+  const int64_t H = d->H, nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, esz = is_bf16 ? 2 : 4;
+  const int64_t dq = dn + dr, S = pos + 1;
+  if (pos >= max_len || dr % 2) return 0;
+  thread_local std::vector<float> buf;
+  const int64_t n_el = H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv + H;
+  buf.resize(static_cast<size_t>(n_el * esz / 4 + nh * (2 * S + 2 * r) + 16));
+  float* scratch = buf.data();  // per head: scores (S), probs (S), q_lat (r), o_lat (r)
+  char* base = reinterpret_cast<char*>(scratch + nh * (2 * S + 2 * r));
+  void* h = base;
+  void* qa = base + H * esz;
+  void* q = base + (H + d->q_rank) * esz;
+  void* kv = base + (H + d->q_rank + nh * dq) * esz;
+  void* qr = base + (H + d->q_rank + nh * dq + r + dr) * esz;
+  void* att = base + (H + d->q_rank + nh * dq + r + dr + nh * dr) * esz;
+  void* o = base + (H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv) * esz;
+  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  if (d->q) {
+    const LinearDesc* two[2] = {d->q, d->kv_a};
+    void* outs[2] = {q, kv};
+    if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+  } else {
+    const LinearDesc* two[2] = {d->q_a, d->kv_a};
+    void* outs[2] = {qa, kv};
+    if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    ember_rms_norm(qa, d->q_a_norm, qa, 1, d->q_rank, d->q_a_eps, is_bf16, 1);
+    if (!ember_linear(d->q_b, qa, q, 1, is_bf16, nthreads)) return 0;
+  }
+  char* lat = static_cast<char*>(Lc) + pos * r * esz;
+  char* rot = static_cast<char*>(Rc) + pos * dr * esz;
+  ember_rms_norm(kv, d->kv_norm, lat, 1, r, d->kv_eps, is_bf16, 1);
+  rope_channels(static_cast<char*>(kv) + r * esz, rot, dr, static_cast<int>(d->interleaved), is_bf16);
+  ember_rope(rot, cos, sin, 1, 1, dr, is_bf16);
+  for (int64_t n = 0; n < nh; n++)
+    rope_channels(static_cast<char*>(q) + (n * dq + dn) * esz, static_cast<char*>(qr) + n * dr * esz, dr,
+                  static_cast<int>(d->interleaved), is_bf16);
+  ember_rope(qr, cos, sin, 1, nh, dr, is_bf16);
+  const auto rd = [is_bf16](float v) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; };
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nh > 1)
+  for (int64_t n = 0; n < nh; n++) {
+    float* sc = scratch + n * (2 * S + 2 * r);
+    float* ql = sc + 2 * S;
+    float* ol = ql + r;
+    const int64_t w0 = n * (dn + dv) * r;  // this head's W_uk rows, then its W_uv rows
+    std::fill(ql, ql + r, 0.f);
+    for (int64_t c = 0; c < dn; c++) {
+      const float qv = load_f(q, n * dq + c, is_bf16);
+      for (int64_t t = 0; t < r; t++) ql[t] += qv * load_f(d->w_kvb, w0 + c * r + t, is_bf16);
+    }
+    for (int64_t t = 0; t < r; t++) ql[t] = rd(ql[t]);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+      float a = 0.f, b = 0.f;
+      for (int64_t t = 0; t < r; t++) a += ql[t] * load_f(Lc, j * r + t, is_bf16);
+      for (int64_t c = 0; c < dr; c++) b += load_f(qr, n * dr + c, is_bf16) * load_f(Rc, j * dr + c, is_bf16);
+      sc[j] = rd(rd(rd(a) + rd(b)) * d->scaling);
+      mx = std::max(mx, sc[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; j++) sum += (sc[S + j] = std::exp(sc[j] - mx));
+    std::fill(ol, ol + r, 0.f);
+    for (int64_t j = 0; j < S; j++) {
+      const float p = rd(sc[S + j] / sum);
+      for (int64_t t = 0; t < r; t++) ol[t] += p * load_f(Lc, j * r + t, is_bf16);
+    }
+    for (int64_t t = 0; t < r; t++) ol[t] = rd(ol[t]);
+    for (int64_t v = 0; v < dv; v++) {
+      float acc = 0.f;
+      for (int64_t t = 0; t < r; t++) acc += ol[t] * load_f(d->w_kvb, w0 + (dn + v) * r + t, is_bf16);
+      store_y(att, n * dv + v, acc, is_bf16);
+    }
+  }
+  if (!ember_linear(d->o, att, o, 1, is_bf16, nthreads)) return 0;
+  for (int64_t c = 0; c < H; c++) store_y(x, c, load_f(x, c, is_bf16) + load_f(o, c, is_bf16), is_bf16);
+  return 1;
+}
+
+}  // extern "C"

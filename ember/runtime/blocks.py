@@ -27,6 +27,8 @@ from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
+from ember.models.linear import Linear
+from ember.models.mla import MLAttention
 from ember.models.routed_moe import RoutedMoE
 
 
@@ -64,21 +66,24 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
         return None if a is None and m is None else (a, m)
     x2 = x.view(1, -1)
     ks, norms = _attn_kernels(attn, pre, x2)
+    mla = _mla_kernels(attn, pre, x2) if ks is None else None
     mlp_projs = _mlp_projections(mlp)
     mks = None
     if (mlp_projs is not None and type(post) is RMSNorm and post.weight.dtype is x.dtype
             and not _hooked(mlp, post, *mlp_projs, *(mlp.experts if isinstance(mlp, SparseMoE) else ()),
                             *([mlp.gate] if type(mlp) is RoutedMoE else []))):
         mks = _kernels_of(mlp_projs, x2)
-    if ks is None and mks is None:
+    if ks is None and mla is None and mks is None:
         return None
     routed = type(mlp) is RoutedMoE
     key = (None if ks is None else (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms)),
+           None if mla is None else (tuple(map(id, mla.values())), attn.kv_b_proj.weight.data_ptr(),
+                                     tuple(n.weight.data_ptr() for n in _mla_norms(attn, pre))),
            None if mks is None else (tuple(map(id, mks)), post.weight.data_ptr()),
            (mlp.gate.weight.data_ptr(), mlp.gate.e_score_correction_bias.data_ptr()) if routed else None)
 
     def build():
-        a = None
+        a = kernels.mla_block_kernel(attn, pre, mla) if mla is not None else None
         if ks is not None:
             qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
             a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
@@ -105,6 +110,26 @@ def _attn_kernels(attn, pre, x2: torch.Tensor) -> tuple[list | None, list]:
     if _hooked(attn, *projs, *norms) or any(n.weight.dtype is not x2.dtype for n in norms):
         return None, norms
     return _kernels_of(projs, x2), norms
+
+
+def _mla_norms(attn, pre) -> list:
+    return [pre, attn.kv_a_layernorm] + ([attn.q_a_layernorm] if attn.q_proj is None else [])
+
+
+def _mla_kernels(attn, pre, x2: torch.Tensor) -> dict | None:
+    """The projections' kernels of a DeepSeek :class:`MLAttention` after an RMSNorm (name -> kernel), or None
+    (hooks, no kernel, a ``kv_b_proj`` that is not a plain weight of x's dtype, norms of another class or dtype)."""
+    if type(attn) is not MLAttention or type(pre) is not RMSNorm or type(attn.kv_b_proj) is not Linear:
+        return None
+    names = {"q": attn.q_proj} if attn.q_proj is not None else {"q_a": attn.q_a_proj, "q_b": attn.q_b_proj}
+    names.update(kv_a=attn.kv_a_proj_with_mqa, o=attn.o_proj)
+    norms = _mla_norms(attn, pre)
+    if (_hooked(attn, attn.kv_b_proj, *names.values(), *norms) or attn.kv_b_proj.weight.dtype is not x2.dtype
+            or not attn.kv_b_proj.weight.is_contiguous()
+            or any(type(n) is not RMSNorm or n.weight.dtype is not x2.dtype for n in norms)):
+        return None
+    ks = _kernels_of(list(names.values()), x2)
+    return None if ks is None else dict(zip(names, ks))
 
 
 def _routed_moe_block(mlp, mks: list, post) -> "kernels.BlockKernel | None":
