@@ -142,3 +142,25 @@ def test_deepseek_bf16_blocks_match_the_modules(checkpoint, monkeypatch):
     fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert_close(a, b, BF16_TOL, f"deepseek bf16 decode step {i}")
+
+
+def test_qwen35_mlp_block_beside_the_delta_net_matches_hf(tmp_path, monkeypatch):
+    # Qwen3.5's dense layers: the Gated DeltaNet / gated attention as modules, the (1 + w)-normed SwiGLU half in
+    # its block; fp32 against HF at every decode step
+    from test_hybrid import _hf_model
+
+    _needs_kernels()
+    hf = _hf_model("qwen3_5_text")
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype="fp32")
+    calls = {"mlp": 0}
+    run = kernels.run_mlp_block
+
+    def count(block, x):
+        done = run(block, x)
+        calls["mlp"] += bool(done) and block.kind == "mlp"
+        return done
+
+    monkeypatch.setattr(kernels, "run_mlp_block", count)
+    _decode_matches_hf(ours, hf, 14, 5, "qwen3.5")
+    assert calls["mlp"] == 8 * ours.config.num_hidden_layers

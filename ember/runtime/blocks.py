@@ -27,6 +27,7 @@ from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
+from ember.models.qwen3_next import HybridDecoderLayer, new_token_valid
 from ember.models.linear import Linear
 from ember.models.mla import MLAttention
 from ember.models.routed_moe import RoutedMoE
@@ -57,6 +58,9 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
     its sliding layers their own RoPE table (the second row of the step's cos/sin)."""
     if type(layer) is Gemma3DecoderLayer:
         return _gemma_blocks(layer, x, local_rope and layer.attention_type == "sliding_attention")
+    if type(layer) is HybridDecoderLayer:
+        m = _offset_mlp_block(layer, x)
+        return None if m is None else (None, m)
     if type(layer) is not DecoderLayer or _hooked(layer):
         return None
     attn, mlp = layer.self_attn, layer.mlp
@@ -255,7 +259,25 @@ def _gptoss_moe_block(mlp, post, x: torch.Tensor) -> "kernels.BlockKernel | None
                           lambda: kernels.gptoss_moe_block_kernel(ks[0], post.weight, post.eps, mlp.top_k, experts))
 
 
+def _offset_mlp_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """The SwiGLU MLP half of a Qwen3-Next / Qwen3.5 layer (its (1 + w) post-attention norm), or None (a mixture
+    of experts, hooks, no kernel)."""
+    mlp, post = layer.mlp, layer.post_attention_layernorm
+    projs = [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if type(mlp) is MLP else None
+    if (projs is None or type(post) is not UnitOffsetRMSNorm or post.weight.dtype is not x.dtype
+            or _hooked(mlp, post, *projs)):
+        return None
+    ks = _kernels_of(projs, x.view(1, -1))
+    if ks is None:
+        return None
+    return kernels.cached(mlp, f"mlp-block-{x.dtype}", (tuple(map(id, ks)), post.weight.data_ptr()),
+                          lambda: kernels.mlp_block_kernel(*ks, post.weight, post.eps, norm_offset=True))
+
+
 def attn_half(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
-    """The attention half of a :class:`DecoderLayer` as its modules (before its MLP block runs on a kernel),
-    residual included."""
-    return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, False)
+    """The token-mixing half of a :class:`DecoderLayer` or a Qwen3-Next / Qwen3.5 layer as its modules (before its
+    MLP block runs on a kernel), residual included."""
+    h = layer.input_layernorm(x)
+    if type(layer) is HybridDecoderLayer and layer.attention_type == "linear_attention":
+        return x + layer.linear_attn(h, new_token_valid(mask, 1), cache)
+    return x + layer.self_attn(h, cos, sin, mask, cache, False)

@@ -56,7 +56,7 @@ class DecodeBlocks:
         # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
         tail = [m for m in (norm, lm_head) if m is not None]
         self.head = blocks_module.head_block(norm, lm_head, x) if self.n_fused == len(self.blocks) else None
-        self.cache_layers = [getattr(layer.self_attn, "layer", i) if b is not None else None
+        self.cache_layers = [getattr(getattr(layer, "self_attn", None), "layer", i) if b is not None else None
                              for i, (layer, b) in enumerate(zip(layers, self.blocks))]
         self.checked_in: object | None = None  # the session (see forward) they were last checked in
         self._steps: kernels.LayerSteps | None = None
