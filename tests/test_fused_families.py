@@ -4,6 +4,8 @@ fp32 and against the plain modules in bf16, past the sliding window."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -14,6 +16,21 @@ from test_families import checkpoint  # noqa: F401  (the fixture: tiny HF checkp
 from test_gpt_oss import gpt_oss_checkpoint  # noqa: F401
 from test_model import BF16_TOL, _count_kernel_attention, _decode_matches_hf, _decode_steps, assert_close
 from test_runtime import _needs_kernels
+
+
+def _count_blocks(monkeypatch) -> "collections.Counter":
+    """Blocks that ran (returned done) through run_mlp_block / run_attn_block, by kind."""
+    calls = collections.Counter()
+    run, run_attn = kernels.run_mlp_block, kernels.run_attn_block
+
+    def count(block, *a):
+        done = (run if len(a) == 1 else run_attn)(block, *a)
+        calls[block.kind] += bool(done)
+        return done
+
+    monkeypatch.setattr(kernels, "run_mlp_block", count)
+    monkeypatch.setattr(kernels, "run_attn_block", count)
+    return calls
 
 
 @pytest.mark.parametrize("name", ["gemma3_text", "gemma3_text-softcap"])
@@ -75,25 +92,12 @@ def test_gpt_oss_mxfp4_moe_block_matches_the_modules(gpt_oss_checkpoint, monkeyp
     _needs_kernels()
     folder, _ = gpt_oss_checkpoint
     ours = load_model(folder, dtype=dtype, quant="mxfp4")
-    calls = {"moe": 0, "attn": 0}
-    run, run_attn = kernels.run_mlp_block, kernels.run_attn_block
-
-    def count(block, x):
-        calls["moe"] += block.kind == "gptoss_moe"
-        return run(block, x)
-
-    def count_attn(block, *a):
-        done = run_attn(block, *a)
-        calls["attn"] += done and block.kind == "sink_attn"
-        return done
-
-    monkeypatch.setattr(kernels, "run_mlp_block", count)
-    monkeypatch.setattr(kernels, "run_attn_block", count_attn)
+    calls = _count_blocks(monkeypatch)
     # 4 prefilled + 16 decoded tokens: the sliding layers' rings (window 6) wrap twice
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     fast, plain = _fused_vs_modules(ours, ids, 4, torch_dtype, monkeypatch)
-    assert calls["moe"] == calls["attn"] == 16 * ours.config.num_hidden_layers
+    assert calls["gptoss_moe"] == calls["sink_attn"] == 16 * ours.config.num_hidden_layers
     tol = 1e-5 if dtype == "fp32" else BF16_TOL
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert_close(a, b, tol, f"gpt-oss {dtype} decode step {i}")
@@ -116,16 +120,7 @@ def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
     _needs_kernels()
     folder, hf = checkpoint(name)
     ours = load_model(folder, dtype="fp32")
-    calls = {"moe": 0, "mlp": 0, "mla": 0}
-    run, run_attn = kernels.run_mlp_block, kernels.run_attn_block
-
-    def count(block, *a):
-        done = (run if len(a) == 1 else run_attn)(block, *a)
-        calls[block.kind] += bool(done)
-        return done
-
-    monkeypatch.setattr(kernels, "run_mlp_block", count)
-    monkeypatch.setattr(kernels, "run_attn_block", count)
+    calls = _count_blocks(monkeypatch)
     _decode_matches_hf(ours, hf, 16, 3, name)
     n = ours.config.num_hidden_layers
     moe_layers = sum(ours.config.is_moe_layer(i) for i in range(n))
@@ -153,14 +148,32 @@ def test_qwen35_mlp_block_beside_the_delta_net_matches_hf(tmp_path, monkeypatch)
     hf = _hf_model("qwen3_5_text")
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path, dtype="fp32")
-    calls = {"mlp": 0}
-    run = kernels.run_mlp_block
-
-    def count(block, x):
-        done = run(block, x)
-        calls["mlp"] += bool(done) and block.kind == "mlp"
-        return done
-
-    monkeypatch.setattr(kernels, "run_mlp_block", count)
+    calls = _count_blocks(monkeypatch)
     _decode_matches_hf(ours, hf, 14, 5, "qwen3.5")
     assert calls["mlp"] == 8 * ours.config.num_hidden_layers
+
+
+def test_nemotron_h_relu2_mlp_layer_block_matches_hf(tmp_path, monkeypatch):
+    # Nemotron-H's MLP layers (fp32-product norm, down(relu(up)^2)) in the MLP block; Mamba-2, attention and MoE
+    # layers as modules; fp32 against HF at every decode step
+    from test_nemotron_h import _hf_model as nemotron
+
+    _needs_kernels()
+    hf = nemotron()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype="fp32")
+    calls = _count_blocks(monkeypatch)
+    _decode_matches_hf(ours, hf, 14, 5, "nemotron-h")
+    assert calls["mlp"] == 8 * ours.config.layer_types.count("mlp")
+
+
+def test_hybrid_bf16_mlp_blocks_match_the_modules(tmp_path, monkeypatch):
+    from test_nemotron_h import _hf_model as nemotron
+
+    _needs_kernels()
+    nemotron().save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype="bf16")
+    ids = torch.randint(3, 256, (1, 14), generator=torch.Generator().manual_seed(4))
+    fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, BF16_TOL, f"nemotron-h bf16 decode step {i}")

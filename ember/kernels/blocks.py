@@ -131,14 +131,15 @@ def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: Line
     return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm, post_norm))
 
 
-def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
+def mlp_block_kernel(gate: LinearKernel | None, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
                      eps: float, gelu: bool = False, post_norm: torch.Tensor | None = None,
-                     norm_offset: bool = False) -> BlockKernel:
+                     norm_offset: int = 0) -> BlockKernel:
     """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``; Gemma's
-    GeGLU with ``gelu`` (tanh-GELU gate), ``post_norm`` on the output and (1 + w) norms with ``norm_offset``."""
-    desc = _MlpBlockDesc(gate=gate.addr, up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
-                         F=gate.out_features, eps=eps, post_norm=_ptr(post_norm), norm_offset=int(norm_offset),
-                         act=int(gelu))
+    GeGLU with ``gelu`` (tanh-GELU gate), ``post_norm`` on the output and (1 + w) norms with ``norm_offset`` 1;
+    Nemotron-H's ``down(relu(up(h))^2)`` with ``gate`` None, its fp32 weight product norm with ``norm_offset`` 2."""
+    desc = _MlpBlockDesc(gate=_addr(gate), up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
+                         F=up.out_features, eps=eps, post_norm=_ptr(post_norm), norm_offset=int(norm_offset),
+                         act=2 if gate is None else int(gelu))
     return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm))
 
 

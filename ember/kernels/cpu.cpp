@@ -2474,8 +2474,8 @@ struct MlpBlockDesc {
   const void* norm;  // post-attention RMSNorm weight (H,)
   int64_t H, F;
   float eps;
-  // Gemma-style variants (zero for Llama's block): act 1 = tanh-GELU gate (GeGLU) instead of SiLU; (1 + w)
-  // norms (norm_offset); the MLP output normed by post_norm before the residual add.
+  // Gemma-style variants (zero for Llama's block): act 1 = tanh-GELU gate (GeGLU) instead of SiLU, act 2 = no
+  // gate, relu(up)^2 (Nemotron-H); norm_offset as norm_rows; the MLP output normed by post_norm before the add.
   const void* post_norm;
   int64_t norm_offset, act;
 };
@@ -2611,23 +2611,25 @@ void silu_mul(T* g, const T* u, int64_t n) {
   }
 }
 
-// One row of Gemma's RMSNorm: out = (x * inv) * (1 + w), all in fp32, rounded once to T (HF's Gemma3RMSNorm).
+// One row of Gemma's RMSNorm: out = (x * inv) * (add + w), all in fp32, rounded once to T (HF's Gemma3RMSNorm with
+// add 1; Nemotron-H's, whose weight multiplies in fp32, with add 0).
 template <typename T>
-void rms_norm_offset_row(const T* x, const T* w, T* out, int64_t H, float eps) {
+void rms_norm_offset_row(const T* x, const T* w, T* out, int64_t H, float eps, float add) {
   double ss = 0.0;
   for (int64_t j = 0; j < H; j++) ss += static_cast<double>(to_float(x[j])) * to_float(x[j]);
   const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
   int64_t k = 0;
 #ifdef EMBER_X86
-  const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.f);
+  const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(add);
   for (; k + 16 <= H; k += 16)
     store_rounded16(out + k, round16(_mm512_mul_ps(_mm512_mul_ps(load16f(x + k), vinv),
                                                    _mm512_add_ps(one, load16f(w + k))), T{}));
 #endif
-  for (; k < H; k++) put(out + k, (to_float(x[k]) * inv) * (1.f + to_float(w[k])));
+  for (; k < H; k++) put(out + k, (to_float(x[k]) * inv) * (add + to_float(w[k])));
 }
 
-// rows x (rows, H) normed into out (may be x): Llama's RMSNorm, or Gemma's (1 + w) one where offset.
+// rows x (rows, H) normed into out (may be x): Llama's RMSNorm (offset 0), Gemma's (1 + w) one (offset 1), or the
+// fp32 weight product rounded once (offset 2: Nemotron-H's).
 void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H, float eps, int64_t offset,
                int is_bf16) {
   if (!offset) {
@@ -2637,10 +2639,10 @@ void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H,
   for (int64_t r = 0; r < rows; r++) {
     if (is_bf16)
       rms_norm_offset_row(static_cast<const uint16_t*>(x) + r * H, static_cast<const uint16_t*>(w),
-                          static_cast<uint16_t*>(out) + r * H, H, eps);
+                          static_cast<uint16_t*>(out) + r * H, H, eps, offset == 1 ? 1.f : 0.f);
     else
       rms_norm_offset_row(static_cast<const float*>(x) + r * H, static_cast<const float*>(w),
-                          static_cast<float*>(out) + r * H, H, eps);
+                          static_cast<float*>(out) + r * H, H, eps, offset == 1 ? 1.f : 0.f);
   }
 }
 
@@ -2737,11 +2739,19 @@ int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   norm_rows(x, d->norm, h, 1, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* gu[2] = {d->gate, d->up};
   void* outs[2] = {g, u};
-  if (ember_linear_many(2, gu, h, outs, 1, is_bf16, nthreads) != 2) return 0;
-  if (d->act == 1 && is_bf16) gelu_tanh_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
-  else if (d->act == 1) gelu_tanh_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
-  else if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
-  else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+  if (d->act == 2) {  // g = relu(up(h))^2: the relu exact, the square rounded
+    if (!ember_linear(d->up, h, g, 1, is_bf16, nthreads)) return 0;
+    for (int64_t i = 0; i < F; i++) {
+      const float v = std::max(load_f(g, i, is_bf16), 0.f);
+      store_y(g, i, v * v, is_bf16);
+    }
+  } else {
+    if (ember_linear_many(2, gu, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    if (d->act == 1 && is_bf16) gelu_tanh_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+    else if (d->act == 1) gelu_tanh_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+    else if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+    else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+  }
   if (!ember_linear(d->down, g, y, 1, is_bf16, nthreads)) return 0;
   if (d->post_norm) norm_rows(y, d->post_norm, y, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);

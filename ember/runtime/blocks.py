@@ -27,6 +27,7 @@ from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
 from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
+from ember.models.nemotron_h import FloatScaleRMSNorm, NemotronHBlock, ReluSquaredMLP
 from ember.models.qwen3_next import HybridDecoderLayer, new_token_valid
 from ember.models.linear import Linear
 from ember.models.mla import MLAttention
@@ -60,6 +61,9 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
         return _gemma_blocks(layer, x, local_rope and layer.attention_type == "sliding_attention")
     if type(layer) is HybridDecoderLayer:
         m = _offset_mlp_block(layer, x)
+        return None if m is None else (None, m)
+    if type(layer) is NemotronHBlock:
+        m = _relu2_block(layer, x)
         return None if m is None else (None, m)
     if type(layer) is not DecoderLayer or _hooked(layer):
         return None
@@ -271,12 +275,28 @@ def _offset_mlp_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
     if ks is None:
         return None
     return kernels.cached(mlp, f"mlp-block-{x.dtype}", (tuple(map(id, ks)), post.weight.data_ptr()),
-                          lambda: kernels.mlp_block_kernel(*ks, post.weight, post.eps, norm_offset=True))
+                          lambda: kernels.mlp_block_kernel(*ks, post.weight, post.eps, norm_offset=1))
+
+
+def _relu2_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """A Nemotron-H MLP layer (``x + down(relu(up(norm(x)))^2)``) as an MLP block, or None (another block type,
+    hooks, no kernel)."""
+    mlp, norm = layer.mixer, layer.norm
+    if (layer.block_type != "mlp" or type(mlp) is not ReluSquaredMLP or type(norm) is not FloatScaleRMSNorm
+            or norm.weight.dtype is not x.dtype or _hooked(mlp, norm, mlp.up_proj, mlp.down_proj)):
+        return None
+    ks = _kernels_of([mlp.up_proj, mlp.down_proj], x.view(1, -1))
+    if ks is None:
+        return None
+    return kernels.cached(mlp, f"mlp-block-{x.dtype}", (tuple(map(id, ks)), norm.weight.data_ptr()),
+                          lambda: kernels.mlp_block_kernel(None, *ks, norm.weight, norm.eps, norm_offset=2))
 
 
 def attn_half(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
     """The token-mixing half of a :class:`DecoderLayer` or a Qwen3-Next / Qwen3.5 layer as its modules (before its
-    MLP block runs on a kernel), residual included."""
+    MLP block runs on a kernel), residual included; ``x`` itself for a Nemotron-H MLP layer (no mixer)."""
+    if type(layer) is NemotronHBlock:
+        return x
     h = layer.input_layernorm(x)
     if type(layer) is HybridDecoderLayer and layer.attention_type == "linear_attention":
         return x + layer.linear_attn(h, new_token_valid(mask, 1), cache)
