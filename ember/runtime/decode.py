@@ -123,6 +123,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             tensors, which the weights streamed by the step before have evicted from the CPU caches).
             None: checked at every call.
     """
+    if local is not None and local[0].shape[-1] != cos.shape[-1]:  # Gemma 4: per-type head dims, as modules
+        return None
     if not (x.shape[1] == 1 and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
             and hasattr(cache, "layer_tensors") and start == getattr(cache, "pos", None)
             and x.dtype in (torch.bfloat16, torch.float32) and not (torch.is_grad_enabled() and x.requires_grad)):
