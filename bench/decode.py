@@ -111,6 +111,13 @@ GPT_OSS_SIZES = {
 WARMUP_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=32000)
 DEMO_CACHE = Path(__file__).resolve().parent / ".cache" / "demo"
+DEADLINE: list[float] = []  # --time-limit: past this time.monotonic(), each row stops after its first timing round
+
+
+def more_rounds(done: int) -> bool:
+    """Whether a row that has ``done`` timing rounds takes another (always its first; the rest before the
+    ``--time-limit`` deadline)."""
+    return done == 0 or not DEADLINE or time.monotonic() < DEADLINE[0]
 
 # Text the demo model never saw (its subjects and plain style, none of its sentences): the demo
 # memorises its corpus, so ppl here is near uniform; printed as a caveat, not used for the ratios.
@@ -382,7 +389,9 @@ def time_ember(folder: Path, dtype: str, prompt: list[int], new: int, repeats: i
     """Ember decode tok/s (best of ``repeats`` rounds), bytes read per token (from the loaded modules) and
     resident memory for one row timed on its own."""
     row = EmberRow(folder, dtype, prompt, new, quant, group_size, check_experts)
-    for _ in range(repeats):
+    for i in range(repeats):
+        if not more_rounds(i):
+            break
         row.time_round()
     out = row.result()
     row.close()
@@ -531,8 +540,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hybrid", choices=["none", "small", "1b"], default="none",
                     help="also the hybrid rows of bench/hybrid.py (Qwen3.5- and Nemotron-H-shape) at this size")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds: past this, every row stops after its first timing round (rows still all run)")
     ap.add_argument("--out", default="bench/results/decode.json")
     args = ap.parse_args()
+    if args.time_limit:
+        DEADLINE.append(time.monotonic() + args.time_limit)
     t_start = time.perf_counter()
 
     torch.manual_seed(0)
@@ -596,6 +609,8 @@ def main() -> None:
                     group.append((q, EmberRow(folder, "bf16", prompt, args.new, quant=q,
                                               group_size=args.group_size if q == "int4" else None)))
                 for i in range(args.repeats):
+                    if not more_rounds(i):
+                        break
                     for q, r in group[i % len(group):] + group[:i % len(group)]:
                         rate = r.time_round()
                         print(f"[{dt} {q or 'float'}] round {i + 1}: {rate:.2f} tok/s", file=sys.stderr)

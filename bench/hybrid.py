@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import EmberRow, measure_bandwidth, release_memory, write_word_tokenizer  # noqa: E402
+from decode import DEADLINE, EmberRow, measure_bandwidth, more_rounds, release_memory, write_word_tokenizer  # noqa: E402
 
 # Qwen3.5-27B's block: 3 Gated DeltaNet layers, then one gated full-attention layer; dk = dv = 128.
 QWEN35 = {
@@ -230,6 +230,8 @@ def run_rows(size: str, prompt_len: int, new: int, repeats: int, bw: dict) -> li
             install()
             kernel_slots = (accel.gated_delta_step, accel.mamba2_step)
             for i in range(repeats):  # interleaved: the native state update, then the PyTorch recurrence
+                if not more_rounds(i):
+                    break
                 for mode in ("kernel", "torch") if i % 2 == 0 else ("torch", "kernel"):
                     accel.gated_delta_step, accel.mamba2_step = kernel_slots if mode == "kernel" else (None, None)
                     rounds[mode].append(row.time_round())
@@ -313,8 +315,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch / kernel threads (0: torch's default). On a machine shared with other busy processes "
                          "each parallel kernel call can wait a scheduler slice for its second thread; 1 avoids that")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds: past this, every row stops after its first timing round (rows still all run)")
     ap.add_argument("--out", default="bench/results/hybrid.json")
     args = ap.parse_args()
+    if args.time_limit:
+        DEADLINE.append(time.monotonic() + args.time_limit)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -79,11 +79,11 @@ def test_a_piece_without_kernels_runs_as_its_module_and_matches_hf(hf_checkpoint
     calls = _count(monkeypatch)
     _decode_matches_hf(ours, hf, 12, 8, f"unknown {which}")
     steps = 12 - 6
-    # layer 0 in the whole-step call; layer 1's attention block alone (unknown MLP) or nothing (unknown
+    # layer 0 in the whole-step call; layer 1's attention block alone (unknown MLP) or its MLP block alone (unknown
     # attention); layer 2's two blocks one by one
     assert calls["steps"] == [(1, 2)] * steps
     assert calls["attn"] == steps * (2 if which == "mlp" else 1)
-    assert calls["mlp"] == steps
+    assert calls["mlp"] == steps * (1 if which == "mlp" else 2)
 
 
 def test_new_mlp_math_decodes_as_the_plain_pytorch_model(hf_checkpoint, monkeypatch):

@@ -81,21 +81,25 @@ class _AttnBlockDesc(ctypes.Structure):
     """Mirror of ``AttnBlockDesc`` in cpu.cpp."""
 
     _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
-        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)]
+        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)] + [
+        ("post_norm", _P)] + [(n, ctypes.c_int64) for n in ("norm_offset", "window", "local_rope")] + [("scale", _F)]
 
 
 class _MlpBlockDesc(ctypes.Structure):
     """Mirror of ``MlpBlockDesc`` in cpu.cpp."""
 
     _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
-                                                                    ("eps", _F)]
+                                                                    ("eps", _F)] + [
+        ("post_norm", _P), ("norm_offset", ctypes.c_int64), ("act", ctypes.c_int64)]
 
 
 class _MoeBlockDesc(ctypes.Structure):
     """Mirror of ``MoeBlockDesc`` in cpu.cpp."""
 
     _fields_ = [("router", _P), ("experts", _P), ("norm", _P)] + [
-        (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)]
+        (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)] + [
+        ("sigmoid_router", ctypes.c_int64), ("correction", _P), ("n_group", ctypes.c_int64),
+        ("topk_group", ctypes.c_int64), ("scaling", _F), ("shared", _P * 3), ("shared_F", ctypes.c_int64)]
 
 
 class BlockKernel:
@@ -112,36 +116,132 @@ class BlockKernel:
 
 def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
                       eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
-                      k_norm: torch.Tensor | None = None, qk_eps: float = 0.0) -> BlockKernel:
-    """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``."""
+                      k_norm: torch.Tensor | None = None, qk_eps: float = 0.0, post_norm: torch.Tensor | None = None,
+                      norm_offset: bool = False, window: int | None = None, local_rope: bool = False,
+                      scale: float | None = None) -> BlockKernel:
+    """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``.
+
+    Gemma's variant: ``norm_offset`` (every norm scales by ``1 + w`` in fp32, one rounding), ``post_norm`` (the
+    output normed before the add), ``window`` (keys older than that many slots hidden), ``local_rope`` (the
+    second row of (2, hd) cos/sin tables), ``scale`` (the softmax scale; default ``hd ** -0.5``)."""
     desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
-                          k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps)
-    return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm))
+                          k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps,
+                          post_norm=_ptr(post_norm), norm_offset=int(norm_offset), window=window or 0,
+                          local_rope=int(local_rope), scale=scale or 0.0)
+    return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm, post_norm))
 
 
-def mlp_block_kernel(gate: LinearKernel, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
-                     eps: float) -> BlockKernel:
-    """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``."""
-    desc = _MlpBlockDesc(gate=gate.addr, up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
-                         F=gate.out_features, eps=eps)
-    return BlockKernel("mlp", desc, (gate, up, down, norm))
+def mlp_block_kernel(gate: LinearKernel | None, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
+                     eps: float, gelu: bool = False, post_norm: torch.Tensor | None = None,
+                     norm_offset: int = 0) -> BlockKernel:
+    """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``; Gemma's
+    GeGLU with ``gelu`` (tanh-GELU gate), ``post_norm`` on the output and (1 + w) norms with ``norm_offset`` 1;
+    Nemotron-H's ``down(relu(up(h))^2)`` with ``gate`` None, its fp32 weight product norm with ``norm_offset`` 2."""
+    desc = _MlpBlockDesc(gate=_addr(gate), up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
+                         F=up.out_features, eps=eps, post_norm=_ptr(post_norm), norm_offset=int(norm_offset),
+                         act=2 if gate is None else int(gelu))
+    return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm))
 
 
 def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],
-                     norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool) -> BlockKernel:
+                     norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool, groups=None,
+                     shared: tuple[LinearKernel, LinearKernel, LinearKernel] | None = None) -> BlockKernel:
     """A mixture-of-experts block (:class:`ember.models.SparseMoE` after the post-attention norm, the residual add
-    included): ``experts[e]`` = expert e's (gate, up, down) kernels."""
+    included): ``experts[e]`` = expert e's (gate, up, down) kernels. GLM-4.5 / DeepSeek-V3
+    (:class:`ember.models.routed_moe.RoutedMoE`): ``groups`` = (correction bias (E,) fp32, n_group, topk_group,
+    routed scaling) with ``router`` an fp32 kernel (the sigmoid router), ``shared`` the shared experts' kernels."""
     flat = [k for triple in experts for k in triple]
     table = (_P * len(flat))(*[k.addr for k in flat])
+    corr, n_group, topk_group, scaling = groups if groups is not None else (None, 0, 0, 1.0)
     desc = _MoeBlockDesc(router=router.addr, experts=ctypes.addressof(table), norm=norm.data_ptr(), H=norm.shape[0],
-                         E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps)
-    return BlockKernel("moe", desc, (router, tuple(flat), table, norm))
+                         E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps,
+                         sigmoid_router=int(groups is not None), correction=_ptr(corr), n_group=n_group,
+                         topk_group=topk_group, scaling=scaling,
+                         shared=(_P * 3)(*[k.addr for k in shared]) if shared else (_P * 3)(),
+                         shared_F=shared[0].out_features if shared else 0)
+    return BlockKernel("moe", desc, (router, tuple(flat), table, norm, corr, shared))
+
+
+class _GptOssMoeDesc(ctypes.Structure):
+    """Mirror of ``GptOssMoeDesc`` in families.cpp."""
+
+    _fields_ = [(n, _P) for n in ("router", "norm", "gu_blocks", "gu_scales", "gu_bias", "dn_blocks", "dn_scales",
+                                  "dn_bias")] + [(n, ctypes.c_int64) for n in ("H", "E", "k", "I", "act_q8")] + [
+        (n, _F) for n in ("eps", "alpha", "limit")]
+
+
+def gptoss_moe_block_kernel(router: LinearKernel, norm: torch.Tensor, eps: float, top_k: int, experts) -> BlockKernel:
+    """gpt-oss's MoE block after its post-attention RMSNorm (residual add included): ``router`` the router's kernel
+    (its bias bound), ``experts`` an :class:`ember.quant.mxfp4.Mxfp4Experts` (blocks, scales and biases as stored;
+    the biases of x's dtype)."""
+    t = [experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
+         experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias]
+    desc = _GptOssMoeDesc(router=router.addr, norm=norm.data_ptr(), gu_blocks=t[0].data_ptr(),
+                          gu_scales=t[1].data_ptr(), gu_bias=t[2].data_ptr(), dn_blocks=t[3].data_ptr(),
+                          dn_scales=t[4].data_ptr(), dn_bias=t[5].data_ptr(), H=norm.shape[0],
+                          E=experts.num_experts, k=top_k, I=experts.intermediate_size,
+                          act_q8=int(_loader.INT8_ACTIVATIONS), eps=eps, alpha=experts.alpha, limit=experts.limit)
+    return BlockKernel("gptoss_moe", desc, (router, norm, *t))
+
+
+class _SinkAttnDesc(ctypes.Structure):
+    """Mirror of ``SinkAttnDesc`` in families.cpp."""
+
+    _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "sinks")] + [
+        (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd", "window")] + [("eps", _F)]
+
+
+def sink_attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
+                           eps: float, sinks: torch.Tensor, nh: int, nkv: int, hd: int,
+                           window: int | None) -> BlockKernel:
+    """gpt-oss's attention block (:class:`ember.models.gpt_oss.SinkAttention` after an RMSNorm, its biases bound in
+    the projections' kernels, ``sinks`` (nh,) of x's dtype); run by :func:`run_attn_block` on a full cache or on
+    a sliding layer's ring of ``window`` slots."""
+    desc = _SinkAttnDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), sinks=sinks.data_ptr(),
+                         H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, window=window or 0, eps=eps)
+    return BlockKernel("sink_attn", desc, (q, k, v, o, norm, sinks))
+
+
+class _MlaDesc(ctypes.Structure):
+    """Mirror of ``MlaDesc`` in families.cpp."""
+
+    _fields_ = [(n, _P) for n in ("q", "q_a", "q_b", "kv_a", "o", "norm", "q_a_norm", "kv_norm", "w_kvb")] + [
+        (n, ctypes.c_int64) for n in ("H", "nh", "r", "dn", "dr", "dv", "q_rank", "interleaved")] + [
+        (n, _F) for n in ("eps", "q_a_eps", "kv_eps", "scaling")]
+
+
+def mla_block_kernel(attn, pre, ks: dict) -> BlockKernel:
+    """DeepSeek's latent attention block (:class:`ember.models.mla.MLAttention` ``attn`` after the RMSNorm ``pre``,
+    the absorbed decode over the latent cache), from its projections' kernels ``ks`` (``q`` or ``q_a``/``q_b``,
+    ``kv_a``, ``o``) and ``kv_b_proj``'s plain weight."""
+    qa = attn.q_a_layernorm if attn.q_proj is None else None
+    w = attn.kv_b_proj.weight.detach()
+    desc = _MlaDesc(q=_addr(ks.get("q")), q_a=_addr(ks.get("q_a")), q_b=_addr(ks.get("q_b")), kv_a=ks["kv_a"].addr,
+                    o=ks["o"].addr, norm=pre.weight.data_ptr(), q_a_norm=_ptr(qa.weight if qa is not None else None),
+                    kv_norm=attn.kv_a_layernorm.weight.data_ptr(), w_kvb=w.data_ptr(), H=pre.weight.shape[0],
+                    nh=attn.nh, r=attn.r, dn=attn.dn, dr=attn.dr, dv=attn.dv,
+                    q_rank=qa.weight.shape[0] if qa is not None else 0, interleaved=int(bool(attn.interleaved)),
+                    eps=pre.eps, q_a_eps=qa.eps if qa is not None else 0.0, kv_eps=attn.kv_a_layernorm.eps,
+                    scaling=attn.scaling)
+    return BlockKernel("mla", desc, (tuple(ks.values()), pre.weight, qa, attn.kv_a_layernorm.weight, w))
+
+
+def _addr(k: LinearKernel | None) -> int | None:
+    return None if k is None else k.addr
 
 
 def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, pos: int) -> bool:
     """Apply an attention :class:`BlockKernel` to ``x`` (H,) in place for the token at cache slot ``pos``:
     cos/sin (hd,) of its position, k_cache/v_cache (1, nkv, max_len, hd) contiguous (its k/v written at pos)."""
+    if block.kind == "mla":  # k_cache/v_cache: the latent cache's latents and rotated keys
+        return bool(_loader._lib.ember_mla_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                 k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos,
+                                                 x.dtype is torch.bfloat16, torch.get_num_threads()))
+    if block.kind == "sink_attn":  # k_cache/v_cache: a full cache or a ring of `window` slots
+        return bool(_loader._lib.ember_sink_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], pos,
+                                                       x.dtype is torch.bfloat16, torch.get_num_threads()))
     return bool(_loader._lib.ember_attn_block(block.addr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
                                       v_cache.data_ptr(), k_cache.shape[2], pos, x.dtype is torch.bfloat16,
                                       torch.get_num_threads()))
@@ -149,7 +249,8 @@ def run_attn_block(block: BlockKernel, x: torch.Tensor, cos: torch.Tensor, sin: 
 
 def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
     """Apply an MLP or MoE :class:`BlockKernel` to ``x`` (H,) in place."""
-    fn = _loader._lib.ember_moe_block if block.kind == "moe" else _loader._lib.ember_mlp_block
+    lib = _loader._lib
+    fn = {"moe": lib.ember_moe_block, "gptoss_moe": lib.ember_gptoss_moe_block}.get(block.kind, lib.ember_mlp_block)
     return bool(fn(block.addr, x.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads()))
 
 

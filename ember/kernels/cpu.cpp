@@ -2553,6 +2553,13 @@ struct AttnBlockDesc {
   const void* k_norm;
   int64_t H, nh, nkv, hd;
   float eps, qk_eps;
+  // Gemma-style variants (all zero for Llama's block): the norms scale by (1 + w) in fp32 with one rounding
+  // (norm_offset); the attention output is normed by post_norm before the residual add (sandwich norms);
+  // keys older than window slots are hidden (0: none); the rotation uses the second (hd,) row of cos/sin
+  // (local_rope: the sliding layers' own RoPE base); scale 0 means 1/sqrt(hd).
+  const void* post_norm;
+  int64_t norm_offset, window, local_rope;
+  float scale;
 };
 
 struct MlpBlockDesc {
@@ -2562,6 +2569,10 @@ struct MlpBlockDesc {
   const void* norm;  // post-attention RMSNorm weight (H,)
   int64_t H, F;
   float eps;
+  // Gemma-style variants (zero for Llama's block): act 1 = tanh-GELU gate (GeGLU) instead of SiLU, act 2 = no
+  // gate, relu(up)^2 (Nemotron-H); norm_offset as norm_rows; the MLP output normed by post_norm before the add.
+  const void* post_norm;
+  int64_t norm_offset, act;
 };
 
 namespace {
@@ -2695,13 +2706,74 @@ void silu_mul(T* g, const T* u, int64_t n) {
   }
 }
 
+// One row of Gemma's RMSNorm: out = (x * inv) * (add + w), all in fp32, rounded once to T (HF's Gemma3RMSNorm with
+// add 1; Nemotron-H's, whose weight multiplies in fp32, with add 0).
+template <typename T>
+void rms_norm_offset_row(const T* x, const T* w, T* out, int64_t H, float eps, float add) {
+  double ss = 0.0;
+  for (int64_t j = 0; j < H; j++) ss += static_cast<double>(to_float(x[j])) * to_float(x[j]);
+  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+  int64_t k = 0;
+#ifdef EMBER_X86
+  const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(add);
+  for (; k + 16 <= H; k += 16)
+    store_rounded16(out + k, round16(_mm512_mul_ps(_mm512_mul_ps(load16f(x + k), vinv),
+                                                   _mm512_add_ps(one, load16f(w + k))), T{}));
+#endif
+  for (; k < H; k++) put(out + k, (to_float(x[k]) * inv) * (add + to_float(w[k])));
+}
+
+// rows x (rows, H) normed into out (may be x): Llama's RMSNorm (offset 0), Gemma's (1 + w) one (offset 1), or the
+// fp32 weight product rounded once (offset 2: Nemotron-H's).
+void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H, float eps, int64_t offset,
+               int is_bf16) {
+  if (!offset) {
+    ember_rms_norm(x, w, out, rows, H, eps, is_bf16, 1);
+    return;
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    if (is_bf16)
+      rms_norm_offset_row(static_cast<const uint16_t*>(x) + r * H, static_cast<const uint16_t*>(w),
+                          static_cast<uint16_t*>(out) + r * H, H, eps, offset == 1 ? 1.f : 0.f);
+    else
+      rms_norm_offset_row(static_cast<const float*>(x) + r * H, static_cast<const float*>(w),
+                          static_cast<float*>(out) + r * H, H, eps, offset == 1 ? 1.f : 0.f);
+  }
+}
+
+// g = gelu_tanh(g) * u as PyTorch computes F.gelu(g, approximate="tanh") * u: the GELU in fp32,
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), rounded to the dtype, then the product rounded. tanh(v) as
+// 1 - 2 / (1 + e^(2v)) from exp_clamped's polynomial (the same bits on 16 lanes and in the scalar tail).
+template <typename T>
+void gelu_tanh_mul(T* g, const T* u, int64_t n) {
+  const float beta = 0.7978845608028654f, kappa = 0.044715f;
+  int64_t i = 0;
+#ifdef EMBER_X86
+  const auto c = [](float v) { return _mm512_set1_ps(v); };
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = load16f(g + i);
+    const __m512 inner = _mm512_mul_ps(c(beta), _mm512_add_ps(x, _mm512_mul_ps(c(kappa), _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
+    const __m512 t = _mm512_sub_ps(c(1.f), _mm512_div_ps(c(2.f), _mm512_add_ps(c(1.f), exp16_clamped(_mm512_add_ps(inner, inner)))));
+    const __m512 s = round16(_mm512_mul_ps(_mm512_mul_ps(c(0.5f), x), _mm512_add_ps(c(1.f), t)), T{});
+    store_rounded16(g + i, round16(_mm512_mul_ps(s, load16f(u + i)), T{}));
+  }
+#endif
+  for (; i < n; i++) {
+    const float x = to_float(g[i]);
+    const float inner = beta * (x + kappa * ((x * x) * x));
+    const float t = 1.f - 2.f / (1.f + exp_clamped(inner + inner));
+    put(g + i, round_to((0.5f * x) * (1.f + t), T{}) * to_float(u[i]));
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // x (H,) += o_proj(attention(rope(q/k/v(rms_norm(x))))) for the token at slot pos, its k/v written into the
-// caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position. Returns 0 (nothing done) where a
-// projection has no kernel for x's dtype.
+// caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position ((2, hd): global then local, for a
+// block with local_rope). With the AttnBlockDesc's Gemma fields: (1 + w) norms, post_norm on the output, the
+// window's keys only, its own scale. Returns 0 (nothing done) where a projection has no kernel for x's dtype.
 int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
                      int64_t max_len, int64_t pos, int is_bf16, int nthreads) {
   if (d->hd % 2) return 0;  // rope's halves
@@ -2714,13 +2786,17 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
   void* v = base + (H + nq + nk) * esz;
   void* a = base + (H + nq + 2 * nk) * esz;
   void* o = base + (H + 2 * nq + 2 * nk) * esz;
-  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  norm_rows(x, d->norm, h, 1, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* qkv[3] = {d->q, d->k, d->v};
   void* qkv_out[3] = {q, k, v};
   if (ember_linear_many(3, qkv, h, qkv_out, 1, is_bf16, nthreads) != 3) return 0;
   if (d->q_norm) {
-    ember_rms_norm(q, d->q_norm, q, d->nh, d->hd, d->qk_eps, is_bf16, 1);  // row by row: in place is safe
-    ember_rms_norm(k, d->k_norm, k, d->nkv, d->hd, d->qk_eps, is_bf16, 1);
+    norm_rows(q, d->q_norm, q, d->nh, d->hd, d->qk_eps, d->norm_offset, is_bf16);  // row by row: in place is safe
+    norm_rows(k, d->k_norm, k, d->nkv, d->hd, d->qk_eps, d->norm_offset, is_bf16);
+  }
+  if (d->local_rope) {  // the second row of the (2, hd) tables
+    cos = static_cast<const char*>(cos) + d->hd * esz;
+    sin = static_cast<const char*>(sin) + d->hd * esz;
   }
   ember_rope(q, cos, sin, 1, d->nh, d->hd, is_bf16);
   ember_rope(k, cos, sin, 1, d->nkv, d->hd, is_bf16);
@@ -2731,16 +2807,22 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
                 d->hd * esz);
   }
   const int64_t hs = max_len * d->hd;
-  if (!ember_attn_decode(q, Kc, Vc, a, 1, d->nh, d->nkv, d->hd, pos + 1, d->nkv * hs, hs, d->hd, d->nkv * hs, hs,
-                         d->hd, nullptr, 0, 0, 1.f / std::sqrt(static_cast<float>(d->hd)), is_bf16, nthreads))
+  // a sliding window sees slots pos - window + 1 .. pos (HF's mask: query - key < window)
+  const int64_t s0 = d->window > 0 ? std::max<int64_t>(0, pos - d->window + 1) : 0;
+  const float scale = d->scale > 0.f ? d->scale : 1.f / std::sqrt(static_cast<float>(d->hd));
+  if (!ember_attn_decode(q, static_cast<const char*>(Kc) + s0 * d->hd * esz, static_cast<const char*>(Vc) + s0 * d->hd * esz,
+                         a, 1, d->nh, d->nkv, d->hd, pos + 1 - s0, d->nkv * hs, hs, d->hd, d->nkv * hs, hs, d->hd,
+                         nullptr, 0, 0, scale, is_bf16, nthreads))
     return 0;
   if (!ember_linear(d->o, a, o, 1, is_bf16, nthreads)) return 0;
+  if (d->post_norm) norm_rows(o, d->post_norm, o, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(o), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(o), H);
   return 1;
 }
 
 // x (H,) += down(silu(gate(h)) * up(h)), h = rms_norm(x); silu and the product each rounded to the dtype.
+// Gemma (act 1, norm_offset, post_norm): x += post_norm(down(gelu_tanh(gate(h)) * up(h))), (1 + w) norms.
 int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   const int64_t H = d->H, F = d->F, esz = is_bf16 ? 2 : 4;
   block_buf.resize(static_cast<size_t>((2 * H + 2 * F) * esz / 4 + 8));
@@ -2749,13 +2831,24 @@ int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   void* g = base + H * esz;
   void* u = base + (H + F) * esz;
   void* y = base + (H + 2 * F) * esz;
-  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  norm_rows(x, d->norm, h, 1, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* gu[2] = {d->gate, d->up};
   void* outs[2] = {g, u};
-  if (ember_linear_many(2, gu, h, outs, 1, is_bf16, nthreads) != 2) return 0;
-  if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
-  else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+  if (d->act == 2) {  // g = relu(up(h))^2: the relu exact, the square rounded
+    if (!ember_linear(d->up, h, g, 1, is_bf16, nthreads)) return 0;
+    for (int64_t i = 0; i < F; i++) {
+      const float v = std::max(load_f(g, i, is_bf16), 0.f);
+      store_y(g, i, v * v, is_bf16);
+    }
+  } else {
+    if (ember_linear_many(2, gu, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    if (d->act == 1 && is_bf16) gelu_tanh_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+    else if (d->act == 1) gelu_tanh_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+    else if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+    else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+  }
   if (!ember_linear(d->down, g, y, 1, is_bf16, nthreads)) return 0;
+  if (d->post_norm) norm_rows(y, d->post_norm, y, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(y), H);
   return 1;
@@ -2769,7 +2862,63 @@ struct MoeBlockDesc {
   const void* norm;                  // post-attention RMSNorm weight (H,)
   int64_t H, E, k, F, norm_topk;
   float eps;
+  // GLM-4.5 / DeepSeek-V3 routing (sigmoid_router, else the softmax above): router (E, H) fp32 applied to h in
+  // fp32, sigmoid, + correction (E,) fp32 for the choice, the topk_group best of n_group groups (a group scores
+  // its two best), top k inside them; weights the uncorrected sigmoids, renormalised (norm_topk), times scaling.
+  // shared (gate, up, down) or null: a SwiGLU every token runs, added to the routed sum.
+  int64_t sigmoid_router;
+  const float* correction;
+  int64_t n_group, topk_group;
+  float scaling;
+  const LinearDesc* shared[3];
+  int64_t shared_F;
 };
+
+namespace {
+
+// The experts and weights of the sigmoid group-limited router (MoeBlockDesc's comment) for h (H,) of the dtype.
+bool route_sigmoid_groups(const MoeBlockDesc* d, const void* h, int is_bf16, int nthreads, int64_t* ids, float* w) {
+  const int64_t H = d->H, E = d->E, K = d->k, G = d->n_group, per = G > 0 ? E / G : 0;
+  if (G < 1 || E % G || per < 2 || d->topk_group > G || K > d->topk_group * per || E > 512) return false;
+  thread_local std::vector<float> f;
+  f.resize(static_cast<size_t>(H + E));
+  for (int64_t i = 0; i < H; i++) f[i] = load_f(h, i, is_bf16);
+  float* s = f.data() + H;
+  if (!ember_linear(d->router, f.data(), s, 1, 0, nthreads)) return false;
+  float choice[512], gscore[512];
+  for (int64_t e = 0; e < E; e++) {
+    s[e] = 1.f / (1.f + std::exp(-s[e]));
+    choice[e] = s[e] + d->correction[e];
+  }
+  for (int64_t g = 0; g < G; g++) {  // the sum of the group's two best
+    float a = -INFINITY, b = -INFINITY;
+    for (int64_t e = g * per; e < (g + 1) * per; e++) {
+      if (choice[e] > a) b = a, a = choice[e];
+      else if (choice[e] > b) b = choice[e];
+    }
+    gscore[g] = a + b;
+  }
+  bool keep[512] = {}, taken[512] = {};
+  for (int64_t t = 0; t < d->topk_group; t++) {
+    int64_t best = -1;
+    for (int64_t g = 0; g < G; g++)
+      if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+    keep[best] = true;
+  }
+  float wsum = 0.f;
+  for (int64_t j = 0; j < K; j++) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; e++)
+      if (keep[e / per] && !taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+    taken[best] = true;
+    ids[j] = best;
+    wsum += (w[j] = s[best]);
+  }
+  for (int64_t j = 0; j < K; j++) w[j] = (d->norm_topk ? w[j] / (wsum + 1e-20f) : w[j]) * d->scaling;
+  return true;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -2788,26 +2937,30 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
   void* y = base + (H + 2 * K * F) * esz;
   void* lg = base + (2 * H + 2 * K * F) * esz;
   ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
-  if (!ember_linear(d->router, h, lg, 1, is_bf16, nthreads)) return 0;
-  float p[512];
-  if (E > 512) return 0;
-  float mx = -INFINITY, sum = 0.f;
-  for (int64_t e = 0; e < E; e++) mx = std::max(mx, p[e] = load_f(lg, e, is_bf16));
-  for (int64_t e = 0; e < E; e++) sum += (p[e] = std::exp(p[e] - mx));
-  for (int64_t e = 0; e < E; e++) p[e] /= sum;
   int64_t ids[64];
   float w[64], wsum = 0.f;
-  bool taken[512] = {};
-  for (int64_t j = 0; j < K; j++) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < E; e++)
-      if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
-    taken[best] = true;
-    ids[j] = best;
-    wsum += (w[j] = p[best]);
+  if (d->sigmoid_router) {
+    if (!route_sigmoid_groups(d, h, is_bf16, nthreads, ids, w)) return 0;
+  } else {
+    if (!ember_linear(d->router, h, lg, 1, is_bf16, nthreads)) return 0;
+    float p[512];
+    if (E > 512) return 0;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; e++) mx = std::max(mx, p[e] = load_f(lg, e, is_bf16));
+    for (int64_t e = 0; e < E; e++) sum += (p[e] = std::exp(p[e] - mx));
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    bool taken[512] = {};
+    for (int64_t j = 0; j < K; j++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = true;
+      ids[j] = best;
+      wsum += (w[j] = p[best]);
+    }
+    if (d->norm_topk)
+      for (int64_t j = 0; j < K; j++) w[j] /= wsum;
   }
-  if (d->norm_topk)
-    for (int64_t j = 0; j < K; j++) w[j] /= wsum;
   // The chosen experts' gate and up weights all read h: one ember_linear_many call (one parallel region where
   // the formats allow) for up to 4 experts, then each expert's silu and down.
   const LinearDesc* gu_desc[8];
@@ -2830,7 +2983,22 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
     if (!ember_linear(d->experts[3 * ids[j] + 2], g, y, 1, is_bf16, nthreads)) return 0;
     for (int64_t i = 0; i < H; i++) acc[i] += load_f(y, i, is_bf16) * w[j];
   }
-  for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + round_to_dtype(acc[i], is_bf16), is_bf16);
+  for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i], is_bf16);
+  if (d->shared[0]) {  // routed sum (rounded) + the shared experts' SwiGLU (rounded), then the residual add
+    const int64_t Fs = d->shared_F;
+    thread_local std::vector<float> sb;
+    sb.resize(static_cast<size_t>((2 * Fs + H) * esz / 4 + 8));
+    char* sg = reinterpret_cast<char*>(sb.data());
+    void* su = sg + Fs * esz;
+    void* sy = sg + 2 * Fs * esz;
+    void* souts[2] = {sg, su};
+    if (ember_linear_many(2, d->shared, h, souts, 1, is_bf16, nthreads) != 2) return 0;
+    if (is_bf16) silu_mul(reinterpret_cast<uint16_t*>(sg), static_cast<const uint16_t*>(su), Fs);
+    else silu_mul(reinterpret_cast<float*>(sg), static_cast<const float*>(su), Fs);
+    if (!ember_linear(d->shared[2], sg, sy, 1, is_bf16, nthreads)) return 0;
+    for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i] + load_f(sy, i, is_bf16), is_bf16);
+  }
+  for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + acc[i], is_bf16);
   return 1;
 }
 

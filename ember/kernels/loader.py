@@ -174,6 +174,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_mlp_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_moe_block.restype = _INT
     lib.ember_moe_block.argtypes = [_P, _P, _INT, _INT]
+    lib.ember_mla_block.restype = _INT
+    lib.ember_mla_block.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT]
+    lib.ember_sink_attn_block.restype = _INT
+    lib.ember_sink_attn_block.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _INT, _INT]
+    lib.ember_gptoss_moe_block.restype = _INT
+    lib.ember_gptoss_moe_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_decode_layers.restype = _INT
     lib.ember_decode_layers.argtypes = [_P, _INT, _P, _P, _P, _I64, _P, _F, _P, _P, _INT, _INT]
     lib.ember_decode_rows.restype = _INT

@@ -31,5 +31,6 @@ gated_delta_step: Callable | None = None
 # mamba2_step(state (B, H, P, N), x (B, H, P), dt (B, H), A, D (H,), Bm, Cm (B, G, N)) -> y (B, H, P) or None
 mamba2_step: Callable | None = None
 # the whole model's forward for the calls the runtime handles end to end (one-sequence CPU decode):
-# (model, input_ids, positions, cos, sin, cache, start, k_valid, last_only, hidden_only, session) -> out or None
+# (model, x, cos, sin, cache, start, k_valid, last_only, hidden_only, session, local) -> out or None, local the
+# sliding layers' own (cos, sin) where the model has them (Gemma 3), else None
 model_forward: Callable | None = None

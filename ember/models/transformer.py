@@ -123,10 +123,10 @@ class Transformer(nn.Module):
             lc, ls = rope_cos_sin(self.local_inv_freq, positions, x.dtype)
             local = (lc[:, None], ls[:, None])
         fast = accel.model_forward
-        # The runtime's whole-step path knows one RoPE table and plain logits; other models run their modules
-        # (whose projections still use the runtime's kernels).
-        if fast is not None and local is None and self.config.final_logit_softcapping is None:
-            out = fast(self, x, cos, sin, cache, start, k_valid, last_only, hidden_only, session)
+        # The runtime's whole-step path (None where it does not apply: the modules run, their projections still
+        # on the runtime's kernels).
+        if fast is not None:
+            out = fast(self, x, cos, sin, cache, start, k_valid, last_only, hidden_only, session, local)
             if out is not None:
                 return out
         return self.finish(self.run_layers(x, cos[:, None], sin[:, None], cache, start, k_valid, local), last_only,

@@ -22,9 +22,16 @@ import torch
 from ember import kernels
 from ember.models.attention import Attention
 from ember.models.decoder import DecoderLayer
+from ember.models.gemma import Gemma3Attention, Gemma3DecoderLayer, GeGLUMLP
+from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
-from ember.models.norms import RMSNorm
+from ember.models.norms import RMSNorm, UnitOffsetRMSNorm
+from ember.models.nemotron_h import FloatScaleRMSNorm, NemotronHBlock, ReluSquaredMLP
+from ember.models.qwen3_next import HybridDecoderLayer, new_token_valid
+from ember.models.linear import Linear
+from ember.models.mla import MLAttention
+from ember.models.routed_moe import RoutedMoE
 
 
 def _hooked(*mods) -> bool:
@@ -42,53 +49,121 @@ def _kernels_of(projs, x2: torch.Tensor) -> list | None:
     return ks
 
 
-def layer_blocks(layer, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
+def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
+                 ) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
     """``layer``'s attention block and its MLP (or MoE) block bound to the CPU kernels for x's dtype, for one
     decoding token; the MLP block None where the layer's MLP is not one the kernels know (it then runs as its
-    module after the attention block); None where the layer is not a :class:`DecoderLayer` with a known
-    attention (the whole layer runs as its modules). Remade when a kernel is."""
+    module after the attention block), the attention block None where only the MLP has one (gpt-oss: the
+    attention runs as its module first); None where the layer is not a :class:`DecoderLayer` with a known
+    attention or MLP (the whole layer runs as its modules). Remade when a kernel is. ``local_rope``: the model gives
+    its sliding layers their own RoPE table (the second row of the step's cos/sin)."""
+    if type(layer) is Gemma3DecoderLayer:
+        return _gemma_blocks(layer, x, local_rope and layer.attention_type == "sliding_attention")
+    if type(layer) is HybridDecoderLayer:
+        m = _offset_mlp_block(layer, x)
+        return None if m is None else (None, m)
+    if type(layer) is NemotronHBlock:
+        m = _relu2_block(layer, x)
+        return None if m is None else (None, m)
     if type(layer) is not DecoderLayer or _hooked(layer):
         return None
     attn, mlp = layer.self_attn, layer.mlp
     pre, post = layer.input_layernorm, layer.post_attention_layernorm
-    if type(attn) is not Attention or type(pre) is not RMSNorm:
-        return None
-    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-    norms = [pre]
-    if attn.q_norm is not None:
-        norms += [attn.q_norm, attn.k_norm]
-    if _hooked(attn, *projs, *norms) or any(n.weight.dtype is not x.dtype for n in norms):
-        return None
+    if type(mlp) is GptOssMLP:
+        a, m = _sink_attn_block(layer, x), _gptoss_moe_block(mlp, post, x)
+        return None if a is None and m is None else (a, m)
     x2 = x.view(1, -1)
-    ks = _kernels_of(projs, x2)
-    if ks is None:
-        return None
+    ks, norms = _attn_kernels(attn, pre, x2)
+    mla = _mla_kernels(attn, pre, x2) if ks is None else None
     mlp_projs = _mlp_projections(mlp)
     mks = None
     if (mlp_projs is not None and type(post) is RMSNorm and post.weight.dtype is x.dtype
-            and not _hooked(mlp, post, *mlp_projs, *(mlp.experts if type(mlp) is SparseMoE else ()))):
+            and not _hooked(mlp, post, *mlp_projs, *(mlp.experts if isinstance(mlp, SparseMoE) else ()),
+                            *([mlp.gate] if type(mlp) is RoutedMoE else []))):
         mks = _kernels_of(mlp_projs, x2)
-    key = (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms), None if mks is None else
-           (tuple(map(id, mks)), post.weight.data_ptr()))
+    if ks is None and mla is None and mks is None:
+        return None
+    routed = type(mlp) is RoutedMoE
+    key = (None if ks is None else (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms)),
+           None if mla is None else (tuple(map(id, mla.values())), attn.kv_b_proj.weight.data_ptr(),
+                                     tuple(n.weight.data_ptr() for n in _mla_norms(attn, pre))),
+           None if mks is None else (tuple(map(id, mks)), post.weight.data_ptr()),
+           (mlp.gate.weight.data_ptr(), mlp.gate.e_score_correction_bias.data_ptr()) if routed else None)
 
     def build():
-        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
-        a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
-                                      attn.q_norm.eps if qn is not None else 0.0)
+        a = kernels.mla_block_kernel(attn, pre, mla) if mla is not None else None
+        if ks is not None:
+            qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
+            a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
+                                          attn.q_norm.eps if qn is not None else 0.0, window=layer.window)
         if mks is None:
             return a, None
         if type(mlp) is SparseMoE:
             experts = [tuple(mks[1 + 3 * e:4 + 3 * e]) for e in range(len(mlp.experts))]
             return a, kernels.moe_block_kernel(mks[0], experts, post.weight, post.eps, mlp.top_k, mlp.norm_topk_prob)
+        if routed:
+            return a, _routed_moe_block(mlp, mks, post)
         return a, kernels.mlp_block_kernel(*mks, post.weight, post.eps)
 
     return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
+
+
+def _attn_kernels(attn, pre, x2: torch.Tensor) -> tuple[list | None, list]:
+    """The q/k/v/o kernels of a Llama-style :class:`Attention` after an RMSNorm, and its norms; None kernels where
+    the attention is another class, hooked, or has no kernel (it then runs as its module)."""
+    if type(attn) is not Attention or type(pre) is not RMSNorm:
+        return None, []
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    norms = [pre] + ([attn.q_norm, attn.k_norm] if attn.q_norm is not None else [])
+    if _hooked(attn, *projs, *norms) or any(n.weight.dtype is not x2.dtype for n in norms):
+        return None, norms
+    return _kernels_of(projs, x2), norms
+
+
+def _mla_norms(attn, pre) -> list:
+    return [pre, attn.kv_a_layernorm] + ([attn.q_a_layernorm] if attn.q_proj is None else [])
+
+
+def _mla_kernels(attn, pre, x2: torch.Tensor) -> dict | None:
+    """The projections' kernels of a DeepSeek :class:`MLAttention` after an RMSNorm (name -> kernel), or None
+    (hooks, no kernel, a ``kv_b_proj`` that is not a plain weight of x's dtype, norms of another class or dtype)."""
+    if type(attn) is not MLAttention or type(pre) is not RMSNorm or type(attn.kv_b_proj) is not Linear:
+        return None
+    names = {"q": attn.q_proj} if attn.q_proj is not None else {"q_a": attn.q_a_proj, "q_b": attn.q_b_proj}
+    names.update(kv_a=attn.kv_a_proj_with_mqa, o=attn.o_proj)
+    norms = _mla_norms(attn, pre)
+    if (_hooked(attn, attn.kv_b_proj, *names.values(), *norms) or attn.kv_b_proj.weight.dtype is not x2.dtype
+            or not attn.kv_b_proj.weight.is_contiguous()
+            or any(type(n) is not RMSNorm or n.weight.dtype is not x2.dtype for n in norms)):
+        return None
+    ks = _kernels_of(list(names.values()), x2)
+    return None if ks is None else dict(zip(names, ks))
+
+
+def _routed_moe_block(mlp, mks: list, post) -> "kernels.BlockKernel | None":
+    """GLM-4.5 / DeepSeek-V3's MoE block from its experts' (and shared experts') kernels ``mks``, with an fp32
+    kernel for the router's fp32 weight."""
+    gate = mlp.gate
+    router = kernels.dense_kernel(gate.weight.detach())
+    if router is None or gate.weight.dtype is not torch.float32:
+        return None
+    n = len(mlp.experts)
+    experts = [tuple(mks[3 * e:3 * e + 3]) for e in range(n)]
+    shared = tuple(mks[3 * n:3 * n + 3]) if mlp.shared_experts is not None else None
+    corr = gate.e_score_correction_bias.float().contiguous()
+    return kernels.moe_block_kernel(router, experts, post.weight, post.eps, mlp.top_k, gate.norm_topk_prob,
+                                    (corr, gate.n_group, gate.topk_group, float(gate.scaling)), shared)
 
 
 def _mlp_projections(mlp) -> list | None:
     """The projections of an MLP piece the kernels know, in their block's order; None for any other piece."""
     if type(mlp) is MLP:
         return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if type(mlp) is RoutedMoE and all(type(e) is MLP for e in mlp.experts) and mlp.gate.n_group >= 1 and (
+            mlp.shared_experts is None or type(mlp.shared_experts) is MLP):
+        shared = mlp.shared_experts
+        return [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)] + (
+            [shared.gate_proj, shared.up_proj, shared.down_proj] if shared is not None else [])
     if type(mlp) is SparseMoE and all(type(e) is MLP for e in mlp.experts):
         return [mlp.gate] + [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
     return None
@@ -105,3 +180,124 @@ def head_block(norm, lm_head, x: torch.Tensor) -> "tuple[torch.Tensor, float, ke
             and norm.weight.is_contiguous()):
         return norm.weight, norm.eps, k
     return None
+
+
+def _gemma_blocks(layer, x: torch.Tensor, local_rope: bool
+                  ) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
+    """A Gemma 2/3 layer's blocks: sandwich (1 + w) norms, (1 + w) q/k norms, the query scale, the layer's window
+    and RoPE table, GeGLU. None where the attention soft-caps its logits (Gemma 2: no kernel) or a piece is
+    another class or hooked."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+             layer.post_feedforward_layernorm]
+    if (type(attn) is not Gemma3Attention or attn.softcap is not None or _hooked(layer, attn)
+            or any(type(n) is not UnitOffsetRMSNorm or n.weight.dtype is not x.dtype or n.eps != norms[0].eps
+                   for n in norms)):  # a block's norms share one eps
+        return None
+    qk = [attn.q_norm, attn.k_norm] if attn.q_norm is not None else []
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    if (_hooked(*projs, *norms[:2], *qk)
+            or any(type(n) is not UnitOffsetRMSNorm or n.weight.dtype is not x.dtype for n in qk)):
+        return None
+    x2 = x.view(1, -1)
+    ks = _kernels_of(projs, x2)
+    if ks is None:
+        return None
+    mlp_projs = [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if type(mlp) is GeGLUMLP else None
+    mks = _kernels_of(mlp_projs, x2) if mlp_projs is not None and not _hooked(mlp, *mlp_projs, *norms[2:]) else None
+    pre, post, pre_ff, post_ff = norms
+    key = (tuple(map(id, ks)), tuple(n.weight.data_ptr() for n in norms + qk), local_rope,
+           None if mks is None else tuple(map(id, mks)))
+
+    def build():
+        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if qk else (None, None)
+        a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
+                                      attn.q_norm.eps if qk else 0.0, post_norm=post.weight, norm_offset=True,
+                                      window=layer.window, local_rope=local_rope, scale=attn.scaling)
+        if mks is None:
+            return a, None
+        return a, kernels.mlp_block_kernel(*mks, pre_ff.weight, pre_ff.eps, gelu=True,
+                                           post_norm=post_ff.weight, norm_offset=True)
+
+    return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
+
+
+def mlp_half(layer, x: torch.Tensor) -> torch.Tensor:
+    """The MLP half of ``layer`` as its modules (after its attention block ran on a kernel), residual included."""
+    if type(layer) is Gemma3DecoderLayer:
+        return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _sink_attn_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """gpt-oss's attention (sinks, biases, its window) after an RMSNorm, or None (hooks, no kernel, other dtypes)."""
+    attn, pre = layer.self_attn, layer.input_layernorm
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    if (type(attn) is not SinkAttention or type(pre) is not RMSNorm or _hooked(attn, pre, *projs)
+            or pre.weight.dtype is not x.dtype or attn.sinks.dtype is not x.dtype):
+        return None
+    ks = _kernels_of(projs, x.view(1, -1))
+    if ks is None:
+        return None
+    key = (tuple(map(id, ks)), pre.weight.data_ptr(), attn.sinks.data_ptr())
+    return kernels.cached(attn, f"sink-block-{x.dtype}", key, lambda: kernels.sink_attn_block_kernel(
+        *ks, pre.weight, pre.eps, attn.sinks, attn.nh, attn.nkv, attn.hd, layer.window))
+
+
+def _gptoss_moe_block(mlp, post, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """gpt-oss's MoE block (router with bias, MXFP4 experts as stored) after an RMSNorm, or None (float experts,
+    biases of another dtype, hooks, a router without a kernel)."""
+    from ember.quant.mxfp4 import Mxfp4Experts  # the quant package imports the models: not at module level
+
+    experts = mlp.experts
+    if (type(experts) is not Mxfp4Experts or type(post) is not RMSNorm or post.weight.dtype is not x.dtype
+            or _hooked(mlp, post, mlp.router, experts)
+            or any(b.dtype is not x.dtype for b in (experts.gate_up_proj_bias, experts.down_proj_bias))):
+        return None
+    ks = _kernels_of([mlp.router], x.view(1, -1))
+    if ks is None:
+        return None
+    key = (id(ks[0]), post.weight.data_ptr(), experts.gate_up_proj_blocks.data_ptr(),
+           experts.down_proj_blocks.data_ptr(), experts.gate_up_proj_bias.data_ptr(), experts.down_proj_bias.data_ptr())
+    return kernels.cached(mlp, f"moe-block-{x.dtype}", key,
+                          lambda: kernels.gptoss_moe_block_kernel(ks[0], post.weight, post.eps, mlp.top_k, experts))
+
+
+def _offset_mlp_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """The SwiGLU MLP half of a Qwen3-Next / Qwen3.5 layer (its (1 + w) post-attention norm), or None (a mixture
+    of experts, hooks, no kernel)."""
+    mlp, post = layer.mlp, layer.post_attention_layernorm
+    projs = [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if type(mlp) is MLP else None
+    if (projs is None or type(post) is not UnitOffsetRMSNorm or post.weight.dtype is not x.dtype
+            or _hooked(mlp, post, *projs)):
+        return None
+    ks = _kernels_of(projs, x.view(1, -1))
+    if ks is None:
+        return None
+    return kernels.cached(mlp, f"mlp-block-{x.dtype}", (tuple(map(id, ks)), post.weight.data_ptr()),
+                          lambda: kernels.mlp_block_kernel(*ks, post.weight, post.eps, norm_offset=1))
+
+
+def _relu2_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
+    """A Nemotron-H MLP layer (``x + down(relu(up(norm(x)))^2)``) as an MLP block, or None (another block type,
+    hooks, no kernel)."""
+    mlp, norm = layer.mixer, layer.norm
+    if (layer.block_type != "mlp" or type(mlp) is not ReluSquaredMLP or type(norm) is not FloatScaleRMSNorm
+            or norm.weight.dtype is not x.dtype or _hooked(mlp, norm, mlp.up_proj, mlp.down_proj)):
+        return None
+    ks = _kernels_of([mlp.up_proj, mlp.down_proj], x.view(1, -1))
+    if ks is None:
+        return None
+    return kernels.cached(mlp, f"mlp-block-{x.dtype}", (tuple(map(id, ks)), norm.weight.data_ptr()),
+                          lambda: kernels.mlp_block_kernel(None, *ks, norm.weight, norm.eps, norm_offset=2))
+
+
+def attn_half(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
+    """The token-mixing half of a :class:`DecoderLayer` or a Qwen3-Next / Qwen3.5 layer as its modules (before its
+    MLP block runs on a kernel), residual included; ``x`` itself for a Nemotron-H MLP layer (no mixer)."""
+    if type(layer) is NemotronHBlock:
+        return x
+    h = layer.input_layernorm(x)
+    if type(layer) is HybridDecoderLayer and layer.attention_type == "linear_attention":
+        return x + layer.linear_attn(h, new_token_valid(mask, 1), cache)
+    return x + layer.self_attn(h, cos, sin, mask, cache, False)

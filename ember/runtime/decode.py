@@ -13,8 +13,8 @@ The step runs, in order:
    else as its modules: a piece without a kernel never needs one for the model to decode correctly;
 3. the final norm and LM head as their modules, where step 1 did not write the logits.
 
-A sliding window hides cached keys from the token at slot ``start >= window``: from there on the layers with
-that window run as modules (their mask), and the whole-step call is not made.
+A layer with a sliding window hands it to its attention block, which reads only the window's keys. A model
+whose sliding layers have their own RoPE base (Gemma 3) passes (2, hd) cos/sin tables: global then local.
 
 Several tokens of one sequence whose every logit is asked for (a speculative verification pass, up to
 :data:`MAX_ROWS`; a prefill asks for the last only and runs its modules) run every layer and the head in one
@@ -50,22 +50,22 @@ class DecodeBlocks:
     """
 
     __slots__ = ("dtype", "blocks", "head", "hooks", "dicts", "ids", "tensors", "ptrs", "hooked", "cache_layers",
-                 "window", "n_fused", "checked_in", "_steps", "_steps_key", "_steps_cache")
+                 "n_fused", "rows_window", "checked_in", "_steps", "_steps_key", "_steps_cache")
 
     def __init__(self, layers: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None = None,
-                 lm_head: nn.Module | None = None) -> None:
+                 lm_head: nn.Module | None = None, local_rope: bool = False) -> None:
         self.dtype = x.dtype
-        self.blocks = [blocks_module.layer_blocks(layer, x) for layer in layers]
+        self.blocks = [blocks_module.layer_blocks(layer, x, local_rope) for layer in layers]
         # leading layers with both blocks: they run in the whole-step call
-        self.n_fused = next((i for i, b in enumerate(self.blocks) if b is None or b[1] is None), len(self.blocks))
+        self.n_fused = next((i for i, b in enumerate(self.blocks)
+                             if b is None or None in b or b[0].kind != "attn" or b[1].kind not in ("mlp", "moe")),
+                            len(self.blocks))
         # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
         tail = [m for m in (norm, lm_head) if m is not None]
         self.head = blocks_module.head_block(norm, lm_head, x) if self.n_fused == len(self.blocks) else None
-        self.cache_layers = [getattr(layer.self_attn, "layer", i) if b is not None else None
+        self.rows_window = _rows_window(self.blocks) if self.n_fused == len(self.blocks) else 0
+        self.cache_layers = [getattr(getattr(layer, "self_attn", None), "layer", i) if b is not None else None
                              for i, (layer, b) in enumerate(zip(layers, self.blocks))]
-        # the smallest sliding window of the layers: from that slot on, some layer needs its mask (the module path)
-        self.window = min((w for w in (getattr(layer, "window", None) for layer in layers) if w is not None),
-                          default=None)
         self.checked_in: object | None = None  # the session (see forward) they were last checked in
         self._steps: kernels.LayerSteps | None = None
         self._steps_key: list | None = None
@@ -91,11 +91,11 @@ class DecodeBlocks:
 
     def steps(self, cache, start: int, session: object | None = None) -> "kernels.LayerSteps | None":
         """The leading fused layers' blocks bound to their slices of ``cache`` (:func:`ember.kernels.run_decode_layers`),
-        or None where there are none or a sliding window already hides slot 0 from the token at ``start``. Remade
+        or None where there are none. Remade
         when the cache tensors move; the cache itself is not kept alive (the key is its tensors' addresses and
         shapes, enough to write into them correctly). In the session the blocks were checked in (see
         :func:`forward`), the same cache object is taken at its word: its tensors are the generation's."""
-        if self.window is not None and start >= self.window or not self.n_fused:
+        if not self.n_fused:
             return None
         if session is not None and self._steps_cache is not None and self._steps_cache[0] is session \
                 and self._steps_cache[1]() is cache:
@@ -115,13 +115,14 @@ class DecodeBlocks:
 
 def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int,
             k_valid: torch.Tensor | None, last_only: bool, hidden_only: bool,
-            session: object | None) -> torch.Tensor | None:
+            session: object | None, local: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """The model's output for one token (or a few, :func:`_rows`) of one sequence on the CPU, or None for any other
     call (the model then runs its modules).
 
     Args:
         model: an :class:`ember.models.Transformer`.
-        x: (1, T, H) the tokens' embeddings, T <= MAX_ROWS (see :func:`_rows` for T > 1); cos/sin (1, T, hd).
+        x: (1, T, H) the tokens' embeddings, T <= MAX_ROWS (see :func:`_rows` for T > 1); cos/sin (1, T, hd) their RoPE tables;
+            local: the sliding layers' own (1, 1, 1, hd) cos/sin where the model has them (Gemma 3), else None.
         cache: a cache with ``layer_tensors(layer)`` and ``pos == start`` (:class:`ember.cache.StaticKVCache`).
         session: any object standing for one generation, the same at each of its calls (the engine makes one
             per generation). The caller promises that between those calls no module, parameter, buffer or
@@ -131,6 +132,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             None: checked at every call.
     """
     T = x.shape[1]  # more than one: a verification pass asks for every row's logits (a prefill for the last only)
+    if local is not None and local[0].shape[-1] != cos.shape[-1]:  # Gemma 4: per-type head dims, as modules
+        return None
     if not ((T == 1 or T <= MAX_ROWS and not last_only) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
             and hasattr(cache, "layer_tensors") and start == getattr(cache, "pos", None)
             and x.dtype in (torch.bfloat16, torch.float32) and not (torch.is_grad_enabled() and x.requires_grad)):
@@ -140,11 +143,15 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     decode = _decode_blocks.get(model)
     if decode is None or not (session is not None and decode.checked_in is session and x.dtype is decode.dtype
                               or decode.valid(x)):
-        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, model.lm_head)
+        # a soft-capped LM head (Gemma 2) is not the fused head's math: the logits come from finish()
+        head = model.lm_head if getattr(model.config, "final_logit_softcapping", None) is None else None
+        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, head, local is not None)
     decode.checked_in = session
     if T > 1:
         return _rows(decode, x, cos, sin, cache, start, hidden_only, session)
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
+    if local is not None:  # (2, hd): global, then the sliding layers' table
+        cos1, sin1 = torch.stack([cos1, local[0].reshape(-1)]), torch.stack([sin1, local[1].reshape(-1)])
     first = 0  # the first layer the loop below runs
     steps = decode.steps(cache, start, session)
     if steps is not None:
@@ -155,8 +162,7 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             return logits
         first = done // 2
         if done % 2:  # that layer's attention block ran, its MLP block did not
-            layer = layers[first]
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = blocks_module.mlp_half(layers[first], x)
             first += 1
     if first < len(layers):
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, 1, hd)
@@ -164,13 +170,26 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     for i in range(first, len(layers)):
         layer = layers[i]
         blocks = decode.blocks[i]
-        if blocks is not None and (layer.window is None or start < layer.window):
-            k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
-            if start < k_cache.shape[2] and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start):
+        c, s = local if local is not None and layer.attention_type == "sliding_attention" else (cos, sin)
+        if blocks is not None and blocks[0] is None:  # the attention as its modules, the MLP block on its kernel
+            x = blocks_module.attn_half(layer, x, c, s, masks[layer.window], cache)
+            if not kernels.run_mlp_block(blocks[1], x):
+                x = blocks_module.mlp_half(layer, x)
+            continue
+        if blocks is not None:
+            ring = getattr(cache, "rings", {}).get(decode.cache_layers[i])
+            if ring is not None:  # a sliding layer's window only (gpt-oss): its own write position
+                k_cache, v_cache = (ring.k, ring.v) if blocks[0].kind == "sink_attn" and ring.pos == start else (None, None)
+            else:
+                k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
+            if (k_cache is not None and (ring is not None or start < k_cache.shape[2])
+                    and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start)):
+                if ring is not None:
+                    ring.pos = start + 1
                 if blocks[1] is None or not kernels.run_mlp_block(blocks[1], x):
-                    x = x + layer.mlp(layer.post_attention_layernorm(x))
+                    x = blocks_module.mlp_half(layer, x)
                 continue
-        x = layer(x, cos, sin, masks[getattr(layer, "window", None)], cache, False)
+        x = layer(x, c, s, masks[getattr(layer, "window", None)], cache, False)
     return model.finish(x, last_only, hidden_only)
 
 
@@ -181,8 +200,8 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     where not every layer has its blocks, a sliding window hides a key from the last row, or hidden states are
     asked for."""
     T = x.shape[1]
-    if hidden_only or decode.head is None or decode.n_fused < len(decode.blocks) \
-            or decode.window is not None and start + T > decode.window:
+    if hidden_only or decode.head is None or decode.n_fused < len(decode.blocks) or not decode.rows_window \
+            or start + T > decode.rows_window:
         return None
     steps = decode.steps(cache, start, session)
     if steps is None:
@@ -192,3 +211,20 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if not kernels.run_decode_rows(steps, rows, cos[0].contiguous(), sin[0].contiguous(), start, decode.head, logits):
         return None
     return logits[None]
+
+
+def _rows_window(blocks: list) -> float:
+    """The slots the rows call can serve: 0 where a layer's blocks carry a variant the rows kernels do not run
+    (Gemma's offset and post norms, local RoPE, a softmax scale of its own, a gated or non-SiLU MLP), else the
+    smallest sliding window (no row may see a key past it), or infinity without windows. MoE layers run the
+    one-row MoE block per row, so every router variant is served."""
+    window = float("inf")
+    for attn, mlp in blocks:
+        a = attn.desc
+        if a.post_norm or a.norm_offset or a.local_rope or a.scale:
+            return 0
+        if a.window:
+            window = min(window, a.window)
+        if mlp.kind == "mlp" and (mlp.desc.post_norm or mlp.desc.norm_offset or mlp.desc.act):
+            return 0
+    return window

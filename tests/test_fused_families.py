@@ -1,0 +1,179 @@
+"""The fused one-sequence CPU decode blocks for the families beyond Llama's pieces: Gemma 2/3's sandwich (1 + w)
+norms, GeGLU, query scale and per-layer sliding/global attention with their own RoPE tables, exact against HF in
+fp32 and against the plain modules in bf16, past the sliding window."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import ember.runtime
+from ember import kernels
+from ember.loading import load_model
+from test_families import checkpoint  # noqa: F401  (the fixture: tiny HF checkpoints per family)
+from test_gpt_oss import gpt_oss_checkpoint  # noqa: F401
+from test_model import BF16_TOL, _count_kernel_attention, _decode_matches_hf, _decode_steps, assert_close
+from test_runtime import _needs_kernels
+
+
+def _count_blocks(monkeypatch) -> "collections.Counter":
+    """Blocks that ran (returned done) through run_mlp_block / run_attn_block, by kind."""
+    calls = collections.Counter()
+    run, run_attn = kernels.run_mlp_block, kernels.run_attn_block
+
+    def count(block, *a):
+        done = (run if len(a) == 1 else run_attn)(block, *a)
+        calls[block.kind] += bool(done)
+        return done
+
+    monkeypatch.setattr(kernels, "run_mlp_block", count)
+    monkeypatch.setattr(kernels, "run_attn_block", count)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma3_text-softcap"])
+def test_gemma3_decode_runs_every_layer_in_one_call_and_matches_hf(checkpoint, monkeypatch, name):
+    # 3 layers (sliding, full, sliding; window 8, local and global RoPE bases), 6 prefilled + 14 decoded tokens:
+    # the sliding layers' blocks drop keys from step 3 on
+    _needs_kernels()
+    folder, hf = checkpoint(name)
+    ours = load_model(folder, dtype="fp32")
+    calls = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 20, 4, name)
+    n = ours.config.num_hidden_layers
+    assert calls["steps"] == 14 and calls["returned"] == [2 * n] * 14  # every layer's two blocks, each step
+    assert calls["heads"] == 0  # Gemma's (1 + w) final norm and capped head run as modules
+
+
+def test_gemma2_soft_capped_attention_runs_as_its_modules(checkpoint, monkeypatch):
+    # attention logit soft-capping has no kernel: the layers run as modules, still exact
+    _needs_kernels()
+    folder, hf = checkpoint("gemma2")
+    ours = load_model(folder, dtype="fp32")
+    calls = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 16, 2, "gemma2")
+    assert calls["blocks"] == 0
+
+
+def test_gemma3_bf16_blocks_match_the_plain_modules(checkpoint):
+    _needs_kernels()
+    folder, _ = checkpoint("gemma3_text")
+    ours = load_model(folder, dtype="bf16")
+    ids = torch.randint(3, ours.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(7))
+    fast = _decode_steps(ours, ids, 6, torch.bfloat16)
+    ember.runtime.uninstall()
+    try:
+        plain = _decode_steps(ours, ids, 6, torch.bfloat16)
+    finally:
+        ember.runtime.install()
+    for i, (a, b) in enumerate(zip(fast[1:], plain[1:])):
+        assert_close(a, b, BF16_TOL, f"gemma3 bf16 decode step {i}")
+
+
+def _fused_vs_modules(model, ids: torch.Tensor, prefill: int, dtype: torch.dtype, monkeypatch):
+    """Decode logits with the runtime's blocks, then with every layer as its modules (blocks refused)."""
+    from ember.runtime import blocks as blocks_module, decode as decode_module
+
+    fast = _decode_steps(model, ids, prefill, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(blocks_module, "layer_blocks", lambda layer, x, *rest: None)
+        decode_module._decode_blocks.clear()
+        plain = _decode_steps(model, ids, prefill, dtype)
+    decode_module._decode_blocks.clear()
+    return fast[1:], plain[1:]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpt_oss_mxfp4_moe_block_matches_the_modules(gpt_oss_checkpoint, monkeypatch, dtype):
+    # sink attention with biases over a full cache or a sliding layer's ring; the MXFP4 experts (quantized on
+    # load), biased router, clamped SwiGLU (limit 1.5 bites): two calls per layer
+    _needs_kernels()
+    folder, _ = gpt_oss_checkpoint
+    ours = load_model(folder, dtype=dtype, quant="mxfp4")
+    calls = _count_blocks(monkeypatch)
+    # 4 prefilled + 16 decoded tokens: the sliding layers' rings (window 6) wrap twice
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    fast, plain = _fused_vs_modules(ours, ids, 4, torch_dtype, monkeypatch)
+    assert calls["gptoss_moe"] == calls["sink_attn"] == 16 * ours.config.num_hidden_layers
+    tol = 1e-5 if dtype == "fp32" else BF16_TOL
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, tol, f"gpt-oss {dtype} decode step {i}")
+
+
+def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch):
+    # float experts (no MoE block): the attention blocks alone, fp32 against HF past the window
+    _needs_kernels()
+    folder, hf = gpt_oss_checkpoint
+    ours = load_model(folder, dtype="fp32")
+    calls = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 20, 8, "gpt-oss")
+    assert calls["blocks"] == 14 * ours.config.num_hidden_layers and calls["steps"] == 0
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn"])
+def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
+    # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block;
+    # the attention (partial RoPE, MLA) runs as its module before it; fp32 against HF at every decode step
+    _needs_kernels()
+    folder, hf = checkpoint(name)
+    ours = load_model(folder, dtype="fp32")
+    calls = _count_blocks(monkeypatch)
+    _decode_matches_hf(ours, hf, 16, 3, name)
+    n = ours.config.num_hidden_layers
+    moe_layers = sum(ours.config.is_moe_layer(i) for i in range(n))
+    assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (n - moe_layers)
+    # DeepSeek's latent attention in its block (absorbed, over the latent cache); GLM's partial RoPE as modules
+    assert calls["mla"] == (10 * n if name.startswith("deepseek") else 0)
+
+
+def test_deepseek_bf16_blocks_match_the_modules(checkpoint, monkeypatch):
+    _needs_kernels()
+    folder, _ = checkpoint("deepseek_v3")
+    ours = load_model(folder, dtype="bf16")
+    ids = torch.randint(3, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, BF16_TOL, f"deepseek bf16 decode step {i}")
+
+
+def test_qwen35_mlp_block_beside_the_delta_net_matches_hf(tmp_path, monkeypatch):
+    # Qwen3.5's dense layers: the Gated DeltaNet / gated attention as modules, the (1 + w)-normed SwiGLU half in
+    # its block; fp32 against HF at every decode step
+    from test_hybrid import _hf_model
+
+    _needs_kernels()
+    hf = _hf_model("qwen3_5_text")
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype="fp32")
+    calls = _count_blocks(monkeypatch)
+    _decode_matches_hf(ours, hf, 14, 5, "qwen3.5")
+    assert calls["mlp"] == 8 * ours.config.num_hidden_layers
+
+
+def test_nemotron_h_relu2_mlp_layer_block_matches_hf(tmp_path, monkeypatch):
+    # Nemotron-H's MLP layers (fp32-product norm, down(relu(up)^2)) in the MLP block; Mamba-2, attention and MoE
+    # layers as modules; fp32 against HF at every decode step
+    from test_nemotron_h import _hf_model as nemotron
+
+    _needs_kernels()
+    hf = nemotron()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype="fp32")
+    calls = _count_blocks(monkeypatch)
+    _decode_matches_hf(ours, hf, 14, 5, "nemotron-h")
+    assert calls["mlp"] == 8 * ours.config.layer_types.count("mlp")
+
+
+def test_hybrid_bf16_mlp_blocks_match_the_modules(tmp_path, monkeypatch):
+    from test_nemotron_h import _hf_model as nemotron
+
+    _needs_kernels()
+    nemotron().save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype="bf16")
+    ids = torch.randint(3, 256, (1, 14), generator=torch.Generator().manual_seed(4))
+    fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, BF16_TOL, f"nemotron-h bf16 decode step {i}")
