@@ -13,10 +13,12 @@ import re
 from typing import Any
 
 import torch
-from gguf import GGMLQuantizationType as QT
 
 from ember.config import ModelConfig
 from ember.errors import GGUFError, UnsupportedModelError
+from ember.loading.gguf.file_facts import check_layers_present as _check_layers_present
+from ember.loading.gguf.file_facts import file_dtype_name as _file_dtype_name
+from ember.loading.gguf.hybrid import HYBRID_ARCHITECTURES, hybrid_config_from_gguf
 from ember.loading.gguf.reader import GGUFFile
 from ember.models import rope_inv_freq
 
@@ -57,7 +59,6 @@ EXPERT_TENSORS: dict[str, str] = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "
 _EXPERT_NAME = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 # Tensors that configure the model rather than hold weights.
 CONFIG_TENSORS = ("rope_freqs.weight",)
-_BLOCK = re.compile(r"blk\.(\d+)\.")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)")
 
 
@@ -69,10 +70,11 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         GGUFError: required metadata is missing or malformed.
     """
     arch = gf.architecture
+    if arch in HYBRID_ARCHITECTURES:
+        return hybrid_config_from_gguf(gf)
     if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise UnsupportedModelError(f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: "
+                                    f"{', '.join(sorted(ARCHITECTURES))}; hybrid: {', '.join(sorted(HYBRID_ARCHITECTURES))}")
     model_type, _ = ARCHITECTURES[arch]
     n_experts = gf.get_int(f"{arch}.expert_count", 0)
     if n_experts and arch not in MOE_MODEL_TYPES:
@@ -146,26 +148,6 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     ModelConfig.from_dict({**raw, "rope_scaling": None}, source=f"{gf.path} (metadata)")
     raw["rope_scaling"] = _rope_scaling(gf, arch, raw)
     return ModelConfig.from_dict(raw, source=f"{gf.path} (metadata)")
-
-
-def _check_layers_present(gf: GGUFFile, n_layers: int) -> None:
-    """``block_count`` must equal the layers the tensor table holds (checked before anything loops over it)."""
-    found = [int(m.group(1)) for name in gf.tensors if (m := _BLOCK.match(name))]
-    have = max(found) + 1 if found else 0
-    if n_layers != have:
-        raise GGUFError(f"{gf.path}: metadata block_count = {n_layers} but the file holds tensors for {have} "
-                        "layer(s); the file is corrupt")
-
-
-def _file_dtype_name(gf: GGUFFile) -> str:
-    """The dtype "auto" resolves from: that of the float tensors, bf16 for a quantized file."""
-    counts: dict[str, int] = {}
-    for t in gf.tensors.values():
-        if len(t.shape) >= 2:  # matrices decide; norms are F32 in every file
-            name = QT(t.tensor_type).name
-            counts[name] = counts.get(name, 0) + 1
-    top = max(counts, key=counts.get) if counts else "F32"
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(top, "bfloat16")
 
 
 def _rope_scaling(gf: GGUFFile, arch: str, raw: dict[str, Any]) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from ember.loading.gguf.config import (
     _EXPERT_NAME, _LAYER_NAME, ARCHITECTURES, CONFIG_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, config_from_gguf,
 )
 from ember.loading.gguf.dequant import check_tensor_types
+from ember.loading.gguf.hybrid import HYBRID_ARCHITECTURES, hybrid_tensor_map
 from ember.loading.gguf.reader import GGUFFile
 from ember.loading.gguf.tokenizer import load_gguf_tokenizer
 from ember.models import Transformer
@@ -47,6 +48,8 @@ def gguf_tensor_name_map(gf: GGUFFile, cfg: ModelConfig) -> dict[str, list[str]]
     Raises:
         GGUFError: a tensor whose name Ember does not know (naming the first few).
     """
+    if gf.architecture in HYBRID_ARCHITECTURES:
+        return hybrid_tensor_map(gf, cfg)[0]
     mapping: dict[str, list[str]] = {}
     unknown: list[str] = []
     for name in gf.tensors:
@@ -99,8 +102,10 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
-    _, permuted = ARCHITECTURES[gf.architecture]
-    names = gguf_tensor_name_map(gf, cfg)
+    hybrid = gf.architecture in HYBRID_ARCHITECTURES
+    _, permuted = (HYBRID_ARCHITECTURES if hybrid else ARCHITECTURES)[gf.architecture]
+    # fixes: tensors that need more than a rename; mtp: multi-token-prediction blocks, kept apart
+    names, fixes, mtp = hybrid_tensor_map(gf, cfg) if hybrid else (gguf_tensor_name_map(gf, cfg), {}, [])
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -121,7 +126,7 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
             parts.append(f"unexpected {len(shown)}: {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}")
         raise GGUFError(f"{gf.path}: tensors do not match the model its metadata describes: {'; '.join(parts)}")
 
-    check_tensor_types(gf, names)  # every type refused before a byte is loaded
+    check_tensor_types(gf, {**names, **{n: [n] for n in mtp}})  # every type refused before a byte is loaded
     state: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[Any, torch.Tensor]] = {}  # module path -> (ggml type, raw block rows on device)
     for gname, targets in names.items():
@@ -131,7 +136,8 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         want = tuple(expected[targets[0]].shape)
         want = (len(targets), *want) if stacked else want
         shape = gf.tensor_shape(gname)
-        if shape != want:
+        fix = fixes.get(gname)
+        if fix is None and shape != want:
             raise GGUFError(f"{gf.path}: tensor {gname!r} ({targets[0]}{', ...' if stacked else ''}) "
                             f"has shape {list(shape)}, the metadata implies {list(want)}")
         heads = None
@@ -139,14 +145,25 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
             heads = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
         qtype = QT(gf.tensors[gname].tensor_type)
         owners = [t.rsplit(".", 1)[0] for t in targets]
-        if qtype in KEPT_TYPES and targets[0].endswith(".weight") and all(
+        if qtype in KEPT_TYPES and targets[0].endswith(".weight") and (fix is None or fix.value is None) and all(
                 type(model.get_submodule(o)) in _BLOCK_MODULES for o in owners):
             raw = gf.raw(gname, heads).to(device)  # CPU: a view of the file's map (one copy where un-permuted)
+            if fix is not None:  # each target takes its rows of the file's tensor
+                parts = [raw if r is None else raw[r] for r in fix.rows]
+                _check_numel(gf, gname, [(t, p.shape[0] * expected[t].shape[-1]) for t, p in zip(targets, parts)],
+                             expected)
+                kept.update((o, (qtype, p)) for o, p in zip(owners, parts))
+                continue
             raw = raw.reshape(len(targets), -1, raw.shape[-1])
             kept.update((o, (qtype, raw[i])) for i, o in enumerate(owners))
             continue
-        w = gf.tensor(gname, dt, device, unpermute_heads=heads)
-        if stacked:
+        w = gf.tensor(gname, dt if fix is None else torch.float32, device, unpermute_heads=heads)
+        if fix is not None:  # values undone in fp32, then rows picked and reshaped per target
+            w = fix.value(w) if fix.value is not None else w
+            parts = [w if r is None else w[r] for r in fix.rows]
+            _check_numel(gf, gname, [(t, p.numel()) for t, p in zip(targets, parts)], expected)
+            state.update((t, p.reshape(expected[t].shape).to(dt)) for t, p in zip(targets, parts))
+        elif stacked:
             state.update((target, w[i]) for i, target in enumerate(targets))  # views of one decoded stack
         else:
             state[targets[0]] = w
@@ -166,9 +183,18 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         model.lm_head.weight = model.model.embed_tokens.weight
     if shard is not None:
         shard.finish(model)
+    model.extra_weights = {n: gf.tensor(n, dt, device) for n in mtp}  # MTP heads, for speculative decoding
     model.reset_rope()
     model.eval().requires_grad_(False)
     return model
+
+
+def _check_numel(gf: GGUFFile, gname: str, got: list[tuple[str, int]], expected: dict[str, torch.Tensor]) -> None:
+    """Each (target, elements the file gives it) must fill the target exactly."""
+    for target, n in got:
+        if n != expected[target].numel():
+            raise GGUFError(f"{gf.path}: tensor {gname!r} gives {target} {n} values, the metadata implies "
+                            f"{list(expected[target].shape)}")
 
 
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
