@@ -39,6 +39,10 @@ QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hid
                  linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                  layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
                  eos_token_id=0, bos_token_id=None, pad_token_id=None)
+# Qwen3.5's multimodal RoPE sections must fit the rotated dims (4 here: 2 pairs) for llama.cpp to run the file;
+# for text every section sees the same position, so HF's logits do not depend on them
+QWEN35_ROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                    "mrope_section": [1, 1, 0], "mrope_interleaved": True})
 QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 NEMOTRON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                 intermediate_size=64, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=2,
@@ -66,15 +70,16 @@ def hf_model(family: str):
     if family == "qwen3_next":
         cfg = tf.Qwen3NextConfig(**QWEN_TEXT, **QWEN_MOE, tie_word_embeddings=False)
     elif family == "qwen3_5_text":
-        cfg = tf.Qwen3_5TextConfig(**QWEN_TEXT, tie_word_embeddings=True)
+        cfg = tf.Qwen3_5TextConfig(**QWEN_TEXT, **QWEN35_ROPE, tie_word_embeddings=True)
     elif family == "qwen3_5_moe_text":
-        cfg = tf.Qwen3_5MoeTextConfig(**QWEN_TEXT, **QWEN_MOE, tie_word_embeddings=True)
+        cfg = tf.Qwen3_5MoeTextConfig(**QWEN_TEXT, **QWEN_MOE, **QWEN35_ROPE, tie_word_embeddings=True)
     elif family == "nemotron_h":
         cfg = tf.NemotronHConfig(**NEMOTRON, layers_block_type=["linear_attention", "full_attention", "mlp",
                                                                 "linear_attention"])
     elif family == "nemotron_h_moe":
+        # as the published MoE models: no dense MLP layers (llama.cpp's nemotron_h_moe has none)
         cfg = tf.NemotronHConfig(**NEMOTRON, layers_block_type=["linear_attention", "moe", "full_attention",
-                                                                "linear_attention", "mlp"])
+                                                                "linear_attention"])
     else:
         raise KeyError(family)
     model = tf.AutoModelForCausalLM.from_config(cfg)

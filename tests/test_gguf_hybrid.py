@@ -43,7 +43,7 @@ def run_greedy(model, ids: torch.Tensor, positions: torch.Tensor, chunks: int = 
         steps += 1
     prompt_len = int(positions[-steps]) + 1
     prompt = ids[:, :prompt_len]
-    cache = StaticKVCache(model.config, 1, ids.shape[1] + 1, torch.float32, "cpu")
+    cache = StaticKVCache(model.config, 1, ids.shape[1] + 1, model.model.norm.weight.dtype, "cpu")
     pieces = []
     with torch.no_grad():
         for part in torch.tensor_split(prompt, chunks, dim=1):
@@ -90,7 +90,7 @@ def test_config_read_from_metadata():
     assert cfg.partial_rotary_factor == 0.25 and cfg.tie_word_embeddings
     assert cfg.extra["gguf_v_heads_tiled"]  # 2 key heads, 4 value heads: llama.cpp's tiled order
     nem = config_from_gguf(GGUFFile.open(DATA / "nemotron_h_moe-f32.gguf"))
-    assert nem.layer_types == ["linear_attention", "moe", "full_attention", "linear_attention", "mlp"]
+    assert nem.layer_types == ["linear_attention", "moe", "full_attention", "linear_attention"]
     assert (nem.extra["mamba_num_heads"], nem.extra["mamba_head_dim"], nem.extra["n_groups"],
             nem.extra["ssm_state_size"]) == (8, 8, 2, 16)
     assert nem.num_local_experts == 4 and nem.num_key_value_heads == 1 and not nem.tie_word_embeddings
@@ -118,14 +118,14 @@ def test_q8_0_file_stays_in_blocks_and_is_as_close_as_its_weights_allow(monkeypa
 
 
 def test_quantized_file_runs_in_bf16_through_ember_load():
-    """The default path: ``ember.load`` on the Q8_0 file (dtype auto -> bf16), the DeltaNet and expert projections
-    through the GGUF kernels' bf16 path, stays close to the fp32 run of the same file."""
+    """``ember.load`` on the Q8_0 file in bf16, the DeltaNet and expert projections through the GGUF kernels' bf16
+    path, stays close to the fp32 run of the same file."""
     import ember
 
     ids, positions, _ = reference("qwen35moe-f32")
     path = DATA / "qwen35moe-q8_0.gguf"
-    model, _ = ember.load(str(path))
-    assert next(model.parameters()).dtype == torch.bfloat16
+    model = ember.load(str(path), dtype="bf16").model
+    assert model.model.norm.weight.dtype == torch.bfloat16
     got, _ = run_greedy(model, ids, positions)
     ref, _ = run_greedy(load_gguf_model(path, dtype="fp32"), ids, positions)
     assert (got.float() - ref).pow(2).mean().sqrt() < 0.05 * ref.pow(2).mean().sqrt()
@@ -251,15 +251,19 @@ def test_plan_prices_recurrent_state_apart_from_kv(capsys):
 
 
 def test_llama_cpp_gives_the_same_logits():
-    """llama.cpp itself on the same files (only where llama-cpp-python is installed)."""
+    """llama.cpp itself on the same files (only where llama-cpp-python is installed; fp32 KV cache). The dense
+    Nemotron-H file is left out: converted from a transformers 5 config.json, which always carries the MoE
+    fields, it says ``nemotron_h_moe`` with zero feed-forward widths, and llama.cpp then takes its MLP layer
+    for a Mamba layer; Ember reads each layer's block off its tensors."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    for name in ("qwen35moe-f32", "nemotron_h_moe-f32"):
+    for name in ("qwen3next-f32", "qwen35-f32", "qwen35moe-f32", "nemotron_h_moe-f32"):
         ids, positions, _ = reference(name)
         prompt = ids[0, :int(positions[-1]) + 1].tolist()
-        llm = llama_cpp.Llama(str(DATA / f"{name}.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+        llm = llama_cpp.Llama(str(DATA / f"{name}.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=1,
+                              type_k=0, type_v=0)  # GGML_TYPE_F32
         llm.eval(prompt)
         theirs = torch.tensor(np.array(llm.scores[:len(prompt)]))[positions]
         model = load_gguf_model(DATA / f"{name}.gguf", dtype="fp32")
         with torch.no_grad():
             ours = model(torch.tensor([prompt]))[0, positions]
-        assert (ours - theirs).abs().max() < 1e-3 * max(1.0, float(theirs.abs().max()))
+        assert (ours - theirs).abs().max() < 1e-4, name

@@ -177,6 +177,8 @@ def _nemotron_config(gf: GGUFFile, arch: str, n_layers: int, raw: dict[str, Any]
                    routed_scaling_factor=gf.get_float(f"{arch}.expert_weights_scale", 1.0),
                    norm_topk_prob=bool(gf.get(f"{arch}.expert_weights_norm", True)),
                    moe_latent_size=gf.get_int(f"{arch}.moe_latent_size"))
+    if mlp is None:  # no dense MLP layer (the published MoE models): the width is unused but must be positive
+        raw["intermediate_size"] = raw.get("moe_intermediate_size") or raw["hidden_size"]
 
 
 def hybrid_config_from_gguf(gf: GGUFFile) -> ModelConfig:
@@ -203,11 +205,12 @@ def hybrid_config_from_gguf(gf: GGUFFile) -> ModelConfig:
     head_dim = gf.get_int(f"{arch}.attention.key_length", hidden // n_head)
     if gf.get_int(f"{arch}.attention.value_length", head_dim) != head_dim:
         raise UnsupportedModelError(f"{gf.path}: key_length != value_length is not supported")
+    nemotron = arch.startswith("nemotron")  # per-layer arrays for head_count_kv and feed_forward_length
     raw: dict[str, Any] = {
         "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": n_layers,
-        "num_attention_heads": n_head, "num_key_value_heads": gf.get_int(f"{arch}.attention.head_count_kv", n_head)
-        if not arch.startswith("nemotron") else n_head, "head_dim": head_dim,
-        "intermediate_size": gf.get_int(f"{arch}.feed_forward_length", 0) if not arch.startswith("nemotron") else 0,
+        "num_attention_heads": n_head, "head_dim": head_dim,
+        "num_key_value_heads": n_head if nemotron else gf.get_int(f"{arch}.attention.head_count_kv", n_head),
+        "intermediate_size": 0 if nemotron else gf.get_int(f"{arch}.feed_forward_length", 0),
         "max_position_embeddings": gf.get_int(f"{arch}.context_length", 4096),
         "rms_norm_eps": gf.get_float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": gf.get_float(f"{arch}.rope.freq_base", 10000.0),
@@ -219,7 +222,7 @@ def hybrid_config_from_gguf(gf: GGUFFile) -> ModelConfig:
         "torch_dtype": file_dtype_name(gf), "gguf_file_type": gf.get_int("general.file_type"),
         "name_or_path": gf.get("general.name"), "gguf_mtp_layers": mtp,
     }
-    if arch.startswith("nemotron"):
+    if nemotron:
         _nemotron_config(gf, arch, n_layers, raw)
     else:
         _qwen_config(gf, arch, n_layers, raw)
