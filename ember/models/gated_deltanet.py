@@ -165,6 +165,8 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = cfg.linear_conv_kernel_dim
         self.split_projections = split_projections
+        # value head i reads key head i // r (HF's grouped order) or, in llama.cpp's GGUF files of Qwen3.5, i % Hk
+        self.v_heads_tiled = bool(cfg.extra.get("gguf_v_heads_tiled"))
         H = cfg.hidden_size
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False,
                                 padding=self.kernel - 1)  # only its weight (C, 1, K) is used
@@ -198,6 +200,11 @@ class GatedDeltaNet(nn.Module):
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         return mixed, z.reshape(B, T, self.nv, self.dv), b.reshape(B, T, self.nv), a.reshape(B, T, self.nv)
 
+    def _per_value_head(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, Hk, dk) -> (B, T, Hv, dk): each value head's key head."""
+        r = self.nv // self.nk
+        return t.repeat(1, 1, r, 1) if self.v_heads_tiled else t.repeat_interleave(r, dim=2)
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, cache) -> torch.Tensor:
         """x (B, T, H); valid (B, T) bool, False at left-padding columns, or None; cache: a store with
         ``recurrent_state(layer)`` / ``set_recurrent_state(layer, states)`` (:mod:`ember.cache`) or None."""
@@ -209,9 +216,8 @@ class GatedDeltaNet(nn.Module):
         pad = None if valid is None else (T - valid.sum(-1)).tolist()
         mixed, conv_state = causal_conv1d(mixed.transpose(1, 2), self.conv1d.weight[:, 0], conv_state, pad)
         q, k, v = torch.split(mixed.transpose(1, 2), [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        r = self.nv // self.nk
-        q = l2norm(q.reshape(B, T, self.nk, self.dk).float()).repeat_interleave(r, dim=2) * self.dk ** -0.5
-        k = l2norm(k.reshape(B, T, self.nk, self.dk).float()).repeat_interleave(r, dim=2)
+        q = self._per_value_head(l2norm(q.reshape(B, T, self.nk, self.dk).float())) * self.dk ** -0.5
+        k = self._per_value_head(l2norm(k.reshape(B, T, self.nk, self.dk).float()))
         v = v.reshape(B, T, self.nv, self.dv).float()
         beta = b.float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # log decay <= 0

@@ -104,7 +104,9 @@ class HybridDecoderLayer(nn.Module):
         self.attention_type, self.mlp_type = attention_type, mlp_type
         self.window = None
         if attention_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(cfg, layer, split_projections=cfg.model_type != "qwen3_next")
+            # llama.cpp's GGUF files store Qwen3-Next's fused projections split, as Qwen3.5's are
+            split = cfg.model_type != "qwen3_next" or bool(cfg.extra.get("gguf_split_deltanet"))
+            self.linear_attn = GatedDeltaNet(cfg, layer, split_projections=split)
         else:
             self.self_attn = GatedAttention(cfg, layer)
         if mlp_type == "moe":

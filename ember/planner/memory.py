@@ -271,7 +271,8 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
             embedding=parts["embedding"], lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
             experts=parts["experts"], other=parts["other"], moe_layers=moe_layers,
             experts_per_layer=cfg.num_local_experts, experts_per_tok=cfg.num_experts_per_tok,
-            linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0))
+            linear_params_active=active + (cfg.vocab_size * h if cfg.tie_word_embeddings else 0),
+            recurrent=parts["recurrent"])
     return WeightBytes(
         head_quant=lm_head, embedding=cfg.vocab_size * h * b, lm_head=parts["lm_head"], attention=parts["attention"], mlp=parts["mlp"],
         experts=parts["experts"], other=(norms + routers) * b + bias_bytes, moe_layers=moe_layers,

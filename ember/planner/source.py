@@ -22,6 +22,23 @@ class ResolvedModel:
     notes: list[str]
 
 
+def state_note(cfg: ModelConfig) -> str | None:
+    """One line on a hybrid model's cache: the recurrent layers' fixed state per sequence apart from the attention
+    layers' KV per token (bf16); None for a model without recurrent layers."""
+    import torch
+
+    from ember.cache import bytes_per_sequence, bytes_per_token, layer_specs
+
+    specs = layer_specs(cfg)
+    rec = [s for s in specs if s.kind == "recurrent"]
+    if not rec:
+        return None
+    state = sum(bytes_per_sequence(s, torch.float32, 0) for s in rec)
+    per_token = sum(bytes_per_token(s, torch.bfloat16) for s in specs)
+    return (f"cache: recurrent state {state / 2**20:.1f} MiB per sequence, fixed ({len(rec)} of {len(specs)} layers, "
+            f"fp32), plus KV {per_token / 1024:.1f} KiB per token in bf16 ({len(specs) - len(rec)} attention layers)")
+
+
 def resolve_model(spec: str) -> ResolvedModel:
     """MODEL of ``ember plan``: an HF folder (or its config.json), a ``.gguf`` file, or a catalog name.
 
@@ -45,6 +62,7 @@ def resolve_model(spec: str) -> ResolvedModel:
             notes.append(f"checkpoint: {on_disk / GiB:.1f} GiB of {dt} safetensors in {folder}")
         except EmberError:
             notes.append(f"{folder}: no safetensors weights found; planning from config.json")
+        notes += [n for n in (state_note(cfg),) if n]
         return ResolvedModel(folder.name or str(folder), cfg, dt or short_dtype(cfg.torch_dtype), notes)
     if p.is_file():
         from ember.loading.gguf import is_gguf_file
@@ -58,14 +76,17 @@ def resolve_model(spec: str) -> ResolvedModel:
         note = f"catalog: {entry.hf_id}, published {entry.published_params / 1e9:.1f}B parameters"
         if entry.published_active_params:
             note += f" ({entry.published_active_params / 1e9:.1f}B active)"
-        return ResolvedModel(entry.name, cfg, "bf16", [note])
+        return ResolvedModel(entry.name, cfg, "bf16", [note] + [n for n in (state_note(cfg),) if n])
     raise ConfigError(f"{spec!r} is not a model folder, GGUF file or catalog name; catalog: {', '.join(catalog.names())}")
 
 
 # GGUF tensor name -> the WeightBytes part it is priced in (ember.planner.memory); anything else is "other".
 _GGUF_PARTS = (("token_embd.", "embedding"), ("output.", "lm_head"), ("_exps.", "experts"), (".attn_q.", "attention"),
                (".attn_k.", "attention"), (".attn_v.", "attention"), (".attn_output.", "attention"),
-               (".ffn_gate.", "mlp"), (".ffn_up.", "mlp"), (".ffn_down.", "mlp"))
+               (".ffn_gate.", "mlp"), (".ffn_up.", "mlp"), (".ffn_down.", "mlp"), ("_shexp.", "mlp"),
+               (".attn_qkv.", "recurrent"), (".attn_gate.", "recurrent"), (".ssm_in.", "recurrent"),
+               (".ssm_out.", "recurrent"), (".ssm_ba.", "recurrent"), (".ssm_alpha.", "recurrent"),
+               (".ssm_beta.", "recurrent"))  # the hybrids' recurrent mixers' projections
 
 
 def gguf_weight_parts(gf) -> dict[str, tuple[int, int]]:
@@ -76,7 +97,7 @@ def gguf_weight_parts(gf) -> dict[str, tuple[int, int]]:
     """
     from ember.loading.gguf import DEQUANTIZERS  # noqa: PLC0415  (gguf is imported only for GGUF files)
 
-    parts = {k: (0, 0) for k in ("embedding", "lm_head", "attention", "mlp", "experts", "other")}
+    parts = {k: (0, 0) for k in ("embedding", "lm_head", "attention", "recurrent", "mlp", "experts", "other")}
     for name, t in gf.tensors.items():
         if name == "rope_freqs.weight":
             continue  # RoPE divisors: folded into the config, not a weight
@@ -106,4 +127,5 @@ def _resolve_gguf(p: Path) -> ResolvedModel:
     notes = [f"GGUF file {p.stat().st_size / GiB:.2f} GiB ({mix}); quantized tensors are held in their own "
              "blocks, so plans without --quant price the file's own types"]
     cfg.extra["gguf_weights"] = gguf_weight_parts(gf)
+    notes += [n for n in (state_note(cfg),) if n]
     return ResolvedModel(p.name, cfg, short_dtype(cfg.torch_dtype) or "bf16", notes)

@@ -5,6 +5,7 @@ The package follows the file's concerns, as llama.cpp's own ``gguf-py`` does:
 - :mod:`~ember.loading.gguf.reader`: the bounds-checked header/metadata/tensor-table reader (:class:`GGUFFile`);
 - :mod:`~ember.loading.gguf.dequant`: ggml block types decoded to floats, or kept exactly quantized;
 - :mod:`~ember.loading.gguf.config`: ``{arch}.*`` metadata -> :class:`~ember.config.ModelConfig`;
+- :mod:`~ember.loading.gguf.hybrid`: the same (and the tensors' layouts) for Qwen3-Next / Qwen3.5 / Nemotron-H;
 - :mod:`~ember.loading.gguf.tokenizer`: ``tokenizer.ggml.*`` -> :class:`~ember.tokenizer.Tokenizer`;
 - :mod:`~ember.loading.gguf.weights`: tensors -> a :class:`~ember.models.Transformer`;
 - :mod:`~ember.loading.gguf.families` / :mod:`~ember.loading.gguf.family_weights`: the same for ``gpt-oss``,

@@ -13,11 +13,13 @@ import re
 from typing import Any
 
 import torch
-from gguf import GGMLQuantizationType as QT
 
 from ember.config import ModelConfig
 from ember.errors import GGUFError, UnsupportedModelError
 from ember.loading.gguf.families import FAMILY_TENSORS, family_config, is_family
+from ember.loading.gguf.file_facts import check_layers_present as _check_layers_present
+from ember.loading.gguf.file_facts import file_dtype_name as _file_dtype_name
+from ember.loading.gguf.hybrid import HYBRID_ARCHITECTURES, hybrid_config_from_gguf
 from ember.loading.gguf.reader import GGUFFile
 from ember.models import rope_inv_freq
 
@@ -58,7 +60,6 @@ EXPERT_TENSORS: dict[str, str] = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "
 _EXPERT_NAME = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 # Tensors that configure the model rather than hold weights.
 CONFIG_TENSORS = ("rope_freqs.weight",)
-_BLOCK = re.compile(r"blk\.(\d+)\.")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)")
 
 
@@ -70,11 +71,14 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
         GGUFError: required metadata is missing or malformed.
     """
     arch = gf.architecture
+    if arch in HYBRID_ARCHITECTURES:
+        return hybrid_config_from_gguf(gf)
     if is_family(arch):
         return _family_config(gf, arch)
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: "
-                                    f"{', '.join(sorted([*ARCHITECTURES, *FAMILY_TENSORS]))}")
+                                    f"{', '.join(sorted([*ARCHITECTURES, *FAMILY_TENSORS]))}; "
+                                    f"hybrid: {', '.join(sorted(HYBRID_ARCHITECTURES))}")
     model_type, _ = ARCHITECTURES[arch]
     n_experts = gf.get_int(f"{arch}.expert_count", 0)
     if n_experts and arch not in MOE_MODEL_TYPES:
@@ -168,27 +172,6 @@ def _family_config(gf: GGUFFile, arch: str) -> ModelConfig:
         "gguf_file_type": gf.get_int("general.file_type"), "name_or_path": gf.get("general.name"),
     })
     return ModelConfig.from_dict(raw, source=f"{gf.path} (metadata)")
-
-
-def _check_layers_present(gf: GGUFFile, n_layers: int, at_most: int | None = None) -> None:
-    """``block_count`` must equal the layers the tensor table holds (checked before anything loops over it);
-    with ``at_most``, the table may hold from ``n_layers`` up to that many."""
-    found = [int(m.group(1)) for name in gf.tensors if (m := _BLOCK.match(name))]
-    have = max(found) + 1 if found else 0
-    if not (n_layers <= have <= (at_most or n_layers)):
-        raise GGUFError(f"{gf.path}: metadata block_count = {n_layers} but the file holds tensors for {have} "
-                        "layer(s); the file is corrupt")
-
-
-def _file_dtype_name(gf: GGUFFile) -> str:
-    """The dtype "auto" resolves from: that of the float tensors, bf16 for a quantized file."""
-    counts: dict[str, int] = {}
-    for t in gf.tensors.values():
-        if len(t.shape) >= 2:  # matrices decide; norms are F32 in every file
-            name = QT(t.tensor_type).name
-            counts[name] = counts.get(name, 0) + 1
-    top = max(counts, key=counts.get) if counts else "F32"
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(top, "bfloat16")
 
 
 def _rope_scaling(gf: GGUFFile, arch: str, raw: dict[str, Any]) -> dict[str, Any] | None:

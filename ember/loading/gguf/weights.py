@@ -28,6 +28,7 @@ from ember.loading.gguf.config import (
 from ember.loading.gguf.dequant import check_tensor_types
 from ember.loading.gguf.families import is_family
 from ember.loading.gguf.family_weights import family_tensors
+from ember.loading.gguf.hybrid import HYBRID_ARCHITECTURES, hybrid_tensor_map
 from ember.loading.gguf.reader import GGUFFile
 from ember.loading.gguf.tokenizer import load_gguf_tokenizer
 from ember.models import Transformer
@@ -49,6 +50,8 @@ def gguf_tensor_name_map(gf: GGUFFile, cfg: ModelConfig) -> dict[str, list[str]]
     Raises:
         GGUFError: a tensor whose name Ember does not know (naming the first few).
     """
+    if gf.architecture in HYBRID_ARCHITECTURES:
+        return hybrid_tensor_map(gf, cfg)[0]
     mapping: dict[str, list[str]] = {}
     unknown: list[str] = []
     for name in gf.tensors:
@@ -102,6 +105,7 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
+    hybrid = gf.architecture in HYBRID_ARCHITECTURES
     with torch.device("meta"):
         model = Transformer(cfg)
     if is_family(gf.architecture):  # gpt-oss, gemma3, glm4moe, deepseek2, minimax-m2
@@ -110,8 +114,9 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
                                         "supported; load it whole, or from its HF checkpoint")
         state, kept, modules = family_tensors(gf, cfg, model, dt, device)
         return _install(model, cfg, state, kept, modules, dt, {"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    _, permuted = ARCHITECTURES[gf.architecture]
-    names = gguf_tensor_name_map(gf, cfg)
+    _, permuted = (HYBRID_ARCHITECTURES if hybrid else ARCHITECTURES)[gf.architecture]
+    # fixes: tensors that need more than a rename; mtp: multi-token-prediction blocks, kept apart
+    names, fixes, mtp = hybrid_tensor_map(gf, cfg) if hybrid else (gguf_tensor_name_map(gf, cfg), {}, [])
     if shard is not None:
         shard.prune(model)
         local = {g: [shard.local_name(t) for t in targets] for g, targets in names.items()}
@@ -129,7 +134,7 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
             parts.append(f"unexpected {len(shown)}: {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}")
         raise GGUFError(f"{gf.path}: tensors do not match the model its metadata describes: {'; '.join(parts)}")
 
-    check_tensor_types(gf, names)  # every type refused before a byte is loaded
+    check_tensor_types(gf, {**names, **{n: [n] for n in mtp}})  # every type refused before a byte is loaded
     state: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[Any, torch.Tensor]] = {}  # module path -> (ggml type, raw block rows on device)
     for gname, targets in names.items():
@@ -143,7 +148,8 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         cut = getattr(shard, "gguf_cut", None) and shard.gguf_cut(targets[0], shape[1:] if stacked else shape)
         if cut:
             shape = cut.shape(shape, stacked)
-        if shape != want:
+        fix = fixes.get(gname)
+        if fix is None and shape != want:
             raise GGUFError(f"{gf.path}: tensor {gname!r} ({targets[0]}{', ...' if stacked else ''}) "
                             f"has shape {list(shape)}, the metadata implies {list(want)}")
         heads = None
@@ -151,20 +157,33 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
             heads = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
         qtype = QT(gf.tensors[gname].tensor_type)
         owners = [t.rsplit(".", 1)[0] for t in targets]
-        if qtype in KEPT_TYPES and targets[0].endswith(".weight") and all(
+        if qtype in KEPT_TYPES and targets[0].endswith(".weight") and (fix is None or fix.value is None) and all(
                 type(model.get_submodule(o)) in _BLOCK_MODULES for o in owners):
             raw = gf.raw(gname, heads).to(device)  # CPU: a view of the file's map (one copy where un-permuted)
+            if fix is not None:  # each target takes its rows of the file's tensor
+                parts = [raw if r is None else raw[r] for r in fix.rows]
+                _check_numel(gf, gname, [(t, p.shape[0] * expected[t].shape[-1]) for t, p in zip(targets, parts)],
+                             expected)
+                kept.update((o, (qtype, p)) for o, p in zip(owners, parts))
+                continue
             raw = raw.reshape(len(targets), -1, raw.shape[-1])
             raw = cut.blocks(raw, qtype) if cut else raw
             kept.update((o, (qtype, raw[i])) for i, o in enumerate(owners))
             continue
-        w = gf.tensor(gname, dt, device, unpermute_heads=heads)
+        w = gf.tensor(gname, dt if fix is None else torch.float32, device, unpermute_heads=heads)
         w = cut.tensor(w, stacked) if cut else w
-        if stacked:
+        if fix is not None:  # values undone in fp32, then rows picked and reshaped per target
+            w = fix.value(w) if fix.value is not None else w
+            parts = [w if r is None else w[r] for r in fix.rows]
+            _check_numel(gf, gname, [(t, p.numel()) for t, p in zip(targets, parts)], expected)
+            state.update((t, p.reshape(expected[t].shape).to(dt)) for t, p in zip(targets, parts))
+        elif stacked:
             state.update((target, w[i]) for i, target in enumerate(targets))  # views of one decoded stack
         else:
             state[targets[0]] = w
-    return _install(model, cfg, state, kept, {}, dt, ignore, shard)
+    model = _install(model, cfg, state, kept, {}, dt, ignore, shard)
+    model.extra_weights = {n: gf.tensor(n, dt, device) for n in mtp}  # MTP heads, for speculative decoding
+    return model
 
 
 def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor], kept: dict[str, tuple[Any, torch.Tensor]],
@@ -192,6 +211,14 @@ def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor
     model.reset_rope()
     model.eval().requires_grad_(False)
     return model
+
+
+def _check_numel(gf: GGUFFile, gname: str, got: list[tuple[str, int]], expected: dict[str, torch.Tensor]) -> None:
+    """Each (target, elements the file gives it) must fill the target exactly."""
+    for target, n in got:
+        if n != expected[target].numel():
+            raise GGUFError(f"{gf.path}: tensor {gname!r} gives {target} {n} values, the metadata implies "
+                            f"{list(expected[target].shape)}")
 
 
 def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
