@@ -97,7 +97,10 @@ def test_moe_offload_prefetch_same_tokens_and_stats(moe_folder):
     s = model.offload.stats()
     assert s["hits"] + s["misses"] == s["uses"]
     assert s["prefetch_reads"] > 0 and s["prefetch_hits"] > 0
-    assert s["bytes_read"] == (s["misses"] + s["prefetch_reads"]) * _expert_bytes(model)
+    done = s["prefetch_reads"] - s["prefetch_cancelled"]
+    assert s["bytes_read"] == (s["demand_reads"] + done) * _expert_bytes(model)
+    assert s["prefetch_precision"] == s["prefetch_hits"] / done
+    assert s["io"]["bytes"] >= s["bytes_read"] and s["io"]["max_in_flight"] >= 1
     model.offload.close()
 
 
@@ -170,14 +173,14 @@ def test_reader_reads_tensors_as_stored(moe_folder):
 
 
 def test_lfu_keeps_the_most_used():
-    cache = ExpertCache(3 * 10, policy="lfu", prefetch_threads=0)
+    cache = ExpertCache(3 * 10, policy="lfu")
     load = lambda: (torch.nn.Identity(), 10, 10, 0.0)  # noqa: E731
     for key, n in (("a", 5), ("b", 1), ("c", 3)):
         for _ in range(n):
             cache.get(key, load)
     cache.get("d", load)  # evicts b: fewest uses
     assert sorted(cache.resident()) == ["a", "c", "d"]
-    lru = ExpertCache(2 * 10, policy="lru", prefetch_threads=0)
+    lru = ExpertCache(2 * 10, policy="lru")
     for key in "aab":
         lru.get(key, load)
     lru.get("a", load)

@@ -26,7 +26,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.errors import ConfigError, InsufficientMemoryError
 from ember.loading import load_model, open_checkpoint
-from ember.offload.cache import PREFETCH_THREADS, CacheStats, ExpertCache
+from ember.offload.cache import CacheStats, ExpertCache
 from ember.offload.experts import ExpertStore, is_expert_tensor, offload_experts
 from ember.offload.layers import DEFAULT_AHEAD, LayerStreamer, stream_layers
 from ember.offload.reader import DiskReader, read_module
@@ -63,8 +63,12 @@ class Offload:
 
     def stats(self) -> dict:
         """Counters since load (or :meth:`reset_stats`): uses, hits, misses, hit_rate, bytes_read,
-        gb_read_per_token, prefetch_reads, prefetch_hits, evictions, tokens, and the budget's split."""
+        gb_read_per_token, demand_reads, prefetch_reads / _cancelled / _hits / _precision, wait_seconds,
+        wait_ms_per_token, evictions, tokens; the I/O threads' ``io`` counters (chunks, bytes, busy_seconds,
+        mean_in_flight, max_in_flight); and the budget's split."""
         s = (self.cache or self.streamer).stats.to_json()
+        if self.reader.pool is not None:
+            s["io"] = self.reader.pool.counters.to_json()
         s.update(mode=self.mode, direct=self.direct, budget_bytes=self.budget_bytes,
                  resident_bytes=self.resident_bytes, cache_bytes=self.cache_bytes,
                  offloaded_layers=len(self.offloaded))
@@ -78,6 +82,8 @@ class Offload:
             self.cache.reset_stats()
         else:
             self.streamer.stats = CacheStats()
+        if self.reader.pool is not None:
+            self.reader.pool.reset_counters()
 
     def summary(self) -> str:
         """One line: what is offloaded, hit rate, GB read per token."""
@@ -88,10 +94,11 @@ class Offload:
                 f"{s['bytes_read'] / 1e9:.2f} GB read{'' if self.direct else ' (page cache, no O_DIRECT)'}")
 
     def close(self) -> None:
-        """Stop the background readers and close the files."""
-        for part in (self.cache, self.streamer):
-            if part is not None:
-                part.close()
+        """Stop the background readers (the I/O threads end) and close the files."""
+        if self.cache is not None:
+            self.cache.drain()
+        if self.streamer is not None:
+            self.streamer.close()
         self.reader.close()
 
 
@@ -174,7 +181,7 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
     resident = module_bytes(model)
     reader = DiskReader({i.file for i in infos.values()}, direct=direct)
     capacity = budget - resident - reserve
-    cache = ExpertCache(max(0, capacity), policy, PREFETCH_THREADS if prefetch else 0)
+    cache = ExpertCache(max(0, capacity), policy)
     section = cfg.extra.get(SECTION)
     spec = QuantSpec.from_section(section, str(folder / "config.json")) if section is not None else None
     store = ExpertStore(cfg, infos, reader, cache, dt, dev, quant=spec)
@@ -182,7 +189,6 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
     need = cfg.num_experts_per_tok * one
     if capacity < need:
         reader.close()
-        cache.close()
         raise InsufficientMemoryError(
             f"{folder}: with every expert offloaded, {resident / GiB:.2f} GiB of weights stay resident and "
             f"{reserve / GiB:.2f} GiB go to the KV cache and activations; the expert cache needs at least "
