@@ -82,9 +82,9 @@ class Request:
         """Drop the request if none of its chunks has started; True when dropped (its future is cancelled)."""
         return self._pool._cancel(self)
 
-    def result(self):
+    def result(self, timeout: float | None = None):
         """Wait for the request; raises what its reads or completion raised."""
-        return self.future.result()
+        return self.future.result(timeout)
 
 
 def pread_into(chunk: Chunk) -> None:

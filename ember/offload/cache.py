@@ -18,8 +18,10 @@ module is being read on demand (waited for) or is read now. Counters hold exactl
 
 Eviction takes the resident entry with the fewest uses (LFU; ties: the least recently used) or the least
 recently used (LRU). Use counts outlive eviction, so the experts a workload favours win their place back.
-A module evicted while the forward still holds it stays alive until that layer finishes: the budget can be
-exceeded by at most the experts one layer runs at once (the planner reserves them).
+A module read ahead of its use is not evicted until that use (or until :meth:`ExpertCache.cancel` says it
+will not come), so a layer's demand reads and the next layer's guesses cannot push each other out; a module
+evicted while the forward still holds it stays alive until that layer finishes. The budget can so be exceeded
+by at most two layers' worth of experts in flight (k demand + k speculative reads).
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class ExpertCache:
         self._last: dict[Hashable, int] = {}
         self._speculative: set[Hashable] = set()  # resident by a speculative read, not used since
         self._pending: dict[Hashable, tuple[Request, bool]] = {}  # in flight: (request, speculative)
-        self._used_pending: set[Hashable] = set()  # speculative reads in flight that a use already counted
+        self._used_pending: set[Hashable] = set()  # reads in flight that a use already waits for
+        self._pinned: set[Hashable] = set()  # read ahead of a use that has not come yet: not evicted until then
+        self._expired: set[Hashable] = set()  # reads in flight whose use will not come (see cancel)
         self._heap: list[tuple[int, int, Hashable]] = []
         self._tick = itertools.count()
         self._lock = threading.Lock()
@@ -112,6 +116,7 @@ class ExpertCache:
             hit = self._entries.get(key)
             if hit is not None:
                 self.stats.hits += 1
+                self._pinned.discard(key)
                 if key in self._speculative:
                     self._speculative.discard(key)
                     self.stats.prefetch_hits += 1
@@ -121,9 +126,11 @@ class ExpertCache:
                 self.stats.hits += 1
                 self.stats.prefetch_hits += 1
                 self.stats.wait_hits += 1
-                self._used_pending.add(key)
             else:
                 self.stats.misses += 1
+            if pending is not None:
+                self._used_pending.add(key)
+                self._expired.discard(key)
         if pending is not None:
             try:
                 module = pending[0].result()[0]  # a failed read raises its CheckpointError here
@@ -171,15 +178,22 @@ class ExpertCache:
             req.future.add_done_callback(lambda f, key=key, req=req: self._arrive(key, req))
 
     def cancel(self, keys) -> int:
-        """Drop the speculative reads of ``keys`` that have not started; returns how many were dropped."""
+        """The uses of ``keys`` that reads were started for will not come (the layer's routing chose others):
+        drop their speculative reads that have not started, and let the rest be evicted like any entry once
+        arrived (until then a read-ahead entry is kept for its use). Returns how many reads were dropped."""
         n = 0
         with self._lock:
             for key in keys:
+                self._pinned.discard(key)
                 pending = self._pending.get(key)
-                if pending is not None and pending[1] and key not in self._used_pending and pending[0].cancel():
+                if pending is None or key in self._used_pending:
+                    continue
+                if pending[1] and pending[0].cancel():
                     del self._pending[key]
                     self.stats.prefetch_cancelled += 1
                     n += 1
+                else:
+                    self._expired.add(key)
         return n
 
     def _arrive(self, key: Hashable, req: Request) -> None:
@@ -192,7 +206,9 @@ class ExpertCache:
             if pending is not None and pending[0] is req:
                 del self._pending[key]
             used = key in self._used_pending
+            expired = key in self._expired
             self._used_pending.discard(key)
+            self._expired.discard(key)
             if req.future.exception() is not None:
                 return  # whoever waits on it raises the error; nothing was read
             module, nbytes, read, secs = req.future.result()
@@ -200,6 +216,8 @@ class ExpertCache:
             self.stats.read_seconds += secs
             if key in self._entries:
                 return
+            if not used and not expired:
+                self._pinned.add(key)  # before the insert: the eviction it may trigger must not take it
             self._insert(key, module, nbytes)
             if speculative and not used:
                 self._speculative.add(key)
@@ -247,11 +265,12 @@ class ExpertCache:
             count, last, key = heapq.heappop(self._heap)
             if key not in self._entries or (count, last) != self._rank(key):
                 continue  # stale rank
-            if key == keep:
+            if key == keep or key in self._pinned:
                 kept.append((count, last, key))
                 continue
             _, nbytes = self._entries.pop(key)
             self.used_bytes -= nbytes
+            self._pinned.discard(key)
             self._speculative.discard(key)
             self.stats.evictions += 1
             evicted = True

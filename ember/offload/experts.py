@@ -31,7 +31,7 @@ from ember.quant.int4 import Int4Linear
 from ember.quant.quantize import CLASSES, QuantSpec, _expected_state
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PREFETCH_MIN_WEIGHT = 0.1  # next-layer guesses below this (renormalised top-k) routing weight are not read
+PREFETCH_MIN_WEIGHT = 0.2  # next-layer guesses below this predicted (renormalised top-k) weight are not read
 
 
 def expert_prefix(layer: int, expert: int) -> str:
@@ -189,7 +189,8 @@ class ExpertStore:
         self.cache.request([(layer, int(e)) for e in experts], self.start, speculative=speculative)
 
     def cancel_except(self, layer: int, keep) -> int:
-        """Drop the not yet started speculative reads of ``layer``'s experts other than ``keep``."""
+        """``layer``'s routing picked ``keep``: the reads ahead of its other experts will not be used
+        (:meth:`ExpertCache.cancel`)."""
         keep = set(keep)
         return self.cache.cancel([(layer, e) for e in range(self.cfg.num_local_experts) if e not in keep])
 
@@ -206,7 +207,7 @@ def _predict(moe: nn.Module, x2: torch.Tensor, limit: int, min_weight: float = 0
 
 
 def offload_experts(model: nn.Module, store: ExpertStore, prefetch: bool = True,
-                    min_weight: float = PREFETCH_MIN_WEIGHT) -> list[int]:
+                    min_weight: float | None = None) -> list[int]:
     """Swap the experts of every MoE layer of ``model`` for :class:`OffloadedExperts` over ``store``.
 
     The model's expert parameters must not be loaded (left on the meta device). With ``prefetch``, each MoE
@@ -218,6 +219,7 @@ def offload_experts(model: nn.Module, store: ExpertStore, prefetch: bool = True,
     Raises:
         ConfigError: an MoE layer whose experts are not per-expert SwiGLU modules (gpt-oss's fused experts).
     """
+    min_weight = PREFETCH_MIN_WEIGHT if min_weight is None else min_weight
     layers = model.model.layers
     moes: list[tuple[int, nn.Module]] = []
     for i, layer in enumerate(layers):
@@ -251,7 +253,7 @@ def _make_hook(store: ExpertStore, layer: int, mlp: nn.Module, nxt, limit: int, 
             return
         with torch.no_grad():
             need = _predict(mlp, x2, limit)
-            store.cancel_except(layer, need)  # guesses for this layer that its routing did not pick
+            store.cancel_except(layer, need)  # reads ahead for this layer that its routing did not pick
             store.request(layer, need)  # this layer's experts, read together while attention's output is mixed
             if nxt is not None:
                 store.request(nxt[0], _predict(nxt[1], x2, store.cfg.num_experts_per_tok, min_weight), speculative=True)

@@ -137,7 +137,7 @@ def detach_from_files(model: nn.Module) -> None:
 
 def load_offloaded(path, memory_bytes: int, device: str | torch.device = "cpu", dtype="auto",
                    reserve_bytes: int = 0, mode: str = "auto", policy: str = "lfu", prefetch: bool = True,
-                   direct: bool = True, ahead: int = DEFAULT_AHEAD) -> nn.Module:
+                   direct: bool = True, ahead: int = DEFAULT_AHEAD, prefetch_min_weight: float | None = None) -> nn.Module:
     """Load the model at ``path`` within ``memory_bytes`` of weights + cache, the rest read from disk as needed.
 
     Args:
@@ -150,6 +150,9 @@ def load_offloaded(path, memory_bytes: int, device: str | torch.device = "cpu", 
         prefetch: read predicted experts / the next layers on background threads.
         direct: read with ``O_DIRECT`` where the file system allows it.
         ahead: layers read ahead (layer streaming).
+        prefetch_min_weight: the next MoE layer's experts are read ahead when their routing weight, predicted
+            by that layer's router on this layer's input, is at least this (default
+            :data:`~ember.offload.experts.PREFETCH_MIN_WEIGHT`; 0: its whole top-k).
     Returns:
         the model, with ``model.offload`` (:class:`Offload`).
     Raises:
@@ -163,12 +166,13 @@ def load_offloaded(path, memory_bytes: int, device: str | torch.device = "cpu", 
     if mode == "auto":
         mode = "experts" if cfg.num_local_experts else "layers"
     if mode == "experts":
-        return _load_experts(folder, cfg, memory_bytes, device, dtype, reserve_bytes, policy, prefetch, direct)
+        return _load_experts(folder, cfg, memory_bytes, device, dtype, reserve_bytes, policy, prefetch, direct,
+                             prefetch_min_weight)
     return _load_layers(folder, cfg, memory_bytes, device, dtype, reserve_bytes, prefetch, direct, ahead)
 
 
 def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, reserve: int, policy: str,
-                  prefetch: bool, direct: bool) -> nn.Module:
+                  prefetch: bool, direct: bool, min_weight: float | None) -> nn.Module:
     if not cfg.num_local_experts:
         raise ConfigError(f"{folder}: expert offload needs a mixture-of-experts model; this one is dense "
                           "(use layer streaming)")
@@ -194,7 +198,7 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
             f"{reserve / GiB:.2f} GiB go to the KV cache and activations; the expert cache needs at least "
             f"{need / GiB:.3f} GiB ({cfg.num_experts_per_tok} experts of one layer) but the budget of "
             f"{budget / GiB:.2f} GiB leaves {max(0, capacity) / GiB:.3f}; raise --max-memory")
-    layers = offload_experts(model, store, prefetch=prefetch)
+    layers = offload_experts(model, store, prefetch=prefetch, min_weight=min_weight)
     model.offload = Offload("experts", reader, budget, resident, capacity, cache=cache, offloaded=layers,
                             reserve_bytes=reserve)
     return model
