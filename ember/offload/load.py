@@ -90,8 +90,10 @@ class Offload:
         s = self.stats()
         what = (f"{s['offloaded_layers']} MoE layers' experts, cache {self.cache_bytes / GiB:.2f} GiB"
                 if self.mode == "experts" else f"{s['offloaded_layers']} layers streamed")
-        return (f"offload: {what}, hit rate {100 * s['hit_rate']:.1f}%, {s['gb_read_per_token']:.3f} GB read/token, "
-                f"{s['bytes_read'] / 1e9:.2f} GB read{'' if self.direct else ' (page cache, no O_DIRECT)'}")
+        guess = f", prefetch precision {100 * s['prefetch_precision']:.0f}%" if s["prefetch_reads"] and self.cache else ""
+        return (f"offload: {what}, hit rate {100 * s['hit_rate']:.1f}%{guess}, {s['gb_read_per_token']:.3f} GB "
+                f"read/token, waited {s['wait_ms_per_token']:.1f} ms/token, {s['bytes_read'] / 1e9:.2f} GB read"
+                f"{'' if self.direct else ' (page cache, no O_DIRECT)'}")
 
     def close(self) -> None:
         """Stop the background readers (the I/O threads end) and close the files."""
