@@ -58,6 +58,7 @@ from ember.engine import Engine  # noqa: E402
 from ember.offload import load_offloaded  # noqa: E402
 from ember.offload.disk import disk_read_rate  # noqa: E402
 from ember.tokenizer import Tokenizer  # noqa: E402
+from report import offload_rows_table as table  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=768,
              num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=64,
@@ -170,31 +171,6 @@ def dense_rows(folder: Path, tokens: int, disk_bw: float) -> list[dict]:
                  stats=s)]
 
 
-def _fmt(x, spec: str, scale: float = 1.0) -> str:
-    return "-" if x is None else format(x * scale, spec)
-
-
-def table(rows: list[dict]) -> str:
-    """The Markdown table of a run's rows."""
-    head = ["engine", "budget GB", "decode tok/s", "GB read/token", "hit rate", "prefetch precision",
-            "wait ms/token", "reads in flight", "disk-bound tok/s", "compute-bound tok/s", "% roofline", "same tokens"]
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        if "skipped" in r:
-            out.append(f"| {r['engine']} | {r['skipped']} |" + " |" * (len(head) - 2))
-            continue
-        disk = r.get("disk_bound_tok_s")
-        out.append("| " + " | ".join([
-            r["engine"] + (f" (predicted {r['predicted_tok_s']:.2f} tok/s)" if "predicted_tok_s" in r else ""),
-            _fmt(r["budget_bytes"], ".2f", 1e-9), f"{r['decode_tok_s']:.2f}", f"{r['gb_read_per_token']:.3f}",
-            _fmt(r["hit_rate"], ".1f", 100), _fmt(r.get("prefetch_precision"), ".0f", 100),
-            _fmt(r.get("wait_ms_per_token"), ".1f"), _fmt(r.get("mean_in_flight"), ".1f"),
-            _fmt(disk, ".2f") + (" (disk bound)" if r.get("disk_bound") else ""),
-            _fmt(r.get("compute_bound_tok_s"), ".2f"), _fmt(r.get("roofline_frac"), ".0f", 100),
-            {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")]]) + " |")
-    return "\n".join(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folder", default="/tmp/ember-bench-offload/qwen3-moe-random", help="MoE model folder (made once)")
@@ -208,10 +184,8 @@ def main() -> None:
     ap.add_argument("--table", metavar="JSON", default=None, help="print the table of an earlier run's JSON and exit")
     args = ap.parse_args()
     if args.table:
-        d = json.loads(Path(args.table).read_text())
-        print(f"{d['date']}, {d['machine']}: checkpoint {d['checkpoint_bytes'] / 1e9:.2f} GB, disk "
-              f"{d['disk_read_bytes_s'] / 1e9:.2f} GB/s ({'O_DIRECT' if d['disk_direct'] else 'no O_DIRECT'})\n")
-        print(table(d["rows"]))
+        from report import offload_table  # noqa: PLC0415
+        print(offload_table(json.loads(Path(args.table).read_text())))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
