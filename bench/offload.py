@@ -2,7 +2,7 @@
 
 A random Qwen3-MoE checkpoint (bf16, written with transformers' ``save_pretrained``; kept in ``--folder`` for
 reruns) is loaded with ``ember.offload.load_offloaded`` and a budget of (checkpoint bytes) / ratio, for each of
-``--ratios``: attention, norms, routers and embeddings stay resident, the rest of the budget is the expert cache,
+``--ratios`` (default 1.5, 3, 8): attention, norms, routers and embeddings stay resident, the rest of the budget is the expert cache,
 and experts are read with ``O_DIRECT`` (the page cache cannot serve them; where the file system refuses O_DIRECT
 the rows say so). Decoding samples (temperature 1, fixed seed) so the routing keeps changing; the same prompt and
 seed decoded by the whole model in memory, its MoE layers run as modules as offloaded layers run, gives the
@@ -30,7 +30,7 @@ size) run by llama-cpp-python from the mmap'd file in a child process under the 
 possible the row runs without a limit and says why (the page cache is dropped with ``posix_fadvise`` first).
 Its GB read per token is the process's storage reads (``/proc/self/io``).
 
-    python bench/offload.py                            # ratios 1.5 and 3, 48 decode tokens, dense + llama.cpp rows
+    python bench/offload.py                            # ratios 1.5, 3, 8; 48 decode tokens; dense + llama.cpp rows
     python bench/offload.py --ratios 3 --tokens 128 --no-dense
     python bench/offload.py --table bench/recorded/offload.json
 """
@@ -175,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folder", default="/tmp/ember-bench-offload/qwen3-moe-random", help="MoE model folder (made once)")
     ap.add_argument("--dense-folder", default="/tmp/ember-bench-offload/qwen3-dense-random")
-    ap.add_argument("--ratios", default="1.5,3", help="checkpoint bytes / memory budget, comma separated")
+    ap.add_argument("--ratios", default="1.5,3,8", help="checkpoint bytes / memory budget, comma separated")
     ap.add_argument("--tokens", type=int, default=48, help="decode tokens per row")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense layer-streaming rows")

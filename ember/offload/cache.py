@@ -8,7 +8,7 @@ drops those that have not started once the real routing is known).
 
 A lookup (:meth:`ExpertCache.get`) is a *use*. It is a *hit* when the module is resident or is being read by a
 speculative read (the forward then waits for that read instead of issuing a second one), else a *miss*: the
-module is being read on demand (waited for) or is read now. Counters hold exactly (tests/test_offload.py):
+module was read for this use by a demand read (arrived in time, or waited for) or is read now. Counters hold exactly (tests/test_offload.py):
 
     hits + misses == uses
     bytes_read == (demand_reads + prefetch_reads - prefetch_cancelled) x expert bytes   (after :meth:`drain`)
@@ -102,6 +102,7 @@ class ExpertCache:
         self._used_pending: set[Hashable] = set()  # reads in flight that a use already waits for
         self._pinned: set[Hashable] = set()  # read ahead of a use that has not come yet: not evicted until then
         self._expired: set[Hashable] = set()  # reads in flight whose use will not come (see cancel)
+        self._demanded: set[Hashable] = set()  # resident by a demand read, not used since (its use is a miss)
         self._heap: list[tuple[int, int, Hashable]] = []
         self._tick = itertools.count()
         self._lock = threading.Lock()
@@ -115,8 +116,12 @@ class ExpertCache:
             self._touch(key)
             hit = self._entries.get(key)
             if hit is not None:
-                self.stats.hits += 1
                 self._pinned.discard(key)
+                if key in self._demanded:  # read for this use by the layer's demand read: arrived in time
+                    self._demanded.discard(key)
+                    self.stats.misses += 1
+                    return hit[0]
+                self.stats.hits += 1
                 if key in self._speculative:
                     self._speculative.discard(key)
                     self.stats.prefetch_hits += 1
@@ -185,6 +190,7 @@ class ExpertCache:
         with self._lock:
             for key in keys:
                 self._pinned.discard(key)
+                self._demanded.discard(key)
                 pending = self._pending.get(key)
                 if pending is None or key in self._used_pending:
                     continue
@@ -219,8 +225,8 @@ class ExpertCache:
             if not used and not expired:
                 self._pinned.add(key)  # before the insert: the eviction it may trigger must not take it
             self._insert(key, module, nbytes)
-            if speculative and not used:
-                self._speculative.add(key)
+            if not used:
+                (self._speculative if speculative else self._demanded).add(key)
 
     def in_flight(self) -> int:
         """Reads started and not arrived."""
@@ -272,6 +278,7 @@ class ExpertCache:
             self.used_bytes -= nbytes
             self._pinned.discard(key)
             self._speculative.discard(key)
+            self._demanded.discard(key)
             self.stats.evictions += 1
             evicted = True
             break
@@ -299,5 +306,6 @@ class ExpertCache:
                 r.result()
             except BaseException:  # noqa: BLE001  (its waiter, if any, reports it)
                 pass
-        while self.in_flight():  # the arrivals run just after the results are set
+        deadline = time.monotonic() + 5.0
+        while self.in_flight() and time.monotonic() < deadline:  # arrivals run just after the results are set
             time.sleep(0.001)

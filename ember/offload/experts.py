@@ -5,11 +5,13 @@
 :class:`~ember.offload.cache.ExpertCache`, read from disk on a miss. The MoE definitions run unchanged: they
 route, then call ``self.experts[e](x)`` for the chosen experts only (docs/design.md, principle 3).
 
-Prefetch: a forward pre-hook on each offloaded MoE layer routes its input with the layer's own router (so the
-k reads of this layer start together, in the background, instead of one after the other) and with the router
-of the next MoE layer (whose input, one attention block later, is close to this one: its top experts are a good
-guess and are read while this layer and the next attention compute). The hook also makes the CPU runtime run
-these layers as their modules (it never fuses a hooked piece), while attention keeps its fused kernel.
+Prefetch: a forward pre-hook on each offloaded MoE layer routes its input with the layer's own router (the
+missing experts of this layer are demand reads, started together on the I/O threads instead of one after the
+other; reads ahead for this layer that its routing did not pick are cancelled) and with the router of the next
+MoE layer (whose input, one attention block later, is close to this one: the experts it weighs at least
+:data:`PREFETCH_MIN_WEIGHT` are speculative reads, done while this layer and the next attention compute). The
+hook also makes the CPU runtime run these layers as their modules (it never fuses a hooked piece), while
+attention keeps its fused kernel.
 """
 
 from __future__ import annotations
