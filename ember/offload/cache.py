@@ -30,7 +30,7 @@ import heapq
 import itertools
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from dataclasses import asdict, dataclass
 from typing import Callable, Hashable
 
@@ -180,7 +180,8 @@ class ExpertCache:
                     self.stats.prefetch_reads += 1
                 else:
                     self.stats.demand_reads += 1
-            req.future.add_done_callback(lambda f, key=key, req=req: self._arrive(key, req))
+            # the callback names the future, not the request: no cycle keeps the request's module alive
+            req.future.add_done_callback(lambda f, key=key: self._arrive(key, f))
 
     def cancel(self, keys) -> int:
         """The uses of ``keys`` that reads were started for will not come (the layer's routing chose others):
@@ -202,22 +203,22 @@ class ExpertCache:
                     self._expired.add(key)
         return n
 
-    def _arrive(self, key: Hashable, req: Request) -> None:
+    def _arrive(self, key: Hashable, fut: Future) -> None:
         """A background read finished (on its I/O thread): count it and insert its module."""
-        if req.future.cancelled():
+        if fut.cancelled():
             return
         with self._lock:
             pending = self._pending.get(key)
-            speculative = pending is not None and pending[0] is req and pending[1]
-            if pending is not None and pending[0] is req:
+            speculative = pending is not None and pending[0].future is fut and pending[1]
+            if pending is not None and pending[0].future is fut:
                 del self._pending[key]
             used = key in self._used_pending
             expired = key in self._expired
             self._used_pending.discard(key)
             self._expired.discard(key)
-            if req.future.exception() is not None:
+            if fut.exception() is not None:
                 return  # whoever waits on it raises the error; nothing was read
-            module, nbytes, read, secs = req.future.result()
+            module, nbytes, read, secs = fut.result()
             self.stats.bytes_read += read
             self.stats.read_seconds += secs
             if key in self._entries:

@@ -156,7 +156,7 @@ class ExpertStore:
             mlp = self._assemble(got) if self.quant is not None else \
                 assemble_module(self._new_expert, got, self.dtype, self.device)
             return mlp, self.memory_bytes(*key), self.stored_bytes(*key), time.perf_counter() - t0
-        return self.reader.submit([where[n] for n in names], then=build, priority=priority)
+        return self.reader.submit([where[n] for n in names], then=build, priority=priority, owner=lambda r: r[0])
 
     def read(self, key: tuple[int, int]) -> tuple[nn.Module, int, int, float]:
         """Read one expert now: (module, in-memory bytes, stored bytes read, seconds)."""

@@ -82,7 +82,7 @@ class LayerStreamer:
                 self.stats.bytes_read += self.layer_bytes(i)
                 self.stats.read_seconds += time.perf_counter() - t0
             return m
-        return self.reader.submit([self.infos[i][n] for n in names], then=build)
+        return self.reader.submit([self.infos[i][n] for n in names], then=build, owner=lambda m: m)
 
     def acquire(self, i: int, tokens: int = 1) -> nn.Module:
         """Layer ``i``, ready to run on ``tokens`` positions; starts reading the next ``ahead`` streamed layers."""
