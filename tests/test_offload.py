@@ -84,6 +84,7 @@ def test_moe_offload_same_tokens_and_stats_without_prefetch(moe_folder):
     assert s["bytes_read"] == s["misses"] * _expert_bytes(model)
     assert model.offload.cache.used_bytes <= model.offload.cache_bytes
     assert s["evictions"] > 0  # the budget holds fewer experts than the model has
+    assert model.offload.reader.buffers.reused > 0  # evicted experts' buffers were read into again: same tokens
     model.offload.close()
 
 
