@@ -1,11 +1,11 @@
 """Markdown tables from the benchmarks' JSON (bench/results/*.json), as they were measured, and docs/benchmarks.md.
 
     python bench/report.py            # print every table whose JSON exists
-    python bench/report.py decode     # one of: decode, quant, gguf, serve, tune, plan
+    python bench/report.py decode     # one of: decode, quant, gguf, serve, tune, plan, offload
     python bench/report.py --write    # record each JSON's table in bench/recorded/, then regenerate docs/benchmarks.md
 
 Nothing here measures anything: it formats what bench/decode.py, quant.py, gguf_llamacpp.py, serve.py, tune.py and
-plan_accuracy.py wrote, so the tables are the benchmark's numbers, not copies by hand. bench/results/ is
+plan_accuracy.py, offload.py wrote, so the tables are the benchmark's numbers, not copies by hand. bench/results/ is
 not committed (it is one machine's last run); bench/recorded/ is: one Markdown file per recorded table,
 named ``DATE-BENCH-MACHINE.md``, each saying the machine and date it was measured on. docs/benchmarks.md
 is made from those files alone, so the same files always give the same page (``--check`` says whether
@@ -203,7 +203,53 @@ def plan() -> str | None:
     return text
 
 
-TABLES = {"decode": decode, "quant": quant, "gguf": gguf, "serve": serve, "tune": tune, "plan": plan}
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+    return "-" if x is None else format(x * scale, spec)
+
+
+def _pct(x, spec: str) -> str:
+    return "-" if x is None else format(100 * x, spec) + "%"
+
+
+def offload_rows_table(rows: list[dict]) -> str:
+    """bench/offload.py's rows as a Markdown table."""
+    head = ["engine", "budget GB", "decode tok/s", "GB read/token", "hit rate", "prefetch precision",
+            "wait ms/token", "reads in flight", "disk-bound tok/s", "compute-bound tok/s", "% roofline", "same tokens"]
+    out = []
+    for r in rows:
+        if "skipped" in r:
+            out.append([r["engine"], r["skipped"]] + [""] * (len(head) - 2))
+            continue
+        disk = r.get("disk_bound_tok_s")
+        out.append([
+            r["engine"] + (f" (predicted {r['predicted_tok_s']:.2f} tok/s)" if "predicted_tok_s" in r else ""),
+            _fmt(r["budget_bytes"], ".2f", 1e-9), f"{r['decode_tok_s']:.2f}", f"{r['gb_read_per_token']:.3f}",
+            _pct(r["hit_rate"], ".1f"), _pct(r.get("prefetch_precision"), ".0f"),
+            _fmt(r.get("wait_ms_per_token"), ".1f"), _fmt(r.get("mean_in_flight"), ".1f"),
+            _fmt(disk, ".2f") + (" (disk bound)" if r.get("disk_bound") else ""),
+            _fmt(r.get("compute_bound_tok_s"), ".2f"), _pct(r.get("roofline_frac"), ".0f"),
+            {True: "yes", False: "NO", None: "-"}[r.get("same_tokens")]])
+    return _table(head, out)
+
+
+def offload_table(d: dict) -> str:
+    """bench/offload.py's table of one run, with the machine, the disk rate and the target lines."""
+    text = (f"A random Qwen3-MoE ({d['checkpoint_bytes'] / 1e9:.2f} GB bf16) decoded {d['tokens']} tokens with its "
+            f"experts read from disk at budgets of size / {', '.join(str(r) for r in d['ratios'])}; {d['date']}, "
+            f"{d['machine']}; disk {d['disk_read_bytes_s'] / 1e9:.2f} GB/s "
+            f"({'O_DIRECT' if d['disk_direct'] else 'buffered, page cache dropped'}). % roofline = decode tok/s / "
+            "min(disk-bound, compute-bound); disk-bound = disk rate / bytes read per token; compute-bound = the model "
+            "whole in memory.\n\n")
+    return text + offload_rows_table(d["rows"]) + ("\n\n" + _targets(d["targets"]) if d["targets"] else "")
+
+
+def offload() -> str | None:
+    d = _load("offload")
+    return None if d is None else offload_table(d)
+
+
+TABLES = {"decode": decode, "quant": quant, "gguf": gguf, "serve": serve, "tune": tune, "plan": plan,
+          "offload": offload}
 # bench name -> (section title in docs/benchmarks.md, the script and JSON that produce it)
 SECTIONS = {
     "decode": ("Decode", "bench/decode.py", "decode"),
@@ -212,6 +258,7 @@ SECTIONS = {
     "serve": ("Serving", "bench/serve.py", "serve"),
     "tune": ("Fine-tuning", "bench/tune.py", "tune"),
     "plan": ("Planner accuracy", "bench/plan_accuracy.py", "plan_accuracy"),
+    "offload": ("Bigger than memory (offload)", "bench/offload.py", "offload"),
 }
 
 

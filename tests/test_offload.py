@@ -84,6 +84,7 @@ def test_moe_offload_same_tokens_and_stats_without_prefetch(moe_folder):
     assert s["bytes_read"] == s["misses"] * _expert_bytes(model)
     assert model.offload.cache.used_bytes <= model.offload.cache_bytes
     assert s["evictions"] > 0  # the budget holds fewer experts than the model has
+    assert model.offload.reader.buffers.reused > 0  # evicted experts' buffers were read into again: same tokens
     model.offload.close()
 
 
@@ -97,7 +98,10 @@ def test_moe_offload_prefetch_same_tokens_and_stats(moe_folder):
     s = model.offload.stats()
     assert s["hits"] + s["misses"] == s["uses"]
     assert s["prefetch_reads"] > 0 and s["prefetch_hits"] > 0
-    assert s["bytes_read"] == (s["misses"] + s["prefetch_reads"]) * _expert_bytes(model)
+    done = s["prefetch_reads"] - s["prefetch_cancelled"]
+    assert s["bytes_read"] == (s["demand_reads"] + done) * _expert_bytes(model)
+    assert s["prefetch_precision"] == s["prefetch_hits"] / done
+    assert s["io"]["bytes"] >= s["bytes_read"] and s["io"]["max_in_flight"] >= 1
     model.offload.close()
 
 
@@ -170,14 +174,14 @@ def test_reader_reads_tensors_as_stored(moe_folder):
 
 
 def test_lfu_keeps_the_most_used():
-    cache = ExpertCache(3 * 10, policy="lfu", prefetch_threads=0)
+    cache = ExpertCache(3 * 10, policy="lfu")
     load = lambda: (torch.nn.Identity(), 10, 10, 0.0)  # noqa: E731
     for key, n in (("a", 5), ("b", 1), ("c", 3)):
         for _ in range(n):
             cache.get(key, load)
     cache.get("d", load)  # evicts b: fewest uses
     assert sorted(cache.resident()) == ["a", "c", "d"]
-    lru = ExpertCache(2 * 10, policy="lru", prefetch_threads=0)
+    lru = ExpertCache(2 * 10, policy="lru")
     for key in "aab":
         lru.get(key, load)
     lru.get("a", load)
@@ -314,3 +318,116 @@ def test_routed_moe_families_offload(name, tmp_path):
     model = load_offloaded(tmp_path, int(0.7 * _file_bytes(tmp_path)), dtype="fp32")
     assert _greedy(ember.engine.Engine(model, whole.tokenizer, tmp_path), 12) == _greedy(whole, 12)
     assert model.offload.stats()["misses"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- the I/O threads
+
+
+def _safetensors_file(path: Path, tensors: dict[str, torch.Tensor]) -> list:
+    from safetensors.torch import save_file
+
+    from ember.loading import Checkpoint
+
+    save_file(tensors, str(path / "model.safetensors"))
+    ckpt = Checkpoint(path)
+    return [ckpt.info(n) for n in tensors]
+
+
+def test_background_read_error_names_file_and_tensor(tmp_path):
+    """A read that fails on an I/O thread (the file was truncated) raises a CheckpointError naming the file and
+    tensor from the request's result, for one-chunk and many-chunk spans, and the pool keeps serving."""
+    from ember.offload.reader import CHUNK
+
+    infos = _safetensors_file(tmp_path, {"small": torch.randn(64), "big": torch.ones(CHUNK + CHUNK // 2, dtype=torch.uint8)})
+    reader = DiskReader({infos[0].file})
+    want = reader.submit(infos).result()
+    assert want[1].shape == (CHUNK + CHUNK // 2,) and reader.pool.counters.chunks == 2  # one span, 2 chunks
+    os.truncate(infos[0].file, infos[1].begin + CHUNK + 4096)  # the big tensor's span loses its tail
+    req = reader.submit([infos[1]])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated.*'big'"):
+        req.result()
+    assert torch.equal(reader.read([infos[0]])[0], want[0])  # what is still there reads fine
+    reader.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        reader.read([infos[0]])
+
+
+def test_io_pool_runs_demand_first_and_cancels_unstarted_guesses(tmp_path):
+    from ember.offload.aio import DEMAND, SPECULATIVE, IOPool
+
+    infos = _safetensors_file(tmp_path, {"a": torch.randn(1024), "b": torch.randn(1024)})
+    reader = DiskReader({infos[0].file}, threads=1)
+    gate, entered, order = __import__("threading").Event(), __import__("threading").Event(), []
+    blocker = reader.submit([infos[0]], then=lambda t: (entered.set(), gate.wait(30)))  # holds the only I/O thread
+    assert entered.wait(30)
+    guess = reader.submit([infos[1]], then=lambda t: order.append("guess"), priority=SPECULATIVE)
+    later = reader.submit([infos[1]], then=lambda t: order.append("late guess"), priority=SPECULATIVE)
+    need = reader.submit([infos[0]], then=lambda t: order.append("demand"), priority=DEMAND)
+    assert guess.cancel() and not blocker.cancel()
+    gate.set()
+    need.result(timeout=30), later.result(timeout=30)
+    assert order == ["demand", "late guess"] and guess.future.cancelled()
+    assert reader.pool.counters.cancelled == 1 and isinstance(reader.pool, IOPool)
+    reader.close()
+
+
+def _io_threads() -> set:
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("ember-offload-io")}
+
+
+def test_io_threads_end_with_the_session(moe_folder):
+    """Closing the offload, or dropping the model, ends its I/O threads."""
+    import gc
+
+    from ember.engine import Engine
+    from ember.tokenizer import Tokenizer
+
+    before = _io_threads()
+    model = load_offloaded(moe_folder, int(0.6 * _file_bytes(moe_folder)), dtype="fp32")
+    Engine(model, Tokenizer.from_dir(moe_folder), moe_folder).generate(PROMPT,
+                                                                                                 max_new_tokens=3)
+    mine = _io_threads() - before
+    assert mine and all(t.daemon for t in mine)
+    model.offload.close()
+    assert not any(t.is_alive() for t in mine)
+    model = load_offloaded(moe_folder, int(0.6 * _file_bytes(moe_folder)), dtype="fp32")
+    mine = _io_threads() - before
+    assert mine
+    model.offload.cache.drain()
+    del model
+    gc.collect()
+    for t in mine:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in mine)
+
+
+def test_truncated_checkpoint_with_prefetch_raises_not_hangs(moe_folder, tmp_path):
+    """With reads on the I/O threads (demand and speculative), a truncated file still ends the run with the
+    CheckpointError naming it, raised in the forward, instead of a hang."""
+    import threading
+
+    from ember.engine import Engine
+    from ember.tokenizer import Tokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(moe_folder, folder)
+    model = load_offloaded(folder, int(0.5 * _file_bytes(folder)), dtype="fp32", prefetch=True)
+    llm = Engine(model, Tokenizer.from_dir(folder), folder)
+    _greedy(llm, 2)
+    os.truncate(folder / "model.safetensors", 4096)
+    got = []
+
+    def run():
+        try:
+            for _ in range(8):
+                _greedy(llm, 8)
+        except BaseException as e:  # noqa: BLE001
+            got.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the run hung on a failed background read"
+    assert got and isinstance(got[0], CheckpointError) and "model.safetensors" in str(got[0])
+    model.offload.close()

@@ -9,10 +9,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ember.offload.cache import PREFETCH_THREADS
+from ember.offload.aio import IO_THREADS
+from ember.offload.reader import CHUNK
 
-DISK_BLOCK = 4 << 20  # bytes per read when measuring the disk: an expert of a large MoE is a few MiB
-DISK_QUEUE = PREFETCH_THREADS  # reads in flight, as the offload prefetcher keeps
+DISK_BLOCK = CHUNK  # bytes per read when measuring the disk: the offload reader's largest read
+DISK_QUEUE = IO_THREADS  # reads in flight, as the offload reader keeps at most
 
 
 def disk_read_rate(folder: str | os.PathLike, size: int = 512 << 20, block: int = DISK_BLOCK,

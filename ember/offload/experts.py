@@ -5,11 +5,13 @@
 :class:`~ember.offload.cache.ExpertCache`, read from disk on a miss. The MoE definitions run unchanged: they
 route, then call ``self.experts[e](x)`` for the chosen experts only (docs/design.md, principle 3).
 
-Prefetch: a forward pre-hook on each offloaded MoE layer routes its input with the layer's own router (so the
-k reads of this layer start together, in the background, instead of one after the other) and with the router
-of the next MoE layer (whose input, one attention block later, is close to this one: its top experts are a good
-guess and are read while this layer and the next attention compute). The hook also makes the CPU runtime run
-these layers as their modules (it never fuses a hooked piece), while attention keeps its fused kernel.
+Prefetch: a forward pre-hook on each offloaded MoE layer routes its input with the layer's own router (the
+missing experts of this layer are demand reads, started together on the I/O threads instead of one after the
+other; reads ahead for this layer that its routing did not pick are cancelled) and with the router of the next
+MoE layer (whose input, one attention block later, is close to this one: the experts it weighs at least
+:data:`PREFETCH_MIN_WEIGHT` are speculative reads, done while this layer and the next attention compute). The
+hook also makes the CPU runtime run these layers as their modules (it never fuses a hooked piece), while
+attention keeps its fused kernel.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from ember.errors import CheckpointError, ConfigError
 from ember.loading.safetensors import TensorInfo
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
+from ember.offload.aio import DEMAND, Request
 from ember.offload.cache import ExpertCache
-from ember.offload.reader import DiskReader, read_module
+from ember.offload.reader import DiskReader, assemble_module
 from ember.quant.int4 import Int4Linear
 from ember.quant.quantize import CLASSES, QuantSpec, _expected_state
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PREFETCH_MIN_WEIGHT = 0.2  # next-layer guesses below this predicted (renormalised top-k) weight are not read
 
 
 def expert_prefix(layer: int, expert: int) -> str:
@@ -140,23 +144,32 @@ class ExpertStore:
         return sum(t.end - t.begin if not t.dtype.is_floating_point else (t.end - t.begin) // t.dtype.itemsize * size
                    for t in self._where[(layer, expert)].values())
 
-    def read(self, key: tuple[int, int]) -> tuple[nn.Module, int, int, float]:
-        """Read one expert: (module, in-memory bytes, stored bytes read, seconds)."""
+    def start(self, key: tuple[int, int], priority: int = DEMAND) -> Request:
+        """Start reading expert ``key`` on the I/O threads; the request's result is (module, in-memory bytes,
+        stored bytes read, seconds from start to the module built)."""
         t0 = time.perf_counter()
-        build = lambda: MLP(self.cfg, self.cfg.moe_intermediate_size)  # noqa: E731
-        if self.quant is None:
-            mlp = read_module(self.reader, build, self._where[key], self.dtype, self.device)
-        else:
-            mlp = self._read_quantized(build, self._where[key])
-        return mlp, self.memory_bytes(*key), self.stored_bytes(*key), time.perf_counter() - t0
-
-    def _read_quantized(self, build, where: dict[str, TensorInfo]) -> nn.Module:
-        """One expert whose projections are stored quantized (an ``ember quantize`` folder): one read, then each
-        projection's module made from its stored parts, as the loader makes them."""
+        where = self._where[key]
         names = list(where)
-        got = dict(zip(names, self.reader.read([where[n] for n in names])))
+
+        def build(tensors: list[torch.Tensor]) -> tuple[nn.Module, int, int, float]:
+            got = dict(zip(names, tensors))
+            mlp = self._assemble(got) if self.quant is not None else \
+                assemble_module(self._new_expert, got, self.dtype, self.device)
+            return mlp, self.memory_bytes(*key), self.stored_bytes(*key), time.perf_counter() - t0
+        return self.reader.submit([where[n] for n in names], then=build, priority=priority, owner=lambda r: r[0])
+
+    def read(self, key: tuple[int, int]) -> tuple[nn.Module, int, int, float]:
+        """Read one expert now: (module, in-memory bytes, stored bytes read, seconds)."""
+        return self.start(key).result()
+
+    def _new_expert(self) -> nn.Module:
+        return MLP(self.cfg, self.cfg.moe_intermediate_size)
+
+    def _assemble(self, got: dict[str, torch.Tensor]) -> nn.Module:
+        """One expert whose projections are stored quantized (an ``ember quantize`` folder): each projection's
+        module made from its stored parts, as the loader makes them."""
         with torch.device("meta"):
-            mlp = build()
+            mlp = self._new_expert()
         cls = CLASSES[self.quant.mode]
         for proj in PROJECTIONS:
             lin = getattr(mlp, proj)
@@ -173,31 +186,42 @@ class ExpertStore:
         key = (layer, expert)
         return self.cache.get(key, lambda: self.read(key))
 
-    def prefetch(self, layer: int, experts) -> None:
-        self.cache.prefetch([(layer, int(e)) for e in experts], self.read)
+    def request(self, layer: int, experts, speculative: bool = False) -> None:
+        """Start reading ``experts`` of ``layer`` (those not resident or in flight) in the background."""
+        self.cache.request([(layer, int(e)) for e in experts], self.start, speculative=speculative)
+
+    def cancel_except(self, layer: int, keep) -> int:
+        """``layer``'s routing picked ``keep``: the reads ahead of its other experts will not be used
+        (:meth:`ExpertCache.cancel`)."""
+        keep = set(keep)
+        return self.cache.cancel([(layer, e) for e in range(self.cfg.num_local_experts) if e not in keep])
 
 
-def _predict(moe: nn.Module, x2: torch.Tensor, limit: int) -> list[int]:
-    """The experts ``moe``'s router picks for tokens x2 (N, H), most picked first, at most ``limit``."""
-    _, ids = moe.route(x2)
+def _predict(moe: nn.Module, x2: torch.Tensor, limit: int, min_weight: float = 0.0) -> list[int]:
+    """The experts ``moe``'s router picks for tokens x2 (N, H), most picked first, at most ``limit``; for one
+    token, only those whose routing weight is at least ``min_weight``."""
+    weights, ids = moe.route(x2)
     if x2.shape[0] == 1:
-        return ids[0].tolist()[:limit]
+        return [e for e, w in zip(ids[0].tolist(), weights[0].tolist()) if w >= min_weight][:limit]
     counts = torch.bincount(ids.flatten(), minlength=len(moe.experts))
     order = torch.argsort(counts, descending=True, stable=True)
     return [e for e in order.tolist() if counts[e] > 0][:limit]
 
 
-def offload_experts(model: nn.Module, store: ExpertStore, prefetch: bool = True) -> list[int]:
+def offload_experts(model: nn.Module, store: ExpertStore, prefetch: bool = True,
+                    min_weight: float | None = None) -> list[int]:
     """Swap the experts of every MoE layer of ``model`` for :class:`OffloadedExperts` over ``store``.
 
     The model's expert parameters must not be loaded (left on the meta device). With ``prefetch``, each MoE
-    layer gets the pre-hook that starts its own experts' reads and the next MoE layer's predicted ones.
+    layer gets the pre-hook that starts its own experts' reads and the next MoE layer's predicted ones (those
+    whose predicted routing weight is at least ``min_weight``).
 
     Returns:
         the indices of the offloaded layers.
     Raises:
         ConfigError: an MoE layer whose experts are not per-expert SwiGLU modules (gpt-oss's fused experts).
     """
+    min_weight = PREFETCH_MIN_WEIGHT if min_weight is None else min_weight
     layers = model.model.layers
     moes: list[tuple[int, nn.Module]] = []
     for i, layer in enumerate(layers):
@@ -215,11 +239,13 @@ def offload_experts(model: nn.Module, store: ExpertStore, prefetch: bool = True)
     limit = max(model.config.num_experts_per_tok, slots // 4)
     for j, (i, mlp) in enumerate(moes):
         nxt = moes[j + 1] if j + 1 < len(moes) else None
-        mlp.register_forward_pre_hook(_make_hook(store, i, mlp, nxt, limit, first=j == 0, prefetch=prefetch))
+        mlp.register_forward_pre_hook(_make_hook(store, i, mlp, nxt, limit, first=j == 0, prefetch=prefetch,
+                                                          min_weight=min_weight))
     return [i for i, _ in moes]
 
 
-def _make_hook(store: ExpertStore, layer: int, mlp: nn.Module, nxt, limit: int, first: bool, prefetch: bool):
+def _make_hook(store: ExpertStore, layer: int, mlp: nn.Module, nxt, limit: int, first: bool, prefetch: bool,
+               min_weight: float):
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0]
         x2 = x.reshape(-1, x.shape[-1])
@@ -228,7 +254,9 @@ def _make_hook(store: ExpertStore, layer: int, mlp: nn.Module, nxt, limit: int, 
         if not prefetch:
             return
         with torch.no_grad():
-            store.prefetch(layer, _predict(mlp, x2, limit))
+            need = _predict(mlp, x2, limit)
+            store.cancel_except(layer, need)  # reads ahead for this layer that its routing did not pick
+            store.request(layer, need)  # this layer's experts, read together while attention's output is mixed
             if nxt is not None:
-                store.prefetch(nxt[0], _predict(nxt[1], x2, store.cfg.num_experts_per_tok))
+                store.request(nxt[0], _predict(nxt[1], x2, store.cfg.num_experts_per_tok, min_weight), speculative=True)
     return hook

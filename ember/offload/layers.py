@@ -2,9 +2,10 @@
 
 :func:`stream_layers` replaces the chosen layers in ``model.model.layers`` by :class:`StreamedLayer` stand-ins.
 Calling one takes its layer from the :class:`LayerStreamer` (already read ahead, or read now), runs it, and lets
-it go; before running it, the streamer starts reading the next ``ahead`` streamed layers on a background thread
-(after the last streamed layer come the first ones again: the next token's). So while layer l computes, layers
-l+1 .. l+ahead are on their way from disk, and at most ``ahead + 1`` streamed layers are in memory at once.
+it go; before running it, the streamer starts reading the next ``ahead`` streamed layers on the reader's I/O
+threads (after the last streamed layer come the first ones again: the next token's), each layer in chunks with
+several reads in flight. So while layer l computes, layers l+1 .. l+ahead are on their way from disk, and at most
+``ahead + 1`` streamed layers are in memory at once.
 
 Each read builds a fresh layer module (the CPU runtime's kernels are bound per module, so nothing stale survives
 a layer's departure); the stand-in is not a :class:`~ember.models.decoder.DecoderLayer`, so the runtime runs
@@ -16,7 +17,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ from ember.errors import ConfigError
 from ember.loading.safetensors import TensorInfo
 from ember.models.decoder import attention_types, family_class, layer_class, mlp_types
 from ember.offload.cache import CacheStats
-from ember.offload.reader import DiskReader, read_module
+from ember.offload.aio import Request
+from ember.offload.reader import DiskReader, assemble_module
 
 DEFAULT_AHEAD = 2  # layers read ahead of the one computing
 
@@ -50,9 +51,8 @@ class LayerStreamer:
         kinds = list(zip(attention_types(cfg), mlp_types(cfg)))
         cls = family_class(cfg, "layer", layer_class(cfg))
         self._build = {i: (lambda i=i: cls(cfg, i, *kinds[i])) for i in self.order}
-        self._ready: OrderedDict[int, Future] = OrderedDict()
+        self._ready: OrderedDict[int, Request] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ember-stream") if self.ahead else None
         self._check()
 
     def _check(self) -> None:
@@ -71,53 +71,56 @@ class LayerStreamer:
         """Stored bytes of layer ``i`` (what one read of it moves)."""
         return sum(t.end - t.begin for t in self.infos[i].values())
 
-    def _read(self, i: int) -> nn.Module:
+    def _start(self, i: int) -> Request:
+        """Start reading layer ``i`` on the reader's I/O threads (its spans in chunks, several in flight)."""
         t0 = time.perf_counter()
-        m = read_module(self.reader, self._build[i], self.infos[i], self.dtype, self.device)
-        with self._lock:
-            self.stats.bytes_read += self.layer_bytes(i)
-            self.stats.read_seconds += time.perf_counter() - t0
-        return m
+        names = list(self.infos[i])
 
-    def _submit(self, i: int) -> None:
-        # under the lock
-        if i in self._ready:
-            return
-        fut: Future = Future()
-        self._ready[i] = fut
-        self.stats.prefetch_reads += 1
-
-        def run() -> None:
-            try:
-                fut.set_result(self._read(i))
-            except BaseException as e:  # noqa: BLE001  (handed to the forward that waits on it)
-                fut.set_exception(e)
-        self._pool.submit(run)
+        def build(tensors: list[torch.Tensor]) -> nn.Module:
+            m = assemble_module(self._build[i], dict(zip(names, tensors)), self.dtype, self.device)
+            with self._lock:
+                self.stats.bytes_read += self.layer_bytes(i)
+                self.stats.read_seconds += time.perf_counter() - t0
+            return m
+        return self.reader.submit([self.infos[i][n] for n in names], then=build, owner=lambda m: m)
 
     def acquire(self, i: int, tokens: int = 1) -> nn.Module:
         """Layer ``i``, ready to run on ``tokens`` positions; starts reading the next ``ahead`` streamed layers."""
+        t0 = time.perf_counter()
         pos = self.order.index(i)
         with self._lock:
             self.stats.uses += 1
             if i == self.order[0]:
                 self.stats.tokens += tokens
-            fut = self._ready.pop(i, None)
-            if fut is not None:
+            req = self._ready.pop(i, None)
+            if req is not None:
                 self.stats.hits += 1
                 self.stats.prefetch_hits += 1
-                if not fut.done():
+                if not req.future.done():
                     self.stats.wait_hits += 1
             else:
                 self.stats.misses += 1
-            if self._pool is not None:
-                for k in range(1, self.ahead + 1):
-                    self._submit(self.order[(pos + k) % len(self.order)])
-        return fut.result() if fut is not None else self._read(i)
+                self.stats.demand_reads += 1
+            for k in range(1, self.ahead + 1):
+                j = self.order[(pos + k) % len(self.order)]
+                if j not in self._ready:
+                    self._ready[j] = self._start(j)
+                    self.stats.prefetch_reads += 1
+        layer = (req or self._start(i)).result()
+        with self._lock:
+            self.stats.wait_seconds += time.perf_counter() - t0
+        return layer
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Wait for the layers being read ahead and drop them."""
+        with self._lock:
+            ready, self._ready = list(self._ready.values()), OrderedDict()
+        for req in ready:
+            if not req.cancel():
+                try:
+                    req.result()
+                except BaseException:  # noqa: BLE001  (nobody waits for it any more)
+                    pass
 
 
 class StreamedLayer(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.errors import ConfigError, InsufficientMemoryError
 from ember.loading import load_model, open_checkpoint
-from ember.offload.cache import PREFETCH_THREADS, CacheStats, ExpertCache
+from ember.offload.cache import CacheStats, ExpertCache
 from ember.offload.experts import ExpertStore, is_expert_tensor, offload_experts
 from ember.offload.layers import DEFAULT_AHEAD, LayerStreamer, stream_layers
 from ember.offload.reader import DiskReader, read_module
@@ -63,8 +63,12 @@ class Offload:
 
     def stats(self) -> dict:
         """Counters since load (or :meth:`reset_stats`): uses, hits, misses, hit_rate, bytes_read,
-        gb_read_per_token, prefetch_reads, prefetch_hits, evictions, tokens, and the budget's split."""
+        gb_read_per_token, demand_reads, prefetch_reads / _cancelled / _hits / _precision, wait_seconds,
+        wait_ms_per_token, evictions, tokens; the I/O threads' ``io`` counters (chunks, bytes, busy_seconds,
+        mean_in_flight, max_in_flight); and the budget's split."""
         s = (self.cache or self.streamer).stats.to_json()
+        if self.reader.pool is not None:
+            s["io"] = self.reader.pool.counters.to_json()
         s.update(mode=self.mode, direct=self.direct, budget_bytes=self.budget_bytes,
                  resident_bytes=self.resident_bytes, cache_bytes=self.cache_bytes,
                  offloaded_layers=len(self.offloaded))
@@ -78,20 +82,25 @@ class Offload:
             self.cache.reset_stats()
         else:
             self.streamer.stats = CacheStats()
+        if self.reader.pool is not None:
+            self.reader.pool.reset_counters()
 
     def summary(self) -> str:
         """One line: what is offloaded, hit rate, GB read per token."""
         s = self.stats()
         what = (f"{s['offloaded_layers']} MoE layers' experts, cache {self.cache_bytes / GiB:.2f} GiB"
                 if self.mode == "experts" else f"{s['offloaded_layers']} layers streamed")
-        return (f"offload: {what}, hit rate {100 * s['hit_rate']:.1f}%, {s['gb_read_per_token']:.3f} GB read/token, "
-                f"{s['bytes_read'] / 1e9:.2f} GB read{'' if self.direct else ' (page cache, no O_DIRECT)'}")
+        guess = f", prefetch precision {100 * s['prefetch_precision']:.0f}%" if s["prefetch_reads"] and self.cache else ""
+        return (f"offload: {what}, hit rate {100 * s['hit_rate']:.1f}%{guess}, {s['gb_read_per_token']:.3f} GB "
+                f"read/token, waited {s['wait_ms_per_token']:.1f} ms/token, {s['bytes_read'] / 1e9:.2f} GB read"
+                f"{'' if self.direct else ' (page cache, no O_DIRECT)'}")
 
     def close(self) -> None:
-        """Stop the background readers and close the files."""
-        for part in (self.cache, self.streamer):
-            if part is not None:
-                part.close()
+        """Stop the background readers (the I/O threads end) and close the files."""
+        if self.cache is not None:
+            self.cache.drain()
+        if self.streamer is not None:
+            self.streamer.close()
         self.reader.close()
 
 
@@ -130,7 +139,7 @@ def detach_from_files(model: nn.Module) -> None:
 
 def load_offloaded(path, memory_bytes: int, device: str | torch.device = "cpu", dtype="auto",
                    reserve_bytes: int = 0, mode: str = "auto", policy: str = "lfu", prefetch: bool = True,
-                   direct: bool = True, ahead: int = DEFAULT_AHEAD) -> nn.Module:
+                   direct: bool = True, ahead: int = DEFAULT_AHEAD, prefetch_min_weight: float | None = None) -> nn.Module:
     """Load the model at ``path`` within ``memory_bytes`` of weights + cache, the rest read from disk as needed.
 
     Args:
@@ -143,6 +152,9 @@ def load_offloaded(path, memory_bytes: int, device: str | torch.device = "cpu", 
         prefetch: read predicted experts / the next layers on background threads.
         direct: read with ``O_DIRECT`` where the file system allows it.
         ahead: layers read ahead (layer streaming).
+        prefetch_min_weight: the next MoE layer's experts are read ahead when their routing weight, predicted
+            by that layer's router on this layer's input, is at least this (default
+            :data:`~ember.offload.experts.PREFETCH_MIN_WEIGHT`; 0: its whole top-k).
     Returns:
         the model, with ``model.offload`` (:class:`Offload`).
     Raises:
@@ -156,12 +168,13 @@ def load_offloaded(path, memory_bytes: int, device: str | torch.device = "cpu", 
     if mode == "auto":
         mode = "experts" if cfg.num_local_experts else "layers"
     if mode == "experts":
-        return _load_experts(folder, cfg, memory_bytes, device, dtype, reserve_bytes, policy, prefetch, direct)
+        return _load_experts(folder, cfg, memory_bytes, device, dtype, reserve_bytes, policy, prefetch, direct,
+                             prefetch_min_weight)
     return _load_layers(folder, cfg, memory_bytes, device, dtype, reserve_bytes, prefetch, direct, ahead)
 
 
 def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, reserve: int, policy: str,
-                  prefetch: bool, direct: bool) -> nn.Module:
+                  prefetch: bool, direct: bool, min_weight: float | None) -> nn.Module:
     if not cfg.num_local_experts:
         raise ConfigError(f"{folder}: expert offload needs a mixture-of-experts model; this one is dense "
                           "(use layer streaming)")
@@ -174,7 +187,7 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
     resident = module_bytes(model)
     reader = DiskReader({i.file for i in infos.values()}, direct=direct)
     capacity = budget - resident - reserve
-    cache = ExpertCache(max(0, capacity), policy, PREFETCH_THREADS if prefetch else 0)
+    cache = ExpertCache(max(0, capacity), policy)
     section = cfg.extra.get(SECTION)
     spec = QuantSpec.from_section(section, str(folder / "config.json")) if section is not None else None
     store = ExpertStore(cfg, infos, reader, cache, dt, dev, quant=spec)
@@ -182,13 +195,12 @@ def _load_experts(folder: Path, cfg: ModelConfig, budget: int, device, dtype, re
     need = cfg.num_experts_per_tok * one
     if capacity < need:
         reader.close()
-        cache.close()
         raise InsufficientMemoryError(
             f"{folder}: with every expert offloaded, {resident / GiB:.2f} GiB of weights stay resident and "
             f"{reserve / GiB:.2f} GiB go to the KV cache and activations; the expert cache needs at least "
             f"{need / GiB:.3f} GiB ({cfg.num_experts_per_tok} experts of one layer) but the budget of "
             f"{budget / GiB:.2f} GiB leaves {max(0, capacity) / GiB:.3f}; raise --max-memory")
-    layers = offload_experts(model, store, prefetch=prefetch)
+    layers = offload_experts(model, store, prefetch=prefetch, min_weight=min_weight)
     model.offload = Offload("experts", reader, budget, resident, capacity, cache=cache, offloaded=layers,
                             reserve_bytes=reserve)
     return model
