@@ -20,7 +20,8 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import GGUFError
-from ember.loading.gguf.config import _BLOCK, _LAYER_NAME, CONFIG_TENSORS, GLOBAL_TENSORS
+from ember.loading.gguf.config import _LAYER_NAME, CONFIG_TENSORS, GLOBAL_TENSORS
+from ember.loading.gguf.file_facts import _BLOCK
 from ember.loading.gguf.dequant import check_tensor_types
 from ember.loading.gguf.families import KV_B_PARTS, NORM_PLUS_ONE, family_targets
 from ember.loading.gguf.reader import GGUFFile
