@@ -319,7 +319,7 @@ def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, quant
             steps.append(model(torch.tensor([[t]]), None, one, one.pos, None, last_only=True)[0, -1])
             one.advance(1)
         rows = prefilled()
-        out = model(torch.tensor([toks]), None, rows, rows.pos, None)[0]
+        out = model(torch.tensor([toks]), None, rows, rows.pos, None, session=object())[0]
     assert ran and all(ran), "the pass did not run through ember_decode_rows"
     for i, ref in enumerate(steps):
         assert torch.equal(out[i], ref), f"row {i}: max |diff| {float((out[i].float() - ref.float()).abs().max())}"

@@ -16,7 +16,7 @@ The step runs, in order:
 A layer with a sliding window hands it to its attention block, which reads only the window's keys. A model
 whose sliding layers have their own RoPE base (Gemma 3) passes (2, hd) cos/sin tables: global then local.
 
-Several tokens of one sequence whose every logit is asked for (a speculative verification pass, up to
+Several tokens of one sequence whose every logit is asked for within a session (a speculative verification pass, up to
 :data:`MAX_ROWS`; a prefill asks for the last only and runs its modules) run every layer and the head in one
 ``ember_decode_rows`` call where all layers have their blocks: each weight streams once for all rows,
 and each row gets the bits the one-token step would give it, so greedy verification agrees with plain decoding
@@ -134,7 +134,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     T = x.shape[1]  # more than one: a verification pass asks for every row's logits (a prefill for the last only)
     if local is not None and local[0].shape[-1] != cos.shape[-1]:  # Gemma 4: per-type head dims, as modules
         return None
-    if not ((T == 1 or T <= MAX_ROWS and not last_only) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
+    # several rows only for a session's verification pass: a plain call's prefill keeps the modules' rounding
+    if not ((T == 1 or T <= MAX_ROWS and not last_only and session is not None) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
             and hasattr(cache, "layer_tensors") and start == getattr(cache, "pos", None)
             and x.dtype in (torch.bfloat16, torch.float32) and not (torch.is_grad_enabled() and x.requires_grad)):
         return None
