@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import GGUFError, UnsupportedModelError
 from ember.loading.dtypes import DTYPE_NAMES, resolve_dtype
@@ -105,6 +106,12 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
+    if dtype in (None, "auto") and dt is torch.float32 and device.type == "cpu" and _blocks_kept(gf):
+        # On a CPU without native bf16 GEMMs "auto" means fp32, but the block kernels take bf16 activations on
+        # byte products (int8 per block, as llama.cpp's Q8 activations) and fp32 ones on the exact float path,
+        # about 20x slower at decode: a quantized file computes in bf16 wherever the kernels are built.
+        if kernels.load() is not None:
+            dt = torch.bfloat16
     hybrid = gf.architecture in HYBRID_ARCHITECTURES
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -211,6 +218,11 @@ def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor
     model.reset_rope()
     model.eval().requires_grad_(False)
     return model
+
+
+def _blocks_kept(gf: GGUFFile) -> bool:
+    """Whether any matrix of the file is of a type held as its blocks (a quantized file)."""
+    return any(len(t.shape) >= 2 and QT(t.tensor_type) in KEPT_TYPES for t in gf.tensors.values())
 
 
 def _check_numel(gf: GGUFFile, gname: str, got: list[tuple[str, int]], expected: dict[str, torch.Tensor]) -> None:
