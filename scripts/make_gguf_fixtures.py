@@ -88,22 +88,31 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Ember runs language m
           "Numbers 12345 and 67.89, dates 2024-05-17."] * 20
 
 
+def bpe_tokenizer(split: str, vocab_size: int, specials: list[str], corpus: list[str]):
+    """A byte-level BPE ``tokenizers.Tokenizer`` with the pre-split regex ``split``, trained on ``corpus`` to at most
+    ``vocab_size`` entries (``specials`` first)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
 def tokenizer_folder(folder: Path) -> None:
     """A byte-level BPE vocabulary of exactly VOCAB entries, split as Llama 3 splits (``llama-bpe``)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ember.loading.gguf.tokenizer import _LLAMA3_SPLIT
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
     # GLM's converter looks its special tokens up by name
     specials = ["<pad>", "<bos>", "<eos>", "<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = bpe_tokenizer(_LLAMA3_SPLIT, VOCAB, specials, CORPUS)
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                             eos_token="<eos>").save_pretrained(folder)

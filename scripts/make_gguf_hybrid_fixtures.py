@@ -97,17 +97,11 @@ def hf_model(family: str):
 
 def save_tokenizer(folder: Path) -> None:
     """A byte-level BPE vocabulary with Qwen2's split, trained on a few sentences."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=VOCAB - 16, special_tokens=SPECIALS,
-                                                        show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from make_gguf_fixtures import bpe_tokenizer  # the sibling script (scripts/ is sys.path[0] when run)
+
+    tok = bpe_tokenizer(QWEN2_SPLIT, VOCAB - 16, SPECIALS, CORPUS)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
 
 
