@@ -282,10 +282,13 @@ class Engine:
 
         cache = StaticKVCache(self.config, B, longest + max_new, self.dtype, dev)
         t0 = time.perf_counter()
+        speculate = self.speculation is not None and B == 1 and speculation_applies(params)
+        if speculate:
+            self.speculation.before_prefill(self.model)
         logits = self.model(input_ids, positions, cache, 0, k_valid, last_only=True)[:, -1]
         cache.advance(longest)
         next_pos = positions[:, -1] + 1
-        if self.speculation is not None and B == 1 and speculation_applies(params):
+        if speculate:
             spec = SpeculativeDecoder(self.model, cache, self.speculation, params, sampler, prompt_ids[0], max_new)
             yield from self._speculative(spec, logits, rows[0], max_new, stats, t0)
             return

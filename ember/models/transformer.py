@@ -41,6 +41,10 @@ class Backbone(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward`` runs T new tokens per row against an optional cache."""
 
+    # an object whose ``last`` receives each forward's (B, T, H) hidden states before the final norm, whichever
+    # path ran (the MTP proposer reads them, :mod:`ember.speculative.mtp`); None: not kept
+    hidden_tap = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -161,6 +165,8 @@ class Transformer(nn.Module):
 
     def finish(self, x: torch.Tensor, last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
         """Final norm (on the last position only with ``last_only``), then the LM head unless ``hidden_only``."""
+        if self.hidden_tap is not None:  # every position's state before the final norm (an MTP proposer's input)
+            self.hidden_tap.last = x
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

@@ -149,7 +149,7 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
         decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, head, local is not None)
     decode.checked_in = session
     if T > 1:
-        return _rows(decode, x, cos, sin, cache, start, hidden_only, session)
+        return _rows(decode, x, cos, sin, cache, start, hidden_only, session, getattr(model, "hidden_tap", None))
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
     if local is not None:  # (2, hd): global, then the sliding layers' table
         cos1, sin1 = torch.stack([cos1, local[0].reshape(-1)]), torch.stack([sin1, local[1].reshape(-1)])
@@ -160,6 +160,8 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
         logits = torch.empty(1, 1, head[2].out_features, dtype=x.dtype) if head is not None else None
         done = kernels.run_decode_layers(steps, x, cos1, sin1, start, head, logits)
         if done > 2 * steps.n:
+            if getattr(model, "hidden_tap", None) is not None:  # x holds the last layer's output
+                model.hidden_tap.last = x
             return logits
         first = done // 2
         if done % 2:  # that layer's attention block ran, its MLP block did not
@@ -195,7 +197,7 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
 
 
 def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int,
-          hidden_only: bool, session: object | None) -> torch.Tensor | None:
+          hidden_only: bool, session: object | None, tap=None) -> torch.Tensor | None:
     """Logits (1, T, V) for T tokens of one sequence (a speculative verification pass) in one
     ``ember_decode_rows`` call, each row rounded as the one-token step rounds it; None (the modules run the pass)
     where not every layer has its blocks, a sliding window hides a key from the last row, or hidden states are
@@ -211,6 +213,8 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     logits = torch.empty(T, decode.head[2].out_features, dtype=x.dtype)
     if not kernels.run_decode_rows(steps, rows, cos[0].contiguous(), sin[0].contiguous(), start, decode.head, logits):
         return None
+    if tap is not None:  # the rows' last layer output (the model's hidden_tap)
+        tap.last = rows[None]
     return logits[None]
 
 

@@ -25,6 +25,7 @@ import torch
 from ember.errors import GenerationError
 from ember.sampling import Sampler, SamplingParams
 from ember.speculative.adaptive import AdaptiveK, SpeculationCounters
+from ember.speculative.mtp import HiddenTap, MTPProposer, check_mtp_target
 from ember.speculative.proposers import DraftProposer, NgramProposer, Proposer, check_rollback
 from ember.speculative.rollback import Snapshot, needs_replay
 from ember.speculative.verify import accept_greedy, accept_sampled
@@ -51,6 +52,8 @@ class SpeculativeConfig:
     draft: object | None = field(default=None, repr=False)
     adaptive: bool = True
     max_ngram: int = 4
+    target: object | None = field(default=None, repr=False)  # method "mtp": the model whose head proposes
+    mtp_head: object | None = field(default=None, repr=False)  # and that head (check_target loads it)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,7 +71,15 @@ class SpeculativeConfig:
             return NgramProposer(self.max_ngram)
         if self.method == "draft":
             return DraftProposer(self.draft, params, max_len + self.num_speculative + 1, generator)
-        raise GenerationError("speculation by MTP heads is not available yet; use --speculate ngram or --draft")
+        if self.mtp_head is None:
+            raise GenerationError("MTP speculation needs its head loaded first (check_target)")
+        return MTPProposer(self.target, self.mtp_head, params, max_len + self.num_speculative + 1, generator)
+
+    def before_prefill(self, model) -> None:
+        """Called before the prompt's forward of a generation that will speculate: the MTP head reads every
+        position's hidden state, the prompt's included."""
+        if self.method == "mtp":
+            model.hidden_tap = HiddenTap()
 
 
 def check_target(model, config: SpeculativeConfig, batched: bool = False) -> None:
@@ -82,10 +93,11 @@ def check_target(model, config: SpeculativeConfig, batched: bool = False) -> Non
     if batched:
         check_rollback(model.config, "this model when serving")
     if config.method == "mtp":
-        heads = [n for n in getattr(model, "extra_weights", None) or {} if n.startswith("mtp.")]
-        raise GenerationError("this checkpoint ships no mtp.* heads; use --speculate ngram or --draft MODEL" if not heads
-                              else f"the checkpoint's {len(heads)} mtp.* tensors are loaded, but Ember has no MTP "
-                              "proposer yet; use --speculate ngram or --draft MODEL")
+        head = check_mtp_target(model)
+        if batched:
+            raise GenerationError("MTP speculation runs in generate, chat and the Python API; serve does not run "
+                                  "the head per sequence yet: serve with --speculate ngram or --draft MODEL")
+        config.target, config.mtp_head = model, head
     if config.draft is not None:
         dv, tv = config.draft.config.vocab_size, model.config.vocab_size
         if dv != tv:
@@ -126,16 +138,38 @@ class SpeculativeDecoder:
         p = model.model.norm.weight
         self.device = p.device
         self.replay = needs_replay(cache)
+        # a proposer fed the target's hidden states (MTP): the prompt's come from the prefill (before_prefill)
+        self.observe = getattr(self.proposer, "observe", None)
+        self.tap = getattr(model, "hidden_tap", None) if self.observe is not None else None
+        if self.observe is not None:
+            if self.tap is None or self.tap.last is None:
+                raise GenerationError("MTP speculation needs the prompt's hidden states: call "
+                                      "SpeculativeConfig.before_prefill(model) before the prefill")
+            self._observe(0)
+
+    def _observe(self, start: int) -> None:
+        """Hand the proposer the target's normed hidden states of the forward that just ran from ``start``."""
+        self.observe(start, self.model.model.norm(self.tap.last[0]))
 
     def _target(self, toks: list[int], last_only: bool) -> torch.Tensor:
         x = torch.tensor([toks], dtype=torch.long, device=self.device)
-        logits = self.model(x, None, self.cache, self.cache.pos, None, last_only=last_only, session=self.session)
+        start = self.cache.pos
+        logits = self.model(x, None, self.cache, start, None, last_only=last_only, session=self.session)
         self.cache.advance(len(toks))
+        if self.tap is not None:
+            self._observe(start)
         return logits[0].float()  # (T or 1, V)
 
     @torch.inference_mode()
     def tokens(self, first_logits: torch.Tensor) -> Iterator[int]:
         """Every generated token in order, the first sampled from ``first_logits`` (1, V) (the prefill's)."""
+        try:
+            yield from self._tokens(first_logits)
+        finally:
+            if self.tap is not None and self.model.hidden_tap is self.tap:
+                self.model.hidden_tap = None
+
+    def _tokens(self, first_logits: torch.Tensor) -> Iterator[int]:
         tok = int(self.sampler.sample(first_logits.float())[0])
         self.ids.append(tok)
         yield tok

@@ -92,6 +92,23 @@ def check_rollback(cfg, what: str) -> None:
                               "sliding-window rings overwrite old keys; run without --speculate/--draft")
 
 
+def proposal_sampler(params: SamplingParams, device: torch.device) -> Sampler | None:
+    """None for greedy settings (proposals are the argmax); else a sampler applying the target's temperature /
+    top-k / top-p / min-p, so proposals are drawn from the distribution the rejection rule is handed."""
+    return None if params.greedy else Sampler(
+        SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                       min_p=params.min_p, seed=0), 1, device)
+
+
+def pick(logits: torch.Tensor, sampler: Sampler | None, generator: torch.Generator | None, dists: list) -> int:
+    """One proposal from ``logits`` (V,): the argmax, or a draw whose distribution is appended to ``dists``."""
+    if sampler is None:
+        return int(logits.argmax())
+    q = sampler.process_logits(logits[None].float(), None)[0].softmax(-1)
+    dists.append(q)
+    return draw(q, generator)
+
+
 class DraftProposer:
     """A small model sharing the target's tokenizer proposes ``k`` tokens, one fused decode step each.
 
@@ -112,10 +129,7 @@ class DraftProposer:
         self.model = model
         p = model.model.norm.weight
         self.device, self.dtype = p.device, p.dtype
-        self.greedy = params.greedy
-        self.sampler = None if self.greedy else Sampler(
-            SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                           min_p=params.min_p, seed=0), 1, self.device)
+        self.sampler = proposal_sampler(params, self.device)
         self.generator = generator
         self.max_len = max_len
         self.cache: StaticKVCache | None = None
@@ -155,12 +169,7 @@ class DraftProposer:
         out: list[int] = []
         dists = []
         for i in range(k):
-            if self.greedy:
-                tok = int(logits.argmax())
-            else:
-                q = self.sampler.process_logits(logits[None].float(), None)[0].softmax(-1)
-                tok = draw(q, self.generator)
-                dists.append(q)
+            tok = pick(logits, self.sampler, self.generator, dists)
             out.append(tok)
             if i + 1 < k:
                 logits = self._feed([tok])
