@@ -140,6 +140,30 @@ def compare(llm, prompt: str, new: int, repeats: int, specs: dict[str, dict]) ->
     return out
 
 
+def pass_cost(llm, k: int, repeats: int = 9) -> dict:
+    """CPU seconds of a one-token step and of a ``k + 1``-row verification pass (the runtime's rows call), the
+    median of ``repeats`` interleaved rounds after a 64-token prompt: the ratio says what speculation can gain
+    (a pass emits at most ``k + 1`` tokens)."""
+    from ember.cache import StaticKVCache
+
+    model = llm.model
+    p = model.model.norm.weight
+    cache = StaticKVCache(model.config, 1, 64 + 2 * repeats * (k + 2) + 8, p.dtype, p.device)
+    session, V = object(), model.config.vocab_size
+    times: dict[int, list[float]] = {1: [], k + 1: []}
+    with torch.inference_mode():
+        model(torch.randint(0, V, (1, 64)), None, cache, 0, None, last_only=True)
+        cache.advance(64)
+        for _ in range(repeats):
+            for T in times:
+                t0 = time.process_time()
+                model(torch.randint(0, V, (1, T)), None, cache, cache.pos, None, last_only=T == 1, session=session)
+                times[T].append(time.process_time() - t0)
+                cache.advance(T)
+    step, rows = statistics.median(times[1]), statistics.median(times[k + 1])
+    return {"step_cpu_s": step, "pass_cpu_s": rows, "pass_over_step": rows / step}
+
+
 def serve_row(llm, prompts: list[list[int]], new: int, spec: dict | None) -> dict:
     """Total generated tok/s of ``len(prompts)`` greedy streams through the scheduler."""
     from ember.sampling import SamplingParams
@@ -171,8 +195,8 @@ def main() -> None:
     ap.add_argument("--draft-inter", type=int, default=1024)
     ap.add_argument("--target-steps", type=int, default=300)
     ap.add_argument("--draft-steps", type=int, default=600)
-    ap.add_argument("--time-limit", type=float, default=900.0, help="training seconds per model at most")
-    ap.add_argument("--dtype", default="bf16", help="compute dtype of the timed runs (bf16, fp32)")
+    ap.add_argument("--time-limit", type=float, default=660.0, help="training seconds per model at most")
+    ap.add_argument("--dtype", default="fp32", help="compute dtype of the timed runs (fp32, bf16)")
     ap.add_argument("--new", type=int, default=96, help="tokens per run")
     ap.add_argument("--k", type=int, default=4, help="--num-speculative")
     ap.add_argument("--repeats", type=int, default=3)
@@ -197,6 +221,7 @@ def main() -> None:
     llm = ember.load(tdir, device="cpu", dtype=args.dtype, check_memory=False)
     draft = ember.load(ddir, device="cpu", dtype=args.dtype, check_memory=False)
     k = args.k
+    cost = pass_cost(llm, k)
     D = {"draft": draft, "num_speculative": k}
     N = {"method": "ngram", "num_speculative": k}
     held = {}
@@ -239,6 +264,8 @@ def main() -> None:
           f"{args.dtype}; target {trep['params'] / 1e6:.1f}M params ({trep['steps']} steps, loss "
           f"{trep['last_loss']:.2f}), draft {drep['params'] / 1e6:.2f}M ({drep['steps']} steps, loss "
           f"{drep['last_loss']:.2f}); {date.today()}; {machine}")
+    print(f"verification pass of {k + 1} rows = {cost['pass_over_step']:.2f} one-token steps of CPU time "
+          f"({cost['step_cpu_s'] * 1e3:.1f} ms a step): the most a pass can gain is {k + 1}x over that")
     head = f"{'row':38s} {'plain tok/s':>11s} {'spec tok/s':>10s} {'speedup':>8s} {'accept':>7s} {'tok/pass':>8s} target"
     print(head)
     for name, a, b, r, acc, tpp, target in rows:
@@ -248,6 +275,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "date": str(date.today()), "machine": machine, "dtype": args.dtype, "new_tokens": args.new, "k": k,
+        "pass_cost": cost,
         "target": {"params": trep["params"], **{k2: v for k2, v in trep.items() if k2 != "params"}},
         "draft": {"params": drep["params"], **{k2: v for k2, v in drep.items() if k2 != "params"}},
         "rows": [dict(zip(("row", "plain_tok_s", "spec_tok_s", "speedup", "acceptance", "tokens_per_pass", "target"),

@@ -426,7 +426,8 @@ class BatchScheduler:
         proposals = [spec.propose(s.spec, s.ids, s.max_new - s.generated - 1) if s.spec is not None else []
                      for s in seqs]
         t0 = time.perf_counter()
-        logits = self._forward_safe(seqs, [1 + len(p) for p in proposals], events, proposals)
+        with spec.verifying():  # each row's products rounded as one token's: greedy tokens are plain decoding's
+            logits = self._forward_safe(seqs, [1 + len(p) for p in proposals], events, proposals)
         if logits is None:
             return []
         dt = time.perf_counter() - t0

@@ -365,6 +365,21 @@ def mxfp4(x2: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch
     return y
 
 
+def linear_rows(ks: list[LinearKernel], x2: torch.Tensor) -> list[torch.Tensor] | None:
+    """:func:`linear_many` with each row's products rounded as that row alone would be (``ember_linear_rows``:
+    dense weights still stream once for every row); None where the call does not take them all."""
+    if len(ks) > 8 or not all(k.accepts(x2[:1]) for k in ks):
+        return None
+    x2 = x2.contiguous()
+    M = x2.shape[0]
+    ys = [torch.empty(M, k.out_features, dtype=x2.dtype) for k in ks]
+    descs = (_P * len(ks))(*[k.addr for k in ks])
+    outs = (_P * len(ks))(*[y.data_ptr() for y in ys])
+    ok = _loader._lib.ember_linear_rows(len(ks), descs, x2.data_ptr(), outs, M, x2.dtype is torch.bfloat16,
+                                        torch.get_num_threads())
+    return ys if ok else None
+
+
 def linear_many(ks: list[LinearKernel], x2: torch.Tensor) -> list[torch.Tensor] | None:
     """``[k(x2) for k in ks]`` in one kernel call (one parallel region over all their rows); None where the
     call does not take them all (the caller then runs them one by one)."""

@@ -8,9 +8,27 @@ norms and roundings; see tests/test_kernels.py).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from ember import kernels
+
+# set inside exact_rows(): several rows round as each alone would (a batched speculative verification pass)
+_EXACT_ROWS = contextvars.ContextVar("ember_exact_rows", default=False)
+
+
+@contextlib.contextmanager
+def exact_rows():
+    """Within it, multi-row products run ``ember_linear_rows``: each row gets the bits of a one-token step while
+    each dense weight still streams once for all rows (the scheduler's verification of every sequence's
+    proposals, so its greedy tokens are those of plain decoding)."""
+    token = _EXACT_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _EXACT_ROWS.reset(token)
 
 
 def linear_kernel(m) -> "kernels.LinearKernel | None":
@@ -27,7 +45,11 @@ def linear(m, x: torch.Tensor) -> torch.Tensor | None:
     PyTorch's bf16 GEMM is emulated (:func:`ember.kernels.wide_linear`); else None (``F.linear``)."""
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
         k = m.cpu_kernel()
-        y = k(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])) if k is not None else None
+        x2 = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+        if k is not None and x2.shape[0] > 1 and _EXACT_ROWS.get():
+            y = (kernels.linear_rows([k], x2) or [None])[0]
+        else:
+            y = k(x2) if k is not None else None
         if y is not None:  # bias added
             return y.view(*x.shape[:-1], y.shape[-1])
     return kernels.wide_linear(x, m.weight, m.bias)
@@ -58,7 +80,7 @@ def project(x: torch.Tensor, modules) -> list[torch.Tensor] | None:
         if k is None or not k.accepts(x2):
             return None
         ks.append(k)
-    ys = kernels.linear_many(ks, x2)
+    ys = (kernels.linear_rows if _EXACT_ROWS.get() and x2.shape[0] > 1 else kernels.linear_many)(ks, x2)
     return None if ys is None else [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 

@@ -1,5 +1,6 @@
 """Speculation inside continuous batching: each running sequence proposes its own tokens, and every sequence's
-proposals are verified in the scheduler's one decode forward (rows of different lengths, left-padded).
+proposals are verified in the scheduler's one decode forward (rows of different lengths, left-padded), whose
+products run the few-row kernel that generate's verification runs (:meth:`BatchSpeculator.verifying`).
 
 Only plain greedy sequences speculate (no logit bias, constraint or logprobs, which the scheduler applies per
 emitted token); the others ride in the same forward with one row each. Each sequence has its own proposer and
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from ember.runtime.ops import exact_rows
 from ember.sampling import SamplingParams
 from ember.speculative.adaptive import AdaptiveK, SpeculationCounters
 from ember.speculative.decoding import SpeculativeConfig
@@ -38,6 +40,12 @@ class BatchSpeculator:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.counters = SpeculationCounters()  # summed over every sequence served
+
+    @staticmethod
+    def verifying():
+        """The context of the verification forward: every row's products through ``ember_linear_rows`` (one
+        weight stream for all sequences' rows, each row rounded as the one-token step rounds it)."""
+        return exact_rows()
 
     def start(self, params: SamplingParams, max_len: int) -> SequenceSpeculation:
         """State for one new sequence of at most ``max_len`` tokens."""
