@@ -40,6 +40,14 @@ _GEMMA4_E4B = {**_GEMMA4_E, "hidden_size": 2560, "intermediate_size": 10240, "nu
                "num_attention_heads": 8, "num_key_value_heads": 2, "num_kv_shared_layers": 18,
                "use_double_wide_mlp": False, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 7}
 
+# Qwen3.5 MoE text configs: what the 35B-A3B and 122B-A10B share (the entries add their sizes).
+_QWEN35_MOE = {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "num_key_value_heads": 2, "head_dim": 256,
+               "linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+               "linear_conv_kernel_dim": 4, "num_experts": 256, "num_experts_per_tok": 8,
+               "max_position_embeddings": 262144,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+               "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
 MODELS: dict[str, dict] = {
     # ------------------------------------------------------------------ Llama
     "llama-3.1-8b": {
@@ -283,15 +291,9 @@ MODELS: dict[str, dict] = {
         # config: text_config of the Hub snapshot as listed in a public inventory of Qwen3.5/3.6-35B-A3B's
         # config.json (Qwen3.6-35B-A3B has the same text model); the card's "3B activated" leaves the embeddings out
         "published": {"params": 35e9, "source": "Qwen3.5-35B-A3B: 35B total (model name and card)"},
-        "config": {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 2048, "intermediate_size": 512,
-                   "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
-                   "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
-                   "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
-                   "shared_expert_intermediate_size": 512, "max_position_embeddings": 262144,
-                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+        "config": {**_QWEN35_MOE, "hidden_size": 2048, "intermediate_size": 512, "num_hidden_layers": 40,
+                   "num_attention_heads": 16, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
+                   "linear_num_value_heads": 32, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
     },
     "qwen3.5-122b-a10b": {
         "hf_id": "Qwen/Qwen3.5-122B-A10B", "aliases": ["qwen3.5-122b"],
@@ -299,15 +301,9 @@ MODELS: dict[str, dict] = {
         # 3 DeltaNet : 1 gated attention, 256 experts top-8 + a shared expert); the card's "10B activated" leaves
         # the embeddings out, so only the total is checked
         "published": {"params": 122e9, "source": "Qwen3.5-122B-A10B: 122B total (model name and card)"},
-        "config": {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 3072, "intermediate_size": 1024,
-                   "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 256,
-                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
-                   "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
-                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
-                   "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 1024,
-                   "shared_expert_intermediate_size": 1024, "max_position_embeddings": 262144,
-                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+        "config": {**_QWEN35_MOE, "hidden_size": 3072, "intermediate_size": 1024, "num_hidden_layers": 48,
+                   "num_attention_heads": 32, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
+                   "linear_num_value_heads": 64, "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024},
     },
     "nemotron-3-nano-30b-a3b": {
         "hf_id": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "aliases": ["nemotron-3-nano", "nemotron3-nano"],
