@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ember.loading import load_model
-from test_hybrid import MOE, TEXT, _hf_logits, _hf_model
+from test_hybrid import MOE, TEXT, _hf_logits, checkpoint  # noqa: F401 - checkpoint is a fixture
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,14 +52,15 @@ def hub_mtp_tensors(moe: bool, seed: int = 3) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def with_mtp(tmp_path_factory):
+def with_mtp(checkpoint, tmp_path_factory):
+    """test_hybrid's tiny checkpoint of ``family``, copied, with a Hub-shaped MTP block added to its file."""
     cache: dict = {}
 
     def make(family: str):
         if family not in cache:
-            hf = _hf_model(family)
-            folder = Path(tmp_path_factory.mktemp(f"mtp-{family}"))
-            hf.save_pretrained(folder)
+            src, hf = checkpoint(family)
+            folder = Path(tmp_path_factory.mktemp(f"mtp-{family}")) / "ckpt"
+            shutil.copytree(src, folder)
             (shard,) = folder.glob("*.safetensors")
             mtp = hub_mtp_tensors(moe="moe" in family)
             save_file({**load_file(shard), **mtp}, shard, metadata={"format": "pt"})
