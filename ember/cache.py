@@ -421,12 +421,12 @@ class PagedKVCache:
             if window_tables is None:
                 raise ValueError("this model has sliding-window layers: PagedKVCache.batch needs window_tables")
             window_maps = self._slot_maps(window_tables, tok, k_valid, wtok, w_valid)
-        positions = torch.where(w_valid, wtok, 0)
-        padded = any(t != S for t in total)
-        dev = self.device
-        return PagedBatch(self, read.view(-1).to(dev), write.view(-1).to(dev), B, S, T,
-                          positions.to(dev), k_valid.to(dev) if padded else None, slots,
-                          None if window_maps is None else tuple(m.view(-1).to(dev) for m in window_maps))
+        positions, dev = torch.where(w_valid, wtok, 0), self.device
+        batch = PagedBatch(self, read.view(-1).to(dev), write.view(-1).to(dev), B, S, T, positions.to(dev),
+                           k_valid.to(dev) if any(t != S for t in total) else None, slots,
+                           None if window_maps is None else tuple(m.view(-1).to(dev) for m in window_maps))
+        batch.new_valid = w_valid.to(dev) if any(n != T for n in new) else None  # (B, T) False at padding columns
+        return batch
 
     def _slot_maps(self, tables: list[list[int]], tok: torch.Tensor, k_valid: torch.Tensor, wtok: torch.Tensor,
                    w_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

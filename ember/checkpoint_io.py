@@ -249,12 +249,16 @@ def hf_config_dict(cfg: Any, dtype: torch.dtype | None = None) -> dict[str, Any]
 
 # ---------------------------------------------------------------------------------------- folders
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint holds: persistent state, ``lm_head.weight`` dropped when tied.
+    """The tensors a checkpoint holds: persistent state, ``lm_head.weight`` dropped when tied, and the
+    multi-token-prediction heads kept beside the forward pass (``model.extra_weights``' ``mtp.*``, under their
+    checkpoint names and dtype, so a derived checkpoint keeps them).
 
     Any other tensors that still share storage are cloned, because safetensors refuses aliasing.
     """
     cfg = getattr(model, "config", None)
     state = dict(model.state_dict())
+    extra = getattr(model, "extra_weights", None) or {}
+    state.update({n: t for n, t in extra.items() if n.startswith("mtp.")})  # GGUF names stay out of an HF folder
     if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     seen: set[tuple[int, int]] = set()

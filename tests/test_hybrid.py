@@ -37,6 +37,8 @@ def _hf_model(family: str):
         model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3NextConfig(**TEXT, **MOE))
     elif family == "qwen3_5_text":
         model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5TextConfig(**TEXT))
+    elif family == "qwen3_5_moe_text":
+        model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5MoeTextConfig(**TEXT, **MOE))
     elif family == "qwen3_5":  # the multimodal wrapper
         cfg = transformers.Qwen3_5Config(text_config=TEXT, vision_config=VISION)
         model = transformers.Qwen3_5ForConditionalGeneration(cfg)
@@ -357,10 +359,11 @@ def test_quantized_close_to_hf_and_checkpoint_round_trips(checkpoint, tmp_path, 
         again.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
 
 
-def check_lora_training_against_peft(folder, hf, targets, tmp_path) -> int:
+def check_lora_training_against_peft(folder, hf, targets, tmp_path, peft_targets=None) -> int:
     """Ember's training forward with LoRA vs HF + PEFT on the same adapters: the summed loss of a right-padded
     batch, every LoRA gradient, and Ember's saved adapter loaded by PEFT giving Ember's logits. Returns the
-    number of adapted modules."""
+    number of adapted modules. ``peft_targets``: what PEFT is given instead of ``targets`` ("names": the full
+    names of the modules Ember adapted, as Ember's adapter file lists them)."""
     import copy
 
     import peft
@@ -373,9 +376,10 @@ def check_lora_training_against_peft(folder, hf, targets, tmp_path) -> int:
     ours = load_model(folder, dtype="fp32")
     cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=targets)
     inject_lora(ours, cfg, seed=0)
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                                 target_modules=targets)).eval()
     mods = lora_modules(ours)
+    theirs_targets = sorted(mods) if peft_targets == "names" else targets
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=theirs_targets)).eval()
     theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
               if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert set(theirs) == set(mods), "PEFT adapted a different set of modules"
@@ -411,3 +415,79 @@ def check_lora_training_against_peft(folder, hf, targets, tmp_path) -> int:
 def test_lora_training_matches_peft(checkpoint, tmp_path):
     folder, hf = checkpoint("qwen3_5_text")
     assert check_lora_training_against_peft(folder, hf, "all-linear", tmp_path) == 3 * 5 + 4 + 4 * 3
+
+
+# Adapted per model: 3 DeltaNet layers' input/output projections, 4 attention projections, and per MoE block the
+# shared expert's 3 projections and its gate (the routed experts and router are 3-D parameters / not Linears in HF).
+MOE_ADAPTED = {"qwen3_next": 3 * 3 + 4 + 4 * 4, "qwen3_5_moe_text": 3 * 5 + 4 + 4 * 4}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_ADAPTED))
+def test_moe_hybrid_lora_training_matches_peft(checkpoint, tmp_path, family):
+    """The MoE hybrids: all-linear adapts what PEFT can wrap as modules; loss, gradients and the saved adapter
+    (full module names, so PEFT does not add its fused-expert parameters) agree with HF + PEFT."""
+    from ember.train.tune import ALL_LINEAR_AS
+
+    folder, hf = checkpoint(family)
+    assert check_lora_training_against_peft(folder, hf, ALL_LINEAR_AS[family], tmp_path, "names") == \
+        MOE_ADAPTED[family]
+
+
+def test_tune_moe_hybrid_adapter_loads_in_peft(checkpoint, tmp_path):
+    """``ember tune`` end to end on Qwen3-Next: the adapter names no routed expert or router, PEFT wraps exactly
+    its modules, and PEFT's logits with it equal Ember's with the same adapter applied."""
+    import copy
+    import json
+
+    import peft
+
+    from ember.train.adapter_files import apply_adapter
+    from ember.train.trainer import TrainConfig
+    from ember.train.tune import tune
+
+    folder, hf = checkpoint("qwen3_next")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{3 + (i * 7 + j) % 200}" for j in range(20))}) + "\n"
+                            for i in range(8)))
+    cfg = TrainConfig(rank=4, alpha=8, steps=2, batch=2, seq_len=32, dtype="fp32", lr=1e-2)
+    result = tune(folder, data, tmp_path / "out", cfg, progress=False, log=lambda s: None)
+    assert all(m.loss == m.loss and m.loss > 0 for m in result.metrics) and len(result.metrics) == 2
+    adapter = next(p.parent for p in (tmp_path / "out").rglob("adapter_config.json"))
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) == MOE_ADAPTED["qwen3_next"] and not any(".experts." in t or t.endswith("mlp.gate")
+                                                                 for t in targets)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval()
+    assert not getattr(pm.peft_config["default"], "target_parameters", None)
+    assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules()) == len(targets)
+    ours = load_model(folder, dtype="fp32")
+    apply_adapter(ours, adapter)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        with pm.disable_adapter():
+            base = pm(input_ids=ids).logits
+        assert (ref - base).abs().max() > 1e-4, "two steps at lr 1e-2 should move the logits"
+        assert (ours(ids) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("targets,module", [("gate_proj,up_proj", "model.layers.0.mlp.experts.0.gate_proj"),
+                                            ("gate", "model.layers.0.mlp.gate")])
+def test_tune_refuses_routed_experts_and_router(checkpoint, tmp_path, targets, module):
+    from ember.errors import TrainingError
+    from ember.train.trainer import TrainConfig
+    from ember.train.tune import prepare_model
+
+    folder, _ = checkpoint("qwen3_next")
+    model = load_model(folder, dtype="fp32")
+    with pytest.raises(TrainingError, match=module.replace(".", r"\.") + ".*routed experts and router"):
+        prepare_model(model, TrainConfig(targets=targets))
+
+
+def test_tune_refuses_a_multimodal_hybrid_wrapper(checkpoint):
+    from ember.errors import TrainingError
+    from ember.train.trainer import TrainConfig
+    from ember.train.tune import check_trainable
+
+    folder, _ = checkpoint("qwen3_5_moe")
+    with pytest.raises(TrainingError, match="multimodal qwen3_5_moe_text.*ForCausalLM"):
+        check_trainable(folder, TrainConfig())

@@ -40,6 +40,14 @@ _GEMMA4_E4B = {**_GEMMA4_E, "hidden_size": 2560, "intermediate_size": 10240, "nu
                "num_attention_heads": 8, "num_key_value_heads": 2, "num_kv_shared_layers": 18,
                "use_double_wide_mlp": False, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 7}
 
+# Qwen3.5 MoE text configs: what the 35B-A3B and 122B-A10B share (the entries add their sizes).
+_QWEN35_MOE = {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "num_key_value_heads": 2, "head_dim": 256,
+               "linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+               "linear_conv_kernel_dim": 4, "num_experts": 256, "num_experts_per_tok": 8,
+               "max_position_embeddings": 262144,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+               "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
 MODELS: dict[str, dict] = {
     # ------------------------------------------------------------------ Llama
     "llama-3.1-8b": {
@@ -283,15 +291,19 @@ MODELS: dict[str, dict] = {
         # config: text_config of the Hub snapshot as listed in a public inventory of Qwen3.5/3.6-35B-A3B's
         # config.json (Qwen3.6-35B-A3B has the same text model); the card's "3B activated" leaves the embeddings out
         "published": {"params": 35e9, "source": "Qwen3.5-35B-A3B: 35B total (model name and card)"},
-        "config": {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 2048, "intermediate_size": 512,
-                   "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-                   "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
-                   "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-                   "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
-                   "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
-                   "shared_expert_intermediate_size": 512, "max_position_embeddings": 262144,
-                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+        "config": {**_QWEN35_MOE, "hidden_size": 2048, "intermediate_size": 512, "num_hidden_layers": 40,
+                   "num_attention_heads": 16, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
+                   "linear_num_value_heads": 32, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    },
+    "qwen3.5-122b-a10b": {
+        "hf_id": "Qwen/Qwen3.5-122B-A10B", "aliases": ["qwen3.5-122b"],
+        # text_config of Qwen/Qwen3.5-122B-A10B as quoted by public training and inference configs (48 layers,
+        # 3 DeltaNet : 1 gated attention, 256 experts top-8 + a shared expert); the card's "10B activated" leaves
+        # the embeddings out, so only the total is checked
+        "published": {"params": 122e9, "source": "Qwen3.5-122B-A10B: 122B total (model name and card)"},
+        "config": {**_QWEN35_MOE, "hidden_size": 3072, "intermediate_size": 1024, "num_hidden_layers": 48,
+                   "num_attention_heads": 32, "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
+                   "linear_num_value_heads": 64, "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024},
     },
     "nemotron-3-nano-30b-a3b": {
         "hf_id": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "aliases": ["nemotron-3-nano", "nemotron3-nano"],
@@ -309,6 +321,26 @@ MODELS: dict[str, dict] = {
                    "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
                    "max_position_embeddings": 262144, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
                    "torch_dtype": "bfloat16"},
+    },
+    "nemotron-3-super-120b-a12b": {
+        "hf_id": "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "aliases": ["nemotron-3-super", "nemotron3-super"],
+        # 40 Mamba-2, 40 latent-MoE (512 relu2 experts top-22 in a 1024-wide latent space + a shared expert) and
+        # 8 attention layers; config.json keys as quoted by several public projects. The MTP layers
+        # (num_nextn_predict_layers 1, pattern "*E") are not part of the forward pass and not counted.
+        "published": {"params": 120.6e9, "active_params": 12.7e9,
+                      "source": "Nemotron 3 Super: 120.6B total, 12.7B active (technical report summaries; the "
+                      "name's 120B/A12B are nominal)"},
+        "config": {"model_type": "nemotron_h", "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 2688,
+                   "num_hidden_layers": 88,
+                   "hybrid_override_pattern": "MEMEMEM*" + "EMEMEMEM*" * 2 + "EMEMEMEMEM*" * 4 + "EMEMEMEM*"
+                                              + "EMEMEMEME",
+                   "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+                   "mamba_num_heads": 128, "mamba_head_dim": 64, "n_groups": 8, "ssm_state_size": 128,
+                   "conv_kernel": 4, "chunk_size": 128, "use_conv_bias": True, "n_routed_experts": 512,
+                   "num_experts_per_tok": 22, "moe_intermediate_size": 2688, "moe_latent_size": 1024,
+                   "moe_shared_expert_intermediate_size": 5376, "routed_scaling_factor": 5.0, "n_group": 1,
+                   "topk_group": 1, "norm_topk_prob": True, "max_position_embeddings": 262144,
+                   "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
     },
     # ------------------------------------------------------------------ Gemma 3, GLM-4.5, DeepSeek-V3
     "gemma-3-27b": {

@@ -190,8 +190,8 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     if SECTION in cfg.extra:
         raise QuantizationError(f"{folder}: already quantized ({cfg.extra[SECTION].get('method')}); "
                                 "quantize the float checkpoint instead")
-    # the text model of a multimodal wrapper, Nemotron-H's backbone.* names; mtp.* heads are not written
-    raw_ckpt, _ = text_model_view(renamed_text_model(Checkpoint(folder), cfg), cfg)
+    # the text model of a multimodal wrapper, Nemotron-H's backbone.* names; mtp.* heads written as they are
+    raw_ckpt, mtp = text_model_view(renamed_text_model(Checkpoint(folder), cfg), cfg)
     check_layers(cfg, raw_ckpt)
     ckpt = expert_layout_view(raw_ckpt, cfg)
     dtype = DTYPE_NAMES.get(str(cfg.torch_dtype).lower()) if cfg.torch_dtype else None
@@ -201,7 +201,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     load_quantized_weights(model, ckpt, dtype, torch.device(device), spec, layout="plain")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    before = sum(ckpt.info(n).end - ckpt.info(n).begin for n in ckpt.names())
+    model.extra_weights = mtp  # saved beside the model, float, under the names they had (model_state_for_saving)
+    before = sum(ckpt.info(n).end - ckpt.info(n).begin for n in ckpt.names()) + \
+        sum(t.numel() * t.element_size() for t in mtp.values())
     # config.json: the source's own, byte for byte in meaning, plus the section (regenerating it from
     # ModelConfig could drop keys Ember does not model). Passed as an extra file, it replaces the one
     # save_hf_checkpoint writes, inside the same atomic folder write.

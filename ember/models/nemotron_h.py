@@ -137,7 +137,7 @@ class NemotronHBlock(nn.Module):
         """x (B, T, H) -> (B, T, H); ``mask`` the attention mask (cos/sin unused: no RoPE), ``cache`` the model's."""
         h = self.norm(x)
         if self.block_type == "linear_attention":
-            return x + self.mixer(h, new_token_valid(mask, x.shape[1]), cache)
+            return x + self.mixer(h, new_token_valid(mask, x.shape[1], cache), cache)
         if self.block_type == "full_attention":
             return x + self.mixer(h, mask, cache, is_causal)
         return x + self.mixer(h)

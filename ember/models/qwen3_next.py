@@ -83,9 +83,15 @@ class SharedExpertMoE(SparseMoE):
         return super().forward(x) + shared
 
 
-def new_token_valid(mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-    """(B, T) bool, False at the padding columns of the T new tokens, read off the attention mask (a new token
-    sees its own key slot iff it is real; the new tokens hold the last T slots); None where nothing is padded."""
+def new_token_valid(mask: torch.Tensor | None, T: int, cache=None) -> torch.Tensor | None:
+    """(B, T) bool, False at the padding columns of the T new tokens; None where nothing is padded.
+
+    The paged cache says it (``new_valid``): there a row continuing its prompt with fewer new tokens than T has
+    padding columns whose key slots hold its cached tokens, so the mask cannot tell them apart. Otherwise it is
+    read off the attention mask (a new token sees its own key slot iff it is real; the new tokens hold the last
+    T slots)."""
+    if hasattr(cache, "new_valid"):
+        return cache.new_valid
     if mask is None:
         return None
     valid = mask[:, 0, :, -T:].diagonal(dim1=-2, dim2=-1)  # (B or 1, T)
@@ -121,7 +127,7 @@ class HybridDecoderLayer(nn.Module):
         """x (B, T, H) -> (B, T, H); ``mask`` the full-attention mask, ``cache`` the model's (KV and state)."""
         h = self.input_layernorm(x)
         if self.attention_type == "linear_attention":
-            x = x + self.linear_attn(h, new_token_valid(mask, x.shape[1]), cache)
+            x = x + self.linear_attn(h, new_token_valid(mask, x.shape[1], cache), cache)
         else:
             x = x + self.self_attn(h, cos, sin, mask, cache, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -315,10 +315,12 @@ def prefill_activation_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16")
     kv = cfg.num_key_value_heads * cfg.head_dim
     if cfg.num_local_experts:
         # MoE: tokens gathered in expert order (k*H), the output (H), the router's fp32 products
-        # (2*k*H in 16-bit units), and the busiest expert's SwiGLU (~2x its fair share of tokens).
+        # (2*k*H in 16-bit units), and the busiest expert's SwiGLU (~2x its fair share of tokens). Latent MoE
+        # (Nemotron 3 Super) gathers and routes the tokens in its smaller latent space, not H.
         e, k, im = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        d = cfg.extra.get("moe_latent_size") or h
         per_expert = min(1.0, 2.0 * k / e)
-        mlp = (3 * k + 2) * h + 3 * im * per_expert
+        mlp = 3 * k * d + 2 * h + 3 * im * per_expert
         if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
             mlp = max(mlp, 3 * cfg.intermediate_size)
     else:

@@ -35,7 +35,8 @@ def state_note(cfg: ModelConfig) -> str | None:
         return None
     state = sum(bytes_per_sequence(s, torch.float32, 0) for s in rec)
     per_token = sum(bytes_per_token(s, torch.bfloat16) for s in specs)
-    return (f"cache: recurrent state {state / 2**20:.1f} MiB per sequence, fixed ({len(rec)} of {len(specs)} layers, "
+    held = sum(1 for s in rec if s.state_shapes)  # Nemotron-H's MLP/MoE blocks are "recurrent" with no state
+    return (f"cache: recurrent state {state / 2**20:.1f} MiB per sequence, fixed ({held} of {len(specs)} layers, "
             f"fp32), plus KV {per_token / 1024:.1f} KiB per token in bf16 ({len(specs) - len(rec)} attention layers)")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,29 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
     if cfg.method == "full":
         model.requires_grad_(True)
         return
+    check_lora_targets(model, cfg.lora())
     if cfg.method == "qlora" and not any(callable(getattr(m, "dequantize_rows", None)) for m in model.modules()):
         quantize_nf4(model)
     inject_lora(model, cfg.lora(), dtype=torch.float32, seed=cfg.seed)
+
+
+def check_lora_targets(model: torch.nn.Module, lora: Any) -> None:
+    """Refuse LoRA targets that select a routed expert or the router of a family in :data:`ALL_LINEAR_AS` (HF keeps
+    them as 3-D parameters / a custom module, so the adapter could not load in PEFT).
+
+    Raises:
+        TrainingError: naming the first such module and what can be adapted instead.
+    """
+    from ember.train.lora import target_module_names
+
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in ALL_LINEAR_AS:
+        return
+    bad = [n for n in target_module_names(model, lora) if _ROUTED.fullmatch(n)]
+    if bad:
+        raise TrainingError(f"--targets selects {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: "
+                            f"{family}'s routed experts and router are not Linears in HF/PEFT, so LoRA cannot adapt "
+                            "them; name the attention, recurrent-mixer or shared-expert projections, or all-linear")
 
 
 def quantize_nf4(model: torch.nn.Module) -> None:
@@ -113,19 +134,26 @@ def _check_same_config(out: Path, saved: dict[str, Any], now: dict[str, Any]) ->
 
 # Families whose training forward (ember.train.forward: pre-norm attention + MLP halves; family, recurrent and
 # one-block layers whole) is tested against HF and PEFT (loss and LoRA gradients, adapters loaded in PEFT). The
-# others (the MoE hybrids, multimodal wrappers whose adapters PEFT would look for under the wrapper's names) load
-# and generate, but their training path is not verified yet, so tuning them is refused.
+# others load and generate, but their training path is not verified yet, so tuning them is refused.
 TRAINABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss", "qwen3_5_text",
-                      "nemotron_h", "gemma2", "gemma3_text", "gemma4_text", "glm4_moe", "deepseek_v3", "minimax_m2")
+                      "qwen3_5_moe_text", "qwen3_next", "nemotron_h", "gemma2", "gemma3_text", "gemma4_text",
+                      "glm4_moe", "deepseek_v3", "minimax_m2")
 # Families with recurrent layers: a packed row would carry one example's state into the next.
 RECURRENT_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "nemotron_h")
 # gpt-oss: the experts are fused 3-D tensors (HF's layout, MXFP4 as published) and HF's router is not an
 # nn.Linear, so LoRA adapts the attention projections; "all-linear" means those, as it does in PEFT. The base
 # (MXFP4 experts included) stays frozen as loaded.
 FAMILY_LORA_TARGETS = {"gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj")}
-# What "all-linear" adapts where PEFT's own choice differs: for Nemotron-H, PEFT refuses LoRA on a Mamba mixer's
-# out_proj, and HF keeps the routed experts as 3-D parameters (not Linears), so neither is adapted.
-ALL_LINEAR_AS = {"nemotron_h": r".*\.(in_proj|[qkvo]_proj|shared_experts\.(up|down)_proj|mixer\.(up|down)_proj)"}
+# What "all-linear" adapts where PEFT's own choice differs. In HF 5 the routed experts of these MoE families are
+# 3-D parameters and the router is not an nn.Linear: PEFT reaches them only as `target_parameters` (fused
+# gate_up_proj, rank doubled), which Ember does not write, so every other projection is adapted and the adapter
+# lists them by full name (PEFT then wraps exactly those). Nemotron-H: PEFT also refuses a Mamba mixer's out_proj.
+_QWEN_MOE_LINEAR = (r".*\.(in_proj_\w+|out_proj|[qkvo]_proj|mlp\.(gate|up|down)_proj|"
+                    r"shared_expert\.(gate|up|down)_proj|shared_expert_gate)")
+ALL_LINEAR_AS = {"nemotron_h": r".*\.(in_proj|[qkvo]_proj|shared_experts\.(up|down)_proj|mixer\.(up|down)_proj)",
+                 "qwen3_next": _QWEN_MOE_LINEAR, "qwen3_5_moe_text": _QWEN_MOE_LINEAR}
+# Modules of those families that LoRA may not wrap: a routed expert's projections and the router.
+_ROUTED = re.compile(r".*\.(mlp|mixer)\.(experts\.\d+\.\w+|gate)")
 
 
 def check_trainable(model_path: str | os.PathLike, cfg: TrainConfig | None = None) -> TrainConfig | None:
@@ -142,6 +170,9 @@ def check_trainable(model_path: str | os.PathLike, cfg: TrainConfig | None = Non
     if mcfg.model_type not in TRAINABLE_FAMILIES:
         raise TrainingError(f"{model_path}: ember tune does not train model_type {mcfg.model_type!r} yet (it loads, "
                             f"generates and serves); families that can be tuned: {', '.join(TRAINABLE_FAMILIES)}")
+    if mcfg.multimodal and mcfg.model_type in RECURRENT_FAMILIES:
+        raise TrainingError(f"{model_path}: a multimodal {mcfg.model_type} checkpoint (weights under the wrapper's "
+                            "names) cannot be tuned yet; tune the text-only checkpoint (...ForCausalLM)")
     if cfg is not None and cfg.pack and mcfg.model_type in RECURRENT_FAMILIES:
         raise TrainingError(f"{model_path}: {mcfg.model_type} has recurrent layers, whose state would run from one "
                             f"packed example into the next; tune it without --pack (one example per row)")
