@@ -243,7 +243,7 @@ def test_kernel_fp32_activations_exact_against_the_dequantized_weight(build, M, 
     worst(y, ref, 1e-5 * float(ref.abs().max()), f"mxfp4 fp32 {build} {M}x{O}x{I}")
 
 
-@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (2, 9, 96), (3, 33, 64), (1, 7, 32)])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (2, 9, 96), (3, 33, 64), (1, 7, 32), (4, 12, 512), (5, 6, 544)])
 def test_kernel_bf16_activations(build, M, O, I, monkeypatch):
     """bf16 activations: the int8 path (exact against int8-per-32 activations) where the build has it; else, or
     with int8 activations off, the fp32 path (exact against the bf16 activations)."""
@@ -262,6 +262,40 @@ def test_kernel_bf16_activations(build, M, O, I, monkeypatch):
         worst(y, exact, 0.03 * float(exact.abs().max()), f"mxfp4 q8-activations vs exact {M}x{O}x{I}")
     monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", False)
     worst(kernels.mxfp4(x, blocks, scales), exact, bf16_out_tol(exact), f"mxfp4 bf16 fp32-path {build} {M}x{O}x{I}")
+
+
+def as_gguf_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same weight as llama.cpp's MXFP4 blocks (O, G * 17): the E8M0 byte, then 16 bytes whose low nibble is
+    element j and high nibble element j + 16."""
+    O, G, _ = blocks.shape
+    codes = torch.stack((blocks & 15, blocks >> 4), -1).view(O, G, 32)  # natural element order
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat((scales[..., None], packed), -1).reshape(O, G * 17).contiguous()
+
+
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (3, 13, 544), (8, 8, 256), (2, 5, 96)])
+def test_int8_path_is_the_gguf_mxfp4_kernel(M, O, I):
+    """The hub layout's int8 path and GGUF's MXFP4 blocks run one kernel: the same weight in either layout gives
+    the same bits (full 8-block groups, the blocks past them, 4-row passes and the last rows), scale codes at the
+    E8M0 extremes included (0 and 1: subnormal halves in fp32)."""
+    from ember import kernels
+
+    lib = kernels.load()
+    if lib is None or not lib.ember_mxfp4_int8_path() or not lib.ember_gguf_supports(39):
+        pytest.skip("no int8-activation MXFP4 path in this build")
+    blocks, scales = random_mxfp4(O, I, 6)
+    scales[0, :4] = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)[: scales.shape[1]]
+    scales[-1, -1] = 160
+    x = torch.randn(M, I).bfloat16()
+    x[-1, -32:] = 0
+    hub = torch.empty(M, O, dtype=torch.bfloat16)
+    assert lib.ember_mxfp4(blocks.data_ptr(), scales.data_ptr(), x.data_ptr(), 1, hub.data_ptr(), 1, M, O, I, 1, 2) == 2
+    raw = as_gguf_blocks(blocks, scales)
+    gg = torch.empty(M, O, dtype=torch.bfloat16)
+    assert lib.ember_gguf_linear(raw.data_ptr(), raw.shape[1], 39, x.data_ptr(), 1, gg.data_ptr(), M, O, I, 1, 2)
+    assert torch.equal(hub.view(torch.int16), gg.view(torch.int16))
+    ref = q8_per_block(x) @ reference_dequantize(blocks, scales).T
+    worst(hub, ref, bf16_out_tol(ref), f"mxfp4 int8 path {M}x{O}x{I}")
 
 
 def test_linear_routes_few_rows_to_the_kernel_and_many_to_tiles(monkeypatch):

@@ -12,8 +12,10 @@
 //     once per call (pair_order). Per 8 blocks the integer sums of the four pair vectors are reduced by three
 //     vphaddd to one sum per block, in block order 0 2 4 6 1 3 5 7 (kPerm), and scaled by one vector op per term:
 //       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types), sx bs (mins)
-//     Signed codes (Q8_0, IQ4_NL, MXFP4) are multiplied as |w| x sign(x, w). Blocks past the last 8 go through
-//     unpack_block. MXFP4's codes are the E2M1 values x 2 as int8 (kMxfp4) and its scale 2^(e - 128).
+//     Signed codes (Q8_0, IQ4_NL) are multiplied as |w| x sign(x, w). MXFP4's E2M1 values x 2 (kMxfp4, -12..12,
+//     with the scale 2^(e - 128)) become the unsigned codes u = 2w + 12 (0..24: pairs of products <= 2 * 24 * 127,
+//     so the lo and hi products add in int16 before one vpmaddwd), an offset type with off = 12. Blocks past the
+//     last 8 go through unpack_block.
 //   MXFP4_HUB (gpt-oss's hub layout, mxfp4.cpp's weights): the same path over 16-byte blocks whose nibbles are
 //     elements 2j (low) and 2j + 1 (high), scales in their own (O, I/32) rows; the activations are put in that
 //     order per block (evens, then odds) before pair_order, so the code vectors are MXFP4's.
@@ -124,9 +126,9 @@ template <int T> constexpr int bytes32() {
        : T == MXFP4_HUB ? 16 : 17;
 }
 template <int T> constexpr bool mxfp4_type() { return T == MXFP4 || T == MXFP4_HUB; }
-template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL || mxfp4_type<T>(); }
+template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL; }
 template <int T> constexpr bool min32() { return T == Q4_1 || T == Q5_1; }
-template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f; }
+template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : mxfp4_type<T>() ? 12.f : 0.f; }
 
 // The 32 set bits of q (bit i -> byte i) as 0x10 bytes (Q5's fifth bit).
 inline __m256i bit_bytes(uint32_t q) {
@@ -142,7 +144,7 @@ inline __m256i bit_bytes(uint32_t q) {
 }
 
 // Codes of blocks a, b (pair order): lo = [a 0-15 | b 0-15], hi = [a 16-31 | b 16-31]; u8 for the unsigned
-// types, s8 values for the signed ones.
+// types (MXFP4: 2w + 12), s8 values for the signed ones.
 template <int T>
 inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i& hi) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -161,7 +163,7 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
     hi = _mm256_or_si256(hi, bit_bytes(ha >> 16 | (hb & 0xFFFF0000u)));
   } else if constexpr (T == IQ4_NL || mxfp4_type<T>()) {
     alignas(16) static const int8_t book[16] = {
-#define B(i) (T == IQ4_NL ? kIq4[i] : kMxfp4[i])
+#define B(i) static_cast<int8_t>(T == IQ4_NL ? kIq4[i] : kMxfp4[i] + 12)
         B(0), B(1), B(2), B(3), B(4), B(5), B(6), B(7), B(8), B(9), B(10), B(11), B(12), B(13), B(14), B(15)};
 #undef B
     const __m256i tb = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
@@ -181,7 +183,7 @@ inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
   } else {
 #ifdef EMBER_VNNI
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
-#else  // 5-bit codes: two products <= 2 * 2 * 31 * 127 in int16
+#else  // 5-bit codes (and MXFP4's <= 24): two products <= 2 * 2 * 31 * 127 in int16
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),
                              _mm256_set1_epi16(1));
 #endif
