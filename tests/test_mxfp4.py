@@ -166,6 +166,20 @@ def test_loads_as_stored_and_matches_hf_on_a_dequantized_copy(mxfp4_gpt_oss, tmp
         assert (float_model(ids) - got).abs().max().item() > 1e-3
 
 
+def test_auto_dtype_is_bf16_where_the_block_kernels_are_built(mxfp4_gpt_oss, monkeypatch):
+    """On a CPU without native bf16 GEMMs ``auto`` means fp32, except for MXFP4 experts, whose kernels take bf16
+    activations on byte products (as GGUF quantized files)."""
+    import ember.loading.dtypes as dtypes
+    from ember import kernels
+
+    float_folder, folder, _ = mxfp4_gpt_oss
+    monkeypatch.setattr(dtypes, "device_supports_bf16", lambda device: False)
+    want = torch.bfloat16 if kernels.load() is not None else torch.float32
+    assert load_model(folder).model.embed_tokens.weight.dtype == want
+    assert load_model(folder, dtype="fp32").model.embed_tokens.weight.dtype == torch.float32  # asked for: given
+    assert load_model(float_folder).model.embed_tokens.weight.dtype == torch.float32
+
+
 def test_quant_mxfp4_on_load_equals_the_written_checkpoint(mxfp4_gpt_oss):
     float_folder, folder, _ = mxfp4_gpt_oss
     a = load_model(float_folder, dtype="fp32", quant="mxfp4")
