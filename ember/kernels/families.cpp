@@ -5,6 +5,8 @@
 // router (a Linear with bias) picks the k largest logits, a softmax over those k weighs them; each chosen expert
 // multiplies its MXFP4 blocks as stored (ember_mxfp4), adds its bias and applies the clamped SwiGLU of its
 // interleaved gate/up columns: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+// Experts from a llama.cpp GGUF file (ember.loading.gguf.family_weights.GGUFGptOssExperts: a gate, up and down
+// projection per expert in the file's block types) run as those projections' kernels (ember_linear).
 #include "common.h"
 
 using namespace ember_common;
@@ -17,6 +19,8 @@ void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int6
                     int nthreads);
 int ember_mxfp4(const uint8_t* blocks, const uint8_t* scales, const void* X, int x_bf16, void* Y, int y_bf16,
                 int64_t M, int64_t O, int64_t I, int act_q8, int nthreads);
+int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
+                      int nthreads);
 }
 
 struct GptOssMoeDesc {
@@ -28,6 +32,7 @@ struct GptOssMoeDesc {
   const uint8_t* dn_blocks;  // (E, H, I/32, 16)
   const uint8_t* dn_scales;  // (E, H, I/32)
   const void* dn_bias;       // (E, H)
+  const LinearDesc* const* lin;  // GGUF experts: per expert its gate, up, down kernels (3E); null: the blocks above
   int64_t H, E, k, I, act_q8;
   float eps, alpha, limit;
 };
@@ -79,20 +84,27 @@ int ember_gptoss_moe_block(const GptOssMoeDesc* d, void* x, int is_bf16, int nth
   const int64_t Gh = H / 32, Gi = I / 32;
   for (int64_t j = 0; j < K; j++) {
     const int64_t e = ids[j];
-    if (!ember_mxfp4(d->gu_blocks + e * 2 * I * Gh * 16, d->gu_scales + e * 2 * I * Gh, h, is_bf16, gu, is_bf16, 1,
-                     2 * I, H, static_cast<int>(d->act_q8), nthreads))
+    if (d->lin) {  // gate into gu[0, I), up into gu[I, 2I)
+      const LinearDesc* two[2] = {d->lin[3 * e], d->lin[3 * e + 1]};
+      void* outs[2] = {gu, static_cast<char*>(gu) + I * esz};
+      if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    } else if (!ember_mxfp4(d->gu_blocks + e * 2 * I * Gh * 16, d->gu_scales + e * 2 * I * Gh, h, is_bf16, gu,
+                            is_bf16, 1, 2 * I, H, static_cast<int>(d->act_q8), nthreads)) {
       return 0;
+    }
     for (int64_t c = 0; c < I; c++) {
-      float g = rnd(load_f(gu, 2 * c, is_bf16) + load_f(d->gu_bias, e * 2 * I + 2 * c, is_bf16), is_bf16);
-      float u = rnd(load_f(gu, 2 * c + 1, is_bf16) + load_f(d->gu_bias, e * 2 * I + 2 * c + 1, is_bf16), is_bf16);
+      const int64_t gi = d->lin ? c : 2 * c, ui = d->lin ? I + c : 2 * c + 1;  // the bias: interleaved in both
+      float g = rnd(load_f(gu, gi, is_bf16) + load_f(d->gu_bias, e * 2 * I + 2 * c, is_bf16), is_bf16);
+      float u = rnd(load_f(gu, ui, is_bf16) + load_f(d->gu_bias, e * 2 * I + 2 * c + 1, is_bf16), is_bf16);
       g = std::min(g, d->limit);
       u = std::min(std::max(u, -d->limit), d->limit);
       const float t = rnd(g * d->alpha, is_bf16);
       const float s = rnd(1.f / (1.f + std::exp(-t)), is_bf16);
       store_y(act, c, rnd(rnd(u + 1.f, is_bf16) * rnd(g * s, is_bf16), is_bf16), is_bf16);
     }
-    if (!ember_mxfp4(d->dn_blocks + e * H * Gi * 16, d->dn_scales + e * H * Gi, act, is_bf16, y, is_bf16, 1, H, I,
-                     static_cast<int>(d->act_q8), nthreads))
+    if (d->lin ? !ember_linear(d->lin[3 * e + 2], act, y, 1, is_bf16, nthreads)
+               : !ember_mxfp4(d->dn_blocks + e * H * Gi * 16, d->dn_scales + e * H * Gi, act, is_bf16, y, is_bf16, 1,
+                              H, I, static_cast<int>(d->act_q8), nthreads))
       return 0;
     for (int64_t c = 0; c < H; c++) {
       const float v = rnd(load_f(y, c, is_bf16) + load_f(d->dn_bias, e * H + c, is_bf16), is_bf16);
@@ -121,8 +133,6 @@ struct SinkAttnDesc {
 };
 
 extern "C" {
-int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
-                      int nthreads);
 void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64_t heads, int64_t hd, int is_bf16);
 
 // x (H,) += o(sink_attention(rope(q/k/v(rms_norm(x))))) for the token at position pos, its k/v written into
