@@ -83,6 +83,32 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
+// sum_c q[c] k[off + c] over n values (k of x's dtype), in fp32.
+inline float dot_q(const float* q, const void* k, int64_t off, int64_t n, int bf) {
+  int64_t c = 0;
+  float r = 0.f;
+#if defined(EMBER_X86) || defined(EMBER_AVX2)
+  __m256 s = _mm256_setzero_ps();
+  for (; c + 8 <= n; c += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(k, off + c, bf), s);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  r = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+  for (; c < n; c++) r += q[c] * load_f(k, off + c, bf);
+  return r;
+}
+
+// acc[c] += p v[off + c] over n values (v of x's dtype), in fp32.
+inline void axpy_v(float* acc, float p, const void* v, int64_t off, int64_t n, int bf) {
+  int64_t c = 0;
+#if defined(EMBER_X86) || defined(EMBER_AVX2)
+  const __m256 vp = _mm256_set1_ps(p);
+  for (; c + 8 <= n; c += 8)
+    _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(vp, load8(v, off + c, bf), _mm256_loadu_ps(acc + c)));
+#endif
+  for (; c < n; c++) acc[c] += p * load_f(v, off + c, bf);
+}
+
 // act (I,) = (u + 1) * g * sigmoid(alpha * g) from the clamped, biased gate g and up u (fp32 holding x's dtype's
 // values), each op rounded to x's dtype as the module's.
 void clamped_swiglu(const float* g, const float* u, void* act, int64_t I, float alpha, int is_bf16) {
@@ -250,19 +276,13 @@ int ember_sink_attn_block(const SinkAttnDesc* d, void* x, const void* cos, const
     for (int64_t c = 0; c < hd && c < 512; c++) qf[c] = load_f(q, n * hd + c, is_bf16);
     const float sink = load_f(d->sinks, n, is_bf16);
     float mx = sink;
-    for (int64_t j = 0; j < S; j++) {
-      const int64_t off = (g * slots + j) * hd;
-      float dot = 0.f;
-      for (int64_t c = 0; c < hd; c++) dot += qf[c] * load_f(Kc, off + c, is_bf16);
-      mx = std::max(mx, sc[j] = dot * scale);
-    }
+    for (int64_t j = 0; j < S; j++) mx = std::max(mx, sc[j] = dot_q(qf, Kc, (g * slots + j) * hd, hd, is_bf16) * scale);
     float sum = std::exp(sink - mx);
     std::fill(acc, acc + hd, 0.f);
     for (int64_t j = 0; j < S; j++) {
       const float p = std::exp(sc[j] - mx);
       sum += p;
-      const int64_t off = (g * slots + j) * hd;
-      for (int64_t c = 0; c < hd; c++) acc[c] += p * load_f(Vc, off + c, is_bf16);
+      axpy_v(acc, p, Vc, (g * slots + j) * hd, hd, is_bf16);
     }
     for (int64_t c = 0; c < hd; c++) store_y(a, n * hd + c, acc[c] / sum, is_bf16);
   }
