@@ -118,7 +118,8 @@ void clamped_swiglu(const float* g, const float* u, void* act, int64_t I, float 
   for (; c + 8 <= I; c += 8) {
     const __m256 gv = _mm256_loadu_ps(g + c), uv = _mm256_loadu_ps(u + c);
     const __m256 t = rnd8(_mm256_mul_ps(gv, va), is_bf16);
-    const __m256 sg = rnd8(_mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), t)))), is_bf16);
+    const __m256 en = exp8(_mm256_sub_ps(_mm256_setzero_ps(), t));
+    const __m256 sg = rnd8(_mm256_div_ps(one, _mm256_add_ps(one, en)), is_bf16);
     store8(act, c, rnd8(_mm256_mul_ps(rnd8(_mm256_add_ps(uv, one), is_bf16), rnd8(_mm256_mul_ps(gv, sg), is_bf16)),
                         is_bf16), is_bf16);
   }
@@ -137,7 +138,8 @@ void add_expert(float* acc, const void* y, const void* bias, float w, int64_t H,
   const __m256 vw = _mm256_set1_ps(w);
   for (; c + 8 <= H; c += 8) {
     const __m256 v = rnd8(_mm256_add_ps(load8(y, c, is_bf16), load8(bias, c, is_bf16)), is_bf16);
-    _mm256_storeu_ps(acc + c, rnd8(_mm256_add_ps(_mm256_loadu_ps(acc + c), rnd8(_mm256_mul_ps(v, vw), is_bf16)), is_bf16));
+    const __m256 wv = rnd8(_mm256_mul_ps(v, vw), is_bf16);
+    _mm256_storeu_ps(acc + c, rnd8(_mm256_add_ps(_mm256_loadu_ps(acc + c), wv), is_bf16));
   }
 #endif
   for (; c < H; c++) {

@@ -152,7 +152,8 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
     lo = pair128(a + 2, b + 2), hi = pair128(a + 18, b + 18);
     return;
   }
-  constexpr int qs = T == MXFP4_HUB ? 0 : T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;  // Q5_1: 8
+  constexpr int qs = T == MXFP4_HUB ? 0 : T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4
+                   : T == Q5_0 ? 6 : 8;  // Q5_1: 8
   const __m256i v = pair128(a + qs, b + qs);
   lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
   if constexpr (T == Q5_0 || T == Q5_1) {
@@ -249,7 +250,8 @@ void rows32(const uint8_t* const* rows, const uint8_t* const* srows, int64_t row
     for (int64_t k = nb8 * 8; k < nb && T == MXFP4_HUB; k++) {  // the last blocks: book values, nibble order
       const uint8_t* q = rows[r] + 16 * k;
       int isum = 0;
-      for (int j = 0; j < 16; j++) isum += kMxfp4[q[j] & 15] * xq[32 * k + 2 * j] + kMxfp4[q[j] >> 4] * xq[32 * k + 2 * j + 1];
+      for (int j = 0; j < 16; j++)
+        isum += kMxfp4[q[j] & 15] * xq[32 * k + 2 * j] + kMxfp4[q[j] >> 4] * xq[32 * k + 2 * j + 1];
       y += sx[k] * e8m0_half(srows[r][k]) * static_cast<float>(isum);
     }
     for (int64_t k = nb8 * 8; k < nb && T != MXFP4_HUB; k++) {  // the last blocks: the unpacked codes, sums per 16
