@@ -327,6 +327,25 @@ def test_linear_routes_few_rows_to_the_kernel_and_many_to_tiles(monkeypatch):
     assert calls == [1, kernels.MAX_ROWS["mxfp4"], kernels.MAX_ROWS["mxfp4"] + 3]  # the last one declined (None)
 
 
+def test_bf16_prefill_rows_take_the_int8_path_where_bf16_gemms_are_emulated(monkeypatch):
+    """Past MAX_ROWS, bf16 rows stay on the int8 path (in chunks) on a CPU without native bf16 GEMMs, each row as
+    it would be alone; with native bf16 GEMMs they are declined (tiles + GEMM)."""
+    from ember import kernels
+
+    lib = kernels.load()
+    if lib is None or not lib.ember_mxfp4_int8_path():
+        pytest.skip("no int8-activation MXFP4 path in this build")
+    blocks, scales = random_mxfp4(12, 64, 7)
+    x = torch.randn(kernels.matmul.MXFP4_Q8_CHUNK + 5, 64).bfloat16()
+    monkeypatch.setattr(kernels.matmul, "native_bf16_gemm", lambda: False)
+    y = kernels.mxfp4(x, blocks, scales)
+    assert y is not None and y.shape == (x.shape[0], 12)
+    for r in (0, 1, kernels.matmul.MXFP4_Q8_CHUNK - 1, kernels.matmul.MXFP4_Q8_CHUNK, x.shape[0] - 1):
+        assert torch.equal(y[r], kernels.mxfp4(x[r:r + 1], blocks, scales)[0]), f"row {r}"
+    monkeypatch.setattr(kernels.matmul, "native_bf16_gemm", lambda: True)
+    assert kernels.mxfp4(x, blocks, scales) is None
+
+
 # ---------------------------------------------------------------- the planner's MXFP4 option
 def test_planner_prices_mxfp4_as_the_loaded_model_holds_it(mxfp4_gpt_oss, hf_checkpoint):
     from ember import planner
