@@ -103,6 +103,23 @@ def test_gpt_oss_mxfp4_moe_block_matches_the_modules(gpt_oss_checkpoint, monkeyp
         assert_close(a, b, tol, f"gpt-oss {dtype} decode step {i}")
 
 
+@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "gpt-oss-q8_0"])
+def test_gpt_oss_gguf_experts_run_in_the_moe_block(monkeypatch, name):
+    # a llama.cpp gpt-oss file's experts (MXFP4 or Q8_0 blocks, gate/up/down apart): the MoE block runs them as
+    # their projections' kernels (their int8-activation path in bf16), as the modules compute them
+    from ember.loading.gguf import load_gguf_model
+    from test_gguf_families import DATA
+
+    _needs_kernels()
+    ours = load_gguf_model(DATA / f"{name}.gguf", dtype="bf16")
+    calls = _count_blocks(monkeypatch)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(5))
+    fast, plain = _fused_vs_modules(ours, ids, 4, torch.bfloat16, monkeypatch)
+    assert calls["gptoss_moe"] == 10 * ours.config.num_hidden_layers
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, 0.04, f"{name} bf16 decode step {i}")  # logits <= ~0.4: bf16 roundings move ~1e-2
+
+
 def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch):
     # float experts (no MoE block): the attention blocks alone, fp32 against HF past the window
     _needs_kernels()

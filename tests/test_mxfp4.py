@@ -166,6 +166,20 @@ def test_loads_as_stored_and_matches_hf_on_a_dequantized_copy(mxfp4_gpt_oss, tmp
         assert (float_model(ids) - got).abs().max().item() > 1e-3
 
 
+def test_auto_dtype_is_bf16_where_the_block_kernels_are_built(mxfp4_gpt_oss, monkeypatch):
+    """On a CPU without native bf16 GEMMs ``auto`` means fp32, except for MXFP4 experts, whose kernels take bf16
+    activations on byte products (as GGUF quantized files)."""
+    import ember.loading.dtypes as dtypes
+    from ember import kernels
+
+    float_folder, folder, _ = mxfp4_gpt_oss
+    monkeypatch.setattr(dtypes, "device_supports_bf16", lambda device: False)
+    want = torch.bfloat16 if kernels.load() is not None else torch.float32
+    assert load_model(folder).model.embed_tokens.weight.dtype == want
+    assert load_model(folder, dtype="fp32").model.embed_tokens.weight.dtype == torch.float32  # asked for: given
+    assert load_model(float_folder).model.embed_tokens.weight.dtype == torch.float32
+
+
 def test_quant_mxfp4_on_load_equals_the_written_checkpoint(mxfp4_gpt_oss):
     float_folder, folder, _ = mxfp4_gpt_oss
     a = load_model(float_folder, dtype="fp32", quant="mxfp4")
@@ -243,7 +257,7 @@ def test_kernel_fp32_activations_exact_against_the_dequantized_weight(build, M, 
     worst(y, ref, 1e-5 * float(ref.abs().max()), f"mxfp4 fp32 {build} {M}x{O}x{I}")
 
 
-@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (2, 9, 96), (3, 33, 64), (1, 7, 32)])
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (2, 9, 96), (3, 33, 64), (1, 7, 32), (4, 12, 512), (5, 6, 544)])
 def test_kernel_bf16_activations(build, M, O, I, monkeypatch):
     """bf16 activations: the int8 path (exact against int8-per-32 activations) where the build has it; else, or
     with int8 activations off, the fp32 path (exact against the bf16 activations)."""
@@ -264,6 +278,40 @@ def test_kernel_bf16_activations(build, M, O, I, monkeypatch):
     worst(kernels.mxfp4(x, blocks, scales), exact, bf16_out_tol(exact), f"mxfp4 bf16 fp32-path {build} {M}x{O}x{I}")
 
 
+def as_gguf_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same weight as llama.cpp's MXFP4 blocks (O, G * 17): the E8M0 byte, then 16 bytes whose low nibble is
+    element j and high nibble element j + 16."""
+    O, G, _ = blocks.shape
+    codes = torch.stack((blocks & 15, blocks >> 4), -1).view(O, G, 32)  # natural element order
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat((scales[..., None], packed), -1).reshape(O, G * 17).contiguous()
+
+
+@pytest.mark.parametrize("M,O,I", [(1, 67, 2880), (3, 13, 544), (8, 8, 256), (2, 5, 96)])
+def test_int8_path_is_the_gguf_mxfp4_kernel(M, O, I):
+    """The hub layout's int8 path and GGUF's MXFP4 blocks run one kernel: the same weight in either layout gives
+    the same bits (full 8-block groups, the blocks past them, 4-row passes and the last rows), scale codes at the
+    E8M0 extremes included (0 and 1: subnormal halves in fp32)."""
+    from ember import kernels
+
+    lib = kernels.load()
+    if lib is None or not lib.ember_mxfp4_int8_path() or not lib.ember_gguf_supports(39):
+        pytest.skip("no int8-activation MXFP4 path in this build")
+    blocks, scales = random_mxfp4(O, I, 6)
+    scales[0, :4] = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)[: scales.shape[1]]
+    scales[-1, -1] = 160
+    x = torch.randn(M, I).bfloat16()
+    x[-1, -32:] = 0
+    hub = torch.empty(M, O, dtype=torch.bfloat16)
+    assert lib.ember_mxfp4(blocks.data_ptr(), scales.data_ptr(), x.data_ptr(), 1, hub.data_ptr(), 1, M, O, I, 1, 2) == 2
+    raw = as_gguf_blocks(blocks, scales)
+    gg = torch.empty(M, O, dtype=torch.bfloat16)
+    assert lib.ember_gguf_linear(raw.data_ptr(), raw.shape[1], 39, x.data_ptr(), 1, gg.data_ptr(), M, O, I, 1, 2)
+    assert torch.equal(hub.view(torch.int16), gg.view(torch.int16))
+    ref = q8_per_block(x) @ reference_dequantize(blocks, scales).T
+    worst(hub, ref, bf16_out_tol(ref), f"mxfp4 int8 path {M}x{O}x{I}")
+
+
 def test_linear_routes_few_rows_to_the_kernel_and_many_to_tiles(monkeypatch):
     from ember import kernels
 
@@ -277,6 +325,25 @@ def test_linear_routes_few_rows_to_the_kernel_and_many_to_tiles(monkeypatch):
         x = torch.randn(rows, 64)
         worst(q(x), x.double() @ w.T, 1e-5 * float((x.double() @ w.T).abs().max()), f"Mxfp4Linear {rows} rows")
     assert calls == [1, kernels.MAX_ROWS["mxfp4"], kernels.MAX_ROWS["mxfp4"] + 3]  # the last one declined (None)
+
+
+def test_bf16_prefill_rows_take_the_int8_path_where_bf16_gemms_are_emulated(monkeypatch):
+    """Past MAX_ROWS, bf16 rows stay on the int8 path (in chunks) on a CPU without native bf16 GEMMs, each row as
+    it would be alone; with native bf16 GEMMs they are declined (tiles + GEMM)."""
+    from ember import kernels
+
+    lib = kernels.load()
+    if lib is None or not lib.ember_mxfp4_int8_path():
+        pytest.skip("no int8-activation MXFP4 path in this build")
+    blocks, scales = random_mxfp4(12, 64, 7)
+    x = torch.randn(kernels.matmul.MXFP4_Q8_CHUNK + 5, 64).bfloat16()
+    monkeypatch.setattr(kernels.matmul, "native_bf16_gemm", lambda: False)
+    y = kernels.mxfp4(x, blocks, scales)
+    assert y is not None and y.shape == (x.shape[0], 12)
+    for r in (0, 1, kernels.matmul.MXFP4_Q8_CHUNK - 1, kernels.matmul.MXFP4_Q8_CHUNK, x.shape[0] - 1):
+        assert torch.equal(y[r], kernels.mxfp4(x[r:r + 1], blocks, scales)[0]), f"row {r}"
+    monkeypatch.setattr(kernels.matmul, "native_bf16_gemm", lambda: True)
+    assert kernels.mxfp4(x, blocks, scales) is None
 
 
 # ---------------------------------------------------------------- the planner's MXFP4 option

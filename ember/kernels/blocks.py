@@ -166,22 +166,29 @@ class _GptOssMoeDesc(ctypes.Structure):
     """Mirror of ``GptOssMoeDesc`` in families.cpp."""
 
     _fields_ = [(n, _P) for n in ("router", "norm", "gu_blocks", "gu_scales", "gu_bias", "dn_blocks", "dn_scales",
-                                  "dn_bias")] + [(n, ctypes.c_int64) for n in ("H", "E", "k", "I", "act_q8")] + [
+                                  "dn_bias", "lin")] + [(n, ctypes.c_int64) for n in ("H", "E", "k", "I", "act_q8")] + [
         (n, _F) for n in ("eps", "alpha", "limit")]
 
 
-def gptoss_moe_block_kernel(router: LinearKernel, norm: torch.Tensor, eps: float, top_k: int, experts) -> BlockKernel:
+def gptoss_moe_block_kernel(router: LinearKernel, norm: torch.Tensor, eps: float, top_k: int, experts,
+                            expert_kernels: list[LinearKernel] | None = None) -> BlockKernel:
     """gpt-oss's MoE block after its post-attention RMSNorm (residual add included): ``router`` the router's kernel
     (its bias bound), ``experts`` an :class:`ember.quant.mxfp4.Mxfp4Experts` (blocks, scales and biases as stored;
-    the biases of x's dtype)."""
-    t = [experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
-         experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias]
-    desc = _GptOssMoeDesc(router=router.addr, norm=norm.data_ptr(), gu_blocks=t[0].data_ptr(),
-                          gu_scales=t[1].data_ptr(), gu_bias=t[2].data_ptr(), dn_blocks=t[3].data_ptr(),
-                          dn_scales=t[4].data_ptr(), dn_bias=t[5].data_ptr(), H=norm.shape[0],
-                          E=experts.num_experts, k=top_k, I=experts.intermediate_size,
+    the biases of x's dtype) or, with ``expert_kernels`` (per expert its gate, up and down kernel: 3E), experts
+    held as a GGUF file's blocks (only their biases read here)."""
+    if expert_kernels is None:
+        t = [experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
+             experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias]
+        table = None
+    else:
+        t = [None, None, experts.gate_up_proj_bias, None, None, experts.down_proj_bias]
+        table = (_P * len(expert_kernels))(*[k.addr for k in expert_kernels])
+    p = [_ptr(a) for a in t]
+    desc = _GptOssMoeDesc(router=router.addr, norm=norm.data_ptr(), gu_blocks=p[0], gu_scales=p[1], gu_bias=p[2],
+                          dn_blocks=p[3], dn_scales=p[4], dn_bias=p[5], lin=ctypes.cast(table, _P) if table else None,
+                          H=norm.shape[0], E=experts.num_experts, k=top_k, I=experts.intermediate_size,
                           act_q8=int(_loader.INT8_ACTIVATIONS), eps=eps, alpha=experts.alpha, limit=experts.limit)
-    return BlockKernel("gptoss_moe", desc, (router, norm, *t))
+    return BlockKernel("gptoss_moe", desc, (router, norm, *t, table, tuple(expert_kernels or ())))
 
 
 class _SinkAttnDesc(ctypes.Structure):

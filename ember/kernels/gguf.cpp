@@ -31,6 +31,7 @@ constexpr int kGroup = 16;
 enum GgmlType : int {
   Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
   IQ4_NL = 20, IQ4_XS = 23, MXFP4 = 39,
+  MXFP4_HUB = 1039,  // not a ggml type: gpt-oss's hub layout of MXFP4 (mxfp4.cpp), on gguf_simd.h's MXFP4 path
 };
 
 const int8_t kIq4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -315,6 +316,23 @@ int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X,
     linear_exact(t, W, row_bytes, static_cast<const float*>(X), Y, M, O, I, 0, nthreads);
   }
   return 1;
+}
+
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T for W in gpt-oss's hub layout of MXFP4 (blocks (O, I/32, 16), element 2j
+// in the low nibble, scales (O, I/32) E8M0 apart; mxfp4.cpp): the int8-activation path of GGUF's MXFP4 blocks.
+// Returns 0 (nothing written) where the build has no such path or I % 32.
+int ember_mxfp4_q8(const uint8_t* blocks, const uint8_t* scales, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                   int64_t I, int nthreads) {
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+  if (I % 32 == 0) {
+    linear_simd_t<MXFP4_HUB>(blocks, I / 2, X, Y, M, O, I, nthreads, scales);
+    return 1;
+  }
+#else
+  (void)blocks, (void)scales, (void)X, (void)Y, (void)M, (void)O, (void)nthreads;
+#endif
+  (void)I;
+  return 0;
 }
 
 // Rows r0..r1 of W decoded to out ((r1 - r0, I), bf16 or fp32), with the reference's roundings.

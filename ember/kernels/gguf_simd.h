@@ -12,8 +12,13 @@
 //     once per call (pair_order). Per 8 blocks the integer sums of the four pair vectors are reduced by three
 //     vphaddd to one sum per block, in block order 0 2 4 6 1 3 5 7 (kPerm), and scaled by one vector op per term:
 //       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types), sx bs (mins)
-//     Signed codes (Q8_0, IQ4_NL, MXFP4) are multiplied as |w| x sign(x, w). Blocks past the last 8 go through
-//     unpack_block.
+//     Signed codes (Q8_0, IQ4_NL) are multiplied as |w| x sign(x, w). MXFP4's E2M1 values x 2 (kMxfp4, -12..12,
+//     with the scale 2^(e - 128)) become the unsigned codes u = 2w + 12 (0..24: pairs of products <= 2 * 24 * 127,
+//     so the lo and hi products add in int16 before one vpmaddwd), an offset type with off = 12. Blocks past the
+//     last 8 go through unpack_block.
+//   MXFP4_HUB (gpt-oss's hub layout, mxfp4.cpp's weights): the same path over 16-byte blocks whose nibbles are
+//     elements 2j (low) and 2j + 1 (high), scales in their own (O, I/32) rows; the activations are put in that
+//     order per block (evens, then odds) before pair_order, so the code vectors are MXFP4's.
 //   256-value super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS), activations per 256 values (one sx per
 //     super-block, llama.cpp's Q8_K) so the sub-block scales fold in as integers: isum = sum_j sc_j sum(u xq over j)
 //     by vpmaddubsw then vpmaddwd with the scale (one per 128-bit lane for 16-value sub-blocks), per super-block
@@ -117,11 +122,13 @@ void pair_order(const int8_t* xq, int64_t nb8, int8_t* out) {
 // ---- 32-value block types
 
 template <int T> constexpr int bytes32() {
-  return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34 : T == IQ4_NL ? 18 : 17;
+  return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34 : T == IQ4_NL ? 18
+       : T == MXFP4_HUB ? 16 : 17;
 }
-template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL || T == MXFP4; }
+template <int T> constexpr bool mxfp4_type() { return T == MXFP4 || T == MXFP4_HUB; }
+template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL; }
 template <int T> constexpr bool min32() { return T == Q4_1 || T == Q5_1; }
-template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f; }
+template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : mxfp4_type<T>() ? 12.f : 0.f; }
 
 // The 32 set bits of q (bit i -> byte i) as 0x10 bytes (Q5's fifth bit).
 inline __m256i bit_bytes(uint32_t q) {
@@ -137,7 +144,7 @@ inline __m256i bit_bytes(uint32_t q) {
 }
 
 // Codes of blocks a, b (pair order): lo = [a 0-15 | b 0-15], hi = [a 16-31 | b 16-31]; u8 for the unsigned
-// types, s8 values for the signed ones.
+// types (MXFP4: 2w + 12), s8 values for the signed ones.
 template <int T>
 inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i& hi) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -145,7 +152,8 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
     lo = pair128(a + 2, b + 2), hi = pair128(a + 18, b + 18);
     return;
   }
-  constexpr int qs = T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;  // Q5_1: 8
+  constexpr int qs = T == MXFP4_HUB ? 0 : T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4
+                   : T == Q5_0 ? 6 : 8;  // Q5_1: 8
   const __m256i v = pair128(a + qs, b + qs);
   lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
   if constexpr (T == Q5_0 || T == Q5_1) {
@@ -154,9 +162,9 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
     std::memcpy(&ha, a + qh, 4), std::memcpy(&hb, b + qh, 4);
     lo = _mm256_or_si256(lo, bit_bytes((ha & 0xFFFFu) | hb << 16));
     hi = _mm256_or_si256(hi, bit_bytes(ha >> 16 | (hb & 0xFFFF0000u)));
-  } else if constexpr (T == IQ4_NL || T == MXFP4) {
+  } else if constexpr (T == IQ4_NL || mxfp4_type<T>()) {
     alignas(16) static const int8_t book[16] = {
-#define B(i) (T == IQ4_NL ? kIq4[i] : kMxfp4[i])
+#define B(i) static_cast<int8_t>(T == IQ4_NL ? kIq4[i] : kMxfp4[i] + 12)
         B(0), B(1), B(2), B(3), B(4), B(5), B(6), B(7), B(8), B(9), B(10), B(11), B(12), B(13), B(14), B(15)};
 #undef B
     const __m256i tb = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(book)));
@@ -176,23 +184,34 @@ inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
   } else {
 #ifdef EMBER_VNNI
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
-#else  // 5-bit codes: two products <= 2 * 2 * 31 * 127 in int16
+#else  // 5-bit codes (and MXFP4's <= 24): two products <= 2 * 2 * 31 * 127 in int16
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),
                              _mm256_set1_epi16(1));
 #endif
   }
 }
 
-// The fp16 (or MXFP4 e8m0) scales at byte ``at`` of 8 blocks from b, in kPerm order, as fp32.
+// 8 E8M0 codes (int32 lanes) -> 2 ** (e - 128): e < 2 -> 0x00200000 << e (subnormal), else (e - 1) << 23.
+inline __m256 e8m0_half8(__m256i e) {
+  const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+  const __m256i nrm = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(sub, nrm, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1))));
+}
+
+// The fp16 (or MXFP4 e8m0) scales at byte ``at`` of 8 blocks from b, in kPerm order, as fp32; MXFP4_HUB's from
+// its scale row sc (8 bytes).
 template <int T>
-inline __m256 scales8(const uint8_t* b, int at) {
+inline __m256 scales8(const uint8_t* b, int at, const uint8_t* sc) {
   constexpr int bb = bytes32<T>();
-  if constexpr (T == MXFP4) {  // 2 ** (e - 128): e < 2 -> 0x00200000 << e (subnormal), else (e - 1) << 23
-    const __m256i e = _mm256_setr_epi32(b[0], b[2 * bb], b[4 * bb], b[6 * bb], b[bb], b[3 * bb], b[5 * bb], b[7 * bb]);
-    const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
-    const __m256i nrm = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
-    return _mm256_castsi256_ps(_mm256_blendv_epi8(sub, nrm, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1))));
+  if constexpr (T == MXFP4_HUB) {
+    uint64_t e8;
+    std::memcpy(&e8, sc, 8);
+    const __m256i e = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(e8)));
+    return e8m0_half8(_mm256_permutevar8x32_epi32(e, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)));
+  } else if constexpr (T == MXFP4) {
+    return e8m0_half8(_mm256_setr_epi32(b[0], b[2 * bb], b[4 * bb], b[6 * bb], b[bb], b[3 * bb], b[5 * bb], b[7 * bb]));
   } else {
+    (void)sc;
     const uint8_t* p = b + at;
     const uint64_t even = ld16(p) | ld16(p + 2 * bb) << 16 | ld16(p + 4 * bb) << 32 | ld16(p + 6 * bb) << 48;
     const uint64_t odd = ld16(p + bb) | ld16(p + 3 * bb) << 16 | ld16(p + 5 * bb) << 32 | ld16(p + 7 * bb) << 48;
@@ -200,12 +219,13 @@ inline __m256 scales8(const uint8_t* b, int at) {
   }
 }
 
-// R rows (rows[r]) of a 32-value type times one activation row. xp: xq in pair order (nb8 * 256); sxp, cqp, xsp:
-// per block in kPerm order within each 8 (sx, the offset term cq, sx bs); xq, sx, bs16: natural order, for the
-// blocks past nb8 * 8.
+// R rows (rows[r]; MXFP4_HUB: scale rows srows[r]) of a 32-value type times one activation row. xp: xq in pair
+// order (nb8 * 256); sxp, cqp, xsp: per block in kPerm order within each 8 (sx, the offset term cq, sx bs); xq, sx,
+// bs16: natural order, for the blocks past nb8 * 8.
 template <int T, int R>
-void rows32(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xp, const float* sxp, const float* cqp, const float* xsp,
-            const int8_t* xq, const float* sx, const int16_t* bs16, int64_t nb, float* out) {
+void rows32(const uint8_t* const* rows, const uint8_t* const* srows, int64_t row_bytes, const int8_t* xp,
+            const float* sxp, const float* cqp, const float* xsp, const int8_t* xq, const float* sx,
+            const int16_t* bs16, int64_t nb, float* out) {
   constexpr int bb = bytes32<T>();
   const int64_t nb8 = nb / 8;
   __m256 acc[R];
@@ -220,13 +240,21 @@ void rows32(const uint8_t* const* rows, int64_t row_bytes, const int8_t* xp, con
       const __m256i q2 = pair_dot<T>(b + 4 * bb, b + 5 * bb, x + 128), q3 = pair_dot<T>(b + 6 * bb, b + 7 * bb, x + 192);
       const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q0, q1), _mm256_hadd_epi32(q2, q3));  // kPerm order
       const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, cq);
-      acc[r] = _mm256_fmadd_ps(scales8<T>(b, 0), f, acc[r]);
-      if constexpr (min32<T>()) acc[r] = _mm256_fmadd_ps(scales8<T>(b, 2), _mm256_loadu_ps(xsp + 8 * c), acc[r]);
+      acc[r] = _mm256_fmadd_ps(scales8<T>(b, 0, T == MXFP4_HUB ? srows[r] + 8 * c : nullptr), f, acc[r]);
+      if constexpr (min32<T>())
+        acc[r] = _mm256_fmadd_ps(scales8<T>(b, 2, nullptr), _mm256_loadu_ps(xsp + 8 * c), acc[r]);
     }
   }
   for (int r = 0; r < R; r++) {
     float y = hsum8(acc[r]);
-    for (int64_t k = nb8 * 8; k < nb; k++) {  // the last blocks: the unpacked codes, integer sums per 16
+    for (int64_t k = nb8 * 8; k < nb && T == MXFP4_HUB; k++) {  // the last blocks: book values, nibble order
+      const uint8_t* q = rows[r] + 16 * k;
+      int isum = 0;
+      for (int j = 0; j < 16; j++)
+        isum += kMxfp4[q[j] & 15] * xq[32 * k + 2 * j] + kMxfp4[q[j] >> 4] * xq[32 * k + 2 * j + 1];
+      y += sx[k] * e8m0_half(srows[r][k]) * static_cast<float>(isum);
+    }
+    for (int64_t k = nb8 * 8; k < nb && T != MXFP4_HUB; k++) {  // the last blocks: the unpacked codes, sums per 16
       alignas(32) uint8_t u[32];
       float sc[2], mn[2];
       unpack_block(T, rows[r] + k * bb, u, sc, mn);
@@ -542,13 +570,24 @@ thread_local std::vector<int8_t> simd_xq;
 thread_local std::vector<float> simd_f;
 thread_local std::vector<int16_t> simd_bs;
 
+// The 32 values of each block as its 16 even ones, then its 16 odd ones (MXFP4_HUB's nibble order).
+void evens_odds(const int8_t* xq, int64_t nb, int8_t* out) {
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t k = 0; k < nb; k++) {
+    const __m128i a = _mm_shuffle_epi8(ld128(xq + 32 * k), split), b = _mm_shuffle_epi8(ld128(xq + 32 * k + 16), split);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * k), _mm_unpacklo_epi64(a, b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * k + 16), _mm_unpackhi_epi64(a, b));
+  }
+}
+
+// S: MXFP4_HUB's scales (O, I/32); row_bytes is then I / 2.
 template <int T>
 void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
-                   int64_t I, int nthreads) {
-  constexpr bool kq = block_elems(T) == 256;
+                   int64_t I, int nthreads, const uint8_t* S_hub = nullptr) {
+  constexpr bool kq = T != MXFP4_HUB && block_elems(T) == 256;
   constexpr int G = kq ? 256 : 32;
   const int64_t nb = I / G, nb8 = kq ? 0 : nb / 8, S = I / G;
-  simd_xq.resize(static_cast<size_t>(2 * M * I));
+  simd_xq.resize(static_cast<size_t>((T == MXFP4_HUB ? 3 : 2) * M * I));
   simd_f.resize(static_cast<size_t>(M * (S + 3 * 8 * nb8)));
   simd_bs.resize(static_cast<size_t>(M * (I / 16 + I / 32)));
   int8_t* xq = simd_xq.data();
@@ -562,8 +601,14 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
   for (int64_t m = 0; m < M; m++) {
     quantize_x<G>(X + m * I, I, xq + m * I, sx + m * S, bs16 + m * (I / 16), bs32 + m * (I / 32));
     if constexpr (T == IQ4_XS) pair_order(xq + m * I, nb, xp + m * I);
-    if constexpr (!kq) {
+    if constexpr (T == MXFP4_HUB) {
+      int8_t* eo = xq + 2 * M * I;  // scratch
+      evens_odds(xq + m * I, nb8 * 8, eo);
+      pair_order(eo, nb8, xp + m * I);
+    } else if constexpr (!kq) {
       pair_order(xq + m * I, nb8, xp + m * I);
+    }
+    if constexpr (!kq) {
       for (int64_t c = 0; c < nb8; c++)
         for (int l = 0; l < 8; l++) {
           const int64_t k = 8 * c + kPerm[l], i = m * 8 * nb8 + 8 * c + l;
@@ -579,7 +624,11 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
   for (int64_t blk = 0; blk < blocks; blk++) {
     const int64_t o0 = blk * kR, n = std::min<int64_t>(kR, O - o0);
     const uint8_t* rows[kR];
-    for (int r = 0; r < kR; r++) rows[r] = W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
+    const uint8_t* srows[kR] = {};
+    for (int r = 0; r < kR; r++) {
+      rows[r] = W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
+      if (S_hub) srows[r] = S_hub + (o0 + std::min<int64_t>(r, n - 1)) * nb;
+    }
     float y[kR];
     for (int64_t m = 0; m < M; m++) {
       const float* s = sx + m * S;
@@ -592,10 +641,12 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
           for (int r = 0; r < n; r++) rowsk<T, 1>(rows + r, row_bytes, x, s, b16, b32, nb, y + r);
       } else {
         const int64_t a = m * 8 * nb8;
-        if (n == kR) rows32<T, kR>(rows, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y);
+        if (n == kR)
+          rows32<T, kR>(rows, srows, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y);
         else
           for (int r = 0; r < n; r++)
-            rows32<T, 1>(rows + r, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16, nb, y + r);
+            rows32<T, 1>(rows + r, srows + r, row_bytes, xp + m * I, sxp + a, cqp + a, xsp + a, xq + m * I, s, b16,
+                         nb, y + r);
       }
       for (int r = 0; r < n; r++) Y[m * O + o0 + r] = f32_to_bf16(y[r]);
     }

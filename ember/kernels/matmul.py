@@ -339,14 +339,21 @@ def q4(x2: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, group: int, *
     return y
 
 
+# bf16 rows per int8-path MXFP4 call when many rows take it (prefill on a CPU without native bf16 GEMMs): its
+# activation scratch is ~3 bytes per value.
+MXFP4_Q8_CHUNK = 256
+
+
 def mxfp4(x2: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """``x2 @ W.T`` for an MXFP4 weight W (O, I) as stored: ``blocks`` (O, I/32, 16) uint8 (element 2j in the low
-    nibble), ``scales`` (O, I/32) uint8 E8M0; x2 (M, I) bf16 or fp32, up to ``MAX_ROWS["mxfp4"]`` rows.
+    nibble), ``scales`` (O, I/32) uint8 E8M0; x2 (M, I) bf16 or fp32.
 
-    fp32 activations take the path exact against the dequantized weight (fp32 sums); bf16 ones the int8-activation
-    path (VNNI, int8 per block of 32) where the build has it and :data:`INT8_ACTIVATIONS` is on. None where the
-    kernels do not take the call (the caller dequantizes tile by tile)."""
-    if x2.dtype not in _FLOAT or not _usable(x2) or x2.shape[0] > MAX_ROWS["mxfp4"]:
+    fp32 activations take the path exact against the dequantized weight (fp32 sums), up to ``MAX_ROWS["mxfp4"]``
+    rows; bf16 ones the int8-activation path (int8 per block of 32, AVX2 or VNNI) where the build has it and
+    :data:`INT8_ACTIVATIONS` is on: up to ``MAX_ROWS["mxfp4"]`` rows, or any number (in chunks) where the CPU's
+    bf16 GEMM is emulated, since dequantizing tiles for it costs more than the byte products of a whole prompt.
+    None where the kernels do not take the call (the caller dequantizes tile by tile)."""
+    if x2.dtype not in _FLOAT or not _usable(x2):
         return None
     O, G = scales.shape
     I = G * 32
@@ -356,12 +363,16 @@ def mxfp4(x2: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch
     lib = _loader._lib if _loader._lib is not None else _loader.load()
     if lib is None:
         return None
+    M, bf = x2.shape[0], _is_bf16(x2)
+    q8 = bf and INT8_ACTIVATIONS and lib.ember_mxfp4_int8_path()
+    if M > MAX_ROWS["mxfp4"] and not (q8 and not native_bf16_gemm()):
+        return None
     x2 = x2.contiguous()
-    M = x2.shape[0]
     y = torch.empty(M, O, dtype=x2.dtype)
-    bf = _is_bf16(x2)
-    lib.ember_mxfp4(blocks.data_ptr(), scales.data_ptr(), x2.data_ptr(), bf, y.data_ptr(), bf, M, O, I,
-                    int(INT8_ACTIVATIONS), torch.get_num_threads())
+    for a in range(0, M, MXFP4_Q8_CHUNK):
+        n = min(MXFP4_Q8_CHUNK, M - a)
+        lib.ember_mxfp4(blocks.data_ptr(), scales.data_ptr(), x2[a:].data_ptr(), bf, y[a:].data_ptr(), bf, n, O, I,
+                        int(INT8_ACTIVATIONS), torch.get_num_threads())
     return y
 
 

@@ -13,10 +13,12 @@
 //     vpermps on the 8 magnitudes plus the sign bit; portable: an array), one fp32 sum per block is scaled by
 //     2^(e - 127) and accumulated in fp32. With fp32 activations this is the dequantized weight's product up to
 //     fp32 summation order.
-//   int8 path (AVX512-VNNI, bf16 activations): E2M1 values x 2 are the integers {0, 1, 2, 3, 4, 6, 8, 12} with a
-//     sign, so a code is exactly the byte 2w + 12 (0..24, vpshufb); the activations are rounded to int8 per block
-//     of 32 (scale max|x| / 127, nearest even) and vpdpbusd sums u8 x s8 products. Per block the dot is
-//     sum((2w + 12) xq) - 12 sum(xq) = 2 sum(w xq), so the result is exact against those int8 activations.
+//   int8 path (AVX2 and AVX512-VNNI builds, bf16 activations and output): gguf.cpp's ember_mxfp4_q8, the register-
+//     decoding kernel of GGUF's MXFP4 blocks (gguf_simd.h) over this layout: E2M1 values x 2 are the int8 values
+//     {0, 1, 2, 3, 4, 6, 8, 12} with a sign (vpshufb from the nibble), the activations rounded to int8 per block of
+//     32 (scale max|x| / 127, nearest even), byte products summed per block in int32 and scaled by 2^(e - 128) and
+//     the activation scale in fp32, four weight rows per pass. Exact against those int8 activations up to fp32
+//     summation order.
 #include "common.h"
 
 using namespace ember_common;
@@ -94,86 +96,30 @@ inline float row_f32(const uint8_t* wb, const uint8_t* sc, const float* xd, int6
 #endif
 }
 
-#if defined(EMBER_VNNI)
-// Activations for the int8 path, per row and per pair of blocks (a, b) (an odd last block pairs with zeros):
-//   q:     64 int8 in the order of the weight vector below: evens a, evens b, odds a, odds b;
-//   scale: 16 fp32 lanes, 0.5 * max|x| / 127 of block a in lanes 0-3 and 8-11, of block b in lanes 4-7, 12-15;
-//   corr:  16 int32 lanes, 12 * sum(q) of block a in lane 0, of block b in lane 4, zero elsewhere.
-struct Q8Row {
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<int32_t> corr;
-};
-
-void quantize_row(const void* X, int x_bf16, int64_t m, int64_t I, Q8Row& r) {
-  const int64_t G = I / kBlock, P = (G + 1) / 2;
-  r.q.assign(P * 64, 0);
-  r.scale.assign(P * 16, 0.f);
-  r.corr.assign(P * 16, 0);
-  for (int64_t g = 0; g < G; g++) {
-    float v[kBlock], amax = 0.f;
-    for (int j = 0; j < kBlock; j++) {
-      v[j] = load_f(X, m * I + g * kBlock + j, x_bf16);
-      amax = std::max(amax, std::fabs(v[j]));
-    }
-    const int64_t p = g / 2, side = g % 2;
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int j = 0; j < kBlock; j++) {
-      int8_t qv = static_cast<int8_t>(std::nearbyint(v[j] * inv));
-      sum += qv;
-      r.q[p * 64 + (j % 2) * 32 + side * 16 + j / 2] = qv;
-    }
-    for (int k = 0; k < 4; k++) r.scale[p * 16 + side * 4 + k] = r.scale[p * 16 + 8 + side * 4 + k] = 0.5f * amax / 127.f;
-    r.corr[p * 16 + side * 4] = 12 * sum;
-  }
-}
-
-inline float row_q8(const uint8_t* wb, const uint8_t* sc, const Q8Row& x, int64_t G) {
-  // 2w + 12 for each code, in every 128-bit lane for vpshufb
-  const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-  const __m256i m0f = _mm256_set1_epi8(0x0F);
-  __m512 acc = _mm512_setzero_ps();
-  const int64_t P = (G + 1) / 2;
-  for (int64_t p = 0; p < P; p++) {
-    const bool pair = 2 * p + 1 < G;
-    __m256i w = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + p * 32))
-                     : _mm256_maskz_loadu_epi8(0x0000FFFFu, wb + p * 32);
-    __m256i lo = _mm256_and_si256(w, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f);
-    __m512i u = _mm512_shuffle_epi8(lut, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.q.data() + p * 64));
-    d = _mm512_sub_epi32(d, _mm512_loadu_si512(x.corr.data() + p * 16));
-    __m512 ws = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(kE8M0.v[sc[2 * p]]),
-                                     _mm512_set1_ps(pair ? kE8M0.v[sc[2 * p + 1]] : 0.f));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws, _mm512_loadu_ps(x.scale.data() + p * 16)), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-#endif
-
 }  // namespace
 
 extern "C" {
 
-// 1 when bf16 activations can take the int8 (VNNI) path in this build.
-int ember_mxfp4_int8_path() { return kVnni; }
+int ember_mxfp4_q8(const uint8_t* blocks, const uint8_t* scales, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                   int64_t I, int nthreads);  // gguf.cpp
+
+// 1 when bf16 activations can take the int8 path in this build.
+int ember_mxfp4_int8_path() {
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Y (M, O) = X (M, I) @ W^T for W in MXFP4 (file comment). x_bf16 / y_bf16: the dtypes of X and Y (else fp32);
 // act_q8: let bf16 activations take the int8 path where the build has it. Returns the path taken: 1 fp32, 2 int8.
 int ember_mxfp4(const uint8_t* blocks, const uint8_t* scales, const void* X, int x_bf16, void* Y, int y_bf16,
                 int64_t M, int64_t O, int64_t I, int act_q8, int nthreads) {
   const int64_t G = I / kBlock;
-#if defined(EMBER_VNNI)
-  if (x_bf16 && act_q8) {
-    std::vector<Q8Row> xq(M);
-    for (int64_t m = 0; m < M; m++) quantize_row(X, x_bf16, m, I, xq[m]);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t o = 0; o < O; o++)
-      for (int64_t m = 0; m < M; m++) store_y(Y, m * O + o, row_q8(blocks + o * G * 16, scales + o * G, xq[m], G), y_bf16);
+  if (x_bf16 && y_bf16 && act_q8 &&
+      ember_mxfp4_q8(blocks, scales, static_cast<const uint16_t*>(X), static_cast<uint16_t*>(Y), M, O, I, nthreads))
     return 2;
-  }
-#endif
-  (void)act_q8;
   std::vector<float> xd(M * I);
   for (int64_t m = 0; m < M; m++) deinterleave_f32(X, x_bf16, m, I, xd.data() + m * I);
 #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -9,7 +9,7 @@ import torch
 
 from ember.config import ModelConfig
 from ember.errors import CheckpointError, QuantizationError
-from ember.loading.dtypes import DTYPE_NAMES, device_supports_bf16, resolve_dtype
+from ember.loading.dtypes import DTYPE_NAMES, blocks_dtype, device_supports_bf16, resolve_dtype
 from ember.loading import mxfp4
 from ember.loading.moe import expert_layout_view
 from ember.loading.quantized import load_quantized_weights
@@ -61,6 +61,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     ckpt, extra = open_checkpoint(folder, cfg)
     device = torch.device(device)
     dt = resolve_dtype(dtype, _config_dtype(cfg) or ckpt.dtype(), device)
+    if mxfp4.is_mxfp4_checkpoint(cfg.extra):  # gpt-oss as published: its experts multiply on the block kernels
+        dt = blocks_dtype(dtype, dt, device)
     with torch.device("meta"):
         model = Transformer(cfg)
     if shard is not None:

@@ -38,3 +38,13 @@ def resolve_dtype(name: str | torch.dtype | None, checkpoint_dtype: torch.dtype,
         return DTYPE_NAMES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32") from None
+
+
+def blocks_dtype(name: str | torch.dtype | None, dt: torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``'s compute dtype ``dt`` for a model whose large weights are held in blocks (a quantized GGUF file,
+    MXFP4 experts): bf16 where ``auto`` gave fp32 on a CPU (no native bf16 GEMMs) whose kernels are built. The
+    block kernels take bf16 activations on byte products (int8 per block, as llama.cpp's Q8 activations) and fp32
+    ones on the exact float path, several times slower at decode."""
+    if name in (None, "auto") and dt is torch.float32 and device.type == "cpu" and kernels.load() is not None:
+        return torch.bfloat16
+    return dt

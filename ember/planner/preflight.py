@@ -234,6 +234,8 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     import torch
 
     from ember.loading import DTYPE_NAMES, resolve_dtype
+    from ember.loading.dtypes import blocks_dtype
+    from ember.loading.mxfp4 import is_mxfp4_checkpoint
 
     p = Path(path)
     if not ((p.is_dir() and (p / "config.json").is_file()) or p.is_file()):
@@ -254,6 +256,8 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     ckpt = DTYPE_NAMES.get(resolved.checkpoint_dtype or "", torch.bfloat16)
     dev = torch.device(device)
     dt = resolve_dtype(dtype, ckpt, dev)
+    if isinstance(cfg.extra, dict) and is_mxfp4_checkpoint(cfg.extra):  # as ember.loading.load_model resolves it
+        dt = blocks_dtype(dtype, dt, dev)
     if context is None:
         context = min(cfg.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
     return check_fits(cfg, dev, dt, quant=quant, context=context, batch=batch, max_memory=max_memory, task=task,

@@ -18,9 +18,9 @@ interleaved, ``down_proj_blocks`` (E, H, I/32, 16)) under ``quantization_config.
 
 Kernels: on CPU, :func:`ember.kernels.mxfp4` (``ember/kernels/mxfp4.cpp``) multiplies the bytes as stored for up
 to ``MAX_ROWS["mxfp4"]`` activation rows: fp32 activations exactly against the dequantized weight, bf16 ones as
-int8 per block of 32 with VNNI where the build has it (E2M1 x 2 are small integers, so the codes are exact
-bytes). Larger batches (prefill), CUDA and kernel-less CPUs dequantize a row tile at a time and multiply it;
-the float copy of a weight is never whole.
+int8 per block of 32 with AVX2 or VNNI where the build has it (E2M1 x 2 are small integers, so the codes are exact
+bytes); on CPUs without native bf16 GEMMs bf16 prefill takes that path too. Other batches, CUDA and kernel-less
+CPUs dequantize a row tile at a time and multiply it; the float copy of a weight is never whole.
 """
 
 from __future__ import annotations

@@ -245,22 +245,29 @@ def _sink_attn_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":
 
 
 def _gptoss_moe_block(mlp, post, x: torch.Tensor) -> "kernels.BlockKernel | None":
-    """gpt-oss's MoE block (router with bias, MXFP4 experts as stored) after an RMSNorm, or None (float experts,
-    biases of another dtype, hooks, a router without a kernel)."""
+    """gpt-oss's MoE block (router with bias; MXFP4 experts as stored, or a GGUF file's experts in their blocks)
+    after an RMSNorm, or None (float experts, biases of another dtype, hooks, a projection without a kernel)."""
     from ember.quant.mxfp4 import Mxfp4Experts  # the quant package imports the models: not at module level
+    from ember.loading.gguf.family_weights import GGUFGptOssExperts
 
     experts = mlp.experts
-    if (type(experts) is not Mxfp4Experts or type(post) is not RMSNorm or post.weight.dtype is not x.dtype
-            or _hooked(mlp, post, mlp.router, experts)
+    gguf = type(experts) is GGUFGptOssExperts
+    if ((type(experts) is not Mxfp4Experts and not gguf) or type(post) is not RMSNorm
+            or post.weight.dtype is not x.dtype or _hooked(mlp, post, mlp.router, experts)
             or any(b.dtype is not x.dtype for b in (experts.gate_up_proj_bias, experts.down_proj_bias))):
         return None
-    ks = _kernels_of([mlp.router], x.view(1, -1))
+    projs = [m for e in range(experts.num_experts) for m in (experts.ffn_gate_exps[e], experts.ffn_up_exps[e],
+                                                              experts.ffn_down_exps[e])] if gguf else []
+    if gguf and _hooked(*projs):
+        return None
+    ks = _kernels_of([mlp.router] + projs, x.view(1, -1))
     if ks is None:
         return None
-    key = (id(ks[0]), post.weight.data_ptr(), experts.gate_up_proj_blocks.data_ptr(),
-           experts.down_proj_blocks.data_ptr(), experts.gate_up_proj_bias.data_ptr(), experts.down_proj_bias.data_ptr())
-    return kernels.cached(mlp, f"moe-block-{x.dtype}", key,
-                          lambda: kernels.gptoss_moe_block_kernel(ks[0], post.weight, post.eps, mlp.top_k, experts))
+    key = (tuple(map(id, ks)), post.weight.data_ptr(), experts.gate_up_proj_bias.data_ptr(),
+           experts.down_proj_bias.data_ptr()) + (() if gguf else (experts.gate_up_proj_blocks.data_ptr(),
+                                                                   experts.down_proj_blocks.data_ptr()))
+    return kernels.cached(mlp, f"moe-block-{x.dtype}", key, lambda: kernels.gptoss_moe_block_kernel(
+        ks[0], post.weight, post.eps, mlp.top_k, experts, ks[1:] if gguf else None))
 
 
 def _offset_mlp_block(layer, x: torch.Tensor) -> "kernels.BlockKernel | None":

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import GGUFError, UnsupportedModelError
-from ember.loading.dtypes import DTYPE_NAMES, resolve_dtype
+from ember.loading.dtypes import DTYPE_NAMES, blocks_dtype, resolve_dtype
 from ember.loading.gguf.config import (
     _EXPERT_NAME, _LAYER_NAME, ARCHITECTURES, CONFIG_TENSORS, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, config_from_gguf,
 )
@@ -106,12 +105,8 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
-    if dtype in (None, "auto") and dt is torch.float32 and device.type == "cpu" and _blocks_kept(gf):
-        # On a CPU without native bf16 GEMMs "auto" means fp32, but the block kernels take bf16 activations on
-        # byte products (int8 per block, as llama.cpp's Q8 activations) and fp32 ones on the exact float path,
-        # about 20x slower at decode: a quantized file computes in bf16 wherever the kernels are built.
-        if kernels.load() is not None:
-            dt = torch.bfloat16
+    if _blocks_kept(gf):
+        dt = blocks_dtype(dtype, dt, device)
     hybrid = gf.architecture in HYBRID_ARCHITECTURES
     with torch.device("meta"):
         model = Transformer(cfg)
