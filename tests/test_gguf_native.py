@@ -286,6 +286,24 @@ def test_unpermuted_q_k_are_read_not_mapped(hf_checkpoint, tmp_path):
         assert torch.equal(gf.raw(n, heads), unpermute_rope_rows(torch.from_numpy(gf.tensors[n].data), heads)), n
 
 
+def test_bf16_file_computes_in_bf16_on_views_of_the_map(wide_gguf):
+    """--dtype auto on a BF16 file keeps its matrices as bf16 views of the map wherever the kernels are built (also
+    where bf16 GEMMs are emulated and auto otherwise means fp32: an fp32 copy would take twice the file)."""
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable")
+    path, hf = wide_gguf("llama", "BF16")
+    gf = GGUFFile.open(path)
+    model = load_gguf_model(gf)
+    o = model.model.layers[0].self_attn.o_proj.weight
+    view = gf.tensors["blk.0.attn_output.weight"].data
+    assert o.dtype is torch.bfloat16 and o.data_ptr() == view.ctypes.data  # no copy
+    ref = load_gguf_model(path, dtype="fp32")
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = model(ids).float(), ref(ids)
+    assert (got - want).abs().max() < 0.05 * want.abs().max() + 0.05
+
+
 def test_meta_build_does_not_import_dynamo(wide_gguf):
     """Building the model on the meta device skips nn.Embedding's init: torch runs a meta ``normal_`` through
     torch._refs, whose first call imports torch._dynamo (~70 MB resident, in every load)."""

@@ -106,10 +106,12 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
-    if dtype in (None, "auto") and dt is torch.float32 and device.type == "cpu" and _blocks_kept(gf):
+    if dtype in (None, "auto") and dt is torch.float32 and device.type == "cpu" and _blocks_kept(gf, QT.BF16):
         # On a CPU without native bf16 GEMMs "auto" means fp32, but the block kernels take bf16 activations on
         # byte products (int8 per block, as llama.cpp's Q8 activations) and fp32 ones on the exact float path,
-        # about 20x slower at decode: a quantized file computes in bf16 wherever the kernels are built.
+        # about 20x slower at decode: a quantized file computes in bf16 wherever the kernels are built. So does a
+        # BF16 file: its matrices stay views of the map (fp32 would hold a second, twice larger copy and read twice
+        # the bytes per decoded token); wide products are computed in fp32 where bf16 GEMMs are emulated.
         if kernels.load() is not None:
             dt = torch.bfloat16
     hybrid = gf.architecture in HYBRID_ARCHITECTURES
@@ -220,9 +222,10 @@ def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor
     return model
 
 
-def _blocks_kept(gf: GGUFFile) -> bool:
-    """Whether any matrix of the file is of a type held as its blocks (a quantized file)."""
-    return any(len(t.shape) >= 2 and QT(t.tensor_type) in KEPT_TYPES for t in gf.tensors.values())
+def _blocks_kept(gf: GGUFFile, *also: QT) -> bool:
+    """Whether any matrix of the file is of a type held as its blocks (a quantized file), or of a type in ``also``."""
+    return any(len(t.shape) >= 2 and (QT(t.tensor_type) in KEPT_TYPES or QT(t.tensor_type) in also)
+               for t in gf.tensors.values())
 
 
 def _check_numel(gf: GGUFFile, gname: str, got: list[tuple[str, int]], expected: dict[str, torch.Tensor]) -> None:
