@@ -24,6 +24,7 @@ Optional bench extras (never runtime or test dependencies): ``llama-cpp-python``
     python bench/gguf_llamacpp.py --converter /tmp/lcp/vendor/llama.cpp/convert_hf_to_gguf.py               # 1.1B + MoE
     python bench/gguf_llamacpp.py --size small --types bf16,q8_0,q4_k_m --rounds 2 --converter ...         # a quick run
     python bench/gguf_llamacpp.py --no-dense --no-moe --gpt-oss --converter ...   # gpt-oss shape, MXFP4 experts
+    python bench/gguf_llamacpp.py --threads 1 --cpu-time --rounds 1 ...   # a shared machine: tokens per CPU-second
 """
 
 from __future__ import annotations
@@ -211,15 +212,16 @@ class EmberRunner:
 
     def round(self, prompt: list[int], new: int) -> tuple[float, float]:
         params = self.SamplingParams(max_new_tokens=new + 1, temperature=0.0, ignore_eos=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         t1, n = None, 0
         for _ in self.llm.stream(prompt, params):
             n += 1
             if t1 is None:  # the prompt's forward pass and the first new token
-                t1 = time.perf_counter()
-        end = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
+        end, c2 = time.perf_counter(), time.process_time()
         assert n == new + 1
-        return len(prompt) / (t1 - t), new / (end - t1)  # decode: the `new` one-token steps after it
+        # decode: the `new` one-token steps after it
+        return len(prompt) / (t1 - t), new / (end - t1), len(prompt) / (c1 - c), new / (c2 - c1)
 
 
 class LlamaCppRunner:
@@ -238,15 +240,15 @@ class LlamaCppRunner:
 
     def round(self, prompt: list[int], new: int) -> tuple[float, float]:
         self.llm.reset()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         self.llm.eval(prompt)
         tok = self._argmax()  # the first new token comes with the prompt, as in Ember's 1-token run
-        t1 = time.perf_counter() - t
-        t = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(new):
             self.llm.eval([tok])
             tok = self._argmax()
-        return len(prompt) / t1, new / (time.perf_counter() - t)
+        end, c2 = time.perf_counter(), time.process_time()
+        return len(prompt) / (t1 - t), new / (end - t1), len(prompt) / (c1 - c), new / (c2 - c1)
 
 
 def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, vocab: int) -> None:
@@ -282,9 +284,9 @@ def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, voca
     for line in sys.stdin:
         if line.strip() != "round":
             break
-        prefill, decode = runner.round(prompt, new)
-        print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "rss_bytes": rss_bytes() - rss0}),
-              file=out, flush=True)
+        prefill, decode, prefill_cpu, decode_cpu = runner.round(prompt, new)
+        print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "prefill_tok_cpu_s": prefill_cpu,
+                          "decode_tok_cpu_s": decode_cpu, "rss_bytes": rss_bytes() - rss0}), file=out, flush=True)
 
 
 class Worker:
@@ -318,7 +320,8 @@ class Worker:
     def result(self) -> dict:
         if self.error:
             return {"error": self.error}
-        med = {k: statistics.median(r[k] for r in self.rounds) for k in ("prefill_tok_s", "decode_tok_s")}
+        med = {k: statistics.median(r[k] for r in self.rounds)
+               for k in ("prefill_tok_s", "decode_tok_s", "prefill_tok_cpu_s", "decode_tok_cpu_s")}
         return {**med, "rss_bytes": max(r["rss_bytes"] for r in self.rounds), "load_s": self.hello["load_s"],
                 "rounds": self.rounds}
 
@@ -330,9 +333,9 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, voca
         for r in range(args.rounds):
             e, c = ember.round(), lcpp.round()
             show = (lambda x, k: "-" if x is None else f"{x[k]:.2f}")
-            print(f"[{model} {LABELS[kind]}] round {r + 1}: decode ember {show(e, 'decode_tok_s')} / llama.cpp "
-                  f"{show(c, 'decode_tok_s')} tok/s; prefill {show(e, 'prefill_tok_s')} / {show(c, 'prefill_tok_s')}",
-                  file=sys.stderr)
+            dk, pk = ("decode_tok_cpu_s", "prefill_tok_cpu_s") if args.cpu_time else ("decode_tok_s", "prefill_tok_s")
+            print(f"[{model} {LABELS[kind]}] round {r + 1}: decode ember {show(e, dk)} / llama.cpp {show(c, dk)} "
+                  f"tok/s{' per CPU-s' if args.cpu_time else ''}; prefill {show(e, pk)} / {show(c, pk)}", file=sys.stderr)
     finally:
         ember.close()
         lcpp.close()
@@ -340,8 +343,9 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, voca
     row = {"model": model, "type": LABELS[kind], "file": str(path), "file_bytes": path.stat().st_size,
            "ember": e, "llama_cpp": c}
     if "error" not in e and "error" not in c:
-        row.update(decode_ratio=e["decode_tok_s"] / c["decode_tok_s"], prefill_ratio=e["prefill_tok_s"] / c["prefill_tok_s"],
-                   rss_ratio=e["rss_bytes"] / c["rss_bytes"])
+        cpu = "_cpu" if args.cpu_time else ""
+        row.update(decode_ratio=e[f"decode_tok{cpu}_s"] / c[f"decode_tok{cpu}_s"],
+                   prefill_ratio=e[f"prefill_tok{cpu}_s"] / c[f"prefill_tok{cpu}_s"], rss_ratio=e["rss_bytes"] / c["rss_bytes"])
     return row
 
 
@@ -371,6 +375,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="rate tokens per CPU-second of each process (for a shared machine; use --threads 1)")
     ap.add_argument("--converter", default=os.environ.get("EMBER_LLAMA_CPP_CONVERTER"),
                     help="llama.cpp's convert_hf_to_gguf.py (default: $EMBER_LLAMA_CPP_CONVERTER)")
     ap.add_argument("--cache", default=str(CACHE), help="where checkpoints and GGUF files are made and reused")
@@ -409,7 +415,8 @@ def main() -> None:
     machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores"
     d = {"bench": "gguf", "date": str(date.today()), "machine": machine, "torch": torch.__version__,
          "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "rounds": args.rounds,
-         "prompt_len": args.prompt_len, "new_tokens": args.new, "size": args.size, "rows": []}
+         "prompt_len": args.prompt_len, "new_tokens": args.new, "size": args.size, "cpu_time": args.cpu_time,
+         "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -111,10 +111,12 @@ def quant() -> str | None:
 
 def gguf_table(d: dict) -> str:
     """bench/gguf_llamacpp.py's side-by-side table of one run (Ember / llama.cpp on the same GGUF files)."""
+    cpu = "_cpu" if d.get("cpu_time") else ""  # tokens per CPU-second of the process (a shared machine)
     text = (f"Ember and llama.cpp (llama-cpp-python {d['llama_cpp_python']}, {d['threads']} threads) on the same GGUF "
             f"files, {d['date']}, {d['machine']}: batch 1, {d['prompt_len']}-token prompt, {d['new_tokens']} new "
-            f"tokens, {d['rounds']} interleaved rounds (medians); ratio = Ember / llama.cpp; resident = RSS growth of "
-            "the engine's own process over the load and the timed rounds.\n\n")
+            f"tokens, {d['rounds']} interleaved rounds (medians); {'tok/s are tokens per CPU-second of each process; ' if cpu else ''}"
+            "ratio = Ember / llama.cpp; resident = RSS growth of the engine's own process over the load and the timed "
+            "rounds.\n\n")
     rows = []
     for r in d["rows"]:
         e, c = r["ember"], r["llama_cpp"]
@@ -124,8 +126,8 @@ def gguf_table(d: dict) -> str:
             rows.append([r["model"], r["type"], size, f"{who} refused the file: {err['error'].split(': ', 1)[-1][:60]}"]
                         + [""] * 8)
             continue
-        rows.append([r["model"], r["type"], size, f"{e['decode_tok_s']:.2f}", f"{c['decode_tok_s']:.2f}",
-                     f"{r['decode_ratio']:.2f}x", f"{e['prefill_tok_s']:.1f}", f"{c['prefill_tok_s']:.1f}",
+        rows.append([r["model"], r["type"], size, f"{e[f'decode_tok{cpu}_s']:.2f}", f"{c[f'decode_tok{cpu}_s']:.2f}",
+                     f"{r['decode_ratio']:.2f}x", f"{e[f'prefill_tok{cpu}_s']:.1f}", f"{c[f'prefill_tok{cpu}_s']:.1f}",
                      f"{r['prefill_ratio']:.2f}x", f"{e['rss_bytes'] / MiB:.0f}", f"{c['rss_bytes'] / MiB:.0f}",
                      f"{r['rss_ratio']:.2f}x"])
     skipped = (f"\n\nNot run within the run's time limit: {', '.join(d['skipped'])}." if d.get("skipped") else "")

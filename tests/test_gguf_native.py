@@ -254,6 +254,70 @@ def test_resident_memory_stays_near_the_file_size(wide_gguf):
     assert np.isfinite(grown)
 
 
+def _mapped_rss(path) -> int:
+    """Bytes of ``path``'s memory maps resident in this process (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split(" ", 1)[0]:
+            ours = line.rstrip().endswith(str(path))
+        elif ours and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps")
+def test_unpermuted_q_k_are_read_not_mapped(hf_checkpoint, tmp_path):
+    """llama's q/k rows are un-permuted into a copy read from the file: the map's pages of those tensors are never
+    touched, so the process does not hold them twice (they were ~10% of a Q6_K 1.1B Llama's resident memory)."""
+    from ember.loading.gguf import unpermute_rope_rows
+
+    _, hf = hf_checkpoint("llama", hidden_size=1024, intermediate_size=256, num_attention_heads=8,
+                          num_key_value_heads=2)
+    path = write_model_gguf(tmp_path / "llama-q6_k.gguf", hf, "llama", "Q6_K")
+    model = load_gguf_model(path, dtype="bf16")
+    resident = _mapped_rss(path)
+    qk_bytes = sum(m.qweight.numel() for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj")))
+    gf = GGUFFile.open(path)
+    # header pages, the float norms (with the kernel's fault-around) and nothing of the q/k tensors
+    data_start = min(int(t.data_offset) for t in gf.tensors.values())
+    assert qk_bytes > 1 << 20 and resident < data_start + qk_bytes // 2, f"{resident} bytes of the map resident"
+    for n in [n for n in gf.tensors if n.endswith(("attn_q.weight", "attn_k.weight"))]:  # the map's rows un-permuted
+        heads = hf.config.num_attention_heads if "attn_q" in n else hf.config.num_key_value_heads
+        assert torch.equal(gf.raw(n, heads), unpermute_rope_rows(torch.from_numpy(gf.tensors[n].data), heads)), n
+
+
+def test_bf16_file_computes_in_bf16_on_views_of_the_map(wide_gguf):
+    """--dtype auto on a BF16 file keeps its matrices as bf16 views of the map wherever the kernels are built (also
+    where bf16 GEMMs are emulated and auto otherwise means fp32: an fp32 copy would take twice the file)."""
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable")
+    path, hf = wide_gguf("llama", "BF16")
+    gf = GGUFFile.open(path)
+    model = load_gguf_model(gf)
+    o = model.model.layers[0].self_attn.o_proj.weight
+    view = gf.tensors["blk.0.attn_output.weight"].data
+    assert o.dtype is torch.bfloat16 and o.data_ptr() == view.ctypes.data  # no copy
+    ref = load_gguf_model(path, dtype="fp32")
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = model(ids).float(), ref(ids)
+    assert (got - want).abs().max() < 0.05 * want.abs().max() + 0.05
+
+
+def test_meta_build_does_not_import_dynamo(wide_gguf):
+    """Building the model on the meta device skips nn.Embedding's init: torch runs a meta ``normal_`` through
+    torch._refs, whose first call imports torch._dynamo (~70 MB resident, in every load)."""
+    import subprocess
+    import sys
+
+    path, _ = wide_gguf("llama", "Q4_K")
+    code = ("import sys; from ember.loading.gguf import load_gguf_model; load_gguf_model(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'sympy')))[:3])")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_plan_prices_the_files_own_types(wide_gguf, capsys):
     """``ember plan model.gguf``: inference weights are the file's quantized tensors at their bytes plus its
     float tensors in the compute dtype, not a 16-bit copy of every weight."""

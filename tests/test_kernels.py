@@ -303,6 +303,13 @@ def test_wide_bf16_products_where_bf16_gemms_are_emulated(native, monkeypatch):
     else:
         assert y.dtype == torch.bfloat16
         worst(y, ref, bf16_out_tol(ref), "wide bf16 linear in fp32")
+        # tiles of weight rows converted at a time (here 16 rows: two tiles), a bias, leading dims kept
+        monkeypatch.setattr(kernels.matmul, "TILE_BYTES", 16 * 128 * 4)
+        b = torch.randn(24).bfloat16()
+        y = kernels.wide_linear(x.view(4, 10, 128), w, b)
+        ref = (x.double() @ w.double().T + b.double()).view(4, 10, 24)
+        assert y.shape == (4, 10, 24) and y.dtype == torch.bfloat16
+        worst(y, ref, bf16_out_tol(ref), "wide bf16 linear in fp32, tiled, bias")
     codes = torch.randint(0, 256, (24, 64), dtype=torch.uint8)
     scales, zeros = torch.rand(24, 1) * 0.02, torch.randn(24, 1) * 0.01
     y = kernels.q4(x, codes, torch.arange(16, dtype=torch.float32) - 8, 128, scales=scales, zeros=zeros)

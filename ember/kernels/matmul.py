@@ -257,12 +257,15 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if (x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or x.device.type != "cpu"
             or native_bf16_gemm() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+    # fp32 a cache-sized tile of rows at a time: a whole fp32 copy of the weight per call cost more than its GEMM
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _tiled(x2, weight.shape[0], lambda a, b, buf: buf.copy_(weight[a:b]), bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _tiled(x2: torch.Tensor, out_features: int, dequant) -> torch.Tensor:
-    """``x2 @ W.T`` for large M: ``dequant(a, b, buf)`` fills rows a..b of W into ``buf`` (in ``buf``'s dtype);
-    PyTorch multiplies, in fp32 where bf16 GEMMs are emulated (:func:`native_bf16_gemm`)."""
+def _tiled(x2: torch.Tensor, out_features: int, dequant, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 @ W.T (+ bias)`` for large M: ``dequant(a, b, buf)`` fills rows a..b of W into ``buf`` (in ``buf``'s
+    dtype); PyTorch multiplies, in fp32 where bf16 GEMMs are emulated (:func:`native_bf16_gemm`)."""
     M, I = x2.shape
     out_dtype = x2.dtype
     if x2.dtype is torch.bfloat16 and not native_bf16_gemm():
@@ -276,6 +279,8 @@ def _tiled(x2: torch.Tensor, out_features: int, dequant) -> torch.Tensor:
         tile = buf[: b - a]
         dequant(a, b, tile)
         torch.mm(tile, xt, out=yt[a:b])
+        if bias is not None:  # before the output's rounding, as F.linear adds it
+            yt[a:b] += bias[a:b, None]
     # callers (LoRA, views of the output) expect a row-major result: one copy, cast on the way where needed
     return torch.empty(M, out_features, dtype=out_dtype).copy_(yt.t())
 

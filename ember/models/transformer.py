@@ -28,7 +28,10 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         embedding = family_class(cfg, "embedding", None)  # a family's own (Gemma: scaled), else nn.Embedding
-        self.embed_tokens = embedding(cfg) if embedding else nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device (a loader's build) the table is not initialised: torch runs a meta tensor's
+        # normal_ through torch._refs, whose first call imports torch._dynamo (~70 MB resident).
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size) if embedding is None and _on_meta() else None
+        self.embed_tokens = embedding(cfg) if embedding else nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         kinds = zip(attention_types(cfg), mlp_types(cfg))
         layer = family_class(cfg, "layer", layer_class(cfg))
         self.layers = nn.ModuleList(layer(cfg, i, a, m) for i, (a, m) in enumerate(kinds))

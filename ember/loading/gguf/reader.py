@@ -162,9 +162,25 @@ class GGUFFile:
 
     # ---------------------------------------------------------------- tensors
     def raw(self, name: str, unpermute_heads: int | None = None) -> torch.Tensor:
-        """Tensor ``name`` as stored: a CPU view over the map (quantized types: uint8 (rows, row_bytes))."""
-        x = torch.from_numpy(self.tensors[name].data)
-        return unpermute_rope_rows(x, unpermute_heads) if unpermute_heads else x
+        """Tensor ``name`` as stored: a CPU view over the map (quantized types: uint8 (rows, row_bytes)); with
+        ``unpermute_heads``, a copy with llama.cpp's RoPE row permutation undone."""
+        if unpermute_heads:
+            return unpermute_rope_rows(self._read(name), unpermute_heads)
+        return torch.from_numpy(self.tensors[name].data)
+
+    def _read(self, name: str) -> torch.Tensor:
+        """Tensor ``name``'s bytes read from the file (not through the map), in the map view's dtype and shape.
+
+        For tensors copied anyway (q/k rows un-permuted): pages of the map, once touched, stay resident in the
+        process beside the copy, so the copy is made from ``read`` into the page cache's bytes instead.
+        """
+        view = self.tensors[name].data
+        out = np.empty(view.shape, dtype=view.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(int(self.tensors[name].data_offset))
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise GGUFError(f"{self.path}: truncated: tensor {name!r} could not be read whole")
+        return torch.from_numpy(out)
 
     def tensor(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu",
                unpermute_heads: int | None = None) -> torch.Tensor:
@@ -179,7 +195,8 @@ class GGUFFile:
         qtype = QT(t.tensor_type)
         if qtype not in DEQUANTIZERS and qtype not in FLOAT_TYPES:
             raise UnsupportedGGUFTypeError(f"{self.path}: tensor {name!r} is {qtype.name}; {supported_types_text()}")
-        x = torch.from_numpy(t.data)  # zero-copy view over the map; quantized types are uint8 (rows, row_bytes)
+        # zero-copy view over the map (quantized types are uint8 (rows, row_bytes)); a read copy when permuted
+        x = self._read(name) if unpermute_heads else torch.from_numpy(t.data)
         if qtype == QT.BF16:
             x = x.view(torch.bfloat16)
         if unpermute_heads:

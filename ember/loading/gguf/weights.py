@@ -105,7 +105,10 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
     cfg = config_from_gguf(gf)
     device = torch.device(device)
     dt = resolve_dtype(dtype, DTYPE_NAMES.get(cfg.torch_dtype, torch.bfloat16), device)
-    if _blocks_kept(gf):
+    if _blocks_kept(gf, QT.BF16):
+        # A BF16 file also computes in bf16 under "auto": its matrices stay views of the map (fp32 would hold a
+        # second, twice larger copy and read twice the bytes per decoded token); wide products are computed in
+        # fp32 where bf16 GEMMs are emulated.
         dt = blocks_dtype(dtype, dt, device)
     hybrid = gf.architecture in HYBRID_ARCHITECTURES
     with torch.device("meta"):
@@ -215,9 +218,10 @@ def _install(model: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor
     return model
 
 
-def _blocks_kept(gf: GGUFFile) -> bool:
-    """Whether any matrix of the file is of a type held as its blocks (a quantized file)."""
-    return any(len(t.shape) >= 2 and QT(t.tensor_type) in KEPT_TYPES for t in gf.tensors.values())
+def _blocks_kept(gf: GGUFFile, *also: QT) -> bool:
+    """Whether any matrix of the file is of a type held as its blocks (a quantized file), or of a type in ``also``."""
+    return any(len(t.shape) >= 2 and (QT(t.tensor_type) in KEPT_TYPES or QT(t.tensor_type) in also)
+               for t in gf.tensors.values())
 
 
 def _check_numel(gf: GGUFFile, gname: str, got: list[tuple[str, int]], expected: dict[str, torch.Tensor]) -> None:
