@@ -1,0 +1,194 @@
+// DeepSeek-V3's multi-head latent attention (ember.models.mla.MLAttention after its RMSNorm) for one token, in
+// the absorbed form over the latent cache: Lc (max_len, r) the normed latents, Rc (max_len, dr) the rotated
+// shared keys; w_kvb is kv_b_proj's plain weight (nh * (dn + dv), r), its rows per head [W_uk (dn) | W_uv (dv)].
+//
+// Per head the step is four small products over the latent width r: q_lat = q_nope W_uk (dn x r), the scores
+// q_lat . Lc[j] + q_rot . Rc[j], o_lat = sum_j p_j Lc[j], out = W_uv o_lat (dv x r). They run as fp32 dot
+// products and axpys over rows of the weights and caches as stored (bf16 widened in registers), eight lanes at
+// a time, heads split across threads; roundings as the module's (each einsum/matmul result rounded).
+#include "common.h"
+
+#if !defined(EMBER_PORTABLE) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EMBER_LATENT_SIMD 1
+#endif
+
+using namespace ember_common;
+
+struct LinearDesc;  // cpu.cpp
+
+extern "C" {
+int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads);
+int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
+                      int nthreads);
+void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int64_t H, float eps, int is_bf16,
+                    int nthreads);
+void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64_t heads, int64_t hd, int is_bf16);
+}
+
+struct MlaDesc {
+  const LinearDesc* q;    // q_proj, or null: q_b(rms_norm(q_a(h)))
+  const LinearDesc* q_a;
+  const LinearDesc* q_b;
+  const LinearDesc* kv_a;  // (r + dr, H)
+  const LinearDesc* o;
+  const void* norm;  // input RMSNorm (H,)
+  const void* q_a_norm;
+  const void* kv_norm;
+  const void* w_kvb;
+  int64_t H, nh, r, dn, dr, dv, q_rank, interleaved;
+  float eps, q_a_eps, kv_eps, scaling;
+};
+
+namespace {
+
+inline float to_f(uint16_t h) { return bf16_to_f32(h); }
+inline float to_f(float f) { return f; }
+inline float round_as(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+inline float round_as(float v, float) { return v; }
+inline void put(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+inline void put(float* p, float v) { *p = v; }
+
+#ifdef EMBER_LATENT_SIMD
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// a (n, fp32) . b (n, as stored) in fp32.
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef EMBER_LATENT_SIMD
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+  s = hsum(_mm256_add_ps(s0, s1));
+#endif
+  for (; i < n; i++) s += a[i] * to_f(b[i]);
+  return s;
+}
+
+// y (n, fp32) += s * b (n, as stored).
+template <typename T>
+void axpy(float* y, float s, const T* b, int64_t n) {
+  int64_t i = 0;
+#ifdef EMBER_LATENT_SIMD
+  const __m256 sv = _mm256_set1_ps(s);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(sv, load8(b + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; i++) y[i] += s * to_f(b[i]);
+}
+
+// The rope channels (dr) of src into dst: as stored, or [evens | odds] for DeepSeek's interleaved rotation (whose
+// result, laid out so, is the half-split rotation of that order: ember_rope then applies).
+void rope_channels(const void* src, void* dst, int64_t dr, int interleaved, int is_bf16) {
+  for (int64_t c = 0; c < dr; c++) {
+    const int64_t from = interleaved ? (c < dr / 2 ? 2 * c : 2 * (c - dr / 2) + 1) : c;
+    store_y(dst, c, load_f(src, from, is_bf16), is_bf16);
+  }
+}
+
+// att (nh * dv) = the attention of every head over slots 0..S-1: q (nh, dn + dr) with its rope channels
+// replaced by qr (nh, dr, rotated), Lc (S, r), Rc (S, dr), W (nh * (dn + dv), r). scratch: per head 2S + 2r floats.
+template <typename T>
+void latent_heads(const MlaDesc* d, const T* q, const T* qr, const T* Lc, const T* Rc, const T* W, int64_t S,
+                  T* att, float* scratch, int nthreads) {
+  const int64_t nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, dq = dn + dr;
+  const T tag{};
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nh > 1)
+  for (int64_t n = 0; n < nh; n++) {
+    float* sc = scratch + n * (2 * S + 2 * r);  // scores (S), probabilities (S), q_lat (r), o_lat (r)
+    float* ql = sc + 2 * S;
+    float* ol = ql + r;
+    float qrf[512];
+    const T* w = W + n * (dn + dv) * r;  // this head's W_uk rows, then its W_uv rows
+    std::fill(ql, ql + r, 0.f);
+    for (int64_t c = 0; c < dn; c++) axpy(ql, to_f(q[n * dq + c]), w + c * r, r);
+    for (int64_t t = 0; t < r; t++) ql[t] = round_as(ql[t], tag);
+    for (int64_t c = 0; c < dr; c++) qrf[c] = to_f(qr[n * dr + c]);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+      const float a = round_as(dot(ql, Lc + j * r, r), tag), b = round_as(dot(qrf, Rc + j * dr, dr), tag);
+      sc[j] = round_as(round_as(a + b, tag) * d->scaling, tag);
+      mx = std::max(mx, sc[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; j++) sum += (sc[S + j] = std::exp(sc[j] - mx));
+    std::fill(ol, ol + r, 0.f);
+    for (int64_t j = 0; j < S; j++) axpy(ol, round_as(sc[S + j] / sum, tag), Lc + j * r, r);
+    for (int64_t t = 0; t < r; t++) ol[t] = round_as(ol[t], tag);
+    for (int64_t v = 0; v < dv; v++) put(att + n * dv + v, dot(ol, w + (dn + v) * r, r));
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x (H,) += o(MLA(rms_norm(x))) for the token at slot pos, its latent and rotated key written at pos; roundings
+// as the module's _absorbed (each product of the einsums and matmuls rounded to the dtype, softmax in fp32).
+// Returns 0 (nothing done) where a projection refuses x's dtype or pos is past the cache.
+int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin, void* Lc, void* Rc, int64_t max_len,
+                    int64_t pos, int is_bf16, int nthreads) {
+  const int64_t H = d->H, nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, esz = is_bf16 ? 2 : 4;
+  const int64_t dq = dn + dr, S = pos + 1;
+  if (pos >= max_len || dr % 2 || dr > 512) return 0;
+  thread_local std::vector<float> buf;
+  const int64_t n_el = H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv + H;
+  buf.resize(static_cast<size_t>(n_el * esz / 4 + nh * (2 * S + 2 * r) + 16));
+  float* scratch = buf.data();
+  char* base = reinterpret_cast<char*>(scratch + nh * (2 * S + 2 * r));
+  void* h = base;
+  void* qa = base + H * esz;
+  void* q = base + (H + d->q_rank) * esz;
+  void* kv = base + (H + d->q_rank + nh * dq) * esz;
+  void* qr = base + (H + d->q_rank + nh * dq + r + dr) * esz;
+  void* att = base + (H + d->q_rank + nh * dq + r + dr + nh * dr) * esz;
+  void* o = base + (H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv) * esz;
+  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  if (d->q) {
+    const LinearDesc* two[2] = {d->q, d->kv_a};
+    void* outs[2] = {q, kv};
+    if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+  } else {
+    const LinearDesc* two[2] = {d->q_a, d->kv_a};
+    void* outs[2] = {qa, kv};
+    if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    ember_rms_norm(qa, d->q_a_norm, qa, 1, d->q_rank, d->q_a_eps, is_bf16, 1);
+    if (!ember_linear(d->q_b, qa, q, 1, is_bf16, nthreads)) return 0;
+  }
+  char* lat = static_cast<char*>(Lc) + pos * r * esz;
+  char* rot = static_cast<char*>(Rc) + pos * dr * esz;
+  ember_rms_norm(kv, d->kv_norm, lat, 1, r, d->kv_eps, is_bf16, 1);
+  rope_channels(static_cast<char*>(kv) + r * esz, rot, dr, static_cast<int>(d->interleaved), is_bf16);
+  ember_rope(rot, cos, sin, 1, 1, dr, is_bf16);
+  for (int64_t n = 0; n < nh; n++)
+    rope_channels(static_cast<char*>(q) + (n * dq + dn) * esz, static_cast<char*>(qr) + n * dr * esz, dr,
+                  static_cast<int>(d->interleaved), is_bf16);
+  ember_rope(qr, cos, sin, 1, nh, dr, is_bf16);
+  if (is_bf16)
+    latent_heads(d, static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(qr),
+                 static_cast<const uint16_t*>(Lc), static_cast<const uint16_t*>(Rc),
+                 static_cast<const uint16_t*>(d->w_kvb), S, static_cast<uint16_t*>(att), scratch, nthreads);
+  else
+    latent_heads(d, static_cast<const float*>(q), static_cast<const float*>(qr), static_cast<const float*>(Lc),
+                 static_cast<const float*>(Rc), static_cast<const float*>(d->w_kvb), S, static_cast<float*>(att),
+                 scratch, nthreads);
+  if (!ember_linear(d->o, att, o, 1, is_bf16, nthreads)) return 0;
+  for (int64_t c = 0; c < H; c++) store_y(x, c, load_f(x, c, is_bf16) + load_f(o, c, is_bf16), is_bf16);
+  return 1;
+}
+
+}  // extern "C"
