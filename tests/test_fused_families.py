@@ -116,17 +116,20 @@ def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch
 @pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn"])
 def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
     # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block;
-    # the attention (partial RoPE, MLA) runs as its module before it; fp32 against HF at every decode step
+    # fp32 against HF at every decode step
     _needs_kernels()
     folder, hf = checkpoint(name)
     ours = load_model(folder, dtype="fp32")
+    steps = _count_kernel_attention(monkeypatch)
     calls = _count_blocks(monkeypatch)
     _decode_matches_hf(ours, hf, 16, 3, name)
     n = ours.config.num_hidden_layers
     moe_layers = sum(ours.config.is_moe_layer(i) for i in range(n))
-    assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (n - moe_layers)
-    # DeepSeek's latent attention in its block (absorbed, over the latent cache); GLM's partial RoPE as modules
-    assert calls["mla"] == (10 * n if name.startswith("deepseek") else 0)
+    if name.startswith("deepseek"):
+        # the latent attention (absorbed, over the latent cache), dense and MoE blocks and the head: one call a step
+        assert steps["returned"] == [2 * n + 1] * 10 and not calls
+    else:  # GLM's partial RoPE attention as modules, then the MoE block
+        assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (n - moe_layers) and steps["steps"] == 0
 
 
 def test_deepseek_bf16_blocks_match_the_modules(checkpoint, monkeypatch):

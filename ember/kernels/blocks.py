@@ -257,7 +257,8 @@ def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
 class _LayerStepDesc(ctypes.Structure):
     """Mirror of ``LayerStepDesc`` in cpu.cpp."""
 
-    _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64)]
+    _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64),
+                ("mla", ctypes.c_int64)]
 
 
 class LayerSteps:
@@ -272,7 +273,7 @@ class LayerSteps:
         self.n = len(blocks)
         self.table = (_LayerStepDesc * self.n)(*[
             _LayerStepDesc(attn=a.addr, mlp=m.addr, moe=int(m.kind == "moe"), Kc=kc.data_ptr(), Vc=vc.data_ptr(),
-                           max_len=kc.shape[2])
+                           max_len=kc.shape[2], mla=int(a.kind == "mla"))
             for (a, m), (kc, vc) in zip(blocks, caches)])
         self.addr = ctypes.addressof(self.table)
         self.parts = blocks
@@ -280,10 +281,11 @@ class LayerSteps:
 
 def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
                 caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LayerSteps | None:
-    """The layers' blocks with their caches (each (1, nkv, max_len, hd), contiguous, of x's dtype), or None where
-    a cache is not laid out so."""
+    """The layers' blocks with their caches (each (1, nkv, max_len, hd), contiguous, of x's dtype; a latent
+    attention's latents (1, 1, max_len, r) and rotated keys (1, 1, max_len, dr)), or None where a cache is not laid
+    out so."""
     for kc, vc in caches:
-        if not (kc.is_contiguous() and vc.is_contiguous() and kc.shape == vc.shape and kc.dim() == 4
+        if not (kc.is_contiguous() and vc.is_contiguous() and kc.shape[:3] == vc.shape[:3] and kc.dim() == 4
                 and kc.shape[0] == 1 and kc.device.type == "cpu"):
             return None
     return LayerSteps(blocks, caches)

@@ -3005,7 +3005,8 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
 }  // extern "C"
 
 // One decoder layer of a decode step (ember_decode_layers): its attention block, its MLP or mixture-of-experts
-// block (moe != 0) and its layer's key and value caches (nkv, max_len, hd).
+// block (moe != 0) and its layer's key and value caches (nkv, max_len, hd); with mla != 0 the attention is
+// latent.cpp's MlaDesc and Kc/Vc its latent cache (max_len, r) and rotated keys (max_len, dr).
 struct LayerStepDesc {
   const AttnBlockDesc* attn;
   const void* mlp;
@@ -3013,9 +3014,14 @@ struct LayerStepDesc {
   void* Kc;
   void* Vc;
   int64_t max_len;
+  int64_t mla;
 };
 
+struct MlaDesc;  // latent.cpp
+
 extern "C" {
+int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin, void* Lc, void* Rc, int64_t max_len,
+                    int64_t pos, int is_bf16, int nthreads);
 
 // Every layer of one decode step in one call: x (H,) through layers[0..n) in order, as ember_attn_block then
 // ember_mlp_block / ember_moe_block each, then (head not null) logits (V,) = head(rms_norm(x, norm)): no Python
@@ -3027,8 +3033,11 @@ int ember_decode_layers(const LayerStepDesc* layers, int n, void* x, const void*
                         int nthreads) {
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
-    if (pos >= s.max_len || !ember_attn_block(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads))
-      return 2 * i;
+    const int attn = pos < s.max_len &&
+                     (s.mla ? ember_mla_block(reinterpret_cast<const MlaDesc*>(s.attn), x, cos, sin, s.Kc, s.Vc,
+                                              s.max_len, pos, is_bf16, nthreads)
+                            : ember_attn_block(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads));
+    if (!attn) return 2 * i;
     const int done = s.moe ? ember_moe_block(static_cast<const MoeBlockDesc*>(s.mlp), x, is_bf16, nthreads)
                            : ember_mlp_block(static_cast<const MlpBlockDesc*>(s.mlp), x, is_bf16, nthreads);
     if (!done) return 2 * i + 1;
@@ -3137,6 +3146,7 @@ int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* c
   const int64_t esz = is_bf16 ? 2 : 4;
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
+    if (s.mla) return 0;  // latent attention: one row at a time (ember_decode_layers)
     const int64_t H = s.attn->H;
     if (pos + T > s.max_len || !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads))
       return 0;
