@@ -222,7 +222,7 @@ def _rows_window(blocks: list) -> float:
     window = float("inf")
     for attn, mlp in blocks:
         a = attn.desc
-        if attn.kind == "mla" or a.post_norm or a.norm_offset or a.local_rope or a.scale:
+        if attn.kind == "mla" or a.rot or a.qk_full or a.softcap or a.post_norm or a.norm_offset or a.local_rope or a.scale:
             return 0
         if a.window:
             window = min(window, a.window)
