@@ -116,7 +116,8 @@ def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch
     assert calls["blocks"] == 14 * ours.config.num_hidden_layers and calls["steps"] == 0
 
 
-@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn"])
+@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn",
+                                  "deepseek_v3-6heads"])
 def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
     # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block
     # (one group in glm4_moe-qknorm); fp32 against HF at every decode step
@@ -145,7 +146,7 @@ def test_minimax_m2_blocks_match_hf(checkpoint, monkeypatch):
     assert steps["returned"] == [2 * ours.config.num_hidden_layers + 1] * 10
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe-qknorm", "minimax_m2", "gemma2"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3-6heads", "glm4_moe-qknorm", "minimax_m2", "gemma2"])
 def test_family_bf16_blocks_match_the_modules(checkpoint, monkeypatch, name):
     _needs_kernels()
     folder, _ = checkpoint(name)

@@ -48,36 +48,129 @@ void rope_channels(const void* src, void* dst, int64_t dr, int interleaved, int 
   }
 }
 
+constexpr int HB = 4;  // heads per block: each latent row loaded (and widened) once for four heads' products
+
+// out[h][i] = ql[h] . L_i (fp32) for h < HB and the two rows L_0, L_1 (r values each, as stored): 2 * HB independent
+// sums, so the FMAs do not wait on each other.
+template <typename T>
+void dots_block(const float* const* ql, const T* L0, const T* L1, int64_t r, float (&out)[HB][2]) {
+#ifdef EMBER_VEC_SIMD
+  if (r % 8 == 0) {
+    __m256 acc[HB][2];
+    for (int h = 0; h < HB; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < r; t += 8) {
+      const __m256 l0 = load8(L0 + t), l1 = load8(L1 + t);
+      for (int h = 0; h < HB; h++) {
+        const __m256 qv = _mm256_loadu_ps(ql[h] + t);
+        acc[h][0] = _mm256_fmadd_ps(qv, l0, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(qv, l1, acc[h][1]);
+      }
+    }
+    for (int h = 0; h < HB; h++) out[h][0] = hsum(acc[h][0]), out[h][1] = hsum(acc[h][1]);
+    return;
+  }
+#endif
+  for (int h = 0; h < HB; h++) out[h][0] = dot(ql[h], L0, r), out[h][1] = dot(ql[h], L1, r);
+}
+
+// ol[h] (r) = sum_j p[h][j] * L[j] (fp32) for h < HB, L (S, r) as stored: sixteen channels of every head at a time.
+template <typename T>
+void weighted_rows(const float* const* p, const T* L, int64_t S, int64_t r, float* const* ol) {
+#ifdef EMBER_VEC_SIMD
+  if (r % 16 == 0) {
+    for (int64_t t = 0; t < r; t += 16) {
+      __m256 acc[HB][2];
+      for (int h = 0; h < HB; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < S; j++) {
+        const __m256 l0 = load8(L + j * r + t), l1 = load8(L + j * r + t + 8);
+        for (int h = 0; h < HB; h++) {
+          const __m256 pv = _mm256_set1_ps(p[h][j]);
+          acc[h][0] = _mm256_fmadd_ps(pv, l0, acc[h][0]);
+          acc[h][1] = _mm256_fmadd_ps(pv, l1, acc[h][1]);
+        }
+      }
+      for (int h = 0; h < HB; h++) _mm256_storeu_ps(ol[h] + t, acc[h][0]), _mm256_storeu_ps(ol[h] + t + 8, acc[h][1]);
+    }
+    return;
+  }
+#endif
+  for (int h = 0; h < HB; h++) {
+    std::fill(ol[h], ol[h] + r, 0.f);
+    for (int64_t j = 0; j < S; j++) axpy(ol[h], p[h][j], L + j * r, r);
+  }
+}
+
+// out[v] = a . W[v] (rounded to the output's type) for the n rows of W (r values each, as stored), four at a time.
+template <typename T>
+void rows_dot(const float* a, const T* W, int64_t n, int64_t r, T* out) {
+  int64_t v = 0;
+#ifdef EMBER_VEC_SIMD
+  if (r % 8 == 0)
+    for (; v + 4 <= n; v += 4) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t t = 0; t < r; t += 8) {
+        const __m256 av = _mm256_loadu_ps(a + t);
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(av, load8(W + (v + i) * r + t), acc[i]);
+      }
+      for (int i = 0; i < 4; i++) put(out + v + i, hsum(acc[i]));
+    }
+#endif
+  for (; v < n; v++) put(out + v, dot(a, W + v * r, r));
+}
+
 // att (nh * dv) = the attention of every head over slots 0..S-1: q (nh, dn + dr) with its rope channels
 // replaced by qr (nh, dr, rotated), Lc (S, r), Rc (S, dr), W (nh * (dn + dv), r). scratch: per head 2S + 2r floats.
+// Heads run in blocks of HB (a short last block repeats its last head, whose results are written twice, equal).
 template <typename T>
 void latent_heads(const MlaDesc* d, const T* q, const T* qr, const T* Lc, const T* Rc, const T* W, int64_t S,
                   T* att, float* scratch, int nthreads) {
-  const int64_t nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, dq = dn + dr;
+  const int64_t nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, dq = dn + dr, nb = (nh + HB - 1) / HB;
   const T tag{};
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nh > 1)
-  for (int64_t n = 0; n < nh; n++) {
-    float* sc = scratch + n * (2 * S + 2 * r);  // scores (S), probabilities (S), q_lat (r), o_lat (r)
-    float* ql = sc + 2 * S;
-    float* ol = ql + r;
-    float qrf[512];
-    const T* w = W + n * (dn + dv) * r;  // this head's W_uk rows, then its W_uv rows
-    std::fill(ql, ql + r, 0.f);
-    for (int64_t c = 0; c < dn; c++) axpy(ql, to_f(q[n * dq + c]), w + c * r, r);
-    for (int64_t t = 0; t < r; t++) ql[t] = round_as(ql[t], tag);
-    for (int64_t c = 0; c < dr; c++) qrf[c] = to_f(qr[n * dr + c]);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < S; j++) {
-      const float a = round_as(dot(ql, Lc + j * r, r), tag), b = round_as(dot(qrf, Rc + j * dr, dr), tag);
-      sc[j] = round_as(round_as(a + b, tag) * d->scaling, tag);
-      mx = std::max(mx, sc[j]);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nb > 1)
+  for (int64_t b = 0; b < nb; b++) {
+    const int nreal = static_cast<int>(std::min<int64_t>(HB, nh - b * HB));
+    const float* qlc[HB];
+    const float* pc[HB];
+    float *sc[HB], *ql[HB], *ol[HB];
+    float qrf[HB][512], mx[HB];
+    for (int i = 0; i < HB; i++) {
+      const int64_t n = b * HB + std::min(i, nreal - 1);
+      sc[i] = scratch + n * (2 * S + 2 * r);  // scores (S), probabilities (S), q_lat (r), o_lat (r)
+      qlc[i] = ql[i] = sc[i] + 2 * S;
+      ol[i] = ql[i] + r;
+      pc[i] = sc[i] + S;
+      mx[i] = -INFINITY;
     }
-    float sum = 0.f;
-    for (int64_t j = 0; j < S; j++) sum += (sc[S + j] = std::exp(sc[j] - mx));
-    std::fill(ol, ol + r, 0.f);
-    for (int64_t j = 0; j < S; j++) axpy(ol, round_as(sc[S + j] / sum, tag), Lc + j * r, r);
-    for (int64_t t = 0; t < r; t++) ol[t] = round_as(ol[t], tag);
-    for (int64_t v = 0; v < dv; v++) put(att + n * dv + v, dot(ol, w + (dn + v) * r, r));
+    for (int i = 0; i < nreal; i++) {
+      const int64_t n = b * HB + i;
+      const T* w = W + n * (dn + dv) * r;  // this head's W_uk rows
+      std::fill(ql[i], ql[i] + r, 0.f);
+      for (int64_t c = 0; c < dn; c++) axpy(ql[i], to_f(q[n * dq + c]), w + c * r, r);
+      for (int64_t t = 0; t < r; t++) ql[i][t] = round_as(ql[i][t], tag);
+      for (int64_t c = 0; c < dr; c++) qrf[i][c] = to_f(qr[n * dr + c]);
+    }
+    for (int64_t j = 0; j < S; j += 2) {
+      float a[HB][2];
+      dots_block(qlc, Lc + j * r, Lc + std::min(j + 1, S - 1) * r, r, a);
+      for (int i = 0; i < nreal; i++)
+        for (int64_t jj = 0; jj < 2 && j + jj < S; jj++) {
+          const float bv = round_as(dot(qrf[i], Rc + (j + jj) * dr, dr), tag);
+          const float s = round_as(round_as(round_as(a[i][jj], tag) + bv, tag) * d->scaling, tag);
+          sc[i][j + jj] = s;
+          mx[i] = std::max(mx[i], s);
+        }
+    }
+    for (int i = 0; i < nreal; i++) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < S; j++) sum += (sc[i][S + j] = std::exp(sc[i][j] - mx[i]));
+      for (int64_t j = 0; j < S; j++) sc[i][S + j] = round_as(sc[i][S + j] / sum, tag);
+    }
+    weighted_rows(pc, Lc, S, r, ol);
+    for (int i = 0; i < nreal; i++) {
+      const int64_t n = b * HB + i;
+      for (int64_t t = 0; t < r; t++) ol[i][t] = round_as(ol[i][t], tag);
+      rows_dot(ol[i], W + (n * (dn + dv) + dn) * r, dv, r, att + n * dv);  // this head's W_uv rows
+    }
   }
 }
 
