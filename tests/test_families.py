@@ -52,6 +52,9 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
                                            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                                             "partial_rotary_factor": 0.5}), None),
     "deepseek_v3-noqlora": ("DeepseekV3Config", {**_DEEPSEEK, "q_lora_rank": None, "rope_interleave": False}, None),
+    # 6 heads (the decode kernel's blocks of 4 heads: one short) and a latent width of 40 (not a multiple of 16)
+    "deepseek_v3-6heads": ("DeepseekV3Config", {**_DEEPSEEK, "num_attention_heads": 6, "num_key_value_heads": 6,
+                                                "kv_lora_rank": 40}, None),
     # DeepSeek-V3's released YaRN (factor 40, mscale_all_dim 1: the softmax scale changes too), on a short context
     "deepseek_v3-yarn": ("DeepseekV3Config", {**_DEEPSEEK, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 16,

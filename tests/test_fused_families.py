@@ -1,6 +1,7 @@
 """The fused one-sequence CPU decode blocks for the families beyond Llama's pieces: Gemma 2/3's sandwich (1 + w)
-norms, GeGLU, query scale and per-layer sliding/global attention with their own RoPE tables, exact against HF in
-fp32 and against the plain modules in bf16, past the sliding window."""
+norms, GeGLU, query scale, logit soft-capping and per-layer sliding/global attention with their own RoPE tables,
+GLM-4.5's and MiniMax-M2's partial RoPE and q/k norms, DeepSeek's latent attention, the sigmoid routers, gpt-oss's
+sinks and MXFP4 experts: exact against HF in fp32 and against the plain modules in bf16, past the sliding window."""
 
 from __future__ import annotations
 
@@ -47,14 +48,16 @@ def test_gemma3_decode_runs_every_layer_in_one_call_and_matches_hf(checkpoint, m
     assert calls["heads"] == 0  # Gemma's (1 + w) final norm and capped head run as modules
 
 
-def test_gemma2_soft_capped_attention_runs_as_its_modules(checkpoint, monkeypatch):
-    # attention logit soft-capping has no kernel: the layers run as modules, still exact
+def test_gemma2_soft_capped_attention_block_matches_hf(checkpoint, monkeypatch):
+    # attention logits capped at 5 (cap * tanh(logit / cap)) in the attention block, every layer in the whole-step
+    # call; the final-logit capping runs as its module; past the window (8)
     _needs_kernels()
     folder, hf = checkpoint("gemma2")
     ours = load_model(folder, dtype="fp32")
     calls = _count_kernel_attention(monkeypatch)
     _decode_matches_hf(ours, hf, 16, 2, "gemma2")
-    assert calls["blocks"] == 0
+    n = ours.config.num_hidden_layers
+    assert calls["returned"] == [2 * n] * 10 and calls["heads"] == 0
 
 
 def test_gemma3_bf16_blocks_match_the_plain_modules(checkpoint):
@@ -130,30 +133,45 @@ def test_gpt_oss_sink_attention_block_matches_hf(gpt_oss_checkpoint, monkeypatch
     assert calls["blocks"] == 14 * ours.config.num_hidden_layers and calls["steps"] == 0
 
 
-@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn"])
+@pytest.mark.parametrize("name", ["glm4_moe", "glm4_moe-qknorm", "deepseek_v3", "deepseek_v3-noqlora", "deepseek_v3-yarn",
+                                  "deepseek_v3-6heads"])
 def test_sigmoid_routed_moe_block_matches_hf(checkpoint, monkeypatch, name):
-    # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block;
-    # the attention (partial RoPE, MLA) runs as its module before it; fp32 against HF at every decode step
+    # group-limited sigmoid routing with correction bias, routed scaling and shared experts in the MoE block
+    # (one group in glm4_moe-qknorm); fp32 against HF at every decode step
     _needs_kernels()
     folder, hf = checkpoint(name)
     ours = load_model(folder, dtype="fp32")
+    steps = _count_kernel_attention(monkeypatch)
     calls = _count_blocks(monkeypatch)
     _decode_matches_hf(ours, hf, 16, 3, name)
     n = ours.config.num_hidden_layers
     moe_layers = sum(ours.config.is_moe_layer(i) for i in range(n))
-    assert calls["moe"] == 10 * moe_layers and calls["mlp"] == 10 * (n - moe_layers)
-    # DeepSeek's latent attention in its block (absorbed, over the latent cache); GLM's partial RoPE as modules
-    assert calls["mla"] == (10 * n if name.startswith("deepseek") else 0)
+    assert 0 < moe_layers < n
+    # DeepSeek's latent attention (absorbed, over the latent cache) or GLM's partial-RoPE attention (q/k/v bias,
+    # q/k norms), the dense and MoE blocks and the head: one call a step
+    assert steps["returned"] == [2 * n + 1] * 10 and not calls
 
 
-def test_deepseek_bf16_blocks_match_the_modules(checkpoint, monkeypatch):
+def test_minimax_m2_blocks_match_hf(checkpoint, monkeypatch):
+    # q/k RMSNorm over all heads' channels at once, RoPE on half of each head, the sigmoid router of the model's
+    # dtype with its correction bias (top-3 of 8, renormalised): every layer and the head in one call a step
     _needs_kernels()
-    folder, _ = checkpoint("deepseek_v3")
+    folder, hf = checkpoint("minimax_m2")
+    ours = load_model(folder, dtype="fp32")
+    steps = _count_kernel_attention(monkeypatch)
+    _decode_matches_hf(ours, hf, 16, 5, "minimax_m2")
+    assert steps["returned"] == [2 * ours.config.num_hidden_layers + 1] * 10
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3-6heads", "glm4_moe-qknorm", "minimax_m2", "gemma2"])
+def test_family_bf16_blocks_match_the_modules(checkpoint, monkeypatch, name):
+    _needs_kernels()
+    folder, _ = checkpoint(name)
     ours = load_model(folder, dtype="bf16")
     ids = torch.randint(3, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
     for i, (a, b) in enumerate(zip(fast, plain)):
-        assert_close(a, b, BF16_TOL, f"deepseek bf16 decode step {i}")
+        assert_close(a, b, BF16_TOL, f"{name} bf16 decode step {i}")
 
 
 def test_qwen35_mlp_block_beside_the_delta_net_matches_hf(tmp_path, monkeypatch):

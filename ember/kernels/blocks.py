@@ -82,7 +82,8 @@ class _AttnBlockDesc(ctypes.Structure):
 
     _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
         (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)] + [
-        ("post_norm", _P)] + [(n, ctypes.c_int64) for n in ("norm_offset", "window", "local_rope")] + [("scale", _F)]
+        ("post_norm", _P)] + [(n, ctypes.c_int64) for n in ("norm_offset", "window", "local_rope")] + [("scale", _F)] + [
+        ("rot", ctypes.c_int64), ("qk_full", ctypes.c_int64), ("softcap", _F)]
 
 
 class _MlpBlockDesc(ctypes.Structure):
@@ -118,16 +119,20 @@ def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: Line
                       eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
                       k_norm: torch.Tensor | None = None, qk_eps: float = 0.0, post_norm: torch.Tensor | None = None,
                       norm_offset: bool = False, window: int | None = None, local_rope: bool = False,
-                      scale: float | None = None) -> BlockKernel:
+                      scale: float | None = None, rot: int | None = None, qk_full: bool = False,
+                      softcap: float | None = None) -> BlockKernel:
     """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``.
 
     Gemma's variant: ``norm_offset`` (every norm scales by ``1 + w`` in fp32, one rounding), ``post_norm`` (the
     output normed before the add), ``window`` (keys older than that many slots hidden), ``local_rope`` (the
-    second row of (2, hd) cos/sin tables), ``scale`` (the softmax scale; default ``hd ** -0.5``)."""
+    second row of (2, hd) cos/sin tables), ``scale`` (the softmax scale; default ``hd ** -0.5``), ``softcap``
+    (Gemma 2: logits ``cap * tanh(logit / cap)``). GLM-4.5 / MiniMax-M2: ``rot`` (RoPE on the first rot channels
+    of each head, cos/sin (rot,)), ``qk_full`` (q_norm/k_norm over all heads' channels at once)."""
     desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
                           k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps,
                           post_norm=_ptr(post_norm), norm_offset=int(norm_offset), window=window or 0,
-                          local_rope=int(local_rope), scale=scale or 0.0)
+                          local_rope=int(local_rope), scale=scale or 0.0, rot=rot if rot and rot < hd else 0,
+                          qk_full=int(qk_full), softcap=softcap or 0.0)
     return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm, post_norm))
 
 
@@ -145,17 +150,21 @@ def mlp_block_kernel(gate: LinearKernel | None, up: LinearKernel, down: LinearKe
 
 def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],
                      norm: torch.Tensor, eps: float, top_k: int, norm_topk: bool, groups=None,
-                     shared: tuple[LinearKernel, LinearKernel, LinearKernel] | None = None) -> BlockKernel:
+                     shared: tuple[LinearKernel, LinearKernel, LinearKernel] | None = None,
+                     float_router: bool = True) -> BlockKernel:
     """A mixture-of-experts block (:class:`ember.models.SparseMoE` after the post-attention norm, the residual add
     included): ``experts[e]`` = expert e's (gate, up, down) kernels. GLM-4.5 / DeepSeek-V3
     (:class:`ember.models.routed_moe.RoutedMoE`): ``groups`` = (correction bias (E,) fp32, n_group, topk_group,
-    routed scaling) with ``router`` an fp32 kernel (the sigmoid router), ``shared`` the shared experts' kernels."""
+    routed scaling) with ``router`` an fp32 kernel (the sigmoid router), ``shared`` the shared experts' kernels;
+    MiniMax-M2 (:class:`ember.models.minimax.SigmoidMoE`): ``groups`` with one group and ``float_router`` False
+    (the router of x's dtype, its logits rounded to it)."""
     flat = [k for triple in experts for k in triple]
     table = (_P * len(flat))(*[k.addr for k in flat])
     corr, n_group, topk_group, scaling = groups if groups is not None else (None, 0, 0, 1.0)
     desc = _MoeBlockDesc(router=router.addr, experts=ctypes.addressof(table), norm=norm.data_ptr(), H=norm.shape[0],
                          E=len(experts), k=top_k, F=experts[0][0].out_features, norm_topk=int(norm_topk), eps=eps,
-                         sigmoid_router=int(groups is not None), correction=_ptr(corr), n_group=n_group,
+                         sigmoid_router=0 if groups is None else 1 if float_router else 2,
+                         correction=_ptr(corr), n_group=n_group,
                          topk_group=topk_group, scaling=scaling,
                          shared=(_P * 3)(*[k.addr for k in shared]) if shared else (_P * 3)(),
                          shared_F=shared[0].out_features if shared else 0)
@@ -264,7 +273,8 @@ def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
 class _LayerStepDesc(ctypes.Structure):
     """Mirror of ``LayerStepDesc`` in cpu.cpp."""
 
-    _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64)]
+    _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64),
+                ("mla", ctypes.c_int64)]
 
 
 class LayerSteps:
@@ -279,7 +289,7 @@ class LayerSteps:
         self.n = len(blocks)
         self.table = (_LayerStepDesc * self.n)(*[
             _LayerStepDesc(attn=a.addr, mlp=m.addr, moe=int(m.kind == "moe"), Kc=kc.data_ptr(), Vc=vc.data_ptr(),
-                           max_len=kc.shape[2])
+                           max_len=kc.shape[2], mla=int(a.kind == "mla"))
             for (a, m), (kc, vc) in zip(blocks, caches)])
         self.addr = ctypes.addressof(self.table)
         self.parts = blocks
@@ -287,10 +297,11 @@ class LayerSteps:
 
 def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
                 caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LayerSteps | None:
-    """The layers' blocks with their caches (each (1, nkv, max_len, hd), contiguous, of x's dtype), or None where
-    a cache is not laid out so."""
+    """The layers' blocks with their caches (each (1, nkv, max_len, hd), contiguous, of x's dtype; a latent
+    attention's latents (1, 1, max_len, r) and rotated keys (1, 1, max_len, dr)), or None where a cache is not laid
+    out so."""
     for kc, vc in caches:
-        if not (kc.is_contiguous() and vc.is_contiguous() and kc.shape == vc.shape and kc.dim() == 4
+        if not (kc.is_contiguous() and vc.is_contiguous() and kc.shape[:3] == vc.shape[:3] and kc.dim() == 4
                 and kc.shape[0] == 1 and kc.device.type == "cpu"):
             return None
     return LayerSteps(blocks, caches)

@@ -2609,6 +2609,11 @@ struct AttnBlockDesc {
   const void* post_norm;
   int64_t norm_offset, window, local_rope;
   float scale;
+  // GLM-4.5 / MiniMax-M2 / Gemma 2 (zero: off): RoPE on the first rot channels of each head only (cos/sin (rot,));
+  // q_norm/k_norm over all heads' channels at once (qk_full, weights (nh * hd,) and (nkv * hd,)); the logits
+  // soft-capped, cap * tanh(logit / cap) (softcap, variants.cpp).
+  int64_t rot, qk_full;
+  float softcap;
 };
 
 struct MlpBlockDesc {
@@ -2818,6 +2823,8 @@ void gelu_tanh_mul(T* g, const T* u, int64_t n) {
 }  // namespace
 
 extern "C" {
+void ember_softcap_attn(const void* q, const void* K, const void* V, void* out, int64_t nh, int64_t nkv, int64_t hd,
+                        int64_t hs, int64_t S, float scale, float cap, int is_bf16, int nthreads);
 
 // x (H,) += o_proj(attention(rope(q/k/v(rms_norm(x))))) for the token at slot pos, its k/v written into the
 // caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position ((2, hd): global then local, for a
@@ -2839,16 +2846,22 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
   const LinearDesc* qkv[3] = {d->q, d->k, d->v};
   void* qkv_out[3] = {q, k, v};
   if (ember_linear_many(3, qkv, h, qkv_out, 1, is_bf16, nthreads) != 3) return 0;
-  if (d->q_norm) {
-    norm_rows(q, d->q_norm, q, d->nh, d->hd, d->qk_eps, d->norm_offset, is_bf16);  // row by row: in place is safe
-    norm_rows(k, d->k_norm, k, d->nkv, d->hd, d->qk_eps, d->norm_offset, is_bf16);
+  if (d->q_norm) {  // row by row: in place is safe
+    norm_rows(q, d->q_norm, q, d->qk_full ? 1 : d->nh, d->qk_full ? nq : d->hd, d->qk_eps, d->norm_offset, is_bf16);
+    norm_rows(k, d->k_norm, k, d->qk_full ? 1 : d->nkv, d->qk_full ? nk : d->hd, d->qk_eps, d->norm_offset, is_bf16);
   }
   if (d->local_rope) {  // the second row of the (2, hd) tables
     cos = static_cast<const char*>(cos) + d->hd * esz;
     sin = static_cast<const char*>(sin) + d->hd * esz;
   }
-  ember_rope(q, cos, sin, 1, d->nh, d->hd, is_bf16);
-  ember_rope(k, cos, sin, 1, d->nkv, d->hd, is_bf16);
+  if (d->rot > 0 && d->rot < d->hd) {  // the first rot channels of each head turn, the rest pass
+    for (int64_t n = 0; n < d->nh + d->nkv; n++)
+      ember_rope(n < d->nh ? static_cast<char*>(q) + n * d->hd * esz : static_cast<char*>(k) + (n - d->nh) * d->hd * esz,
+                 cos, sin, 1, 1, d->rot, is_bf16);
+  } else {
+    ember_rope(q, cos, sin, 1, d->nh, d->hd, is_bf16);
+    ember_rope(k, cos, sin, 1, d->nkv, d->hd, is_bf16);
+  }
   for (int64_t g = 0; g < d->nkv; g++) {
     std::memcpy(static_cast<char*>(Kc) + (g * max_len + pos) * d->hd * esz, static_cast<char*>(k) + g * d->hd * esz,
                 d->hd * esz);
@@ -2859,7 +2872,11 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
   // a sliding window sees slots pos - window + 1 .. pos (HF's mask: query - key < window)
   const int64_t s0 = d->window > 0 ? std::max<int64_t>(0, pos - d->window + 1) : 0;
   const float scale = d->scale > 0.f ? d->scale : 1.f / std::sqrt(static_cast<float>(d->hd));
-  if (!ember_attn_decode(q, static_cast<const char*>(Kc) + s0 * d->hd * esz, static_cast<const char*>(Vc) + s0 * d->hd * esz,
+  if (d->softcap > 0.f)
+    ember_softcap_attn(q, static_cast<const char*>(Kc) + s0 * d->hd * esz,
+                       static_cast<const char*>(Vc) + s0 * d->hd * esz, a, d->nh, d->nkv, d->hd, hs, pos + 1 - s0,
+                       scale, d->softcap, is_bf16, nthreads);
+  else if (!ember_attn_decode(q, static_cast<const char*>(Kc) + s0 * d->hd * esz, static_cast<const char*>(Vc) + s0 * d->hd * esz,
                          a, 1, d->nh, d->nkv, d->hd, pos + 1 - s0, d->nkv * hs, hs, d->hd, d->nkv * hs, hs, d->hd,
                          nullptr, 0, 0, scale, is_bf16, nthreads))
     return 0;
@@ -2914,7 +2931,8 @@ struct MoeBlockDesc {
   // GLM-4.5 / DeepSeek-V3 routing (sigmoid_router, else the softmax above): router (E, H) fp32 applied to h in
   // fp32, sigmoid, + correction (E,) fp32 for the choice, the topk_group best of n_group groups (a group scores
   // its two best), top k inside them; weights the uncorrected sigmoids, renormalised (norm_topk), times scaling.
-  // shared (gate, up, down) or null: a SwiGLU every token runs, added to the routed sum.
+  // shared (gate, up, down) or null: a SwiGLU every token runs, added to the routed sum. sigmoid_router 2
+  // (MiniMax-M2): the router of x's dtype applied to h as it is, logits rounded, one group.
   int64_t sigmoid_router;
   const float* correction;
   int64_t n_group, topk_group;
@@ -2930,10 +2948,15 @@ bool route_sigmoid_groups(const MoeBlockDesc* d, const void* h, int is_bf16, int
   const int64_t H = d->H, E = d->E, K = d->k, G = d->n_group, per = G > 0 ? E / G : 0;
   if (G < 1 || E % G || per < 2 || d->topk_group > G || K > d->topk_group * per || E > 512) return false;
   thread_local std::vector<float> f;
-  f.resize(static_cast<size_t>(H + E));
-  for (int64_t i = 0; i < H; i++) f[i] = load_f(h, i, is_bf16);
+  f.resize(static_cast<size_t>(H + 2 * E));
   float* s = f.data() + H;
-  if (!ember_linear(d->router, f.data(), s, 1, 0, nthreads)) return false;
+  if (d->sigmoid_router == 2) {  // MiniMax-M2: a router of x's dtype, its logits rounded to it
+    if (!ember_linear(d->router, h, s + E, 1, is_bf16, nthreads)) return false;
+    for (int64_t e = 0; e < E; e++) s[e] = load_f(s + E, e, is_bf16);
+  } else {
+    for (int64_t i = 0; i < H; i++) f[i] = load_f(h, i, is_bf16);
+    if (!ember_linear(d->router, f.data(), s, 1, 0, nthreads)) return false;
+  }
   float choice[512], gscore[512];
   for (int64_t e = 0; e < E; e++) {
     s[e] = 1.f / (1.f + std::exp(-s[e]));
@@ -3054,7 +3077,8 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
 }  // extern "C"
 
 // One decoder layer of a decode step (ember_decode_layers): its attention block, its MLP or mixture-of-experts
-// block (moe != 0) and its layer's key and value caches (nkv, max_len, hd).
+// block (moe != 0) and its layer's key and value caches (nkv, max_len, hd); with mla != 0 the attention is
+// latent.cpp's MlaDesc and Kc/Vc its latent cache (max_len, r) and rotated keys (max_len, dr).
 struct LayerStepDesc {
   const AttnBlockDesc* attn;
   const void* mlp;
@@ -3062,9 +3086,14 @@ struct LayerStepDesc {
   void* Kc;
   void* Vc;
   int64_t max_len;
+  int64_t mla;
 };
 
+struct MlaDesc;  // latent.cpp
+
 extern "C" {
+int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin, void* Lc, void* Rc, int64_t max_len,
+                    int64_t pos, int is_bf16, int nthreads);
 
 // Every layer of one decode step in one call: x (H,) through layers[0..n) in order, as ember_attn_block then
 // ember_mlp_block / ember_moe_block each, then (head not null) logits (V,) = head(rms_norm(x, norm)): no Python
@@ -3076,8 +3105,11 @@ int ember_decode_layers(const LayerStepDesc* layers, int n, void* x, const void*
                         int nthreads) {
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
-    if (pos >= s.max_len || !ember_attn_block(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads))
-      return 2 * i;
+    const int attn = pos < s.max_len &&
+                     (s.mla ? ember_mla_block(reinterpret_cast<const MlaDesc*>(s.attn), x, cos, sin, s.Kc, s.Vc,
+                                              s.max_len, pos, is_bf16, nthreads)
+                            : ember_attn_block(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads));
+    if (!attn) return 2 * i;
     const int done = s.moe ? ember_moe_block(static_cast<const MoeBlockDesc*>(s.mlp), x, is_bf16, nthreads)
                            : ember_mlp_block(static_cast<const MlpBlockDesc*>(s.mlp), x, is_bf16, nthreads);
     if (!done) return 2 * i + 1;
@@ -3186,6 +3218,8 @@ int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* c
   const int64_t esz = is_bf16 ? 2 : 4;
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
+    // latent attention, partial RoPE, whole-projection q/k norms, soft-capping: one row at a time only
+    if (s.mla || s.attn->rot || s.attn->qk_full || s.attn->softcap > 0.f) return 0;
     const int64_t H = s.attn->H;
     if (pos + T > s.max_len || !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads))
       return 0;

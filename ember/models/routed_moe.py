@@ -79,6 +79,10 @@ class PartialRopeAttention(Attention):
     """Grouped-query attention whose RoPE turns only the first ``rotary_dim`` channels of each head (GLM-4.5:
     ``partial_rotary_factor`` 0.5), with GLM's bias on q/k/v only and optional q/k norms."""
 
+    def __init__(self, cfg: ModelConfig, layer: int, sliding_window: int | None = None) -> None:
+        super().__init__(cfg, layer, sliding_window)
+        self.rotary_dim = cfg.rotary_dim
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVStore | None, is_causal: bool) -> torch.Tensor:
         """x (B, T, H), cos/sin (B, 1, T, rotary_dim) -> (B, T, H)."""

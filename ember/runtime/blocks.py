@@ -31,7 +31,8 @@ from ember.models.nemotron_h import FloatScaleRMSNorm, NemotronHBlock, ReluSquar
 from ember.models.qwen3_next import HybridDecoderLayer, new_token_valid
 from ember.models.linear import Linear
 from ember.models.mla import MLAttention
-from ember.models.routed_moe import RoutedMoE
+from ember.models.minimax import FullQKNormAttention, SigmoidMoE
+from ember.models.routed_moe import PartialRopeAttention, RoutedMoE
 
 
 def _hooked(*mods) -> bool:
@@ -88,19 +89,25 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
            None if mla is None else (tuple(map(id, mla.values())), attn.kv_b_proj.weight.data_ptr(),
                                      tuple(n.weight.data_ptr() for n in _mla_norms(attn, pre))),
            None if mks is None else (tuple(map(id, mks)), post.weight.data_ptr()),
-           (mlp.gate.weight.data_ptr(), mlp.gate.e_score_correction_bias.data_ptr()) if routed else None)
+           (mlp.gate.weight.data_ptr(), mlp.gate.e_score_correction_bias.data_ptr()) if routed else
+           mlp.e_score_correction_bias.data_ptr() if type(mlp) is SigmoidMoE else None)
 
     def build():
         a = kernels.mla_block_kernel(attn, pre, mla) if mla is not None else None
         if ks is not None:
             qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
             a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
-                                          attn.q_norm.eps if qn is not None else 0.0, window=layer.window)
+                                          attn.q_norm.eps if qn is not None else 0.0, window=layer.window,
+                                          rot=getattr(attn, "rotary_dim", None),
+                                          qk_full=type(attn) is FullQKNormAttention)
         if mks is None:
             return a, None
-        if type(mlp) is SparseMoE:
+        if type(mlp) in (SparseMoE, SigmoidMoE):
             experts = [tuple(mks[1 + 3 * e:4 + 3 * e]) for e in range(len(mlp.experts))]
-            return a, kernels.moe_block_kernel(mks[0], experts, post.weight, post.eps, mlp.top_k, mlp.norm_topk_prob)
+            # MiniMax-M2: sigmoid scores of the router in x's dtype, chosen with the correction bias, one group
+            groups = (mlp.e_score_correction_bias.float().contiguous(), 1, 1, 1.0) if type(mlp) is SigmoidMoE else None
+            return a, kernels.moe_block_kernel(mks[0], experts, post.weight, post.eps, mlp.top_k, mlp.norm_topk_prob,
+                                               groups, float_router=False)
         if routed:
             return a, _routed_moe_block(mlp, mks, post)
         return a, kernels.mlp_block_kernel(*mks, post.weight, post.eps)
@@ -111,7 +118,7 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
 def _attn_kernels(attn, pre, x2: torch.Tensor) -> tuple[list | None, list]:
     """The q/k/v/o kernels of a Llama-style :class:`Attention` after an RMSNorm, and its norms; None kernels where
     the attention is another class, hooked, or has no kernel (it then runs as its module)."""
-    if type(attn) is not Attention or type(pre) is not RMSNorm:
+    if type(attn) not in (Attention, PartialRopeAttention, FullQKNormAttention) or type(pre) is not RMSNorm:
         return None, []
     projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
     norms = [pre] + ([attn.q_norm, attn.k_norm] if attn.q_norm is not None else [])
@@ -164,7 +171,7 @@ def _mlp_projections(mlp) -> list | None:
         shared = mlp.shared_experts
         return [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)] + (
             [shared.gate_proj, shared.up_proj, shared.down_proj] if shared is not None else [])
-    if type(mlp) is SparseMoE and all(type(e) is MLP for e in mlp.experts):
+    if type(mlp) in (SparseMoE, SigmoidMoE) and all(type(e) is MLP for e in mlp.experts):
         return [mlp.gate] + [p for e in mlp.experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
     return None
 
@@ -185,12 +192,11 @@ def head_block(norm, lm_head, x: torch.Tensor) -> "tuple[torch.Tensor, float, ke
 def _gemma_blocks(layer, x: torch.Tensor, local_rope: bool
                   ) -> "tuple[kernels.BlockKernel, kernels.BlockKernel | None] | None":
     """A Gemma 2/3 layer's blocks: sandwich (1 + w) norms, (1 + w) q/k norms, the query scale, the layer's window
-    and RoPE table, GeGLU. None where the attention soft-caps its logits (Gemma 2: no kernel) or a piece is
-    another class or hooked."""
+    and RoPE table, Gemma 2's logit soft-capping, GeGLU. None where a piece is another class or hooked."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
              layer.post_feedforward_layernorm]
-    if (type(attn) is not Gemma3Attention or attn.softcap is not None or _hooked(layer, attn)
+    if (type(attn) is not Gemma3Attention or _hooked(layer, attn)
             or any(type(n) is not UnitOffsetRMSNorm or n.weight.dtype is not x.dtype or n.eps != norms[0].eps
                    for n in norms)):  # a block's norms share one eps
         return None
@@ -213,7 +219,8 @@ def _gemma_blocks(layer, x: torch.Tensor, local_rope: bool
         qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if qk else (None, None)
         a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, qn, kn,
                                       attn.q_norm.eps if qk else 0.0, post_norm=post.weight, norm_offset=True,
-                                      window=layer.window, local_rope=local_rope, scale=attn.scaling)
+                                      window=layer.window, local_rope=local_rope, scale=attn.scaling,
+                                      softcap=attn.softcap)
         if mks is None:
             return a, None
         return a, kernels.mlp_block_kernel(*mks, pre_ff.weight, pre_ff.eps, gelu=True,

@@ -58,7 +58,7 @@ class DecodeBlocks:
         self.blocks = [blocks_module.layer_blocks(layer, x, local_rope) for layer in layers]
         # leading layers with both blocks: they run in the whole-step call
         self.n_fused = next((i for i, b in enumerate(self.blocks)
-                             if b is None or None in b or b[0].kind != "attn" or b[1].kind not in ("mlp", "moe")),
+                             if b is None or None in b or b[0].kind not in ("attn", "mla") or b[1].kind not in ("mlp", "moe")),
                             len(self.blocks))
         # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
         tail = [m for m in (norm, lm_head) if m is not None]
@@ -226,7 +226,7 @@ def _rows_window(blocks: list) -> float:
     window = float("inf")
     for attn, mlp in blocks:
         a = attn.desc
-        if a.post_norm or a.norm_offset or a.local_rope or a.scale:
+        if attn.kind == "mla" or a.rot or a.qk_full or a.softcap or a.post_norm or a.norm_offset or a.local_rope or a.scale:
             return 0
         if a.window:
             window = min(window, a.window)

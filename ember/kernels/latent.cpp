@@ -1,0 +1,235 @@
+// DeepSeek-V3's multi-head latent attention (ember.models.mla.MLAttention after its RMSNorm) for one token, in
+// the absorbed form over the latent cache: Lc (max_len, r) the normed latents, Rc (max_len, dr) the rotated
+// shared keys; w_kvb is kv_b_proj's plain weight (nh * (dn + dv), r), its rows per head [W_uk (dn) | W_uv (dv)].
+//
+// Per head the step is four small products over the latent width r: q_lat = q_nope W_uk (dn x r), the scores
+// q_lat . Lc[j] + q_rot . Rc[j], o_lat = sum_j p_j Lc[j], out = W_uv o_lat (dv x r). They run as fp32 dot
+// products and axpys over rows of the weights and caches as stored (bf16 widened in registers), eight lanes at
+// a time, heads split across threads; roundings as the module's (each einsum/matmul result rounded).
+#include "common.h"
+#include "vec.h"
+
+using namespace ember_common;
+using namespace ember_vec;
+
+struct LinearDesc;  // cpu.cpp
+
+extern "C" {
+int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads);
+int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
+                      int nthreads);
+void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int64_t H, float eps, int is_bf16,
+                    int nthreads);
+void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64_t heads, int64_t hd, int is_bf16);
+}
+
+struct MlaDesc {
+  const LinearDesc* q;    // q_proj, or null: q_b(rms_norm(q_a(h)))
+  const LinearDesc* q_a;
+  const LinearDesc* q_b;
+  const LinearDesc* kv_a;  // (r + dr, H)
+  const LinearDesc* o;
+  const void* norm;  // input RMSNorm (H,)
+  const void* q_a_norm;
+  const void* kv_norm;
+  const void* w_kvb;
+  int64_t H, nh, r, dn, dr, dv, q_rank, interleaved;
+  float eps, q_a_eps, kv_eps, scaling;
+};
+
+namespace {
+
+// The rope channels (dr) of src into dst: as stored, or [evens | odds] for DeepSeek's interleaved rotation (whose
+// result, laid out so, is the half-split rotation of that order: ember_rope then applies).
+void rope_channels(const void* src, void* dst, int64_t dr, int interleaved, int is_bf16) {
+  for (int64_t c = 0; c < dr; c++) {
+    const int64_t from = interleaved ? (c < dr / 2 ? 2 * c : 2 * (c - dr / 2) + 1) : c;
+    store_y(dst, c, load_f(src, from, is_bf16), is_bf16);
+  }
+}
+
+constexpr int HB = 4;  // heads per block: each latent row loaded (and widened) once for four heads' products
+
+// out[h][i] = ql[h] . L_i (fp32) for h < HB and the two rows L_0, L_1 (r values each, as stored): 2 * HB independent
+// sums, so the FMAs do not wait on each other.
+template <typename T>
+void dots_block(const float* const* ql, const T* L0, const T* L1, int64_t r, float (&out)[HB][2]) {
+#ifdef EMBER_VEC_SIMD
+  if (r % 8 == 0) {
+    __m256 acc[HB][2];
+    for (int h = 0; h < HB; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < r; t += 8) {
+      const __m256 l0 = load8(L0 + t), l1 = load8(L1 + t);
+      for (int h = 0; h < HB; h++) {
+        const __m256 qv = _mm256_loadu_ps(ql[h] + t);
+        acc[h][0] = _mm256_fmadd_ps(qv, l0, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(qv, l1, acc[h][1]);
+      }
+    }
+    for (int h = 0; h < HB; h++) out[h][0] = hsum(acc[h][0]), out[h][1] = hsum(acc[h][1]);
+    return;
+  }
+#endif
+  for (int h = 0; h < HB; h++) out[h][0] = dot(ql[h], L0, r), out[h][1] = dot(ql[h], L1, r);
+}
+
+// ol[h] (r) = sum_j p[h][j] * L[j] (fp32) for h < HB, L (S, r) as stored: sixteen channels of every head at a time.
+template <typename T>
+void weighted_rows(const float* const* p, const T* L, int64_t S, int64_t r, float* const* ol) {
+#ifdef EMBER_VEC_SIMD
+  if (r % 16 == 0) {
+    for (int64_t t = 0; t < r; t += 16) {
+      __m256 acc[HB][2];
+      for (int h = 0; h < HB; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < S; j++) {
+        const __m256 l0 = load8(L + j * r + t), l1 = load8(L + j * r + t + 8);
+        for (int h = 0; h < HB; h++) {
+          const __m256 pv = _mm256_set1_ps(p[h][j]);
+          acc[h][0] = _mm256_fmadd_ps(pv, l0, acc[h][0]);
+          acc[h][1] = _mm256_fmadd_ps(pv, l1, acc[h][1]);
+        }
+      }
+      for (int h = 0; h < HB; h++) _mm256_storeu_ps(ol[h] + t, acc[h][0]), _mm256_storeu_ps(ol[h] + t + 8, acc[h][1]);
+    }
+    return;
+  }
+#endif
+  for (int h = 0; h < HB; h++) {
+    std::fill(ol[h], ol[h] + r, 0.f);
+    for (int64_t j = 0; j < S; j++) axpy(ol[h], p[h][j], L + j * r, r);
+  }
+}
+
+// out[v] = a . W[v] (rounded to the output's type) for the n rows of W (r values each, as stored), four at a time.
+template <typename T>
+void rows_dot(const float* a, const T* W, int64_t n, int64_t r, T* out) {
+  int64_t v = 0;
+#ifdef EMBER_VEC_SIMD
+  if (r % 8 == 0)
+    for (; v + 4 <= n; v += 4) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t t = 0; t < r; t += 8) {
+        const __m256 av = _mm256_loadu_ps(a + t);
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(av, load8(W + (v + i) * r + t), acc[i]);
+      }
+      for (int i = 0; i < 4; i++) put(out + v + i, hsum(acc[i]));
+    }
+#endif
+  for (; v < n; v++) put(out + v, dot(a, W + v * r, r));
+}
+
+// att (nh * dv) = the attention of every head over slots 0..S-1: q (nh, dn + dr) with its rope channels
+// replaced by qr (nh, dr, rotated), Lc (S, r), Rc (S, dr), W (nh * (dn + dv), r). scratch: per head 2S + 2r floats.
+// Heads run in blocks of HB (a short last block repeats its last head, whose results are written twice, equal).
+template <typename T>
+void latent_heads(const MlaDesc* d, const T* q, const T* qr, const T* Lc, const T* Rc, const T* W, int64_t S,
+                  T* att, float* scratch, int nthreads) {
+  const int64_t nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, dq = dn + dr, nb = (nh + HB - 1) / HB;
+  const T tag{};
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nb > 1)
+  for (int64_t b = 0; b < nb; b++) {
+    const int nreal = static_cast<int>(std::min<int64_t>(HB, nh - b * HB));
+    const float* qlc[HB];
+    const float* pc[HB];
+    float *sc[HB], *ql[HB], *ol[HB];
+    float qrf[HB][512], mx[HB];
+    for (int i = 0; i < HB; i++) {
+      const int64_t n = b * HB + std::min(i, nreal - 1);
+      sc[i] = scratch + n * (2 * S + 2 * r);  // scores (S), probabilities (S), q_lat (r), o_lat (r)
+      qlc[i] = ql[i] = sc[i] + 2 * S;
+      ol[i] = ql[i] + r;
+      pc[i] = sc[i] + S;
+      mx[i] = -INFINITY;
+    }
+    for (int i = 0; i < nreal; i++) {
+      const int64_t n = b * HB + i;
+      const T* w = W + n * (dn + dv) * r;  // this head's W_uk rows
+      std::fill(ql[i], ql[i] + r, 0.f);
+      for (int64_t c = 0; c < dn; c++) axpy(ql[i], to_f(q[n * dq + c]), w + c * r, r);
+      for (int64_t t = 0; t < r; t++) ql[i][t] = round_as(ql[i][t], tag);
+      for (int64_t c = 0; c < dr; c++) qrf[i][c] = to_f(qr[n * dr + c]);
+    }
+    for (int64_t j = 0; j < S; j += 2) {
+      float a[HB][2];
+      dots_block(qlc, Lc + j * r, Lc + std::min(j + 1, S - 1) * r, r, a);
+      for (int i = 0; i < nreal; i++)
+        for (int64_t jj = 0; jj < 2 && j + jj < S; jj++) {
+          const float bv = round_as(dot(qrf[i], Rc + (j + jj) * dr, dr), tag);
+          const float s = round_as(round_as(round_as(a[i][jj], tag) + bv, tag) * d->scaling, tag);
+          sc[i][j + jj] = s;
+          mx[i] = std::max(mx[i], s);
+        }
+    }
+    for (int i = 0; i < nreal; i++) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < S; j++) sum += (sc[i][S + j] = std::exp(sc[i][j] - mx[i]));
+      for (int64_t j = 0; j < S; j++) sc[i][S + j] = round_as(sc[i][S + j] / sum, tag);
+    }
+    weighted_rows(pc, Lc, S, r, ol);
+    for (int i = 0; i < nreal; i++) {
+      const int64_t n = b * HB + i;
+      for (int64_t t = 0; t < r; t++) ol[i][t] = round_as(ol[i][t], tag);
+      rows_dot(ol[i], W + (n * (dn + dv) + dn) * r, dv, r, att + n * dv);  // this head's W_uv rows
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x (H,) += o(MLA(rms_norm(x))) for the token at slot pos, its latent and rotated key written at pos; roundings
+// as the module's _absorbed (each product of the einsums and matmuls rounded to the dtype, softmax in fp32).
+// Returns 0 (nothing done) where a projection refuses x's dtype or pos is past the cache.
+int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin, void* Lc, void* Rc, int64_t max_len,
+                    int64_t pos, int is_bf16, int nthreads) {
+  const int64_t H = d->H, nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, esz = is_bf16 ? 2 : 4;
+  const int64_t dq = dn + dr, S = pos + 1;
+  if (pos >= max_len || dr % 2 || dr > 512) return 0;
+  thread_local std::vector<float> buf;
+  const int64_t n_el = H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv + H;
+  buf.resize(static_cast<size_t>(n_el * esz / 4 + nh * (2 * S + 2 * r) + 16));
+  float* scratch = buf.data();
+  char* base = reinterpret_cast<char*>(scratch + nh * (2 * S + 2 * r));
+  void* h = base;
+  void* qa = base + H * esz;
+  void* q = base + (H + d->q_rank) * esz;
+  void* kv = base + (H + d->q_rank + nh * dq) * esz;
+  void* qr = base + (H + d->q_rank + nh * dq + r + dr) * esz;
+  void* att = base + (H + d->q_rank + nh * dq + r + dr + nh * dr) * esz;
+  void* o = base + (H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv) * esz;
+  ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  if (d->q) {
+    const LinearDesc* two[2] = {d->q, d->kv_a};
+    void* outs[2] = {q, kv};
+    if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+  } else {
+    const LinearDesc* two[2] = {d->q_a, d->kv_a};
+    void* outs[2] = {qa, kv};
+    if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
+    ember_rms_norm(qa, d->q_a_norm, qa, 1, d->q_rank, d->q_a_eps, is_bf16, 1);
+    if (!ember_linear(d->q_b, qa, q, 1, is_bf16, nthreads)) return 0;
+  }
+  char* lat = static_cast<char*>(Lc) + pos * r * esz;
+  char* rot = static_cast<char*>(Rc) + pos * dr * esz;
+  ember_rms_norm(kv, d->kv_norm, lat, 1, r, d->kv_eps, is_bf16, 1);
+  rope_channels(static_cast<char*>(kv) + r * esz, rot, dr, static_cast<int>(d->interleaved), is_bf16);
+  ember_rope(rot, cos, sin, 1, 1, dr, is_bf16);
+  for (int64_t n = 0; n < nh; n++)
+    rope_channels(static_cast<char*>(q) + (n * dq + dn) * esz, static_cast<char*>(qr) + n * dr * esz, dr,
+                  static_cast<int>(d->interleaved), is_bf16);
+  ember_rope(qr, cos, sin, 1, nh, dr, is_bf16);
+  if (is_bf16)
+    latent_heads(d, static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(qr),
+                 static_cast<const uint16_t*>(Lc), static_cast<const uint16_t*>(Rc),
+                 static_cast<const uint16_t*>(d->w_kvb), S, static_cast<uint16_t*>(att), scratch, nthreads);
+  else
+    latent_heads(d, static_cast<const float*>(q), static_cast<const float*>(qr), static_cast<const float*>(Lc),
+                 static_cast<const float*>(Rc), static_cast<const float*>(d->w_kvb), S, static_cast<float*>(att),
+                 scratch, nthreads);
+  if (!ember_linear(d->o, att, o, 1, is_bf16, nthreads)) return 0;
+  for (int64_t c = 0; c < H; c++) store_y(x, c, load_f(x, c, is_bf16) + load_f(o, c, is_bf16), is_bf16);
+  return 1;
+}
+
+}  // extern "C"
