@@ -43,13 +43,17 @@ class StaticKVCache:
     :meth:`update` writes at the current position and returns views over the filled slots.
     """
 
-    caps_sliding_window = False  # in general every layer keeps max_len slots; see ring_layers for the exceptions
+    caps_sliding_window = True  # a sliding layer keeps only its window (ring_layers), unless made with windows=False
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                 windows: bool = True) -> None:
+        """``windows=False``: every layer keeps all ``max_len`` slots (the sliding layers mask the older keys), for a
+        cache whose position moves back (a draft model's, :class:`ember.speculative.DraftProposer`)."""
         self.specs = layer_specs(cfg)
         # layers that keep only their window (when it is shorter than max_len): a ring each, no full buffer
-        self.rings = {i: SlidingWindowKV(batch, cfg.num_key_value_heads, cfg.head_dim, self.specs[i].window, dtype, device)
-                      for i in ring_layers(cfg) if self.specs[i].window < max_len}
+        self.rings = {i: SlidingWindowKV(batch, self.specs[i].kv_heads, self.specs[i].head_dim, self.specs[i].window,
+                                         dtype, device)
+                      for i in ring_layers(cfg) if windows and self.specs[i].window < max_len}
         # a ring, recurrent or shared layer keeps no full keys/values (an empty tensor keeps the lists indexed by
         # layer); a recurrent layer keeps its state instead; a latent layer keeps the latent and the rotated key
         full = [s.kind not in NO_KV and i not in self.rings for i, s in enumerate(self.specs)]
@@ -91,14 +95,19 @@ class StaticKVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole (B, nkv, max_len, hd) key and value buffers of ``layer`` (for kernels that write in place)."""
-        if layer in self.rings:
-            raise ValueError(f"layer {layer} keeps only its window in a ring; it has no full-length buffers")
+        """The whole key and value buffers of ``layer`` (for kernels that write in place): (B, nkv, max_len, hd), or
+        a ring layer's (B, nkv, window, hd) ring, the token at position p in slot p % window."""
+        ring = self.rings.get(layer)
+        if ring is not None:
+            return ring.k, ring.v
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
-        """Mark ``n`` more slots as filled (call once per forward, after all layers)."""
+        """Mark ``n`` more slots as filled (call once per forward, after all layers); the rings follow (a fused
+        decode kernel writes a ring in place without moving its position)."""
         self.pos += n
+        for ring in self.rings.values():
+            ring.pos = self.pos
 
     def nbytes(self) -> int:
         """Bytes held by the cache (keys/values, window rings and recurrent state)."""
@@ -200,8 +209,7 @@ class PagedKVCache:
         # Sliding layers: their own pool, sized so that ``max_seqs`` sequences never run out of it (a sequence
         # holds at most window_blocks_per_seq() blocks at once, for passes of up to ``prefill_chunk`` tokens, and
         # never more than its blocks in the main pool, so ``num_blocks`` always suffices).
-        # The ring layers (gpt-oss's sliding layers, whose attention takes the window's keys only) are the ones
-        # that give blocks back; other families' sliding layers keep every block (and so the prefix cache).
+        # Every sliding layer with keys/values of its own (ring_layers) gives its blocks back there.
         rings = ring_layers(cfg)
         self.windowed = [i in rings for i in range(len(self.specs))]
         self.window: int | None = max((self.specs[i].window for i in rings), default=None)

@@ -104,12 +104,11 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
 
 
 def ring_layers(cfg: ModelConfig) -> frozenset[int]:
-    """The sliding-window layers whose :class:`StaticKVCache` keeps only the window (a ring). Their attention must
-    take keys of the window only (it cuts the model's mask to the keys the cache returns): gpt-oss's
-    :class:`~ember.models.gpt_oss.SinkAttention` does (``attention_sinks``)."""
-    if not cfg.attention_sinks:
-        return frozenset()
-    return frozenset(i for i in range(cfg.num_hidden_layers) if cfg.layer_window(i) is not None)
+    """The sliding-window layers with keys/values of their own (every family: Gemma 2/3/4's local layers,
+    gpt-oss's, Mistral-style ``sliding_window``): the static cache keeps only their window (a ring) and the paged
+    cache gives their blocks back as they leave it. Their attention takes the window's keys only and cuts the
+    model's mask to them (:func:`ember.models.attention.fit_mask`)."""
+    return frozenset(i for i, s in enumerate(layer_specs(cfg)) if s.kind == "sliding_attention")
 
 
 def window_blocks_per_seq(window: int | None, prefill_chunk: int, block_size: int) -> int:
