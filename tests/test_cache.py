@@ -73,10 +73,13 @@ def test_byte_prices_equal_what_the_caches_allocate():
                                      sliding_window=8))
     specs = layer_specs(cfg)
     assert [s.kind for s in specs] == ["sliding_attention"] * 3 and specs[0].window == 8
-    # today's static cache keeps every token in every layer: its bytes are the uncapped price
-    assert StaticKVCache(cfg, 3, 20, torch.bfloat16, "cpu").nbytes() == cache_bytes(cfg, torch.bfloat16, 20, 3,
-                                                                                     cap_window=False)
-    assert cache_bytes(cfg, torch.bfloat16, 20) == 3 * 8 * bytes_per_token(specs[0], torch.bfloat16)
+    # the static cache keeps each sliding layer's window (a ring): its bytes are the capped price, 8 of 20 tokens;
+    # made with windows=False (a draft's cache) or no longer than the window, every slot: the uncapped price
+    assert StaticKVCache(cfg, 3, 20, torch.bfloat16, "cpu").nbytes() == cache_bytes(cfg, torch.bfloat16, 20, 3) \
+        == 3 * 3 * 8 * bytes_per_token(specs[0], torch.bfloat16)
+    assert StaticKVCache(cfg, 3, 20, torch.bfloat16, "cpu", windows=False).nbytes() \
+        == cache_bytes(cfg, torch.bfloat16, 20, 3, cap_window=False) == 3 * 3 * 20 * bytes_per_token(specs[0], torch.bfloat16)
+    assert not StaticKVCache(cfg, 1, 8, torch.bfloat16, "cpu").rings
     pool = PagedKVCache(cfg, 5, 4, torch.float32)
     assert pool.nbytes() == 5 * 4 * PagedKVCache.bytes_per_token(cfg, torch.float32)
     assert pool.blocks_for(9) == 3 and pool.states is None

@@ -15,7 +15,7 @@ import torch
 
 import ember
 from conftest import TINY, save_word_tokenizer
-from ember.cache import StaticKVCache
+from ember.cache import StaticKVCache, ring_layers
 from ember.loading import load_model
 
 FP32_TOL = 1e-4
@@ -133,6 +133,8 @@ def check_padded_logits(folder: Path, hf, name: str) -> None:
     valid = mask.bool()
     with torch.no_grad():
         cache = StaticKVCache(ours.config, B, P + steps, torch.float32, "cpu")
+        # Gemma's sliding layers keep only their window of 8 (a ring), the others every slot
+        assert set(cache.rings) == set(ring_layers(ours.config)) and bool(cache.rings) == name.startswith("gemma")
         got = ours(ids[:, :P], pos[:, :P], cache, 0, k_valid=valid)
         cache.advance(P)
         assert_close(got[valid[:, :P]], ref[:, :P][valid[:, :P]], f"{name} prefill")
@@ -174,6 +176,8 @@ def check_continuous_batching(folder: Path, name: str) -> None:
 
     llm = ember.load(folder, dtype="fp32")
     sched = BatchScheduler(llm, max_batch=3, num_blocks=32, block_size=8, prefill_chunk=16)
+    wpool = sched.cache.window_pool  # Gemma's sliding layers: blocks given back as they leave the window
+    assert (wpool is not None) == name.startswith("gemma")
     for t in sched.cache.k + sched.cache.v:  # uninitialised pool memory must never be read
         t[8:] = float("nan")
     g = torch.Generator().manual_seed(3)
@@ -186,6 +190,7 @@ def check_continuous_batching(folder: Path, name: str) -> None:
     for p, i in zip(ps, ids):
         want = llm.generate(p, max_new_tokens=12, temperature=0.0, ignore_eos=True).token_ids
         assert events[i] == want, f"{name}: prompt of {len(p)} tokens"
+    assert wpool is None or wpool.num_free == wpool.capacity
 
 
 @pytest.mark.parametrize("name", ["gemma3_text", "glm4_moe", "deepseek_v3"])

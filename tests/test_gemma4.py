@@ -180,7 +180,7 @@ def test_planner_bytes_equal_the_model_and_its_cache(name):
     real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert planner.weight_bytes(cfg, "bf16").total == 2 * real
     cache = StaticKVCache(cfg, 2, 40, torch.bfloat16, "cpu")
-    assert planner.kv_cache_bytes(cfg, 40, 2, "bf16", cap_window=False) == cache.nbytes()
+    assert planner.kv_cache_bytes(cfg, 40, 2, "bf16") == cache.nbytes()
 
 
 def _plan(capsys, *argv: str) -> dict:
@@ -222,19 +222,21 @@ def test_kv_shared_layers_allocate_no_cache_buffers():
     assert [s.kind for s in layer_specs(cfg)] == ["sliding_attention"] * 2 + ["full_attention", "sliding_attention",
                                                                              "shared", "shared"]
     nkv = cfg.num_key_value_heads
-    per_token = 2 * nkv * (16 + 16 + 32 + 16) * 4  # K and V of layers 0-3 (head dims 16, 16, 32, 16), fp32
-    static = StaticKVCache(cfg, 2, 40, torch.float32, "cpu")
-    assert [static.k[i].numel() for i in (4, 5)] == [0, 0] and static.nbytes() == 2 * 40 * per_token
-    paged = PagedKVCache(cfg, 10, 16, torch.float32, "cpu")
-    assert [paged.k[i].numel() for i in (4, 5)] == [0, 0] and paged.nbytes() == 10 * 16 * per_token
-    assert planner.kv_block_bytes(cfg, torch.float32, 16) == 16 * per_token
-    assert planner.kv_cache_bytes(cfg, 40, 2, "fp32", cap_window=False) == static.nbytes()
+    full, sliding = 2 * nkv * 32 * 4, 2 * nkv * (16 + 16 + 16) * 4  # K and V per token: layer 2; layers 0, 1, 3 (fp32)
+    static = StaticKVCache(cfg, 2, 40, torch.float32, "cpu")  # the sliding layers keep their window of 8
+    assert [static.k[i].numel() for i in (4, 5)] == [0, 0] and static.nbytes() == 2 * (40 * full + 8 * sliding)
+    paged = PagedKVCache(cfg, 10, 16, torch.float32, "cpu")  # the window pool: as many blocks (10 < its cap)
+    assert [paged.k[i].numel() for i in (4, 5)] == [0, 0] and paged.nbytes() == 10 * 16 * (full + sliding)
+    assert planner.kv_block_bytes(cfg, torch.float32, 16) == 16 * full
+    assert planner.kv_cache_bytes(cfg, 40, 2, "fp32") == static.nbytes()
+    assert planner.kv_cache_bytes(cfg, 40, 2, "fp32", cap_window=False) == 2 * 40 * (full + sliding)
 
 
 @pytest.mark.parametrize("name, own_full, own_sliding, kv_heads", [("gemma-4-e2b", 3, 12, 1), ("gemma-4-e4b", 4, 20, 2)])
 def test_plan_for_gemma4_e2b_e4b_counts_only_the_layers_that_keep_keys(capsys, name, own_full, own_sliding, kv_heads):
     """`ember plan gemma-4-e2b|e4b`: of 35 / 42 layers only the first 15 / 24 keep keys and values (the rest reuse
-    them); full layers at 512 channels a head, sliding ones at 256, all at the whole context (bf16)."""
+    them); full layers at 512 channels a head at the whole context, sliding ones at 256 over their window of 512
+    (bf16)."""
     from ember import catalog
 
     cfg = catalog.get(name).config
@@ -243,5 +245,6 @@ def test_plan_for_gemma4_e2b_e4b_counts_only_the_layers_that_keep_keys(capsys, n
     assert (own.count(True), own.count(False)) == (own_full, own_sliding)
     assert cfg.hidden_size_per_layer_input == 256 and cfg.layer_kv_heads(0) == kv_heads
     (opt,) = _plan(capsys, name, "--on", "dgx-spark", "--quant", "none", "--context", "131072")["options"]
-    per_token = 2 * kv_heads * (own_full * 512 + own_sliding * 256) * 2
-    assert opt["memory_bytes"]["kv_cache"] == per_token * 131072 and opt["fits"]
+    assert cfg.sliding_window == 512
+    full, sliding = 2 * kv_heads * own_full * 512 * 2, 2 * kv_heads * own_sliding * 256 * 2
+    assert opt["memory_bytes"]["kv_cache"] == full * 131072 + sliding * 512 and opt["fits"]

@@ -67,6 +67,23 @@ def test_kv_cache_by_hand():
     assert planner.kv_cache_bytes(mistral, 8192, 1, "bf16", cap_window=True) == full // 2
 
 
+def test_sliding_layers_priced_at_their_window_by_hand():
+    # Gemma 3 27B at 128k: every 6th of its 62 layers is global (10), the other 52 keep a 1024-token window;
+    # 16 kv heads x 128 dims x 2 (k, v) x 2 bytes = 8 KiB per token per layer
+    from ember.cache import StaticKVCache
+
+    cfg = cfg_of("gemma-3-27b")
+    per_token = 16 * 128 * 2 * 2
+    got = planner.kv_cache_bytes(cfg, 131072, 1, "bf16")
+    assert got == (10 * 131072 + 52 * 1024) * per_token
+    assert planner.kv_cache_bytes(cfg, 131072, 1, "bf16", cap_window=False) == 62 * 131072 * per_token
+    # what the engine's cache allocates (on the meta device: no memory), and the server's pools
+    assert StaticKVCache(cfg, 1, 131072, torch.bfloat16, "meta").nbytes() == got
+    assert planner.kv_block_bytes(cfg, "bf16", 16) == 10 * 16 * per_token
+    blocks = 1 + 4 * (-(-(1023 + 256) // 16) + 1)  # 4 sequences, each at most its window + one 256-token chunk
+    assert planner.window_pool_bytes(cfg, "bf16", 16, 4, 256) == blocks * 52 * 16 * per_token
+
+
 def test_quantized_linear_bytes_by_hand():
     # int4, groups of 128 with a bf16 scale and zero each: 4 + 32/128 = 4.25 bits per weight.
     assert planner.linear_bytes(4096, 4096, "int4", 2) == 4096 * 4096 / 2 + 4096 * 32 * 2 * 2 == 8_912_896

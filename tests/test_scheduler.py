@@ -47,7 +47,10 @@ def test_ragged_batches_equal_generate_alone(hf_checkpoint, family):
         assert "".join(e.text for e in evs) == want.text and evs[-1].finish_reason == "length"
     m = sched.metrics()
     assert m["kv_blocks_free"] == m["kv_blocks_total"] and m["running"] == 0 and m["kv_blocks_reserved"] == 0
-    assert m["prefix_hit_tokens"] >= 32  # the last prompt reused prompt 2's first 4 blocks
+    if family == "mistral":  # every layer slides: its blocks go back to the window pool, so no prefix cache
+        assert m["prefix_hit_tokens"] == 0 and m["kv_window_blocks_free"] == m["kv_window_blocks_total"]
+    else:
+        assert m["prefix_hit_tokens"] >= 32  # the last prompt reused prompt 2's first 4 blocks
 
 
 def test_sampling_penalties_and_stops_equal_generate(hf_checkpoint):

@@ -340,11 +340,12 @@ def test_bf16_greedy_self_draft_is_exact(hf_checkpoint):
     assert out.stats.speculation.acceptance == 1.0
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_text", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_5_text", "gpt_oss", "gemma3_text"])
 def test_recurrent_and_ring_caches_roll_back(tmp_path, models, family):
-    """Gated DeltaNet states and gpt-oss's sliding-window rings cannot overwrite a rejected proposal: the pass
-    snapshots them and replays the kept tokens, so greedy output equals plain decoding (n-gram and a draft, prompts
-    longer than the window); serving such a model with speculation is refused with a message."""
+    """Gated DeltaNet states and sliding-window rings (gpt-oss's, Gemma 3's) cannot overwrite a rejected proposal:
+    the pass snapshots them and replays the kept tokens, so greedy output equals plain decoding (n-gram and a draft,
+    prompts longer than the window); serving such a model with speculation is refused with a message. A Gemma
+    draft (itself) keeps every slot of its own cache, so it may have sliding layers."""
     import transformers
 
     from ember.scheduler import BatchScheduler
@@ -352,6 +353,12 @@ def test_recurrent_and_ring_caches_roll_back(tmp_path, models, family):
     if family == "gpt_oss":
         from test_gpt_oss import make_hf_gpt_oss
         hf = make_hf_gpt_oss()
+    elif family == "gemma3_text":
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
     else:
         torch.manual_seed(0)
         hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5TextConfig(
@@ -364,7 +371,8 @@ def test_recurrent_and_ring_caches_roll_back(tmp_path, models, family):
     prompt = PROMPT[:12] * 2  # repeats itself: the n-gram lookup proposes from the start
     ref = _greedy(llm, prompt, n=30)
     rejected = 0
-    for spec in (dict(method="ngram"), dict(draft=models["llama-draft"])):
+    drafts = [models["llama-draft"]] + ([llm] if family == "gemma3_text" else [])
+    for spec in (dict(method="ngram"), *(dict(draft=d) for d in drafts)):
         for k in (2, 5):
             out = _greedy(llm, prompt, n=30, **spec, num_speculative=k, adaptive=False)
             assert out.token_ids == ref.token_ids, (spec, k)

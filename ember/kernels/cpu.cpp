@@ -2827,12 +2827,15 @@ void ember_softcap_attn(const void* q, const void* K, const void* V, void* out, 
                         int64_t hs, int64_t S, float scale, float cap, int is_bf16, int nthreads);
 
 // x (H,) += o_proj(attention(rope(q/k/v(rms_norm(x))))) for the token at slot pos, its k/v written into the
-// caches Kc/Vc (nkv, max_len, hd) at pos; cos/sin (hd,) of its position ((2, hd): global then local, for a
-// block with local_rope). With the AttnBlockDesc's Gemma fields: (1 + w) norms, post_norm on the output, the
-// window's keys only, its own scale. Returns 0 (nothing done) where a projection has no kernel for x's dtype.
+// caches Kc/Vc (nkv, max_len, hd) at pos (a sliding layer's ring of window slots: at pos % window); cos/sin (hd,)
+// of its position ((2, hd): global then local, for a block with local_rope). With the AttnBlockDesc's Gemma
+// fields: (1 + w) norms, post_norm on the output, the window's keys only, its own scale. Returns 0 (nothing done) where a projection has no kernel for x's dtype.
 int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
                      int64_t max_len, int64_t pos, int is_bf16, int nthreads) {
-  if (d->hd % 2) return 0;  // rope's halves
+  // a sliding layer's ring (ember.cache.SlidingWindowKV): max_len == window slots, the token at p in slot p % window
+  const bool ring = d->window > 0 && max_len == d->window;
+  if (d->hd % 2 || (!ring && pos >= max_len)) return 0;  // rope's halves; a full cache's end
+  const int64_t slot = ring ? pos % max_len : pos;
   const int64_t H = d->H, nq = d->nh * d->hd, nk = d->nkv * d->hd, esz = is_bf16 ? 2 : 4;
   block_buf.resize(static_cast<size_t>((H + 2 * nq + 2 * nk + H) * esz / 4 + 8));
   char* base = reinterpret_cast<char*>(block_buf.data());
@@ -2863,21 +2866,23 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
     ember_rope(k, cos, sin, 1, d->nkv, d->hd, is_bf16);
   }
   for (int64_t g = 0; g < d->nkv; g++) {
-    std::memcpy(static_cast<char*>(Kc) + (g * max_len + pos) * d->hd * esz, static_cast<char*>(k) + g * d->hd * esz,
+    std::memcpy(static_cast<char*>(Kc) + (g * max_len + slot) * d->hd * esz, static_cast<char*>(k) + g * d->hd * esz,
                 d->hd * esz);
-    std::memcpy(static_cast<char*>(Vc) + (g * max_len + pos) * d->hd * esz, static_cast<char*>(v) + g * d->hd * esz,
+    std::memcpy(static_cast<char*>(Vc) + (g * max_len + slot) * d->hd * esz, static_cast<char*>(v) + g * d->hd * esz,
                 d->hd * esz);
   }
   const int64_t hs = max_len * d->hd;
-  // a sliding window sees slots pos - window + 1 .. pos (HF's mask: query - key < window)
-  const int64_t s0 = d->window > 0 ? std::max<int64_t>(0, pos - d->window + 1) : 0;
+  // a sliding window sees positions pos - window + 1 .. pos (HF's mask: query - key < window): in a full cache
+  // those slots, in a ring its first min(pos + 1, window) slots (in ring order; the softmax does not mind)
+  const int64_t s0 = !ring && d->window > 0 ? std::max<int64_t>(0, pos - d->window + 1) : 0;
+  const int64_t n_keys = ring ? std::min(pos + 1, max_len) : pos + 1 - s0;
   const float scale = d->scale > 0.f ? d->scale : 1.f / std::sqrt(static_cast<float>(d->hd));
   if (d->softcap > 0.f)
     ember_softcap_attn(q, static_cast<const char*>(Kc) + s0 * d->hd * esz,
-                       static_cast<const char*>(Vc) + s0 * d->hd * esz, a, d->nh, d->nkv, d->hd, hs, pos + 1 - s0,
+                       static_cast<const char*>(Vc) + s0 * d->hd * esz, a, d->nh, d->nkv, d->hd, hs, n_keys,
                        scale, d->softcap, is_bf16, nthreads);
   else if (!ember_attn_decode(q, static_cast<const char*>(Kc) + s0 * d->hd * esz, static_cast<const char*>(Vc) + s0 * d->hd * esz,
-                         a, 1, d->nh, d->nkv, d->hd, pos + 1 - s0, d->nkv * hs, hs, d->hd, d->nkv * hs, hs, d->hd,
+                         a, 1, d->nh, d->nkv, d->hd, n_keys, d->nkv * hs, hs, d->hd, d->nkv * hs, hs, d->hd,
                          nullptr, 0, 0, scale, is_bf16, nthreads))
     return 0;
   if (!ember_linear(d->o, a, o, 1, is_bf16, nthreads)) return 0;
@@ -3105,10 +3110,10 @@ int ember_decode_layers(const LayerStepDesc* layers, int n, void* x, const void*
                         int nthreads) {
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
-    const int attn = pos < s.max_len &&
-                     (s.mla ? ember_mla_block(reinterpret_cast<const MlaDesc*>(s.attn), x, cos, sin, s.Kc, s.Vc,
-                                              s.max_len, pos, is_bf16, nthreads)
-                            : ember_attn_block(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads));
+    // past a full cache the blocks return 0 (a sliding layer's ring never ends)
+    const int attn = s.mla ? pos < s.max_len && ember_mla_block(reinterpret_cast<const MlaDesc*>(s.attn), x, cos, sin,
+                                                                 s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads)
+                           : ember_attn_block(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, is_bf16, nthreads);
     if (!attn) return 2 * i;
     const int done = s.moe ? ember_moe_block(static_cast<const MoeBlockDesc*>(s.mlp), x, is_bf16, nthreads)
                            : ember_mlp_block(static_cast<const MlpBlockDesc*>(s.mlp), x, is_bf16, nthreads);

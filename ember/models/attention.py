@@ -46,6 +46,14 @@ def build_mask(q_slots: torch.Tensor, k_valid: torch.Tensor | None, n_keys: int,
     return allowed
 
 
+def fit_mask(mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
+    """The mask's last ``n_keys`` columns: a sliding layer's cache that keeps only the window
+    (:func:`ember.cache.ring_layers`) returns the last slots' keys of those the model's mask covers."""
+    if mask is not None and mask.shape[-1] > n_keys:
+        return mask[..., -n_keys:]
+    return mask
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    is_causal: bool, scale: float | None = None) -> torch.Tensor:
     """Softmax attention of q (B, nh, T, hd) over k/v (B, nkv, S, hd or dv) -> (B, T, nh * dv), scale 1/sqrt(hd)
@@ -53,6 +61,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     rep = nh // nkv
+    mask = fit_mask(mask, k.shape[2])
     if T == 1 and rep > 1:
         # One query token: fold the query heads of each group into the "time" axis so the
         # kernel reads each cached k/v once instead of materialising repeat_kv copies.
@@ -114,7 +123,7 @@ class Attention(nn.Module):
             if T == 1 and cache is not None and decode is not None:  # one token: one call over the cached keys
                 k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
                 cache = None
-                out = decode(q_rows, k, v, mask)  # (B, 1, nh * hd)
+                out = decode(q_rows, k, v, fit_mask(mask, k.shape[2]))  # (B, 1, nh * hd)
                 if out is not None:
                     return self.o_proj(out)
         else:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
-from ember.models.attention import Attention, KVStore, sdpa_attention
+from ember.models.attention import Attention, KVStore, fit_mask, sdpa_attention
 from ember.models.linear import project
 from ember.models.mlp import MLP
 from ember.models.norms import UnitOffsetRMSNorm
@@ -51,6 +51,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     B, nh, T, hd = q.shape
     S, rep = k.shape[2], nh // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = fit_mask(mask, S)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, nh, T, S)
     scores = torch.tanh(scores / cap) * cap
     if mask is None:

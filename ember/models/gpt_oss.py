@@ -16,7 +16,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.models import accel
-from ember.models.attention import Attention
+from ember.models.attention import Attention, fit_mask
 from ember.models.linear import Linear, project
 from ember.models.rope import apply_rope
 
@@ -74,10 +74,7 @@ class SinkAttention(Attention):
             k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        if mask is not None and mask.shape[-1] > k.shape[2]:
-            # a cache that keeps only this layer's window (ember.cache.ring_layers) returned the last S slots' keys;
-            # the model's mask covers every slot, and its last S columns are theirs
-            mask = mask[..., -k.shape[2]:]
+        mask = fit_mask(mask, k.shape[2])  # a ring layer's cache returned the window's keys only
         if mask is None and is_causal and T > 1:
             mask = causal_mask(T, k.shape[2], x.device)
         return self.o_proj(sink_attention(q, k, v, self.sinks, mask))

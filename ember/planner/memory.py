@@ -287,23 +287,22 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype: str = 
     """KV cache bytes: layers x kv heads x head dim x slots x batch x 2 (k and v) x dtype bytes.
 
     Args:
-        cap_window: keep only ``sliding_window`` slots in windowed layers; default: what Ember's
-            cache does (today it allocates the full context in every layer).
+        cap_window: keep only ``sliding_window`` slots in windowed layers; default: what Ember's caches do (every
+            sliding layer keeps its window: ``ember.cache.ring_layers``); False prices every slot of every layer.
     """
     import torch  # noqa: PLC0415  (ember.cache needs it; `ember plan` alone does not import torch early)
 
-    from ember.cache import bytes_per_sequence, layer_specs, ring_layers
+    from ember.cache import bytes_per_sequence, layer_specs
 
-    rings = ring_layers(cfg)  # the layers Ember's cache keeps only the window of (gpt-oss's sliding layers)
     if cap_window is None:
         cap_window = kv_caps_window()
     total = 0.0
-    for i, spec in enumerate(layer_specs(cfg)):
+    for spec in layer_specs(cfg):
         if spec.kind == "recurrent":  # a fixed fp32 state per sequence, whatever the context or dtype
             total += bytes_per_sequence(spec, torch.float32, context)
             continue
         # ember.cache prices the held slots; at 1 byte per element its bytes are the element count
-        total += bytes_per_sequence(spec, torch.uint8, context, cap_window or i in rings) * DTYPE_BYTES[dtype]
+        total += bytes_per_sequence(spec, torch.uint8, context, cap_window) * DTYPE_BYTES[dtype]
     return int(total * batch)
 
 

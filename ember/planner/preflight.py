@@ -124,7 +124,7 @@ MIN_SEQ_TOKENS = 256
 
 def kv_block_bytes(cfg: ModelConfig, dtype, block_size: int) -> int:
     """Bytes of one block of the main paged-KV pool: every attention layer's keys and values (or latent) for
-    ``block_size`` tokens, less the ring layers (gpt-oss's sliding layers), whose blocks live in the window pool
+    ``block_size`` tokens, less the sliding layers (ring_layers), whose blocks live in the window pool
     (:func:`window_pool_bytes`) and are never held at full context."""
     import torch  # noqa: PLC0415  (ember.cache needs it; `ember plan` alone does not import torch early)
 
@@ -181,8 +181,11 @@ def kv_pool_blocks(cfg: ModelConfig, dtype, budget_bytes: int, max_batch: int, b
     ctx = context or cfg.max_position_embeddings
     per_block = kv_block_bytes(cfg, dtype, block_size)
     window = window_pool_bytes(cfg, dtype, block_size, max_batch, prefill_chunk)
-    fit = (budget_bytes - window) // per_block - 1  # the scratch block is allocated too
     want = max_batch * math.ceil(ctx / block_size)
+    if per_block:
+        fit = (budget_bytes - window) // per_block - 1  # the scratch block is allocated too
+    else:  # every attention layer slides (Mistral-style): the main pool is block accounting, no bytes
+        fit = want if budget_bytes >= window else -1
     need_tokens = min(ctx, min_tokens)
     need = math.ceil(need_tokens / block_size)
     if fit < need:

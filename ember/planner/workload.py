@@ -20,7 +20,7 @@ def quant_defaults() -> dict[str, Any]:
 
 
 def kv_caps_window() -> bool:
-    """Whether Ember's KV caches keep only a sliding window's slots (they allocate the full context today)."""
+    """Whether Ember's KV caches keep only a sliding window's slots (:attr:`ember.cache.StaticKVCache.caps_sliding_window`)."""
     from ember.cache import StaticKVCache
 
     return bool(getattr(StaticKVCache, "caps_sliding_window", False))

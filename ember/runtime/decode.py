@@ -180,12 +180,10 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
                 x = blocks_module.mlp_half(layer, x)
             continue
         if blocks is not None:
+            # a sliding layer's ring (window slots, the token at p in slot p % window) or the full buffers
             ring = getattr(cache, "rings", {}).get(decode.cache_layers[i])
-            if ring is not None:  # a sliding layer's window only (gpt-oss): its own write position
-                k_cache, v_cache = (ring.k, ring.v) if blocks[0].kind == "sink_attn" and ring.pos == start else (None, None)
-            else:
-                k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
-            if (k_cache is not None and (ring is not None or start < k_cache.shape[2])
+            k_cache, v_cache = cache.layer_tensors(decode.cache_layers[i])
+            if ((ring is not None and ring.pos == start or ring is None and start < k_cache.shape[2])
                     and kernels.run_attn_block(blocks[0], x, cos1, sin1, k_cache, v_cache, start)):
                 if ring is not None:
                     ring.pos = start + 1

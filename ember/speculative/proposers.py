@@ -72,13 +72,14 @@ class NgramProposer:
         return [], None
 
 
-def check_rollback(cfg, what: str) -> None:
+def check_rollback(cfg, what: str, windows: bool = True) -> None:
     """Refuse models whose per-layer state cannot be rolled back by moving the cache position back: a draft model,
     and a target served in a batch (one sequence's target snapshots instead, :mod:`ember.speculative.rollback`).
 
     Rejected proposals leave keys/values in the cache; full and latent attention simply overwrite those slots on
-    the next pass. A recurrent layer (Gated DeltaNet) folds every token into its state and a ring layer
-    (gpt-oss sliding window) overwrites old keys, so neither forgets a rejected token by itself.
+    the next pass. A recurrent layer (Gated DeltaNet) folds every token into its state and a sliding layer whose
+    cache keeps only its window (``windows``: the scheduler's paged cache; a draft's static cache keeps every
+    slot) gives old keys up, so neither forgets a rejected token by itself.
 
     Raises:
         GenerationError: naming the layer kind and what to do.
@@ -87,7 +88,7 @@ def check_rollback(cfg, what: str) -> None:
     if "recurrent" in kinds:
         raise GenerationError(f"speculative decoding is not available for {what} ({cfg.model_type}): its recurrent "
                               "layers cannot drop rejected tokens from their state; run without --speculate/--draft")
-    if ring_layers(cfg):
+    if windows and ring_layers(cfg):
         raise GenerationError(f"speculative decoding is not available for {what} ({cfg.model_type}): its "
                               "sliding-window rings overwrite old keys; run without --speculate/--draft")
 
@@ -125,7 +126,7 @@ class DraftProposer:
     """
 
     def __init__(self, model, params: SamplingParams, max_len: int, generator: torch.Generator | None = None) -> None:
-        check_rollback(model.config, "the draft model")
+        check_rollback(model.config, "the draft model", windows=False)
         self.model = model
         p = model.model.norm.weight
         self.device, self.dtype = p.device, p.dtype
@@ -157,7 +158,8 @@ class DraftProposer:
             if k < 1:
                 return [], None
         if self.cache is None:
-            self.cache = StaticKVCache(self.model.config, 1, self.max_len, self.dtype, self.device)
+            # every slot kept (no rings): the draft's position moves back past rejected proposals
+            self.cache = StaticKVCache(self.model.config, 1, self.max_len, self.dtype, self.device, windows=False)
         # keep the longest prefix shared with ids (at least one token is always fed, for its logits)
         n = 0
         limit = min(len(self.held), len(ids) - 1)
