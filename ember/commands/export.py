@@ -10,6 +10,7 @@ one step. ``ember quantize MODEL --to gguf-TYPE OUT.gguf`` runs the same writer
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, to: str =
     if is_gguf_file(src):
         model, tokenizer = load_gguf(src, device="cpu", dtype="auto")
     else:
-        model, tokenizer = load_model(src, device="cpu", dtype="auto"), Tokenizer.from_dir(src)
+        model, tokenizer = load_model(src, device="cpu", dtype=_stored_dtype(src)), Tokenizer.from_dir(src)
     if adapter is not None:
         try:
             apply_adapter(model, adapter, dtype=torch.float32)
@@ -93,3 +94,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                        overwrite=args.overwrite)
     print(f"[ember] {summary(info)}", file=sys.stderr)
     return 0
+
+
+def _stored_dtype(folder: Path) -> str:
+    """The folder's own dtype (config.json's ``dtype`` or ``torch_dtype``), so the export writes what is stored:
+    ``auto`` computes block-quantized weights (MXFP4 experts) in bf16 on CPUs without native bf16 GEMMs."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"  # the loader names what is wrong with the folder
+    name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name, "auto")
