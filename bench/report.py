@@ -67,10 +67,16 @@ def decode() -> str | None:
                      f"{r['demo_ppl_ratio']:.4f}" if r.get("demo_ppl_ratio") is not None else "",
                      f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else ""])
     dims, moe = d["dims"], d.get("moe_dims") or {}
-    text = (f"Decode, batch 1, 128-token prompt, 128 new tokens, random weights: {d['size']} Llama "
-            f"({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, TinyLlama's shape) and a Mixtral-shape "
-            f"MoE ({moe.get('num_hidden_layers')} layers, hidden {moe.get('hidden_size')}, {moe.get('num_local_experts')} "
-            f"experts, top-{moe.get('num_experts_per_tok')}). {d['date']}, {d['machine']}. Roofline = the best copy "
+    shown = [f"{d['size']} Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, TinyLlama's shape)"
+             ] if any(r["model"] == "llama" for r in d["rows"]) else []
+    if any(r["model"] == "mixtral-moe" for r in d["rows"]):
+        shown.append(f"a Mixtral-shape MoE ({moe.get('num_hidden_layers')} layers, hidden {moe.get('hidden_size')}, "
+                     f"{moe.get('num_local_experts')} experts, top-{moe.get('num_experts_per_tok')})")
+    others = sorted({r["model"] for r in d["rows"]} - {"llama", "mixtral-moe"})
+    if others:
+        shown.append(f"the family shapes {', '.join(others)} (bench/decode.py's FAMILY_SIZES and GPT_OSS_SIZES)")
+    text = (f"Decode, batch 1, 128-token prompt, 128 new tokens, random weights: {' and '.join(shown)}. "
+            f"{d['date']}, {d['machine']}. Roofline = the best copy "
             f"bandwidth measured between rows and timing rounds ({bw['copy'] / 1e9:.1f} GB/s; samples "
             f"{', '.join(f'{b / 1e9:.0f}' for b in bw.get('samples', [bw['copy']]))}) / bytes read per token; "
             f"% median: the same at the median sample{_median(bw)}. "
