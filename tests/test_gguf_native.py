@@ -337,3 +337,45 @@ def test_plan_prices_the_files_own_types(wide_gguf, capsys):
         elem = {"bf16": 2, "fp16": 2, "fp32": 4}[o["workload"]["dtype"]]
         assert o["memory_bytes"]["weights"] == pytest.approx(quant + floats * elem, rel=1e-6), o["option"]
     assert "held in their own blocks" in " ".join(out["notes"])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0"])
+def test_weights_sharing_a_row_run_together_with_the_bits_of_each_alone(build, qtype):
+    """Several GGUF weights of one type that read the same bf16 row (q/k/v, gate/up, a token's experts' gate and
+    up) run in one kernel call (``ember_linear_many``) and give each weight's own products bit for bit; so do
+    dense bf16 weights (the AVX2 and portable tiers group them too)."""
+    big = gguf.GGML_QUANT_SIZES[QT[qtype]][0] == 256
+    I = 512 if big else 160
+    lins = [GGUFLinear(blocks(qtype, O, I, seed=O), QT[qtype], None, torch.bfloat16) for O in (13, 4, 9, 32)]
+    dense = [torch.randn(O, I, generator=torch.Generator().manual_seed(O)).bfloat16() for O in (7, 12)]
+    x = torch.randn(1, I, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for ks in ([m.cpu_kernel() for m in lins], [kernels.dense_kernel(w) for w in dense]):
+        assert all(k is not None for k in ks)
+        together = kernels.linear_many(ks, x)
+        assert together is not None, f"{build} {qtype}: the weights were not taken in one call"
+        for i, (k, y) in enumerate(zip(ks, together)):
+            assert torch.equal(y, k(x)), f"{build} {qtype}: weight {i} differs run together vs alone"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "BF16"])
+def test_mixtral_bf16_moe_block_matches_its_modules(wide_gguf, monkeypatch, qtype):
+    """A Mixtral GGUF file decoded in bf16: the fused MoE block (its experts' gate/up weights in one kernel call,
+    their down projections, each on its own row, in another) gives the logits of the plain modules."""
+    if kernels.load() is None:
+        pytest.skip("native kernels unavailable")
+    from test_fused_families import _fused_vs_modules
+    from test_model import BF16_TOL, assert_close
+
+    from ember.runtime import blocks as blocks_module
+
+    path, hf = wide_gguf("mixtral", qtype)
+    model = load_gguf_model(path, dtype="bf16")
+    kinds = []
+    orig = blocks_module.layer_blocks
+    monkeypatch.setattr(blocks_module, "layer_blocks",
+                        lambda *a: (lambda b: kinds.append(None if b is None else b[1].kind) or b)(orig(*a)))
+    ids = torch.randint(3, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    fast, plain = _fused_vs_modules(model, ids, 6, torch.bfloat16, monkeypatch)
+    assert "moe" in kinds, f"the decode step did not take the fused MoE block ({kinds})"
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert_close(a, b, BF16_TOL, f"mixtral {qtype} bf16 decode step {i}")

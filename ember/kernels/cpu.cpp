@@ -1422,17 +1422,10 @@ Q4Act q4_activations(const uint16_t* X, int64_t M, int64_t I, int mode, int64_t 
 
 }  // namespace
 
-#ifdef EMBER_VNNI
 namespace {
 
-// One weight of the one-activation-row 4-bit kernel: W (O, I/2) codes, Y (O,), its format.
+// Most weights one for_job_blocks call shares out.
 constexpr int kMaxJobs = 8;
-struct Q4RowJob {
-  const uint8_t* W;
-  int64_t O;
-  void* Y;
-  Q4Params p;
-};
 
 // The blocks of ``rows`` weight rows of n jobs (each with a row count O), dealt out over the threads as one range
 // in one parallel region: body(j, o0) for each block, o0 its first row in job j. Guided: each thread takes long
@@ -1450,6 +1443,45 @@ void for_job_blocks(const Job* jobs, int n, int64_t rows, int nthreads, F&& body
     body(j, (t - first[j]) * rows);
   }
 }
+
+// One weight of the one-activation-row dense kernels: W (O, I) bf16 (T uint16_t) or fp32, Y (O,).
+template <typename T>
+struct DenseRowJob {
+  const T* W;
+  int64_t O;
+  void* Y;
+  const T* X;  // this job's own activation row, or null for the shared X
+};
+
+// n <= kMaxJobs dense weights of X's dtype that read the same activation row (q/k/v, gate/up, the gate/up of a
+// token's experts) or each their own (job.X: the down projections of a token's experts): their R-row blocks in
+// one parallel region (for_job_blocks), not a fork, join and cold prefetch start per weight; the same products
+// as ember_dense_bf16 / ember_dense_f32.
+template <typename T>
+void dense_row_jobs(const DenseRowJob<T>* jobs, int n, const T* X, int64_t I, int y_bf16, int nthreads) {
+  for_job_blocks(jobs, n, R, nthreads, [&](int j, int64_t o0) {
+    const DenseRowJob<T>& job = jobs[j];
+    const T* w[R];
+    row_ptrs(job.W, o0, job.O, I, w);
+    float out[R * MB];
+    if constexpr (std::is_same_v<T, uint16_t>) dense_bf16_rows(w, job.X ? job.X : X, I, 1, out);
+    else dense_f32_rows(w, job.X ? job.X : X, I, 1, out);
+    store_block(job.Y, job.O, o0, 0, 1, out, nullptr, y_bf16);
+  });
+}
+
+}  // namespace
+
+#ifdef EMBER_VNNI
+namespace {
+
+// One weight of the one-activation-row 4-bit kernel: W (O, I/2) codes, Y (O,), its format.
+struct Q4RowJob {
+  const uint8_t* W;
+  int64_t O;
+  void* Y;
+  Q4Params p;
+};
 
 // One weight of the one-activation-row int8 kernel: W (O, I), its per-row scales, Y (O,).
 struct I8RowJob {
@@ -1489,30 +1521,6 @@ void int8_row_jobs(const I8RowJob* jobs, int n, const uint16_t* X, int64_t I, in
     float out[R * MB];
     int8_vnni<1>(w, Xq, sx, corr, I, out);
     store_block(job.Y, job.O, o0, 0, 1, out, job.scales, y_bf16);
-  });
-}
-
-// One weight of the one-activation-row dense kernels: W (O, I) bf16 (T uint16_t) or fp32, Y (O,).
-template <typename T>
-struct DenseRowJob {
-  const T* W;
-  int64_t O;
-  void* Y;
-};
-
-// n <= kMaxJobs dense weights of X's dtype that read the same activation row (q/k/v, gate/up, the gate/up of a
-// token's experts): their R-row blocks in one parallel region (for_job_blocks), not a fork, join and cold
-// prefetch start per weight; the same products as ember_dense_bf16 / ember_dense_f32.
-template <typename T>
-void dense_row_jobs(const DenseRowJob<T>* jobs, int n, const T* X, int64_t I, int y_bf16, int nthreads) {
-  for_job_blocks(jobs, n, R, nthreads, [&](int j, int64_t o0) {
-    const DenseRowJob<T>& job = jobs[j];
-    const T* w[R];
-    row_ptrs(job.W, o0, job.O, I, w);
-    float out[R * MB];
-    if constexpr (std::is_same_v<T, uint16_t>) dense_bf16_rows(w, X, I, 1, out);
-    else dense_f32_rows(w, X, I, 1, out);
-    store_block(job.Y, job.O, o0, 0, 1, out, nullptr, y_bf16);
   });
 }
 
@@ -2329,6 +2337,8 @@ int ember_attn_decode(const void* Q, const void* K, const void* V, void* Out, in
   return 1;
 }
 
+int ember_gguf_linear_jobs(int n, const uint8_t* const* W, const int64_t* O, int64_t row_bytes, int t,
+                           const void* const* X, void* const* Y, int64_t I, int nthreads);  // gguf.cpp
 }  // extern "C"
 
 // ============================================================================ prepared linear calls
@@ -2398,8 +2408,10 @@ bool int8_row_group(int n, const LinearDesc* const* d) {
     if (d[i]->kind != 2 || !d[i]->act_q8 || d[i]->I != d[0]->I) return false;
   return d[0]->I % 128 == 0;
 }
+#endif
 
-// The same for dense weights (dense_row_jobs): all of X's dtype, one row width, none on AMX tiles for one row.
+// Whether dense weights can share one dense_row_jobs call: all of X's dtype, one row width, none on AMX tiles
+// for one row.
 bool dense_row_group(int n, const LinearDesc* const* d, int x_bf16) {
   for (int i = 0; i < n; i++)
     if (d[i]->kind != 1 || d[i]->w_bf16 != x_bf16 || d[i]->I != d[0]->I || d[i]->amx_min_rows == 1) return false;
@@ -2409,10 +2421,27 @@ bool dense_row_group(int n, const LinearDesc* const* d, int x_bf16) {
 template <typename T>
 void run_dense_row_jobs(int n, const LinearDesc* const* d, const void* X, void* const* Y, int nthreads) {
   DenseRowJob<T> jobs[kMaxJobs];
-  for (int i = 0; i < n; i++) jobs[i] = {static_cast<const T*>(d[i]->W), d[i]->O, Y[i]};
+  for (int i = 0; i < n; i++) jobs[i] = {static_cast<const T*>(d[i]->W), d[i]->O, Y[i], nullptr};
   dense_row_jobs(jobs, n, static_cast<const T*>(X), d[0]->I, std::is_same_v<T, uint16_t>, nthreads);
 }
-#endif
+
+// n <= kMaxJobs GGUF weights of one type and row width on the int8-activation path, times one bf16 row each
+// (X[i]; the same pointer for weights that share it) in one ember_gguf_linear_jobs call. Returns 0 (nothing
+// written) where they differ in type or shape, or the build has no such path.
+int gguf_row_jobs(int n, const LinearDesc* const* d, const void* const* X, void* const* Y, int x_bf16, int nthreads) {
+  if (n < 2 || n > kMaxJobs || !x_bf16) return 0;
+  const uint8_t* W[kMaxJobs];
+  int64_t O[kMaxJobs];
+  for (int i = 0; i < n; i++) {
+    if (d[i]->kind != 4 || !d[i]->act_q8 || d[i]->mode != d[0]->mode || d[i]->group != d[0]->group ||
+        d[i]->I != d[0]->I)
+      return 0;
+    W[i] = static_cast<const uint8_t*>(d[i]->W), O[i] = d[i]->O;
+  }
+  if (!ember_gguf_linear_jobs(n, W, O, d[0]->group, static_cast<int>(d[0]->mode), X, Y, d[0]->I, nthreads)) return 0;
+  for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, 1);
+  return 1;
+}
 
 // Activation rows X (nm <= MB, I) times a block of R weight rows, each (weight row, activation row) product with
 // the bits of the one-activation-row kernel (dense_*_rows with nm = 1). The AVX512 and portable kernels sum each
@@ -2527,13 +2556,18 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
     for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, 1);
     return n;
   }
+#endif
+  if (M == 1 && n > 1 && n <= kMaxJobs) {
+    const void* xs[kMaxJobs];
+    std::fill(xs, xs + n, X);
+    if (gguf_row_jobs(n, d, xs, Y, x_bf16, nthreads)) return n;
+  }
   if (M == 1 && n > 1 && n <= kMaxJobs && dense_row_group(n, d, x_bf16)) {
     if (x_bf16) run_dense_row_jobs<uint16_t>(n, d, X, Y, nthreads);
     else run_dense_row_jobs<float>(n, d, X, Y, nthreads);
     for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, x_bf16);
     return n;
   }
-#endif
   for (int i = 0; i < n; i++)
     if (!ember_linear(d[i], X, Y[i], M, x_bf16, nthreads)) return i;
   return n;
@@ -2995,6 +3029,30 @@ bool route_sigmoid_groups(const MoeBlockDesc* d, const void* h, int is_bf16, int
   return true;
 }
 
+// Y[i] (O_i,) = X[i] (I,) @ W_i^T for n weights, each with its own activation row (the down projections of a
+// token's experts): one parallel region where all are dense of X's dtype or GGUF blocks of one type (the bits of
+// ember_linear at one row), else one ember_linear each. Returns 0 where a weight has no kernel for X's dtype.
+int linear_each(int n, const LinearDesc* const* d, const void* const* X, void* const* Y, int x_bf16,
+                int nthreads) {
+  if (n > 1 && n <= kMaxJobs && dense_row_group(n, d, x_bf16)) {
+    auto run = [&](auto t) {
+      using T = decltype(t);
+      DenseRowJob<T> jobs[kMaxJobs];
+      for (int i = 0; i < n; i++)
+        jobs[i] = {static_cast<const T*>(d[i]->W), d[i]->O, Y[i], static_cast<const T*>(X[i])};
+      dense_row_jobs(jobs, n, static_cast<const T*>(X[0]), d[0]->I, x_bf16, nthreads);
+    };
+    if (x_bf16) run(uint16_t{});
+    else run(float{});
+    for (int i = 0; i < n; i++) add_bias(d[i], Y[i], 1, x_bf16);
+    return 1;
+  }
+  if (gguf_row_jobs(n, d, X, Y, x_bf16, nthreads)) return 1;
+  for (int i = 0; i < n; i++)
+    if (!ember_linear(d[i], X[i], Y[i], 1, x_bf16, nthreads)) return 0;
+  return 1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -3006,13 +3064,13 @@ extern "C" {
 int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
   const int64_t H = d->H, F = d->F, E = d->E, K = d->k, esz = is_bf16 ? 2 : 4;
   if (K > E || K > 64) return 0;
-  block_buf.resize(static_cast<size_t>((2 * H + 2 * K * F + E) * esz / 4 + H + 16));
+  block_buf.resize(static_cast<size_t>(((K + 1) * H + 2 * K * F + E) * esz / 4 + H + 16));
   float* acc = block_buf.data();  // (H,) fp32
   char* base = reinterpret_cast<char*>(acc + H);
   void* h = base;
   char* gu = base + H * esz;  // (K, 2, F): each chosen expert's gate and up outputs
-  void* y = base + (H + 2 * K * F) * esz;
-  void* lg = base + (2 * H + 2 * K * F) * esz;
+  char* y = base + (H + 2 * K * F) * esz;  // (K, H): each chosen expert's down output
+  void* lg = base + ((K + 1) * H + 2 * K * F) * esz;
   ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
   int64_t ids[64];
   float w[64], wsum = 0.f;
@@ -3051,14 +3109,23 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
       }
     if (ember_linear_many(2 * nj, gu_desc, h, gu_out, 1, is_bf16, nthreads) != 2 * nj) return 0;
   }
+  // then their down projections (up to kMaxJobs in one parallel region), summed in the routing order
   std::fill(acc, acc + H, 0.f);
-  for (int64_t j = 0; j < K; j++) {
-    void* g = gu + 2 * j * F * esz;
-    const void* u = gu + (2 * j + 1) * F * esz;
-    if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
-    else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
-    if (!ember_linear(d->experts[3 * ids[j] + 2], g, y, 1, is_bf16, nthreads)) return 0;
-    for (int64_t i = 0; i < H; i++) acc[i] += load_f(y, i, is_bf16) * w[j];
+  for (int64_t j0 = 0; j0 < K; j0 += kMaxJobs) {
+    const int nj = static_cast<int>(std::min<int64_t>(kMaxJobs, K - j0));
+    const LinearDesc* dn_desc[kMaxJobs];
+    const void* dn_in[kMaxJobs];
+    void* dn_out[kMaxJobs];
+    for (int j = 0; j < nj; j++) {
+      void* g = gu + 2 * (j0 + j) * F * esz;
+      const void* u = gu + (2 * (j0 + j) + 1) * F * esz;
+      if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
+      else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
+      dn_desc[j] = d->experts[3 * ids[j0 + j] + 2], dn_in[j] = g, dn_out[j] = y + j * H * esz;
+    }
+    if (!linear_each(nj, dn_desc, dn_in, dn_out, is_bf16, nthreads)) return 0;
+    for (int j = 0; j < nj; j++)
+      for (int64_t i = 0; i < H; i++) acc[i] += load_f(dn_out[j], i, is_bf16) * w[j0 + j];
   }
   for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i], is_bf16);
   if (d->shared[0]) {  // routed sum (rounded) + the shared experts' SwiGLU (rounded), then the residual add

@@ -318,6 +318,35 @@ int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X,
   return 1;
 }
 
+// Y[j] (O[j],) bf16 = X[j] (I,) bf16 @ W_j^T for n <= 8 weights of type t with rows of row_bytes, on the
+// int8-activation path, in one parallel region: X quantized once where every X[j] is the same row (q/k/v, gate/up),
+// else each row once (the down projections of a token's experts). The same bits as one ember_gguf_linear call per
+// weight. Returns 0 (nothing written) where this build has no such path, or for a type or shape it does not take.
+int ember_gguf_linear_jobs(int n, const uint8_t* const* W, const int64_t* O, int64_t row_bytes, int t,
+                           const void* const* X, void* const* Y, int64_t I, int nthreads) {
+  const int be = block_elems(t);
+  if (!be || I % be || row_bytes != I / be * block_bytes(t) || n < 1) return 0;
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+  if (n > kMaxSimdJobs) return 0;
+  bool shared = true;
+  for (int j = 1; j < n; j++) shared = shared && X[j] == X[0];
+  thread_local std::vector<uint16_t> rows;  // the distinct rows, stacked (n, I)
+  if (!shared) {
+    rows.resize(static_cast<size_t>(n * I));
+    for (int j = 0; j < n; j++) std::memcpy(rows.data() + j * I, X[j], static_cast<size_t>(I) * 2);
+  }
+  SimdJob jobs[kMaxSimdJobs];
+  for (int j = 0; j < n; j++)
+    jobs[j] = {W[j], O[j], static_cast<uint16_t*>(Y[j]), shared ? 0 : j, 1, nullptr};
+  linear_simd_many(t, jobs, n, row_bytes, shared ? static_cast<const uint16_t*>(X[0]) : rows.data(), shared ? 1 : n,
+                   I, nthreads);
+  return 1;
+#else
+  (void)W, (void)O, (void)X, (void)Y, (void)nthreads;
+  return 0;
+#endif
+}
+
 // Y (M, O) bf16 = X (M, I) bf16 @ W^T for W in gpt-oss's hub layout of MXFP4 (blocks (O, I/32, 16), element 2j
 // in the low nibble, scales (O, I/32) E8M0 apart; mxfp4.cpp): the int8-activation path of GGUF's MXFP4 blocks.
 // Returns 0 (nothing written) where the build has no such path or I % 32.

@@ -580,10 +580,23 @@ void evens_odds(const int8_t* xq, int64_t nb, int8_t* out) {
   }
 }
 
-// S: MXFP4_HUB's scales (O, I/32); row_bytes is then I / 2.
+// One weight of a linear_simd_jobs call: W (O, row_bytes) times the prepared activation rows m0..m0+nm-1 into
+// Y (nm, O); S: MXFP4_HUB's scales (O, I/32) (row_bytes is then I / 2).
+struct SimdJob {
+  const uint8_t* W;
+  int64_t O;
+  uint16_t* Y;
+  int64_t m0, nm;
+  const uint8_t* S;
+};
+constexpr int kMaxSimdJobs = 8;
+
+// n <= kMaxSimdJobs weights of type T, one row width, against the bf16 activation rows X (M, I): X quantized once,
+// then the kR-row blocks of every job in one parallel region (static for one weight: one contiguous run per
+// thread; guided for several, so the thread that finishes first takes the last blocks).
 template <int T>
-void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
-                   int64_t I, int nthreads, const uint8_t* S_hub = nullptr) {
+void linear_simd_jobs(const SimdJob* jobs, int n, int64_t row_bytes, const uint16_t* X, int64_t M, int64_t I,
+                      int nthreads) {
   constexpr bool kq = T != MXFP4_HUB && block_elems(T) == 256;
   constexpr int G = kq ? 256 : 32;
   const int64_t nb = I / G, nb8 = kq ? 0 : nb / 8, S = I / G;
@@ -619,18 +632,22 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
         }
     }
   }
-  const int64_t blocks = (O + kR - 1) / kR;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    const int64_t o0 = blk * kR, n = std::min<int64_t>(kR, O - o0);
+  int64_t first[kMaxSimdJobs + 1] = {0};  // job j's blocks are [first[j], first[j + 1]) of one range
+  for (int j = 0; j < n; j++) first[j + 1] = first[j] + (jobs[j].O + kR - 1) / kR;
+  auto block = [&](int64_t t) {
+    int j = 0;
+    while (t >= first[j + 1]) j++;
+    const SimdJob& job = jobs[j];
+    const int64_t O = job.O, o0 = (t - first[j]) * kR, n = std::min<int64_t>(kR, O - o0);
+    uint16_t* Y = job.Y - job.m0 * O;
     const uint8_t* rows[kR];
     const uint8_t* srows[kR] = {};
     for (int r = 0; r < kR; r++) {
-      rows[r] = W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
-      if (S_hub) srows[r] = S_hub + (o0 + std::min<int64_t>(r, n - 1)) * nb;
+      rows[r] = job.W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
+      if (job.S) srows[r] = job.S + (o0 + std::min<int64_t>(r, n - 1)) * nb;
     }
     float y[kR];
-    for (int64_t m = 0; m < M; m++) {
+    for (int64_t m = job.m0; m < job.m0 + job.nm; m++) {
       const float* s = sx + m * S;
       const int16_t* b16 = bs16 + m * (I / 16);
       const int16_t* b32 = bs32 + m * (I / 32);
@@ -650,20 +667,42 @@ void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint1
       }
       for (int r = 0; r < n; r++) Y[m * O + o0 + r] = f32_to_bf16(y[r]);
     }
+  };
+  if (n == 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < first[1]; t++) block(t);
+  } else {
+#pragma omp parallel for num_threads(nthreads) schedule(guided)
+    for (int64_t t = 0; t < first[n]; t++) block(t);
   }
 }
 
-// Y (M, O) bf16 = X (M, I) bf16 @ W^T.
-void linear_simd(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
-                 int64_t I, int nthreads) {
+// S_hub: MXFP4_HUB's scales (O, I/32); row_bytes is then I / 2.
+template <int T>
+void linear_simd_t(const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                   int64_t I, int nthreads, const uint8_t* S_hub = nullptr) {
+  const SimdJob job{W, O, Y, 0, M, S_hub};
+  linear_simd_jobs<T>(&job, 1, row_bytes, X, M, I, nthreads);
+}
+
+// linear_simd_jobs for ggml type t (one of the types above; nothing done for another).
+void linear_simd_many(int t, const SimdJob* jobs, int n, int64_t row_bytes, const uint16_t* X, int64_t M, int64_t I,
+                      int nthreads) {
 #define GGUF_CASE(T) \
   case T:              \
-    return linear_simd_t<T>(W, row_bytes, X, Y, M, O, I, nthreads);
+    return linear_simd_jobs<T>(jobs, n, row_bytes, X, M, I, nthreads);
   switch (t) {
     GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
     GGUF_CASE(Q2_K) GGUF_CASE(Q3_K) GGUF_CASE(Q4_K) GGUF_CASE(Q5_K) GGUF_CASE(Q6_K) GGUF_CASE(IQ4_XS)
     default: return;
   }
 #undef GGUF_CASE
+}
+
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T.
+void linear_simd(int t, const uint8_t* W, int64_t row_bytes, const uint16_t* X, uint16_t* Y, int64_t M, int64_t O,
+                 int64_t I, int nthreads) {
+  const SimdJob job{W, O, Y, 0, M, nullptr};
+  linear_simd_many(t, &job, 1, row_bytes, X, M, I, nthreads);
 }
 
