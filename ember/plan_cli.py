@@ -20,7 +20,7 @@ from ember.errors import ConfigError
 from ember.hardware import GB, GiB, TB, Hardware
 from ember.planner import ResolvedModel, resolve_model
 
-QUANT_CHOICES = ("none", "int8", "int4", "nf4", "mxfp4", "all")
+QUANT_CHOICES = ("none", "int8", "int4", "nf4", "mxfp4", "mxfp4+int8", "all")
 METHOD_CHOICES = ("lora", "qlora", "full", "all")
 
 

@@ -26,8 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype; auto = checkpoint dtype, bf16 only where the device runs it natively")
-    p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4", "mxfp4"],
-                   help="weight-only quantization on load, layer by layer (a folder from `ember quantize` needs none)")
+    p.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4", "mxfp4", "mxfp4+int8"],
+                   help="weight-only quantization on load, layer by layer (a folder from `ember quantize` needs none; "
+                        "mxfp4+int8: gpt-oss MXFP4 experts, int8 elsewhere)")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 128)")
     p.add_argument("--lm-head", default=DEFAULT_LM_HEAD, choices=LM_HEAD_CHOICES,
                    help="with --quant: format of an untied LM head (default int8, as llama.cpp keeps its output "

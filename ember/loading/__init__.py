@@ -45,7 +45,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             (peak memory ~ the quantized model). A folder written by ``ember quantize`` (config.json
             has a ``quantization`` section) loads as stored, with no re-quantization; so does a gpt-oss folder
             with ``quantization_config.quant_method: mxfp4`` (as published). ``mxfp4`` on a float gpt-oss
-            folder quantizes its experts only, as published.
+            folder quantizes its experts only, as published; ``mxfp4+int8`` also puts every other Linear in
+            int8 (llama.cpp's MXFP4_MOE), as int8/int4/nf4 do beside an MXFP4 folder's stored experts.
         group_size: int4 group size (32, 64, 128; default 128).
         lm_head: with ``quant``, an untied LM head's format ("int8", "same", a mode, or None: float).
         defer: a predicate on checkpoint names: those tensors are not loaded and stay on the meta device, for
@@ -73,15 +74,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise QuantizationError(f"{folder}: offloaded weights are read as stored; --quant {wants} would quantize "
                                 f"them on every read: run `ember quantize {folder} --to {wants} -o DIR` once and "
                                 "run DIR (its experts are then read quantized)")
-    if mxfp4.is_mxfp4_checkpoint(cfg.extra) or (wants == "mxfp4" and cfg.model_type == "gpt_oss"):
-        # gpt-oss as published: MXFP4 experts read as stored (or quantized from a float folder), the rest float
-        if mxfp4.is_mxfp4_checkpoint(cfg.extra):
-            if wants not in ("none", "mxfp4"):
-                raise QuantizationError(f"{folder}: checkpoint is MXFP4 (quantization_config); load it without "
-                                        f"--quant (or with --quant mxfp4)")
+    rest = mxfp4.rest_mode(cfg, wants)  # the Linears beside MXFP4 experts (mxfp4+int8: int8)
+    if mxfp4.mxfp4_experts_wanted(cfg, wants):
+        # gpt-oss MXFP4 experts: read as stored, or quantized from a float folder; the other Linears float,
+        # as a stored `quantization` section says, or quantized to `rest` as they are read
+        stored = mxfp4.is_mxfp4_checkpoint(cfg.extra)
+        if wants not in ("none", "mxfp4", mxfp4.MIXED) + mxfp4.REST_MODES:
+            raise QuantizationError(f"{folder}: checkpoint is MXFP4 (quantization_config); load it without --quant, "
+                                    f"with --quant mxfp4, or with {', '.join(mxfp4.REST_MODES)} or {mxfp4.MIXED} "
+                                    "for the Linears beside its experts")
+        if rest is not None or "quantization" in cfg.extra:
+            load_quantized_weights(model, ckpt, dt, device, rest, group_size, lm_head=lm_head)
+        elif stored:
             mxfp4.load_mxfp4_weights(model, ckpt, dt, device)
         else:
             load_weights(model, ckpt, dt, device, ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+        if not stored:
             mxfp4.quantize_experts(model)
             cfg.extra[mxfp4.HF_SECTION] = mxfp4.hf_quantization_config()
     elif (quant is not None and quant != "none") or "quantization" in cfg.extra:

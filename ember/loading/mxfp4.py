@@ -6,31 +6,30 @@ A published gpt-oss folder says ``"quantization_config": {"quant_method": "mxfp4
 for the format). Loading swaps each layer's :class:`~ember.models.gpt_oss.GptOssExperts` for an
 :class:`~ember.quant.mxfp4.Mxfp4Experts` and reads the uint8 tensors as they are (on CPU: views of the mapped
 files), so the experts are never expanded to floats in memory.
+
+``mxfp4+int8`` (:data:`MIXED`) is the same with every other Linear (attention, an untied head) in int8, as
+llama.cpp's ``MXFP4_MOE`` type keeps them in 8 bits (Q8_0) and its router and sinks in float: on an MXFP4 folder
+``--quant int8`` (or int4/nf4) means that too, the experts staying as stored. Such a folder written by ``ember
+quantize`` carries both sections (``quantization_config`` for the experts, Ember's ``quantization`` for the rest).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ember.checkpoint_io import save_hf_checkpoint, side_files
-from ember.config import ModelConfig
 from ember.errors import CheckpointError, QuantizationError
-from ember.loading.dtypes import resolve_dtype
-from ember.loading.moe import expert_layout_view
-from ember.loading.safetensors import Checkpoint, load_weights
-from ember.models import Transformer
+from ember.loading.safetensors import load_weights
 from ember.models.gpt_oss import GptOssExperts
 from ember.quant.mxfp4 import Mxfp4Experts, expected_expert_shapes
 
 HF_SECTION = "quantization_config"
 # what the published checkpoints keep in float (HF's names)
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+MIXED = "mxfp4+int8"  # gpt-oss: MXFP4 experts, every other Linear int8 (module docstring)
+REST_MODES = ("int8", "int4", "nf4")  # what the other Linears of an MXFP4 gpt-oss may be quantized to
 
 
 def experts_only(cfg) -> bool:
@@ -45,6 +44,28 @@ def is_mxfp4_checkpoint(extra: dict[str, Any]) -> bool:
     return isinstance(section, dict) and section.get("quant_method") == "mxfp4"
 
 
+def mxfp4_experts_wanted(cfg, quant: str | None) -> bool:
+    """Whether loading ``cfg`` with ``quant`` gives gpt-oss MXFP4 experts (as stored, or quantized from floats)."""
+    q = (quant or "none").lower()
+    return is_mxfp4_checkpoint(cfg.extra) or (experts_only(cfg) and q in ("mxfp4", MIXED))
+
+
+def rest_mode(cfg, quant: str | None) -> str | None:
+    """The mode of the Linears other than the experts when ``quant`` loads an MXFP4 gpt-oss (None: float, or
+    as a stored ``quantization`` section says).
+
+    Raises:
+        QuantizationError: ``mxfp4+int8`` on a model without gpt-oss experts.
+    """
+    q = (quant or "none").lower()
+    if q == MIXED:
+        if not experts_only(cfg):
+            raise QuantizationError(f"--quant {MIXED} is gpt-oss's layout (MXFP4 experts, int8 elsewhere); "
+                                    f"model_type {cfg.model_type!r} has no gpt-oss experts: use int8 or mxfp4")
+        return "int8"
+    return q if q in REST_MODES else None
+
+
 def hf_quantization_config() -> dict[str, Any]:
     """The ``quantization_config`` of a published gpt-oss checkpoint."""
     return {"quant_method": "mxfp4", "modules_to_not_convert": list(NOT_CONVERTED)}
@@ -55,7 +76,16 @@ def _expert_modules(model: nn.Module) -> list[tuple[str, GptOssExperts]]:
 
 
 def load_mxfp4_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch.device) -> None:
-    """Fill a meta-device gpt-oss model from a published MXFP4 checkpoint, experts as stored.
+    """Fill a meta-device gpt-oss model from a published MXFP4 checkpoint, experts as stored, the rest float
+    (see :func:`swap_stored_experts` for the errors)."""
+    swap_stored_experts(model, ckpt, dtype)
+    ignore = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
+    load_weights(model, ckpt, dtype, device, ignore=ignore)
+
+
+def swap_stored_experts(model: nn.Module, ckpt, dtype: torch.dtype) -> None:
+    """Swap each meta-device :class:`GptOssExperts` for an :class:`Mxfp4Experts` of meta tensors shaped as the
+    checkpoint stores them (checked here), for ``load_weights`` to fill.
 
     Raises:
         CheckpointError: not a gpt-oss model, or an expert tensor missing, mis-shaped or not uint8 (naming the
@@ -84,8 +114,6 @@ def load_mxfp4_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: torch
             tensors[part] = torch.empty(shape, dtype=torch.uint8 if kind == "uint8" else dtype, device="meta")
         model.set_submodule(prefix, Mxfp4Experts(m.num_experts, m.hidden_size, m.intermediate_size, m.alpha,
                                                  m.limit, tensors))
-    ignore = ("lm_head.weight",) if model.config.tie_word_embeddings else ()
-    load_weights(model, ckpt, dtype, device, ignore=ignore)
 
 
 def quantize_experts(model: nn.Module) -> int:
@@ -96,32 +124,3 @@ def quantize_experts(model: nn.Module) -> int:
         if not isinstance(m, Mxfp4Experts):
             model.set_submodule(prefix, Mxfp4Experts.from_float(m))
     return len(experts)
-
-
-def quantize_gpt_oss_checkpoint(src: str | os.PathLike, dest: str | os.PathLike, device: str = "cpu",
-                                max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> tuple[Path, dict]:
-    """Write a float gpt-oss folder as the hub publishes gpt-oss: MXFP4 experts, the rest as stored, and a
-    ``quantization_config`` in config.json (atomic folder write; tokenizer and chat template copied)."""
-    folder = Path(src)
-    raw = json.loads((folder / "config.json").read_text())
-    if is_mxfp4_checkpoint(raw):
-        raise QuantizationError(f"{folder}: already MXFP4; quantize the float checkpoint instead")
-    # the float model as ember.loading.load_model builds it (that function dispatches here, so it is not called)
-    cfg = ModelConfig.from_file(folder)
-    ckpt = expert_layout_view(Checkpoint(folder), cfg)
-    dtype = resolve_dtype("auto", ckpt.dtype(), torch.device(device))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_weights(model, ckpt, dtype, torch.device(device), ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
-    layers = quantize_experts(model)
-    if not layers:
-        raise QuantizationError(f"{folder}: model_type {raw.get('model_type')!r} has no gpt-oss experts")
-    raw[HF_SECTION] = hf_quantization_config()
-    config = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode()
-    before = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    dest = save_hf_checkpoint(dest, model, tokenizer_files=side_files(folder), max_shard_bytes=max_shard_bytes,
-                              overwrite=overwrite, extra_files={"config.json": config})
-    after = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
-    section = {"method": "mxfp4", "lm_head": "none"}
-    return dest, {"bytes_before": before, "bytes_after": after, "quantized": layers,
-                  "kept": list(NOT_CONVERTED), "section": section}

@@ -18,6 +18,7 @@ from torch import nn
 from ember.checkpoint_io import remove_stale_checkpoint_temps, save_hf_checkpoint, side_files
 from ember.config import ModelConfig
 from ember.errors import CheckpointError, OutputExistsError, QuantizationError
+from ember.loading import mxfp4
 from ember.loading.dtypes import DTYPE_NAMES
 from ember.loading.moe import expert_layout_view
 from ember.loading.names import renamed_text_model
@@ -41,7 +42,8 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
     straight from the file onto ``device``; peak memory ~ the quantized model + one chunk.
     Quantized checkpoint (config.json has a ``quantization`` section): modules are built from the
     stored tensors with no re-quantization (``quant``, if given, must agree with it).
-    Everything else (embeddings, norms, routers, a kept lm_head) goes through the normal loader.
+    Everything else (embeddings, norms, routers, a kept lm_head) goes through the normal loader; so do the
+    experts of an MXFP4 gpt-oss folder, as stored (:mod:`ember.loading.mxfp4`).
 
     Args:
         ckpt: :class:`~ember.loading.safetensors.Checkpoint` (or a view with ``names/info/get``).
@@ -80,6 +82,8 @@ def load_quantized_weights(model: nn.Module, ckpt, dtype: torch.dtype, device: t
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in chosen}
     _check_shapes(spec, shapes)
 
+    if mxfp4.is_mxfp4_checkpoint(cfg.extra):
+        mxfp4.swap_stored_experts(model, ckpt, dtype)
     names = set(ckpt.names())
     prefixes = tuple(f"{n}." for n in chosen)
     ignore = {k for k in names if k.startswith(prefixes)} | {f"{n}.{p}" for n in chosen for p in ("weight", "bias")}
@@ -166,19 +170,20 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
         (output folder, summary dict: bytes before/after, layers quantized/kept, the section, and
         ``stale_removed``: temp folders of an earlier killed run to the same output, now removed).
     """
-    spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
-    if spec is None:
-        raise QuantizationError("--to must be int8, int4, nf4 or mxfp4")
     folder, dest = Path(src), Path(out)
-    if spec.mode == "mxfp4" and (folder / "config.json").is_file() \
-            and json.loads((folder / "config.json").read_text()).get("model_type") == "gpt_oss":
-        # gpt-oss: the layout the hub publishes (MXFP4 experts, the rest float, HF's quantization_config)
-        from ember.loading.mxfp4 import quantize_gpt_oss_checkpoint
-
+    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if raw.get("model_type") == "gpt_oss" and (mode in ("mxfp4", mxfp4.MIXED) or mxfp4.is_mxfp4_checkpoint(raw)):
+        # gpt-oss: MXFP4 experts as the hub publishes them, the rest float or (mxfp4+int8, or int8/int4/nf4 on an
+        # MXFP4 folder) quantized beside them
+        if dest.resolve() == folder.resolve():
+            raise QuantizationError(f"{dest}: output folder must differ from the input folder")
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
             raise OutputExistsError(f"{dest}: exists and is not an empty folder; choose another -o or pass --overwrite")
-        return quantize_gpt_oss_checkpoint(folder, dest, device=device, max_shard_bytes=max_shard_bytes,
-                                           overwrite=overwrite)
+        return quantize_gpt_oss_checkpoint(folder, dest, mode, group_size, lm_head=lm_head, device=device,
+                                           max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    spec = resolve_spec(mode, group_size, double_quant=double_quant, lm_head=lm_head, quantize_lm_head=quantize_lm_head)
+    if spec is None:
+        raise QuantizationError("--to must be int8, int4, nf4, mxfp4 or mxfp4+int8 (gpt-oss)")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (expected a directory with config.json and *.safetensors)")
     if dest.resolve() == folder.resolve():
@@ -216,3 +221,58 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, mode: st
     after = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
     return dest, {"stale_removed": stale, "bytes_before": before, "bytes_after": after, "quantized": len(quantized),
                   "kept": list(cfg.extra[SECTION]["not_quantized"]), "section": cfg.extra[SECTION]}
+
+
+def quantize_gpt_oss_checkpoint(src: str | os.PathLike, dest: str | os.PathLike, mode: str = "mxfp4",
+                                group_size: int | None = None, lm_head: str | None = DEFAULT_LM_HEAD,
+                                device: str = "cpu", max_shard_bytes: int = 4 << 30,
+                                overwrite: bool = False) -> tuple[Path, dict]:
+    """Write a gpt-oss folder with MXFP4 experts as the hub publishes them (``quantization_config``), from a float
+    folder (``mode`` mxfp4 or mxfp4+int8) or an MXFP4 one (``mode`` int8/int4/nf4/mxfp4+int8: its experts copied
+    as stored). The other Linears stay float (mxfp4) or are quantized (Ember's ``quantization`` section beside).
+    Atomic folder write; tokenizer and chat template copied. Returns (folder, summary) as
+    :func:`quantize_checkpoint`."""
+    folder = Path(src)
+    raw = json.loads((folder / "config.json").read_text())
+    cfg = ModelConfig.from_file(folder)
+    stale = remove_stale_checkpoint_temps(Path(dest))  # left by a killed earlier run to the same output
+    stored = mxfp4.is_mxfp4_checkpoint(raw)
+    rest = mxfp4.rest_mode(cfg, mode)
+    if stored and rest is None:
+        raise QuantizationError(f"{folder}: already MXFP4; quantize the float checkpoint instead, or give --to "
+                                f"{mxfp4.MIXED} to put the Linears beside its experts in int8")
+    if SECTION in raw:
+        raise QuantizationError(f"{folder}: already quantized ({raw[SECTION].get('method')}); "
+                                "quantize the float checkpoint instead")
+    ckpt = expert_layout_view(Checkpoint(folder), cfg)
+    dtype = DTYPE_NAMES.get(str(cfg.torch_dtype).lower()) if cfg.torch_dtype else None
+    dtype = dtype or ckpt.dtype()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if rest is not None:  # experts of an MXFP4 folder swapped in as stored there
+        load_quantized_weights(model, ckpt, dtype, torch.device(device), rest, group_size, layout="plain",
+                               lm_head=lm_head)
+    elif stored:
+        mxfp4.load_mxfp4_weights(model, ckpt, dtype, torch.device(device))
+    else:
+        load_weights(model, ckpt, dtype, torch.device(device),
+                     ignore=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+    layers = mxfp4.quantize_experts(model)  # float experts -> MXFP4 (stored ones are kept)
+    if not layers:
+        raise QuantizationError(f"{folder}: model_type {raw.get('model_type')!r} has no gpt-oss experts")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    raw[mxfp4.HF_SECTION] = mxfp4.hf_quantization_config()
+    if rest is not None:
+        raw[SECTION] = cfg.extra[SECTION]
+    config = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode()
+    before = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    dest = save_hf_checkpoint(dest, model, tokenizer_files=side_files(folder), max_shard_bytes=max_shard_bytes,
+                              overwrite=overwrite, extra_files={"config.json": config})
+    after = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    linears = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    section = dict(cfg.extra[SECTION]) if rest is not None else {"lm_head": "none", "not_quantized": []}
+    section["method"] = mxfp4.MIXED if rest == "int8" else f"mxfp4+{rest}" if rest else "mxfp4"
+    kept = list(mxfp4.NOT_CONVERTED) if rest is None else section["not_quantized"]
+    return dest, {"stale_removed": stale, "bytes_before": before, "bytes_after": after, "quantized": layers + linears,
+                  "kept": kept, "section": section}

@@ -11,7 +11,7 @@ from ember.loading.mxfp4 import experts_only as mxfp4_experts_only
 from ember.planner.memory import MemoryBreakdown, memory, weight_bytes
 from ember.planner.offload import OffloadPlan, offload_plan
 from ember.planner.speed import _kernel, decode_step_seconds, prefill_seconds, train_tokens_per_second
-from ember.planner.workload import METHODS, QUANTS, Workload
+from ember.planner.workload import METHODS, MIXED, QUANTS, Workload
 
 
 @dataclass
@@ -162,6 +162,8 @@ def options(cfg: ModelConfig, hw: Hardware, wl: Workload, model: str = "", max_m
     plans = []
     if wl.task == "infer":
         for q in quants or QUANTS:
+            if q == MIXED and not mxfp4_experts_only(cfg):
+                continue  # gpt-oss's layout only
             plans.append(plan(cfg, hw, replace(wl, quant=q), model, max_memory, checkpoint_dtype, in_process))
     else:
         for m in methods or METHODS:
@@ -178,6 +180,8 @@ def quant_quality(cfg: ModelConfig, quant: str) -> float:
     themselves (nothing is rounded again), so there it ranks just after the float weights."""
     if quant == "mxfp4" and mxfp4_experts_only(cfg):
         return 0.5
+    if quant == MIXED:  # the published experts, the rest rounded once more to int8
+        return 0.75
     return _QUALITY[quant]
 _METHOD_QUALITY = {"full": 0, "lora": 1, "qlora": 2}
 

@@ -15,7 +15,7 @@ from ember.hybrid_config import mamba_dims
 from ember.loading.mxfp4 import experts_only as mxfp4_experts_only
 from ember.quant.mxfp4 import BLOCK as MXFP4_BLOCK
 from ember.planner.workload import (
-    DTYPE_BYTES, LORA_TARGETS, Workload, kv_caps_window, quant_defaults, short_dtype,
+    DTYPE_BYTES, LORA_TARGETS, MIXED, Workload, kv_caps_window, quant_defaults, short_dtype,
 )
 
 # Allocator slack and temporaries on top of the live-tensor count in prefill, fitted on this repo's
@@ -47,6 +47,22 @@ def linear_bytes(out_f: int, in_f: int, quant: str, b: int, qd: dict[str, Any] |
             return n / 2 + blocks + math.ceil(blocks / qd["nf4_double_quant_block"]) * 4 + 4
         return n / 2 + blocks * 4
     raise ValueError(f"unknown quant {quant!r}")
+
+
+def part_quant(cfg: ModelConfig, kind: str, quant: str, lm_head: str = "none") -> str:
+    """The format a Linear of ``kind`` (attention, mlp, experts, lm_head, ...) is priced in under ``quant``.
+
+    On gpt-oss ``mxfp4`` is its experts only, everything else (head included) in the compute dtype, as published;
+    ``mxfp4+int8`` is those experts and every other Linear int8, the head as ``lm_head`` (what ``--quant
+    mxfp4+int8`` loads; llama.cpp's MXFP4_MOE). Any other format covers every Linear, the head as ``lm_head``."""
+    gpt_oss = mxfp4_experts_only(cfg)
+    if kind == "lm_head":
+        if quant == "mxfp4" and gpt_oss:
+            return "none"
+        return "int8" if lm_head == MIXED else lm_head
+    if quant == MIXED or (quant == "mxfp4" and gpt_oss):
+        return "mxfp4" if kind == "experts" else "int8" if quant == MIXED else "none"
+    return quant
 
 
 @dataclass(frozen=True)
@@ -237,13 +253,12 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none", lm_
     parts = {"attention": 0.0, "recurrent": 0.0, "mlp": 0.0, "experts": 0.0, "lm_head": 0.0}
     bias_bytes = 0.0
     active = 0.0
-    published = quant == "mxfp4" and mxfp4_experts_only(cfg)  # gpt-oss: only the experts are MXFP4
-    if published:
-        lm_head = "none"
+    if quant == MIXED and not mxfp4_experts_only(cfg):
+        raise ValueError(f"{MIXED} is gpt-oss's format (MXFP4 experts, int8 elsewhere); "
+                         f"model_type {cfg.model_type!r} has no gpt-oss experts")
+    lm_head = part_quant(cfg, "lm_head", quant, lm_head)
     for lin in linears(cfg):
-        q = quant if lin.kind != "lm_head" else lm_head
-        if published and lin.kind != "experts":
-            q = "none"
+        q = part_quant(cfg, lin.kind, quant, lm_head)
         parts[lin.kind] += lin.count * linear_bytes(lin.out_f, lin.in_f, q, b, qd)
         if lin.bias:
             bias_bytes += lin.count * lin.out_f * b
@@ -342,7 +357,8 @@ def quant_load_scratch_bytes(cfg: ModelConfig, quant: str) -> float:
     from ember.quant.base import QUANT_CHUNK_ELEMENTS
 
     largest = max(lin.out_f * lin.in_f for lin in linears(cfg) if lin.kind != "lm_head")
-    return min(largest, QUANT_CHUNK_ELEMENTS) * QUANT_SCRATCH_PER_ELEMENT[quant]
+    # mxfp4+int8 from a float gpt-oss: the experts' chunks as mxfp4's, the rest as int8's
+    return min(largest, QUANT_CHUNK_ELEMENTS) * max(QUANT_SCRATCH_PER_ELEMENT[q] for q in quant.split("+"))
 
 
 def lora_parameters(cfg: ModelConfig, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ember.config import ModelConfig
 from ember.hardware import Hardware
-from ember.planner.memory import linear_bytes, linears
+from ember.planner.memory import linear_bytes, linears, part_quant
 from ember.planner.workload import DTYPE_BYTES
 
 # bytes of one fp32 logit: the last stage broadcasts the step's logits in the compute dtype, priced at fp32
@@ -28,7 +28,7 @@ def layer_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: str = "none") -> l
     for lin in linears(cfg):
         if lin.kind == "lm_head":
             continue
-        nbytes = lin.count * linear_bytes(lin.out_f, lin.in_f, quant, b)
+        nbytes = lin.count * linear_bytes(lin.out_f, lin.in_f, part_quant(cfg, lin.kind, quant), b)
         if lin.kind == "attention":
             every += nbytes / L
         elif lin.kind == "experts" or (lin.kind == "mlp" and n_moe and lin.count == n_moe

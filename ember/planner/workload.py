@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-QUANTS = ("none", "int8", "int4", "nf4", "mxfp4")
+MIXED = "mxfp4+int8"  # gpt-oss: MXFP4 experts, every other Linear int8 (ember.loading.mxfp4.MIXED)
+QUANTS = ("none", "int8", "int4", "nf4", "mxfp4", MIXED)
 METHODS = ("lora", "qlora", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -54,7 +55,7 @@ class Workload:
         prefill_chunk: tokens per prefill forward (the server chunks; ``ember generate`` does not: None).
         dtype: compute dtype ``bf16``, ``fp16`` or ``fp32``.
         quant: weight format ``none``, ``int8``, ``int4``, ``nf4`` or ``mxfp4`` (gpt-oss: the experts only, as
-            published; other families: every Linear).
+            published; other families: every Linear), or ``mxfp4+int8`` (gpt-oss: MXFP4 experts, int8 elsewhere).
         kv_dtype: KV cache dtype (default: ``dtype``).
         method: tune only: ``lora``, ``qlora`` (LoRA over an NF4 base) or ``full``.
         lora_rank: LoRA rank r.
@@ -112,7 +113,9 @@ class Workload:
             return "none"
         if self.lm_head == "auto":
             return quant_defaults()["lm_head"]
-        return self.weight_quant if self.lm_head == "same" else self.lm_head
+        if self.lm_head == "same":
+            return "int8" if self.weight_quant == MIXED else self.weight_quant
+        return self.lm_head
 
     def label(self) -> str:
         if self.task == "tune":

@@ -37,9 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.__class__ = _QuantizeParser  # a subclass with no state of its own: see its docstring
     p.add_argument("model", metavar="MODEL_DIR", help="HF checkpoint folder (config.json, *.safetensors)")
     p.add_argument("out", nargs="?", default=None, metavar="OUT", help="where to write (the same as -o)")
-    p.add_argument("--to", required=True, choices=["int8", "int4", "nf4", "mxfp4", *GGUF_TARGETS], dest="to",
+    p.add_argument("--to", required=True, choices=["int8", "int4", "nf4", "mxfp4", "mxfp4+int8", *GGUF_TARGETS], dest="to",
                    help="int8: per-channel scales; int4: groups with scale+zero; nf4: bitsandbytes NF4 (block 64); "
-                        "mxfp4: OCP MXFP4 (E2M1 + E8M0 per 32; gpt-oss: the experts only, as published); "
+                        "mxfp4: OCP MXFP4 (E2M1 + E8M0 per 32; gpt-oss: the experts only, as published; mxfp4+int8: gpt-oss MXFP4 experts, int8 elsewhere); "
                         "gguf-TYPE: one GGUF file for llama.cpp/Ollama (gguf-q4_k_m is llama.cpp's Q4_K_M mix)")
     p.add_argument("--group-size", type=int, default=None, choices=list(GROUP_SIZES),
                    help=f"int4 group size along the input dimension (default {DEFAULT_GROUP_SIZE})")
