@@ -11,7 +11,8 @@ Rows, all batch 1, a 128-token prompt, 128 new tokens (greedy, EOS ignored):
   written by transformers' ``save_pretrained``; the MLA row prints its latent cache bytes per token against
   expanded keys/values and a GQA model of the same width.
 * a random gpt-oss-shape checkpoint (32 experts, top-4, alternating sliding/full attention with sinks) with
-  its experts in MXFP4 as the hub stores them (``*_blocks``/``*_scales``) and the rest in bf16: Ember.
+  its experts in MXFP4 as the hub stores them (``*_blocks``/``*_scales``) and the rest in bf16: Ember, and again
+  with ``--quant mxfp4+int8`` (the experts as stored, attention and head int8: llama.cpp's MXFP4_MOE mix).
 
 Every row is timed the same way, in the same process: decode tok/s = 127 / (t(128 new) - t(1 new)),
 so prefill is excluded; each the fastest of ``--repeats`` rounds. The bf16 row and its quantized forms
@@ -678,6 +679,9 @@ def main() -> None:
             print(f"[gpt-oss] wrote random MXFP4 checkpoint in {time.perf_counter() - t:.1f}s", file=sys.stderr)
             e = time_ember(folder, "bf16", prompt, args.new, args.repeats)
             add_row("gpt-oss", "bf16", "mxfp4", e)
+            # llama.cpp's MXFP4_MOE mix: the experts as stored, attention and head in 8 bits
+            e = time_ember(folder, "bf16", prompt, args.new, args.repeats, quant="mxfp4+int8")
+            add_row("gpt-oss", "bf16", "mxfp4+int8", e)
 
     # Every row against the best bandwidth of the whole run (a conservative roofline: the targets use it) and,
     # for context, against the median sample: a shared VM's bandwidth moves within seconds (26-43 GB/s on the

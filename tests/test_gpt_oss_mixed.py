@@ -170,3 +170,16 @@ def test_plan_shows_and_ranks_mxfp4_int8_near_the_published_spark_figures(model,
     assert plans["mxfp4+int8"].decode_tok_s_start > plans["mxfp4"].decode_tok_s_start
     llama = planner.resolve_model("llama-3.1-8b").config
     assert "mxfp4+int8" not in {p.workload.quant for p in planner.options(llama, spark, planner.Workload())}
+
+
+def test_preflight_prices_what_the_load_will_hold(folders, tmp_path):
+    from ember.loading.quantized import quantize_checkpoint
+    from ember.planner.preflight import preflight
+
+    float_folder, folder, _ = folders
+    assert preflight(folder, "cpu", "bf16", context=64).workload.quant == "mxfp4"
+    assert preflight(folder, "cpu", "bf16", quant="int8", context=64).workload.quant == "mxfp4+int8"
+    assert preflight(float_folder, "cpu", "bf16", quant="mxfp4+int8", context=64).workload.quant == "mxfp4+int8"
+    out, _ = quantize_checkpoint(float_folder, tmp_path / "q", "mxfp4+int8")
+    plan = preflight(out, "cpu", "bf16", context=64)
+    assert plan.workload.quant == "mxfp4+int8" and plan.workload.head_quant == "int8"

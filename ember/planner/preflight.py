@@ -12,7 +12,7 @@ from ember.hardware import GiB, Hardware, detect
 from ember.planner.fit import Plan, options, plan, recommend
 from ember.planner.memory import prefill_activation_bytes, weight_bytes
 from ember.planner.source import resolve_model
-from ember.planner.workload import DTYPE_BYTES, QUANTS, Workload, dtype_name
+from ember.planner.workload import DTYPE_BYTES, MIXED, QUANTS, Workload, dtype_name
 
 
 def check_fits(cfg: ModelConfig, device, dtype, quant: str | None = None, context: int | None = None,
@@ -261,6 +261,9 @@ def preflight(path, device, dtype="auto", quant: str | None = None, context: int
     dt = resolve_dtype(dtype, ckpt, dev)
     if isinstance(cfg.extra, dict) and is_mxfp4_checkpoint(cfg.extra):  # as ember.loading.load_model resolves it
         dt = blocks_dtype(dtype, dt, dev)
+        # the experts as stored; the Linears beside them int8 (--quant, or a stored section) or float (int4/nf4
+        # beside them are priced float: an upper bound)
+        quant = MIXED if quant in ("int8", MIXED) else "mxfp4"
     if context is None:
         context = min(cfg.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
     return check_fits(cfg, dev, dt, quant=quant, context=context, batch=batch, max_memory=max_memory, task=task,
