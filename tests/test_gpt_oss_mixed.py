@@ -96,6 +96,21 @@ def test_cli_quantize_to_mxfp4_int8(folders, tmp_path, capsys):
     assert (tmp_path / "o" / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("quant", ["int8", "mxfp4+int8"])
+def test_cli_generate_with_int8_beside_the_stored_experts(folders, quant, capsys):
+    """End to end (preflight, load, runtime, sampling): `ember generate MXFP4_FOLDER --quant int8` runs, where it
+    was refused before, and greedy tokens equal those of the same load through the Python API."""
+    import ember
+    from ember.cli import main
+
+    _, folder, _ = folders
+    assert main(["generate", str(folder), "w3 w4 w5", "-n", "4", "--quant", quant, "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out.strip()
+    llm = ember.load(folder, quant="mxfp4+int8")
+    want = llm.generate("w3 w4 w5", max_new_tokens=4, temperature=0).text.strip()
+    assert want and want in printed
+
+
 def test_mxfp4_int8_is_gpt_oss_only(hf_checkpoint):
     folder, _ = hf_checkpoint("llama")
     with pytest.raises(QuantizationError, match="gpt-oss.*llama"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ember.loading.mxfp4 import MIXED  # gpt-oss: MXFP4 experts, every other Linear int8
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-MIXED = "mxfp4+int8"  # gpt-oss: MXFP4 experts, every other Linear int8 (ember.loading.mxfp4.MIXED)
 QUANTS = ("none", "int8", "int4", "nf4", "mxfp4", MIXED)
 METHODS = ("lora", "qlora", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
