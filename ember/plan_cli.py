@@ -58,6 +58,9 @@ def cmd_plan(args) -> int:
     dtype = args.dtype or _default_dtype(hw)
     context = args.context or min(cfg.max_position_embeddings, 8192 if args.task == "infer" else 2048)
     quant = args.quant if args.quant not in (None, "all") else "none"
+    if quant == P.MIXED and cfg.model_type != "gpt_oss":
+        raise ConfigError(f"--quant {P.MIXED} is gpt-oss's layout (MXFP4 experts, int8 elsewhere); "
+                          f"{args.model} is {cfg.model_type}: use int8 or mxfp4")
     method = args.method if args.method not in (None, "all") else "lora"
     wl = P.Workload(task=args.task, context=context, batch=args.batch, prompt=args.prompt, dtype=dtype,
                     quant=quant, method=method, lora_rank=args.rank, prefill_chunk=args.prefill_chunk)

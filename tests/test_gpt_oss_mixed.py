@@ -111,10 +111,26 @@ def test_cli_generate_with_int8_beside_the_stored_experts(folders, quant, capsys
     assert want and want in printed
 
 
-def test_mxfp4_int8_is_gpt_oss_only(hf_checkpoint):
+def test_mxfp4_int8_is_gpt_oss_only(hf_checkpoint, capsys):
+    from ember.cli import main
+
     folder, _ = hf_checkpoint("llama")
     with pytest.raises(QuantizationError, match="gpt-oss.*llama"):
         load_model(folder, dtype="fp32", quant="mxfp4+int8")
+    assert main(["plan", "llama-3.1-8b", "--on", "dgx-spark", "--quant", "mxfp4+int8"]) != 0
+    assert "gpt-oss's layout" in capsys.readouterr().err
+
+
+def test_nf4_beside_the_stored_experts(folders):
+    from ember.quant.nf4 import NF4Linear
+
+    _, folder, _ = folders
+    ours = load_model(folder, dtype="fp32", quant="nf4", lm_head="none")
+    layer = ours.model.layers[2]
+    assert type(layer.self_attn.v_proj) is NF4Linear and isinstance(layer.mlp.experts, Mxfp4Experts)
+    assert not isinstance(ours.lm_head, QuantizedLinear)
+    ref = logits(load_model(folder, dtype="fp32"))
+    assert torch.nn.functional.cosine_similarity(logits(ours).flatten(), ref.flatten(), dim=0) > 0.9
 
 
 def test_fused_decode_blocks_take_the_int8_attention(folders, monkeypatch):

@@ -25,11 +25,13 @@ from ember.planner.preflight import (
 )
 from ember.planner.source import ResolvedModel, resolve_model
 from ember.planner.speed import decode_step_seconds, prefill_seconds, train_flops_per_token, train_tokens_per_second
-from ember.planner.workload import DTYPE_BYTES, LORA_TARGETS, METHODS, QUANTS, Workload, dtype_name, short_dtype
+from ember.planner.workload import (
+    DTYPE_BYTES, LORA_TARGETS, METHODS, MIXED, QUANTS, Workload, dtype_name, short_dtype,
+)
 
 __all__ = [
     "ADAM_BYTES", "DEFAULT_CONTEXT", "DEFAULT_DISK_BANDWIDTH", "OffloadPlan", "disk_bandwidth", "offload_plan", "DTYPE_BYTES", "GLIBC_MMAP_MAX", "K_ACT", "K_HEAP_HOLES", "LORA_DROPOUT",
-    "LORA_TARGETS", "METHODS", "MIN_SEQ_TOKENS", "ONEDNN_TRAIN_BYTES", "QUANTS", "QUANT_SCRATCH_PER_ELEMENT",
+    "LORA_TARGETS", "METHODS", "MIXED", "MIN_SEQ_TOKENS", "ONEDNN_TRAIN_BYTES", "QUANTS", "QUANT_SCRATCH_PER_ELEMENT",
     "MemoryBreakdown", "Plan", "ResolvedModel", "WeightBytes", "Workload", "check_fits", "cpu_training_heap_bytes",
     "decode_step_seconds", "default_kv_pool_blocks", "dtype_name", "explain", "kv_block_bytes", "kv_budget_bytes",
     "kv_cache_bytes", "kv_pool_blocks", "window_pool_bytes", "linear_bytes", "linears", "lora_parameters", "memory", "options", "plan",
