@@ -55,6 +55,21 @@ def test_cuda_gpt_oss_mxfp4_folder_matches_cpu(mxfp4_gpt_oss):
     assert len(a[0].token_ids) == 12 and a[0].token_ids == b[0].token_ids
 
 
+def test_cuda_gpt_oss_mxfp4_int8_matches_cpu(mxfp4_gpt_oss):
+    """--quant int8 beside the stored MXFP4 experts on CUDA: int8 projections and uint8 expert blocks on the GPU, the
+    fp32 logits of the CPU load."""
+    from ember.quant.int8 import Int8Linear
+
+    _, folder, _ = mxfp4_gpt_oss
+    cpu = load_model(folder, dtype="fp32", quant="int8")
+    gpu = load_model(folder, device="cuda", dtype="fp32", quant="int8")
+    q = gpu.model.layers[0].self_attn.q_proj
+    assert type(q) is Int8Linear and q.weight.is_cuda
+    ids = torch.randint(0, cpu.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(gpu(ids.cuda()).cpu(), cpu(ids), 1e-4, "gpt-oss mxfp4+int8 cuda fp32")
+
+
 @pytest.mark.parametrize("family,qtype", [("llama", "Q4_K"), ("llama", "MXFP4")])
 def test_cuda_gguf_blocks_match_cpu(wide_gguf, family, qtype):
     """A Q4_K / MXFP4 GGUF file on CUDA: blocks held as stored on the GPU, fp32 logits as the CPU kernels'."""
