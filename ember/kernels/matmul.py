@@ -208,6 +208,12 @@ def gguf_kernel(raw: torch.Tensor, ggml_type: int, in_features: int,
                         act_q8=int(INT8_ACTIVATIONS), W=raw.data_ptr(), mode=int(ggml_type), group=raw.shape[1], **b)
 
 
+def gguf_supports(ggml_type: int) -> bool:
+    """Whether the loaded kernels take block type id ``ggml_type`` (False where they are off)."""
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    return lib is not None and bool(lib.ember_gguf_supports(int(ggml_type)))
+
+
 def gguf_dequant(raw: torch.Tensor, ggml_type: int, in_features: int, out: torch.Tensor) -> bool:
     """Decode GGUF block rows ``raw`` uint8 (n, row_bytes) into ``out`` (n, in_features) bf16/fp32 with the kernels
     (the reference's roundings); False where they do not apply (the caller decodes with torch)."""
