@@ -331,6 +331,28 @@ int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X,
   return 1;
 }
 
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T for many rows (prefill) of a 32-value type on the int8-activation path, a
+// chunk of kPrefillRows activation rows at a time (their int8 rows stay in L2 while every weight row passes), four
+// activation rows per decode of a pair of blocks' codes (gguf_simd.h's rows32_xn). Returns 0 (nothing written) where
+// the build has no such path (portable), for a type it leaves to the tiles, or a shape it does not take. Types: the
+// 4-bit ones whose codes are bytes after one mask (Q4_0, Q4_1, MXFP4, Q4_G32); for Q5_0, Q5_1 (the fifth bit),
+// Q8_0, IQ4_NL (signed products) and the 256-value types, a decoded tile and PyTorch's fp32 GEMM were as fast on
+// one AVX2 core (a 128-row product).
+int ember_gguf_rows_q8(const uint8_t* W, int64_t row_bytes, int t, const uint16_t* X, uint16_t* Y, int64_t M,
+                       int64_t O, int64_t I, int nthreads) {
+  const bool four_bit = t == Q4_0 || t == Q4_1 || t == MXFP4 || t == Q4_G32;
+  if (!four_bit || I % 32 || row_bytes != I / 32 * block_bytes(t)) return 0;
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+  constexpr int64_t kPrefillRows = 64;
+  for (int64_t m = 0; m < M; m += kPrefillRows)
+    linear_simd(t, W, row_bytes, X + m * I, Y + m * O, std::min(kPrefillRows, M - m), O, I, nthreads);
+  return 1;
+#else
+  (void)X, (void)Y, (void)M, (void)O, (void)nthreads;
+  return 0;
+#endif
+}
+
 // Y[j] (O[j],) bf16 = X[j] (I,) bf16 @ W_j^T for n <= 8 weights of type t with rows of row_bytes, on the
 // int8-activation path, in one parallel region: X quantized once where every X[j] is the same row (q/k/v, gate/up),
 // else each row once (the down projections of a token's experts). The same bits as one ember_gguf_linear call per

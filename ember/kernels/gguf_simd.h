@@ -31,6 +31,7 @@
 // <= 2 * 63 * 127 for 6-bit codes; int32 sums per super-block < 2^31.
 
 constexpr int kR = 4;                                     // weight rows per pass
+constexpr int kNX = 4;                                    // activation rows per pass of rows32_xn (prefill)
 constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};        // block of each lane after the vphaddd reduction
 
 inline __m256i ld256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -176,9 +177,7 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
 
 // Integer dot of one pair of blocks with its activations: lanes 0-3 block a, 4-7 block b.
 template <int T>
-inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
-  __m256i lo, hi;
-  pair_codes<T>(a, b, lo, hi);
+inline __m256i pair_dot_codes(__m256i lo, __m256i hi, const int8_t* x) {
   const __m256i xl = ld256(x), xh = ld256(x + 32);
   if constexpr (signed32<T>()) {
     return _mm256_add_epi32(dot_u8s8(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
@@ -191,6 +190,13 @@ inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
                              _mm256_set1_epi16(1));
 #endif
   }
+}
+
+template <int T>
+inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
+  __m256i lo, hi;
+  pair_codes<T>(a, b, lo, hi);
+  return pair_dot_codes<T>(lo, hi, x);
 }
 
 // 8 E8M0 codes (int32 lanes) -> 2 ** (e - 128): e < 2 -> 0x00200000 << e (subnormal), else (e - 1) << 23.
@@ -287,6 +293,48 @@ void rows32(const uint8_t* const* rows, const uint8_t* const* srows, int64_t row
     }
     out[r] = y;
   }
+}
+
+// R rows of a 32-value type (not MXFP4_HUB; nb a multiple of 8) times NX activation rows at once (prefill): each
+// pair of blocks' codes decoded once for all of them. Per activation row j the arguments of rows32 (xp[j], sxp[j],
+// ...); out[j][r]. The same operations in the same order as rows32 for each row, so the same bits.
+template <int T, int R, int NX>
+void rows32_xn(const uint8_t* const* rows, int64_t row_bytes, const int8_t* const* xp, const float* const* sxp,
+               const float* const* cqp, const float* const* xsp, int64_t nb, float (*out)[kR]) {
+  constexpr int bb = bytes32<T>();
+  __m256 acc[NX][R];
+  for (int j = 0; j < NX; j++)
+    for (int r = 0; r < R; r++) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nb / 8; c++) {
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + 8 * bb * c;
+      gguf_prefetch(b, 8 * bb, row_bytes);
+      __m256i q[NX][4];
+      for (int p = 0; p < 4; p++) {
+        __m256i lo, hi;
+        pair_codes<T>(b + 2 * p * bb, b + (2 * p + 1) * bb, lo, hi);
+        for (int j = 0; j < NX; j++) q[j][p] = pair_dot_codes<T>(lo, hi, xp[j] + 256 * c + 64 * p);
+      }
+      __m256 d, m = _mm256_setzero_ps();
+      if constexpr (bf16_scales<T>()) {
+        const __m256i sz = sz8<bb>(b);
+        d = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+        m = _mm256_castsi256_ps(_mm256_and_si256(sz, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      } else {
+        d = scales8<T>(b, 0, nullptr);
+        if constexpr (min32<T>()) m = scales8<T>(b, 2, nullptr);
+      }
+      for (int j = 0; j < NX; j++) {
+        const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q[j][0], q[j][1]), _mm256_hadd_epi32(q[j][2], q[j][3]));
+        const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(sxp[j] + 8 * c),
+                                         _mm256_loadu_ps(cqp[j] + 8 * c));
+        acc[j][r] = _mm256_fmadd_ps(d, f, acc[j][r]);
+        if constexpr (min32<T>()) acc[j][r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsp[j] + 8 * c), acc[j][r]);
+      }
+    }
+  }
+  for (int j = 0; j < NX; j++)
+    for (int r = 0; r < R; r++) out[j][r] = hsum8(acc[j][r]);
 }
 
 // ---- K-quants (256-value super-blocks)
@@ -668,8 +716,25 @@ void linear_simd_jobs(const SimdJob* jobs, int n, int64_t row_bytes, const uint1
       rows[r] = job.W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
       if (job.S) srows[r] = job.S + (o0 + std::min<int64_t>(r, n - 1)) * nb;
     }
-    float y[kR];
+    float y[kR], yn[kNX][kR];
     for (int64_t m = job.m0; m < job.m0 + job.nm; m++) {
+      if constexpr (!kq && T != MXFP4_HUB) {
+        if (n == kR && nb % 8 == 0 && m + 1 < job.m0 + job.nm) {  // NX activation rows on one decode of the codes
+          const int nx = m + kNX <= job.m0 + job.nm ? kNX : 2;
+          const int8_t* xs[kNX];
+          const float *sv[kNX], *cv[kNX], *mv[kNX];
+          for (int j = 0; j < nx; j++) {
+            const int64_t a = (m + j) * 8 * nb8;
+            xs[j] = xp + (m + j) * I, sv[j] = sxp + a, cv[j] = cqp + a, mv[j] = xsp + a;
+          }
+          if (nx == kNX) rows32_xn<T, kR, kNX>(rows, row_bytes, xs, sv, cv, mv, nb, yn);
+          else rows32_xn<T, kR, 2>(rows, row_bytes, xs, sv, cv, mv, nb, yn);
+          for (int j = 0; j < nx; j++)
+            for (int r = 0; r < kR; r++) Y[(m + j) * O + o0 + r] = f32_to_bf16(yn[j][r]);
+          m += nx - 1;
+          continue;
+        }
+      }
       const float* s = sx + m * S;
       const int16_t* b16 = bs16 + m * (I / 16);
       const int16_t* b32 = bs32 + m * (I / 32);
