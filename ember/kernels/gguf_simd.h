@@ -233,9 +233,12 @@ inline __m256 scales8(const uint8_t* b, int at, const uint8_t* sc) {
 // The first 4 bytes of 8 blocks of bb bytes from b, in kPerm order (Q4_G32: bf16 s | bf16 z << 16).
 template <int bb>
 inline __m256i sz8(const uint8_t* b) {
-  uint32_t v[8];
-  for (int l = 0; l < 8; l++) std::memcpy(v + l, b + kPerm[l] * bb, 4);
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  auto w = [b](int k) {
+    int v;
+    std::memcpy(&v, b + k * bb, 4);
+    return v;
+  };
+  return _mm256_setr_epi32(w(0), w(2), w(4), w(6), w(1), w(3), w(5), w(7));
 }
 
 // R rows (rows[r]; MXFP4_HUB: scale rows srows[r]) of a 32-value type times one activation row. xp: xq in pair
