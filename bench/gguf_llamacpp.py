@@ -382,7 +382,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="1.1b")
     ap.add_argument("--types", default="bf16,q8_0,q4_0,q4_k_m,q6_k,mxfp4",
-                    help="file types (mxfp4: the MoE only, llama.cpp's MXFP4_MOE)")
+                    help="file types (mxfp4: the MoE only, llama.cpp's MXFP4_MOE; int4_g32: the dense model only, "
+                         "Ember's --quant int4 --group-size 32 of the HF folder beside llama.cpp's Q4_0 file)")
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE files")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense Llama files")
     ap.add_argument("--gpt-oss", action="store_true", help="add a gpt-oss-shape MoE with MXFP4 experts")
