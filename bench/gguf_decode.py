@@ -7,7 +7,8 @@ its type with scales of the weight's size (decode speed and memory do not depend
 (greedy, EOS ignored), bf16 compute, timed in interleaved rounds as bench/decode.py does (decode tok/s =
 (new - 1) / (t(new) - t(1)), best round; prefill = t(1)):
 
-* Ember int8 and int4 (group 32 and 128) quantized on load from the bf16 checkpoint;
+* Ember int8 and int4 (group 32 and 128) quantized on load from the bf16 checkpoint (int4 group 32 printed right
+  before the Q4_0 file: both are 4-bit codes in groups of 32);
 * Ember on each GGUF file (its tensors kept as ggml blocks, ember/kernels/gguf.cpp).
 
 "resident MB" is the process RSS growth from before the load to after a first decode, beside the GGUF
@@ -140,9 +141,12 @@ def main() -> None:
         write_checkpoint(folder, SIZES[args.size], torch.bfloat16)
         files = {t: write_gguf(folder, Path(tmp) / f"model-{t}.gguf", t) for t in args.types.split(",")}
         prompt = [3 + (7 * i) % 1000 for i in range(args.prompt)]
-        specs = [("ember int8", folder, "int8", None), ("ember int4 g32", folder, "int4", 32),
-                 ("ember int4 g128", folder, "int4", 128)]
-        specs += [(f"ember gguf {t}", p, None, None) for t, p in files.items()]
+        specs = [("ember int8", folder, "int8", None), ("ember int4 g128", folder, "int4", 128)]
+        for t, p in files.items():  # Ember's int4 group 32 right before the Q4_0 file (both 4 bits in groups of 32)
+            specs += [("ember int4 g32", folder, "int4", 32)] if t == "Q4_0" else []
+            specs.append((f"ember gguf {t}", p, None, None))
+        if "Q4_0" not in files:
+            specs.insert(1, ("ember int4 g32", folder, "int4", 32))
         if args.cpu_time:
             torch.set_num_threads(1)
         rows = {}
@@ -171,11 +175,12 @@ def main() -> None:
     clock = "CPU seconds, 1 thread" if args.cpu_time else "wall clock"
     print(f"\n{args.size} Llama, batch 1, {args.prompt}-token prompt, {args.new} new, bf16 compute, "
           f"best of {args.rounds} interleaved rounds ({clock}); kernels: {kernels.status()}")
-    print(f"{'row':18} {'decode tok/s':>12} {'prefill s':>9} {'held MB':>8} {'resident MB':>11} {'file MB':>8}")
-    for r in results:
+    print(f"{'row':18} {'decode tok/s':>12} {'prefill s':>9} {'read MB/tok':>11} {'held MB':>8} {'resident MB':>11} "
+          f"{'file MB':>8}")
+    for r in results:  # read MB/tok: the weight bytes one decode step reads (the model's weight_bytes_per_token)
         rss = r["rss_after_decode"]
-        print(f"{r['row']:18} {r['decode_tok_s']:12.1f} {r['prefill_s']:9.3f} {r['tensor_bytes'] / 2**20:8.1f} "
-              f"{(rss or 0) / 2**20:11.1f} {(r['file_bytes'] or 0) / 2**20:8.1f}")
+        print(f"{r['row']:18} {r['decode_tok_s']:12.1f} {r['prefill_s']:9.3f} {r['weight_bytes_per_token'] / 2**20:11.1f} "
+              f"{r['tensor_bytes'] / 2**20:8.1f} {(rss or 0) / 2**20:11.1f} {(r['file_bytes'] or 0) / 2**20:8.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": str(date.today()), "machine": platform.processor() or platform.machine(),
                                     "size": args.size, "clock": clock, "kernels": kernels.status(), "rows": results}, indent=2))

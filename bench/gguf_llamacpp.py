@@ -25,6 +25,11 @@ Optional bench extras (never runtime or test dependencies): ``llama-cpp-python``
     python bench/gguf_llamacpp.py --size small --types bf16,q8_0,q4_k_m --rounds 2 --converter ...         # a quick run
     python bench/gguf_llamacpp.py --no-dense --no-moe --gpt-oss --converter ...   # gpt-oss shape, MXFP4 experts
     python bench/gguf_llamacpp.py --threads 1 --cpu-time --rounds 1 ...   # a shared machine: tokens per CPU-second
+    python bench/gguf_llamacpp.py --no-moe --types q4_0,int4_g32 --converter ...   # Ember's own int4 vs Q4_0
+
+``int4_g32`` is not a file type: its row runs Ember on the HF checkpoint quantized on load (``--quant int4
+--group-size 32``, bf16, the default int8 LM head) beside llama.cpp on the Q4_0 file of the same checkpoint
+(both 4-bit codes in groups of 32), so that ratio is measured, not inferred from the Q4_0 row.
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ GPT_OSS_SIZES = {  # gpt-oss shape (alternating 128-token windows, sinks, biases
                  num_key_value_heads=2, head_dim=64, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2),
 }
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18, "mxfp4": 38}  # llama_ftype (38 = MXFP4_MOE)
-LABELS = {"bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "mxfp4": "MXFP4_MOE"}
+LABELS = {"bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "mxfp4": "MXFP4_MOE",
+          "int4_g32": "Ember int4 g32 / Q4_0"}
+OWN_QUANT = {"int4_g32": ("int4", 32, "q4_0")}  # row kind -> Ember's --quant, --group-size, llama.cpp's file type
 CACHE = _HERE / ".cache" / "gguf"
 
 
@@ -200,14 +207,16 @@ def rss_bytes() -> int:
 
 
 class EmberRunner:
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, quant: str | None = None, group_size: int | None = None) -> None:
         import torch
 
         import ember
         from ember.sampling import SamplingParams
 
         torch.set_num_threads(threads)
-        self.llm = ember.load(path, device="cpu")
+        # an HF folder quantized on load (OWN_QUANT rows) computes in bf16, as the GGUF files do
+        own = dict(quant=quant, group_size=group_size, dtype="bf16") if quant else {}
+        self.llm = ember.load(path, device="cpu", **own)
         self.SamplingParams = SamplingParams
 
     def round(self, prompt: list[int], new: int) -> tuple[float, float]:
@@ -251,7 +260,8 @@ class LlamaCppRunner:
         return len(prompt) / (t1 - t), new / (end - t1), len(prompt) / (c1 - c), new / (c2 - c1)
 
 
-def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, vocab: int) -> None:
+def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, vocab: int, quant: str | None = None,
+           group_size: int | None = None) -> None:
     """Load, report the RSS growth, then time one round per ``round`` line on stdin (JSON lines on stdout)."""
     refusals: tuple[type[Exception], ...] = ()
     if engine == "ember":  # the runtimes are imported before the baseline: the delta is the model's
@@ -268,7 +278,7 @@ def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, voca
     rss0 = rss_bytes()
     t = time.perf_counter()
     try:
-        runner = (EmberRunner if engine == "ember" else LlamaCppRunner)(path, threads)
+        runner = EmberRunner(path, threads, quant, group_size) if engine == "ember" else LlamaCppRunner(path, threads)
     except refusals as e:  # a type this Ember does not read: the row says so
         print(json.dumps({"error": str(e)}), flush=True)
         return
@@ -290,10 +300,13 @@ def worker(engine: str, path: str, threads: int, prompt_len: int, new: int, voca
 
 
 class Worker:
-    def __init__(self, engine: str, path: Path, args: argparse.Namespace, vocab: int) -> None:
+    def __init__(self, engine: str, path: Path, args: argparse.Namespace, vocab: int,
+                 quant: tuple[str, int] | None = None) -> None:
         self.engine = engine
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, str(path), "--threads",
                str(args.threads), "--prompt-len", str(args.prompt_len), "--new", str(args.new), "--vocab", str(vocab)]
+        if quant:
+            cmd += ["--quant", quant[0], "--group-size", str(quant[1])]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.hello = self._read()
         self.error = self.hello.get("error")
@@ -326,8 +339,10 @@ class Worker:
                 "rounds": self.rounds}
 
 
-def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, vocab: int) -> dict:
-    ember = Worker("ember", path, args, vocab)
+def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, vocab: int,
+               own: Path | None = None) -> dict:
+    """Both engines on ``path``; for an OWN_QUANT ``kind`` Ember runs the HF folder ``own`` quantized on load."""
+    ember = Worker("ember", own or path, args, vocab, OWN_QUANT[kind][:2] if own else None)
     lcpp = Worker("llama.cpp", path, args, vocab)
     try:
         for r in range(args.rounds):
@@ -367,7 +382,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="1.1b")
     ap.add_argument("--types", default="bf16,q8_0,q4_0,q4_k_m,q6_k,mxfp4",
-                    help="file types (mxfp4: the MoE only, llama.cpp's MXFP4_MOE)")
+                    help="file types (mxfp4: the MoE only, llama.cpp's MXFP4_MOE; int4_g32: the dense model only, "
+                         "Ember's --quant int4 --group-size 32 of the HF folder beside llama.cpp's Q4_0 file)")
     ap.add_argument("--no-moe", action="store_true", help="skip the MoE files")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense Llama files")
     ap.add_argument("--gpt-oss", action="store_true", help="add a gpt-oss-shape MoE with MXFP4 experts")
@@ -387,9 +403,12 @@ def main() -> None:
                     help="then record the table (bench/report.py: bench/recorded/ and docs/benchmarks.md)")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "FILE"), help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=32000, help=argparse.SUPPRESS)
+    ap.add_argument("--quant", help=argparse.SUPPRESS)
+    ap.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.threads, args.prompt_len, args.new, args.vocab)
+        worker(args.worker[0], args.worker[1], args.threads, args.prompt_len, args.new, args.vocab, args.quant,
+               args.group_size)
         return
     try:
         import llama_cpp  # noqa: F401
@@ -406,7 +425,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown --types {sorted(unknown)}; choose from {', '.join(LABELS)}")
     models = ([] if args.no_dense else [(f"llama-{args.size}", SIZES[args.size], [t for t in types if t != "mxfp4"])])
-    models += [] if args.no_moe else [(f"mixtral-moe-{args.size}", MOE_SIZES[args.size], types)]
+    moe_types = [t for t in types if t not in OWN_QUANT]
+    models += [] if args.no_moe else [(f"mixtral-moe-{args.size}", MOE_SIZES[args.size], moe_types)]
     from ember.hardware import cpu_name
 
     import llama_cpp
@@ -432,8 +452,10 @@ def main() -> None:
         if name.startswith("gpt-oss"):
             path = make_gpt_oss_file(name, dims, cache)[kind]
         else:
-            path = make_files(name, dims, [kind], Path(args.converter).resolve(), cache)[kind]
-        d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"]))
+            file_kind = OWN_QUANT[kind][2] if kind in OWN_QUANT else kind
+            path = make_files(name, dims, [file_kind], Path(args.converter).resolve(), cache)[file_kind]
+        own = cache / f"{name}-hf" if kind in OWN_QUANT else None
+        d["rows"].append(bench_file(name, kind, path, args, dims["vocab_size"], own))
         d["wall_s"] = time.perf_counter() - t0
         tmp = out.with_suffix(".tmp")  # after every file, so a stopped run keeps what it measured
         tmp.write_text(json.dumps(d, indent=2))

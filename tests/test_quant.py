@@ -84,7 +84,8 @@ def test_kernel_equals_own_dequantized_weight_bf16(mode, rows, int8_activations,
     monkeypatch.setattr(kernels.matmul, "INT8_ACTIVATIONS", int8_activations)
     m = build(mode, rand_linear(96, 256, dtype=torch.bfloat16))
     if mode.startswith("int4"):  # the fused CPU kernel is what is under test
-        assert m.layout == ("native" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
+        native = "blocks" if mode == "int4-32" else "native"  # group 32, bf16: Q4_G32 blocks (test_quant_int4_blocks.py)
+        assert m.layout == (native if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
     x = torch.randn(rows, 256).to(torch.bfloat16)
     ref = nn.functional.linear(x.float(), m.dequantize(), m.bias.float())
     y = m(x)
@@ -442,7 +443,7 @@ def test_bf16_int4_generation_runs_on_the_kernel_path(hf_checkpoint):
     folder, _ = hf_checkpoint("llama")
     llm = ember.load(folder, device="cpu", dtype="bf16", quant="int4", group_size=32)
     q = llm.model.model.layers[0].mlp.up_proj
-    assert isinstance(q, Int4Linear) and q.layout == ("native" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
+    assert isinstance(q, Int4Linear) and q.layout == ("blocks" if kernels.load() else "cpu" if q4.cpu_kernel_block() else "plain")
     res = llm.generate("w5 w6 w7", max_new_tokens=6, temperature=0.0, ignore_eos=True)
     assert len(res.token_ids) == 6
 

@@ -21,13 +21,13 @@ from ember.kernels.blocks import (BlockKernel, LayerSteps, attn_block_kernel, at
                                   run_decode_layers, run_decode_rows, run_mlp_block)
 from ember.kernels.loader import (AMX_BF16, AMX_MIN_ROWS, INT8_ACTIVATIONS, MAX_ROWS, SOURCE, TILE_BYTES, _compiler, sources,
                                  _cpu_has, _flag_sets, _mode, build, cache_dir, library, load, reset, status)
-from ember.kernels.matmul import (LinearKernel, cached, cached_kernel, dense, dense_kernel, gguf_dequant, gguf_kernel,
+from ember.kernels.matmul import (LinearKernel, cached, cached_kernel, dense, dense_kernel, gguf_dequant, gguf_kernel, gguf_supports,
                                   gguf_tiled, int8, int8_kernel, linear_many, linear_rows, mxfp4, native_bf16_gemm, q4, q4_kernel,
                                   wide_linear)
 
 __all__ = ["AMX_BF16", "AMX_MIN_ROWS", "INT8_ACTIVATIONS", "MAX_ROWS", "SOURCE", "TILE_BYTES", "sources", "BlockKernel",
            "LayerSteps", "LinearKernel", "attn_block_kernel", "attn_decode", "build", "cache_dir", "cached",
-           "cached_kernel", "dense", "dense_kernel", "gguf_dequant", "gguf_kernel", "gguf_tiled", "int8", "int8_kernel",
+           "cached_kernel", "dense", "dense_kernel", "gguf_dequant", "gguf_kernel", "gguf_supports", "gguf_tiled", "int8", "int8_kernel",
            "gptoss_moe_block_kernel", "layer_steps", "mla_block_kernel", "library", "linear_many", "linear_rows", "load", "mlp_block_kernel", "moe_block_kernel", "mxfp4", "native_bf16_gemm",
            "q4", "q4_kernel", "reset",
            "rms_norm", "rope_", "run_attn_block", "sink_attn_block_kernel", "run_decode_layers", "run_decode_rows", "run_mlp_block", "status", "wide_linear"]

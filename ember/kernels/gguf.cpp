@@ -1,7 +1,8 @@
 // GGUF (ggml) block types multiplied as they are stored: Y (M, O) = X (M, I) @ W^T, W rows of ggml blocks.
 //
 // W is the file's tensor, row after row of blocks (``row_bytes`` per row; blocks never cross rows), in one of
-// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 (ggml type ids below).
+// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 (ggml type ids below), and
+// Ember's own int4 group 32 as blocks (Q4_G32).
 // The exact paths first unpack a type, one weight row at a time into a per-thread
 // L1-resident scratch, to one common form: a byte code u per element and, per 16 elements g, a float scale sc[g], a float min mn[g] and a
 // per-type integer offset ``off``:
@@ -32,6 +33,9 @@ enum GgmlType : int {
   Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
   IQ4_NL = 20, IQ4_XS = 23, MXFP4 = 39,
   MXFP4_HUB = 1039,  // not a ggml type: gpt-oss's hub layout of MXFP4 (mxfp4.cpp), on gguf_simd.h's MXFP4 path
+  // not a ggml type: Ember's int4 group 32 (ember/quant/int4_blocks.py) as 20-byte blocks: bf16 scale s, bf16 zero z
+  // (the value at code 8), 16 bytes of nibbles in Q4_0's order; w = s * (u - 8) + z
+  Q4_G32 = 1040,
 };
 
 const int8_t kIq4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -40,7 +44,7 @@ const int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -
 // (elements, bytes) of one block; 0 for a type this file does not take.
 constexpr int block_elems(int t) {
   switch (t) {
-    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case IQ4_NL: case MXFP4: return 32;
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case IQ4_NL: case MXFP4: case Q4_G32: return 32;
     case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: case IQ4_XS: return 256;
     default: return 0;
   }
@@ -50,15 +54,15 @@ inline int block_bytes(int t) {
   switch (t) {
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22; case Q5_1: return 24; case Q8_0: return 34;
     case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
-    case IQ4_NL: return 18; case IQ4_XS: return 136; case MXFP4: return 17;
+    case IQ4_NL: return 18; case IQ4_XS: return 136; case MXFP4: return 17; case Q4_G32: return 20;
     default: return 0;
   }
 }
 
-// The integer subtracted from u in the type's formula (0 for the affine types, whose min is in mn).
+// The integer subtracted from u in the type's formula (0 for the affine types, whose min is in mn; Q4_G32 has both).
 inline int code_offset(int t) {
   switch (t) {
-    case Q4_0: return 8; case Q5_0: return 16; case Q8_0: return 128; case Q3_K: return 4; case Q6_K: return 32;
+    case Q4_0: case Q4_G32: return 8; case Q5_0: return 16; case Q8_0: return 128; case Q3_K: return 4; case Q6_K: return 32;
     case IQ4_NL: case IQ4_XS: case MXFP4: return 128;
     default: return 0;
   }
@@ -133,6 +137,13 @@ void unpack_block(int t, const uint8_t* b, uint8_t* u, float* sc, float* mn) {
       nibbles32(b + 1, u);
       for (int i = 0; i < 32; i++) u[i] = static_cast<uint8_t>(kMxfp4[u[i]] + 128);
       sc[0] = sc[1] = d, mn[0] = mn[1] = 0.f;
+      break;
+    }
+    case Q4_G32: {
+      uint16_t h[2];
+      std::memcpy(h, b, 4);
+      nibbles32(b + 4, u);
+      sc[0] = sc[1] = bf16_to_f32(h[0]), mn[0] = mn[1] = bf16_to_f32(h[1]);
       break;
     }
     case Q4_1: {
@@ -248,6 +259,8 @@ void decode_row(int t, RowScratch& s, int64_t I) {
     const uint8_t* u = s.u.data() + g * kGroup;
     if (affine)
       for (int i = 0; i < kGroup; i++) w[i] = c * static_cast<float>(u[i]) + m;
+    else if (t == Q4_G32)  // int4.py's (q - 8) * s + z
+      for (int i = 0; i < kGroup; i++) w[i] = c * static_cast<float>(static_cast<int>(u[i]) - off) + m;
     else
       for (int i = 0; i < kGroup; i++) w[i] = c * static_cast<float>(static_cast<int>(u[i]) - off);
   }
@@ -316,6 +329,28 @@ int ember_gguf_linear(const uint8_t* W, int64_t row_bytes, int t, const void* X,
     linear_exact(t, W, row_bytes, static_cast<const float*>(X), Y, M, O, I, 0, nthreads);
   }
   return 1;
+}
+
+// Y (M, O) bf16 = X (M, I) bf16 @ W^T for many rows (prefill) of a 32-value type on the int8-activation path, a
+// chunk of kPrefillRows activation rows at a time (their int8 rows stay in L2 while every weight row passes), four
+// activation rows per decode of a pair of blocks' codes (gguf_simd.h's rows32_xn). Returns 0 (nothing written) where
+// the build has no such path (portable), for a type it leaves to the tiles, or a shape it does not take. Types: the
+// 4-bit ones whose codes are bytes after one mask (Q4_0, Q4_1, MXFP4, Q4_G32); for Q5_0, Q5_1 (the fifth bit),
+// Q8_0, IQ4_NL (signed products) and the 256-value types, a decoded tile and PyTorch's fp32 GEMM were as fast on
+// one AVX2 core (a 128-row product).
+int ember_gguf_rows_q8(const uint8_t* W, int64_t row_bytes, int t, const uint16_t* X, uint16_t* Y, int64_t M,
+                       int64_t O, int64_t I, int nthreads) {
+  const bool four_bit = t == Q4_0 || t == Q4_1 || t == MXFP4 || t == Q4_G32;
+  if (!four_bit || I % 32 || row_bytes != I / 32 * block_bytes(t)) return 0;
+#if defined(EMBER_VNNI) || defined(EMBER_AVX2)
+  constexpr int64_t kPrefillRows = 64;
+  for (int64_t m = 0; m < M; m += kPrefillRows)
+    linear_simd(t, W, row_bytes, X + m * I, Y + m * O, std::min(kPrefillRows, M - m), O, I, nthreads);
+  return 1;
+#else
+  (void)X, (void)Y, (void)M, (void)O, (void)nthreads;
+  return 0;
+#endif
 }
 
 // Y[j] (O[j],) bf16 = X[j] (I,) bf16 @ W_j^T for n <= 8 weights of type t with rows of row_bytes, on the

@@ -6,12 +6,13 @@
 // rows (a last 1-3 rows one at a time) against one activation row, so the activation loads, the per-block
 // activation terms and the loop overhead are shared, and four independent row streams are in flight.
 //
-//   32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4), activations per 32 values (sx, xq, bs = sum xq):
+//   32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, Q4_G32), activations per 32 values (sx, xq, bs = sum xq):
 //     codes of two blocks in one vector: [block k elements 0-15 | block k+1 elements 0-15] and the same for 16-31
 //     (for the nibble types the low / high nibbles of the two blocks' 16 bytes), the activations permuted to match
 //     once per call (pair_order). Per 8 blocks the integer sums of the four pair vectors are reduced by three
 //     vphaddd to one sum per block, in block order 0 2 4 6 1 3 5 7 (kPerm), and scaled by one vector op per term:
-//       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types), sx bs (mins)
+//       y += d (sx isum + cq) [+ m sx bs]     cq = -off sx bs (offset types), 0 (signed types, mins)
+//     (Q4_G32 has both: off = 8 and its zero z as m; its s and z are bf16).
 //     Signed codes (Q8_0, IQ4_NL) are multiplied as |w| x sign(x, w). MXFP4's E2M1 values x 2 (kMxfp4, -12..12,
 //     with the scale 2^(e - 128)) become the unsigned codes u = 2w + 12 (0..24: pairs of products <= 2 * 24 * 127,
 //     so the lo and hi products add in int16 before one vpmaddwd), an offset type with off = 12. Blocks past the
@@ -30,6 +31,7 @@
 // <= 2 * 63 * 127 for 6-bit codes; int32 sums per super-block < 2^31.
 
 constexpr int kR = 4;                                     // weight rows per pass
+constexpr int kNX = 4;                                    // activation rows per pass of rows32_xn (prefill)
 constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};        // block of each lane after the vphaddd reduction
 
 inline __m256i ld256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -122,13 +124,14 @@ void pair_order(const int8_t* xq, int64_t nb8, int8_t* out) {
 // ---- 32-value block types
 
 template <int T> constexpr int bytes32() {
-  return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34 : T == IQ4_NL ? 18
+  return T == Q4_0 ? 18 : T == Q4_1 || T == Q4_G32 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : T == Q8_0 ? 34 : T == IQ4_NL ? 18
        : T == MXFP4_HUB ? 16 : 17;
 }
 template <int T> constexpr bool mxfp4_type() { return T == MXFP4 || T == MXFP4_HUB; }
 template <int T> constexpr bool signed32() { return T == Q8_0 || T == IQ4_NL; }
-template <int T> constexpr bool min32() { return T == Q4_1 || T == Q5_1; }
-template <int T> constexpr float off32() { return T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : mxfp4_type<T>() ? 12.f : 0.f; }
+template <int T> constexpr bool min32() { return T == Q4_1 || T == Q5_1 || T == Q4_G32; }
+template <int T> constexpr bool bf16_scales() { return T == Q4_G32; }  // s, z as bf16 (the rest: fp16)
+template <int T> constexpr float off32() { return T == Q4_0 || T == Q4_G32 ? 8.f : T == Q5_0 ? 16.f : mxfp4_type<T>() ? 12.f : 0.f; }
 
 // The 32 set bits of q (bit i -> byte i) as 0x10 bytes (Q5's fifth bit).
 inline __m256i bit_bytes(uint32_t q) {
@@ -152,7 +155,7 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
     lo = pair128(a + 2, b + 2), hi = pair128(a + 18, b + 18);
     return;
   }
-  constexpr int qs = T == MXFP4_HUB ? 0 : T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 ? 4
+  constexpr int qs = T == MXFP4_HUB ? 0 : T == MXFP4 ? 1 : T == Q4_0 || T == IQ4_NL ? 2 : T == Q4_1 || T == Q4_G32 ? 4
                    : T == Q5_0 ? 6 : 8;  // Q5_1: 8
   const __m256i v = pair128(a + qs, b + qs);
   lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -174,9 +177,7 @@ inline void pair_codes(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i&
 
 // Integer dot of one pair of blocks with its activations: lanes 0-3 block a, 4-7 block b.
 template <int T>
-inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
-  __m256i lo, hi;
-  pair_codes<T>(a, b, lo, hi);
+inline __m256i pair_dot_codes(__m256i lo, __m256i hi, const int8_t* x) {
   const __m256i xl = ld256(x), xh = ld256(x + 32);
   if constexpr (signed32<T>()) {
     return _mm256_add_epi32(dot_u8s8(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
@@ -189,6 +190,13 @@ inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
                              _mm256_set1_epi16(1));
 #endif
   }
+}
+
+template <int T>
+inline __m256i pair_dot(const uint8_t* a, const uint8_t* b, const int8_t* x) {
+  __m256i lo, hi;
+  pair_codes<T>(a, b, lo, hi);
+  return pair_dot_codes<T>(lo, hi, x);
 }
 
 // 8 E8M0 codes (int32 lanes) -> 2 ** (e - 128): e < 2 -> 0x00200000 << e (subnormal), else (e - 1) << 23.
@@ -215,8 +223,22 @@ inline __m256 scales8(const uint8_t* b, int at, const uint8_t* sc) {
     const uint8_t* p = b + at;
     const uint64_t even = ld16(p) | ld16(p + 2 * bb) << 16 | ld16(p + 4 * bb) << 32 | ld16(p + 6 * bb) << 48;
     const uint64_t odd = ld16(p + bb) | ld16(p + 3 * bb) << 16 | ld16(p + 5 * bb) << 32 | ld16(p + 7 * bb) << 48;
+    if constexpr (bf16_scales<T>())  // bf16 -> fp32: the 16 bits on top
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_set_epi64x(static_cast<int64_t>(odd), static_cast<int64_t>(even))), 16));
     return _mm256_cvtph_ps(_mm_set_epi64x(static_cast<int64_t>(odd), static_cast<int64_t>(even)));
   }
+}
+
+// The first 4 bytes of 8 blocks of bb bytes from b, in kPerm order (Q4_G32: bf16 s | bf16 z << 16).
+template <int bb>
+inline __m256i sz8(const uint8_t* b) {
+  auto w = [b](int k) {
+    int v;
+    std::memcpy(&v, b + k * bb, 4);
+    return v;
+  };
+  return _mm256_setr_epi32(w(0), w(2), w(4), w(6), w(1), w(3), w(5), w(7));
 }
 
 // R rows (rows[r]; MXFP4_HUB: scale rows srows[r]) of a 32-value type times one activation row. xp: xq in pair
@@ -240,6 +262,13 @@ void rows32(const uint8_t* const* rows, const uint8_t* const* srows, int64_t row
       const __m256i q2 = pair_dot<T>(b + 4 * bb, b + 5 * bb, x + 128), q3 = pair_dot<T>(b + 6 * bb, b + 7 * bb, x + 192);
       const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q0, q1), _mm256_hadd_epi32(q2, q3));  // kPerm order
       const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, cq);
+      if constexpr (bf16_scales<T>()) {  // s | z << 16 per block: bf16 -> fp32 is the 16 bits on top
+        const __m256i sz = sz8<bb>(b);
+        acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(sz, 16)), f, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(sz, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))),
+                                 _mm256_loadu_ps(xsp + 8 * c), acc[r]);
+        continue;
+      }
       acc[r] = _mm256_fmadd_ps(scales8<T>(b, 0, T == MXFP4_HUB ? srows[r] + 8 * c : nullptr), f, acc[r]);
       if constexpr (min32<T>())
         acc[r] = _mm256_fmadd_ps(scales8<T>(b, 2, nullptr), _mm256_loadu_ps(xsp + 8 * c), acc[r]);
@@ -267,6 +296,48 @@ void rows32(const uint8_t* const* rows, const uint8_t* const* srows, int64_t row
     }
     out[r] = y;
   }
+}
+
+// R rows of a 32-value type (not MXFP4_HUB; nb a multiple of 8) times NX activation rows at once (prefill): each
+// pair of blocks' codes decoded once for all of them. Per activation row j the arguments of rows32 (xp[j], sxp[j],
+// ...); out[j][r]. The same operations in the same order as rows32 for each row, so the same bits.
+template <int T, int R, int NX>
+void rows32_xn(const uint8_t* const* rows, int64_t row_bytes, const int8_t* const* xp, const float* const* sxp,
+               const float* const* cqp, const float* const* xsp, int64_t nb, float (*out)[kR]) {
+  constexpr int bb = bytes32<T>();
+  __m256 acc[NX][R];
+  for (int j = 0; j < NX; j++)
+    for (int r = 0; r < R; r++) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nb / 8; c++) {
+    for (int r = 0; r < R; r++) {
+      const uint8_t* b = rows[r] + 8 * bb * c;
+      gguf_prefetch(b, 8 * bb, row_bytes);
+      __m256i q[NX][4];
+      for (int p = 0; p < 4; p++) {
+        __m256i lo, hi;
+        pair_codes<T>(b + 2 * p * bb, b + (2 * p + 1) * bb, lo, hi);
+        for (int j = 0; j < NX; j++) q[j][p] = pair_dot_codes<T>(lo, hi, xp[j] + 256 * c + 64 * p);
+      }
+      __m256 d, m = _mm256_setzero_ps();
+      if constexpr (bf16_scales<T>()) {
+        const __m256i sz = sz8<bb>(b);
+        d = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+        m = _mm256_castsi256_ps(_mm256_and_si256(sz, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      } else {
+        d = scales8<T>(b, 0, nullptr);
+        if constexpr (min32<T>()) m = scales8<T>(b, 2, nullptr);
+      }
+      for (int j = 0; j < NX; j++) {
+        const __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(q[j][0], q[j][1]), _mm256_hadd_epi32(q[j][2], q[j][3]));
+        const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(sxp[j] + 8 * c),
+                                         _mm256_loadu_ps(cqp[j] + 8 * c));
+        acc[j][r] = _mm256_fmadd_ps(d, f, acc[j][r]);
+        if constexpr (min32<T>()) acc[j][r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsp[j] + 8 * c), acc[j][r]);
+      }
+    }
+  }
+  for (int j = 0; j < NX; j++)
+    for (int r = 0; r < R; r++) out[j][r] = hsum8(acc[j][r]);
 }
 
 // ---- K-quants (256-value super-blocks)
@@ -467,8 +538,9 @@ void decode_row32(const uint8_t* row, int64_t nb, float* w) {
     for (int j = 0; j < 2; j++) {  // block k + j: [lo lane j | hi lane j] in natural order
       const uint8_t* b = a + j * bb;
       const __m256i v = j ? _mm256_permute2x128_si256(lo, hi, 0x31) : _mm256_permute2x128_si256(lo, hi, 0x20);
-      const __m256 d = _mm256_set1_ps(T == MXFP4 ? e8m0_half(b[0]) : f16_to_f32(b));
-      const __m256 m = _mm256_set1_ps(min32<T>() ? f16_to_f32(b + 2) : 0.f);
+      auto f16 = [](const uint8_t* p) { return bf16_scales<T>() ? bf16_to_f32(static_cast<uint16_t>(ld16(p))) : f16_to_f32(p); };
+      const __m256 d = _mm256_set1_ps(T == MXFP4 ? e8m0_half(b[0]) : f16(b));
+      const __m256 m = _mm256_set1_ps(min32<T>() ? f16(b + 2) : 0.f);
       const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
       float* o = w + 32 * (k + j);
       out8(v0, d, m, o), out8(_mm_srli_si128(v0, 8), d, m, o + 8);
@@ -535,6 +607,7 @@ inline bool decode_row_simd(int t, const uint8_t* row, int64_t I, float* w) {
     return true;
   switch (t) {
     GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    GGUF_CASE(Q4_G32)
     case Q4_K: return decode_rowk<Q4_K>(row, I / 256, w), true;
     case Q5_K: return decode_rowk<Q5_K>(row, I / 256, w), true;
     case Q6_K: return decode_rowk<Q6_K>(row, I / 256, w), true;
@@ -627,7 +700,7 @@ void linear_simd_jobs(const SimdJob* jobs, int n, int64_t row_bytes, const uint1
           const int64_t k = 8 * c + kPerm[l], i = m * 8 * nb8 + 8 * c + l;
           const float s = sx[m * S + k], xs = s * static_cast<float>(bs32[m * (I / 32) + k]);
           sxp[i] = s;
-          cqp[i] = min32<T>() ? 0.f : -off32<T>() * xs;
+          cqp[i] = off32<T>() == 0.f ? 0.f : -off32<T>() * xs;
           xsp[i] = xs;
         }
     }
@@ -646,8 +719,25 @@ void linear_simd_jobs(const SimdJob* jobs, int n, int64_t row_bytes, const uint1
       rows[r] = job.W + (o0 + std::min<int64_t>(r, n - 1)) * row_bytes;
       if (job.S) srows[r] = job.S + (o0 + std::min<int64_t>(r, n - 1)) * nb;
     }
-    float y[kR];
+    float y[kR], yn[kNX][kR];
     for (int64_t m = job.m0; m < job.m0 + job.nm; m++) {
+      if constexpr (!kq && T != MXFP4_HUB) {
+        if (n == kR && nb % 8 == 0 && m + 1 < job.m0 + job.nm) {  // NX activation rows on one decode of the codes
+          const int nx = m + kNX <= job.m0 + job.nm ? kNX : 2;
+          const int8_t* xs[kNX];
+          const float *sv[kNX], *cv[kNX], *mv[kNX];
+          for (int j = 0; j < nx; j++) {
+            const int64_t a = (m + j) * 8 * nb8;
+            xs[j] = xp + (m + j) * I, sv[j] = sxp + a, cv[j] = cqp + a, mv[j] = xsp + a;
+          }
+          if (nx == kNX) rows32_xn<T, kR, kNX>(rows, row_bytes, xs, sv, cv, mv, nb, yn);
+          else rows32_xn<T, kR, 2>(rows, row_bytes, xs, sv, cv, mv, nb, yn);
+          for (int j = 0; j < nx; j++)
+            for (int r = 0; r < kR; r++) Y[(m + j) * O + o0 + r] = f32_to_bf16(yn[j][r]);
+          m += nx - 1;
+          continue;
+        }
+      }
       const float* s = sx + m * S;
       const int16_t* b16 = bs16 + m * (I / 16);
       const int16_t* b32 = bs32 + m * (I / 32);
@@ -693,6 +783,7 @@ void linear_simd_many(int t, const SimdJob* jobs, int n, int64_t row_bytes, cons
     return linear_simd_jobs<T>(jobs, n, row_bytes, X, M, I, nthreads);
   switch (t) {
     GGUF_CASE(Q4_0) GGUF_CASE(Q4_1) GGUF_CASE(Q5_0) GGUF_CASE(Q5_1) GGUF_CASE(Q8_0) GGUF_CASE(IQ4_NL) GGUF_CASE(MXFP4)
+    GGUF_CASE(Q4_G32)
     GGUF_CASE(Q2_K) GGUF_CASE(Q3_K) GGUF_CASE(Q4_K) GGUF_CASE(Q5_K) GGUF_CASE(Q6_K) GGUF_CASE(IQ4_XS)
     default: return;
   }

@@ -198,6 +198,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_gguf_supports.argtypes = [_INT]
     lib.ember_gguf_linear.restype = _INT
     lib.ember_gguf_linear.argtypes = [_P, _I64, _INT, _P, _INT, _P, _I64, _I64, _I64, _INT, _INT]
+    lib.ember_gguf_rows_q8.restype = _INT
+    lib.ember_gguf_rows_q8.argtypes = [_P, _I64, _INT, _P, _P, _I64, _I64, _I64, _INT]
     lib.ember_gguf_dequant.restype = _INT
     lib.ember_gguf_dequant.argtypes = [_P, _I64, _INT, _I64, _I64, _I64, _P, _INT, _INT]
     lib.ember_q4_dequant.restype = None

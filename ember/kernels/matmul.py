@@ -208,6 +208,12 @@ def gguf_kernel(raw: torch.Tensor, ggml_type: int, in_features: int,
                         act_q8=int(INT8_ACTIVATIONS), W=raw.data_ptr(), mode=int(ggml_type), group=raw.shape[1], **b)
 
 
+def gguf_supports(ggml_type: int) -> bool:
+    """Whether the loaded kernels take block type id ``ggml_type`` (False where they are off)."""
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    return lib is not None and bool(lib.ember_gguf_supports(int(ggml_type)))
+
+
 def gguf_dequant(raw: torch.Tensor, ggml_type: int, in_features: int, out: torch.Tensor) -> bool:
     """Decode GGUF block rows ``raw`` uint8 (n, row_bytes) into ``out`` (n, in_features) bf16/fp32 with the kernels
     (the reference's roundings); False where they do not apply (the caller decodes with torch)."""
@@ -222,14 +228,22 @@ def gguf_dequant(raw: torch.Tensor, ggml_type: int, in_features: int, out: torch
 
 
 def gguf_tiled(x2: torch.Tensor, raw: torch.Tensor, ggml_type: int) -> torch.Tensor | None:
-    """``x2 @ W.T`` for many rows (prefill) of a GGUF block weight: a cache-sized tile of rows decoded at a time by
-    the kernels, multiplied by PyTorch (:func:`_tiled`); None where the kernels do not apply."""
+    """``x2 @ W.T`` for many rows (prefill) of a GGUF block weight: bf16 rows of a 32-value type on the
+    int8-activation path (AVX2/AVX512-VNNI builds, with :data:`INT8_ACTIVATIONS`: the blocks multiplied as bytes,
+    four activation rows per decode of the codes); else a cache-sized tile of rows decoded at a time by the kernels,
+    multiplied by PyTorch (:func:`_tiled`). None where the kernels do not apply."""
     if not _usable(x2) or x2.dtype not in _FLOAT:
         return None
     lib = _loader._lib if _loader._lib is not None else _loader.load()
     if lib is None or not lib.ember_gguf_supports(int(ggml_type)) or not raw.is_contiguous():
         return None
     I, nt, rb = x2.shape[1], torch.get_num_threads(), raw.shape[1]
+    if x2.dtype is torch.bfloat16 and INT8_ACTIVATIONS:
+        x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], raw.shape[0], dtype=torch.bfloat16)
+        if lib.ember_gguf_rows_q8(raw.data_ptr(), rb, int(ggml_type), x2.data_ptr(), y.data_ptr(), x2.shape[0],
+                                  raw.shape[0], I, nt):
+            return y
     return _tiled(x2.contiguous(), raw.shape[0], lambda a, b, buf: lib.ember_gguf_dequant(
         raw.data_ptr(), rb, int(ggml_type), I, a, b, buf.data_ptr(), _is_bf16(buf), nt))
 

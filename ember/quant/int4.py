@@ -11,6 +11,12 @@ Checkpoint tensors (portable, any device/ISA): ``weight`` (out, in/2) uint8 with
 high nibble and 2j+1 in the low nibble of byte j (the bitsandbytes order), ``scales`` and ``zeros``
 (out, in/g) in the compute dtype. At build time the codes are re-packed for the kernel:
 
+* CPU with Ember's native kernels, group 32, bf16 scales (``--quant int4 --group-size 32``): 20-byte blocks
+  like GGUF's Q4_1 (bf16 ``scale``, bf16 ``zero``, 16 bytes of nibbles, element i < 16 in the low nibble of
+  byte i, i >= 16 in the high nibble of byte i - 16), the same bytes as the codes + scales + zeros they are
+  made from, exactly. They run on the GGUF block kernels (ember/kernels/gguf.cpp, type ``Q4_G32``): int8
+  activations per 32 values as llama.cpp's Q4_0, and ``w = scale * (q - 8) + zero`` on the exact paths.
+  Layout ``blocks``; fp32 scales keep the ``native`` layout below.
 * CPU with Ember's native kernels (:mod:`ember.kernels`, the default wherever a C++ compiler is
   found): the canonical codes as stored, ``scales``/``zeros`` (out, in/g); bf16 activations decode
   nibbles straight into bf16 (``0x4300 | q`` is exactly ``128 + q``) for ``vdpbf16ps``, fp32 ones
@@ -42,7 +48,9 @@ from ember.quant.base import QUANT_CHUNK_ELEMENTS, QuantizedLinear, RowSource, r
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 CPU_KERNEL_MAX_ROWS = 32
-PLAIN, CPU, CUDA, NATIVE = "plain", "cpu", "cuda", "native"
+PLAIN, CPU, CUDA, NATIVE, BLOCKS = "plain", "cpu", "cuda", "native", "blocks"
+Q4_G32 = 1040  # the block type id of the BLOCKS layout in ember/kernels/gguf.cpp (not a ggml type)
+_BLOCK_BYTES = 20  # bf16 scale, bf16 zero, 16 bytes of nibbles per 32 weights
 _CODE_VALUES = torch.arange(16, dtype=torch.float32) - 8  # value of code q before scaling
 
 
@@ -97,6 +105,30 @@ def split_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def join_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """(n, k) uint8 codes in 0..15 -> (n, k/2) uint8, element 2j in the high nibble of byte j."""
     return (codes[:, 0::2] << 4) | codes[:, 1::2]
+
+
+# ============================================================================== Q4_G32 blocks
+def to_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Canonical codes (N, K/2) uint8 + bf16 ``scales``/``zeros`` (N, K/32) -> Q4_G32 blocks (N, K/32 * 20) uint8.
+
+    Block g of a row: bytes 0-1 ``scales[g]``, 2-3 ``zeros[g]`` (little-endian bf16), 4-19 nibbles with element
+    i < 16 of the group in the low nibble of byte 4 + i and element i + 16 in its high nibble (Q4_0's order)."""
+    n, groups = scales.shape
+    q = split_nibbles(codes).view(n, groups, 32)
+    qs = q[..., :16] | (q[..., 16:] << 4)  # (N, G, 16)
+    parts = (scales.contiguous().view(torch.uint8).view(n, groups, 2), zeros.contiguous().view(torch.uint8).view(n, groups, 2), qs)
+    return torch.cat(parts, dim=-1).view(n, groups * _BLOCK_BYTES)
+
+
+def from_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`to_blocks`: (N, K/32 * 20) uint8 -> canonical codes (N, K/2), scales, zeros (N, K/32) bf16."""
+    n = blocks.shape[0]
+    b = blocks.view(n, -1, _BLOCK_BYTES)
+    s = b[..., 0:2].contiguous().view(torch.bfloat16).view(n, -1)
+    z = b[..., 2:4].contiguous().view(torch.bfloat16).view(n, -1)
+    qs = b[..., 4:]
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).view(n, -1)  # (N, K) in element order
+    return join_nibbles(q), s, z
 
 
 # ============================================================================== CPU kernel layout
@@ -218,7 +250,7 @@ class Int4Linear(QuantizedLinear):
     ``state_dict`` holds the portable ``weight`` (out, in/2) uint8, ``scales``, ``zeros`` (out, in/g).
 
     Attributes:
-        group_size: 32, 64 or 128.  layout: "plain", "cpu" or "cuda" (which kernel forward uses).
+        group_size: 32, 64 or 128.  layout: "blocks", "native", "plain", "cpu" or "cuda" (which kernel forward uses).
     """
 
     mode, bits = "int4", 4
@@ -235,6 +267,11 @@ class Int4Linear(QuantizedLinear):
                                     f"expected {[out_f, in_f // group_size]}")
         self.group_size = group_size
         self.layout = self._choose_layout(codes.device, scales.dtype) if layout == "auto" else layout
+        if self.layout == BLOCKS:  # codes, scales and zeros interleaved per group of 32, the same bytes
+            self.register_buffer("weight", to_blocks(codes, scales, zeros))
+            # empty: carries the compute dtype and device through .to() (QuantizedLinear.scale_tensor)
+            self.register_buffer("dtype_probe", torch.empty(0, dtype=scales.dtype, device=codes.device))
+            return
         if self.layout == NATIVE:  # codes as stored; scales and zeros (out, in/g) as the kernel reads them
             self.register_buffer("weight", codes.contiguous())
             self.register_buffer("scales", scales.contiguous())
@@ -252,7 +289,9 @@ class Int4Linear(QuantizedLinear):
 
     def _choose_layout(self, device: torch.device, dtype: torch.dtype) -> str:
         if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and kernels.load() is not None:
-            return NATIVE
+            # bf16 scales and zeros fit the blocks exactly; fp32 ones keep the native layout
+            return BLOCKS if self.group_size == 32 and dtype == torch.bfloat16 and kernels.gguf_supports(Q4_G32) \
+                else NATIVE
         if dtype != torch.bfloat16:
             return PLAIN  # both kernels take bf16 activations only (fp32 on CPU is a scalar reference loop)
         n, k = self.out_features, self.in_features
@@ -296,6 +335,8 @@ class Int4Linear(QuantizedLinear):
 
     # ------------------------------------------------------------------ views of the weight
     def scale_tensor(self) -> torch.Tensor:
+        if self.layout == BLOCKS:
+            return self.dtype_probe
         return self.scales if self.layout == NATIVE else self.scales_and_zeros
 
     def codes_rows(self, start: int, end: int) -> torch.Tensor:
@@ -308,6 +349,8 @@ class Int4Linear(QuantizedLinear):
         end = self.out_features if end is None else end
         if self.layout == CPU:
             return join_nibbles(self.codes_rows(start, end))
+        if self.layout == BLOCKS:
+            return from_blocks(self.weight[start:end])[0]
         if self.layout == CUDA:
             if not cuda_kernel_ok(self.weight.device.index)[1]:
                 raise QuantizationError("this PyTorch's CUDA int4 layout differs from the one Ember unpacks; "
@@ -320,12 +363,18 @@ class Int4Linear(QuantizedLinear):
     def canonical_state(self) -> dict[str, torch.Tensor]:
         if self.layout == NATIVE:
             return {"weight": self.weight, "scales": self.scales, "zeros": self.zeros}
+        if self.layout == BLOCKS:
+            return dict(zip(self.state_names, from_blocks(self.weight)))
         sz = self.scales_and_zeros
         return {"weight": self.canonical_codes(), "scales": sz[..., 0].t().contiguous(),
                 "zeros": sz[..., 1].t().contiguous()}
 
     def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
         g = self.group_size
+        if self.layout == BLOCKS:
+            codes, s, z = from_blocks(self.weight[start:end])
+            q = split_nibbles(codes).view(end - start, -1, g).float()
+            return ((q - 8) * s.float()[..., None] + z.float()[..., None]).view(end - start, self.in_features)
         q = self.codes_rows(start, end).view(end - start, -1, g).float()  # (rows, G, g)
         if self.layout == NATIVE:
             s, z = self.scales[start:end].float()[..., None], self.zeros[start:end].float()[..., None]  # (rows, G, 1)
@@ -339,6 +388,8 @@ class Int4Linear(QuantizedLinear):
 
     # ------------------------------------------------------------------ compute
     def _build_cpu_kernel(self) -> "kernels.LinearKernel | None":
+        if self.layout == BLOCKS:
+            return kernels.gguf_kernel(self.weight, Q4_G32, self.in_features, self.bias)
         if self.layout != NATIVE:
             return None
         return kernels.q4_kernel(self.weight, _CODE_VALUES, self.group_size, scales=self.scales, zeros=self.zeros,
@@ -350,6 +401,9 @@ class Int4Linear(QuantizedLinear):
         y = self._kernel_forward(x, x2)
         if y is not None:
             return y
+        if self.layout == BLOCKS:  # many rows (prefill): tiles of rows decoded by the block kernels, then a GEMM
+            y = kernels.gguf_tiled(x2, self.weight, Q4_G32) if x.device.type == "cpu" else None
+            return self._finish(y if y is not None else self._dequant_linear(x2), shape)
         if self.layout == NATIVE:
             y = kernels.q4(x2, self.weight, _CODE_VALUES, self.group_size, scales=self.scales, zeros=self.zeros)
             return self._finish(y if y is not None else self._dequant_linear(x2), shape)
