@@ -44,20 +44,21 @@ def test_gemma3_decode_runs_every_layer_in_one_call_and_matches_hf(checkpoint, m
     calls = _count_kernel_attention(monkeypatch)
     _decode_matches_hf(ours, hf, 20, 4, name)
     n = ours.config.num_hidden_layers
-    assert calls["steps"] == 14 and calls["returned"] == [2 * n] * 14  # every layer's two blocks, each step
-    assert calls["heads"] == 0  # Gemma's (1 + w) final norm and capped head run as modules
+    # every layer's two blocks and Gemma's head ((1 + w) final norm, the final-logit cap where set), each step
+    assert calls["steps"] == 14 and calls["returned"] == [2 * n + 1] * 14 and calls["heads"] == 14
 
 
 def test_gemma2_soft_capped_attention_block_matches_hf(checkpoint, monkeypatch):
-    # attention logits capped at 5 (cap * tanh(logit / cap)) in the attention block, every layer in the whole-step
-    # call; the final-logit capping runs as its module; past the window (8)
+    # attention logits capped at 5 (cap * tanh(logit / cap)) in the attention block, every layer and the head with
+    # its final-logit cap in the whole-step call; past the window (8)
     _needs_kernels()
     folder, hf = checkpoint("gemma2")
     ours = load_model(folder, dtype="fp32")
+    assert ours.config.final_logit_softcapping is not None
     calls = _count_kernel_attention(monkeypatch)
     _decode_matches_hf(ours, hf, 16, 2, "gemma2")
     n = ours.config.num_hidden_layers
-    assert calls["returned"] == [2 * n] * 10 and calls["heads"] == 0
+    assert calls["returned"] == [2 * n + 1] * 10 and calls["heads"] == 10
 
 
 def test_gemma3_bf16_blocks_match_the_plain_modules(checkpoint):

@@ -308,13 +308,18 @@ def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
 
 
 def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
-                      head: "tuple[torch.Tensor, float, LinearKernel] | None" = None,
-                      logits: torch.Tensor | None = None) -> int:
+                      head: "tuple | None" = None, logits: torch.Tensor | None = None) -> int:
     """Apply every layer of ``steps`` to ``x`` (H,) in place, in one call, for the token at cache slot ``pos``
-    (cos/sin (hd,) of its position), then, given ``head`` = (final norm weight, its eps, the LM head's kernel),
-    write ``logits`` (V,) = head(rms_norm(x)). Returns the number of blocks applied, two a layer, plus one when
-    the logits were written: the caller finishes the rest (a cache too short, a kernel that refused the dtype)."""
-    norm, eps, k = head if head is not None else (None, 0.0, None)
+    (cos/sin (hd,) of its position), then, given ``head`` = (final norm weight, its eps, the LM head's kernel[,
+    norm offset, final-logit cap]), write ``logits`` (V,) = head(rms_norm(x)) (Gemma: the (1 + w) norm with offset
+    1, then cap * tanh(logits / cap) where cap > 0). Returns the number of blocks applied, two a layer, plus one
+    when the logits were written: the caller finishes the rest (a cache too short, a kernel that refused the dtype)."""
+    norm, eps, k = head[:3] if head is not None else (None, 0.0, None)
+    offset, cap = head[3:5] if head is not None and len(head) > 3 else (0, 0.0)
+    if offset or cap:
+        return _loader._lib.ember_decode_layers_gemma(
+            steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos, norm.data_ptr(), eps, offset, cap,
+            k.addr, logits.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())
     return _loader._lib.ember_decode_layers(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
                                     None if norm is None else norm.data_ptr(), eps, None if k is None else k.addr,
                                     None if logits is None else logits.data_ptr(), x.dtype is torch.bfloat16,
@@ -322,12 +327,15 @@ def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin
 
 
 def run_decode_rows(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
-                    head: "tuple[torch.Tensor, float, LinearKernel]", logits: torch.Tensor) -> bool:
+                    head: tuple, logits: torch.Tensor) -> bool:
     """:func:`run_decode_layers` for T rows of one sequence at slots ``pos .. pos + T - 1`` (a speculative
     verification pass): ``x`` (T, H) in place, cos/sin (T, hd), ``logits`` (T, V) written. Each row gets the bits
     the one-token call gives it, while each weight streams once for all rows. False where a kernel refused (x
-    and the cache slots are then partly written: the caller reruns the pass from its own copy of x)."""
-    norm, eps, k = head
+    and the cache slots are then partly written: the caller reruns the pass from its own copy of x), or for
+    Gemma's head (nothing written)."""
+    norm, eps, k = head[:3]
+    if len(head) > 3 and (head[3] or head[4]):  # Gemma's head: one row at a time only
+        return False
     done = _loader._lib.ember_decode_rows(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
                                           x.shape[0], norm.data_ptr(), eps, k.addr, logits.data_ptr(),
                                           x.dtype is torch.bfloat16, torch.get_num_threads())

@@ -2811,6 +2811,18 @@ void rms_norm_offset_row(const T* x, const T* w, T* out, int64_t H, float eps, f
   for (; k < H; k++) put(out + k, (to_float(x[k]) * inv) * (add + to_float(w[k])));
 }
 
+// y (n,) = cap * tanh(y / cap) in place, the quotient, the tanh and the product each rounded to T (HF's Gemma
+// final-logit soft-capping in the model dtype).
+template <typename T>
+void softcap_values(T* y, int64_t n, float cap) {
+  for (int64_t k = 0; k < n; k++) {
+    T q, t;
+    put(&q, to_float(y[k]) / cap);
+    put(&t, std::tanh(to_float(q)));
+    put(y + k, to_float(t) * cap);
+  }
+}
+
 // rows x (rows, H) normed into out (may be x): Llama's RMSNorm (offset 0), Gemma's (1 + w) one (offset 1), or the
 // fp32 weight product rounded once (offset 2: Nemotron-H's).
 void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H, float eps, int64_t offset,
@@ -3193,6 +3205,26 @@ int ember_decode_layers(const LayerStepDesc* layers, int n, void* x, const void*
     if (ember_linear(head, h.data(), logits, 1, is_bf16, nthreads)) return 2 * n + 1;
   }
   return 2 * n;
+}
+
+// ember_decode_layers with Gemma's head: the final norm with (1 + w) (norm_offset 1, as norm_rows) and, cap > 0,
+// the logits soft-capped in place, cap * tanh(logits / cap), each step rounded to the dtype as HF's Gemma 2 head.
+int ember_decode_layers_gemma(const LayerStepDesc* layers, int n, void* x, const void* cos, const void* sin,
+                              int64_t pos, const void* norm, float eps, int64_t norm_offset, float cap,
+                              const LinearDesc* head, void* logits, int is_bf16, int nthreads) {
+  const int done = ember_decode_layers(layers, n, x, cos, sin, pos, nullptr, eps, nullptr, nullptr, is_bf16, nthreads);
+  if (done < 2 * n || !head) return done;
+  thread_local std::vector<float> h;
+  h.resize(static_cast<size_t>(head->I));
+  norm_rows(x, norm, h.data(), 1, head->I, eps, norm_offset, is_bf16);
+  if (!ember_linear(head, h.data(), logits, 1, is_bf16, nthreads)) return 2 * n;
+  if (cap > 0.f) {
+    if (is_bf16)
+      softcap_values(static_cast<uint16_t*>(logits), head->O, cap);
+    else
+      softcap_values(static_cast<float*>(logits), head->O, cap);
+  }
+  return 2 * n + 1;
 }
 
 }  // extern "C"

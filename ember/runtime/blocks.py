@@ -176,16 +176,18 @@ def _mlp_projections(mlp) -> list | None:
     return None
 
 
-def head_block(norm, lm_head, x: torch.Tensor) -> "tuple[torch.Tensor, float, kernels.LinearKernel] | None":
-    """The final norm and LM head for the whole-step call: (norm weight, eps, the head's kernel), or None where
+def head_block(norm, lm_head, x: torch.Tensor, cap: float | None = None) -> "tuple | None":
+    """The final norm and LM head for the whole-step call: (norm weight, eps, the head's kernel), or for Gemma's
+    (1 + w) final norm or a final-logit cap (``cap``) (norm weight, eps, kernel, norm offset, cap or 0); None where
     they must run as their modules (hooks, no kernel, another norm)."""
     if norm is None or lm_head is None or _hooked(norm, lm_head):
         return None
     get = getattr(lm_head, "cpu_kernel", None)
     k = get() if get is not None else None
-    if (k is not None and k.accepts(x.view(1, -1)) and type(norm) is RMSNorm and norm.weight.dtype is x.dtype
-            and norm.weight.is_contiguous()):
-        return norm.weight, norm.eps, k
+    if (k is not None and k.accepts(x.view(1, -1)) and type(norm) in (RMSNorm, UnitOffsetRMSNorm)
+            and norm.weight.dtype is x.dtype and norm.weight.is_contiguous()):
+        offset = int(type(norm) is UnitOffsetRMSNorm)
+        return (norm.weight, norm.eps, k) if not (offset or cap) else (norm.weight, norm.eps, k, offset, float(cap or 0))
     return None
 
 

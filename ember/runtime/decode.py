@@ -53,16 +53,17 @@ class DecodeBlocks:
                  "n_fused", "rows_window", "checked_in", "_steps", "_steps_key", "_steps_cache")
 
     def __init__(self, layers: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None = None,
-                 lm_head: nn.Module | None = None, local_rope: bool = False) -> None:
+                 lm_head: nn.Module | None = None, local_rope: bool = False, cap: float | None = None) -> None:
         self.dtype = x.dtype
         self.blocks = [blocks_module.layer_blocks(layer, x, local_rope) for layer in layers]
         # leading layers with both blocks: they run in the whole-step call
         self.n_fused = next((i for i, b in enumerate(self.blocks)
                              if b is None or None in b or b[0].kind not in ("attn", "mla") or b[1].kind not in ("mlp", "moe")),
                             len(self.blocks))
-        # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
+        # the final norm and LM head (Gemma's: (1 + w) norm, final-logit cap), run after the layers in the same
+        # kernel call: (norm weight, eps, kernel[, norm offset, cap])
         tail = [m for m in (norm, lm_head) if m is not None]
-        self.head = blocks_module.head_block(norm, lm_head, x) if self.n_fused == len(self.blocks) else None
+        self.head = blocks_module.head_block(norm, lm_head, x, cap) if self.n_fused == len(self.blocks) else None
         self.rows_window = _rows_window(self.blocks) if self.n_fused == len(self.blocks) else 0
         self.cache_layers = [getattr(getattr(layer, "self_attn", None), "layer", i) if b is not None else None
                              for i, (layer, b) in enumerate(zip(layers, self.blocks))]
@@ -144,9 +145,9 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     decode = _decode_blocks.get(model)
     if decode is None or not (session is not None and decode.checked_in is session and x.dtype is decode.dtype
                               or decode.valid(x)):
-        # a soft-capped LM head (Gemma 2) is not the fused head's math: the logits come from finish()
-        head = model.lm_head if getattr(model.config, "final_logit_softcapping", None) is None else None
-        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, head, local is not None)
+        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, model.lm_head,
+                                                      local is not None,
+                                                      getattr(model.config, "final_logit_softcapping", None))
     decode.checked_in = session
     if T > 1:
         return _rows(decode, x, cos, sin, cache, start, hidden_only, session, getattr(model, "hidden_tap", None))
