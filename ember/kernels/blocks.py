@@ -83,7 +83,7 @@ class _AttnBlockDesc(ctypes.Structure):
     _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
         (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)] + [
         ("post_norm", _P)] + [(n, ctypes.c_int64) for n in ("norm_offset", "window", "local_rope")] + [("scale", _F)] + [
-        ("rot", ctypes.c_int64), ("qk_full", ctypes.c_int64), ("softcap", _F)]
+        ("rot", ctypes.c_int64), ("qk_full", ctypes.c_int64), ("softcap", _F), ("v_norm", ctypes.c_int64)]
 
 
 class _MlpBlockDesc(ctypes.Structure):
@@ -91,7 +91,7 @@ class _MlpBlockDesc(ctypes.Structure):
 
     _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
                                                                     ("eps", _F)] + [
-        ("post_norm", _P), ("norm_offset", ctypes.c_int64), ("act", ctypes.c_int64)]
+        ("post_norm", _P), ("norm_offset", ctypes.c_int64), ("act", ctypes.c_int64), ("out_scale", _P)]
 
 
 class _MoeBlockDesc(ctypes.Structure):
@@ -118,34 +118,37 @@ class BlockKernel:
 def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
                       eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
                       k_norm: torch.Tensor | None = None, qk_eps: float = 0.0, post_norm: torch.Tensor | None = None,
-                      norm_offset: bool = False, window: int | None = None, local_rope: bool = False,
+                      norm_offset: int = 0, window: int | None = None, local_rope: bool = False,
                       scale: float | None = None, rot: int | None = None, qk_full: bool = False,
-                      softcap: float | None = None) -> BlockKernel:
+                      softcap: float | None = None, v_norm: bool = False) -> BlockKernel:
     """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``.
 
     Gemma's variant: ``norm_offset`` (every norm scales by ``1 + w`` in fp32, one rounding), ``post_norm`` (the
     output normed before the add), ``window`` (keys older than that many slots hidden), ``local_rope`` (the
     second row of (2, hd) cos/sin tables), ``scale`` (the softmax scale; default ``hd ** -0.5``), ``softcap``
     (Gemma 2: logits ``cap * tanh(logit / cap)``). GLM-4.5 / MiniMax-M2: ``rot`` (RoPE on the first rot channels
-    of each head, cos/sin (rot,)), ``qk_full`` (q_norm/k_norm over all heads' channels at once)."""
+    of each head, cos/sin (rot,)), ``qk_full`` (q_norm/k_norm over all heads' channels at once). Gemma 4:
+    ``norm_offset`` 2 (plain-weight norms, the fp32 product rounded once), ``v_norm`` (values normed per head with
+    no weight, eps ``qk_eps``)."""
     desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
                           k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps,
                           post_norm=_ptr(post_norm), norm_offset=int(norm_offset), window=window or 0,
                           local_rope=int(local_rope), scale=scale or 0.0, rot=rot if rot and rot < hd else 0,
-                          qk_full=int(qk_full), softcap=softcap or 0.0)
+                          qk_full=int(qk_full), softcap=softcap or 0.0, v_norm=int(v_norm))
     return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm, post_norm))
 
 
 def mlp_block_kernel(gate: LinearKernel | None, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
                      eps: float, gelu: bool = False, post_norm: torch.Tensor | None = None,
-                     norm_offset: int = 0) -> BlockKernel:
+                     norm_offset: int = 0, out_scale: torch.Tensor | None = None) -> BlockKernel:
     """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``; Gemma's
     GeGLU with ``gelu`` (tanh-GELU gate), ``post_norm`` on the output and (1 + w) norms with ``norm_offset`` 1;
-    Nemotron-H's ``down(relu(up(h))^2)`` with ``gate`` None, its fp32 weight product norm with ``norm_offset`` 2."""
+    Nemotron-H's ``down(relu(up(h))^2)`` with ``gate`` None, its fp32 weight product norm with ``norm_offset`` 2;
+    Gemma 4's ``out_scale`` (its layer scalar, one value of x's dtype) multiplying x after the add."""
     desc = _MlpBlockDesc(gate=_addr(gate), up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
                          F=up.out_features, eps=eps, post_norm=_ptr(post_norm), norm_offset=int(norm_offset),
-                         act=2 if gate is None else int(gelu))
-    return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm))
+                         act=2 if gate is None else int(gelu), out_scale=_ptr(out_scale))
+    return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm, out_scale))
 
 
 def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],

@@ -2648,6 +2648,8 @@ struct AttnBlockDesc {
   // soft-capped, cap * tanh(logit / cap) (softcap, variants.cpp).
   int64_t rot, qk_full;
   float softcap;
+  // Gemma 4 (zero: off): the values normed per head with no weight (x / rms, fp32, one rounding; eps qk_eps).
+  int64_t v_norm;
 };
 
 struct MlpBlockDesc {
@@ -2661,6 +2663,7 @@ struct MlpBlockDesc {
   // gate, relu(up)^2 (Nemotron-H); norm_offset as norm_rows; the MLP output normed by post_norm before the add.
   const void* post_norm;
   int64_t norm_offset, act;
+  const void* out_scale;  // Gemma 4's layer_scalar (one value of the dtype) times x after the add, or null
 };
 
 namespace {
@@ -2823,6 +2826,18 @@ void softcap_values(T* y, int64_t n, float cap) {
   }
 }
 
+// rows x (rows, H) in place divided by their RMS (fp32, one rounding: Gemma 4's weightless value norm).
+template <typename T>
+void rms_unweighted_rows(T* x, int64_t rows, int64_t H, float eps) {
+  for (int64_t r = 0; r < rows; r++) {
+    T* row = x + r * H;
+    double ss = 0.0;
+    for (int64_t j = 0; j < H; j++) ss += static_cast<double>(to_float(row[j])) * to_float(row[j]);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+    for (int64_t j = 0; j < H; j++) put(row + j, to_float(row[j]) * inv);
+  }
+}
+
 // rows x (rows, H) normed into out (may be x): Llama's RMSNorm (offset 0), Gemma's (1 + w) one (offset 1), or the
 // fp32 weight product rounded once (offset 2: Nemotron-H's).
 void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H, float eps, int64_t offset,
@@ -2899,6 +2914,10 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
     norm_rows(q, d->q_norm, q, d->qk_full ? 1 : d->nh, d->qk_full ? nq : d->hd, d->qk_eps, d->norm_offset, is_bf16);
     norm_rows(k, d->k_norm, k, d->qk_full ? 1 : d->nkv, d->qk_full ? nk : d->hd, d->qk_eps, d->norm_offset, is_bf16);
   }
+  if (d->v_norm) {
+    if (is_bf16) rms_unweighted_rows(static_cast<uint16_t*>(v), d->nkv, d->hd, d->qk_eps);
+    else rms_unweighted_rows(static_cast<float*>(v), d->nkv, d->hd, d->qk_eps);
+  }
   if (d->local_rope) {  // the second row of the (2, hd) tables
     cos = static_cast<const char*>(cos) + d->hd * esz;
     sin = static_cast<const char*>(sin) + d->hd * esz;
@@ -2968,6 +2987,10 @@ int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   if (d->post_norm) norm_rows(y, d->post_norm, y, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(y), H);
+  if (d->out_scale) {  // x * layer_scalar, rounded to the dtype
+    const float sc = load_f(d->out_scale, 0, is_bf16);
+    for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) * sc, is_bf16);
+  }
   return 1;
 }
 
@@ -3323,7 +3346,8 @@ int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* c
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
     // latent attention, partial RoPE, whole-projection q/k norms, soft-capping: one row at a time only
-    if (s.mla || s.attn->rot || s.attn->qk_full || s.attn->softcap > 0.f) return 0;
+    if (s.mla || s.attn->rot || s.attn->qk_full || s.attn->softcap > 0.f || s.attn->v_norm) return 0;
+    if (!s.moe && static_cast<const MlpBlockDesc*>(s.mlp)->out_scale) return 0;  // Gemma 4's layer scalar
     const int64_t H = s.attn->H;
     if (pos + T > s.max_len || !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads))
       return 0;

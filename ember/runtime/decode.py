@@ -29,6 +29,7 @@ import itertools
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ember import kernels
@@ -133,7 +134,9 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             None: checked at every call.
     """
     T = x.shape[1]  # more than one: a verification pass asks for every row's logits (a prefill for the last only)
-    if local is not None and local[0].shape[-1] != cos.shape[-1]:  # Gemma 4: per-type head dims, as modules
+    gemma4 = getattr(model.config, "model_type", None) == "gemma4_text"
+    # Gemma 4's sliding layers may have a narrower head than its full layers (their table is padded below)
+    if local is not None and (local[0].shape[-1] > cos.shape[-1] or not gemma4 and local[0].shape[-1] != cos.shape[-1]):
         return None
     # several rows only for a session's verification pass: a plain call's prefill keeps the modules' rounding
     if not ((T == 1 or T <= MAX_ROWS and not last_only and session is not None) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
@@ -152,7 +155,11 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     if T > 1:
         return _rows(decode, x, cos, sin, cache, start, hidden_only, session, getattr(model, "hidden_tap", None))
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
-    if local is not None:  # (2, hd): global, then the sliding layers' table
+    if local is not None and gemma4:  # (2, hd_full): the sliding layers' table (zero-padded), then the full layers'
+        pad = cos1.shape[-1] - local[0].shape[-1]
+        cos1 = torch.cat([F.pad(local[0].reshape(-1), (0, pad)), cos1])
+        sin1 = torch.cat([F.pad(local[1].reshape(-1), (0, pad)), sin1])
+    elif local is not None:  # (2, hd): global, then the sliding layers' table
         cos1, sin1 = torch.stack([cos1, local[0].reshape(-1)]), torch.stack([sin1, local[1].reshape(-1)])
     first = 0  # the first layer the loop below runs
     steps = decode.steps(cache, start, session)
