@@ -7,11 +7,14 @@ their modules (still exact)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ember.loading import load_model
+from test_families import checkpoint as gemma_family  # noqa: F401  (tiny HF Gemma 2/3 checkpoints)
 from test_fused_families import check_bf16_blocks_match_modules, fp32_decode_calls
 from test_gemma4 import checkpoint  # noqa: F401  (the fixture: tiny HF Gemma 4 checkpoints)
 from test_runtime import _needs_kernels
+from test_speculative import check_rows_as_steps
 
 
 @pytest.mark.parametrize("name", ["dense-keqv", "dense", "moe", "ple-shared"])
@@ -29,3 +32,22 @@ def test_gemma4_bf16_blocks_match_the_plain_modules(checkpoint):
     _needs_kernels()
     folder, _ = checkpoint("dense-keqv")
     check_bf16_blocks_match_modules(load_model(folder, dtype="bf16"), "gemma4")
+
+
+@pytest.mark.parametrize("name", ["gemma4:dense-keqv", "gemma4:dense", "families:gemma3_text", "families:gemma2",
+                                  "families:gemma3_text-softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_verification_rows_round_as_one_token_steps(checkpoint, gemma_family, name, dtype, monkeypatch):
+    """A 5-row pass (inside the sliding window) through ``ember_decode_rows_v`` gives each row the logits, bit for
+    bit, and writes the cache slots that one-token steps give it: Gemma 2/3/4's norms, local RoPE tables, scales,
+    soft-caps, GeGLU, layer scalars and capped heads in their rows form."""
+    from ember import kernels
+
+    _needs_kernels()
+    ran = []
+    real = kernels.run_decode_rows
+    monkeypatch.setattr(kernels, "run_decode_rows", lambda *a: ran.append(real(*a)) or ran[-1])
+    source, case = name.split(":")
+    folder, _ = (checkpoint if source == "gemma4" else gemma_family)(case)
+    check_rows_as_steps(load_model(folder, dtype=dtype), dtype, [5, 17], [7, 99, 3, 150, 41])
+    assert ran and all(ran), "the pass did not run through the rows kernels"

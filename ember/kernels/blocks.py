@@ -332,14 +332,15 @@ def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin
 def run_decode_rows(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
                     head: tuple, logits: torch.Tensor) -> bool:
     """:func:`run_decode_layers` for T rows of one sequence at slots ``pos .. pos + T - 1`` (a speculative
-    verification pass): ``x`` (T, H) in place, cos/sin (T, hd), ``logits`` (T, V) written. Each row gets the bits
-    the one-token call gives it, while each weight streams once for all rows. False where a kernel refused (x
-    and the cache slots are then partly written: the caller reruns the pass from its own copy of x), or for
-    Gemma's head (nothing written)."""
+    verification pass): ``x`` (T, H) in place, cos/sin (T, hd) or, where the step passes two tables, (T, 2, w)
+    (the layers with ``local_rope`` read the second), ``logits`` (T, V) written (``head`` as run_decode_layers').
+    Each row gets the bits the one-token call gives it, while each weight streams once for all rows. False where a
+    kernel refused (x and the cache slots are then partly written: the caller reruns the pass from its own copy
+    of x)."""
     norm, eps, k = head[:3]
-    if len(head) > 3 and (head[3] or head[4]):  # Gemma's head: one row at a time only
-        return False
-    done = _loader._lib.ember_decode_rows(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
-                                          x.shape[0], norm.data_ptr(), eps, k.addr, logits.data_ptr(),
-                                          x.dtype is torch.bfloat16, torch.get_num_threads())
+    offset, cap = head[3:5] if len(head) > 3 else (0, 0.0)
+    cs = 2 * cos.shape[-1] if cos.dim() == 3 else 0  # values a row of the two tables; 0: (T, hd)
+    done = _loader._lib.ember_decode_rows_v(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
+                                            x.shape[0], cs, norm.data_ptr(), eps, offset, cap, k.addr,
+                                            logits.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())
     return done == 2 * steps.n + 1

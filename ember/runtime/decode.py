@@ -153,6 +153,11 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
                                                       getattr(model.config, "final_logit_softcapping", None))
     decode.checked_in = session
     if T > 1:
+        if local is not None:  # per row the step's two tables (see below): (T, 2, width)
+            lc, ls = local[0][0, 0], local[1][0, 0]  # (T, hd_sliding)
+            pad = cos.shape[-1] - lc.shape[-1]
+            cos = (torch.stack([F.pad(lc, (0, pad)), cos[0]], 1) if gemma4 else torch.stack([cos[0], lc], 1))[None]
+            sin = (torch.stack([F.pad(ls, (0, pad)), sin[0]], 1) if gemma4 else torch.stack([sin[0], ls], 1))[None]
         return _rows(decode, x, cos, sin, cache, start, hidden_only, session, getattr(model, "hidden_tap", None))
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
     if local is not None and gemma4:  # (2, hd_full): the sliding layers' table (zero-padded), then the full layers'
@@ -226,16 +231,16 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def _rows_window(blocks: list) -> float:
     """The slots the rows call can serve: 0 where a layer's blocks carry a variant the rows kernels do not run
-    (Gemma's offset and post norms, local RoPE, a softmax scale of its own, a gated or non-SiLU MLP), else the
-    smallest sliding window (no row may see a key past it), or infinity without windows. MoE layers run the
-    one-row MoE block per row, so every router variant is served."""
+    (latent attention, partial RoPE, q/k norms over whole projections, a relu^2 MLP), else the smallest sliding
+    window (no row may see a key past it), or infinity without windows. MoE layers run the one-row MoE block per
+    row, so every router variant is served; Gemma's norms, scales, soft-caps and GeGLU have their rows form."""
     window = float("inf")
     for attn, mlp in blocks:
         a = attn.desc
-        if attn.kind == "mla" or a.rot or a.qk_full or a.softcap or a.post_norm or a.norm_offset or a.local_rope or a.scale:
+        if attn.kind == "mla" or a.rot or a.qk_full:
             return 0
         if a.window:
             window = min(window, a.window)
-        if mlp.kind == "mlp" and (mlp.desc.post_norm or mlp.desc.norm_offset or mlp.desc.act):
+        if mlp.kind == "mlp" and mlp.desc.act == 2:
             return 0
     return window
