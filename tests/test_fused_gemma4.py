@@ -2,7 +2,9 @@
 norm, scale 1, full layers with their own head size and proportional RoPE, k = v, GeGLU, the layer scalar) and the
 head (plain-weight final norm, final-logit cap) in one whole-step call, exact against HF in fp32 and against the
 plain modules in bf16, past the sliding window. Layers with per-layer inputs, shared keys/values or experts run as
-their modules (still exact)."""
+their modules (still exact). The verification rows call (``ember_decode_rows_v``) for the attention variants
+(Gemma 2/3/4, GLM-4.5's partial RoPE, MiniMax-M2's whole-projection q/k norms) gives each row its one-token step's
+bits."""
 
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ def test_gemma4_bf16_blocks_match_the_plain_modules(checkpoint):
 
 
 @pytest.mark.parametrize("name", ["gemma4:dense-keqv", "gemma4:dense", "families:gemma3_text", "families:gemma2",
-                                  "families:gemma3_text-softcap"])
+                                  "families:gemma3_text-softcap", "families:glm4_moe", "families:glm4_moe-qknorm",
+                                  "families:minimax_m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemma_verification_rows_round_as_one_token_steps(checkpoint, gemma_family, name, dtype, monkeypatch):
+def test_variant_verification_rows_round_as_one_token_steps(checkpoint, gemma_family, name, dtype, monkeypatch):
     """A 5-row pass (inside the sliding window) through ``ember_decode_rows_v`` gives each row the logits, bit for
     bit, and writes the cache slots that one-token steps give it: Gemma 2/3/4's norms, local RoPE tables, scales,
-    soft-caps, GeGLU, layer scalars and capped heads in their rows form."""
+    soft-caps, GeGLU, layer scalars and capped heads, GLM-4.5's partial RoPE and MiniMax-M2's whole-projection q/k
+    norms in their rows form."""
     from ember import kernels
 
     _needs_kernels()
@@ -51,3 +55,4 @@ def test_gemma_verification_rows_round_as_one_token_steps(checkpoint, gemma_fami
     folder, _ = (checkpoint if source == "gemma4" else gemma_family)(case)
     check_rows_as_steps(load_model(folder, dtype=dtype), dtype, [5, 17], [7, 99, 3, 150, 41])
     assert ran and all(ran), "the pass did not run through the rows kernels"
+

@@ -3285,15 +3285,21 @@ int attn_block_rows(const AttnBlockDesc* d, void* x, const void* cos, const void
   const LinearDesc* qkv[3] = {d->q, d->k, d->v};
   void* qkv_out[3] = {q, k, v};
   if (!ember_linear_rows(3, qkv, h, qkv_out, T, is_bf16, nthreads)) return 0;
-  if (d->q_norm) {
-    norm_rows(q, d->q_norm, q, T * d->nh, hd, d->qk_eps, d->norm_offset, is_bf16);
-    norm_rows(k, d->k_norm, k, T * d->nkv, hd, d->qk_eps, d->norm_offset, is_bf16);
+  if (d->q_norm) {  // per head, or over each row's whole projection (qk_full)
+    norm_rows(q, d->q_norm, q, d->qk_full ? T : T * d->nh, d->qk_full ? nq : hd, d->qk_eps, d->norm_offset, is_bf16);
+    norm_rows(k, d->k_norm, k, d->qk_full ? T : T * d->nkv, d->qk_full ? nk : hd, d->qk_eps, d->norm_offset, is_bf16);
   }
   if (d->v_norm) {
     if (is_bf16) rms_unweighted_rows(reinterpret_cast<uint16_t*>(v), T * d->nkv, hd, d->qk_eps);
     else rms_unweighted_rows(reinterpret_cast<float*>(v), T * d->nkv, hd, d->qk_eps);
   }
-  if (cs == hd && !d->local_rope) {
+  if (d->rot > 0 && d->rot < hd) {  // partial RoPE: the first rot channels of each head, tables (T, rot)
+    for (int64_t r = 0; r < T; r++)
+      for (int64_t n = 0; n < d->nh + d->nkv; n++)
+        ember_rope(n < d->nh ? q + (r * nq + n * hd) * esz : k + (r * nk + (n - d->nh) * hd) * esz,
+                   static_cast<const char*>(cos) + r * d->rot * esz, static_cast<const char*>(sin) + r * d->rot * esz,
+                   1, 1, d->rot, is_bf16);
+  } else if (cs == hd && !d->local_rope) {
     ember_rope(q, cos, sin, T, d->nh, hd, is_bf16);
     ember_rope(k, cos, sin, T, d->nkv, hd, is_bf16);
   } else {
@@ -3377,8 +3383,7 @@ int ember_decode_rows_v(const LayerStepDesc* layers, int n, void* x, const void*
   const int64_t esz = is_bf16 ? 2 : 4;
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
-    // latent attention, partial RoPE, whole-projection q/k norms: one row at a time only
-    if (s.mla || s.attn->rot || s.attn->qk_full) return 0;
+    if (s.mla) return 0;  // latent attention: one row at a time only
     const int64_t H = s.attn->H;
     if (pos + T > s.max_len ||
         !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads, cs ? cs : s.attn->hd))

@@ -231,13 +231,14 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def _rows_window(blocks: list) -> float:
     """The slots the rows call can serve: 0 where a layer's blocks carry a variant the rows kernels do not run
-    (latent attention, partial RoPE, q/k norms over whole projections, a relu^2 MLP), else the smallest sliding
+    (latent attention, a relu^2 MLP), else the smallest sliding
     window (no row may see a key past it), or infinity without windows. MoE layers run the one-row MoE block per
-    row, so every router variant is served; Gemma's norms, scales, soft-caps and GeGLU have their rows form."""
+    row, so every router variant is served; Gemma's norms, scales, soft-caps and GeGLU, partial RoPE and
+    whole-projection q/k norms (GLM-4.5, MiniMax-M2) have their rows form."""
     window = float("inf")
     for attn, mlp in blocks:
         a = attn.desc
-        if attn.kind == "mla" or a.rot or a.qk_full:
+        if attn.kind == "mla":
             return 0
         if a.window:
             window = min(window, a.window)
