@@ -77,6 +77,10 @@ MOE_SIZES = {
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
 }
+# Gemma 4's 31B-style layers on Gemma 3's dims: full layers with their own head size and k = v, the final-logit
+# cap; no per-layer input table (E2B's would add 262144 x layers x 256 embedding rows, one read per layer a token)
+GEMMA4_EXTRA = dict(head_dim=256, global_head_dim=512, attention_k_eq_v=True, num_global_key_value_heads=1,
+                    sliding_window=512, hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
 # The families' rows (--families): HF config kwargs. Gemma 3 1B's dims at "1.1b" (~1.0B, 0.30B of it the tied
 # embedding); DeepSeek-V3's layout scaled down (~1.0B total, ~0.3B active at "1.1b").
 FAMILY_SIZES = {
@@ -84,6 +88,9 @@ FAMILY_SIZES = {
         "gemma3-shape": ("Gemma3TextConfig", dict(
             vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
             num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
+        "gemma4-shape": ("Gemma4TextConfig", dict(GEMMA4_EXTRA,
+            vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+            num_key_value_heads=1)),
         "deepseek-mla": ("DeepseekV3Config", dict(
             vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
             num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
@@ -94,6 +101,9 @@ FAMILY_SIZES = {
         "gemma3-shape": ("Gemma3TextConfig", dict(
             vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=4,
             num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
+        "gemma4-shape": ("Gemma4TextConfig", dict(GEMMA4_EXTRA,
+            vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=4,
+            num_key_value_heads=1)),
         "deepseek-mla": ("DeepseekV3Config", dict(
             vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,

@@ -39,6 +39,13 @@ _GPT_OSS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidd
                                  "truncate": False, "original_max_position_embeddings": 16, "rope_theta": 150000.0})
 _BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# Gemma 4's vocabulary is SentencePiece-style BPE with byte fallback (its own tokenizer model in GGUF): 4 specials,
+# the 256 <0xXX> byte tokens, then merged pieces
+GEMMA4_VOCAB = 400
+_GEMMA4 = dict(_BASE, vocab_size=GEMMA4_VOCAB, bos_token_id=2, eos_token_id=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+               attention_k_eq_v=True, sliding_window=8, num_hidden_layers=6, final_logit_softcapping=30.0,
+               hidden_size_per_layer_input=0,
+               layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"])
 # name -> (HF config class, kwargs, HF model class)
 FAMILIES: dict[str, tuple[str, dict, str]] = {
     "gpt-oss": ("GptOssConfig", _GPT_OSS, "GptOssForCausalLM"),
@@ -83,6 +90,15 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
                                        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
                                                            "partial_rotary_factor": 0.5}},
                    "MiniMaxM2ForCausalLM"),
+    # Gemma 4 in the E2B/E4B shape (per-layer inputs, keys/values shared by the last layers, double-width MLPs
+    # there; the last layer before the shared ones full and the one before it sliding, as llama.cpp assumes) with the 31B's k = v full layers of their own head shape, and the 26B-A4B's experts beside the MLP.
+    "gemma4": ("Gemma4TextConfig", {**_GEMMA4, "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": GEMMA4_VOCAB,
+                                    "num_kv_shared_layers": 2, "use_double_wide_mlp": True},
+               "Gemma4ForCausalLM"),
+    "gemma4-moe": ("Gemma4TextConfig", {**_GEMMA4, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                        "moe_intermediate_size": 32, "num_hidden_layers": 3,
+                                        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
+                   "Gemma4ForCausalLM"),
 }
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Ember runs language models on one machine.",
           "Numbers 12345 and 67.89, dates 2024-05-17."] * 20
@@ -118,6 +134,31 @@ def tokenizer_folder(folder: Path) -> None:
                             eos_token="<eos>").save_pretrained(folder)
 
 
+def gemma4_tokenizer_folder(folder: Path) -> None:
+    """A Gemma 4 style vocabulary of GEMMA4_VOCAB entries: spaces escaped as U+2581, BPE over the whole text with
+    byte fallback (``<0xXX>`` tokens), the decoder undoing both (the shape the converter's ``LlamaHfVocab`` reads)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    norm = normalizers.Replace(" ", "\u2581")
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = norm
+    learner.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=GEMMA4_VOCAB - len(specials) - len(byte_tokens), show_progress=False))
+    learned = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, t in enumerate(specials + byte_tokens + [t for t, _ in learned])}
+    merges = [tuple(m) for m in json.loads(learner.to_str())["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    assert tok.get_vocab_size() == GEMMA4_VOCAB, tok.get_vocab_size()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
 def hf_model(family: str, seed: int = 0):
     import transformers
 
@@ -127,7 +168,7 @@ def hf_model(family: str, seed: int = 0):
     hf = getattr(transformers, model_cls)(cfg).float().eval()
     with torch.no_grad():  # default init leaves norms at 1 (Gemma: 0) and biases at 0, hiding bugs in their use
         for n, p in hf.named_parameters():
-            if n.endswith("norm.weight"):
+            if n.endswith(("norm.weight", "router.scale", "per_expert_scale")):
                 p.copy_(0.3 * torch.randn_like(p) + (0.0 if family == "gemma3" else 1.0))
             elif n.endswith("bias") or n.endswith("sinks"):
                 p.copy_(0.3 * torch.randn_like(p))
@@ -136,6 +177,8 @@ def hf_model(family: str, seed: int = 0):
         for n, b in hf.named_buffers():
             if n.endswith("e_score_correction_bias"):  # the router's correction changes the choice
                 b.copy_(0.2 * torch.randn_like(b))
+            elif n.endswith("layer_scalar"):
+                b.copy_(torch.rand_like(b) + 0.5)
     return hf
 
 
@@ -168,7 +211,7 @@ def make(family: str, llama_cpp_dir: Path, tmp: Path) -> None:
     folder = tmp / family
     hf = hf_model(family)
     hf.save_pretrained(folder)
-    tokenizer_folder(folder)
+    (gemma4_tokenizer_folder if family.startswith("gemma4") else tokenizer_folder)(folder)
     refs = {f"{k}": v for k, v in reference(hf).items()}
     for outtype in ("f32",) if family.endswith("-yarn") else ("f32", "q8_0"):
         convert(llama_cpp_dir, folder, OUT / f"{family}-{outtype}.gguf", outtype)

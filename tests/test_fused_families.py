@@ -38,32 +38,43 @@ def _count_blocks(monkeypatch) -> "collections.Counter":
 def test_gemma3_decode_runs_every_layer_in_one_call_and_matches_hf(checkpoint, monkeypatch, name):
     # 3 layers (sliding, full, sliding; window 8, local and global RoPE bases), 6 prefilled + 14 decoded tokens:
     # the sliding layers' blocks drop keys from step 3 on
+    calls, n = fp32_decode_calls(checkpoint, monkeypatch, name)
+    # every layer's two blocks and Gemma's head ((1 + w) final norm, the final-logit cap where set), each step
+    assert calls["steps"] == 14 and calls["returned"] == [2 * n + 1] * 14 and calls["heads"] == 14
+
+
+def fp32_decode_calls(checkpoint, monkeypatch, name: str) -> tuple[dict, int]:
+    """Decode 6 prefilled + 14 tokens of ``checkpoint(name)`` in fp32, each step's logits as HF's; the kernel calls
+    counted (test_model._count_kernel_attention) and the layer count."""
     _needs_kernels()
     folder, hf = checkpoint(name)
     ours = load_model(folder, dtype="fp32")
     calls = _count_kernel_attention(monkeypatch)
     _decode_matches_hf(ours, hf, 20, 4, name)
-    n = ours.config.num_hidden_layers
-    assert calls["steps"] == 14 and calls["returned"] == [2 * n] * 14  # every layer's two blocks, each step
-    assert calls["heads"] == 0  # Gemma's (1 + w) final norm and capped head run as modules
+    return calls, ours.config.num_hidden_layers
 
 
 def test_gemma2_soft_capped_attention_block_matches_hf(checkpoint, monkeypatch):
-    # attention logits capped at 5 (cap * tanh(logit / cap)) in the attention block, every layer in the whole-step
-    # call; the final-logit capping runs as its module; past the window (8)
+    # attention logits capped at 5 (cap * tanh(logit / cap)) in the attention block, every layer and the head with
+    # its final-logit cap in the whole-step call; past the window (8)
     _needs_kernels()
     folder, hf = checkpoint("gemma2")
     ours = load_model(folder, dtype="fp32")
+    assert ours.config.final_logit_softcapping is not None
     calls = _count_kernel_attention(monkeypatch)
     _decode_matches_hf(ours, hf, 16, 2, "gemma2")
     n = ours.config.num_hidden_layers
-    assert calls["returned"] == [2 * n] * 10 and calls["heads"] == 0
+    assert calls["returned"] == [2 * n + 1] * 10 and calls["heads"] == 10
 
 
 def test_gemma3_bf16_blocks_match_the_plain_modules(checkpoint):
     _needs_kernels()
     folder, _ = checkpoint("gemma3_text")
-    ours = load_model(folder, dtype="bf16")
+    check_bf16_blocks_match_modules(load_model(folder, dtype="bf16"), "gemma3")
+
+
+def check_bf16_blocks_match_modules(ours, label: str) -> None:
+    """bf16 decode logits with the runtime's blocks within BF16_TOL of the plain modules' (runtime uninstalled)."""
     ids = torch.randint(3, ours.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(7))
     fast = _decode_steps(ours, ids, 6, torch.bfloat16)
     ember.runtime.uninstall()
@@ -72,7 +83,7 @@ def test_gemma3_bf16_blocks_match_the_plain_modules(checkpoint):
     finally:
         ember.runtime.install()
     for i, (a, b) in enumerate(zip(fast[1:], plain[1:])):
-        assert_close(a, b, BF16_TOL, f"gemma3 bf16 decode step {i}")
+        assert_close(a, b, BF16_TOL, f"{label} bf16 decode step {i}")
 
 
 def _fused_vs_modules(model, ids: torch.Tensor, prefill: int, dtype: torch.dtype, monkeypatch):

@@ -24,6 +24,7 @@ _BASE = dict(head_dim=16, global_head_dim=32, sliding_window=8, num_hidden_layer
              hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
 CASES: dict[str, dict] = {
     "dense-keqv": {**_BASE, "attention_k_eq_v": True, "num_global_key_value_heads": 1},
+    "dense": {**_BASE, "attention_k_eq_v": False},
     "moe": {**_BASE, "enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32,
             "attention_k_eq_v": True, "num_global_key_value_heads": 1},
     "ple-shared": {**_BASE, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": TINY["vocab_size"],

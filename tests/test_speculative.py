@@ -296,7 +296,6 @@ def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, quant
     and writes the cache slots, that one-token steps give it: greedy verification agrees with plain decoding
     even on near-ties in bf16 (quantized weights run their one-row kernels row by row)."""
     from ember import kernels
-    from ember.cache import StaticKVCache
     from ember.runtime import decode
 
     ran = []
@@ -304,12 +303,20 @@ def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, quant
     monkeypatch.setattr(kernels, "run_decode_rows", lambda *a: ran.append(real(*a)) or ran[-1])
     folder, _ = hf_checkpoint(family)
     model = ember.load(folder, device="cpu", check_memory=False, dtype=dtype, quant=quant).model
-    toks = [7, 99, 3, 250, 41, 41]
+    check_rows_as_steps(model, dtype, PROMPT[:17], [7, 99, 3, 250, 41, 41])
+    assert ran and all(ran), "the pass did not run through ember_decode_rows"
+    assert decode.MAX_ROWS >= 9  # the most rows a pass of --num-speculative 8 sends
+
+
+def check_rows_as_steps(model, dtype: torch.dtype, prompt: list[int], toks: list[int]) -> None:
+    """``toks`` after ``prompt`` as one pass of a session (verification rows) and as one-token steps: the same logits
+    bit for bit and the same cache slots."""
+    from ember.cache import StaticKVCache
 
     def prefilled():
-        cache = StaticKVCache(model.config, 1, 64, dtype, torch.device("cpu"))
-        model(torch.tensor([PROMPT[:17]]), None, cache, 0, None, last_only=True)
-        cache.advance(17)
+        cache = StaticKVCache(model.config, 1, len(prompt) + len(toks) + 16, dtype, torch.device("cpu"))
+        model(torch.tensor([prompt]), None, cache, 0, None, last_only=True)
+        cache.advance(len(prompt))
         return cache
 
     with torch.inference_mode():
@@ -320,13 +327,12 @@ def test_verification_rows_round_as_one_token_steps(hf_checkpoint, family, quant
             one.advance(1)
         rows = prefilled()
         out = model(torch.tensor([toks]), None, rows, rows.pos, None, session=object())[0]
-    assert ran and all(ran), "the pass did not run through ember_decode_rows"
     for i, ref in enumerate(steps):
         assert torch.equal(out[i], ref), f"row {i}: max |diff| {float((out[i].float() - ref.float()).abs().max())}"
+    n = len(prompt) + len(toks)
     for layer in range(model.config.num_hidden_layers):
         for a, b in zip(one.layer_tensors(layer), rows.layer_tensors(layer)):
-            assert torch.equal(a[:, :, :17 + len(toks)], b[:, :, :17 + len(toks)])
-    assert decode.MAX_ROWS >= 9  # the most rows a pass of --num-speculative 8 sends
+            assert torch.equal(a[:, :, :n], b[:, :, :n])
 
 
 def test_bf16_greedy_self_draft_is_exact(hf_checkpoint):

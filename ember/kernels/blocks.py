@@ -83,7 +83,7 @@ class _AttnBlockDesc(ctypes.Structure):
     _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
         (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)] + [
         ("post_norm", _P)] + [(n, ctypes.c_int64) for n in ("norm_offset", "window", "local_rope")] + [("scale", _F)] + [
-        ("rot", ctypes.c_int64), ("qk_full", ctypes.c_int64), ("softcap", _F)]
+        ("rot", ctypes.c_int64), ("qk_full", ctypes.c_int64), ("softcap", _F), ("v_norm", ctypes.c_int64)]
 
 
 class _MlpBlockDesc(ctypes.Structure):
@@ -91,7 +91,7 @@ class _MlpBlockDesc(ctypes.Structure):
 
     _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
                                                                     ("eps", _F)] + [
-        ("post_norm", _P), ("norm_offset", ctypes.c_int64), ("act", ctypes.c_int64)]
+        ("post_norm", _P), ("norm_offset", ctypes.c_int64), ("act", ctypes.c_int64), ("out_scale", _P)]
 
 
 class _MoeBlockDesc(ctypes.Structure):
@@ -118,34 +118,37 @@ class BlockKernel:
 def attn_block_kernel(q: LinearKernel, k: LinearKernel, v: LinearKernel, o: LinearKernel, norm: torch.Tensor,
                       eps: float, nh: int, nkv: int, hd: int, q_norm: torch.Tensor | None = None,
                       k_norm: torch.Tensor | None = None, qk_eps: float = 0.0, post_norm: torch.Tensor | None = None,
-                      norm_offset: bool = False, window: int | None = None, local_rope: bool = False,
+                      norm_offset: int = 0, window: int | None = None, local_rope: bool = False,
                       scale: float | None = None, rot: int | None = None, qk_full: bool = False,
-                      softcap: float | None = None) -> BlockKernel:
+                      softcap: float | None = None, v_norm: bool = False) -> BlockKernel:
     """The attention block of a decoder layer: ``x += o(attn(rope(q/k/v(rms_norm(x, norm)))))``.
 
     Gemma's variant: ``norm_offset`` (every norm scales by ``1 + w`` in fp32, one rounding), ``post_norm`` (the
     output normed before the add), ``window`` (keys older than that many slots hidden), ``local_rope`` (the
     second row of (2, hd) cos/sin tables), ``scale`` (the softmax scale; default ``hd ** -0.5``), ``softcap``
     (Gemma 2: logits ``cap * tanh(logit / cap)``). GLM-4.5 / MiniMax-M2: ``rot`` (RoPE on the first rot channels
-    of each head, cos/sin (rot,)), ``qk_full`` (q_norm/k_norm over all heads' channels at once)."""
+    of each head, cos/sin (rot,)), ``qk_full`` (q_norm/k_norm over all heads' channels at once). Gemma 4:
+    ``norm_offset`` 2 (plain-weight norms, the fp32 product rounded once), ``v_norm`` (values normed per head with
+    no weight, eps ``qk_eps``)."""
     desc = _AttnBlockDesc(q=q.addr, k=k.addr, v=v.addr, o=o.addr, norm=norm.data_ptr(), q_norm=_ptr(q_norm),
                           k_norm=_ptr(k_norm), H=norm.shape[0], nh=nh, nkv=nkv, hd=hd, eps=eps, qk_eps=qk_eps,
                           post_norm=_ptr(post_norm), norm_offset=int(norm_offset), window=window or 0,
                           local_rope=int(local_rope), scale=scale or 0.0, rot=rot if rot and rot < hd else 0,
-                          qk_full=int(qk_full), softcap=softcap or 0.0)
+                          qk_full=int(qk_full), softcap=softcap or 0.0, v_norm=int(v_norm))
     return BlockKernel("attn", desc, (q, k, v, o, norm, q_norm, k_norm, post_norm))
 
 
 def mlp_block_kernel(gate: LinearKernel | None, up: LinearKernel, down: LinearKernel, norm: torch.Tensor,
                      eps: float, gelu: bool = False, post_norm: torch.Tensor | None = None,
-                     norm_offset: int = 0) -> BlockKernel:
+                     norm_offset: int = 0, out_scale: torch.Tensor | None = None) -> BlockKernel:
     """The MLP block of a decoder layer: ``x += down(silu(gate(h)) * up(h))``, ``h = rms_norm(x, norm)``; Gemma's
     GeGLU with ``gelu`` (tanh-GELU gate), ``post_norm`` on the output and (1 + w) norms with ``norm_offset`` 1;
-    Nemotron-H's ``down(relu(up(h))^2)`` with ``gate`` None, its fp32 weight product norm with ``norm_offset`` 2."""
+    Nemotron-H's ``down(relu(up(h))^2)`` with ``gate`` None, its fp32 weight product norm with ``norm_offset`` 2;
+    Gemma 4's ``out_scale`` (its layer scalar, one value of x's dtype) multiplying x after the add."""
     desc = _MlpBlockDesc(gate=_addr(gate), up=up.addr, down=down.addr, norm=norm.data_ptr(), H=norm.shape[0],
                          F=up.out_features, eps=eps, post_norm=_ptr(post_norm), norm_offset=int(norm_offset),
-                         act=2 if gate is None else int(gelu))
-    return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm))
+                         act=2 if gate is None else int(gelu), out_scale=_ptr(out_scale))
+    return BlockKernel("mlp", desc, (gate, up, down, norm, post_norm, out_scale))
 
 
 def moe_block_kernel(router: LinearKernel, experts: list[tuple[LinearKernel, LinearKernel, LinearKernel]],
@@ -308,13 +311,18 @@ def layer_steps(blocks: list[tuple[BlockKernel, BlockKernel]],
 
 
 def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
-                      head: "tuple[torch.Tensor, float, LinearKernel] | None" = None,
-                      logits: torch.Tensor | None = None) -> int:
+                      head: "tuple | None" = None, logits: torch.Tensor | None = None) -> int:
     """Apply every layer of ``steps`` to ``x`` (H,) in place, in one call, for the token at cache slot ``pos``
-    (cos/sin (hd,) of its position), then, given ``head`` = (final norm weight, its eps, the LM head's kernel),
-    write ``logits`` (V,) = head(rms_norm(x)). Returns the number of blocks applied, two a layer, plus one when
-    the logits were written: the caller finishes the rest (a cache too short, a kernel that refused the dtype)."""
-    norm, eps, k = head if head is not None else (None, 0.0, None)
+    (cos/sin (hd,) of its position), then, given ``head`` = (final norm weight, its eps, the LM head's kernel[,
+    norm offset, final-logit cap]), write ``logits`` (V,) = head(rms_norm(x)) (Gemma: the (1 + w) norm with offset
+    1, then cap * tanh(logits / cap) where cap > 0). Returns the number of blocks applied, two a layer, plus one
+    when the logits were written: the caller finishes the rest (a cache too short, a kernel that refused the dtype)."""
+    norm, eps, k = head[:3] if head is not None else (None, 0.0, None)
+    offset, cap = head[3:5] if head is not None and len(head) > 3 else (0, 0.0)
+    if offset or cap:
+        return _loader._lib.ember_decode_layers_gemma(
+            steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos, norm.data_ptr(), eps, offset, cap,
+            k.addr, logits.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())
     return _loader._lib.ember_decode_layers(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
                                     None if norm is None else norm.data_ptr(), eps, None if k is None else k.addr,
                                     None if logits is None else logits.data_ptr(), x.dtype is torch.bfloat16,
@@ -322,13 +330,17 @@ def run_decode_layers(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin
 
 
 def run_decode_rows(steps: LayerSteps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
-                    head: "tuple[torch.Tensor, float, LinearKernel]", logits: torch.Tensor) -> bool:
+                    head: tuple, logits: torch.Tensor) -> bool:
     """:func:`run_decode_layers` for T rows of one sequence at slots ``pos .. pos + T - 1`` (a speculative
-    verification pass): ``x`` (T, H) in place, cos/sin (T, hd), ``logits`` (T, V) written. Each row gets the bits
-    the one-token call gives it, while each weight streams once for all rows. False where a kernel refused (x
-    and the cache slots are then partly written: the caller reruns the pass from its own copy of x)."""
-    norm, eps, k = head
-    done = _loader._lib.ember_decode_rows(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
-                                          x.shape[0], norm.data_ptr(), eps, k.addr, logits.data_ptr(),
-                                          x.dtype is torch.bfloat16, torch.get_num_threads())
+    verification pass): ``x`` (T, H) in place, cos/sin (T, hd) or, where the step passes two tables, (T, 2, w)
+    (the layers with ``local_rope`` read the second), ``logits`` (T, V) written (``head`` as run_decode_layers').
+    Each row gets the bits the one-token call gives it, while each weight streams once for all rows. False where a
+    kernel refused (x and the cache slots are then partly written: the caller reruns the pass from its own copy
+    of x)."""
+    norm, eps, k = head[:3]
+    offset, cap = head[3:5] if len(head) > 3 else (0, 0.0)
+    cs = 2 * cos.shape[-1] if cos.dim() == 3 else 0  # values a row of the two tables; 0: (T, hd)
+    done = _loader._lib.ember_decode_rows_v(steps.addr, steps.n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos,
+                                            x.shape[0], cs, norm.data_ptr(), eps, offset, cap, k.addr,
+                                            logits.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())
     return done == 2 * steps.n + 1

@@ -2648,6 +2648,8 @@ struct AttnBlockDesc {
   // soft-capped, cap * tanh(logit / cap) (softcap, variants.cpp).
   int64_t rot, qk_full;
   float softcap;
+  // Gemma 4 (zero: off): the values normed per head with no weight (x / rms, fp32, one rounding; eps qk_eps).
+  int64_t v_norm;
 };
 
 struct MlpBlockDesc {
@@ -2661,6 +2663,7 @@ struct MlpBlockDesc {
   // gate, relu(up)^2 (Nemotron-H); norm_offset as norm_rows; the MLP output normed by post_norm before the add.
   const void* post_norm;
   int64_t norm_offset, act;
+  const void* out_scale;  // Gemma 4's layer_scalar (one value of the dtype) times x after the add, or null
 };
 
 namespace {
@@ -2811,6 +2814,30 @@ void rms_norm_offset_row(const T* x, const T* w, T* out, int64_t H, float eps, f
   for (; k < H; k++) put(out + k, (to_float(x[k]) * inv) * (add + to_float(w[k])));
 }
 
+// y (n,) = cap * tanh(y / cap) in place, the quotient, the tanh and the product each rounded to T (HF's Gemma
+// final-logit soft-capping in the model dtype).
+template <typename T>
+void softcap_values(T* y, int64_t n, float cap) {
+  for (int64_t k = 0; k < n; k++) {
+    T q, t;
+    put(&q, to_float(y[k]) / cap);
+    put(&t, std::tanh(to_float(q)));
+    put(y + k, to_float(t) * cap);
+  }
+}
+
+// rows x (rows, H) in place divided by their RMS (fp32, one rounding: Gemma 4's weightless value norm).
+template <typename T>
+void rms_unweighted_rows(T* x, int64_t rows, int64_t H, float eps) {
+  for (int64_t r = 0; r < rows; r++) {
+    T* row = x + r * H;
+    double ss = 0.0;
+    for (int64_t j = 0; j < H; j++) ss += static_cast<double>(to_float(row[j])) * to_float(row[j]);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + eps);
+    for (int64_t j = 0; j < H; j++) put(row + j, to_float(row[j]) * inv);
+  }
+}
+
 // rows x (rows, H) normed into out (may be x): Llama's RMSNorm (offset 0), Gemma's (1 + w) one (offset 1), or the
 // fp32 weight product rounded once (offset 2: Nemotron-H's).
 void norm_rows(const void* x, const void* w, void* out, int64_t rows, int64_t H, float eps, int64_t offset,
@@ -2887,6 +2914,10 @@ int ember_attn_block(const AttnBlockDesc* d, void* x, const void* cos, const voi
     norm_rows(q, d->q_norm, q, d->qk_full ? 1 : d->nh, d->qk_full ? nq : d->hd, d->qk_eps, d->norm_offset, is_bf16);
     norm_rows(k, d->k_norm, k, d->qk_full ? 1 : d->nkv, d->qk_full ? nk : d->hd, d->qk_eps, d->norm_offset, is_bf16);
   }
+  if (d->v_norm) {
+    if (is_bf16) rms_unweighted_rows(static_cast<uint16_t*>(v), d->nkv, d->hd, d->qk_eps);
+    else rms_unweighted_rows(static_cast<float*>(v), d->nkv, d->hd, d->qk_eps);
+  }
   if (d->local_rope) {  // the second row of the (2, hd) tables
     cos = static_cast<const char*>(cos) + d->hd * esz;
     sin = static_cast<const char*>(sin) + d->hd * esz;
@@ -2956,6 +2987,10 @@ int ember_mlp_block(const MlpBlockDesc* d, void* x, int is_bf16, int nthreads) {
   if (d->post_norm) norm_rows(y, d->post_norm, y, 1, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_rows(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(y), H);
   else add_rows(static_cast<float*>(x), static_cast<const float*>(y), H);
+  if (d->out_scale) {  // x * layer_scalar, rounded to the dtype
+    const float sc = load_f(d->out_scale, 0, is_bf16);
+    for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) * sc, is_bf16);
+  }
   return 1;
 }
 
@@ -3195,6 +3230,26 @@ int ember_decode_layers(const LayerStepDesc* layers, int n, void* x, const void*
   return 2 * n;
 }
 
+// ember_decode_layers with Gemma's head: the final norm with (1 + w) (norm_offset 1, as norm_rows) and, cap > 0,
+// the logits soft-capped in place, cap * tanh(logits / cap), each step rounded to the dtype as HF's Gemma 2 head.
+int ember_decode_layers_gemma(const LayerStepDesc* layers, int n, void* x, const void* cos, const void* sin,
+                              int64_t pos, const void* norm, float eps, int64_t norm_offset, float cap,
+                              const LinearDesc* head, void* logits, int is_bf16, int nthreads) {
+  const int done = ember_decode_layers(layers, n, x, cos, sin, pos, nullptr, eps, nullptr, nullptr, is_bf16, nthreads);
+  if (done < 2 * n || !head) return done;
+  thread_local std::vector<float> h;
+  h.resize(static_cast<size_t>(head->I));
+  norm_rows(x, norm, h.data(), 1, head->I, eps, norm_offset, is_bf16);
+  if (!ember_linear(head, h.data(), logits, 1, is_bf16, nthreads)) return 2 * n;
+  if (cap > 0.f) {
+    if (is_bf16)
+      softcap_values(static_cast<uint16_t*>(logits), head->O, cap);
+    else
+      softcap_values(static_cast<float*>(logits), head->O, cap);
+  }
+  return 2 * n + 1;
+}
+
 }  // extern "C"
 
 // ============================================================================ decode steps of several rows
@@ -3211,8 +3266,11 @@ void add_all_rows(void* x, const void* y, int64_t n) {
 }
 
 // x (T, H) += o_proj(attention(...)) for each row, as ember_attn_block for that row alone.
+// Gemma's variants as the one-row block: norm_offset, post_norm, v_norm, the scale, soft-capped logits; RoPE from
+// tables of cs values a row (cs = 2 * table width where the step passes two: a layer with local_rope reads the
+// second, at d->hd, as the one-row block does).
 int attn_block_rows(const AttnBlockDesc* d, void* x, const void* cos, const void* sin, void* Kc, void* Vc,
-                    int64_t max_len, int64_t pos, int64_t T, int is_bf16, int nthreads) {
+                    int64_t max_len, int64_t pos, int64_t T, int is_bf16, int nthreads, int64_t cs) {
   if (d->hd % 2) return 0;
   const int64_t H = d->H, nq = d->nh * d->hd, nk = d->nkv * d->hd, hd = d->hd, esz = is_bf16 ? 2 : 4;
   rows_buf.resize(static_cast<size_t>(T * (H + 2 * nq + 2 * nk + H) * esz / 4 + 8));
@@ -3223,16 +3281,36 @@ int attn_block_rows(const AttnBlockDesc* d, void* x, const void* cos, const void
   char* v = k + T * nk * esz;
   char* a = v + T * nk * esz;
   char* o = a + T * nq * esz;
-  ember_rms_norm(x, d->norm, h, T, H, d->eps, is_bf16, 1);
+  norm_rows(x, d->norm, h, T, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* qkv[3] = {d->q, d->k, d->v};
   void* qkv_out[3] = {q, k, v};
   if (!ember_linear_rows(3, qkv, h, qkv_out, T, is_bf16, nthreads)) return 0;
-  if (d->q_norm) {
-    ember_rms_norm(q, d->q_norm, q, T * d->nh, hd, d->qk_eps, is_bf16, 1);
-    ember_rms_norm(k, d->k_norm, k, T * d->nkv, hd, d->qk_eps, is_bf16, 1);
+  if (d->q_norm) {  // per head, or over each row's whole projection (qk_full)
+    norm_rows(q, d->q_norm, q, d->qk_full ? T : T * d->nh, d->qk_full ? nq : hd, d->qk_eps, d->norm_offset, is_bf16);
+    norm_rows(k, d->k_norm, k, d->qk_full ? T : T * d->nkv, d->qk_full ? nk : hd, d->qk_eps, d->norm_offset, is_bf16);
   }
-  ember_rope(q, cos, sin, T, d->nh, hd, is_bf16);
-  ember_rope(k, cos, sin, T, d->nkv, hd, is_bf16);
+  if (d->v_norm) {
+    if (is_bf16) rms_unweighted_rows(reinterpret_cast<uint16_t*>(v), T * d->nkv, hd, d->qk_eps);
+    else rms_unweighted_rows(reinterpret_cast<float*>(v), T * d->nkv, hd, d->qk_eps);
+  }
+  if (d->rot > 0 && d->rot < hd) {  // partial RoPE: the first rot channels of each head, tables (T, rot)
+    for (int64_t r = 0; r < T; r++)
+      for (int64_t n = 0; n < d->nh + d->nkv; n++)
+        ember_rope(n < d->nh ? q + (r * nq + n * hd) * esz : k + (r * nk + (n - d->nh) * hd) * esz,
+                   static_cast<const char*>(cos) + r * d->rot * esz, static_cast<const char*>(sin) + r * d->rot * esz,
+                   1, 1, d->rot, is_bf16);
+  } else if (cs == hd && !d->local_rope) {
+    ember_rope(q, cos, sin, T, d->nh, hd, is_bf16);
+    ember_rope(k, cos, sin, T, d->nkv, hd, is_bf16);
+  } else {
+    const int64_t off = d->local_rope ? hd : 0;
+    for (int64_t r = 0; r < T; r++) {
+      const char* c = static_cast<const char*>(cos) + (r * cs + off) * esz;
+      const char* sn = static_cast<const char*>(sin) + (r * cs + off) * esz;
+      ember_rope(q + r * nq * esz, c, sn, 1, d->nh, hd, is_bf16);
+      ember_rope(k + r * nk * esz, c, sn, 1, d->nkv, hd, is_bf16);
+    }
+  }
   for (int64_t r = 0; r < T; r++)
     for (int64_t g = 0; g < d->nkv; g++) {
       const int64_t slot = (g * max_len + pos + r) * hd * esz, src = (r * nk + g * hd) * esz;
@@ -3240,20 +3318,26 @@ int attn_block_rows(const AttnBlockDesc* d, void* x, const void* cos, const void
       std::memcpy(static_cast<char*>(Vc) + slot, v + src, hd * esz);
     }
   const int64_t hs = max_len * hd;
-  for (int64_t r = 0; r < T; r++)
-    if (!ember_attn_decode(q + r * nq * esz, Kc, Vc, a + r * nq * esz, 1, d->nh, d->nkv, hd, pos + r + 1, d->nkv * hs,
-                           hs, hd, d->nkv * hs, hs, hd, nullptr, 0, 0, 1.f / std::sqrt(static_cast<float>(hd)),
-                           is_bf16, nthreads))
+  const float scale = d->scale > 0.f ? d->scale : 1.f / std::sqrt(static_cast<float>(hd));
+  for (int64_t r = 0; r < T; r++) {
+    if (d->softcap > 0.f)
+      ember_softcap_attn(q + r * nq * esz, Kc, Vc, a + r * nq * esz, d->nh, d->nkv, hd, hs, pos + r + 1, scale,
+                         d->softcap, is_bf16, nthreads);
+    else if (!ember_attn_decode(q + r * nq * esz, Kc, Vc, a + r * nq * esz, 1, d->nh, d->nkv, hd, pos + r + 1,
+                                d->nkv * hs, hs, hd, d->nkv * hs, hs, hd, nullptr, 0, 0, scale, is_bf16, nthreads))
       return 0;
+  }
   const LinearDesc* od[1] = {d->o};
   void* oo[1] = {o};
   if (!ember_linear_rows(1, od, a, oo, T, is_bf16, nthreads)) return 0;
+  if (d->post_norm) norm_rows(o, d->post_norm, o, T, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_all_rows<uint16_t>(x, o, T * H);
   else add_all_rows<float>(x, o, T * H);
   return 1;
 }
 
-// x (T, H) += down(silu(gate(h)) * up(h)) for each row, as ember_mlp_block for that row alone.
+// x (T, H) += down(silu(gate(h)) * up(h)) for each row, as ember_mlp_block for that row alone (Gemma's GeGLU,
+// norm_offset, post_norm and layer scalar too).
 int mlp_block_rows(const MlpBlockDesc* d, void* x, int64_t T, int is_bf16, int nthreads) {
   const int64_t H = d->H, F = d->F, esz = is_bf16 ? 2 : 4;
   rows_buf.resize(static_cast<size_t>(T * (2 * H + 2 * F) * esz / 4 + 8));
@@ -3261,17 +3345,25 @@ int mlp_block_rows(const MlpBlockDesc* d, void* x, int64_t T, int is_bf16, int n
   char* g = h + T * H * esz;
   char* u = g + T * F * esz;
   char* y = u + T * F * esz;
-  ember_rms_norm(x, d->norm, h, T, H, d->eps, is_bf16, 1);
+  if (d->act == 2) return 0;  // Nemotron-H's relu^2: one row at a time
+  norm_rows(x, d->norm, h, T, H, d->eps, d->norm_offset, is_bf16);
   const LinearDesc* gu[2] = {d->gate, d->up};
   void* outs[2] = {g, u};
   if (!ember_linear_rows(2, gu, h, outs, T, is_bf16, nthreads)) return 0;
-  if (is_bf16) silu_mul(reinterpret_cast<uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), T * F);
+  if (d->act == 1 && is_bf16) gelu_tanh_mul(reinterpret_cast<uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), T * F);
+  else if (d->act == 1) gelu_tanh_mul(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(u), T * F);
+  else if (is_bf16) silu_mul(reinterpret_cast<uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), T * F);
   else silu_mul(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(u), T * F);
   const LinearDesc* dd[1] = {d->down};
   void* yy[1] = {y};
   if (!ember_linear_rows(1, dd, g, yy, T, is_bf16, nthreads)) return 0;
+  if (d->post_norm) norm_rows(y, d->post_norm, y, T, H, d->eps, d->norm_offset, is_bf16);
   if (is_bf16) add_all_rows<uint16_t>(x, y, T * H);
   else add_all_rows<float>(x, y, T * H);
+  if (d->out_scale) {  // x * layer_scalar, rounded to the dtype
+    const float sc = load_f(d->out_scale, 0, is_bf16);
+    for (int64_t i = 0; i < T * H; i++) store_y(x, i, load_f(x, i, is_bf16) * sc, is_bf16);
+  }
   return 1;
 }
 
@@ -3280,20 +3372,21 @@ int mlp_block_rows(const MlpBlockDesc* d, void* x, int64_t T, int is_bf16, int n
 extern "C" {
 
 // ember_decode_layers for T rows of one sequence (a verification pass): x (T, H) at slots pos..pos+T-1, cos/sin
-// (T, hd), logits (T, V). Every row's result has the bits ember_decode_layers gives it alone. A mixture of
+// (T, cs) (cs 0: each layer's hd; else the width of a row's tables, two where the step passes two), logits (T, V),
+// the head's norm offset and final-logit cap as ember_decode_layers_gemma's. Every row's result has the bits ember_decode_layers gives it alone. A mixture of
 // experts runs ember_moe_block row by row (each row routes its own way). Returns 2 * n + 1 when the logits were
 // written, else 0: the caller then runs the pass as its modules (the cache slots written are rewritten there).
-int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* cos, const void* sin, int64_t pos,
-                      int64_t T, const void* norm, float eps, const LinearDesc* head, void* logits, int is_bf16,
-                      int nthreads) {
+int ember_decode_rows_v(const LayerStepDesc* layers, int n, void* x, const void* cos, const void* sin, int64_t pos,
+                        int64_t T, int64_t cs, const void* norm, float eps, int64_t norm_offset, float cap,
+                        const LinearDesc* head, void* logits, int is_bf16, int nthreads) {
   if (!head || T < 1) return 0;
   const int64_t esz = is_bf16 ? 2 : 4;
   for (int i = 0; i < n; i++) {
     const LayerStepDesc& s = layers[i];
-    // latent attention, partial RoPE, whole-projection q/k norms, soft-capping: one row at a time only
-    if (s.mla || s.attn->rot || s.attn->qk_full || s.attn->softcap > 0.f) return 0;
+    if (s.mla) return 0;  // latent attention: one row at a time only
     const int64_t H = s.attn->H;
-    if (pos + T > s.max_len || !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads))
+    if (pos + T > s.max_len ||
+        !attn_block_rows(s.attn, x, cos, sin, s.Kc, s.Vc, s.max_len, pos, T, is_bf16, nthreads, cs ? cs : s.attn->hd))
       return 0;
     if (s.moe) {
       for (int64_t r = 0; r < T; r++)
@@ -3306,10 +3399,22 @@ int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* c
   }
   thread_local std::vector<float> h;
   h.resize(static_cast<size_t>(T * head->I));
-  ember_rms_norm(x, norm, h.data(), T, head->I, eps, is_bf16, 1);
+  norm_rows(x, norm, h.data(), T, head->I, eps, norm_offset, is_bf16);
   const LinearDesc* hd[1] = {head};
   void* out[1] = {logits};
-  return ember_linear_rows(1, hd, h.data(), out, T, is_bf16, nthreads) ? 2 * n + 1 : 0;
+  if (!ember_linear_rows(1, hd, h.data(), out, T, is_bf16, nthreads)) return 0;
+  if (cap > 0.f) {
+    if (is_bf16) softcap_values(static_cast<uint16_t*>(logits), T * head->O, cap);
+    else softcap_values(static_cast<float*>(logits), T * head->O, cap);
+  }
+  return 2 * n + 1;
+}
+
+// ember_decode_rows_v with (T, hd) tables and Llama's head.
+int ember_decode_rows(const LayerStepDesc* layers, int n, void* x, const void* cos, const void* sin, int64_t pos,
+                      int64_t T, const void* norm, float eps, const LinearDesc* head, void* logits, int is_bf16,
+                      int nthreads) {
+  return ember_decode_rows_v(layers, n, x, cos, sin, pos, T, 0, norm, eps, 0, 0.f, head, logits, is_bf16, nthreads);
 }
 
 }  // extern "C"

@@ -182,6 +182,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_gptoss_moe_block.argtypes = [_P, _P, _INT, _INT]
     lib.ember_decode_layers.restype = _INT
     lib.ember_decode_layers.argtypes = [_P, _INT, _P, _P, _P, _I64, _P, _F, _P, _P, _INT, _INT]
+    lib.ember_decode_layers_gemma.restype = _INT
+    lib.ember_decode_layers_gemma.argtypes = [_P, _INT, _P, _P, _P, _I64, _P, _F, _I64, _F, _P, _P, _INT, _INT]
+    lib.ember_decode_rows_v.restype = _INT
+    lib.ember_decode_rows_v.argtypes = [_P, _INT, _P, _P, _P, _I64, _I64, _I64, _P, _F, _I64, _F, _P, _P, _INT, _INT]
     lib.ember_decode_rows.restype = _INT
     lib.ember_decode_rows.argtypes = [_P, _INT, _P, _P, _P, _I64, _I64, _P, _F, _P, _P, _INT, _INT]
     lib.ember_linear_rows.restype = _INT

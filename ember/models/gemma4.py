@@ -70,17 +70,21 @@ class Gemma4Embedding(ScaledEmbedding):
         self.state = Gemma4Pass()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = super().forward(input_ids)  # (B, T, H)
-        state, cfg = self.state, self.cfg
-        state.shared_kv = {}
-        bb = state.backbone
-        if bb is not None and cfg.hidden_size_per_layer_input:
-            B, T = input_ids.shape
-            shape = (B, T, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
-            token = bb.embed_tokens_per_layer(input_ids).view(shape)
-            context = (bb.per_layer_model_projection(x) * cfg.hidden_size ** -0.5).view(shape)
-            state.per_layer = (bb.per_layer_projection_norm(context) + token) * 2.0 ** -0.5
-        return x
+        return begin_pass(self.state, self.cfg, input_ids, super().forward(input_ids))
+
+
+def begin_pass(state: Gemma4Pass, cfg: ModelConfig, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Start one forward pass from the embedded tokens ``x`` (B, T, H): clear the shared keys/values and fill the
+    per-layer inputs (B, T, L, P) where the model has them. Returns ``x``."""
+    state.shared_kv = {}
+    bb = state.backbone
+    if bb is not None and cfg.hidden_size_per_layer_input:
+        B, T = input_ids.shape
+        shape = (B, T, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        token = bb.embed_tokens_per_layer(input_ids).view(shape)
+        context = (bb.per_layer_model_projection(x) * cfg.hidden_size ** -0.5).view(shape)
+        state.per_layer = (bb.per_layer_projection_norm(context) + token) * 2.0 ** -0.5
+    return x
 
 
 class PerLayerEmbedding(ScaledEmbedding):

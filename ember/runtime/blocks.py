@@ -23,6 +23,7 @@ from ember import kernels
 from ember.models.attention import Attention
 from ember.models.decoder import DecoderLayer
 from ember.models.gemma import Gemma3Attention, Gemma3DecoderLayer, GeGLUMLP
+from ember.models.gemma4 import Gemma4Attention, Gemma4DecoderLayer, Gemma4RMSNorm
 from ember.models.gpt_oss import GptOssMLP, SinkAttention
 from ember.models.mlp import MLP
 from ember.models.moe import SparseMoE
@@ -60,6 +61,8 @@ def layer_blocks(layer, x: torch.Tensor, local_rope: bool = False
     its sliding layers their own RoPE table (the second row of the step's cos/sin)."""
     if type(layer) is Gemma3DecoderLayer:
         return _gemma_blocks(layer, x, local_rope and layer.attention_type == "sliding_attention")
+    if type(layer) is Gemma4DecoderLayer:  # the step's tables: (sliding, padded to the full width; full)
+        return _gemma4_blocks(layer, x) if local_rope else None
     if type(layer) is HybridDecoderLayer:
         m = _offset_mlp_block(layer, x)
         return None if m is None else (None, m)
@@ -176,16 +179,23 @@ def _mlp_projections(mlp) -> list | None:
     return None
 
 
-def head_block(norm, lm_head, x: torch.Tensor) -> "tuple[torch.Tensor, float, kernels.LinearKernel] | None":
-    """The final norm and LM head for the whole-step call: (norm weight, eps, the head's kernel), or None where
+# final norm class -> norm offset of the kernels' norm_rows (0 Llama's, 1 Gemma 2/3's (1 + w), 2 the fp32 weight
+# product rounded once: Gemma 4's)
+_HEAD_NORMS = {RMSNorm: 0, UnitOffsetRMSNorm: 1, Gemma4RMSNorm: 2}
+
+
+def head_block(norm, lm_head, x: torch.Tensor, cap: float | None = None) -> "tuple | None":
+    """The final norm and LM head for the whole-step call: (norm weight, eps, the head's kernel), or for Gemma's
+    (1 + w) final norm or a final-logit cap (``cap``) (norm weight, eps, kernel, norm offset, cap or 0); None where
     they must run as their modules (hooks, no kernel, another norm)."""
     if norm is None or lm_head is None or _hooked(norm, lm_head):
         return None
     get = getattr(lm_head, "cpu_kernel", None)
     k = get() if get is not None else None
-    if (k is not None and k.accepts(x.view(1, -1)) and type(norm) is RMSNorm and norm.weight.dtype is x.dtype
-            and norm.weight.is_contiguous()):
-        return norm.weight, norm.eps, k
+    if (k is not None and k.accepts(x.view(1, -1)) and type(norm) in _HEAD_NORMS and norm.weight is not None
+            and norm.weight.dtype is x.dtype and norm.weight.is_contiguous()):
+        offset = _HEAD_NORMS[type(norm)]
+        return (norm.weight, norm.eps, k) if not (offset or cap) else (norm.weight, norm.eps, k, offset, float(cap or 0))
     return None
 
 
@@ -229,10 +239,52 @@ def _gemma_blocks(layer, x: torch.Tensor, local_rope: bool
     return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
 
 
+def _gemma4_blocks(layer, x: torch.Tensor) -> "tuple[kernels.BlockKernel, kernels.BlockKernel] | None":
+    """A dense Gemma 4 layer's blocks: plain-weight sandwich and q/k norms (norm offset 2), the weightless value
+    norm, scale 1, the layer's own head size and window, values = the key projection with ``attention_k_eq_v``,
+    GeGLU, the layer scalar. The full layers read the second RoPE table (see :func:`layer_blocks`). None (the layer
+    runs as its modules) with per-layer inputs, shared keys/values (a layer that makes or reads them for
+    another), experts, or a piece of another class or hooked."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+             layer.post_feedforward_layernorm]
+    if (type(attn) is not Gemma4Attention or layer.per_layer or layer.moe or attn.shared or attn.stores
+            or type(mlp) is not GeGLUMLP or _hooked(layer, attn, mlp)):
+        return None
+    qk = [attn.q_norm, attn.k_norm, attn.v_norm]
+    if any(type(n) is not Gemma4RMSNorm or n.eps != norms[0].eps for n in norms + qk) or any(
+            n.weight is None or n.weight.dtype is not x.dtype for n in norms + qk[:2]) or attn.v_norm.weight is not None:
+        return None
+    v_proj = attn.v_proj if attn.v_proj is not None else attn.k_proj  # k = v: the raw key projection twice
+    projs = [attn.q_proj, attn.k_proj, v_proj, attn.o_proj]
+    mlp_projs = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if _hooked(*projs, *mlp_projs, *norms, *qk) or layer.layer_scalar.dtype is not x.dtype:
+        return None
+    x2 = x.view(1, -1)
+    ks, mks = _kernels_of(projs, x2), _kernels_of(mlp_projs, x2)
+    if ks is None or mks is None:
+        return None
+    pre, post, pre_ff, post_ff = norms
+    key = (tuple(map(id, ks)), tuple(map(id, mks)), tuple(n.weight.data_ptr() for n in norms + qk[:2]),
+           layer.layer_scalar.data_ptr())
+
+    def build():
+        a = kernels.attn_block_kernel(*ks, pre.weight, pre.eps, attn.nh, attn.nkv, attn.hd, attn.q_norm.weight,
+                                      attn.k_norm.weight, attn.q_norm.eps, post_norm=post.weight, norm_offset=2,
+                                      window=layer.window, local_rope=layer.window is None, scale=1.0, v_norm=True)
+        m = kernels.mlp_block_kernel(*mks, pre_ff.weight, pre_ff.eps, gelu=True, post_norm=post_ff.weight,
+                                     norm_offset=2, out_scale=layer.layer_scalar)
+        return a, m
+
+    return kernels.cached(layer, f"blocks-{x.dtype}", key, build)
+
+
 def mlp_half(layer, x: torch.Tensor) -> torch.Tensor:
     """The MLP half of ``layer`` as its modules (after its attention block ran on a kernel), residual included."""
     if type(layer) is Gemma3DecoderLayer:
         return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+    if type(layer) is Gemma4DecoderLayer:  # a dense layer without per-layer inputs (the only ones with blocks)
+        return (x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))) * layer.layer_scalar
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 

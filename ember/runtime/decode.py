@@ -29,6 +29,7 @@ import itertools
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ember import kernels
@@ -53,16 +54,17 @@ class DecodeBlocks:
                  "n_fused", "rows_window", "checked_in", "_steps", "_steps_key", "_steps_cache")
 
     def __init__(self, layers: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None = None,
-                 lm_head: nn.Module | None = None, local_rope: bool = False) -> None:
+                 lm_head: nn.Module | None = None, local_rope: bool = False, cap: float | None = None) -> None:
         self.dtype = x.dtype
         self.blocks = [blocks_module.layer_blocks(layer, x, local_rope) for layer in layers]
         # leading layers with both blocks: they run in the whole-step call
         self.n_fused = next((i for i, b in enumerate(self.blocks)
                              if b is None or None in b or b[0].kind not in ("attn", "mla") or b[1].kind not in ("mlp", "moe")),
                             len(self.blocks))
-        # the final norm and LM head, run after the layers in the same kernel call: (norm weight, eps, kernel)
+        # the final norm and LM head (Gemma's: (1 + w) norm, final-logit cap), run after the layers in the same
+        # kernel call: (norm weight, eps, kernel[, norm offset, cap])
         tail = [m for m in (norm, lm_head) if m is not None]
-        self.head = blocks_module.head_block(norm, lm_head, x) if self.n_fused == len(self.blocks) else None
+        self.head = blocks_module.head_block(norm, lm_head, x, cap) if self.n_fused == len(self.blocks) else None
         self.rows_window = _rows_window(self.blocks) if self.n_fused == len(self.blocks) else 0
         self.cache_layers = [getattr(getattr(layer, "self_attn", None), "layer", i) if b is not None else None
                              for i, (layer, b) in enumerate(zip(layers, self.blocks))]
@@ -132,7 +134,9 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
             None: checked at every call.
     """
     T = x.shape[1]  # more than one: a verification pass asks for every row's logits (a prefill for the last only)
-    if local is not None and local[0].shape[-1] != cos.shape[-1]:  # Gemma 4: per-type head dims, as modules
+    gemma4 = getattr(model.config, "model_type", None) == "gemma4_text"
+    # Gemma 4's sliding layers may have a narrower head than its full layers (their table is padded below)
+    if local is not None and (local[0].shape[-1] > cos.shape[-1] or not gemma4 and local[0].shape[-1] != cos.shape[-1]):
         return None
     # several rows only for a session's verification pass: a plain call's prefill keeps the modules' rounding
     if not ((T == 1 or T <= MAX_ROWS and not last_only and session is not None) and x.shape[0] == 1 and k_valid is None and x.device.type == "cpu"
@@ -144,14 +148,23 @@ def forward(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
     decode = _decode_blocks.get(model)
     if decode is None or not (session is not None and decode.checked_in is session and x.dtype is decode.dtype
                               or decode.valid(x)):
-        # a soft-capped LM head (Gemma 2) is not the fused head's math: the logits come from finish()
-        head = model.lm_head if getattr(model.config, "final_logit_softcapping", None) is None else None
-        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, head, local is not None)
+        decode = _decode_blocks[model] = DecodeBlocks(layers, x[:, :1], model.model.norm, model.lm_head,
+                                                      local is not None,
+                                                      getattr(model.config, "final_logit_softcapping", None))
     decode.checked_in = session
     if T > 1:
+        if local is not None:  # per row the step's two tables (see below): (T, 2, width)
+            lc, ls = local[0][0, 0], local[1][0, 0]  # (T, hd_sliding)
+            pad = cos.shape[-1] - lc.shape[-1]
+            cos = (torch.stack([F.pad(lc, (0, pad)), cos[0]], 1) if gemma4 else torch.stack([cos[0], lc], 1))[None]
+            sin = (torch.stack([F.pad(ls, (0, pad)), sin[0]], 1) if gemma4 else torch.stack([sin[0], ls], 1))[None]
         return _rows(decode, x, cos, sin, cache, start, hidden_only, session, getattr(model, "hidden_tap", None))
     cos1, sin1 = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (hd,)
-    if local is not None:  # (2, hd): global, then the sliding layers' table
+    if local is not None and gemma4:  # (2, hd_full): the sliding layers' table (zero-padded), then the full layers'
+        pad = cos1.shape[-1] - local[0].shape[-1]
+        cos1 = torch.cat([F.pad(local[0].reshape(-1), (0, pad)), cos1])
+        sin1 = torch.cat([F.pad(local[1].reshape(-1), (0, pad)), sin1])
+    elif local is not None:  # (2, hd): global, then the sliding layers' table
         cos1, sin1 = torch.stack([cos1, local[0].reshape(-1)]), torch.stack([sin1, local[1].reshape(-1)])
     first = 0  # the first layer the loop below runs
     steps = decode.steps(cache, start, session)
@@ -218,16 +231,17 @@ def _rows(decode: DecodeBlocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def _rows_window(blocks: list) -> float:
     """The slots the rows call can serve: 0 where a layer's blocks carry a variant the rows kernels do not run
-    (Gemma's offset and post norms, local RoPE, a softmax scale of its own, a gated or non-SiLU MLP), else the
-    smallest sliding window (no row may see a key past it), or infinity without windows. MoE layers run the
-    one-row MoE block per row, so every router variant is served."""
+    (latent attention, a relu^2 MLP), else the smallest sliding
+    window (no row may see a key past it), or infinity without windows. MoE layers run the one-row MoE block per
+    row, so every router variant is served; Gemma's norms, scales, soft-caps and GeGLU, partial RoPE and
+    whole-projection q/k norms (GLM-4.5, MiniMax-M2) have their rows form."""
     window = float("inf")
     for attn, mlp in blocks:
         a = attn.desc
-        if attn.kind == "mla" or a.rot or a.qk_full or a.softcap or a.post_norm or a.norm_offset or a.local_rope or a.scale:
+        if attn.kind == "mla":
             return 0
         if a.window:
             window = min(window, a.window)
-        if mlp.kind == "mlp" and (mlp.desc.post_norm or mlp.desc.norm_offset or mlp.desc.act):
+        if mlp.kind == "mlp" and mlp.desc.act == 2:
             return 0
     return window

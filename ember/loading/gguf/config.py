@@ -60,7 +60,7 @@ EXPERT_TENSORS: dict[str, str] = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "
 _EXPERT_NAME = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 # Tensors that configure the model rather than hold weights.
 CONFIG_TENSORS = ("rope_freqs.weight",)
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias|scale)")  # scale: Gemma 4's router
 
 
 def config_from_gguf(gf: GGUFFile) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""The newer llama.cpp architectures: ``gpt-oss``, ``gemma3``, ``glm4moe``, ``deepseek2``, ``minimax-m2``.
+"""The newer llama.cpp architectures: ``gpt-oss``, ``gemma3``, ``gemma4``, ``glm4moe``, ``deepseek2``, ``minimax-m2``.
 
 For each, what ``convert_hf_to_gguf.py`` writes, undone into the HF ``config.json`` fields and parameter
 names of Ember's model classes (``ember/models/gpt_oss.py``, ``gemma.py``, ``mla.py``, ``minimax.py``,
@@ -16,7 +16,8 @@ names of Ember's model classes (``ember/models/gpt_oss.py``, ``gemma.py``, ``mla
   ``kv_b_proj`` is split into ``attn_k_b`` (H, kv_lora_rank, nope), transposed, and ``attn_v_b``
   (H, v_dim, kv_lora_rank); older files keep ``attn_kv_b``. A file without ``expert_gating_func`` is
   DeepSeek-V2 (softmax router), which Ember does not run;
-- ``minimax-m2``: sigmoid router with correction bias, q/k norms over all heads, partial RoPE.
+- ``minimax-m2``: sigmoid router with correction bias, q/k norms over all heads, partial RoPE;
+- ``gemma4``: see :mod:`ember.loading.gguf.gemma4`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ember.errors import GGUFError, UnsupportedModelError
+from ember.loading.gguf import gemma4
 from ember.loading.gguf.reader import GGUFFile
 
 # llama.cpp's expert_gating_func values
@@ -48,13 +50,17 @@ FAMILY_TENSORS: dict[str, dict[str, str]] = {
                   "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
                   "attn_kv_b": "self_attn.kv_b_proj", "attn_output": "self_attn.o_proj", **_DENSE, **_ROUTED},
     "minimax-m2": {**_ATTN, "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate"},
+    gemma4.ARCH: gemma4.TENSORS,
 }
 PARAMS: dict[str, dict[str, str]] = {
     "gpt-oss": {"attn_sinks.weight": "self_attn.sinks"},
     "glm4moe": {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"},
     "deepseek2": {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"},
     "minimax-m2": {"exp_probs_b.bias": "mlp.e_score_correction_bias"},
+    gemma4.ARCH: gemma4.PARAMS,
 }
+# Model-level tensors beyond token_embd/output_norm/output: GGUF name -> Ember name
+FAMILY_GLOBALS: dict[str, dict[str, str]] = {gemma4.ARCH: gemma4.GLOBALS}
 # Families whose stacked experts fill one Linear per expert (mlp.experts.<e>.<kind>_proj.weight);
 # gpt-oss's fill its fused expert tensors instead (ember.loading.gguf.family_weights).
 PER_EXPERT_LINEARS = ("glm4moe", "deepseek2", "minimax-m2")
@@ -115,6 +121,8 @@ def _rope(gf: GGUFFile, arch: str, theta: float, **extra: Any) -> dict[str, Any]
 
 def family_config(gf: GGUFFile, arch: str, hidden: int) -> dict[str, Any]:
     """The HF ``config.json`` fields (model_type and hyper-parameters) of a file of architecture ``arch``."""
+    if arch == gemma4.ARCH:
+        return gemma4.gemma4_config(gf, hidden)
     g = lambda key, default=None, required=False: gf.get_int(f"{arch}.{key}", default, required)  # noqa: E731
     n = layer_count(gf, arch)
     heads = g("attention.head_count", required=True)
@@ -195,6 +203,8 @@ def family_targets(arch: str, name: str, layer: int, key: str, suffix: str, n_ex
         return [prefix + whole]
     if key in FAMILY_TENSORS[arch]:
         return [f"{prefix}{FAMILY_TENSORS[arch][key]}.{suffix}"]
+    if arch == gemma4.ARCH and suffix == "weight":
+        return gemma4.expert_targets(layer, key, n_experts)
     kinds = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
     if key in kinds and arch in PER_EXPERT_LINEARS and suffix == "weight":
         return [f"{prefix}mlp.experts.{e}.{kinds[key]}.weight" for e in range(n_experts)]

@@ -23,9 +23,10 @@ from ember.errors import GGUFError
 from ember.loading.gguf.config import _LAYER_NAME, CONFIG_TENSORS, GLOBAL_TENSORS
 from ember.loading.gguf.file_facts import _BLOCK
 from ember.loading.gguf.dequant import check_tensor_types
-from ember.loading.gguf.families import KV_B_PARTS, NORM_PLUS_ONE, family_targets
+from ember.loading.gguf.families import FAMILY_GLOBALS, KV_B_PARTS, NORM_PLUS_ONE, family_targets
 from ember.loading.gguf.reader import GGUFFile
 from ember.models.gemma import ScaledEmbedding
+from ember.models.gemma4 import Gemma4Embedding, PerLayerEmbedding, begin_pass
 from ember.models.gpt_oss import GptOssExperts
 from ember.models.linear import Linear
 from ember.quant.gguf_linear import KEPT_TYPES, GGUFEmbedding, GGUFLinear
@@ -78,6 +79,27 @@ class GGUFScaledEmbedding(GGUFEmbedding):
         return out * torch.tensor(self.scale, dtype=torch.float32, device=out.device).to(out.dtype)
 
 
+class GGUFGemma4Embedding(GGUFScaledEmbedding):
+    """Gemma 4's token embedding over a GGUF tensor's blocks: the scaled rows, then the start of the forward pass
+    (per-layer inputs, shared keys/values) that :class:`ember.models.gemma4.Gemma4Embedding` makes."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Any, dtype: torch.dtype, replaces: Gemma4Embedding) -> None:
+        super().__init__(raw, qtype, dtype, replaces.scale)
+        self.cfg, self.state = replaces.cfg, replaces.state  # the pass object the layers already share
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return begin_pass(self.state, self.cfg, ids, super().forward(ids))
+
+
+def _block_embedding(old: nn.Module, raw: torch.Tensor, qtype: Any, dtype: torch.dtype) -> nn.Module | None:
+    """The block-holding module for a (scaled) embedding of ``old``'s class, or None when it has none."""
+    if type(old) is ScaledEmbedding or type(old) is PerLayerEmbedding:
+        return GGUFScaledEmbedding(raw, qtype, dtype, old.scale)
+    if type(old) is Gemma4Embedding:
+        return GGUFGemma4Embedding(raw, qtype, dtype, old)
+    return None
+
+
 def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torch.dtype, device: torch.device,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Any, torch.Tensor]], dict[str, nn.Module]]:
     """(state, kept, modules) for every tensor of ``gf`` (module docstring).
@@ -99,6 +121,8 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
             continue  # multi-token-prediction layers (GLM's nextn, counted in block_count): Ember does not run them
         if name in GLOBAL_TENSORS:
             names[name] = [GLOBAL_TENSORS[name]]
+        elif name in FAMILY_GLOBALS.get(arch, {}):
+            names[name] = [FAMILY_GLOBALS[arch][name]]
         elif m and ((arch == "gpt-oss" and m.group(2) in _OSS_EXPERTS) or m.group(2) in KV_B_PARTS):
             special[(int(m.group(1)), f"{m.group(2)}.{m.group(3)}")] = name
         elif m and (t := family_targets(arch, name, int(m.group(1)), m.group(2), m.group(3), cfg.num_local_experts)):
@@ -128,15 +152,19 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
         stacked = len(targets) > 1
         want = tuple(expected[targets[0]].shape)
         want = (len(targets), *want) if stacked else want
-        if gf.tensor_shape(gname) != want:
+        have = gf.tensor_shape(gname)
+        # a stack of (E, 2I, H) filling 2E Linears of (I, H) (Gemma 4's gate_up experts) is read as (2E, I, H)
+        regrouped = stacked and len(have) == 3 and have[0] * have[1] == want[0] * want[1] and have[2:] == want[2:]
+        if have != want and not regrouped:
             raise GGUFError(f"{gf.path}: tensor {gname!r} ({targets[0]}) has shape {list(gf.tensor_shape(gname))}, "
                             f"the metadata implies {list(want)}")
         qtype = QT(gf.tensors[gname].tensor_type)
         owners = [t.rsplit(".", 1)[0] for t in targets]
-        if qtype in KEPT_TYPES and type(model.get_submodule(owners[0])) is ScaledEmbedding:
-            raw = gf.raw(gname).to(device)
-            modules[owners[0]] = GGUFScaledEmbedding(raw, qtype, dtype, model.get_submodule(owners[0]).scale)
-            if cfg.tie_word_embeddings:
+        if qtype in KEPT_TYPES and (emb := _block_embedding(model.get_submodule(owners[0]), gf.raw(gname).to(device),
+                                                            qtype, dtype)) is not None:
+            modules[owners[0]] = emb
+            raw = emb.qweight
+            if cfg.tie_word_embeddings and owners[0] == "model.embed_tokens":
                 modules["lm_head"] = GGUFLinear(raw, qtype, None, dtype)  # the same blocks, held once
             continue
         if qtype in KEPT_TYPES and targets[0].endswith(".weight") and all(
@@ -149,6 +177,7 @@ def family_tensors(gf: GGUFFile, cfg: ModelConfig, model: nn.Module, dtype: torc
             w = (gf.tensor(gname, torch.float32, device) - 1).to(dtype)
         else:
             w = gf.tensor(gname, dtype, device)
+            w = w.reshape(want) if regrouped else w
         state.update((t, w[i]) for i, t in enumerate(targets)) if stacked else state.update({targets[0]: w})
     for layer in sorted({layer for layer, _ in special}):
         get = {key: special[(lyr, key)] for lyr, key in special if lyr == layer}

@@ -2,7 +2,8 @@
 
 ``llama`` = SentencePiece-style BPE (merges recovered from token scores, byte fallback, a space prefix
 as llama.cpp adds it), ``gpt2`` = byte-level BPE with the file's merges and the pre-tokenizer regex
-named by ``tokenizer.ggml.pre``.
+named by ``tokenizer.ggml.pre``, ``gemma4`` = BPE with the file's merges over raw UTF-8 with spaces escaped as
+U+2581 and byte fallback (``<0xXX>`` tokens), split only at newline runs as llama.cpp splits it.
 """
 
 from __future__ import annotations
@@ -106,6 +107,17 @@ def _array(gf: GGUFFile, key: str, kind: type | tuple[type, ...]) -> list:
     return v
 
 
+def _merge_pairs(src: Any, raw: list[str]) -> list[list[str]]:
+    """``tokenizer.ggml.merges`` entries ('left right') as pairs."""
+    merges = []
+    for k, m in enumerate(raw):
+        pair = m.split(" ")
+        if len(pair) != 2:
+            raise TokenizerError(f"{src}: tokenizer.ggml.merges[{k}] = {m!r} is not 'left right'")
+        merges.append(pair)
+    return merges
+
+
 def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
     """Build the tokenizer a GGUF file describes.
 
@@ -163,13 +175,7 @@ def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
         decoder = {"type": "Sequence", "decoders": decoders}
     elif kind == "gpt2":
         add_bos_default = pre in _IGNORE_MERGES_PRE  # Llama 3 style vocabularies start with BOS
-        raw_merges = _array(gf, "tokenizer.ggml.merges", str)  # absent = none (a writer drops empty arrays)
-        merges = []
-        for k, m in enumerate(raw_merges):
-            pair = m.split(" ")
-            if len(pair) != 2:
-                raise TokenizerError(f"{src}: tokenizer.ggml.merges[{k}] = {m!r} is not 'left right'")
-            merges.append(pair)
+        merges = _merge_pairs(src, _array(gf, "tokenizer.ggml.merges", str))  # absent = none
         alphabet = _byte_level_alphabet()
         letters = set(alphabet.values())
         vocab = {}
@@ -188,9 +194,21 @@ def tokenizer_spec(gf: GGUFFile) -> GGUFTokenizerSpec:
         pre_tokenizer = byte_level if split is None else {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False}, byte_level]}
         decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    elif kind == "gemma4":
+        add_bos_default = True  # llama.cpp forces it on for this model
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        model = {"type": "BPE", "dropout": None, "unk_token": tokens[unk] if unk is not None else None,
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                 "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                 "merges": _merge_pairs(src, _array(gf, "tokenizer.ggml.merges", str))}
+        normalizer = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+        pre_tokenizer = {"type": "Split", "pattern": {"Regex": "[^\n]+|[\n]+"}, "behavior": "Isolated",
+                         "invert": False}
+        decoder = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                    {"type": "ByteFallback"}, {"type": "Fuse"}]}
     else:
         raise TokenizerError(f"{src}: tokenizer model {kind!r} is not supported; supported: llama (SentencePiece BPE), "
-                             "gpt2 (byte-level BPE)")
+                             "gpt2 (byte-level BPE), gemma4 (BPE with byte fallback)")
 
     # Control/unknown tokens (and the named specials) are matched whole and are "special"; user-defined
     # ones are matched whole but decode as text.
