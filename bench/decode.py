@@ -63,62 +63,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIZES = {
-    # TinyLlama-1.1B dimensions
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=32000),
-}
-# Mixtral-shape MoE: 8 experts, top-2. "1.1b": ~1.2B parameters, ~0.35B active per token.
-MOE_SIZES = {
-    "1.1b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
-}
-# Gemma 4's 31B-style layers on Gemma 3's dims: full layers with their own head size and k = v, the final-logit
-# cap; no per-layer input table (E2B's would add 262144 x layers x 256 embedding rows, one read per layer a token)
-GEMMA4_EXTRA = dict(head_dim=256, global_head_dim=512, attention_k_eq_v=True, num_global_key_value_heads=1,
-                    sliding_window=512, hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
-# The families' rows (--families): HF config kwargs. Gemma 3 1B's dims at "1.1b" (~1.0B, 0.30B of it the tied
-# embedding); DeepSeek-V3's layout scaled down (~1.0B total, ~0.3B active at "1.1b").
-FAMILY_SIZES = {
-    "1.1b": {
-        "gemma3-shape": ("Gemma3TextConfig", dict(
-            vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
-        "gemma4-shape": ("Gemma4TextConfig", dict(GEMMA4_EXTRA,
-            vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-            num_key_value_heads=1)),
-        "deepseek-mla": ("DeepseekV3Config", dict(
-            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
-            num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-            v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=4, topk_group=2)),
-    },
-    "small": {
-        "gemma3-shape": ("Gemma3TextConfig", dict(
-            vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256)),
-        "gemma4-shape": ("Gemma4TextConfig", dict(GEMMA4_EXTRA,
-            vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=4,
-            num_key_value_heads=1)),
-        "deepseek-mla": ("DeepseekV3Config", dict(
-            vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
-            v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=4, topk_group=2)),
-    },
-}
-# gpt-oss shape (gpt-oss-20b's ratios, scaled down): 32 experts, top-4, head_dim 64, window 128, MXFP4 experts.
-# "1.1b": ~1.1B parameters (experts ~1.0B), ~0.16B active per token; "small": ~0.26B.
-GPT_OSS_SIZES = {
-    "1.1b": dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=16,
-                 num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=32, num_experts_per_tok=4),
-    "small": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, vocab_size=32000, num_local_experts=32, num_experts_per_tok=4),
-}
+from demo_ppl import demo_perplexities  # noqa: E402
+from models import (FAMILY_SIZES, GPT_OSS_SIZES, MOE_SIZES, SIZES, write_checkpoint,  # noqa: E402
+                    write_family_checkpoint, write_gpt_oss_checkpoint)
+
 WARMUP_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=32000)
 DEMO_CACHE = Path(__file__).resolve().parent / ".cache" / "demo"
@@ -132,26 +80,6 @@ def more_rounds(done: int) -> bool:
 
 # Text the demo model never saw (its subjects and plain style, none of its sentences): the demo
 # memorises its corpus, so ppl here is near uniform; printed as a caveat, not used for the ratios.
-HELDOUT_TEXT = """\
-The morning was quiet in the little town. The baker opened his shop before the sun came up, and the smell \
-of warm bread filled the street. A cat sat on the wall by the door and watched the people walk past.
-
-By the sea the wind was cold. The fishermen pulled their boats onto the sand and carried their nets up to \
-the harbour. The waves were small and grey, and the gulls cried over the water. A child ran along the \
-beach and picked up shells, and her father called her back when the tide began to turn.
-
-In the kitchen the old woman made soup for dinner. She cut onions and carrots and put them in a large pot \
-with water and salt. She let the soup cook slowly on the fire for an hour, and then she added a little \
-butter and fresh herbs from the garden. The soup was hot and good, and everyone wanted a second bowl.
-
-At night the sky over the hills was clear. The moon was bright and the stars were many. The town was \
-dark and still, and only the lamp in the window of the inn was burning. Tomorrow the market would come, \
-and the square would be full of voices again.
-
-The river runs from the hills down to the sea. In spring it is wide and fast, because the snow melts in \
-the mountains. In summer it is low and slow, and the children swim in it when the days are hot. The \
-farmers use its water for their fields, and the mill by the bridge turns with its flow.
-"""
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
@@ -187,102 +115,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def write_checkpoint(folder: Path, dims: dict, dtype: torch.dtype, seed: int = 0) -> None:
-    """A random Llama (or, with ``num_local_experts`` in ``dims``, Mixtral) checkpoint in the normal HF
-    layout and names, plus a word-level tokenizer covering the vocab."""
-    from safetensors.torch import save_file
-
-    moe = bool(dims.get("num_local_experts"))
-    kind = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]} if moe else \
-        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    raw = {**kind, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-           "torch_dtype": str(dtype).removeprefix("torch."), **dims}
-    shapes = _tensor_shapes(raw)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in shapes.items():
-        if moe:  # Ember's names -> Mixtral's (ember.loading.moe maps them back)
-            name = name.replace(".mlp.", ".block_sparse_moe.")
-            for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-                name = name.replace(f".{ours}.", f".{theirs}.")
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=dtype)
-        else:
-            tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    write_word_tokenizer(folder, dims["vocab_size"])
-
-
-def write_family_checkpoint(folder: Path, config_class: str, dims: dict, dtype: torch.dtype) -> None:
-    """A random checkpoint of one of transformers' families (``config_class`` with ``dims``), saved by HF's own
-    ``save_pretrained`` (norm weights as HF initialises them), plus the word-level tokenizer."""
-    import transformers
-
-    cfg = getattr(transformers, config_class)(**dims, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                                               pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.save_pretrained(folder)
-    del model
-    write_word_tokenizer(folder, dims["vocab_size"])
-
-
-def _tensor_shapes(raw: dict) -> dict[str, torch.Size]:
-    """Name -> shape of every tensor of Ember's model for a config.json dict (built on the meta device)."""
-    from ember.config import ModelConfig
-    from ember.models import Transformer
-
-    with torch.device("meta"):
-        return {k: v.shape for k, v in Transformer(ModelConfig.from_dict(raw)).state_dict().items()}
-
-
-def write_gpt_oss_checkpoint(folder: Path, dims: dict, seed: int = 0) -> None:
-    """A random gpt-oss checkpoint in the hub's layout: experts as MXFP4 ``*_blocks``/``*_scales`` (random codes,
-    scales near 2^-4) under ``quantization_config.quant_method: mxfp4``, everything else bf16; tokenizer as
-    :func:`write_checkpoint`'s."""
-    from safetensors.torch import save_file
-
-    from ember.loading.mxfp4 import hf_quantization_config
-
-    raw = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "max_position_embeddings": 4096,
-           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": 128, "swiglu_limit": 7.0,
-           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-           "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                               "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
-           "quantization_config": hf_quantization_config(), **dims}
-    shapes = _tensor_shapes(raw)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in shapes.items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            E, n_in, n_out = shape  # HF's x @ W layout; stored transposed, per 32 inputs
-            tensors[name + "_blocks"] = torch.randint(0, 256, (E, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
-            tensors[name + "_scales"] = torch.randint(121, 124, (E, n_out, n_in // 32), dtype=torch.uint8, generator=g)
-        elif name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    write_word_tokenizer(folder, dims["vocab_size"])
-
-
-def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over ``w3 .. w{V-1}`` (ids = numbers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def module_bytes(m: torch.nn.Module) -> int:
@@ -455,71 +287,6 @@ def time_hf(folder: Path, dtype: torch.dtype, prompt: list[int], new: int, repea
     del model
     release_memory()
     return {"prefill_s": t1, "decode_tok_s": (new - 1) / (tn - t1), "tokens": toks}
-
-
-def demo_perplexities(formats: list[str], folder: Path, window: int, stride: int) -> dict:
-    """Perplexity of the trained demo model on its corpus (and on :data:`HELDOUT_TEXT`), per weight
-    format: "fp32", "bf16" (float) or a quant mode (bf16 compute)."""
-    import ember
-    from ember.demo import DEFAULT_STEPS, build_demo_checkpoint, load_corpus
-    from ember.evaluate import perplexity
-    from ember.quant import GROUP_SIZES
-
-    t = time.perf_counter()
-    # The demo's default build stops at a time limit on a slow or busy machine; the bench wants the
-    # full recipe every time (same steps, same weights), so an early-stopped cache is rebuilt.
-    steps = demo_steps(folder)
-    build_demo_checkpoint(folder, progress=True, time_limit=None,
-                          rebuild=steps is not None and steps != DEFAULT_STEPS)
-    print(f"[ppl] demo model at {folder}, {demo_steps(folder)} training steps ({time.perf_counter() - t:.1f}s)",
-          file=sys.stderr)
-    base = ember.load(folder, device="cpu", dtype="fp32")
-    widths = {m.in_features for m in base.model.modules() if isinstance(m, torch.nn.Linear)}
-    group = max(g for g in GROUP_SIZES if all(w % g == 0 for w in widths))
-    heldout = base.tokenizer.encode(HELDOUT_TEXT)
-    corpus = base.tokenizer.encode(load_corpus())
-    del base
-    out: dict = {"model": str(folder), "int4_group_size": group, "window": window, "stride": stride,
-                 "heldout_tokens": len(heldout) - 1, "train_tokens": len(corpus) - 1, "formats": {}}
-    for fmt in formats:
-        quant = fmt if fmt in ("int8", "int4", "nf4") else None
-        llm = ember.load(folder, device="cpu", dtype="fp32" if fmt == "fp32" else "bf16", quant=quant,
-                         group_size=group if fmt == "int4" else None)
-        out["formats"][fmt] = {"heldout_ppl": perplexity(llm.model, heldout, window, stride)["ppl"],
-                               "train_ppl": perplexity(llm.model, corpus, window, stride)["ppl"]}
-        del llm
-    # The demo ties its head to the embedding, so no format above quantizes a head. What the loader's default
-    # int8 head (untied models under --quant) costs, measured on the same trained model: the head untied into
-    # its own copy of the embedding (the same function), then that copy in int8, everything else bf16.
-    from ember.models import Linear
-    from ember.quant import quantize_linear
-
-    llm = ember.load(folder, device="cpu", dtype="bf16")
-    emb = llm.model.model.embed_tokens.weight
-    head = Linear(emb.shape[1], emb.shape[0], bias=False)
-    head.weight = torch.nn.Parameter(emb.detach().clone(), requires_grad=False)
-    llm.model.lm_head = quantize_linear(head, "int8", "lm_head")
-    out["formats"]["bf16 + int8 head"] = {"heldout_ppl": perplexity(llm.model, heldout, window, stride)["ppl"],
-                                         "train_ppl": perplexity(llm.model, corpus, window, stride)["ppl"]}
-    del llm, head
-    ref = out["formats"].get("bf16")
-    for r in out["formats"].values():
-        if ref:
-            r["heldout_ratio"] = r["heldout_ppl"] / ref["heldout_ppl"]
-            r["train_ratio"] = r["train_ppl"] / ref["train_ppl"]
-    release_memory()
-    return out
-
-
-def demo_steps(folder: Path) -> int | None:
-    """Training steps of the demo model in ``folder`` (from its README), or None if there is none."""
-    try:
-        for line in (folder / "README.md").read_text().splitlines():
-            if line.startswith("- steps:"):
-                return int(line.split(":")[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def label(dtype: str, quant: str | None, group: int | None) -> str:
@@ -707,6 +474,7 @@ def main() -> None:
         formats = [d for d in dtypes if d in ("fp32", "bf16")]
         formats = list(dict.fromkeys(formats + ["bf16"] + quants))
         ppl = demo_perplexities(formats, Path(args.demo_dir), window=512, stride=256)
+        release_memory()
         for r in rows:
             f = ppl["formats"].get(r["weights"] if r["quant"] != "int4" else "int4")
             if r["engine"] == "ember" and r["model"] == "llama" and f:

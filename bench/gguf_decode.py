@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import SIZES, EmberRow, write_checkpoint  # noqa: E402  (bench/decode.py's harness)
+from decode import EmberRow  # noqa: E402  (bench/decode.py's harness)
+from models import SIZES, write_checkpoint  # noqa: E402
 
 LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

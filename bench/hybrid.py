@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import DEADLINE, EmberRow, measure_bandwidth, more_rounds, release_memory, write_word_tokenizer  # noqa: E402
+from decode import DEADLINE, EmberRow, measure_bandwidth, more_rounds, release_memory  # noqa: E402
+from models import write_word_tokenizer  # noqa: E402
 
 # Qwen3.5-27B's block: 3 Gated DeltaNet layers, then one gated full-attention layer; dk = dv = 128.
 QWEN35 = {

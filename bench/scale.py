@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SIZES, write_checkpoint  # noqa: E402  (the same random Llama checkpoints as bench/decode.py)
+from models import SIZES, write_checkpoint  # noqa: E402  (the same random Llama checkpoints as bench/decode.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
