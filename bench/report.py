@@ -74,13 +74,13 @@ def decode() -> str | None:
                      f"{moe.get('num_local_experts')} experts, top-{moe.get('num_experts_per_tok')})")
     others = sorted({r["model"] for r in d["rows"]} - {"llama", "mixtral-moe"})
     if others:
-        shown.append(f"the family shapes {', '.join(others)} (bench/decode.py's FAMILY_SIZES and GPT_OSS_SIZES)")
+        shown.append(f"the family shapes {', '.join(others)} (bench/models.py's FAMILY_SIZES and GPT_OSS_SIZES)")
     text = (f"Decode, batch 1, 128-token prompt, 128 new tokens, random weights: {' and '.join(shown)}. "
             f"{d['date']}, {d['machine']}. Roofline = the best copy "
             f"bandwidth measured between rows and timing rounds ({bw['copy'] / 1e9:.1f} GB/s; samples "
             f"{', '.join(f'{b / 1e9:.0f}' for b in bw.get('samples', [bw['copy']]))}) / bytes read per token; "
             f"% median: the same at the median sample{_median(bw)}. "
-            f"ppl/bf16 = perplexity ratio of the trained demo model in that format (see bench/decode.py).\n\n")
+            f"ppl/bf16 = perplexity ratio of the trained demo model in that format (see bench/demo_ppl.py).\n\n")
     text += _table(["model", "weights", "engine", "decode tok/s", "vs bf16", "MB/token", "roofline tok/s",
                     "% roofline", "% median", "resident MB", "ppl/bf16", "vs HF"], rows)
     for r in d["rows"]:
