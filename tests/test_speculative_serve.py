@@ -52,3 +52,26 @@ def test_exact_rows_products_round_as_one_row(dtype):
     assert torch.equal(rows, alone[0]) and all(torch.equal(a, b) for a, b in zip(projected, alone))
     if dtype is torch.float32:
         assert not torch.equal(plain, alone[0])  # what the context changes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_every_row_count_and_shape(dtype):
+    """``ember_linear_rows`` groups the activation rows (threes and pairs, a lone last row) over every 4-row weight
+    block: for 2..13 rows, a row count of the output not a multiple of 4, and inner sizes on and off the AVX2
+    kernels' strides, each row equals ``linear_many`` over that row alone, bit for bit, bias included."""
+    from ember.kernels import matmul
+
+    torch.manual_seed(1)
+    for O, I in ((13, 96), (8, 48), (7, 40)):
+        ks = [matmul.dense_kernel(torch.randn(O, I).to(dtype), torch.randn(O).to(dtype)),
+              matmul.dense_kernel(torch.randn(O + 3, I).to(dtype))]
+        if ks[0] is None:
+            pytest.skip("native kernels unavailable")
+        for M in range(2, 14):
+            x = torch.randn(M, I).to(dtype)
+            rows = matmul.linear_rows(ks, x)
+            assert rows is not None
+            for i in range(M):
+                alone = matmul.linear_many(ks, x[i:i + 1].clone())
+                for a, b in zip(rows, alone):
+                    assert torch.equal(a[i], b[0]), f"O={O} I={I} M={M} row {i}"
