@@ -7,12 +7,12 @@ corpus-style prompts they agree often. Training stops at ``--*-steps`` or after 
 for both models together (the target gets 70% of it), whichever comes first; the trained models are cached under
 a folder named by every training setting (shape, steps, seed, minutes) below ``$EMBER_BENCH_CACHE`` (default
 ``<tmp>/ember-bench-speculative``), so a rerun with the same settings skips training. With the defaults a first
-run on a quiet 2-core machine takes about 10 minutes of training and 3-4 of timed runs. At batch 1 decode streams every weight once
-per token, so the target's size is what makes a verification pass over ``k + 1`` rows cost about one step
-(``ember_decode_rows``); at a few million parameters fixed per-call costs dominate instead. The timed runs are
-fp32 by default: on AVX2 CPUs without a native bf16 dot product a bf16 step is bound by arithmetic, so every
-extra verified row costs nearly a step (docs/speculative.md, "Benchmark"); the first line printed is that cost,
-the CPU time of a ``k + 1``-row pass over a one-token step.
+run on a quiet 2-core machine takes about 10 minutes of training and 3-4 of timed runs.
+
+At batch 1 decode streams every weight once per token, so the target's size is what makes a verification pass
+over ``k + 1`` rows cost about one step (``ember_decode_rows``); at a few million parameters fixed per-call costs
+dominate instead. The timed runs are fp32 by default (docs/speculative.md, "Benchmark"); the first line printed
+is the single-thread CPU time of a ``k + 1``-row pass over a one-token step.
 
 Rows, each greedy, ``--new`` tokens, EOS ignored, decode tok/s of ``Engine.generate`` (prefill excluded), the
 median of ``--repeats`` runs, plain and speculative runs interleaved so a slow spell of a shared machine hits
