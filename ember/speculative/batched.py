@@ -19,6 +19,7 @@ taken from the prefix cache: a cached block holds keys/values but not the hidden
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -61,7 +62,7 @@ class BatchSpeculator:
         weight stream for all sequences' rows, each row rounded as the one-token step rounds it)."""
         return exact_rows()
 
-    def forward(self, model, seqs: list, news: list[int], run):
+    def forward(self, model, seqs: list, news: list[int], run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()`` (the scheduler's forward over ``seqs``, ``news[i]`` new tokens each, right-aligned in the
         batch) with the last layer's output handed, normed, to every sequence whose proposer reads it: rows
         ``T - news[i] ..`` of batch row i are its positions ``seqs[i].computed ..`` (not yet advanced)."""

@@ -296,7 +296,7 @@ _NEXTN_SHARED = ("nextn.embed_tokens", "nextn.shared_head_head")  # copies of th
 
 
 def mtp_checkpoint_tensors(gf: GGUFFile, cfg: ModelConfig, names: list[str], dtype: torch.dtype,
-                           device) -> dict[str, torch.Tensor]:
+                           device: torch.device | str) -> dict[str, torch.Tensor]:
     """The multi-token-prediction blocks ``names`` (:func:`hybrid_tensor_map`'s third list) decoded to ``dtype``.
     Qwen3-Next / Qwen3.5 blocks are named as the HF checkpoint names them (``mtp.fc.weight``,
     ``mtp.layers.{i}.<Ember parameter>``, ...) with the converter's changes undone (norms stored as 1 + w;
