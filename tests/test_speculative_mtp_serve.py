@@ -98,3 +98,16 @@ def test_recurrent_mtp_target_refused_in_serve(tmp_path):
             BatchScheduler(llm, max_batch=2, num_blocks=32, block_size=8)
     finally:
         llm.speculate()
+
+
+def test_serve_command_takes_speculate_mtp(tmp_path):
+    """``ember serve MODEL --speculate mtp`` builds an engine whose scheduler runs the head (no refusal)."""
+    from ember.cli import build_parser
+    from ember.commands.serve import load_engine
+    from ember.scheduler import BatchScheduler
+
+    folder = _with_mtp(tmp_path, "deepseek_v3")
+    engine = load_engine(build_parser().parse_args(["serve", str(folder), "--speculate", "mtp"]))
+    assert engine.speculation.method == "mtp" and engine.speculation.num_speculative == 1
+    sched = BatchScheduler(engine, max_batch=2, num_blocks=32, block_size=8)
+    assert sched.speculator is not None
