@@ -38,7 +38,7 @@
 //   activation preparation and job runners .. one quantized activation row shared by several weights
 //   entry points: int8 and 4-bit products, dequantization
 //   entry points: RMSNorm and RoPE
-//   single-query attention .................. ember_attn_decode
+//   single-query attention .................. ember_attn_decode, ember_attn_runs (each row over its own key run)
 //   prepared linear calls ................... LinearDesc: ember_linear, ember_linear_many
 //   decoder blocks for one token ............ ember_attn_block, ember_mlp_block, ember_moe_block,
 //                                             ember_decode_layers (every layer of a step in one call)
@@ -2332,6 +2332,62 @@ int ember_attn_decode(const void* Q, const void* K, const void* V, void* Out, in
                    static_cast<float*>(Out) + (b * nh + h0) * hd, hd, S, kss, vss, mk, mss, static_cast<int>(per),
                    scale, buf);
       }
+    }
+  }
+  return 1;
+}
+
+// Attention of T query rows per batch row, each over the run of keys its mask row shows, computed exactly as
+// ember_attn_decode computes one query over just those keys (no mask, the run's first key at slot 0): a row's
+// result does not depend on how far the batch left-pads it nor on how many rows ride beside it, so a served
+// step, plain or verifying proposals, rounds as generate's one-token step. Q and Out (B, T, nh, hd)
+// contiguous; K/V as ember_attn_decode; mask (b, t, slot) element strides, 1 where visible. A row with no
+// visible key gets zeros. Returns 0 (nothing written) where some row's visible keys are not one run, or hd > 512.
+int ember_attn_runs(const void* Q, const void* K, const void* V, void* Out, int64_t B, int64_t T, int64_t nh,
+                    int64_t nkv, int64_t hd, int64_t S, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh,
+                    int64_t vss, const uint8_t* mask, int64_t msb, int64_t mst, int64_t mss, float scale, int is_bf16,
+                    int nthreads) {
+  if (hd > 512 || nh % nkv) return 0;
+  std::vector<int64_t> run(static_cast<size_t>(2 * B * T));  // per row: first visible slot, visible count
+  for (int64_t r = 0; r < B * T; r++) {
+    const uint8_t* m = mask + (r / T) * msb + (r % T) * mst;
+    int64_t lo = 0, hi = 0, n = 0;
+    for (int64_t s = 0; s < S; s++)
+      if (m[s * mss]) {
+        if (n++ == 0) lo = s;
+        hi = s + 1;
+      }
+    if (n != hi - lo) return 0;
+    run[2 * r] = lo;
+    run[2 * r + 1] = n;
+  }
+  const int64_t rep = nh / nkv, R = B * T;
+  int64_t split = 1;  // query-head slices per group
+  while (split < rep && R * nkv * split < 2 * nthreads && rep % (split * 2) == 0) split *= 2;
+  const int64_t per = rep / split, items = R * nkv * split;
+  const size_t esz = is_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(nthreads) if (items > 1)
+  {
+    static thread_local std::vector<float> buf;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+      const int64_t r = it / (nkv * split), b = r / T, g = (it / split) % nkv, h0 = g * rep + (it % split) * per;
+      const int64_t lo = run[2 * r], n = run[2 * r + 1];
+      char* o = static_cast<char*>(Out) + (r * nh + h0) * hd * esz;
+      if (n == 0) {
+        std::memset(o, 0, static_cast<size_t>(per * hd) * esz);
+        continue;
+      }
+      const int64_t ko = (b * ksb + g * ksh + lo * kss) * esz, vo = (b * vsb + g * vsh + lo * vss) * esz;
+      const char* q = static_cast<const char*>(Q) + (r * nh + h0) * hd * esz;
+      if (is_bf16)
+        attn_group(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(static_cast<const char*>(K) + ko),
+                   reinterpret_cast<const uint16_t*>(static_cast<const char*>(V) + vo), reinterpret_cast<uint16_t*>(o),
+                   hd, n, kss, vss, nullptr, 0, static_cast<int>(per), scale, buf);
+      else
+        attn_group(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(static_cast<const char*>(K) + ko),
+                   reinterpret_cast<const float*>(static_cast<const char*>(V) + vo), reinterpret_cast<float*>(o),
+                   hd, n, kss, vss, nullptr, 0, static_cast<int>(per), scale, buf);
     }
   }
   return 1;

@@ -91,5 +91,13 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor | None:
-    """One query token per row against the cached keys/values (:func:`ember.kernels.attn_decode`)."""
-    return kernels.attn_decode(q, k, v, mask)
+    """q (B, T, nh, hd) against the cached keys/values -> (B, T, nh * hd), or None for T > 1 outside
+    :func:`exact_rows`. With a mask (a batch of left-padded rows) every query row attends over just its own
+    visible keys (:func:`ember.kernels.attn_runs`), so a served row rounds as generate's one-token step whatever
+    the padding, and a verified proposal as that token's plain step; else one query token per row
+    (:func:`ember.kernels.attn_decode`)."""
+    if mask is not None and (q.shape[1] == 1 or _EXACT_ROWS.get()):
+        out = kernels.attn_runs(q, k, v, mask)
+        if out is not None or q.shape[1] > 1:
+            return out
+    return kernels.attn_decode(q, k, v, mask) if q.shape[1] == 1 else None
