@@ -83,6 +83,31 @@ def test_linear_rows_every_row_count_and_shape(dtype):
                     assert torch.equal(a[i], b[0]), f"O={O} I={I} M={M} row {i}"
 
 
+@pytest.mark.parametrize("how", ["draft", "ngram"])
+def test_served_mla_moe_speculation_equals_plain_bf16(tmp_path, how):
+    """DeepSeek-V3 layout (MLA attention over a latent cache, group-routed experts) in bf16 at 4 streams: each
+    verified row's latent attention runs alone over its own keys and its experts mix as a lone token's do."""
+    from test_speculative import _serve
+    from test_speculative_mtp import _hf
+    from conftest import save_word_tokenizer
+
+    _hf("deepseek_v3").save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    llm = ember.load(tmp_path, device="cpu", check_memory=False, dtype=torch.bfloat16)
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    for seed in (0, 1):  # prompts that split near ties before (the latent attention, then the expert sums)
+        g = torch.Generator().manual_seed(seed)
+        ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (9, 17, 4, 12)]
+        plain, _ = _serve(llm, ps, [(greedy, None)] * 4)
+        llm.speculate(**(dict(draft=llm) if how == "draft" else dict(method="ngram")), num_speculative=3,
+                      adaptive=False)
+        try:
+            served, m = _serve(llm, ps, [(greedy, None)] * 4)
+        finally:
+            llm.speculate()
+        assert served == plain, seed
+        assert m["speculative_proposed"] > 0
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attn_runs_rows_round_as_one_token_over_their_keys(dtype):
     """Each query row of a left-padded, causally masked batch gets the bits of the one-token kernel over just its
