@@ -3,14 +3,16 @@
 A target of ~90M parameters (``bench/decode.py``'s "small" shape: 768 hidden, 12 layers) and a ~10x smaller
 draft are trained here on the bundled demo corpus with ``ember demo``'s recipe (the same byte-level BPE
 tokenizer, so the draft shares the target's vocabulary), so acceptance is real: both learn the corpus, and on
-corpus-style prompts they agree often. Training stops at ``--*-steps`` or ``--time-limit`` seconds per model,
-whichever comes first; the trained models are cached under the temp dir (``$EMBER_BENCH_CACHE``, default
-``<tmp>/ember-bench-speculative``), so only the first run trains. At batch 1 decode streams every weight once
-per token, so the target's size is what makes a verification pass over ``k + 1`` rows cost about one step
-(``ember_decode_rows``); at a few million parameters fixed per-call costs dominate instead. The timed runs are
-fp32 by default: on AVX2 CPUs without a native bf16 dot product a bf16 step is bound by arithmetic, so every
-extra verified row costs nearly a step (docs/speculative.md, "Benchmark"); the first line printed is that cost,
-the CPU time of a ``k + 1``-row pass over a one-token step.
+corpus-style prompts they agree often. Training stops at ``--*-steps`` or after ``--train-minutes`` of wall time
+for both models together (the target gets 70% of it), whichever comes first; the trained models are cached under
+a folder named by every training setting (shape, steps, seed, minutes) below ``$EMBER_BENCH_CACHE`` (default
+``<tmp>/ember-bench-speculative``), so a rerun with the same settings skips training. With the defaults a first
+run on a quiet 2-core machine takes about 10 minutes of training and 3-4 of timed runs.
+
+At batch 1 decode streams every weight once per token, so the target's size is what makes a verification pass
+over ``k + 1`` rows cost about one step (``ember_decode_rows``); at a few million parameters fixed per-call costs
+dominate instead. The timed runs are fp32 by default (docs/speculative.md, "Benchmark"); the first line printed
+is the single-thread CPU time of a ``k + 1``-row pass over a one-token step.
 
 Rows, each greedy, ``--new`` tokens, EOS ignored, decode tok/s of ``Engine.generate`` (prefill excluded), the
 median of ``--repeats`` runs, plain and speculative runs interleaved so a slow spell of a shared machine hits
@@ -72,18 +74,19 @@ def _config(vocab: int, hidden: int, layers: int, heads: int, kv: int, inter: in
     return cfg
 
 
-def build(name: str, tok, cfg, steps: int, seed: int, time_limit: float) -> tuple[Path, dict]:
-    """Train (or reuse) a model of ``cfg`` on the demo corpus; returns its folder and training report."""
+def build(name: str, tok, cfg, steps: int, seed: int, minutes: float) -> tuple[Path, dict]:
+    """Train (or reuse) a model of ``cfg`` on the demo corpus for at most ``steps`` steps and ``minutes`` minutes;
+    returns its folder and training report."""
     from ember.checkpoint_io import save_hf_checkpoint
     from ember.demo import generation_config, tokenizer_config, train_demo_model
 
     folder = CACHE / (f"spec-{name}-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-i{cfg.intermediate_size}"
-                      f"-s{steps}-seed{seed}")
+                      f"-s{steps}-seed{seed}-m{minutes:g}")
     report_file = folder / "train_report.json"
     if report_file.is_file():
         return folder, json.loads(report_file.read_text())
     with torch.random.fork_rng(devices=[]):
-        model, report = train_demo_model(tok, seed=seed, steps=steps, progress=True, time_limit=time_limit,
+        model, report = train_demo_model(tok, seed=seed, steps=steps, progress=True, time_limit=60 * minutes,
                                          config=cfg)
     report["params"] = sum(p.numel() for p in model.parameters())
     save_hf_checkpoint(folder, model, tokenizer_files={
@@ -144,9 +147,9 @@ def compare(llm, prompt: str, new: int, repeats: int, specs: dict[str, dict]) ->
 
 
 def pass_cost(llm, k: int, repeats: int = 9) -> dict:
-    """CPU seconds of a one-token step and of a ``k + 1``-row verification pass (the runtime's rows call), the
-    median of ``repeats`` interleaved rounds after a 64-token prompt: the ratio says what speculation can gain
-    (a pass emits at most ``k + 1`` tokens)."""
+    """Single-thread CPU seconds of a one-token step and of a ``k + 1``-row verification pass (the runtime's rows
+    call), the median of ``repeats`` interleaved rounds after a 64-token prompt: the ratio says what speculation
+    can gain (a pass emits at most ``k + 1`` tokens)."""
     from ember.cache import StaticKVCache
 
     model = llm.model
@@ -154,6 +157,8 @@ def pass_cost(llm, k: int, repeats: int = 9) -> dict:
     cache = StaticKVCache(model.config, 1, 64 + 2 * repeats * (k + 2) + 8, p.dtype, p.device)
     session, V = object(), model.config.vocab_size
     times: dict[int, list[float]] = {1: [], k + 1: []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time of one thread: other threads' spin-waits would count too
     with torch.inference_mode():
         model(torch.randint(0, V, (1, 64)), None, cache, 0, None, last_only=True)
         cache.advance(64)
@@ -163,6 +168,7 @@ def pass_cost(llm, k: int, repeats: int = 9) -> dict:
                 model(torch.randint(0, V, (1, T)), None, cache, cache.pos, None, last_only=T == 1, session=session)
                 times[T].append(time.process_time() - t0)
                 cache.advance(T)
+    torch.set_num_threads(threads)
     step, rows = statistics.median(times[1]), statistics.median(times[k + 1])
     return {"step_cpu_s": step, "pass_cpu_s": rows, "pass_over_step": rows / step}
 
@@ -198,7 +204,8 @@ def main() -> None:
     ap.add_argument("--draft-inter", type=int, default=1024)
     ap.add_argument("--target-steps", type=int, default=300)
     ap.add_argument("--draft-steps", type=int, default=600)
-    ap.add_argument("--time-limit", type=float, default=660.0, help="training seconds per model at most")
+    ap.add_argument("--train-minutes", type=float, default=10.0,
+                    help="training wall time for both models at most (the target gets 70%%); cached per setting")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of the timed runs (fp32, bf16)")
     ap.add_argument("--new", type=int, default=96, help="tokens per run")
     ap.add_argument("--k", type=int, default=4, help="--num-speculative")
@@ -219,8 +226,8 @@ def main() -> None:
     tcfg = _config(V, args.target_hidden, args.target_layers, max(4, args.target_hidden // 64),
                    max(2, args.target_hidden // 128), args.target_inter)
     dcfg = _config(V, args.draft_hidden, args.draft_layers, max(2, args.draft_hidden // 64), 2, args.draft_inter)
-    tdir, trep = build("target", tok, tcfg, args.target_steps, 0, args.time_limit)
-    ddir, drep = build("draft", tok, dcfg, args.draft_steps, 1, args.time_limit)
+    tdir, trep = build("target", tok, tcfg, args.target_steps, 0, round(0.7 * args.train_minutes, 2))
+    ddir, drep = build("draft", tok, dcfg, args.draft_steps, 1, round(0.3 * args.train_minutes, 2))
     llm = ember.load(tdir, device="cpu", dtype=args.dtype, check_memory=False)
     draft = ember.load(ddir, device="cpu", dtype=args.dtype, check_memory=False)
     k = args.k

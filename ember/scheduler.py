@@ -365,10 +365,10 @@ class BatchScheduler:
                 keep.append(s)
                 continue
             usable = (s.n_prompt - 1) // bs  # always compute at least the last prompt token (for its logits)
-            if self.cache.states is not None or self.cache.window_pool is not None:
-                # Prefix caching is off for models with recurrent layers: a cached block holds keys/values but
-                # not the recurrent state after it (no snapshots at block boundaries), so a hit cannot skip it.
-                # Likewise with ring layers, whose older blocks have gone back to the window pool.
+            if self.cache.states is not None or self.cache.window_pool is not None or (s.spec and s.spec.reads_states):
+                # Prefix caching is off for recurrent layers (a cached block holds keys/values, not the state after
+                # it: no snapshots at block boundaries), ring layers (older blocks went back to the window pool) and
+                # an MTP head (it reads every position's hidden state, ember/speculative/batched.py).
                 usable = 0
             matched: list[int] = []
             for key in s.keys[:usable]:
@@ -430,8 +430,7 @@ class BatchScheduler:
             logits = self._forward_safe(seqs, [1 + len(p) for p in proposals], events, proposals)
         if logits is None:
             return []
-        dt = time.perf_counter() - t0
-        T = logits.shape[1]
+        dt, T = time.perf_counter() - t0, logits.shape[1]
         ready = []
         for i, (s, prop) in enumerate(zip(seqs, proposals)):
             if s.spec is None:
@@ -483,8 +482,9 @@ class BatchScheduler:
             ids[i, T - n:] = torch.tensor(row)
         if self.on_forward is not None:
             self.on_forward(self.layout, [list(s.table) for s in seqs], [s.computed for s in seqs], news, slots, ids)
-        logits = self.model(ids.to(self.device), batch.positions, batch, batch.start, batch.k_valid,
-                            last_only=proposals is None)
+        run = lambda: self.model(ids.to(self.device), batch.positions, batch, batch.start,  # noqa: E731
+                                 batch.k_valid, last_only=proposals is None)
+        logits = self.speculator.forward(self.model, seqs, news, run) if self.speculator is not None else run()
         for s, n in zip(seqs, news):
             s.computed += n
         return logits if proposals is not None else logits[:, -1]
@@ -517,7 +517,7 @@ class BatchScheduler:
         s.finished = True
         for b in s.table:
             self.pool.release(b)
-        s.table = []
+        s.table, s.spec = [], None  # spec: an MTP head's own cache goes with it
         if self.cache.window_pool is not None:
             self._free_window(s, len(s.window_table))
             s.window_table, s.window_freed = [], 0

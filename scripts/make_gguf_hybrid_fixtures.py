@@ -12,6 +12,9 @@ the f32 file (``<name>.npz``: ``ids`` (1, T + steps), the prompt and its greedy 
 BPE vocabulary by hashing how it tokenizes a probe text; a freshly trained vocabulary matches no known hash,
 so the converter runs with its pre-tokenizer lookup answering ``qwen2`` (the split the vocabulary below uses).
 The weights, which the fixtures are about, pass through the converter untouched by that.
+
+``qwen35-mtp-f32`` is the Qwen3.5 checkpoint with a random multi-token-prediction head added under HF's ``mtp.*``
+names, converted with its ``nextn`` block (no ``--no-mtp``); its ``.npz`` holds those head tensors.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ FIXTURES = {
     "nemotron_h-f32": ("nemotron_h", "f32"),
     "nemotron_h_moe-f32": ("nemotron_h_moe", "f32"),
 }
+MTP_FIXTURES = {"qwen35-mtp-f32": "qwen3_5_text"}  # converted with the checkpoint's MTP head
 
 
 def hf_model(family: str):
@@ -119,15 +123,39 @@ def dense_config(folder: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2))
 
 
-def convert(llama_cpp: Path, folder: Path, outtype: str, out: Path) -> None:
+def add_mtp_head(folder: Path) -> dict[str, np.ndarray]:
+    """Add a random MTP head (Qwen3.5's ``mtp.*`` layout, norms spread around their (1 + w) identity 0) to the
+    checkpoint in ``folder``; returns its tensors."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ember.config import ModelConfig
+    from ember.speculative.mtp import QWEN, MTPHead
+
+    cfg = ModelConfig.from_file(folder)
+    names = {v: k for k, v in QWEN.items()}
+    torch.manual_seed(2)
+    head = {(names.get(n) or "mtp.layers.0." + n[len("layer."):]): (0.2 if p.ndim == 1 else 0.3) * torch.randn_like(p)
+            for n, p in MTPHead(cfg, moe=False).state_dict().items()}
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, **head}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return {n: t.numpy() for n, t in head.items()}
+
+
+def convert(llama_cpp: Path, folder: Path, outtype: str, out: Path, mtp: bool = False) -> None:
     """Run llama.cpp's converter in a child process, its vocabulary pre-tokenizer lookup answering "qwen2"."""
     code = (
         "import sys, runpy\n"
         f"sys.path[:0] = [{str(llama_cpp / 'gguf-py')!r}, {str(llama_cpp)!r}]\n"
         "import conversion.base as b\n"
         "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
-        f"sys.argv = ['convert_hf_to_gguf.py', {str(folder)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r},"
-        " '--no-mtp']\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {str(folder)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r}"
+        f"{'' if mtp else ', ' + repr('--no-mtp')}]\n"
         f"runpy.run_path({str(llama_cpp / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -169,6 +197,16 @@ def main(argv: list[str] | None = None) -> None:
             convert(args.llama_cpp, folder, outtype, args.out / f"{name}.gguf")
             if outtype == "f32":  # a quantized file is checked against its family's f32 reference
                 np.savez_compressed(args.out / f"{name}.npz", **reference(models[family]))
+            print(f"wrote {args.out / name}.gguf")
+        for name, family in MTP_FIXTURES.items():
+            if args.only and name not in args.only:
+                continue
+            folder = Path(tmp) / f"{family}-mtp"
+            hf_model(family).save_pretrained(folder)
+            save_tokenizer(folder)
+            head = add_mtp_head(folder)
+            convert(args.llama_cpp, folder, "f32", args.out / f"{name}.gguf", mtp=True)
+            np.savez_compressed(args.out / f"{name}.npz", **head)
             print(f"wrote {args.out / name}.gguf")
 
 

@@ -187,7 +187,8 @@ def test_other_architectures_and_broken_files_are_refused(tmp_path):
 
 
 def test_mtp_blocks_are_kept_apart(tmp_path):
-    """A trailing nextn block (multi-token prediction) is not a decoder layer: it is kept in extra_weights."""
+    """A trailing nextn block (multi-token prediction) is not a decoder layer: it is kept in extra_weights, under
+    the checkpoint's mtp.* names (tests/test_gguf_mtp.py: the converter's own file, proposing)."""
     src = DATA / "qwen35-f32.gguf"
     r = gguf.GGUFReader(str(src))
     dst = tmp_path / "mtp.gguf"
@@ -213,7 +214,7 @@ def test_mtp_blocks_are_kept_apart(tmp_path):
     w.close()
     model = load_gguf_model(dst, dtype="fp32")
     assert model.config.num_hidden_layers == 4
-    assert "blk.4.nextn.eh_proj.weight" in model.extra_weights and "blk.4.attn_q.weight" in model.extra_weights
+    assert "mtp.fc.weight" in model.extra_weights and "mtp.layers.0.self_attn.q_proj.weight" in model.extra_weights
     ids, positions, want = reference("qwen35-f32")
     got, _ = run_greedy(model, ids, positions)
     assert (got - want).abs().max() < 1e-4

@@ -402,3 +402,27 @@ def test_decode_bytes_equal_what_a_decode_step_touches(hf_checkpoint, family):
         assert ours.config.active_parameters() < ours.config.num_parameters()
     else:
         assert ours.config.active_parameters() == ours.config.num_parameters()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_mixes_its_experts_alone_as_among_others(dtype):
+    """Each token's expert outputs are summed in its routing order in fp32 the same way whether it is the only
+    token (decode) or one of a batch grouped by expert: a verified row gets its one-token step's bits (inside
+    exact_rows(), as the scheduler's verification runs, every expert product rounds per row too)."""
+    from ember.models.moe import mix_experts
+    from ember.runtime import ops
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=16)
+    experts = torch.nn.ModuleList(MLP(cfg, 48) for _ in range(6)).to(dtype)
+    x = torch.randn(7, 32).to(dtype)
+    weights = torch.softmax(torch.randn(7, 3), -1)
+    ids = torch.stack([torch.randperm(6)[:3] for _ in range(7)])  # routing order, not sorted
+    with torch.no_grad(), ops.exact_rows():
+        together = mix_experts(experts, x, weights, ids)
+        for i in range(7):
+            assert torch.equal(mix_experts(experts, x[i:i + 1], weights[i:i + 1], ids[i:i + 1])[0], together[i]), i
+        ref = sum(experts[int(e)](x).float() * weights[:, j:j + 1] * (ids[:, j:j + 1] == e)
+                  for j in range(3) for e in range(6))
+    torch.testing.assert_close(together.float(), ref, atol=1e-2 if dtype is torch.bfloat16 else 1e-5, rtol=1e-2)

@@ -15,7 +15,7 @@ input, and the caller falls back to PyTorch. Which model pieces use which kernel
 
 from __future__ import annotations
 
-from ember.kernels.blocks import (BlockKernel, LayerSteps, attn_block_kernel, attn_decode, layer_steps,
+from ember.kernels.blocks import (BlockKernel, LayerSteps, attn_block_kernel, attn_decode, attn_runs, layer_steps,
                                   gptoss_moe_block_kernel, mla_block_kernel, mlp_block_kernel, moe_block_kernel, rms_norm, rope_,
                                   run_attn_block, sink_attn_block_kernel,
                                   run_decode_layers, run_decode_rows, run_mlp_block)
@@ -26,7 +26,7 @@ from ember.kernels.matmul import (LinearKernel, cached, cached_kernel, dense, de
                                   wide_linear)
 
 __all__ = ["AMX_BF16", "AMX_MIN_ROWS", "INT8_ACTIVATIONS", "MAX_ROWS", "SOURCE", "TILE_BYTES", "sources", "BlockKernel",
-           "LayerSteps", "LinearKernel", "attn_block_kernel", "attn_decode", "build", "cache_dir", "cached",
+           "LayerSteps", "LinearKernel", "attn_block_kernel", "attn_decode", "attn_runs", "build", "cache_dir", "cached",
            "cached_kernel", "dense", "dense_kernel", "gguf_dequant", "gguf_kernel", "gguf_supports", "gguf_tiled", "int8", "int8_kernel",
            "gptoss_moe_block_kernel", "layer_steps", "mla_block_kernel", "library", "linear_many", "linear_rows", "load", "mlp_block_kernel", "moe_block_kernel", "mxfp4", "native_bf16_gemm",
            "q4", "q4_kernel", "reset",

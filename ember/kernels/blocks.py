@@ -77,6 +77,33 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return out if ok else None
 
 
+def attn_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Attention of every query row over its own run of visible keys: q (B, T, nh, hd) contiguous, k/v as
+    :func:`attn_decode`, ``mask`` bool broadcastable to (B, 1, T, S) -> (B, T, nh * hd), or None when not handled
+    (also where some row's visible keys are not one contiguous run).
+
+    Each row is :func:`attn_decode` of that query alone over just its visible keys, so its bits depend neither on
+    the batch's left padding nor on the rows beside it: the scheduler's steps, plain or verifying several
+    proposals per sequence, round as generate's one-token step."""
+    B, T, nh, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    if (q.dtype not in _FLOAT or k.dtype is not q.dtype or v.dtype is not q.dtype or q.device.type != "cpu"
+            or not q.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1 or nh % nkv or v.shape[-1] != hd
+            or mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[-1] != S or mask.shape[1] != 1
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    lib = _loader._lib if _loader._lib is not None else _loader.load()
+    if lib is None:
+        return None
+    mask = mask.expand(B, 1, T, S)
+    out = torch.empty(B, T, nh * hd, dtype=q.dtype)
+    ok = lib.ember_attn_runs(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, T, nh, nkv, hd, S,
+                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                             mask.data_ptr(), mask.stride(0), mask.stride(2), mask.stride(3),
+                             1.0 / hd ** 0.5, q.dtype is torch.bfloat16, torch.get_num_threads())
+    return out if ok else None
+
+
 class _AttnBlockDesc(ctypes.Structure):
     """Mirror of ``AttnBlockDesc`` in cpu.cpp."""
 

@@ -38,7 +38,7 @@
 //   activation preparation and job runners .. one quantized activation row shared by several weights
 //   entry points: int8 and 4-bit products, dequantization
 //   entry points: RMSNorm and RoPE
-//   single-query attention .................. ember_attn_decode
+//   single-query attention .................. ember_attn_decode, ember_attn_runs (each row over its own key run)
 //   prepared linear calls ................... LinearDesc: ember_linear, ember_linear_many
 //   decoder blocks for one token ............ ember_attn_block, ember_mlp_block, ember_moe_block,
 //                                             ember_decode_layers (every layer of a step in one call)
@@ -2337,6 +2337,62 @@ int ember_attn_decode(const void* Q, const void* K, const void* V, void* Out, in
   return 1;
 }
 
+// Attention of T query rows per batch row, each over the run of keys its mask row shows, computed exactly as
+// ember_attn_decode computes one query over just those keys (no mask, the run's first key at slot 0): a row's
+// result does not depend on how far the batch left-pads it nor on how many rows ride beside it, so a served
+// step, plain or verifying proposals, rounds as generate's one-token step. Q and Out (B, T, nh, hd)
+// contiguous; K/V as ember_attn_decode; mask (b, t, slot) element strides, 1 where visible. A row with no
+// visible key gets zeros. Returns 0 (nothing written) where some row's visible keys are not one run, or hd > 512.
+int ember_attn_runs(const void* Q, const void* K, const void* V, void* Out, int64_t B, int64_t T, int64_t nh,
+                    int64_t nkv, int64_t hd, int64_t S, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh,
+                    int64_t vss, const uint8_t* mask, int64_t msb, int64_t mst, int64_t mss, float scale, int is_bf16,
+                    int nthreads) {
+  if (hd > 512 || nh % nkv) return 0;
+  std::vector<int64_t> run(static_cast<size_t>(2 * B * T));  // per row: first visible slot, visible count
+  for (int64_t r = 0; r < B * T; r++) {
+    const uint8_t* m = mask + (r / T) * msb + (r % T) * mst;
+    int64_t lo = 0, hi = 0, n = 0;
+    for (int64_t s = 0; s < S; s++)
+      if (m[s * mss]) {
+        if (n++ == 0) lo = s;
+        hi = s + 1;
+      }
+    if (n != hi - lo) return 0;
+    run[2 * r] = lo;
+    run[2 * r + 1] = n;
+  }
+  const int64_t rep = nh / nkv, R = B * T;
+  int64_t split = 1;  // query-head slices per group
+  while (split < rep && R * nkv * split < 2 * nthreads && rep % (split * 2) == 0) split *= 2;
+  const int64_t per = rep / split, items = R * nkv * split;
+  const size_t esz = is_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(nthreads) if (items > 1)
+  {
+    static thread_local std::vector<float> buf;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+      const int64_t r = it / (nkv * split), b = r / T, g = (it / split) % nkv, h0 = g * rep + (it % split) * per;
+      const int64_t lo = run[2 * r], n = run[2 * r + 1];
+      char* o = static_cast<char*>(Out) + (r * nh + h0) * hd * esz;
+      if (n == 0) {
+        std::memset(o, 0, static_cast<size_t>(per * hd) * esz);
+        continue;
+      }
+      const int64_t ko = (b * ksb + g * ksh + lo * kss) * esz, vo = (b * vsb + g * vsh + lo * vss) * esz;
+      const char* q = static_cast<const char*>(Q) + (r * nh + h0) * hd * esz;
+      if (is_bf16)
+        attn_group(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(static_cast<const char*>(K) + ko),
+                   reinterpret_cast<const uint16_t*>(static_cast<const char*>(V) + vo), reinterpret_cast<uint16_t*>(o),
+                   hd, n, kss, vss, nullptr, 0, static_cast<int>(per), scale, buf);
+      else
+        attn_group(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(static_cast<const char*>(K) + ko),
+                   reinterpret_cast<const float*>(static_cast<const char*>(V) + vo), reinterpret_cast<float*>(o),
+                   hd, n, kss, vss, nullptr, 0, static_cast<int>(per), scale, buf);
+    }
+  }
+  return 1;
+}
+
 int ember_gguf_linear_jobs(int n, const uint8_t* const* W, const int64_t* O, int64_t row_bytes, int t,
                            const void* const* X, void* const* Y, int64_t I, int nthreads);  // gguf.cpp
 }  // extern "C"
@@ -2443,33 +2499,32 @@ int gguf_row_jobs(int n, const LinearDesc* const* d, const void* const* X, void*
   return 1;
 }
 
-// Activation rows X (nm <= MB, I) times a block of R weight rows, each (weight row, activation row) product with
+// Activation rows X (nm <= 3, I) times a block of R weight rows, each (weight row, activation row) product with
 // the bits of the one-activation-row kernel (dense_*_rows with nm = 1). The AVX512 and portable kernels sum each
-// pair the same way whatever nm is; the AVX2 kernels keep two accumulators for one activation row and one for two,
-// so here two activation rows at a time get the one-row kernel's two accumulators each (two weight rows at a time,
-// to stay within the 16 vector registers).
+// pair the same way whatever nm is; the AVX2 one-row kernels keep two accumulators per pair (fp32: the first and
+// the last 8 of every 16 values; bf16: the even and the odd ones), so here every pair gets those two. fp32: two
+// weight rows x three activation rows x two halves = 12 accumulators, plus one weight and one activation vector,
+// fill the 16 vector registers; 5 loads feed 6 FMAs and 12 independent chains cover the FMA latency.
 #ifdef EMBER_AVX2
-// 16 weights or activations as two fp32 vectors, split as the one-row kernels split them: bf16 as (even, odd)
-// (bf16_pairs), fp32 as (first 8, last 8).
-inline void halves(const uint16_t* p, __m256& a, __m256& b) { bf16_pairs(p, a, b); }
-inline void halves(const float* p, __m256& a, __m256& b) { a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8); }
-
-template <int NM, typename T>
-inline void rows_avx2_exact(const T* const* w, const T* X, int64_t I, float* out) {
+template <int NM, bool PF>
+inline void rows_avx2_exact(const float* const* w, const float* X, int64_t I, float* out) {
   for (int r0 = 0; r0 < R; r0 += 2) {
     __m256 acc[2][NM][2];
     for (int r = 0; r < 2; r++)
       for (int m = 0; m < NM; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    const float* w0 = w[r0];
+    const float* w1 = w[r0 + 1];
     for (int64_t k = 0; k < I; k += 16) {
-      __m256 xa[NM], xb[NM];
-      for (int m = 0; m < NM; m++) halves(X + m * I + k, xa[m], xb[m]);
-      for (int r = 0; r < 2; r++) {
-        if (k % (64 / sizeof(T)) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r0 + r] + k + 4 * I), PF_HINT);
-        __m256 wa, wb;
-        halves(w[r0 + r] + k, wa, wb);
+      if (PF) {  // the next block's lines (fp32 weights: one 64-byte line per 16 values)
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + k + 4 * I), PF_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + k + 4 * I), PF_HINT);
+      }
+      for (int h = 0; h < 2; h++) {
+        const __m256 a = _mm256_loadu_ps(w0 + k + 8 * h), b = _mm256_loadu_ps(w1 + k + 8 * h);
         for (int m = 0; m < NM; m++) {
-          acc[r][m][0] = _mm256_fmadd_ps(wa, xa[m], acc[r][m][0]);
-          acc[r][m][1] = _mm256_fmadd_ps(wb, xb[m], acc[r][m][1]);
+          const __m256 x = _mm256_loadu_ps(X + m * I + k + 8 * h);
+          acc[0][m][h] = _mm256_fmadd_ps(a, x, acc[0][m][h]);
+          acc[1][m][h] = _mm256_fmadd_ps(b, x, acc[1][m][h]);
         }
       }
     }
@@ -2477,19 +2532,82 @@ inline void rows_avx2_exact(const T* const* w, const T* X, int64_t I, float* out
       for (int m = 0; m < NM; m++) out[(r0 + r) * MB + m] = hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
   }
 }
+
+// Two bf16 activation rows x a block of R bf16 weight rows, two weight rows at a time: both operands are split
+// into (even, odd) in registers (bf16_pairs), 8 accumulators + 4 activation + 2 weight vectors. Converting the
+// weights costs two ALU ops per 16 values and pass, which beats widening them into a buffer (its stores).
+inline void rows_bf16_pair(const uint16_t* const* w, const uint16_t* X, int64_t I, float* out) {
+  for (int r0 = 0; r0 < R; r0 += 2) {
+    __m256 acc[2][2][2];
+    for (int r = 0; r < 2; r++)
+      for (int m = 0; m < 2; m++) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < I; k += 16) {
+      __m256 xe[2], xo[2];
+      for (int m = 0; m < 2; m++) bf16_pairs(X + m * I + k, xe[m], xo[m]);
+      for (int r = 0; r < 2; r++) {
+        if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r0 + r] + k + 4 * I), PF_HINT);
+        __m256 we, wo;
+        bf16_pairs(w[r0 + r] + k, we, wo);
+        for (int m = 0; m < 2; m++) {
+          acc[r][m][0] = _mm256_fmadd_ps(we, xe[m], acc[r][m][0]);
+          acc[r][m][1] = _mm256_fmadd_ps(wo, xo[m], acc[r][m][1]);
+        }
+      }
+    }
+    for (int r = 0; r < 2; r++)
+      for (int m = 0; m < 2; m++) out[(r0 + r) * MB + m] = hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+  }
+}
 #endif
 
+// How many activation rows the next group takes, `left` of them left: threes (the most the registers hold), and
+// 2 + 2 rather than 3 + 1 (a lone row leaves the FMA latency uncovered).
+inline int row_group(int64_t left) { return left == 4 ? 2 : static_cast<int>(std::min<int64_t>(3, left)); }
+
 template <typename T>
-inline void dense_rows_exact(const T* const* w, const T* X, int64_t I, int nm, float* out) {
-  constexpr bool bf = std::is_same_v<T, uint16_t>;
+inline void dense_rows_portable(const T* const* w, const T* X, int64_t I, int nm, float* out) {
+  if constexpr (std::is_same_v<T, uint16_t>) dense_bf16_rows(w, X, I, nm, out);
+  else dense_f32_rows(w, X, I, nm, out);
+}
+
+// Weight d's 4-row block at o0 times all M rows of X, stored into Y: the block is read from memory once (the
+// first group's pass prefetches the next one) and every further group of rows finds it in L1/L2. Where the one-row
+// kernels' AVX2 condition does not hold, their portable loops (exact at any nm).
+template <typename T>
+inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, int64_t M, void* Y) {
+  const int64_t I = d.I, O = d.O;
+  const T* w[R];
+  row_ptrs(static_cast<const T*>(d.W), o0, O, I, w);
+  float out[R * MB];
 #ifdef EMBER_AVX2
-  if (I % (bf ? 32 : 16) == 0) {  // the one-row kernels' condition; otherwise their portable loop, exact at any nm
-    in_pairs(nm, [&](auto n, int m) { rows_avx2_exact<decltype(n)::value>(w, X + m * I, I, out + m); });
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (I % 32 == 0) {  // pairs of rows, a last lone row through the one-row kernel itself (four weight rows)
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        const int nm = M - m0 >= 2 ? 2 : 1;
+        if (nm == 2) rows_bf16_pair(w, X + m0 * I, I, out);
+        else dense_bf16_avx2<1>(w, X + m0 * I, I, out);
+        store_block(Y, O, o0, m0, nm, out, nullptr, 1);
+      }
+      return;
+    }
+  } else if (I % 16 == 0) {
+    for (int64_t m0 = 0; m0 < M;) {
+      const int nm = row_group(M - m0);
+      const float* x = X + m0 * I;
+      if (nm == 3) m0 == 0 ? rows_avx2_exact<3, true>(w, x, I, out) : rows_avx2_exact<3, false>(w, x, I, out);
+      else if (nm == 2) m0 == 0 ? rows_avx2_exact<2, true>(w, x, I, out) : rows_avx2_exact<2, false>(w, x, I, out);
+      else m0 == 0 ? rows_avx2_exact<1, true>(w, x, I, out) : rows_avx2_exact<1, false>(w, x, I, out);
+      store_block(Y, O, o0, m0, nm, out, nullptr, 0);
+      m0 += nm;
+    }
     return;
   }
 #endif
-  if constexpr (bf) dense_bf16_rows(w, X, I, nm, out);
-  else dense_f32_rows(w, X, I, nm, out);
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
+    dense_rows_portable(w, X + m0 * I, I, nm, out);
+    store_block(Y, O, o0, m0, nm, out, nullptr, std::is_same_v<T, uint16_t>);
+  }
 }
 
 }  // namespace
@@ -2575,7 +2693,7 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
 
 // Y[i] (M, O_i) = X (M, I) @ W_i^T for n prepared weights, each activation row's products with the same bits as
 // ember_linear_many over that row alone (a speculative verification pass must round as the one-token step it
-// stands for). Dense weights stream each 4-row block once for all M rows (dense_rows_exact); other formats (and
+// stands for). Dense weights stream each 4-row block once for all M rows (rows_block); other formats (and
 // AMX at one row) run ember_linear_many row by row. Returns 0 (nothing guaranteed written) where a weight has no
 // kernel for X's dtype.
 int ember_linear_rows(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
@@ -2599,21 +2717,9 @@ int ember_linear_rows(int n, const LinearDesc* const* d, const void* X, void* co
   for (int64_t t = 0; t < first[n]; t++) {
     int i = 0;
     while (t >= first[i + 1]) i++;
-    const int64_t o0 = (t - first[i]) * R, O = d[i]->O;
-    float out[R * MB];
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
-      if (x_bf16) {
-        const uint16_t* w[R];
-        row_ptrs(static_cast<const uint16_t*>(d[i]->W), o0, O, I, w);
-        dense_rows_exact(w, static_cast<const uint16_t*>(X) + m0 * I, I, nm, out);
-      } else {
-        const float* w[R];
-        row_ptrs(static_cast<const float*>(d[i]->W), o0, O, I, w);
-        dense_rows_exact(w, static_cast<const float*>(X) + m0 * I, I, nm, out);
-      }
-      store_block(Y[i], O, o0, m0, nm, out, nullptr, x_bf16);
-    }
+    const int64_t o0 = (t - first[i]) * R;
+    if (x_bf16) rows_block(*d[i], o0, static_cast<const uint16_t*>(X), M, Y[i]);
+    else rows_block(*d[i], o0, static_cast<const float*>(X), M, Y[i]);
   }
   for (int i = 0; i < n; i++) add_bias(d[i], Y[i], M, x_bf16);
   return 1;

@@ -192,6 +192,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_linear_rows.argtypes = [_INT, _P, _P, _P, _I64, _INT, _INT]
     lib.ember_attn_decode.restype = _INT
     lib.ember_attn_decode.argtypes = [_P, _P, _P, _P] + [_I64] * 11 + [_P, _I64, _I64, _F, _INT, _INT]
+    lib.ember_attn_runs.restype = _INT
+    lib.ember_attn_runs.argtypes = [_P, _P, _P, _P] + [_I64] * 12 + [_P, _I64, _I64, _I64, _F, _INT, _INT]
     lib.ember_int8_dequant.restype = None
     lib.ember_int8_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT]
     lib.ember_mxfp4.restype = _INT

@@ -23,8 +23,13 @@ rms_norm: Callable | None = None
 project: Callable | None = None
 # rotate q (B, T, nh, hd) and k (B, T, nkv, hd), contiguous, in place by cos/sin (B, T, hd): -> bool
 rope_: Callable | None = None
-# one query token per row: (q (B, 1, nh, hd), k/v (B, nkv, S, hd), bool mask or None) -> (B, 1, nh*hd) or None
+# query rows against a cache: (q (B, T, nh, hd), k/v (B, nkv, S, hd), bool mask or None) -> (B, T, nh*hd) or None
+# (T > 1 only while rows must round as one-token steps, ember.runtime.ops.exact_rows)
 attention_decode: Callable | None = None
+# each query row alone over its own visible keys, where rows must round as one-token steps (served batches):
+# (attend, qs (B, n, T, *) each, kvs (B, 1, S, *) each, bool mask (B or 1, 1, T, S) or None) -> (B, T, width) or
+# None; attend(*q rows (1, n, 1, *), *kv runs (1, 1, s, *), None) -> (1, 1, width) is the module's one-token code
+attention_rows: Callable | None = None
 # one token of a recurrent layer, fp32 state updated in place (ember.runtime.recurrent):
 # gated_delta_step(state (B, H, dk, dv), q, k (B, H, dk), v (B, H, dv), g, beta (B, H)) -> out (B, H, dv) or None
 gated_delta_step: Callable | None = None

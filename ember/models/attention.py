@@ -120,10 +120,11 @@ class Attention(nn.Module):
             q_rows = q  # (B, T, nh, hd)
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, n, T, hd)
             decode = accel.attention_decode
-            if T == 1 and cache is not None and decode is not None:  # one token: one call over the cached keys
+            # one token, or a padded batch's rows (verified proposals): one call over the cached keys
+            if (T == 1 or mask is not None) and cache is not None and decode is not None:
                 k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
                 cache = None
-                out = decode(q_rows, k, v, fit_mask(mask, k.shape[2]))  # (B, 1, nh * hd)
+                out = decode(q_rows, k, v, fit_mask(mask, k.shape[2]))  # (B, T, nh * hd), or None
                 if out is not None:
                     return self.o_proj(out)
         else:

@@ -18,6 +18,7 @@ from ember.config import ModelConfig
 from ember.models import accel
 from ember.models.attention import Attention, fit_mask
 from ember.models.linear import Linear, project
+from ember.models.moe import expert_groups
 from ember.models.rope import apply_rope
 
 
@@ -122,20 +123,11 @@ class GptOssExperts(nn.Module):
         visited in increasing id order (HF's order, so fp32 sums round alike); one product per expert over all
         its tokens. Reading the routing on the host costs one device sync per layer on CUDA."""
         out = torch.zeros_like(x)
-        flat = ids.flatten()  # (N*k,)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token = order // ids.shape[1]
-        w = weights.flatten()[order]
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sl = slice(begin, begin + n)
-            begin += n
-            rows = token[sl]
+        w = weights.flatten()
+        for e, pairs in expert_groups(ids, self.num_experts):
+            rows = pairs // ids.shape[1]
             y = self.down(e, self.glu(self.gate_up(e, x[rows])))
-            out.index_add_(0, rows, (y * w[sl, None]).to(x.dtype))
+            out.index_add_(0, rows, (y * w[pairs, None]).to(x.dtype))
         return out
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.models import accel
 from ember.models.attention import KVStore, sdpa_attention
 from ember.models.linear import Linear
 from ember.models.norms import RMSNorm
@@ -68,9 +69,11 @@ class MLAttention(nn.Module):
         q_rot, k_rot = rope(q_rot, cos, sin), rope(k_rot, cos, sin)
         if cache is not None:
             c, k_rot = cache.update(self.layer, c, k_rot)  # (B, 1, S, r), (B, 1, S, dr): the latent cache
-        if T == 1 and type(self.kv_b_proj) is Linear:
+        rows = accel.attention_rows if type(self.kv_b_proj) is Linear else None
+        out = rows(self._absorbed, (q_nope, q_rot), (c, k_rot), mask) if rows is not None else None
+        if out is None and T == 1 and type(self.kv_b_proj) is Linear:
             out = self._absorbed(q_nope, q_rot, c, k_rot, mask)
-        else:
+        elif out is None:
             kv = self.kv_b_proj(c[:, 0]).view(B, -1, self.nh, self.dn + self.dv).transpose(1, 2)
             k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, nh, S, dn), (B, nh, S, dv)
             k = torch.cat((k_nope, k_rot.expand(-1, self.nh, -1, -1)), dim=-1)

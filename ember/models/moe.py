@@ -54,26 +54,37 @@ class SparseMoE(nn.Module):
 
 def mix_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Each token of x (N, H) through its k experts ``ids`` (N, k), outputs summed with ``weights`` (N, k) fp32
-    -> (N, H) in x's dtype."""
-    if x.shape[0] == 1:
-        # Decode: one token, its k experts only; their outputs are combined by one fp32 mv.
-        ys = torch.stack([experts[e](x)[0] for e in ids[0].tolist()], dim=-1)  # (H, k)
-        return torch.mv(ys.float(), weights[0]).to(x.dtype)[None]
-    # Prefill / batches: sort the N*k (token, expert) pairs by expert; one matmul per expert.
-    k = ids.shape[1]
-    flat = ids.flatten()  # (N*k,)
+    -> (N, H) in x's dtype.
+
+    A token's k outputs are summed in its routing order in fp32 (a product and an add per expert, one rounding
+    at the end), the same elementwise steps whether it runs alone or among others: a served row rounds as its
+    one-token step whatever rides beside it."""
+    N, k = ids.shape
+    if N == 1:  # decode: one token, its k experts only
+        ys = torch.stack([experts[e](x)[0] for e in ids[0].tolist()])[None]  # (1, k, H)
+    else:  # prefill / batches: one matmul per expert over all of its tokens
+        ys = None
+        for e, pairs in expert_groups(ids, len(experts)):
+            y = experts[e](x[pairs // k])  # (n, H)
+            if ys is None:
+                ys = y.new_empty(N * k, y.shape[-1])
+            ys[pairs] = y  # in (token, routing slot) order
+        ys = ys.view(N, k, -1)
+    terms = ys.float() * weights.float()[:, :, None]  # (N, k, H): each product rounded once, as alone
+    acc = terms[:, 0].clone()
+    for j in range(1, k):  # summed in routing order, elementwise: no reduction whose order varies with N
+        acc += terms[:, j]
+    return acc.to(x.dtype)
+
+
+def expert_groups(ids: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
+    """The (token, expert) pairs of ``ids`` (N, k) grouped by expert, in increasing expert id: a list of
+    (expert, flat pair indices ``token * k + slot``, increasing)."""
+    flat = ids.flatten()  # (N*k,), token-major
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    token = order // k  # token of each sorted pair
-    w = weights.flatten()[order]  # (N*k,)
-    xs = x[token]  # (N*k, H) tokens gathered in expert order
-    out = torch.zeros_like(x)
-    begin = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        sl = slice(begin, begin + n)
-        begin += n
-        y = experts[e](xs[sl]) * w[sl, None]  # (n, H) fp32
-        out.index_add_(0, token[sl], y.to(x.dtype))
-    return out
+    groups, begin = [], 0
+    for e, n in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+        if n:
+            groups.append((e, order[begin:begin + n]))
+            begin += n
+    return groups

@@ -23,6 +23,7 @@ def install() -> None:
     accel.project = ops.project
     accel.rope_ = ops.rope_
     accel.attention_decode = ops.attention_decode
+    accel.attention_rows = ops.attention_rows
     accel.model_forward = decode.forward
     accel.gated_delta_step = recurrent.gated_delta_step
     accel.mamba2_step = recurrent.mamba2_step
@@ -30,7 +31,7 @@ def install() -> None:
 
 def uninstall() -> None:
     """Empty the slots: every model runs as plain PyTorch modules (tests compare the two)."""
-    for name in ("linear", "linear_kernel", "rms_norm", "project", "rope_", "attention_decode", "model_forward",
+    for name in ("linear", "linear_kernel", "rms_norm", "project", "rope_", "attention_decode", "attention_rows", "model_forward",
                  "gated_delta_step", "mamba2_step"):
         setattr(accel, name, None)
 

@@ -91,5 +91,45 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor | None:
-    """One query token per row against the cached keys/values (:func:`ember.kernels.attn_decode`)."""
-    return kernels.attn_decode(q, k, v, mask)
+    """q (B, T, nh, hd) against the cached keys/values -> (B, T, nh * hd), or None for T > 1 outside
+    :func:`exact_rows`. With a mask (a batch of left-padded rows) every query row attends over just its own
+    visible keys (:func:`ember.kernels.attn_runs`), so a served row rounds as generate's one-token step whatever
+    the padding, and a verified proposal as that token's plain step; else one query token per row
+    (:func:`ember.kernels.attn_decode`)."""
+    if mask is not None and (q.shape[1] == 1 or _EXACT_ROWS.get()):
+        out = kernels.attn_runs(q, k, v, mask)
+        if out is not None or q.shape[1] > 1:
+            return out
+    return kernels.attn_decode(q, k, v, mask) if q.shape[1] == 1 else None
+
+
+def attention_rows(attend, qs: tuple[torch.Tensor, ...], kvs: tuple[torch.Tensor, ...],
+                   mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``attend`` (a module's one-token attention) run for each query row alone over just its visible keys ->
+    (B, T, width); None off the CPU, under autograd, for T > 1 outside :func:`exact_rows`, or where some row's
+    visible keys are not one run. Like :func:`attention_decode` with a mask, a row's bits then depend neither
+    on the batch's left padding nor on the rows beside it (for attention the kernels do not cover: MLA's
+    latent cache)."""
+    q0 = qs[0]
+    B, _, T = q0.shape[:3]
+    S = kvs[0].shape[2]
+    if (q0.device.type != "cpu" or (torch.is_grad_enabled() and q0.requires_grad) or not (T == 1 or _EXACT_ROWS.get())
+            or (mask is None and T > 1)):
+        return None
+    vis = torch.ones(B, T, S, dtype=torch.bool) if mask is None else mask.expand(B, 1, T, S)[:, 0].cpu()
+    n = vis.sum(-1)
+    lo = vis.to(torch.uint8).argmax(-1)
+    hi = S - vis.flip(-1).to(torch.uint8).argmax(-1)
+    if bool(((n > 0) & (hi - lo != n)).any()):
+        return None
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            s0, s1 = int(lo[b, t]), int(lo[b, t]) + int(n[b, t])
+            if s1 == s0:  # a padding query row: no key to attend to
+                rows.append(None)
+                continue
+            rows.append(attend(*(q[b:b + 1, :, t:t + 1] for q in qs), *(kv[b:b + 1, :, s0:s1] for kv in kvs), None)[0, 0])
+    width = next(r for r in rows if r is not None)
+    out = torch.stack([r if r is not None else torch.zeros_like(width) for r in rows])
+    return out.view(B, T, -1)

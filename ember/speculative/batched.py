@@ -7,11 +7,19 @@ emitted token); the others ride in the same forward with one row each. Each sequ
 :class:`~ember.speculative.adaptive.AdaptiveK`, fed with the shared forward's time, so a sequence whose
 proposals keep failing stops proposing while its batch mates go on. A rejected proposal's keys/values stay in
 the sequence's blocks until the next pass overwrites them (the scheduler moves its ``computed`` back).
+
+An MTP head (``--speculate mtp``) reads the main model's hidden state at every position: each forward of the
+scheduler (prefill chunks, plain rows, verification passes) runs under :meth:`BatchSpeculator.forward`, which
+taps the last layer's output of the whole batch and hands every MTP sequence its own rows (its columns of the
+left-padded batch). Each such sequence has its own head cache (a one-layer static cache of the sequence's
+length, beside the paged cache) and hidden-state buffer, dropped with the sequence. Its prompt is computed, not
+taken from the prefix cache: a cached block holds keys/values but not the hidden states the head needs.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -19,6 +27,7 @@ from ember.runtime.ops import exact_rows
 from ember.sampling import SamplingParams
 from ember.speculative.adaptive import AdaptiveK, SpeculationCounters
 from ember.speculative.decoding import SpeculativeConfig
+from ember.speculative.mtp import HiddenTap
 from ember.speculative.proposers import Proposer
 from ember.speculative.verify import accept_greedy
 
@@ -33,6 +42,12 @@ class SequenceSpeculation:
         self.k = 0
         self.propose_s = 0.0
 
+    @property
+    def reads_states(self) -> bool:
+        """Whether the proposer is fed the main model's hidden states (an MTP head): every position of the
+        sequence must then be computed by the model, none taken from the prefix cache."""
+        return hasattr(self.proposer, "observe")
+
 
 class BatchSpeculator:
     """The scheduler's side of speculation: proposals before its decode forward, verification after it."""
@@ -46,6 +61,24 @@ class BatchSpeculator:
         """The context of the verification forward: every row's products through ``ember_linear_rows`` (one
         weight stream for all sequences' rows, each row rounded as the one-token step rounds it)."""
         return exact_rows()
+
+    def forward(self, model, seqs: list, news: list[int], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()`` (the scheduler's forward over ``seqs``, ``news[i]`` new tokens each, right-aligned in the
+        batch) with the last layer's output handed, normed, to every sequence whose proposer reads it: rows
+        ``T - news[i] ..`` of batch row i are its positions ``seqs[i].computed ..`` (not yet advanced)."""
+        if self.config.method != "mtp" or not any(s.spec is not None for s in seqs):
+            return run()
+        model.hidden_tap = tap = HiddenTap()
+        try:
+            logits = run()
+        finally:
+            model.hidden_tap = None
+        h = tap.last
+        T = h.shape[1]
+        for i, (s, n) in enumerate(zip(seqs, news)):
+            if s.spec is not None:
+                s.spec.proposer.observe(s.computed, model.model.norm(h[i, T - n:]))
+        return logits
 
     def start(self, params: SamplingParams, max_len: int) -> SequenceSpeculation:
         """State for one new sequence of at most ``max_len`` tokens."""

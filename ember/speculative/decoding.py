@@ -94,9 +94,6 @@ def check_target(model, config: SpeculativeConfig, batched: bool = False) -> Non
         check_rollback(model.config, "this model when serving")
     if config.method == "mtp":
         head = check_mtp_target(model)
-        if batched:
-            raise GenerationError("MTP speculation runs in generate, chat and the Python API; serve does not run "
-                                  "the head per sequence yet: serve with --speculate ngram or --draft MODEL")
         config.target, config.mtp_head = model, head
     if config.draft is not None:
         dv, tv = config.draft.config.vocab_size, model.config.vocab_size

@@ -19,8 +19,10 @@ What ``convert_hf_to_gguf.py`` does to these checkpoints, and we undo:
   of ``out_proj``), the model reads key head ``i mod Hk`` for value head ``i``
   (``cfg.extra["gguf_v_heads_tiled"]``);
 - Nemotron-H's q/k rows are permuted per head as for Llama (no RoPE, so only the names matter; undone on load);
-- multi-token-prediction blocks (``nextn_predict_layers`` trailing blocks) are kept apart, as ``mtp.*`` are for
-  safetensors, under their GGUF names in ``model.extra_weights``.
+- multi-token-prediction blocks (``nextn_predict_layers`` trailing blocks, ``mtp.*`` renamed to ``blk.{N}.*`` with
+  ``nextn.eh_proj`` / ``nextn.enorm`` / ``nextn.hnorm`` / ``nextn.shared_head_norm`` for ``mtp.fc`` and the three
+  norms, which get the +1 too) are kept apart in ``model.extra_weights`` under the checkpoint's ``mtp.*`` names
+  (:func:`mtp_checkpoint_tensors`), where ``--speculate mtp`` finds them as it finds a safetensors head.
 """
 
 from __future__ import annotations
@@ -286,3 +288,36 @@ def hybrid_tensor_map(gf: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, list[st
         raise GGUFError(f"{gf.path}: {len(unknown)} tensor(s) Ember does not know for {gf.architecture!r}: "
                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     return mapping, fixes, mtp
+
+
+_NEXTN = {"nextn.eh_proj": "mtp.fc", "nextn.enorm": "mtp.pre_fc_norm_embedding",
+          "nextn.hnorm": "mtp.pre_fc_norm_hidden", "nextn.shared_head_norm": "mtp.norm"}
+_NEXTN_SHARED = ("nextn.embed_tokens", "nextn.shared_head_head")  # copies of the main model's
+
+
+def mtp_checkpoint_tensors(gf: GGUFFile, cfg: ModelConfig, names: list[str], dtype: torch.dtype,
+                           device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The multi-token-prediction blocks ``names`` (:func:`hybrid_tensor_map`'s third list) decoded to ``dtype``.
+    Qwen3-Next / Qwen3.5 blocks are named as the HF checkpoint names them (``mtp.fc.weight``,
+    ``mtp.layers.{i}.<Ember parameter>``, ...) with the converter's changes undone (norms stored as 1 + w;
+    stacked experts split per expert); other tensors (Nemotron-H's blocks, kinds Ember does not know) keep their
+    GGUF names."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name)
+        kind = m.group(2) if m and cfg.model_type != "nemotron_h" else None
+        if kind in _NEXTN_SHARED:
+            continue
+        if kind not in _NEXTN and kind not in _QWEN_LAYER and kind not in _QWEN_EXPERTS:
+            out[name] = gf.tensor(name, dtype, device)
+            continue
+        w = gf.tensor(name, torch.float32, device)
+        w = _unit_offset(w) if kind in _QWEN_UNIT_OFFSET or kind in _NEXTN and kind != "nextn.eh_proj" else w
+        prefix, suffix = f"mtp.layers.{int(m.group(1)) - cfg.num_hidden_layers}.", m.group(3)
+        if kind in _NEXTN:
+            out[f"{_NEXTN[kind]}.{suffix}"] = w.to(dtype)
+        elif kind in _QWEN_EXPERTS:
+            out.update((f"{prefix}{_QWEN_EXPERTS[kind].format(e=e)}.{suffix}", w[e].to(dtype)) for e in range(len(w)))
+        else:
+            out[f"{prefix}{_QWEN_LAYER[kind]}.{suffix}"] = w.to(dtype)
+    return out

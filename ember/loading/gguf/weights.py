@@ -28,7 +28,7 @@ from ember.loading.gguf.config import (
 from ember.loading.gguf.dequant import check_tensor_types
 from ember.loading.gguf.families import is_family
 from ember.loading.gguf.family_weights import family_tensors
-from ember.loading.gguf.hybrid import HYBRID_ARCHITECTURES, hybrid_tensor_map
+from ember.loading.gguf.hybrid import HYBRID_ARCHITECTURES, hybrid_tensor_map, mtp_checkpoint_tensors
 from ember.loading.gguf.reader import GGUFFile
 from ember.loading.gguf.tokenizer import load_gguf_tokenizer
 from ember.models import Transformer
@@ -187,7 +187,7 @@ def load_gguf_model(path: str | os.PathLike | GGUFFile, device: str | torch.devi
         else:
             state[targets[0]] = w
     model = _install(model, cfg, state, kept, {}, dt, ignore, shard)
-    model.extra_weights = {n: gf.tensor(n, dt, device) for n in mtp}  # MTP heads, for speculative decoding
+    model.extra_weights = mtp_checkpoint_tensors(gf, cfg, mtp, dt, device)  # MTP heads, for speculative decoding
     return model
 
 
