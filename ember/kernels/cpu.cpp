@@ -1424,8 +1424,10 @@ Q4Act q4_activations(const uint16_t* X, int64_t M, int64_t I, int mode, int64_t 
 
 namespace {
 
-// Most weights one for_job_blocks call shares out.
-constexpr int kMaxJobs = 8;
+// Most weights one for_job_blocks call shares out: a MoE token's gate and up products, eight experts' and a
+// shared expert's; GGUF weights go at most kMaxGgufJobs to one call (gguf.cpp's kMaxSimdJobs).
+constexpr int kMaxJobs = 18;
+constexpr int kMaxGgufJobs = 8;
 
 // The blocks of ``rows`` weight rows of n jobs (each with a row count O), dealt out over the threads as one range
 // in one parallel region: body(j, o0) for each block, o0 its first row in job j. Guided: each thread takes long
@@ -3237,52 +3239,53 @@ int ember_moe_block(const MoeBlockDesc* d, void* x, int is_bf16, int nthreads) {
     if (d->norm_topk)
       for (int64_t j = 0; j < K; j++) w[j] /= wsum;
   }
-  // The chosen experts' gate and up weights all read h: one ember_linear_many call (one parallel region where
-  // the formats allow) for up to 4 experts, then each expert's silu and down.
-  const LinearDesc* gu_desc[8];
-  void* gu_out[8];
-  for (int64_t j0 = 0; j0 < K; j0 += 4) {
-    const int nj = static_cast<int>(std::min<int64_t>(4, K - j0));
+  // The chosen experts' gate and up weights and the shared expert's all read h: one ember_linear_many call (one
+  // parallel region where the formats allow); then every expert's down projection, the shared one's too, in one
+  // linear_each call. GGUF blocks go at most kMaxGgufJobs to a call, in whole experts.
+  const int64_t Fs = d->shared[0] ? d->shared_F : 0, ns = d->shared[0] ? 1 : 0, n_exp = K + ns;
+  thread_local std::vector<float> sb;  // the shared expert's gate, up (Fs each) and down (H) outputs
+  sb.resize(static_cast<size_t>((2 * Fs + H) * esz / 4 + 8));
+  char* sg = reinterpret_cast<char*>(sb.data());
+  char* sy = sg + 2 * Fs * esz;
+  const LinearDesc* ex[65][3];  // expert e's (gate, up, down); the shared expert last
+  void* ex_out[65][2];          // its gate and up outputs; down reads the gate's (silu(gate) * up, in place)
+  for (int64_t j = 0; j < n_exp; j++) {
+    const bool sh = j == K;
+    for (int t = 0; t < 3; t++) ex[j][t] = sh ? d->shared[t] : d->experts[3 * ids[j] + t];
+    ex_out[j][0] = sh ? sg : gu + 2 * j * F * esz;
+    ex_out[j][1] = sh ? sg + Fs * esz : gu + (2 * j + 1) * F * esz;
+  }
+  const int per = (ex[0][0]->kind == 4 ? kMaxGgufJobs : kMaxJobs) / 2;  // experts per call
+  for (int64_t j0 = 0; j0 < n_exp; j0 += per) {
+    const int nj = static_cast<int>(std::min<int64_t>(per, n_exp - j0));
+    const LinearDesc* gu_desc[kMaxJobs];
+    void* gu_out[kMaxJobs];
     for (int j = 0; j < nj; j++)
-      for (int t = 0; t < 2; t++) {
-        gu_desc[2 * j + t] = d->experts[3 * ids[j0 + j] + t];
-        gu_out[2 * j + t] = gu + ((j0 + j) * 2 + t) * F * esz;
-      }
+      for (int t = 0; t < 2; t++) gu_desc[2 * j + t] = ex[j0 + j][t], gu_out[2 * j + t] = ex_out[j0 + j][t];
     if (ember_linear_many(2 * nj, gu_desc, h, gu_out, 1, is_bf16, nthreads) != 2 * nj) return 0;
   }
-  // then their down projections (up to kMaxJobs in one parallel region), summed in the routing order
+  const void* dn_in[65];
+  void* dn_out[65];
+  const LinearDesc* dn_desc[65];
+  for (int64_t j = 0; j < n_exp; j++) {
+    const int64_t Fj = j == K ? Fs : F;
+    if (is_bf16) silu_mul(static_cast<uint16_t*>(ex_out[j][0]), static_cast<const uint16_t*>(ex_out[j][1]), Fj);
+    else silu_mul(static_cast<float*>(ex_out[j][0]), static_cast<const float*>(ex_out[j][1]), Fj);
+    dn_desc[j] = ex[j][2], dn_in[j] = ex_out[j][0], dn_out[j] = j == K ? sy : y + j * H * esz;
+  }
+  const int64_t n_dn = Fs == F ? n_exp : K;  // a wider shared expert (n_shared_experts > 1) runs its down alone
+  for (int64_t j0 = 0; j0 < n_dn; j0 += 2 * per) {
+    const int nj = static_cast<int>(std::min<int64_t>(2 * per, n_dn - j0));
+    if (!linear_each(nj, dn_desc + j0, dn_in + j0, dn_out + j0, is_bf16, nthreads)) return 0;
+  }
+  if (n_dn < n_exp && !ember_linear(dn_desc[K], dn_in[K], sy, 1, is_bf16, nthreads)) return 0;
+  // the routed outputs summed in the routing order (fp32), rounded; plus the shared one's, rounded
   std::fill(acc, acc + H, 0.f);
-  for (int64_t j0 = 0; j0 < K; j0 += kMaxJobs) {
-    const int nj = static_cast<int>(std::min<int64_t>(kMaxJobs, K - j0));
-    const LinearDesc* dn_desc[kMaxJobs];
-    const void* dn_in[kMaxJobs];
-    void* dn_out[kMaxJobs];
-    for (int j = 0; j < nj; j++) {
-      void* g = gu + 2 * (j0 + j) * F * esz;
-      const void* u = gu + (2 * (j0 + j) + 1) * F * esz;
-      if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), F);
-      else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), F);
-      dn_desc[j] = d->experts[3 * ids[j0 + j] + 2], dn_in[j] = g, dn_out[j] = y + j * H * esz;
-    }
-    if (!linear_each(nj, dn_desc, dn_in, dn_out, is_bf16, nthreads)) return 0;
-    for (int j = 0; j < nj; j++)
-      for (int64_t i = 0; i < H; i++) acc[i] += load_f(dn_out[j], i, is_bf16) * w[j0 + j];
-  }
+  for (int64_t j = 0; j < K; j++)
+    for (int64_t i = 0; i < H; i++) acc[i] += load_f(y + j * H * esz, i, is_bf16) * w[j];
   for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i], is_bf16);
-  if (d->shared[0]) {  // routed sum (rounded) + the shared experts' SwiGLU (rounded), then the residual add
-    const int64_t Fs = d->shared_F;
-    thread_local std::vector<float> sb;
-    sb.resize(static_cast<size_t>((2 * Fs + H) * esz / 4 + 8));
-    char* sg = reinterpret_cast<char*>(sb.data());
-    void* su = sg + Fs * esz;
-    void* sy = sg + 2 * Fs * esz;
-    void* souts[2] = {sg, su};
-    if (ember_linear_many(2, d->shared, h, souts, 1, is_bf16, nthreads) != 2) return 0;
-    if (is_bf16) silu_mul(reinterpret_cast<uint16_t*>(sg), static_cast<const uint16_t*>(su), Fs);
-    else silu_mul(reinterpret_cast<float*>(sg), static_cast<const float*>(su), Fs);
-    if (!ember_linear(d->shared[2], sg, sy, 1, is_bf16, nthreads)) return 0;
+  if (ns)
     for (int64_t i = 0; i < H; i++) acc[i] = round_to_dtype(acc[i] + load_f(sy, i, is_bf16), is_bf16);
-  }
   for (int64_t i = 0; i < H; i++) store_y(x, i, load_f(x, i, is_bf16) + acc[i], is_bf16);
   return 1;
 }
