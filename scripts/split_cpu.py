@@ -198,6 +198,7 @@ def split(text: str) -> dict[str, list[str]]:
 
     # Shared structs and the prototypes of functions defined in other units -> cpu_api.h.
     api_moved: list[int] = []
+    moved_protos: list[int] = []
     for name in SHARED_STRUCTS:
         i = find_one(lines, rf"^struct {name}\b", f"struct {name}")
         if state[i][0] != 0 or state[i][1]:
@@ -219,12 +220,12 @@ def split(text: str) -> dict[str, list[str]]:
             continue
         j, ch = statement_end(lines, i)
         if ch == ";":
-            api_moved += range(i, j + 1)
+            moved_protos += range(i, j + 1)
         else:
             sig = lines[i:j + 1]
             sig[-1] = sig[-1].split("{", 1)[0].rstrip() + ";"
             protos += sig
-    for i in api_moved:
+    for i in api_moved + moved_protos:
         if owner[i] is not None:
             raise SplitError(f"line {i + 1} claimed twice")
         owner[i] = "cpu_api.h"
@@ -269,7 +270,9 @@ def split(text: str) -> dict[str, list[str]]:
 
     api = out["cpu_api.h"]
     api += [lines[i] for i in sorted(api_moved)]
-    api += ["", 'extern "C" {', ""] + protos + ["", '}  // extern "C"']
+    api += ["", 'extern "C" {', "", "// defined in the cpu_* units (their signatures, generated)"] + protos
+    api += ["", "// defined in the other units"]
+    api += [lines[i] for i in moved_protos] + ["", '}  // extern "C"']
 
     layout = ["// File layout (one library: every *.cpp here is compiled into it; the headers hold what several share):"]
     for u in UNITS:
