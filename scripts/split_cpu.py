@@ -306,6 +306,10 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="report the units, write nothing")
     args = ap.parse_args()
     text = args.input.read_text()
+    if NOTE in text:
+        print(f"split_cpu.py: {args.input} is already one of the split units; pass the one-file text with --input "
+              "(e.g. git show <rev>:ember/kernels/cpu.cpp > /tmp/cpu_full.cpp)", file=sys.stderr)
+        return 1
     try:
         files = split(text)
     except SplitError as e:
