@@ -274,7 +274,7 @@ def split(text: str) -> dict[str, list[str]]:
     api += ["", "// defined in the other units"]
     api += [lines[i] for i in moved_protos] + ["", '}  // extern "C"']
 
-    layout = ["// File layout (one library: every *.cpp here is compiled into it; the headers hold what several share):"]
+    layout = ["// File layout (one library: every *.cpp here compiles into it; the headers hold what several share):"]
     for u in UNITS:
         text = textwrap.wrap(UNITS[u][0], 96)
         layout += [f"//   {u:<16}{text[0]}"] + [f"//   {'':<16}{t}" for t in text[1:]]

@@ -29,7 +29,7 @@
 // Threads: OpenMP over contiguous blocks of 4 output rows, ``nthreads`` from the caller
 // (torch.get_num_threads()); the process's libgomp is torch's, so the thread pool is shared.
 //
-// File layout (one library: every *.cpp here is compiled into it; the headers hold what several share):
+// File layout (one library: every *.cpp here compiles into it; the headers hold what several share):
 //   cpu_base.h      Shared by the matmul kernels: block sizes, row pointers, per-thread scratch.
 //   cpu_avx2.h      AVX2 + FMA row kernels (no AVX512): dense, int8 activations, 4-bit.
 //   cpu_avx512.h    AVX512 row kernels per weight format: dense bf16, dense fp32, int8, 4-bit.
