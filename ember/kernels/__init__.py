@@ -1,9 +1,9 @@
-"""Native CPU kernels for decode and small batches (see ``cpu.cpp`` for what each computes).
+"""Native CPU kernels for decode and small batches (``cpu_base.h`` lists the units and what each computes).
 
 Decode is memory-bandwidth bound: every weight is read once per step. These kernels stream bf16/fp32
 weights close to the machine's read bandwidth and decode int8/int4/NF4 weights in registers on the way.
 
-* :mod:`ember.kernels.loader`: compiling ``cpu.cpp`` for this CPU, loading it, :func:`status`;
+* :mod:`ember.kernels.loader`: compiling the kernel sources for this CPU, loading it, :func:`status`;
 * :mod:`ember.kernels.matmul`: weight x activation products (:func:`dense`, :func:`int8`, :func:`q4`, :func:`mxfp4`) and
   weights bound to their kernel once (:class:`LinearKernel`);
 * :mod:`ember.kernels.blocks`: RMSNorm, RoPE, single-query attention and the fused decoder blocks.

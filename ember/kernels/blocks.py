@@ -105,7 +105,7 @@ def attn_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class _AttnBlockDesc(ctypes.Structure):
-    """Mirror of ``AttnBlockDesc`` in cpu.cpp."""
+    """Mirror of ``AttnBlockDesc`` in cpu_api.h."""
 
     _fields_ = [(n, _P) for n in ("q", "k", "v", "o", "norm", "q_norm", "k_norm")] + [
         (n, ctypes.c_int64) for n in ("H", "nh", "nkv", "hd")] + [("eps", _F), ("qk_eps", _F)] + [
@@ -114,7 +114,7 @@ class _AttnBlockDesc(ctypes.Structure):
 
 
 class _MlpBlockDesc(ctypes.Structure):
-    """Mirror of ``MlpBlockDesc`` in cpu.cpp."""
+    """Mirror of ``MlpBlockDesc`` in cpu_api.h."""
 
     _fields_ = [(n, _P) for n in ("gate", "up", "down", "norm")] + [("H", ctypes.c_int64), ("F", ctypes.c_int64),
                                                                     ("eps", _F)] + [
@@ -122,7 +122,7 @@ class _MlpBlockDesc(ctypes.Structure):
 
 
 class _MoeBlockDesc(ctypes.Structure):
-    """Mirror of ``MoeBlockDesc`` in cpu.cpp."""
+    """Mirror of ``MoeBlockDesc`` in cpu_api.h."""
 
     _fields_ = [("router", _P), ("experts", _P), ("norm", _P)] + [
         (n, ctypes.c_int64) for n in ("H", "E", "k", "F", "norm_topk")] + [("eps", _F)] + [
@@ -133,7 +133,7 @@ class _MoeBlockDesc(ctypes.Structure):
 class BlockKernel:
     """A pre-norm decoder block (attention or SwiGLU MLP, residual add included) bound to its kernels, for one
     token of one sequence: one call where the modules' forward makes 10-20 (see ``ember_attn_block`` and
-    ``ember_mlp_block`` in cpu.cpp). Built by :func:`attn_block_kernel` / :func:`mlp_block_kernel` from the
+    ``ember_mlp_block`` in cpu_blocks.cpp). Built by :func:`attn_block_kernel` / :func:`mlp_block_kernel` from the
     modules' own :class:`LinearKernel` objects and norm weights, which it keeps alive (``parts``)."""
 
     __slots__ = ("kind", "desc", "addr", "parts")
@@ -301,7 +301,7 @@ def run_mlp_block(block: BlockKernel, x: torch.Tensor) -> bool:
 
 
 class _LayerStepDesc(ctypes.Structure):
-    """Mirror of ``LayerStepDesc`` in cpu.cpp."""
+    """Mirror of ``LayerStepDesc`` in cpu_api.h."""
 
     _fields_ = [("attn", _P), ("mlp", _P), ("moe", ctypes.c_int64), ("Kc", _P), ("Vc", _P), ("max_len", ctypes.c_int64),
                 ("mla", ctypes.c_int64)]

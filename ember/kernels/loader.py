@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch  # noqa: F401  (loaded before the library: its libgomp is the one OpenMP runtime both use)
@@ -106,6 +107,23 @@ def _flag_sets(portable: bool) -> list[list[str]]:
     return [base + ["-march=native"], base + ["-mcpu=native"], base]
 
 
+def _compile_and_link(cxx: str, flags: list[str], out: str) -> subprocess.CompletedProcess:
+    """Each source compiled to an object in its own compiler process, up to one per core at once, then linked
+    into ``out``: the translation units build in parallel. The first failure's process is returned as is."""
+    with tempfile.TemporaryDirectory(prefix="ember_obj", dir=os.path.dirname(out)) as tmpdir:
+        objs = [os.path.join(tmpdir, f"{i}_{p.stem}.o") for i, p in enumerate(sources())]
+
+        def one(args: tuple[Path, str]) -> subprocess.CompletedProcess:
+            return subprocess.run([cxx, *flags, "-c", str(args[0]), "-o", args[1]], capture_output=True, text=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            done = list(pool.map(one, zip(sources(), objs)))
+        failed = [p for p in done if p.returncode != 0]
+        if failed:
+            return failed[0]
+        return subprocess.run([cxx, *flags, *objs, "-o", out], capture_output=True, text=True)
+
+
 def build(portable: bool = False, quiet: bool = True) -> Path:
     """Compile the kernel sources for this machine (or reuse the cached build); return the shared library's path.
 
@@ -129,7 +147,7 @@ def build(portable: bool = False, quiet: bool = True) -> Path:
         if not errors:  # a real compile is about to happen (a few seconds; cached for the next runs)
             print("ember: building CPU kernels for this machine (once)…", file=sys.stderr, flush=True)
         try:
-            proc = subprocess.run([cxx, *flags, *map(str, sources()), "-o", tmp], capture_output=True, text=True)
+            proc = _compile_and_link(cxx, flags, tmp)
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent builder or a crash never leaves half a library
                 return out

@@ -65,7 +65,7 @@ def dense(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class _LinearDesc(ctypes.Structure):
-    """Mirror of ``LinearDesc`` in cpu.cpp (field for field)."""
+    """Mirror of ``LinearDesc`` in cpu_api.h (field for field)."""
 
     _fields_ = [(n, ctypes.c_int64) for n in ("kind", "O", "I", "w_bf16", "amx_min_rows", "act_q8")] + [
         ("W", _P), ("bias", _P), ("bias_bf16", ctypes.c_int64), ("scales", _P), ("mode", ctypes.c_int64),
