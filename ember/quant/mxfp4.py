@@ -61,7 +61,7 @@ def quantize_mxfp4(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor,
     exp = torch.floor(torch.log2(amax.clamp_min(2.0 ** -127))) - 2  # shared exponent: emax(E2M1) = 2
     exp = exp.clamp(-127, 127)
     scaled = v / torch.exp2(exp)[..., None]
-    mag = scaled.abs()
+    mag = scaled.abs().contiguous()  # bucketize copies a strided input (transposed experts) anyway
     mids = _MIDPOINTS.to(mag.device)
     lo = torch.bucketize(mag, mids, right=False)  # ties -> the smaller magnitude
     hi = torch.bucketize(mag, mids, right=True)   # ties -> the larger one
