@@ -1,5 +1,5 @@
 // Decode blocks of the families whose pieces differ from Llama's (one token of one sequence, the residual add
-// included), built from the same kernels as cpu.cpp's blocks and rounded where the modules round.
+// included), built from the same kernels as cpu_blocks.cpp's blocks and rounded where the modules round.
 //
 // gpt-oss's mixture of experts (ember.models.gpt_oss.GptOssMLP over ember.quant.mxfp4.Mxfp4Experts): the
 // router (a Linear with bias) picks the k largest logits, a softmax over those k weighs them; each chosen expert
@@ -11,7 +11,7 @@
 
 using namespace ember_common;
 
-struct LinearDesc;  // cpu.cpp
+struct LinearDesc;  // cpu_api.h
 
 extern "C" {
 int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads);

@@ -18,7 +18,7 @@
 //     for the 32-value types, per 256 for the K-quants and IQ4_XS) and every type decoded in registers, four weight
 //     rows per pass, codes multiplied as bytes (gguf_simd.h).
 //
-// Threads: OpenMP over contiguous blocks of 4 output rows (as cpu.cpp); an unpacked row serves all M rows.
+// Threads: OpenMP over contiguous blocks of 4 output rows (as the cpu_*.cpp kernels); an unpacked row serves all M rows.
 
 #include "common.h"
 

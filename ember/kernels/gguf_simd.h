@@ -68,7 +68,7 @@ inline float hsum4(__m128 h) {
 
 // Software prefetch of the bytes a row's step reads, in the row kR rows down (the next pass's rows; a thread's
 // rows are one contiguous run): the hardware prefetchers follow each row but not the jump to the next block.
-// Into L2 (PF_Q4_HINT), as the 4-bit kernels of cpu.cpp.
+// Into L2 (PF_Q4_HINT), as the 4-bit kernels of cpu_avx2.h.
 inline void gguf_prefetch(const uint8_t* p, int n, int64_t row_bytes) {
   const char* q = reinterpret_cast<const char*>(p) + kR * row_bytes;
   for (int i = 0; i < n; i += 64) _mm_prefetch(q + i, PF_Q4_HINT);

@@ -12,7 +12,7 @@
 using namespace ember_common;
 using namespace ember_vec;
 
-struct LinearDesc;  // cpu.cpp
+struct LinearDesc;  // cpu_api.h
 
 extern "C" {
 int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads);

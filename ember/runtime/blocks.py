@@ -1,7 +1,7 @@
 """Which pieces of a decoder layer the CPU kernels know, bound to their fused blocks.
 
 The kernels have three fused blocks for one token of one sequence (``ember_attn_block``, ``ember_mlp_block``,
-``ember_moe_block`` in cpu.cpp), each a pre-norm half-layer with its residual add:
+``ember_moe_block`` in cpu_blocks.cpp), each a pre-norm half-layer with its residual add:
 
 * attention: :class:`~ember.models.attention.Attention` after an :class:`~ember.models.norms.RMSNorm`
   (grouped-query, RoPE, optional q/k norm and biases; a sliding window is handled by the caller, which
