@@ -17,7 +17,8 @@ Dinkelbach's iteration: at a rate ``r`` (tokens per second) each sequence takes 
 plain rate ``B / t_plain[B]`` (so a sequence proposes only where its gain beats what the rows cost at the
 plain rate). When no sequence would gain, or the best step is expected to be under ``min_gain`` times the
 plain rate, the batch runs plain steps for a while, then probes: one step where every speculating sequence
-proposes at least one token, which re-measures acceptance and the row cost. The wait is 4 steps, doubling after
+proposes at least one token, which re-measures acceptance and the row cost (the batch's first speculative
+step is such a probe, of one token per sequence). The wait is 4 steps, doubling after
 each probe that did not pay up to ``max_backoff``, and never shorter than what keeps a probe's measured extra
 time under ``probe_share`` of the plain steps' time between probes.
 """
@@ -30,10 +31,10 @@ from ember.speculative.adaptive import expected_tokens
 
 
 class SequenceAcceptance:
-    """One sequence's running estimate of the chance that a proposal is kept (prior 0.75, a few passes' worth)."""
+    """One sequence's running estimate of the chance that a proposal is kept (prior 0.5, two passes' worth)."""
 
     def __init__(self, decay: float = 0.9) -> None:
-        self.decay, self.kept, self.missed = decay, 1.5, 0.5
+        self.decay, self.kept, self.missed = decay, 1.0, 1.0
 
     @property
     def rate(self) -> float:
@@ -59,7 +60,7 @@ class BatchAdaptiveK:
     """
 
     def __init__(self, k_max: int, adaptive: bool = True, max_backoff: int = 128, decay: float = 0.9,
-                 min_gain: float = 1.02, probe_share: float = 0.02) -> None:
+                 min_gain: float = 1.05, probe_share: float = 0.02) -> None:
         if k_max < 1:
             raise ValueError(f"the number of speculative tokens must be >= 1, got {k_max}")
         self.k_max, self.adaptive, self.max_backoff, self.decay = k_max, adaptive, max_backoff, decay
@@ -91,14 +92,17 @@ class BatchAdaptiveK:
         B = len(accs)
         if not self.adaptive:
             return [0 if a is None else min(self.k_max, max(b, 0)) for a, b in zip(accs, budgets)], 1.0
+        self.probing = False
         t_p = self.t_plain.get(B)
         if t_p is None or all(a is None for a in accs):
             return [0] * B, 1.0  # time this batch size's plain step first
         if self.off > 0:
             self.off -= 1
             return [0] * B, 1.0
-        # before any row was timed, a row is taken to cost a tenth of a plain step's time per sequence
-        c = (self.t_row if self.t_row is not None else 0.1 * t_p / B) + (self.t_propose or 0.0)
+        if self.t_row is None:  # the first speculative step is a probe of one proposal per sequence
+            self.probing = True
+            return [1 if a is not None and b > 0 else 0 for a, b in zip(accs, budgets)], 1.0
+        c = self.t_row + (self.t_propose or 0.0)
         plain_rate = rate = B / t_p
         ks = [0] * B
         for _ in range(8):  # Dinkelbach: the ratio rises each round and settles in a few
@@ -109,11 +113,10 @@ class BatchAdaptiveK:
                 break
             ks, rate = new, new_rate
         gain = rate / plain_rate
-        self.probing = False
         if sum(ks) > 0 and gain >= self.min_gain:
             self.backoff, self.probe_next = 4, False
             return ks, gain
-        if self.t_row is None or self.probe_next:
+        if self.probe_next:
             # a probe: every speculating sequence proposes at least one token, so acceptance and costs move
             self.probe_next, self.probing = False, True
             return [max(k, 1) if a is not None and b > 0 else 0 for k, a, b in zip(ks, accs, budgets)], gain
