@@ -7,8 +7,9 @@ emitted token); the others ride in the same forward with one row each. Each sequ
 :class:`~ember.speculative.batch_control.SequenceAcceptance`; one
 :class:`~ember.speculative.batch_control.BatchAdaptiveK` times the shared forward (plain and with proposal rows) and
 picks every sequence's ``k`` for the batch's tokens per second, so a sequence whose proposals keep failing stops
-proposing while its batch mates go on, and the whole batch decodes plainly where proposal rows do not pay. A rejected proposal's keys/values stay in
-the sequence's blocks until the next pass overwrites them (the scheduler moves its ``computed`` back).
+proposing while its batch mates go on, and the whole batch decodes plainly where proposal rows do not pay. A
+rejected proposal's keys/values stay in the sequence's blocks until the next pass overwrites them (the scheduler
+moves its ``computed`` back).
 
 An MTP head (``--speculate mtp``) reads the main model's hidden state at every position: each forward of the
 scheduler (prefill chunks, plain rows, verification passes) runs under :meth:`BatchSpeculator.forward`, which
