@@ -423,20 +423,20 @@ class BatchScheduler:
         """One decode forward over every running sequence's last token and its proposals; the speculating rows'
         tokens are emitted here, the others' last logits returned for :meth:`_sample`."""
         spec = self.speculator
-        proposals = [spec.propose(s.spec, s.ids, s.max_new - s.generated - 1) if s.spec is not None else []
-                     for s in seqs]
+        proposals = spec.propose(seqs)
         t0 = time.perf_counter()
-        with spec.verifying():  # each row's products rounded as one token's: greedy tokens are plain decoding's
+        with spec.verifying(proposals):  # verified rows round as one token's: greedy tokens are plain decoding's
             logits = self._forward_safe(seqs, [1 + len(p) for p in proposals], events, proposals)
         if logits is None:
             return []
-        dt, T = time.perf_counter() - t0, logits.shape[1]
+        T = logits.shape[1]
+        spec.record(seqs, proposals, time.perf_counter() - t0)
         ready = []
         for i, (s, prop) in enumerate(zip(seqs, proposals)):
             if s.spec is None:
                 ready.append((s, logits[i, -1]))
                 continue
-            out = spec.verify(s.spec, logits[i, T - 1 - len(prop):], prop, dt)
+            out = spec.verify(s.spec, logits[i, T - 1 - len(prop):], prop)
             s.computed -= len(prop) - (len(out) - 1)  # forget the rejected proposals (their slots are rewritten)
             for tok in out:
                 if self._emit(s, tok, events) is not None:

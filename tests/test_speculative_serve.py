@@ -41,6 +41,39 @@ def test_served_speculation_equals_plain(hf_checkpoint, dtype, streams, how):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_switching_speculation_on_and_off_keeps_plain_text(hf_checkpoint, monkeypatch, dtype):
+    """The batch controller mixes plain steps (plain serving's own forward, outside exact_rows) with
+    verification steps, some sequences proposing and others not: the text stays plain serving's."""
+    from test_speculative import _serve
+
+    from ember.speculative.batch_control import BatchAdaptiveK
+
+    calls = []
+    plan = BatchAdaptiveK.plan
+
+    def every_third_plain(self, accs, budgets):  # steps 0, 3, 6..: plain; else only some sequences propose
+        calls.append(len(calls))
+        ks, gain = plan(self, accs, budgets)
+        n = len(calls)
+        return ([0] * len(ks) if n % 3 == 1 else [k if (i + n) % 2 else 0 for i, k in enumerate(ks)]), gain
+
+    monkeypatch.setattr(BatchAdaptiveK, "plan", every_third_plain)
+    folder, _ = hf_checkpoint("qwen3")
+    llm = ember.load(folder, device="cpu", check_memory=False, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (9, 17, 4, 12)]
+    params = [(SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True), None)] * 4
+    plain, _ = _serve(llm, ps, params)
+    llm.speculate(draft=llm, num_speculative=3, adaptive=False)
+    try:
+        served, m = _serve(llm, ps, params)
+    finally:
+        llm.speculate()
+    assert served == plain
+    assert m["speculative_proposed"] > 0 and len(calls) > 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exact_rows_products_round_as_one_row(dtype):
     """Inside exact_rows() a multi-row Linear and a fused q/k/v projection give each row the bits of that row
     alone (outside it, the multi-row kernel sums in another order: fp32 rows differ in their last bits)."""

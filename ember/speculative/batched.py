@@ -4,9 +4,12 @@ products run the few-row kernel that generate's verification runs (:meth:`BatchS
 
 Only plain greedy sequences speculate (no logit bias, constraint or logprobs, which the scheduler applies per
 emitted token); the others ride in the same forward with one row each. Each sequence has its own proposer and
-:class:`~ember.speculative.adaptive.AdaptiveK`, fed with the shared forward's time, so a sequence whose
-proposals keep failing stops proposing while its batch mates go on. A rejected proposal's keys/values stay in
-the sequence's blocks until the next pass overwrites them (the scheduler moves its ``computed`` back).
+:class:`~ember.speculative.batch_control.SequenceAcceptance`; one
+:class:`~ember.speculative.batch_control.BatchAdaptiveK` times the shared forward (plain and with proposal rows) and
+picks every sequence's ``k`` for the batch's tokens per second, so a sequence whose proposals keep failing stops
+proposing while its batch mates go on, and the whole batch decodes plainly where proposal rows do not pay. A
+rejected proposal's keys/values stay in the sequence's blocks until the next pass overwrites them (the scheduler
+moves its ``computed`` back).
 
 An MTP head (``--speculate mtp``) reads the main model's hidden state at every position: each forward of the
 scheduler (prefill chunks, plain rows, verification passes) runs under :meth:`BatchSpeculator.forward`, which
@@ -18,6 +21,7 @@ taken from the prefix cache: a cached block holds keys/values but not the hidden
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -25,7 +29,8 @@ import torch
 
 from ember.runtime.ops import exact_rows
 from ember.sampling import SamplingParams
-from ember.speculative.adaptive import AdaptiveK, SpeculationCounters
+from ember.speculative.adaptive import SpeculationCounters
+from ember.speculative.batch_control import BatchAdaptiveK, SequenceAcceptance
 from ember.speculative.decoding import SpeculativeConfig
 from ember.speculative.mtp import HiddenTap
 from ember.speculative.proposers import Proposer
@@ -33,11 +38,11 @@ from ember.speculative.verify import accept_greedy
 
 
 class SequenceSpeculation:
-    """One sequence's proposer, controller and counters."""
+    """One sequence's proposer, acceptance estimate and counters."""
 
     def __init__(self, config: SpeculativeConfig, params: SamplingParams, max_len: int) -> None:
         self.proposer: Proposer = config.proposer(params, max_len, torch.Generator().manual_seed(0))
-        self.control = AdaptiveK(config.num_speculative, config.adaptive)
+        self.accept = SequenceAcceptance()
         self.counters = SpeculationCounters()
         self.k = 0
         self.propose_s = 0.0
@@ -55,12 +60,14 @@ class BatchSpeculator:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.counters = SpeculationCounters()  # summed over every sequence served
+        self.control = BatchAdaptiveK(config.num_speculative, config.adaptive)
 
     @staticmethod
-    def verifying():
-        """The context of the verification forward: every row's products through ``ember_linear_rows`` (one
-        weight stream for all sequences' rows, each row rounded as the one-token step rounds it)."""
-        return exact_rows()
+    def verifying(proposals: list[list[int]]):
+        """The context of the decode forward: with proposals, every row's products through ``ember_linear_rows``
+        (one weight stream for all sequences' rows, each row rounded as the one-token step rounds it); without,
+        plain serving's own step."""
+        return exact_rows() if any(proposals) else contextlib.nullcontext()
 
     def forward(self, model, seqs: list, news: list[int], run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()`` (the scheduler's forward over ``seqs``, ``news[i]`` new tokens each, right-aligned in the
@@ -84,25 +91,35 @@ class BatchSpeculator:
         """State for one new sequence of at most ``max_len`` tokens."""
         return SequenceSpeculation(self.config, params, max_len)
 
-    def propose(self, spec: SequenceSpeculation, ids: list[int], budget: int) -> list[int]:
-        """Proposals to follow ``ids`` (at most ``budget``), or [] for a plain row this step."""
-        k = min(spec.control.choose(), budget)
-        t0 = time.perf_counter()
-        proposal = spec.proposer.propose(ids, k)[0] if k > 0 else []
-        spec.propose_s = time.perf_counter() - t0
-        spec.k = len(proposal)
-        return proposal
+    def propose(self, seqs: list) -> list[list[int]]:
+        """Each running sequence's proposals for the batch's next decode forward ([] for a plain row), at most
+        its tokens left but one."""
+        specs = [s.spec for s in seqs]
+        ks, _ = self.control.plan([None if sp is None else sp.accept.rate for sp in specs],
+                                  [s.max_new - s.generated - 1 for s in seqs])
+        out = []
+        for s, sp, k in zip(seqs, specs, ks):
+            t0 = time.perf_counter()
+            proposal = sp.proposer.propose(s.ids, k)[0] if k > 0 else []
+            if sp is not None:
+                sp.propose_s, sp.k = time.perf_counter() - t0, len(proposal)
+            out.append(proposal)
+        return out
 
-    def verify(self, spec: SequenceSpeculation, logits: torch.Tensor, proposal: list[int], forward_s: float) -> list[int]:
+    def record(self, seqs: list, proposals: list[list[int]], forward_s: float) -> None:
+        """The decode forward over ``seqs`` with ``proposals`` took ``forward_s`` seconds."""
+        self.control.record(len(seqs), [len(p) for p in proposals], forward_s,
+                            sum(s.spec.propose_s for s, p in zip(seqs, proposals) if p))
+
+    def verify(self, spec: SequenceSpeculation, logits: torch.Tensor, proposal: list[int]) -> list[int]:
         """The tokens this row emits from its ``len(proposal) + 1`` logits (greedy), recording the outcome."""
         c, total = spec.counters, self.counters
         if not proposal:
-            spec.control.record_plain(forward_s)
             out = [int(logits[-1].argmax())]
         else:
             out = accept_greedy(logits.argmax(-1).tolist(), proposal)
             kept = len(out) - 1
-            spec.control.record_pass(len(proposal), kept, spec.propose_s, forward_s)
+            spec.accept.record(len(proposal), kept)
             for x in (c, total):
                 x.proposed += len(proposal)
                 x.accepted += kept
