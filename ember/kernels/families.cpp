@@ -8,19 +8,13 @@
 // Experts from a llama.cpp GGUF file (ember.loading.gguf.family_weights.GGUFGptOssExperts: a gate, up and down
 // projection per expert in the file's block types) run as those projections' kernels (ember_linear).
 #include "common.h"
+#include "cpu_api.h"  // LinearDesc and the shared kernels
 
 using namespace ember_common;
 
-struct LinearDesc;  // cpu_api.h
-
 extern "C" {
-int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads);
-void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int64_t H, float eps, int is_bf16,
-                    int nthreads);
 int ember_mxfp4(const uint8_t* blocks, const uint8_t* scales, const void* X, int x_bf16, void* Y, int y_bf16,
-                int64_t M, int64_t O, int64_t I, int act_q8, int nthreads);
-int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
-                      int nthreads);
+                int64_t M, int64_t O, int64_t I, int act_q8, int nthreads);  // mxfp4.cpp
 }
 
 struct GptOssMoeDesc {

@@ -7,21 +7,11 @@
 // products and axpys over rows of the weights and caches as stored (bf16 widened in registers), eight lanes at
 // a time, heads split across threads; roundings as the module's (each einsum/matmul result rounded).
 #include "common.h"
+#include "cpu_api.h"  // LinearDesc and the shared kernels
 #include "vec.h"
 
 using namespace ember_common;
 using namespace ember_vec;
-
-struct LinearDesc;  // cpu_api.h
-
-extern "C" {
-int ember_linear(const LinearDesc* d, const void* X, void* Y, int64_t M, int x_bf16, int nthreads);
-int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
-                      int nthreads);
-void ember_rms_norm(const void* X, const void* Wt, void* Out, int64_t rows, int64_t H, float eps, int is_bf16,
-                    int nthreads);
-void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64_t heads, int64_t hd, int is_bf16);
-}
 
 struct MlaDesc {
   const LinearDesc* q;    // q_proj, or null: q_b(rms_norm(q_a(h)))
