@@ -70,10 +70,10 @@ def mix_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, 
                 ys = y.new_empty(N * k, y.shape[-1])
             ys[pairs] = y  # in (token, routing slot) order
         ys = ys.view(N, k, -1)
-    terms = ys.float() * weights.float()[:, :, None]  # (N, k, H): each product rounded once, as alone
-    acc = terms[:, 0].clone()
+    w = weights.float()
+    acc = ys[:, 0].float() * w[:, :1]  # (N, H) fp32: each product rounded once, as alone
     for j in range(1, k):  # summed in routing order, elementwise: no reduction whose order varies with N
-        acc += terms[:, j]
+        acc += ys[:, j].float() * w[:, j:j + 1]  # one (N, H) temporary per slot, not an (N, k, H) one
     return acc.to(x.dtype)
 
 
