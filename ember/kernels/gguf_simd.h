@@ -230,15 +230,19 @@ inline __m256 scales8(const uint8_t* b, int at, const uint8_t* sc) {
   }
 }
 
-// The first 4 bytes of 8 blocks of bb bytes from b, in kPerm order (Q4_G32: bf16 s | bf16 z << 16).
+// The first 4 bytes of 8 blocks of bb bytes from b, in kPerm order (Q4_G32: bf16 s | bf16 z << 16), paired into
+// 64-bit lanes. Written as _mm256_setr_epi32 of the 8 words (the same bits), the compiled kernel streamed about 15%
+// fewer bytes a second from DRAM on one AVX2 core (as fast in cache): docs/gguf.md.
 template <int bb>
 inline __m256i sz8(const uint8_t* b) {
   auto w = [b](int k) {
-    int v;
+    uint32_t v;
     std::memcpy(&v, b + k * bb, 4);
-    return v;
+    return static_cast<uint64_t>(v);
   };
-  return _mm256_setr_epi32(w(0), w(2), w(4), w(6), w(1), w(3), w(5), w(7));
+  const uint64_t e0 = w(0) | w(2) << 32, e1 = w(4) | w(6) << 32, o0 = w(1) | w(3) << 32, o1 = w(5) | w(7) << 32;
+  return _mm256_set_epi64x(static_cast<int64_t>(o1), static_cast<int64_t>(o0), static_cast<int64_t>(e1),
+                           static_cast<int64_t>(e0));
 }
 
 // R rows (rows[r]; MXFP4_HUB: scale rows srows[r]) of a 32-value type times one activation row. xp: xq in pair
