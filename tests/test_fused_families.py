@@ -226,14 +226,18 @@ def test_hybrid_bf16_mlp_blocks_match_the_modules(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3-6heads"])
-def test_mla_block_makes_q_b_per_head_with_the_whole_products_bits(checkpoint, name, dtype):
-    # A plain q_b is made per block of heads inside the latent attention's parallel region; a q_b the kernel must
-    # run whole (here: the same weight with a zero bias) takes the separate product. Both give the same bits: the
-    # block's output, the latent and the rotated key it caches (6 heads: a short last block of heads).
+@pytest.mark.parametrize("name", ["deepseek_v3-6heads", "deepseek_v3-8heads"])
+def test_mla_block_makes_q_b_per_head_with_the_whole_products_bits(checkpoint, monkeypatch, name, dtype):
+    # With more than one block of 4 heads, a plain q_b is made per block inside the latent attention's parallel
+    # region; a q_b the kernel must run whole (here: the same weight with a zero bias) takes the separate product.
+    # Both give the same bits: the block's output, the latent and the rotated key it caches (6 heads: a short
+    # last block).
     from ember.runtime.blocks import _mla_kernels
+    from test_families import CASES
 
     _needs_kernels()
+    cls, extra, model_cls = CASES["deepseek_v3"]
+    monkeypatch.setitem(CASES, "deepseek_v3-8heads", (cls, {**extra, "num_attention_heads": 8}, model_cls))
     folder, _ = checkpoint(name)
     ours = load_model(folder, dtype="bf16" if dtype is torch.bfloat16 else "fp32")
     layer = ours.model.layers[1]

@@ -223,7 +223,7 @@ int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin,
     void* outs[2] = {qa, kv};
     if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
     ember_rms_norm(qa, d->q_a_norm, qa, 1, d->q_rank, d->q_a_eps, is_bf16, 1);
-    per_head = q_rows_per_head(d->q_b, is_bf16);
+    per_head = nh > HB && q_rows_per_head(d->q_b, is_bf16);  // one block of heads: q_b on every thread instead
     if (!per_head && !ember_linear(d->q_b, qa, q, 1, is_bf16, nthreads)) return 0;
   }
   char* lat = static_cast<char*>(Lc) + pos * r * esz;
