@@ -63,6 +63,33 @@ void dots_block(const float* const* ql, const T* L0, const T* L1, int64_t r, flo
   for (int h = 0; h < HB; h++) out[h][0] = dot(ql[h], L0, r), out[h][1] = dot(ql[h], L1, r);
 }
 
+// out[h] = dot(qr[h], row, dr) for h < HB, the row (dr values, as stored) loaded once for the four heads: vec.h's
+// dot with its order of sums (two 8-lane chains over 16 values, an odd 8 into the first, hsum), so the same bits.
+template <typename T>
+void rope_dots(const float (&qr)[HB][512], const T* row, int64_t dr, float (&out)[HB]) {
+#ifdef EMBER_VEC_SIMD
+  if (dr % 8 == 0) {
+    __m256 s0[HB], s1[HB];
+    for (int h = 0; h < HB; h++) s0[h] = s1[h] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= dr; i += 16) {
+      const __m256 b0 = load8(row + i), b1 = load8(row + i + 8);
+      for (int h = 0; h < HB; h++) {
+        s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qr[h] + i), b0, s0[h]);
+        s1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qr[h] + i + 8), b1, s1[h]);
+      }
+    }
+    if (i < dr) {
+      const __m256 b0 = load8(row + i);
+      for (int h = 0; h < HB; h++) s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qr[h] + i), b0, s0[h]);
+    }
+    for (int h = 0; h < HB; h++) out[h] = hsum(_mm256_add_ps(s0[h], s1[h]));
+    return;
+  }
+#endif
+  for (int h = 0; h < HB; h++) out[h] = dot(qr[h], row, dr);
+}
+
 // ol[h] (r) = sum_j p[h][j] * L[j] (fp32) for h < HB, L (S, r) as stored: sixteen channels of every head at a time.
 template <typename T>
 void weighted_rows(const float* const* p, const T* L, int64_t S, int64_t r, float* const* ol) {
@@ -163,12 +190,15 @@ void latent_heads(const MlaDesc* d, const T* qa, const void* cos, const void* si
       for (int64_t t = 0; t < r; t++) ql[i][t] = round_as(ql[i][t], tag);
       for (int64_t c = 0; c < dr; c++) qrf[i][c] = to_f(qr[n * dr + c]);
     }
+    for (int i = nreal; i < HB; i++) std::copy(qrf[nreal - 1], qrf[nreal - 1] + dr, qrf[i]);
     for (int64_t j = 0; j < S; j += 2) {
-      float a[HB][2];
+      float a[HB][2], rd[2][HB];
       dots_block(qlc, Lc + j * r, Lc + std::min(j + 1, S - 1) * r, r, a);
+      rope_dots(qrf, Rc + j * dr, dr, rd[0]);
+      rope_dots(qrf, Rc + std::min(j + 1, S - 1) * dr, dr, rd[1]);
       for (int i = 0; i < nreal; i++)
         for (int64_t jj = 0; jj < 2 && j + jj < S; jj++) {
-          const float bv = round_as(dot(qrf[i], Rc + (j + jj) * dr, dr), tag);
+          const float bv = round_as(rd[jj][i], tag);
           const float s = round_as(round_as(round_as(a[i][jj], tag) + bv, tag) * d->scaling, tag);
           sc[i][j + jj] = s;
           mx[i] = std::max(mx[i], s);
