@@ -141,8 +141,9 @@ bool q_rows_per_head(const LinearDesc* qb, int is_bf16) {
   return qb && qb->kind == 1 && qb->w_bf16 == is_bf16 && !qb->bias && !(is_bf16 && qb->amx_min_rows == 1);
 }
 
-// Heads n0..n0+nreal-1 of q = q_b(qa) (each head's dq rows of the weight, as ember_linear makes them: the same R-row
-// blocks, since n0 * dq is a multiple of HB * dq), then their rope channels into qr, rotated (ember_rope per head).
+// Heads n0..n0+nreal-1 of q = q_b(qa) (each head's dq rows of the weight, as ember_linear makes them: n0 is a multiple
+// of HB, 4 = the dense kernel's rows per block, so the blocks are ember_linear's), then their rope channels into qr,
+// rotated (ember_rope per head).
 template <typename T>
 void head_queries(const MlaDesc* d, const T* qa, const void* cos, const void* sin, int64_t n0, int nreal, T* q,
                   T* qr) {
@@ -152,7 +153,8 @@ void head_queries(const MlaDesc* d, const T* qa, const void* cos, const void* si
     ember_dense_bf16(static_cast<const T*>(d->q_b->W) + r0 * I, qa, q + r0, 1, nreal * dq, I, 1, 1);
   else
     ember_dense_f32(static_cast<const T*>(d->q_b->W) + r0 * I, qa, q + r0, 1, nreal * dq, I, 0, 1);
-  for (int64_t n = n0; n < n0 + nreal; n++) rope_channels(q + n * dq + dn, qr + n * dr, dr, static_cast<int>(d->interleaved), bf);
+  for (int64_t n = n0; n < n0 + nreal; n++)
+    rope_channels(q + n * dq + dn, qr + n * dr, dr, static_cast<int>(d->interleaved), bf);
   ember_rope(qr + n0 * dr, cos, sin, 1, nreal, dr, bf);
 }
 
