@@ -8,6 +8,7 @@ gives each row's median decode tok/s per side over the rounds and the new/old ra
 
     python bench/ab.py OLD_DIR NEW_DIR                       # bf16, int4 and the MoE row, 1.1B dims, 3 rounds
     python bench/ab.py OLD_DIR NEW_DIR --rounds 5 --size small
+    python bench/ab.py OLD_DIR NEW_DIR --families            # the families' rows (DeepSeek-MLA among them)
 
 OLD_DIR and NEW_DIR are checkouts (e.g. ``git worktree add /tmp/old <commit>``); each runs with its own
 ``bench/decode.py`` and its own ``ember`` package first on ``sys.path``. Writes JSON (``--out``).
@@ -31,6 +32,8 @@ def run_side(checkout: Path, args: argparse.Namespace, out: Path) -> dict[str, f
     """One ``bench/decode.py`` run in ``checkout``; returns {row label: decode tok/s}."""
     cmd = [sys.executable, "bench/decode.py", "--size", args.size, "--dtypes", "bf16", "--quant", args.quant,
            "--no-hf", "--no-ppl", "--repeats", str(args.repeats), "--out", str(out)]
+    if args.families:  # the families' rows instead (Gemma 3/4 shapes, DeepSeek-MLA, gpt-oss)
+        cmd.append("--only-families")
     env = dict(os.environ, PYTHONPATH=str(checkout))
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds inside each decode.py run (best kept)")
     ap.add_argument("--size", default="1.1b", choices=["1.1b", "small"])
     ap.add_argument("--quant", default="none,int4", help="decode.py --quant (the bf16 row and these)")
+    ap.add_argument("--families", action="store_true", help="the families' rows (decode.py --only-families) instead")
     ap.add_argument("--out", default="bench/results/ab.json")
     args = ap.parse_args()
     sides = {"old": args.old.resolve(), "new": args.new.resolve()}

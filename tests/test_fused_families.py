@@ -223,3 +223,42 @@ def test_hybrid_bf16_mlp_blocks_match_the_modules(tmp_path, monkeypatch):
     fast, plain = _fused_vs_modules(ours, ids, 6, torch.bfloat16, monkeypatch)
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert_close(a, b, BF16_TOL, f"nemotron-h bf16 decode step {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["deepseek_v3-6heads", "deepseek_v3-8heads"])
+def test_mla_block_makes_q_b_per_head_with_the_whole_products_bits(checkpoint, monkeypatch, name, dtype):
+    # With more than one block of 4 heads, a plain q_b is made per block inside the latent attention's parallel
+    # region; a q_b the kernel must run whole (here: the same weight with a zero bias) takes the separate product.
+    # Both give the same bits: the block's output, the latent and the rotated key it caches (6 heads: a short
+    # last block).
+    from ember.runtime.blocks import _mla_kernels
+    from test_families import CASES
+
+    _needs_kernels()
+    cls, extra, model_cls = CASES["deepseek_v3"]
+    monkeypatch.setitem(CASES, "deepseek_v3-8heads", (cls, {**extra, "num_attention_heads": 8}, model_cls))
+    folder, _ = checkpoint(name)
+    ours = load_model(folder, dtype="bf16" if dtype is torch.bfloat16 else "fp32")
+    layer = ours.model.layers[1]
+    attn, pre = layer.self_attn, layer.input_layernorm
+    x = torch.randn(1, 1, ours.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ks = _mla_kernels(attn, pre, x[0])
+    assert ks is not None and "q_b" in ks
+    w = attn.q_b_proj.weight.detach()
+    whole = dict(ks, q_b=kernels.dense_kernel(w, torch.zeros(w.shape[0], dtype=dtype)))
+    pos, max_len = 9, 16
+    gen = torch.Generator().manual_seed(4)
+    lat = torch.randn(1, 1, max_len, attn.r, generator=gen).to(dtype)
+    rot = torch.randn(1, 1, max_len, attn.dr, generator=gen).to(dtype)
+    theta = torch.arange(attn.dr // 2, dtype=torch.float32) * 0.37 + pos * 0.11
+    cos, sin = torch.cat([theta.cos()] * 2).to(dtype), torch.cat([theta.sin()] * 2).to(dtype)
+    outs = []
+    for k in (ks, whole):
+        block = kernels.mla_block_kernel(attn, pre, k)
+        xs, ls, rs = x.reshape(-1).clone(), lat.clone(), rot.clone()
+        assert kernels.run_attn_block(block, xs, cos, sin, ls, rs, pos)
+        outs.append((xs, ls, rs))
+    assert not torch.equal(outs[0][0], x.reshape(-1))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

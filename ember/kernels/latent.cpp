@@ -63,6 +63,33 @@ void dots_block(const float* const* ql, const T* L0, const T* L1, int64_t r, flo
   for (int h = 0; h < HB; h++) out[h][0] = dot(ql[h], L0, r), out[h][1] = dot(ql[h], L1, r);
 }
 
+// out[h] = dot(qr[h], row, dr) for h < HB, the row (dr values, as stored) loaded once for the four heads: vec.h's
+// dot with its order of sums (two 8-lane chains over 16 values, an odd 8 into the first, hsum), so the same bits.
+template <typename T>
+void rope_dots(const float (&qr)[HB][512], const T* row, int64_t dr, float (&out)[HB]) {
+#ifdef EMBER_VEC_SIMD
+  if (dr % 8 == 0) {
+    __m256 s0[HB], s1[HB];
+    for (int h = 0; h < HB; h++) s0[h] = s1[h] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= dr; i += 16) {
+      const __m256 b0 = load8(row + i), b1 = load8(row + i + 8);
+      for (int h = 0; h < HB; h++) {
+        s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qr[h] + i), b0, s0[h]);
+        s1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qr[h] + i + 8), b1, s1[h]);
+      }
+    }
+    if (i < dr) {
+      const __m256 b0 = load8(row + i);
+      for (int h = 0; h < HB; h++) s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qr[h] + i), b0, s0[h]);
+    }
+    for (int h = 0; h < HB; h++) out[h] = hsum(_mm256_add_ps(s0[h], s1[h]));
+    return;
+  }
+#endif
+  for (int h = 0; h < HB; h++) out[h] = dot(qr[h], row, dr);
+}
+
 // ol[h] (r) = sum_j p[h][j] * L[j] (fp32) for h < HB, L (S, r) as stored: sixteen channels of every head at a time.
 template <typename T>
 void weighted_rows(const float* const* p, const T* L, int64_t S, int64_t r, float* const* ol) {
@@ -108,17 +135,43 @@ void rows_dot(const float* a, const T* W, int64_t n, int64_t r, T* out) {
   for (; v < n; v++) put(out + v, dot(a, W + v * r, r));
 }
 
+// Whether q_b's rows can be made per head inside latent_heads' region: a dense weight of x's dtype without a bias
+// and on the plain kernel (ember_linear's path at one row then is ember_dense_bf16 / ember_dense_f32).
+bool q_rows_per_head(const LinearDesc* qb, int is_bf16) {
+  return qb && qb->kind == 1 && qb->w_bf16 == is_bf16 && !qb->bias && !(is_bf16 && qb->amx_min_rows == 1);
+}
+
+// Heads n0..n0+nreal-1 of q = q_b(qa) (each head's dq rows of the weight, as ember_linear makes them: n0 is a multiple
+// of HB, 4 = the dense kernel's rows per block, so the blocks are ember_linear's), then their rope channels into qr,
+// rotated (ember_rope per head).
+template <typename T>
+void head_queries(const MlaDesc* d, const T* qa, const void* cos, const void* sin, int64_t n0, int nreal, T* q,
+                  T* qr) {
+  const int64_t dn = d->dn, dr = d->dr, dq = dn + dr, I = d->q_b->I, r0 = n0 * dq;
+  constexpr int bf = std::is_same_v<T, uint16_t>;
+  if constexpr (bf)
+    ember_dense_bf16(static_cast<const T*>(d->q_b->W) + r0 * I, qa, q + r0, 1, nreal * dq, I, 1, 1);
+  else
+    ember_dense_f32(static_cast<const T*>(d->q_b->W) + r0 * I, qa, q + r0, 1, nreal * dq, I, 0, 1);
+  for (int64_t n = n0; n < n0 + nreal; n++)
+    rope_channels(q + n * dq + dn, qr + n * dr, dr, static_cast<int>(d->interleaved), bf);
+  ember_rope(qr + n0 * dr, cos, sin, 1, nreal, dr, bf);
+}
+
 // att (nh * dv) = the attention of every head over slots 0..S-1: q (nh, dn + dr) with its rope channels
 // replaced by qr (nh, dr, rotated), Lc (S, r), Rc (S, dr), W (nh * (dn + dv), r). scratch: per head 2S + 2r floats.
 // Heads run in blocks of HB (a short last block repeats its last head, whose results are written twice, equal).
+// qa not null: each block first makes its heads' q and qr from q_b (head_queries), in the same parallel region,
+// so the step has no region (fork, join, cold prefetch start) of its own for q_b.
 template <typename T>
-void latent_heads(const MlaDesc* d, const T* q, const T* qr, const T* Lc, const T* Rc, const T* W, int64_t S,
-                  T* att, float* scratch, int nthreads) {
+void latent_heads(const MlaDesc* d, const T* qa, const void* cos, const void* sin, T* q, T* qr, const T* Lc,
+                  const T* Rc, const T* W, int64_t S, T* att, float* scratch, int nthreads) {
   const int64_t nh = d->nh, r = d->r, dn = d->dn, dr = d->dr, dv = d->dv, dq = dn + dr, nb = (nh + HB - 1) / HB;
   const T tag{};
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nb > 1)
   for (int64_t b = 0; b < nb; b++) {
     const int nreal = static_cast<int>(std::min<int64_t>(HB, nh - b * HB));
+    if (qa) head_queries(d, qa, cos, sin, b * HB, nreal, q, qr);
     const float* qlc[HB];
     const float* pc[HB];
     float *sc[HB], *ql[HB], *ol[HB];
@@ -139,12 +192,15 @@ void latent_heads(const MlaDesc* d, const T* q, const T* qr, const T* Lc, const 
       for (int64_t t = 0; t < r; t++) ql[i][t] = round_as(ql[i][t], tag);
       for (int64_t c = 0; c < dr; c++) qrf[i][c] = to_f(qr[n * dr + c]);
     }
+    for (int i = nreal; i < HB; i++) std::copy(qrf[nreal - 1], qrf[nreal - 1] + dr, qrf[i]);
     for (int64_t j = 0; j < S; j += 2) {
-      float a[HB][2];
+      float a[HB][2], rd[2][HB];
       dots_block(qlc, Lc + j * r, Lc + std::min(j + 1, S - 1) * r, r, a);
+      rope_dots(qrf, Rc + j * dr, dr, rd[0]);
+      rope_dots(qrf, Rc + std::min(j + 1, S - 1) * dr, dr, rd[1]);
       for (int i = 0; i < nreal; i++)
         for (int64_t jj = 0; jj < 2 && j + jj < S; jj++) {
-          const float bv = round_as(dot(qrf[i], Rc + (j + jj) * dr, dr), tag);
+          const float bv = round_as(rd[jj][i], tag);
           const float s = round_as(round_as(round_as(a[i][jj], tag) + bv, tag) * d->scaling, tag);
           sc[i][j + jj] = s;
           mx[i] = std::max(mx[i], s);
@@ -189,6 +245,7 @@ int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin,
   void* att = base + (H + d->q_rank + nh * dq + r + dr + nh * dr) * esz;
   void* o = base + (H + d->q_rank + nh * dq + r + dr + nh * dr + nh * dv) * esz;
   ember_rms_norm(x, d->norm, h, 1, H, d->eps, is_bf16, 1);
+  bool per_head = false;  // q_b's rows made inside the attention's region
   if (d->q) {
     const LinearDesc* two[2] = {d->q, d->kv_a};
     void* outs[2] = {q, kv};
@@ -198,25 +255,28 @@ int ember_mla_block(const MlaDesc* d, void* x, const void* cos, const void* sin,
     void* outs[2] = {qa, kv};
     if (ember_linear_many(2, two, h, outs, 1, is_bf16, nthreads) != 2) return 0;
     ember_rms_norm(qa, d->q_a_norm, qa, 1, d->q_rank, d->q_a_eps, is_bf16, 1);
-    if (!ember_linear(d->q_b, qa, q, 1, is_bf16, nthreads)) return 0;
+    per_head = nh > HB && q_rows_per_head(d->q_b, is_bf16);  // one block of heads: q_b on every thread instead
+    if (!per_head && !ember_linear(d->q_b, qa, q, 1, is_bf16, nthreads)) return 0;
   }
   char* lat = static_cast<char*>(Lc) + pos * r * esz;
   char* rot = static_cast<char*>(Rc) + pos * dr * esz;
   ember_rms_norm(kv, d->kv_norm, lat, 1, r, d->kv_eps, is_bf16, 1);
   rope_channels(static_cast<char*>(kv) + r * esz, rot, dr, static_cast<int>(d->interleaved), is_bf16);
   ember_rope(rot, cos, sin, 1, 1, dr, is_bf16);
-  for (int64_t n = 0; n < nh; n++)
-    rope_channels(static_cast<char*>(q) + (n * dq + dn) * esz, static_cast<char*>(qr) + n * dr * esz, dr,
-                  static_cast<int>(d->interleaved), is_bf16);
-  ember_rope(qr, cos, sin, 1, nh, dr, is_bf16);
+  if (!per_head) {
+    for (int64_t n = 0; n < nh; n++)
+      rope_channels(static_cast<char*>(q) + (n * dq + dn) * esz, static_cast<char*>(qr) + n * dr * esz, dr,
+                    static_cast<int>(d->interleaved), is_bf16);
+    ember_rope(qr, cos, sin, 1, nh, dr, is_bf16);
+  }
   if (is_bf16)
-    latent_heads(d, static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(qr),
-                 static_cast<const uint16_t*>(Lc), static_cast<const uint16_t*>(Rc),
+    latent_heads(d, per_head ? static_cast<const uint16_t*>(qa) : nullptr, cos, sin, static_cast<uint16_t*>(q),
+                 static_cast<uint16_t*>(qr), static_cast<const uint16_t*>(Lc), static_cast<const uint16_t*>(Rc),
                  static_cast<const uint16_t*>(d->w_kvb), S, static_cast<uint16_t*>(att), scratch, nthreads);
   else
-    latent_heads(d, static_cast<const float*>(q), static_cast<const float*>(qr), static_cast<const float*>(Lc),
-                 static_cast<const float*>(Rc), static_cast<const float*>(d->w_kvb), S, static_cast<float*>(att),
-                 scratch, nthreads);
+    latent_heads(d, per_head ? static_cast<const float*>(qa) : nullptr, cos, sin, static_cast<float*>(q),
+                 static_cast<float*>(qr), static_cast<const float*>(Lc), static_cast<const float*>(Rc),
+                 static_cast<const float*>(d->w_kvb), S, static_cast<float*>(att), scratch, nthreads);
   if (!ember_linear(d->o, att, o, 1, is_bf16, nthreads)) return 0;
   for (int64_t c = 0; c < H; c++) store_y(x, c, load_f(x, c, is_bf16) + load_f(o, c, is_bf16), is_bf16);
   return 1;
