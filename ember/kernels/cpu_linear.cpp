@@ -101,16 +101,6 @@ int ember_linear_rows(int n, const LinearDesc* const* d, const void* X, void* co
     }
     return 1;
   }
-  // rows_block's fp32 operand in split order: fp32 X as it is, bf16 X split once here for every block
-  const float* xs = x_bf16 ? nullptr : static_cast<const float*>(X);
-#ifdef EMBER_AVX2
-  thread_local std::vector<float> split;
-  if (x_bf16 && I % 32 == 0 && M >= 4 && wide_rows(I)) {
-    split.resize(static_cast<size_t>(M * I));
-    split_bf16_rows(static_cast<const uint16_t*>(X), M, I, split.data());
-    xs = split.data();
-  }
-#endif
   int64_t first[9] = {0};  // weight i's 4-row blocks are [first[i], first[i + 1]) of one range over the threads
   for (int i = 0; i < n; i++) first[i + 1] = first[i] + (d[i]->O + R - 1) / R;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -118,8 +108,8 @@ int ember_linear_rows(int n, const LinearDesc* const* d, const void* X, void* co
     int i = 0;
     while (t >= first[i + 1]) i++;
     const int64_t o0 = (t - first[i]) * R;
-    if (x_bf16) rows_block(*d[i], o0, static_cast<const uint16_t*>(X), xs, M, Y[i]);
-    else rows_block(*d[i], o0, static_cast<const float*>(X), xs, M, Y[i]);
+    if (x_bf16) rows_block(*d[i], o0, static_cast<const uint16_t*>(X), M, Y[i]);
+    else rows_block(*d[i], o0, static_cast<const float*>(X), M, Y[i]);
   }
   for (int i = 0; i < n; i++) add_bias(d[i], Y[i], M, x_bf16);
   return 1;

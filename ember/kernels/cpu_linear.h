@@ -10,11 +10,10 @@
 namespace {
 
 constexpr int kWideRows = 6;  // activation rows of one rows_wide pass at most (12 accumulators)
-// rows_wide runs where kWideRows fp32 activation rows take at most this much of L1 (I <= 1024): wider rows miss L1
-// on every FMA operand, and there the 1-3-row kernels, which share each activation load between two weight rows,
-// run faster.
+// rows_wide runs where kWideRows activation rows take at most this much of L1 (fp32 I <= 1024, bf16 I <= 2048):
+// longer rows miss L1 on every FMA operand, and there the 1-3-row kernels, which share each activation load
+// between two weight rows, run faster.
 constexpr int64_t kWideL1Bytes = 24 * 1024;
-inline bool wide_rows(int64_t I) { return kWideRows * I * 4 <= kWideL1Bytes; }
 
 // Y (M, O) += the weight's bias (after the product's rounding, as PyTorch's add).
 void add_bias(const LinearDesc* d, void* Y, int64_t M, int x_bf16) {
@@ -150,20 +149,20 @@ inline void rows_bf16_pair(const uint16_t* const* w, const uint16_t* X, int64_t 
   }
 }
 
-// 16 weights of a row as the one-row kernels pair them with the activations: fp32 the first and the last 8, bf16
+// 16 values of a row (weights or activations) as the one-row kernels pair them: fp32 the first and the last 8, bf16
 // the 8 even and the 8 odd values (bf16_pairs), each an fp32 vector.
 inline void split16(const float* p, __m256& a, __m256& b) { a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8); }
 inline void split16(const uint16_t* p, __m256& a, __m256& b) { bf16_pairs(p, a, b); }
 
-// Activation rows xs (NM, I) as fp32, each 16 values in split16's order (the 8 that meet a, then the 8 that meet
-// b), times a block of R weight rows in one pass, row after row: each weight vector is loaded once and feeds all
-// NM rows, into the two accumulators per (weight row, activation row) of the one-row kernels (2 NM <= 12 of them;
-// the activations, NM I floats that stay in L1, are the FMAs' memory operands). Each accumulator sums its products
-// in the one-row kernel's order, so every product has its bits. Whole rows in order keep the hardware prefetcher
-// streaming; PF adds a software prefetch of the next block's lines (bf16: half the bytes per FMA, so the stream
-// has the miss buffers to spare; fp32 rows stream faster without it).
+// Activation rows X (NM, I) times a block of R weight rows in one pass, row after row: each weight vector is
+// loaded once and feeds all NM rows, into the two accumulators per (weight row, activation row) of the one-row
+// kernels (2 NM <= 12 of them), both operands split as split16 splits them (bf16 activations in registers: their
+// rows stay half the size in L1, and a split copy would cost a store per value). Each accumulator sums its
+// products in the one-row kernel's order, so every product has its bits. Whole rows in order keep the hardware
+// prefetcher streaming; bf16 weights, with twice the FMAs per byte, also prefetch the next block's lines (PF;
+// fp32 rows stream faster without).
 template <int NM, bool PF, typename T>
-inline void rows_wide(const T* const* w, const float* xs, int64_t I, float* out) {
+inline void rows_wide(const T* const* w, const T* X, int64_t I, float* out) {
   for (int r = 0; r < R; r++) {
     __m256 acc[NM][2];
     for (int m = 0; m < NM; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
@@ -173,29 +172,22 @@ inline void rows_wide(const T* const* w, const float* xs, int64_t I, float* out)
       __m256 a, b;
       split16(wr + k, a, b);
       for (int m = 0; m < NM; m++) {
-        acc[m][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xs + m * I + k), acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xs + m * I + k + 8), acc[m][1]);
+        __m256 xa, xb;
+        split16(X + m * I + k, xa, xb);
+        acc[m][0] = _mm256_fmadd_ps(a, xa, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(b, xb, acc[m][1]);
       }
     }
     for (int m = 0; m < NM; m++) out[r * kWideRows + m] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
   }
 }
 
-// bf16 rows X (M, I), I % 32 == 0, as rows_wide's fp32 operand: per 16 values the even 8, then the odd 8 (exact).
-inline void split_bf16_rows(const uint16_t* X, int64_t M, int64_t I, float* xs) {
-  for (int64_t i = 0; i < M * I; i += 16) {
-    __m256 e, o;
-    bf16_pairs(X + i, e, o);
-    _mm256_storeu_ps(xs + i, e), _mm256_storeu_ps(xs + i + 8, o);
-  }
-}
-
 template <bool PF, typename T>
-inline void rows_wide_n(int nm, const T* const* w, const float* xs, int64_t I, float* out) {
+inline void rows_wide_n(int nm, const T* const* w, const T* X, int64_t I, float* out) {
   constexpr bool pf = PF && std::is_same_v<T, uint16_t>;
-  if (nm == 4) rows_wide<4, pf>(w, xs, I, out);
-  else if (nm == 5) rows_wide<5, pf>(w, xs, I, out);
-  else rows_wide<6, pf>(w, xs, I, out);
+  if (nm == 4) rows_wide<4, pf>(w, X, I, out);
+  else if (nm == 5) rows_wide<5, pf>(w, X, I, out);
+  else rows_wide<6, pf>(w, X, I, out);
 }
 #endif
 
@@ -222,11 +214,10 @@ inline void store_rows(void* Y, int64_t O, int64_t o0, int64_t m0, int nm, const
 }
 
 // Weight d's 4-row block at o0 times all M rows of X, stored into Y: the block is read from memory once (by the
-// first group's pass) and every further group of rows finds it in L1/L2. Where wide_rows(I), groups of 4-6 rows
-// take rows_wide on xs (X in split16's order: X itself for fp32, split_bf16_rows' copy for bf16); the rest the
-// 1-3-row kernels. Where the one-row kernels' AVX2 condition does not hold, their portable loops (exact at any nm).
+// first group's pass) and every further group of rows finds it in L1/L2. Groups of 4-6 rows take rows_wide
+// where kWideRows rows of X fit kWideL1Bytes, the rest the 1-3-row kernels. Where the one-row kernels' AVX2 condition does not hold, their portable loops (exact at any nm).
 template <typename T>
-inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, const float* xs, int64_t M, void* Y) {
+inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, int64_t M, void* Y) {
   const int64_t I = d.I, O = d.O;
   constexpr int y_bf16 = std::is_same_v<T, uint16_t>;
   const T* w[R];
@@ -234,11 +225,11 @@ inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, const float*
   float out[R * kWideRows];
 #ifdef EMBER_AVX2
   if (I % (y_bf16 ? 32 : 16) == 0) {
-    const bool wide = wide_rows(I);
+    const bool wide = kWideRows * I * static_cast<int64_t>(sizeof(T)) <= kWideL1Bytes;
     for (int64_t m0 = 0; m0 < M;) {
       const int nm = row_group(M - m0, wide);
       if (nm >= 4) {
-        m0 == 0 ? rows_wide_n<true>(nm, w, xs + m0 * I, I, out) : rows_wide_n<false>(nm, w, xs + m0 * I, I, out);
+        m0 == 0 ? rows_wide_n<true>(nm, w, X + m0 * I, I, out) : rows_wide_n<false>(nm, w, X + m0 * I, I, out);
         store_rows(Y, O, o0, m0, nm, out, kWideRows, y_bf16);
       } else if constexpr (y_bf16) {  // pairs, a lone row through the one-row kernel itself
         for (int p = 0; p < nm; p += 2) {
@@ -258,7 +249,6 @@ inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, const float*
     return;
   }
 #endif
-  (void)xs;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
     dense_rows_portable(w, X + m0 * I, I, nm, out);
