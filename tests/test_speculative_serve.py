@@ -95,13 +95,14 @@ def test_exact_rows_products_round_as_one_row(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_rows_every_row_count_and_shape(dtype):
-    """``ember_linear_rows`` groups the activation rows (threes and pairs, a lone last row) over every 4-row weight
-    block: for 2..13 rows, a row count of the output not a multiple of 4, and inner sizes on and off the AVX2
-    kernels' strides, each row equals ``linear_many`` over that row alone, bit for bit, bias included."""
+    """``ember_linear_rows`` groups the activation rows (4-6 in one pass where they fit L1, else threes and pairs, a
+    lone last row) over every 4-row weight block: for 2..13 rows, a row count of the output not a multiple of 4,
+    and inner sizes on and off the AVX2 kernels' strides, below and above the one-pass limit (fp32 1024, bf16
+    2048 values), each row equals ``linear_many`` over that row alone, bit for bit, bias included."""
     from ember.kernels import matmul
 
     torch.manual_seed(1)
-    for O, I in ((13, 96), (8, 48), (7, 40)):
+    for O, I in ((13, 96), (8, 48), (7, 40), (6, 1024), (5, 1040), (9, 2048), (5, 2080)):
         ks = [matmul.dense_kernel(torch.randn(O, I).to(dtype), torch.randn(O).to(dtype)),
               matmul.dense_kernel(torch.randn(O + 3, I).to(dtype))]
         if ks[0] is None:

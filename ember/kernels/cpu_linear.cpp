@@ -83,8 +83,8 @@ int ember_linear_many(int n, const LinearDesc* const* d, const void* X, void* co
 
 // Y[i] (M, O_i) = X (M, I) @ W_i^T for n prepared weights, each activation row's products with the same bits as
 // ember_linear_many over that row alone (a speculative verification pass must round as the one-token step it
-// stands for). Dense weights stream each 4-row block once for all M rows (rows_block); other formats (and
-// AMX at one row) run ember_linear_many row by row. Returns 0 (nothing guaranteed written) where a weight has no
+// stands for). Dense weights stream each 4-row block once for all M rows (rows_block: 4-6 rows in one pass);
+// other formats (and AMX at one row) run ember_linear_many row by row. Returns 0 (nothing guaranteed written) where a weight has no
 // kernel for X's dtype.
 int ember_linear_rows(int n, const LinearDesc* const* d, const void* X, void* const* Y, int64_t M, int x_bf16,
                       int nthreads) {

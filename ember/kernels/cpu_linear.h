@@ -9,6 +9,12 @@
 
 namespace {
 
+constexpr int kWideRows = 6;  // activation rows of one rows_wide pass at most (12 accumulators)
+// rows_wide runs where kWideRows activation rows take at most this much of L1 (fp32 I <= 1024, bf16 I <= 2048):
+// longer rows miss L1 on every FMA operand, and there the 1-3-row kernels, which share each activation load
+// between two weight rows, run faster.
+constexpr int64_t kWideL1Bytes = 24 * 1024;
+
 // Y (M, O) += the weight's bias (after the product's rounding, as PyTorch's add).
 void add_bias(const LinearDesc* d, void* Y, int64_t M, int x_bf16) {
   if (!d->bias) return;
@@ -142,11 +148,58 @@ inline void rows_bf16_pair(const uint16_t* const* w, const uint16_t* X, int64_t 
       for (int m = 0; m < 2; m++) out[(r0 + r) * MB + m] = hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
   }
 }
+
+// 16 values of a row (weights or activations) as the one-row kernels pair them: fp32 the first and the last 8, bf16
+// the 8 even and the 8 odd values (bf16_pairs), each an fp32 vector.
+inline void split16(const float* p, __m256& a, __m256& b) { a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8); }
+inline void split16(const uint16_t* p, __m256& a, __m256& b) { bf16_pairs(p, a, b); }
+
+// Activation rows X (NM, I) times a block of R weight rows in one pass, row after row: each weight vector is
+// loaded once and feeds all NM rows, into the two accumulators per (weight row, activation row) of the one-row
+// kernels (2 NM <= 12 of them), both operands split as split16 splits them (bf16 activations in registers: their
+// rows stay half the size in L1, and a split copy would cost a store per value). Each accumulator sums its
+// products in the one-row kernel's order, so every product has its bits. Whole rows in order keep the hardware
+// prefetcher streaming; bf16 weights, with twice the FMAs per byte, also prefetch the next block's lines (PF;
+// fp32 rows stream faster without).
+template <int NM, bool PF, typename T>
+inline void rows_wide(const T* const* w, const T* X, int64_t I, float* out) {
+  for (int r = 0; r < R; r++) {
+    __m256 acc[NM][2];
+    for (int m = 0; m < NM; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const T* wr = w[r];
+    for (int64_t k = 0; k < I; k += 16) {
+      if (PF && (k * sizeof(T)) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k + 4 * I), _MM_HINT_T0);
+      __m256 a, b;
+      split16(wr + k, a, b);
+      for (int m = 0; m < NM; m++) {
+        __m256 xa, xb;
+        split16(X + m * I + k, xa, xb);
+        acc[m][0] = _mm256_fmadd_ps(a, xa, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(b, xb, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < NM; m++) out[r * kWideRows + m] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+  }
+}
+
+template <bool PF, typename T>
+inline void rows_wide_n(int nm, const T* const* w, const T* X, int64_t I, float* out) {
+  constexpr bool pf = PF && std::is_same_v<T, uint16_t>;
+  if (nm == 4) rows_wide<4, pf>(w, X, I, out);
+  else if (nm == 5) rows_wide<5, pf>(w, X, I, out);
+  else rows_wide<6, pf>(w, X, I, out);
+}
 #endif
 
-// How many activation rows the next group takes, `left` of them left: threes (the most the registers hold), and
-// 2 + 2 rather than 3 + 1 (a lone row leaves the FMA latency uncovered).
-inline int row_group(int64_t left) { return left == 4 ? 2 : static_cast<int>(std::min<int64_t>(3, left)); }
+// How many activation rows the next group takes, `left` of them left. With wide (their fp32 rows fit L1 beside the
+// streamed weights): 4-6 in one rows_wide pass (8-12 accumulator chains cover the FMA latency), fewer through the
+// 1-3-row kernels, more in wide groups that leave no 1-3 tail where they can (7: 4 + 3). Without: threes (the most
+// rows_avx2_exact's registers hold), and 2 + 2 rather than 3 + 1 (a lone row leaves the FMA latency uncovered).
+inline int row_group(int64_t left, bool wide) {
+  if (!wide) return left == 4 ? 2 : static_cast<int>(std::min<int64_t>(3, left));
+  if (left <= kWideRows) return static_cast<int>(left);
+  return left - kWideRows >= 4 ? kWideRows : 4;
+}
 
 template <typename T>
 inline void dense_rows_portable(const T* const* w, const T* X, int64_t I, int nm, float* out) {
@@ -154,34 +207,43 @@ inline void dense_rows_portable(const T* const* w, const T* X, int64_t I, int nm
   else dense_f32_rows(w, X, I, nm, out);
 }
 
-// Weight d's 4-row block at o0 times all M rows of X, stored into Y: the block is read from memory once (the
-// first group's pass prefetches the next one) and every further group of rows finds it in L1/L2. Where the one-row
-// kernels' AVX2 condition does not hold, their portable loops (exact at any nm).
+// out (R, stride) -> rows m0.. of Y (M, O) in Y's dtype: the one-row kernels' store_block with a wider stride.
+inline void store_rows(void* Y, int64_t O, int64_t o0, int64_t m0, int nm, const float* out, int stride, int y_bf16) {
+  for (int r = 0; r < R && o0 + r < O; r++)
+    for (int m = 0; m < nm; m++) store_y(Y, (m0 + m) * O + o0 + r, out[r * stride + m], y_bf16);
+}
+
+// Weight d's 4-row block at o0 times all M rows of X, stored into Y: the block is read from memory once (by the
+// first group's pass) and every further group of rows finds it in L1/L2. Groups of 4-6 rows take rows_wide
+// where kWideRows rows of X fit kWideL1Bytes, the rest the 1-3-row kernels. Where the one-row kernels' AVX2 condition does not hold, their portable loops (exact at any nm).
 template <typename T>
 inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, int64_t M, void* Y) {
   const int64_t I = d.I, O = d.O;
+  constexpr int y_bf16 = std::is_same_v<T, uint16_t>;
   const T* w[R];
   row_ptrs(static_cast<const T*>(d.W), o0, O, I, w);
-  float out[R * MB];
+  float out[R * kWideRows];
 #ifdef EMBER_AVX2
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    if (I % 32 == 0) {  // pairs of rows, a last lone row through the one-row kernel itself (four weight rows)
-      for (int64_t m0 = 0; m0 < M; m0 += 2) {
-        const int nm = M - m0 >= 2 ? 2 : 1;
-        if (nm == 2) rows_bf16_pair(w, X + m0 * I, I, out);
-        else dense_bf16_avx2<1>(w, X + m0 * I, I, out);
-        store_block(Y, O, o0, m0, nm, out, nullptr, 1);
-      }
-      return;
-    }
-  } else if (I % 16 == 0) {
+  if (I % (y_bf16 ? 32 : 16) == 0) {
+    const bool wide = kWideRows * I * static_cast<int64_t>(sizeof(T)) <= kWideL1Bytes;
     for (int64_t m0 = 0; m0 < M;) {
-      const int nm = row_group(M - m0);
-      const float* x = X + m0 * I;
-      if (nm == 3) m0 == 0 ? rows_avx2_exact<3, true>(w, x, I, out) : rows_avx2_exact<3, false>(w, x, I, out);
-      else if (nm == 2) m0 == 0 ? rows_avx2_exact<2, true>(w, x, I, out) : rows_avx2_exact<2, false>(w, x, I, out);
-      else m0 == 0 ? rows_avx2_exact<1, true>(w, x, I, out) : rows_avx2_exact<1, false>(w, x, I, out);
-      store_block(Y, O, o0, m0, nm, out, nullptr, 0);
+      const int nm = row_group(M - m0, wide);
+      if (nm >= 4) {
+        m0 == 0 ? rows_wide_n<true>(nm, w, X + m0 * I, I, out) : rows_wide_n<false>(nm, w, X + m0 * I, I, out);
+        store_rows(Y, O, o0, m0, nm, out, kWideRows, y_bf16);
+      } else if constexpr (y_bf16) {  // pairs, a lone row through the one-row kernel itself
+        for (int p = 0; p < nm; p += 2) {
+          if (nm - p >= 2) rows_bf16_pair(w, X + (m0 + p) * I, I, out);
+          else dense_bf16_avx2<1>(w, X + (m0 + p) * I, I, out);
+          store_block(Y, O, o0, m0 + p, std::min(2, nm - p), out, nullptr, 1);
+        }
+      } else {
+        const float* x = X + m0 * I;
+        if (nm == 3) m0 == 0 ? rows_avx2_exact<3, true>(w, x, I, out) : rows_avx2_exact<3, false>(w, x, I, out);
+        else if (nm == 2) m0 == 0 ? rows_avx2_exact<2, true>(w, x, I, out) : rows_avx2_exact<2, false>(w, x, I, out);
+        else m0 == 0 ? rows_avx2_exact<1, true>(w, x, I, out) : rows_avx2_exact<1, false>(w, x, I, out);
+        store_block(Y, O, o0, m0, nm, out, nullptr, 0);
+      }
       m0 += nm;
     }
     return;
@@ -190,7 +252,7 @@ inline void rows_block(const LinearDesc& d, int64_t o0, const T* X, int64_t M, v
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int nm = static_cast<int>(std::min<int64_t>(MB, M - m0));
     dense_rows_portable(w, X + m0 * I, I, nm, out);
-    store_block(Y, O, o0, m0, nm, out, nullptr, std::is_same_v<T, uint16_t>);
+    store_block(Y, O, o0, m0, nm, out, nullptr, y_bf16);
   }
 }
 
