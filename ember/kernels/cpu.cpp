@@ -150,6 +150,8 @@ template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t H, float eps);
 template <typename T>
 void rope_head(T* x, const T* cos, const T* sin, int64_t hd);
+template <typename T>
+void silu_mul(T* g, const T* u, int64_t n);
 }
 
 // ============================================================================ entry points: RMSNorm and RoPE
@@ -186,6 +188,12 @@ void ember_rope(void* X, const void* Cos, const void* Sin, int64_t n_rows, int64
         rope_head(static_cast<float*>(X) + base, static_cast<const float*>(Cos) + t * hd,
                   static_cast<const float*>(Sin) + t * hd, hd);
     }
+}
+
+// g (n,) = silu(g) * u in place, as the MLP blocks compute it (silu_mul in cpu_norms.h); for the tests.
+void ember_silu_mul(void* g, const void* u, int64_t n, int is_bf16) {
+  if (is_bf16) silu_mul(static_cast<uint16_t*>(g), static_cast<const uint16_t*>(u), n);
+  else silu_mul(static_cast<float*>(g), static_cast<const float*>(u), n);
 }
 
 }  // extern "C"

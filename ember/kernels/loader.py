@@ -182,6 +182,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ember_rms_norm.argtypes = [_P, _P, _P, _I64, _I64, _F, _INT, _INT]
     lib.ember_rope.restype = None
     lib.ember_rope.argtypes = [_P, _P, _P, _I64, _I64, _I64, _INT]
+    lib.ember_silu_mul.restype = None
+    lib.ember_silu_mul.argtypes = [_P, _P, _I64, _INT]
     lib.ember_linear.restype = _INT
     lib.ember_linear.argtypes = [_P, _P, _P, _I64, _INT, _INT]
     lib.ember_linear_many.restype = _INT
