@@ -75,20 +75,20 @@ def _config(vocab: int, hidden: int, layers: int, heads: int, kv: int, inter: in
     return cfg
 
 
-def build(name: str, tok, cfg, steps: int, seed: int, minutes: float) -> tuple[Path, dict]:
-    """Train (or reuse) a model of ``cfg`` on the demo corpus for at most ``steps`` steps and ``minutes`` minutes;
-    returns its folder and training report."""
+def build(name: str, tok, cfg, steps: int, seed: int, minutes: float, lr: float) -> tuple[Path, dict]:
+    """Train (or reuse) a model of ``cfg`` on the demo corpus for at most ``steps`` steps and ``minutes`` minutes
+    (the LR schedule paced by whichever runs out first); returns its folder and training report."""
     from ember.checkpoint_io import save_hf_checkpoint
     from ember.demo import generation_config, tokenizer_config, train_demo_model
 
     folder = CACHE / (f"spec-{name}-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-i{cfg.intermediate_size}"
-                      f"-s{steps}-seed{seed}-m{minutes:g}")
+                      f"-s{steps}-seed{seed}-m{minutes:g}-lr{lr:g}")
     report_file = folder / "train_report.json"
     if report_file.is_file():
         return folder, json.loads(report_file.read_text())
     with torch.random.fork_rng(devices=[]):
         model, report = train_demo_model(tok, seed=seed, steps=steps, progress=True, time_limit=60 * minutes,
-                                         config=cfg)
+                                         config=cfg, peak_lr=lr, pace_by_time=True)
     report["params"] = sum(p.numel() for p in model.parameters())
     save_hf_checkpoint(folder, model, tokenizer_files={
         "tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(tokenizer_config(tok), indent=2) + "\n"},
@@ -213,10 +213,17 @@ def main() -> None:
     ap.add_argument("--draft-hidden", type=int, default=384)
     ap.add_argument("--draft-layers", type=int, default=4)
     ap.add_argument("--draft-inter", type=int, default=1024)
-    ap.add_argument("--target-steps", type=int, default=300)
-    ap.add_argument("--draft-steps", type=int, default=600)
-    ap.add_argument("--train-minutes", type=float, default=10.0,
-                    help="training wall time for both models at most (the target gets 70%%); cached per setting")
+    ap.add_argument("--target-steps", type=int, default=200)
+    ap.add_argument("--draft-steps", type=int, default=400)
+    ap.add_argument("--target-lr", type=float, default=1.5e-3, help="peak LR of the target (the demo's 3e-3 is "
+                    "for its small model)")
+    ap.add_argument("--draft-lr", type=float, default=3e-3)
+    ap.add_argument("--train-minutes", type=float, default=100.0,
+                    help="training wall time for both models at most (the target gets 70%%; the LR schedule "
+                    "ends on time); cached per setting")
+    ap.add_argument("--train-only", choices=("target", "draft"), default=None,
+                    help="train (and cache) just this model, then exit: run the two in parallel processes with "
+                    "--threads 1 each, then the bench with the same settings reuses them")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of the timed runs (fp32, bf16)")
     ap.add_argument("--new", type=int, default=96, help="tokens per run")
     ap.add_argument("--k", type=int, default=4, help="--num-speculative")
@@ -237,8 +244,14 @@ def main() -> None:
     tcfg = _config(V, args.target_hidden, args.target_layers, max(4, args.target_hidden // 64),
                    max(2, args.target_hidden // 128), args.target_inter)
     dcfg = _config(V, args.draft_hidden, args.draft_layers, max(2, args.draft_hidden // 64), 2, args.draft_inter)
-    tdir, trep = build("target", tok, tcfg, args.target_steps, 0, round(0.7 * args.train_minutes, 2))
-    ddir, drep = build("draft", tok, dcfg, args.draft_steps, 1, round(0.3 * args.train_minutes, 2))
+    if args.train_only:
+        cfg, steps, seed, share, lr = ((tcfg, args.target_steps, 0, 0.7, args.target_lr) if args.train_only == "target"
+                                       else (dcfg, args.draft_steps, 1, 0.3, args.draft_lr))
+        folder, rep = build(args.train_only, tok, cfg, steps, seed, round(share * args.train_minutes, 2), lr)
+        print(f"{args.train_only}: {rep} -> {folder}")
+        return
+    tdir, trep = build("target", tok, tcfg, args.target_steps, 0, round(0.7 * args.train_minutes, 2), args.target_lr)
+    ddir, drep = build("draft", tok, dcfg, args.draft_steps, 1, round(0.3 * args.train_minutes, 2), args.draft_lr)
     llm = ember.load(tdir, device="cpu", dtype=args.dtype, check_memory=False)
     draft = ember.load(ddir, device="cpu", dtype=args.dtype, check_memory=False)
     k = args.k

@@ -453,6 +453,18 @@ class RecurrentStateSlots:
         self._used.remove(slot)
         self._free.append(slot)
 
+    def save(self, slot: int) -> list[torch.Tensor]:
+        """Copies of ``slot``'s state in every recurrent layer, to put back with :meth:`load` (a speculative
+        pass whose proposals are rejected)."""
+        return [t[slot].clone() for i in self.layers for t in self.tensors[i]]
+
+    def load(self, slot: int, saved: list[torch.Tensor]) -> None:
+        """Put ``slot``'s states back as :meth:`save` copied them (in place)."""
+        it = iter(saved)
+        for i in self.layers:
+            for t in self.tensors[i]:
+                t[slot].copy_(next(it))
+
     def gather(self, layer: int, slots: list[int]) -> list[torch.Tensor]:
         """The states of ``slots`` (the rows of a batch, in order) in ``layer``: one (B, *shape) tensor each."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.tensors[layer][0].device)

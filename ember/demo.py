@@ -210,11 +210,15 @@ def lm_loss(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
 
 def train_demo_model(tok: "Tokenizer", seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = True,
                      time_limit: float | None = DEFAULT_TIME_LIMIT_S,
-                     config: ModelConfig | None = None) -> tuple[Transformer, dict[str, Any]]:
+                     config: ModelConfig | None = None, peak_lr: float = PEAK_LR,
+                     pace_by_time: bool = False) -> tuple[Transformer, dict[str, Any]]:
     """Train the demo Transformer (fp32, AdamW, warmup + cosine LR) on random corpus windows.
 
     ``config``: another architecture to train the same way (default :func:`demo_model_config`; the speculative
-    decoding benchmark trains a target and a smaller draft).
+    decoding benchmark trains a target and a smaller draft). ``peak_lr``: the LR after warmup (larger models
+    want less than the demo's). ``pace_by_time``: with a ``time_limit``, the cosine follows whichever of steps
+    or wall time is further along, so a run the clock stops still ends at the low LR (a model cut off at a high
+    LR is far from its best); off by default, so the demo's training does not depend on the machine's speed.
     Returns the model (eval mode) and a small report: steps run, first/last loss, seconds.
     """
     from tqdm.auto import tqdm
@@ -227,13 +231,16 @@ def train_demo_model(tok: "Tokenizer", seed: int = 0, steps: int = DEFAULT_STEPS
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=PEAK_LR, betas=(0.9, 0.95), foreach=True)
+                            lr=peak_lr, betas=(0.9, 0.95), foreach=True)
 
     def lr_at(step: int) -> float:
         if step < WARMUP:
-            return PEAK_LR * (step + 1) / WARMUP
+            return peak_lr * (step + 1) / WARMUP
         frac = (step - WARMUP) / max(1, steps - WARMUP)
-        return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine down to 10%
+        if pace_by_time and time_limit:
+            frac = max(frac, (time.perf_counter() - t0) / time_limit)
+        frac = min(frac, 1.0)
+        return peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine down to 10%
 
     model.train()
     t0 = time.perf_counter()

@@ -23,7 +23,6 @@ and sequences arriving together with a shared prefix (``n > 1``) wait for the fi
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -179,7 +178,7 @@ class BatchScheduler:
         # the engine's speculation (Engine.speculate): every running sequence's proposals verified in one forward
         self.speculator: BatchSpeculator | None = None
         if engine.speculation is not None:
-            check_target(self.model, engine.speculation, batched=True)
+            check_target(self.model, engine.speculation)
             self.speculator = BatchSpeculator(engine.speculation)
 
     # ------------------------------------------------------------------ capacity
@@ -422,11 +421,12 @@ class BatchScheduler:
     def _speculative_decode(self, seqs: list[_Seq], events: list) -> list[tuple[_Seq, torch.Tensor]]:
         """One decode forward over every running sequence's last token and its proposals; the speculating rows'
         tokens are emitted here, the others' last logits returned for :meth:`_sample`."""
-        spec = self.speculator
+        spec, states = self.speculator, self.cache.states
         proposals = spec.propose(seqs)
+        news, saved = spec.prepare(seqs, proposals, states)
         t0 = time.perf_counter()
         with spec.verifying(proposals):  # verified rows round as one token's: greedy tokens are plain decoding's
-            logits = self._forward_safe(seqs, [1 + len(p) for p in proposals], events, proposals)
+            logits = self._forward_safe(seqs, news, events, proposals)
         if logits is None:
             return []
         T = logits.shape[1]
@@ -437,7 +437,7 @@ class BatchScheduler:
                 ready.append((s, logits[i, -1]))
                 continue
             out = spec.verify(s.spec, logits[i, T - 1 - len(prop):], prop)
-            s.computed -= len(prop) - (len(out) - 1)  # forget the rejected proposals (their slots are rewritten)
+            spec.rewind(s, news[i], len(prop), len(out) - 1, states, saved)
             for tok in out:
                 if self._emit(s, tok, events) is not None:
                     break

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import ember
-from ember.errors import GenerationError
 from ember.sampling import SamplingParams
 from test_speculative import _serve
 from test_speculative_mtp import _train_head, _with_mtp
@@ -90,17 +89,16 @@ def test_cancel_frees_the_head_cache(tmp_path):
         llm.speculate()
 
 
-def test_recurrent_mtp_target_refused_in_serve(tmp_path):
-    """Qwen3.5's Gated DeltaNet layers cannot drop rejected tokens in the paged cache: refused, naming why."""
-    from ember.scheduler import BatchScheduler
-
-    llm = ember.load(_with_mtp(tmp_path, "qwen3_5_text"), device="cpu", check_memory=False)
-    llm.speculate("mtp")
-    try:
-        with pytest.raises(GenerationError, match="recurrent"):
-            BatchScheduler(llm, max_batch=2, num_blocks=32, block_size=8)
-    finally:
-        llm.speculate()
+@pytest.mark.parametrize("streams", [1, 4])
+def test_served_recurrent_mtp_equals_plain(tmp_path, streams):
+    """Qwen3.5 (Gated DeltaNet layers and its MTP head) served with speculation: a sequence whose proposal is
+    rejected gets its recurrent-state slot back and runs its kept tokens again, so the text is plain serving's."""
+    llm = ember.load(_with_mtp(tmp_path, "qwen3_5_text"), device="cpu", dtype="fp32", check_memory=False)
+    ps = _prompts((9, 17, 4, 12)[:streams])
+    plain, _ = _served(llm, ps)
+    served, m = _served(llm, ps, method="mtp", num_speculative=2, adaptive=False)
+    assert served == plain
+    assert m["speculative_proposed"] > m["speculative_accepted"], m  # rejections: the rollback ran
 
 
 def test_serve_command_takes_speculate_mtp(tmp_path):

@@ -111,6 +111,30 @@ class BatchSpeculator:
         self.control.record(len(seqs), [len(p) for p in proposals], forward_s,
                             sum(s.spec.propose_s for s, p in zip(seqs, proposals) if p))
 
+    @staticmethod
+    def prepare(seqs: list, proposals: list[list[int]], states) -> tuple[list[int], dict[int, list[torch.Tensor]]]:
+        """What the verification forward feeds each sequence (its pending tokens: the last one, plus the kept
+        ones a rolled-back recurrent state runs again; then its proposals), and copies of the recurrent states
+        (``states``: the paged cache's :class:`~ember.cache.RecurrentStateSlots`, or None) of every sequence that
+        proposes, by slot, for :meth:`rewind`."""
+        news = [len(s.ids) - s.computed + len(p) for s, p in zip(seqs, proposals)]
+        if states is None:
+            return news, {}
+        return news, {s.state_slot: states.save(s.state_slot) for s, p in zip(seqs, proposals) if p}
+
+    @staticmethod
+    def rewind(s, fed: int, proposed: int, kept: int, states, saved: dict[int, list[torch.Tensor]]) -> None:
+        """Forget what a verification pass that fed ``fed`` tokens of sequence ``s`` (its pending tokens, then
+        ``proposed`` proposals, of which it kept ``kept``) must not keep. Attention slots of rejected proposals
+        are rewritten by the next pass, so ``s.computed`` just stops short of them; a recurrent layer has folded
+        them into its state, so the state goes back to where the pass started and the next pass runs the kept
+        tokens again (the state then holds exactly what plain decoding of the emitted tokens would)."""
+        if kept < proposed and s.state_slot in saved:
+            states.load(s.state_slot, saved[s.state_slot])
+            s.computed -= fed
+        else:
+            s.computed -= proposed - kept
+
     def verify(self, spec: SequenceSpeculation, logits: torch.Tensor, proposal: list[int]) -> list[int]:
         """The tokens this row emits from its ``len(proposal) + 1`` logits (greedy), recording the outcome."""
         c, total = spec.counters, self.counters

@@ -26,7 +26,7 @@ from ember.errors import GenerationError
 from ember.sampling import Sampler, SamplingParams
 from ember.speculative.adaptive import AdaptiveK, SpeculationCounters
 from ember.speculative.mtp import HiddenTap, MTPProposer, check_mtp_target
-from ember.speculative.proposers import DraftProposer, NgramProposer, Proposer, check_rollback
+from ember.speculative.proposers import DraftProposer, NgramProposer, Proposer
 from ember.speculative.rollback import Snapshot, needs_replay
 from ember.speculative.verify import accept_greedy, accept_sampled
 
@@ -82,16 +82,12 @@ class SpeculativeConfig:
             model.hidden_tap = HiddenTap()
 
 
-def check_target(model, config: SpeculativeConfig, batched: bool = False) -> None:
-    """Refuse a target/draft pair that cannot speculate, with what to do. ``batched``: for the scheduler, whose
-    paged cache has no snapshot of recurrent states or window rings (one sequence's static cache has,
-    :mod:`.rollback`).
+def check_target(model, config: SpeculativeConfig) -> None:
+    """Refuse a target/draft pair that cannot speculate, with what to do.
 
     Raises:
-        GenerationError: a recurrent or ring-cache family in a batch, or a draft whose vocabulary differs.
+        GenerationError: a target without an MTP head for ``mtp``, or a draft whose vocabulary differs.
     """
-    if batched:
-        check_rollback(model.config, "this model when serving")
     if config.method == "mtp":
         head = check_mtp_target(model)
         config.target, config.mtp_head = model, head

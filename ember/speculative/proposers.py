@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from ember.cache import StaticKVCache, layer_specs, ring_layers
+from ember.cache import StaticKVCache, layer_specs
 from ember.errors import GenerationError
 from ember.sampling import Sampler, SamplingParams
 from ember.speculative.verify import draw
@@ -72,25 +72,21 @@ class NgramProposer:
         return [], None
 
 
-def check_rollback(cfg, what: str, windows: bool = True) -> None:
-    """Refuse models whose per-layer state cannot be rolled back by moving the cache position back: a draft model,
-    and a target served in a batch (one sequence's target snapshots instead, :mod:`ember.speculative.rollback`).
+def check_rollback(cfg, what: str) -> None:
+    """Refuse a draft model whose per-layer state cannot be rolled back by moving its cache position back.
 
-    Rejected proposals leave keys/values in the cache; full and latent attention simply overwrite those slots on
-    the next pass. A recurrent layer (Gated DeltaNet) folds every token into its state and a sliding layer whose
-    cache keeps only its window (``windows``: the scheduler's paged cache; a draft's static cache keeps every
-    slot) gives old keys up, so neither forgets a rejected token by itself.
+    A draft's rejected proposals leave keys/values in its static cache; attention simply overwrites those slots
+    on the next proposal (the draft's cache keeps every slot, sliding layers included), but a recurrent layer
+    (Gated DeltaNet, Mamba-2) folds every token into its state. (A target snapshots its states instead:
+    :mod:`ember.speculative.rollback` for one sequence, the scheduler's state slots in a batch.)
 
     Raises:
         GenerationError: naming the layer kind and what to do.
     """
-    kinds = {s.kind for s in layer_specs(cfg)}
-    if "recurrent" in kinds:
+    if "recurrent" in {s.kind for s in layer_specs(cfg)}:
         raise GenerationError(f"speculative decoding is not available for {what} ({cfg.model_type}): its recurrent "
-                              "layers cannot drop rejected tokens from their state; run without --speculate/--draft")
-    if windows and ring_layers(cfg):
-        raise GenerationError(f"speculative decoding is not available for {what} ({cfg.model_type}): its "
-                              "sliding-window rings overwrite old keys; run without --speculate/--draft")
+                              "layers cannot drop rejected tokens from their state; use a draft model without "
+                              "recurrent layers, or --speculate ngram")
 
 
 def proposal_sampler(params: SamplingParams, device: torch.device) -> Sampler | None:
@@ -126,7 +122,7 @@ class DraftProposer:
     """
 
     def __init__(self, model, params: SamplingParams, max_len: int, generator: torch.Generator | None = None) -> None:
-        check_rollback(model.config, "the draft model", windows=False)
+        check_rollback(model.config, "the draft model")
         self.model = model
         p = model.model.norm.weight
         self.device, self.dtype = p.device, p.dtype
