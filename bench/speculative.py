@@ -1,13 +1,14 @@
 """Speculative decoding benchmark: plain vs draft-model vs n-gram decode at batch 1, and serving at 4 streams.
 
-A target of ~90M parameters (``bench/decode.py``'s "small" shape: 768 hidden, 12 layers) and a ~10x smaller
+A target of ~80M parameters (``bench/decode.py``'s "small" shape: 768 hidden, 12 layers) and a ~10x smaller
 draft are trained here on the bundled demo corpus with ``ember demo``'s recipe (the same byte-level BPE
 tokenizer, so the draft shares the target's vocabulary), so acceptance is real: both learn the corpus, and on
 corpus-style prompts they agree often. Training stops at ``--*-steps`` or after ``--train-minutes`` of wall time
-for both models together (the target gets 70% of it), whichever comes first; the trained models are cached under
-a folder named by every training setting (shape, steps, seed, minutes) below ``$EMBER_BENCH_CACHE`` (default
-``<tmp>/ember-bench-speculative``), so a rerun with the same settings skips training. With the defaults a first
-run on a quiet 2-core machine takes about 10 minutes of training and 3-4 of timed runs.
+for both models together (the target gets 70% of it), whichever comes first (the LR schedule follows whichever
+is further along); the trained models are cached under a folder named by every training setting (shape, steps,
+seed, minutes, LR) below ``$EMBER_BENCH_CACHE`` (default ``<tmp>/ember-bench-speculative``), so a rerun with the
+same settings skips training. With the defaults a first run on a quiet 2-core machine takes about half an hour of
+training (``--train-only`` trains one model, for two parallel one-thread processes) and 3-4 minutes of timed runs.
 
 At batch 1 decode streams every weight once per token, so the target's size is what makes a verification pass
 over ``k + 1`` rows cost about one step (``ember_decode_rows``); at a few million parameters fixed per-call costs
