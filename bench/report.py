@@ -1,11 +1,11 @@
 """Markdown tables from the benchmarks' JSON (bench/results/*.json), as they were measured, and docs/benchmarks.md.
 
     python bench/report.py            # print every table whose JSON exists
-    python bench/report.py decode     # one of: decode, quant, gguf, serve, tune, plan, offload
+    python bench/report.py decode     # one of: decode, quant, gguf, serve, tune, plan, offload, speculative
     python bench/report.py --write    # record each JSON's table in bench/recorded/, then regenerate docs/benchmarks.md
 
 Nothing here measures anything: it formats what bench/decode.py, quant.py, gguf_llamacpp.py, serve.py, tune.py and
-plan_accuracy.py, offload.py wrote, so the tables are the benchmark's numbers, not copies by hand. bench/results/ is
+plan_accuracy.py, offload.py, speculative.py wrote, so the tables are the benchmark's numbers, not copies by hand. bench/results/ is
 not committed (it is one machine's last run); bench/recorded/ is: one Markdown file per recorded table,
 named ``DATE-BENCH-MACHINE.md``, each saying the machine and date it was measured on. docs/benchmarks.md
 is made from those files alone, so the same files always give the same page (``--check`` says whether
@@ -256,8 +256,26 @@ def offload() -> str | None:
     return None if d is None else offload_table(d)
 
 
+def speculative() -> str | None:
+    d = _load("speculative")
+    if d is None:
+        return None
+    t, dr, cost = d["target"], d["draft"], d["pass_cost"]
+    text = (f"Batch 1 and the scheduler's streams, greedy, {d['new_tokens']} new tokens, k = {d['k']}, {d['dtype']}; "
+            f"target {t['params'] / 1e6:.1f}M parameters ({t['steps']} steps, loss {t['last_loss']:.2f}), draft "
+            f"{dr['params'] / 1e6:.2f}M ({dr['steps']} steps, loss {dr['last_loss']:.2f}), both trained on the demo "
+            f"corpus; {d['date']}, {d['machine']}. A verification pass of {d['k'] + 1} rows cost "
+            f"{cost['pass_over_step']:.2f} one-token steps of single-thread CPU time. Medians of interleaved rounds; "
+            "greedy output identical to plain decoding in every row.\n\n")
+    rows = [[r["row"], f"{r['plain_tok_s']:.1f}", f"{r['spec_tok_s']:.1f}", f"{r['speedup']:.2f}x",
+             "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}", f"{r['tokens_per_pass']:.2f}", r["target"]]
+            for r in d["rows"]]
+    return text + _table(["row", "plain tok/s", "speculative tok/s", "speed-up", "acceptance", "tokens per pass",
+                          "target"], rows)
+
+
 TABLES = {"decode": decode, "quant": quant, "gguf": gguf, "serve": serve, "tune": tune, "plan": plan,
-          "offload": offload}
+          "offload": offload, "speculative": speculative}
 # bench name -> (section title in docs/benchmarks.md, the script and JSON that produce it)
 SECTIONS = {
     "decode": ("Decode", "bench/decode.py", "decode"),
@@ -267,6 +285,7 @@ SECTIONS = {
     "tune": ("Fine-tuning", "bench/tune.py", "tune"),
     "plan": ("Planner accuracy", "bench/plan_accuracy.py", "plan_accuracy"),
     "offload": ("Bigger than memory (offload)", "bench/offload.py", "offload"),
+    "speculative": ("Speculative decoding", "bench/speculative.py", "speculative"),
 }
 
 

@@ -54,3 +54,22 @@ def test_gguf_table_names_the_files_a_time_limit_left_out():
     assert "| llama-1.1b | Q4_0 | 607 | 30.00 | 30.00 | 1.00x |" in text
     assert text.endswith("Not run within the run's time limit: mixtral-moe-1.1b MXFP4_MOE.")
     assert "time limit" not in report.gguf_table({**run, "skipped": []})
+
+
+def test_speculative_table_reads_the_bench_json(tmp_path, monkeypatch):
+    """bench/speculative.py's JSON as it writes it: the models' training, the pass cost, a row per comparison."""
+    report = _report()
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [dict(row="draft, held-out prompts (mean of 4)", plain_tok_s=90.0, spec_tok_s=135.0, speedup=1.5,
+                 acceptance=0.69, tokens_per_pass=2.31, target=">= 2.0x"),
+            dict(row="serve 4 streams, ngram", plain_tok_s=195.0, spec_tok_s=191.1, speedup=0.98, acceptance=None,
+                 tokens_per_pass=1.0, target="> 1.0x")]
+    (tmp_path / "speculative.json").write_text(json.dumps(dict(
+        date="2027-01-02", machine="Test CPU", dtype="fp32", new_tokens=96, k=4,
+        pass_cost=dict(step_cpu_s=0.02, pass_cpu_s=0.0274, pass_over_step=1.37),
+        target=dict(params=78_662_400, steps=200, last_loss=0.164), draft=dict(params=6_688_128, steps=168,
+                                                                                last_loss=0.347), rows=rows)))
+    text = report.TABLES["speculative"]()
+    assert "target 78.7M parameters (200 steps, loss 0.16)" in text and "5 rows cost 1.37 one-token steps" in text
+    assert "| draft, held-out prompts (mean of 4) | 90.0 | 135.0 | 1.50x | 69% | 2.31 | >= 2.0x |" in text
+    assert "| serve 4 streams, ngram | 195.0 | 191.1 | 0.98x | - | 1.00 | > 1.0x |" in text
