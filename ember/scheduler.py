@@ -425,7 +425,7 @@ class BatchScheduler:
         proposals = spec.propose(seqs)
         news, saved = spec.prepare(seqs, proposals, states)
         t0 = time.perf_counter()
-        with spec.verifying(proposals):  # verified rows round as one token's: greedy tokens are plain decoding's
+        with spec.verifying(news):  # verified rows round as one token's: greedy tokens are plain decoding's
             logits = self._forward_safe(seqs, news, events, proposals)
         if logits is None:
             return []

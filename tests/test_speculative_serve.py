@@ -177,3 +177,50 @@ def test_attn_runs_rows_round_as_one_token_over_their_keys(dtype):
     holed = mask.expand(B, 1, T, S).clone()
     holed[0, 0, 0, 5] = False  # row 0 sees every slot up to its own
     assert kernels.attn_runs(q, k, v, holed) is None
+
+
+def test_recurrent_replay_rides_plain_steps(tmp_path, monkeypatch):
+    """Qwen3.5 served with n-gram proposals while the controller switches some sequences off: a sequence whose
+    state was rolled back feeds its kept tokens again even in a step where it proposes nothing (several tokens
+    a row, under the rows kernel), and the text stays plain serving's."""
+    import transformers
+
+    from conftest import save_word_tokenizer
+    from ember.sampling import SamplingParams
+    from ember.speculative.batch_control import BatchAdaptiveK
+    from ember.speculative.batched import BatchSpeculator
+    from test_speculative import _serve
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.Qwen3_5TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)).save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    llm = ember.load(tmp_path, device="cpu", check_memory=False, dtype=torch.float32)
+    plan, prepare, steps = BatchAdaptiveK.plan, BatchSpeculator.prepare, []
+
+    def alternate(self, accs, budgets):  # every other step only even sequences propose, then only odd ones
+        ks, gain = plan(self, accs, budgets)
+        n = len(steps)
+        return [k if (i + n) % 2 else 0 for i, k in enumerate(ks)], gain
+
+    def recording(seqs, proposals, states):
+        news, saved = prepare(seqs, proposals, states)
+        steps.append([(n, len(p)) for n, p in zip(news, proposals)])
+        return news, saved
+
+    monkeypatch.setattr(BatchAdaptiveK, "plan", alternate)
+    monkeypatch.setattr(BatchSpeculator, "prepare", staticmethod(recording))
+    g = torch.Generator().manual_seed(2)
+    ps = [list(range(3, 15)) * 2, torch.randint(3, 256, (9,), generator=g).tolist(), list(range(20, 28)) * 3]
+    params = [(SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True), None)] * len(ps)
+    plain, _ = _serve(llm, ps, params)
+    llm.speculate(method="ngram", num_speculative=3, adaptive=False)
+    try:
+        served, m = _serve(llm, ps, params)
+    finally:
+        llm.speculate()
+    assert served == plain
+    assert m["speculative_proposed"] > m["speculative_accepted"] > 0
+    assert any(n > 1 and k == 0 for step in steps for n, k in step), steps  # a replay without proposals ran

@@ -63,11 +63,12 @@ class BatchSpeculator:
         self.control = BatchAdaptiveK(config.num_speculative, config.adaptive)
 
     @staticmethod
-    def verifying(proposals: list[list[int]]):
-        """The context of the decode forward: with proposals, every row's products through ``ember_linear_rows``
-        (one weight stream for all sequences' rows, each row rounded as the one-token step rounds it); without,
-        plain serving's own step."""
-        return exact_rows() if any(proposals) else contextlib.nullcontext()
+    def verifying(news: list[int]):
+        """The context of the decode forward feeding ``news[i]`` tokens of sequence i: where some row has more than
+        one (proposals, or kept tokens a rolled-back state runs again), every row's products through
+        ``ember_linear_rows`` (one weight stream for all sequences' rows, each row rounded as the one-token step
+        rounds it); otherwise plain serving's own step."""
+        return exact_rows() if any(n > 1 for n in news) else contextlib.nullcontext()
 
     def forward(self, model, seqs: list, news: list[int], run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()`` (the scheduler's forward over ``seqs``, ``news[i]`` new tokens each, right-aligned in the
