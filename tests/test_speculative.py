@@ -399,25 +399,3 @@ def test_recurrent_and_ring_caches_roll_back(tmp_path, models, family):
         assert served == plain, spec
         assert m["speculative_proposed"] > m["speculative_accepted"], (spec, m)  # rejections: the rollback ran
         assert m["speculative_accepted"] > 0 or "draft" in spec, m  # the repeating prompt: n-gram hits
-
-
-def test_draft_sync_feeds_the_catch_up_outside_the_proposal(models):
-    """A served batch's controller times proposals apart from a draft's catch-up (a prompt, or tokens decoded
-    while it sat out): after ``sync`` the proposal feeds one token, and proposes what it would have anyway."""
-    from ember.sampling import SamplingParams
-    from ember.speculative.proposers import DraftProposer
-
-    model, greedy = models["llama-draft"].model, SamplingParams(temperature=0.0)
-    ids = PROMPT[:30]
-    ref, _ = DraftProposer(model, greedy, 64).propose(ids, 3)
-    d = DraftProposer(model, greedy, 64)
-    d.sync(ids)
-    assert d.held == ids[:-1] and d.cache.pos == len(ids) - 1
-    fed, feed = [], d._feed
-    d._feed = lambda toks: (fed.append(list(toks)), feed(toks))[1]
-    out, _ = d.propose(ids, 3)
-    assert fed[0] == [ids[-1]] and out == ref
-    d.sync(ids + out[:2] + [5])  # a pass kept two and added one: only that one is missing, left for the proposal
-    assert len(fed) == 3 and d.held == ids + out[:2]
-    d.sync(ids + [7, 8, 9, 10])  # decoded elsewhere: the catch-up feeds all but the last
-    assert fed[-1] == [7, 8, 9] and d.held == ids + [7, 8, 9]

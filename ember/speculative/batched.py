@@ -100,8 +100,6 @@ class BatchSpeculator:
                                   [s.max_new - s.generated - 1 for s in seqs])
         out = []
         for s, sp, k in zip(seqs, specs, ks):
-            if k > 0 and hasattr(sp.proposer, "sync"):  # a draft's catch-up is not a proposal's cost
-                sp.proposer.sync(s.ids)
             t0 = time.perf_counter()
             proposal = sp.proposer.propose(s.ids, k)[0] if k > 0 else []
             if sp is not None:

@@ -145,31 +145,6 @@ class DraftProposer:
         self.held.extend(toks)
         return logits
 
-    def _rewind(self, ids: list[int]) -> int:
-        """Keep the longest prefix the cache shares with ``ids`` but the last token (always fed, for its logits);
-        returns its length."""
-        if self.cache is None:
-            # every slot kept (no rings): the draft's position moves back past rejected proposals
-            self.cache = StaticKVCache(self.model.config, 1, self.max_len, self.dtype, self.device, windows=False)
-        n = 0
-        limit = min(len(self.held), len(ids) - 1)
-        while n < limit and self.held[n] == ids[n]:
-            n += 1
-        self.held = self.held[:n]
-        self.cache.pos = n
-        return n
-
-    @torch.inference_mode()
-    def sync(self, ids: list[int]) -> None:
-        """Feed what the cache lacks of ``ids`` but its last token: a prompt, or the tokens decoded while this
-        proposer sat out. A served batch's controller calls it outside its timing of proposals, so that one
-        catch-up is not priced as what every later proposal costs (the next :meth:`propose` feeds one token)."""
-        if len(ids) - 1 > self.max_len or len(ids) < 2:
-            return
-        n = self._rewind(ids)
-        if len(ids) - 1 - n > 1:
-            self._feed(ids[n:-1])
-
     @torch.inference_mode()
     def propose(self, ids: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
         if k < 1:
@@ -178,7 +153,17 @@ class DraftProposer:
             k = self.max_len - len(ids)
             if k < 1:
                 return [], None
-        logits = self._feed(ids[self._rewind(ids):])
+        if self.cache is None:
+            # every slot kept (no rings): the draft's position moves back past rejected proposals
+            self.cache = StaticKVCache(self.model.config, 1, self.max_len, self.dtype, self.device, windows=False)
+        # keep the longest prefix shared with ids (at least one token is always fed, for its logits)
+        n = 0
+        limit = min(len(self.held), len(ids) - 1)
+        while n < limit and self.held[n] == ids[n]:
+            n += 1
+        self.held = self.held[:n]
+        self.cache.pos = n
+        logits = self._feed(ids[n:])
         out: list[int] = []
         dists = []
         for i in range(k):
